@@ -1,0 +1,78 @@
+"""Every bound the two sides enforce, in one place, each with the reason for its value.
+
+The device treats everything it receives as hostile until the manifest signature has been
+checked, so these limits are applied *before* anything is allocated from a claimed size.
+"""
+
+from __future__ import annotations
+
+# --- Datagrams -------------------------------------------------------------------------------
+
+# IPv6 guarantees a 1280-byte MTU on every link; minus the 40-byte IPv6 and 8-byte UDP headers,
+# 1232 bytes of UDP payload cross any IPv6 path without fragmentation.
+DEFAULT_MAX_DATAGRAM = 1232
+
+# Jumbo-frame LANs carry 9000-byte frames: 9000 - 48 leaves 8952 bytes of UDP payload.  Nothing
+# larger is ever sent or accepted, so a receive buffer of this size always holds a whole datagram.
+MAX_DATAGRAM = 8952
+
+# --- Manifest --------------------------------------------------------------------------------
+
+# The device reads at most this many manifest bytes before the signature is checked.  The
+# largest legitimate manifest holds MAX_CHUNKS hex hashes (~67 bytes each, ~1.1 MB) plus keys,
+# URLs and names; 2 MiB leaves room for that and refuses anything that could exhaust a small
+# device's memory while it is still unverified.
+MAX_MANIFEST_BYTES = 2 * 1024 * 1024
+
+# Signatures on one manifest: a k-of-n threshold rarely needs more than a handful of keys, and
+# each signature costs the device one Ed25519 verification (~60 us) before trust is established.
+MAX_SIGNATURES = 16
+
+# Trusted keys on a device (a trust set); same reasoning as MAX_SIGNATURES.
+MAX_TRUSTED_KEYS = 16
+
+# Device types a manifest may name, and the length of names and short strings; keeps the
+# unverified JSON cheap to validate and the human display readable.
+MAX_COMPATIBLE = 64
+MAX_NAME_LENGTH = 128
+MAX_VERSION_LENGTH = 64
+MAX_URL_LENGTH = 2048
+MAX_MIRRORS = 16
+MAX_RATE_CHANNELS = 8
+MAX_STREAM_KEYS = 64
+
+# --- Image and chunks ------------------------------------------------------------------------
+
+# RaptorQ (the `raptorq` codec) splits an object into several source blocks above ~10.5 MB and
+# slows down sharply; at 8 MiB every chunk is exactly one source block (SBN 0) for any symbol
+# size we allow, which is what the DATA packet's payload id assumes.
+MAX_CHUNK_BYTES = 8 * 1024 * 1024
+
+# Below 64 KiB the per-chunk hash (67 bytes in the manifest) and decoder set-up cost outweigh
+# the benefit of finer-grained verification.
+MIN_CHUNK_BYTES = 64 * 1024
+
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+
+# Chunk hashes in one manifest.  16384 x 8 MiB is 128 GiB, beyond any device image, and the
+# hash list stays near 1.1 MB, inside MAX_MANIFEST_BYTES.
+MAX_CHUNKS = 16384
+
+# Largest image a manifest may describe: 64 GiB covers full-disk images of today's eMMC/SSD
+# devices; a claim beyond it is refused before any staging file is created.
+MAX_IMAGE_BYTES = 64 * 1024 * 1024 * 1024
+
+# --- FEC -------------------------------------------------------------------------------------
+
+# RFC 6330 section 5.1.2: a source block holds at most K'max = 56403 source symbols.
+MAX_SOURCE_SYMBOLS = 56403
+
+# RaptorQ's payload id carries a 24-bit encoding symbol id (ESI).
+MAX_ESI = (1 << 24) - 1
+
+# The codec aligns symbols to 4 bytes (it rounds the symbol size down to a multiple of 4).
+SYMBOL_ALIGNMENT = 4
+
+# Smallest symbol size we accept: below it, per-packet overhead dominates and an 8 MiB chunk
+# would exceed MAX_SOURCE_SYMBOLS.
+MIN_SYMBOL_SIZE = 256

@@ -1,0 +1,1 @@
+"""The publisher side: keys, signing, symbol encoding, the carousel sender, HTTP publishing."""

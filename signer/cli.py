@@ -1,0 +1,391 @@
+"""``otacast-signer``: keygen, sign (and co-sign), verify, inspect.
+
+Every deliberate failure is an `OtacastError` subclass; `main` prints its one-line message and
+exits with the class's code (README, "Exit codes").  Nothing is written unless the whole
+operation succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NoReturn
+
+from otacast.schemas import addressing, fec, units
+from otacast.schemas.errors import OtacastError
+from otacast.schemas.limits import MAX_MANIFEST_BYTES
+from otacast.schemas.manifest import FORMATS, Envelope, Manifest, Transport, parse_envelope
+from otacast.schemas.policy import TrustSet, check_envelope
+
+from . import keys, sign
+from .errors import UsageError, WriteError
+from .fileio import atomic_write, read_bounded
+
+PROG = "otacast-signer"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _size(text: str) -> int:
+    try:
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> int:
+    try:
+        return units.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _rate(text: str) -> int:
+    try:
+        return units.parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Sign and publish otacast update images.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("keygen", help="create an Ed25519 release key pair (NAME.key, NAME.pub)")
+    p.add_argument("name", type=Path, help="path prefix for NAME.key (mode 0600) and NAME.pub")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+
+    p = sub.add_parser("sign", help="make a signed manifest for an image, or co-sign one")
+    p.add_argument("image", type=Path, nargs="?", help="the update image")
+    p.add_argument(
+        "--key",
+        type=Path,
+        action="append",
+        required=True,
+        help="secret key file; repeat to sign with several keys",
+    )
+    p.add_argument(
+        "--cosign",
+        type=Path,
+        metavar="MANIFEST",
+        help="add signatures to an existing manifest instead of making one",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output (default IMAGE.manifest.json; with --cosign the manifest is updated in place)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument(
+        "--sequence",
+        type=_positive,
+        help="release sequence number (anti-rollback; must grow with every release)",
+    )
+    p.add_argument(
+        "--version", dest="release_version", help="display version (default: the sequence number)"
+    )
+    p.add_argument("--name", help="release name (default: the image file name)")
+    p.add_argument(
+        "--device-type",
+        action="append",
+        default=[],
+        help="compatible device type; repeat for several",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="image format (default: from the file extension: .mender, .swu, else raw)",
+    )
+    p.add_argument(
+        "--expires",
+        type=_duration,
+        default=units.parse_duration("30d"),
+        help="validity from now, e.g. 12h, 30d, 2w (default 30d)",
+    )
+    p.add_argument("--channel", help="channel DNS name, e.g. updates.example.com")
+    p.add_argument(
+        "--scope",
+        choices=sorted(addressing.SCOPES),
+        default=addressing.DEFAULT_SCOPE,
+        help="multicast scope (default global)",
+    )
+    p.add_argument(
+        "--port",
+        type=_positive,
+        default=addressing.DEFAULT_PORT,
+        help=f"UDP port (default {addressing.DEFAULT_PORT})",
+    )
+    p.add_argument("--group", help="ASM group (default: derived from the channel)")
+    p.add_argument("--ssm-group", help="SSM group (default: derived from the channel)")
+    p.add_argument(
+        "--rate",
+        type=_rate,
+        action="append",
+        default=[],
+        help="rate channel, e.g. 50M (bytes/s) or 400Mbit; repeat for several",
+    )
+    p.add_argument(
+        "--http-url",
+        action="append",
+        default=[],
+        help="HTTP(S) URL of the image on a mirror; repeat for several",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=_size,
+        default=0,
+        help="chunk size, 64K..8M (default 4M, grown for huge images)",
+    )
+    p.add_argument(
+        "--symbol-size",
+        type=_positive,
+        default=fec.DEFAULT_SYMBOL_SIZE,
+        help=f"FEC symbol size, a multiple of 4 (default {fec.DEFAULT_SYMBOL_SIZE}: "
+        "1232-byte datagrams; jumbo-frame LANs can use up to 8932)",
+    )
+
+    p = sub.add_parser("verify", help="check a manifest's signatures and rules, and an image")
+    p.add_argument("manifest", type=Path)
+    p.add_argument(
+        "--trust",
+        type=Path,
+        action="append",
+        required=True,
+        help="trusted public key file; repeat for several",
+    )
+    p.add_argument(
+        "--threshold",
+        type=_positive,
+        default=1,
+        help="signatures required from distinct trusted keys (default 1)",
+    )
+    p.add_argument("--image", type=Path, help="also check this image against the manifest")
+    p.add_argument("--device-type", help="check the manifest is for this device type")
+    p.add_argument(
+        "--installed-sequence",
+        type=int,
+        help="check the manifest is newer than this installed sequence",
+    )
+    p.add_argument(
+        "--at", type=int, metavar="UNIX_TIME", help="check expiry as of this time instead of now"
+    )
+
+    p = sub.add_parser("inspect", help="show a manifest's contents (signatures not checked)")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _read_manifest(path: Path) -> Envelope:
+    return parse_envelope(read_bounded(path, MAX_MANIFEST_BYTES, "manifest"))
+
+
+def _guess_format(image: Path) -> str:
+    suffix = image.suffix.lower()
+    return {".mender": "mender", ".swu": "swu"}.get(suffix, "raw")
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    key = keys.generate()
+    secret, public = keys.write_keypair(key, args.name, overwrite=args.force)
+    print(f"wrote {secret} (secret, mode 0600) and {public}")
+    print(f"key id {key.key_id}")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    signing_keys = [keys.load_secret(path) for path in args.key]
+    if args.cosign:
+        if args.image:
+            raise UsageError("give either an IMAGE or --cosign MANIFEST, not both")
+        envelope = _read_manifest(args.cosign)
+        for key in signing_keys:
+            envelope = sign.add_signature(envelope, key)
+        out = args.out or args.cosign
+        atomic_write(out, envelope.to_file_bytes(), overwrite=args.force or out == args.cosign)
+        print(f"{out}: {len(envelope.signatures)} signature(s)")
+        return 0
+    missing = [
+        flag
+        for flag, value in (
+            ("IMAGE", args.image),
+            ("--sequence", args.sequence),
+            ("--channel", args.channel),
+            ("--device-type", args.device_type),
+        )
+        if not value
+    ]
+    if missing:
+        raise UsageError(f"sign needs {', '.join(missing)}")
+    try:
+        transport = Transport.for_channel(
+            args.channel,
+            scope=args.scope,
+            port=args.port,
+            asm_group=args.group,
+            ssm_group=args.ssm_group,
+            rates=tuple(args.rate),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    out = args.out or args.image.with_name(args.image.name + ".manifest.json")
+    if out.exists() and not args.force:
+        raise WriteError(f"{out} exists; pass --force to replace it")
+    created = int(time.time())
+    manifest = sign.build_manifest(
+        args.image,
+        name=args.name or args.image.name,
+        sequence=args.sequence,
+        version=args.release_version or str(args.sequence),
+        created=created,
+        expires=created + args.expires,
+        compatible=args.device_type,
+        image_format=args.format or _guess_format(args.image),
+        transport=transport,
+        http=args.http_url,
+        chunk_size=args.chunk_size,
+        symbol_size=args.symbol_size,
+    )
+    envelope = sign.sign(manifest, signing_keys)
+    atomic_write(out, envelope.to_file_bytes(), overwrite=True)
+    m = envelope.manifest
+    print(
+        f"wrote {out}: {m.name} version {m.version} sequence {m.sequence}, "
+        f"{m.chunk_count} chunk(s), session {m.session_id.hex()}"
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    publics = [keys.load_public(path) for path in args.trust]
+    try:
+        trust = TrustSet.from_public_keys(publics, args.threshold)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    envelope = _read_manifest(args.manifest)
+    verified = check_envelope(
+        envelope,
+        trust,
+        keys.check_signature,
+        now=time.time() if args.at is None else args.at,
+        device_type=args.device_type,
+        installed_sequence=args.installed_sequence,
+    )
+    m = verified.manifest
+    print(
+        f"OK: {m.name} version {m.version} sequence {m.sequence}, signed by "
+        f"{len(verified.signers)} of {len(trust.keys)} trusted key(s) "
+        f"(threshold {trust.threshold}), expires {_iso(m.expires)}"
+    )
+    if args.image:
+        sign.check_image(m, args.image)
+        print(f"OK: {args.image} matches ({m.image.length} bytes, {m.chunk_count} chunk(s))")
+    return 0
+
+
+def _iso(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def describe(envelope: Envelope) -> dict[str, Any]:
+    m: Manifest = envelope.manifest
+    full_k = m.source_symbols(0)
+    return {
+        "name": m.name,
+        "version": m.version,
+        "sequence": m.sequence,
+        "created": _iso(m.created),
+        "expires": _iso(m.expires),
+        "compatible": list(m.compatible),
+        "image": {
+            "name": m.image.name,
+            "length": m.image.length,
+            "sha256": m.image.sha256.hex(),
+            "format": m.image.format,
+        },
+        "chunks": {"count": m.chunk_count, "size": m.chunks.size},
+        "fec": {
+            "scheme": m.fec.scheme,
+            "symbol_size": m.fec.symbol_size,
+            "source_symbols_per_chunk": full_k,
+        },
+        "transport": {
+            "channel": m.transport.channel,
+            "scope": m.transport.scope,
+            "port": m.transport.port,
+            "asm_group": m.transport.asm_group,
+            "ssm_group": m.transport.ssm_group,
+            "srv": m.transport.srv,
+            "rates": list(m.transport.rates),
+        },
+        "http": list(m.http),
+        "stream_keys": len(m.stream_keys),
+        "session_id": m.session_id.hex(),
+        "signatures": [s.keyid for s in envelope.signatures],
+        "signatures_checked": False,
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = describe(_read_manifest(args.manifest))
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+        return 0
+    t = info["transport"]
+    lines = [
+        f"release    {info['name']} version {info['version']} sequence {info['sequence']}",
+        f"valid      {info['created']} .. {info['expires']}",
+        f"devices    {', '.join(info['compatible'])}",
+        f"image      {info['image']['name']} ({info['image']['format']}, "
+        f"{info['image']['length']} bytes = {units.format_bytes(info['image']['length'])})",
+        f"sha256     {info['image']['sha256']}",
+        f"chunks     {info['chunks']['count']} x {units.format_bytes(info['chunks']['size'])}",
+        f"fec        raptorq, {info['fec']['symbol_size']}-byte symbols, "
+        f"K={info['fec']['source_symbols_per_chunk']} per full chunk",
+        f"channel    {t['channel']} port {t['port']} scope {t['scope']}",
+        f"groups     ASM {t['asm_group']}  SSM {t['ssm_group']}  SRV {t['srv']}",
+    ]
+    if t["rates"]:
+        lines.append("rates      " + ", ".join(f"{r / 1e6:g} MB/s" for r in t["rates"]))
+    lines += [f"mirror     {url}" for url in info["http"]]
+    lines.append(f"session    {info['session_id']}")
+    lines += [f"signature  keyid {keyid}" for keyid in info["signatures"]]
+    lines.append("(signatures not checked: use 'otacast-signer verify --trust KEY.pub')")
+    print("\n".join(lines))
+    return 0
+
+
+COMMANDS = {"keygen": cmd_keygen, "sign": cmd_sign, "verify": cmd_verify, "inspect": cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except OtacastError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Errors of the publisher side; `SignerError` is its root.  Exit codes are fixed per class."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from otacast.schemas.errors import OtacastError
+
+
+class SignerError(OtacastError):
+    exit_code: ClassVar[int] = 1
+
+
+class UsageError(SignerError):
+    """Arguments that cannot work together or values out of range."""
+
+    exit_code: ClassVar[int] = 2
+
+
+class InsecureKeyFile(SignerError):
+    """A secret key file other users can read: refuse to use a possibly leaked key."""
+
+    exit_code: ClassVar[int] = 11
+
+
+class ReadError(SignerError):
+    """An input file (image, manifest, key) cannot be read."""
+
+    exit_code: ClassVar[int] = 12
+
+
+class WriteError(SignerError):
+    """An output cannot be written, or exists and --force was not given."""
+
+    exit_code: ClassVar[int] = 13

@@ -1,0 +1,133 @@
+"""Turn an image into a signed manifest envelope, add co-signatures, check an image.
+
+The image is read once, chunk by chunk (at most one chunk in memory), producing the whole-image
+SHA-256 and one SHA-256 per chunk.  Every envelope this module produces is parsed back with the
+device's parser before it is returned, so the publisher can never emit a manifest that devices
+would refuse as malformed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from otacast.schemas import fec
+from otacast.schemas.errors import ImageMismatch
+from otacast.schemas.limits import DEFAULT_CHUNK_BYTES, MAX_IMAGE_BYTES
+from otacast.schemas.manifest import (
+    Chunking,
+    Envelope,
+    FecInfo,
+    ImageInfo,
+    Manifest,
+    Signature,
+    Transport,
+    parse_envelope,
+    signing_message,
+)
+
+from .errors import ReadError, UsageError
+from .keys import SigningKey
+
+
+@dataclass(frozen=True)
+class ImageDigest:
+    length: int
+    sha256: bytes
+    chunk_sha256: tuple[bytes, ...]
+
+
+def digest_image(path: Path, chunk_size: int) -> ImageDigest:
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise UsageError(f"image {path} is not a regular file")
+        if size == 0:
+            raise UsageError(f"image {path} is empty")
+        if size > MAX_IMAGE_BYTES:
+            raise UsageError(f"image {path} is {size} bytes, the limit is {MAX_IMAGE_BYTES}")
+        whole = hashlib.sha256()
+        chunks: list[bytes] = []
+        length = 0
+        with path.open("rb") as handle:
+            while block := handle.read(chunk_size):
+                whole.update(block)
+                chunks.append(hashlib.sha256(block).digest())
+                length += len(block)
+    except OSError as exc:
+        raise ReadError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    return ImageDigest(length, whole.digest(), tuple(chunks))
+
+
+def build_manifest(
+    image: Path,
+    *,
+    name: str,
+    sequence: int,
+    version: str,
+    created: int,
+    expires: int,
+    compatible: Sequence[str],
+    image_format: str,
+    transport: Transport,
+    http: Sequence[str] = (),
+    chunk_size: int = 0,
+    symbol_size: int = fec.DEFAULT_SYMBOL_SIZE,
+) -> Manifest:
+    size = image.stat().st_size if image.exists() else 0
+    chunk = fec.choose_chunk_size(size, chunk_size or DEFAULT_CHUNK_BYTES)
+    digest = digest_image(image, chunk)
+    return Manifest(
+        name=name,
+        sequence=sequence,
+        version=version,
+        created=created,
+        expires=expires,
+        compatible=tuple(compatible),
+        image=ImageInfo(image.name, digest.length, digest.sha256, image_format),
+        chunks=Chunking(chunk, digest.chunk_sha256),
+        fec=FecInfo(symbol_size=symbol_size),
+        transport=transport,
+        http=tuple(http),
+    )
+
+
+def sign(manifest: Manifest, keys: Sequence[SigningKey]) -> Envelope:
+    message = signing_message(manifest)
+    envelope = Envelope(manifest, ())
+    for key in keys:
+        envelope = envelope.with_signature(Signature(key.key_id, key.sign(message)))
+    return reparse(envelope)
+
+
+def add_signature(envelope: Envelope, key: SigningKey) -> Envelope:
+    signature = Signature(key.key_id, key.sign(signing_message(envelope.manifest)))
+    return reparse(envelope.with_signature(signature))
+
+
+def reparse(envelope: Envelope) -> Envelope:
+    """Round-trip through the device's parser: what we publish, devices can read."""
+    return parse_envelope(envelope.compact_bytes)
+
+
+def check_image(manifest: Manifest, path: Path) -> None:
+    """Raise `ImageMismatch` naming the first difference between `path` and the manifest."""
+    try:
+        size = path.stat().st_size
+        if size != manifest.image.length:
+            raise ImageMismatch(
+                f"image {path} is {size} bytes, the manifest says {manifest.image.length}"
+            )
+        whole = hashlib.sha256()
+        with path.open("rb") as handle:
+            for index, expected in enumerate(manifest.chunks.sha256):
+                block = handle.read(manifest.chunks.size)
+                whole.update(block)
+                if hashlib.sha256(block).digest() != expected:
+                    raise ImageMismatch(f"image {path}: chunk {index} does not match its hash")
+    except OSError as exc:
+        raise ReadError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    if whole.digest() != manifest.image.sha256:
+        raise ImageMismatch(f"image {path} does not match the manifest's sha256")
