@@ -6,7 +6,7 @@ repeat them (and cannot contradict itself):
 * chunk ``i`` covers image bytes ``[i*S, min((i+1)*S, L))`` (chunk size ``S``, image length
   ``L``);
 * the chunk is one RaptorQ source block (SBN 0) with transfer length = the chunk's length and
-  symbol size ``T`` (a multiple of 4, the codec's alignment);
+  symbol size ``T`` (a multiple of 8, the codec's alignment);
 * it has ``K = ceil(len / T)`` source symbols (ESI ``0..K-1``); ESIs from ``K`` up are repair
   symbols.  Any ``K`` (rarely ``K+1``) distinct valid symbols rebuild the chunk.
 
@@ -16,13 +16,22 @@ seam on each side so another RaptorQ implementation can slot in.
 
 from __future__ import annotations
 
-from .limits import DEFAULT_MAX_DATAGRAM, MAX_CHUNK_BYTES, MAX_CHUNKS, MIN_CHUNK_BYTES
+from .limits import (
+    DEFAULT_MAX_DATAGRAM,
+    MAX_CHUNK_BYTES,
+    MAX_CHUNKS,
+    MIN_CHUNK_BYTES,
+    SYMBOL_ALIGNMENT,
+)
 from .wire import DATA_HEADER_SIZE
 
 SCHEME_RAPTORQ = "raptorq"
 
-# 1232 - 20: a DATA datagram of the default symbol size is exactly the IPv6 minimum-MTU payload.
-DEFAULT_SYMBOL_SIZE = DEFAULT_MAX_DATAGRAM - DATA_HEADER_SIZE
+# The largest multiple of the codec's 8-byte alignment that keeps a DATA datagram within the IPv6
+# minimum-MTU payload: 1232 - 20 = 1212, rounded down to 1208 (1228-byte datagrams).
+DEFAULT_SYMBOL_SIZE = (
+    (DEFAULT_MAX_DATAGRAM - DATA_HEADER_SIZE) // SYMBOL_ALIGNMENT * SYMBOL_ALIGNMENT
+)
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -70,8 +70,9 @@ MAX_SOURCE_SYMBOLS = 56403
 # RaptorQ's payload id carries a 24-bit encoding symbol id (ESI).
 MAX_ESI = (1 << 24) - 1
 
-# The codec aligns symbols to 4 bytes (it rounds the symbol size down to a multiple of 4).
-SYMBOL_ALIGNMENT = 4
+# The codec (RFC 6330 parameter Al) aligns symbols to 8 bytes: asked for any other size it rounds
+# down to a multiple of 8, so a manifest naming such a size would disagree with its own stream.
+SYMBOL_ALIGNMENT = 8
 
 # Smallest symbol size we accept: below it, per-packet overhead dominates and an 8 MiB chunk
 # would exceed MAX_SOURCE_SYMBOLS.

@@ -17,8 +17,8 @@ DATA (one RaptorQ encoding symbol)::
   SBN + ESI is RaptorQ's own 4-byte payload id (RFC 6330 section 3.2).  SBN is always 0 because
   every chunk is a single source block.  Bytes 16.. of a DATA datagram are therefore exactly the
   packet the RaptorQ codec consumes, and the receiver hands a slice to the decoder without
-  re-framing it.  With the default symbol size of 1212 bytes a DATA datagram is 1232 bytes: the
-  IPv6 minimum-MTU UDP payload.
+  re-framing it.  With the default symbol size of 1208 bytes (the codec aligns symbols to 8) a
+  DATA datagram is 1228 bytes, within the 1232-byte IPv6 minimum-MTU UDP payload.
 
 MANIFEST (a fragment of the signed manifest envelope)::
 

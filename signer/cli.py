@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--symbol-size",
         type=_positive,
         default=fec.DEFAULT_SYMBOL_SIZE,
-        help=f"FEC symbol size, a multiple of 4 (default {fec.DEFAULT_SYMBOL_SIZE}: "
-        "1232-byte datagrams; jumbo-frame LANs can use up to 8932)",
+        help=f"FEC symbol size, a multiple of 8 (default {fec.DEFAULT_SYMBOL_SIZE}: "
+        "1228-byte datagrams; jumbo-frame LANs can use up to 8928)",
     )
 
     p = sub.add_parser("verify", help="check a manifest's signatures and rules, and an image")

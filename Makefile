@@ -1,0 +1,38 @@
+# Developer entry points.  `make setup` builds .venv; `make test` runs every check CI runs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The editable install is setuptools' "strict" mode: a tree of symlinks that static tools (mypy,
+# import-linter) can read.  It has to be refreshed when modules are added or removed, which the
+# directory timestamps below track.
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test lint unit integration demo clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml schemas signer plugin
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=64" wheel
+	$(BIN)/python -m pip install -q -e '.[test]' --config-settings editable_mode=strict
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p otacast.schemas -p otacast.signer -p otacast.plugin
+	$(BIN)/lint-imports
+
+unit: setup
+	$(BIN)/pytest tests
+
+integration: setup
+	$(BIN)/pytest integration
+
+test: lint unit integration
+
+demo: setup
+	$(BIN)/python integration/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache .hypothesis
