@@ -45,6 +45,18 @@ def parse_rate(text: str) -> int:
     return int(value)
 
 
+def parse_fraction(text: str) -> float:
+    """``10%`` or ``0.1`` -> 0.1."""
+    stripped = text.strip()
+    try:
+        value = float(stripped[:-1]) / 100 if stripped.endswith("%") else float(stripped)
+    except ValueError:
+        raise ValueError(f"invalid fraction {text!r} (use e.g. 10% or 0.1)") from None
+    if not 0 <= value <= 100 or value != value:
+        raise ValueError(f"fraction {text!r} out of range")
+    return value
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

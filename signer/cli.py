@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,9 +23,10 @@ from otacast.schemas.limits import MAX_MANIFEST_BYTES
 from otacast.schemas.manifest import FORMATS, Envelope, Manifest, Transport, parse_envelope
 from otacast.schemas.policy import TrustSet, check_envelope
 
-from . import keys, sign
+from . import keys, publish, sign
 from .errors import UsageError, WriteError
 from .fileio import atomic_write, read_bounded
+from .serve import ServeOptions, Stop, serve
 
 PROG = "otacast-signer"
 
@@ -53,6 +55,24 @@ def _rate(text: str) -> int:
         return units.parse_rate(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        return units.parse_fraction(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _sender(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N with 0 <= I < N (e.g. 0/2, 1/2)")
+    return int(index), int(count)
+
+
+def _rate_or_max(text: str) -> int:
+    return 0 if text.strip().lower() in ("0", "max", "unlimited") else _rate(text)
 
 
 def _positive(text: str) -> int:
@@ -187,6 +207,92 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--at", type=int, metavar="UNIX_TIME", help="check expiry as of this time instead of now"
     )
+
+    p = sub.add_parser("serve", help="loop a signed image over IPv6 multicast")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("image", type=Path)
+    p.add_argument("--interface", required=True, help="network interface to send on")
+    p.add_argument(
+        "--rate",
+        type=_rate_or_max,
+        default=units.parse_rate("10M"),
+        help="send rate, e.g. 10M (bytes/s), 400Mbit, or max (default 10M)",
+    )
+    p.add_argument(
+        "--channel-rate",
+        type=_rate_or_max,
+        action="append",
+        default=[],
+        help="one rate channel (own group per rate); repeat for several; default: "
+        "the manifest's rates, else --rate",
+    )
+    p.add_argument("--group", help="send to this group instead of the manifest's")
+    p.add_argument(
+        "--asm",
+        action="store_true",
+        help="send to the channel's ASM group (default: its SSM group)",
+    )
+    p.add_argument("--port", type=_positive, help="UDP port (default: the manifest's)")
+    p.add_argument("--source", help="source address to send from (must be on --interface)")
+    p.add_argument(
+        "--hops",
+        type=_positive,
+        default=8,
+        help="multicast hop limit (default 8; 1 never leaves the link)",
+    )
+    p.add_argument(
+        "--sender",
+        type=_sender,
+        default=(0, 1),
+        metavar="I/N",
+        help="this is sender I of N: start at offset I/N of the symbol cycle",
+    )
+    p.add_argument("--loops", type=_positive, help="stop after N passes (default: forever)")
+    p.add_argument("--duration", type=_duration, help="stop after this long, e.g. 90s, 2h")
+    p.add_argument(
+        "--overhead",
+        type=_fraction,
+        default=0.1,
+        help="repair symbols per pass beyond K (default 10%%)",
+    )
+    p.add_argument(
+        "--repair",
+        type=_fraction,
+        default=0.5,
+        help="repair pool per chunk as a share of K, at least 50%% (default 50%%)",
+    )
+    p.add_argument(
+        "--window", type=_positive, default=8, help="chunks interleaved at a time (default 8)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where encoded symbols are kept (default $XDG_CACHE_HOME/otacast or ~/.cache/otacast)",
+    )
+    p.add_argument("--no-gso", action="store_true", help="one send per datagram (no UDP GSO)")
+    p.add_argument("--loopback", action="store_true", help="also deliver to receivers on this host")
+    p.add_argument("--json", action="store_true", help="JSON status lines")
+
+    p = sub.add_parser("publish", help="lay out the image and manifest for static HTTP mirrors")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("image", type=Path)
+    p.add_argument("--root", type=Path, required=True, help="web root to fill")
+
+    p = sub.add_parser("dns-records", help="print SRV/AAAA records naming a channel's sources")
+    p.add_argument("manifest", type=Path, nargs="?", help="take channel and port from here")
+    p.add_argument("--channel", help="channel name (instead of a manifest)")
+    p.add_argument("--port", type=_positive, help="UDP port (default: manifest's, or 4242)")
+    p.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="[HOST=]ADDR",
+        help="a sender's host name and IPv6 address; repeat for several",
+    )
+    p.add_argument("--ttl", type=_positive, default=300)
+    p.add_argument("--priority", type=int, default=10)
+    p.add_argument("--weight", type=int, default=10)
+    p.add_argument("--format", choices=("zone", "dnsmasq"), default="zone")
 
     p = sub.add_parser("inspect", help="show a manifest's contents (signatures not checked)")
     p.add_argument("manifest", type=Path)
@@ -373,7 +479,83 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"keygen": cmd_keygen, "sign": cmd_sign, "verify": cmd_verify, "inspect": cmd_inspect}
+def cmd_serve(args: argparse.Namespace) -> int:
+    envelope = _read_manifest(args.manifest)
+    rates = args.channel_rate or list(envelope.manifest.transport.rates) or [args.rate]
+    cache = (
+        args.cache_dir
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "otacast"
+    )
+    options = ServeOptions(
+        interface=args.interface,
+        rates=rates,
+        group=args.group,
+        port=args.port,
+        asm=args.asm,
+        source=args.source,
+        hops=args.hops,
+        sender_index=args.sender[0],
+        sender_count=args.sender[1],
+        loops=args.loops,
+        duration=args.duration,
+        overhead=args.overhead,
+        repair=args.repair,
+        window=args.window,
+        cache_dir=cache,
+        gso=not args.no_gso,
+        loopback=args.loopback,
+        json=args.json,
+    )
+    stop = Stop()
+    stop.install()
+    serve(envelope, args.image, options, sys.stdout, stop=stop)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    envelope = _read_manifest(args.manifest)
+    for path in publish.publish(envelope, args.image, args.root):
+        print(f"wrote {path}")
+    if not envelope.manifest.http:
+        print("note: the manifest lists no --http-url, so devices will not know this mirror")
+    return 0
+
+
+def cmd_dns_records(args: argparse.Namespace) -> int:
+    if args.manifest:
+        transport = _read_manifest(args.manifest).manifest.transport
+        channel, port = transport.channel, args.port or transport.port
+    elif args.channel:
+        try:
+            channel = addressing.normalise_channel(args.channel)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        port = args.port or addressing.DEFAULT_PORT
+    else:
+        raise UsageError("dns-records needs a MANIFEST or --channel")
+    sources = [publish.parse_source(s, channel, i) for i, s in enumerate(args.source)]
+    lines = publish.dns_records(
+        channel,
+        port,
+        sources,
+        ttl=args.ttl,
+        priority=args.priority,
+        weight=args.weight,
+        style=args.format,
+    )
+    print("\n".join(lines))
+    return 0
+
+
+COMMANDS = {
+    "keygen": cmd_keygen,
+    "sign": cmd_sign,
+    "verify": cmd_verify,
+    "inspect": cmd_inspect,
+    "serve": cmd_serve,
+    "publish": cmd_publish,
+    "dns-records": cmd_dns_records,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

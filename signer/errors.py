@@ -33,3 +33,9 @@ class WriteError(SignerError):
     """An output cannot be written, or exists and --force was not given."""
 
     exit_code: ClassVar[int] = 13
+
+
+class NetworkError(SignerError):
+    """The interface, source address or group cannot be used to send."""
+
+    exit_code: ClassVar[int] = 15

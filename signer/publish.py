@@ -1,0 +1,106 @@
+"""``publish`` and ``dns-records``: what static HTTP mirrors and DNS need to serve a release.
+
+`publish` places the image (and its manifest beside it) under a root directory at the path of
+every mirror URL in the signed manifest, so ``nginx``'s ``root``, an S3 sync or a CDN origin
+serves exactly the URLs devices were told about.  It checks the image against the manifest
+first and writes every file atomically.
+
+`dns_records` renders the SRV records that name a channel's SSM sources and the AAAA records of
+the source hosts, as zone-file lines or as dnsmasq options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+
+from otacast.schemas import addressing
+from otacast.schemas.manifest import Envelope
+
+from .errors import UsageError, WriteError
+from .fileio import atomic_write
+from .sign import check_image
+
+
+def mirror_paths(envelope: Envelope) -> list[PurePosixPath]:
+    """Relative paths the manifest's HTTP URLs point at (the image name if there are none)."""
+    urls = envelope.manifest.http
+    if not urls:
+        return [PurePosixPath(envelope.manifest.image.name)]
+    paths = []
+    for url in urls:
+        path = PurePosixPath(unquote(urlsplit(url).path))
+        parts = [p for p in path.parts if p != "/"]
+        if not parts or url.endswith("/") or any(p in (".", "..") for p in parts):
+            raise UsageError(f"mirror URL {url} does not name a file under the web root")
+        paths.append(PurePosixPath(*parts))
+    return list(dict.fromkeys(paths))
+
+
+def publish(envelope: Envelope, image: Path, root: Path) -> list[Path]:
+    check_image(envelope.manifest, image)
+    written = []
+    for relative in mirror_paths(envelope):
+        target = root.joinpath(*relative.parts)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WriteError(f"cannot create {target.parent}: {exc.strerror}") from None
+        _copy_atomically(image, target)
+        manifest_path = target.with_name(target.name + ".manifest.json")
+        atomic_write(manifest_path, envelope.to_file_bytes())
+        written += [target, manifest_path]
+    return written
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        tmp.chmod(0o644)  # served files are public by nature
+        tmp.replace(target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise WriteError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
+def parse_source(text: str, channel: str, index: int) -> tuple[str, str]:
+    """``HOST=ADDR`` or ``ADDR`` (host name made up under the channel) -> (host, address)."""
+    host, _, address = text.rpartition("=")
+    if not host:
+        host = f"sender{index + 1}.{channel}"
+    try:
+        address = str(ipaddress.IPv6Address(address))
+    except ValueError:
+        raise UsageError(f"source {text!r}: {address!r} is not an IPv6 address") from None
+    try:
+        host = addressing.normalise_channel(host)
+    except ValueError:
+        raise UsageError(f"source {text!r}: {host!r} is not a valid host name") from None
+    return host, address
+
+
+def dns_records(
+    channel: str,
+    port: int,
+    sources: Sequence[tuple[str, str]],
+    *,
+    ttl: int = 300,
+    priority: int = 10,
+    weight: int = 10,
+    style: str = "zone",
+) -> list[str]:
+    srv = addressing.srv_name(channel)
+    if style == "dnsmasq":
+        lines = [f"--srv-host={srv},{host},{port},{priority},{weight}" for host, _ in sources]
+        return lines + [f"--host-record={host},{address}" for host, address in sources]
+    lines = [f"{srv}. {ttl} IN SRV {priority} {weight} {port} {host}." for host, _ in sources]
+    return lines + [f"{host}. {ttl} IN AAAA {address}" for host, address in sources]

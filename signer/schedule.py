@@ -1,0 +1,214 @@
+"""Sans-IO sender core: which datagrams go out next, and when.
+
+Theory of operation
+-------------------
+*Symbol cycle.*  Chunk ``c`` has a cycle of ``C_c`` symbols (its K source symbols, then its
+repair pool).  A *pass* sends ``S_c = min(C_c, ceil(K_c * (1 + overhead)))`` consecutive symbols of
+every chunk's cycle, wrapping around.  Pass ``l`` of sender ``i`` of ``n`` starts chunk ``c`` at
+cycle position ``(floor(i * C_c / n) + l * S_c) mod C_c``: successive passes walk on through the
+repair pool, so a receiver that needs a second pass gets symbols it has not seen, and senders
+started together at offsets ``i/n`` emit different symbols, which a receiver hearing all of them
+merges (each sender alone still covers the whole cycle).
+
+*Interleaving.*  Chunks are sent in windows of ``window`` chunks; inside a window the core
+round-robins over the chunks one batch (up to ``batch`` consecutive datagrams, one GSO send, and
+never more than one burst allowance of the rate) at a time.  A receiver that joins at any
+moment therefore makes progress on every chunk of the window in flight, a burst of loss is
+spread over several chunks, and a receiver only needs decoders for one window at a time, which
+bounds its memory.
+
+*Manifest carousel.*  All MANIFEST fragments are queued every ``manifest_interval`` seconds and
+sent before further data, so a receiver joining at any point has the manifest within about one
+interval.
+
+*Pacing.*  A token bucket in bytes, refilled at ``rate`` bytes/s and capped at
+``BURST_SECONDS`` of rate.  An action is released while the bucket is not negative and its size
+is then subtracted, so long-run rate is exact whatever the action sizes; ``rate = 0`` means
+unpaced.  The core never reads a clock: every call takes ``now``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+# A few milliseconds of burst: enough that sleep granularity (~0.1 ms) does not cost accuracy,
+# small enough that a switch buffer or a receiver's socket buffer never sees a large spike.
+BURST_SECONDS = 0.005
+
+# Manifest fragments are queued at least this often (a joining receiver has the manifest within
+# about a second) ...
+MIN_MANIFEST_INTERVAL = 0.25
+# ... but never use more than this share of the paced rate.
+MAX_MANIFEST_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class SendSymbols:
+    """Send datagrams ``first .. first+count-1`` of chunk ``chunk``'s cycle (never wraps)."""
+
+    chunk: int
+    first: int
+    count: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SendManifest:
+    datagrams: tuple[bytes, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Wait:
+    until: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str
+
+
+Action = SendSymbols | SendManifest | Wait | Finished
+
+
+@dataclass
+class SenderStats:
+    passes: int = 0
+    data_packets: int = 0
+    data_bytes: int = 0
+    manifest_packets: int = 0
+    manifest_bytes: int = 0
+
+
+def manifest_interval(manifest_bytes: int, rate: float) -> float:
+    if rate <= 0:
+        return MIN_MANIFEST_INTERVAL
+    return max(MIN_MANIFEST_INTERVAL, manifest_bytes / (MAX_MANIFEST_SHARE * rate))
+
+
+def per_pass(source: int, cycle: int, overhead: float) -> int:
+    return min(cycle, math.ceil(source * (1 + overhead)))
+
+
+class SenderCore:
+    def __init__(
+        self,
+        cycles: Sequence[int],
+        sends: Sequence[int],
+        *,
+        datagram_size: int,
+        batch: int,
+        window: int,
+        rate: float,
+        manifest: Sequence[bytes],
+        now: float,
+        sender_index: int = 0,
+        sender_count: int = 1,
+        passes: int | None = None,
+        duration: float | None = None,
+    ) -> None:
+        if not cycles or len(cycles) != len(sends):
+            raise ValueError("one cycle length and one pass length per chunk")
+        if not 0 <= sender_index < sender_count:
+            raise ValueError("sender index must be in 0..count-1")
+        if batch < 1 or window < 1 or rate < 0:
+            raise ValueError("batch and window must be positive, rate not negative")
+        self.cycles = tuple(cycles)
+        self.sends = tuple(min(s, c) for s, c in zip(sends, cycles, strict=True))
+        self.datagram_size = datagram_size
+        # A batch is at most one burst allowance, so a slow rate is paced per datagram and the
+        # rate over any second stays within about a percent of the target.
+        if rate:
+            batch = max(1, min(batch, int(rate * BURST_SECONDS) // datagram_size))
+        self.batch = batch
+        self.window = window
+        self.rate = rate
+        self.starts = tuple(sender_index * c // sender_count for c in cycles)
+        self.manifest = tuple(manifest)
+        manifest_bytes = sum(len(d) for d in self.manifest)
+        self.manifest_interval = manifest_interval(manifest_bytes, rate)
+        self.passes = passes
+        self.end = None if duration is None else now + duration
+        self.stats = SenderStats()
+        self._capacity = rate * BURST_SECONDS
+        self._tokens = self._capacity
+        self._last = now
+        self._next_manifest = now
+        self._pending_manifest: deque[bytes] = deque()
+        self._plan = self._walk()
+        self._next_data = self._advance()
+
+    # --- Schedule ----------------------------------------------------------------------------
+
+    def _walk(self) -> Iterator[SendSymbols | int]:
+        """Every data batch in order, pass after pass, forever; an int marks a finished pass."""
+        chunks = len(self.cycles)
+        pass_index = 0
+        while True:
+            for window_start in range(0, chunks, self.window):
+                members = range(window_start, min(chunks, window_start + self.window))
+                cursor = {
+                    c: (self.starts[c] + pass_index * self.sends[c]) % self.cycles[c]
+                    for c in members
+                }
+                left = {c: self.sends[c] for c in members}
+                while left:
+                    for c in list(left):
+                        count = min(self.batch, left[c], self.cycles[c] - cursor[c])
+                        yield SendSymbols(c, cursor[c], count, count * self.datagram_size)
+                        cursor[c] = (cursor[c] + count) % self.cycles[c]
+                        left[c] -= count
+                        if not left[c]:
+                            del left[c]
+            pass_index += 1
+            yield pass_index
+
+    # --- Driving -----------------------------------------------------------------------------
+
+    def next_action(self, now: float) -> Action:
+        """The next thing to do at time `now`; a returned send is assumed done."""
+        if self.end is not None and now >= self.end:
+            return Finished("duration")
+        if self.passes is not None and self.stats.passes >= self.passes:
+            return Finished("passes")
+        if now >= self._next_manifest and not self._pending_manifest:
+            self._pending_manifest.extend(self.manifest)
+            self._next_manifest = now + self.manifest_interval
+        if self.rate:
+            self._tokens = min(self._capacity, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            # Under one byte of deficit is rounding, not debt: waiting for it would spin.
+            if self._tokens <= -1.0:
+                return Wait(now + -self._tokens / self.rate)
+        if self._pending_manifest:
+            datagrams: list[bytes] = []
+            size = 0
+            while self._pending_manifest and len(datagrams) < self.batch:
+                datagram = self._pending_manifest.popleft()
+                datagrams.append(datagram)
+                size += len(datagram)
+            self._spend(size)
+            self.stats.manifest_packets += len(datagrams)
+            self.stats.manifest_bytes += size
+            return SendManifest(tuple(datagrams), size)
+        action = self._next_data
+        self._next_data = self._advance()
+        self._spend(action.nbytes)
+        self.stats.data_packets += action.count
+        self.stats.data_bytes += action.nbytes
+        return action
+
+    def _advance(self) -> SendSymbols:
+        """The next data batch, counting the passes completed before it."""
+        item = next(self._plan)
+        while isinstance(item, int):
+            self.stats.passes = item
+            item = next(self._plan)
+        return item
+
+    def _spend(self, nbytes: int) -> None:
+        if self.rate:
+            self._tokens -= nbytes
