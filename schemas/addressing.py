@@ -35,7 +35,7 @@ def normalise_channel(name: str) -> str:
         channel = channel[:-1]
     if not channel or len(channel) > MAX_DNS_NAME - len(SRV_SERVICE) - 1:
         raise ValueError(f"channel name {name!r} has an invalid length")
-    if not all(_LABEL.match(label) for label in channel.split(".")):
+    if not all(_LABEL.fullmatch(label) for label in channel.split(".")):
         raise ValueError(f"channel name {name!r} is not a valid DNS name")
     return channel
 
@@ -64,18 +64,30 @@ def srv_name(channel: str) -> str:
     return f"{SRV_SERVICE}.{normalise_channel(channel)}"
 
 
-def is_asm_group(address: str) -> bool:
-    """A transient (flag T) any-source multicast group outside the SSM range."""
+def normalise_group(address: str) -> str:
+    """The compressed normal form of an IPv6 address; ValueError for anything else, including
+    a zone index (``%eth0``), which a group in a signed manifest must never carry."""
+    if "%" in address:
+        raise ValueError(f"{address!r} carries a zone index")
+    return str(ipaddress.IPv6Address(address))
+
+
+def _packed_normal(address: str) -> bytes | None:
     try:
-        raw = ipaddress.IPv6Address(address).packed
+        if normalise_group(address) != address:
+            return None
     except ValueError:
-        return False
-    return raw[0] == 0xFF and raw[1] >> 4 == 0x1
+        return None
+    return ipaddress.IPv6Address(address).packed
+
+
+def is_asm_group(address: str) -> bool:
+    """A transient (flag T) any-source multicast group, in normal form."""
+    raw = _packed_normal(address)
+    return raw is not None and raw[0] == 0xFF and raw[1] >> 4 == 0x1
 
 
 def is_ssm_group(address: str) -> bool:
-    try:
-        raw = ipaddress.IPv6Address(address).packed
-    except ValueError:
-        return False
-    return raw[0] == 0xFF and raw[1] >> 4 == 0x3 and raw[2:12] == bytes(10)
+    """A group in ``ff3x::/96`` (source-specific), in normal form."""
+    raw = _packed_normal(address)
+    return raw is not None and raw[0] == 0xFF and raw[1] >> 4 == 0x3 and raw[2:12] == bytes(10)

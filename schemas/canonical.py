@@ -61,6 +61,21 @@ def loads_strict(data: bytes, *, max_bytes: int = MAX_MANIFEST_BYTES) -> Any:
         raise MalformedManifest(f"manifest JSON has an unusable value: {exc}") from None
 
 
+def refuse_control_characters(obj: Any, where: str = "") -> None:
+    """No manifest string needs a control character; refusing them everywhere also closes the
+    gap where a JSON Schema ``$`` (Python regex semantics) lets a trailing newline through."""
+    if isinstance(obj, str):
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in obj):
+            raise MalformedManifest(f"manifest field {where or '(top level)'}: control character")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            refuse_control_characters(key, where)
+            refuse_control_characters(value, f"{where}/{key}" if where else key)
+    elif isinstance(obj, list):
+        for index, value in enumerate(obj):
+            refuse_control_characters(value, f"{where}/{index}")
+
+
 def canonical_bytes(obj: Any) -> bytes:
     """The canonical encoding that signatures cover (see module docstring)."""
     _refuse_non_integers(obj)

@@ -16,16 +16,15 @@ from functools import cached_property
 from typing import Any, Final
 
 from . import addressing, fec
-from .canonical import canonical_bytes, loads_strict, pretty_bytes
+from .canonical import canonical_bytes, loads_strict, pretty_bytes, refuse_control_characters
 from .errors import MalformedManifest
 from .limits import (
-    MAX_DATAGRAM,
     MAX_IMAGE_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_SOURCE_SYMBOLS,
 )
 from .validation import validate_envelope
-from .wire import DATA_HEADER_SIZE, ENVELOPE_ID_BYTES, SESSION_ID_BYTES
+from .wire import ENVELOPE_ID_BYTES, SESSION_ID_BYTES
 
 MANIFEST_TYPE: Final = "otacast-manifest"
 SPEC_VERSION: Final = 1
@@ -80,8 +79,8 @@ class Transport:
             channel=name,
             scope=scope,
             port=port,
-            asm_group=asm_group or addressing.asm_group(name, scope),
-            ssm_group=ssm_group or addressing.ssm_group(name, scope),
+            asm_group=addressing.normalise_group(asm_group or addressing.asm_group(name, scope)),
+            ssm_group=addressing.normalise_group(ssm_group or addressing.ssm_group(name, scope)),
             srv=addressing.srv_name(name),
             rates=rates,
         )
@@ -201,8 +200,6 @@ class Manifest:
             )
         if self.expires <= self.created:
             raise MalformedManifest("manifest expires before it was created")
-        if DATA_HEADER_SIZE + self.fec.symbol_size > MAX_DATAGRAM:
-            raise MalformedManifest(f"symbol size {self.fec.symbol_size} does not fit a datagram")
         if fec.source_symbols(self.chunks.size, self.fec.symbol_size) > MAX_SOURCE_SYMBOLS:
             raise MalformedManifest(
                 f"chunks of {self.chunks.size} bytes need more than {MAX_SOURCE_SYMBOLS} "
@@ -224,9 +221,13 @@ class Manifest:
         if t.srv != addressing.srv_name(channel):
             raise MalformedManifest(f"srv {t.srv!r} does not match channel {channel!r}")
         if not addressing.is_asm_group(t.asm_group):
-            raise MalformedManifest(f"asm_group {t.asm_group!r} is not an ff1x:: group")
+            raise MalformedManifest(
+                f"asm_group {t.asm_group!r} is not an ff1x:: group in normal form"
+            )
         if not addressing.is_ssm_group(t.ssm_group):
-            raise MalformedManifest(f"ssm_group {t.ssm_group!r} is not an ff3x::/96 group")
+            raise MalformedManifest(
+                f"ssm_group {t.ssm_group!r} is not an ff3x::/96 group in normal form"
+            )
 
     # --- Derived values ----------------------------------------------------------------------
 
@@ -293,6 +294,7 @@ class Envelope:
 def parse_envelope(data: bytes) -> Envelope:
     """Untrusted bytes -> `Envelope`, or `ManifestTooLarge` / `MalformedManifest`."""
     document = loads_strict(data, max_bytes=MAX_MANIFEST_BYTES)
+    refuse_control_characters(document)
     validate_envelope(document)
     manifest = Manifest.from_json(document["signed"])
     if canonical_bytes(document["signed"]) != manifest.signed_bytes:
