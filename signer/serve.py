@@ -223,6 +223,7 @@ def _loop(
     live = list(channels)
     start = clock()
     warned = False
+    next_check = start + MIN_RATE_CHECK
     while live:
         if stop.reason:
             return stop.reason
@@ -244,8 +245,9 @@ def _loop(
                 live.remove(channel)
         if emit.due(now):
             emit.progress(channels, now - start)
-            if not warned and now - start >= MIN_RATE_CHECK:
-                warned = _warn_shortfall(channels, now - start, emit)
+        if not warned and now >= next_check:
+            next_check = now + 1.0
+            warned = _warn_shortfall(channels, now - start, emit)
         if wake > now:
             time.sleep(wake - now)
     return "done"
@@ -273,7 +275,7 @@ class Reporter:
         self.json = as_json
         self.tty = out.isatty()
         self.interval = 1.0 if (as_json or self.tty) else 10.0
-        self._next = 0.0
+        self._next: float | None = None
 
     def _write(self, text: str) -> None:
         self.out.write(text)
@@ -296,6 +298,8 @@ class Reporter:
                 self._write("\n")
 
     def due(self, now: float) -> bool:
+        if self._next is None:  # the first report comes one interval in, with a real rate
+            self._next = now + self.interval
         if now >= self._next:
             self._next = now + self.interval
             return True

@@ -1,0 +1,133 @@
+"""Test networks in network namespaces that each test creates and deletes itself.
+
+A `Lan` is a switch (a Linux bridge in its own namespace) with hosts attached by veth pairs.
+Every host lives in its own namespace with one interface, ``eth0``, and an address in
+``fd51::/64`` added with ``nodad`` (usable at once).  Nothing is ever created in, or sent from,
+the host's own namespace: veth pairs are created directly inside the namespaces.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+PREFIX = "fd51::"
+_serial = itertools.count()
+BIN = Path(sys.executable).parent
+
+
+def require_root_and_ip() -> None:
+    """Skip (and so, under CI=true, fail) where namespaces cannot be made."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 (ip) is not installed")
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@dataclass
+class Host:
+    netns: str
+    address: str
+    interface: str = "eth0"
+
+    def command(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *args]
+
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.command(*args), capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    def popen(self, *args: str, **kwargs: object) -> subprocess.Popen[str]:
+        return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+            self.command(*args), text=True, **kwargs
+        )
+
+
+@dataclass
+class Lan:
+    tag: str
+    switch: str
+    hosts: list[Host] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, count: int, mtu: int = 1500) -> Lan:
+        require_root_and_ip()
+        tag = f"oc{os.getpid() % 100000}x{next(_serial)}"
+        lan = cls(tag=tag, switch=f"{tag}-sw")
+        try:
+            lan._add_namespace(lan.switch)
+            ip("-n", lan.switch, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
+            ip("-n", lan.switch, "link", "set", "br0", "up")
+            for index in range(count):
+                lan._add_host(index, mtu)
+        except BaseException:
+            lan.delete()
+            raise
+        return lan
+
+    def _add_namespace(self, name: str) -> None:
+        ip("netns", "add", name)
+        self.namespaces.append(name)
+        ip("-n", name, "link", "set", "lo", "up")
+
+    def _add_host(self, index: int, mtu: int) -> None:
+        netns = f"{self.tag}-h{index}"
+        self._add_namespace(netns)
+        port = f"p{index}"
+        ip(
+            "-n",
+            netns,
+            "link",
+            "add",
+            "eth0",
+            "mtu",
+            str(mtu),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "mtu",
+            str(mtu),
+            "netns",
+            self.switch,
+        )
+        ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
+        address = f"{PREFIX}{index + 1:x}"
+        ip("-n", netns, "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
+        ip("-n", netns, "link", "set", "eth0", "up")
+        self.hosts.append(Host(netns, address))
+        if mtu > 1500:
+            ip("-n", self.switch, "link", "set", "br0", "mtu", str(mtu))
+
+    def delete(self) -> None:
+        for name in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        self.namespaces.clear()
+
+
+def stop(processes: Sequence[subprocess.Popen[str]], timeout: float = 10) -> None:
+    """Terminate and reap (PID 1 here does not reap promptly)."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,292 @@
+"""The carousel sender on a real namespaced LAN, observed by a bare listener in another
+namespace: every header, the paced rate, two senders' disjoint symbols, a late joiner's
+manifest, and the operator's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from otacast.schemas import fec
+from otacast.schemas.errors import ImageMismatch
+from otacast.schemas.manifest import parse_envelope
+from otacast.signer.errors import NetworkError
+from otacast.signer.symbol_cache import CycleLayout
+
+from .netns import BIN, Lan, stop
+
+RAWRECV = str(Path(__file__).with_name("rawrecv.py"))
+CHUNK = 1024 * 1024
+
+
+@dataclass
+class Release:
+    manifest: Path
+    image: Path
+    group: str
+    port: int
+    session: str
+    layout: CycleLayout
+
+
+def signer(*args: str) -> list[str]:
+    return [str(BIN / "otacast-signer"), *args]
+
+
+@pytest.fixture
+def release(tmp_path: Path) -> Release:
+    image = tmp_path / "rootfs.img"
+    image.write_bytes(os.urandom(4 * CHUNK - 1000))
+    subprocess.run(signer("keygen", str(tmp_path / "rel")), check=True, capture_output=True)
+    subprocess.run(
+        signer(
+            "sign",
+            str(image),
+            "--key",
+            str(tmp_path / "rel.key"),
+            "--sequence",
+            "5",
+            "--device-type",
+            "test",
+            "--channel",
+            "updates.example.test",
+            "--chunk-size",
+            "1M",
+        ),
+        check=True,
+        capture_output=True,
+    )
+    manifest = tmp_path / "rootfs.img.manifest.json"
+    m = parse_envelope(manifest.read_bytes()).manifest
+    return Release(
+        manifest,
+        image,
+        m.transport.ssm_group,
+        m.transport.port,
+        m.session_id.hex(),
+        CycleLayout.for_manifest(m, 0.5),
+    )
+
+
+@pytest.fixture
+def lan3() -> Iterator[Lan]:
+    lan = Lan.create(3)
+    try:
+        yield lan
+    finally:
+        lan.delete()
+
+
+def listen(lan: Lan, host: int, release: Release, seconds: float) -> subprocess.Popen[str]:
+    return lan.hosts[host].popen(
+        str(BIN / "python"),
+        RAWRECV,
+        "eth0",
+        release.group,
+        str(release.port),
+        str(seconds),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def serve(lan: Lan, host: int, release: Release, cache: Path, *args: str) -> subprocess.Popen[str]:
+    return lan.hosts[host].popen(
+        *signer(
+            "serve",
+            str(release.manifest),
+            str(release.image),
+            "--interface",
+            "eth0",
+            "--cache-dir",
+            str(cache),
+            "--json",
+            *args,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def result(process: subprocess.Popen[str], timeout: float = 60) -> dict[str, object]:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err
+    loaded: dict[str, object] = json.loads(out)
+    return loaded
+
+
+def test_every_datagram_is_well_formed_and_the_rate_holds_within_5_percent(
+    lan3: Lan, release: Release, tmp_path: Path
+) -> None:
+    rate = 20_000_000
+    rx = listen(lan3, 1, release, 4.0)
+    time.sleep(0.3)
+    tx = serve(lan3, 0, release, tmp_path / "cache", "--rate", "20M", "--duration", "3s")
+    try:
+        seen = result(rx)
+        out, err = tx.communicate(timeout=30)
+    finally:
+        stop([rx, tx])
+    assert tx.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[-1]["event"] == "finished" and events[-1]["reason"] == "done"
+
+    assert seen["problems"] == {}
+    assert seen["sessions"] == {release.session: sum(seen["kinds"].values())}  # type: ignore[attr-defined]
+    assert set(seen["per_source"]) == {lan3.hosts[0].address}  # type: ignore[arg-type]
+    data_size = release.layout.datagram_size
+    assert data_size == 1228
+    sizes = {int(k): v for k, v in seen["sizes"].items()}  # type: ignore[attr-defined]
+    assert max(sizes) == data_size and sizes[data_size] >= seen["kinds"]["data"]  # type: ignore[index]
+    for _, chunk, esi in seen["symbols"]:  # type: ignore[attr-defined]
+        assert 0 <= chunk < 4 and 0 <= esi < release.layout.cycles[chunk]
+
+    # Rate over 2 s, starting half a second after the first datagram arrived.
+    slots = {int(k): v for k, v in seen["slots"].items()}  # type: ignore[attr-defined]
+    first = min(slots)
+    window = range(first + 5, first + 25)
+    measured = sum(slots.get(s, 0) for s in window) / 2.0
+    assert measured == pytest.approx(rate, rel=0.05)
+
+
+def test_two_senders_at_0_of_2_and_1_of_2_emit_disjoint_symbols(
+    lan3: Lan, release: Release, tmp_path: Path
+) -> None:
+    # With a repair pool of 2 x (1 + overhead) - 1 = 120% of K, each sender's whole pass is
+    # its own half of the cycle.
+    rx = listen(lan3, 2, release, 5.0)
+    time.sleep(0.3)
+    common = ("--rate", "10M", "--loops", "1", "--repair", "120%")
+    tx0 = serve(lan3, 0, release, tmp_path / "c0", "--sender", "0/2", *common)
+    tx1 = serve(lan3, 1, release, tmp_path / "c1", "--sender", "1/2", *common)
+    try:
+        seen = result(rx)
+        for tx in (tx0, tx1):
+            assert tx.wait(30) == 0
+    finally:
+        stop([rx, tx0, tx1])
+    by_source: dict[str, set[tuple[int, int]]] = {}
+    for source, chunk, esi in seen["symbols"]:  # type: ignore[attr-defined]
+        by_source.setdefault(source, set()).add((chunk, esi))
+    a, b = (by_source[h.address] for h in lan3.hosts[:2])
+    assert not a & b
+    manifest = parse_envelope(release.manifest.read_bytes()).manifest
+    for chunk in range(manifest.chunk_count):
+        k = manifest.source_symbols(chunk)
+        # Each sender alone carries enough for the chunk; together they carry twice as much.
+        assert sum(1 for c, _ in a if c == chunk) >= k
+        assert sum(1 for c, _ in b if c == chunk) >= k
+
+
+def test_a_receiver_joining_mid_loop_has_the_manifest_within_a_second(
+    lan3: Lan, release: Release, tmp_path: Path
+) -> None:
+    tx = serve(lan3, 0, release, tmp_path / "cache", "--rate", "20M", "--duration", "6s")
+    try:
+        time.sleep(2.0)
+        rx = listen(lan3, 1, release, 2.0)
+        seen = result(rx)
+    finally:
+        stop([tx])
+    assert seen["manifest_session"] == release.session
+    assert seen["manifest_at"] is not None and seen["manifest_at"] <= 1.0  # type: ignore[operator]
+
+
+def _one_line_error(process: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in process.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, process.stderr
+    assert "Traceback" not in process.stderr
+    return lines[0]
+
+
+def test_missing_interface_is_a_clear_error(lan3: Lan, release: Release, tmp_path: Path) -> None:
+    done = lan3.hosts[0].run(
+        *signer(
+            "serve",
+            str(release.manifest),
+            str(release.image),
+            "--interface",
+            "eth9",
+            "--cache-dir",
+            str(tmp_path),
+        )
+    )
+    assert done.returncode == NetworkError.exit_code
+    assert "interface 'eth9' does not exist" in _one_line_error(done)
+
+
+def test_source_address_not_on_the_interface_is_a_clear_error(
+    lan3: Lan, release: Release, tmp_path: Path
+) -> None:
+    done = lan3.hosts[0].run(
+        *signer(
+            "serve",
+            str(release.manifest),
+            str(release.image),
+            "--interface",
+            "eth0",
+            "--source",
+            "fd51::99",
+            "--cache-dir",
+            str(tmp_path),
+        )
+    )
+    assert done.returncode == NetworkError.exit_code
+    assert "fd51::99 is not on interface eth0" in _one_line_error(done)
+
+
+def test_image_not_matching_the_manifest_is_refused_before_sending(
+    lan3: Lan, release: Release, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.img"
+    data = bytearray(release.image.read_bytes())
+    data[CHUNK + 7] ^= 1
+    other.write_bytes(bytes(data))
+    done = lan3.hosts[0].run(
+        *signer(
+            "serve",
+            str(release.manifest),
+            str(other),
+            "--interface",
+            "eth0",
+            "--cache-dir",
+            str(tmp_path),
+        )
+    )
+    assert done.returncode == ImageMismatch.exit_code
+    assert "chunk 1 does not match" in _one_line_error(done)
+
+
+def test_a_rate_the_sender_cannot_reach_is_reported_with_what_it_reached(
+    lan3: Lan, release: Release, tmp_path: Path
+) -> None:
+    done = lan3.hosts[0].run(
+        *signer(
+            "serve",
+            str(release.manifest),
+            str(release.image),
+            "--interface",
+            "eth0",
+            "--rate",
+            "200G",
+            "--duration",
+            "3s",
+            "--cache-dir",
+            str(tmp_path),
+        )
+    )
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1
+    assert "MB/s of the 200000.0 MB/s asked" in warning[0]
+
+
+def test_symbol_size_default_fits_the_ipv6_minimum_mtu() -> None:
+    assert fec.DEFAULT_SYMBOL_SIZE + 20 <= 1232
