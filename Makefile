@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # directory timestamps below track.
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test lint unit integration demo clean
+.PHONY: setup test lint unit integration demo bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,13 @@ test: lint unit integration
 
 demo: setup
 	$(BIN)/python integration/demo.py
+
+# Benchmarks print numbers and assert nothing; they need root (network namespaces).
+bench: setup
+	$(BIN)/python integration/bench_sender.py
+
+bench-quick: setup
+	$(BIN)/python integration/bench_sender.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache .hypothesis

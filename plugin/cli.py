@@ -27,7 +27,8 @@ PROG = "otacast"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        command = self.prog.removeprefix(PROG).strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,16 +12,24 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from otacast.schemas import addressing, fec, units
-from otacast.schemas.errors import OtacastError
-from otacast.schemas.limits import MAX_MANIFEST_BYTES
+from otacast.schemas.errors import MalformedManifest, OtacastError
+from otacast.schemas.limits import (
+    MAX_CHUNK_BYTES,
+    MAX_DATAGRAM,
+    MAX_MANIFEST_BYTES,
+    MIN_CHUNK_BYTES,
+    MIN_SYMBOL_SIZE,
+    SYMBOL_ALIGNMENT,
+)
 from otacast.schemas.manifest import FORMATS, Envelope, Manifest, Transport, parse_envelope
 from otacast.schemas.policy import TrustSet, check_envelope
+from otacast.schemas.wire import DATA_HEADER_SIZE
 
 from . import keys, publish, sign
 from .errors import UsageError, WriteError
@@ -29,60 +37,80 @@ from .fileio import atomic_write, read_bounded
 from .serve import ServeOptions, Stop, serve
 
 PROG = "otacast-signer"
+T = TypeVar("T")
+MAX_SYMBOL_SIZE = (MAX_DATAGRAM - DATA_HEADER_SIZE) // SYMBOL_ALIGNMENT * SYMBOL_ALIGNMENT
+MIN_SIGNED_RATE = 1000  # the manifest schema's floor for a rate channel, bytes/s
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        command = self.prog.removeprefix(PROG).strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see --help)")
 
 
-def _size(text: str) -> int:
+def _argtype(
+    parse: Callable[[str], T], check: Callable[[T], str | None] = lambda _: None
+) -> Callable[[str], T]:
+    """An argparse type from a parser raising ValueError and a range check returning a reason."""
+
+    def convert(text: str) -> T:
+        try:
+            value = parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        problem = check(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+        return value
+
+    return convert
+
+
+def _integer(text: str) -> int:
     try:
-        return units.parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
 
 
-def _duration(text: str) -> int:
-    try:
-        return units.parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _rate(text: str) -> int:
-    try:
-        return units.parse_rate(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _fraction(text: str) -> float:
-    try:
-        return units.parse_fraction(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _sender(text: str) -> tuple[int, int]:
+def _sender_pair(text: str) -> tuple[int, int]:
     index, _, count = text.partition("/")
     if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
-        raise argparse.ArgumentTypeError(f"{text!r} is not I/N with 0 <= I < N (e.g. 0/2, 1/2)")
+        raise ValueError(f"{text!r} is not I/N with 0 <= I < N (e.g. 0/2, 1/2)")
     return int(index), int(count)
 
 
-def _rate_or_max(text: str) -> int:
-    return 0 if text.strip().lower() in ("0", "max", "unlimited") else _rate(text)
+def _unpaced_or_rate(text: str) -> int:
+    return 0 if text.strip().lower() in ("0", "max", "unlimited") else units.parse_rate(text)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
-    return value
+_positive = _argtype(_integer, lambda v: None if v >= 1 else "must be 1 or more")
+_port = _argtype(_integer, lambda v: None if 1 <= v <= 65535 else "a port is 1..65535")
+_duration = _argtype(units.parse_duration)
+_expiry = _argtype(units.parse_duration, lambda v: None if v >= 1 else "must be at least 1s")
+_fraction = _argtype(units.parse_fraction)
+_sender = _argtype(_sender_pair)
+_rate_or_max = _argtype(_unpaced_or_rate)
+_channel_rate = _argtype(
+    units.parse_rate, lambda v: None if v >= MIN_SIGNED_RATE else "a rate channel is at least 1K"
+)
+_chunk_size = _argtype(
+    units.parse_size,
+    lambda v: (
+        None
+        if v == 0 or MIN_CHUNK_BYTES <= v <= MAX_CHUNK_BYTES
+        else "chunk size must be between 64K and 8M"
+    ),
+)
+_symbol_size = _argtype(
+    _integer,
+    lambda v: (
+        None
+        if MIN_SYMBOL_SIZE <= v <= MAX_SYMBOL_SIZE and v % SYMBOL_ALIGNMENT == 0
+        else f"symbol size must be a multiple of {SYMBOL_ALIGNMENT} in "
+        f"{MIN_SYMBOL_SIZE}..{MAX_SYMBOL_SIZE}"
+    ),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--expires",
-        type=_duration,
+        type=_expiry,
         default=units.parse_duration("30d"),
         help="validity from now, e.g. 12h, 30d, 2w (default 30d)",
     )
@@ -149,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--port",
-        type=_positive,
+        type=_port,
         default=addressing.DEFAULT_PORT,
         help=f"UDP port (default {addressing.DEFAULT_PORT})",
     )
@@ -157,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssm-group", help="SSM group (default: derived from the channel)")
     p.add_argument(
         "--rate",
-        type=_rate,
+        type=_channel_rate,
         action="append",
         default=[],
         help="rate channel, e.g. 50M (bytes/s) or 400Mbit; repeat for several",
@@ -170,13 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--chunk-size",
-        type=_size,
+        type=_chunk_size,
         default=0,
         help="chunk size, 64K..8M (default 4M, grown for huge images)",
     )
     p.add_argument(
         "--symbol-size",
-        type=_positive,
+        type=_symbol_size,
         default=fec.DEFAULT_SYMBOL_SIZE,
         help=f"FEC symbol size, a multiple of 8 (default {fec.DEFAULT_SYMBOL_SIZE}: "
         "1228-byte datagrams; jumbo-frame LANs can use up to 8928)",
@@ -232,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send to the channel's ASM group (default: its SSM group)",
     )
-    p.add_argument("--port", type=_positive, help="UDP port (default: the manifest's)")
+    p.add_argument("--port", type=_port, help="UDP port (default: the manifest's)")
     p.add_argument("--source", help="source address to send from (must be on --interface)")
     p.add_argument(
         "--hops",
@@ -281,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dns-records", help="print SRV/AAAA records naming a channel's sources")
     p.add_argument("manifest", type=Path, nargs="?", help="take channel and port from here")
     p.add_argument("--channel", help="channel name (instead of a manifest)")
-    p.add_argument("--port", type=_positive, help="UDP port (default: manifest's, or 4242)")
+    p.add_argument("--port", type=_port, help="UDP port (default: manifest's, or 4242)")
     p.add_argument(
         "--source",
         action="append",
@@ -356,6 +384,26 @@ def cmd_sign(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise WriteError(f"{out} exists; pass --force to replace it")
     created = int(time.time())
+    try:
+        envelope = _sign_new(args, transport, created, signing_keys)
+    except MalformedManifest as exc:
+        # Everything in a new manifest came from the options: say so, with the schema's reason.
+        raise UsageError(f"the options do not make a valid manifest: {exc}") from None
+    atomic_write(out, envelope.to_file_bytes(), overwrite=True)
+    m = envelope.manifest
+    print(
+        f"wrote {out}: {m.name} version {m.version} sequence {m.sequence}, "
+        f"{m.chunk_count} chunk(s), session {m.session_id.hex()}"
+    )
+    return 0
+
+
+def _sign_new(
+    args: argparse.Namespace,
+    transport: Transport,
+    created: int,
+    signing_keys: list[keys.SigningKey],
+) -> Envelope:
     manifest = sign.build_manifest(
         args.image,
         name=args.name or args.image.name,
@@ -370,14 +418,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         symbol_size=args.symbol_size,
     )
-    envelope = sign.sign(manifest, signing_keys)
-    atomic_write(out, envelope.to_file_bytes(), overwrite=True)
-    m = envelope.manifest
-    print(
-        f"wrote {out}: {m.name} version {m.version} sequence {m.sequence}, "
-        f"{m.chunk_count} chunk(s), session {m.session_id.hex()}"
-    )
-    return 0
+    return sign.sign(manifest, signing_keys)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -24,27 +24,66 @@ def read_bounded(path: Path, limit: int, what: str) -> bytes:
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, overwrite: bool = True) -> None:
-    if not overwrite and path.exists():
-        raise WriteError(f"{path} exists; pass --force to replace it")
-    directory = path.parent if str(path.parent) else Path()
-    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+    atomic_write_all([(path, data, mode)], overwrite=overwrite)
+
+
+def atomic_write_all(files: list[tuple[Path, bytes, int]], *, overwrite: bool = True) -> None:
+    """Write several files so that a failure leaves the old ones in place.
+
+    Every file is first written and fsynced under a temporary name, and a target that is a
+    directory is refused, before anything is renamed; the renames (which then cannot fail for
+    want of space) happen in the order given, so callers put the most precious file last.
+    """
+    for path, _, _ in files:
+        if path.is_dir():
+            raise WriteError(f"cannot write {path}: it is a directory")
+    existing = [str(path) for path, _, _ in files if path.exists()]
+    if existing and not overwrite:
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise WriteError(f"{' and '.join(existing)} {verb}; pass --force to replace")
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data, mode in files:
+            staged.append((_stage(path, data, mode), path))
+        for tmp, path in staged:
+            try:
+                tmp.replace(path)
+            except OSError as exc:
+                raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # only files not renamed into place are still there
+    for directory in {path.parent for _, path in staged}:
+        _fsync_directory(directory)
+
+
+def _stage(path: Path, data: bytes, mode: int) -> Path:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            os.fchmod(fd, mode)  # the umask must not widen or narrow what we chose
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(path)
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        os.fchmod(fd, mode)  # the umask must not widen or narrow what we chose
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+    return tmp
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames durable; a failure here cannot undo them, so it is not an error."""
+    with contextlib.suppress(OSError):
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -15,8 +15,8 @@ import nacl.signing
 
 from otacast.schemas import keyfile
 
-from .errors import InsecureKeyFile, ReadError, WriteError
-from .fileio import atomic_write, read_bounded
+from .errors import InsecureKeyFile, ReadError
+from .fileio import atomic_write_all, read_bounded
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,21 @@ def write_keypair(key: SigningKey, base: Path, *, overwrite: bool) -> tuple[Path
     secret_path = base.with_name(base.name + ".key")
     public_path = base.with_name(base.name + ".pub")
     comment = f"keyid={key.key_id}"
-    if not overwrite:
-        for path in (secret_path, public_path):
-            if path.exists():
-                raise WriteError(f"{path} exists; pass --force to replace it")
-    atomic_write(secret_path, keyfile.format_secret(key.seed, comment).encode(), mode=0o600)
-    atomic_write(public_path, keyfile.format_public(key.public, comment).encode(), mode=0o644)
+    # The secret key is renamed into place last: whatever fails, an old secret key survives.
+    atomic_write_all(
+        [
+            (public_path, keyfile.format_public(key.public, comment).encode(), 0o644),
+            (secret_path, keyfile.format_secret(key.seed, comment).encode(), 0o600),
+        ],
+        overwrite=overwrite,
+    )
     return secret_path, public_path
 
 
 def load_secret(path: Path) -> SigningKey:
+    # What the file is comes first: a public key given by mistake is a mix-up, not a leak.
+    data = read_bounded(path, keyfile.MAX_KEY_FILE_BYTES, "secret key")
+    seed = keyfile.parse_secret(data, str(path))
     try:
         mode = path.stat().st_mode
     except OSError as exc:
@@ -70,8 +75,7 @@ def load_secret(path: Path) -> SigningKey:
             f"secret key {path} is accessible by other users (mode {stat.S_IMODE(mode):04o}); "
             f"it may have been copied. Run: chmod 600 {path}"
         )
-    data = read_bounded(path, keyfile.MAX_KEY_FILE_BYTES, "secret key")
-    return SigningKey(keyfile.parse_secret(data, str(path)))
+    return SigningKey(seed)
 
 
 def load_public(path: Path) -> bytes:
