@@ -378,7 +378,11 @@ def test_keygen_refuses_to_overwrite_without_force_and_leaves_old_files(tmp_path
     refuse_each(
         tmp_path,
         [
-            ((SIGNER, "keygen", "old"), signer_errors.WriteError, ("old.pub and old.key exist", "--force")),
+            (
+                (SIGNER, "keygen", "old"),
+                signer_errors.WriteError,
+                ("old.pub and old.key exist", "--force"),
+            ),
             ((SIGNER, "keygen", "half"), signer_errors.WriteError, ("half.pub exists",)),
         ],
     )
