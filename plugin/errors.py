@@ -25,3 +25,33 @@ class ReadError(DeviceError):
     """A local input (manifest file, trust key, config) cannot be read."""
 
     exit_code: ClassVar[int] = 12
+
+
+class NetworkError(DeviceError):
+    """The interface, a group join or the receive socket cannot be used."""
+
+    exit_code: ClassVar[int] = 41
+
+
+class DiscoveryError(DeviceError):
+    """DNS discovery of a channel's sources failed (timeout, refused, bad answer)."""
+
+    exit_code: ClassVar[int] = 42
+
+
+class FetchError(DeviceError):
+    """HTTP fallback could not obtain a verified chunk from any mirror."""
+
+    exit_code: ClassVar[int] = 43
+
+
+class StateError(DeviceError):
+    """The state directory cannot be used (permissions, disk full, not a directory)."""
+
+    exit_code: ClassVar[int] = 44
+
+
+class IncompleteError(DeviceError):
+    """Neither multicast nor HTTP delivered the whole image before giving up."""
+
+    exit_code: ClassVar[int] = 45
