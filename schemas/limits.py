@@ -77,3 +77,19 @@ SYMBOL_ALIGNMENT = 8
 # Smallest symbol size we accept: below it, per-packet overhead dominates and an 8 MiB chunk
 # would exceed MAX_SOURCE_SYMBOLS.
 MIN_SYMBOL_SIZE = 256
+
+# --- Receiver ---------------------------------------------------------------------------------
+
+# Memory the receiver may spend on chunks being decoded.  A decoder holds about one chunk of
+# symbols; the sender interleaves a window of 8 chunks (32 MiB at the default 4 MiB), so 64 MiB
+# holds a full window twice over while keeping the whole receiver well under 100 MB.
+MAX_DECODER_BYTES = 64 * 1024 * 1024
+
+# Manifests being reassembled at once (per release and signature set).  An honest channel has
+# one; a few more absorb a co-signed re-issue; beyond that, the oldest is dropped so a flood of
+# forged fragment streams cannot grow memory (each holds at most MAX_MANIFEST_BYTES).
+MAX_PENDING_MANIFESTS = 4
+
+# Envelopes already refused (bad signature, rollback ...) remembered so their repetitions are
+# dropped with one lookup instead of one Ed25519 verification each.
+MAX_REFUSED_MANIFESTS = 64

@@ -1,0 +1,342 @@
+"""Sans-IO receiver core: datagrams and ``now`` in, events out.
+
+Theory of operation
+-------------------
+*Nothing before trust.*  Until a manifest has passed `verify_manifest` (signature threshold,
+expiry, sequence, device type), the only state kept is bounded manifest reassembly: at most
+``MAX_PENDING_MANIFESTS`` envelopes, each capped at its claimed length (itself capped at
+``MAX_MANIFEST_BYTES``), oldest dropped first.  A reassembled envelope must hash to the envelope
+id its fragments carried, and its signed bytes to the session id, before it is verified.
+
+*One session.*  Once verified, the manifest fixes the session id, the symbol size and the chunk
+table.  A DATA datagram is admitted only if it carries that session id, names an existing chunk
+that is not yet complete, has SBN 0 and a symbol of exactly the signed size; everything else is
+a counted rejection (``stats.rejected[reason]``).  Nothing here raises on hostile input.
+
+*Decoding.*  One decoder per chunk in progress, created on the chunk's first symbol and fed each
+ESI once.  Decoders are bounded by ``MAX_DECODER_BYTES``; when a new chunk needs one beyond the
+budget the least recently fed decoder is dropped (its chunk will be collected again on a later
+pass).  A decoded chunk is hashed; a mismatch (e.g. a forged symbol polluted the decode) drops
+that chunk's symbols and it is collected afresh.
+
+*Fallback.*  With a join timeout, the core asks for fallback if no datagram of a usable session
+has arrived in time; with a stall timeout, if no new symbol or chunk has advanced the image for
+that long.  It asks once; multicast continues, and chunks obtained elsewhere are reported back
+with `mark_done`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+
+from otacast.schemas import wire
+from otacast.schemas.errors import ManifestRejected, PacketError
+from otacast.schemas.limits import (
+    MAX_DECODER_BYTES,
+    MAX_PENDING_MANIFESTS,
+    MAX_REFUSED_MANIFESTS,
+)
+from otacast.schemas.policy import TrustSet, VerifiedManifest
+
+from .decoder import ChunkDecoder, DecoderFactory, DecoderFault, raptorq_decoder
+from .events import (
+    ChunkComplete,
+    Event,
+    FallbackNeeded,
+    ImageComplete,
+    ManifestRefused,
+    ManifestVerified,
+)
+from .verify import verify_manifest
+
+_DATA_PREFIX = wire.MAGIC + bytes([wire.VERSION, wire.KIND_DATA])
+_CHUNK_AND_ID = struct.Struct(">II")
+
+
+@dataclass
+class ReceiverStats:
+    datagrams: int = 0
+    symbols_used: int = 0
+    duplicates: int = 0
+    late: int = 0  # symbols of chunks already complete
+    chunks_multicast: int = 0
+    bytes_multicast: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+class _Reassembly:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.parts: dict[int, bytes] = {}
+        self.covered = 0
+
+    def add(self, offset: int, fragment: bytes) -> bool | None:
+        """True when complete, False while incomplete, None on an inconsistent fragment."""
+        if offset in self.parts:
+            return False
+        self.parts[offset] = fragment
+        self.covered += len(fragment)
+        if self.covered < self.total:
+            return False
+        return True if self.covered == self.total else None
+
+    def assemble(self) -> bytes | None:
+        position = 0
+        pieces = []
+        for offset in sorted(self.parts):
+            if offset != position:
+                return None
+            pieces.append(self.parts[offset])
+            position += len(self.parts[offset])
+        return b"".join(pieces) if position == self.total else None
+
+
+class _Chunk:
+    __slots__ = ("decoder", "last", "seen")
+
+    def __init__(self, decoder: ChunkDecoder, now: float) -> None:
+        self.decoder = decoder
+        self.seen: set[int] = set()
+        self.last = now
+
+
+class ReceiverCore:
+    def __init__(
+        self,
+        trust: TrustSet,
+        *,
+        now: float,
+        device_type: str | None = None,
+        installed_sequence: int | None = None,
+        manifest: VerifiedManifest | None = None,
+        join_timeout: float | None = None,
+        stall_timeout: float | None = None,
+        decoder_factory: DecoderFactory = raptorq_decoder,
+        decoder_budget: int = MAX_DECODER_BYTES,
+    ) -> None:
+        self.trust = trust
+        self.device_type = device_type
+        self.installed_sequence = installed_sequence
+        self.join_timeout = join_timeout
+        self.stall_timeout = stall_timeout
+        self.decoder_factory = decoder_factory
+        self.decoder_budget = decoder_budget
+        self.stats = ReceiverStats()
+        self.verified: VerifiedManifest | None = None
+        self.done: set[int] = set()
+        self._events: deque[Event] = deque()
+        self._started = now
+        self._heard = False
+        self._last_progress = now
+        self._fallback_asked = False
+        self._complete = False
+        self._pending: OrderedDict[tuple[bytes, bytes], _Reassembly] = OrderedDict()
+        self._refused: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
+        self._session = b""
+        if manifest is not None:
+            self._adopt(manifest, now)
+
+    # --- Public interface --------------------------------------------------------------------
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    def receive_datagram(self, data: bytes, source: str, now: float) -> None:
+        """Account for one datagram; never raises on its content.
+
+        ``now`` is wall-clock time (seconds since the epoch): manifest expiry is a date.
+        ``source`` is the sender's address; admission by source is the transport's job (SSM
+        joins), and packet authentication will use it.
+        """
+        self.stats.datagrams += 1
+        if (
+            self._session
+            and data[:4] == _DATA_PREFIX
+            and data[4:12] == self._session
+            and len(data) > wire.DATA_HEADER_SIZE
+        ):
+            self._on_data(data, now)
+            return
+        try:
+            packet = wire.parse_datagram(data)
+        except PacketError as exc:
+            self.stats.rejected[exc.reason] += 1
+            return
+        if isinstance(packet, wire.ManifestPacket):
+            self._on_manifest(packet, now)
+        elif self._session:
+            self.stats.rejected["other-session"] += 1
+        else:
+            self.stats.rejected["no-manifest-yet"] += 1
+
+    def mark_done(self, index: int, now: float) -> None:
+        """A chunk verified by other means (staging resume, HTTP) is complete."""
+        if self.verified is None or not 0 <= index < self.verified.manifest.chunk_count:
+            raise ValueError("no such chunk")
+        if index in self.done:
+            return
+        self.done.add(index)
+        self._chunks.pop(index, None)
+        self._progress(now)
+
+    def get_timer(self) -> float | None:
+        if self._fallback_asked or self._complete:
+            return None
+        deadlines = []
+        if self.join_timeout is not None and not self._heard:
+            deadlines.append(self._started + self.join_timeout)
+        if self.stall_timeout is not None and self._heard:
+            deadlines.append(self._last_progress + self.stall_timeout)
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        deadline = self.get_timer()
+        if deadline is None or now < deadline:
+            return
+        self._fallback_asked = True
+        self._events.append(FallbackNeeded("stalled" if self._heard else "join-timeout"))
+
+    # --- Manifests ---------------------------------------------------------------------------
+
+    def _on_manifest(self, packet: wire.ManifestPacket, now: float) -> None:
+        if self._session:
+            if packet.session == self._session:
+                self._heard = True
+            else:
+                self.stats.rejected["other-session"] += 1
+            return
+        key = (packet.session, packet.envelope_id)
+        if key in self._refused:
+            self.stats.rejected["refused-manifest"] += 1
+            return
+        assembly = self._pending.get(key)
+        if assembly is None:
+            if len(self._pending) >= MAX_PENDING_MANIFESTS:
+                self._pending.popitem(last=False)
+                self.stats.rejected["manifest-evicted"] += 1
+            assembly = self._pending[key] = _Reassembly(packet.total_length)
+        elif assembly.total != packet.total_length:
+            self.stats.rejected["manifest-conflict"] += 1
+            del self._pending[key]
+            return
+        state = assembly.add(packet.offset, packet.fragment)
+        if state is False:
+            return
+        del self._pending[key]
+        envelope = assembly.assemble() if state else None
+        if envelope is None:
+            self.stats.rejected["manifest-conflict"] += 1
+            return
+        if hashlib.sha256(envelope).digest()[: wire.ENVELOPE_ID_BYTES] != packet.envelope_id:
+            self.stats.rejected["manifest-digest"] += 1
+            return
+        try:
+            verified = verify_manifest(
+                envelope,
+                self.trust,
+                now=now,  # wall-clock seconds: expiry is a date
+                device_type=self.device_type,
+                installed_sequence=self.installed_sequence,
+            )
+        except ManifestRejected as exc:
+            self._remember_refused(key)
+            self.stats.rejected["manifest-refused"] += 1
+            self._events.append(ManifestRefused(type(exc).__name__, str(exc)))
+            return
+        if verified.manifest.session_id != packet.session:
+            self._remember_refused(key)
+            self.stats.rejected["manifest-session"] += 1
+            return
+        self._adopt(verified, now)
+
+    def _remember_refused(self, key: tuple[bytes, bytes]) -> None:
+        self._refused[key] = None
+        if len(self._refused) > MAX_REFUSED_MANIFESTS:
+            self._refused.popitem(last=False)
+
+    def _adopt(self, verified: VerifiedManifest, now: float) -> None:
+        manifest = verified.manifest
+        self.verified = verified
+        self._session = manifest.session_id
+        self._symbol_size = manifest.fec.symbol_size
+        self._datagram_size = wire.data_datagram_size(self._symbol_size)
+        self._count = manifest.chunk_count
+        self._max_decoders = max(2, self.decoder_budget // manifest.chunks.size)
+        self._pending.clear()
+        self._heard = True
+        self._last_progress = now
+        self._events.append(ManifestVerified(verified))
+
+    # --- Data --------------------------------------------------------------------------------
+
+    def _on_data(self, data: bytes, now: float) -> None:
+        self._heard = True
+        if len(data) != self._datagram_size:
+            self.stats.rejected["symbol-length"] += 1
+            return
+        chunk, payload_id = _CHUNK_AND_ID.unpack_from(data, wire.HEADER_SIZE)
+        if payload_id >> 24:
+            self.stats.rejected["bad-sbn"] += 1
+            return
+        if chunk >= self._count:
+            self.stats.rejected["chunk-range"] += 1
+            return
+        if chunk in self.done:
+            self.stats.late += 1
+            return
+        state = self._chunks.get(chunk)
+        if state is None:
+            state = self._open_chunk(chunk, now)
+        esi = payload_id
+        if esi in state.seen:
+            self.stats.duplicates += 1
+            return
+        state.seen.add(esi)
+        state.last = now
+        self._chunks.move_to_end(chunk)
+        self.stats.symbols_used += 1
+        self._progress(now)
+        try:
+            result = state.decoder.feed(data[wire.CODEC_PACKET_OFFSET :])
+        except DecoderFault:
+            self.stats.rejected["decoder-fault"] += 1
+            del self._chunks[chunk]
+            return
+        if result is not None:
+            self._finish_chunk(chunk, result, now)
+
+    def _open_chunk(self, chunk: int, now: float) -> _Chunk:
+        if len(self._chunks) >= self._max_decoders:
+            self._chunks.popitem(last=False)  # least recently fed
+            self.stats.rejected["decoder-evicted"] += 1
+        assert self.verified is not None
+        length = self.verified.manifest.chunk_span(chunk)[1]
+        state = self._chunks[chunk] = _Chunk(self.decoder_factory(length, self._symbol_size), now)
+        return state
+
+    def _finish_chunk(self, chunk: int, data: bytes, now: float) -> None:
+        del self._chunks[chunk]
+        assert self.verified is not None
+        if hashlib.sha256(data).digest() != self.verified.manifest.chunks.sha256[chunk]:
+            self.stats.rejected["chunk-hash-mismatch"] += 1
+            return
+        self.done.add(chunk)
+        self.stats.chunks_multicast += 1
+        self.stats.bytes_multicast += len(data)
+        self._events.append(ChunkComplete(chunk, data))
+        self._progress(now)
+
+    def _progress(self, now: float) -> None:
+        self._last_progress = now
+        if not self._complete and self.verified is not None and len(self.done) == self._count:
+            self._complete = True
+            self._chunks.clear()
+            self._events.append(ImageComplete())

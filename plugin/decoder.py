@@ -1,0 +1,52 @@
+"""The FEC seam on the device side (the only `raptorq` user here).
+
+A `ChunkDecoder` is fed validated codec packets (4-byte payload id + one symbol of exactly the
+signed symbol size) and returns the chunk's bytes once it has enough, else None.  The receiver
+core validates every packet before it gets here because the Rust codec panics on an
+out-of-range source block number and silently accepts a wrong-length symbol.  A panic surfaces
+in Python as ``pyo3_runtime.PanicException``, a `BaseException`; it is turned into
+`DecoderFault` here so that no codec failure can take the receiver down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import raptorq
+
+
+class DecoderFault(Exception):
+    """The codec failed on input that passed validation; the chunk's symbols are discarded."""
+
+
+class ChunkDecoder(Protocol):
+    def feed(self, packet: bytes) -> bytes | None: ...
+
+
+# (chunk length, symbol size) -> a fresh decoder
+DecoderFactory = Callable[[int, int], ChunkDecoder]
+
+
+class RaptorQDecoder:
+    def __init__(self, length: int, symbol_size: int) -> None:
+        self._decoder = raptorq.Decoder.with_defaults(length, symbol_size)
+        self._length = length
+
+    def feed(self, packet: bytes) -> bytes | None:
+        try:
+            result = self._decoder.decode(packet)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a Rust panic is a BaseException
+            raise DecoderFault(f"codec failed: {type(exc).__name__}") from None
+        if result is None:
+            return None
+        data = bytes(result)
+        if len(data) != self._length:
+            raise DecoderFault(f"codec returned {len(data)} bytes, expected {self._length}")
+        return data
+
+
+def raptorq_decoder(length: int, symbol_size: int) -> ChunkDecoder:
+    return RaptorQDecoder(length, symbol_size)

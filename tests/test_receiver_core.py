@@ -1,0 +1,290 @@
+"""The sans-IO receiver core, driven with real encoded symbols and an injected clock."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import raptorq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from otacast.plugin.core import ReceiverCore
+from otacast.plugin.events import (
+    ChunkComplete,
+    Event,
+    FallbackNeeded,
+    ImageComplete,
+    ManifestRefused,
+    ManifestVerified,
+)
+from otacast.schemas import wire
+from otacast.schemas.manifest import Envelope
+from otacast.schemas.policy import TrustSet
+from otacast.signer.keys import SigningKey
+from otacast.signer.sign import sign
+
+from .manifests import manifest_for
+
+KEY = SigningKey(b"\x03" * 32)
+TRUST = TrustSet.from_public_keys([KEY.public])
+NOW = 1_800_000_000.0
+CHUNK = 65536
+IMAGE = random.Random(7).randbytes(3 * CHUNK + 4321)
+
+
+def release(image: bytes = IMAGE, sequence: int = 5) -> Envelope:
+    return sign(manifest_for(image, sequence=sequence, chunk_size=CHUNK), [KEY])
+
+
+ENVELOPE = release()
+MANIFEST = ENVELOPE.manifest
+
+
+def manifest_datagrams(envelope: Envelope = ENVELOPE) -> list[bytes]:
+    return [
+        wire.build_datagram(p)
+        for p in wire.fragment_envelope(
+            envelope.manifest.session_id, envelope.envelope_id, envelope.compact_bytes, 1228
+        )
+    ]
+
+
+def data_datagrams(image: bytes = IMAGE, repair: int = 40) -> dict[int, list[bytes]]:
+    """Every chunk's DATA datagrams: K source symbols then `repair` repair symbols."""
+    out = {}
+    for index in range(MANIFEST.chunk_count):
+        offset, length = MANIFEST.chunk_span(index)
+        packets = raptorq.Encoder.with_defaults(
+            image[offset : offset + length], MANIFEST.fec.symbol_size
+        ).get_encoded_packets(repair)
+        prefix = wire.build_datagram(wire.DataPacket(MANIFEST.session_id, index, 0, b"x"))[:16]
+        out[index] = [prefix + p for p in packets]
+    return out
+
+
+DATA = data_datagrams()
+
+
+def drain(core: ReceiverCore) -> list[Event]:
+    events = []
+    while (event := core.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+def receive_all(core: ReceiverCore, datagrams: list[bytes], now: float = NOW) -> list[Event]:
+    events: list[Event] = []
+    for datagram in datagrams:
+        core.receive_datagram(datagram, "fd51::1", now)
+        events += drain(core)
+    return events
+
+
+def rebuilt(events: list[Event]) -> bytes:
+    chunks = {e.index: e.data for e in events if isinstance(e, ChunkComplete)}
+    return b"".join(chunks[i] for i in sorted(chunks))
+
+
+def interleaved(loss: float, seed: int = 1) -> list[bytes]:
+    rng = random.Random(seed)
+    order = [d for batch in zip(*DATA.values(), strict=False) for d in batch]
+    order += [d for index in DATA for d in DATA[index][len(min(DATA.values(), key=len)) :]]
+    return [d for d in order if rng.random() >= loss]
+
+
+def test_manifest_then_interleaved_symbols_rebuild_the_image() -> None:
+    core = ReceiverCore(TRUST, now=NOW, device_type="raspberrypi4", installed_sequence=4)
+    events = receive_all(core, manifest_datagrams() + interleaved(0.0))
+    assert isinstance(events[0], ManifestVerified)
+    assert isinstance(events[-1], ImageComplete)
+    assert rebuilt(events) == IMAGE
+    assert core.complete and core.stats.rejected == {}
+
+
+@pytest.mark.parametrize("loss", [0.05, 0.2])
+def test_lost_symbols_are_repaired_from_repair_symbols(loss: float) -> None:
+    core = ReceiverCore(TRUST, now=NOW, manifest=None)
+    events = receive_all(core, manifest_datagrams() + interleaved(loss, seed=3))
+    assert rebuilt(events) == IMAGE and core.complete
+
+
+def test_data_before_the_manifest_is_counted_not_kept() -> None:
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_all(core, DATA[0][:10])
+    assert core.stats.rejected["no-manifest-yet"] == 10
+    assert core.verified is None
+
+
+def test_rollback_manifest_is_refused_and_no_session_is_kept() -> None:
+    core = ReceiverCore(TRUST, now=NOW, installed_sequence=5)
+    events = receive_all(core, manifest_datagrams() * 3 + DATA[0][:5])
+    refused = [e for e in events if isinstance(e, ManifestRefused)]
+    assert [e.reason for e in refused] == ["Rollback"]  # verified once, then remembered
+    assert core.verified is None
+    assert core.stats.rejected["refused-manifest"] >= 1
+    assert core.stats.rejected["no-manifest-yet"] == 5
+
+
+def test_wrong_device_and_unknown_key_manifests_are_refused() -> None:
+    other = TrustSet.from_public_keys([SigningKey(b"\x09" * 32).public])
+    for core, reason, now in (
+        (ReceiverCore(TRUST, now=NOW, device_type="toaster"), "WrongDevice", NOW),
+        (ReceiverCore(other, now=NOW), "UnknownKey", NOW),
+        (ReceiverCore(TRUST, now=NOW), "Expired", MANIFEST.expires + 1.0),
+    ):
+        events = receive_all(core, manifest_datagrams(), now)
+        assert [type(e).__name__ for e in events] == ["ManifestRefused"]
+        assert events[0].reason == reason  # type: ignore[union-attr]
+        assert core.verified is None
+
+
+def test_packets_of_another_release_are_ignored_once_a_session_is_chosen() -> None:
+    newer = release(sequence=6)
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_all(core, manifest_datagrams())
+    prefix_other = wire.build_datagram(wire.DataPacket(newer.manifest.session_id, 0, 0, b"x"))
+    forged = prefix_other[:16] + DATA[0][0][16:]
+    receive_all(core, [forged] * 4 + manifest_datagrams(newer))
+    assert core.stats.rejected["other-session"] == 4 + len(manifest_datagrams(newer))
+
+
+def test_a_polluted_chunk_is_discarded_and_collected_again() -> None:
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_all(core, manifest_datagrams())
+    k = MANIFEST.source_symbols(0)
+    good = DATA[0]
+    forged = bytearray(good[1])
+    forged[100] ^= 0xFF  # one forged symbol, ESI 1, feeds the decoder first
+    events = receive_all(core, [bytes(forged), *good[0:1], *good[2 : k + 1]])
+    assert core.stats.rejected["chunk-hash-mismatch"] == 1
+    assert not [e for e in events if isinstance(e, ChunkComplete)]
+    events = receive_all(core, good[: k + 2])
+    assert [e.index for e in events if isinstance(e, ChunkComplete)] == [0]
+    assert rebuilt(events) == IMAGE[:CHUNK]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda d: d + b"x", "symbol-length"),
+        (lambda d: d[:-1], "symbol-length"),
+        (lambda d: d[:16] + b"\x01" + d[17:], "bad-sbn"),
+        (lambda d: d[:12] + (99).to_bytes(4, "big") + d[16:], "chunk-range"),
+    ],
+)
+def test_malformed_data_of_our_session_is_a_counted_rejection(mutate: object, reason: str) -> None:
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_all(core, manifest_datagrams())
+    core.receive_datagram(mutate(DATA[0][0]), "fd51::1", NOW)  # type: ignore[operator]
+    assert core.stats.rejected == {reason: 1}
+
+
+def test_duplicates_and_late_symbols_are_counted_not_fed() -> None:
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_all(core, manifest_datagrams() + DATA[0][:3] + DATA[0][:3])
+    assert core.stats.duplicates == 3
+    receive_all(core, DATA[0])
+    assert 0 in core.done
+    receive_all(core, DATA[0][-2:])
+    assert core.stats.late >= 2
+
+
+def test_decoders_stay_within_the_memory_budget() -> None:
+    core = ReceiverCore(TRUST, now=NOW, decoder_budget=2 * CHUNK)
+    receive_all(core, manifest_datagrams())
+    receive_all(core, [DATA[i][0] for i in range(4)])  # four chunks started, room for two
+    assert core.stats.rejected["decoder-evicted"] == 2
+
+
+def test_join_timeout_asks_for_fallback_once() -> None:
+    core = ReceiverCore(TRUST, now=NOW, join_timeout=5.0, stall_timeout=10.0)
+    assert core.get_timer() == NOW + 5.0
+    core.handle_timer(NOW + 4.9)
+    assert core.next_event() is None
+    core.handle_timer(NOW + 5.0)
+    assert drain(core) == [FallbackNeeded("join-timeout")]
+    assert core.get_timer() is None
+
+
+def test_stall_timeout_counts_from_the_last_progress() -> None:
+    core = ReceiverCore(TRUST, now=NOW, join_timeout=5.0, stall_timeout=10.0)
+    for d in manifest_datagrams():
+        core.receive_datagram(d, "fd51::1", NOW + 1)
+    core.receive_datagram(DATA[0][0], "fd51::1", NOW + 3)
+    drain(core)
+    assert core.get_timer() == NOW + 13
+    core.handle_timer(NOW + 13)
+    assert drain(core) == [FallbackNeeded("stalled")]
+
+
+def test_chunks_from_elsewhere_complete_the_image() -> None:
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_all(core, manifest_datagrams() + DATA[0] + DATA[1])
+    drain(core)
+    core.mark_done(2, NOW)
+    core.mark_done(3, NOW)
+    assert drain(core) == [ImageComplete()]
+
+
+def test_a_given_manifest_needs_no_carousel() -> None:
+    from otacast.plugin.verify import verify_manifest
+
+    verified = verify_manifest(
+        ENVELOPE.compact_bytes, TRUST, now=NOW, device_type=None, installed_sequence=None
+    )
+    core = ReceiverCore(TRUST, now=NOW, manifest=verified)
+    assert isinstance(core.next_event(), ManifestVerified)
+    assert rebuilt(receive_all(core, interleaved(0.0))) == IMAGE
+
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.binary(max_size=1400))
+def test_arbitrary_datagrams_never_raise_out_of_the_core(data: bytes) -> None:
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_all(core, manifest_datagrams())
+    core.receive_datagram(data, "fd51::66", NOW)
+    core.receive_datagram(DATA[0][0][:16] + data, "fd51::66", NOW)
+
+
+@FUZZ
+@given(st.integers(0, 1227), st.integers(0, 255), st.integers(0, 30))
+def test_corrupted_honest_datagrams_never_raise_or_corrupt(
+    position: int, value: int, which: int
+) -> None:
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_all(core, manifest_datagrams())
+    datagram = bytearray(DATA[0][which])
+    datagram[position] = value
+    events = receive_all(core, [bytes(datagram)] + DATA[0])
+    for event in events:
+        if isinstance(event, ChunkComplete):
+            assert event.data == IMAGE[:CHUNK]
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 3),
+            st.integers(1, 4000),
+            st.integers(0, 4000),
+            st.binary(min_size=1, max_size=300),
+        ),
+        max_size=30,
+    )
+)
+def test_forged_manifest_fragments_never_raise_or_yield_a_session(
+    fragments: list[tuple[int, int, int, bytes]],
+) -> None:
+    core = ReceiverCore(TRUST, now=NOW)
+    for stream, total, offset, fragment in fragments:
+        total = max(total, len(fragment))
+        offset = min(offset, total - len(fragment))
+        packet = wire.ManifestPacket(bytes([stream]) * 8, b"e" * 8, total, offset, fragment)
+        core.receive_datagram(wire.build_datagram(packet), "fd51::66", NOW)
+    assert core.verified is None
+    assert len(core._pending) <= 4
