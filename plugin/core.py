@@ -149,6 +149,11 @@ class ReceiverCore:
     def complete(self) -> bool:
         return self._complete
 
+    @property
+    def last_progress(self) -> float:
+        """When a new symbol or chunk last advanced the image (or the session began)."""
+        return self._last_progress
+
     def receive_datagram(self, data: bytes, source: str, now: float) -> None:
         """Account for one datagram; never raises on its content.
 

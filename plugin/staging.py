@@ -1,0 +1,160 @@
+"""Crash-safe staging of verified chunks in the state directory.
+
+Layout: ``<state>/<session id>/`` holds ``manifest.json`` (the verified envelope), ``image.part``
+(the image being assembled, full length, written in place) and ``chunks.log`` (4-byte big-endian
+indices of chunks written).  A chunk is written with ``pwrite`` and made durable with
+``fdatasync`` *before* its index is appended to the log (and that append is synced too), so after
+a crash at any instant the log never names a chunk whose bytes are not on disk.
+
+The log is only a hint: on resume every logged chunk is read back and hashed against the signed
+manifest, so a torn write, a truncated log or a file corrupted between runs costs at most the
+chunks affected, never a wrong byte.  The whole image is hashed once more before it is handed
+on, and the output appears only by an atomic rename.  One process at a time uses a session
+directory (``flock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import struct
+from pathlib import Path
+
+from otacast.schemas.policy import VerifiedManifest
+
+from .errors import StateError
+
+_INDEX = struct.Struct(">I")
+# Read granularity when re-hashing: large enough to stream at disk speed, small enough to keep
+# the receiver's memory flat.
+READ_BLOCK = 1024 * 1024
+
+
+def _state_error(what: str, path: Path, exc: OSError) -> StateError:
+    return StateError(f"cannot {what} {path}: {exc.strerror or exc}")
+
+
+class Staging:
+    def __init__(self, state_dir: Path, verified: VerifiedManifest) -> None:
+        self.manifest = verified.manifest
+        self.directory = state_dir / self.manifest.session_id.hex()
+        self.part = self.directory / "image.part"
+        self.log_path = self.directory / "chunks.log"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise _state_error("use state directory", self.directory, exc) from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock)
+            raise StateError(f"another otacast process is using {self.directory}") from None
+        try:
+            (self.directory / "manifest.json").write_bytes(verified.envelope.to_file_bytes())
+            self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o600)
+            self._reserve()
+            self._log = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            self.close()
+            raise _state_error("prepare staging in", self.directory, exc) from None
+
+    def _reserve(self) -> None:
+        """Allocate the whole image now, so a full disk is reported at the start, not midway."""
+        length = self.manifest.image.length
+        try:
+            os.posix_fallocate(self._fd, 0, length)
+        except OSError as exc:
+            if exc.errno in (95, 22):  # EOPNOTSUPP / EINVAL: the filesystem cannot; grow sparse
+                os.ftruncate(self._fd, max(length, os.fstat(self._fd).st_size))
+            else:
+                raise
+        if os.fstat(self._fd).st_size > length:
+            os.ftruncate(self._fd, length)
+
+    def resume(self) -> set[int]:
+        """Chunks already on disk whose bytes still match their signed hashes."""
+        try:
+            with self.log_path.open("rb") as handle:
+                log = handle.read()
+        except OSError as exc:
+            raise _state_error("read", self.log_path, exc) from None
+        count = self.manifest.chunk_count
+        claimed = {_INDEX.unpack_from(log, i)[0] for i in range(0, len(log) - len(log) % 4, 4)}
+        return {i for i in claimed if i < count and self._matches(i)}
+
+    def _matches(self, index: int) -> bool:
+        offset, length = self.manifest.chunk_span(index)
+        digest = hashlib.sha256()
+        position = offset
+        while position < offset + length:
+            block = os.pread(self._fd, min(READ_BLOCK, offset + length - position), position)
+            if not block:
+                return False
+            digest.update(block)
+            position += len(block)
+        return digest.digest() == self.manifest.chunks.sha256[index]
+
+    def write_chunk(self, index: int, data: bytes) -> None:
+        """Persist a verified chunk durably, then record it."""
+        offset, length = self.manifest.chunk_span(index)
+        if len(data) != length:
+            raise ValueError("chunk length does not match the manifest")
+        try:
+            view = memoryview(data)
+            position = offset
+            while view:
+                written = os.pwrite(self._fd, view, position)
+                view = view[written:]
+                position += written
+            os.fdatasync(self._fd)
+            os.write(self._log, _INDEX.pack(index))
+            os.fdatasync(self._log)
+        except OSError as exc:
+            raise _state_error("write chunk to", self.part, exc) from None
+
+    def finish(self, out: Path) -> None:
+        """Hash the whole image once more, then move it to `out` atomically."""
+        digest = hashlib.sha256()
+        position = 0
+        while position < self.manifest.image.length:
+            block = os.pread(self._fd, READ_BLOCK, position)
+            if not block:
+                break
+            digest.update(block)
+            position += len(block)
+        if position != self.manifest.image.length or digest.digest() != self.manifest.image.sha256:
+            raise StateError(f"staged image in {self.directory} does not match the manifest")
+        try:
+            os.fsync(self._fd)
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+            try:
+                if out.parent.stat().st_dev == os.fstat(self._fd).st_dev:
+                    os.link(self.part, tmp)
+                else:
+                    shutil.copyfile(self.part, tmp)
+                    with tmp.open("rb") as handle:
+                        os.fsync(handle.fileno())
+                tmp.chmod(0o644)
+                tmp.replace(out)
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+        except OSError as exc:
+            raise _state_error("write", out, exc) from None
+
+    def discard(self) -> None:
+        """Remove the session's state (after the image has been handed on)."""
+        self.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def close(self) -> None:
+        for name in ("_fd", "_log", "_lock"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, None)

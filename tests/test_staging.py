@@ -1,0 +1,118 @@
+"""Crash-safe staging: what is resumed, what is distrusted, what is handed on."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from otacast.plugin.errors import StateError
+from otacast.plugin.staging import Staging
+from otacast.plugin.verify import verify_manifest
+from otacast.schemas.policy import TrustSet, VerifiedManifest
+from otacast.signer.keys import SigningKey
+from otacast.signer.sign import sign
+
+from .manifests import manifest_for
+
+KEY = SigningKey(b"\x05" * 32)
+CHUNK = 65536
+IMAGE = random.Random(11).randbytes(4 * CHUNK + 999)
+
+
+def verified() -> VerifiedManifest:
+    envelope = sign(manifest_for(IMAGE, chunk_size=CHUNK), [KEY])
+    return verify_manifest(
+        envelope.compact_bytes,
+        TrustSet.from_public_keys([KEY.public]),
+        now=1_800_000_000,
+        device_type=None,
+        installed_sequence=None,
+    )
+
+
+def chunk(index: int) -> bytes:
+    return IMAGE[index * CHUNK : (index + 1) * CHUNK]
+
+
+def test_written_chunks_are_resumed_by_the_next_process(tmp_path: Path) -> None:
+    staging = Staging(tmp_path, verified())
+    assert staging.resume() == set()
+    for index in (0, 2, 4):
+        staging.write_chunk(index, chunk(index))
+    staging.close()  # the process dies here
+    again = Staging(tmp_path, verified())
+    assert again.resume() == {0, 2, 4}
+    again.close()
+
+
+def test_a_chunk_corrupted_between_runs_is_not_resumed(tmp_path: Path) -> None:
+    staging = Staging(tmp_path, verified())
+    staging.write_chunk(1, chunk(1))
+    staging.write_chunk(3, chunk(3))
+    staging.close()
+    with staging.part.open("r+b") as handle:
+        handle.seek(CHUNK + 10)
+        handle.write(b"\xff")
+    again = Staging(tmp_path, verified())
+    assert again.resume() == {3}
+    again.close()
+
+
+def test_a_torn_or_garbled_log_costs_only_the_chunks_it_names(tmp_path: Path) -> None:
+    staging = Staging(tmp_path, verified())
+    staging.write_chunk(0, chunk(0))
+    staging.close()
+    with staging.log_path.open("ab") as handle:
+        handle.write(b"\x00\x00\x00\x07" + b"\xff\xff\xff\xff" + b"\x00\x00")  # junk, torn tail
+    again = Staging(tmp_path, verified())
+    assert again.resume() == {0}
+    again.close()
+
+
+def test_a_logged_chunk_whose_bytes_never_reached_the_disk_is_not_trusted(tmp_path: Path) -> None:
+    staging = Staging(tmp_path, verified())
+    staging.close()
+    staging.log_path.write_bytes(b"\x00\x00\x00\x02")
+    again = Staging(tmp_path, verified())
+    assert again.resume() == set()
+    again.close()
+
+
+def test_the_image_is_handed_on_only_whole_and_verified(tmp_path: Path) -> None:
+    staging = Staging(tmp_path / "state", verified())
+    for index in range(4):
+        staging.write_chunk(index, chunk(index))
+    out = tmp_path / "image.bin"
+    with pytest.raises(StateError, match="does not match"):
+        staging.finish(out)  # the last chunk is missing
+    assert not out.exists()
+    staging.write_chunk(4, IMAGE[4 * CHUNK :])
+    staging.finish(out)
+    assert out.read_bytes() == IMAGE
+    staging.discard()
+    assert not staging.directory.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.bin", "state"]
+
+
+def test_two_processes_cannot_share_a_session(tmp_path: Path) -> None:
+    first = Staging(tmp_path, verified())
+    with pytest.raises(StateError, match="another otacast process"):
+        Staging(tmp_path, verified())
+    first.close()
+    Staging(tmp_path, verified()).close()
+
+
+def test_an_unusable_state_directory_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the directory should be")
+    with pytest.raises(StateError, match="cannot use state directory"):
+        Staging(blocker, verified())
+
+
+def test_a_chunk_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    staging = Staging(tmp_path, verified())
+    with pytest.raises(ValueError):
+        staging.write_chunk(0, chunk(0)[:-1])
+    staging.close()
