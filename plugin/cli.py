@@ -1,8 +1,8 @@
 """``otacast``: the device command.
 
-This release carries the device's manifest verifier (``otacast verify``).  Receiving over
-multicast (``fetch``), installing (``install``), the daemon (``watch``) and ``status`` arrive
-with the receiver and installer work; they are not offered until they exist.
+``fetch`` receives a release over multicast (with HTTP fallback) and writes the verified image;
+``verify`` checks a manifest as the device would.  Installing (``install``), the daemon
+(``watch``) and ``status`` arrive with the installer work; they are not offered until they exist.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from otacast.schemas import addressing, units
 from otacast.schemas.errors import OtacastError
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
 
 from .errors import UsageError
+from .fetch import FetchOptions, fetch
 from .trust import load_trust, read_limited
 from .verify import verify_manifest
 
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-type", help="this device's type")
     p.add_argument("--installed-sequence", type=int, help="sequence of the installed release")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_fetch_parser(sub)
     return parser
 
 
@@ -88,11 +91,134 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(units.parse_duration(text)) if text[-1:].isalpha() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (e.g. 10, 2.5, 30s, 2m)"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
+
+
+def add_fetch_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("fetch", help="receive a release and write the verified image")
+    p.add_argument(
+        "--trust",
+        type=Path,
+        action="append",
+        required=True,
+        help="trusted public key file; repeat for several",
+    )
+    p.add_argument(
+        "--threshold",
+        type=int,
+        default=1,
+        help="signatures required from distinct trusted keys (default 1)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="where the verified image goes")
+    p.add_argument("--interface", help="network interface to receive on")
+    p.add_argument("--channel", help="channel name: groups derive from it, sources from DNS SRV")
+    p.add_argument(
+        "--scope",
+        choices=sorted(addressing.SCOPES),
+        default=addressing.DEFAULT_SCOPE,
+        help="multicast scope of the channel's groups (default global)",
+    )
+    p.add_argument("--group", help="join this group instead of the channel's")
+    p.add_argument("--port", type=int, help="UDP port (default: SRV, manifest, or 4242)")
+    p.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        help="SSM source address (skips DNS); repeat for several",
+    )
+    p.add_argument("--resolver", help="DNS server for SRV discovery, ADDR or [ADDR]:PORT")
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        help="use this signed manifest instead of waiting for one on the channel",
+    )
+    p.add_argument("--device-type", help="this device's type (refuse releases for others)")
+    p.add_argument(
+        "--installed-sequence",
+        type=int,
+        help="sequence of the installed release (refuse anything not newer)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("/var/lib/otacast"),
+        help="where partial downloads persist (default /var/lib/otacast)",
+    )
+    p.add_argument(
+        "--join-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="fall back to HTTP if nothing arrives for this long (default 10 s)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="fall back to HTTP if progress stops for this long (default 30 s)",
+    )
+    p.add_argument(
+        "--fallback",
+        choices=("auto", "only", "never"),
+        default="auto",
+        help="HTTP fallback: auto (default), only (skip multicast), never",
+    )
+    p.add_argument("--json", action="store_true", help="JSON status lines")
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    trust = load_trust(args.trust, args.threshold)
+    verified = None
+    if args.manifest:
+        data = read_limited(args.manifest, MAX_MANIFEST_BYTES, "manifest")
+        verified = verify_manifest(
+            data,
+            trust,
+            now=time.time(),
+            device_type=args.device_type,
+            installed_sequence=args.installed_sequence,
+        )
+    if verified is None and args.fallback != "only" and not (args.channel or args.group):
+        raise UsageError("fetch: give --channel or --group (or --manifest)")
+    options = FetchOptions(
+        trust=trust,
+        out=args.out,
+        state_dir=args.state_dir,
+        interface=args.interface,
+        channel=args.channel,
+        scope=args.scope,
+        group=args.group,
+        port=args.port,
+        sources=args.source,
+        resolver=args.resolver,
+        manifest=verified,
+        device_type=args.device_type,
+        installed_sequence=args.installed_sequence,
+        join_timeout=args.join_timeout,
+        stall_timeout=args.stall_timeout,
+        fallback=args.fallback,
+        json=args.json,
+    )
+    fetch(options, sys.stdout)
+    return 0
+
+
+COMMANDS = {"verify": cmd_verify, "fetch": cmd_fetch}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    json_errors = (argv is not None and "--json" in argv) or "--json" in sys.argv[1:]
+    json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        return cmd_verify(args)
+        return COMMANDS[args.command](args)
     except OtacastError as exc:
         if json_errors:
             print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))

@@ -10,12 +10,17 @@ repair pool, so a receiver that needs a second pass gets symbols it has not seen
 started together at offsets ``i/n`` emit different symbols, which a receiver hearing all of them
 merges (each sender alone still covers the whole cycle).
 
-*Interleaving.*  Chunks are sent in windows of ``window`` chunks; inside a window the core
-round-robins over the chunks one batch (up to ``batch`` consecutive datagrams, one GSO send, and
-never more than one burst allowance of the rate) at a time.  A receiver that joins at any
-moment therefore makes progress on every chunk of the window in flight, a burst of loss is
-spread over several chunks, and a receiver only needs decoders for one window at a time, which
-bounds its memory.
+*Windows.*  Chunks are sent in windows of at most ``window`` chunks, balanced in size.  Sender
+``i`` of ``n`` also starts its pass at the window that begins nearest to fraction ``i/n`` of the
+pass and wraps around, so concurrent senders feed different windows; otherwise they would all
+send the first window together, a receiver would finish it early and then wait for everyone to
+move on (measured: two senders took 0.88 of one sender's time that way, 0.58 this way).
+
+*Interleaving.*  Inside a window the core round-robins over the chunks one batch (up to
+``batch`` consecutive datagrams, one GSO send, and never more than one burst allowance of the
+rate) at a time.  A receiver that joins at any moment therefore makes progress on every chunk of
+the window in flight, a burst of loss is spread over several chunks, and a receiver needs
+decoders only for the windows in flight (one per sender it hears), which bounds its memory.
 
 *Manifest carousel.*  All MANIFEST fragments are queued every ``manifest_interval`` seconds and
 sent before further data, so a receiver joining at any point has the manifest within about one
@@ -127,6 +132,7 @@ class SenderCore:
         self.window = window
         self.rate = rate
         self.starts = tuple(sender_index * c // sender_count for c in cycles)
+        self.windows = self._window_order(sender_index, sender_count)
         self.manifest = tuple(manifest)
         manifest_bytes = sum(len(d) for d in self.manifest)
         self.manifest_interval = manifest_interval(manifest_bytes, rate)
@@ -143,13 +149,35 @@ class SenderCore:
 
     # --- Schedule ----------------------------------------------------------------------------
 
+    def _window_order(self, index: int, count: int) -> tuple[range, ...]:
+        """Windows in this sender's order, starting near fraction index/count of the pass."""
+        # Balanced windows (sizes differ by at most one chunk), so that fractions of the pass
+        # fall on window boundaries and concurrent senders each get a window of their own.
+        chunks = len(self.cycles)
+        count_windows = -(-chunks // self.window)
+        base, extra = divmod(chunks, count_windows)
+        windows: list[range] = []
+        start = 0
+        for w in range(count_windows):
+            size = base + (1 if w < extra else 0)
+            windows.append(range(start, start + size))
+            start += size
+        # Start at the window whose first symbol lies nearest to fraction index/count of the
+        # pass (a short last chunk must not pull the midpoint into the first window).
+        target = sum(self.sends) * index / count
+        starts: list[int] = []
+        position = 0
+        for members in windows:
+            starts.append(position)
+            position += sum(self.sends[c] for c in members)
+        first = min(range(len(windows)), key=lambda w: abs(starts[w] - target))
+        return tuple(windows[first:] + windows[:first])
+
     def _walk(self) -> Iterator[SendSymbols | int]:
         """Every data batch in order, pass after pass, forever; an int marks a finished pass."""
-        chunks = len(self.cycles)
         pass_index = 0
         while True:
-            for window_start in range(0, chunks, self.window):
-                members = range(window_start, min(chunks, window_start + self.window))
+            for members in self.windows:
                 cursor = {
                     c: (self.starts[c] + pass_index * self.sends[c]) % self.cycles[c]
                     for c in members

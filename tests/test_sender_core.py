@@ -85,7 +85,7 @@ def test_chunks_of_a_window_are_interleaved_in_batches() -> None:
     order = [ch for ch, _ in sent]
     # window {0, 1}: 8 of chunk 0, 8 of chunk 1, 8 of 0, 8 of 1, then the last 4 of each.
     assert order[:40] == [0] * 8 + [1] * 8 + [0] * 8 + [1] * 8 + [0] * 4 + [1] * 4
-    assert order[40:] == [2] * 20  # the next window
+    assert order[40:] == [2] * 20  # the next window (2 windows for 3 chunks: sizes 2 and 1)
 
 
 def test_batches_never_wrap_past_the_end_of_a_cycle() -> None:
@@ -162,3 +162,21 @@ def test_per_pass_adds_the_overhead_but_never_exceeds_the_cycle() -> None:
 def test_invalid_sender_index_is_refused() -> None:
     with pytest.raises(ValueError):
         core([10], sender_index=2, sender_count=2)
+
+
+def test_concurrent_senders_start_in_different_windows() -> None:
+    # Ten chunks with a window of 8 become two windows of 5; sender 1/2 starts at the second.
+    cycles = [40] * 10
+    first_chunks = []
+    for i in range(2):
+        c = core(cycles, window=8, batch=8, sender_index=i, sender_count=2, passes=1)
+        sent = symbols(run(c))
+        first_chunks.append(sent[0][0])
+        assert sorted(sent) == sorted((ch, e) for ch in range(10) for e in range(40))
+    assert first_chunks == [0, 5]
+
+
+def test_a_short_last_chunk_does_not_pull_the_second_sender_into_the_first_window() -> None:
+    cycles = [40] * 9 + [10]  # the last chunk is short, so half the pass lies in window 0
+    c = core(cycles, window=8, batch=8, sender_index=1, sender_count=2, passes=1)
+    assert [w.start for w in c.windows] == [5, 0]

@@ -1,0 +1,256 @@
+"""`otacast fetch` end to end on namespaced LANs: loss, several senders, SSM filtering, resume
+after kill -9, and manifests that must be refused with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from otacast.plugin.errors import IncompleteError
+from otacast.schemas.errors import Expired, Rollback, UnknownKey, WrongDevice
+
+from .netns import Lan, stop
+from .release import DEVICE, Release, dropped, fetch, fetch_command, random_loss, serve
+
+MB = 1_000_000
+
+pytestmark = pytest.mark.usefixtures("nft_or_skip")
+
+
+@pytest.fixture
+def nft_or_skip() -> None:
+    if subprocess.run(["which", "nft"], capture_output=True, check=False).returncode:
+        pytest.skip("nftables (nft) is not installed")
+
+
+@pytest.fixture
+def lan() -> Iterator[Lan]:
+    lan = Lan.create(4)
+    try:
+        yield lan
+    finally:
+        lan.delete()
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    return Release.make(tmp_path_factory.mktemp("release"), 20 * MB)
+
+
+def finished(events: list[dict[str, object]]) -> dict[str, object]:
+    assert events and events[-1]["event"] == "finished", events[-3:]
+    return events[-1]
+
+
+@pytest.mark.parametrize("loss", [0, 10, 30])
+def test_a_20_mb_image_arrives_identical_through_random_loss(
+    lan: Lan, release: Release, tmp_path: Path, loss: int
+) -> None:
+    sender, receiver = lan.hosts[0], lan.hosts[3]
+    if loss:
+        random_loss(receiver, loss)
+    # One send per datagram, so the loss applies to datagrams, not to GSO runs of 53.
+    tx = serve(sender, release, "--rate", "40M", "--no-gso", "--duration", "120s")
+    try:
+        code, events, err = fetch(
+            receiver, release, tmp_path / "state", tmp_path / "out.img", "--source", sender.address
+        )
+    finally:
+        stop([tx])
+    assert code == 0, err
+    summary = finished(events)
+    assert summary["bytes_http"] == 0
+    # Data that arrives before the (lossy) manifest carousel completes is dropped, nothing else.
+    assert set(summary["rejected"]) <= {"no-manifest-yet"}  # type: ignore[call-overload]
+    assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
+    if loss:
+        assert dropped(receiver) > 0
+    assert not any((tmp_path / "state").iterdir())  # the session's state is cleaned up
+
+
+def test_two_senders_at_once_finish_faster_than_one(
+    lan: Lan, release: Release, tmp_path: Path
+) -> None:
+    # Paced well below what the machine can do, so time is set by the senders' rates.  The
+    # receiver joins first and the senders (symbols already encoded) start together, so the
+    # comparison measures delivery, not where in the pass each run happened to join.
+    a, b, receiver = lan.hosts[0], lan.hosts[1], lan.hosts[3]
+    stop([serve(host, release, "--rate", "8M", ready=True) for host in (a, b)])  # warm caches
+    times = {}
+    for name, senders in (("one", [a]), ("two", [a, b])):
+        sources = [arg for host in senders for arg in ("--source", host.address)]
+        out = tmp_path / name / "out.img"
+        rx = subprocess.Popen(
+            fetch_command(receiver, release, tmp_path / name / "state", out, *sources),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.0)  # joined and waiting for a manifest
+        started = time.monotonic()
+        txs = [
+            serve(
+                host,
+                release,
+                "--rate",
+                "8M",
+                "--sender",
+                f"{i}/{len(senders)}",
+                "--duration",
+                "120s",
+            )
+            for i, host in enumerate(senders)
+        ]
+        try:
+            _, err = rx.communicate(timeout=120)
+            times[name] = time.monotonic() - started
+        finally:
+            stop([rx, *txs])
+        assert rx.returncode == 0, err
+        assert out.read_bytes() == release.image.read_bytes()
+    ratio = times["two"] / times["one"]
+    print(
+        f"two senders / one sender completion time: {ratio:.2f} "
+        f"({times['two']:.2f} s / {times['one']:.2f} s)"
+    )
+    assert ratio < 0.8
+
+
+def test_ssm_join_ignores_an_unlisted_source_sending_garbage_to_the_group(
+    lan: Lan, release: Release, tmp_path: Path
+) -> None:
+    honest, attacker, receiver = lan.hosts[0], lan.hosts[2], lan.hosts[3]
+    manifest = json.loads(release.manifest.read_text())["signed"]
+    group, port = manifest["transport"]["ssm_group"], manifest["transport"]["port"]
+    flood = attacker.popen(
+        str(Path(DEVICE).parent / "python"),
+        "-c",
+        "import os, socket, sys, time\n"
+        "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+        "i = socket.if_nametoindex('eth0')\n"
+        "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, i)\n"
+        "end = time.time() + 60\n"
+        "while time.time() < end:\n"
+        "    s.sendto(b'OC\\x01\\x01' + os.urandom(1224), (sys.argv[1], int(sys.argv[2]), 0, i))\n"
+        "    time.sleep(0.0002)\n",
+        group,
+        str(port),
+    )
+    tx = serve(honest, release, "--rate", "40M", "--duration", "120s")
+    try:
+        code, events, err = fetch(
+            receiver, release, tmp_path / "state", tmp_path / "out.img", "--source", honest.address
+        )
+    finally:
+        stop([tx, flood])
+    assert code == 0, err
+    assert finished(events)["rejected"] == {}  # the kernel's source filter kept it all out
+    assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
+
+
+def test_kill_9_mid_download_then_the_same_command_resumes(
+    lan: Lan, release: Release, tmp_path: Path
+) -> None:
+    sender, receiver = lan.hosts[0], lan.hosts[3]
+    state, out = tmp_path / "state", tmp_path / "out.img"
+    tx = serve(sender, release, "--rate", "4M", "--duration", "120s")
+    try:
+        first = subprocess.Popen(
+            fetch_command(receiver, release, state, out, "--source", sender.address),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert first.stdout is not None
+        for line in first.stdout:
+            event = json.loads(line)
+            if event.get("event") == "progress" and int(event["chunks_done"]) >= 3:
+                break
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        assert not out.exists()
+        code, events, err = fetch(receiver, release, state, out, "--source", sender.address)
+    finally:
+        stop([tx])
+    assert code == 0, err
+    summary = finished(events)
+    assert int(summary["bytes_resumed"]) >= 3 * 2 * 1024 * 1024  # type: ignore[call-overload]
+    assert out.read_bytes() == release.image.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("trust", "fetch_args", "error"),
+    [
+        ("other", (), UnknownKey),
+        ("release", ("--installed-sequence", "3"), Rollback),
+        ("release", ("--device-type", "toaster"), WrongDevice),
+    ],
+)
+def test_refused_manifests_write_nothing(
+    lan: Lan,
+    release: Release,
+    tmp_path: Path,
+    trust: str,
+    fetch_args: tuple[str, ...],
+    error: type[Exception],
+) -> None:
+    sender, receiver = lan.hosts[0], lan.hosts[3]
+    public = release.public
+    if trust == "other":
+        subprocess.run(
+            [str(Path(DEVICE).with_name("otacast-signer")), "keygen", str(tmp_path / "other")],
+            check=True,
+            capture_output=True,
+        )
+        public = tmp_path / "other.pub"
+    tx = serve(sender, release, "--rate", "20M", "--duration", "120s")
+    state, out = tmp_path / "state", tmp_path / "out.img"
+    try:
+        # From the channel: heard, refused, and after the join timeout a clear failure.
+        base = fetch_command(
+            receiver, release, state, out, "--source", sender.address, "--join-timeout", "2"
+        )
+        base[base.index(str(release.public))] = str(public)
+        base[base.index("--device-type") + 1 : base.index("--device-type") + 2] = ["testboard"]
+        command = [*base, *fetch_args]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        # Given on the command line: refused at once with the specific code.
+        given = subprocess.run(
+            [*command, "--manifest", str(release.manifest)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        stop([tx])
+    assert done.returncode == IncompleteError.exit_code, done.stderr  # type: ignore[attr-defined]
+    notes = [json.loads(line)["message"] for line in done.stdout.splitlines()]
+    assert any("refused a manifest" in note for note in notes)
+    assert given.returncode == error.exit_code, given.stderr  # type: ignore[attr-defined]
+    assert len(given.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    assert not state.exists() or not any(state.iterdir())
+
+
+def test_expired_manifest_is_refused(lan: Lan, tmp_path: Path) -> None:
+    release = Release.make(tmp_path / "r", 300_000, chunk="64K", extra=("--expires", "1s"))
+    time.sleep(1.5)
+    receiver = lan.hosts[3]
+    command = fetch_command(
+        receiver,
+        release,
+        tmp_path / "state",
+        tmp_path / "out.img",
+        "--manifest",
+        str(release.manifest),
+    )
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == Expired.exit_code
+    assert not (tmp_path / "out.img").exists()

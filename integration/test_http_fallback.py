@@ -1,0 +1,304 @@
+"""HTTP fallback against the real nginx, across a namespaced LAN.
+
+The release is signed with the CLI and laid out with ``otacast-signer publish``; nginx (started
+by the test with its own configuration, every path under ``tmp_path``) serves that directory on
+``[fd51::1]:8080`` from one namespace, and `HttpFetcher` fetches chunks from another.  nginx's
+access log records status, body bytes sent and the Range header of every request, so the tests
+see from the server's side that only the asked ranges crossed the wire, as 206 responses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from otacast.schemas.manifest import Manifest, parse_envelope
+
+from .netns import BIN, Host, Lan, stop
+
+CHUNK = 64 * 1024
+PORT = 8080
+MIRROR_PATH = "rel/rootfs.img"
+NGINX = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+
+# How long nginx may take to bind and write its pid file.
+NGINX_START_TIMEOUT = 10.0
+
+# Runs in the client namespace: fetch the listed chunks, write each verified chunk to OUT, print
+# the fetcher's statistics and any per-chunk error as JSON.
+CLIENT = r"""
+import json, os, sys
+from pathlib import Path
+from otacast.plugin.errors import FetchError
+from otacast.plugin.fetcher import HttpFetcher
+from otacast.schemas.manifest import parse_envelope
+
+for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+    os.environ.pop(name, None)  # the LAN is private: no proxy may stand in between
+manifest = parse_envelope(Path(sys.argv[1]).read_bytes()).manifest
+out = Path(sys.argv[2])
+errors = {}
+with HttpFetcher(manifest.http, timeout=5.0, attempts=2, backoff=0.1) as fetcher:
+    for index in map(int, sys.argv[3].split(",")):
+        offset, length = manifest.chunk_span(index)
+        try:
+            data = fetcher.fetch_chunk(index, offset, length, manifest.chunks.sha256[index])
+        except FetchError as exc:
+            errors[index] = str(exc)
+        else:
+            (out / f"chunk-{index}").write_bytes(data)
+stats = fetcher.stats
+print(json.dumps({
+    "bytes": dict(stats.bytes_received),
+    "requests": dict(stats.requests),
+    "failures": dict(stats.failures),
+    "errors": errors,
+}))
+"""
+
+LOG_LINE = re.compile(r'(\d{3}) (\d+) "([^"]*)"')
+
+
+@dataclass(frozen=True)
+class Release:
+    manifest_path: Path
+    manifest: Manifest
+    image: bytes
+    www: Path
+
+
+@dataclass(frozen=True)
+class Served:
+    status: int
+    body_bytes: int
+    range: str
+
+
+def signer(*args: str) -> list[str]:
+    return [str(BIN / "otacast-signer"), *args]
+
+
+def make_release(tmp_path: Path, urls: list[str]) -> Release:
+    image = tmp_path / "rootfs.img"
+    image.write_bytes(os.urandom(4 * CHUNK - 1000))  # the last chunk is short
+    subprocess.run(signer("keygen", str(tmp_path / "rel")), check=True, capture_output=True)
+    http = [arg for url in urls for arg in ("--http-url", url)]
+    subprocess.run(
+        signer(
+            "sign",
+            str(image),
+            "--key",
+            str(tmp_path / "rel.key"),
+            "--sequence",
+            "3",
+            "--device-type",
+            "test",
+            "--channel",
+            "updates.example.test",
+            "--chunk-size",
+            "64K",
+            *http,
+        ),
+        check=True,
+        capture_output=True,
+    )
+    manifest_path = tmp_path / "rootfs.img.manifest.json"
+    www = tmp_path / "www"
+    done = subprocess.run(
+        signer("publish", str(manifest_path), str(image), "--root", str(www)),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    manifest = parse_envelope(manifest_path.read_bytes()).manifest
+    assert manifest.chunk_count == 4
+    return Release(manifest_path, manifest, image.read_bytes(), www)
+
+
+def nginx_config(prefix: Path, root: Path, address: str) -> str:
+    temp = "\n".join(
+        f"    {kind}_temp_path {prefix / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""
+daemon off;
+master_process off;
+pid {prefix / "nginx.pid"};
+error_log {prefix / "error.log"} info;
+events {{ worker_connections 64; }}
+http {{
+    log_format ranges '$status $body_bytes_sent "$http_range"';
+    access_log {prefix / "access.log"} ranges;
+{temp}
+    default_type application/octet-stream;
+    server {{
+        listen [{address}]:{PORT};
+        root {root};
+    }}
+}}
+"""
+
+
+@dataclass(frozen=True)
+class Nginx:
+    process: subprocess.Popen[str]
+    prefix: Path
+
+    def served(self) -> list[Served]:
+        """Every request nginx logged: status, body bytes sent, Range header."""
+        lines = (self.prefix / "access.log").read_text().splitlines()
+        served = []
+        for line in lines:
+            match = LOG_LINE.fullmatch(line)
+            assert match is not None, line
+            served.append(Served(int(match[1]), int(match[2]), match[3]))
+        return served
+
+
+@contextmanager
+def nginx(host: Host, root: Path, prefix: Path) -> Iterator[Nginx]:
+    """nginx serving `root` on the host's address; always stopped and reaped on exit."""
+    if NGINX is None:
+        pytest.skip("nginx is not installed (Debian package nginx)")
+    prefix.mkdir()
+    config = prefix / "nginx.conf"
+    config.write_text(nginx_config(prefix, root, host.address))
+    with (prefix / "stderr").open("w") as stderr:
+        process = host.popen(
+            NGINX,
+            "-p",
+            str(prefix),
+            "-c",
+            str(config),
+            "-e",
+            str(prefix / "error.log"),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        # The pid file is written after the listening socket is bound.
+        deadline = time.monotonic() + NGINX_START_TIMEOUT
+        while not (prefix / "nginx.pid").exists():
+            error_log = prefix / "error.log"
+            log = error_log.read_text() if error_log.exists() else ""
+            assert process.poll() is None, f"nginx exited: {log}"
+            assert time.monotonic() < deadline, f"nginx did not start: {log}"
+            time.sleep(0.05)
+        yield Nginx(process, prefix)
+    finally:
+        stop([process])
+
+
+@pytest.fixture
+def lan2() -> Iterator[Lan]:
+    lan = Lan.create(2)
+    try:
+        yield lan
+    finally:
+        lan.delete()
+
+
+def mirror_url(host: Host, port: int = PORT) -> str:
+    return f"http://[{host.address}]:{port}/{MIRROR_PATH}"
+
+
+def fetch(
+    host: Host, release: Release, out: Path, indices: list[int]
+) -> dict[str, dict[str, object]]:
+    out.mkdir()
+    done = host.run(
+        str(BIN / "python"),
+        "-c",
+        CLIENT,
+        str(release.manifest_path),
+        str(out),
+        ",".join(map(str, indices)),
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, dict[str, object]] = json.loads(done.stdout)
+    return result
+
+
+def asked_range(release: Release, index: int) -> str:
+    offset, length = release.manifest.chunk_span(index)
+    return f"bytes={offset}-{offset + length - 1}"
+
+
+def chunk_bytes(release: Release, index: int) -> bytes:
+    offset, length = release.manifest.chunk_span(index)
+    return release.image[offset : offset + length]
+
+
+def test_nginx_serves_only_the_asked_ranges_as_206_and_the_chunks_verify(
+    lan2: Lan, tmp_path: Path
+) -> None:
+    server, device = lan2.hosts
+    url = mirror_url(server)
+    release = make_release(tmp_path, [url])
+    wanted = [0, 2, 3]
+    with nginx(server, release.www, tmp_path / "nginx") as running:
+        result = fetch(device, release, tmp_path / "out", wanted)
+    assert result["errors"] == {}
+    assert result["failures"] == {}
+    for index in wanted:
+        assert (tmp_path / "out" / f"chunk-{index}").read_bytes() == chunk_bytes(release, index)
+
+    served = running.served()
+    lengths = [release.manifest.chunk_span(i)[1] for i in wanted]
+    assert [s.status for s in served] == [206] * len(wanted)
+    assert sorted(s.range for s in served) == sorted(asked_range(release, i) for i in wanted)
+    assert sum(s.body_bytes for s in served) == sum(lengths) == result["bytes"][url]
+    assert sum(lengths) < len(release.image)  # chunk 1 never crossed the wire
+    assert result["requests"] == {url: len(wanted)}
+
+
+def test_a_dead_first_mirror_costs_one_refused_connect_per_chunk_and_nginx_still_serves_ranges(
+    lan2: Lan, tmp_path: Path
+) -> None:
+    server, device = lan2.hosts
+    dead, live = mirror_url(server, PORT + 1), mirror_url(server)
+    release = make_release(tmp_path, [dead, live])
+    wanted = [1, 3]
+    with nginx(server, release.www, tmp_path / "nginx") as running:
+        result = fetch(device, release, tmp_path / "out", wanted)
+    assert result["errors"] == {}
+    assert result["failures"] == {"connection": len(wanted)}
+    assert result["requests"] == {dead: len(wanted), live: len(wanted)}
+    served = running.served()
+    assert [(s.status, s.range) for s in sorted(served, key=lambda s: s.range)] == sorted(
+        (206, asked_range(release, i)) for i in wanted
+    )
+    assert sum(s.body_bytes for s in served) == result["bytes"][live]
+
+
+def test_a_tampered_file_on_the_mirror_is_refused_by_hash_and_never_written(
+    lan2: Lan, tmp_path: Path
+) -> None:
+    server, device = lan2.hosts
+    url = mirror_url(server)
+    release = make_release(tmp_path, [url])
+    served_file = release.www / MIRROR_PATH
+    data = bytearray(served_file.read_bytes())
+    data[CHUNK + 5] ^= 0x80  # inside chunk 1
+    served_file.write_bytes(bytes(data))
+    with nginx(server, release.www, tmp_path / "nginx") as running:
+        result = fetch(device, release, tmp_path / "out", [0, 1])
+    assert (tmp_path / "out" / "chunk-0").read_bytes() == chunk_bytes(release, 0)
+    assert not (tmp_path / "out" / "chunk-1").exists()
+    error = result["errors"]["1"]
+    assert isinstance(error, str)
+    assert error.startswith("chunk 1 ") and f"{url}: hash-mismatch" in error
+    assert result["failures"] == {"hash-mismatch": 2}  # one per round
+    # nginx did serve the (tampered) range both times: the refusal was the device's own.
+    assert [s.range for s in running.served()].count(asked_range(release, 1)) == 2

@@ -1,0 +1,445 @@
+"""The device's receive socket and DNS discovery against real kernels and a real dnsmasq.
+
+Receivers, senders and the DNS server run in namespaces of a `Lan` (a bridge without MLD
+snooping, so every datagram is flooded to every host): whatever a receiver does not get was
+filtered by its own kernel, which is what these tests are about.  Each host-side program is a
+short script passed to the namespace's Python, printing JSON.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otacast.plugin.errors import DiscoveryError, NetworkError
+from otacast.schemas.addressing import asm_group, ssm_group
+
+from .netns import BIN, Host, Lan, ip, stop
+
+PYTHON = str(BIN / "python")
+CHANNEL = "updates.example.test"
+PORT = 4242
+MIB = 1024 * 1024
+
+# Joins, prints {"ready": ...} once the joins are made, then records every datagram until a
+# datagram "stop" arrives (or LIMIT seconds pass) and GRACE seconds more, so anything sent
+# before the "stop" has had its chance to arrive.
+RECEIVER = """
+import json, select, sys, time
+from otacast.plugin.transport import Join, MulticastReceiver
+LIMIT, GRACE = 20.0, 0.3
+interface, port, joins = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+size = int(sys.argv[4])
+with MulticastReceiver(interface, port, [Join(g, s) for g, s in joins]) as rx:
+    buffer = bytearray(size)
+    print(json.dumps({
+        "ready": True,
+        "buffer": rx.receive_buffer,
+        "joins": [[j.group, j.source] for j in rx.joins],
+        "empty_at_start": rx.recv_into(buffer) is None,
+    }), flush=True)
+    got = []
+    end = time.monotonic() + LIMIT
+    while (left := end - time.monotonic()) > 0:
+        select.select([rx], [], [], left)
+        while (item := rx.recv_into(buffer)) is not None:
+            payload, source = bytes(buffer[: item[0]]).decode(), item[1]
+            if payload == "stop":
+                end = min(end, time.monotonic() + GRACE)
+            else:
+                got.append([payload, source])
+    print(json.dumps({"got": got, "truncated": rx.truncated}), flush=True)
+"""
+
+# Sends each payload argument once, in order, to [GROUP]:PORT out of eth0.
+SENDER = """
+import socket, sys, time
+group, port = sys.argv[1], int(sys.argv[2])
+ifindex = socket.if_nametoindex("eth0")
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+for payload in sys.argv[3:]:
+    s.sendto(payload.encode(), (group, port, 0, ifindex))
+    time.sleep(0.005)
+"""
+
+# Three sockets in one namespace: ours on PORT joined to G1; a bare one joined to G2 (bound to
+# nothing); a control bound to PORT2, joined to G1, IPV6_MULTICAST_ALL left at its default.
+# Records until ours gets "stop" (as RECEIVER does).
+MULTICAST_ALL = """
+import json, select, socket, struct, sys, time
+from otacast.plugin.transport import Join, MulticastReceiver
+LIMIT, GRACE = 20.0, 0.3
+port, port2, g1, g2 = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ifindex = socket.if_nametoindex("eth0")
+def member(group):
+    return socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", ifindex)
+other = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+other.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, member(g2))
+control = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+control.bind(("::", port2))
+control.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, member(g1))
+control.setblocking(False)
+got = {"ours": [], "control": []}
+with MulticastReceiver("eth0", port, [Join(g1)]) as rx:
+    print(json.dumps({"ready": True}), flush=True)
+    buffer = bytearray(2048)
+    end = time.monotonic() + LIMIT
+    while (left := end - time.monotonic()) > 0:
+        select.select([rx, control], [], [], left)
+        while (item := rx.recv_into(buffer)) is not None:
+            payload = bytes(buffer[: item[0]]).decode()
+            if payload == "stop":
+                end = min(end, time.monotonic() + GRACE)
+            else:
+                got["ours"].append(payload)
+        while True:
+            try:
+                got["control"].append(control.recv(2048).decode())
+            except BlockingIOError:
+                break
+print(json.dumps(got), flush=True)
+"""
+
+# One discovery: prints {"hosts": [...]} or {"error": ..., "code": ...}, and the time it took.
+DISCOVER = """
+import json, sys, time
+from otacast.plugin.discovery import discover
+from otacast.plugin.errors import DeviceError
+channel, resolver, lifetime = sys.argv[1], sys.argv[2] or None, float(sys.argv[3])
+start = time.monotonic()
+try:
+    found = {"hosts": [[h.target, h.port, list(h.addresses)] for h in
+             discover(channel, resolver=resolver, lifetime=lifetime)]}
+except DeviceError as exc:
+    found = {"error": str(exc), "code": exc.exit_code}
+found["elapsed"] = time.monotonic() - start
+print(json.dumps(found))
+"""
+
+
+@pytest.fixture
+def lan4() -> Iterator[Lan]:
+    lan = Lan.create(4)
+    try:
+        yield lan
+    finally:
+        lan.delete()
+
+
+class Listening:
+    """A RECEIVER script on a host, started and past its joins."""
+
+    def __init__(
+        self,
+        host: Host,
+        joins: list[tuple[str, str | None]],
+        *,
+        port: int = PORT,
+        size: int = 65535,
+    ) -> None:
+        self.host = host
+        self.process = host.popen(
+            PYTHON,
+            "-c",
+            RECEIVER,
+            "eth0",
+            str(port),
+            json.dumps(joins),
+            str(size),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            _, err = self.process.communicate(timeout=30)
+            pytest.fail(f"receiver did not start: {err}")
+        self.ready: dict[str, Any] = json.loads(line)
+
+    def result(self) -> tuple[list[tuple[str, str]], int]:
+        """(payload, source) of every datagram received before "stop", and the truncated count.
+        The caller has sent "stop" on a group and from a source this receiver accepts."""
+        out, err = self.process.communicate(timeout=30)
+        assert self.process.returncode == 0, err
+        done = json.loads(out)
+        return [(payload, source) for payload, source in done["got"]], done["truncated"]
+
+
+def send(host: Host, group: str, *payloads: str, port: int = PORT) -> None:
+    done = host.run(PYTHON, "-c", SENDER, group, str(port), *payloads)
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_asm_join_receives_datagrams_sent_to_the_group_from_another_host(lan4: Lan) -> None:
+    group = asm_group(CHANNEL)
+    sender, device = lan4.hosts[0], lan4.hosts[1]
+    rx = Listening(device, [(group, None)])
+    try:
+        send(sender, group, "a0", "a1", "a2", "stop")
+        got, truncated = rx.result()
+    finally:
+        stop([rx.process])
+    assert got == [("a0", sender.address), ("a1", sender.address), ("a2", sender.address)]
+    assert truncated == 0
+    assert rx.ready["empty_at_start"] is True
+    assert rx.ready["joins"] == [[group, None]]
+    # As root SO_RCVBUFFORCE passes net.core.rmem_max; the kernel reports twice the request.
+    assert rx.ready["buffer"] == 2 * 8 * MIB
+
+
+def test_an_ssm_join_receives_its_source_and_not_a_second_source_on_the_same_group_and_port(
+    lan4: Lan,
+) -> None:
+    group = ssm_group(CHANNEL)
+    s1, s2, device, witness = lan4.hosts
+    rx = Listening(device, [(group, s1.address)])
+    # A host joined for any source proves S2's datagrams were on the LAN.
+    any_source = Listening(witness, [(group, None)])
+    try:
+        filters = device.run("cat", "/proc/net/mcfilter6").stdout
+        send(s2, group, "s2-0", "s2-1", "s2-2")
+        send(s1, group, "s1-0", "s1-1", "s1-2", "stop")
+        got, _ = rx.result()
+        seen, _ = any_source.result()
+    finally:
+        stop([rx.process, any_source.process])
+    assert got == [("s1-0", s1.address), ("s1-1", s1.address), ("s1-2", s1.address)]
+    assert {source for _, source in seen} == {s1.address, s2.address}
+    # The kernel holds an INCLUDE filter for exactly (S1, G) on eth0.
+    packed = {line.split()[2]: line.split()[3] for line in filters.splitlines()[1:]}
+    assert packed == {_hex(group): _hex(s1.address)}
+
+
+def test_a_socket_joined_to_g1_does_not_receive_g2_joined_by_another_socket_of_the_host(
+    lan4: Lan,
+) -> None:
+    sender, device = lan4.hosts[0], lan4.hosts[1]
+    g1, g2 = asm_group(CHANNEL), asm_group(CHANNEL, rate_index=1)
+    process = device.popen(
+        PYTHON,
+        "-c",
+        MULTICAST_ALL,
+        str(PORT),
+        str(PORT + 1),
+        g1,
+        g2,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline(), process.communicate()[1]
+        for port in (PORT, PORT + 1):
+            send(sender, g1, "g1", port=port)
+            send(sender, g2, "g2", port=port)
+        send(sender, g1, "stop")
+        out, err = process.communicate(timeout=30)
+    finally:
+        stop([process])
+    assert process.returncode == 0, err
+    got = json.loads(out)
+    assert got["ours"] == ["g1"]
+    # The kernel's default, which the receiver turns off: G2 arrives because someone joined it.
+    assert sorted(got["control"]) == ["g1", "g2"]
+
+
+def test_a_datagram_longer_than_the_buffer_is_counted_and_never_handed_on_cut_short(
+    lan4: Lan,
+) -> None:
+    group = asm_group(CHANNEL)
+    sender, device = lan4.hosts[0], lan4.hosts[1]
+    rx = Listening(device, [(group, None)], size=100)
+    try:
+        send(sender, group, "x" * 101, "short", "y" * 500, "stop")
+        got, truncated = rx.result()
+    finally:
+        stop([rx.process])
+    assert got == [("short", sender.address)]
+    assert truncated == 2
+
+
+def test_without_root_the_receive_buffer_falls_back_to_the_rmem_max_cap(lan4: Lan) -> None:
+    device = lan4.hosts[0]
+    script = (
+        "from otacast.plugin.transport import Join, MulticastReceiver\n"
+        "with MulticastReceiver('eth0', 4242, [Join('ff1e::1')]) as rx:\n"
+        "    print(rx.receive_buffer)\n"
+    )
+    unprivileged = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    done = device.run(*unprivileged, PYTHON, "-c", script)
+    assert done.returncode == 0, done.stderr
+    rmem_max = int(device.run("cat", "/proc/sys/net/core/rmem_max").stdout)
+    assert rmem_max < 8 * MIB  # otherwise this proves nothing
+    assert int(done.stdout) == 2 * rmem_max
+
+
+def test_a_port_already_bound_is_a_one_line_network_error(lan4: Lan) -> None:
+    script = (
+        "from otacast.plugin.transport import Join, MulticastReceiver\n"
+        "from otacast.plugin.errors import NetworkError\n"
+        "with MulticastReceiver('eth0', 4242, [Join('ff1e::1')]):\n"
+        "    try:\n"
+        "        MulticastReceiver('eth0', 4242, [Join('ff1e::2')])\n"
+        "    except NetworkError as exc:\n"
+        "        print(exc.exit_code, exc)\n"
+    )
+    done = lan4.hosts[0].run(PYTHON, "-c", script)
+    assert done.returncode == 0, done.stderr
+    assert (
+        done.stdout
+        == f"{NetworkError.exit_code} binding port 4242 failed: Address already in use\n"
+    )
+
+
+def _hex(address: str) -> str:
+    return ipaddress.IPv6Address(address).packed.hex()
+
+
+# --- discovery against dnsmasq -------------------------------------------------------------
+
+DNS_ADDRESS = "fd66::53"
+DNS_PORT = 5353
+RESOLVER = f"[{DNS_ADDRESS}]:{DNS_PORT}"
+RECORDS = (
+    f"--srv-host=_otacast._udp.{CHANNEL},tx1.example.test,4242,10,5",
+    f"--srv-host=_otacast._udp.{CHANNEL},tx2.example.test,4242,10,5",
+    f"--srv-host=_otacast._udp.{CHANNEL},tx3.example.test,4242,20,5",
+    "--host-record=tx1.example.test,fd77::1",
+    "--host-record=tx2.example.test,fd77::3",
+    "--host-record=tx2.example.test,fd77::4",
+    "--host-record=tx3.example.test,fd77::5",
+    # A target of "." (no service), and a target that has no address.
+    "--srv-host=_otacast._udp.withdrawn.example.test",
+    "--srv-host=_otacast._udp.unaddressed.example.test,nowhere.example.test,4242,10,5",
+    # The SRV name exists (it has a TXT record) but holds no SRV: NODATA, not NXDOMAIN.
+    "--txt-record=_otacast._udp.nodata.example.test,hello",
+    # Names under example.test that are not listed get NXDOMAIN; all others REFUSED.
+    "--local=/example.test/",
+)
+
+
+def start_dnsmasq(host: Host, address: str, port: int, log: Path) -> subprocess.Popen[str]:
+    ip("-n", host.netns, "addr", "add", f"{address}/128", "dev", "lo")
+    with log.open("w") as sink:
+        process = host.popen(
+            "dnsmasq",
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            f"--listen-address={address}",
+            f"--port={port}",
+            *RECORDS,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"dnsmasq exited: {log.read_text()}")
+        listening = host.run("ss", "-Hlun", f"sport = :{port}").stdout
+        if address in listening:
+            return process
+        time.sleep(0.05)
+    stop([process])
+    pytest.fail(f"dnsmasq did not listen on [{address}]:{port}: {log.read_text()}")
+
+
+@pytest.fixture
+def dns_host(tmp_path: Path) -> Iterator[Host]:
+    if shutil.which("dnsmasq") is None:
+        pytest.skip("dnsmasq is not installed")
+    lan = Lan.create(1)
+    process: subprocess.Popen[str] | None = None
+    try:
+        process = start_dnsmasq(lan.hosts[0], DNS_ADDRESS, DNS_PORT, tmp_path / "dnsmasq.log")
+        yield lan.hosts[0]
+    finally:
+        if process is not None:
+            stop([process])
+        lan.delete()
+
+
+def discover_in(
+    host: Host, channel: str, resolver: str | None = RESOLVER, lifetime: float = 2.0
+) -> dict[str, Any]:
+    done = host.run(PYTHON, "-c", DISCOVER, channel, resolver or "", str(lifetime))
+    assert done.returncode == 0, done.stderr
+    found: dict[str, Any] = json.loads(done.stdout)
+    return found
+
+
+def test_discovery_returns_every_source_of_the_best_priority_and_no_standby(
+    dns_host: Host,
+) -> None:
+    for _ in range(5):  # processing order is random within a priority; the set is not
+        found = discover_in(dns_host, CHANNEL)
+        hosts = sorted(found["hosts"])
+        assert hosts == [
+            ["tx1.example.test", 4242, ["fd77::1"]],
+            ["tx2.example.test", 4242, ["fd77::3", "fd77::4"]],
+        ]
+
+
+def test_discovery_of_a_channel_without_srv_records_is_empty(dns_host: Host) -> None:
+    assert discover_in(dns_host, "absent.example.test")["hosts"] == []  # NXDOMAIN
+    assert discover_in(dns_host, "nodata.example.test")["hosts"] == []  # NODATA
+
+
+def test_discovery_skips_a_withdrawn_target_and_a_target_without_addresses(
+    dns_host: Host,
+) -> None:
+    assert discover_in(dns_host, "withdrawn.example.test")["hosts"] == []
+    assert discover_in(dns_host, "unaddressed.example.test")["hosts"] == []
+
+
+def test_discovery_with_no_server_listening_fails_within_its_lifetime(dns_host: Host) -> None:
+    # Nothing listens on this port.  dnspython's socket is not connected, so the ICMP "port
+    # unreachable" is never reported to it: this is a timeout, not a refusal.
+    found = discover_in(dns_host, CHANNEL, resolver=f"[{DNS_ADDRESS}]:5354", lifetime=1.0)
+    assert found["code"] == DiscoveryError.exit_code
+    assert found["error"] == (
+        f"DNS lookup of SRV _otacast._udp.{CHANNEL} via [{DNS_ADDRESS}]:5354 timed out "
+        "(discovery lifetime 1 s)"
+    )
+    assert 1.0 <= found["elapsed"] < 1.5  # dnspython overshoots by scheduling only
+
+
+def test_discovery_refused_by_the_server_is_an_error_not_an_empty_answer(
+    dns_host: Host,
+) -> None:
+    found = discover_in(dns_host, "updates.elsewhere.test")
+    assert found["code"] == DiscoveryError.exit_code
+    assert found["error"] == (
+        f"DNS lookup of SRV _otacast._udp.updates.elsewhere.test via {RESOLVER} failed: REFUSED"
+    )
+
+
+def test_discovery_without_a_resolver_uses_the_system_configuration(
+    dns_host: Host, tmp_path: Path
+) -> None:
+    # `ip netns exec` bind-mounts /etc/netns/NS/resolv.conf over /etc/resolv.conf, and
+    # resolv.conf cannot name a port: a second dnsmasq serves port 53.
+    etc = Path("/etc/netns") / dns_host.netns
+    etc.mkdir(parents=True)
+    process: subprocess.Popen[str] | None = None
+    try:
+        (etc / "resolv.conf").write_text("nameserver fd66::54\n")
+        process = start_dnsmasq(dns_host, "fd66::54", 53, tmp_path / "dnsmasq53.log")
+        found = discover_in(dns_host, CHANNEL, resolver=None)
+    finally:
+        if process is not None:
+            stop([process])
+        shutil.rmtree(etc)
+    assert sorted(h[0] for h in found["hosts"]) == ["tx1.example.test", "tx2.example.test"]

@@ -1,0 +1,416 @@
+"""``otacast fetch``: the receiver's driver.
+
+It owns the clock (wall time), the socket, the state directory, DNS, HTTP and the terminal; the
+decisions are the `ReceiverCore`'s.  The loop waits on the socket (or the core's next timer),
+hands every datagram to the core, and acts on its events: open staging when a manifest is
+verified (resuming what is already on disk), persist each verified chunk, start HTTP repair when
+the core asks for fallback, finish when the image is complete.
+
+HTTP repair runs in one worker thread that fetches the chunks still missing, one at a time, and
+passes verified chunks back through a queue; only the main thread writes to staging and talks to
+the core, so multicast and HTTP share one state without locks.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import select
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from otacast.schemas import addressing
+from otacast.schemas.limits import MAX_DATAGRAM
+from otacast.schemas.policy import TrustSet, VerifiedManifest
+
+from .core import ReceiverCore
+from .discovery import discover
+from .errors import DiscoveryError, FetchError, IncompleteError, UsageError
+from .events import ChunkComplete, FallbackNeeded, ImageComplete, ManifestRefused, ManifestVerified
+from .fetcher import HttpFetcher
+from .staging import Staging
+from .transport import Join, MulticastReceiver
+
+# Datagrams taken from the socket per turn of the loop before timers and HTTP results are
+# looked at again: keeps both responsive under a flood without a syscall per check.
+MAX_BURST = 512
+# Longest wait for a datagram; bounds how late HTTP results and the status line are handled.
+POLL_INTERVAL = 0.1
+
+
+@dataclass
+class FetchOptions:
+    trust: TrustSet
+    out: Path
+    state_dir: Path
+    interface: str | None = None
+    channel: str | None = None
+    scope: str = addressing.DEFAULT_SCOPE
+    group: str | None = None
+    port: int | None = None
+    sources: Sequence[str] = ()
+    resolver: str | None = None
+    manifest: VerifiedManifest | None = None
+    device_type: str | None = None
+    installed_sequence: int | None = None
+    join_timeout: float = 10.0
+    stall_timeout: float = 30.0
+    fallback: str = "auto"  # auto | only | never
+    json: bool = False
+    http_timeout: float = 10.0
+
+
+@dataclass
+class FetchSummary:
+    manifest: VerifiedManifest
+    elapsed: float
+    bytes_multicast: int
+    bytes_http: int
+    bytes_resumed: int
+    datagrams: int
+    rejected: dict[str, int]
+    joins: list[str] = field(default_factory=list)
+
+
+class _Repair(threading.Thread):
+    """Fetches the chunks still missing over HTTP and queues the verified ones."""
+
+    def __init__(self, manifest: VerifiedManifest, missing: list[int], timeout: float) -> None:
+        super().__init__(name="otacast-http", daemon=True)
+        self.m = manifest.manifest
+        self.missing = missing
+        self.results: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        self.done_elsewhere: set[int] = set()
+        self.failures: list[str] = []
+        self.fetcher = HttpFetcher(self.m.http, timeout=timeout)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        for index in self.missing:
+            if self.stop.is_set():
+                break
+            if index in self.done_elsewhere:  # multicast got there first
+                continue
+            offset, length = self.m.chunk_span(index)
+            try:
+                data = self.fetcher.fetch_chunk(index, offset, length, self.m.chunks.sha256[index])
+            except FetchError as exc:
+                self.failures.append(str(exc))
+                continue
+            self.results.put((index, data))
+        self.results.put(None)
+
+
+def plan_joins(options: FetchOptions, emit: Reporter) -> tuple[list[Join], int]:
+    """Which (S,G) or G to join and on which port, from options, DNS or the manifest."""
+    transport = options.manifest.manifest.transport if options.manifest else None
+    channel = options.channel or (transport.channel if transport else None)
+    scope = transport.scope if transport and not options.channel else options.scope
+    port = options.port or (transport.port if transport else addressing.DEFAULT_PORT)
+    if options.group:
+        group = options.group
+        if options.sources:
+            return [Join(group, s) for s in options.sources], port
+        return [Join(group)], port
+    if channel is None:
+        raise UsageError("give --channel, --group or --manifest so there is something to join")
+    ssm = transport.ssm_group if transport else addressing.ssm_group(channel, scope)
+    asm = transport.asm_group if transport else addressing.asm_group(channel, scope)
+    if options.sources:
+        return [Join(ssm, s) for s in options.sources], port
+    try:
+        hosts = discover(channel, resolver=options.resolver)
+    except DiscoveryError as exc:
+        emit.note(f"DNS discovery failed ({exc}); joining the ASM group {asm}")
+        return [Join(asm)], port
+    if not hosts:
+        emit.note(f"no SRV records for {addressing.srv_name(channel)}; joining ASM group {asm}")
+        return [Join(asm)], port
+    srv_port = options.port or hosts[0].port
+    joins = [Join(ssm, address) for host in hosts for address in host.addresses]
+    emit.note(
+        f"SRV {addressing.srv_name(channel)}: joining {ssm} from "
+        + ", ".join(j.source or "" for j in joins)
+    )
+    return joins, srv_port
+
+
+def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
+    emit = Reporter(out, options.json)
+    if options.fallback == "only" and options.manifest is None:
+        raise UsageError("--fallback only needs --manifest (the mirrors are listed in it)")
+    receiver: MulticastReceiver | None = None
+    joins: list[Join] = []
+    if options.fallback != "only":
+        if options.interface is None:
+            raise UsageError("--interface is needed to receive multicast")
+        joins, port = plan_joins(options, emit)
+        receiver = MulticastReceiver(options.interface, port, joins)
+    start = time.time()
+    core = ReceiverCore(
+        options.trust,
+        now=start,
+        device_type=options.device_type,
+        installed_sequence=options.installed_sequence,
+        manifest=options.manifest,
+        join_timeout=options.join_timeout,
+        stall_timeout=options.stall_timeout,
+    )
+    run = _Run(options, core, receiver, emit, start)
+    try:
+        run.loop()
+    finally:
+        run.close()
+    assert core.verified is not None
+    summary = FetchSummary(
+        manifest=core.verified,
+        elapsed=time.time() - start,
+        bytes_multicast=core.stats.bytes_multicast,
+        bytes_http=run.bytes_http,
+        bytes_resumed=run.bytes_resumed,
+        datagrams=core.stats.datagrams,
+        rejected=dict(core.stats.rejected),
+        joins=[f"({j.source or '*'}, {j.group})" for j in joins],
+    )
+    emit.summary(summary)
+    return summary
+
+
+class _Run:
+    def __init__(
+        self,
+        options: FetchOptions,
+        core: ReceiverCore,
+        receiver: MulticastReceiver | None,
+        emit: Reporter,
+        start: float,
+    ) -> None:
+        self.options = options
+        self.core = core
+        self.receiver = receiver
+        self.emit = emit
+        self.start = start
+        self.staging: Staging | None = None
+        self.repair: _Repair | None = None
+        self.bytes_http = 0
+        self.bytes_resumed = 0
+        self.finished = False
+        self.buffer = bytearray(MAX_DATAGRAM + 1)
+
+    def loop(self) -> None:
+        self._handle_events()
+        while not self.finished:
+            now = time.time()
+            timer = self.core.get_timer()
+            wait = POLL_INTERVAL if timer is None else max(0.0, min(POLL_INTERVAL, timer - now))
+            if self.receiver is not None:
+                readable, _, _ = select.select([self.receiver], [], [], wait)
+                if readable:
+                    self._drain()
+            else:
+                time.sleep(wait)
+            self.core.handle_timer(time.time())
+            self._take_http_results()
+            self._handle_events()
+            self.emit.progress(self.core, self.start, self.bytes_http)
+            self._check_gave_up()
+
+    def _drain(self) -> None:
+        assert self.receiver is not None
+        now = time.time()
+        for _ in range(MAX_BURST):
+            got = self.receiver.recv_into(self.buffer)
+            if got is None:
+                return
+            size, source = got
+            self.core.receive_datagram(bytes(self.buffer[:size]), source, now)
+
+    def _handle_events(self) -> None:
+        while (event := self.core.next_event()) is not None:
+            if isinstance(event, ManifestVerified):
+                self._open_staging(event.verified)
+            elif isinstance(event, ChunkComplete):
+                assert self.staging is not None
+                self.staging.write_chunk(event.index, event.data)
+                if self.repair is not None:
+                    self.repair.done_elsewhere.add(event.index)
+            elif isinstance(event, ManifestRefused):
+                self.emit.note(f"refused a manifest on the channel: {event.message}")
+            elif isinstance(event, FallbackNeeded):
+                self._fall_back(event.reason)
+            elif isinstance(event, ImageComplete):
+                self._finish()
+
+    def _open_staging(self, verified: VerifiedManifest) -> None:
+        m = verified.manifest
+        self.emit.note(
+            f"manifest verified: {m.name} version {m.version} sequence {m.sequence}, "
+            f"{m.image.length} bytes in {m.chunk_count} chunks"
+        )
+        self.staging = Staging(self.options.state_dir, verified)
+        now = time.time()
+        for index in sorted(self.staging.resume()):
+            self.core.mark_done(index, now)
+            self.bytes_resumed += m.chunk_span(index)[1]
+        if self.bytes_resumed:
+            self.emit.note(f"resumed {self.bytes_resumed} verified bytes from the state directory")
+        if self.options.fallback == "only":
+            self._fall_back("only")
+
+    def _fall_back(self, reason: str) -> None:
+        verified = self.core.verified
+        if self.options.fallback == "never":
+            self.emit.note(f"multicast {reason}; HTTP fallback is disabled, still listening")
+            return
+        if verified is None:
+            raise IncompleteError(
+                f"no manifest heard within {self.options.join_timeout:g} s; nothing to fall "
+                "back with (give --manifest, or check the interface, group and DNS)"
+            )
+        if not verified.manifest.http:
+            self.emit.note(f"multicast {reason}, and the manifest lists no HTTP mirror")
+            return
+        if self.repair is not None:
+            return
+        missing = [i for i in range(verified.manifest.chunk_count) if i not in self.core.done]
+        self.emit.note(f"multicast {reason}: fetching {len(missing)} missing chunk(s) over HTTP")
+        self.repair = _Repair(verified, missing, self.options.http_timeout)
+        self.repair.start()
+
+    def _take_http_results(self) -> None:
+        if self.repair is None:
+            return
+        while True:
+            try:
+                item = self.repair.results.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                self.repair.join()
+                continue
+            index, data = item
+            if index in self.core.done or self.staging is None:
+                continue
+            self.staging.write_chunk(index, data)
+            self.bytes_http += len(data)
+            self.core.mark_done(index, time.time())
+            self._handle_events()
+
+    def _check_gave_up(self) -> None:
+        """Give up when HTTP has finished with failures and multicast brings nothing either."""
+        repair = self.repair
+        if self.finished or repair is None or repair.is_alive() or not repair.failures:
+            return
+        quiet = time.time() - self.core.last_progress
+        if self.receiver is None or quiet >= self.options.stall_timeout:
+            raise IncompleteError(
+                f"{len(repair.failures)} chunk(s) could not be fetched: {repair.failures[0]}"
+            )
+
+    def _finish(self) -> None:
+        assert self.staging is not None
+        self.staging.finish(self.options.out)
+        self.staging.discard()
+        self.staging = None
+        self.finished = True
+
+    def close(self) -> None:
+        if self.repair is not None:
+            self.repair.stop.set()
+        if self.receiver is not None:
+            self.receiver.close()
+        if self.staging is not None:
+            self.staging.close()
+
+
+class Reporter:
+    """A refreshed status line on a terminal, notes on their own lines, or JSON lines."""
+
+    def __init__(self, out: TextIO, as_json: bool) -> None:
+        self.out = out
+        self.json = as_json
+        self.tty = out.isatty() and not as_json
+        self._next = 0.0
+        self._dirty = False
+
+    def _line(self, text: str) -> None:
+        if self._dirty:
+            self.out.write("\n")
+            self._dirty = False
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def note(self, text: str) -> None:
+        if self.json:
+            self._line(json.dumps({"event": "note", "message": text}))
+        else:
+            self._line(text)
+
+    def progress(self, core: ReceiverCore, start: float, bytes_http: int) -> None:
+        now = time.time()
+        if now < self._next or core.verified is None:
+            return
+        self._next = now + 1.0
+        m = core.verified.manifest
+        done = sum(m.chunk_span(i)[1] for i in core.done)
+        elapsed = max(now - start, 1e-6)
+        rejected = sum(core.stats.rejected.values())
+        if self.json:
+            self._line(
+                json.dumps(
+                    {
+                        "event": "progress",
+                        "chunks_done": len(core.done),
+                        "chunks": m.chunk_count,
+                        "bytes_done": done,
+                        "bytes": m.image.length,
+                        "bytes_http": bytes_http,
+                        "datagrams": core.stats.datagrams,
+                        "rejected": rejected,
+                        "elapsed": round(elapsed, 3),
+                    }
+                )
+            )
+        elif self.tty:
+            percent = 100 * done / m.image.length
+            self.out.write(
+                f"\r{percent:5.1f}% {len(core.done)}/{m.chunk_count} chunks "
+                f"{core.stats.bytes_multicast / elapsed / 1e6:6.1f} MB/s multicast "
+                f"{bytes_http / 1e6:.1f} MB http, {rejected} rejected "
+            )
+            self.out.flush()
+            self._dirty = True
+
+    def summary(self, s: FetchSummary) -> None:
+        m = s.manifest.manifest
+        if self.json:
+            self._line(
+                json.dumps(
+                    {
+                        "event": "finished",
+                        "name": m.name,
+                        "version": m.version,
+                        "sequence": m.sequence,
+                        "bytes": m.image.length,
+                        "bytes_multicast": s.bytes_multicast,
+                        "bytes_http": s.bytes_http,
+                        "bytes_resumed": s.bytes_resumed,
+                        "datagrams": s.datagrams,
+                        "rejected": s.rejected,
+                        "elapsed": round(s.elapsed, 3),
+                        "joins": s.joins,
+                    },
+                    sort_keys=True,
+                )
+            )
+            return
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.rejected.items())) or "none"
+        self._line(
+            f"done: {m.name} {m.version} ({m.image.length} bytes, sha256 verified) in "
+            f"{s.elapsed:.1f} s; multicast {s.bytes_multicast}, HTTP {s.bytes_http}, "
+            f"resumed {s.bytes_resumed} bytes; {s.datagrams} datagrams, rejected: {reasons}"
+        )

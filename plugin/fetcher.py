@@ -1,0 +1,348 @@
+"""HTTP fallback and repair: signed chunks fetched by Range from mirrors (the only `requests` user).
+
+A mirror is untrusted.  The signed manifest says where each chunk lies in the image
+(`Manifest.chunk_span`) and what its SHA-256 is, so a chunk is fetched with one
+``Range: bytes=first-last`` request and nothing about the answer is believed until the bytes hash
+to the signed value.  Everything short of that is a *mirror failure*, counted under a short slug
+("timeout", "status-500", "short-body", "hash-mismatch", ...) and answered by moving to the next
+mirror.  The mirrors are tried in manifest order, in up to ``attempts`` rounds with exponential
+backoff between rounds; only when every round fails does `FetchError` name the chunk and the
+last reason each mirror gave.  Nothing unverified is ever returned.
+
+What a mirror can cost us is bounded, because a broken or hostile server must not be able to
+stall or exhaust a device:
+
+- memory: the body is read with a hard cap of the signed length (never a byte more is asked
+  for), and a declared ``Content-Length`` that disagrees is refused before the body is read;
+- time: ``timeout`` bounds the TCP connect and every single read (an idle server), and a
+  per-request deadline of ``timeout + length / min_rate`` is checked between reads (a server
+  that drips bytes just fast enough to never go idle).  Reads use ``read1`` (at most one
+  receive of body bytes), so the deadline is seen at least once per ``timeout``.  The
+  response *headers* are read by ``http.client`` before we get control: they are bounded in
+  size (100 lines of 64 KiB) and per read by ``timeout``, but not by the deadline;
+- semantics: ``Accept-Encoding: identity`` because Range over a compressed representation is
+  unreliable (servers disagree on whether the range applies before or after compression); a
+  response that is encoded anyway is refused rather than decoded.  A 206 must carry exactly the
+  ``Content-Range`` asked for.  A 200 (a server that ignores Range) is acceptable only when the
+  asked range is the whole file and the body is declared exactly that long.
+
+Every exception of the HTTP stack (`requests`, and `urllib3` below it while streaming) is turned
+into a failure reason at this seam; callers see bytes or `FetchError`, nothing else.
+`fetch_manifest` is the same bounded read for a device told a manifest URL: the bytes it returns
+are untrusted until the verifier has checked the signatures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Final
+
+import requests
+import urllib3.exceptions
+
+from .errors import FetchError
+
+# Redirects followed on a session we create: a CDN or mirror alias needs one or two; each hop is
+# a fresh connect and header read not covered by the body deadline, so a long chain is refused.
+MAX_REDIRECTS: Final = 5
+
+# Slowest mirror still worth waiting for, in bytes per second.  The per-request deadline is
+# ``timeout + length / MIN_RATE``: the largest chunk (8 MiB) gets about 4.5 minutes, which a
+# poor cellular link (~256 kbit/s) still meets; a server slower than that is abandoned for the
+# next mirror rather than allowed to hold the device indefinitely.
+MIN_RATE: Final = 32 * 1024
+
+# Largest single read from a response.  It bounds how much one read can add past the deadline
+# check and the size of each buffer append; at 64 KiB the per-read overhead is negligible even
+# at gigabit rates (a few thousand reads per second).
+READ_SIZE: Final = 64 * 1024
+
+# Cap on the wait between rounds: with many attempts the doubling would otherwise reach hours.
+MAX_BACKOFF: Final = 60.0
+
+# Server-controlled text (a Content-Range or Content-Encoding value) quoted in an error is cut to
+# this length so a failure stays one readable line.
+MAX_DETAIL_CHARS: Final = 80
+
+# Exception chains are followed this deep for a failure's detail; the stack nests three or four.
+_MAX_CAUSE_DEPTH = 8
+
+# RFC 9110 section 14.4; 20 digits hold any 64-bit offset and keep int() away from huge input.
+_CONTENT_RANGE = re.compile(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20}|\*)")
+
+
+@dataclass(frozen=True)
+class FetchStats:
+    """What the fetcher has done so far.  The counters are updated in place as it works."""
+
+    bytes_received: Counter[str] = field(default_factory=Counter)  # body bytes, per mirror URL
+    requests: Counter[str] = field(default_factory=Counter)  # requests sent, per mirror URL
+    failures: Counter[str] = field(default_factory=Counter)  # failed requests, per reason slug
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
+
+
+class _MirrorFailure(Exception):
+    """One request's failure: a short slug for counting and a detail for the error line."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason} ({self.detail})" if self.detail else self.reason
+
+
+class HttpFetcher:
+    """Verified chunks from a release's HTTP mirrors (`urls`, in the manifest's order).
+
+    `timeout` bounds a connect and each read; `attempts` rounds over all mirrors are made, with
+    `backoff`, 2 x `backoff`, ... seconds (at most `MAX_BACKOFF`) between rounds; `min_rate`
+    sets the per-request deadline.  `sleep` and `clock` are injectable so tests need not wait.
+    A fetcher without mirrors (a manifest that lists none) can still fetch a manifest by URL.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        timeout: float = 10.0,
+        attempts: int = 3,
+        backoff: float = 0.5,
+        session: requests.Session | None = None,
+        min_rate: float = MIN_RATE,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if timeout <= 0 or attempts < 1 or backoff < 0 or min_rate <= 0:
+            raise ValueError("timeout and min_rate must be positive, attempts at least 1")
+        self.urls = tuple(urls)
+        self.stats = FetchStats()
+        self._timeout = timeout
+        self._attempts = attempts
+        self._backoff = backoff
+        self._min_rate = min_rate
+        self._sleep = sleep
+        self._clock = clock
+        self._owns_session = session is None
+        if session is None:
+            session = requests.Session()
+            session.max_redirects = MAX_REDIRECTS
+        self._session = session
+
+    def close(self) -> None:
+        """Close the connection pool, if the fetcher created it."""
+        if self._owns_session:
+            self._session.close()
+
+    def __enter__(self) -> HttpFetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- Public operations --------------------------------------------------------------------
+
+    def fetch_chunk(self, index: int, offset: int, length: int, sha256: bytes) -> bytes:
+        """The chunk's bytes, verified against the signed `sha256`, or `FetchError`."""
+        if offset < 0 or length < 1 or len(sha256) != hashlib.sha256().digest_size:
+            raise ValueError(f"chunk {index}: invalid span or hash")
+        last = offset + length - 1
+        if not self.urls:
+            raise FetchError(
+                f"chunk {index} (bytes {offset}-{last}): the manifest lists no mirrors"
+            )
+
+        def attempt(url: str) -> bytes:
+            deadline = self._deadline(length)  # before the request: header time counts too
+            with self._open(url, {"Range": f"bytes={offset}-{last}"}) as response:
+                _check_partial(response, offset, length)
+                data = self._read_body(response, url, length, deadline)
+            if len(data) < length:
+                raise _MirrorFailure("short-body", f"{len(data)} of {length} bytes")
+            if hashlib.sha256(data).digest() != sha256:
+                raise _MirrorFailure("hash-mismatch")
+            return data
+
+        return self._over_mirrors(self.urls, attempt, f"chunk {index} (bytes {offset}-{last})")
+
+    def fetch_manifest(self, url: str, max_bytes: int) -> bytes:
+        """At most `max_bytes` of a manifest (still unverified), or `FetchError`."""
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+
+        def attempt(mirror: str) -> bytes:
+            deadline = self._deadline(max_bytes)
+            with self._open(mirror, {}) as response:
+                if response.status_code != 200:
+                    raise _MirrorFailure(f"status-{response.status_code}")
+                _check_identity(response)
+                declared = _declared_length(response)
+                if declared is not None and declared > max_bytes:
+                    raise _MirrorFailure("too-large", f"declares {declared} bytes")
+                # One byte past the limit tells an oversize body from one that fits exactly.
+                data = self._read_body(response, mirror, max_bytes + 1, deadline)
+            if len(data) > max_bytes:
+                raise _MirrorFailure("too-large", f"more than {max_bytes} bytes")
+            return data
+
+        return self._over_mirrors((url,), attempt, f"manifest {url}")
+
+    # --- Rounds over mirrors ------------------------------------------------------------------
+
+    def _over_mirrors(
+        self, urls: Sequence[str], attempt: Callable[[str], bytes], what: str
+    ) -> bytes:
+        reasons: dict[str, _MirrorFailure] = {}
+        for round_ in range(self._attempts):
+            if round_:
+                self._sleep(min(self._backoff * 2 ** (round_ - 1), MAX_BACKOFF))
+            for url in urls:
+                self.stats.requests[url] += 1
+                try:
+                    return attempt(url)
+                except _MirrorFailure as failure:
+                    self.stats.failures[failure.reason] += 1
+                    reasons[url] = failure
+        summary = "; ".join(f"{url}: {failure}" for url, failure in reasons.items())
+        rounds = "round" if self._attempts == 1 else "rounds"
+        raise FetchError(f"{what}: every mirror failed in {self._attempts} {rounds}: {summary}")
+
+    def _deadline(self, length: int) -> float:
+        return self._clock() + self._timeout + length / self._min_rate
+
+    # --- One request --------------------------------------------------------------------------
+
+    @contextmanager
+    def _open(self, url: str, headers: Mapping[str, str]) -> Iterator[requests.Response]:
+        """A streaming GET whose connection is closed (not pooled) unless fully read."""
+        try:
+            response = self._session.get(
+                url,
+                headers={**headers, "Accept-Encoding": "identity"},
+                stream=True,
+                timeout=(self._timeout, self._timeout),
+                allow_redirects=True,
+            )
+        except requests.Timeout as exc:
+            raise _MirrorFailure("timeout", _detail(exc)) from None
+        except requests.TooManyRedirects:
+            raise _MirrorFailure("redirects", f"more than {self._session.max_redirects}") from None
+        except requests.ConnectionError as exc:
+            raise _MirrorFailure("connection", _detail(exc)) from None
+        except (
+            requests.RequestException,
+            urllib3.exceptions.HTTPError,
+            OSError,
+            ValueError,
+        ) as exc:
+            # Invalid URL or schema, a header the stack cannot encode, and the like.
+            raise _MirrorFailure("request-error", _detail(exc)) from None
+        try:
+            yield response
+        finally:
+            # A body left unread (refused, or cut at the cap) must not go back to the pool: the
+            # next request on that connection would read its remains as a response.
+            response.close()
+
+    def _read_body(
+        self, response: requests.Response, url: str, limit: int, deadline: float
+    ) -> bytes:
+        """Up to `limit` body bytes; never asks the stream for more."""
+        body = bytearray()
+        while len(body) < limit:
+            if self._clock() > deadline:
+                raise _MirrorFailure("too-slow", f"{len(body)} bytes before the deadline")
+            try:
+                # read1: at most one receive of body bytes, so the deadline is rechecked at
+                # least once per `timeout` however slowly the server drips.
+                piece = response.raw.read1(min(READ_SIZE, limit - len(body)), decode_content=False)
+            except urllib3.exceptions.ReadTimeoutError:
+                raise _MirrorFailure("timeout", f"idle after {len(body)} bytes") from None
+            except urllib3.exceptions.ProtocolError as exc:
+                if isinstance(exc.__cause__, http.client.IncompleteRead):
+                    raise _MirrorFailure("short-body", f"{len(body)} bytes") from None
+                raise _MirrorFailure("connection", _detail(exc)) from None
+            except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+                raise _MirrorFailure("connection", _detail(exc)) from None
+            if not piece:
+                break
+            body += piece
+            self.stats.bytes_received[url] += len(piece)
+        return bytes(body)
+
+
+# --- Response checks (pure) ---------------------------------------------------------------------
+
+
+def _check_partial(response: requests.Response, offset: int, length: int) -> None:
+    """Refuse any answer other than exactly the asked range, before its body is read."""
+    status = response.status_code
+    declared = _declared_length(response)
+    if status == 200:
+        # The server ignored Range and sends the whole file from byte 0: usable only if the
+        # range asked for is that whole file, which a declared length equal to ours proves.
+        if offset != 0 or declared != length:
+            raise _MirrorFailure("ignored-range", f"200 with length {declared}")
+    elif status == 206:
+        content_range = response.headers.get("Content-Range", "")
+        match = _CONTENT_RANGE.fullmatch(content_range.strip())
+        if match is None:
+            raise _MirrorFailure("content-range", _quote(content_range))
+        first, last, total = match.groups()
+        if (
+            int(first) != offset
+            or int(last) != offset + length - 1
+            or (total != "*" and int(total) <= int(last))
+        ):
+            raise _MirrorFailure("content-range", _quote(content_range))
+    else:
+        raise _MirrorFailure(f"status-{status}")
+    _check_identity(response)
+    if declared is not None and declared > length:
+        raise _MirrorFailure("long-body", f"declares {declared} of {length} bytes")
+    if declared is not None and declared < length:
+        raise _MirrorFailure("short-body", f"declares {declared} of {length} bytes")
+
+
+def _check_identity(response: requests.Response) -> None:
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise _MirrorFailure("content-encoding", _quote(encoding))
+
+
+def _declared_length(response: requests.Response) -> int | None:
+    """The Content-Length header, or None when absent (chunked or close-delimited)."""
+    value = response.headers.get("Content-Length")
+    if value is None:
+        return None
+    # http.client already refuses a non-numeric Content-Length, but a mirror's header is not
+    # ours to trust; a malformed one is a failure, not an exception.
+    if not value.strip().isdigit() or len(value.strip()) > 20:
+        raise _MirrorFailure("bad-length", _quote(value))
+    return int(value)
+
+
+def _quote(text: str) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= MAX_DETAIL_CHARS else shown[: MAX_DETAIL_CHARS - 3] + "..."
+
+
+def _detail(exc: BaseException) -> str:
+    """The innermost cause's class name: stable, short, and free of server-chosen text."""
+    for _ in range(_MAX_CAUSE_DEPTH):
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    return type(exc).__name__

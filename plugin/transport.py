@@ -1,0 +1,289 @@
+"""The device's receive socket: group joins, source filters, a large queue, non-blocking reads.
+
+This is the only module on the device side that creates sockets.  One UDP socket, bound to
+``('::', port)``, holds every join of a channel:
+
+* an ASM join (`Join` without a source) uses ``IPV6_JOIN_GROUP``: any host may send to the group;
+* an SSM join (`Join` with a source) uses ``MCAST_JOIN_SOURCE_GROUP``: the kernel delivers only
+  that source's datagrams for the group (an MLDv2 INCLUDE filter, visible in
+  ``/proc/net/mcfilter6``), and an MLDv2 snooping switch or router forwards only that source.
+  Several sources of one group are several joins; their datagrams are merged on this socket.
+
+Linux has two surprises here.  ``IPV6_MULTICAST_ALL`` defaults to 1, and then a socket receives
+datagrams for its port of *every* group any socket on the host joined; it is set to 0 so this
+socket hears only its own joins.  And the source filter applies to multicast only: a unicast
+datagram sent to the device's own address and this port still arrives.  Neither matters for
+safety (every datagram is untrusted and verified by the receiver core), but both would waste
+the per-packet budget and muddle the counters.
+
+Receive buffer.  The sender is paced by a token bucket, so datagrams arrive in bursts rather
+than evenly, and the receiver is a Python loop: ~3.5 us for the ``recv_into`` plus ~8 us to
+parse, hash and decode each datagram (about 90 k datagrams/s on one core).  Worse than the
+average cost are the pauses: decoding a finished 8 MiB chunk (~30 ms), hashing it, writing and
+fsyncing it to flash (tens to hundreds of ms), a garbage-collector pass.  Whatever arrives
+meanwhile has to wait in the kernel's queue or be dropped, and a drop costs a repair symbol the
+sender must then supply.  The kernel doubles the value given to ``SO_RCVBUF`` and charges each
+datagram its buffer's true size, about 2.3 KB for a 1228-byte datagram on veth (more on some
+NIC drivers), so the default 8 MiB holds ~7000 datagrams: ~0.4 s of a 20 MB/s channel.
+``net.core.rmem_max`` (4 MiB in a network namespace, often 208 KiB on devices) caps
+``SO_RCVBUF``; root may exceed it with ``SO_RCVBUFFORCE``, and anyone else gets the cap —
+`MulticastReceiver.receive_buffer` says what the kernel granted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from .errors import NetworkError
+
+# Linux values that Python's socket module does not export (include/uapi/linux/in6.h, in.h,
+# asm-generic/socket.h).
+IPV6_MULTICAST_ALL = 29
+MCAST_JOIN_SOURCE_GROUP = 46
+SO_RCVBUFFORCE = 33
+
+MIB = 1024 * 1024
+DEFAULT_RECEIVE_BUFFER = 8 * MIB
+# The kernel keeps datagrams in RAM up to twice this (see above); beyond 256 MiB a typo in a
+# config would pin a device's memory rather than help.
+MAX_RECEIVE_BUFFER = 256 * MIB
+# The largest UDP payload over IPv6 without jumbograms: a buffer this large never truncates.
+MAX_DATAGRAM = 65535
+
+
+@dataclass(frozen=True)
+class Join:
+    """One membership: ``source`` None joins the group for any source (ASM), otherwise only
+    datagrams from ``source`` are delivered (SSM)."""
+
+    group: str
+    source: str | None = None
+
+
+# struct sockaddr_in6 (netinet/in.h).  Port and flow info are in network byte order; both are 0
+# in a join, so byte order never matters here.
+class sockaddr_in6(ctypes.Structure):  # the C names, so the layouts are recognisable
+    _fields_ = (
+        ("sin6_family", ctypes.c_uint16),
+        ("sin6_port", ctypes.c_uint16),
+        ("sin6_flowinfo", ctypes.c_uint32),
+        ("sin6_addr", ctypes.c_uint8 * 16),
+        ("sin6_scope_id", ctypes.c_uint32),
+    )
+
+
+# struct sockaddr_storage as glibc defines it: 128 bytes whose last member is an unsigned long,
+# so its alignment (and with it the padding after gsr_interface) is the platform's.
+class _storage_layout(ctypes.Structure):
+    _fields_ = (
+        ("ss_family", ctypes.c_uint16),
+        ("ss_padding", ctypes.c_char * (128 - 2 - ctypes.sizeof(ctypes.c_ulong))),
+        ("ss_align", ctypes.c_ulong),
+    )
+
+
+class sockaddr_storage(ctypes.Union):
+    _fields_ = (("in6", sockaddr_in6), ("storage", _storage_layout))
+
+
+class group_source_req(ctypes.Structure):
+    """struct group_source_req (RFC 3678, linux/in.h): the argument of MCAST_JOIN_SOURCE_GROUP."""
+
+    _fields_ = (
+        ("gsr_interface", ctypes.c_uint32),
+        ("gsr_group", sockaddr_storage),
+        ("gsr_source", sockaddr_storage),
+    )
+
+
+# 4 + 4 padding + 2 x 128 on LP64 (offsets 0/8/136); 4 + 2 x 128 = 260 on 32-bit ARM.
+if ctypes.sizeof(ctypes.c_ulong) == 8:
+    assert ctypes.sizeof(group_source_req) == 264, ctypes.sizeof(group_source_req)
+
+
+def _sockaddr(address: ipaddress.IPv6Address, ifindex: int) -> sockaddr_storage:
+    storage = sockaddr_storage()
+    storage.in6.sin6_family = socket.AF_INET6
+    storage.in6.sin6_addr[:] = address.packed
+    # A link-local source is ambiguous without its link; the kernel takes the link from
+    # gsr_interface, but the address is then well-formed for anyone who reads it back.
+    storage.in6.sin6_scope_id = ifindex if address.is_link_local else 0
+    return storage
+
+
+def source_group_request(ifindex: int, group: str, source: str) -> group_source_req:
+    """The MCAST_JOIN_SOURCE_GROUP argument for (source, group) on interface `ifindex`."""
+    request = group_source_req()
+    request.gsr_interface = ifindex
+    request.gsr_group = _sockaddr(ipaddress.IPv6Address(group), ifindex)
+    request.gsr_source = _sockaddr(ipaddress.IPv6Address(source), ifindex)
+    return request
+
+
+def _address(text: str, what: str) -> ipaddress.IPv6Address:
+    # A zone index is refused: the interface is given once, for every join.
+    if "%" in text:
+        raise NetworkError(f"{what} {text!r} carries a zone index; name the interface instead")
+    try:
+        return ipaddress.IPv6Address(text)
+    except ValueError:
+        raise NetworkError(f"{what} {text!r} is not an IPv6 address") from None
+
+
+def _check_joins(joins: Sequence[Join]) -> tuple[Join, ...]:
+    """Normal-form copies of `joins`; NetworkError for anything the kernel would refuse or
+    silently misread."""
+    if not joins:
+        raise NetworkError("no multicast group to join")
+    checked: list[Join] = []
+    any_source: set[str] = set()
+    source_specific: set[str] = set()
+    for join in joins:
+        group = _address(join.group, "group")
+        if not group.is_multicast:
+            raise NetworkError(f"group {group} is not an IPv6 multicast address")
+        source: str | None = None
+        if join.source is not None:
+            address = _address(join.source, "source")
+            if address.is_multicast or address.is_unspecified:
+                raise NetworkError(f"source {address} is not a unicast IPv6 address")
+            source = str(address)
+        normal = Join(str(group), source)
+        if normal in checked:
+            where = f"from {source}" if source else "for any source"
+            raise NetworkError(f"group {group} {where} is listed twice")
+        # The kernel keeps one filter mode per group and socket: ASM is EXCLUDE {}, SSM is
+        # INCLUDE {sources}.  Mixing them fails with an errno that would not say why.
+        (source_specific if source else any_source).add(normal.group)
+        if normal.group in any_source and normal.group in source_specific:
+            raise NetworkError(f"group {group} is joined both for any source and per source")
+        checked.append(normal)
+    return tuple(checked)
+
+
+def _describe(join: Join) -> str:
+    return f"({join.source}, {join.group})" if join.source else f"(*, {join.group})"
+
+
+class MulticastReceiver:
+    """A non-blocking UDP socket on `port` holding `joins` on `interface`.
+
+    Read with `recv_into` when `fileno` is readable (select/poll/selectors); it never blocks.
+    """
+
+    def __init__(
+        self,
+        interface: str,
+        port: int,
+        joins: Sequence[Join],
+        *,
+        rcvbuf: int = DEFAULT_RECEIVE_BUFFER,
+    ) -> None:
+        try:
+            self.ifindex = socket.if_nametoindex(interface)
+        except (OSError, ValueError):  # ValueError: a NUL in the name
+            raise NetworkError(f"interface {interface!r} does not exist") from None
+        if not 1 <= port <= 65535:
+            raise NetworkError(f"port {port} is out of range 1-65535")
+        if not 1 <= rcvbuf <= MAX_RECEIVE_BUFFER:
+            raise NetworkError(f"receive buffer {rcvbuf} is out of range 1-{MAX_RECEIVE_BUFFER}")
+        self._joins = _check_joins(joins)
+        self.interface = interface
+        self.port = port
+        # Datagrams longer than the caller's buffer, dropped rather than handed on cut short.
+        self.truncated = 0
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            self._configure(sock, rcvbuf)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self.receive_buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+    def _configure(self, sock: socket.socket, rcvbuf: int) -> None:
+        step = "IPV6_MULTICAST_ALL"
+        try:
+            # Before the joins and the bind, so not one foreign datagram is queued.
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MULTICAST_ALL, 0)
+            step = "the receive buffer"
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+            except PermissionError:
+                # Not root (CAP_NET_ADMIN): the kernel caps this at net.core.rmem_max.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            step = f"binding port {self.port}"
+            sock.bind(("::", self.port))
+            for join in self._joins:
+                step = f"joining {_describe(join)} on {self.interface}"
+                self._join(sock, join)
+        except OSError as exc:
+            raise NetworkError(f"{step} failed: {_reason(exc)}") from None
+
+    def _join(self, sock: socket.socket, join: Join) -> None:
+        if join.source is None:
+            request = socket.inet_pton(socket.AF_INET6, join.group)
+            sock.setsockopt(
+                socket.IPPROTO_IPV6,
+                socket.IPV6_JOIN_GROUP,
+                request + struct.pack("@I", self.ifindex),
+            )
+        else:
+            source_request = source_group_request(self.ifindex, join.group, join.source)
+            sock.setsockopt(socket.IPPROTO_IPV6, MCAST_JOIN_SOURCE_GROUP, bytes(source_request))
+
+    @property
+    def joins(self) -> tuple[Join, ...]:
+        """The memberships held, in normal form (compressed addresses)."""
+        return self._joins
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def recv_into(self, buffer: bytearray) -> tuple[int, str] | None:
+        """Read one queued datagram into `buffer`: (length, source address), or None when the
+        queue is empty.
+
+        A datagram longer than `buffer` is dropped and counted in `truncated` (a buffer of
+        `MAX_DATAGRAM` bytes never drops one).  A link-local source carries its zone
+        (``fe80::1%eth0``), as the kernel reports it.
+        """
+        while True:
+            try:
+                # MSG_TRUNC: the kernel returns the datagram's real length, so a cut one is seen.
+                length, sender = self._sock.recvfrom_into(buffer, 0, socket.MSG_TRUNC)
+            except BlockingIOError:  # EAGAIN: the queue is empty (EINTR is retried by Python)
+                return None
+            except OSError as exc:
+                raise NetworkError(
+                    f"receiving on port {self.port} on {self.interface} failed: {_reason(exc)}"
+                ) from None
+            if length > len(buffer):
+                self.truncated += 1
+                continue
+            return length, str(sender[0])
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> MulticastReceiver:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
