@@ -16,8 +16,19 @@ import pytest
 from otacast.plugin.errors import IncompleteError
 from otacast.schemas.errors import Expired, Rollback, UnknownKey, WrongDevice
 
-from .netns import Lan, stop
-from .release import DEVICE, Release, dropped, fetch, fetch_command, random_loss, serve
+from . import services
+from .netns import Host, Lan, stop
+from .release import (
+    CHANNEL,
+    DEVICE,
+    SIGNER,
+    Release,
+    dropped,
+    fetch,
+    fetch_command,
+    random_loss,
+    serve,
+)
 
 MB = 1_000_000
 
@@ -254,3 +265,109 @@ def test_expired_manifest_is_refused(lan: Lan, tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == Expired.exit_code
     assert not (tmp_path / "out.img").exists()
+
+
+@pytest.fixture
+def mirrored(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    """A release whose manifest names an HTTP mirror on the first host (fd51::1)."""
+    return Release.make(
+        tmp_path_factory.mktemp("mirrored"),
+        20 * MB,
+        http_url="http://[fd51::1]:8080/rel/rootfs.img",
+    )
+
+
+def test_multicast_stopped_half_way_is_repaired_over_http_fetching_only_missing_chunks(
+    lan: Lan, mirrored: Release, tmp_path: Path
+) -> None:
+    sender, receiver = lan.hosts[0], lan.hosts[3]
+    www = tmp_path / "www"
+    subprocess.run(
+        [SIGNER, "publish", str(mirrored.manifest), str(mirrored.image), "--root", str(www)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        with services.nginx(sender, www, tmp_path / "nginx") as mirror:
+            tx = serve(sender, mirrored, "--rate", "4M", "--duration", "120s")
+            try:
+                rx, events, err = _fetch_while_multicast_stops(
+                    receiver, sender.address, mirrored, tmp_path, tx
+                )
+            finally:
+                stop([tx])
+            served = mirror.served()
+    except services.ServiceMissing as exc:
+        pytest.skip(str(exc))
+    assert rx.returncode == 0, err
+    summary = finished(events)
+    assert served and all(s.status == 206 for s in served)
+    assert sum(s.bytes for s in served) == summary["bytes_http"]
+    assert int(summary["bytes_http"]) + int(summary["bytes_multicast"]) == 20 * MB  # type: ignore[call-overload]
+    assert int(summary["bytes_multicast"]) >= 3 * 2 * 1024 * 1024  # type: ignore[call-overload]
+    assert (tmp_path / "out.img").read_bytes() == mirrored.image.read_bytes()
+
+
+def _fetch_while_multicast_stops(
+    receiver: Host, source: str, release: Release, tmp_path: Path, tx: subprocess.Popen[str]
+) -> tuple[subprocess.Popen[str], list[dict[str, object]], str]:
+    """Run fetch; stop the sender once three chunks are in; return the events."""
+    rx = subprocess.Popen(
+        fetch_command(
+            receiver,
+            release,
+            tmp_path / "state",
+            tmp_path / "out.img",
+            "--source",
+            source,
+            "--stall-timeout",
+            "2",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert rx.stdout is not None
+    events: list[dict[str, object]] = []
+    for line in rx.stdout:
+        events.append(json.loads(line))
+        if events[-1].get("event") == "progress" and int(events[-1]["chunks_done"]) >= 3:  # type: ignore[call-overload]
+            stop([tx])  # multicast stops half way
+            break
+    out, err = rx.communicate(timeout=120)
+    return rx, events + [json.loads(line) for line in out.splitlines()], err
+
+
+def test_sources_found_by_dns_srv_are_joined_source_specifically(
+    lan: Lan, release: Release, tmp_path: Path
+) -> None:
+    a, b, standby, receiver = lan.hosts
+    records = [
+        f"--srv-host=_otacast._udp.{CHANNEL},tx1.example.test,4242,10,5",
+        f"--srv-host=_otacast._udp.{CHANNEL},tx2.example.test,4242,10,5",
+        f"--srv-host=_otacast._udp.{CHANNEL},standby.example.test,4242,20,5",
+        f"--host-record=tx1.example.test,{a.address}",
+        f"--host-record=tx2.example.test,{b.address}",
+        f"--host-record=standby.example.test,{standby.address}",
+        "--local=/example.test/",
+    ]
+    txs = [
+        serve(host, release, "--rate", "20M", "--sender", f"{i}/2", "--duration", "120s")
+        for i, host in enumerate((a, b))
+    ]
+    try:
+        with services.dnsmasq(receiver, records, tmp_path / "dnsmasq.log") as resolver:
+            code, events, err = fetch(
+                receiver, release, tmp_path / "state", tmp_path / "out.img", "--resolver", resolver
+            )
+    except services.ServiceMissing as exc:
+        pytest.skip(str(exc))
+    finally:
+        stop(txs)
+    assert code == 0, err
+    summary = finished(events)
+    group = json.loads(release.manifest.read_text())["signed"]["transport"]["ssm_group"]
+    assert sorted(summary["joins"]) == sorted(  # type: ignore[arg-type]
+        [f"({a.address}, {group})", f"({b.address}, {group})"]
+    )
+    assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()

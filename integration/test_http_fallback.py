@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,15 +21,13 @@ import pytest
 
 from otacast.schemas.manifest import Manifest, parse_envelope
 
-from .netns import BIN, Host, Lan, stop
+from . import services
+from .netns import BIN, Host, Lan
+from .services import Nginx
 
 CHUNK = 64 * 1024
 PORT = 8080
 MIRROR_PATH = "rel/rootfs.img"
-NGINX = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
-
-# How long nginx may take to bind and write its pid file.
-NGINX_START_TIMEOUT = 10.0
 
 # Runs in the client namespace: fetch the listed chunks, write each verified chunk to OUT, print
 # the fetcher's statistics and any per-chunk error as JSON.
@@ -66,8 +61,6 @@ print(json.dumps({
 }))
 """
 
-LOG_LINE = re.compile(r'(\d{3}) (\d+) "([^"]*)"')
-
 
 @dataclass(frozen=True)
 class Release:
@@ -75,13 +68,6 @@ class Release:
     manifest: Manifest
     image: bytes
     www: Path
-
-
-@dataclass(frozen=True)
-class Served:
-    status: int
-    body_bytes: int
-    range: str
 
 
 def signer(*args: str) -> list[str]:
@@ -126,78 +112,14 @@ def make_release(tmp_path: Path, urls: list[str]) -> Release:
     return Release(manifest_path, manifest, image.read_bytes(), www)
 
 
-def nginx_config(prefix: Path, root: Path, address: str) -> str:
-    temp = "\n".join(
-        f"    {kind}_temp_path {prefix / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    return f"""
-daemon off;
-master_process off;
-pid {prefix / "nginx.pid"};
-error_log {prefix / "error.log"} info;
-events {{ worker_connections 64; }}
-http {{
-    log_format ranges '$status $body_bytes_sent "$http_range"';
-    access_log {prefix / "access.log"} ranges;
-{temp}
-    default_type application/octet-stream;
-    server {{
-        listen [{address}]:{PORT};
-        root {root};
-    }}
-}}
-"""
-
-
-@dataclass(frozen=True)
-class Nginx:
-    process: subprocess.Popen[str]
-    prefix: Path
-
-    def served(self) -> list[Served]:
-        """Every request nginx logged: status, body bytes sent, Range header."""
-        lines = (self.prefix / "access.log").read_text().splitlines()
-        served = []
-        for line in lines:
-            match = LOG_LINE.fullmatch(line)
-            assert match is not None, line
-            served.append(Served(int(match[1]), int(match[2]), match[3]))
-        return served
-
-
 @contextmanager
 def nginx(host: Host, root: Path, prefix: Path) -> Iterator[Nginx]:
     """nginx serving `root` on the host's address; always stopped and reaped on exit."""
-    if NGINX is None:
-        pytest.skip("nginx is not installed (Debian package nginx)")
-    prefix.mkdir()
-    config = prefix / "nginx.conf"
-    config.write_text(nginx_config(prefix, root, host.address))
-    with (prefix / "stderr").open("w") as stderr:
-        process = host.popen(
-            NGINX,
-            "-p",
-            str(prefix),
-            "-c",
-            str(config),
-            "-e",
-            str(prefix / "error.log"),
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
     try:
-        # The pid file is written after the listening socket is bound.
-        deadline = time.monotonic() + NGINX_START_TIMEOUT
-        while not (prefix / "nginx.pid").exists():
-            error_log = prefix / "error.log"
-            log = error_log.read_text() if error_log.exists() else ""
-            assert process.poll() is None, f"nginx exited: {log}"
-            assert time.monotonic() < deadline, f"nginx did not start: {log}"
-            time.sleep(0.05)
-        yield Nginx(process, prefix)
-    finally:
-        stop([process])
+        with services.nginx(host, root, prefix, PORT) as running:
+            yield running
+    except services.ServiceMissing as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture
@@ -258,7 +180,7 @@ def test_nginx_serves_only_the_asked_ranges_as_206_and_the_chunks_verify(
     lengths = [release.manifest.chunk_span(i)[1] for i in wanted]
     assert [s.status for s in served] == [206] * len(wanted)
     assert sorted(s.range for s in served) == sorted(asked_range(release, i) for i in wanted)
-    assert sum(s.body_bytes for s in served) == sum(lengths) == result["bytes"][url]
+    assert sum(s.bytes for s in served) == sum(lengths) == result["bytes"][url]
     assert sum(lengths) < len(release.image)  # chunk 1 never crossed the wire
     assert result["requests"] == {url: len(wanted)}
 
@@ -279,7 +201,7 @@ def test_a_dead_first_mirror_costs_one_refused_connect_per_chunk_and_nginx_still
     assert [(s.status, s.range) for s in sorted(served, key=lambda s: s.range)] == sorted(
         (206, asked_range(release, i)) for i in wanted
     )
-    assert sum(s.body_bytes for s in served) == result["bytes"][live]
+    assert sum(s.bytes for s in served) == result["bytes"][live]
 
 
 def test_a_tampered_file_on_the_mirror_is_refused_by_hash_and_never_written(

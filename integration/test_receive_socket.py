@@ -12,7 +12,6 @@ import ipaddress
 import json
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ import pytest
 from otacast.plugin.errors import DiscoveryError, NetworkError
 from otacast.schemas.addressing import asm_group, ssm_group
 
-from .netns import BIN, Host, Lan, ip, stop
+from .netns import BIN, Host, Lan, stop
+from .services import dnsmasq
 
 PYTHON = str(BIN / "python")
 CHANNEL = "updates.example.test"
@@ -327,47 +327,15 @@ RECORDS = (
 )
 
 
-def start_dnsmasq(host: Host, address: str, port: int, log: Path) -> subprocess.Popen[str]:
-    ip("-n", host.netns, "addr", "add", f"{address}/128", "dev", "lo")
-    with log.open("w") as sink:
-        process = host.popen(
-            "dnsmasq",
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--pid-file=",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            f"--listen-address={address}",
-            f"--port={port}",
-            *RECORDS,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"dnsmasq exited: {log.read_text()}")
-        listening = host.run("ss", "-Hlun", f"sport = :{port}").stdout
-        if address in listening:
-            return process
-        time.sleep(0.05)
-    stop([process])
-    pytest.fail(f"dnsmasq did not listen on [{address}]:{port}: {log.read_text()}")
-
-
 @pytest.fixture
 def dns_host(tmp_path: Path) -> Iterator[Host]:
     if shutil.which("dnsmasq") is None:
         pytest.skip("dnsmasq is not installed")
     lan = Lan.create(1)
-    process: subprocess.Popen[str] | None = None
     try:
-        process = start_dnsmasq(lan.hosts[0], DNS_ADDRESS, DNS_PORT, tmp_path / "dnsmasq.log")
-        yield lan.hosts[0]
+        with dnsmasq(lan.hosts[0], RECORDS, tmp_path / "dnsmasq.log", DNS_ADDRESS, DNS_PORT):
+            yield lan.hosts[0]
     finally:
-        if process is not None:
-            stop([process])
         lan.delete()
 
 
@@ -433,13 +401,10 @@ def test_discovery_without_a_resolver_uses_the_system_configuration(
     # resolv.conf cannot name a port: a second dnsmasq serves port 53.
     etc = Path("/etc/netns") / dns_host.netns
     etc.mkdir(parents=True)
-    process: subprocess.Popen[str] | None = None
     try:
         (etc / "resolv.conf").write_text("nameserver fd66::54\n")
-        process = start_dnsmasq(dns_host, "fd66::54", 53, tmp_path / "dnsmasq53.log")
-        found = discover_in(dns_host, CHANNEL, resolver=None)
+        with dnsmasq(dns_host, RECORDS, tmp_path / "dnsmasq53.log", "fd66::54", 53):
+            found = discover_in(dns_host, CHANNEL, resolver=None)
     finally:
-        if process is not None:
-            stop([process])
         shutil.rmtree(etc)
     assert sorted(h[0] for h in found["hosts"]) == ["tx1.example.test", "tx2.example.test"]
