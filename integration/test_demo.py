@@ -6,14 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .netns import require_root_and_ip
 
-def test_readme_demo_signs_verifies_and_refuses_tampering() -> None:
+
+def test_readme_demo_delivers_a_verified_image_through_loss_and_refuses_tampering() -> None:
+    require_root_and_ip()
     demo = Path(__file__).parent / "demo.py"
     done = subprocess.run(
-        [sys.executable, str(demo)], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, str(demo)], capture_output=True, text=True, timeout=300, check=False
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "OK: rootfs.img matches" in done.stdout
-    assert "is not above the installed 42" in done.stderr
-    assert "signature does not match" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "joining ff3e::" in done.stdout and "from fd51::1, fd51::2" in done.stdout
+    assert "the device's image is identical to the signed one" in done.stdout
+    assert "signature does not match" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "everything it created has been removed" in done.stdout
