@@ -136,7 +136,7 @@ def _run_sender(
         "packets": finished["packets"],
         "bytes": finished["bytes"],
         "cpu": usage.ru_utime + usage.ru_stime,
-        "maxrss_mb": usage.ru_maxrss / 1024,
+        "maxrss_mb": finished["peak_rss_mb"],
         "gso": float(all(c["gso"] for c in finished["channels"])),
     }
 

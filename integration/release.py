@@ -53,11 +53,11 @@ class Release:
             "testboard",
             "--channel",
             CHANNEL,
-            "--chunk-size",
-            chunk,
             "--force",
             *extra,
         ]
+        if chunk:  # empty: the signer's default
+            command += ["--chunk-size", chunk]
         if http_url:
             command += ["--http-url", http_url]
         subprocess.run(command, check=True, capture_output=True)

@@ -3,9 +3,12 @@
 Theory of operation
 -------------------
 *Nothing before trust.*  Until a manifest has passed `verify_manifest` (signature threshold,
-expiry, sequence, device type), the only state kept is bounded manifest reassembly: at most
-``MAX_PENDING_MANIFESTS`` envelopes, each capped at its claimed length (itself capped at
-``MAX_MANIFEST_BYTES``), oldest dropped first.  A reassembled envelope must hash to the envelope
+expiry, sequence, device type), the only state kept is bounded manifest reassembly (at most
+``MAX_PENDING_MANIFESTS`` envelopes, each capped at its claimed length, itself capped at
+``MAX_MANIFEST_BYTES``, oldest dropped first) and the last ``MAX_EARLY_DATAGRAMS`` well-formed
+DATA datagrams, held unread and replayed through the normal admission checks once a manifest
+is verified, so a receiver joining mid-stream does not throw away what arrives before the
+manifest carousel comes round.  A reassembled envelope must hash to the envelope
 id its fragments carried, and its signed bytes to the session id, before it is verified.
 
 *One session.*  Once verified, the manifest fixes the session id, the symbol size and the chunk
@@ -14,10 +17,13 @@ that is not yet complete, has SBN 0 and a symbol of exactly the signed size; eve
 a counted rejection (``stats.rejected[reason]``).  Nothing here raises on hostile input.
 
 *Decoding.*  One decoder per chunk in progress, created on the chunk's first symbol and fed each
-ESI once.  Decoders are bounded by ``MAX_DECODER_BYTES``; when a new chunk needs one beyond the
-budget the least recently fed decoder is dropped (its chunk will be collected again on a later
-pass).  A decoded chunk is hashed; a mismatch (e.g. a forged symbol polluted the decode) drops
-that chunk's symbols and it is collected afresh.
+ESI once.  Decoders are bounded by ``MAX_DECODER_BYTES``.  When the budget is full, symbols of
+chunks without a decoder are refused (``decoder-budget``) rather than evicting a partial decoder:
+a held decoder only ever gains symbols, so every pass completes at least a budget's worth of
+chunks and the download converges even when loss exceeds the sender's per-pass overhead.
+(Evicting instead was measured to livelock at 20% loss: each window pushed out the previous
+one's half-filled decoders, pass after pass.)  A decoded chunk is hashed; a mismatch (e.g. a
+forged symbol polluted the decode) drops that chunk's symbols and it is collected afresh.
 
 *Fallback.*  With a join timeout, the core asks for fallback if no datagram of a usable session
 has arrived in time; with a stall timeout, if no new symbol or chunk has advanced the image for
@@ -36,6 +42,7 @@ from otacast.schemas import wire
 from otacast.schemas.errors import ManifestRejected, PacketError
 from otacast.schemas.limits import (
     MAX_DECODER_BYTES,
+    MAX_EARLY_DATAGRAMS,
     MAX_PENDING_MANIFESTS,
     MAX_REFUSED_MANIFESTS,
 )
@@ -127,6 +134,7 @@ class ReceiverCore:
         self.stats = ReceiverStats()
         self.verified: VerifiedManifest | None = None
         self.done: set[int] = set()
+        self.first_datagram_at: float | None = None
         self._events: deque[Event] = deque()
         self._started = now
         self._heard = False
@@ -136,6 +144,7 @@ class ReceiverCore:
         self._pending: OrderedDict[tuple[bytes, bytes], _Reassembly] = OrderedDict()
         self._refused: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
         self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
+        self._early: deque[bytes] = deque(maxlen=MAX_EARLY_DATAGRAMS)
         self._session = b""
         if manifest is not None:
             self._adopt(manifest, now)
@@ -162,6 +171,8 @@ class ReceiverCore:
         joins), and packet authentication will use it.
         """
         self.stats.datagrams += 1
+        if self.first_datagram_at is None:
+            self.first_datagram_at = now
         if (
             self._session
             and data[:4] == _DATA_PREFIX
@@ -180,7 +191,9 @@ class ReceiverCore:
         elif self._session:
             self.stats.rejected["other-session"] += 1
         else:
-            self.stats.rejected["no-manifest-yet"] += 1
+            if len(self._early) == self._early.maxlen:
+                self.stats.rejected["no-manifest-yet"] += 1  # the oldest held one is dropped
+            self._early.append(bytes(data))
 
     def mark_done(self, index: int, now: float) -> None:
         """A chunk verified by other means (staging resume, HTTP) is complete."""
@@ -279,6 +292,12 @@ class ReceiverCore:
         self._heard = True
         self._last_progress = now
         self._events.append(ManifestVerified(verified))
+        early, self._early = self._early, deque(maxlen=MAX_EARLY_DATAGRAMS)
+        for data in early:  # held while no manifest was verified yet
+            if data[4:12] == self._session and len(data) > wire.DATA_HEADER_SIZE:
+                self._on_data(data, now)
+            else:
+                self.stats.rejected["other-session"] += 1
 
     # --- Data --------------------------------------------------------------------------------
 
@@ -299,6 +318,9 @@ class ReceiverCore:
             return
         state = self._chunks.get(chunk)
         if state is None:
+            if len(self._chunks) >= self._max_decoders:
+                self.stats.rejected["decoder-budget"] += 1
+                return
             state = self._open_chunk(chunk, now)
         esi = payload_id
         if esi in state.seen:
@@ -319,9 +341,6 @@ class ReceiverCore:
             self._finish_chunk(chunk, result, now)
 
     def _open_chunk(self, chunk: int, now: float) -> _Chunk:
-        if len(self._chunks) >= self._max_decoders:
-            self._chunks.popitem(last=False)  # least recently fed
-            self.stats.rejected["decoder-evicted"] += 1
         assert self.verified is not None
         length = self.verified.manifest.chunk_span(chunk)[1]
         state = self._chunks[chunk] = _Chunk(self.decoder_factory(length, self._symbol_size), now)

@@ -13,6 +13,7 @@ the core, so multicast and HTTP share one state without locks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import select
@@ -29,7 +30,7 @@ from otacast.schemas.policy import TrustSet, VerifiedManifest
 
 from .core import ReceiverCore
 from .discovery import discover
-from .errors import DiscoveryError, FetchError, IncompleteError, UsageError
+from .errors import DiscoveryError, FetchError, IncompleteError, StateError, UsageError
 from .events import ChunkComplete, FallbackNeeded, ImageComplete, ManifestRefused, ManifestVerified
 from .fetcher import HttpFetcher
 from .staging import Staging
@@ -38,6 +39,8 @@ from .transport import Join, MulticastReceiver
 # Datagrams taken from the socket per turn of the loop before timers and HTTP results are
 # looked at again: keeps both responsive under a flood without a syscall per check.
 MAX_BURST = 512
+# Verified chunks waiting for the writer thread (4 MiB each at the default chunk size).
+WRITE_QUEUE = 4
 # Longest wait for a datagram; bounds how late HTTP results and the status line are handled.
 POLL_INTERVAL = 0.1
 
@@ -71,9 +74,47 @@ class FetchSummary:
     bytes_multicast: int
     bytes_http: int
     bytes_resumed: int
+    receiving: float  # seconds from the first datagram to the verified image
     datagrams: int
+    symbols_used: int
+    late: int  # symbols of chunks already complete (the sender's per-pass overhead)
     rejected: dict[str, int]
     joins: list[str] = field(default_factory=list)
+
+
+class _Writer(threading.Thread):
+    """Persists verified chunks off the receive loop.
+
+    Writing and syncing a 4 MiB chunk takes tens of milliseconds; done inline, the socket buffer
+    overflowed and the lost symbols cost whole extra passes.  The queue is bounded, so at most
+    ``WRITE_QUEUE`` chunks wait in memory; a write error is kept and re-raised by the loop.
+    """
+
+    def __init__(self, staging: Staging) -> None:
+        super().__init__(name="otacast-writer", daemon=True)
+        self.staging = staging
+        self.queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(WRITE_QUEUE)
+        self.error: StateError | None = None
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.staging.write_chunk(*item)
+                except StateError as exc:
+                    self.error = exc
+
+    def put(self, index: int, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((index, data))
+
+    def flush(self) -> None:
+        """Wait for every queued chunk to be on disk; raise the first write error."""
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 class _Repair(threading.Thread):
@@ -166,13 +207,17 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
     finally:
         run.close()
     assert core.verified is not None
+    end = time.time()
     summary = FetchSummary(
         manifest=core.verified,
-        elapsed=time.time() - start,
+        elapsed=end - start,
         bytes_multicast=core.stats.bytes_multicast,
         bytes_http=run.bytes_http,
         bytes_resumed=run.bytes_resumed,
+        receiving=end - (core.first_datagram_at or start),
         datagrams=core.stats.datagrams,
+        symbols_used=core.stats.symbols_used,
+        late=core.stats.late,
         rejected=dict(core.stats.rejected),
         joins=[f"({j.source or '*'}, {j.group})" for j in joins],
     )
@@ -195,6 +240,7 @@ class _Run:
         self.emit = emit
         self.start = start
         self.staging: Staging | None = None
+        self.writer: _Writer | None = None
         self.repair: _Repair | None = None
         self.bytes_http = 0
         self.bytes_resumed = 0
@@ -234,8 +280,8 @@ class _Run:
             if isinstance(event, ManifestVerified):
                 self._open_staging(event.verified)
             elif isinstance(event, ChunkComplete):
-                assert self.staging is not None
-                self.staging.write_chunk(event.index, event.data)
+                assert self.writer is not None
+                self.writer.put(event.index, event.data)
                 if self.repair is not None:
                     self.repair.done_elsewhere.add(event.index)
             elif isinstance(event, ManifestRefused):
@@ -252,6 +298,8 @@ class _Run:
             f"{m.image.length} bytes in {m.chunk_count} chunks"
         )
         self.staging = Staging(self.options.state_dir, verified)
+        self.writer = _Writer(self.staging)
+        self.writer.start()
         now = time.time()
         for index in sorted(self.staging.resume()):
             self.core.mark_done(index, now)
@@ -293,9 +341,9 @@ class _Run:
                 self.repair.join()
                 continue
             index, data = item
-            if index in self.core.done or self.staging is None:
+            if index in self.core.done or self.writer is None:
                 continue
-            self.staging.write_chunk(index, data)
+            self.writer.put(index, data)
             self.bytes_http += len(data)
             self.core.mark_done(index, time.time())
             self._handle_events()
@@ -312,7 +360,9 @@ class _Run:
             )
 
     def _finish(self) -> None:
-        assert self.staging is not None
+        assert self.staging is not None and self.writer is not None
+        self.writer.flush()
+        self.writer = None
         self.staging.finish(self.options.out)
         self.staging.discard()
         self.staging = None
@@ -323,6 +373,11 @@ class _Run:
             self.repair.stop.set()
         if self.receiver is not None:
             self.receiver.close()
+        if self.writer is not None:
+            # Whatever was verified is kept for the next run; a write error that ended this run
+            # is already on its way out.
+            with contextlib.suppress(StateError):
+                self.writer.flush()
         if self.staging is not None:
             self.staging.close()
 
@@ -400,8 +455,12 @@ class Reporter:
                         "bytes_http": s.bytes_http,
                         "bytes_resumed": s.bytes_resumed,
                         "datagrams": s.datagrams,
+                        "symbols_used": s.symbols_used,
+                        "late": s.late,
                         "rejected": s.rejected,
                         "elapsed": round(s.elapsed, 3),
+                        "receiving": round(s.receiving, 3),
+                        "peak_rss_mb": peak_rss_mb(),
                         "joins": s.joins,
                     },
                     sort_keys=True,
@@ -414,3 +473,16 @@ class Reporter:
             f"{s.elapsed:.1f} s; multicast {s.bytes_multicast}, HTTP {s.bytes_http}, "
             f"resumed {s.bytes_resumed} bytes; {s.datagrams} datagrams, rejected: {reasons}"
         )
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process image (VmHWM; resets at exec, unlike ru_maxrss,
+    which inherits the forking parent's peak), in MB; None where /proc is unavailable."""
+    try:
+        with Path("/proc/self/status").open(encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None

@@ -52,7 +52,10 @@ MAX_CHUNK_BYTES = 8 * 1024 * 1024
 # the benefit of finer-grained verification.
 MIN_CHUNK_BYTES = 64 * 1024
 
-DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+# 1 MiB: a receiver's RaptorQ decoder holds about twice its chunk in memory, so small chunks
+# keep a window of decoders small (8 x ~2 MiB); a 1 GB image still needs only 1024 hashes
+# (~70 KB of manifest).  Larger images grow the chunk size automatically (fec.choose_chunk_size).
+DEFAULT_CHUNK_BYTES = 1024 * 1024
 
 # Chunk hashes in one manifest.  16384 x 8 MiB is 128 GiB, beyond any device image, and the
 # hash list stays near 1.1 MB, inside MAX_MANIFEST_BYTES.
@@ -80,15 +83,22 @@ MIN_SYMBOL_SIZE = 256
 
 # --- Receiver ---------------------------------------------------------------------------------
 
-# Memory the receiver may spend on chunks being decoded.  A decoder holds about one chunk of
-# symbols; the sender interleaves a window of 8 chunks (32 MiB at the default 4 MiB), so 64 MiB
-# holds a full window twice over while keeping the whole receiver well under 100 MB.
-MAX_DECODER_BYTES = 64 * 1024 * 1024
+# Chunk bytes the receiver may have in decoders at once.  A decoder costs about twice its chunk
+# (measured with raptorq 2.0); the sender interleaves windows of 8 chunks (8 MiB at the default
+# 1 MiB), and a receiver hearing two senders has two windows in flight: 16 MiB of chunks, ~32 MB
+# of decoders, keeps the whole receiver under 100 MB.
+MAX_DECODER_BYTES = 16 * 1024 * 1024
 
 # Manifests being reassembled at once (per release and signature set).  An honest channel has
 # one; a few more absorb a co-signed re-issue; beyond that, the oldest is dropped so a flood of
 # forged fragment streams cannot grow memory (each holds at most MAX_MANIFEST_BYTES).
 MAX_PENDING_MANIFESTS = 4
+
+# DATA datagrams held while no manifest is verified yet, replayed once one is (those of other
+# sessions are then dropped).  2048 x ~1.2 KB is ~2.5 MB: a quarter second of a 10 MB/s channel
+# that a receiver joining mid-stream would otherwise throw away; a flood of forgeries only
+# pushes older entries out, it cannot grow memory.
+MAX_EARLY_DATAGRAMS = 2048
 
 # Envelopes already refused (bad signature, rollback ...) remembered so their repetitions are
 # dropped with one lookup instead of one Ed25519 verification each.

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size",
         type=_chunk_size,
         default=0,
-        help="chunk size, 64K..8M (default 4M, grown for huge images)",
+        help="chunk size, 64K..8M (default 1M, grown for huge images)",
     )
     p.add_argument(
         "--symbol-size",

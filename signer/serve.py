@@ -342,6 +342,7 @@ class Reporter:
                 bytes=s.bytes,
                 passes=s.passes,
                 channels=s.channels,
+                peak_rss_mb=peak_rss_mb(),
             )
             return
         rate = s.bytes / s.elapsed / 1e6 if s.elapsed > 0 else 0.0
@@ -356,3 +357,16 @@ def _rate_text(rate: object) -> str:
     if not isinstance(rate, int | float) or not rate:
         return "full speed (unpaced)"
     return f"{rate / 1e6:g} MB/s"
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process image (VmHWM; resets at exec, unlike ru_maxrss,
+    which inherits the forking parent's peak), in MB; None where /proc is unavailable."""
+    try:
+        with Path("/proc/self/status").open(encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None

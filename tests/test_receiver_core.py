@@ -109,11 +109,24 @@ def test_lost_symbols_are_repaired_from_repair_symbols(loss: float) -> None:
     assert rebuilt(events) == IMAGE and core.complete
 
 
-def test_data_before_the_manifest_is_counted_not_kept() -> None:
+def test_data_before_the_manifest_is_held_and_used_once_it_is_verified() -> None:
     core = ReceiverCore(TRUST, now=NOW)
-    receive_all(core, DATA[0][:10])
-    assert core.stats.rejected["no-manifest-yet"] == 10
-    assert core.verified is None
+    receive_all(core, DATA[0])
+    assert core.verified is None and core.stats.symbols_used == 0
+    events = receive_all(core, manifest_datagrams())
+    assert [e.index for e in events if isinstance(e, ChunkComplete)] == [0]
+
+
+def test_held_early_data_is_bounded_and_foreign_sessions_are_dropped_on_replay() -> None:
+    from otacast.schemas.limits import MAX_EARLY_DATAGRAMS
+
+    core = ReceiverCore(TRUST, now=NOW)
+    foreign = wire.build_datagram(wire.DataPacket(b"\xee" * 8, 0, 1, b"z" * 1208))
+    receive_all(core, [foreign] * (MAX_EARLY_DATAGRAMS + 5))
+    assert core.stats.rejected["no-manifest-yet"] == 5
+    receive_all(core, manifest_datagrams())
+    assert core.stats.rejected["other-session"] == MAX_EARLY_DATAGRAMS
+    assert core.stats.symbols_used == 0
 
 
 def test_rollback_manifest_is_refused_and_no_session_is_kept() -> None:
@@ -123,7 +136,7 @@ def test_rollback_manifest_is_refused_and_no_session_is_kept() -> None:
     assert [e.reason for e in refused] == ["Rollback"]  # verified once, then remembered
     assert core.verified is None
     assert core.stats.rejected["refused-manifest"] >= 1
-    assert core.stats.rejected["no-manifest-yet"] == 5
+    assert core.stats.symbols_used == 0
 
 
 def test_wrong_device_and_unknown_key_manifests_are_refused() -> None:
@@ -190,11 +203,14 @@ def test_duplicates_and_late_symbols_are_counted_not_fed() -> None:
     assert core.stats.late >= 2
 
 
-def test_decoders_stay_within_the_memory_budget() -> None:
+def test_decoders_stay_within_the_memory_budget_and_partial_ones_are_kept() -> None:
     core = ReceiverCore(TRUST, now=NOW, decoder_budget=2 * CHUNK)
     receive_all(core, manifest_datagrams())
     receive_all(core, [DATA[i][0] for i in range(4)])  # four chunks started, room for two
-    assert core.stats.rejected["decoder-evicted"] == 2
+    assert core.stats.rejected["decoder-budget"] == 2
+    # The two held decoders keep their symbols and complete; then the others get room.
+    events = receive_all(core, DATA[0][1:] + DATA[1][1:] + DATA[2] + DATA[3])
+    assert sorted(e.index for e in events if isinstance(e, ChunkComplete)) == [0, 1, 2, 3]
 
 
 def test_join_timeout_asks_for_fallback_once() -> None:

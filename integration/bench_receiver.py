@@ -1,0 +1,124 @@
+"""Receiver benchmark: prints numbers, asserts nothing.
+
+    python integration/bench_receiver.py [--size 64M] [--big-image 1G] [--rate 120M] [--quick]
+
+On a two-host namespaced LAN a sender loops a release at a fixed paced rate and ``otacast
+fetch`` receives it, with 0%, 5% and 20% of datagrams dropped at random by nftables in the
+receiver's namespace (the sender runs without GSO so each datagram is dropped on its own).  The
+receiver joins first and the sender starts after, so every run sees the stream from its start.
+For each loss rate it reports goodput (image bytes / time from the first datagram to the
+verified image, so process start-up is not counted), the
+receiver's CPU seconds per MB (its own rusage), and two efficiency figures:
+
+* FEC: symbols the decoders used / K (the fountain code's own overhead);
+* wire: datagrams that reached the receiver's link (received + dropped) / the ideal K/(1-p).
+  This includes symbols sent for chunks the receiver had already finished, so it reflects the
+  sender's per-pass overhead (``--overhead``, default 10%) as well as the code.
+
+Then it receives a large image once at 0% loss and reports the receiver's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from integration.netns import Lan, stop
+from integration.release import Release, dropped, fetch_command, random_loss, serve
+from otacast.schemas import units
+from otacast.schemas.manifest import parse_envelope
+
+
+def receive(lan: Lan, release: Release, work: Path, rate: str, loss: int) -> dict[str, float]:
+    sender, receiver = lan.hosts
+    receiver.run("nft", "delete table inet otacast_loss")
+    if loss:
+        random_loss(receiver, loss)
+    out = work / "out.img"
+    rx = subprocess.Popen(
+        fetch_command(receiver, release, work / "state", out, "--source", sender.address),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)  # joined
+    tx = serve(sender, release, "--rate", rate, "--no-gso", "--duration", "600s")
+    try:
+        # `ip netns exec` execs the command, so this pid is the receiver itself.
+        _, status, usage = os.wait4(rx.pid, 0)
+        rx.returncode = os.waitstatus_to_exitcode(status)
+        stdout = rx.stdout.read() if rx.stdout else ""
+        stderr = rx.stderr.read() if rx.stderr else ""
+    finally:
+        stop([tx])
+    if rx.returncode != 0:
+        raise SystemExit(f"fetch failed ({rx.returncode}): {stderr.strip()}")
+    summary = [json.loads(line) for line in stdout.splitlines()][-1]
+    if out.read_bytes() != release.image.read_bytes():
+        raise SystemExit("the received image differs")
+    out.unlink()
+    manifest = parse_envelope(release.manifest.read_bytes()).manifest
+    k = sum(manifest.source_symbols(i) for i in range(manifest.chunk_count))
+    mb = manifest.image.length / 1e6
+    lost = dropped(receiver) if loss else 0
+    return {
+        "loss": loss,
+        "goodput_MB/s": round(mb / summary["receiving"], 1),
+        "cpu_s_per_MB": round((usage.ru_utime + usage.ru_stime) / mb, 4),
+        "fec_used/K": round(summary["symbols_used"] / k, 4),
+        "wire/ideal": round((summary["datagrams"] + lost) / (k / (1 - loss / 100)), 3),
+        "peak_rss_MB": summary["peak_rss_mb"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="64M")
+    parser.add_argument("--big-image", default="1G")
+    parser.add_argument("--rate", default="120M")
+    parser.add_argument("--quick", action="store_true", help="16M image, no large-image run")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="otacast-rxbench-"))
+    lan = Lan.create(2)
+    try:
+        size = units.parse_size("16M" if args.quick else args.size)
+        release = Release.make(work / "release", size, chunk="")
+        stop([serve(lan.hosts[0], release, "--rate", "max", ready=True)])  # encode once
+        rows = [receive(lan, release, work, args.rate, loss) for loss in (0, 5, 20)]
+        print(f"image {units.format_bytes(size)}, sender paced at {args.rate}, 1228-byte datagrams")
+        print(
+            f"{'loss':>5} {'goodput MB/s':>13} {'CPU s/MB':>9} {'FEC used/K':>11} "
+            f"{'wire/ideal':>11} {'peak RSS MB':>12}"
+        )
+        for r in rows:
+            print(
+                f"{r['loss']:>4}% {r['goodput_MB/s']:>13} {r['cpu_s_per_MB']:>9} "
+                f"{r['fec_used/K']:>11} {r['wire/ideal']:>11} {r['peak_rss_MB']:>12}"
+            )
+        result: dict[str, object] = {"rows": rows}
+        if not args.quick:
+            big = Release.make(work / "big", units.parse_size(args.big_image), chunk="")
+            stop([serve(lan.hosts[0], big, "--rate", "max", ready=True)])
+            row = receive(lan, big, work, args.rate, 0)
+            print(
+                f"{units.format_bytes(units.parse_size(args.big_image))} image at 0% loss: "
+                f"peak RSS {row['peak_rss_MB']} MB, goodput {row['goodput_MB/s']} MB/s"
+            )
+            result["big"] = row
+        print(json.dumps(result))
+    finally:
+        lan.delete()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
