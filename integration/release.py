@@ -31,7 +31,7 @@ class Release:
         size: int,
         *,
         sequence: int = 3,
-        chunk: str = "2M",
+        chunk: str = "",
         http_url: str | None = None,
         extra: tuple[str, ...] = (),
     ) -> Release:

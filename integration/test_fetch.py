@@ -78,8 +78,10 @@ def test_a_20_mb_image_arrives_identical_through_random_loss(
     assert code == 0, err
     summary = finished(events)
     assert summary["bytes_http"] == 0
-    # Data that arrives before the (lossy) manifest carousel completes is dropped, nothing else.
-    assert set(summary["rejected"]) <= {"no-manifest-yet"}  # type: ignore[call-overload]
+    # Only counted discards of honest data: early data beyond what is held before the (lossy)
+    # manifest arrives, and, above the sender's 10% overhead, symbols of chunks waiting for
+    # decoder room.  Nothing malformed.
+    assert set(summary["rejected"]) <= {"no-manifest-yet", "decoder-budget"}  # type: ignore[call-overload]
     assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
     if loss:
         assert dropped(receiver) > 0
@@ -191,7 +193,7 @@ def test_kill_9_mid_download_then_the_same_command_resumes(
         stop([tx])
     assert code == 0, err
     summary = finished(events)
-    assert int(summary["bytes_resumed"]) >= 3 * 2 * 1024 * 1024  # type: ignore[call-overload]
+    assert int(summary["bytes_resumed"]) >= 3 * 1024 * 1024  # type: ignore[call-overload]
     assert out.read_bytes() == release.image.read_bytes()
 
 
@@ -304,7 +306,7 @@ def test_multicast_stopped_half_way_is_repaired_over_http_fetching_only_missing_
     assert served and all(s.status == 206 for s in served)
     assert sum(s.bytes for s in served) == summary["bytes_http"]
     assert int(summary["bytes_http"]) + int(summary["bytes_multicast"]) == 20 * MB  # type: ignore[call-overload]
-    assert int(summary["bytes_multicast"]) >= 3 * 2 * 1024 * 1024  # type: ignore[call-overload]
+    assert int(summary["bytes_multicast"]) >= 3 * 1024 * 1024  # type: ignore[call-overload]
     assert (tmp_path / "out.img").read_bytes() == mirrored.image.read_bytes()
 
 

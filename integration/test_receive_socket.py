@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from otacast.plugin.errors import DiscoveryError, NetworkError
+from otacast.plugin.transport import DEFAULT_RECEIVE_BUFFER
 from otacast.schemas.addressing import asm_group, ssm_group
 
 from .netns import BIN, Host, Lan, stop
@@ -193,7 +194,7 @@ def test_an_asm_join_receives_datagrams_sent_to_the_group_from_another_host(lan4
     assert rx.ready["empty_at_start"] is True
     assert rx.ready["joins"] == [[group, None]]
     # As root SO_RCVBUFFORCE passes net.core.rmem_max; the kernel reports twice the request.
-    assert rx.ready["buffer"] == 2 * 8 * MIB
+    assert rx.ready["buffer"] == 2 * DEFAULT_RECEIVE_BUFFER  # the kernel doubles what is asked
 
 
 def test_an_ssm_join_receives_its_source_and_not_a_second_source_on_the_same_group_and_port(
@@ -278,7 +279,7 @@ def test_without_root_the_receive_buffer_falls_back_to_the_rmem_max_cap(lan4: La
     done = device.run(*unprivileged, PYTHON, "-c", script)
     assert done.returncode == 0, done.stderr
     rmem_max = int(device.run("cat", "/proc/sys/net/core/rmem_max").stdout)
-    assert rmem_max < 8 * MIB  # otherwise this proves nothing
+    assert rmem_max < DEFAULT_RECEIVE_BUFFER  # otherwise this proves nothing
     assert int(done.stdout) == 2 * rmem_max
 
 

@@ -83,11 +83,16 @@ MIN_SYMBOL_SIZE = 256
 
 # --- Receiver ---------------------------------------------------------------------------------
 
+# Chunk bytes a sender interleaves at once (a window): 8 chunks at the default 1 MiB, 1 chunk at
+# the 8 MiB maximum.  Sized in bytes, not chunks, so that the receiver's decoder budget below
+# always holds two windows whatever the chunk size.
+WINDOW_BYTES = 8 * 1024 * 1024
+MAX_WINDOW_CHUNKS = 8
+
 # Chunk bytes the receiver may have in decoders at once.  A decoder costs about twice its chunk
-# (measured with raptorq 2.0); the sender interleaves windows of 8 chunks (8 MiB at the default
-# 1 MiB), and a receiver hearing two senders has two windows in flight: 16 MiB of chunks, ~32 MB
-# of decoders, keeps the whole receiver under 100 MB.
-MAX_DECODER_BYTES = 16 * 1024 * 1024
+# (measured with raptorq 2.0); a receiver hearing two senders has two windows in flight, so
+# 2 x WINDOW_BYTES of chunks (~32 MB of decoders) keeps the whole receiver under 100 MB.
+MAX_DECODER_BYTES = 2 * WINDOW_BYTES
 
 # Manifests being reassembled at once (per release and signature set).  An honest channel has
 # one; a few more absorb a co-signed re-issue; beyond that, the oldest is dropped so a flood of

@@ -290,7 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="repair pool per chunk as a share of K, at least 50%% (default 50%%)",
     )
     p.add_argument(
-        "--window", type=_positive, default=8, help="chunks interleaved at a time (default 8)"
+        "--window",
+        type=_positive,
+        help="chunks interleaved at a time (default: 8 MiB worth, at most 8; receivers hold two "
+        "windows of decoders)",
     )
     p.add_argument(
         "--cache-dir",

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from otacast.schemas import addressing, wire
+from otacast.schemas import addressing, fec, wire
 from otacast.schemas.errors import Expired
 from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM
 from otacast.schemas.manifest import Envelope
@@ -51,7 +51,7 @@ class ServeOptions:
     duration: float | None = None
     overhead: float = 0.1
     repair: float = 0.5
-    window: int = 8
+    window: int | None = None  # None: fec.window_chunks(chunk size)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "otacast")
     gso: bool = True
     loopback: bool = False
@@ -160,7 +160,7 @@ def serve(
                 sends,
                 datagram_size=layout.datagram_size,
                 batch=batch,
-                window=options.window,
+                window=options.window or fec.window_chunks(manifest.chunks.size),
                 rate=rate,
                 manifest=fragments,
                 now=start,
