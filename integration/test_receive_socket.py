@@ -12,12 +12,14 @@ import ipaddress
 import json
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from otacast.plugin import transport
 from otacast.plugin.errors import DiscoveryError, NetworkError
 from otacast.plugin.transport import DEFAULT_RECEIVE_BUFFER
 from otacast.schemas.addressing import asm_group, ssm_group
@@ -268,15 +270,38 @@ def test_a_datagram_longer_than_the_buffer_is_counted_and_never_handed_on_cut_sh
     assert truncated == 2
 
 
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, standard library only
+
+
 def test_without_root_the_receive_buffer_falls_back_to_the_rmem_max_cap(lan4: Lan) -> None:
+    if not Path(SYSTEM_PYTHON).exists():
+        pytest.skip("the system python3 is not installed")
     device = lan4.hosts[0]
     script = (
         "from otacast.plugin.transport import Join, MulticastReceiver\n"
         "with MulticastReceiver('eth0', 4242, [Join('ff1e::1')]) as rx:\n"
         "    print(rx.receive_buffer)\n"
     )
-    unprivileged = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
-    done = device.run(*unprivileged, PYTHON, "-c", script)
+    # The unprivileged user may not be able to read this checkout or its virtual environment
+    # (a fresh clone in a 0700 temporary directory): give it a world-readable copy of the
+    # package tree, which needs nothing beyond the standard library for this.
+    readable = Path(tempfile.mkdtemp(prefix="otacast-nobody-", dir="/tmp"))
+    try:
+        readable.chmod(0o755)
+        # The installed `otacast` directory (files or, in an editable install, symlinks).
+        installed = Path(transport.__file__).parents[1]
+        shutil.copytree(
+            installed, readable / "otacast", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        for path in readable.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        unprivileged = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+        # The system interpreter: a per-user one (pyenv under /root) is out of its reach too.
+        done = device.run(
+            *unprivileged, "env", f"PYTHONPATH={readable}", SYSTEM_PYTHON, "-S", "-c", script
+        )
+    finally:
+        shutil.rmtree(readable, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     rmem_max = int(device.run("cat", "/proc/sys/net/core/rmem_max").stdout)
     assert rmem_max < DEFAULT_RECEIVE_BUFFER  # otherwise this proves nothing
