@@ -37,9 +37,11 @@ demo: setup
 # Benchmarks print numbers and assert nothing; they need root (network namespaces).
 bench: setup
 	$(BIN)/python integration/bench_sender.py
+	$(BIN)/python integration/bench_receiver.py
 
 bench-quick: setup
 	$(BIN)/python integration/bench_sender.py --quick
+	$(BIN)/python integration/bench_receiver.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache .hypothesis

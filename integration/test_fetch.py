@@ -164,7 +164,10 @@ def test_ssm_join_ignores_an_unlisted_source_sending_garbage_to_the_group(
     finally:
         stop([tx, flood])
     assert code == 0, err
-    assert finished(events)["rejected"] == {}  # the kernel's source filter kept it all out
+    # The flood carries random session ids: had any of it arrived it would be counted as
+    # another session's or as malformed.  Only honest early data may have been discarded.
+    rejected = finished(events)["rejected"]
+    assert set(rejected) <= {"no-manifest-yet"}, rejected  # type: ignore[arg-type]
     assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
 
 
