@@ -376,3 +376,48 @@ def test_sources_found_by_dns_srv_are_joined_source_specifically(
         [f"({a.address}, {group})", f"({b.address}, {group})"]
     )
     assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
+
+
+def test_install_hands_the_image_to_the_installer_and_then_refuses_a_replay(
+    lan: Lan, release: Release, tmp_path: Path
+) -> None:
+    sender, receiver = lan.hosts[0], lan.hosts[3]
+    target = tmp_path / "slot.img"
+    target.write_bytes(b"factory image")
+    state = tmp_path / "state"
+    tx = serve(sender, release, "--rate", "40M", "--duration", "120s")
+    try:
+        command = fetch_command(
+            receiver,
+            release,
+            state,
+            tmp_path / "out.img",
+            "--source",
+            sender.address,
+            "--join-timeout",
+            "3",
+        )
+        command[command.index("fetch")] = "install"
+        first = subprocess.run(
+            [*command, "--installer", f"file:{target}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        # The same release again: the record of what is installed now refuses it.
+        again = subprocess.run(
+            [*command, "--installer", f"file:{target}", "--manifest", str(release.manifest)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        stop([tx])
+    assert first.returncode == 0, first.stderr
+    installed = json.loads(first.stdout.splitlines()[-1])
+    assert installed["event"] == "installed" and installed["sequence"] == 3
+    assert target.read_bytes() == release.image.read_bytes()
+    assert (tmp_path / "slot.img.previous").read_bytes() == b"factory image"
+    assert again.returncode == Rollback.exit_code, again.stderr

@@ -20,7 +20,9 @@ from otacast.schemas.errors import OtacastError
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
 
 from .errors import UsageError
-from .fetch import FetchOptions, fetch
+from .fetch import FetchOptions, FetchSummary, fetch
+from .installed import read_installed, write_installed
+from .installers import get_installer
 from .trust import load_trust, read_limited
 from .verify import verify_manifest
 
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--installed-sequence", type=int, help="sequence of the installed release")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_fetch_parser(sub)
+    add_fetch_parser(sub, "install")
     return parser
 
 
@@ -103,8 +106,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def add_fetch_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
-    p = sub.add_parser("fetch", help="receive a release and write the verified image")
+def add_fetch_parser(sub: argparse._SubParsersAction[_Parser], command: str = "fetch") -> None:
+    if command == "install":
+        p = sub.add_parser("install", help="receive a release and hand it to an installer")
+        p.add_argument(
+            "--installer",
+            required=True,
+            metavar="KIND:ARGUMENT",
+            help="file:PATH (atomic replace, keeps PATH.previous) or command:PROGRAM "
+            "(run with the image path; exit 0 installed, 3 needs reboot)",
+        )
+    else:
+        p = sub.add_parser("fetch", help="receive a release and write the verified image")
     p.add_argument(
         "--trust",
         type=Path,
@@ -145,7 +158,8 @@ def add_fetch_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--installed-sequence",
         type=int,
-        help="sequence of the installed release (refuse anything not newer)",
+        help="sequence of the installed release, refuse anything not newer "
+        "(default: the state directory's record, written by install)",
     )
     p.add_argument(
         "--state-dir",
@@ -174,7 +188,47 @@ def add_fetch_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--json", action="store_true", help="JSON status lines")
 
 
+def _installed_sequence(args: argparse.Namespace) -> int | None:
+    """--installed-sequence, else the state directory's record of the installed release."""
+    if args.installed_sequence is not None:
+        return int(args.installed_sequence)
+    installed = read_installed(args.state_dir)
+    return installed.sequence if installed else None
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
+    _fetch(args)
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    installer = get_installer(args.installer)
+    summary = _fetch(args)
+    result = installer.install(args.out, summary.manifest)
+    record = write_installed(args.state_dir, summary.manifest, result.status)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "event": "installed",
+                    "status": result.status,
+                    "detail": result.detail,
+                    "sequence": record.sequence,
+                    "version": record.version,
+                },
+                sort_keys=True,
+            )
+        )
+    else:
+        print(
+            f"installed {record.name} {record.version} (sequence {record.sequence}): "
+            f"{result.status}{'; ' + result.detail if result.detail else ''}"
+        )
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> FetchSummary:
+    args.installed_sequence = _installed_sequence(args)
     trust = load_trust(args.trust, args.threshold)
     verified = None
     if args.manifest:
@@ -207,11 +261,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         fallback=args.fallback,
         json=args.json,
     )
-    fetch(options, sys.stdout)
-    return 0
+    return fetch(options, sys.stdout)
 
 
-COMMANDS = {"verify": cmd_verify, "fetch": cmd_fetch}
+COMMANDS = {"verify": cmd_verify, "fetch": cmd_fetch, "install": cmd_install}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

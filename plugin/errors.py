@@ -55,3 +55,9 @@ class IncompleteError(DeviceError):
     """Neither multicast nor HTTP delivered the whole image before giving up."""
 
     exit_code: ClassVar[int] = 45
+
+
+class InstallError(DeviceError):
+    """The installer refused or failed to install a verified image."""
+
+    exit_code: ClassVar[int] = 46
