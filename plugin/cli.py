@@ -23,6 +23,7 @@ from .errors import UsageError
 from .fetch import FetchOptions, FetchSummary, fetch
 from .installed import read_installed, write_installed
 from .installers import get_installer
+from .installers.file import FileInstaller
 from .trust import load_trust, read_limited
 from .verify import verify_manifest
 
@@ -201,8 +202,22 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an unusable --out before downloading anything, not after."""
+    if not out.name or out.is_dir():
+        raise UsageError(f"--out {out} must name a file, not a directory")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: directory {out.parent} does not exist")
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     installer = get_installer(args.installer)
+    if isinstance(installer, FileInstaller) and args.out.resolve() in (
+        installer.target.resolve(),
+        installer.previous.resolve(),
+    ):
+        # The download would overwrite the target (and then the rollback copy) before install.
+        raise UsageError("--out must differ from the file installer's target")
     summary = _fetch(args)
     result = installer.install(args.out, summary.manifest)
     record = write_installed(args.state_dir, summary.manifest, result.status)
@@ -228,6 +243,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> FetchSummary:
+    _check_out(args.out)
     args.installed_sequence = _installed_sequence(args)
     trust = load_trust(args.trust, args.threshold)
     verified = None

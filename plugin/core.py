@@ -5,11 +5,12 @@ Theory of operation
 *Nothing before trust.*  Until a manifest has passed `verify_manifest` (signature threshold,
 expiry, sequence, device type), the only state kept is bounded manifest reassembly (at most
 ``MAX_PENDING_MANIFESTS`` envelopes, each capped at its claimed length, itself capped at
-``MAX_MANIFEST_BYTES``, oldest dropped first) and the last ``MAX_EARLY_DATAGRAMS`` well-formed
-DATA datagrams, held unread and replayed through the normal admission checks once a manifest
-is verified, so a receiver joining mid-stream does not throw away what arrives before the
-manifest carousel comes round.  A reassembled envelope must hash to the envelope
-id its fragments carried, and its signed bytes to the session id, before it is verified.
+``MAX_MANIFEST_BYTES``, with at most one entry per 256 bytes; oldest dropped first) and the
+most recent well-formed DATA datagrams (up to ``MAX_EARLY_BYTES``), held unread and replayed
+through the normal admission checks once a manifest is verified, so a receiver joining
+mid-stream does not throw away what arrives before the manifest carousel comes round.  A
+reassembled envelope must hash to the envelope id its fragments carried, and its signed bytes to
+the session id, before it is verified.
 
 *One session.*  Once verified, the manifest fixes the session id, the symbol size and the chunk
 table.  A DATA datagram is admitted only if it carries that session id, names an existing chunk
@@ -42,7 +43,7 @@ from otacast.schemas import wire
 from otacast.schemas.errors import ManifestRejected, PacketError
 from otacast.schemas.limits import (
     MAX_DECODER_BYTES,
-    MAX_EARLY_DATAGRAMS,
+    MAX_EARLY_BYTES,
     MAX_PENDING_MANIFESTS,
     MAX_REFUSED_MANIFESTS,
 )
@@ -144,7 +145,8 @@ class ReceiverCore:
         self._pending: OrderedDict[tuple[bytes, bytes], _Reassembly] = OrderedDict()
         self._refused: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
         self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
-        self._early: deque[bytes] = deque(maxlen=MAX_EARLY_DATAGRAMS)
+        self._early: deque[bytes] = deque()
+        self._early_bytes = 0
         self._session = b""
         if manifest is not None:
             self._adopt(manifest, now)
@@ -191,9 +193,11 @@ class ReceiverCore:
         elif self._session:
             self.stats.rejected["other-session"] += 1
         else:
-            if len(self._early) == self._early.maxlen:
-                self.stats.rejected["no-manifest-yet"] += 1  # the oldest held one is dropped
             self._early.append(bytes(data))
+            self._early_bytes += len(data)
+            while self._early_bytes > MAX_EARLY_BYTES:
+                self._early_bytes -= len(self._early.popleft())
+                self.stats.rejected["no-manifest-yet"] += 1  # the oldest held one is dropped
 
     def mark_done(self, index: int, now: float) -> None:
         """A chunk verified by other means (staging resume, HTTP) is complete."""
@@ -292,7 +296,7 @@ class ReceiverCore:
         self._heard = True
         self._last_progress = now
         self._events.append(ManifestVerified(verified))
-        early, self._early = self._early, deque(maxlen=MAX_EARLY_DATAGRAMS)
+        early, self._early, self._early_bytes = self._early, deque(), 0
         for data in early:  # held while no manifest was verified yet
             if data[4:12] == self._session and len(data) > wire.DATA_HEADER_SIZE:
                 self._on_data(data, now)

@@ -320,6 +320,8 @@ class _Run:
                 "back with (give --manifest, or check the interface, group and DNS)"
             )
         if not verified.manifest.http:
+            if self.receiver is None:
+                raise IncompleteError("--fallback only, but the manifest lists no HTTP mirror")
             self.emit.note(f"multicast {reason}, and the manifest lists no HTTP mirror")
             return
         if self.repair is not None:
@@ -355,6 +357,7 @@ class _Run:
             return
         quiet = time.time() - self.core.last_progress
         if self.receiver is None or quiet >= self.options.stall_timeout:
+            self._take_http_results()  # keep every verified chunk for the next run
             raise IncompleteError(
                 f"{len(repair.failures)} chunk(s) could not be fetched: {repair.failures[0]}"
             )

@@ -84,7 +84,10 @@ class Staging:
             raise _state_error("read", self.log_path, exc) from None
         count = self.manifest.chunk_count
         claimed = {_INDEX.unpack_from(log, i)[0] for i in range(0, len(log) - len(log) % 4, 4)}
-        return {i for i in claimed if i < count and self._matches(i)}
+        try:
+            return {i for i in claimed if i < count and self._matches(i)}
+        except OSError as exc:
+            raise _state_error("read back", self.part, exc) from None
 
     def _matches(self, index: int) -> bool:
         offset, length = self.manifest.chunk_span(index)
@@ -120,12 +123,15 @@ class Staging:
         """Hash the whole image once more, then move it to `out` atomically."""
         digest = hashlib.sha256()
         position = 0
-        while position < self.manifest.image.length:
-            block = os.pread(self._fd, READ_BLOCK, position)
-            if not block:
-                break
-            digest.update(block)
-            position += len(block)
+        try:
+            while position < self.manifest.image.length:
+                block = os.pread(self._fd, READ_BLOCK, position)
+                if not block:
+                    break
+                digest.update(block)
+                position += len(block)
+        except OSError as exc:
+            raise _state_error("read back", self.part, exc) from None
         if position != self.manifest.image.length or digest.digest() != self.manifest.image.sha256:
             raise StateError(f"staged image in {self.directory} does not match the manifest")
         try:

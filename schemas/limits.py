@@ -24,6 +24,11 @@ MAX_DATAGRAM = 8952
 # device's memory while it is still unverified.
 MAX_MANIFEST_BYTES = 2 * 1024 * 1024
 
+# Every MANIFEST fragment but the last carries at least this many bytes, so a reassembly holds
+# at most MAX_MANIFEST_BYTES / 256 = 8192 fragments (~0.7 MB of bookkeeping) however hostile the
+# sender; honest senders use ~1200-byte fragments.
+MIN_MANIFEST_FRAGMENT = 256
+
 # Signatures on one manifest: a k-of-n threshold rarely needs more than a handful of keys, and
 # each signature costs the device one Ed25519 verification (~60 us) before trust is established.
 MAX_SIGNATURES = 16
@@ -99,11 +104,11 @@ MAX_DECODER_BYTES = 2 * WINDOW_BYTES
 # forged fragment streams cannot grow memory (each holds at most MAX_MANIFEST_BYTES).
 MAX_PENDING_MANIFESTS = 4
 
-# DATA datagrams held while no manifest is verified yet, replayed once one is (those of other
-# sessions are then dropped).  2048 x ~1.2 KB is ~2.5 MB: a quarter second of a 10 MB/s channel
-# that a receiver joining mid-stream would otherwise throw away; a flood of forgeries only
-# pushes older entries out, it cannot grow memory.
-MAX_EARLY_DATAGRAMS = 2048
+# Bytes of DATA datagrams held while no manifest is verified yet, replayed once one is (those of
+# other sessions are then dropped).  2.5 MB is ~2000 minimum-MTU datagrams, a quarter second of a
+# 10 MB/s channel that a receiver joining mid-stream would otherwise throw away; a flood of
+# forgeries only pushes older entries out, it cannot grow memory.
+MAX_EARLY_BYTES = 2_500_000
 
 # Envelopes already refused (bad signature, rollback ...) remembered so their repetitions are
 # dropped with one lookup instead of one Ed25519 verification each.

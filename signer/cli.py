@@ -81,7 +81,12 @@ def _sender_pair(text: str) -> tuple[int, int]:
 
 
 def _unpaced_or_rate(text: str) -> int:
-    return 0 if text.strip().lower() in ("0", "max", "unlimited") else units.parse_rate(text)
+    if text.strip().lower() in ("0", "max", "unlimited"):
+        return 0
+    rate = units.parse_rate(text)
+    if rate < 1:  # would read as "unpaced": the opposite of what a tiny rate asks for
+        raise ValueError(f"rate {text!r} is below 1 byte/s")
+    return rate
 
 
 _positive = _argtype(_integer, lambda v: None if v >= 1 else "must be 1 or more")
@@ -550,9 +555,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loopback=args.loopback,
         json=args.json,
     )
-    stop = Stop()
-    stop.install()
-    serve(envelope, args.image, options, sys.stdout, stop=stop)
+    serve(envelope, args.image, options, sys.stdout, stop=Stop())
     return 0
 
 

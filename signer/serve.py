@@ -180,7 +180,11 @@ def serve(
                 session=manifest.session_id.hex(),
                 sender=f"{options.sender_index}/{options.sender_count}",
             )
-        reason = _loop(channels, reader, emit, clock, stop or Stop())
+        # Signals become a clean stop only now: during hashing and encoding, Ctrl-C or SIGTERM
+        # must end the process at once (the unfinished cache file is removed).
+        stop = stop or Stop()
+        stop.install()
+        reason = _loop(channels, reader, emit, clock, stop)
     finally:
         reader.close()
         for channel in channels:

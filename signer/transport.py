@@ -76,7 +76,11 @@ class MulticastSender:
             raise NetworkError(f"{group!r} is not an IPv6 address") from None
         if source is not None:
             present = interface_addresses(interface)
-            if str(ipaddress.IPv6Address(source)) not in present:
+            try:
+                normal = str(ipaddress.IPv6Address(source))
+            except ValueError:
+                raise NetworkError(f"source {source!r} is not an IPv6 address") from None
+            if normal not in present:
                 have = ", ".join(present) or "no IPv6 address"
                 raise NetworkError(f"address {source} is not on interface {interface} ({have})")
         self.interface = interface

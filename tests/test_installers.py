@@ -135,3 +135,17 @@ def test_the_installed_record_round_trips_and_a_damaged_one_is_an_error(tmp_path
     with pytest.raises(StateError, match="not a valid installed record"):
         read_installed(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["installed.json"]
+
+
+def test_a_device_node_target_is_refused_for_the_file_installer() -> None:
+    # Renaming over /dev/null would replace the node, not write the partition behind it.
+    with pytest.raises(InstallError, match="must be a regular file"):
+        FileInstaller(Path("/dev/null"))
+
+
+def test_a_script_that_cannot_be_executed_is_a_one_line_error(tmp_path: Path, image: Path) -> None:
+    script = tmp_path / "no-shebang"
+    script.write_text("echo hello\n")
+    script.chmod(0o755)
+    with pytest.raises(InstallError, match="cannot run installer"):
+        CommandInstaller(str(script)).install(image, verified())

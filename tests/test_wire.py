@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 
 from otacast.schemas import wire
 from otacast.schemas.errors import PacketError
-from otacast.schemas.limits import MAX_DATAGRAM, MAX_ESI, MAX_MANIFEST_BYTES
+from otacast.schemas.limits import (
+    MAX_DATAGRAM,
+    MAX_ESI,
+    MAX_MANIFEST_BYTES,
+    MIN_MANIFEST_FRAGMENT,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "datagrams.json"
 
@@ -32,8 +37,12 @@ data_packets = st.builds(
 @st.composite
 def manifest_packets(draw: st.DrawFn) -> wire.ManifestPacket:
     fragment = draw(st.binary(min_size=1, max_size=MAX_DATAGRAM - wire.MANIFEST_HEADER_SIZE))
-    total = draw(st.integers(len(fragment), MAX_MANIFEST_BYTES))
-    offset = draw(st.integers(0, total - len(fragment)))
+    if len(fragment) < MIN_MANIFEST_FRAGMENT:  # only the last fragment may be short
+        total = draw(st.integers(len(fragment), MAX_MANIFEST_BYTES))
+        offset = total - len(fragment)
+    else:
+        total = draw(st.integers(len(fragment), MAX_MANIFEST_BYTES))
+        offset = draw(st.integers(0, total - len(fragment)))
     return wire.ManifestPacket(
         draw(sessions), draw(st.binary(min_size=8, max_size=8)), total, offset, fragment
     )
@@ -50,7 +59,9 @@ def _golden() -> dict[str, str]:
 GOLDEN_PACKETS: dict[str, wire.Packet] = {
     "data_first_symbol": wire.DataPacket(SESSION, 0, 0, b"\x00\x01\x02\x03"),
     "data_repair_symbol_last_chunk": wire.DataPacket(SESSION, 0x01020304, MAX_ESI, b"\xff" * 8),
-    "manifest_first_fragment": wire.ManifestPacket(SESSION, ENVELOPE_ID, 300, 0, b'{"signed"'),
+    "manifest_first_fragment": wire.ManifestPacket(
+        SESSION, ENVELOPE_ID, 300, 0, b'{"signed"' + b" " * 247
+    ),
     "manifest_last_fragment": wire.ManifestPacket(SESSION, ENVELOPE_ID, 300, 296, b"}]}\n"),
 }
 
@@ -176,6 +187,17 @@ def test_hostile_datagrams_are_rejected_with_a_reason(data: bytes, reason: str) 
         with pytest.raises(PacketError) as caught:
             parse(data)
         assert caught.value.reason == reason
+
+
+def test_a_short_fragment_that_is_not_the_last_is_refused() -> None:
+    # 1-byte fragments at millions of offsets would make reassembly bookkeeping huge.
+    short = wire.ManifestPacket(SESSION, ENVELOPE_ID, 1000, 999, b"x")  # the last: fine
+    assert wire.parse_datagram(wire.build_datagram(short)) == short
+    raw = wire.build_datagram(short)[:20] + (1000).to_bytes(4, "big") + (5).to_bytes(4, "big")
+    for parse in (wire.parse_datagram, wire.parse_datagram_spec):
+        with pytest.raises(PacketError) as caught:
+            parse(raw + b"x")
+        assert caught.value.reason == "fragment-length"
 
 
 def test_fragments_reassemble_to_the_envelope() -> None:

@@ -1,6 +1,6 @@
 """Installers: hand a fully verified, read-only image to what installs it on the device.
 
-`get_installer("file:/dev/mmcblk0p3")` or `get_installer("command:/usr/local/bin/apply")`
+`get_installer("file:/data/slots/rootfs.img")` or `get_installer("command:/usr/local/bin/apply")`
 selects one from a configuration string; Mender and SWUpdate installers follow.
 """
 

@@ -63,6 +63,10 @@ class CommandInstaller(Installer):
             raise InstallError(f"installer program {self.argv[0]} not found") from None
         except PermissionError:
             raise InstallError(f"installer program {self.argv[0]} is not executable") from None
+        except OSError as exc:  # e.g. a script without #! (exec format error)
+            raise InstallError(
+                f"cannot run installer {self.argv[0]}: {exc.strerror or exc}"
+            ) from None
         except subprocess.TimeoutExpired:
             raise InstallError(
                 f"installer {self.argv[0]} did not finish within {self.timeout:g} s"

@@ -23,8 +23,13 @@ class FileInstaller(Installer):
     kind = "file"
 
     def __init__(self, target: Path) -> None:
-        if not target.name or target.is_dir():
-            raise InstallError(f"file installer target {target} must be a file path")
+        # A device node (a partition) cannot be replaced by rename: the rename would swap the
+        # node for a file and the partition would never be written.
+        if not target.name or (target.exists() and not target.is_file()):
+            raise InstallError(
+                f"file installer target {target} must be a regular file (for a partition use "
+                "command:, e.g. a script running bmaptool or dd)"
+            )
         self.target = target
         self.previous = target.with_name(target.name + ".previous")
 
