@@ -100,6 +100,7 @@ def test_two_senders_at_once_finish_faster_than_one(
     for name, senders in (("one", [a]), ("two", [a, b])):
         sources = [arg for host in senders for arg in ("--source", host.address)]
         out = tmp_path / name / "out.img"
+        out.parent.mkdir()
         rx = subprocess.Popen(
             fetch_command(receiver, release, tmp_path / name / "state", out, *sources),
             stdout=subprocess.PIPE,
