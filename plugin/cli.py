@@ -36,11 +36,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{command + ': ' if command else ''}{message} (see --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Receive signed otacast updates on a device.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("verify", help="check a manifest as this device would")
-    p.add_argument("manifest", type=Path)
+def _add_trust_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust",
         type=Path,
@@ -54,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="signatures required from distinct trusted keys (default 1)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Receive signed otacast updates on a device.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("verify", help="check a manifest as this device would")
+    p.add_argument("manifest", type=Path)
+    _add_trust_options(p)
     p.add_argument("--device-type", help="this device's type")
     p.add_argument("--installed-sequence", type=int, help="sequence of the installed release")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -119,19 +123,7 @@ def add_fetch_parser(sub: argparse._SubParsersAction[_Parser], command: str = "f
         )
     else:
         p = sub.add_parser("fetch", help="receive a release and write the verified image")
-    p.add_argument(
-        "--trust",
-        type=Path,
-        action="append",
-        required=True,
-        help="trusted public key file; repeat for several",
-    )
-    p.add_argument(
-        "--threshold",
-        type=int,
-        default=1,
-        help="signatures required from distinct trusted keys (default 1)",
-    )
+    _add_trust_options(p)
     p.add_argument("--out", type=Path, required=True, help="where the verified image goes")
     p.add_argument("--interface", help="network interface to receive on")
     p.add_argument("--channel", help="channel name: groups derive from it, sources from DNS SRV")
