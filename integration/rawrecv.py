@@ -22,7 +22,11 @@ from otacast.schemas.errors import PacketError
 from otacast.schemas.manifest import parse_envelope
 
 SLOT = 0.1
-SO_RCVBUFFORCE = 33  # Linux; root may exceed net.core.rmem_max (4 MiB in a namespace)
+SO_RCVBUFFORCE = 33
+# Kernel arrival timestamps (struct timespec, CLOCK_REALTIME), so rates are measured when the
+# datagrams arrived, not when this process got round to reading them.
+SO_TIMESTAMPNS = 35
+TIMESPEC = struct.Struct("@qq")  # Linux; root may exceed net.core.rmem_max (4 MiB in a namespace)
 
 
 def main() -> None:
@@ -34,7 +38,8 @@ def main() -> None:
     sock.bind(("::", port))
     member = socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", ifindex)
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, member)
-    joined = time.monotonic()
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    joined = time.time()
     sock.settimeout(0.2)
     kinds: Counter[str] = Counter()
     per_source: Counter[str] = Counter()
@@ -47,12 +52,16 @@ def main() -> None:
     manifest_at: float | None = None
     manifest_session: str | None = None
     buffer = bytearray(9000)
-    while time.monotonic() - joined < seconds:
+    while time.time() - joined < seconds:
         try:
-            n, sender = sock.recvfrom_into(buffer)
+            n, ancillary, _, sender = sock.recvmsg_into([buffer], 64)
         except TimeoutError:
             continue
-        now = time.monotonic() - joined
+        now = time.time() - joined
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = TIMESPEC.unpack_from(data)
+                now = sec + nsec / 1e9 - joined
         source = sender[0]
         per_source[source] += 1
         slots[int(now / SLOT)] += n
