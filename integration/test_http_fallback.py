@@ -23,6 +23,7 @@ from otacast.schemas.manifest import Manifest, parse_envelope
 
 from . import services
 from .netns import BIN, Host, Lan
+from .release import SIGNER
 from .services import Nginx
 
 CHUNK = 64 * 1024
@@ -71,7 +72,7 @@ class Release:
 
 
 def signer(*args: str) -> list[str]:
-    return [str(BIN / "otacast-signer"), *args]
+    return [SIGNER, *args]
 
 
 def make_release(tmp_path: Path, urls: list[str]) -> Release:

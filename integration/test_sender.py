@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from otacast.schemas import fec
 from otacast.schemas.errors import ImageMismatch
 from otacast.schemas.manifest import parse_envelope
 from otacast.signer.errors import NetworkError
 from otacast.signer.symbol_cache import CycleLayout
 
 from .netns import BIN, Lan, stop
+from .release import SIGNER
 
 RAWRECV = str(Path(__file__).with_name("rawrecv.py"))
 CHUNK = 1024 * 1024
@@ -37,7 +37,7 @@ class Release:
 
 
 def signer(*args: str) -> list[str]:
-    return [str(BIN / "otacast-signer"), *args]
+    return [SIGNER, *args]
 
 
 @pytest.fixture
@@ -206,18 +206,26 @@ def _one_line_error(process: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def test_missing_interface_is_a_clear_error(lan3: Lan, release: Release, tmp_path: Path) -> None:
-    done = lan3.hosts[0].run(
+def serve_once(
+    lan: Lan, release: Release, cache: Path, *args: str, image: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `serve` to completion in the first host (eth0 unless --interface is given)."""
+    interface = () if "--interface" in args else ("--interface", "eth0")
+    return lan.hosts[0].run(
         *signer(
             "serve",
             str(release.manifest),
-            str(release.image),
-            "--interface",
-            "eth9",
+            str(image or release.image),
+            *interface,
             "--cache-dir",
-            str(tmp_path),
+            str(cache),
+            *args,
         )
     )
+
+
+def test_missing_interface_is_a_clear_error(lan3: Lan, release: Release, tmp_path: Path) -> None:
+    done = serve_once(lan3, release, tmp_path, "--interface", "eth9")
     assert done.returncode == NetworkError.exit_code
     assert "interface 'eth9' does not exist" in _one_line_error(done)
 
@@ -225,19 +233,7 @@ def test_missing_interface_is_a_clear_error(lan3: Lan, release: Release, tmp_pat
 def test_source_address_not_on_the_interface_is_a_clear_error(
     lan3: Lan, release: Release, tmp_path: Path
 ) -> None:
-    done = lan3.hosts[0].run(
-        *signer(
-            "serve",
-            str(release.manifest),
-            str(release.image),
-            "--interface",
-            "eth0",
-            "--source",
-            "fd51::99",
-            "--cache-dir",
-            str(tmp_path),
-        )
-    )
+    done = serve_once(lan3, release, tmp_path, "--source", "fd51::99")
     assert done.returncode == NetworkError.exit_code
     assert "fd51::99 is not on interface eth0" in _one_line_error(done)
 
@@ -249,17 +245,7 @@ def test_image_not_matching_the_manifest_is_refused_before_sending(
     data = bytearray(release.image.read_bytes())
     data[CHUNK + 7] ^= 1
     other.write_bytes(bytes(data))
-    done = lan3.hosts[0].run(
-        *signer(
-            "serve",
-            str(release.manifest),
-            str(other),
-            "--interface",
-            "eth0",
-            "--cache-dir",
-            str(tmp_path),
-        )
-    )
+    done = serve_once(lan3, release, tmp_path, image=other)
     assert done.returncode == ImageMismatch.exit_code
     assert "chunk 1 does not match" in _one_line_error(done)
 
@@ -267,26 +253,8 @@ def test_image_not_matching_the_manifest_is_refused_before_sending(
 def test_a_rate_the_sender_cannot_reach_is_reported_with_what_it_reached(
     lan3: Lan, release: Release, tmp_path: Path
 ) -> None:
-    done = lan3.hosts[0].run(
-        *signer(
-            "serve",
-            str(release.manifest),
-            str(release.image),
-            "--interface",
-            "eth0",
-            "--rate",
-            "200G",
-            "--duration",
-            "3s",
-            "--cache-dir",
-            str(tmp_path),
-        )
-    )
+    done = serve_once(lan3, release, tmp_path, "--rate", "200G", "--duration", "3s")
     assert done.returncode == 0, done.stderr
     warning = [line for line in done.stdout.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1
     assert "MB/s of the 200000.0 MB/s asked" in warning[0]
-
-
-def test_symbol_size_default_fits_the_ipv6_minimum_mtu() -> None:
-    assert fec.DEFAULT_SYMBOL_SIZE + 20 <= 1232
