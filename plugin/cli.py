@@ -1,14 +1,17 @@
 """``otacast``: the device command.
 
 ``fetch`` receives a release over multicast (with HTTP fallback) and writes the verified image;
-``verify`` checks a manifest as the device would.  Installing (``install``), the daemon
-(``watch``) and ``status`` arrive with the installer work; they are not offered until they exist.
+``install`` also hands it to an installer and records it; ``watch`` is the daemon that does that
+for every newer release heard on the channel; ``status`` shows what is installed and happening;
+``verify`` checks a manifest as the device would.  Settings come from the command line, then the
+device config file (`config.py`), then built-in defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -19,13 +22,16 @@ from otacast.schemas import addressing, units
 from otacast.schemas.errors import OtacastError
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
 
+from .config import FALLBACKS, Settings, load_config, settle
 from .errors import UsageError
 from .fetch import FetchOptions, FetchSummary, fetch
 from .installed import read_installed, write_installed
-from .installers import get_installer
+from .installers import Installer, get_installer
 from .installers.file import FileInstaller
+from .status import StatusFile, process_alive, read_status
 from .trust import load_trust, read_limited
 from .verify import verify_manifest
+from .watch import Watcher
 
 PROG = "otacast"
 
@@ -36,20 +42,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{command + ': ' if command else ''}{message} (see --help)")
 
 
-def _add_trust_options(p: argparse.ArgumentParser) -> None:
+def _add_common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="device config file (default: $OTACAST_CONFIG, else /etc/otacast/otacast.toml "
+        "if it exists)",
+    )
     p.add_argument(
         "--trust",
         type=Path,
         action="append",
-        required=True,
-        help="trusted public key file; repeat for several",
+        help="trusted public key file; repeat for several (or `trust` in the config)",
     )
     p.add_argument(
         "--threshold",
         type=int,
-        default=1,
         help="signatures required from distinct trusted keys (default 1)",
     )
+    p.add_argument("--device-type", help="this device's type (refuse releases for others)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,23 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("verify", help="check a manifest as this device would")
     p.add_argument("manifest", type=Path)
-    _add_trust_options(p)
-    p.add_argument("--device-type", help="this device's type")
+    _add_common_options(p)
     p.add_argument("--installed-sequence", type=int, help="sequence of the installed release")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_fetch_parser(sub)
-    add_fetch_parser(sub, "install")
+    for command in ("fetch", "install", "watch"):
+        add_fetch_parser(sub, command)
+    p = sub.add_parser(
+        "status", help="show the installed release, a download in progress, and the last error"
+    )
+    p.add_argument("--config", type=Path, help="device config file (for its state_dir)")
+    p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/otacast)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    return settle(load_config(args.config), vars(args))
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    trust = load_trust(args.trust, args.threshold)
+    settings = _settings(args)
+    trust = load_trust(settings.trust, settings.threshold)
     data = read_limited(args.manifest, MAX_MANIFEST_BYTES, "manifest")
     verified = verify_manifest(
         data,
         trust,
         now=time.time(),
-        device_type=args.device_type,
+        device_type=settings.device_type,
         installed_sequence=args.installed_sequence,
     )
     m = verified.manifest
@@ -111,26 +132,34 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_HELP = {
+    "fetch": "receive a release and write the verified image",
+    "install": "receive a release and hand it to an installer",
+    "watch": "stay on the channel; install every newer release (the device daemon)",
+}
+
+
 def add_fetch_parser(sub: argparse._SubParsersAction[_Parser], command: str = "fetch") -> None:
-    if command == "install":
-        p = sub.add_parser("install", help="receive a release and hand it to an installer")
+    p = sub.add_parser(command, help=_HELP[command])
+    _add_common_options(p)
+    if command != "fetch":
         p.add_argument(
             "--installer",
-            required=True,
             metavar="KIND:ARGUMENT",
-            help="file:PATH (atomic replace, keeps PATH.previous) or command:PROGRAM "
-            "(run with the image path; exit 0 installed, 3 needs reboot)",
+            help="file:PATH (atomic replace, keeps PATH.previous), command:PROGRAM "
+            "(run with the image path; exit 0 installed, 3 needs reboot), swupdate:DIR "
+            "(a running swupdate's sockets) or swupdate-run:ARGS (swupdate ARGS -i IMAGE)",
         )
-    else:
-        p = sub.add_parser("fetch", help="receive a release and write the verified image")
-    _add_trust_options(p)
-    p.add_argument("--out", type=Path, required=True, help="where the verified image goes")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="where the verified image goes (default STATE_DIR/received.img)",
+    )
     p.add_argument("--interface", help="network interface to receive on")
     p.add_argument("--channel", help="channel name: groups derive from it, sources from DNS SRV")
     p.add_argument(
         "--scope",
         choices=sorted(addressing.SCOPES),
-        default=addressing.DEFAULT_SCOPE,
         help="multicast scope of the channel's groups (default global)",
     )
     p.add_argument("--group", help="join this group instead of the channel's")
@@ -138,59 +167,61 @@ def add_fetch_parser(sub: argparse._SubParsersAction[_Parser], command: str = "f
     p.add_argument(
         "--source",
         action="append",
-        default=[],
         help="SSM source address (skips DNS); repeat for several",
     )
     p.add_argument("--resolver", help="DNS server for SRV discovery, ADDR or [ADDR]:PORT")
-    p.add_argument(
-        "--manifest",
-        type=Path,
-        help="use this signed manifest instead of waiting for one on the channel",
-    )
-    p.add_argument("--device-type", help="this device's type (refuse releases for others)")
-    p.add_argument(
-        "--installed-sequence",
-        type=int,
-        help="sequence of the installed release, refuse anything not newer "
-        "(default: the state directory's record, written by install)",
-    )
+    if command != "watch":
+        p.add_argument(
+            "--manifest",
+            type=Path,
+            help="use this signed manifest instead of waiting for one on the channel",
+        )
+        p.add_argument(
+            "--installed-sequence",
+            type=int,
+            help="sequence of the installed release, refuse anything not newer "
+            "(default: the state directory's record, written by install)",
+        )
     p.add_argument(
         "--state-dir",
         type=Path,
-        default=Path("/var/lib/otacast"),
-        help="where partial downloads persist (default /var/lib/otacast)",
+        help="where partial downloads and the installed record persist (default /var/lib/otacast)",
     )
     p.add_argument(
         "--join-timeout",
         type=_positive_float,
-        default=10.0,
         help="fall back to HTTP if nothing arrives for this long (default 10 s)",
     )
     p.add_argument(
         "--stall-timeout",
         type=_positive_float,
-        default=30.0,
         help="fall back to HTTP if progress stops for this long (default 30 s)",
     )
     p.add_argument(
         "--fallback",
-        choices=("auto", "only", "never"),
-        default="auto",
+        choices=FALLBACKS,
         help="HTTP fallback: auto (default), only (skip multicast), never",
     )
+    if command == "watch":
+        p.add_argument(
+            "--retry-max",
+            type=_positive_float,
+            help="longest pause between retries after a failure (default 300 s)",
+        )
     p.add_argument("--json", action="store_true", help="JSON status lines")
 
 
-def _installed_sequence(args: argparse.Namespace) -> int | None:
+def _installed_sequence(args: argparse.Namespace, settings: Settings) -> int | None:
     """--installed-sequence, else the state directory's record of the installed release."""
     if args.installed_sequence is not None:
         return int(args.installed_sequence)
-    installed = read_installed(args.state_dir)
+    installed = read_installed(settings.state_dir)
     return installed.sequence if installed else None
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    _fetch(args)
+    settings = _settings(args)
+    _fetch(args, settings, StatusFile(settings.state_dir))
     return 0
 
 
@@ -202,17 +233,36 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out {out}: directory {out.parent} does not exist")
 
 
-def cmd_install(args: argparse.Namespace) -> int:
-    installer = get_installer(args.installer)
-    if isinstance(installer, FileInstaller) and args.out.resolve() in (
+def _installer(settings: Settings) -> Installer:
+    if settings.installer is None:
+        raise UsageError(
+            "no installer: give --installer KIND:ARGUMENT or set installer in the config"
+        )
+    installer = get_installer(settings.installer)
+    out = settings.out_path.resolve()
+    if isinstance(installer, FileInstaller) and out in (
         installer.target.resolve(),
         installer.previous.resolve(),
     ):
         # The download would overwrite the target (and then the rollback copy) before install.
         raise UsageError("--out must differ from the file installer's target")
-    summary = _fetch(args)
-    result = installer.install(args.out, summary.manifest)
-    record = write_installed(args.state_dir, summary.manifest, result.status)
+    return installer
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    installer = _installer(settings)
+    status = StatusFile(settings.state_dir)
+    summary = _fetch(args, settings, status)
+    m = summary.manifest.manifest
+    status.update(activity="installing", release=f"{m.name} {m.version}", sequence=m.sequence)
+    try:
+        result = installer.install(settings.out_path, summary.manifest)
+        record = write_installed(settings.state_dir, summary.manifest, result.status)
+    except OtacastError as exc:
+        status.failed(f"{type(exc).__name__}: {exc}")
+        raise
+    status.succeeded()
     if args.json:
         print(
             json.dumps(
@@ -234,10 +284,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fetch(args: argparse.Namespace) -> FetchSummary:
-    _check_out(args.out)
-    args.installed_sequence = _installed_sequence(args)
-    trust = load_trust(args.trust, args.threshold)
+def _fetch(args: argparse.Namespace, settings: Settings, status: StatusFile) -> FetchSummary:
+    _check_out(settings.out_path)
+    installed_sequence = _installed_sequence(args, settings)
+    trust = load_trust(settings.trust, settings.threshold)
     verified = None
     if args.manifest:
         data = read_limited(args.manifest, MAX_MANIFEST_BYTES, "manifest")
@@ -245,34 +295,105 @@ def _fetch(args: argparse.Namespace) -> FetchSummary:
             data,
             trust,
             now=time.time(),
-            device_type=args.device_type,
-            installed_sequence=args.installed_sequence,
+            device_type=settings.device_type,
+            installed_sequence=installed_sequence,
         )
-    if verified is None and args.fallback != "only" and not (args.channel or args.group):
-        raise UsageError("fetch: give --channel or --group (or --manifest)")
-    options = FetchOptions(
-        trust=trust,
-        out=args.out,
-        state_dir=args.state_dir,
-        interface=args.interface,
-        channel=args.channel,
-        scope=args.scope,
-        group=args.group,
-        port=args.port,
-        sources=args.source,
-        resolver=args.resolver,
+    if (
+        verified is None
+        and settings.fallback != "only"
+        and not (settings.channel or settings.group)
+    ):
+        raise UsageError(f"{args.command}: give --channel or --group (or --manifest)")
+    options = FetchOptions.from_settings(
+        settings,
+        trust,
         manifest=verified,
-        device_type=args.device_type,
-        installed_sequence=args.installed_sequence,
-        join_timeout=args.join_timeout,
-        stall_timeout=args.stall_timeout,
-        fallback=args.fallback,
+        installed_sequence=installed_sequence,
         json=args.json,
+        status=status,
     )
-    return fetch(options, sys.stdout)
+    try:
+        return fetch(options, sys.stdout)
+    except OtacastError as exc:
+        status.failed(f"{type(exc).__name__}: {exc}")
+        raise
 
 
-COMMANDS = {"verify": cmd_verify, "fetch": cmd_fetch, "install": cmd_install}
+def cmd_watch(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    installer = _installer(settings)
+    _check_out(settings.out_path)
+    if not (settings.channel or settings.group):
+        raise UsageError("watch: give --channel or --group (or set channel in the config)")
+    trust = load_trust(settings.trust, settings.threshold)
+    watcher = Watcher(settings, trust, installer, sys.stdout, as_json=args.json)
+    # SIGTERM (systemd stop) ends the daemon like Ctrl-C: partial downloads stay resumable.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        watcher.run()
+    except KeyboardInterrupt:
+        watcher.note("stopped", "stopped")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    state_dir = args.state_dir or config.state_dir or Settings(trust=()).state_dir
+    installed = read_installed(state_dir)
+    status = read_status(state_dir)
+    running = status is not None and process_alive(status.pid)
+    activity = status.activity if status and running else "idle"
+    report: dict[str, object] = {
+        "state_dir": str(state_dir),
+        "installed": installed.__dict__ if installed else None,
+        "activity": activity,
+        "pid": status.pid if status and running else None,
+        "release": status.release if status and running else None,
+        "sequence": status.sequence if status and running else None,
+        "bytes_done": status.bytes_done if status and running else 0,
+        "bytes_total": status.bytes_total if status and running else 0,
+        "last_error": status.last_error if status else None,
+        "last_error_at": status.last_error_at if status else None,
+    }
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+        return 0
+    if installed:
+        print(
+            f"installed: {installed.name} {installed.version} (sequence {installed.sequence}), "
+            f"{installed.status}"
+        )
+    else:
+        print("installed: nothing recorded")
+    if status and running and activity != "idle":
+        line = f"activity: {activity} (pid {status.pid})"
+        if status.release:
+            line += f" {status.release} (sequence {status.sequence})"
+        if status.bytes_total:
+            line += (
+                f", {100 * status.bytes_done / status.bytes_total:.1f}% of "
+                f"{status.bytes_total} bytes ({status.bytes_http} over HTTP)"
+            )
+        print(line)
+    else:
+        print(
+            "activity: idle" + (f" (watch running, pid {status.pid})" if running and status else "")
+        )
+    if status and status.last_error:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.last_error_at or 0))
+        print(f"last error: {when} {status.last_error}")
+    else:
+        print("last error: none")
+    return 0
+
+
+COMMANDS = {
+    "verify": cmd_verify,
+    "fetch": cmd_fetch,
+    "install": cmd_install,
+    "watch": cmd_watch,
+    "status": cmd_status,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,12 @@ class UsageError(DeviceError):
     exit_code: ClassVar[int] = 2
 
 
+class ConfigError(UsageError):
+    """The device configuration file is malformed or sets something that cannot work."""
+
+    exit_code: ClassVar[int] = 3
+
+
 class ReadError(DeviceError):
     """A local input (manifest file, trust key, config) cannot be read."""
 
@@ -55,6 +61,10 @@ class IncompleteError(DeviceError):
     """Neither multicast nor HTTP delivered the whole image before giving up."""
 
     exit_code: ClassVar[int] = 45
+
+
+class NoManifestError(IncompleteError):
+    """Nothing verifiable was heard on the channel before the join timeout."""
 
 
 class InstallError(DeviceError):

@@ -28,12 +28,21 @@ from otacast.schemas import addressing
 from otacast.schemas.limits import MAX_DATAGRAM
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 
+from .config import Settings
 from .core import ReceiverCore
 from .discovery import discover
-from .errors import DiscoveryError, FetchError, IncompleteError, StateError, UsageError
+from .errors import (
+    DiscoveryError,
+    FetchError,
+    IncompleteError,
+    NoManifestError,
+    StateError,
+    UsageError,
+)
 from .events import ChunkComplete, FallbackNeeded, ImageComplete, ManifestRefused, ManifestVerified
 from .fetcher import HttpFetcher
 from .staging import Staging
+from .status import StatusFile
 from .transport import Join, MulticastReceiver
 
 # Datagrams taken from the socket per turn of the loop before timers and HTTP results are
@@ -43,6 +52,9 @@ MAX_BURST = 512
 WRITE_QUEUE = 4
 # Longest wait for a datagram; bounds how late HTTP results and the status line are handled.
 POLL_INTERVAL = 0.1
+# How often the status file is rewritten during a download: fresh enough for `otacast status`,
+# rare enough to cost nothing.
+STATUS_INTERVAL = 1.0
 
 
 @dataclass
@@ -65,6 +77,39 @@ class FetchOptions:
     fallback: str = "auto"  # auto | only | never
     json: bool = False
     http_timeout: float = 10.0
+    status: StatusFile | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        trust: TrustSet,
+        *,
+        manifest: VerifiedManifest | None = None,
+        installed_sequence: int | None = None,
+        json: bool = False,
+        status: StatusFile | None = None,
+    ) -> FetchOptions:
+        return cls(
+            trust=trust,
+            out=settings.out_path,
+            state_dir=settings.state_dir,
+            interface=settings.interface,
+            channel=settings.channel,
+            scope=settings.scope,
+            group=settings.group,
+            port=settings.port,
+            sources=settings.source,
+            resolver=settings.resolver,
+            manifest=manifest,
+            device_type=settings.device_type,
+            installed_sequence=installed_sequence,
+            join_timeout=settings.join_timeout,
+            stall_timeout=settings.stall_timeout,
+            fallback=settings.fallback,
+            json=json,
+            status=status,
+        )
 
 
 @dataclass
@@ -246,6 +291,7 @@ class _Run:
         self.bytes_resumed = 0
         self.finished = False
         self.buffer = bytearray(MAX_DATAGRAM + 1)
+        self._next_status = 0.0
 
     def loop(self) -> None:
         self._handle_events()
@@ -263,7 +309,24 @@ class _Run:
             self._take_http_results()
             self._handle_events()
             self.emit.progress(self.core, self.start, self.bytes_http)
+            self._report_status()
             self._check_gave_up()
+
+    def _report_status(self) -> None:
+        status, verified = self.options.status, self.core.verified
+        now = time.time()
+        if status is None or verified is None or now < self._next_status:
+            return
+        self._next_status = now + STATUS_INTERVAL
+        m = verified.manifest
+        status.update(
+            activity="downloading",
+            release=f"{m.name} {m.version}",
+            sequence=m.sequence,
+            bytes_done=sum(m.chunk_span(i)[1] for i in self.core.done),
+            bytes_total=m.image.length,
+            bytes_http=self.bytes_http,
+        )
 
     def _drain(self) -> None:
         assert self.receiver is not None
@@ -315,7 +378,7 @@ class _Run:
             self.emit.note(f"multicast {reason}; HTTP fallback is disabled, still listening")
             return
         if verified is None:
-            raise IncompleteError(
+            raise NoManifestError(
                 f"no manifest heard within {self.options.join_timeout:g} s; nothing to fall "
                 "back with (give --manifest, or check the interface, group and DNS)"
             )

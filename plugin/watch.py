@@ -1,0 +1,128 @@
+"""``otacast watch``: the device daemon.
+
+Theory of operation: one loop, one release at a time.  Each turn reads the installed record,
+then runs the ordinary receiver (`fetch`) with that sequence as the anti-rollback floor, so the
+release already installed and any older one replayed on the channel are refused (counted, one
+note each) and only a newer valid manifest for this device type starts a download.  The
+verified image goes to the configured installer; on success the record is rewritten, which
+raises the floor for the next turn.
+
+Quiet channels are normal: when no acceptable manifest is heard for the rediscovery period the
+turn ends without error and the next one joins again, re-reading DNS, so a sender that moved or
+a DNS server that came back is picked up.  Every other failure (DNS, HTTP, disk, installer) is
+reported, written to the status file and retried after an exponential backoff capped at
+``retry_max``; partial downloads survive in the state directory, so a retry resumes.  Hostile
+datagrams never reach here: the receiver core counts and drops them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import replace
+from typing import TextIO
+
+from otacast.schemas.errors import OtacastError
+from otacast.schemas.policy import TrustSet
+
+from .config import Settings
+from .errors import NoManifestError, UsageError
+from .fetch import FetchOptions, fetch
+from .installed import read_installed, write_installed
+from .installers import Installer
+from .status import StatusFile
+
+# A quiet channel is re-joined (and its DNS records re-read) at least this often.
+REDISCOVER_INTERVAL = 60.0
+# First pause after a failure; doubles on each further failure up to Settings.retry_max.
+RETRY_MIN = 2.0
+
+
+class Watcher:
+    def __init__(
+        self,
+        settings: Settings,
+        trust: TrustSet,
+        installer: Installer,
+        out: TextIO,
+        *,
+        as_json: bool = False,
+        stop: threading.Event | None = None,
+    ) -> None:
+        if settings.fallback == "only":
+            raise UsageError(
+                "watch listens for new releases on the channel; fallback 'only' "
+                "cannot be used with it"
+            )
+        if settings.interface is None:
+            raise UsageError("watch needs --interface (or interface in the config)")
+        # Nothing heard is the idle state, not a reason to fall back: re-join instead.
+        self.settings = replace(
+            settings, join_timeout=max(settings.join_timeout, REDISCOVER_INTERVAL)
+        )
+        self.trust = trust
+        self.installer = installer
+        self.out = out
+        self.json = as_json
+        self.stop = stop or threading.Event()
+        self.status = StatusFile(settings.state_dir)
+        self.installs = 0
+        self._delay = RETRY_MIN
+
+    def note(self, event: str, message: str, **fields: object) -> None:
+        if self.json:
+            line = json.dumps({"event": event, "message": message, **fields}, sort_keys=True)
+        else:
+            line = message
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def run(self) -> None:
+        self.note("watching", f"watching for releases newer than {self._floor_text()}")
+        while not self.stop.is_set():
+            self.turn()
+
+    def _floor_text(self) -> str:
+        installed = read_installed(self.settings.state_dir)
+        return f"sequence {installed.sequence}" if installed else "nothing (none installed)"
+
+    def turn(self) -> None:
+        """One attempt: wait for a newer release, fetch it, install it."""
+        try:
+            installed = read_installed(self.settings.state_dir)
+            self.status.update(activity="waiting")
+            options = FetchOptions.from_settings(
+                self.settings,
+                self.trust,
+                installed_sequence=installed.sequence if installed else None,
+                json=self.json,
+                status=self.status,
+            )
+            try:
+                summary = fetch(options, self.out)
+            except NoManifestError:
+                return  # a quiet channel: join again
+            m = summary.manifest.manifest
+            self.status.update(
+                activity="installing", release=f"{m.name} {m.version}", sequence=m.sequence
+            )
+            result = self.installer.install(options.out, summary.manifest)
+            record = write_installed(self.settings.state_dir, summary.manifest, result.status)
+        except OtacastError as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            self.status.failed(message)
+            self.note("error", f"{message}; retrying in {self._delay:g} s", retry_in=self._delay)
+            self.stop.wait(self._delay)
+            self._delay = min(self._delay * 2, self.settings.retry_max)
+            return
+        self._delay = RETRY_MIN
+        self.installs += 1
+        self.status.succeeded()
+        self.note(
+            "installed",
+            f"installed {record.name} {record.version} (sequence {record.sequence}): "
+            f"{result.status}{'; ' + result.detail if result.detail else ''}",
+            sequence=record.sequence,
+            version=record.version,
+            status=result.status,
+        )

@@ -1,0 +1,117 @@
+"""The device config file: precedence, paths, and refusal of anything unexpected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from otacast.plugin.config import (
+    DEFAULT_STATE_DIR,
+    MAX_CONFIG_BYTES,
+    DeviceConfig,
+    load_config,
+    settle,
+)
+from otacast.plugin.errors import ConfigError, ReadError
+
+GOOD = """
+trust = ["keys/release.pub", "/etc/otacast/backup.pub"]
+threshold = 2
+device_type = "testboard"
+state_dir = "state"
+interface = "eth0"
+channel = "updates.example.test"
+fallback = "never"
+join_timeout = 5
+stall_timeout = 2.5
+installer = "file:/data/app.img"
+source = ["fd51::1"]
+"""
+
+
+def write(tmp_path: Path, text: str | bytes) -> Path:
+    path = tmp_path / "otacast.toml"
+    if isinstance(text, str):
+        path.write_text(text)
+    else:
+        path.write_bytes(text)
+    return path
+
+
+def test_paths_in_the_config_are_relative_to_its_directory(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    assert config.trust == (tmp_path / "keys/release.pub", Path("/etc/otacast/backup.pub"))
+    assert config.state_dir == tmp_path / "state"
+    assert config.join_timeout == 5.0 and isinstance(config.join_timeout, float)
+    assert config.source == ("fd51::1",)
+
+
+def test_command_line_wins_over_the_file_and_the_file_over_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    settings = settle(config, {"channel": "other.example.test", "fallback": None, "source": None})
+    assert settings.channel == "other.example.test"
+    assert settings.fallback == "never"  # from the file
+    assert settings.scope == "global"  # built-in default
+    assert settings.out_path == tmp_path / "state" / "received.img"
+    bare = settle(DeviceConfig(), {"trust": [Path("a.pub")], "source": []})
+    assert bare.state_dir == DEFAULT_STATE_DIR and bare.trust == (Path("a.pub"),)
+    assert bare.source == ()
+
+
+def test_no_trusted_key_anywhere_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no trusted keys"):
+        settle(DeviceConfig(), {"trust": None})
+
+
+def test_missing_default_config_is_fine_but_a_named_one_must_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OTACAST_CONFIG", raising=False)
+    with pytest.raises(ReadError, match="does not exist"):
+        load_config(tmp_path / "absent.toml")
+    monkeypatch.setenv("OTACAST_CONFIG", str(tmp_path / "absent.toml"))
+    with pytest.raises(ReadError, match="does not exist"):
+        load_config(None)
+
+
+def test_environment_names_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTACAST_CONFIG", str(write(tmp_path, 'channel = "x.example.test"\n')))
+    assert load_config(None).channel == "x.example.test"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('chanel = "typo.example.test"\n', "unknown setting 'chanel'"),
+        ("threshold = 0\n", "threshold must be"),
+        ("threshold = true\n", "threshold must be"),
+        ('threshold = "2"\n', "threshold must be"),
+        ("trust = []\n", "trust must be"),
+        ('trust = "one.pub"\n', "trust must be"),
+        ("port = 70000\n", "port must be"),
+        ('fallback = "sometimes"\n', "fallback must be"),
+        ('scope = "galactic"\n', "scope must be"),
+        ("join_timeout = -1\n", "join_timeout must be"),
+        ('installer = ""\n', "installer must be"),
+        ('device_type = "a\\nb"\n', "device_type must be"),
+        ("[channel]\nname = 1\n", "channel must be"),
+        ("channel = \n", "otacast.toml"),  # TOML syntax error
+    ],
+)
+def test_bad_settings_are_refused_with_one_line(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(write(tmp_path, text))
+    assert "\n" not in str(caught.value)
+
+
+def test_non_utf8_and_oversized_configs_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(write(tmp_path, b'channel = "\xff"\n'))
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(write(tmp_path, "#" * (MAX_CONFIG_BYTES + 1)))
+
+
+def test_unreadable_config_is_a_read_error(tmp_path: Path) -> None:
+    with pytest.raises(ReadError, match="cannot read config"):
+        load_config(tmp_path)  # a directory
