@@ -23,7 +23,7 @@ from otacast.schemas.errors import OtacastError
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
 
 from .config import FALLBACKS, Settings, load_config, settle
-from .errors import UsageError
+from .errors import StateError, UsageError
 from .fetch import FetchOptions, FetchSummary, fetch
 from .installed import read_installed, write_installed
 from .installers import Installer, get_installer
@@ -225,8 +225,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out(out: Path) -> None:
+def _check_out(settings: Settings) -> None:
     """Refuse an unusable --out before downloading anything, not after."""
+    out = settings.out_path
+    if settings.out is None:  # the default, inside the state directory
+        try:
+            settings.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create state directory {settings.state_dir}: {exc.strerror or exc}"
+            ) from None
     if not out.name or out.is_dir():
         raise UsageError(f"--out {out} must name a file, not a directory")
     if not out.parent.is_dir():
@@ -285,7 +293,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace, settings: Settings, status: StatusFile) -> FetchSummary:
-    _check_out(settings.out_path)
+    _check_out(settings)
     installed_sequence = _installed_sequence(args, settings)
     trust = load_trust(settings.trust, settings.threshold)
     verified = None
@@ -322,7 +330,7 @@ def _fetch(args: argparse.Namespace, settings: Settings, status: StatusFile) -> 
 def cmd_watch(args: argparse.Namespace) -> int:
     settings = _settings(args)
     installer = _installer(settings)
-    _check_out(settings.out_path)
+    _check_out(settings)
     if not (settings.channel or settings.group):
         raise UsageError("watch: give --channel or --group (or set channel in the config)")
     trust = load_trust(settings.trust, settings.threshold)
