@@ -55,7 +55,13 @@ def test_status_shows_installed_release_and_running_download(
 ) -> None:
     (tmp_path / "installed.json").write_text(
         json.dumps(
-            {"sequence": 4, "name": "rootfs", "version": "1.4", "sha256": "ab", "status": "installed"}
+            {
+                "sequence": 4,
+                "name": "rootfs",
+                "version": "1.4",
+                "sha256": "ab",
+                "status": "installed",
+            }
         )
     )
     StatusFile(tmp_path).update(
