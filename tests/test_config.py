@@ -115,3 +115,30 @@ def test_non_utf8_and_oversized_configs_are_refused(tmp_path: Path) -> None:
 def test_unreadable_config_is_a_read_error(tmp_path: Path) -> None:
     with pytest.raises(ReadError, match="cannot read config"):
         load_config(tmp_path)  # a directory
+
+
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
+
+
+def test_the_shipped_example_config_is_valid(tmp_path: Path) -> None:
+    config = load_config(CONTRIB / "otacast.toml")
+    assert config.trust == (CONTRIB / "release.pub",)
+    assert config.installer == "file:/data/app.img" and config.fallback == "auto"
+
+
+def test_the_shipped_systemd_units_run_commands_that_parse() -> None:
+    from otacast.plugin.cli import build_parser as device_parser
+    from otacast.signer.cli import build_parser as signer_parser
+
+    watch = (CONTRIB / "systemd/otacast-watch.service").read_text()
+    line = next(x for x in watch.splitlines() if x.startswith("ExecStart="))
+    program, *args = line.removeprefix("ExecStart=").split()
+    assert program == "/usr/bin/otacast"
+    assert device_parser().parse_args(args).command == "watch"
+    serve = (CONTRIB / "systemd/otacast-serve@.service").read_text()
+    line = next(x for x in serve.splitlines() if x.startswith("ExecStart="))
+    program, *args = line.removeprefix("ExecStart=").split()
+    assert program == "/usr/bin/otacast-signer"
+    example = {"$MANIFEST": "a.json", "$IMAGE": "a.img", "$OPTIONS": "--interface=eth0"}
+    parsed = signer_parser().parse_args([example.get(a, a).replace("%i", "x") for a in args])
+    assert parsed.command == "serve"
