@@ -142,3 +142,24 @@ def test_the_shipped_systemd_units_run_commands_that_parse() -> None:
     example = {"$MANIFEST": "a.json", "$IMAGE": "a.img", "$OPTIONS": "--interface=eth0"}
     parsed = signer_parser().parse_args([example.get(a, a).replace("%i", "x") for a in args])
     assert parsed.command == "serve"
+
+
+def test_device_commands_name_what_the_config_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from otacast.plugin.cli import main
+
+    monkeypatch.delenv("OTACAST_CONFIG", raising=False)
+    config = write(tmp_path, 'channel = "updates.example.test"\n')
+    assert main(["fetch", "--config", str(config)]) == ConfigError.exit_code
+    assert "no trusted keys" in capsys.readouterr().err
+    key = tmp_path / "release.pub"
+    key.write_text("not used before the installer is checked\n")
+    config.write_text(f'trust = ["{key}"]\nchannel = "updates.example.test"\n')
+    for command in ("install", "watch"):
+        assert main([command, "--config", str(config)]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "no installer" in error
+    bad = write(tmp_path, "threshold = 0\n")
+    assert main(["status", "--config", str(bad)]) == ConfigError.exit_code
+    assert "threshold must be" in capsys.readouterr().err
