@@ -374,14 +374,16 @@ class _Run:
 
     def _fall_back(self, reason: str) -> None:
         verified = self.core.verified
-        if self.options.fallback == "never":
-            self.emit.note(f"multicast {reason}; HTTP fallback is disabled, still listening")
-            return
         if verified is None:
+            # Whatever the policy: without a manifest there is nothing to fetch or wait for
+            # (`watch` takes this as a quiet channel and joins again, re-reading DNS).
             raise NoManifestError(
                 f"no manifest heard within {self.options.join_timeout:g} s; nothing to fall "
                 "back with (give --manifest, or check the interface, group and DNS)"
             )
+        if self.options.fallback == "never":
+            self.emit.note(f"multicast {reason}; HTTP fallback is disabled, still listening")
+            return
         if not verified.manifest.http:
             if self.receiver is None:
                 raise IncompleteError("--fallback only, but the manifest lists no HTTP mirror")
