@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # directory timestamps below track.
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test lint unit integration demo bench bench-quick clean
+.PHONY: setup test lint unit integration demo bench bench-quick fuzz-quick clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,18 @@ bench: setup
 bench-quick: setup
 	$(BIN)/python integration/bench_sender.py --quick
 	$(BIN)/python integration/bench_receiver.py --quick
+
+# Coverage-guided fuzzing of what a device parses; a bounded number of runs per target.
+FUZZ_RUNS ?= 20000
+fuzz-quick: setup
+	mkdir -p fuzz/crashes
+	for target in datagram manifest config; do \
+	    log=$$(mktemp); \
+	    $(BIN)/python fuzz/fuzz_device.py $$target -runs=$(FUZZ_RUNS) -seed=1 \
+	        -artifact_prefix=fuzz/crashes/ >$$log 2>&1 \
+	        || { grep -v '^INFO: Instrumenting' $$log | tail -40; rm -f $$log; exit 1; }; \
+	    echo "fuzz $$target: $$(grep -E '^Done [0-9]+ runs' $$log)"; rm -f $$log; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,164 @@
+"""Coverage-guided fuzzing (atheris) of everything a device parses from the network or disk.
+
+    python fuzz/fuzz_device.py TARGET -runs=N [-seed=S] [CORPUS_DIR]
+
+Targets, each asserting the rule "hostile input becomes a counted rejection or a documented
+error, never anything else":
+
+- ``datagram``: the fast and the construct parser agree on every input (same packet or same
+  rejection reason), and a `ReceiverCore` with a verified release adopted takes the input
+  without raising; a DATA datagram of the adopted session must never complete a chunk whose
+  bytes differ from the image (nothing unverified is handed on).
+- ``manifest``: `verify_manifest` on arbitrary bytes raises only `ManifestRejected`.
+- ``config``: the device config parser raises only `ConfigError`.
+
+The first bytes of every run are mutated from real seeds (honest datagrams and the signed
+manifest), so the fuzzer starts inside the formats instead of at random noise.  `make fuzz-quick`
+runs each target for a bounded number of iterations; CI runs it, so the harness cannot rot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import atheris
+
+with atheris.instrument_imports():
+    from otacast.plugin.config import load_config
+    from otacast.plugin.core import ReceiverCore
+    from otacast.plugin.errors import ConfigError
+    from otacast.plugin.events import ChunkComplete
+    from otacast.plugin.verify import verify_manifest
+    from otacast.schemas import fec, wire
+    from otacast.schemas.errors import ManifestRejected, PacketError
+    from otacast.schemas.manifest import Chunking, FecInfo, ImageInfo, Manifest, Transport
+    from otacast.schemas.policy import TrustSet
+    from otacast.signer.encoder import raptorq_encode
+    from otacast.signer.keys import SigningKey
+    from otacast.signer.sign import sign
+
+NOW = 1_800_000_000.0
+CHUNK = 65536  # the smallest chunk a manifest may declare
+SYMBOL = fec.DEFAULT_SYMBOL_SIZE
+KEY = SigningKey(b"\x05" * 32)
+TRUST = TrustSet.from_public_keys([KEY.public])
+IMAGE = random.Random(11).randbytes(3 * CHUNK + 100)  # noqa: S311 - test data, not a secret
+
+
+def _release() -> tuple[Manifest, bytes, list[bytes]]:
+    chunks = tuple(
+        hashlib.sha256(IMAGE[i : i + CHUNK]).digest() for i in range(0, len(IMAGE), CHUNK)
+    )
+    manifest = Manifest(
+        name="fuzz",
+        sequence=2,
+        version="2",
+        created=1_700_000_000,
+        expires=1_900_000_000,
+        compatible=("fuzzboard",),
+        image=ImageInfo("fuzz.img", len(IMAGE), hashlib.sha256(IMAGE).digest(), "raw"),
+        chunks=Chunking(CHUNK, chunks),
+        fec=FecInfo(symbol_size=SYMBOL),
+        transport=Transport.for_channel("fuzz.example.test", rates=(1_000_000,)),
+        http=(),
+    )
+    envelope = sign(manifest, [KEY])
+    datagrams = [
+        wire.build_datagram(p)
+        for p in wire.fragment_envelope(
+            manifest.session_id, envelope.envelope_id, envelope.compact_bytes, 1228
+        )
+    ]
+    return manifest, envelope.compact_bytes, datagrams
+
+
+MANIFEST, ENVELOPE, MANIFEST_DATAGRAMS = _release()
+
+
+def _data_seeds() -> list[bytes]:
+    seeds = []
+    for index in range(MANIFEST.chunk_count):
+        offset, length = MANIFEST.chunk_span(index)
+        for packet in raptorq_encode(IMAGE[offset : offset + length], SYMBOL, repair=2)[:3]:
+            esi = int.from_bytes(packet[:4], "big") & wire.MAX_ESI
+            data = wire.DataPacket(MANIFEST.session_id, index, esi, packet[4:])
+            seeds.append(wire.build_datagram(data))
+    return seeds
+
+
+def _adopted_core() -> ReceiverCore:
+    core = ReceiverCore(TRUST, now=NOW, device_type="fuzzboard")
+    for datagram in MANIFEST_DATAGRAMS:
+        core.receive_datagram(datagram, "fd51::1", NOW)
+    assert core.verified is not None, "the seed release must verify"
+    while core.next_event() is not None:
+        pass
+    return core
+
+
+CORE = _adopted_core()
+
+
+def datagram(data: bytes) -> None:
+    try:
+        fast: object = wire.parse_datagram(data)
+    except PacketError as exc:
+        fast = exc.reason
+    try:
+        spec: object = wire.parse_datagram_spec(data)
+    except PacketError as exc:
+        spec = exc.reason
+    if fast != spec:
+        raise AssertionError(f"parsers disagree: {fast!r} != {spec!r}")
+    CORE.receive_datagram(data, "fd51::1", NOW)
+    while (event := CORE.next_event()) is not None:
+        if isinstance(event, ChunkComplete):
+            offset, length = MANIFEST.chunk_span(event.index)
+            if event.data != IMAGE[offset : offset + length]:
+                raise AssertionError(f"chunk {event.index} completed with forged bytes")
+
+
+def manifest(data: bytes) -> None:
+    with contextlib.suppress(ManifestRejected):
+        verify_manifest(data, TRUST, now=NOW, device_type="fuzzboard", installed_sequence=1)
+
+
+_CONFIG = Path(tempfile.mkdtemp(prefix="otacast-fuzz-")) / "otacast.toml"
+
+
+def config(data: bytes) -> None:
+    _CONFIG.write_bytes(data)
+    with contextlib.suppress(ConfigError):
+        load_config(_CONFIG)
+
+
+TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]]]] = {
+    "datagram": (datagram, lambda: [*MANIFEST_DATAGRAMS, *_data_seeds()]),
+    "manifest": (manifest, lambda: [ENVELOPE]),
+    "config": (config, lambda: [b'trust = ["k.pub"]\nchannel = "a.example"\nport = 4242\n']),
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
+        sys.exit(f"usage: {sys.argv[0]} {{{'|'.join(TARGETS)}}} [libFuzzer options]")
+    target, seeds = TARGETS[sys.argv[1]]
+    argv = [sys.argv[0], *sys.argv[2:]]
+    corpus = [a for a in argv[1:] if not a.startswith("-")]
+    if not corpus:  # start from the real formats, not from noise
+        directory = Path(tempfile.mkdtemp(prefix=f"otacast-fuzz-{sys.argv[1]}-"))
+        for i, seed in enumerate(seeds()):
+            (directory / f"seed-{i}").write_bytes(seed)
+        argv.append(str(directory))
+    atheris.Setup(argv, target)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
