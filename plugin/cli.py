@@ -21,6 +21,8 @@ from typing import NoReturn
 from otacast.schemas import addressing, units
 from otacast.schemas.errors import OtacastError
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
+from otacast.schemas.policy import TrustSet
+from otacast.schemas.trustset import MAX_TRUST_BYTES
 
 from .config import FALLBACKS, Settings, load_config, settle
 from .errors import StateError, UsageError
@@ -29,7 +31,7 @@ from .installed import read_installed, write_installed
 from .installers import Installer, get_installer
 from .installers.file import FileInstaller
 from .status import StatusFile, process_alive, read_status
-from .trust import load_trust, read_limited
+from .trust import accept_rotation, current_trust, read_limited
 from .verify import verify_manifest
 from .watch import Watcher
 
@@ -74,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     for command in ("fetch", "install", "watch"):
         add_fetch_parser(sub, command)
     p = sub.add_parser(
+        "trust", help="show the keys in force, or rotate them with a signed trust-set document"
+    )
+    p.add_argument("action", choices=("show", "update"))
+    p.add_argument("document", type=Path, nargs="?", help="trust-set document (update)")
+    _add_common_options(p)
+    p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/otacast)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser(
         "status", help="show the installed release, a download in progress, and the last error"
     )
     p.add_argument("--config", type=Path, help="device config file (for its state_dir)")
@@ -86,9 +96,41 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settle(load_config(args.config), vars(args))
 
 
+def _trust(settings: Settings) -> TrustSet:
+    """The trust set in force: the last accepted rotation, else the configured keys."""
+    return current_trust(settings.state_dir, settings.trust, settings.threshold)[0]
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.action == "update":
+        if args.document is None:
+            raise UsageError("trust update: give the trust-set document to apply")
+        data = read_limited(args.document, MAX_TRUST_BYTES, "trust set")
+        document = accept_rotation(
+            settings.state_dir, settings.trust, settings.threshold, data, now=time.time()
+        )
+        trust, version = document.trust_set, document.version
+    else:
+        trust, version = current_trust(settings.state_dir, settings.trust, settings.threshold)
+    if args.json:
+        print(
+            json.dumps(
+                {"version": version, "threshold": trust.threshold, "keys": sorted(trust.keys)},
+                sort_keys=True,
+            )
+        )
+    else:
+        origin = "the config's keys" if version == 0 else f"rotation version {version}"
+        print(f"trust in force: {origin}, {trust.threshold} of {len(trust.keys)} keys:")
+        for keyid in sorted(trust.keys):
+            print(f"  {keyid}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    trust = load_trust(settings.trust, settings.threshold)
+    trust = _trust(settings)
     data = read_limited(args.manifest, MAX_MANIFEST_BYTES, "manifest")
     verified = verify_manifest(
         data,
@@ -295,7 +337,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 def _fetch(args: argparse.Namespace, settings: Settings, status: StatusFile) -> FetchSummary:
     _check_out(settings)
     installed_sequence = _installed_sequence(args, settings)
-    trust = load_trust(settings.trust, settings.threshold)
+    trust = _trust(settings)
     verified = None
     if args.manifest:
         data = read_limited(args.manifest, MAX_MANIFEST_BYTES, "manifest")
@@ -333,7 +375,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     _check_out(settings)
     if not (settings.channel or settings.group):
         raise UsageError("watch: give --channel or --group (or set channel in the config)")
-    trust = load_trust(settings.trust, settings.threshold)
+    trust = _trust(settings)
     watcher = Watcher(settings, trust, installer, sys.stdout, as_json=args.json)
     # SIGTERM (systemd stop) ends the daemon like Ctrl-C: partial downloads stay resumable.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -401,6 +443,7 @@ COMMANDS = {
     "install": cmd_install,
     "watch": cmd_watch,
     "status": cmd_status,
+    "trust": cmd_trust,
 }
 
 
