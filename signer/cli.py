@@ -31,7 +31,7 @@ from otacast.schemas.manifest import FORMATS, Envelope, Manifest, Transport, par
 from otacast.schemas.policy import TrustSet, check_envelope
 from otacast.schemas.wire import DATA_HEADER_SIZE
 
-from . import keys, publish, sign
+from . import keys, mender_artifact, publish, sign
 from .errors import UsageError, WriteError
 from .fileio import atomic_write, read_bounded
 from .serve import ServeOptions, Stop, serve
@@ -330,6 +330,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", type=int, default=10)
     p.add_argument("--format", choices=("zone", "dnsmasq"), default="zone")
 
+    p = sub.add_parser(
+        "mender-artifact",
+        help="wrap a signed manifest in a Mender artifact (payload type otacast) for "
+        "otacast-mender-module",
+    )
+    p.add_argument("manifest", type=Path, help="the signed manifest (made by sign)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="the artifact to write")
+    p.add_argument("--artifact-name", help="Mender artifact name (default NAME-VERSION)")
+    p.add_argument(
+        "--device-type",
+        action="append",
+        default=[],
+        help="Mender device type; repeat for several (default: the manifest's device types)",
+    )
+    p.add_argument(
+        "--key",
+        type=Path,
+        help="sign the artifact for Mender's ArtifactVerifyKey: an RSA or ECDSA P-256 "
+        "private key (PEM), passed to mender-artifact -k",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+
     p = sub.add_parser("inspect", help="show a manifest's contents (signatures not checked)")
     p.add_argument("manifest", type=Path)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -568,6 +590,30 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mender_artifact(args: argparse.Namespace) -> int:
+    written = mender_artifact.write_artifact(
+        args.manifest,
+        args.out,
+        artifact_name=args.artifact_name,
+        device_types=args.device_type,
+        key=args.key,
+        overwrite=args.force,
+    )
+    m = written.envelope.manifest
+    print(
+        f"wrote {written.out}: artifact {written.artifact_name} for device type(s) "
+        f"{', '.join(written.device_types)}, carrying {m.name} version {m.version} sequence "
+        f"{m.sequence} ({'signed' if written.signed else 'not signed'} for Mender)"
+    )
+    foreign = [t for t in written.device_types if t not in m.compatible]
+    if foreign:
+        print(
+            f"note: the manifest is not for {', '.join(foreign)}: such devices will refuse it "
+            "in Download"
+        )
+    return 0
+
+
 def cmd_dns_records(args: argparse.Namespace) -> int:
     if args.manifest:
         transport = _read_manifest(args.manifest).manifest.transport
@@ -602,6 +648,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "publish": cmd_publish,
     "dns-records": cmd_dns_records,
+    "mender-artifact": cmd_mender_artifact,
 }
 
 
