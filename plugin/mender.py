@@ -75,7 +75,7 @@ from .installed import read_installed, write_installed
 from .installers import Installer, get_installer
 from .installers.file import FileInstaller
 from .status import StatusFile
-from .trust import load_trust, read_limited
+from .trust import current_trust, read_limited
 from .verify import verify_manifest
 
 PROG = "otacast-mender-module"
@@ -297,7 +297,11 @@ class Module:
 
     @cached_property
     def trust(self) -> TrustSet:
-        return load_trust(self.settings.trust, self.settings.threshold)
+        # The trust in force: the last rotation accepted by `otacast trust update`, else the
+        # config's keys.
+        return current_trust(self.settings.state_dir, self.settings.trust, self.settings.threshold)[
+            0
+        ]
 
     @cached_property
     def status(self) -> StatusFile:

@@ -39,3 +39,9 @@ class NetworkError(SignerError):
     """The interface, source address or group cannot be used to send."""
 
     exit_code: ClassVar[int] = 15
+
+
+class MenderArtifactError(SignerError):
+    """mender-artifact is not installed, or failed to write the artifact."""
+
+    exit_code: ClassVar[int] = 16

@@ -28,13 +28,12 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 from otacast.schemas.keyfile import MAX_KEY_FILE_BYTES, SECRET_TAG
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
 from otacast.schemas.manifest import Envelope, parse_envelope
 
-from .errors import SignerError, UsageError, WriteError
+from .errors import MenderArtifactError, UsageError, WriteError
 from .fileio import read_bounded
 
 TOOL = "mender-artifact"
@@ -47,12 +46,6 @@ META_DATA_KEY = "otacast_manifest"
 TOOL_TIMEOUT = 60.0
 # Keep at most this much of the tool's error output for the reason line.
 MAX_REASON = 300
-
-
-class MenderArtifactError(SignerError):
-    """mender-artifact is not installed, or failed to write the artifact."""
-
-    exit_code: ClassVar[int] = 16
 
 
 @dataclass(frozen=True)

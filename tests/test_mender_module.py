@@ -25,6 +25,7 @@ from otacast.schemas.keyfile import format_public, format_secret
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
 from otacast.signer import cli as signer_cli
 from otacast.signer import mender_artifact
+from otacast.signer.errors import MenderArtifactError
 from otacast.signer.errors import UsageError as SignerUsageError
 from otacast.signer.keys import SigningKey
 from otacast.signer.sign import sign
@@ -325,7 +326,7 @@ def test_signer_says_when_mender_artifact_is_missing(
     monkeypatch.setenv("PATH", str(tmp_path))
     (tmp_path / "m.json").write_bytes(MANIFEST)
     code, err = signer(capsys, "mender-artifact", tmp_path / "m.json", "-o", tmp_path / "a.mender")
-    assert code == mender_artifact.MenderArtifactError.exit_code
+    assert code == MenderArtifactError.exit_code
     assert "mender-artifact is not installed" in err
     assert not (tmp_path / "a.mender").exists()
 
