@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", type=Path)
     _add_common_options(p)
     p.add_argument("--installed-sequence", type=int, help="sequence of the installed release")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="state directory, for a rotated trust set (default /var/lib/otacast)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     for command in ("fetch", "install", "watch"):
         add_fetch_parser(sub, command)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from otacast.schemas import addressing, fec, units
+from otacast.schemas import addressing, fec, trustset, units
 from otacast.schemas.errors import MalformedManifest, OtacastError
 from otacast.schemas.limits import (
     MAX_CHUNK_BYTES,
@@ -29,6 +29,7 @@ from otacast.schemas.limits import (
 )
 from otacast.schemas.manifest import FORMATS, Envelope, Manifest, Transport, parse_envelope
 from otacast.schemas.policy import TrustSet, check_envelope
+from otacast.schemas.trustset import MAX_TRUST_BYTES
 from otacast.schemas.wire import DATA_HEADER_SIZE
 
 from . import keys, mender_artifact, publish, sign
@@ -355,6 +356,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show a manifest's contents (signatures not checked)")
     p.add_argument("manifest", type=Path)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser(
+        "trust-set",
+        help="rotate or revoke the devices' release keys: make or co-sign a trust-set document",
+    )
+    p.add_argument("out", type=Path, help="the trust-set document to write (or co-sign)")
+    p.add_argument(
+        "--public",
+        type=Path,
+        action="append",
+        default=[],
+        help="a public key of the new set; repeat (leave a key out to revoke it)",
+    )
+    p.add_argument("--threshold", type=int, default=1, help="signatures the new set requires")
+    p.add_argument(
+        "--version", type=int, help="above the version devices have now (they start at 0)"
+    )
+    p.add_argument(
+        "--expires",
+        type=_expiry,
+        default=units.parse_duration("30d"),
+        help="devices refuse to apply it after this long (default 30d)",
+    )
+    p.add_argument(
+        "--key",
+        type=Path,
+        action="append",
+        required=True,
+        help="sign with this secret key; the document needs the current set's threshold "
+        "of old keys and the new set's threshold of new keys",
+    )
+    p.add_argument(
+        "--cosign", action="store_true", help="add signatures to the existing document OUT"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
     return parser
 
 
@@ -614,6 +649,38 @@ def cmd_mender_artifact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trust_set(args: argparse.Namespace) -> int:
+    signing_keys = [keys.load_secret(path) for path in args.key]
+    if args.cosign:
+        if args.public or args.version is not None:
+            raise UsageError("trust-set --cosign takes only --key: the document is already made")
+        document = trustset.parse_trust(read_bounded(args.out, MAX_TRUST_BYTES, "trust set"))
+    else:
+        if not args.public or args.version is None:
+            raise UsageError("trust-set needs --public (one or more) and --version")
+        if args.out.exists() and not args.force:
+            raise WriteError(f"{args.out} exists; pass --force to replace it, or --cosign")
+        try:
+            document = trustset.unsigned(
+                [keys.load_public(path) for path in args.public],
+                args.threshold,
+                args.version,
+                int(time.time()) + args.expires,
+            )
+        except ValueError as exc:
+            raise UsageError(f"trust-set: {exc}") from None
+    message = document.document.signing_message
+    for key in signing_keys:
+        document = document.with_signature(key.key_id, key.sign(message))
+    atomic_write(args.out, document.to_bytes(), overwrite=True)
+    d = document.document
+    print(
+        f"{args.out}: trust set version {d.version}, {d.threshold} of {len(d.keys)} key(s), "
+        f"{len(document.signatures)} signature(s), expires {_iso(d.expires)}"
+    )
+    return 0
+
+
 def cmd_dns_records(args: argparse.Namespace) -> int:
     if args.manifest:
         transport = _read_manifest(args.manifest).manifest.transport
@@ -641,6 +708,7 @@ def cmd_dns_records(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "trust-set": cmd_trust_set,
     "keygen": cmd_keygen,
     "sign": cmd_sign,
     "verify": cmd_verify,

@@ -170,3 +170,43 @@ def test_operator_cli_rotates_and_then_refuses_the_revoked_key(
     assert main(["trust", "show", *common]) == 0
     assert "rotation version 1" in capsys.readouterr().out
     assert main(["trust", "update", *common]) == 2
+
+
+def test_publisher_makes_and_cosigns_a_rotation_that_devices_apply(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from otacast.signer.cli import main as signer
+
+    for name in ("old", "new"):
+        assert signer(["keygen", str(tmp_path / name)]) == 0
+    document = tmp_path / "trust-v1.json"
+    made = ["trust-set", str(document), "--public", str(tmp_path / "new.pub"), "--version", "1"]
+    assert signer([*made, "--key", str(tmp_path / "old.key")]) == 0
+    device = ["--trust", str(tmp_path / "old.pub"), "--state-dir", str(tmp_path / "state")]
+    # Only the old key signed: the new holder has not proven their key yet.
+    assert main(["trust", "update", str(document), *device]) == TrustSetRejected.exit_code
+    assert "of its own keys" in capsys.readouterr().err
+    cosign = ["trust-set", str(document), "--cosign", "--key", str(tmp_path / "new.key")]
+    assert signer(cosign) == 0
+    assert main(["trust", "update", str(document), *device]) == 0
+    capsys.readouterr()
+    # A release signed by the revoked old key is now refused by the device.
+    image = tmp_path / "img"
+    image.write_bytes(b"i" * 70000)
+    release = [
+        "sign",
+        str(image),
+        "--sequence",
+        "1",
+        "--channel",
+        "u.example.test",
+        "--device-type",
+        "b",
+        "--key",
+    ]
+    assert signer([*release, str(tmp_path / "old.key")]) == 0
+    manifest = tmp_path / "img.manifest.json"
+    assert main(["verify", str(manifest), *device]) == UnknownKey.exit_code
+    assert signer([*release, str(tmp_path / "new.key"), "--force"]) == 0
+    assert main(["verify", str(manifest), *device]) == 0
+    assert signer([*made, "--key", str(tmp_path / "old.key")]) == 13  # exists: --force needed
