@@ -9,14 +9,13 @@ the door to rollbacks).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from otacast.schemas.policy import VerifiedManifest
 
+from .durable import write_durably
 from .errors import StateError
 
 RECORD = "installed.json"
@@ -61,16 +60,6 @@ def read_installed(state_dir: Path) -> Installed | None:
 def write_installed(state_dir: Path, verified: VerifiedManifest, status: str) -> Installed:
     m = verified.manifest
     installed = Installed(m.sequence, m.name, m.version, m.image.sha256.hex(), status)
-    path = state_dir / RECORD
-    tmp = path.with_name(f".{RECORD}.{os.getpid()}.tmp")
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(installed.__dict__, sort_keys=True) + "\n")
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise StateError(f"cannot record the installed release in {path}: {exc.strerror}") from None
+    data = (json.dumps(installed.__dict__, sort_keys=True) + "\n").encode()
+    write_durably(state_dir / RECORD, data, "the installed release")
     return installed

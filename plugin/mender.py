@@ -69,6 +69,7 @@ from otacast.schemas.limits import MAX_MANIFEST_BYTES
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 
 from .config import Settings, load_config, settle
+from .durable import write_durably
 from .errors import InstallError, ReadError, StateError, UsageError
 from .fetch import FetchOptions, fetch
 from .installed import read_installed, write_installed
@@ -232,21 +233,8 @@ def read_deployment(path: Path) -> Deployment | None:
 
 
 def write_deployment(path: Path, deployment: Deployment) -> None:
-    write_durably(path, (json.dumps(asdict(deployment), sort_keys=True) + "\n").encode())
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Whole or not at all, and on disk before the next state (maybe after a reboot) reads it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise StateError(f"cannot write {path}: {exc.strerror or exc}") from None
+    data = (json.dumps(asdict(deployment), sort_keys=True) + "\n").encode()
+    write_durably(path, data, "the deployment state")
 
 
 # --- Installer capabilities -------------------------------------------------------------------
@@ -401,7 +389,7 @@ class Module:
             status=self.status,
         )
         fetch(options, self.out)
-        write_durably(self.staging / MANIFEST, manifest)
+        write_durably(self.staging / MANIFEST, manifest, "the staged manifest")
         # Written last: its presence says the image and manifest beside it are complete.
         write_deployment(
             self.staging / STATE,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from otacast.schemas.trustset import (
     parse_trust,
 )
 
+from .durable import write_durably
 from .errors import ReadError, StateError, UsageError
 from .verify import check_signature
 
@@ -70,16 +69,5 @@ def accept_rotation(
     trust, version = current_trust(state_dir, paths, threshold)
     signed = parse_trust(data)
     check_rotation(signed, trust, version, check_signature, now=now)
-    path = state_dir / TRUST_RECORD
-    tmp = path.with_name(f".{TRUST_RECORD}.{os.getpid()}.tmp")
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(signed.to_bytes())
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise StateError(f"cannot record the trust set in {path}: {exc.strerror or exc}") from None
+    write_durably(state_dir / TRUST_RECORD, signed.to_bytes(), "the trust set")
     return signed.document
