@@ -71,7 +71,8 @@ class Daemon:
         )
         self.events: queue.Queue[dict[str, object]] = queue.Queue()
         self.seen: list[dict[str, object]] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -102,7 +103,10 @@ class Daemon:
 
     def terminate(self) -> tuple[int, str]:
         self.process.send_signal(signal.SIGTERM)
-        _, err = self.process.communicate(timeout=30)
+        self.process.wait(timeout=30)
+        self.reader.join(timeout=30)  # every line it printed is queued (communicate would race)
+        assert self.process.stderr is not None
+        err = self.process.stderr.read()
         while not self.events.empty():
             self.seen.append(self.events.get())
         return self.process.returncode, err
