@@ -10,10 +10,13 @@ from otacast.plugin.errors import InstallError
 from .base import Installer
 from .command import CommandInstaller
 from .file import FileInstaller
+from .swupdate import SwupdateIpcInstaller, SwupdateRunInstaller
 
 _KINDS: dict[str, Callable[[str], Installer]] = {
     "file": lambda argument: FileInstaller(Path(argument)),
     "command": CommandInstaller,
+    "swupdate": lambda argument: SwupdateIpcInstaller(Path(argument)),
+    "swupdate-run": SwupdateRunInstaller,
 }
 
 

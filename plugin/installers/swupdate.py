@@ -1,0 +1,589 @@
+"""SWUpdate installers: stream the verified ``.swu`` into a running daemon, or run ``swupdate -i``.
+
+``swupdate:DIR`` (`SwupdateIpcInstaller`) talks to a ``swupdate`` daemon through the two sockets
+it creates in its ``TMPDIR`` (``DIR``; Debian's ``swupdate.socket`` uses ``/tmp``).  Message
+layouts are in `otacast.schemas.swupdate_ipc`.  The sequence:
+
+1. Connect to the progress socket ``DIR/swupdateprog`` first, so no record of our install can be
+   written before we listen.
+2. Connect to ``DIR/sockinstctrl`` and send ``REQ_INSTALL`` (API version 1, source LOCAL, run
+   type INSTALL, the image length, info ``otacast NAME VERSION``) as one write; read one
+   ``ipc_message`` back.  ``NACK`` means busy ("Installation in progress") or refused.
+3. After ``ACK``, open a second control connection and subscribe with ``NOTIFY_STREAM``.  The
+   daemon replays its cached log messages on it, then sends each new one; they carry the reasons
+   a ``FAILURE`` has ("ERROR : Authentication of all signatures failed"), which the progress
+   records do not.  Subscribing only now matters: the daemon's single network thread writes the
+   replay with blocking writes before it serves the next request, and its cache holds up to 100
+   messages (312 KB, more than the default 208 KB socket buffer), but accepting an install
+   empties it.  A daemon that refuses the subscription still installs, only with terser errors.
+4. Progress records already buffered were written before our request was accepted (the daemon
+   only accepts while idle, and our install produces no record before it has read image bytes),
+   so they are discarded.  Then the image bytes are written on the control connection; closing
+   it marks the end of the image.
+5. Progress records are read until ``SUCCESS`` or ``FAILURE``.  Streaming, progress and
+   notifications are multiplexed in one ``select`` loop: the daemon writes progress and
+   notifications with blocking writes while it reads the image, so a client that only wrote
+   could deadlock it (seen: a second progress client that stops reading stalls the whole
+   install until it reads again).  If the daemon stops reading (it rejected the image
+   part-way), the write fails with EPIPE and the verdict still comes from the progress socket.
+6. After the verdict the notifications are read a little longer, until the daemon reports idle:
+   the messages that explain a ``FAILURE`` can lag its progress record, and a daemon that has
+   reported ``SUCCESS`` but not yet idle NACKs the next request as busy (seen often with
+   back-to-back installs).  The reason of a failure is the first error-level message since the
+   daemon announced the start of our install.
+
+An accepted install that never starts is retried.  swupdate 2022.12's installer thread waits for
+work with a bare ``pthread_cond_wait``; a request that arrives while it is finishing the previous
+install (after it reported idle, before it waits again) is acknowledged, but its wake-up is lost
+and the daemon never reads the image (seen in 3 of 140 back-to-back installs here).
+A started install announces ``START`` on the notification stream at once, so when neither that
+nor a progress record arrives within `START_TIMEOUT` the request is made again on fresh
+connections: the next request does wake the thread, and the image is sent from its beginning.
+Without a notification stream this cannot be seen and only the overall timeout applies.
+
+``SUCCESS`` is reported as ``installed``.  Whether the update is active now or after a reboot is
+decided inside the ``.swu`` (handlers, bootloader variables, scripts) and SWUpdate's IPC does
+not say; a device whose updates need a reboot reboots from the update's own post-install
+script or from its update loop.
+
+``swupdate-run:ARGS`` (`SwupdateRunInstaller`) runs ``swupdate ARGS -i IMAGE`` and judges by its
+exit status; the reason of a failure is the first error line it printed.  It runs with a
+private ``TMPDIR``: ``swupdate -i`` creates the same control sockets as the daemon and would
+replace a running daemon's sockets in the shared ``/tmp``.
+
+Both refuse a release whose signed image format is not ``swu`` before touching swupdate.  Every
+failure is an `InstallError` with one line; the image is only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import selectors
+import shlex
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from otacast.plugin.errors import InstallError
+from otacast.schemas.manifest import Manifest
+from otacast.schemas.policy import VerifiedManifest
+from otacast.schemas.swupdate_ipc import (
+    INFO_LEN,
+    NATIVE,
+    Abi,
+    InstallRequest,
+    IpcFormatError,
+    IpcMessage,
+    MsgType,
+    NotifyLevel,
+    ProgressMsg,
+    RecoveryStatus,
+    build_ipc_message,
+    enum_name,
+    ipc_message_size,
+    parse_ipc_message,
+    parse_progress_msg,
+    progress_msg_size,
+)
+
+from .base import Installer, InstallResult
+
+CONTROL_SOCKET = "sockinstctrl"
+PROGRESS_SOCKET = "swupdateprog"
+# Installing a multi-GB image to slow flash takes minutes, not hours (as for command:).
+DEFAULT_TIMEOUT = 3600.0
+# The daemon's network thread answers a request from memory at once; this only bounds the wait
+# on a wedged daemon.
+REPLY_TIMEOUT = 30.0
+# The image goes to the daemon in pieces of this size: big enough that syscalls do not matter,
+# small enough that the loop keeps reading progress while the daemon is busy writing flash.
+STREAM_CHUNK = 256 * 1024
+# A step reports at most ~101 PROGRESS records (one per percent) plus a few state changes; a
+# million records is ~10,000 steps, far beyond any real .swu, and bounds a daemon that spins.
+MAX_PROGRESS_RECORDS = 1_000_000
+# A woken installer thread announces START within milliseconds; ten seconds leaves room for a
+# loaded device and still retries a lost wake-up (module doc) long before the overall timeout.
+START_TIMEOUT = 10.0
+# Lost wake-ups are rare; a third in a row means something else is wrong with the daemon.
+START_ATTEMPTS = 3
+# After the verdict, wait at most this long for the daemon to report idle (module doc, step 6).
+# It does so within milliseconds; this only bounds a daemon whose notifications stop.
+SETTLE_TIMEOUT = 2.0
+# Keep this many error messages of one install for the reason (the first one is the cause).
+MAX_ERRORS = 20
+# Keep at most this much of any text reported in an error line.
+MAX_REASON = 300
+
+
+@dataclass
+class _Stream:
+    """One socket read as a sequence of fixed-size records."""
+
+    sock: socket.socket
+    record_size: int
+    buffer: bytearray = field(default_factory=bytearray)
+    closed: bool = False
+
+    def fill(self) -> None:
+        """Read what is available (the socket is non-blocking)."""
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ECONNRESET: the daemon went away
+                self.closed = True
+                return
+            if not data:
+                self.closed = True
+                return
+            self.buffer += data
+
+    def records(self) -> list[bytes]:
+        n = len(self.buffer) // self.record_size * self.record_size
+        chunk = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return [chunk[i : i + self.record_size] for i in range(0, n, self.record_size)]
+
+
+@dataclass
+class _Reasons:
+    """Error-level log messages of the current install, from the notification stream."""
+
+    errors: list[str] = field(default_factory=list)
+    idle: bool = False
+    started: bool = False
+
+    def add(self, status: int, level: int, message: str) -> None:
+        if status == RecoveryStatus.START:
+            # A new install starts: what came before (the replayed cache) belongs to others.
+            self.errors.clear()
+            self.idle = False
+            self.started = True
+        elif status == RecoveryStatus.IDLE:
+            self.idle = True
+        if level == NotifyLevel.ERROR and len(self.errors) < MAX_ERRORS:
+            text = _error_text(message)
+            if text and text not in self.errors:
+                self.errors.append(text)
+
+    def summary(self) -> str:
+        if not self.errors:
+            return ""
+        first = self.errors[0]
+        return first if len(self.errors) == 1 else f"{first} (then: {self.errors[-1]})"
+
+
+class _NotStarted(Exception):
+    """The daemon acknowledged the request but its installer thread did not start."""
+
+
+class SwupdateIpcInstaller(Installer):
+    kind = "swupdate"
+
+    def __init__(
+        self, directory: Path, *, timeout: float = DEFAULT_TIMEOUT, abi: Abi = NATIVE
+    ) -> None:
+        self.directory = directory
+        self.control = directory / CONTROL_SOCKET
+        self.progress = directory / PROGRESS_SOCKET
+        self.timeout = timeout
+        self.start_timeout = START_TIMEOUT
+        self.abi = abi
+        self.message_size = ipc_message_size(abi)
+        self.record_size = progress_msg_size(abi)
+
+    def install(self, image: Path, verified: VerifiedManifest) -> InstallResult:
+        m = _swu_release(verified)
+        info = _fit(_clean(f"otacast {m.name} {m.version}"), INFO_LEN - 1)
+        deadline = time.monotonic() + self.timeout
+        if not self.control.exists():
+            raise InstallError(
+                f"swupdate is not running: no control socket at {self.control} (start the "
+                "daemon with TMPDIR set to that directory, or name the directory it uses)"
+            )
+        for _ in range(START_ATTEMPTS):
+            try:
+                verdict, reasons = self._attempt(image, info, deadline)
+                break
+            except _NotStarted:
+                continue  # a lost wake-up (module doc): ask again
+        else:
+            raise InstallError(
+                f"swupdate accepted the install {START_ATTEMPTS} times but never started it "
+                f"(nothing within {self.start_timeout:g} s each time; restart the daemon)"
+            )
+        if verdict.status == RecoveryStatus.SUCCESS:
+            return InstallResult("installed", f"swupdate installed {m.name} {m.version}")
+        reason = reasons.summary() or "no reason given (see the swupdate daemon's log)"
+        raise InstallError(f"swupdate reported FAILURE installing {m.name} {m.version}: {reason}")
+
+    def _attempt(self, image: Path, info: str, deadline: float) -> tuple[ProgressMsg, _Reasons]:
+        """One request and, if it is accepted, the whole install (steps 1-6 of the module doc)."""
+        try:
+            handle = image.open("rb")
+        except OSError as exc:
+            raise InstallError(f"cannot read image {image}: {exc.strerror or exc}") from None
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(handle)
+            size = os.fstat(handle.fileno()).st_size
+            progress = stack.enter_context(self._connect(self.progress, "progress"))
+            control = stack.enter_context(self._connect(self.control, "control"))
+            self._request(control, InstallRequest(length=size, info=info))
+            notify = self._subscribe(stack)
+            return self._follow(handle, control, progress, notify, deadline)
+
+    # --- connections ------------------------------------------------------------------------
+
+    def _connect(self, path: Path, role: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(REPLY_TIMEOUT)
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            sock.close()
+            raise InstallError(f"swupdate is not running: no {role} socket at {path}") from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise InstallError(
+                f"swupdate is not running: {role} socket {path} refuses connections "
+                "(left over from a daemon that exited?)"
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise InstallError(
+                f"cannot connect to swupdate's {role} socket {path}: {exc.strerror or exc}"
+            ) from None
+        return sock
+
+    def _exchange(
+        self, sock: socket.socket, msgtype: int, member: InstallRequest | None
+    ) -> IpcMessage:
+        """Send one control message in one write; return the one reply."""
+        message = build_ipc_message(msgtype, member, self.abi)
+        try:
+            # The daemon reads a message with one read and drops short ones, so a partial send
+            # cannot be completed later: it has to go in one piece (it does on AF_UNIX).
+            if sock.send(message) != len(message):
+                raise InstallError("swupdate control socket took only part of a message")
+            reply = _recv_exact(sock, self.message_size)
+        except TimeoutError:
+            raise InstallError(
+                f"swupdate did not answer on {self.control} within {REPLY_TIMEOUT:g} s"
+            ) from None
+        except OSError as exc:
+            raise InstallError(
+                f"swupdate control socket {self.control} failed: {exc.strerror or exc}"
+            ) from None
+        if len(reply) != self.message_size:
+            raise InstallError(
+                f"swupdate closed the control connection after {len(reply)} bytes of a "
+                f"{self.message_size}-byte reply (a daemon of another version or ABI?)"
+            )
+        try:
+            return parse_ipc_message(reply, self.abi)
+        except IpcFormatError as exc:
+            raise InstallError(f"swupdate sent a malformed reply: {exc}") from None
+
+    def _subscribe(self, stack: contextlib.ExitStack) -> _Stream | None:
+        """The notification stream, or None: the install is accepted by now, and the messages
+        only explain a failure, so going without them beats abandoning the install."""
+        try:
+            sock = stack.enter_context(self._connect(self.control, "control"))
+            if self._exchange(sock, MsgType.NOTIFY_STREAM, None).type != MsgType.ACK:
+                return None  # an older daemon: install without the log messages
+        except InstallError:
+            return None
+        sock.setblocking(False)
+        return _Stream(sock, self.message_size)
+
+    def _request(self, control: socket.socket, request: InstallRequest) -> None:
+        answer = self._exchange(control, MsgType.REQ_INSTALL, request)
+        reply = answer.type
+        if reply == MsgType.ACK:
+            return
+        text = _clean(answer.text().msg)
+        if reply == MsgType.NACK and "progress" in text.lower():
+            raise InstallError(f"swupdate is busy: {text}")
+        if reply == MsgType.NACK:
+            raise InstallError(
+                "swupdate refused the install request"
+                + (f": {text}" if text else " (API version, software set or mode not accepted)")
+            )
+        raise InstallError(
+            f"swupdate answered the install request with {enum_name(MsgType, reply)}"
+        )
+
+    # --- the install ------------------------------------------------------------------------
+
+    def _follow(
+        self,
+        image: BinaryIO,
+        control: socket.socket,
+        progress: socket.socket,
+        notify: _Stream | None,
+        deadline: float,
+    ) -> tuple[ProgressMsg, _Reasons]:
+        with selectors.DefaultSelector() as selector:
+            run = _Run(self, selector, image, control, _Stream(progress, self.record_size), notify)
+            return run.loop(deadline)
+
+
+class _Run:
+    """Steps 4-6 of the module doc: one select loop over the image stream, progress, notify."""
+
+    def __init__(
+        self,
+        installer: SwupdateIpcInstaller,
+        selector: selectors.BaseSelector,
+        image: BinaryIO,
+        control: socket.socket,
+        progress: _Stream,
+        notify: _Stream | None,
+    ) -> None:
+        self.installer = installer
+        self.image = image
+        self.control: socket.socket | None = control
+        self.progress = progress
+        self.notify = notify
+        self.reasons = _Reasons()
+        self.pending = b""
+        self.seen = 0
+        self.last: ProgressMsg | None = None
+        self.verdict: ProgressMsg | None = None
+        self.selector = selector
+
+    def loop(self, deadline: float) -> tuple[ProgressMsg, _Reasons]:
+        size = self.installer.record_size
+        for sock in (self.progress.sock, self.control):
+            assert sock is not None
+            sock.setblocking(False)
+        # Records already buffered were written before the daemon accepted our request:
+        # skip them, including one that has only partly arrived.
+        self.progress.fill()
+        stale = -(-len(self.progress.buffer) // size)
+        self.selector.register(self.progress.sock, selectors.EVENT_READ)
+        if self.notify is not None:
+            self.selector.register(self.notify.sock, selectors.EVENT_READ)
+        assert self.control is not None
+        self.selector.register(self.control, selectors.EVENT_WRITE)
+        grace_end: float | None = None
+        # Only a notification stream shows that an accepted install has started (module doc).
+        start_by = time.monotonic() + self.installer.start_timeout
+        while True:
+            now = time.monotonic()
+            waiting_for_start = (
+                self.notify is not None and not self.reasons.started and self.seen == 0
+            )
+            if waiting_for_start and now >= start_by:
+                raise _NotStarted
+            if grace_end is not None and (
+                now >= grace_end or self.reasons.idle or self.notify is None
+            ):
+                assert self.verdict is not None
+                return self.verdict, self.reasons
+            if now >= deadline:
+                raise InstallError(
+                    f"swupdate did not report SUCCESS or FAILURE within "
+                    f"{self.installer.timeout:g} s" + self._last_words("; last: ")
+                )
+            until = deadline if grace_end is None else min(deadline, grace_end)
+            if waiting_for_start:
+                until = min(until, start_by)
+            for key, _ in self.selector.select(until - now):
+                if key.fileobj is self.control:
+                    self._feed()
+                elif self.notify is not None and key.fileobj is self.notify.sock:
+                    self._read_notify()
+                elif grace_end is None:
+                    stale = self._read_progress(stale)
+            if self.verdict is not None and grace_end is None:
+                # Stop sending (after FAILURE the rest is unwanted) and let the daemon settle.
+                self._end_image()
+                self.selector.unregister(self.progress.sock)
+                grace_end = time.monotonic() + SETTLE_TIMEOUT
+
+    def _feed(self) -> None:
+        """The control connection is writable: send the next piece of the image."""
+        assert self.control is not None
+        if not self.pending:
+            self.pending = self.image.read(STREAM_CHUNK)
+            if not self.pending:
+                self._end_image()
+                return
+        try:
+            self.pending = self.pending[self.control.send(self.pending) :]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            # EPIPE/ECONNRESET: the daemon stopped reading (it rejected the image part-way);
+            # the verdict still comes on the progress socket.
+            self._end_image()
+
+    def _end_image(self) -> None:
+        """Close the control connection: to the daemon, the end of the image."""
+        if self.control is not None:
+            self.selector.unregister(self.control)
+            self.control.close()
+            self.control = None
+
+    def _read_notify(self) -> None:
+        assert self.notify is not None
+        self.notify.fill()
+        for raw in self.notify.records():
+            try:
+                note = parse_ipc_message(raw, self.installer.abi).notify()
+            except IpcFormatError:
+                continue  # a notification only ever explains; never fail over one
+            self.reasons.add(note.status, note.level, note.msg)
+        if self.notify.closed:
+            self.selector.unregister(self.notify.sock)
+            self.notify = None
+
+    def _read_progress(self, stale: int) -> int:
+        self.progress.fill()
+        for raw in self.progress.records():
+            if stale:
+                stale -= 1
+                continue
+            self.seen += 1
+            if self.seen > MAX_PROGRESS_RECORDS:
+                raise InstallError(
+                    f"swupdate sent more than {MAX_PROGRESS_RECORDS} progress records "
+                    "without a result"
+                )
+            try:
+                self.last = parse_progress_msg(raw, self.installer.abi)
+            except IpcFormatError as exc:
+                raise InstallError(f"swupdate sent a malformed progress record: {exc}") from None
+            if self.last.status in (RecoveryStatus.SUCCESS, RecoveryStatus.FAILURE):
+                self.verdict = self.last
+                return stale
+        if self.progress.closed:
+            raise InstallError(
+                "swupdate closed its progress socket before reporting SUCCESS or FAILURE "
+                "(did the daemon exit?)" + self._last_words("; last: ")
+            )
+        return stale
+
+    def _last_words(self, prefix: str) -> str:
+        return prefix + _describe(self.last) if self.last else ""
+
+
+class SwupdateRunInstaller(Installer):
+    kind = "swupdate-run"
+
+    def __init__(
+        self, arguments: str, *, timeout: float = DEFAULT_TIMEOUT, program: str = "swupdate"
+    ) -> None:
+        try:
+            self.argv = shlex.split(arguments)
+        except ValueError as exc:
+            raise InstallError(f"swupdate-run arguments {arguments!r}: {exc}") from None
+        if any(a in ("-i", "--image") or a.startswith("--image=") for a in self.argv):
+            raise InstallError("swupdate-run arguments must not name the image (-i is added)")
+        self.program = program
+        self.timeout = timeout
+
+    def install(self, image: Path, verified: VerifiedManifest) -> InstallResult:
+        m = _swu_release(verified)
+        command = [self.program, *self.argv, "-i", str(image)]
+        # A private TMPDIR: swupdate -i creates the daemon's sockets there (see the module doc).
+        with tempfile.TemporaryDirectory(prefix="otacast-swupdate-") as private:
+            try:
+                done = subprocess.run(
+                    command,
+                    env=dict(os.environ, TMPDIR=private),
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    errors="replace",
+                    timeout=self.timeout,
+                    check=False,
+                )
+            except FileNotFoundError:
+                raise InstallError(f"{self.program} not found (is swupdate installed?)") from None
+            except OSError as exc:
+                raise InstallError(f"cannot run {self.program}: {exc.strerror or exc}") from None
+            except subprocess.TimeoutExpired:
+                raise InstallError(
+                    f"{self.program} did not finish within {self.timeout:g} s"
+                ) from None
+        if done.returncode == 0:
+            return InstallResult("installed", f"swupdate installed {m.name} {m.version}")
+        reason = _run_reason(done.stderr, done.stdout) or f"exit status {done.returncode}"
+        raise InstallError(f"swupdate failed to install {m.name} {m.version}: {reason}")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _swu_release(verified: VerifiedManifest) -> Manifest:
+    """The release's manifest, if its signed image format is one swupdate installs."""
+    m = verified.manifest
+    if m.image.format != "swu":
+        raise InstallError(
+            f"swupdate installs .swu images; {m.name} {m.version} is a {m.image.format!r} image "
+            "(a .swu is signed with --format swu, the default for a .swu file name)"
+        )
+    return m
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _fit(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes without splitting a character."""
+    return text.encode()[:limit].decode(errors="ignore")
+
+
+def _clean(text: str) -> str:
+    """One printable line of at most MAX_REASON characters."""
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return line[:MAX_REASON]
+
+
+# "[ERROR] : SWUPDATE failed [0] ERROR : Authentication ...", "ERROR : ...", "Error: ..."
+_ERROR_PREFIX = re.compile(
+    r"^(?:\[ERROR\]\s*:\s*SWUPDATE failed \[\d+\]\s*)?(?:ERROR\s*:\s*|Error:\s*)?"
+)
+_ERROR_LINE = re.compile(r"^(?:\[ERROR\]|ERROR\s*:|Error:)")
+
+
+def _error_text(message: str) -> str:
+    return _clean(_ERROR_PREFIX.sub("", message.strip(), count=1))
+
+
+def _run_reason(stderr: str, stdout: str) -> str:
+    """The first error line swupdate printed (the cause; later ones are consequences)."""
+    for text in (stderr, stdout):
+        for line in text.splitlines():
+            if _ERROR_LINE.match(line.strip()):
+                reason = _error_text(line)
+                if reason:
+                    return reason
+    for text in (stderr, stdout):
+        lines = [line for line in text.splitlines() if line.strip()]
+        if lines:
+            return _clean(lines[-1])
+    return ""
+
+
+def _describe(record: ProgressMsg) -> str:
+    text = f"{record.status_name}, step {record.cur_step}/{record.nsteps}"
+    if record.cur_image:
+        text += f" {_clean(record.cur_image)}"
+    return f"{text} {record.cur_percent}%"
