@@ -47,7 +47,8 @@ from otacast.signer.sign import sign
 
 from .manifests import manifest_for
 
-ABIS = [LP64, ILP32_EABI, ILP32_I386]
+BIG_ENDIAN_LP64 = Abi("big-endian LP64", "big", 8, 8)  # e.g. ppc64, s390x
+ABIS = [LP64, ILP32_EABI, ILP32_I386, BIG_ENDIAN_LP64]
 KEY = SigningKey(b"\x0b" * 32)
 IMAGE = random.Random(5).randbytes(300_000)
 
@@ -190,6 +191,14 @@ def test_a_req_install_has_its_fields_at_the_c_offsets(
     assert data[u + store_at + 1 :] == bytes(len(data) - u - store_at - 1)
 
 
+def test_a_big_endian_abi_writes_the_same_fields_in_network_order() -> None:
+    data = _golden_request(BIG_ENDIAN_LP64)
+    assert len(data) == 3120
+    assert data[0:4] == b"\x14\x05\x20\x01"
+    assert struct.unpack_from(">Iii", data, 8) == (1, SourceType.LOCAL, RunType.INSTALL)
+    assert data[8 + 16 : 8 + 24] == (0x11223344).to_bytes(8, "big")
+
+
 def test_status_notify_and_nack_text_sit_at_the_start_of_the_union() -> None:
     cases: list[tuple[ipc.Member, bytes]] = [
         (Status(1, 4, 7, "busy"), struct.pack("<iii", 1, 4, 7) + b"busy\0"),
@@ -321,7 +330,8 @@ def test_any_union_bytes_decode_as_every_member_without_error(
 ) -> None:
     size = ipc.ipc_message_size(abi) - 8
     union = data.draw(st.binary(min_size=size, max_size=size))
-    message = ipc.parse_ipc_message(struct.pack("<Ii", ipc.IPC_MAGIC, 1) + union, abi)
+    order = "<" if abi.byteorder == "little" else ">"
+    message = ipc.parse_ipc_message(struct.pack(f"{order}Ii", ipc.IPC_MAGIC, 1) + union, abi)
     message.install_request(), message.status(), message.notify(), message.text()
 
 
@@ -528,11 +538,15 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., FakeDaemon]]:
         fake.close()
 
 
-def _install(fake: FakeDaemon, image: Path, timeout: float = 10) -> str:
+def _install(fake: FakeDaemon, image: Path, timeout: float = 10, start_timeout: float = 5.0) -> str:
     installer = get_installer(f"swupdate:{fake.directory}")
     assert isinstance(installer, SwupdateIpcInstaller)
     installer.timeout = timeout
-    installer.start_timeout = 0.5
+    # Generous unless a test is about an install that never starts: on a loaded machine the
+    # fake's START can take longer than a short limit, and a needless second request would
+    # wait for a connection the scripted fake never accepts.
+    installer.start_timeout = start_timeout
+    installer.settle_timeout = 0.3
     return installer.install(image, verified()).status
 
 
@@ -583,7 +597,7 @@ def test_an_accepted_install_that_never_starts_is_requested_again(
         s.finish(RecoveryStatus.SUCCESS)
 
     fake = daemon(_accept_and_stall, works)
-    assert _install(fake, image) == "installed"
+    assert _install(fake, image, start_timeout=0.5) == "installed"
     assert len(fake.sessions) == 2
     assert bytes(fake.session.image) == IMAGE  # the image again, from its beginning
 
@@ -593,7 +607,30 @@ def test_an_install_that_never_starts_after_three_requests_is_a_clear_error(
 ) -> None:
     fake = daemon(_accept_and_stall, _accept_and_stall, _accept_and_stall)
     with pytest.raises(InstallError, match=r"accepted the install 3 times but never started it"):
-        _install(fake, image)
+        _install(fake, image, start_timeout=0.5)
+
+
+@pytest.mark.parametrize("outcome", [RecoveryStatus.SUCCESS, RecoveryStatus.FAILURE])
+def test_a_verdict_missed_on_the_progress_socket_is_taken_from_the_notifications(
+    daemon: Callable[..., FakeDaemon], image: Path, outcome: RecoveryStatus
+) -> None:
+    # The daemon had not yet accepted the progress connection when it wrote every record.
+    def scenario(s: Session) -> None:
+        s.reply(MsgType.ACK)
+        s.note(RecoveryStatus.START, 3, "Software Update started !")
+        s.read_image()
+        if outcome == RecoveryStatus.SUCCESS:
+            s.note(outcome, 3, "SWUPDATE successful !")
+        else:
+            s.note(outcome, 1, "ERROR : SW not compatible with hardware")
+        s.note(RecoveryStatus.IDLE, 3, "Waiting for requests...")
+
+    fake = daemon(scenario)
+    if outcome == RecoveryStatus.SUCCESS:
+        assert _install(fake, image) == "installed"
+    else:
+        with pytest.raises(InstallError, match=r"FAILURE .*: SW not compatible with hardware$"):
+            _install(fake, image)
 
 
 def test_a_busy_daemon_nacks_and_the_error_says_so(
@@ -668,6 +705,7 @@ def test_a_daemon_that_never_reports_a_result_is_given_up_on(
 ) -> None:
     def scenario(s: Session) -> None:
         s.reply(MsgType.ACK)
+        s.note(RecoveryStatus.START, 3, "Software Update started !")
         s.read_image()
         s.progress.recv(1)  # hold the connection until the client gives up
 
