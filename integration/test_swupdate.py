@@ -292,6 +292,63 @@ def test_no_daemon_is_an_error_naming_its_control_socket(vendor: Signer, tmp_pat
         get_installer(f"swupdate:{tmp_path / 'run'}").install(update.swu, update.verified)
 
 
+def _recv_message(sock: socket.socket) -> ipc.IpcMessage:
+    data = b""
+    while len(data) < ipc.ipc_message_size():
+        chunk = sock.recv(ipc.ipc_message_size() - len(data))
+        assert chunk, "swupdate closed the connection"
+        data += chunk
+    return ipc.parse_ipc_message(data)
+
+
+def _hold_a_started_install(directory: Path) -> socket.socket:
+    """An install that the daemon has started and that waits for image bytes we never send.
+
+    Started, not merely acknowledged: swupdate 2022.12 marks itself busy only when its installer
+    thread wakes, so a second request just after the first ACK would be acknowledged too.  The
+    START notification comes after that mark.
+    """
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.settimeout(10)
+    control.connect(str(directory / "sockinstctrl"))
+    control.sendall(
+        ipc.build_ipc_message(ipc.MsgType.REQ_INSTALL, ipc.InstallRequest(1000, "holder"))
+    )
+    assert _recv_message(control).type == ipc.MsgType.ACK
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as notify:
+        notify.settimeout(10)
+        notify.connect(str(directory / "sockinstctrl"))
+        notify.sendall(ipc.build_ipc_message(ipc.MsgType.NOTIFY_STREAM))
+        assert _recv_message(notify).type == ipc.MsgType.ACK
+        while _recv_message(notify).notify().status != ipc.RecoveryStatus.START:
+            pass
+    return control
+
+
+def test_a_busy_daemon_is_reported_and_the_next_install_after_it_succeeds(
+    daemon: Daemon, vendor: Signer, tmp_path: Path
+) -> None:
+    update = make_update(tmp_path, vendor)
+    installer = get_installer(f"swupdate:{daemon.directory}")
+    holder = _hold_a_started_install(daemon.directory)
+    try:
+        with pytest.raises(InstallError, match=r"^swupdate is busy: Installation in progress$"):
+            installer.install(update.swu, update.verified)
+    finally:
+        holder.close()  # an empty image: that install fails and the daemon becomes idle again
+    deadline = time.monotonic() + 10
+    while True:  # the daemon takes a moment to fail the held install
+        try:
+            result = installer.install(update.swu, update.verified)
+            break
+        except InstallError as exc:
+            if "busy" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    assert result.status == "installed"
+    assert update.target.read_bytes() == PAYLOAD
+
+
 @pytest.mark.parametrize("trusted", [True, False], ids=["good-image", "untrusted-key"])
 def test_swupdate_run_installs_a_good_image_and_refuses_an_untrusted_one(
     trusted: bool, vendor: Signer, stranger: Signer, tmp_path: Path
@@ -304,10 +361,37 @@ def test_swupdate_run_installs_a_good_image_and_refuses_an_untrusted_one(
     else:
         with pytest.raises(InstallError) as caught:
             installer.install(update.swu, update.verified)
-        assert str(caught.value) == (
-            "swupdate failed to install update.swu 2.1.0: Authentication of all signatures failed"
+        assert str(caught.value).startswith(
+            "swupdate reported FAILURE installing update.swu 2.1.0: "
+            "Authentication of all signatures failed"
         )
         assert not update.target.exists()
+
+
+def test_swupdate_run_runs_the_post_update_command_after_a_success_only(
+    vendor: Signer, stranger: Signer, tmp_path: Path
+) -> None:
+    marker = tmp_path / "post-update-ran"
+    installer = get_installer(f"swupdate-run:-H {BOARD} -k {vendor.cert} -p 'touch {marker}'")
+    bad = make_update(tmp_path / "bad", stranger)
+    with pytest.raises(InstallError, match="Authentication of all signatures failed"):
+        installer.install(bad.swu, bad.verified)
+    assert not marker.exists()
+    good = make_update(tmp_path / "good", vendor)
+    assert installer.install(good.swu, good.verified).status == "installed"
+    assert marker.exists()
+    assert good.target.read_bytes() == PAYLOAD
+
+
+def test_swupdate_run_with_an_unreadable_key_names_swupdates_complaint(
+    vendor: Signer, tmp_path: Path
+) -> None:
+    update = make_update(tmp_path, vendor)
+    installer = get_installer(f"swupdate-run:-H {BOARD} -k {tmp_path / 'missing.pem'}")
+    with pytest.raises(InstallError, match=r"^swupdate .* exited: ") as caught:
+        installer.install(update.swu, update.verified)
+    assert "\n" not in str(caught.value)
+    assert not update.target.exists()
 
 
 def test_otacast_install_receives_a_swu_over_multicast_and_swupdate_installs_it(

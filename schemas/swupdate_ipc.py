@@ -239,6 +239,7 @@ class Layouts:
 
 @cache
 def layouts(abi: Abi = NATIVE) -> Layouts:
+    """The construct definitions for `abi` (built once per ABI)."""
     little = abi.byteorder == "little"
     i32 = _CType(Int32sl if little else Int32sb, 4, 4)
     u32 = _CType(Int32ul if little else Int32ub, 4, 4)
@@ -308,6 +309,8 @@ def layouts(abi: Abi = NATIVE) -> Layouts:
             ("info", _char_array(BUF_LEN)),
         ]
     )
+    # The computed sizes are what construct builds and parses.
+    assert message.con.sizeof() == message.size and progress.con.sizeof() == progress.size
     return Layouts(
         abi=abi,
         ipc_message=message.con,

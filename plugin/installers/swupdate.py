@@ -54,10 +54,16 @@ decided inside the ``.swu`` (handlers, bootloader variables, scripts) and SWUpda
 not say; a device whose updates need a reboot reboots from the update's own post-install
 script or from its update loop.
 
-``swupdate-run:ARGS`` (`SwupdateRunInstaller`) runs ``swupdate ARGS -i IMAGE`` and judges by its
-exit status; the reason of a failure is the first error line it printed.  It runs with a
-private ``TMPDIR``: ``swupdate -i`` creates the same control sockets as the daemon and would
-replace a running daemon's sockets in the shared ``/tmp``.
+``swupdate-run:ARGS`` (`SwupdateRunInstaller`) is for devices that run no swupdate daemon: it
+starts ``swupdate ARGS`` as a private daemon whose ``TMPDIR`` (and so whose sockets) is a fresh
+directory of its own, installs through those sockets exactly as above, asks for the post-update
+command (``-p``) after a success as ``swupdate -i`` does, and stops the daemon.  It does not run
+``swupdate -i IMAGE``: that mode feeds the image to its own daemon threads over the same socket
+and waits for the verdict with no timeout, and when the installer thread's wake-up is lost at
+start-up (above) it waits forever (seen in CI: one rejected image, an hour's timeout).  Here a
+lost wake-up is retried, and an error names swupdate's own reason.  A private daemon that exits
+before opening its sockets (bad ARGS, an unreadable key) is reported with the first error line
+it printed.
 
 Both refuse a release whose signed image format is not ``swu`` before touching swupdate.  Every
 failure is an `InstallError` with one line; the image is only ever opened for reading.
@@ -123,6 +129,13 @@ START_ATTEMPTS = 3
 # After the verdict, wait at most this long for the daemon to report idle (module doc, step 6).
 # It does so within milliseconds; this only bounds a daemon whose notifications stop.
 SETTLE_TIMEOUT = 2.0
+# A private daemon (swupdate-run) opens its sockets within milliseconds of starting; this bounds
+# a loaded device's start-up with plenty of room.
+RUN_START_TIMEOUT = 30.0
+# A private daemon that has not exited this long after SIGTERM is killed.
+RUN_STOP_TIMEOUT = 5.0
+# The end of a private daemon's output kept for the reason it exited.
+RUN_LOG_TAIL = 16 * 1024
 # Keep this many error messages of one install for the reason (the first one is the cause).
 MAX_ERRORS = 20
 # Keep at most this much of any text reported in an error line.
@@ -236,6 +249,18 @@ class SwupdateIpcInstaller(Installer):
             return InstallResult("installed", f"swupdate installed {m.name} {m.version}")
         reason = reasons.summary() or "no reason given (see the swupdate daemon's log)"
         raise InstallError(f"swupdate reported FAILURE installing {m.name} {m.version}: {reason}")
+
+    def post_update(self) -> None:
+        """Ask the daemon to run its post-update command (``-p``), as ``swupdate -i`` does after
+        a successful install; a daemon without one acknowledges at once."""
+        with self._connect(self.control, "control") as control:
+            answer = self._exchange(control, MsgType.POST_UPDATE, None)
+        if answer.type != MsgType.ACK:
+            text = _clean(answer.text().msg)
+            raise InstallError(
+                "swupdate installed the update but its post-update command failed"
+                + (f": {text}" if text else "")
+            )
 
     def _attempt(self, image: Path, info: str, deadline: float) -> tuple[ProgressMsg, _Reasons]:
         """One request and, if it is accepted, the whole install (steps 1-6 of the module doc)."""
@@ -501,6 +526,8 @@ class _Run:
 
 
 class SwupdateRunInstaller(Installer):
+    """One install by a private, short-lived swupdate daemon (module doc)."""
+
     kind = "swupdate-run"
 
     def __init__(
@@ -511,38 +538,56 @@ class SwupdateRunInstaller(Installer):
         except ValueError as exc:
             raise InstallError(f"swupdate-run arguments {arguments!r}: {exc}") from None
         if any(a in ("-i", "--image") or a.startswith("--image=") for a in self.argv):
-            raise InstallError("swupdate-run arguments must not name the image (-i is added)")
+            raise InstallError(
+                "swupdate-run arguments must not name the image (otacast sends it itself)"
+            )
         self.program = program
         self.timeout = timeout
+        self.start_timeout = RUN_START_TIMEOUT
 
     def install(self, image: Path, verified: VerifiedManifest) -> InstallResult:
-        m = _swu_release(verified)
-        command = [self.program, *self.argv, "-i", str(image)]
-        # A private TMPDIR: swupdate -i creates the daemon's sockets there (see the module doc).
-        with tempfile.TemporaryDirectory(prefix="otacast-swupdate-") as private:
+        _swu_release(verified)  # refuse a non-.swu release before starting anything
+        with tempfile.TemporaryDirectory(prefix="otacast-swupdate-") as name:
+            private = Path(name)
+            log = private / "swupdate.log"
+            with log.open("wb") as output:
+                try:
+                    process = subprocess.Popen(
+                        [self.program, *self.argv],
+                        env=dict(os.environ, TMPDIR=name),
+                        stdin=subprocess.DEVNULL,
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                    )
+                except FileNotFoundError:
+                    raise InstallError(
+                        f"{self.program} not found (is swupdate installed?)"
+                    ) from None
+                except OSError as exc:
+                    raise InstallError(
+                        f"cannot run {self.program}: {exc.strerror or exc}"
+                    ) from None
             try:
-                done = subprocess.run(
-                    command,
-                    env=dict(os.environ, TMPDIR=private),
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    errors="replace",
-                    timeout=self.timeout,
-                    check=False,
-                )
-            except FileNotFoundError:
-                raise InstallError(f"{self.program} not found (is swupdate installed?)") from None
-            except OSError as exc:
-                raise InstallError(f"cannot run {self.program}: {exc.strerror or exc}") from None
-            except subprocess.TimeoutExpired:
+                self._wait_for_sockets(process, private, log)
+                daemon = SwupdateIpcInstaller(private, timeout=self.timeout)
+                result = daemon.install(image, verified)
+                daemon.post_update()
+                return result
+            finally:
+                _stop(process)
+
+    def _wait_for_sockets(self, process: subprocess.Popen[bytes], private: Path, log: Path) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        # A socket file exists from bind(); the daemon listens a moment later.
+        while not all(_listening(private / s) for s in (CONTROL_SOCKET, PROGRESS_SOCKET)):
+            if process.poll() is not None:
+                reason = _run_reason("", _tail(log)) or f"exit status {process.returncode}"
+                raise InstallError(f"{self.program} {shlex.join(self.argv)} exited: {reason}")
+            if time.monotonic() > deadline:
                 raise InstallError(
-                    f"{self.program} did not finish within {self.timeout:g} s"
-                ) from None
-        if done.returncode == 0:
-            return InstallResult("installed", f"swupdate installed {m.name} {m.version}")
-        reason = _run_reason(done.stderr, done.stdout) or f"exit status {done.returncode}"
-        raise InstallError(f"swupdate failed to install {m.name} {m.version}: {reason}")
+                    f"{self.program} did not open its sockets within {self.start_timeout:g} s"
+                )
+            time.sleep(0.02)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -557,6 +602,38 @@ def _swu_release(verified: VerifiedManifest) -> Manifest:
             "(a .swu is signed with --format swu, the default for a .swu file name)"
         )
     return m
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(RUN_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _listening(path: Path) -> bool:
+    """Whether a Unix socket is bound at `path` and listening, seen in /proc/net/unix without
+    connecting (a probe connection would count as a progress client of the daemon)."""
+    try:
+        table = Path("/proc/net/unix").read_text()
+    except OSError:
+        return path.exists()
+    target = str(path)
+    for line in table.splitlines()[1:]:
+        fields = line.split(None, 7)
+        # Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 is __SO_ACCEPTCON.
+        if len(fields) == 8 and fields[7] == target and int(fields[3], 16) & 0x10000:
+            return True
+    return False
+
+
+def _tail(log: Path) -> str:
+    with log.open("rb") as handle:
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - RUN_LOG_TAIL))
+        return handle.read().decode(errors="replace")
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
