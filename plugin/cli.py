@@ -24,6 +24,7 @@ from otacast.schemas.limits import MAX_MANIFEST_BYTES
 from otacast.schemas.policy import TrustSet
 from otacast.schemas.trustset import MAX_TRUST_BYTES
 
+from .auth import PACKET_AUTH_POLICIES
 from .config import FALLBACKS, Settings, load_config, settle
 from .errors import StateError, UsageError
 from .fetch import FetchOptions, FetchSummary, fetch
@@ -248,6 +249,12 @@ def add_fetch_parser(sub: argparse._SubParsersAction[_Parser], command: str = "f
         "--fallback",
         choices=FALLBACKS,
         help="HTTP fallback: auto (default), only (skip multicast), never",
+    )
+    p.add_argument(
+        "--packet-auth",
+        choices=PACKET_AUTH_POLICIES,
+        help="packet authentication: auto (default: when the release lists stream keys), "
+        "require (refuse releases without), off",
     )
     if command == "watch":
         p.add_argument(

@@ -23,6 +23,7 @@ from typing import Any
 
 from otacast.schemas import addressing
 
+from .auth import PACKET_AUTH_POLICIES
 from .errors import ConfigError, ReadError
 
 DEFAULT_PATH = Path("/etc/otacast/otacast.toml")
@@ -55,6 +56,7 @@ class DeviceConfig:
     installer: str | None = None
     out: Path | None = None
     retry_max: float | None = None
+    packet_auth: str | None = None
 
 
 def _text(value: object) -> bool:
@@ -92,6 +94,10 @@ _RULES: dict[str, tuple[Any, str]] = {
     "installer": (_text, "KIND:ARGUMENT, e.g. file:/data/rootfs.img"),
     "out": (_text, "a path"),
     "retry_max": (_number, "seconds, more than 0"),
+    "packet_auth": (
+        lambda v: v in PACKET_AUTH_POLICIES,
+        "one of " + ", ".join(PACKET_AUTH_POLICIES),
+    ),
 }
 _PATHS = {"state_dir", "out"}
 assert set(_RULES) == {f.name for f in fields(DeviceConfig)} - {"path"}
@@ -183,6 +189,7 @@ class Settings:
     installer: str | None = None
     out: Path | None = None
     retry_max: float = DEFAULT_RETRY_MAX
+    packet_auth: str = "auto"
     config: Path | None = None
 
     @property

@@ -26,6 +26,12 @@ chunks and the download converges even when loss exceeds the sender's per-pass o
 one's half-filled decoders, pass after pass.)  A decoded chunk is hashed; a mismatch (e.g. a
 forged symbol polluted the decode) drops that chunk's symbols and it is collected afresh.
 
+*Packet authentication.*  When the verified manifest lists stream keys (and the policy is not
+``off``), a DATA datagram that passes the checks above is decoded only once an AUTH page has
+vouched for it (`otacast.plugin.auth`); AUTH datagrams that arrive before the manifest are held
+and replayed with the DATA ones.  With the policy ``require``, a manifest without stream keys is
+refused.
+
 *Fallback.*  With a join timeout, the core asks for fallback if no datagram of a usable session
 has arrived in time; with a stall timeout, if no new symbol or chunk has advanced the image for
 that long.  It asks once; multicast continues, and chunks obtained elsewhere are reported back
@@ -49,6 +55,7 @@ from otacast.schemas.limits import (
 )
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 
+from .auth import PACKET_AUTH_POLICIES, PacketAuthenticator, SignatureCheck
 from .decoder import ChunkDecoder, DecoderFactory, DecoderFault, raptorq_decoder
 from .events import (
     ChunkComplete,
@@ -58,9 +65,10 @@ from .events import (
     ManifestRefused,
     ManifestVerified,
 )
-from .verify import verify_manifest
+from .verify import check_signature, verify_manifest
 
 _DATA_PREFIX = wire.MAGIC + bytes([wire.VERSION, wire.KIND_DATA])
+_AUTH_PREFIX = wire.MAGIC + bytes([wire.VERSION, wire.KIND_AUTH])
 _CHUNK_AND_ID = struct.Struct(">II")
 
 
@@ -70,6 +78,7 @@ class ReceiverStats:
     symbols_used: int = 0
     duplicates: int = 0
     late: int = 0  # symbols of chunks already complete
+    auth_ignored: int = 0  # AUTH datagrams while packet authentication is not in use
     chunks_multicast: int = 0
     bytes_multicast: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
@@ -124,7 +133,11 @@ class ReceiverCore:
         stall_timeout: float | None = None,
         decoder_factory: DecoderFactory = raptorq_decoder,
         decoder_budget: int = MAX_DECODER_BYTES,
+        packet_auth: str = "auto",
+        signature_check: SignatureCheck = check_signature,
     ) -> None:
+        if packet_auth not in PACKET_AUTH_POLICIES:
+            raise ValueError(f"packet_auth must be one of {', '.join(PACKET_AUTH_POLICIES)}")
         self.trust = trust
         self.device_type = device_type
         self.installed_sequence = installed_sequence
@@ -132,6 +145,9 @@ class ReceiverCore:
         self.stall_timeout = stall_timeout
         self.decoder_factory = decoder_factory
         self.decoder_budget = decoder_budget
+        self.packet_auth = packet_auth
+        self.signature_check = signature_check
+        self.authenticator: PacketAuthenticator | None = None
         self.stats = ReceiverStats()
         self.verified: VerifiedManifest | None = None
         self.done: set[int] = set()
@@ -145,7 +161,7 @@ class ReceiverCore:
         self._pending: OrderedDict[tuple[bytes, bytes], _Reassembly] = OrderedDict()
         self._refused: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
         self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
-        self._early: deque[bytes] = deque()
+        self._early: deque[tuple[bytes, str]] = deque()
         self._early_bytes = 0
         self._session = b""
         if manifest is not None:
@@ -191,12 +207,17 @@ class ReceiverCore:
         if isinstance(packet, wire.ManifestPacket):
             self._on_manifest(packet, now)
         elif self._session:
-            self.stats.rejected["other-session"] += 1
+            if packet.session != self._session:
+                self.stats.rejected["other-session"] += 1
+            elif isinstance(packet, wire.AuthPacket):
+                self._on_auth(packet, bytes(data), source, now)
+            else:  # a DATA datagram of this session that the fast path did not take: too short
+                self.stats.rejected["symbol-length"] += 1
         else:
-            self._early.append(bytes(data))
+            self._early.append((bytes(data), source))
             self._early_bytes += len(data)
             while self._early_bytes > MAX_EARLY_BYTES:
-                self._early_bytes -= len(self._early.popleft())
+                self._early_bytes -= len(self._early.popleft()[0])
                 self.stats.rejected["no-manifest-yet"] += 1  # the oldest held one is dropped
 
     def mark_done(self, index: int, now: float) -> None:
@@ -277,6 +298,17 @@ class ReceiverCore:
             self._remember_refused(key)
             self.stats.rejected["manifest-session"] += 1
             return
+        if self.packet_auth == "require" and not verified.manifest.stream_keys:
+            self._remember_refused(key)
+            self.stats.rejected["manifest-unauthenticated"] += 1
+            self._events.append(
+                ManifestRefused(
+                    "PacketAuthRequired",
+                    f"{verified.manifest.name} {verified.manifest.version} lists no stream keys "
+                    "and this device requires packet authentication",
+                )
+            )
+            return
         self._adopt(verified, now)
 
     def _remember_refused(self, key: tuple[bytes, bytes]) -> None:
@@ -295,17 +327,37 @@ class ReceiverCore:
         self._pending.clear()
         self._heard = True
         self._last_progress = now
+        if manifest.stream_keys and self.packet_auth != "off":
+            self.authenticator = PacketAuthenticator(
+                self._session,
+                {k.sender: k.public for k in manifest.stream_keys},
+                self.stats.rejected,
+                now=now,
+                check=self.signature_check,
+            )
         self._events.append(ManifestVerified(verified))
         early, self._early, self._early_bytes = self._early, deque(), 0
-        for data in early:  # held while no manifest was verified yet
-            if data[4:12] == self._session and len(data) > wire.DATA_HEADER_SIZE:
+        for data, source in early:  # held while no manifest was verified yet
+            if data[4:12] != self._session:
+                self.stats.rejected["other-session"] += 1
+            elif data[:4] == _AUTH_PREFIX:
+                self._on_auth(wire.parse_datagram(data), data, source, now)  # type: ignore[arg-type]
+            elif len(data) > wire.DATA_HEADER_SIZE:
                 self._on_data(data, now)
             else:
-                self.stats.rejected["other-session"] += 1
+                self.stats.rejected["symbol-length"] += 1
 
     # --- Data --------------------------------------------------------------------------------
 
-    def _on_data(self, data: bytes, now: float) -> None:
+    def _on_auth(self, packet: wire.AuthPacket, data: bytes, source: str, now: float) -> None:
+        self._heard = True
+        if self.authenticator is None:
+            self.stats.auth_ignored += 1  # packet authentication is off or not offered
+            return
+        for released in self.authenticator.on_auth(packet, data, source, now):
+            self._on_data(released, now, vouched=True)
+
+    def _on_data(self, data: bytes, now: float, vouched: bool = False) -> None:
         self._heard = True
         if len(data) != self._datagram_size:
             self.stats.rejected["symbol-length"] += 1
@@ -320,6 +372,8 @@ class ReceiverCore:
         if chunk in self.done:
             self.stats.late += 1
             return
+        if self.authenticator is not None and not vouched and not self.authenticator.admit(data):
+            return  # held until its page arrives, or dropped (counted by the authenticator)
         state = self._chunks.get(chunk)
         if state is None:
             if len(self._chunks) >= self._max_decoders:

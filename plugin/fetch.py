@@ -78,6 +78,7 @@ class FetchOptions:
     json: bool = False
     http_timeout: float = 10.0
     status: StatusFile | None = None
+    packet_auth: str = "auto"  # auto | require | off (see otacast.plugin.core)
 
     @classmethod
     def from_settings(
@@ -109,6 +110,7 @@ class FetchOptions:
             fallback=settings.fallback,
             json=json,
             status=status,
+            packet_auth=settings.packet_auth,
         )
 
 
@@ -229,6 +231,12 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
     emit = Reporter(out, options.json)
     if options.fallback == "only" and options.manifest is None:
         raise UsageError("--fallback only needs --manifest (the mirrors are listed in it)")
+    given = options.manifest
+    if options.packet_auth == "require" and given is not None and not given.manifest.stream_keys:
+        raise UsageError(
+            f"{given.manifest.name} {given.manifest.version} lists no stream keys and "
+            "packet_auth is require"
+        )
     receiver: MulticastReceiver | None = None
     joins: list[Join] = []
     if options.fallback != "only":
@@ -245,6 +253,7 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         manifest=options.manifest,
         join_timeout=options.join_timeout,
         stall_timeout=options.stall_timeout,
+        packet_auth=options.packet_auth,
     )
     run = _Run(options, core, receiver, emit, start)
     try:

@@ -113,3 +113,31 @@ MAX_EARLY_BYTES = 2_500_000
 # Envelopes already refused (bad signature, rollback ...) remembered so their repetitions are
 # dropped with one lookup instead of one Ed25519 verification each.
 MAX_REFUSED_MANIFESTS = 64
+
+# --- Packet authentication (otacast.plugin.auth) ----------------------------------------------
+
+# DATA digests a receiver holds from accepted AUTH pages.  Senders send a page just before the
+# datagrams it covers, so only a few pages per sender are ever ahead of their data; 16384
+# digests (~146 pages, ~20 MB of data at the minimum MTU) cover four senders with room to spare,
+# in ~1.5 MB of memory.  The oldest are forgotten first.
+MAX_AUTH_DIGESTS = 16384
+
+# Bytes of DATA datagrams held because their page has not been accepted yet (its first copy was
+# lost or reordered): ~850 minimum-MTU datagrams.  A flood of forgeries only pushes older ones
+# out.
+MAX_AUTH_HELD_BYTES = 1_000_000
+
+# Pages remembered as accepted (so their second copy costs one lookup) and links to expected
+# next pages.  Each entry is a few dozen bytes.
+MAX_AUTH_PAGES = 65536
+MAX_AUTH_LINKS = 8192
+
+# Ed25519 verifications of AUTH pages, per second, that a source address which has not yet sent
+# a valid page may cause in total (all such sources share it), and that each source which has
+# may cause.  An honest sender needs about two per 112 datagrams of new pages (fewer when pages
+# arrive linked); 5000/s covers ~280k datagrams/s, and 200/s caps what a flood of forged pages
+# from strangers costs at ~15 ms of CPU per second.
+UNTRUSTED_AUTH_VERIFY_RATE = 200.0
+TRUSTED_AUTH_VERIFY_RATE = 5000.0
+# Source addresses remembered as having sent a valid page (least recently seen forgotten first).
+MAX_AUTH_SOURCES = 64

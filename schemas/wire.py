@@ -5,8 +5,7 @@ Every otacast datagram starts with the same 12-byte big-endian header::
     0       2         3      4            12
     | magic | version | kind | session id | kind-specific body ...
 
-* magic ``b"OC"``; version 1; kind 1 = DATA, 2 = MANIFEST, 3 = AUTH (reserved for packet
-  authentication, not yet accepted).
+* magic ``b"OC"``; version 1; kind 1 = DATA, 2 = MANIFEST, 3 = AUTH.
 * session id: the first 8 bytes of SHA-256 over the manifest's canonical signed bytes, so
   packets of another release are dropped after one 8-byte comparison.
 
@@ -29,6 +28,18 @@ MANIFEST (a fragment of the signed manifest envelope)::
   last (the one ending at the total length) carries at least 256 bytes, which bounds the
   bookkeeping a receiver needs to reassemble a hostile stream.
 
+AUTH (a signed page of DATA digests, packet authentication; see `otacast.plugin.auth`)::
+
+    12 sender (u16) | 14 count (u16) | 16 chunk (u32) | 20 page (u32) | 24 link (16 bytes)
+    40 digests (count x 10 bytes) | signature (64 bytes)
+
+  Page ``j`` of chunk ``c`` lists the truncated SHA-256 (`packet_digest`) of the DATA datagrams
+  at positions ``j*P .. j*P+count-1`` of that chunk's symbol cycle as this sender sends them.
+  ``link`` is `auth_link` of page ``j+1`` of the same chunk (all zero on the last page), so a
+  receiver that has accepted one page checks the next by a hash instead of a signature.  The
+  Ed25519 signature, by the stream key the signed manifest lists for ``sender``, covers
+  ``AUTH_CONTEXT`` followed by every byte of the datagram before it.
+
 The hot path does not run construct (~17 us per parse): `parse_datagram` uses `struct.Struct`
 objects with the same layout, and the test suite proves both parsers agree on every input and
 both builders produce identical bytes.  `parse_datagram_spec` runs the construct definition and
@@ -38,6 +49,7 @@ construct's ``.compile()``: compiled parsers skip checks.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -47,9 +59,12 @@ from construct import (
     ConstructError,
     GreedyBytes,
     Int8ub,
+    Int16ub,
     Int24ub,
     Int32ub,
     Struct,
+    Terminated,
+    this,
 )
 
 from .errors import PacketError
@@ -60,7 +75,18 @@ VERSION: Final = 1
 
 KIND_DATA: Final = 1
 KIND_MANIFEST: Final = 2
-KIND_AUTH: Final = 3  # reserved for packet authentication (stream-key-signed digest batches)
+KIND_AUTH: Final = 3
+
+# A DATA digest is 80 bits: forging a datagram that matches one of the <= MAX_AUTH_DIGESTS
+# digests a receiver holds takes ~2^64 hashes, and 10 bytes per datagram (sent twice) keep the
+# AUTH traffic under 2% of the DATA bytes.
+DIGEST_BYTES: Final = 10
+# 128 bits: a link must resist second preimages for as long as a release is served.
+LINK_BYTES: Final = 16
+SIGNATURE_BYTES: Final = 64
+# Domain separation: an AUTH signature can never be mistaken for a manifest or trust-set one.
+AUTH_CONTEXT: Final = b"otacast-auth-v1\x00"
+NO_LINK: Final = bytes(LINK_BYTES)
 
 SESSION_ID_BYTES: Final = 8
 ENVELOPE_ID_BYTES: Final = 8
@@ -88,10 +114,22 @@ MANIFEST_BODY = Struct(
     "fragment" / GreedyBytes,
 )
 
+AUTH_BODY = Struct(
+    "sender" / Int16ub,
+    "count" / Int16ub,
+    "chunk" / Int32ub,
+    "page" / Int32ub,
+    "link" / Bytes(LINK_BYTES),
+    "digests" / Bytes(this.count * DIGEST_BYTES),
+    "signature" / Bytes(SIGNATURE_BYTES),
+    Terminated,
+)
+
 HEADER_SIZE: Final = 12
 assert HEADER.sizeof() == HEADER_SIZE
 DATA_HEADER_SIZE: Final = HEADER_SIZE + 8  # 20: header, chunk, payload id
 MANIFEST_HEADER_SIZE: Final = HEADER_SIZE + ENVELOPE_ID_BYTES + 8  # 28
+AUTH_HEADER_SIZE: Final = HEADER_SIZE + 12 + LINK_BYTES  # 40
 
 # Offset of the RaptorQ payload id (SBN + ESI) inside a DATA datagram.
 CODEC_PACKET_OFFSET: Final = HEADER_SIZE + 4
@@ -101,10 +139,12 @@ CODEC_PACKET_OFFSET: Final = HEADER_SIZE + 4
 _DATA_FAST = struct.Struct(">2sBB8sII")  # ... chunk, (sbn << 24 | esi)
 _MANIFEST_FAST = struct.Struct(">2sBB8s8sII")
 _HEADER_FAST = struct.Struct(">2sBB8s")
+_AUTH_FAST = struct.Struct(">2sBB8sHHII16s")
 
 assert _DATA_FAST.size == DATA_HEADER_SIZE
 assert _MANIFEST_FAST.size == MANIFEST_HEADER_SIZE
 assert _HEADER_FAST.size == HEADER_SIZE
+assert _AUTH_FAST.size == AUTH_HEADER_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +184,69 @@ class ManifestPacket:
             raise ValueError(reason)
 
 
-Packet = DataPacket | ManifestPacket
+@dataclass(frozen=True, slots=True)
+class AuthPacket:
+    """A page of DATA digests of one chunk, signed by one sender's stream key."""
+
+    session: bytes
+    sender: int
+    chunk: int
+    page: int
+    link: bytes
+    digests: bytes  # count x DIGEST_BYTES
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_session(self.session)
+        if not 0 <= self.sender <= 0xFFFF:
+            raise ValueError("sender out of range")
+        _check_u32(self.chunk, "chunk")
+        _check_u32(self.page, "page")
+        if len(self.link) != LINK_BYTES:
+            raise ValueError("link must be 16 bytes")
+        if len(self.signature) != SIGNATURE_BYTES:
+            raise ValueError("signature must be 64 bytes")
+        if _auth_count_problem(len(self.digests)) is not None:
+            raise ValueError("digest list length out of range")
+
+    @property
+    def count(self) -> int:
+        return len(self.digests) // DIGEST_BYTES
+
+    def digest_list(self) -> list[bytes]:
+        d = self.digests
+        return [d[i : i + DIGEST_BYTES] for i in range(0, len(d), DIGEST_BYTES)]
+
+
+Packet = DataPacket | ManifestPacket | AuthPacket
+
+
+def packet_digest(datagram: bytes | bytearray | memoryview) -> bytes:
+    """The digest an AUTH page lists for a DATA datagram (the whole datagram, header included)."""
+    return hashlib.sha256(datagram).digest()[:DIGEST_BYTES]
+
+
+def auth_signed_bytes(datagram: bytes) -> bytes:
+    """What an AUTH datagram's signature covers."""
+    return AUTH_CONTEXT + datagram[:-SIGNATURE_BYTES]
+
+
+def auth_link(datagram: bytes) -> bytes:
+    """The value the previous page's ``link`` holds for this AUTH datagram."""
+    return hashlib.sha256(datagram[:-SIGNATURE_BYTES]).digest()[:LINK_BYTES]
+
+
+def auth_capacity(max_datagram: int) -> int:
+    """How many digests one AUTH datagram of at most `max_datagram` bytes carries."""
+    return (max_datagram - AUTH_HEADER_SIZE - SIGNATURE_BYTES) // DIGEST_BYTES
+
+
+def _auth_count_problem(digest_bytes: int) -> str | None:
+    if digest_bytes == 0 or digest_bytes % DIGEST_BYTES:
+        return "auth-length"
+    if AUTH_HEADER_SIZE + digest_bytes + SIGNATURE_BYTES > MAX_DATAGRAM:
+        return "oversized"
+    return None
 
 
 def _check_session(session: bytes) -> None:
@@ -203,7 +305,21 @@ def parse_datagram(data: bytes | bytearray | memoryview) -> Packet:
             session, envelope_id, total, offset, bytes(data[MANIFEST_HEADER_SIZE:])
         )
     if kind == KIND_AUTH:
-        raise PacketError("auth-unsupported")
+        if n < AUTH_HEADER_SIZE + DIGEST_BYTES + SIGNATURE_BYTES:
+            raise PacketError("short")
+        _, _, _, _, sender, count, chunk, page, link = _AUTH_FAST.unpack_from(data)
+        if count == 0 or AUTH_HEADER_SIZE + count * DIGEST_BYTES + SIGNATURE_BYTES != n:
+            raise PacketError("auth-length")
+        end = n - SIGNATURE_BYTES
+        return AuthPacket(
+            session,
+            sender,
+            chunk,
+            page,
+            link,
+            bytes(data[AUTH_HEADER_SIZE:end]),
+            bytes(data[end:]),
+        )
     raise PacketError("unknown-kind")
 
 
@@ -240,10 +356,26 @@ def parse_datagram_spec(data: bytes) -> Packet:
                 parsed.offset,
                 parsed.fragment,
             )
+        if header.kind == KIND_AUTH:
+            if n < AUTH_HEADER_SIZE + DIGEST_BYTES + SIGNATURE_BYTES:
+                raise PacketError("short")
+            try:
+                parsed = AUTH_BODY.parse(body)
+            except ConstructError:
+                raise PacketError("auth-length") from None
+            if parsed.count == 0:
+                raise PacketError("auth-length")
+            return AuthPacket(
+                header.session,
+                parsed.sender,
+                parsed.chunk,
+                parsed.page,
+                parsed.link,
+                parsed.digests,
+                parsed.signature,
+            )
     except ConstructError:
         raise PacketError("short") from None
-    if header.kind == KIND_AUTH:
-        raise PacketError("auth-unsupported")
     raise PacketError("unknown-kind")
 
 
@@ -252,6 +384,19 @@ def build_datagram(packet: Packet) -> bytes:
     if isinstance(packet, DataPacket):
         head = _DATA_FAST.pack(MAGIC, VERSION, KIND_DATA, packet.session, packet.chunk, packet.esi)
         return head + packet.symbol
+    if isinstance(packet, AuthPacket):
+        head = _AUTH_FAST.pack(
+            MAGIC,
+            VERSION,
+            KIND_AUTH,
+            packet.session,
+            packet.sender,
+            packet.count,
+            packet.chunk,
+            packet.page,
+            packet.link,
+        )
+        return head + packet.digests + packet.signature
     head = _MANIFEST_FAST.pack(
         MAGIC,
         VERSION,
@@ -270,6 +415,19 @@ def build_datagram_spec(packet: Packet) -> bytes:
         kind = KIND_DATA
         body = DATA_BODY.build(
             {"chunk": packet.chunk, "sbn": 0, "esi": packet.esi, "symbol": packet.symbol}
+        )
+    elif isinstance(packet, AuthPacket):
+        kind = KIND_AUTH
+        body = AUTH_BODY.build(
+            {
+                "sender": packet.sender,
+                "count": packet.count,
+                "chunk": packet.chunk,
+                "page": packet.page,
+                "link": packet.link,
+                "digests": packet.digests,
+                "signature": packet.signature,
+            }
         )
     else:
         kind = KIND_MANIFEST

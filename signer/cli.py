@@ -188,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"UDP port (default {addressing.DEFAULT_PORT})",
     )
     p.add_argument("--group", help="ASM group (default: derived from the channel)")
+    p.add_argument(
+        "--stream-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PUBLIC_KEY",
+        help="a sender's stream public key (packet authentication); repeat for several senders, "
+        "numbered 0, 1, ... in order",
+    )
     p.add_argument("--ssm-group", help="SSM group (default: derived from the channel)")
     p.add_argument(
         "--rate",
@@ -305,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=Path,
         help="where encoded symbols are kept (default $XDG_CACHE_HOME/otacast or ~/.cache/otacast)",
+    )
+    p.add_argument(
+        "--stream-key",
+        type=Path,
+        metavar="SECRET_KEY",
+        help="sign AUTH pages with this stream key (its public key must be in the manifest)",
     )
     p.add_argument("--no-gso", action="store_true", help="one send per datagram (no UDP GSO)")
     p.add_argument("--loopback", action="store_true", help="also deliver to receivers on this host")
@@ -482,6 +497,7 @@ def _sign_new(
         http=args.http_url,
         chunk_size=args.chunk_size,
         symbol_size=args.symbol_size,
+        stream_keys=[keys.load_public(path) for path in args.stream_key],
     )
     return sign.sign(manifest, signing_keys)
 
@@ -611,6 +627,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         gso=not args.no_gso,
         loopback=args.loopback,
         json=args.json,
+        stream_key=keys.load_secret(args.stream_key) if args.stream_key else None,
     )
     serve(envelope, args.image, options, sys.stdout, stop=Stop())
     return 0

@@ -7,6 +7,7 @@ a key that others could have copied must not sign releases.
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,11 @@ class SigningKey:
 
     def sign(self, message: bytes) -> bytes:
         return nacl.signing.SigningKey(self.seed).sign(message).signature
+
+    def signer(self) -> Callable[[bytes], bytes]:
+        """`sign` without re-deriving the key each call (for signing many AUTH pages)."""
+        key = nacl.signing.SigningKey(self.seed)
+        return lambda message: key.sign(message).signature
 
 
 def generate() -> SigningKey:

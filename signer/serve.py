@@ -23,7 +23,9 @@ from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM
 from otacast.schemas.manifest import Envelope
 
 from . import symbol_cache
-from .errors import UsageError
+from .auth_pages import AuthCarousel, chunk_pages
+from .errors import ReadError, UsageError
+from .keys import SigningKey
 from .schedule import Finished, SenderCore, SendManifest, SendSymbols, Wait, per_pass
 from .sign import check_image
 from .transport import MulticastSender, gso_batch
@@ -56,6 +58,7 @@ class ServeOptions:
     gso: bool = True
     loopback: bool = False
     json: bool = False
+    stream_key: SigningKey | None = None  # signs AUTH pages (packet authentication)
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Channel:
     group: str
     core: SenderCore
     sender: MulticastSender
+    auth: AuthCarousel | None = None
 
 
 @dataclass
@@ -136,6 +140,7 @@ def serve(
             min(DEFAULT_MAX_DATAGRAM, layout.datagram_size),
         )
     )
+    pages = _auth_pages(envelope, options, path, layout, emit)
     sends = [
         per_pass(manifest.source_symbols(c), layout.cycles[c], options.overhead)
         for c in range(manifest.chunk_count)
@@ -169,7 +174,12 @@ def serve(
                 passes=options.loops,
                 duration=options.duration,
             )
-            channels.append(Channel(rate, group, core, sender))
+            carousel = (
+                AuthCarousel(pages, wire.auth_capacity(layout.datagram_size), layout.cycles)
+                if pages is not None
+                else None
+            )
+            channels.append(Channel(rate, group, core, sender, carousel))
             emit.event(
                 "serving",
                 group=group,
@@ -202,6 +212,57 @@ def serve(
     return summary
 
 
+def _auth_pages(
+    envelope: Envelope,
+    options: ServeOptions,
+    cache: Path,
+    layout: symbol_cache.CycleLayout,
+    emit: Reporter,
+) -> list[list[bytes]] | None:
+    """Every chunk's signed AUTH pages, or None without a stream key."""
+    manifest = envelope.manifest
+    key = options.stream_key
+    if key is None:
+        if manifest.stream_keys:
+            emit.warning(
+                "the manifest lists stream keys but no --stream-key was given: devices that "
+                "authenticate packets will not decode this sender's data"
+            )
+        return None
+    senders = [k.sender for k in manifest.stream_keys if k.public == key.public]
+    if not senders:
+        raise UsageError(
+            f"stream key {key.key_id} is not one the manifest lists "
+            "(sign the release with --stream-key naming its public key)"
+        )
+    capacity = wire.auth_capacity(layout.datagram_size)
+    sign = key.signer()
+    pages = []
+    try:
+        with cache.open("rb") as handle:
+            for chunk, cycle in enumerate(layout.cycles):
+                offset, length = layout.span(chunk, 0, cycle)
+                handle.seek(offset)
+                data = handle.read(length)
+                if len(data) != length:
+                    raise ReadError(f"symbol cache {cache} is truncated at chunk {chunk}")
+                pages.append(
+                    chunk_pages(
+                        manifest.session_id,
+                        senders[0],
+                        chunk,
+                        data,
+                        layout.datagram_size,
+                        capacity,
+                        sign,
+                    )
+                )
+    except OSError as exc:
+        raise ReadError(f"cannot read symbol cache {cache}: {exc.strerror or exc}") from None
+    emit.event("auth-pages", sender=senders[0], pages=sum(len(p) for p in pages))
+    return pages
+
+
 def _channel_report(channel: Channel, elapsed: float) -> dict[str, object]:
     stats = channel.core.stats
     sent = stats.data_bytes + stats.manifest_bytes
@@ -213,6 +274,8 @@ def _channel_report(channel: Channel, elapsed: float) -> dict[str, object]:
         "data_packets": stats.data_packets,
         "manifest_packets": stats.manifest_packets,
         "gso": channel.sender.gso_size > 0,
+        "auth_packets": channel.auth.datagrams if channel.auth else 0,
+        "auth_bytes": channel.auth.bytes if channel.auth else 0,
     }
 
 
@@ -236,6 +299,12 @@ def _loop(
         for channel in list(live):
             action = channel.core.next_action(now)
             if isinstance(action, SendSymbols):
+                if channel.auth is not None:
+                    passes = channel.core.stats.passes
+                    for page in channel.auth.before(
+                        action.chunk, action.first, action.count, passes
+                    ):
+                        channel.sender.send_datagram(page)
                 run = reader.read(action.chunk, action.first, action.count)
                 channel.sender.send_run(run, action.count, size)
                 wake = now

@@ -23,6 +23,7 @@ from otacast.schemas.manifest import (
     ImageInfo,
     Manifest,
     Signature,
+    StreamKey,
     Transport,
     parse_envelope,
     signing_message,
@@ -75,6 +76,7 @@ def build_manifest(
     http: Sequence[str] = (),
     chunk_size: int = 0,
     symbol_size: int = fec.DEFAULT_SYMBOL_SIZE,
+    stream_keys: Sequence[bytes] = (),
 ) -> Manifest:
     size = image.stat().st_size if image.exists() else 0
     chunk = fec.choose_chunk_size(size, chunk_size or DEFAULT_CHUNK_BYTES)
@@ -91,6 +93,7 @@ def build_manifest(
         fec=FecInfo(symbol_size=symbol_size),
         transport=transport,
         http=tuple(http),
+        stream_keys=tuple(StreamKey(index, public) for index, public in enumerate(stream_keys)),
     )
 
 

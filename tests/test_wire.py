@@ -3,6 +3,7 @@ and round trips of every packet kind."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -48,7 +49,20 @@ def manifest_packets(draw: st.DrawFn) -> wire.ManifestPacket:
     )
 
 
-packets = st.one_of(data_packets, manifest_packets())
+auth_packets = st.builds(
+    wire.AuthPacket,
+    session=sessions,
+    sender=st.integers(0, 0xFFFF),
+    chunk=st.integers(0, 0xFFFFFFFF),
+    page=st.integers(0, 0xFFFFFFFF),
+    link=st.binary(min_size=wire.LINK_BYTES, max_size=wire.LINK_BYTES),
+    digests=st.integers(1, wire.auth_capacity(MAX_DATAGRAM)).flatmap(
+        lambda n: st.binary(min_size=n * wire.DIGEST_BYTES, max_size=n * wire.DIGEST_BYTES)
+    ),
+    signature=st.binary(min_size=64, max_size=64),
+)
+
+packets = st.one_of(data_packets, manifest_packets(), auth_packets)
 
 
 def _golden() -> dict[str, str]:
@@ -63,6 +77,9 @@ GOLDEN_PACKETS: dict[str, wire.Packet] = {
         SESSION, ENVELOPE_ID, 300, 0, b'{"signed"' + b" " * 247
     ),
     "manifest_last_fragment": wire.ManifestPacket(SESSION, ENVELOPE_ID, 300, 296, b"}]}\n"),
+    "auth_two_digests": wire.AuthPacket(
+        SESSION, 2, 5, 1, bytes(range(16)), b"A" * 10 + b"B" * 10, b"\x5a" * 64
+    ),
 }
 
 
@@ -93,6 +110,31 @@ def test_data_header_layout_matches_the_documented_offsets() -> None:
         + b"sym"
     )
     assert wire.build_datagram(wire.DataPacket(SESSION, 7, 256, b"sym")) == expected
+
+
+def test_auth_layout_matches_the_documented_offsets() -> None:
+    expected = (
+        b"OC\x01\x03"
+        + SESSION
+        + b"\x00\x07"  # sender 7
+        + b"\x00\x01"  # one digest
+        + b"\x00\x00\x00\x03"  # chunk 3
+        + b"\x00\x00\x00\x09"  # page 9
+        + b"L" * 16
+        + b"D" * 10
+        + b"S" * 64
+    )
+    packet = wire.AuthPacket(SESSION, 7, 3, 9, b"L" * 16, b"D" * 10, b"S" * 64)
+    assert wire.build_datagram(packet) == expected
+    assert wire.auth_signed_bytes(expected) == wire.AUTH_CONTEXT + expected[:-64]
+    assert wire.auth_link(expected) == hashlib.sha256(expected[:-64]).digest()[:16]
+
+
+def test_default_auth_datagram_fits_the_ipv6_minimum_mtu_with_112_digests() -> None:
+    assert wire.auth_capacity(1232) == 112
+    digests = bytes(112 * wire.DIGEST_BYTES)
+    packet = wire.AuthPacket(SESSION, 0, 0, 0, wire.NO_LINK, digests, bytes(64))
+    assert len(wire.build_datagram(packet)) <= 1232
 
 
 def test_codec_packet_is_the_tail_of_a_data_datagram() -> None:
@@ -162,7 +204,9 @@ def test_parser_accepts_memoryview_of_a_receive_buffer() -> None:
         (b"XX\x01\x01" + SESSION + bytes(9), "bad-magic"),
         (b"OC\x02\x01" + SESSION + bytes(9), "bad-version"),
         (b"OC\x01\x09" + SESSION + bytes(9), "unknown-kind"),
-        (b"OC\x01\x03" + SESSION + bytes(90), "auth-unsupported"),
+        (b"OC\x01\x03" + SESSION + bytes(90), "short"),  # AUTH without room for a digest
+        (b"OC\x01\x03" + SESSION + bytes(28 + 11 + 64), "auth-length"),  # count 0, stray byte
+        (b"OC\x01\x03" + SESSION + b"\x00\x00\x00\x02" + bytes(24 + 10 + 64), "auth-length"),
         (b"OC\x01\x01" + SESSION + bytes(8), "short"),  # DATA without a symbol
         (b"OC\x01\x01" + SESSION + b"\x00\x00\x00\x00\x01\x00\x00\x00sym", "bad-sbn"),
         (b"OC\x01\x01" + SESSION + bytes(MAX_DATAGRAM), "oversized"),
