@@ -300,6 +300,7 @@ class _Run:
         self.bytes_resumed = 0
         self.finished = False
         self.buffer = bytearray(MAX_DATAGRAM + 1)
+        self._truncated = 0  # datagrams the transport dropped as too long, already counted
         self._next_status = 0.0
 
     def loop(self) -> None:
@@ -343,9 +344,15 @@ class _Run:
         for _ in range(MAX_BURST):
             got = self.receiver.recv_into(self.buffer)
             if got is None:
-                return
+                break
             size, source = got
             self.core.receive_datagram(bytes(self.buffer[:size]), source, now)
+        # A datagram longer than the buffer never reaches the core: the transport drops it and
+        # counts it.  It is a hostile datagram like any other, so it is counted with them.
+        dropped = self.receiver.truncated - self._truncated
+        if dropped:
+            self.core.stats.rejected["oversized"] += dropped
+            self._truncated += dropped
 
     def _handle_events(self) -> None:
         while (event := self.core.next_event()) is not None:
