@@ -14,6 +14,7 @@ the core, so multicast and HTTP share one state without locks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import queue
 import select
@@ -127,6 +128,7 @@ class FetchSummary:
     late: int  # symbols of chunks already complete (the sender's per-pass overhead)
     rejected: dict[str, int]
     joins: list[str] = field(default_factory=list)
+    auth: dict[str, int] | None = None  # packet authentication counters, when it was used
 
 
 class _Writer(threading.Thread):
@@ -274,6 +276,7 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         late=core.stats.late,
         rejected=dict(core.stats.rejected),
         joins=[f"({j.source or '*'}, {j.group})" for j in joins],
+        auth=dataclasses.asdict(core.authenticator.stats) if core.authenticator else None,
     )
     emit.summary(summary)
     return summary
@@ -510,6 +513,7 @@ class Reporter:
                         "bytes_http": bytes_http,
                         "datagrams": core.stats.datagrams,
                         "rejected": rejected,
+                        "rejected_by": dict(core.stats.rejected),
                         "elapsed": round(elapsed, 3),
                     }
                 )
@@ -546,6 +550,7 @@ class Reporter:
                         "receiving": round(s.receiving, 3),
                         "peak_rss_mb": peak_rss_mb(),
                         "joins": s.joins,
+                        "packet_auth": s.auth,
                     },
                     sort_keys=True,
                 )
@@ -556,6 +561,12 @@ class Reporter:
             f"done: {m.name} {m.version} ({m.image.length} bytes, sha256 verified) in "
             f"{s.elapsed:.1f} s; multicast {s.bytes_multicast}, HTTP {s.bytes_http}, "
             f"resumed {s.bytes_resumed} bytes; {s.datagrams} datagrams, rejected: {reasons}"
+            + (
+                f"; packet authentication: {s.auth['pages_signed']} pages signed, "
+                f"{s.auth['pages_linked']} linked"
+                if s.auth
+                else ""
+            )
         )
 
 

@@ -1,0 +1,239 @@
+"""Packet authentication end to end: a host on the LAN floods the channel's ASM group with
+forged DATA, MANIFEST and AUTH datagrams at ten times the honest sender's packet rate.
+
+With packet authentication the receiver decodes only what the sender's stream key vouched for:
+the image arrives over multicast alone, with no decode spoiled.  Without it (``--packet-auth
+off``) the same flood pollutes decodes; the image is still exact (every chunk is verified) but
+only because spoiled chunks are collected again, and it does not finish.  The time ratio is
+printed (run with -s); the benchmark, not this test, is where it is judged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from otacast.schemas import wire
+from otacast.schemas.manifest import Envelope, parse_envelope
+from otacast.signer.keys import SigningKey
+
+from .inject import write_datagrams
+from .netns import Lan, stop
+from .release import SIGNER, Release, fetch_command, serve
+
+MB = 1_000_000
+RATE = 2 * MB  # bytes/s: the honest sender, paced well below what the machine can do
+HONEST_PPS = RATE // 1228
+ATTACK_PPS = 10 * HONEST_PPS
+INJECT = Path(__file__).with_name("inject.py")
+# How long the unauthenticated receiver is watched under attack: several clean runs (~4 s).
+WATCH = 20
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Release, Path]:
+    directory = tmp_path_factory.mktemp("auth-release")
+    stream = directory / "stream"
+    subprocess.run([SIGNER, "keygen", str(stream)], check=True, capture_output=True)
+    release = Release.make(
+        directory, 6 * MB, extra=("--stream-key", str(stream.with_suffix(".pub")))
+    )
+    return release, stream.with_suffix(".key")
+
+
+@pytest.fixture
+def lan() -> Iterator[Lan]:
+    lan = Lan.create(3)
+    try:
+        yield lan
+    finally:
+        lan.delete()
+
+
+def forgeries(envelope: Envelope, path: Path) -> None:
+    """Forged MANIFEST fragments (a bogus envelope claiming the session) and AUTH pages signed by
+    a key the manifest does not list, claiming the honest sender's number; `inject.py` mixes
+    in forged DATA of its own."""
+    m = envelope.manifest
+    rng = random.Random(5)
+    stranger = SigningKey(bytes(range(32)))
+    datagrams = []
+    for n in range(400):
+        bogus = os.urandom(1100)
+        datagrams += [
+            wire.build_datagram(p)
+            for p in wire.fragment_envelope(m.session_id, rng.randbytes(8), bogus, 1228)
+        ]
+        digests = os.urandom(wire.DIGEST_BYTES * 112)
+        page = wire.AuthPacket(
+            m.session_id, 0, rng.randrange(m.chunk_count), n % 40, wire.NO_LINK, digests, bytes(64)
+        )
+        unsigned = wire.build_datagram(page)
+        datagrams.append(unsigned[:-64] + stranger.sign(wire.auth_signed_bytes(unsigned)))
+    write_datagrams(path, datagrams)
+
+
+def attack(lan: Lan, envelope: Envelope, tmp_path: Path) -> subprocess.Popen[str]:
+    m = envelope.manifest
+    forged = tmp_path / "forged.bin"
+    forgeries(envelope, forged)
+    attacker = lan.hosts[2]
+    return attacker.popen(
+        sys.executable,
+        str(INJECT),
+        "eth0",
+        m.transport.asm_group,
+        str(m.transport.port),
+        "300",
+        "--pps",
+        str(ATTACK_PPS),
+        "--file",
+        str(forged),
+        "--forge-data",
+        f"{m.session_id.hex()},{m.chunk_count},{m.fec.symbol_size}",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def receive(
+    lan: Lan, release: Release, key: Path, tmp_path: Path, *, flood: bool
+) -> tuple[dict[str, object], float, dict[str, object] | None]:
+    """One authenticated download, timed from the sender's first packet: the receiver has
+    joined already and the sender's symbols are cached, so runs compare delivery alone."""
+    envelope = parse_envelope(release.manifest.read_bytes())
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    sender, receiver = lan.hosts[0], lan.hosts[1]
+    attacker = attack(lan, envelope, tmp_path) if flood else None
+    rx = subprocess.Popen(
+        fetch_command(
+            receiver,
+            release,
+            tmp_path / "state",
+            tmp_path / "out.img",
+            "--group",
+            envelope.manifest.transport.asm_group,
+            "--packet-auth",
+            "require",
+            "--fallback",
+            "never",
+            "--join-timeout",
+            "60",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    tx = None
+    try:
+        time.sleep(1.0)  # joined, and under attack if there is one
+        started = time.monotonic()
+        tx = serve(
+            sender,
+            release,
+            "--asm",
+            "--rate",
+            str(RATE),
+            "--stream-key",
+            str(key),
+            "--duration",
+            "300s",
+        )
+        out, err = rx.communicate(timeout=180)
+        elapsed = time.monotonic() - started
+    finally:
+        stop([rx] + ([tx] if tx else []) + ([attacker] if attacker else []))
+    report = None
+    if attacker is not None:
+        sent, _ = attacker.communicate(timeout=10)
+        lines = [line for line in sent.splitlines() if line.startswith("{")]
+        report = json.loads(lines[-1]) if lines else None
+    assert rx.returncode == 0, err
+    assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert events[-1]["event"] == "finished"
+    return events[-1], elapsed, report
+
+
+def test_a_flood_of_forged_packets_cannot_spoil_a_decode_when_packets_are_authenticated(
+    lan: Lan, signed: tuple[Release, Path], tmp_path: Path
+) -> None:
+    release, key = signed
+    stop([serve(lan.hosts[0], release, "--stream-key", str(key), ready=True)])  # cache symbols
+    clean, clean_time, _ = receive(lan, release, key, tmp_path / "clean", flood=False)
+    attacked, attacked_time, report = receive(lan, release, key, tmp_path / "attacked", flood=True)
+    assert clean["bytes_http"] == 0 and attacked["bytes_http"] == 0
+    rejected = attacked["rejected"]
+    assert isinstance(rejected, dict)
+    assert rejected.get("chunk-hash-mismatch", 0) == 0  # no forged symbol reached a decoder
+    assert rejected.get("decoder-fault", 0) == 0
+    assert rejected.get("auth-forged", 0) + rejected.get("auth-budget", 0) > 0
+    assert report is not None and report["sent"] > 0
+    auth = attacked["packet_auth"]
+    assert isinstance(auth, dict) and auth["pages_signed"] >= 1
+    print(
+        f"\npacket auth on: clean {clean_time:.1f} s, under attack {attacked_time:.1f} s "
+        f"(ratio {attacked_time / clean_time:.2f}); forged datagrams sent {report['sent']}, "
+        f"rejections {dict(sorted(rejected.items()))}"
+    )
+
+
+def test_without_packet_authentication_the_same_flood_stalls_the_download(
+    lan: Lan, signed: tuple[Release, Path], tmp_path: Path
+) -> None:
+    # The denial of service packet authentication exists for: forged symbols are decoded, the
+    # chunks they spoil fail their hash (so no forged byte is ever written) and are collected
+    # again, over and over.  Watched for WATCH seconds, several times the clean run.
+    release, _ = signed
+    envelope = parse_envelope(release.manifest.read_bytes())
+    sender, receiver = lan.hosts[0], lan.hosts[1]
+    attacker = attack(lan, envelope, tmp_path)
+    tx = serve(sender, release, "--asm", "--rate", str(RATE), "--duration", "300s")
+    rx = subprocess.Popen(
+        fetch_command(
+            receiver,
+            release,
+            tmp_path / "state",
+            tmp_path / "out.img",
+            "--group",
+            envelope.manifest.transport.asm_group,
+            "--packet-auth",
+            "off",
+            "--fallback",
+            "never",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    last: dict[str, object] = {}
+    try:
+        deadline = time.monotonic() + WATCH
+        assert rx.stdout is not None
+        for line in rx.stdout:
+            event = json.loads(line)
+            if event["event"] in ("progress", "finished"):
+                last = event
+            if event["event"] == "finished" or time.monotonic() > deadline:
+                break
+    finally:
+        stop([rx, tx, attacker])
+    rejected = last.get("rejected_by") or last.get("rejected")
+    assert isinstance(rejected, dict)
+    assert rejected.get("chunk-hash-mismatch", 0) > 0  # forged symbols reached decoders
+    assert not (tmp_path / "out.img").exists() or (
+        (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
+    )
+    print(
+        f"\npacket auth off: after {WATCH} s under attack {last.get('bytes_done', '?')} of "
+        f"{envelope.manifest.image.length} bytes done ({last['event']}); "
+        f"rejections {dict(sorted(rejected.items()))}"
+    )
