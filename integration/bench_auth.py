@@ -1,0 +1,194 @@
+"""Packet authentication cost benchmark: prints numbers, asserts nothing.
+
+    python integration/bench_auth.py [--size 32M] [--repeat 3] [--quick]
+
+Everything runs in this process, with no network: a release is signed with a stream key, its
+symbols are encoded into a sender's cache, and one pass of the real sender schedule
+(`SenderCore`, unpaced) is recorded with the AUTH pages `AuthCarousel` puts in front of each run.
+Then the receiver core consumes that pass twice per repetition, alternately:
+
+* with packet authentication: manifest, AUTH pages and DATA datagrams, as sent;
+* without: the same manifest and DATA datagrams, packet authentication off.
+
+It reports the receiver's CPU seconds per MB of image for both (the smallest of the repetitions,
+``time.process_time``) and their ratio, the bytes AUTH adds to a pass, and what signing the
+pages costs the sender.  Both runs happen in one process on one input, so the ratio holds on a
+noisy machine even where the absolute figures do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from otacast.plugin.core import ReceiverCore
+from otacast.schemas import fec, units, wire
+from otacast.schemas.manifest import Envelope, Transport
+from otacast.schemas.policy import TrustSet
+from otacast.signer import symbol_cache
+from otacast.signer.auth_pages import AuthCarousel, chunk_pages
+from otacast.signer.keys import SigningKey
+from otacast.signer.schedule import Finished, SenderCore, SendManifest, SendSymbols, per_pass
+from otacast.signer.sign import build_manifest, sign
+
+RELEASE = SigningKey(b"\x01" * 32)
+STREAM = SigningKey(b"\x02" * 32)
+
+
+def release(image: Path) -> Envelope:
+    now = int(time.time())
+    manifest = build_manifest(
+        image,
+        name=image.name,
+        sequence=1,
+        version="1",
+        created=now,
+        expires=now + 86400,
+        compatible=["bench"],
+        image_format="raw",
+        transport=Transport.for_channel("bench.example.test"),
+        stream_keys=[STREAM.public],
+    )
+    return sign(manifest, [RELEASE])
+
+
+def one_pass(envelope: Envelope, image: Path, cache_dir: Path) -> dict[str, object]:
+    m = envelope.manifest
+    path = symbol_cache.build(m, image, cache_dir, 0.5)
+    layout = symbol_cache.CycleLayout.for_manifest(m, 0.5)
+    capacity = wire.auth_capacity(layout.datagram_size)
+    started = time.process_time()
+    sign_page = STREAM.signer()
+    pages = []
+    with path.open("rb") as handle:
+        for chunk, cycle in enumerate(layout.cycles):
+            offset, length = layout.span(chunk, 0, cycle)
+            handle.seek(offset)
+            cycle_bytes = handle.read(length)
+            pages.append(
+                chunk_pages(
+                    m.session_id, 0, chunk, cycle_bytes, layout.datagram_size, capacity, sign_page
+                )
+            )
+    signing = time.process_time() - started
+    fragments = [
+        wire.build_datagram(p)
+        for p in wire.fragment_envelope(
+            m.session_id, envelope.envelope_id, envelope.compact_bytes, layout.datagram_size
+        )
+    ]
+    sends = [per_pass(m.source_symbols(c), layout.cycles[c], 0.1) for c in range(m.chunk_count)]
+    core = SenderCore(
+        layout.cycles,
+        sends,
+        datagram_size=layout.datagram_size,
+        batch=64,
+        window=fec.window_chunks(m.chunks.size),
+        rate=0,
+        manifest=fragments,
+        now=0.0,
+        passes=1,
+    )
+    carousel = AuthCarousel(pages, capacity, layout.cycles)
+    reader = symbol_cache.SymbolReader(path, layout, 64)
+    stream: list[bytes] = []
+    data_bytes = 0
+    try:
+        while not isinstance(action := core.next_action(0.0), Finished):
+            if isinstance(action, SendSymbols):
+                stream += carousel.before(action.chunk, action.first, action.count, 0)
+                run = bytes(reader.read(action.chunk, action.first, action.count))
+                size = layout.datagram_size
+                stream += [run[i : i + size] for i in range(0, len(run), size)]
+                data_bytes += len(run)
+            elif isinstance(action, SendManifest):
+                stream += action.datagrams
+    finally:
+        reader.close()
+    return {
+        "stream": stream,
+        "fragments": fragments,
+        "data_bytes": data_bytes,
+        "auth_bytes": carousel.bytes,
+        "auth_packets": carousel.datagrams,
+        "pages": sum(len(p) for p in pages),
+        "signing_s": signing,
+    }
+
+
+def consume(envelope: Envelope, datagrams: list[bytes], packet_auth: str) -> float:
+    trust = TrustSet.from_public_keys([RELEASE.public])
+    now = time.time()
+    core = ReceiverCore(trust, now=now, packet_auth=packet_auth)
+    started = time.process_time()
+    for datagram in datagrams:
+        core.receive_datagram(datagram, "fd00::1", now)
+        while core.next_event() is not None:
+            pass
+    spent = time.process_time() - started
+    if not core.complete:
+        raise SystemExit(f"the receiver did not complete ({packet_auth}): {core.stats}")
+    return spent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="32M", help="image size (default 32M)")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument("--quick", action="store_true", help="8M image, 2 repetitions")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    size = units.parse_size("8M" if args.quick else args.size)
+    repeat = 2 if args.quick else args.repeat
+    with tempfile.TemporaryDirectory(prefix="otacast-bench-auth-") as name:
+        work = Path(name)
+        image = work / "image.bin"
+        image.write_bytes(os.urandom(size))
+        envelope = release(image)
+        sent = one_pass(envelope, image, work / "cache")
+    stream = sent["stream"]
+    assert isinstance(stream, list)
+    plain = [d for d in stream if d[3] != wire.KIND_AUTH]
+    with_auth, without = [], []
+    for _ in range(repeat):
+        with_auth.append(consume(envelope, stream, "require"))
+        without.append(consume(envelope, plain, "off"))
+    mb = size / 1e6
+    data_bytes = sent["data_bytes"]
+    auth_bytes = sent["auth_bytes"]
+    assert isinstance(data_bytes, int) and isinstance(auth_bytes, int)
+    result = {
+        "image_mb": round(mb, 1),
+        "receiver_cpu_s_per_mb_with_auth": round(min(with_auth) / mb, 5),
+        "receiver_cpu_s_per_mb_without": round(min(without) / mb, 5),
+        "receiver_cpu_ratio": round(min(with_auth) / min(without), 3),
+        "auth_pages": sent["pages"],
+        "auth_packets_per_pass": sent["auth_packets"],
+        "auth_bytes_share_of_data": round(auth_bytes / data_bytes, 4),
+        "sender_signing_s": round(float(sent["signing_s"]), 3),  # type: ignore[arg-type]
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"packet authentication, {mb:.0f} MB image, one pass, best of {repeat}:")
+    print(
+        f"  receiver CPU per MB: {result['receiver_cpu_s_per_mb_with_auth'] * 1e3:.2f} ms with, "
+        f"{result['receiver_cpu_s_per_mb_without'] * 1e3:.2f} ms without "
+        f"(ratio {result['receiver_cpu_ratio']:.3f}; target <= 1.15)"
+    )
+    print(
+        f"  wire: {sent['auth_packets']} AUTH datagrams, "
+        f"{100 * auth_bytes / data_bytes:.2f}% of the DATA bytes (target <= 2%)"
+    )
+    print(f"  sender: {sent['pages']} pages signed in {result['sender_signing_s']:.2f} s CPU")
+
+
+if __name__ == "__main__":
+    main()
