@@ -34,7 +34,9 @@ READ_BLOCK = 1024 * 1024
 
 
 def _state_error(what: str, path: Path, exc: OSError) -> StateError:
-    return StateError(f"cannot {what} {path}: {exc.strerror or exc}")
+    # The failing call names its file when it has one: say which, not just the directory.
+    where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != path else ""
+    return StateError(f"cannot {what} {path}{where}: {exc.strerror or exc}")
 
 
 class Staging:
