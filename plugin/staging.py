@@ -16,9 +16,11 @@ directory (``flock``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -28,6 +30,8 @@ from otacast.schemas.policy import VerifiedManifest
 from .errors import StateError
 
 _INDEX = struct.Struct(">I")
+# A session directory is named by its release's session id (8 bytes, in hex).
+_SESSION_DIR = re.compile(r"[0-9a-f]{16}")
 # Read granularity when re-hashing: large enough to stream at disk speed, small enough to keep
 # the receiver's memory flat.
 READ_BLOCK = 1024 * 1024
@@ -65,17 +69,53 @@ class Staging:
             raise _state_error("prepare staging in", self.directory, exc) from None
 
     def _reserve(self) -> None:
-        """Allocate the whole image now, so a full disk is reported at the start, not midway."""
+        """Allocate the whole image now, so a full disk is reported at the start, not midway.
+
+        Without room, the downloads of other releases that no process is using are given up
+        first (see `_remove_abandoned`) and the allocation is tried once more.
+        """
         length = self.manifest.image.length
         try:
             os.posix_fallocate(self._fd, 0, length)
         except OSError as exc:
-            if exc.errno in (95, 22):  # EOPNOTSUPP / EINVAL: the filesystem cannot; grow sparse
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # the filesystem cannot: sparse
                 os.ftruncate(self._fd, max(length, os.fstat(self._fd).st_size))
+            elif exc.errno == errno.ENOSPC and self._remove_abandoned():
+                os.posix_fallocate(self._fd, 0, length)
             else:
                 raise
         if os.fstat(self._fd).st_size > length:
             os.ftruncate(self._fd, length)
+
+    def _remove_abandoned(self) -> bool:
+        """Remove the partial downloads of other releases that no process holds; whether any.
+
+        A download abandoned for a newer release (or never finished) keeps its whole image
+        reserved; on a state partition sized for one image, every later release would then
+        fail for want of space, for ever.  Its verified chunks are worth less than the release
+        being fetched now: if that release is ever wanted again, it is fetched again.
+        """
+        removed = False
+        for other in self.directory.parent.iterdir():
+            if other == self.directory or not _SESSION_DIR.fullmatch(other.name):
+                continue
+            try:
+                lock = os.open(other / "lock", os.O_RDWR)
+            except FileNotFoundError:
+                lock = None  # made, never used: nothing can be holding it
+            except OSError:
+                continue
+            try:
+                if lock is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: in use
+                shutil.rmtree(other)
+                removed = True
+            except OSError:
+                continue
+            finally:
+                if lock is not None:
+                    os.close(lock)
+        return removed
 
     def resume(self) -> set[int]:
         """Chunks already on disk whose bytes still match their signed hashes."""

@@ -21,8 +21,8 @@ CHUNK = 65536
 IMAGE = random.Random(11).randbytes(4 * CHUNK + 999)
 
 
-def verified() -> VerifiedManifest:
-    envelope = sign(manifest_for(IMAGE, chunk_size=CHUNK), [KEY])
+def verified(sequence: int = 1) -> VerifiedManifest:
+    envelope = sign(manifest_for(IMAGE, sequence=sequence, chunk_size=CHUNK), [KEY])
     return verify_manifest(
         envelope.compact_bytes,
         TrustSet.from_public_keys([KEY.public]),
@@ -116,3 +116,19 @@ def test_a_chunk_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         staging.write_chunk(0, chunk(0)[:-1])
     staging.close()
+
+
+def test_without_room_only_downloads_no_process_holds_are_given_up(tmp_path: Path) -> None:
+    busy = Staging(tmp_path, verified(sequence=2))  # another process, downloading right now
+    abandoned = Staging(tmp_path, verified(sequence=3))
+    abandoned.write_chunk(0, chunk(0))
+    abandoned.close()  # its process died, or moved on to a newer release
+    (tmp_path / "0123456789abcdef").mkdir()  # made, never locked
+    (tmp_path / "notes").mkdir()  # not ours
+    current = Staging(tmp_path, verified(sequence=4))
+    assert current._remove_abandoned()
+    kept = {busy.directory.name, current.directory.name, "notes"}
+    assert {p.name for p in tmp_path.iterdir()} == kept
+    assert not current._remove_abandoned()  # nothing left to give up
+    busy.close()
+    current.close()
