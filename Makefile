@@ -38,16 +38,18 @@ demo: setup
 bench: setup
 	$(BIN)/python integration/bench_sender.py
 	$(BIN)/python integration/bench_receiver.py
+	$(BIN)/python integration/bench_auth.py
 
 bench-quick: setup
 	$(BIN)/python integration/bench_sender.py --quick
 	$(BIN)/python integration/bench_receiver.py --quick
+	$(BIN)/python integration/bench_auth.py --quick
 
 # Coverage-guided fuzzing of what a device parses; a bounded number of runs per target.
 FUZZ_RUNS ?= 20000
 fuzz-quick: setup
 	mkdir -p fuzz/crashes
-	for target in datagram manifest config; do \
+	for target in datagram auth manifest config; do \
 	    log=$$(mktemp); \
 	    $(BIN)/python fuzz/fuzz_device.py $$target -runs=$(FUZZ_RUNS) -seed=1 \
 	        -artifact_prefix=fuzz/crashes/ >$$log 2>&1 \

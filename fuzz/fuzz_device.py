@@ -9,6 +9,9 @@ error, never anything else":
   rejection reason), and a `ReceiverCore` with a verified release adopted takes the input
   without raising; a DATA datagram of the adopted session must never complete a chunk whose
   bytes differ from the image (nothing unverified is handed on).
+- ``auth``: the same for a release that lists a stream key (packet authentication on): AUTH
+  pages and DATA datagrams, honest and mutated, never raise and never complete a chunk with
+  forged bytes.
 - ``manifest``: `verify_manifest` on arbitrary bytes raises only `ManifestRejected`.
 - ``config``: the device config parser raises only `ConfigError`.
 
@@ -37,8 +40,16 @@ with atheris.instrument_imports():
     from otacast.plugin.verify import verify_manifest
     from otacast.schemas import fec, wire
     from otacast.schemas.errors import ManifestRejected, PacketError
-    from otacast.schemas.manifest import Chunking, FecInfo, ImageInfo, Manifest, Transport
+    from otacast.schemas.manifest import (
+        Chunking,
+        FecInfo,
+        ImageInfo,
+        Manifest,
+        StreamKey,
+        Transport,
+    )
     from otacast.schemas.policy import TrustSet
+    from otacast.signer.auth_pages import chunk_pages
     from otacast.signer.encoder import raptorq_encode
     from otacast.signer.keys import SigningKey
     from otacast.signer.sign import sign
@@ -47,11 +58,12 @@ NOW = 1_800_000_000.0
 CHUNK = 65536  # the smallest chunk a manifest may declare
 SYMBOL = fec.DEFAULT_SYMBOL_SIZE
 KEY = SigningKey(b"\x05" * 32)
+STREAM_KEY = SigningKey(b"\x07" * 32)
 TRUST = TrustSet.from_public_keys([KEY.public])
 IMAGE = random.Random(11).randbytes(3 * CHUNK + 100)  # noqa: S311 - test data, not a secret
 
 
-def _release() -> tuple[Manifest, bytes, list[bytes]]:
+def _release(stream_keys: tuple[StreamKey, ...] = ()) -> tuple[Manifest, bytes, list[bytes]]:
     chunks = tuple(
         hashlib.sha256(IMAGE[i : i + CHUNK]).digest() for i in range(0, len(IMAGE), CHUNK)
     )
@@ -67,6 +79,7 @@ def _release() -> tuple[Manifest, bytes, list[bytes]]:
         fec=FecInfo(symbol_size=SYMBOL),
         transport=Transport.for_channel("fuzz.example.test", rates=(1_000_000,)),
         http=(),
+        stream_keys=stream_keys,
     )
     envelope = sign(manifest, [KEY])
     datagrams = [
@@ -79,22 +92,45 @@ def _release() -> tuple[Manifest, bytes, list[bytes]]:
 
 
 MANIFEST, ENVELOPE, MANIFEST_DATAGRAMS = _release()
+AUTHED, _, AUTHED_DATAGRAMS = _release((StreamKey(0, STREAM_KEY.public),))
+
+
+def _cycle(manifest: Manifest, index: int) -> list[bytes]:
+    offset, length = manifest.chunk_span(index)
+    out = []
+    for packet in raptorq_encode(IMAGE[offset : offset + length], SYMBOL, repair=2):
+        esi = int.from_bytes(packet[:4], "big") & wire.MAX_ESI
+        out.append(
+            wire.build_datagram(wire.DataPacket(manifest.session_id, index, esi, packet[4:]))
+        )
+    return out
 
 
 def _data_seeds() -> list[bytes]:
+    return [d for index in range(MANIFEST.chunk_count) for d in _cycle(MANIFEST, index)[:3]]
+
+
+def _auth_seeds() -> list[bytes]:
     seeds = []
-    for index in range(MANIFEST.chunk_count):
-        offset, length = MANIFEST.chunk_span(index)
-        for packet in raptorq_encode(IMAGE[offset : offset + length], SYMBOL, repair=2)[:3]:
-            esi = int.from_bytes(packet[:4], "big") & wire.MAX_ESI
-            data = wire.DataPacket(MANIFEST.session_id, index, esi, packet[4:])
-            seeds.append(wire.build_datagram(data))
+    for index in range(AUTHED.chunk_count):
+        cycle = _cycle(AUTHED, index)
+        size = len(cycle[0])
+        pages = chunk_pages(
+            AUTHED.session_id,
+            0,
+            index,
+            b"".join(cycle),
+            size,
+            wire.auth_capacity(size),
+            STREAM_KEY.signer(),
+        )
+        seeds += pages[:1] + cycle[:2]
     return seeds
 
 
-def _adopted_core() -> ReceiverCore:
+def _adopted_core(datagrams: list[bytes]) -> ReceiverCore:
     core = ReceiverCore(TRUST, now=NOW, device_type="fuzzboard")
-    for datagram in MANIFEST_DATAGRAMS:
+    for datagram in datagrams:
         core.receive_datagram(datagram, "fd51::1", NOW)
     assert core.verified is not None, "the seed release must verify"
     while core.next_event() is not None:
@@ -102,7 +138,9 @@ def _adopted_core() -> ReceiverCore:
     return core
 
 
-CORE = _adopted_core()
+CORE = _adopted_core(MANIFEST_DATAGRAMS)
+AUTHED_CORE = _adopted_core(AUTHED_DATAGRAMS)
+assert AUTHED_CORE.authenticator is not None
 
 
 def datagram(data: bytes) -> None:
@@ -116,10 +154,18 @@ def datagram(data: bytes) -> None:
         spec = exc.reason
     if fast != spec:
         raise AssertionError(f"parsers disagree: {fast!r} != {spec!r}")
-    CORE.receive_datagram(data, "fd51::1", NOW)
-    while (event := CORE.next_event()) is not None:
+    _feed(CORE, MANIFEST, data)
+
+
+def auth(data: bytes) -> None:
+    _feed(AUTHED_CORE, AUTHED, data)
+
+
+def _feed(core: ReceiverCore, release: Manifest, data: bytes) -> None:
+    core.receive_datagram(data, "fd51::1", NOW)
+    while (event := core.next_event()) is not None:
         if isinstance(event, ChunkComplete):
-            offset, length = MANIFEST.chunk_span(event.index)
+            offset, length = release.chunk_span(event.index)
             if event.data != IMAGE[offset : offset + length]:
                 raise AssertionError(f"chunk {event.index} completed with forged bytes")
 
@@ -140,6 +186,7 @@ def config(data: bytes) -> None:
 
 TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]]]] = {
     "datagram": (datagram, lambda: [*MANIFEST_DATAGRAMS, *_data_seeds()]),
+    "auth": (auth, _auth_seeds),
     "manifest": (manifest, lambda: [ENVELOPE]),
     "config": (config, lambda: [b'trust = ["k.pub"]\nchannel = "a.example"\nport = 4242\n']),
 }
