@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from otacast.plugin import errors as device_errors
+from otacast.schemas import keyfile
 from otacast.schemas.errors import (
     BadSignature,
     BelowThreshold,
@@ -995,3 +996,60 @@ def test_bad_arguments_are_a_one_line_usage_error(
 ) -> None:
     usage = signer_errors.UsageError if prog == SIGNER else device_errors.UsageError
     refuse(work.root, [(prog, *args)], usage, fragment)
+
+
+# --- Packet authentication: stream keys ----------------------------------------------------------
+
+
+def test_sign_lists_stream_keys_in_order_and_serve_refuses_a_key_the_manifest_does_not_list(
+    work: World,
+) -> None:
+    # bob's key stands in for a sender's stream key; alice's is not listed as one.
+    signed = run(
+        work.root,
+        SIGNER,
+        "sign",
+        work.image,
+        "--key",
+        work.alice_key,
+        *SIGN_ARGS,
+        "--stream-key",
+        work.bob_pub,
+        "--stream-key",
+        work.alice_pub,
+        "--force",
+    )
+    assert_ok(signed)
+    listed = work.read_manifest()["signed"]["stream_keys"]
+    publics = [
+        keyfile.parse_public(work.path(name).read_bytes(), name).hex()
+        for name in (work.bob_pub, work.alice_pub)
+    ]
+    assert listed == [{"sender": 0, "public": publics[0]}, {"sender": 1, "public": publics[1]}]
+    resigned = run(
+        work.root,
+        SIGNER,
+        "sign",
+        work.image,
+        "--key",
+        work.alice_key,
+        *SIGN_ARGS,
+        "--stream-key",
+        work.bob_pub,
+        "--force",
+    )
+    assert_ok(resigned)
+    refused = run(
+        work.root,
+        SIGNER,
+        "serve",
+        work.manifest,
+        work.image,
+        "--interface",
+        "lo",
+        "--cache-dir",
+        "cache",
+        "--stream-key",
+        work.alice_key,
+    )
+    assert_refused(refused, signer_errors.UsageError, "is not one the manifest lists", stdout=None)
