@@ -21,7 +21,7 @@ from .netns import Host, ip, stop
 
 START_TIMEOUT = 10.0
 _PATH = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
-_LOG_LINE = re.compile(r'(\d{3}) (\d+) "(.*)"')
+_LOG_LINE = re.compile(r'(\d{3}) (\d+) "(.*)" (\S+)')
 
 
 class ServiceMissing(Exception):
@@ -40,6 +40,7 @@ class Served:
     status: int
     bytes: int
     range: str
+    path: str
 
 
 @dataclass(frozen=True)
@@ -49,17 +50,17 @@ class Nginx:
     base_url: str
 
     def served(self) -> list[Served]:
-        """Every request nginx logged: status, body bytes sent, Range header."""
+        """Every request nginx logged: status, body bytes sent, Range header, path."""
         served = []
         for line in (self.prefix / "access.log").read_text().splitlines():
             match = _LOG_LINE.fullmatch(line)
             if match is None:
                 raise RuntimeError(f"unexpected nginx log line {line!r}")
-            served.append(Served(int(match[1]), int(match[2]), match[3]))
+            served.append(Served(int(match[1]), int(match[2]), match[3], match[4]))
         return served
 
 
-def _nginx_config(prefix: Path, root: Path, address: str, port: int) -> str:
+def _nginx_config(prefix: Path, root: Path, address: str, port: int, extra: str) -> str:
     temp = "\n".join(
         f"    {kind}_temp_path {prefix / kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -71,25 +72,29 @@ pid {prefix / "nginx.pid"};
 error_log {prefix / "error.log"} info;
 events {{ worker_connections 64; }}
 http {{
-    log_format ranges '$status $body_bytes_sent "$http_range"';
+    log_format ranges '$status $body_bytes_sent "$http_range" $uri';
     access_log {prefix / "access.log"} ranges;
 {temp}
     default_type application/octet-stream;
     server {{
         listen [{address}]:{port};
         root {root};
+{extra}
     }}
 }}
 """
 
 
 @contextmanager
-def nginx(host: Host, root: Path, prefix: Path, port: int = 8080) -> Iterator[Nginx]:
-    """nginx serving `root` on [host address]:port; stopped and reaped on exit."""
+def nginx(
+    host: Host, root: Path, prefix: Path, port: int = 8080, extra: str = ""
+) -> Iterator[Nginx]:
+    """nginx serving `root` on [host address]:port, with `extra` directives (e.g. locations)
+    in its server block; stopped and reaped on exit."""
     program = _program("nginx", "nginx")
     prefix.mkdir(parents=True, exist_ok=True)
     config = prefix / "nginx.conf"
-    config.write_text(_nginx_config(prefix, root, host.address, port))
+    config.write_text(_nginx_config(prefix, root, host.address, port, extra))
     with (prefix / "stderr").open("w") as stderr:
         process = host.popen(
             program,
