@@ -8,12 +8,11 @@ send to it), a real `otacast-signer serve` of an older release replays that rele
 and `badmirror.py` and nginx are hostile HTTP mirrors.  Receivers join the ASM group, so the
 attacker's datagrams do reach them.  The pure half of the suite is ``tests/test_attacks.py``.
 
-Packet authentication (stream keys, AUTH packets) is not used here: these are the attacks it
-does not, or not yet, cover.  Forged DATA at ten times the honest rate succeeds today because
-of a defect in ``plugin/core.py``: that case is ``xfail(raises=KnownDefect, strict=True)`` and
-says why (any other failure in it still fails; a fix makes it pass, which ``strict`` reports).
-Figures (datagrams forged and rejected, times under attack against a clean run, resume runs)
-are printed; run with ``-s`` to see them.
+Packet authentication (stream keys, AUTH packets) is not used here: this is how a release
+without stream keys fares; ``integration/test_packet_auth.py`` covers the same flood with them.
+Forged DATA at ten times the honest rate spoils every decode, so such a receiver completes from
+the HTTP mirror.  Figures (datagrams forged and rejected, times under attack against a clean
+run, resume runs) are printed; run with ``-s`` to see them.
 """
 
 from __future__ import annotations
@@ -66,10 +65,6 @@ INJECT = str(Path(__file__).with_name("inject.py"))
 BADMIRROR = str(Path(__file__).with_name("badmirror.py"))
 RATE = 2_000_000  # the honest sender's rate, bytes/s
 DATAGRAM = 1228  # an honest DATA datagram at the default symbol size
-
-
-class KnownDefect(AssertionError):
-    """The attack succeeds today because of a defect this suite may not fix (see the test)."""
 
 
 # --- Helpers -----------------------------------------------------------------------------------
@@ -558,21 +553,14 @@ def forged_manifests(channel: Channel, count: int = 3000) -> list[bytes]:
 
 
 CAROUSEL_PER_SECOND = 4  # the sender re-sends its manifest four times a second
-DATA_FLOOD_DEFECT = (
-    "plugin/core.py ReceiverCore._on_data counts every new (chunk, ESI) as progress, forged or "
-    "not: the stall timer never fires, HTTP fallback never starts, and multicast cannot "
-    "complete a chunk while forged symbols pollute every decoder"
-)
 
 
 @pytest.mark.parametrize(
     "kind",
     [
-        # forged DATA at ten times the honest sender's rate
-        pytest.param(
-            "data",
-            marks=pytest.mark.xfail(raises=KnownDefect, strict=True, reason=DATA_FLOOD_DEFECT),
-        ),
+        # forged DATA at ten times the honest sender's rate: decodes fail their hash, forged
+        # symbols do not count as progress, so the stall timer falls back to HTTP
+        "data",
         # forged MANIFEST fragments at ten times the carousel's rate of honest ones
         "manifest",
     ],
@@ -605,7 +593,7 @@ def test_forged_data_and_manifest_at_10x_without_packet_auth_write_nothing_and_c
     )
     print(figures)
     if not under_attack:
-        raise KnownDefect(f"completed only once the attack stopped:{figures}")
+        raise AssertionError(f"completed only once the attack stopped:{figures}")
 
 
 def http_fetch(

@@ -3,14 +3,21 @@
 Theory of operation
 -------------------
 *Nothing before trust.*  Until a manifest has passed `verify_manifest` (signature threshold,
-expiry, sequence, device type), the only state kept is bounded manifest reassembly (at most
-``MAX_PENDING_MANIFESTS`` envelopes, each capped at its claimed length, itself capped at
-``MAX_MANIFEST_BYTES``, with at most one entry per 256 bytes; oldest dropped first) and the
+expiry, sequence, device type), the only state kept is bounded manifest reassembly and the
 most recent well-formed DATA datagrams (up to ``MAX_EARLY_BYTES``), held unread and replayed
 through the normal admission checks once a manifest is verified, so a receiver joining
 mid-stream does not throw away what arrives before the manifest carousel comes round.  A
 reassembled envelope must hash to the envelope id its fragments carried, and its signed bytes to
 the session id, before it is verified.
+
+*Reassembly under attack.*  Fragments are reassembled per (source address, session, envelope
+id, claimed length): a forged fragment that claims another length starts a reassembly of its
+own instead of spoiling the honest one, and garbage fragments from another host cannot mix into
+the real sender's.  Each source keeps at most ``MAX_PENDING_MANIFESTS_PER_SOURCE`` reassemblies,
+all sources ``MAX_PENDING_MANIFESTS``, holding ``MAX_PENDING_MANIFEST_BYTES`` together (each also
+capped at its claimed length, itself at most ``MAX_MANIFEST_BYTES``, with at most one entry per
+256 bytes); the oldest are dropped first.  An attacker who spoofs the sender's source address
+can still delay the manifest; see docs/SECURITY.md.
 
 *One session.*  Once verified, the manifest fixes the session id, the symbol size and the chunk
 table.  A DATA datagram is admitted only if it carries that session id, names an existing chunk
@@ -34,8 +41,9 @@ refused.
 
 *Fallback.*  With a join timeout, the core asks for fallback if no datagram of a usable session
 has arrived in time; with a stall timeout, if no new symbol or chunk has advanced the image for
-that long.  It asks once; multicast continues, and chunks obtained elsewhere are reported back
-with `mark_done`.
+that long (new symbols stop counting once a decoded chunk has failed its hash, until one
+verifies: forged symbols must not look like progress).  It asks once; multicast continues,
+and chunks obtained elsewhere are reported back with `mark_done`.
 """
 
 from __future__ import annotations
@@ -50,7 +58,9 @@ from otacast.schemas.errors import ManifestRejected, PacketError
 from otacast.schemas.limits import (
     MAX_DECODER_BYTES,
     MAX_EARLY_BYTES,
+    MAX_PENDING_MANIFEST_BYTES,
     MAX_PENDING_MANIFESTS,
+    MAX_PENDING_MANIFESTS_PER_SOURCE,
     MAX_REFUSED_MANIFESTS,
 )
 from otacast.schemas.policy import TrustSet, VerifiedManifest
@@ -70,6 +80,7 @@ from .verify import check_signature, verify_manifest
 _DATA_PREFIX = wire.MAGIC + bytes([wire.VERSION, wire.KIND_DATA])
 _AUTH_PREFIX = wire.MAGIC + bytes([wire.VERSION, wire.KIND_AUTH])
 _CHUNK_AND_ID = struct.Struct(">II")
+_PendingKey = tuple[str, bytes, bytes, int]  # source, session, envelope id, claimed length
 
 
 @dataclass
@@ -158,7 +169,12 @@ class ReceiverCore:
         self._last_progress = now
         self._fallback_asked = False
         self._complete = False
-        self._pending: OrderedDict[tuple[bytes, bytes], _Reassembly] = OrderedDict()
+        # After a decoded chunk fails its hash (forged symbols are being decoded), new symbols no
+        # longer count as progress until a chunk verifies again: a flood of forgeries must not
+        # keep the stall timer from asking for fallback.
+        self._polluted = False
+        self._pending: OrderedDict[_PendingKey, _Reassembly] = OrderedDict()
+        self._pending_bytes = 0
         self._refused: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
         self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
         self._early: deque[tuple[bytes, str]] = deque()
@@ -205,7 +221,7 @@ class ReceiverCore:
             self.stats.rejected[exc.reason] += 1
             return
         if isinstance(packet, wire.ManifestPacket):
-            self._on_manifest(packet, now)
+            self._on_manifest(packet, source, now)
         elif self._session:
             if packet.session != self._session:
                 self.stats.rejected["other-session"] += 1
@@ -249,7 +265,7 @@ class ReceiverCore:
 
     # --- Manifests ---------------------------------------------------------------------------
 
-    def _on_manifest(self, packet: wire.ManifestPacket, now: float) -> None:
+    def _on_manifest(self, packet: wire.ManifestPacket, source: str, now: float) -> None:
         if self._session:
             if packet.session == self._session:
                 self._heard = True
@@ -260,20 +276,19 @@ class ReceiverCore:
         if key in self._refused:
             self.stats.rejected["refused-manifest"] += 1
             return
-        assembly = self._pending.get(key)
+        pending_key = (source, packet.session, packet.envelope_id, packet.total_length)
+        assembly = self._pending.get(pending_key)
         if assembly is None:
-            if len(self._pending) >= MAX_PENDING_MANIFESTS:
-                self._pending.popitem(last=False)
-                self.stats.rejected["manifest-evicted"] += 1
-            assembly = self._pending[key] = _Reassembly(packet.total_length)
-        elif assembly.total != packet.total_length:
-            self.stats.rejected["manifest-conflict"] += 1
-            del self._pending[key]
-            return
+            self._make_room(source)
+            assembly = self._pending[pending_key] = _Reassembly(packet.total_length)
+        before = assembly.covered
         state = assembly.add(packet.offset, packet.fragment)
+        self._pending_bytes += assembly.covered - before
         if state is False:
+            self._trim_pending(keep=pending_key)
             return
-        del self._pending[key]
+        del self._pending[pending_key]
+        self._pending_bytes -= assembly.covered
         envelope = assembly.assemble() if state else None
         if envelope is None:
             self.stats.rejected["manifest-conflict"] += 1
@@ -311,6 +326,28 @@ class ReceiverCore:
             return
         self._adopt(verified, now)
 
+    def _make_room(self, source: str) -> None:
+        """Drop the oldest reassemblies so that one more from `source` fits the limits."""
+        mine = [k for k in self._pending if k[0] == source]
+        if len(mine) >= MAX_PENDING_MANIFESTS_PER_SOURCE:
+            self._drop_pending(mine[0])
+        if len(self._pending) >= MAX_PENDING_MANIFESTS:
+            self._drop_pending(next(iter(self._pending)))
+
+    def _trim_pending(self, keep: _PendingKey) -> None:
+        """Keep the reassemblies' bytes within their cap, dropping the oldest first."""
+        for key in list(self._pending):
+            if self._pending_bytes <= MAX_PENDING_MANIFEST_BYTES:
+                return
+            if key != keep:
+                self._drop_pending(key)
+        if self._pending_bytes > MAX_PENDING_MANIFEST_BYTES:
+            self._drop_pending(keep)
+
+    def _drop_pending(self, key: _PendingKey) -> None:
+        self._pending_bytes -= self._pending.pop(key).covered
+        self.stats.rejected["manifest-evicted"] += 1
+
     def _remember_refused(self, key: tuple[bytes, bytes]) -> None:
         self._refused[key] = None
         if len(self._refused) > MAX_REFUSED_MANIFESTS:
@@ -325,6 +362,7 @@ class ReceiverCore:
         self._count = manifest.chunk_count
         self._max_decoders = max(2, self.decoder_budget // manifest.chunks.size)
         self._pending.clear()
+        self._pending_bytes = 0
         self._heard = True
         self._last_progress = now
         if manifest.stream_keys and self.packet_auth != "off":
@@ -388,7 +426,8 @@ class ReceiverCore:
         state.last = now
         self._chunks.move_to_end(chunk)
         self.stats.symbols_used += 1
-        self._progress(now)
+        if not self._polluted:
+            self._last_progress = now
         try:
             result = state.decoder.feed(data[wire.CODEC_PACKET_OFFSET :])
         except DecoderFault:
@@ -409,7 +448,9 @@ class ReceiverCore:
         assert self.verified is not None
         if hashlib.sha256(data).digest() != self.verified.manifest.chunks.sha256[chunk]:
             self.stats.rejected["chunk-hash-mismatch"] += 1
+            self._polluted = True
             return
+        self._polluted = False
         self.done.add(chunk)
         self.stats.chunks_multicast += 1
         self.stats.bytes_multicast += len(data)

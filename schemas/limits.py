@@ -99,10 +99,15 @@ MAX_WINDOW_CHUNKS = 8
 # 2 x WINDOW_BYTES of chunks (~32 MB of decoders) keeps the whole receiver under 100 MB.
 MAX_DECODER_BYTES = 2 * WINDOW_BYTES
 
-# Manifests being reassembled at once (per release and signature set).  An honest channel has
-# one; a few more absorb a co-signed re-issue; beyond that, the oldest is dropped so a flood of
-# forged fragment streams cannot grow memory (each holds at most MAX_MANIFEST_BYTES).
-MAX_PENDING_MANIFESTS = 4
+# Manifests being reassembled at once.  A reassembly is keyed by source address, session,
+# envelope id and claimed length, so a forged fragment can only spoil reassemblies of its own
+# source and claim; each source may have MAX_PENDING_MANIFESTS_PER_SOURCE (an honest sender has
+# one, two during a co-signed re-issue) and all sources together MAX_PENDING_MANIFESTS, oldest
+# dropped first.  Their bytes together are capped too: honest manifests are ~100 KB (1.1 MB at
+# the chunk-count cap), so 4 MiB holds several while a flood cannot grow memory.
+MAX_PENDING_MANIFESTS = 8
+MAX_PENDING_MANIFESTS_PER_SOURCE = 2
+MAX_PENDING_MANIFEST_BYTES = 4 * 1024 * 1024
 
 # Bytes of DATA datagrams held while no manifest is verified yet, replayed once one is (those of
 # other sessions are then dropped).  2.5 MB is ~2000 minimum-MTU datagrams, a quarter second of a

@@ -50,7 +50,8 @@ def test_publish_places_image_and_manifest_at_every_mirror_path(tmp_path: Path) 
 
 def test_publish_refuses_an_image_that_does_not_match(tmp_path: Path) -> None:
     manifest, image = release(tmp_path, ("https://cdn.example.test/demo.img",))
-    image.write_bytes(image.read_bytes()[:-1] + b"\x00")
+    data = image.read_bytes()
+    image.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # always a different last byte
     root = tmp_path / "www"
     done = subprocess.run(
         [SIGNER, "publish", str(manifest), str(image), "--root", str(root)],
