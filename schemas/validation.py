@@ -36,5 +36,7 @@ def validate_envelope(document: Any) -> None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         message = error.message
         if len(message) > 160:
-            message = message[:157] + "..."
+            # jsonschema quotes the offending value first and states the rule last ("... is too
+            # long"): keep both ends so the reason survives a long value.
+            message = message[:60] + " ... " + message[-95:]
         raise MalformedManifest(f"manifest field {where}: {message}")

@@ -185,3 +185,23 @@ def test_strict_json_refuses_ambiguous_documents(text: str) -> None:
 def test_canonical_bytes_refuse_floats() -> None:
     with pytest.raises(MalformedManifest):
         canonical_bytes({"a": 1.0})
+
+
+def test_a_schema_error_on_a_long_value_still_names_the_rule_it_breaks() -> None:
+    import json
+
+    from otacast.schemas.errors import MalformedManifest
+    from otacast.schemas.validation import validate_envelope
+    from otacast.signer.keys import SigningKey
+    from otacast.signer.sign import sign
+
+    from .manifests import manifest_for
+
+    document = json.loads(
+        sign(manifest_for(b"x" * 70000), [SigningKey(b"\x01" * 32)]).to_file_bytes()
+    )
+    document["signed"]["chunks"]["sha256"] = ["00" * 32] * 16385
+    with pytest.raises(MalformedManifest) as caught:
+        validate_envelope(document)
+    message = str(caught.value)
+    assert message.endswith("is too long") and len(message) < 250
