@@ -188,9 +188,6 @@ def test_canonical_bytes_refuse_floats() -> None:
 
 
 def test_a_schema_error_on_a_long_value_still_names_the_rule_it_breaks() -> None:
-    import json
-
-    from otacast.schemas.errors import MalformedManifest
     from otacast.schemas.validation import validate_envelope
     from otacast.signer.keys import SigningKey
     from otacast.signer.sign import sign
