@@ -1,0 +1,658 @@
+"""otacast side by side with uftp, udpcast and HTTP: one command, one namespaced network, one run.
+
+    python integration/bench_compare.py [--quick] [--results DIR] [--repeat N] [--tools LIST]
+
+Needs root (it builds network namespaces; nothing is sent on the host's interfaces) and the
+Debian packages nftables, nginx, uftp and udpcast.  It measures, in one run:
+
+1. one sender, one receiver on a bridge, an image (100 MiB; 8 MiB with --quick) at 0%, 5% and
+   20% random loss (nftables in the receiver's namespace drops arriving UDP/TCP packets): time
+   from starting the transfer to the receiver holding the whole image, goodput, each tool's own
+   data-phase time, and the UDP/TCP packets the receiver sent (its back channel) -- for otacast,
+   uftp (-R -1, IPv6), udpcast (default, and async + FEC) and HTTP (nginx + requests);
+2. otacast's datagrams on the receiver's link (received + dropped) / the ideal K/(1-p);
+3. N receivers on one bridge: the sender's CPU and the bytes on its link, otacast vs nginx,
+   every receiver's image checked by sha256;
+4. two and four otacast senders (--sender I/N) into one receiver: speed-up;
+5. peak RSS of the otacast sender and receiver for a 1 GiB image (not with --quick).
+
+It prints the tables and the issue's targets (met or missed, by how much), and writes JSON and
+PNG plots under the results folder.  It exits non-zero only when an image arrived corrupted or a
+tool failed to deliver (a no-back-channel tool whose fixed FEC gave up is reported, not failed);
+speed is reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from integration import compare_report as report
+from integration.compare_tools import (
+    HTTP_GET,
+    Bench,
+    BenchError,
+    Exit,
+    Outcome,
+    Plan,
+    Processes,
+    add_ipv4,
+    cpu_ns,
+    fetch_argv,
+    link_tx_bytes,
+    missing_programs,
+    run_http,
+    run_otacast,
+    run_udpcast,
+    run_uftp,
+    serve_command,
+    sha256,
+    ssm_group,
+    udp_overflows,
+    wait_joined,
+    warm_cache,
+)
+from integration.netns import BIN, Host, Lan
+from integration.release import Release
+from integration.services import nginx
+from otacast.schemas import fec, limits, units
+from otacast.schemas.manifest import parse_envelope
+
+TOOLS = ("otacast", "uftp", "udpcast", "udpcast-async", "http")
+SECTIONS = ("loss", "fleet", "senders", "memory")
+
+
+FULL = Plan(
+    mode="full",
+    image=100 << 20,
+    losses=(0, 5, 20),
+    repeat=1,
+    rate="110M",
+    fleet_image=32 << 20,
+    receivers=(1, 5, 20),
+    fleet_rate="8M",
+    senders=(1, 2, 4),
+    sender_rate="15M",
+    big_image=1 << 30,
+    tools=TOOLS,
+    sections=("loss", "fleet", "senders", "memory"),
+)
+QUICK = Plan(
+    mode="quick",
+    image=8 << 20,
+    losses=(5,),
+    repeat=1,
+    rate="110M",
+    fleet_image=8 << 20,
+    receivers=(1, 5),
+    fleet_rate="8M",
+    senders=(1, 2),
+    sender_rate="15M",
+    big_image=0,
+    tools=TOOLS,
+    sections=("loss", "fleet", "senders"),
+)
+
+
+def transfer_timeout(size: int) -> float:
+    """Generous: a tool that has not delivered by then has failed (20 s + 1 s per MiB)."""
+    return 20.0 + size / (1 << 20)
+
+
+@contextmanager
+def lan_of(count: int) -> Iterator[Lan]:
+    lan = Lan.create(count)
+    try:
+        yield lan
+    finally:
+        lan.delete()
+
+
+def source_symbols(release: Release) -> int:
+    manifest = parse_envelope(release.manifest.read_bytes()).manifest
+    return sum(manifest.source_symbols(i) for i in range(manifest.chunk_count))
+
+
+_digests: dict[Path, str] = {}
+
+
+def release_digest(release: Release) -> str:
+    """The image's sha256, computed once per release."""
+    if release.image not in _digests:
+        _digests[release.image] = sha256(release.image)
+    return _digests[release.image]
+
+
+def web_root(work: Path, release: Release) -> Path:
+    """A folder holding only the image (the release folder also has the key)."""
+    root = work / "www"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / release.image.name
+    if not target.exists():
+        os.link(release.image, target)
+    return root
+
+
+# ---- 1 and 2: one receiver, loss ------------------------------------------------------------
+
+
+def one_receiver(plan: Plan, work: Path, procs: Processes, release: Release) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    with lan_of(2) as lan:
+        tx, rx = lan.hosts
+        add_ipv4(lan.hosts)
+        bench = Bench(
+            tx,
+            rx,
+            work / "one",
+            release,
+            release_digest(release),
+            plan.image,
+            plan.rate,
+            transfer_timeout(plan.image),
+            procs,
+            source_symbols(release),
+        )
+        bench.work.mkdir()
+        warm_cache(procs, tx, release, bench.work / "cache")
+        runners: dict[str, Callable[[int], Outcome]] = {
+            "otacast": lambda loss: run_otacast(bench, loss),
+            "uftp": lambda loss: run_uftp(bench, loss),
+            "udpcast": lambda loss: run_udpcast(bench, loss, asynchronous=False),
+            "udpcast-async": lambda loss: run_udpcast(bench, loss, asynchronous=True),
+            "http": lambda loss: run_http(bench, loss),
+        }
+        with nginx(tx, web_root(work, release), work / "nginx") as server:
+            bench.http_url = f"{server.base_url}/{release.image.name}"
+            for repetition in range(plan.repeat):
+                for loss in plan.losses:
+                    cases = [(tool, runners[tool]) for tool in plan.tools]
+                    if loss >= 20 and "otacast" in plan.tools:
+                        # Per-pass overhead sized for the loss: what a publisher would set.
+                        cases.insert(
+                            1,
+                            (
+                                "otacast-o30",
+                                lambda loss: run_otacast(
+                                    bench, loss, "--overhead", "30%", tool="otacast-o30"
+                                ),
+                            ),
+                        )
+                    for _tool, run in cases:
+                        outcome = run(loss)
+                        outcomes.append(outcome)
+                        print(report.progress_line(outcome, plan.image, repetition), flush=True)
+    return outcomes
+
+
+# ---- 3: N receivers on one bridge -----------------------------------------------------------
+
+
+def steer_off(lan: Lan, sender: Host, pid: int) -> None:
+    """Emulate a switch that replicates on its own silicon: pin the sender process to CPU 0 and
+    steer what arrives at the bridge from its port (RPS) to the other CPUs, so that the bridge's
+    replication and the receivers' kernel receive path run there.  Without this the kernel
+    charges all of it to the sender (this kernel has no IRQ-time accounting: softirq work is
+    billed to the task it interrupts), and the sender's CPU would grow with N for work that a
+    real switch and real receivers do.  Needs two CPUs or more; otherwise it does nothing."""
+    cpus = os.cpu_count() or 1
+    if cpus < 2:
+        return
+    os.sched_setaffinity(pid, {0})
+    port = f"p{lan.hosts.index(sender)}"
+    mask = format(((1 << cpus) - 1) & ~1, "x")
+    done = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lan.switch,
+            "sh",
+            "-c",
+            f"for q in /sys/class/net/{port}/queues/rx-*; do echo {mask} > $q/rps_cpus; done",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"RPS on the switch port: {done.stderr.strip()}")
+
+
+def off_sender_cpu(pid: int) -> None:
+    """Keep a receiver off the sender's CPU (see steer_off)."""
+    cpus = os.cpu_count() or 1
+    if cpus >= 2:
+        os.sched_setaffinity(pid, set(range(1, cpus)))
+
+
+@dataclass
+class Fleet:
+    plan: Plan
+    lan: Lan
+    work: Path
+    procs: Processes
+    release: Release
+    digest: str
+    cache: Path
+    timeout: float
+
+    @property
+    def tx(self) -> Host:
+        return self.lan.hosts[0]
+
+    def members(self, count: int) -> list[Host]:
+        return self.lan.hosts[1 : 1 + count]
+
+    def outputs(self, kind: str, count: int) -> list[Path]:
+        shutil.rmtree(self.work / kind, ignore_errors=True)
+        outs = [self.work / kind / f"r{i}" / "image" for i in range(count)]
+        for out in outs:
+            out.parent.mkdir(parents=True)
+        return outs
+
+    def verified(self, outs: Sequence[Path]) -> int:
+        return sum(1 for out in outs if out.exists() and sha256(out) == self.digest)
+
+    def overflows(self, count: int) -> int:
+        return sum(udp_overflows(host) for host in self.members(count))
+
+    def row(
+        self,
+        tool: str,
+        count: int,
+        start: float,
+        exits: Sequence[Exit | None],
+        outs: Sequence[Path],
+    ) -> dict[str, object]:
+        done = [e for e in exits if e is not None and e.returncode == 0]
+        verified = self.verified(outs)
+        shutil.rmtree(outs[0].parent.parent, ignore_errors=True)
+        return {
+            "tool": tool,
+            "receivers": count,
+            "seconds": round(max(e.at for e in done) - start, 3) if done else None,
+            "delivered": len(done),
+            "verified": verified,
+            "verified_of": count,
+        }
+
+
+def fleet(plan: Plan, work: Path, procs: Processes) -> list[dict[str, object]]:
+    release = Release.make(work / "fleet", plan.fleet_image)
+    rows: list[dict[str, object]] = []
+    with lan_of(1 + max(plan.receivers)) as lan:
+        f = Fleet(
+            plan,
+            lan,
+            work,
+            procs,
+            release,
+            release_digest(release),
+            work / "fleet-cache",
+            transfer_timeout(plan.fleet_image) * 2,
+        )
+        warm_cache(procs, f.tx, release, f.cache)
+        with nginx(f.tx, web_root(work / "fleet", release), work / "fleet-nginx") as server:
+            steer_off(lan, f.tx, server.process.pid)
+            url = f"{server.base_url}/{release.image.name}"
+            for repetition in range(plan.repeat):
+                for count in plan.receivers:
+                    rows.append(_fleet_otacast(f, count) | {"run": repetition + 1})
+                    print(report.fleet_line(rows[-1], plan.fleet_image), flush=True)
+                    if "http" in plan.tools:
+                        rows.append(
+                            _fleet_http(f, count, server.process.pid, url) | {"run": repetition + 1}
+                        )
+                        print(report.fleet_line(rows[-1], plan.fleet_image), flush=True)
+    return rows
+
+
+# After a pass, how long receivers may take to work through what their socket buffers hold
+# (decode, hash, write) before the sender makes another pass; and how many passes at most.
+DRAIN_SECONDS = 30.0
+MAX_PASSES = 3
+
+
+def _fleet_otacast(f: Fleet, count: int) -> dict[str, object]:
+    """The sender makes one pass (``--loops 1``), as a scheduled fleet update would; another
+    only if a receiver still lacks symbols once the pass has drained.  So the bytes on the link
+    are what delivering to N receivers needs, not the time the slowest one takes to decode."""
+    outs = f.outputs("fleet-ota", count)
+    receivers = [
+        f.procs.start(fetch_argv(host, f.release, out.parent / "state", out, f.tx.address))
+        for host, out in zip(f.members(count), outs, strict=True)
+    ]
+    for receiver in receivers:
+        off_sender_cpu(receiver.pid)
+    for receiver in receivers:
+        wait_joined(receiver, ssm_group(f.release), timeout=60)
+    overflow, before = f.overflows(count), link_tx_bytes(f.tx)
+    start = time.monotonic()
+    passes, cpu, cpu_total, payload = 0, 0.0, 0.0, 0
+    exits: list[Exit | None] = []
+    while passes < MAX_PASSES:
+        sender = f.procs.start(
+            serve_command(f.tx, f.release, f.cache, "--rate", f.plan.fleet_rate, "--loops", "1")
+        )
+        steer_off(f.lan, f.tx, sender.pid)
+        while sender.seen('"event": "serving"') is None and sender.running():
+            time.sleep(0.001)
+        cpu_start = sender.cpu_ns() / 1e9
+        ended = sender.wait(start + f.timeout) or sender.stop()
+        passes += 1
+        cpu += ended.cpu - cpu_start
+        cpu_total += ended.cpu
+        sent = sender.last_event("finished").get("bytes")
+        payload += sent if isinstance(sent, int) else 0
+        drained = min(time.monotonic() + DRAIN_SECONDS, start + f.timeout)
+        exits = [receiver.wait(drained) for receiver in receivers]
+        if all(e is not None for e in exits) or time.monotonic() >= start + f.timeout:
+            break
+    after = link_tx_bytes(f.tx)
+    for receiver in receivers:
+        receiver.stop()
+    refused: dict[str, int] = {}
+    for receiver in receivers:
+        summary = receiver.last_event("finished")
+        rejected = summary.get("rejected")
+        for reason, number in rejected.items() if isinstance(rejected, dict) else ():
+            refused[reason] = refused.get(reason, 0) + int(number)
+    return f.row("otacast", count, start, exits, outs) | {
+        "passes": passes,
+        "receivers_refused": refused,
+        "sender_cpu_s": round(cpu, 4),
+        "sender_cpu_total_s": round(cpu_total, 3),
+        "link_bytes": after - before,
+        "payload_bytes": payload,
+        "receiver_overflow": f.overflows(count) - overflow,
+    }
+
+
+def _fleet_http(f: Fleet, count: int, server_pid: int, url: str) -> dict[str, object]:
+    outs = f.outputs("fleet-http", count)
+    before, cpu_start = link_tx_bytes(f.tx), cpu_ns(server_pid)
+    start = time.monotonic()
+    clients = [
+        f.procs.start(host.command(str(BIN / "python"), str(HTTP_GET), url, str(out)))
+        for host, out in zip(f.members(count), outs, strict=True)
+    ]
+    for client in clients:
+        off_sender_cpu(client.pid)
+    exits = [client.wait(start + f.timeout) for client in clients]
+    cpu_end, after = cpu_ns(server_pid), link_tx_bytes(f.tx)
+    for client in clients:
+        client.stop()
+    return f.row("http", count, start, exits, outs) | {
+        "sender_cpu_s": round((cpu_end - cpu_start) / 1e9, 4),
+        "sender_cpu_total_s": None,
+        "link_bytes": after - before,
+        "payload_bytes": None,
+        "receiver_overflow": None,
+    }
+
+
+# ---- 4: several senders into one receiver ---------------------------------------------------
+
+
+def repair_for(senders: int) -> str:
+    """The README's rule: a repair pool of N x (1 + 10% overhead) - 1 keeps N senders' passes
+    apart (the signer's minimum is 50%)."""
+    return f"{max(50, senders * 110 - 100)}%"
+
+
+def window_for(senders: int, chunk_size: int) -> int:
+    """Chunks per window so that N senders' windows (each sender starts at its own) fit the
+    receiver's decoder budget together: with the default (8 MiB) window, a third sender's
+    window finds no decoder free and its symbols are refused (measured: 4 senders slower than
+    one)."""
+    default = fec.window_chunks(chunk_size)
+    return max(1, min(default, limits.MAX_DECODER_BYTES // (senders * chunk_size)))
+
+
+def several_senders(
+    plan: Plan, work: Path, procs: Processes, release: Release
+) -> list[dict[str, object]]:
+    k = source_symbols(release)
+    rows: list[dict[str, object]] = []
+    with lan_of(1 + max(plan.senders)) as lan:
+        rx, hosts = lan.hosts[0], lan.hosts[1:]
+        caches = {}
+        for count in plan.senders:
+            caches[count] = work / f"cache-{repair_for(count).rstrip('%')}"
+            warm_cache(procs, hosts[0], release, caches[count], "--repair", repair_for(count))
+        for repetition in range(plan.repeat):
+            for count in plan.senders:
+                rows.append(
+                    _senders_run(plan, work, procs, release, rx, hosts[:count], caches[count])
+                    | {"run": repetition + 1, "received/K": None}
+                )
+                datagrams = rows[-1].pop("datagrams")
+                if isinstance(datagrams, int):
+                    rows[-1]["received/K"] = round(datagrams / k, 3)
+                print(report.senders_line(rows[-1]), flush=True)
+    return rows
+
+
+def _senders_run(
+    plan: Plan,
+    work: Path,
+    procs: Processes,
+    release: Release,
+    rx: Host,
+    members: Sequence[Host],
+    cache: Path,
+) -> dict[str, object]:
+    count = len(members)
+    chunk_size = parse_envelope(release.manifest.read_bytes()).manifest.chunks.size
+    timeout = transfer_timeout(plan.image)
+    out = work / "senders-out" / "image"
+    shutil.rmtree(out.parent, ignore_errors=True)
+    out.parent.mkdir(parents=True)
+    receiver = procs.start(
+        fetch_argv(rx, release, out.parent / "state", out, *(h.address for h in members))
+    )
+    wait_joined(receiver, ssm_group(release))
+    overflow = udp_overflows(rx)
+    start = time.monotonic()
+    senders = [
+        procs.start(
+            serve_command(
+                host,
+                release,
+                cache,
+                "--rate",
+                plan.sender_rate,
+                "--sender",
+                f"{index}/{count}",
+                "--repair",
+                repair_for(count),
+                "--window",
+                str(window_for(count, chunk_size)),
+                "--duration",
+                f"{timeout:g}s",
+            )
+        )
+        for index, host in enumerate(members)
+    ]
+    done = receiver.wait(start + timeout)
+    for sender in senders:
+        sender.stop()
+    receiver.stop()
+    summary = receiver.last_event("finished")
+    ok = done is not None and done.returncode == 0 and bool(summary)
+    receiving = summary.get("receiving")
+    return {
+        "senders": count,
+        "repair": repair_for(count),
+        "window": window_for(count, chunk_size),
+        "rate_each": plan.sender_rate,
+        "delivered": ok,
+        "intact": out.exists() and sha256(out) == release_digest(release),
+        "seconds": round(done.at - start, 3) if ok and done else None,
+        "receiving_s": receiving if ok and isinstance(receiving, float) else None,
+        "datagrams": summary.get("datagrams"),
+        "receiver_overflow": udp_overflows(rx) - overflow,
+        "rx_cpu_s": round(done.cpu, 3) if done else None,
+    }
+
+
+# ---- 5: peak RSS for a large image ----------------------------------------------------------
+
+
+def memory(plan: Plan, work: Path, procs: Processes) -> dict[str, object]:
+    directory = work / "big"
+    release = Release.make(directory, plan.big_image)
+    digest = release_digest(release)
+    timeout = 120 + transfer_timeout(plan.big_image)
+    out = directory / "out" / "image"
+    out.parent.mkdir()
+    with lan_of(2) as lan:
+        tx, rx = lan.hosts
+        receiver = procs.start(fetch_argv(rx, release, out.parent / "state", out, tx.address))
+        wait_joined(receiver, ssm_group(release))
+        start = time.monotonic()
+        # A cold symbol cache: the sender's peak includes encoding the whole image.
+        sender = procs.start(
+            serve_command(
+                tx, release, directory / "cache", "--rate", plan.rate, "--duration", f"{timeout:g}s"
+            )
+        )
+        done = receiver.wait(start + timeout)
+        sender.stop()
+        receiver.stop()
+    summary = receiver.last_event("finished")
+    finished = sender.last_event("finished")
+    row: dict[str, object] = {
+        "image": plan.big_image,
+        "delivered": done is not None and done.returncode == 0 and bool(summary),
+        "intact": out.exists() and sha256(out) == digest,
+        "seconds": round(done.at - start, 1) if done else None,
+        "sender_peak_rss_mb": finished.get("peak_rss_mb"),
+        "receiver_peak_rss_mb": summary.get("peak_rss_mb"),
+        "receiving_s": summary.get("receiving"),
+    }
+    shutil.rmtree(directory, ignore_errors=True)
+    print(report.memory_line(row), flush=True)
+    return row
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Plan, Path]:
+    parser = argparse.ArgumentParser(
+        prog="bench_compare.py", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="8 MiB image, 5%% loss only, N in (1, 5), 1-2 senders"
+    )
+    parser.add_argument("--results", type=Path, default=Path("results"), help="default results/")
+    parser.add_argument("--repeat", type=int, help="runs per tool and loss (median is reported)")
+    parser.add_argument("--tools", help=f"comma-separated subset of {','.join(TOOLS)}")
+    parser.add_argument(
+        "--sections", help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)"
+    )
+    parser.add_argument("--image", help="image size for the loss and senders runs (e.g. 100M)")
+    parser.add_argument("--big-image", help="image size for the peak-RSS run (default 1G)")
+    parser.add_argument("--rate", help="otacast's pace with one receiver (default 110M)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    try:
+        if args.repeat is not None:
+            if not 1 <= args.repeat <= 9:
+                parser.error("--repeat must be 1-9")
+            plan = replace(plan, repeat=args.repeat)
+        if args.tools:
+            plan = replace(plan, tools=_subset(parser, "--tools", args.tools, TOOLS))
+        if args.sections:
+            plan = replace(plan, sections=_subset(parser, "--sections", args.sections, SECTIONS))
+        if args.image:
+            plan = replace(plan, image=units.parse_size(args.image))
+        if args.big_image:
+            plan = replace(plan, big_image=units.parse_size(args.big_image))
+            if "memory" not in plan.sections and not args.sections:
+                plan = replace(plan, sections=(*plan.sections, "memory"))
+        if args.rate:
+            units.parse_rate(args.rate)
+            plan = replace(plan, rate=args.rate)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return plan, args.results
+
+
+def _subset(
+    parser: argparse.ArgumentParser, option: str, text: str, choices: Sequence[str]
+) -> tuple[str, ...]:
+    chosen = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in chosen if t not in choices]
+    if unknown or not chosen:
+        parser.error(f"{option}: choose from {', '.join(choices)} (got {text!r})")
+    return chosen
+
+
+def check_environment(plan: Plan) -> None:
+    if os.geteuid() != 0:
+        raise BenchError("needs root: it builds network namespaces (try sudo)")
+    missing = missing_programs(plan.tools if "loss" in plan.sections else ("otacast",))
+    if missing:
+        raise BenchError(
+            "not installed: " + ", ".join(missing) + " (install them, or leave tools out "
+            "with --tools)"
+        )
+
+
+def run(plan: Plan, results: Path) -> int:
+    check_environment(plan)
+    began = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="otacast-compare-"))
+    procs = Processes()
+    result: dict[str, object] = {"plan": asdict(plan), "started": time.time()}
+    try:
+        print(report.heading(plan), flush=True)
+        release = Release.make(work / "release", plan.image)
+        if "loss" in plan.sections:
+            outcomes = one_receiver(plan, work, procs, release)
+            result["one_receiver"] = [asdict(o) for o in outcomes]
+        if "fleet" in plan.sections:
+            result["fleet"] = fleet(plan, work, procs)
+        if "senders" in plan.sections:
+            result["senders"] = several_senders(plan, work, procs, release)
+        if "memory" in plan.sections:
+            result["memory"] = memory(plan, work, procs)
+    finally:
+        procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    result["runtime_s"] = round(time.monotonic() - began, 1)
+    return report.finish(plan, result, results)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    plan, results = parse_args(argv)
+    try:
+        return run(plan, results)
+    except BenchError as exc:
+        print(f"bench_compare: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"bench_compare: failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench_compare: interrupted; everything it started was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,610 @@
+"""Tables, targets, JSON and plots for bench_compare.py.
+
+Goodput is image bytes / seconds in MB/s (10^6 bytes).  Ratios compare figures taken in the
+same run only: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .compare_tools import BACK_CHANNEL, Outcome, Plan
+
+NAMES = {
+    "otacast": "otacast",
+    "otacast-o30": "otacast --overhead 30%",
+    "uftp": "uftp -R -1",
+    "udpcast": "udpcast (ACK/NAK)",
+    "udpcast-async": "udpcast async+FEC 8x16/64",
+    "http": "HTTP (nginx + requests)",
+}
+# The issue's targets (issue 7).
+RECEIVED_PER_IDEAL = 1.03
+FLEET_CPU_RATIO = 1.05
+FLEET_BYTES_RATIO = 1.1
+RECEIVER_RSS_MB = 100.0
+SENDER_RSS_MB = 300.0
+
+
+def mib(size: int) -> str:
+    return f"{size / (1 << 20):g} MiB"
+
+
+def mbps(size: int, seconds: float | None) -> float | None:
+    return size / 1e6 / seconds if seconds else None
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def heading(plan: Plan) -> str:
+    return (
+        f"bench_compare ({plan.mode}): {mib(plan.image)} image, loss {plan.losses}, "
+        f"{plan.repeat} run(s) each; receivers {plan.receivers} with a {mib(plan.fleet_image)} "
+        f"image; senders {plan.senders}; "
+        + (f"peak RSS with {mib(plan.big_image)}" if plan.big_image else "no peak-RSS run")
+    )
+
+
+def progress_line(o: Outcome, size: int, repetition: int) -> str:
+    state = (
+        f"{fmt(o.seconds, 2)} s, {fmt(mbps(size, o.seconds))} MB/s"
+        if o.delivered
+        else f"NOT DELIVERED ({o.note})"
+    )
+    if o.delivered and not o.intact:
+        state += " -- SHA-256 MISMATCH"
+    return (
+        f"  run {repetition + 1} {NAMES[o.tool]:<26} {o.loss:>2}% loss: {state}; "
+        f"receiver sent {o.rx_sent} UDP/TCP packets"
+    )
+
+
+def fleet_line(row: dict[str, object], size: int) -> str:
+    return (
+        f"  {row['tool']:<8} N={row['receivers']:<3} sender CPU {row['sender_cpu_s']} s, "
+        f"link {_ratio(row['link_bytes'], size)} x image, done in {row['seconds']} s, "
+        f"verified {row['verified']}/{row['verified_of']}"
+    )
+
+
+def senders_line(row: dict[str, object]) -> str:
+    return (
+        f"  {row['senders']} sender(s) at {row['rate_each']} each: "
+        f"{row['seconds']} s, receiving {row['receiving_s']} s, intact {row['intact']}"
+    )
+
+
+def memory_line(row: dict[str, object]) -> str:
+    return (
+        f"  {mib(int(str(row['image'])))}: sender peak RSS {row['sender_peak_rss_mb']} MB, "
+        f"receiver {row['receiver_peak_rss_mb']} MB, intact {row['intact']}"
+    )
+
+
+def _ratio(numerator: object, denominator: float) -> str:
+    return f"{float(str(numerator)) / denominator:.3f}" if numerator is not None else "—"
+
+
+# ---- aggregation ----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    tool: str
+    loss: int
+    runs: int
+    delivered: int
+    intact: int
+    gave_up: int
+    seconds: float | None
+    data_seconds: float | None
+    rx_sent: int
+    notes: list[str]
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def aggregate(outcomes: Sequence[Outcome]) -> list[Row]:
+    keys: list[tuple[str, int]] = []
+    for o in outcomes:
+        if (o.tool, o.loss) not in keys:
+            keys.append((o.tool, o.loss))
+    rows = []
+    for tool, loss in sorted(keys, key=lambda k: (k[1], list(NAMES).index(k[0]))):
+        runs = [o for o in outcomes if o.tool == tool and o.loss == loss]
+        ok = [o for o in runs if o.delivered]
+        extra_keys = {k for o in ok for k in o.extra}
+        rows.append(
+            Row(
+                tool,
+                loss,
+                len(runs),
+                len(ok),
+                sum(1 for o in ok if o.intact),
+                sum(1 for o in runs if o.gave_up),
+                _median([o.seconds for o in ok]),
+                _median([o.data_seconds for o in ok]),
+                max(o.rx_sent for o in runs),
+                [o.note for o in runs if o.note],
+                {k: _median([o.extra.get(k) for o in ok]) or 0.0 for k in sorted(extra_keys)},
+            )
+        )
+    return rows
+
+
+def median_rows(rows: Sequence[dict[str, object]], keys: Sequence[str]) -> list[dict[str, object]]:
+    """One row per distinct `keys`, in first-seen order: numbers are medians over the runs,
+    flags and counts of what was verified are the worst run's, anything else the first's."""
+    groups: dict[tuple[object, ...], list[dict[str, object]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    merged = []
+    for group in groups.values():
+        row = dict(group[0])
+        for name in row:
+            values = [r.get(name) for r in group]
+            if name in keys or name == "run":
+                continue
+            if name in ("verified", "delivered", "intact") or all(
+                isinstance(v, bool) for v in values
+            ):
+                row[name] = min(values, key=_rank)
+            elif all(isinstance(v, int) for v in values):
+                row[name] = statistics.median_low([int(str(v)) for v in values])
+            elif all(isinstance(v, int | float) or v is None for v in values):
+                row[name] = _median([float(str(v)) if v is not None else None for v in values])
+        row["runs"] = len(group)
+        merged.append(row)
+    return merged
+
+
+def _find(rows: Sequence[Row], tool: str, loss: int) -> Row | None:
+    return next((r for r in rows if r.tool == tool and r.loss == loss), None)
+
+
+# ---- tables ---------------------------------------------------------------------------------
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def loss_table(rows: Sequence[Row], size: int) -> str:
+    lines = []
+    for r in rows:
+        base = _find(rows, "otacast", r.loss)
+        good, data = mbps(size, r.seconds), mbps(size, r.data_seconds)
+        ratio = ratio_data = None
+        if base and good and base.seconds:
+            ratio = (mbps(size, base.seconds) or 0) / good
+        if base and data and base.data_seconds:
+            ratio_data = (mbps(size, base.data_seconds) or 0) / data
+        state = f"{r.delivered}/{r.runs}"
+        if r.intact < r.delivered:
+            state += " CORRUPT"
+        if r.gave_up:
+            state += " (FEC gave up)"
+        lines.append(
+            [
+                NAMES[r.tool],
+                "needed" if BACK_CHANNEL[r.tool] else "none",
+                str(r.rx_sent),
+                f"{r.loss}%",
+                fmt(r.seconds, 2),
+                fmt(good),
+                fmt(data),
+                fmt(ratio, 2),
+                fmt(ratio_data, 2),
+                state,
+            ]
+        )
+    return _table(
+        [
+            "tool",
+            "back channel",
+            "rx UDP/TCP pkts sent",
+            "loss",
+            "time s",
+            "goodput MB/s",
+            "data-phase MB/s",
+            "otacast ÷ tool",
+            "otacast ÷ tool (data phase)",
+            "delivered",
+        ],
+        lines,
+    )
+
+
+def efficiency_table(rows: Sequence[Row], size: int) -> str:
+    lines = []
+    for r in rows:
+        if not r.tool.startswith("otacast") or not r.extra:
+            continue
+        k = r.extra["K"]
+        lines.append(
+            [
+                NAMES[r.tool],
+                f"{r.loss}%",
+                f"{r.extra['datagrams']:,.0f}",
+                f"{k / (1 - r.loss / 100):,.0f}",
+                f"{r.extra['received/ideal']:.3f}",
+                f"{r.extra['used/K']:.3f}",
+                f"{r.extra['rx_cpu_s'] / (size / 1e6):.4f}",
+                fmt(r.extra.get("rx_peak_rss_mb")),
+            ]
+        )
+    return _table(
+        [
+            "sender",
+            "loss",
+            "datagrams received",
+            "ideal K/(1-p)",
+            "on link (received + dropped) / ideal",
+            "FEC used/K",
+            "receiver CPU s/MB",
+            "receiver peak RSS MB",
+        ],
+        lines,
+    )
+
+
+def fleet_table(rows: Sequence[dict[str, object]], size: int) -> str:
+    lines = []
+    for row in rows:
+        one = next((r for r in rows if r["tool"] == row["tool"] and r["receivers"] == 1), None)
+        cpu = float(str(row["sender_cpu_s"]))
+        base = float(str(one["sender_cpu_s"])) if one else None
+        lines.append(
+            [
+                str(row["receivers"]),
+                "otacast" if row["tool"] == "otacast" else "HTTP (nginx)",
+                str(row.get("passes") or "—"),
+                f"{cpu:.3f}",
+                fmt(cpu / base if base else None, 2),
+                f"{int(str(row['link_bytes'])):,}",
+                _ratio(row["link_bytes"], size),
+                fmt(_num(row["seconds"]), 2),
+                f"{row['verified']}/{row['verified_of']}",
+            ]
+        )
+    return _table(
+        [
+            "receivers",
+            "sender",
+            "otacast passes",
+            "sender CPU s",
+            "x with 1",
+            "bytes on sender link",
+            "÷ image",
+            "all done s",
+            "sha256 verified",
+        ],
+        lines,
+    )
+
+
+def senders_table(rows: Sequence[dict[str, object]]) -> str:
+    one = next((r for r in rows if r["senders"] == 1), None)
+    lines = []
+    for row in rows:
+        speed = speed_e2e = None
+        if one and row["receiving_s"] and one["receiving_s"]:
+            speed = _num(one["receiving_s"]) / _num(row["receiving_s"])
+        if one and row["seconds"] and one["seconds"]:
+            speed_e2e = _num(one["seconds"]) / _num(row["seconds"])
+        lines.append(
+            [
+                str(row["senders"]),
+                f"{row['repair']}, {row['window']} chunks",
+                str(row["rate_each"]),
+                fmt(_num(row["receiving_s"]), 2),
+                fmt(_num(row["seconds"]), 2),
+                fmt(speed, 2),
+                fmt(speed_e2e, 2),
+                "yes" if row["intact"] else "NO",
+            ]
+        )
+    return _table(
+        [
+            "senders",
+            "repair pool, window",
+            "rate each",
+            "receiving s",
+            "start to image s",
+            "speed-up (receiving)",
+            "speed-up (start to image)",
+            "intact",
+        ],
+        lines,
+    )
+
+
+def _rank(value: object) -> float:
+    """Orders flags and counts: missing < False < True, numbers by value."""
+    if value is None:
+        return -1.0
+    return float(int(value)) if isinstance(value, bool) else _num(value)
+
+
+def _num(value: object) -> float:
+    return float(str(value)) if value is not None else 0.0
+
+
+# ---- targets --------------------------------------------------------------------------------
+
+
+def _verdict(value: float | None, limit: float, higher_is_better: bool = False) -> str:
+    if value is None:
+        return "not measured"
+    if higher_is_better:
+        return "met" if value >= limit else f"missed by {100 * (1 - value / limit):.0f}%"
+    return "met" if value <= limit else f"missed by {100 * (value / limit - 1):.0f}%"
+
+
+def targets(plan: Plan, result: dict[str, object], rows: Sequence[Row]) -> list[list[str]]:
+    out: list[list[str]] = []
+    ota, uftp = _find(rows, "otacast", 5), _find(rows, "uftp", 5)
+    if ota and uftp and ota.seconds and uftp.seconds:
+        ratio = uftp.seconds / ota.seconds
+        data = (
+            uftp.data_seconds / ota.data_seconds if uftp.data_seconds and ota.data_seconds else None
+        )
+        verdict = _verdict(ratio, 1.0, higher_is_better=True)
+        if ota.rx_sent:
+            verdict = f"missed: the receiver sent {ota.rx_sent} packets"
+        out.append(
+            [
+                "otacast goodput ≥ uftp's at 5% loss, receiver sends 0 packets",
+                f"{ratio:.2f}x uftp (data phase {fmt(data, 2)}x), receiver sent {ota.rx_sent}",
+                verdict,
+            ]
+        )
+    efficiency = [
+        (r.loss, r.extra["received/ideal"]) for r in rows if r.tool == "otacast" and r.extra
+    ]
+    if efficiency:
+        worst = max(v for _, v in efficiency)
+        out.append(
+            [
+                f"otacast received/ideal ≤ {RECEIVED_PER_IDEAL}",
+                ", ".join(f"{v:.3f} at {loss}%" for loss, v in efficiency),
+                _verdict(worst, RECEIVED_PER_IDEAL),
+            ]
+        )
+    fleet = [r for r in _rows(result, "fleet_median") if r["tool"] == "otacast"]
+    if len(fleet) > 1:
+        first, last = fleet[0], fleet[-1]
+        ratio = _num(last["sender_cpu_s"]) / max(_num(first["sender_cpu_s"]), 1e-9)
+        out.append(
+            [
+                f"sender CPU with {last['receivers']} receivers ≤ {FLEET_CPU_RATIO} x with "
+                f"{first['receivers']}",
+                f"{ratio:.2f}x",
+                _verdict(ratio, FLEET_CPU_RATIO),
+            ]
+        )
+        size = plan.fleet_image
+        http = [
+            r
+            for r in _rows(result, "fleet_median")
+            if r["tool"] == "http" and r["receivers"] == last["receivers"]
+        ]
+        bytes_ratio = _num(last["link_bytes"]) / size
+        out.append(
+            [
+                f"sender-link bytes with {last['receivers']} receivers "
+                f"≤ {FLEET_BYTES_RATIO} x image",
+                f"{bytes_ratio:.3f}x (HTTP: "
+                + (f"{_num(http[0]['link_bytes']) / size:.2f}x)" if http else "not run)"),
+                _verdict(bytes_ratio, FLEET_BYTES_RATIO),
+            ]
+        )
+    memory = result.get("memory")
+    if isinstance(memory, dict):
+        rx, tx = memory.get("receiver_peak_rss_mb"), memory.get("sender_peak_rss_mb")
+        out.append(
+            [
+                f"peak RSS for {mib(plan.big_image)}: receiver ≤ {RECEIVER_RSS_MB:g} MB",
+                f"{rx} MB",
+                _verdict(_num(rx) if rx is not None else None, RECEIVER_RSS_MB),
+            ]
+        )
+        out.append(
+            [
+                f"peak RSS for {mib(plan.big_image)}: sender ≤ {SENDER_RSS_MB:g} MB",
+                f"{tx} MB",
+                _verdict(_num(tx) if tx is not None else None, SENDER_RSS_MB),
+            ]
+        )
+    return out
+
+
+def _rows(result: dict[str, object], key: str) -> list[dict[str, object]]:
+    value = result.get(key)
+    return [r for r in value if isinstance(r, dict)] if isinstance(value, list) else []
+
+
+# ---- failures, output -----------------------------------------------------------------------
+
+
+def failures(result: dict[str, object], outcomes: Sequence[Outcome]) -> list[str]:
+    found = []
+    for o in outcomes:
+        if o.delivered and not o.intact:
+            found.append(f"{NAMES[o.tool]} at {o.loss}%: the image differs (sha256)")
+        elif not o.delivered and not o.gave_up:
+            found.append(f"{NAMES[o.tool]} at {o.loss}%: not delivered ({o.note})")
+    for row in _rows(result, "fleet"):
+        if row["verified"] != row["verified_of"]:
+            found.append(
+                f"{row['tool']} with {row['receivers']} receivers: only {row['verified']} "
+                "images verified"
+            )
+    for row in _rows(result, "senders"):
+        if not row["intact"]:
+            found.append(f"{row['senders']} sender(s): the image did not arrive intact")
+    memory = result.get("memory")
+    if isinstance(memory, dict) and not memory.get("intact"):
+        found.append("peak-RSS run: the image did not arrive intact")
+    return found
+
+
+def finish(plan: Plan, result: dict[str, object], results: Path) -> int:
+    results.mkdir(parents=True, exist_ok=True)
+    stem = results / f"compare-{plan.mode}"
+    # The raw runs first, so that nothing measured is lost if the summary below fails.
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    outcomes = [Outcome(**o) for o in _rows(result, "one_receiver")]  # type: ignore[arg-type]
+    result["fleet_median"] = median_rows(_rows(result, "fleet"), ("tool", "receivers"))
+    result["senders_median"] = median_rows(_rows(result, "senders"), ("senders",))
+    rows = aggregate(outcomes)
+    goals = targets(plan, result, rows)
+    result["targets"] = [{"target": t, "measured": m, "verdict": v} for t, m, v in goals]
+    sections = [
+        f"## One receiver, {mib(plan.image)} image (MB = 10^6 bytes; medians of {plan.repeat})",
+        loss_table(rows, plan.image),
+        "## otacast: datagrams on the receiver's link vs the ideal K/(1-p)",
+        efficiency_table(rows, plan.image),
+    ]
+    if _rows(result, "fleet_median"):
+        sections += [
+            f"## N receivers on one bridge, {mib(plan.fleet_image)} image, otacast paced at "
+            f"{plan.fleet_rate}B/s",
+            fleet_table(_rows(result, "fleet_median"), plan.fleet_image),
+        ]
+    if _rows(result, "senders_median"):
+        sections += [
+            f"## Several otacast senders into one receiver, {mib(plan.image)} image",
+            senders_table(_rows(result, "senders_median")),
+        ]
+    memory = result.get("memory")
+    if isinstance(memory, dict):
+        sections += [
+            f"## Peak RSS, {mib(plan.big_image)} image (cold symbol cache: encoding included)",
+            _table(
+                ["sender peak RSS MB", "receiver peak RSS MB", "start to image s", "intact"],
+                [
+                    [
+                        str(memory["sender_peak_rss_mb"]),
+                        str(memory["receiver_peak_rss_mb"]),
+                        str(memory["seconds"]),
+                        "yes" if memory["intact"] else "NO",
+                    ]
+                ],
+            ),
+        ]
+    sections += ["## Targets (issue 7)", _table(["target", "measured", "verdict"], goals)]
+    print()
+    print("\n\n".join(sections))
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    written = [stem.with_suffix(".json")]
+    try:
+        written += plots(plan, result, rows, stem)
+    except ImportError:
+        print("\nmatplotlib is not installed (pip install '.[bench]'): no plots")
+    print(f"\nruntime {result['runtime_s']} s; wrote " + ", ".join(str(p) for p in written))
+    problems = failures(result, outcomes)
+    for problem in problems:
+        print(f"FAILED: {problem}")
+    if not problems:
+        print("every image that was delivered arrived intact (sha256)")
+    return 1 if problems else 0
+
+
+# ---- plots ----------------------------------------------------------------------------------
+
+
+def plots(plan: Plan, result: dict[str, object], rows: Sequence[Row], stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if rows:
+        tools = [t for t in NAMES if any(r.tool == t for r in rows)]
+        losses = sorted({r.loss for r in rows})
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        width = 0.8 / max(len(tools), 1)
+        for ax, attribute, title in (
+            (axes[0], "seconds", "start of transfer to whole image"),
+            (axes[1], "data_seconds", "data phase (tool's own timing)"),
+        ):
+            for index, tool in enumerate(tools):
+                values = []
+                for loss in losses:
+                    row = _find(rows, tool, loss)
+                    values.append(mbps(plan.image, getattr(row, attribute)) or 0.0 if row else 0.0)
+                positions = [i + (index - (len(tools) - 1) / 2) * width for i in range(len(losses))]
+                ax.bar(positions, values, width, label=NAMES[tool])
+            ax.set_xticks(range(len(losses)), [f"{loss}% loss" for loss in losses])
+            ax.set_title(title)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0].set_ylabel(f"goodput MB/s ({mib(plan.image)} image)")
+        axes[1].legend(fontsize=8)
+        figure.suptitle("one receiver: goodput (no bar: not delivered)")
+        figure.tight_layout()
+        written.append(_save(figure, stem, "goodput"))
+        plt.close(figure)
+
+    fleet = _rows(result, "fleet_median")
+    if fleet:
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for tool, label in (("otacast", "otacast"), ("http", "HTTP (nginx)")):
+            mine = [r for r in fleet if r["tool"] == tool]
+            n = [_num(r["receivers"]) for r in mine]
+            axes[0].plot(
+                n, [_num(r["link_bytes"]) / plan.fleet_image for r in mine], "o-", label=label
+            )
+            axes[1].plot(n, [_num(r["sender_cpu_s"]) for r in mine], "o-", label=label)
+        axes[0].set_ylabel("bytes on the sender's link ÷ image")
+        axes[1].set_ylabel("sender CPU s")
+        for ax in axes:
+            ax.set_xlabel("receivers")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        figure.suptitle(f"N receivers on one bridge ({mib(plan.fleet_image)} image)")
+        figure.tight_layout()
+        written.append(_save(figure, stem, "receivers"))
+        plt.close(figure)
+
+    several = _rows(result, "senders_median")
+    one = next((r for r in several if r["senders"] == 1), None)
+    if several and one:
+        figure, ax = plt.subplots(figsize=(5.5, 4))
+        n = [_num(r["senders"]) for r in several]
+        ax.plot(n, n, "--", color="grey", label="ideal")
+        for key, label in (("receiving_s", "receiving"), ("seconds", "start to image")):
+            ax.plot(
+                n,
+                [_num(one[key]) / _num(r[key]) if r[key] else 0.0 for r in several],
+                "o-",
+                label=label,
+            )
+        ax.set_xlabel("senders (--sender I/N)")
+        ax.set_ylabel("speed-up over one sender")
+        ax.set_title(f"several senders, {plan.sender_rate}B/s each")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        figure.tight_layout()
+        written.append(_save(figure, stem, "senders"))
+        plt.close(figure)
+    return written
+
+
+def _save(figure: object, stem: Path, name: str) -> Path:
+    path = stem.with_name(f"{stem.name}-{name}.png")
+    figure.savefig(path, dpi=80)  # type: ignore[attr-defined]
+    return path

@@ -1,0 +1,710 @@
+"""The machinery of the side-by-side benchmark (``bench_compare.py``): programs started in
+namespace hosts and reaped with their own CPU time, loss and packet counters from nftables, and
+one runner per tool -- otacast, uftp, udpcast (default and async+FEC) and HTTP (nginx +
+requests).
+
+Every runner starts its receiver first, waits until it listens, then starts the transfer, and
+returns an `Outcome`: whether the image arrived intact (sha256 of what the receiver wrote), the
+time from starting the transfer to the receiver holding the whole image, the tool's own
+data-phase time where it reports one, and how many UDP/TCP packets the receiver sent -- its back
+channel.  Nothing here runs outside the namespaces the benchmark creates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from otacast.schemas.manifest import parse_envelope
+
+from .netns import BIN, Host, ip
+from .release import SIGNER, Release, fetch_command
+
+POLL = 0.002  # seconds between checks for a finished process or a file: the timing resolution
+STOP_TIMEOUT = 10.0
+_PATH = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
+HTTP_GET = Path(__file__).resolve().with_name("http_get.py")
+
+# uftp: the groups of the command in shared/reference/peers.md (link scope, stays on the LAN).
+UFTP_GROUP = "ff12::1:1"
+UFTP_PRIVATE = "ff12::1:2"
+# udpcast is IPv4 only: hosts get addresses from 198.18.0.0/15, the range RFC 2544 sets aside
+# for benchmarks, inside their namespaces only.
+IPV4_PREFIX = "198.18.0."
+UDPCAST_RDV = "224.0.0.1"
+UDPCAST_ASYNC = ("--async", "--fec", "8x16/64", "--max-bitrate", "1000m", "--autostart", "5")
+# The socket buffers the peers are given (8 MiB), as otacast's receiver asks for 32 MiB.
+PEER_BUFFER = str(8 << 20)
+
+# tool -> does it need a back channel from the receivers to the sender (by design)?
+BACK_CHANNEL = {
+    "otacast": False,
+    "otacast-o30": False,
+    "uftp": True,
+    "udpcast": True,
+    "udpcast-async": False,
+    "http": True,
+}
+PROGRAMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "otacast": (),
+    "otacast-o30": (),
+    "uftp": (("uftp", "uftp"), ("uftpd", "uftp")),
+    "udpcast": (("udp-sender", "udpcast"), ("udp-receiver", "udpcast")),
+    "udpcast-async": (("udp-sender", "udpcast"), ("udp-receiver", "udpcast")),
+    "http": (("nginx", "nginx"),),
+}
+
+
+class BenchError(Exception):
+    """A problem the user can fix (not root, a program missing); printed as one line."""
+
+
+def missing_programs(tools: Sequence[str]) -> list[str]:
+    """`program (Debian package)` for every program the tools need that is not installed."""
+    needed = {("nft", "nftables"), ("ip", "iproute2")}
+    for tool in tools:
+        needed.update(PROGRAMS[tool])
+    return sorted(f"{p} (Debian {pkg})" for p, pkg in needed if not shutil.which(p, path=_PATH))
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while block := source.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_random(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as out:
+        left = size
+        while left:
+            block = min(left, 16 << 20)
+            out.write(os.urandom(block))
+            left -= block
+
+
+@dataclass(frozen=True)
+class Exit:
+    returncode: int
+    at: float  # time.monotonic() when the exit was seen
+    cpu: float  # the process's own user + system seconds (wait4)
+
+
+class Proc:
+    """A program in a namespace: output (stdout + stderr) read as it comes, with arrival times;
+    reaped with its own rusage.  `ip netns exec` execs the program, so the pid is the program."""
+
+    def __init__(self, command: Sequence[str]) -> None:
+        self.command = list(command)
+        self.process = subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.chunks: list[tuple[float, bytes]] = []
+        self.exit: Exit | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        while data := os.read(fd, 1 << 16):
+            self.chunks.append((time.monotonic(), data))
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def text(self) -> str:
+        return b"".join(d for _, d in self.chunks).decode(errors="replace")
+
+    def seen(self, needle: str) -> float | None:
+        """When `needle` first appeared in the output."""
+        wanted, buffer = needle.encode(), b""
+        for at, data in list(self.chunks):
+            buffer += data
+            if wanted in buffer:
+                return at
+        return None
+
+    def json_lines(self) -> list[dict[str, object]]:
+        lines = []
+        for line in self.text().splitlines():
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    continue
+        return lines
+
+    def last_event(self, name: str) -> dict[str, object]:
+        found = [e for e in self.json_lines() if e.get("event") == name]
+        return found[-1] if found else {}
+
+    def wait(self, deadline: float) -> Exit | None:
+        """The exit, or None if still running at `deadline` (time.monotonic())."""
+        while self.exit is None:
+            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+            if pid:
+                self.process.returncode = os.waitstatus_to_exitcode(status)
+                self.exit = Exit(
+                    self.process.returncode, time.monotonic(), usage.ru_utime + usage.ru_stime
+                )
+            elif time.monotonic() >= deadline:
+                return None
+            else:
+                time.sleep(POLL)
+        self._reader.join(STOP_TIMEOUT)
+        return self.exit
+
+    def running(self) -> bool:
+        """Still running?  (Never Popen.poll: it would reap the process behind wait4's back.)"""
+        return self.wait(0.0) is None
+
+    def stop(self) -> Exit:
+        """SIGTERM (the senders print their summary on it), then SIGKILL; always reaped."""
+        if self.exit is None:
+            if self.running():
+                self.process.send_signal(signal.SIGTERM)
+            found = self.wait(time.monotonic() + STOP_TIMEOUT)
+            if found is None:
+                self.process.kill()
+                found = self.wait(time.monotonic() + STOP_TIMEOUT)
+            assert found is not None
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        assert self.exit is not None
+        return self.exit
+
+    def cpu_ns(self) -> int:
+        return cpu_ns(self.pid)
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time so far of all the process's threads, in ns (schedstat: finer than the 10 ms
+    ticks of /proc/PID/stat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+class Processes:
+    """Every program a benchmark starts, so that all are stopped and reaped at the end."""
+
+    def __init__(self) -> None:
+        self.started: list[Proc] = []
+
+    def start(self, command: Sequence[str]) -> Proc:
+        proc = Proc(command)
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            proc.stop()
+        self.started.clear()
+
+
+def wait_for(check: Callable[[], bool], deadline: float, what: str) -> None:
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _proc_file(pid: int, name: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/net/{name}").read_text()
+    except OSError:
+        return ""
+
+
+def group_hex(group: str) -> str:
+    return ipaddress.IPv6Address(group).packed.hex()
+
+
+def wait_joined(proc: Proc, group: str, timeout: float = 30.0) -> None:
+    """Until the program's namespace has joined `group` (IPv6), or it exited."""
+    wanted = group_hex(group)
+    wait_for(
+        lambda: wanted in _proc_file(proc.pid, "igmp6") or not proc.running(),
+        time.monotonic() + timeout,
+        f"a join of {group}",
+    )
+
+
+def wait_udp_port(proc: Proc, port: int, timeout: float = 30.0) -> None:
+    """Until a UDP socket is bound to `port` in the program's namespace, or it exited."""
+
+    def bound() -> bool:
+        for line in _proc_file(proc.pid, "udp").splitlines()[1:]:
+            local = line.split()[1]  # "sl local_address rem_address ...", address "HEX:PORT"
+            if int(local.rsplit(":", 1)[1], 16) == port:
+                return True
+        return not proc.running()
+
+    wait_for(
+        bound,
+        time.monotonic() + timeout,
+        f"UDP port {port}",
+    )
+
+
+# TCP states in which the kernel still sends on its own (retransmitted FINs), and SYN-SENT.
+_BUSY_TCP = ("fin-wait-1", "closing", "last-ack", "syn-sent", "established")
+
+
+def quiesce(hosts: Sequence[Host], timeout: float = 30.0) -> None:
+    """Wait until no TCP connection in `hosts` can still send (an HTTP run's teardown under
+    loss retransmits after the client has exited), so that the next run's count of what the
+    receiver sends is its own."""
+    deadline = time.monotonic() + timeout
+    states = [arg for state in _BUSY_TCP for arg in ("state", state)]
+    while time.monotonic() < deadline:
+        if not any(host.run("ss", "-Htan", *states).stdout.strip() for host in hosts):
+            return
+        time.sleep(0.1)
+
+
+def add_ipv4(hosts: Sequence[Host]) -> None:
+    for index, host in enumerate(hosts):
+        ip("-n", host.netns, "addr", "add", f"{IPV4_PREFIX}{index + 1}/24", "dev", "eth0")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run of the benchmark measures (bench_compare.py has the full and quick plans)."""
+
+    mode: str
+    image: int
+    losses: tuple[int, ...]
+    repeat: int
+    rate: str  # otacast's pace with one receiver
+    fleet_image: int
+    receivers: tuple[int, ...]
+    fleet_rate: str
+    senders: tuple[int, ...]
+    sender_rate: str  # each of the several senders
+    big_image: int
+    tools: tuple[str, ...]  # compared in the loss runs
+    sections: tuple[str, ...]  # of loss, fleet, senders, memory
+
+
+# ---- nftables: random loss on what arrives, and a count of what the receiver sends ----------
+
+TABLE = "otacast_bench"
+
+
+@dataclass(frozen=True)
+class Counters:
+    lost: int  # UDP/TCP packets nftables dropped on arrival (the simulated loss)
+    sent: int  # UDP/TCP packets the host sent: its back channel
+    sent_other: int  # other packets it sent (ICMPv6 MLD/ND, IGMP: to the switch, not the sender)
+    overflow: int  # datagrams the kernel dropped because a socket buffer was full
+
+
+def udp_overflows(host: Host) -> int:
+    """UDP datagrams dropped on full socket buffers so far in `host`, IPv6 and IPv4."""
+    total = 0
+    for line in host.run("cat", "/proc/net/snmp6").stdout.splitlines():
+        if line.startswith("Udp6RcvbufErrors"):
+            total += int(line.split()[1])
+    rows = [r.split() for r in host.run("cat", "/proc/net/snmp").stdout.splitlines()]
+    udp = [r for r in rows if r and r[0] == "Udp:"]
+    if len(udp) == 2:
+        total += int(udp[1][udp[0].index("RcvbufErrors")])
+    return total
+
+
+class Meter:
+    """Loss and counters in one host: `loss`% of arriving UDP/TCP packets dropped at random;
+    the UDP/TCP packets it sends counted, and everything else it sends counted apart."""
+
+    def __init__(self, host: Host, loss: int) -> None:
+        self.host = host
+        host.run("nft", "delete", "table", "inet", TABLE)
+        drop = (
+            f"meta l4proto {{ tcp, udp }} numgen random mod 100 < {loss} counter drop "
+            'comment "lost"'
+            if loss
+            else 'meta l4proto { tcp, udp } counter comment "arrived"'
+        )
+        script = f"""
+table inet {TABLE} {{
+    chain input {{
+        type filter hook input priority 0; policy accept;
+        {drop}
+    }}
+    chain output {{
+        type filter hook output priority 0; policy accept;
+        meta l4proto {{ tcp, udp }} counter comment "sent"
+        counter comment "all_sent"
+    }}
+}}
+"""
+        done = subprocess.run(
+            host.command("nft", "-f", "-"),
+            input=script,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"nft: {done.stderr.strip()}")
+        self.overflow_base = udp_overflows(host)
+
+    def read(self) -> Counters:
+        listing = self.host.run("nft", "-j", "list", "table", "inet", TABLE).stdout
+        found: dict[str, int] = {}
+        for item in json.loads(listing)["nftables"]:
+            rule = item.get("rule")
+            if rule and "comment" in rule:
+                for expression in rule["expr"]:
+                    if "counter" in expression:
+                        found[rule["comment"]] = int(expression["counter"]["packets"])
+        sent = found.get("sent", 0)
+        return Counters(
+            found.get("lost", 0),
+            sent,
+            found.get("all_sent", 0) - sent,
+            udp_overflows(self.host) - self.overflow_base,
+        )
+
+
+def link_tx_bytes(host: Host) -> int:
+    done = host.run("cat", "/sys/class/net/eth0/statistics/tx_bytes")
+    return int(done.stdout)
+
+
+# ---- one transfer per tool ------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    tool: str
+    loss: int
+    delivered: bool  # the receiver said it had the whole image
+    intact: bool  # what it wrote has the image's sha256
+    seconds: float | None  # start of the transfer -> receiver holds the whole image
+    data_seconds: float | None  # the tool's own data phase, where it says
+    rx_sent: int  # UDP/TCP packets the receiver sent
+    rx_sent_other: int
+    lost: int  # packets nftables dropped on arrival
+    overflow: int  # datagrams the receiver's kernel dropped on a full socket buffer
+    gave_up: bool = False  # a no-back-channel tool's FEC could not repair the loss
+    note: str = ""
+    log: str = ""  # the programs' last lines, for a run that did not deliver
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Bench:
+    """One sender host and one receiver host on a LAN, the image, and the programs running."""
+
+    tx: Host
+    rx: Host
+    work: Path
+    release: Release
+    digest: str
+    size: int
+    rate: str  # otacast's sender pace
+    timeout: float
+    procs: Processes
+    source_symbols: int  # K over the whole image
+    http_url: str = ""
+
+    def fresh(self, name: str) -> Path:
+        path = self.work / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def verdict(self, out: Path) -> bool:
+        return out.exists() and sha256(out) == self.digest
+
+
+def serve_command(host: Host, release: Release, cache: Path, *args: str) -> list[str]:
+    return host.command(
+        SIGNER,
+        "serve",
+        str(release.manifest),
+        str(release.image),
+        "--interface",
+        "eth0",
+        "--cache-dir",
+        str(cache),
+        "--json",
+        *args,
+    )
+
+
+def warm_cache(procs: Processes, host: Host, release: Release, cache: Path, *args: str) -> None:
+    """Encode the release's symbols once into `cache`, so that timed runs only send."""
+    sender = procs.start(serve_command(host, release, cache, "--rate", "1M", *args))
+    deadline = time.monotonic() + 600
+    while sender.seen('"event": "serving"') is None:
+        if not sender.running() or time.monotonic() > deadline:
+            sender.stop()
+            raise RuntimeError(f"otacast-signer serve failed: {sender.text()[-500:]}")
+        time.sleep(0.02)
+    sender.stop()
+
+
+def fetch_argv(host: Host, release: Release, state: Path, out: Path, *sources: str) -> list[str]:
+    """`otacast fetch` joining `sources` (SSM), multicast only."""
+    joins = [arg for source in sources for arg in ("--source", source)]
+    return fetch_command(host, release, state, out, "--fallback", "never", *joins)
+
+
+def _outcome(
+    tool: str,
+    loss: int,
+    bench: Bench,
+    out: Path,
+    count: Counters,
+    procs: Sequence[Proc],
+    *,
+    start: float,
+    arrived: float | None,
+    data_seconds: float | None,
+    gave_up: bool = False,
+) -> Outcome:
+    delivered = arrived is not None
+    return Outcome(
+        tool,
+        loss,
+        delivered,
+        bench.verdict(out),
+        arrived - start if arrived is not None else None,
+        data_seconds if delivered else None,
+        count.sent,
+        count.sent_other,
+        count.lost,
+        count.overflow,
+        gave_up=gave_up and not delivered,
+        note="" if delivered else ("FEC could not repair the loss" if gave_up else "failed"),
+        log="" if delivered else "\n".join(_tail(proc) for proc in procs),
+    )
+
+
+def run_otacast(bench: Bench, loss: int, *sender_args: str, tool: str = "otacast") -> Outcome:
+    quiesce((bench.tx, bench.rx))
+    meter = Meter(bench.rx, loss)
+    out = bench.fresh("otacast-out") / "image"
+    state = bench.fresh("otacast-state")
+    receiver = bench.procs.start(fetch_argv(bench.rx, bench.release, state, out, bench.tx.address))
+    wait_joined(receiver, ssm_group(bench.release))
+    start = time.monotonic()
+    sender = bench.procs.start(
+        serve_command(
+            bench.tx,
+            bench.release,
+            bench.work / "cache",
+            "--rate",
+            bench.rate,
+            "--no-gso",  # so that nftables drops single datagrams, not GSO trains
+            "--duration",
+            f"{bench.timeout:g}s",
+            *sender_args,
+        )
+    )
+    done = receiver.wait(start + bench.timeout)
+    count = meter.read()
+    sender.stop()
+    receiver.stop()
+    summary = receiver.last_event("finished")
+    ok = done is not None and done.returncode == 0 and bool(summary)
+    outcome = _outcome(
+        tool,
+        loss,
+        bench,
+        out,
+        count,
+        (sender, receiver),
+        start=start,
+        arrived=done.at if ok and done else None,
+        data_seconds=_float(summary.get("receiving")),
+    )
+    if ok and done:
+        datagrams = _float(summary.get("datagrams")) or 0.0
+        ideal = bench.source_symbols / (1 - loss / 100)
+        used = _float(summary.get("symbols_used")) or 0.0
+        outcome.extra = {
+            "datagrams": datagrams,
+            "K": float(bench.source_symbols),
+            "received/ideal": round((datagrams + count.lost + count.overflow) / ideal, 4),
+            "used/K": round(used / bench.source_symbols, 4),
+            "rx_cpu_s": round(done.cpu, 3),
+            "rx_peak_rss_mb": _float(summary.get("peak_rss_mb")) or 0.0,
+        }
+    return outcome
+
+
+def run_uftp(bench: Bench, loss: int) -> Outcome:
+    quiesce((bench.tx, bench.rx))
+    meter = Meter(bench.rx, loss)
+    dest, temp = bench.fresh("uftp-dest"), bench.fresh("uftp-temp")
+    out = dest / bench.release.image.name
+    receiver = bench.procs.start(
+        bench.rx.command(
+            "uftpd",
+            "-d",
+            "-q",
+            "-I",
+            bench.rx.address,
+            "-M",
+            UFTP_GROUP,
+            "-D",
+            str(dest),
+            "-T",  # received here, moved to dest when the session completes
+            str(temp),
+            "-x",
+            "1",
+            "-B",
+            PEER_BUFFER,
+        )
+    )
+    wait_joined(receiver, UFTP_GROUP)
+    start = time.monotonic()
+    sender = bench.procs.start(
+        bench.tx.command(
+            "uftp",
+            "-I",
+            bench.tx.address,
+            "-M",
+            UFTP_GROUP,
+            "-P",
+            UFTP_PRIVATE,
+            "-R",
+            "-1",
+            "-b",
+            "1300",
+            "-B",
+            PEER_BUFFER,
+            "-x",
+            "2",
+            str(bench.release.image),
+        )
+    )
+    # Done when the file is in dest (uftpd moves it there at the end of the session, which may
+    # be just after the sender has exited).
+    deadline = start + bench.timeout
+    while not out.exists() and time.monotonic() < deadline:
+        if not sender.running():
+            deadline = min(deadline, sender.exit.at + 5 if sender.exit else deadline)
+        time.sleep(POLL)
+    arrived = time.monotonic() if out.exists() else None
+    sender.wait(time.monotonic() + 30)  # it ends the session with the receivers
+    count = meter.read()
+    sender.stop()
+    receiver.stop()
+    match = re.search(r"Status: Completed\s+time:\s+([\d.]+) seconds", sender.text())
+    return _outcome(
+        "uftp",
+        loss,
+        bench,
+        out,
+        count,
+        (sender, receiver),
+        start=start,
+        arrived=arrived,
+        data_seconds=float(match[1]) if match else None,
+    )
+
+
+def run_udpcast(bench: Bench, loss: int, asynchronous: bool) -> Outcome:
+    quiesce((bench.tx, bench.rx))
+    meter = Meter(bench.rx, loss)
+    out = bench.fresh("udpcast-out") / "image"
+    common = ("--interface", "eth0", "--nokbd", "--mcast-rdv-address", UDPCAST_RDV)
+    receiver = bench.procs.start(
+        bench.rx.command("udp-receiver", "--file", str(out), "--rcvbuf", PEER_BUFFER, *common)
+    )
+    wait_udp_port(receiver, 9000)  # its default portbase
+    start = time.monotonic()
+    mode = UDPCAST_ASYNC if asynchronous else ("--min-receivers", "1")
+    sender = bench.procs.start(
+        bench.tx.command(
+            "udp-sender", "--file", str(bench.release.image), "--nopointopoint", *common, *mode
+        )
+    )
+    done = receiver.wait(start + bench.timeout)
+    sender.wait(time.monotonic() + 10)
+    count = meter.read()
+    sender.stop()
+    receiver.stop()
+    arrived = done.at if done is not None and done.returncode == 0 else None
+    began = sender.seen("Starting transfer")
+    return _outcome(
+        "udpcast-async" if asynchronous else "udpcast",
+        loss,
+        bench,
+        out,
+        count,
+        (sender, receiver),
+        start=start,
+        arrived=arrived,
+        data_seconds=arrived - began if arrived is not None and began is not None else None,
+        gave_up="Missed blocks" in receiver.text(),
+    )
+
+
+def run_http(bench: Bench, loss: int) -> Outcome:
+    quiesce((bench.tx, bench.rx))
+    meter = Meter(bench.rx, loss)
+    out = bench.fresh("http-out") / "image"
+    start = time.monotonic()
+    client = bench.procs.start(
+        bench.rx.command(str(BIN / "python"), str(HTTP_GET), bench.http_url, str(out))
+    )
+    done = client.wait(start + bench.timeout)
+    count = meter.read()
+    client.stop()
+    report = client.json_lines()
+    arrived = done.at if done is not None and done.returncode == 0 and report else None
+    return _outcome(
+        "http",
+        loss,
+        bench,
+        out,
+        count,
+        (client,),
+        start=start,
+        arrived=arrived,
+        data_seconds=_float(report[-1].get("seconds")) if report else None,
+    )
+
+
+def ssm_group(release: Release) -> str:
+    return parse_envelope(release.manifest.read_bytes()).manifest.transport.ssm_group
+
+
+def _float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _tail(proc: Proc, lines: int = 12) -> str:
+    """The last lines a program printed, for the record of a failed run."""
+    kept = [line.rstrip() for line in proc.text().splitlines() if line.strip()]
+    program = Path(proc.command[4]).name if len(proc.command) > 4 else "?"
+    return "\n".join([f"[{program}]", *kept[-lines:]])
