@@ -59,6 +59,8 @@ def progress_line(o: Outcome, size: int, repetition: int) -> str:
     )
     if o.delivered and not o.intact:
         state += " -- SHA-256 MISMATCH"
+    if o.retries:
+        state += f" (started {o.retries + 1} times: handshake lost)"
     return (
         f"  run {repetition + 1} {NAMES[o.tool]:<26} {o.loss:>2}% loss: {state}; "
         f"receiver sent {o.rx_sent} UDP/TCP packets"
@@ -102,6 +104,7 @@ class Row:
     delivered: int
     intact: int
     gave_up: int
+    retries: int
     seconds: float | None
     data_seconds: float | None
     rx_sent: int
@@ -132,6 +135,7 @@ def aggregate(outcomes: Sequence[Outcome]) -> list[Row]:
                 len(ok),
                 sum(1 for o in ok if o.intact),
                 sum(1 for o in runs if o.gave_up),
+                sum(o.retries for o in runs),
                 _median([o.seconds for o in ok]),
                 _median([o.data_seconds for o in ok]),
                 max(o.rx_sent for o in runs),
@@ -196,6 +200,8 @@ def loss_table(rows: Sequence[Row], size: int) -> str:
             state += " CORRUPT"
         if r.gave_up:
             state += " (FEC gave up)"
+        if r.retries:
+            state += f" ({r.retries} restarted: handshake lost)"
         lines.append(
             [
                 NAMES[r.tool],
