@@ -96,14 +96,14 @@ def one_pass(envelope: Envelope, image: Path, cache_dir: Path) -> dict[str, obje
         now=0.0,
         passes=1,
     )
-    carousel = AuthCarousel(pages, capacity, layout.cycles)
+    carousel = AuthCarousel(pages, capacity)
     reader = symbol_cache.SymbolReader(path, layout, 64)
     stream: list[bytes] = []
     data_bytes = 0
     try:
         while not isinstance(action := core.next_action(0.0), Finished):
             if isinstance(action, SendSymbols):
-                stream += carousel.before(action.chunk, action.first, action.count, 0)
+                stream += carousel.before(action.chunk, action.first, action.count)
                 run = bytes(reader.read(action.chunk, action.first, action.count))
                 size = layout.datagram_size
                 stream += [run[i : i + size] for i in range(0, len(run), size)]

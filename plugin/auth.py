@@ -16,15 +16,20 @@ is accepted.
 
 *Links.*  Every page carries `wire.auth_link` of the next page of the same chunk.  Once one page
 of a chunk is accepted, the next one is checked by a hash, not a signature: forged pages that
-claim it cost one SHA-256 each.
+claim it cost one SHA-256 each.  An accepted page is remembered by that same hash, so a copy of
+it in a later pass (the sender's passes walk on through the repair pool and wrap around)
+admits its datagrams again without a signature, long after their digests were forgotten.
 
 *Budgets.*  A page that is not linked costs one Ed25519 verification (~60 us).  Verifications
-are rationed by source address: a source that has sent a valid page has its own allowance
+are rationed by source address: a source that has sent a valid new page has its own allowance
 (``TRUSTED_AUTH_VERIFY_RATE``); every other source shares one small allowance
-(``UNTRUSTED_AUTH_VERIFY_RATE``).  A flood of forged pages from other hosts therefore costs
-little CPU and cannot crowd out the honest sender once one of its pages has been accepted.  An
-attacker who spoofs the honest sender's source address can still spend that sender's
-allowance; see docs/SECURITY.md.
+(``UNTRUSTED_AUTH_VERIFY_RATE``); all of them together never exceed ``MAX_AUTH_VERIFY_RATE``.
+A trusted source that sends one page that fails verification is a stranger again, so earning
+trust by replaying genuine pages buys an attacker one forged verification per page replayed.
+A trusted source is displaced only after ``TRUST_IDLE_SECONDS`` without a new valid page, so a
+host with many addresses cannot push the real sender out.  A flood of forged pages from other
+hosts therefore costs bounded CPU and does not crowd out the real sender.  An attacker who
+spoofs the real sender's source address can still spend its allowance; see docs/SECURITY.md.
 
 Every refusal is counted in the core's ``rejected`` counter; nothing here raises on input.
 """
@@ -43,6 +48,8 @@ from otacast.schemas.limits import (
     MAX_AUTH_LINKS,
     MAX_AUTH_PAGES,
     MAX_AUTH_SOURCES,
+    MAX_AUTH_VERIFY_RATE,
+    TRUST_IDLE_SECONDS,
     TRUSTED_AUTH_VERIFY_RATE,
     UNTRUSTED_AUTH_VERIFY_RATE,
 )
@@ -92,6 +99,14 @@ class _Budget:
         return True
 
 
+class _Trusted:
+    __slots__ = ("budget", "last_good")
+
+    def __init__(self, now: float) -> None:
+        self.budget = _Budget(TRUSTED_AUTH_VERIFY_RATE, now)
+        self.last_good = now
+
+
 class PacketAuthenticator:
     def __init__(
         self,
@@ -110,10 +125,11 @@ class PacketAuthenticator:
         self._admitted: OrderedDict[bytes, None] = OrderedDict()
         self._held: OrderedDict[bytes, bytes] = OrderedDict()
         self._held_bytes = 0
-        self._pages: OrderedDict[PageId, None] = OrderedDict()
+        self._pages: OrderedDict[PageId, bytes] = OrderedDict()  # accepted page -> its link
         self._links: OrderedDict[PageId, bytes] = OrderedDict()
         self._strangers = _Budget(UNTRUSTED_AUTH_VERIFY_RATE, now)
-        self._trusted: OrderedDict[str, _Budget] = OrderedDict()
+        self._everyone = _Budget(MAX_AUTH_VERIFY_RATE, now)
+        self._trusted: OrderedDict[str, _Trusted] = OrderedDict()
 
     # --- DATA --------------------------------------------------------------------------------
 
@@ -147,46 +163,67 @@ class PacketAuthenticator:
             self.rejected["auth-unknown-sender"] += 1
             return []
         page: PageId = (packet.sender, packet.chunk, packet.page)
-        if page in self._pages:
-            self.stats.pages_repeated += 1
-            return []
-        expected = self._links.get(page)
-        if expected is not None:
-            if wire.auth_link(datagram) != expected:
-                self.rejected["auth-forged"] += 1
-                return []
-            self.stats.pages_linked += 1
+        content = wire.auth_link(datagram)
+        accepted = self._pages.get(page)
+        if accepted is not None:
+            if content == accepted:  # another copy: its data may come round again
+                self.stats.pages_repeated += 1
+                return self._admit_digests(packet)
+            expected: bytes | None = accepted
         else:
-            if not self._budget(source, now).take(now):
-                self.rejected["auth-budget"] += 1
-                return []
-            if not self.check(public, wire.auth_signed_bytes(datagram), packet.signature):
-                self.rejected["auth-forged"] += 1
-                return []
-            self.stats.pages_signed += 1
-            self._trust(source, now)
-        return self._accept(page, packet)
+            expected = self._links.get(page)
+        if expected is not None and content == expected:
+            self.stats.pages_linked += 1
+            self._vouch(source, now)
+        elif expected is not None and source not in self._trusted:
+            # Not the page the chain (or an earlier copy) vouched for.  Only a trusted source
+            # (a sender restarted with other settings) is worth a verification here.
+            self.rejected["auth-forged"] += 1
+            return []
+        elif not self._verify(packet, datagram, public, source, now):
+            return []
+        return self._accept(page, content, packet)
 
-    def _budget(self, source: str, now: float) -> _Budget:
-        budget = self._trusted.get(source)
-        if budget is None:
-            return self._strangers
-        self._trusted.move_to_end(source)
-        return budget
+    def _verify(
+        self, packet: wire.AuthPacket, datagram: bytes, public: bytes, source: str, now: float
+    ) -> bool:
+        trusted = self._trusted.get(source)
+        budget = trusted.budget if trusted is not None else self._strangers
+        if not budget.take(now) or not self._everyone.take(now):
+            self.rejected["auth-budget"] += 1
+            return False
+        if not self.check(public, wire.auth_signed_bytes(datagram), packet.signature):
+            self.rejected["auth-forged"] += 1
+            if trusted is not None:
+                del self._trusted[source]  # a stranger again: see the module doc
+            return False
+        self.stats.pages_signed += 1
+        self._vouch(source, now)
+        return True
 
-    def _trust(self, source: str, now: float) -> None:
-        if source in self._trusted:
+    def _vouch(self, source: str, now: float) -> None:
+        """`source` has just sent a valid new page."""
+        trusted = self._trusted.get(source)
+        if trusted is not None:
+            trusted.last_good = now
+            self._trusted.move_to_end(source)
             return
-        self._trusted[source] = _Budget(TRUSTED_AUTH_VERIFY_RATE, now)
-        if len(self._trusted) > MAX_AUTH_SOURCES:
-            self._trusted.popitem(last=False)
+        if len(self._trusted) >= MAX_AUTH_SOURCES:
+            stalest, entry = next(iter(self._trusted.items()))
+            if now - entry.last_good < TRUST_IDLE_SECONDS:
+                return  # every trusted source is active: this one stays a stranger
+            del self._trusted[stalest]
+        self._trusted[source] = _Trusted(now)
 
-    def _accept(self, page: PageId, packet: wire.AuthPacket) -> list[bytes]:
-        _remember(self._pages, page, None, MAX_AUTH_PAGES)
+    def _accept(self, page: PageId, content: bytes, packet: wire.AuthPacket) -> list[bytes]:
+        _remember(self._pages, page, content, MAX_AUTH_PAGES)
         self._links.pop(page, None)
         if packet.link != wire.NO_LINK:
             sender, chunk, index = page
             _remember(self._links, (sender, chunk, index + 1), packet.link, MAX_AUTH_LINKS)
+        return self._admit_digests(packet)
+
+    def _admit_digests(self, packet: wire.AuthPacket) -> list[bytes]:
         released = []
         for digest in packet.digest_list():
             _remember(self._admitted, digest, None, MAX_AUTH_DIGESTS)

@@ -16,8 +16,8 @@ own instead of spoiling the honest one, and garbage fragments from another host 
 the real sender's.  Each source keeps at most ``MAX_PENDING_MANIFESTS_PER_SOURCE`` reassemblies,
 all sources ``MAX_PENDING_MANIFESTS``, holding ``MAX_PENDING_MANIFEST_BYTES`` together (each also
 capped at its claimed length, itself at most ``MAX_MANIFEST_BYTES``, with at most one entry per
-256 bytes); the oldest are dropped first.  An attacker who spoofs the sender's source address
-can still delay the manifest; see docs/SECURITY.md.
+256 bytes); the one that gained a fragment least recently is dropped first.  An attacker who
+spoofs the sender's source address can still delay the manifest; see docs/SECURITY.md.
 
 *One session.*  Once verified, the manifest fixes the session id, the symbol size and the chunk
 table.  A DATA datagram is admitted only if it carries that session id, names an existing chunk
@@ -62,6 +62,7 @@ from otacast.schemas.limits import (
     MAX_PENDING_MANIFESTS,
     MAX_PENDING_MANIFESTS_PER_SOURCE,
     MAX_REFUSED_MANIFESTS,
+    MIN_SYMBOL_SIZE,
 )
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 
@@ -81,6 +82,9 @@ _DATA_PREFIX = wire.MAGIC + bytes([wire.VERSION, wire.KIND_DATA])
 _AUTH_PREFIX = wire.MAGIC + bytes([wire.VERSION, wire.KIND_AUTH])
 _CHUNK_AND_ID = struct.Struct(">II")
 _PendingKey = tuple[str, bytes, bytes, int]  # source, session, envelope id, claimed length
+# What holding one early datagram costs beyond its bytes (the bytes object, the tuple, the
+# source string, the deque slot), charged against MAX_EARLY_BYTES so it bounds real memory.
+EARLY_ENTRY_OVERHEAD = 160
 
 
 @dataclass
@@ -149,6 +153,8 @@ class ReceiverCore:
     ) -> None:
         if packet_auth not in PACKET_AUTH_POLICIES:
             raise ValueError(f"packet_auth must be one of {', '.join(PACKET_AUTH_POLICIES)}")
+        if packet_auth == "require" and manifest is not None and not manifest.manifest.stream_keys:
+            raise ValueError("packet authentication is required but the manifest lists no keys")
         self.trust = trust
         self.device_type = device_type
         self.installed_sequence = installed_sequence
@@ -229,11 +235,13 @@ class ReceiverCore:
                 self._on_auth(packet, bytes(data), source, now)
             else:  # a DATA datagram of this session that the fast path did not take: too short
                 self.stats.rejected["symbol-length"] += 1
+        elif isinstance(packet, wire.DataPacket) and len(packet.symbol) < MIN_SYMBOL_SIZE:
+            self.stats.rejected["symbol-length"] += 1  # no manifest allows a symbol this small
         else:
             self._early.append((bytes(data), source))
-            self._early_bytes += len(data)
+            self._early_bytes += len(data) + EARLY_ENTRY_OVERHEAD
             while self._early_bytes > MAX_EARLY_BYTES:
-                self._early_bytes -= len(self._early.popleft()[0])
+                self._early_bytes -= len(self._early.popleft()[0]) + EARLY_ENTRY_OVERHEAD
                 self.stats.rejected["no-manifest-yet"] += 1  # the oldest held one is dropped
 
     def mark_done(self, index: int, now: float) -> None:
@@ -284,6 +292,10 @@ class ReceiverCore:
         before = assembly.covered
         state = assembly.add(packet.offset, packet.fragment)
         self._pending_bytes += assembly.covered - before
+        if assembly.covered > before:
+            # Least recently *filled* goes first: the sender's carousel fills its reassembly in
+            # one burst, so a flood would have to start several between two of its fragments.
+            self._pending.move_to_end(pending_key)
         if state is False:
             self._trim_pending(keep=pending_key)
             return

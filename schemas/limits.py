@@ -102,10 +102,13 @@ MAX_DECODER_BYTES = 2 * WINDOW_BYTES
 # Manifests being reassembled at once.  A reassembly is keyed by source address, session,
 # envelope id and claimed length, so a forged fragment can only spoil reassemblies of its own
 # source and claim; each source may have MAX_PENDING_MANIFESTS_PER_SOURCE (an honest sender has
-# one, two during a co-signed re-issue) and all sources together MAX_PENDING_MANIFESTS, oldest
-# dropped first.  Their bytes together are capped too: honest manifests are ~100 KB (1.1 MB at
-# the chunk-count cap), so 4 MiB holds several while a flood cannot grow memory.
-MAX_PENDING_MANIFESTS = 8
+# one, two during a co-signed re-issue) and all sources together MAX_PENDING_MANIFESTS; the one
+# that gained a fragment least recently is dropped first.  The sender's carousel sends its
+# fragments in one burst, microseconds apart, so to push its reassembly out a flood would have
+# to start 32 others between two of them.  The bytes held are capped as a whole (the count
+# alone would allow 64 MiB of claimed lengths): honest manifests are ~100 KB (1.1 MB at the
+# chunk-count cap), so 4 MiB holds several while a flood cannot grow memory.
+MAX_PENDING_MANIFESTS = 32
 MAX_PENDING_MANIFESTS_PER_SOURCE = 2
 MAX_PENDING_MANIFEST_BYTES = 4 * 1024 * 1024
 
@@ -132,9 +135,10 @@ MAX_AUTH_DIGESTS = 16384
 # out.
 MAX_AUTH_HELD_BYTES = 1_000_000
 
-# Pages remembered as accepted (so their second copy costs one lookup) and links to expected
-# next pages.  Each entry is a few dozen bytes.
-MAX_AUTH_PAGES = 65536
+# Pages remembered as accepted (so a later copy admits its data again with one hash instead of
+# a signature) and links to expected next pages; ~220 bytes per entry, so ~3.6 MB and ~1.8 MB.
+# 16384 pages cover 1.8M datagrams of cycle: a 1.5 GB image at the default 50% repair pool.
+MAX_AUTH_PAGES = 16384
 MAX_AUTH_LINKS = 8192
 
 # Ed25519 verifications of AUTH pages, per second, that a source address which has not yet sent
@@ -144,5 +148,10 @@ MAX_AUTH_LINKS = 8192
 # from strangers costs at ~15 ms of CPU per second.
 UNTRUSTED_AUTH_VERIFY_RATE = 200.0
 TRUSTED_AUTH_VERIFY_RATE = 5000.0
+# All verifications together, whoever causes them: at most ~0.3 s of CPU per second.
+MAX_AUTH_VERIFY_RATE = 5000.0
+# A trusted source that has sent no new valid page for this long may be displaced by another.
+# An honest sender sends new pages many times a second while it serves.
+TRUST_IDLE_SECONDS = 10.0
 # Source addresses remembered as having sent a valid page (least recently seen forgotten first).
 MAX_AUTH_SOURCES = 64

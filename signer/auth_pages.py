@@ -10,13 +10,18 @@ MTU), builds them from the last page to the first so that each can carry the lin
 checks one signature per chunk and the rest of that chunk's pages by hash
 (`otacast.plugin.auth`).
 
-`AuthCarousel` decides which pages go out ahead of a run of DATA datagrams: in every pass, each
-page is sent twice, the first copy just before the first run that reaches into it and the second
-before the next such run (both at once when the run covers the rest of the page).  One lost
-copy therefore costs nothing, and datagrams that arrive before their page are held by the
-receiver until a copy arrives.  The pages add about 2% to the bytes sent (10 bytes per datagram,
-twice, plus headers and signatures); they are not paced, so the wire rate is that much above the
-configured rate.
+`AuthCarousel` decides which pages go out ahead of a run of DATA datagrams: a page is sent, twice,
+just before a run that reaches into it, unless it was already sent within the last
+``REPEAT_AFTER_PAGES`` pages' worth of DATA datagrams.  Within a pass, a page's datagrams follow
+each other within about a window's round-robin (capacity x window datagrams, well inside that
+gap), so each page goes out twice per pass; a later pass, a cycle that wraps, or a second sender
+starting mid-page comes later than the gap and gets fresh copies.  One lost copy therefore costs
+nothing, and datagrams that arrive before their page (reordering) are held by the receiver
+until a copy arrives.  The gap is far below the receiver's memory of digests
+(``MAX_AUTH_DIGESTS``), so data whose page went out within it is still vouched for.
+
+The pages add about 2% to the bytes sent (10 bytes per datagram, twice, plus headers and
+signatures); they are not paced, so the wire rate is that much above the configured rate.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ from otacast.schemas import wire
 
 Sign = Callable[[bytes], bytes]
 
-# Each page goes out this often per pass (see the module doc).
-COPIES_PER_PASS = 2
+# Copies of a page sent together (see the module doc).
+COPIES = 2
+# A page is sent again once this many pages' worth of DATA datagrams went out since its last
+# copies: twice a window's round-robin of 8 chunks.
+REPEAT_AFTER_PAGES = 16
 
 
 def chunk_pages(
@@ -65,32 +73,24 @@ def chunk_pages(
 class AuthCarousel:
     """Which AUTH datagrams to send before each run of DATA datagrams (sans-IO)."""
 
-    def __init__(
-        self, pages: Sequence[Sequence[bytes]], capacity: int, cycles: Sequence[int]
-    ) -> None:
+    def __init__(self, pages: Sequence[Sequence[bytes]], capacity: int) -> None:
         self.pages = pages
         self.capacity = capacity
-        self.cycles = cycles
-        self._sent: dict[tuple[int, int], tuple[int, int]] = {}  # page -> (pass, copies)
+        self.gap = capacity * REPEAT_AFTER_PAGES
+        self._last: dict[tuple[int, int], int] = {}  # page -> DATA datagrams sent before it
+        self._sent = 0
         self.datagrams = 0
         self.bytes = 0
 
-    def before(self, chunk: int, first: int, count: int, pass_number: int) -> list[bytes]:
+    def before(self, chunk: int, first: int, count: int) -> list[bytes]:
         """The pages to send before datagrams ``first .. first+count-1`` of `chunk`'s cycle."""
         out: list[bytes] = []
-        end = first + count
-        chunk_pages = self.pages[chunk]
-        for index in range(first // self.capacity, (end - 1) // self.capacity + 1):
-            key = (chunk, index)
-            sent_in, copies = self._sent.get(key, (pass_number, 0))
-            if sent_in != pass_number:
-                copies = 0
-            page_end = min((index + 1) * self.capacity, self.cycles[chunk])
-            wanted = COPIES_PER_PASS if end >= page_end else copies + 1
-            while copies < min(wanted, COPIES_PER_PASS):
-                out.append(chunk_pages[index])
-                copies += 1
-            self._sent[key] = (pass_number, copies)
+        for index in range(first // self.capacity, (first + count - 1) // self.capacity + 1):
+            last = self._last.get((chunk, index))
+            if last is None or self._sent - last > self.gap:
+                out += [self.pages[chunk][index]] * COPIES
+                self._last[(chunk, index)] = self._sent
+        self._sent += count
         self.datagrams += len(out)
         self.bytes += sum(len(d) for d in out)
         return out

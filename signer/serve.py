@@ -175,7 +175,7 @@ def serve(
                 duration=options.duration,
             )
             carousel = (
-                AuthCarousel(pages, wire.auth_capacity(layout.datagram_size), layout.cycles)
+                AuthCarousel(pages, wire.auth_capacity(layout.datagram_size))
                 if pages is not None
                 else None
             )
@@ -300,10 +300,7 @@ def _loop(
             action = channel.core.next_action(now)
             if isinstance(action, SendSymbols):
                 if channel.auth is not None:
-                    passes = channel.core.stats.passes
-                    for page in channel.auth.before(
-                        action.chunk, action.first, action.count, passes
-                    ):
+                    for page in channel.auth.before(action.chunk, action.first, action.count):
                         channel.sender.send_datagram(page)
                 run = reader.read(action.chunk, action.first, action.count)
                 channel.sender.send_run(run, action.count, size)

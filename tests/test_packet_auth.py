@@ -305,25 +305,56 @@ def test_pages_link_in_order_and_cover_every_datagram_of_the_cycle() -> None:
         assert all(len(p) <= SIZE for p in pages)  # never larger than a DATA datagram
 
 
-def test_the_carousel_sends_each_page_twice_per_pass_ahead_of_its_data() -> None:
+def test_the_carousel_sends_each_page_twice_ahead_of_its_data_and_again_after_the_gap() -> None:
     cycles = [len(c) for c in CYCLES]
-    carousel = AuthCarousel(PAGES, CAPACITY, cycles)
+    carousel = AuthCarousel(PAGES, CAPACITY)
     sent: Counter[bytes] = Counter()
     for chunk, length in enumerate(cycles):
         first = 0
         while first < length:
             count = min(40, length - first)
-            before = carousel.before(chunk, first, count, 0)
-            # The page of every datagram in the run has gone out by now.
+            sent.update(carousel.before(chunk, first, count))
+            # The page of every datagram in the run has gone out twice by now.
             for position in range(first, first + count):
-                assert (
-                    sent[PAGES[chunk][position // CAPACITY]]
-                    + before.count(PAGES[chunk][position // CAPACITY])
-                    >= 1
-                )
-            sent.update(before)
+                assert sent[PAGES[chunk][position // CAPACITY]] == 2
             first += count
     assert set(sent.values()) == {2}
     assert len(sent) == sum(len(p) for p in PAGES)
-    assert carousel.before(0, 0, 40, 0) == []  # this pass has both copies already
-    assert carousel.before(0, 0, 40, 1) == [PAGES[0][0]]  # the next pass sends them again
+    assert carousel.before(0, 0, 40) == []  # sent just now
+    for _ in range(carousel.gap // 40 + 1):  # ... then a pass's worth of other data
+        carousel.before(1, 0, 40)
+    assert carousel.before(0, 0, 40) == [PAGES[0][0]] * 2
+
+
+def test_a_later_copy_of_an_accepted_page_admits_its_data_again_without_a_signature() -> None:
+    # A receiver that needs a second pass sees pages it accepted long ago, whose digests it has
+    # since forgotten: the copy must vouch for the data again, by hash.
+    calls: list[bytes] = []
+    auth, _ = _authenticator(_counting(calls))
+    auth.on_auth(_page(PAGES[0][0]), PAGES[0][0], SENDER, NOW)
+    auth._admitted.clear()  # forgotten, as after MAX_AUTH_DIGESTS other digests
+    assert not auth.admit(CYCLES[0][0])
+    released = auth.on_auth(_page(PAGES[0][0]), PAGES[0][0], SENDER, NOW + 60)
+    assert released == [CYCLES[0][0]] and len(calls) == 1
+    assert auth.admit(CYCLES[0][1])
+
+
+def test_trust_is_lost_with_the_first_forged_page_and_never_displaces_an_active_sender() -> None:
+    from otacast.schemas.limits import MAX_AUTH_SOURCES
+
+    auth, rejected = _authenticator()
+    auth.on_auth(_page(PAGES[0][0]), PAGES[0][0], SENDER, NOW)  # the real sender: trusted
+    # Hosts that replay genuine pages become trusted, but cannot push the real sender out ...
+    replayed = [p for pages in PAGES for p in pages[:1]][1:]
+    for n, page in enumerate(replayed * 40):
+        if len(auth._trusted) >= MAX_AUTH_SOURCES:
+            break
+        auth._pages.clear()
+        auth._links.clear()
+        auth.on_auth(_page(page), page, f"fd51::{n + 100:x}", NOW + 1)
+    assert SENDER in auth._trusted
+    # ... and the first forged page sent from a trusted address makes it a stranger again.
+    attacker = next(s for s in auth._trusted if s != SENDER)
+    forged = _resigned(PAGES[1][0], STRANGER_KEY, page=7)
+    auth.on_auth(_page(forged), forged, attacker, NOW + 2)
+    assert attacker not in auth._trusted and rejected["auth-forged"] == 1

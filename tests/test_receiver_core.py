@@ -118,16 +118,28 @@ def test_data_before_the_manifest_is_held_and_used_once_it_is_verified() -> None
 
 
 def test_held_early_data_is_bounded_and_foreign_sessions_are_dropped_on_replay() -> None:
+    from otacast.plugin.core import EARLY_ENTRY_OVERHEAD
     from otacast.schemas.limits import MAX_EARLY_BYTES
 
     core = ReceiverCore(TRUST, now=NOW)
     foreign = wire.build_datagram(wire.DataPacket(b"\xee" * 8, 0, 1, b"z" * 1208))
-    held = MAX_EARLY_BYTES // len(foreign)
+    held = MAX_EARLY_BYTES // (len(foreign) + EARLY_ENTRY_OVERHEAD)
     receive_all(core, [foreign] * (held + 5))
     assert core.stats.rejected["no-manifest-yet"] == 5
     receive_all(core, manifest_datagrams())
     assert core.stats.rejected["other-session"] == held
     assert core.stats.symbols_used == 0
+
+
+def test_tiny_data_datagrams_before_the_manifest_are_not_held() -> None:
+    # No manifest allows symbols under MIN_SYMBOL_SIZE, and tiny entries would make the early
+    # buffer's memory many times what its byte count says.
+    core = ReceiverCore(TRUST, now=NOW)
+    tiny = wire.build_datagram(wire.DataPacket(MANIFEST.session_id, 0, 1, b"z"))
+    receive_all(core, [tiny] * 1000)
+    assert core.stats.rejected["symbol-length"] == 1000
+    receive_all(core, manifest_datagrams())
+    assert core.stats.rejected["other-session"] == 0 and core.stats.symbols_used == 0
 
 
 def test_rollback_manifest_is_refused_and_no_session_is_kept() -> None:
