@@ -562,7 +562,11 @@ def run_otacast(bench: Bench, loss: int, *sender_args: str, tool: str = "otacast
             "used/K": round(used / bench.source_symbols, 4),
             "rx_cpu_s": round(done.cpu, 3),
             "rx_peak_rss_mb": _float(summary.get("peak_rss_mb")) or 0.0,
+            "late": _float(summary.get("late")) or 0.0,
         }
+        rejected = summary.get("rejected")
+        for reason, number in rejected.items() if isinstance(rejected, dict) else ():
+            outcome.extra[f"rejected:{reason}"] = float(number)
     return outcome
 
 
