@@ -36,7 +36,7 @@ STOP_TIMEOUT = 10.0
 _PATH = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
 HTTP_GET = Path(__file__).resolve().with_name("http_get.py")
 
-# uftp: the groups of the command in shared/reference/peers.md (link scope, stays on the LAN).
+# uftp: link-scope groups (they never leave the LAN).
 UFTP_GROUP = "ff12::1:1"
 UFTP_PRIVATE = "ff12::1:2"
 # udpcast is IPv4 only: hosts get addresses from 198.18.0.0/15, the range RFC 2544 sets aside
