@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -639,8 +640,16 @@ def run(plan: Plan, results: Path) -> int:
     return report.finish(plan, result, results)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     plan, results = parse_args(argv)
+    # Ctrl-C and SIGTERM alike stop and reap everything started, and delete the namespaces
+    # (a background job may have SIGINT ignored: make sure it is not).
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
         return run(plan, results)
     except BenchError as exc:

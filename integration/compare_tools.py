@@ -163,7 +163,11 @@ class Proc:
     def wait(self, deadline: float) -> Exit | None:
         """The exit, or None if still running at `deadline` (time.monotonic())."""
         while self.exit is None:
-            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+            try:
+                pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its rusage is lost, not the exit
+                self.exit = Exit(self.process.returncode or -1, time.monotonic(), 0.0)
+                break
             if pid:
                 self.process.returncode = os.waitstatus_to_exitcode(status)
                 self.exit = Exit(
@@ -190,7 +194,8 @@ class Proc:
             if found is None:
                 self.process.kill()
                 found = self.wait(time.monotonic() + STOP_TIMEOUT)
-            assert found is not None
+            if found is None:
+                raise RuntimeError(f"{self.command[4:5]} did not die on SIGKILL")
         if self.process.stdout is not None:
             self.process.stdout.close()
         assert self.exit is not None
@@ -224,9 +229,16 @@ class Processes:
         return proc
 
     def stop_all(self) -> None:
+        """Stop every one, even if stopping another failed."""
+        problems: list[Exception] = []
         for proc in reversed(self.started):
-            proc.stop()
+            try:
+                proc.stop()
+            except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+                problems.append(exc)
         self.started.clear()
+        if problems:
+            raise problems[0]
 
 
 def wait_for(check: Callable[[], bool], deadline: float, what: str) -> None:
