@@ -49,7 +49,7 @@ bench-quick: setup
 # otacast side by side with uftp, udpcast and HTTP (nginx) on a namespaced network: tables on
 # stdout, JSON and PNG plots in results/.  Needs root and the Debian packages uftp and udpcast.
 # The quick one (8 MiB, 5% loss, 1 and 5 receivers) fails only if an image arrives corrupted or a
-# tool does not deliver; the full one takes about 10 minutes on 2 cores.
+# tool does not deliver; the full one takes about 8 minutes on 2 cores.
 bench-compare: setup
 	$(BIN)/python integration/bench_compare.py
 
