@@ -110,14 +110,12 @@ class _Trusted:
 class PacketAuthenticator:
     def __init__(
         self,
-        session: bytes,
         stream_keys: Mapping[int, bytes],
         rejected: Counter[str],
         *,
         now: float,
         check: SignatureCheck = check_signature,
     ) -> None:
-        self.session = session
         self.keys = dict(stream_keys)
         self.rejected = rejected
         self.check = check
@@ -136,7 +134,7 @@ class PacketAuthenticator:
     def admit(self, data: bytes) -> bool:
         """Whether `data` (a well-formed DATA datagram of this session) may be decoded now.
 
-        If not, it is held until its page is accepted, when `accept_page` returns it."""
+        If not, it is held until its page is accepted, when `on_auth` returns it."""
         digest = wire.packet_digest(data)
         if digest in self._admitted:
             self.stats.datagrams_admitted += 1
@@ -157,7 +155,7 @@ class PacketAuthenticator:
     def on_auth(
         self, packet: wire.AuthPacket, datagram: bytes, source: str, now: float
     ) -> list[bytes]:
-        """Check one AUTH page of this session; the held datagrams it admits."""
+        """Check one AUTH page (of this session: the core checked); the held datagrams it admits."""
         public = self.keys.get(packet.sender)
         if public is None:
             self.rejected["auth-unknown-sender"] += 1

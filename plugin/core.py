@@ -79,7 +79,6 @@ from .events import (
 from .verify import check_signature, verify_manifest
 
 _DATA_PREFIX = wire.MAGIC + bytes([wire.VERSION, wire.KIND_DATA])
-_AUTH_PREFIX = wire.MAGIC + bytes([wire.VERSION, wire.KIND_AUTH])
 _CHUNK_AND_ID = struct.Struct(">II")
 _PendingKey = tuple[str, bytes, bytes, int]  # source, session, envelope id, claimed length
 # What holding one early datagram costs beyond its bytes (the bytes object, the tuple, the
@@ -213,6 +212,9 @@ class ReceiverCore:
         self.stats.datagrams += 1
         if self.first_datagram_at is None:
             self.first_datagram_at = now
+        self._receive(data, source, now)
+
+    def _receive(self, data: bytes, source: str, now: float) -> None:
         if (
             self._session
             and data[:4] == _DATA_PREFIX
@@ -379,7 +381,6 @@ class ReceiverCore:
         self._last_progress = now
         if manifest.stream_keys and self.packet_auth != "off":
             self.authenticator = PacketAuthenticator(
-                self._session,
                 {k.sender: k.public for k in manifest.stream_keys},
                 self.stats.rejected,
                 now=now,
@@ -387,15 +388,8 @@ class ReceiverCore:
             )
         self._events.append(ManifestVerified(verified))
         early, self._early, self._early_bytes = self._early, deque(), 0
-        for data, source in early:  # held while no manifest was verified yet
-            if data[4:12] != self._session:
-                self.stats.rejected["other-session"] += 1
-            elif data[:4] == _AUTH_PREFIX:
-                self._on_auth(wire.parse_datagram(data), data, source, now)  # type: ignore[arg-type]
-            elif len(data) > wire.DATA_HEADER_SIZE:
-                self._on_data(data, now)
-            else:
-                self.stats.rejected["symbol-length"] += 1
+        for data, source in early:  # held while no manifest was verified yet: admit them now
+            self._receive(data, source, now)
 
     # --- Data --------------------------------------------------------------------------------
 
