@@ -33,7 +33,7 @@ from otacast.schemas import fec, units, wire
 from otacast.schemas.manifest import Envelope, Transport
 from otacast.schemas.policy import TrustSet
 from otacast.signer import symbol_cache
-from otacast.signer.auth_pages import AuthCarousel, chunk_pages
+from otacast.signer.auth_pages import AuthCarousel, release_pages
 from otacast.signer.keys import SigningKey
 from otacast.signer.schedule import Finished, SenderCore, SendManifest, SendSymbols, per_pass
 from otacast.signer.sign import build_manifest, sign
@@ -64,19 +64,9 @@ def one_pass(envelope: Envelope, image: Path, cache_dir: Path) -> dict[str, obje
     path = symbol_cache.build(m, image, cache_dir, 0.5)
     layout = symbol_cache.CycleLayout.for_manifest(m, 0.5)
     capacity = wire.auth_capacity(layout.datagram_size)
+    reader = symbol_cache.SymbolReader(path, layout, 64)
     started = time.process_time()
-    sign_page = STREAM.signer()
-    pages = []
-    with path.open("rb") as handle:
-        for chunk, cycle in enumerate(layout.cycles):
-            offset, length = layout.span(chunk, 0, cycle)
-            handle.seek(offset)
-            cycle_bytes = handle.read(length)
-            pages.append(
-                chunk_pages(
-                    m.session_id, 0, chunk, cycle_bytes, layout.datagram_size, capacity, sign_page
-                )
-            )
+    pages = release_pages(reader, m.session_id, 0, STREAM.signer())
     signing = time.process_time() - started
     fragments = [
         wire.build_datagram(p)
@@ -97,7 +87,6 @@ def one_pass(envelope: Envelope, image: Path, cache_dir: Path) -> dict[str, obje
         passes=1,
     )
     carousel = AuthCarousel(pages, capacity)
-    reader = symbol_cache.SymbolReader(path, layout, 64)
     stream: list[bytes] = []
     data_bytes = 0
     try:

@@ -57,7 +57,6 @@ from integration.compare_tools import (
     run_otacast,
     run_udpcast,
     run_uftp,
-    serve_command,
     sha256,
     ssm_group,
     udp_overflows,
@@ -65,7 +64,7 @@ from integration.compare_tools import (
     warm_cache,
 )
 from integration.netns import BIN, Host, Lan
-from integration.release import Release
+from integration.release import Release, serve_command
 from integration.services import nginx
 from otacast.schemas import fec, limits, units
 from otacast.schemas.manifest import parse_envelope

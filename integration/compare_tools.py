@@ -29,7 +29,7 @@ from pathlib import Path
 from otacast.schemas.manifest import parse_envelope
 
 from .netns import BIN, Host, ip
-from .release import SIGNER, Release, fetch_command
+from .release import Release, fetch_command, serve_command
 
 POLL = 0.002  # seconds between checks for a finished process or a file: the timing resolution
 STOP_TIMEOUT = 10.0
@@ -459,21 +459,6 @@ class Bench:
 
     def verdict(self, out: Path) -> bool:
         return out.exists() and sha256(out) == self.digest
-
-
-def serve_command(host: Host, release: Release, cache: Path, *args: str) -> list[str]:
-    return host.command(
-        SIGNER,
-        "serve",
-        str(release.manifest),
-        str(release.image),
-        "--interface",
-        "eth0",
-        "--cache-dir",
-        str(cache),
-        "--json",
-        *args,
-    )
 
 
 def warm_cache(procs: Processes, host: Host, release: Release, cache: Path, *args: str) -> None:

@@ -66,9 +66,9 @@ class Release:
         )
 
 
-def serve(host: Host, release: Release, *args: str, ready: bool = False) -> subprocess.Popen[str]:
-    """Start a sender; with `ready`, return only once it is sending (its symbols encoded)."""
-    process = host.popen(
+def serve_command(host: Host, release: Release, cache: Path, *args: str) -> list[str]:
+    """`otacast-signer serve` of `release` on `host`'s eth0 with JSON status lines."""
+    return host.command(
         SIGNER,
         "serve",
         str(release.manifest),
@@ -76,11 +76,19 @@ def serve(host: Host, release: Release, *args: str, ready: bool = False) -> subp
         "--interface",
         "eth0",
         "--cache-dir",
-        str(release.directory / f"cache-{host.netns}"),
+        str(cache),
         "--json",
         *args,
+    )
+
+
+def serve(host: Host, release: Release, *args: str, ready: bool = False) -> subprocess.Popen[str]:
+    """Start a sender; with `ready`, return only once it is sending (its symbols encoded)."""
+    process = subprocess.Popen(
+        serve_command(host, release, release.directory / f"cache-{host.netns}", *args),
         stdout=subprocess.PIPE if ready else subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
     if ready:
         assert process.stdout is not None

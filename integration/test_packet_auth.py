@@ -26,7 +26,7 @@ from otacast.schemas.manifest import Envelope, parse_envelope
 from otacast.signer.keys import SigningKey
 
 from .inject import write_datagrams
-from .netns import Lan, stop
+from .netns import Host, Lan, stop
 from .release import SIGNER, Release, fetch_command, serve
 
 MB = 1_000_000
@@ -104,6 +104,30 @@ def attack(lan: Lan, envelope: Envelope, tmp_path: Path) -> subprocess.Popen[str
     )
 
 
+def start_fetch(
+    receiver: Host, release: Release, envelope: Envelope, tmp_path: Path, policy: str, *args: str
+) -> subprocess.Popen[str]:
+    """`otacast fetch` on the channel's ASM group (the attacker reaches it), multicast only."""
+    return subprocess.Popen(
+        fetch_command(
+            receiver,
+            release,
+            tmp_path / "state",
+            tmp_path / "out.img",
+            "--group",
+            envelope.manifest.transport.asm_group,
+            "--packet-auth",
+            policy,
+            "--fallback",
+            "never",
+            *args,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def receive(
     lan: Lan, release: Release, key: Path, tmp_path: Path, *, flood: bool
 ) -> tuple[dict[str, object], float, dict[str, object] | None]:
@@ -113,25 +137,7 @@ def receive(
     tmp_path.mkdir(parents=True, exist_ok=True)
     sender, receiver = lan.hosts[0], lan.hosts[1]
     attacker = attack(lan, envelope, tmp_path) if flood else None
-    rx = subprocess.Popen(
-        fetch_command(
-            receiver,
-            release,
-            tmp_path / "state",
-            tmp_path / "out.img",
-            "--group",
-            envelope.manifest.transport.asm_group,
-            "--packet-auth",
-            "require",
-            "--fallback",
-            "never",
-            "--join-timeout",
-            "60",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    rx = start_fetch(receiver, release, envelope, tmp_path, "require", "--join-timeout", "60")
     tx = None
     try:
         time.sleep(1.0)  # joined, and under attack if there is one
@@ -197,23 +203,7 @@ def test_without_packet_authentication_the_same_flood_stalls_the_download(
     sender, receiver = lan.hosts[0], lan.hosts[1]
     attacker = attack(lan, envelope, tmp_path)
     tx = serve(sender, release, "--asm", "--rate", str(RATE), "--duration", "300s")
-    rx = subprocess.Popen(
-        fetch_command(
-            receiver,
-            release,
-            tmp_path / "state",
-            tmp_path / "out.img",
-            "--group",
-            envelope.manifest.transport.asm_group,
-            "--packet-auth",
-            "off",
-            "--fallback",
-            "never",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    rx = start_fetch(receiver, release, envelope, tmp_path, "off")
     last: dict[str, object] = {}
     try:
         deadline = time.monotonic() + WATCH

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 
 from otacast.schemas import wire
 
+from . import symbol_cache
+
 Sign = Callable[[bytes], bytes]
 
 # Copies of a page sent together (see the module doc).
@@ -68,6 +70,18 @@ def chunk_pages(
         pages[index] = datagram[: -wire.SIGNATURE_BYTES] + signature
         link = wire.auth_link(pages[index])
     return pages
+
+
+def release_pages(
+    reader: symbol_cache.SymbolReader, session: bytes, sender: int, sign: Sign
+) -> list[list[bytes]]:
+    """Every chunk's AUTH datagrams, from the sender's symbol cache."""
+    size = reader.layout.datagram_size
+    capacity = wire.auth_capacity(size)
+    return [
+        chunk_pages(session, sender, chunk, reader.read_cycle(chunk), size, capacity, sign)
+        for chunk in range(len(reader.layout.cycles))
+    ]
 
 
 class AuthCarousel:

@@ -23,7 +23,7 @@ from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM
 from otacast.schemas.manifest import Envelope
 
 from . import symbol_cache
-from .auth_pages import AuthCarousel, chunk_pages
+from .auth_pages import AuthCarousel, release_pages
 from .errors import ReadError, UsageError
 from .keys import SigningKey
 from .schedule import Finished, SenderCore, SendManifest, SendSymbols, Wait, per_pass
@@ -144,7 +144,6 @@ def serve(
     )
     layout = symbol_cache.CycleLayout.for_manifest(manifest, options.repair)
     batch = gso_batch(layout.datagram_size)
-    reader = symbol_cache.SymbolReader(path, layout, batch)
     fragments = tuple(
         wire.build_datagram(p)
         for p in wire.fragment_envelope(
@@ -154,15 +153,16 @@ def serve(
             min(DEFAULT_MAX_DATAGRAM, layout.datagram_size),
         )
     )
-    pages = _auth_pages(envelope, options, path, layout, emit)
     sends = [
         per_pass(manifest.source_symbols(c), layout.cycles[c], options.overhead)
         for c in range(manifest.chunk_count)
     ]
     port = options.port or manifest.transport.port
     channels: list[Channel] = []
-    start = clock()
+    reader = symbol_cache.SymbolReader(path, layout, batch)
     try:
+        pages = _auth_pages(envelope, options, reader, emit)
+        start = clock()
         for index, rate in enumerate(options.rates):
             group = channel_group(envelope, options, index)
             sender = MulticastSender(
@@ -229,8 +229,7 @@ def serve(
 def _auth_pages(
     envelope: Envelope,
     options: ServeOptions,
-    cache: Path,
-    layout: symbol_cache.CycleLayout,
+    reader: symbol_cache.SymbolReader,
     emit: Reporter,
 ) -> list[list[bytes]] | None:
     """Every chunk's signed AUTH pages, or None without a stream key."""
@@ -249,30 +248,10 @@ def _auth_pages(
             f"stream key {key.key_id} is not one the manifest lists "
             "(sign the release with --stream-key naming its public key)"
         )
-    capacity = wire.auth_capacity(layout.datagram_size)
-    sign = key.signer()
-    pages = []
     try:
-        with cache.open("rb") as handle:
-            for chunk, cycle in enumerate(layout.cycles):
-                offset, length = layout.span(chunk, 0, cycle)
-                handle.seek(offset)
-                data = handle.read(length)
-                if len(data) != length:
-                    raise ReadError(f"symbol cache {cache} is truncated at chunk {chunk}")
-                pages.append(
-                    chunk_pages(
-                        manifest.session_id,
-                        senders[0],
-                        chunk,
-                        data,
-                        layout.datagram_size,
-                        capacity,
-                        sign,
-                    )
-                )
+        pages = release_pages(reader, manifest.session_id, senders[0], key.signer())
     except OSError as exc:
-        raise ReadError(f"cannot read symbol cache {cache}: {exc.strerror or exc}") from None
+        raise ReadError(f"cannot read the symbol cache: {exc.strerror or exc}") from None
     emit.event("auth-pages", sender=senders[0], pages=sum(len(p) for p in pages))
     return pages
 

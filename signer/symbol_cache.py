@@ -148,5 +148,13 @@ class SymbolReader:
             raise ReadError(f"symbol cache is truncated at chunk {chunk}")
         return view
 
+    def read_cycle(self, chunk: int) -> bytes:
+        """A chunk's whole cycle of datagrams, in a buffer of its own (for AUTH pages)."""
+        offset, length = self.layout.span(chunk, 0, self.layout.cycles[chunk])
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise ReadError(f"symbol cache is truncated at chunk {chunk}")
+        return data
+
     def close(self) -> None:
         os.close(self._fd)
