@@ -22,7 +22,9 @@ spoofs the sender's source address can still delay the manifest; see docs/SECURI
 *One session.*  Once verified, the manifest fixes the session id, the symbol size and the chunk
 table.  A DATA datagram is admitted only if it carries that session id, names an existing chunk
 that is not yet complete, has SBN 0 and a symbol of exactly the signed size; everything else is
-a counted rejection (``stats.rejected[reason]``).  Nothing here raises on hostile input.
+a counted rejection (``stats.rejected[reason]``).  Nothing here raises on hostile input.  The
+core reads no header itself: `wire.peek_data` gives a DATA datagram's fields without building a
+packet (the per-datagram path), `wire.parse_datagram` parses everything else.
 
 *Decoding.*  One decoder per chunk in progress, created on the chunk's first symbol and fed each
 ESI once.  Decoders are bounded by ``MAX_DECODER_BYTES``.  When the budget is full, symbols of
@@ -44,13 +46,24 @@ has arrived in time; with a stall timeout, if no new symbol or chunk has advance
 that long (new symbols stop counting once a decoded chunk has failed its hash, until one
 verifies: forged symbols must not look like progress).  It asks once; multicast continues,
 and chunks obtained elsewhere are reported back with `mark_done`.
+
+*Two clocks.*  Every ``now`` the core is given (construction, datagrams, timers, `mark_done`)
+is the driver's monotonic clock (`time.monotonic()`): join and stall timers, the packet
+authenticator's rate budgets and the times in `snapshot` are durations and must not jump when
+the system clock is set.  Manifest expiry is a date, so the one check that needs it, verifying
+a manifest that a datagram completes, uses the ``wall`` time passed with that datagram
+(`time.time()`, read by the driver once per batch of datagrams); nothing keeps a wall time
+between calls.  Tests pass plain numbers for both and need no clock.
+
+*Reporting.*  Drivers and reporters read `snapshot` (a frozen copy), not the live counters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import struct
 from collections import Counter, OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from otacast.schemas import wire
@@ -78,8 +91,6 @@ from .events import (
 )
 from .verify import check_signature, verify_manifest
 
-_DATA_PREFIX = wire.MAGIC + bytes([wire.VERSION, wire.KIND_DATA])
-_CHUNK_AND_ID = struct.Struct(">II")
 _PendingKey = tuple[str, bytes, bytes, int]  # source, session, envelope id, claimed length
 # What holding one early datagram costs beyond its bytes (the bytes object, the tuple, the
 # source string, the deque slot), charged against MAX_EARLY_BYTES so it bounds real memory.
@@ -96,6 +107,37 @@ class ReceiverStats:
     chunks_multicast: int = 0
     bytes_multicast: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class ReceiverSnapshot:
+    """What the core has done so far, copied out for reporters (they never read live state).
+
+    Times are on the core's monotonic clock.  The chunk and byte totals are 0 and the manifest
+    None until a manifest is verified.
+    """
+
+    datagrams: int
+    symbols_used: int
+    duplicates: int
+    late: int  # symbols of chunks already complete (the sender's per-pass overhead)
+    auth_ignored: int
+    chunks_multicast: int
+    bytes_multicast: int
+    rejected: Mapping[str, int]  # a copy, by reason
+    manifest: VerifiedManifest | None
+    chunks_done: int
+    chunks_total: int
+    bytes_done: int  # the image bytes of every complete chunk, however it was obtained
+    bytes_total: int
+    complete: bool
+    first_datagram_at: float | None
+    last_progress: float
+    auth: Mapping[str, int] | None  # packet authentication counters, when it is in use
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
 
 
 class _Reassembly:
@@ -202,34 +244,68 @@ class ReceiverCore:
         """When a new symbol or chunk last advanced the image (or the session began)."""
         return self._last_progress
 
-    def receive_datagram(self, data: bytes, source: str, now: float) -> None:
+    def snapshot(self) -> ReceiverSnapshot:
+        """A frozen copy of the counters and progress, for reporters and summaries."""
+        stats, verified = self.stats, self.verified
+        m = verified.manifest if verified is not None else None
+        return ReceiverSnapshot(
+            datagrams=stats.datagrams,
+            symbols_used=stats.symbols_used,
+            duplicates=stats.duplicates,
+            late=stats.late,
+            auth_ignored=stats.auth_ignored,
+            chunks_multicast=stats.chunks_multicast,
+            bytes_multicast=stats.bytes_multicast,
+            rejected=dict(stats.rejected),
+            manifest=verified,
+            chunks_done=len(self.done),
+            chunks_total=m.chunk_count if m is not None else 0,
+            bytes_done=sum(m.chunk_span(i)[1] for i in self.done) if m is not None else 0,
+            bytes_total=m.image.length if m is not None else 0,
+            complete=self._complete,
+            first_datagram_at=self.first_datagram_at,
+            last_progress=self._last_progress,
+            auth=(
+                dataclasses.asdict(self.authenticator.stats)
+                if self.authenticator is not None
+                else None
+            ),
+        )
+
+    def count_rejected(self, reason: str, count: int = 1) -> None:
+        """Count datagrams the driver dropped before they could reach the core (e.g. a
+        datagram longer than the receive buffer) with the core's own rejections."""
+        self.stats.rejected[reason] += count
+
+    def receive_datagram(
+        self, data: bytes, source: str, now: float, *, wall: float | None = None
+    ) -> None:
         """Account for one datagram; never raises on its content.
 
-        ``now`` is wall-clock time (seconds since the epoch): manifest expiry is a date.
-        ``source`` is the sender's address; admission by source is the transport's job (SSM
-        joins), and packet authentication will use it.
+        ``now`` is the monotonic clock.  ``wall`` is the wall-clock time (seconds since the
+        epoch) against which a manifest this datagram completes is checked for expiry; None
+        means ``now`` is itself a wall-clock time (a caller with one clock, such as a test at a
+        fixed date).  ``source`` is the sender's address; admission by source is the
+        transport's job (SSM joins), and packet authentication uses it.
         """
         self.stats.datagrams += 1
         if self.first_datagram_at is None:
             self.first_datagram_at = now
-        self._receive(data, source, now)
+        self._receive(data, source, now, now if wall is None else wall)
 
-    def _receive(self, data: bytes, source: str, now: float) -> None:
-        if (
-            self._session
-            and data[:4] == _DATA_PREFIX
-            and data[4:12] == self._session
-            and len(data) > wire.DATA_HEADER_SIZE
-        ):
-            self._on_data(data, now)
-            return
+    def _receive(self, data: bytes, source: str, now: float, wall: float) -> None:
+        if self._session:
+            fields = wire.peek_data(data)
+            if fields is not None and fields[0] == self._session:
+                self._on_data(data, fields, now)
+                return
         try:
             packet = wire.parse_datagram(data)
         except PacketError as exc:
             self.stats.rejected[exc.reason] += 1
             return
         if isinstance(packet, wire.ManifestPacket):
-            self._on_manifest(packet, source, now)
+            self._on_manifest(packet, source, now, wall)
         elif self._session:
             if packet.session != self._session:
                 self.stats.rejected["other-session"] += 1
@@ -240,7 +316,7 @@ class ReceiverCore:
         elif isinstance(packet, wire.DataPacket) and len(packet.symbol) < MIN_SYMBOL_SIZE:
             self.stats.rejected["symbol-length"] += 1  # no manifest allows a symbol this small
         else:
-            self._early.append((bytes(data), source))
+            self._early.append((bytes(data), source))  # replayed at its adoption's times
             self._early_bytes += len(data) + EARLY_ENTRY_OVERHEAD
             while self._early_bytes > MAX_EARLY_BYTES:
                 self._early_bytes -= len(self._early.popleft()[0]) + EARLY_ENTRY_OVERHEAD
@@ -275,7 +351,9 @@ class ReceiverCore:
 
     # --- Manifests ---------------------------------------------------------------------------
 
-    def _on_manifest(self, packet: wire.ManifestPacket, source: str, now: float) -> None:
+    def _on_manifest(
+        self, packet: wire.ManifestPacket, source: str, now: float, wall: float
+    ) -> None:
         if self._session:
             if packet.session == self._session:
                 self._heard = True
@@ -314,7 +392,7 @@ class ReceiverCore:
             verified = verify_manifest(
                 envelope,
                 self.trust,
-                now=now,  # wall-clock seconds: expiry is a date
+                now=wall,  # expiry is a date: the wall clock, read once for this check
                 device_type=self.device_type,
                 installed_sequence=self.installed_sequence,
             )
@@ -338,7 +416,7 @@ class ReceiverCore:
                 )
             )
             return
-        self._adopt(verified, now)
+        self._adopt(verified, now, wall)
 
     def _make_room(self, source: str) -> None:
         """Drop the oldest reassemblies so that one more from `source` fits the limits."""
@@ -367,7 +445,7 @@ class ReceiverCore:
         if len(self._refused) > MAX_REFUSED_MANIFESTS:
             self._refused.popitem(last=False)
 
-    def _adopt(self, verified: VerifiedManifest, now: float) -> None:
+    def _adopt(self, verified: VerifiedManifest, now: float, wall: float | None = None) -> None:
         manifest = verified.manifest
         self.verified = verified
         self._session = manifest.session_id
@@ -388,8 +466,10 @@ class ReceiverCore:
             )
         self._events.append(ManifestVerified(verified))
         early, self._early, self._early_bytes = self._early, deque(), 0
-        for data, source in early:  # held while no manifest was verified yet: admit them now
-            self._receive(data, source, now)
+        # Held while no manifest was verified yet: admit them now.  A manifest among them is
+        # only counted (the session is fixed now), so `wall` is read only when one arrived.
+        for data, source in early:
+            self._receive(data, source, now, now if wall is None else wall)
 
     # --- Data --------------------------------------------------------------------------------
 
@@ -399,15 +479,24 @@ class ReceiverCore:
             self.stats.auth_ignored += 1  # packet authentication is off or not offered
             return
         for released in self.authenticator.on_auth(packet, data, source, now):
-            self._on_data(released, now, vouched=True)
+            fields = wire.peek_data(released)  # it passed `_on_data` before it was held
+            if fields is not None:
+                self._on_data(released, fields, now, vouched=True)
 
-    def _on_data(self, data: bytes, now: float, vouched: bool = False) -> None:
+    def _on_data(
+        self,
+        data: bytes,
+        fields: tuple[bytes, int, int, int],
+        now: float,
+        vouched: bool = False,
+    ) -> None:
+        """A DATA datagram of this session; `fields` is what `wire.peek_data` read from it."""
         self._heard = True
         if len(data) != self._datagram_size:
             self.stats.rejected["symbol-length"] += 1
             return
-        chunk, payload_id = _CHUNK_AND_ID.unpack_from(data, wire.HEADER_SIZE)
-        if payload_id >> 24:
+        _, chunk, sbn, esi = fields
+        if sbn:
             self.stats.rejected["bad-sbn"] += 1
             return
         if chunk >= self._count:
@@ -424,7 +513,6 @@ class ReceiverCore:
                 self.stats.rejected["decoder-budget"] += 1
                 return
             state = self._open_chunk(chunk, now)
-        esi = payload_id
         if esi in state.seen:
             self.stats.duplicates += 1
             return

@@ -42,7 +42,9 @@ AUTH (a signed page of DATA digests, packet authentication; see `otacast.plugin.
 
 The hot path does not run construct (~17 us per parse): `parse_datagram` uses `struct.Struct`
 objects with the same layout, and the test suite proves both parsers agree on every input and
-both builders produce identical bytes.  `parse_datagram_spec` runs the construct definition and
+both builders produce identical bytes.  `peek_data` is the receiver's per-datagram fast path
+(the fields of a DATA datagram as a tuple, no packet object), proven against the construct
+definition the same way.  `parse_datagram_spec` runs the construct definition and
 exists for tests, tools and as the executable specification.  Never parse untrusted data with
 construct's ``.compile()``: compiled parsers skip checks.
 """
@@ -145,6 +147,29 @@ assert _DATA_FAST.size == DATA_HEADER_SIZE
 assert _MANIFEST_FAST.size == MANIFEST_HEADER_SIZE
 assert _HEADER_FAST.size == HEADER_SIZE
 assert _AUTH_FAST.size == AUTH_HEADER_SIZE
+
+
+# The receiver's per-datagram path: the 4 bytes that make a DATA datagram of this wire version,
+# then session, chunk and payload id, in one unpack.
+_DATA_PREFIX: Final = MAGIC + bytes([VERSION, KIND_DATA])
+_DATA_PEEK = struct.Struct(">4s8sII")
+assert _DATA_PEEK.size == DATA_HEADER_SIZE
+
+
+def peek_data(data: bytes | bytearray | memoryview) -> tuple[bytes, int, int, int] | None:
+    """``(session, chunk, sbn, esi)`` of a DATA datagram with a symbol, else None.
+
+    The receiver's fast path: no packet object, no copy of the symbol (it stays at
+    ``data[DATA_HEADER_SIZE:]``; the codec reads ``data[CODEC_PACKET_OFFSET:]``).  It reads the
+    layout only: the caller checks SBN, chunk range and symbol length against what it expects,
+    and hands anything that gives None to `parse_datagram` for a packet or a rejection reason.
+    The datagram's length is not bounded here (the transport drops longer ones), so a receiver
+    counts an overlong DATA datagram of its session as a wrong symbol length.
+    """
+    if len(data) <= DATA_HEADER_SIZE or data[:4] != _DATA_PREFIX:
+        return None
+    _, session, chunk, payload_id = _DATA_PEEK.unpack_from(data)
+    return session, chunk, payload_id >> 24, payload_id & MAX_ESI
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from construct import ConstructError
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -186,6 +187,68 @@ def test_fast_and_spec_parsers_agree_on_corrupted_headers(
 def test_fast_and_spec_parsers_agree_on_truncated_datagrams(packet: wire.Packet, keep: int) -> None:
     data = wire.build_datagram(packet)[:keep]
     assert _outcome(wire.parse_datagram, data) == _outcome(wire.parse_datagram_spec, data)
+
+
+def _peek_spec(data: bytes) -> tuple[bytes, int, int, int] | None:
+    """What `wire.peek_data` must answer, read with the construct definition."""
+    try:
+        header = wire.HEADER.parse(data)
+        body = wire.DATA_BODY.parse(data[wire.HEADER_SIZE :])
+    except ConstructError:
+        return None
+    if (header.magic, header.version, header.kind) != (wire.MAGIC, wire.VERSION, wire.KIND_DATA):
+        return None
+    if not body.symbol:
+        return None
+    return header.session, body.chunk, body.sbn, body.esi
+
+
+@pytest.mark.parametrize("name", sorted(n for n in GOLDEN_PACKETS if n.startswith("data_")))
+def test_peek_data_reads_the_golden_data_datagrams(name: str) -> None:
+    packet = GOLDEN_PACKETS[name]
+    assert isinstance(packet, wire.DataPacket)
+    golden = bytes.fromhex(_golden()[name])
+    expected = (packet.session, packet.chunk, 0, packet.esi)
+    assert wire.peek_data(golden) == expected == _peek_spec(golden)
+    assert wire.peek_data(memoryview(golden)) == expected
+
+
+@pytest.mark.parametrize("name", sorted(n for n in GOLDEN_PACKETS if not n.startswith("data_")))
+def test_peek_data_refuses_the_golden_datagrams_of_other_kinds(name: str) -> None:
+    assert wire.peek_data(bytes.fromhex(_golden()[name])) is None
+
+
+def test_peek_data_reads_the_sbn_the_documented_layout_puts_at_byte_16() -> None:
+    raw = b"OC\x01\x01" + SESSION + b"\x00\x00\x00\x07" + b"\x05" + b"\x00\x01\x00" + b"sym"
+    assert wire.peek_data(raw) == (SESSION, 7, 5, 256) == _peek_spec(raw)
+    assert wire.peek_data(raw[: wire.DATA_HEADER_SIZE]) is None  # no symbol
+
+
+@given(packets)
+def test_peek_data_agrees_with_both_parsers_on_every_packet(packet: wire.Packet) -> None:
+    data = wire.build_datagram(packet)
+    peeked = wire.peek_data(data)
+    assert peeked == _peek_spec(data)
+    if isinstance(packet, wire.DataPacket):
+        assert peeked == (packet.session, packet.chunk, 0, packet.esi)
+        assert data[wire.DATA_HEADER_SIZE :] == packet.symbol
+    else:
+        assert peeked is None
+
+
+@given(st.binary(max_size=64))
+def test_peek_data_agrees_with_the_specification_on_arbitrary_bytes(data: bytes) -> None:
+    assert wire.peek_data(data) == _peek_spec(data)
+
+
+@given(data_packets, st.integers(0, wire.DATA_HEADER_SIZE), st.integers(0, 255), st.integers(0, 40))
+def test_peek_data_agrees_with_the_specification_on_corrupted_data_datagrams(
+    packet: wire.DataPacket, position: int, value: int, keep: int
+) -> None:
+    data = bytearray(wire.build_datagram(packet))
+    data[position] = value  # a DATA datagram is at least 21 bytes
+    for candidate in (bytes(data), bytes(data[:keep])):
+        assert wire.peek_data(candidate) == _peek_spec(candidate)
 
 
 def test_parser_accepts_memoryview_of_a_receive_buffer() -> None:
