@@ -27,10 +27,11 @@ from otacast.schemas.trustset import MAX_TRUST_BYTES
 from .auth import PACKET_AUTH_POLICIES
 from .config import FALLBACKS, Settings, load_config, settle
 from .errors import StateError, UsageError
-from .fetch import FetchOptions, FetchSummary, fetch
 from .installed import read_installed, write_installed
 from .installers import Installer, get_installer
 from .installers.file import FileInstaller
+from .receive import FetchOptions, fetch
+from .report import FetchSummary
 from .status import StatusFile, process_alive, read_status
 from .trust import accept_rotation, current_trust, read_limited
 from .verify import verify_manifest

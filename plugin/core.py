@@ -99,6 +99,8 @@ EARLY_ENTRY_OVERHEAD = 160
 
 @dataclass
 class ReceiverStats:
+    """The core's live counters; drivers and reporters read `ReceiverCore.snapshot` instead."""
+
     datagrams: int = 0
     symbols_used: int = 0
     duplicates: int = 0
@@ -209,6 +211,7 @@ class ReceiverCore:
         self.stats = ReceiverStats()
         self.verified: VerifiedManifest | None = None
         self.done: set[int] = set()
+        self._bytes_done = 0  # image bytes of the chunks in `done`
         self.first_datagram_at: float | None = None
         self._events: deque[Event] = deque()
         self._started = now
@@ -260,7 +263,7 @@ class ReceiverCore:
             manifest=verified,
             chunks_done=len(self.done),
             chunks_total=m.chunk_count if m is not None else 0,
-            bytes_done=sum(m.chunk_span(i)[1] for i in self.done) if m is not None else 0,
+            bytes_done=self._bytes_done,
             bytes_total=m.image.length if m is not None else 0,
             complete=self._complete,
             first_datagram_at=self.first_datagram_at,
@@ -328,7 +331,7 @@ class ReceiverCore:
             raise ValueError("no such chunk")
         if index in self.done:
             return
-        self.done.add(index)
+        self._add_done(index)
         self._chunks.pop(index, None)
         self._progress(now)
 
@@ -545,11 +548,16 @@ class ReceiverCore:
             self._polluted = True
             return
         self._polluted = False
-        self.done.add(chunk)
+        self._add_done(chunk)
         self.stats.chunks_multicast += 1
         self.stats.bytes_multicast += len(data)
         self._events.append(ChunkComplete(chunk, data))
         self._progress(now)
+
+    def _add_done(self, chunk: int) -> None:
+        assert self.verified is not None
+        self.done.add(chunk)
+        self._bytes_done += self.verified.manifest.chunk_span(chunk)[1]
 
     def _progress(self, now: float) -> None:
         self._last_progress = now

@@ -1,5 +1,10 @@
 """HTTP fallback and repair: signed chunks fetched by Range from mirrors (the only `requests` user).
 
+Two pieces: `HttpFetcher` fetches and verifies one chunk (or a manifest) at a time and is all a
+caller needs for a one-off fetch; `RepairWorker` is the receive driver's HTTP repair, a thread
+that walks the chunks multicast has not delivered and hands verified ones back through a queue
+(`otacast.plugin.receive` keeps the only writer to staging and to the receiver core).
+
 A mirror is untrusted.  The signed manifest says where each chunk lies in the image
 (`Manifest.chunk_span`) and what its SHA-256 is, so a chunk is fetched with one
 ``Range: bytes=first-last`` request and nothing about the answer is believed until the bytes hash
@@ -36,7 +41,9 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import queue
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,6 +53,8 @@ from typing import Final
 
 import requests
 import urllib3.exceptions
+
+from otacast.schemas.policy import VerifiedManifest
 
 from .errors import FetchError
 
@@ -280,6 +289,43 @@ class HttpFetcher:
             body += piece
             self.stats.bytes_received[url] += len(piece)
         return bytes(body)
+
+
+class RepairWorker(threading.Thread):
+    """Fetches the chunks still missing over HTTP, in order, and queues the verified ones.
+
+    The receive loop owns everything else, so the worker shares only thread-safe things with
+    it: `results` gets ``(index, data)`` for each verified chunk and ``None`` once the worker is
+    done; the loop adds to `done_elsewhere` the chunks multicast completed meanwhile (they are
+    skipped; a set's ``add`` and ``in`` are atomic); `failures` gets one message per chunk no
+    mirror delivered (read once the thread has ended); `stop` ends the walk after the chunk in
+    flight.
+    """
+
+    def __init__(self, manifest: VerifiedManifest, missing: list[int], timeout: float) -> None:
+        super().__init__(name="otacast-http", daemon=True)
+        self.m = manifest.manifest
+        self.missing = missing
+        self.results: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        self.done_elsewhere: set[int] = set()
+        self.failures: list[str] = []
+        self.fetcher = HttpFetcher(self.m.http, timeout=timeout)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        for index in self.missing:
+            if self.stop.is_set():
+                break
+            if index in self.done_elsewhere:  # multicast got there first
+                continue
+            offset, length = self.m.chunk_span(index)
+            try:
+                data = self.fetcher.fetch_chunk(index, offset, length, self.m.chunks.sha256[index])
+            except FetchError as exc:
+                self.failures.append(str(exc))
+                continue
+            self.results.put((index, data))
+        self.results.put(None)
 
 
 # --- Response checks (pure) ---------------------------------------------------------------------

@@ -71,10 +71,10 @@ from otacast.schemas.policy import TrustSet, VerifiedManifest
 from .config import Settings, load_config, settle
 from .durable import write_durably
 from .errors import InstallError, ReadError, StateError, UsageError
-from .fetch import FetchOptions, fetch
 from .installed import read_installed, write_installed
 from .installers import Installer, get_installer
 from .installers.file import FileInstaller
+from .receive import FetchOptions, fetch
 from .status import StatusFile
 from .trust import current_trust, read_limited
 from .verify import verify_manifest

@@ -27,9 +27,9 @@ from otacast.schemas.policy import TrustSet
 
 from .config import Settings
 from .errors import NoManifestError, UsageError
-from .fetch import FetchOptions, fetch
 from .installed import read_installed, write_installed
 from .installers import Installer
+from .receive import FetchOptions, fetch
 from .status import StatusFile
 
 # A quiet channel is re-joined (and its DNS records re-read) at least this often.

@@ -319,3 +319,48 @@ def test_forged_manifest_fragments_never_raise_or_yield_a_session(
         core.receive_datagram(wire.build_datagram(packet), "fd51::66", NOW)
     assert core.verified is None
     assert len(core._pending) <= 4
+
+
+def test_timers_run_on_the_monotonic_clock_and_expiry_on_the_wall_clock() -> None:
+    # A monotonic clock near zero (a freshly booted device) next to a wall clock that is a date.
+    core = ReceiverCore(TRUST, now=5.0, join_timeout=5.0, stall_timeout=10.0)
+    assert core.get_timer() == 10.0
+    for d in manifest_datagrams():
+        core.receive_datagram(d, "fd51::1", 6.0, wall=NOW)
+    assert isinstance(drain(core)[0], ManifestVerified)
+    assert core.get_timer() == 16.0
+    core.receive_datagram(DATA[0][0], "fd51::1", 7.0, wall=NOW)
+    assert core.get_timer() == 17.0 and core.snapshot().last_progress == 7.0
+    assert core.snapshot().first_datagram_at == 6.0
+
+
+def test_a_manifest_completed_after_its_expiry_on_the_wall_clock_is_refused() -> None:
+    core = ReceiverCore(TRUST, now=5.0)
+    for d in manifest_datagrams():
+        core.receive_datagram(d, "fd51::1", 6.0, wall=float(MANIFEST.expires + 1))
+    events = drain(core)
+    assert len(events) == 1 and isinstance(events[0], ManifestRefused)
+    assert core.verified is None and core.stats.rejected["manifest-refused"] == 1
+
+
+def test_the_snapshot_is_a_frozen_copy_of_the_counters_and_progress() -> None:
+    import dataclasses
+
+    core = ReceiverCore(TRUST, now=NOW)
+    empty = core.snapshot()
+    assert empty.manifest is None and empty.chunks_total == 0 and empty.bytes_total == 0
+    receive_all(core, manifest_datagrams() + DATA[0] + DATA[1] + [b"junk"])
+    core.mark_done(3, NOW)
+    snap = core.snapshot()
+    assert snap.manifest is not None and snap.manifest.manifest == MANIFEST
+    assert (snap.chunks_done, snap.chunks_total) == (3, MANIFEST.chunk_count)
+    assert snap.bytes_done == 2 * CHUNK + MANIFEST.chunk_span(3)[1]
+    assert snap.bytes_total == len(IMAGE) and not snap.complete
+    assert snap.chunks_multicast == 2 and snap.bytes_multicast == 2 * CHUNK
+    assert snap.datagrams == core.stats.datagrams and snap.late == core.stats.late
+    assert snap.rejected == {"short": 1} and snap.rejected_total == 1 and snap.auth is None
+    core.count_rejected("oversized", 2)
+    assert snap.rejected == {"short": 1}  # a copy: later counts do not reach it
+    assert core.snapshot().rejected == {"short": 1, "oversized": 2}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snap.datagrams = 0  # type: ignore[misc]

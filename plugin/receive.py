@@ -1,27 +1,34 @@
-"""``otacast fetch``: the receiver's driver.
+"""The receive driver: what ``otacast fetch`` (and ``install``, ``watch``, the Mender module) run.
 
-It owns the clock (wall time), the socket, the state directory, DNS, HTTP and the terminal; the
-decisions are the `ReceiverCore`'s.  The loop waits on the socket (or the core's next timer),
-hands every datagram to the core, and acts on its events: open staging when a manifest is
-verified (resuming what is already on disk), persist each verified chunk, start HTTP repair when
-the core asks for fallback, finish when the image is complete.
+`fetch` plans the joins, opens the socket and runs one loop around the sans-IO `ReceiverCore`;
+the decisions are the core's, the effects are here.  The driver owns the clocks (it passes the
+core a monotonic ``now`` and, with each batch of datagrams, the wall time that manifest expiry
+is checked against), the socket, the state directory, DNS and the HTTP worker.
 
-HTTP repair runs in one worker thread that fetches the chunks still missing, one at a time, and
-passes verified chunks back through a queue; only the main thread writes to staging and talks to
-the core, so multicast and HTTP share one state without locks.
+The loop waits on the socket (or the core's next timer), hands every datagram to the core, and
+acts on its events: open staging when a manifest is verified (resuming what is already on
+disk), persist each verified chunk, start HTTP repair when the core asks for fallback, finish
+when the image is complete.  What the operator sees is `otacast.plugin.report`'s, fed from core
+snapshots.
+
+Two threads help without sharing state with the core: `_Writer` persists verified chunks off the
+loop, and `otacast.plugin.fetcher.RepairWorker` fetches the missing chunks over HTTP and passes
+verified ones back through a queue.  Only the loop talks to the core and decides what is
+written, so multicast and HTTP share one state without locks.
+
+`plan_joins` stays here rather than in `otacast.plugin.discovery`: it reads the driver's options
+and reports through its reporter, and DNS is only one of its inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import queue
 import select
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -34,14 +41,14 @@ from .core import ReceiverCore
 from .discovery import discover
 from .errors import (
     DiscoveryError,
-    FetchError,
     IncompleteError,
     NoManifestError,
     StateError,
     UsageError,
 )
 from .events import ChunkComplete, FallbackNeeded, ImageComplete, ManifestRefused, ManifestVerified
-from .fetcher import HttpFetcher
+from .fetcher import RepairWorker
+from .report import FetchSummary, Reporter
 from .staging import Staging
 from .status import StatusFile
 from .transport import Join, MulticastReceiver
@@ -60,6 +67,8 @@ STATUS_INTERVAL = 1.0
 
 @dataclass
 class FetchOptions:
+    """Everything one download needs, from the command line and config (`from_settings`)."""
+
     trust: TrustSet
     out: Path
     state_dir: Path
@@ -115,22 +124,6 @@ class FetchOptions:
         )
 
 
-@dataclass
-class FetchSummary:
-    manifest: VerifiedManifest
-    elapsed: float
-    bytes_multicast: int
-    bytes_http: int
-    bytes_resumed: int
-    receiving: float  # seconds from the first datagram to the verified image
-    datagrams: int
-    symbols_used: int
-    late: int  # symbols of chunks already complete (the sender's per-pass overhead)
-    rejected: dict[str, int]
-    joins: list[str] = field(default_factory=list)
-    auth: dict[str, int] | None = None  # packet authentication counters, when it was used
-
-
 class _Writer(threading.Thread):
     """Persists verified chunks off the receive loop.
 
@@ -164,35 +157,6 @@ class _Writer(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
-
-
-class _Repair(threading.Thread):
-    """Fetches the chunks still missing over HTTP and queues the verified ones."""
-
-    def __init__(self, manifest: VerifiedManifest, missing: list[int], timeout: float) -> None:
-        super().__init__(name="otacast-http", daemon=True)
-        self.m = manifest.manifest
-        self.missing = missing
-        self.results: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
-        self.done_elsewhere: set[int] = set()
-        self.failures: list[str] = []
-        self.fetcher = HttpFetcher(self.m.http, timeout=timeout)
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        for index in self.missing:
-            if self.stop.is_set():
-                break
-            if index in self.done_elsewhere:  # multicast got there first
-                continue
-            offset, length = self.m.chunk_span(index)
-            try:
-                data = self.fetcher.fetch_chunk(index, offset, length, self.m.chunks.sha256[index])
-            except FetchError as exc:
-                self.failures.append(str(exc))
-                continue
-            self.results.put((index, data))
-        self.results.put(None)
 
 
 def plan_joins(options: FetchOptions, emit: Reporter) -> tuple[list[Join], int]:
@@ -230,6 +194,8 @@ def plan_joins(options: FetchOptions, emit: Reporter) -> tuple[list[Join], int]:
 
 
 def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
+    """Receive one release into ``options.out``, reporting on `out`; raise an `OtacastError`
+    when it cannot be done (what is verified stays in the state directory for the next run)."""
     emit = Reporter(out, options.json)
     if options.fallback == "only" and options.manifest is None:
         raise UsageError("--fallback only needs --manifest (the mirrors are listed in it)")
@@ -246,7 +212,7 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
             raise UsageError("--interface is needed to receive multicast")
         joins, port = plan_joins(options, emit)
         receiver = MulticastReceiver(options.interface, port, joins)
-    start = time.time()
+    start = time.monotonic()
     core = ReceiverCore(
         options.trust,
         now=start,
@@ -262,27 +228,23 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         run.loop()
     finally:
         run.close()
-    assert core.verified is not None
-    end = time.time()
-    summary = FetchSummary(
-        manifest=core.verified,
+    end = time.monotonic()
+    snap = core.snapshot()
+    summary = FetchSummary.from_snapshot(
+        snap,
         elapsed=end - start,
-        bytes_multicast=core.stats.bytes_multicast,
+        receiving=end - (snap.first_datagram_at or start),
         bytes_http=run.bytes_http,
         bytes_resumed=run.bytes_resumed,
-        receiving=end - (core.first_datagram_at or start),
-        datagrams=core.stats.datagrams,
-        symbols_used=core.stats.symbols_used,
-        late=core.stats.late,
-        rejected=dict(core.stats.rejected),
         joins=[f"({j.source or '*'}, {j.group})" for j in joins],
-        auth=dataclasses.asdict(core.authenticator.stats) if core.authenticator else None,
     )
     emit.summary(summary)
     return summary
 
 
 class _Run:
+    """One download: the loop and the state it carries between turns (all times monotonic)."""
+
     def __init__(
         self,
         options: FetchOptions,
@@ -298,7 +260,7 @@ class _Run:
         self.start = start
         self.staging: Staging | None = None
         self.writer: _Writer | None = None
-        self.repair: _Repair | None = None
+        self.repair: RepairWorker | None = None
         self.bytes_http = 0
         self.bytes_resumed = 0
         self.finished = False
@@ -309,7 +271,7 @@ class _Run:
     def loop(self) -> None:
         self._handle_events()
         while not self.finished:
-            now = time.time()
+            now = time.monotonic()
             timer = self.core.get_timer()
             wait = POLL_INTERVAL if timer is None else max(0.0, min(POLL_INTERVAL, timer - now))
             if self.receiver is not None:
@@ -318,43 +280,49 @@ class _Run:
                     self._drain()
             else:
                 time.sleep(wait)
-            self.core.handle_timer(time.time())
+            now = time.monotonic()
+            self.core.handle_timer(now)
             self._take_http_results()
             self._handle_events()
-            self.emit.progress(self.core, self.start, self.bytes_http)
-            self._report_status()
+            now = time.monotonic()
+            if self.emit.progress_due(now):
+                self.emit.progress(self.core.snapshot(), now, now - self.start, self.bytes_http)
+            self._report_status(now)
             self._check_gave_up()
 
-    def _report_status(self) -> None:
-        status, verified = self.options.status, self.core.verified
-        now = time.time()
-        if status is None or verified is None or now < self._next_status:
+    def _report_status(self, now: float) -> None:
+        status = self.options.status
+        if status is None or self.core.verified is None or now < self._next_status:
             return
         self._next_status = now + STATUS_INTERVAL
-        m = verified.manifest
+        snap = self.core.snapshot()
+        assert snap.manifest is not None
+        m = snap.manifest.manifest
         status.update(
             activity="downloading",
             release=f"{m.name} {m.version}",
             sequence=m.sequence,
-            bytes_done=sum(m.chunk_span(i)[1] for i in self.core.done),
-            bytes_total=m.image.length,
+            bytes_done=snap.bytes_done,
+            bytes_total=snap.bytes_total,
             bytes_http=self.bytes_http,
         )
 
     def _drain(self) -> None:
         assert self.receiver is not None
-        now = time.time()
+        # One reading of each clock per burst: a burst takes milliseconds, and only a manifest
+        # completed in it is checked against the wall time (its expiry).
+        now, wall = time.monotonic(), time.time()
         for _ in range(MAX_BURST):
             got = self.receiver.recv_into(self.buffer)
             if got is None:
                 break
             size, source = got
-            self.core.receive_datagram(bytes(self.buffer[:size]), source, now)
+            self.core.receive_datagram(bytes(self.buffer[:size]), source, now, wall=wall)
         # A datagram longer than the buffer never reaches the core: the transport drops it and
         # counts it.  It is a hostile datagram like any other, so it is counted with them.
         dropped = self.receiver.truncated - self._truncated
         if dropped:
-            self.core.stats.rejected["oversized"] += dropped
+            self.core.count_rejected("oversized", dropped)
             self._truncated += dropped
 
     def _handle_events(self) -> None:
@@ -382,7 +350,7 @@ class _Run:
         self.staging = Staging(self.options.state_dir, verified)
         self.writer = _Writer(self.staging)
         self.writer.start()
-        now = time.time()
+        now = time.monotonic()
         for index in sorted(self.staging.resume()):
             self.core.mark_done(index, now)
             self.bytes_resumed += m.chunk_span(index)[1]
@@ -412,7 +380,7 @@ class _Run:
             return
         missing = [i for i in range(verified.manifest.chunk_count) if i not in self.core.done]
         self.emit.note(f"multicast {reason}: fetching {len(missing)} missing chunk(s) over HTTP")
-        self.repair = _Repair(verified, missing, self.options.http_timeout)
+        self.repair = RepairWorker(verified, missing, self.options.http_timeout)
         self.repair.start()
 
     def _take_http_results(self) -> None:
@@ -431,7 +399,7 @@ class _Run:
                 continue
             self.writer.put(index, data)
             self.bytes_http += len(data)
-            self.core.mark_done(index, time.time())
+            self.core.mark_done(index, time.monotonic())
             self._handle_events()
 
     def _check_gave_up(self) -> None:
@@ -439,7 +407,7 @@ class _Run:
         repair = self.repair
         if self.finished or repair is None or repair.is_alive() or not repair.failures:
             return
-        quiet = time.time() - self.core.last_progress
+        quiet = time.monotonic() - self.core.last_progress
         if self.receiver is None or quiet >= self.options.stall_timeout:
             self._take_http_results()  # keep every verified chunk for the next run
             raise IncompleteError(
@@ -467,117 +435,3 @@ class _Run:
                 self.writer.flush()
         if self.staging is not None:
             self.staging.close()
-
-
-class Reporter:
-    """A refreshed status line on a terminal, notes on their own lines, or JSON lines."""
-
-    def __init__(self, out: TextIO, as_json: bool) -> None:
-        self.out = out
-        self.json = as_json
-        self.tty = out.isatty() and not as_json
-        self._next = 0.0
-        self._dirty = False
-
-    def _line(self, text: str) -> None:
-        if self._dirty:
-            self.out.write("\n")
-            self._dirty = False
-        self.out.write(text + "\n")
-        self.out.flush()
-
-    def note(self, text: str) -> None:
-        if self.json:
-            self._line(json.dumps({"event": "note", "message": text}))
-        else:
-            self._line(text)
-
-    def progress(self, core: ReceiverCore, start: float, bytes_http: int) -> None:
-        now = time.time()
-        if now < self._next or core.verified is None:
-            return
-        self._next = now + 1.0
-        m = core.verified.manifest
-        done = sum(m.chunk_span(i)[1] for i in core.done)
-        elapsed = max(now - start, 1e-6)
-        rejected = sum(core.stats.rejected.values())
-        if self.json:
-            self._line(
-                json.dumps(
-                    {
-                        "event": "progress",
-                        "chunks_done": len(core.done),
-                        "chunks": m.chunk_count,
-                        "bytes_done": done,
-                        "bytes": m.image.length,
-                        "bytes_http": bytes_http,
-                        "datagrams": core.stats.datagrams,
-                        "rejected": rejected,
-                        "rejected_by": dict(core.stats.rejected),
-                        "elapsed": round(elapsed, 3),
-                    }
-                )
-            )
-        elif self.tty:
-            percent = 100 * done / m.image.length
-            self.out.write(
-                f"\r{percent:5.1f}% {len(core.done)}/{m.chunk_count} chunks "
-                f"{core.stats.bytes_multicast / elapsed / 1e6:6.1f} MB/s multicast "
-                f"{bytes_http / 1e6:.1f} MB http, {rejected} rejected "
-            )
-            self.out.flush()
-            self._dirty = True
-
-    def summary(self, s: FetchSummary) -> None:
-        m = s.manifest.manifest
-        if self.json:
-            self._line(
-                json.dumps(
-                    {
-                        "event": "finished",
-                        "name": m.name,
-                        "version": m.version,
-                        "sequence": m.sequence,
-                        "bytes": m.image.length,
-                        "bytes_multicast": s.bytes_multicast,
-                        "bytes_http": s.bytes_http,
-                        "bytes_resumed": s.bytes_resumed,
-                        "datagrams": s.datagrams,
-                        "symbols_used": s.symbols_used,
-                        "late": s.late,
-                        "rejected": s.rejected,
-                        "elapsed": round(s.elapsed, 3),
-                        "receiving": round(s.receiving, 3),
-                        "peak_rss_mb": peak_rss_mb(),
-                        "joins": s.joins,
-                        "packet_auth": s.auth,
-                    },
-                    sort_keys=True,
-                )
-            )
-            return
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.rejected.items())) or "none"
-        self._line(
-            f"done: {m.name} {m.version} ({m.image.length} bytes, sha256 verified) in "
-            f"{s.elapsed:.1f} s; multicast {s.bytes_multicast}, HTTP {s.bytes_http}, "
-            f"resumed {s.bytes_resumed} bytes; {s.datagrams} datagrams, rejected: {reasons}"
-            + (
-                f"; packet authentication: {s.auth['pages_signed']} pages signed, "
-                f"{s.auth['pages_linked']} linked"
-                if s.auth
-                else ""
-            )
-        )
-
-
-def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process image (VmHWM; resets at exec, unlike ru_maxrss,
-    which inherits the forking parent's peak), in MB; None where /proc is unavailable."""
-    try:
-        with Path("/proc/self/status").open(encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
