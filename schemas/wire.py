@@ -166,9 +166,11 @@ def peek_data(data: bytes | bytearray | memoryview) -> tuple[bytes, int, int, in
     The datagram's length is not bounded here (the transport drops longer ones), so a receiver
     counts an overlong DATA datagram of its session as a wrong symbol length.
     """
-    if len(data) <= DATA_HEADER_SIZE or data[:4] != _DATA_PREFIX:
+    if len(data) <= DATA_HEADER_SIZE:
         return None
-    _, session, chunk, payload_id = _DATA_PEEK.unpack_from(data)
+    prefix, session, chunk, payload_id = _DATA_PEEK.unpack_from(data)
+    if prefix != _DATA_PREFIX:
+        return None
     return session, chunk, payload_id >> 24, payload_id & MAX_ESI
 
 
