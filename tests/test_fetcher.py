@@ -594,3 +594,64 @@ def test_a_manifest_url_failing_in_every_round_is_a_fetch_error(
     with pytest.raises(FetchError, match=rf"^manifest {re.escape(url)}: .*status-500"):
         fetcher.fetch_manifest(url, 1000)
     assert sleeps == [0.5, 1.0]
+
+
+# --- The receive driver's repair worker ----------------------------------------------------------
+
+
+def _verified_with_mirrors(urls: tuple[str, ...]) -> object:
+    import dataclasses
+
+    from otacast.plugin.verify import verify_manifest
+    from otacast.schemas.policy import TrustSet
+    from otacast.signer.keys import SigningKey
+    from otacast.signer.sign import sign
+
+    key = SigningKey(b"\x0b" * 32)
+    envelope = sign(dataclasses.replace(MANIFEST, http=urls), [key])
+    trust = TrustSet.from_public_keys([key.public])
+    return verify_manifest(
+        envelope.compact_bytes, trust, now=1_800_000_000, device_type=None, installed_sequence=None
+    )
+
+
+def _drain_results(worker: object) -> list[tuple[int, bytes]]:
+    from otacast.plugin.fetcher import RepairWorker
+
+    assert isinstance(worker, RepairWorker)
+    worker.join(60)
+    assert not worker.is_alive()
+    results = []
+    while (item := worker.results.get_nowait()) is not None:
+        results.append(item)
+    assert worker.results.empty()  # None is the last thing the worker queues
+    return results
+
+
+def test_the_repair_worker_queues_the_missing_chunks_and_skips_those_done_elsewhere(
+    mirror: Mirror,
+) -> None:
+    from otacast.plugin.fetcher import RepairWorker
+    from otacast.schemas.policy import VerifiedManifest
+
+    verified = _verified_with_mirrors((mirror.url("good"),))
+    assert isinstance(verified, VerifiedManifest)
+    worker = RepairWorker(verified, [0, 1, 3], timeout=5.0)
+    worker.done_elsewhere.add(1)  # multicast completed it before the worker came to it
+    worker.start()
+    assert _drain_results(worker) == [(0, image_bytes(0)), (3, image_bytes(3))]
+    assert worker.failures == [] and mirror.hits == Counter(good=2)
+
+
+def test_the_repair_worker_reports_a_chunk_no_mirror_delivered_and_goes_on(
+    mirror: Mirror,
+) -> None:
+    from otacast.plugin.fetcher import RepairWorker
+    from otacast.schemas.policy import VerifiedManifest
+
+    verified = _verified_with_mirrors((mirror.url("status-500"),))
+    assert isinstance(verified, VerifiedManifest)
+    worker = RepairWorker(verified, [2], timeout=5.0)
+    worker.start()
+    assert _drain_results(worker) == []
+    assert len(worker.failures) == 1 and "status-500" in worker.failures[0]
