@@ -97,9 +97,11 @@ class Reporter:
         else:
             self._line(text)
 
-    def progress_due(self, now: float) -> bool:
+    def due(self, now: float) -> bool:
         """Whether progress is to be written at `now` (the driver's monotonic clock); the
-        driver asks before it takes a snapshot."""
+        driver builds a snapshot only then.  The same shape as the sender's reporter
+        (`otacast.signer.report`), except that the interval starts when progress is written:
+        nothing is, before a manifest is verified."""
         return now >= self._next
 
     def progress(self, snap: ReceiverSnapshot, now: float, elapsed: float, bytes_http: int) -> None:

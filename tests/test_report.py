@@ -37,9 +37,9 @@ def test_json_progress_is_written_from_a_snapshot_at_most_once_an_interval() -> 
     out = io.StringIO()
     reporter = Reporter(out, as_json=True)
     snap = core_with_two_chunks_done().snapshot()
-    assert reporter.progress_due(10.0)
+    assert reporter.due(10.0)
     reporter.progress(snap, now=10.0, elapsed=4.0, bytes_http=100)
-    assert not reporter.progress_due(10.5)
+    assert not reporter.due(10.5)
     reporter.progress(snap, now=10.5, elapsed=4.5, bytes_http=100)  # too soon: nothing
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert lines == [
