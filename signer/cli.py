@@ -33,9 +33,10 @@ from otacast.schemas.trustset import MAX_TRUST_BYTES
 from otacast.schemas.wire import DATA_HEADER_SIZE
 
 from . import keys, mender_artifact, publish, sign
+from .channels import ServeOptions
 from .errors import UsageError, WriteError
 from .fileio import atomic_write, read_bounded
-from .serve import ServeOptions, Stop, serve
+from .serve import Stop, serve
 
 PROG = "otacast-signer"
 T = TypeVar("T")

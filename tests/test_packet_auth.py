@@ -23,8 +23,9 @@ from otacast.schemas import wire
 from otacast.schemas.limits import UNTRUSTED_AUTH_VERIFY_RATE
 from otacast.schemas.manifest import Envelope, StreamKey
 from otacast.schemas.policy import TrustSet
-from otacast.signer.auth_pages import AuthCarousel, chunk_pages
+from otacast.signer.auth_pages import AuthPages, chunk_pages
 from otacast.signer.keys import SigningKey
+from otacast.signer.schedule import AUTH_COPIES, AuthTiming, SendAuth
 from otacast.signer.sign import sign
 
 from .manifests import manifest_for
@@ -306,23 +307,32 @@ def test_pages_link_in_order_and_cover_every_datagram_of_the_cycle() -> None:
 
 def test_the_carousel_sends_each_page_twice_ahead_of_its_data_and_again_after_the_gap() -> None:
     cycles = [len(c) for c in CYCLES]
-    carousel = AuthCarousel(PAGES, CAPACITY)
+    timing = AuthTiming(CAPACITY)
+    pages = AuthPages(PAGES)
+
+    def before(chunk: int, first: int, count: int) -> list[bytes]:
+        # What the sender core's SendAuth names, as the driver turns it into datagrams.
+        named = timing.before(chunk, first, count)
+        return pages.for_action(SendAuth(chunk, named, AUTH_COPIES)) if named else []
+
     sent: Counter[bytes] = Counter()
     for chunk, length in enumerate(cycles):
         first = 0
         while first < length:
             count = min(40, length - first)
-            sent.update(carousel.before(chunk, first, count))
+            sent.update(before(chunk, first, count))
             # The page of every datagram in the run has gone out twice by now.
             for position in range(first, first + count):
                 assert sent[PAGES[chunk][position // CAPACITY]] == 2
             first += count
     assert set(sent.values()) == {2}
     assert len(sent) == sum(len(p) for p in PAGES)
-    assert carousel.before(0, 0, 40) == []  # sent just now
-    for _ in range(carousel.gap // 40 + 1):  # ... then a pass's worth of other data
-        carousel.before(1, 0, 40)
-    assert carousel.before(0, 0, 40) == [PAGES[0][0]] * 2
+    assert pages.datagrams == sum(sent.values())
+    assert pages.bytes == sum(len(d) * n for d, n in sent.items())
+    assert before(0, 0, 40) == []  # sent just now
+    for _ in range(timing.gap // 40 + 1):  # ... then a pass's worth of other data
+        before(1, 0, 40)
+    assert before(0, 0, 40) == [PAGES[0][0]] * 2
 
 
 def test_a_later_copy_of_an_accepted_page_admits_its_data_again_without_a_signature() -> None:
