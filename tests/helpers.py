@@ -193,8 +193,13 @@ def make_release(
 # --- Datagrams, built by the sender's code ---------------------------------------------------
 
 
-def manifest_datagrams(envelope: Envelope, max_datagram: int | None = None) -> list[bytes]:
-    """The MANIFEST fragments of `envelope`; by default cut at the size ``serve`` uses."""
+def manifest_datagrams(
+    envelope: Envelope | None = None, max_datagram: int | None = None
+) -> list[bytes]:
+    """The MANIFEST fragments of `envelope` (by default the reference `ENVELOPE`), cut at the
+    size ``serve`` uses unless `max_datagram` is given."""
+    if envelope is None:
+        envelope = ENVELOPE
     if max_datagram is None:
         symbol_size = envelope.manifest.fec.symbol_size
         max_datagram = min(DEFAULT_MAX_DATAGRAM, wire.data_datagram_size(symbol_size))
@@ -286,7 +291,14 @@ KEY = SigningKey(b"\x03" * 32)
 TRUST = TrustSet.from_public_keys([KEY.public])
 CHUNK = 65536
 IMAGE = random.Random(7).randbytes(3 * CHUNK + 4321)
-ENVELOPE = make_release(IMAGE, KEY, sequence=5, chunk_size=CHUNK).envelope
+
+
+def reference_envelope(image: bytes = IMAGE, sequence: int = 5) -> Envelope:
+    """`image` in `CHUNK`-byte chunks, signed by `KEY`."""
+    return make_release(image, KEY, sequence=sequence, chunk_size=CHUNK).envelope
+
+
+ENVELOPE = reference_envelope()
 MANIFEST = ENVELOPE.manifest
 DATA = dict(enumerate(cycles(MANIFEST, IMAGE, 40)))  # each chunk: K source, 40 repair
 

@@ -13,26 +13,17 @@ from otacast.plugin.installed import read_installed, write_installed
 from otacast.plugin.installers import get_installer
 from otacast.plugin.installers.command import CommandInstaller
 from otacast.plugin.installers.file import FileInstaller
-from otacast.plugin.verify import verify_manifest
-from otacast.schemas.policy import TrustSet, VerifiedManifest
+from otacast.schemas.policy import VerifiedManifest
 from otacast.signer.keys import SigningKey
-from otacast.signer.sign import sign
 
-from .manifests import manifest_for
+from .helpers import make_release
 
 KEY = SigningKey(b"\x08" * 32)
 IMAGE = random.Random(3).randbytes(70_000)
 
 
 def verified(sequence: int = 5) -> VerifiedManifest:
-    envelope = sign(manifest_for(IMAGE, sequence=sequence), [KEY])
-    return verify_manifest(
-        envelope.compact_bytes,
-        TrustSet.from_public_keys([KEY.public]),
-        now=1_800_000_000,
-        device_type=None,
-        installed_sequence=None,
-    )
+    return make_release(IMAGE, KEY, sequence=sequence).verified()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -23,9 +23,8 @@ from hypothesis import strategies as st
 from otacast.plugin.errors import InstallError
 from otacast.plugin.installers import get_installer
 from otacast.plugin.installers.swupdate import SwupdateIpcInstaller, SwupdateRunInstaller
-from otacast.plugin.verify import verify_manifest
 from otacast.schemas import swupdate_ipc as ipc
-from otacast.schemas.policy import TrustSet, VerifiedManifest
+from otacast.schemas.policy import VerifiedManifest
 from otacast.schemas.swupdate_ipc import (
     ILP32_EABI,
     ILP32_I386,
@@ -44,9 +43,8 @@ from otacast.schemas.swupdate_ipc import (
     Text,
 )
 from otacast.signer.keys import SigningKey
-from otacast.signer.sign import sign
 
-from .manifests import manifest_for
+from .helpers import make_release
 
 BIG_ENDIAN_LP64 = Abi("big-endian LP64", "big", 8, 8)  # e.g. ppc64, s390x
 ABIS = [LP64, ILP32_EABI, ILP32_I386, BIG_ENDIAN_LP64]
@@ -385,16 +383,7 @@ def test_char_arrays_decode_to_the_first_nul_and_replace_bad_utf8() -> None:
 
 
 def verified(image_format: str = "swu") -> VerifiedManifest:
-    manifest = manifest_for(IMAGE, sequence=4)
-    manifest = replace(manifest, image=replace(manifest.image, format=image_format))
-    envelope = sign(manifest, [KEY])
-    return verify_manifest(
-        envelope.compact_bytes,
-        TrustSet.from_public_keys([KEY.public]),
-        now=1_800_000_000,
-        device_type=None,
-        installed_sequence=None,
-    )
+    return make_release(IMAGE, KEY, sequence=4, image_format=image_format).verified()
 
 
 @pytest.fixture
