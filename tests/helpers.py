@@ -64,6 +64,7 @@ import random
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from otacast.plugin.core import ReceiverCore
 from otacast.plugin.decoder import ChunkDecoder, raptorq_decoder
@@ -188,6 +189,20 @@ def make_release(
         listed = tuple(StreamKey(i, k.public) for i, k in enumerate(stream_keys))
         manifest = dataclasses.replace(manifest, stream_keys=listed)
     return Release(image, sign(manifest, list(keys)), keys)
+
+
+def read_only_file(path: Path, data: bytes) -> Path:
+    """`data` written to `path`, made read-only (installers get a read-only image)."""
+    path.write_bytes(data)
+    path.chmod(0o444)
+    return path
+
+
+def shell_script(path: Path, body: str) -> Path:
+    """An executable ``/bin/sh`` script at `path`: a stand-in installer or program."""
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
 
 
 # --- Datagrams, built by the sender's code ---------------------------------------------------
