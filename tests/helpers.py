@@ -40,7 +40,8 @@ What is simulated:
   ``FallbackNeeded`` is noted (and, with ``fallback="instant"``, answered as an HTTP mirror would
   be, by ``mark_done`` of every missing chunk), ``ImageComplete`` ends that receiver's run (the
   driver exits; later datagrams are not delivered).
-* *Counts.*  Per receiver: data datagrams put on the link while it listened (``heard``) against
+* *Counts.*  Per receiver: data datagrams that reached its link while it listened (``heard``,
+  lost ones included, counted on arrival so that a receiver stops hearing once complete) against
   the ideal K/(1-p) (K the image's source symbols, p its model's mean loss), data datagrams
   delivered (``received``), chunks done over virtual time, how far into its passes each sender
   was when the image completed, and the decoder high-water mark (decoders alive at once,
@@ -419,10 +420,13 @@ class ReceiverReport:
     rejected: dict[str, int] = field(default_factory=dict)
     late: int = 0
     duplicates: int = 0
+    auth: dict[str, int] | None = None  # the packet authenticator's counters, when it ran
 
     @property
     def ideal(self) -> float:
         """Data datagrams a perfect code over this loss needs on the link: K/(1-p)."""
+        if self.mean_loss >= 1:
+            return math.inf
         return self.source_symbols / (1 - self.mean_loss)
 
     @property
@@ -445,8 +449,15 @@ class ReceiverReport:
             f"received {self.received} / K {self.source_symbols} = {self.received_per_k:.3f}; "
             f"passes {self.passes} ({', '.join(f'{p:.2f}' for p in self.sender_passes)}); "
             f"complete at {done}; decoders <= {self.decoder_high_water}; "
-            f"rejected {dict(sorted(self.rejected.items()))}"
+            f"rejected {dict(sorted(self.rejected.items()))}; chunks done at {self.chunk_times()}"
         )
+
+    def chunk_times(self, most: int = 12) -> str:
+        """When chunks completed (virtual seconds), at most `most` of them, evenly picked."""
+        times = [t for t, _ in self.chunks_over_time]
+        if len(times) > most:
+            times = [times[round(i * (len(times) - 1) / (most - 1))] for i in range(most)]
+        return "[" + ", ".join(f"{t:.2f}" for t in times) + "] s"
 
 
 @dataclass
@@ -564,8 +575,15 @@ class _Receiver:
     def listening(self) -> bool:
         return self.core is not None and not self.done
 
-    def deliver(self, datagram: bytes, source: str, t: float, data: bool) -> None:
+    def arrive(self, datagram: bytes, source: str, t: float, data: bool, lost: bool) -> None:
+        """A datagram reaches the receiver's link at `t` (lost: and goes no further)."""
+        if not self.listening:
+            return
         assert self.core is not None
+        if data:
+            self.report.heard += 1
+        if lost:
+            return
         if data:
             self.report.received += 1
         else:
@@ -617,13 +635,16 @@ class _Receiver:
             self.report.rejected = dict(core.stats.rejected)
             self.report.late = core.stats.late
             self.report.duplicates = core.stats.duplicates
+            if core.authenticator is not None:
+                self.report.auth = dataclasses.asdict(core.authenticator.stats)
         self.report.decoder_high_water = self.decoders.high_water
 
 
-# Heap entries: (time, sequence, kind, index, datagram, source, is data); the sequence keeps
-# events of equal time in the order they were made (a sender's datagrams before its next turn).
+# Heap entries: (time, sequence, kind, index, datagram, source, is data, is lost); the sequence
+# keeps events of equal time in the order they were made (joins first, then a sender's datagrams
+# before its next turn).
 _SEND, _JOIN, _ARRIVE = 0, 1, 2
-_Entry = tuple[float, int, int, int, bytes, str, bool]
+_Entry = tuple[float, int, int, int, bytes, str, bool, bool]
 
 
 class Link:
@@ -662,19 +683,23 @@ class Link:
         data: bytes = b"",
         source: str = "",
         is_data: bool = False,
+        lost: bool = False,
     ) -> None:
         self._sequence += 1
-        heapq.heappush(self._heap, (t, self._sequence, kind, index, data, source, is_data))
+        entry = (t, self._sequence, kind, index, data, source, is_data, lost)
+        heapq.heappush(self._heap, entry)
 
     def run(self, until: float = 600.0) -> LinkReport:
         """Run until every receiver has its image, nothing is left to send, or `until`."""
+        for i, receiver in enumerate(self.receivers):
+            self._push(
+                receiver.spec.join, _JOIN, i
+            )  # a receiver joining at t hears what is sent at t
         for i, sender in enumerate(self.senders):
             self._push(sender.spec.start, _SEND, i)
-        for i, receiver in enumerate(self.receivers):
-            self._push(receiver.spec.join, _JOIN, i)
         end = 0.0
         while self._heap and not all(r.done for r in self.receivers):
-            t, _, kind, index, data, source, is_data = heapq.heappop(self._heap)
+            t, _, kind, index, data, source, is_data, lost = heapq.heappop(self._heap)
             if t > until:
                 break
             for receiver in self.receivers:
@@ -685,9 +710,7 @@ class Link:
             elif kind == _JOIN:
                 self.receivers[index].join(t)
             else:
-                receiver = self.receivers[index]
-                if receiver.listening:
-                    receiver.deliver(data, source, t, is_data)
+                self.receivers[index].arrive(data, source, t, is_data, lost)
         for receiver in self.receivers:
             receiver.fire_timer(until)
             receiver.close()
@@ -718,14 +741,12 @@ class Link:
 
     def _broadcast(self, t: float, source: str, datagrams: Sequence[bytes], *, data: bool) -> None:
         for i, receiver in enumerate(self.receivers):
-            if not receiver.listening:
-                continue
+            reorder = receiver.spec.reorder
+            if receiver.done or receiver.spec.join > t + reorder:
+                continue  # nothing sent now can reach it while it listens
             for datagram in datagrams:
-                if data:
-                    receiver.report.heard += 1
-                if receiver.drop():
-                    continue
-                delay = (
-                    receiver.rng.uniform(0, receiver.spec.reorder) if receiver.spec.reorder else 0
-                )
-                self._push(t + delay, _ARRIVE, i, datagram, source, data)
+                # Lost datagrams travel too, so that "heard" counts what reached the receiver's
+                # link while it listened, whatever the loss and the reordering.
+                lost = receiver.drop()
+                delay = receiver.rng.uniform(0, reorder) if reorder else 0.0
+                self._push(t + delay, _ARRIVE, i, datagram, source, data, lost)

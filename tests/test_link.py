@@ -171,11 +171,39 @@ def test_a_late_joiner_and_a_reordered_receiver_are_recorded() -> None:
     assert b.passes == 1 and b.rejected == {}
 
 
-def test_packet_authentication_on_the_link() -> None:
-    report = run(
-        [SenderSpec(rate=RATE, stream_key=STREAM_KEY)],
-        [receiver(loss=RandomLoss(0.05), seed=1)],
-        stream_keys=(STREAM_KEY,),
-    )
-    (r,) = completed(report)
-    assert r.passes == 1 and r.other_received > 0
+def test_packet_authentication_on_the_link_is_recorded() -> None:
+    passes = []
+    for seed in range(6):
+        report = run(
+            [SenderSpec(rate=RATE, stream_key=STREAM_KEY)],
+            [receiver(loss=RandomLoss(0.05), seed=seed)],
+            stream_keys=(STREAM_KEY,),
+        )
+        (r,) = completed(report)
+        print(f"packet authentication counters: {r.auth}")
+        assert r.auth is not None and r.auth["datagrams_admitted"] == r.source_symbols
+        assert r.rejected == {}
+        passes.append(r.passes)
+    # Today: at 5% loss one seed in six needs a second pass (it re-checks signatures of two
+    # chunks' page chains: data whose page copies were both lost is not vouched for).
+    assert passes == [1, 2, 1, 1, 1, 1]
+
+
+def test_a_receiver_that_hears_nothing_asks_for_fallback_at_its_join_timeout() -> None:
+    deaf = receiver(loss=RandomLoss(1.0), join=1.0, join_timeout=2.0)
+    report = run([SenderSpec(rate=RATE, duration=5.0)], [deaf])
+    (r,) = report.receivers
+    assert r.fallback == [(3.0, "join-timeout")]
+    assert r.complete_at is None and r.received == 0 and r.heard > 0
+
+
+def test_a_stalled_receiver_is_completed_by_instant_fallback_at_its_stall_timeout() -> None:
+    # One pass at 20% loss with 10% overhead completes no chunk at all (each gets 0.88 K
+    # symbols); the stall timer fires after the sender stops and the fallback (an instant HTTP
+    # mirror) marks every chunk done, as the driver's repair does.
+    lossy = receiver(loss=RandomLoss(0.2), seed=1, stall_timeout=2.0, fallback="instant")
+    (r,) = completed(run([SenderSpec(rate=RATE, passes=1)], [lossy]))
+    assert len(r.fallback) == 1 and r.fallback[0][1] == "stalled"
+    assert r.complete_at == r.fallback[0][0]
+    assert r.chunks_over_time == []  # multicast alone completed nothing
+    assert r.decoder_high_water == SHAPE.decoder_windows * SHAPE.window
