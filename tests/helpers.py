@@ -5,6 +5,8 @@ Releases
 `manifest_for` makes a deterministic manifest for an image; `make_release` signs one (a
 `Release`: image, envelope, trust set, verified manifest).  The reference release shared by the
 receiver-core and attack tests (`KEY`, `IMAGE`, `ENVELOPE`, `DATA` ...) is defined here once.
+`read_only_file` and `shell_script` make the read-only image and the stand-in program that the
+installer tests hand over.
 
 Datagrams
 ---------
@@ -12,7 +14,9 @@ Built the way the sender builds them, with its own code: manifest fragments as `
 them (`wire.fragment_envelope` at the datagram size it uses), each chunk's cycle of DATA
 datagrams from `signer.encoder.raptorq_encode` framed as `signer.symbol_cache` frames them
 (pinned to the cache file by a test in ``test_link.py``), AUTH pages from
-`signer.auth_pages.chunk_pages`, and the send order from `signer.schedule.SenderCore`.
+`signer.auth_pages.chunk_pages`, and the send order from `signer.schedule.SenderCore` (built
+in one place, `sender_core`, as ``serve`` builds it).  `drain`, `receive_all`, `receive_from`
+and `rebuilt` feed a receiver core by hand and read back what it completed.
 
 The link simulator
 ------------------
@@ -53,6 +57,11 @@ datagrams are sent one by one), CPU time (decoding, hashing and signing take no 
 a receiver never falls behind), the installer and disk, and any cost of HTTP repair.  Timings
 from the Link are therefore ideal-network figures; compare counts, not seconds, with
 integration runs.
+
+Scale: images can be small (a few chunks), but keep the source symbols per chunk near real ones
+(about a thousand: a smaller chunk symbol size does it): with few symbols per chunk, chance
+alone decides whether a chunk's share of loss fits the per-pass overhead, and counts stop
+resembling what real releases show.
 """
 
 from __future__ import annotations
@@ -102,7 +111,6 @@ from otacast.signer.schedule import (
     Wait,
     per_pass,
 )
-from otacast.signer.serve import default_window
 from otacast.signer.sign import sign
 from otacast.signer.transport import gso_batch
 
@@ -656,8 +664,8 @@ class Link:
         senders: Sequence[SenderSpec] = (SenderSpec(),),
         receivers: Sequence[ReceiverSpec] = (ReceiverSpec(),),
         *,
+        window: int,
         repair: float = 0.5,
-        window: int | None = None,
         epoch: float = NOW,
     ) -> None:
         if any(s.rate <= 0 for s in senders):
@@ -668,8 +676,9 @@ class Link:
         self.layout = symbol_cache.CycleLayout.for_manifest(m, repair)
         self.cycles = cycles_for_fraction(release, repair)
         self.fragments = tuple(manifest_datagrams(release.envelope))
-        count = max((s.count for s in senders), default=1)
-        self.window = window or default_window(m.chunks.size, count)
+        # Given, not derived: tests scale the window with the image (``serve`` derives it from
+        # the chunk size and the sender count, `serve.default_window`).
+        self.window = window
         self.senders = [_Sender(self, i, s) for i, s in enumerate(senders)]
         self.receivers = [_Receiver(self, r) for r in receivers]
         self._heap: list[_Entry] = []
