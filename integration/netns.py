@@ -4,6 +4,10 @@ A `Lan` is a switch (a Linux bridge in its own namespace) with hosts attached by
 Every host lives in its own namespace with one interface, ``eth0``, and an address in
 ``fd51::/64`` added with ``nodad`` (usable at once).  Nothing is ever created in, or sent from,
 the host's own namespace: veth pairs are created directly inside the namespaces.
+
+A `Lan` is a context manager (``with Lan.create(3) as lan:``) that deletes its namespaces on
+exit; tests take one from the ``lan`` fixture factory in ``conftest.py`` (``lan(3)``), scripts
+with ``with``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import Protocol
 
 import pytest
 
@@ -118,6 +124,23 @@ class Lan:
         for name in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         self.namespaces.clear()
+
+    def __enter__(self) -> Lan:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.delete()
+
+
+class LanFactory(Protocol):
+    """What the ``lan`` fixture is: ``lan(3)`` makes a LAN of three hosts for one test."""
+
+    def __call__(self, count: int, mtu: int = 1500) -> Lan: ...
 
 
 def stop(processes: Sequence[subprocess.Popen[str]], timeout: float = 10) -> None:
