@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -58,9 +59,16 @@ class Release:
         chunk: str = "",
         http_url: str | None = None,
         extra: tuple[str, ...] = (),
+        key_from: Release | None = None,
     ) -> Release:
-        """A release of `size` random bytes, ``rootfs.img`` in `directory`."""
+        """A release of `size` random bytes, ``rootfs.img`` in `directory`; signed with the
+        release key of `key_from` if given (a newer release of the same publisher)."""
         directory.mkdir(parents=True, exist_ok=True)
+        if key_from is not None:
+            for suffix in (".key", ".pub"):
+                shutil.copy2(
+                    key_from.public.with_suffix(suffix), (directory / KEY).with_suffix(suffix)
+                )
         image = directory / "rootfs.img"
         random_file(image, size)
         return cls.sign(image, sequence=sequence, chunk=chunk, http_url=http_url, extra=extra)

@@ -14,7 +14,6 @@ The other attack surfaces are in ``test_attacks_datagrams.py``, ``test_attacks_m
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -94,10 +93,8 @@ def test_replay_of_an_older_release_stream_is_refused_by_sequence_and_the_new_on
 ) -> None:
     net = lan(3)  # sender, attacker, receiver
     old = Channel.make(tmp_path / "old", 1 * MB, sequence=2, chunk="256K")
-    (tmp_path / "new").mkdir()
-    for suffix in (".key", ".pub"):  # the same release key signed both
-        shutil.copy(old.release.directory / f"release{suffix}", tmp_path / "new")
-    new = Channel.make(tmp_path / "new", 4 * MB, sequence=4, chunk="256K")
+    # The same release key signed both.
+    new = Channel.make(tmp_path / "new", 4 * MB, sequence=4, chunk="256K", key_from=old.release)
     assert (old.group, old.port) == (new.group, new.port)
     # The replay: the old release's own stream, byte for byte, from another host on the group.
     replay = serve(net.hosts[1], old.release, "--rate", "4M", "--asm", "--duration", "60s")
