@@ -171,9 +171,12 @@ def serve(host: Host, release: Release, *args: str, ready: bool = False) -> subp
     return process
 
 
-def fetch_command(host: Host, release: Release, state: Path, out: Path, *args: str) -> list[str]:
-    """`otacast fetch` of `release` on `host`'s eth0, JSON lines out; `args` come last."""
-    return _device_command("fetch", host, release, state, out, *args)
+def fetch_command(
+    host: Host, release: Release, state: Path, out: Path, *args: str, json_lines: bool = True
+) -> list[str]:
+    """`otacast fetch` of `release` on `host`'s eth0, JSON lines out unless `json_lines` is
+    false; `args` come last."""
+    return _device_command("fetch", host, release, state, out, *args, json_lines=json_lines)
 
 
 def install_command(host: Host, release: Release, state: Path, out: Path, *args: str) -> list[str]:
@@ -183,7 +186,13 @@ def install_command(host: Host, release: Release, state: Path, out: Path, *args:
 
 
 def _device_command(
-    verb: str, host: Host, release: Release, state: Path, out: Path, *args: str
+    verb: str,
+    host: Host,
+    release: Release,
+    state: Path,
+    out: Path,
+    *args: str,
+    json_lines: bool = True,
 ) -> list[str]:
     return host.command(
         DEVICE,
@@ -198,7 +207,7 @@ def _device_command(
         str(state),
         "--out",
         str(out),
-        "--json",
+        *(("--json",) if json_lines else ()),
         "--device-type",
         DEVICE_TYPE,
         *args,
