@@ -185,6 +185,25 @@ def install_command(host: Host, release: Release, state: Path, out: Path, *args:
     return _device_command("install", host, release, state, out, *args)
 
 
+def install(
+    host: Host,
+    release: Release,
+    state: Path,
+    out: Path,
+    installer: str,
+    *args: str,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """`otacast install` with `installer` (``file:…``, ``swupdate:…``), run to its end."""
+    return subprocess.run(
+        install_command(host, release, state, out, *args, "--installer", installer),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def _device_command(
     verb: str,
     host: Host,

@@ -24,7 +24,7 @@ from .release import (
     dropped,
     fetch,
     fetch_command,
-    install_command,
+    install,
     keygen,
     publish,
     random_loss,
@@ -369,30 +369,18 @@ def test_install_hands_the_image_to_the_installer_and_then_refuses_a_replay(
     state = tmp_path / "state"
     tx = serve(sender, release, "--rate", "40M", "--duration", "120s")
     try:
-        command = install_command(
+        args = ("--source", sender.address, "--join-timeout", "3")
+        first = install(receiver, release, state, tmp_path / "out.img", f"file:{target}", *args)
+        # The same release again: the record of what is installed now refuses it.
+        again = install(
             receiver,
             release,
             state,
             tmp_path / "out.img",
-            "--source",
-            sender.address,
-            "--join-timeout",
-            "3",
-        )
-        first = subprocess.run(
-            [*command, "--installer", f"file:{target}"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        # The same release again: the record of what is installed now refuses it.
-        again = subprocess.run(
-            [*command, "--installer", f"file:{target}", "--manifest", str(release.manifest)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+            f"file:{target}",
+            *args,
+            "--manifest",
+            str(release.manifest),
         )
     finally:
         stop([tx])

@@ -36,7 +36,7 @@ from otacast.schemas import swupdate_ipc as ipc
 from otacast.schemas.policy import VerifiedManifest
 
 from .netns import LanFactory, stop
-from .release import Release, install_command, serve
+from .release import Release, install, serve
 
 BOARD = "board:1.0"
 # The daemon creates its sockets within a few hundred milliseconds; ten seconds means it failed.
@@ -389,22 +389,16 @@ def test_otacast_install_receives_a_swu_over_multicast_and_swupdate_installs_it(
     sender, receiver = lan(2).hosts
     tx = serve(sender, update.release, "--rate", "40M", "--duration", "120s")
     try:
-        command = install_command(
+        done = install(
             receiver,
             update.release,
             tmp_path / "state",
             tmp_path / "received.swu",
+            f"swupdate:{daemon.directory}",
             "--source",
             sender.address,
             "--join-timeout",
             "5",
-        )
-        done = subprocess.run(
-            [*command, "--installer", f"swupdate:{daemon.directory}"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
         )
     finally:
         stop([tx])
