@@ -4,7 +4,7 @@ Every test feeds the sans-IO `ReceiverCore` what an attacker on the LAN could se
 an injected clock) and asserts the two rules of issue 6: nothing forged ever comes out of the
 core as a verified chunk or session, and the honest release still completes afterwards.  The
 network half, with real senders, an injecting attacker, nginx and `otacast fetch`, is
-``integration/test_attacks.py``.
+``integration/test_attacks_*.py`` (one file per attack surface).
 
 Two attacks that packet authentication does not cover are checked here too: a flood of forged
 DATA must still let the stall timer ask for fallback, and forged MANIFEST fragments must not keep
