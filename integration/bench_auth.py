@@ -4,7 +4,7 @@
 
 Everything runs in this process, with no network: a release is signed with a stream key, its
 symbols are encoded into a sender's cache, and one pass of the real sender schedule
-(`SenderCore`, unpaced) is recorded with the AUTH pages `AuthCarousel` puts in front of each run.
+(`SenderCore`, unpaced) is recorded with the AUTH pages its `SendAuth` actions put in front of runs.
 Then the receiver core consumes that pass twice per repetition, alternately:
 
 * with packet authentication: manifest, AUTH pages and DATA datagrams, as sent;
@@ -33,9 +33,9 @@ from otacast.schemas import fec, units, wire
 from otacast.schemas.manifest import Envelope, Transport
 from otacast.schemas.policy import TrustSet
 from otacast.signer import symbol_cache
-from otacast.signer.auth_pages import AuthCarousel, release_pages
+from otacast.signer.auth_pages import AuthPages, release_pages
 from otacast.signer.keys import SigningKey
-from otacast.signer.schedule import Finished, SenderCore, SendManifest, SendSymbols, per_pass
+from otacast.signer.schedule import Finished, SendAuth, SenderCore, SendManifest, SendSymbols
 from otacast.signer.sign import build_manifest, sign
 
 RELEASE = SigningKey(b"\x01" * 32)
@@ -74,10 +74,10 @@ def one_pass(envelope: Envelope, image: Path, cache_dir: Path) -> dict[str, obje
             m.session_id, envelope.envelope_id, envelope.compact_bytes, layout.datagram_size
         )
     ]
-    sends = [per_pass(m.source_symbols(c), layout.cycles[c], 0.1) for c in range(m.chunk_count)]
     core = SenderCore(
         layout.cycles,
-        sends,
+        [m.source_symbols(c) for c in range(m.chunk_count)],
+        overhead=0.1,
         datagram_size=layout.datagram_size,
         batch=64,
         window=fec.window_chunks(m.chunks.size),
@@ -85,14 +85,16 @@ def one_pass(envelope: Envelope, image: Path, cache_dir: Path) -> dict[str, obje
         manifest=fragments,
         now=0.0,
         passes=1,
+        auth_capacity=capacity,
     )
-    carousel = AuthCarousel(pages, capacity)
+    auth = AuthPages(pages)
     stream: list[bytes] = []
     data_bytes = 0
     try:
         while not isinstance(action := core.next_action(0.0), Finished):
-            if isinstance(action, SendSymbols):
-                stream += carousel.before(action.chunk, action.first, action.count)
+            if isinstance(action, SendAuth):
+                stream += auth.for_action(action)
+            elif isinstance(action, SendSymbols):
                 run = bytes(reader.read(action.chunk, action.first, action.count))
                 size = layout.datagram_size
                 stream += [run[i : i + size] for i in range(0, len(run), size)]
@@ -105,8 +107,8 @@ def one_pass(envelope: Envelope, image: Path, cache_dir: Path) -> dict[str, obje
         "stream": stream,
         "fragments": fragments,
         "data_bytes": data_bytes,
-        "auth_bytes": carousel.bytes,
-        "auth_packets": carousel.datagrams,
+        "auth_bytes": auth.bytes,
+        "auth_packets": auth.datagrams,
         "pages": sum(len(p) for p in pages),
         "signing_s": signing,
     }

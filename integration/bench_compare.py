@@ -32,8 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -110,15 +109,6 @@ def transfer_timeout(size: int) -> float:
     return 20.0 + size / (1 << 20)
 
 
-@contextmanager
-def lan_of(count: int) -> Iterator[Lan]:
-    lan = Lan.create(count)
-    try:
-        yield lan
-    finally:
-        lan.delete()
-
-
 def source_symbols(release: Release) -> int:
     manifest = parse_envelope(release.manifest.read_bytes()).manifest
     return sum(manifest.source_symbols(i) for i in range(manifest.chunk_count))
@@ -149,7 +139,7 @@ def web_root(work: Path, release: Release) -> Path:
 
 def one_receiver(plan: Plan, work: Path, procs: Processes, release: Release) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    with lan_of(2) as lan:
+    with Lan.create(2) as lan:
         tx, rx = lan.hosts
         add_ipv4(lan.hosts)
         bench = Bench(
@@ -293,7 +283,7 @@ class Fleet:
 def fleet(plan: Plan, work: Path, procs: Processes) -> list[dict[str, object]]:
     release = Release.make(work / "fleet", plan.fleet_image)
     rows: list[dict[str, object]] = []
-    with lan_of(1 + max(plan.receivers)) as lan:
+    with Lan.create(1 + max(plan.receivers)) as lan:
         f = Fleet(
             plan,
             lan,
@@ -427,7 +417,7 @@ def several_senders(
 ) -> list[dict[str, object]]:
     k = source_symbols(release)
     rows: list[dict[str, object]] = []
-    with lan_of(1 + max(plan.senders)) as lan:
+    with Lan.create(1 + max(plan.senders)) as lan:
         rx, hosts = lan.hosts[0], lan.hosts[1:]
         caches = {}
         for count in plan.senders:
@@ -519,7 +509,7 @@ def memory(plan: Plan, work: Path, procs: Processes) -> dict[str, object]:
     timeout = 120 + transfer_timeout(plan.big_image)
     out = directory / "out" / "image"
     out.parent.mkdir()
-    with lan_of(2) as lan:
+    with Lan.create(2) as lan:
         tx, rx = lan.hosts
         receiver = procs.start(fetch_argv(rx, release, out.parent / "state", out, tx.address))
         wait_joined(receiver, ssm_group(release))

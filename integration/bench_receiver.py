@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from integration.netns import Lan, stop
-from integration.release import SIGNER, Release, dropped, fetch_command, random_loss, serve
+from integration.release import Release, dropped, keygen, random_loss, serve, start_fetch
 from otacast.schemas import units
 from otacast.schemas.manifest import parse_envelope
 
@@ -52,12 +51,7 @@ def receive(
     if loss:
         random_loss(receiver, loss)
     out = work / "out.img"
-    rx = subprocess.Popen(
-        fetch_command(receiver, release, work / "state", out, "--source", sender.address, *rx_args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    rx = start_fetch(receiver, release, work / "state", out, "--source", sender.address, *rx_args)
     time.sleep(0.5)  # joined
     tx = serve(sender, release, "--rate", rate, "--no-gso", "--duration", "600s", *tx_args)
     try:
@@ -91,12 +85,9 @@ def receive(
 def packet_auth(lan: Lan, work: Path, size: int, rate: str) -> dict[str, float]:
     """Receiver CPU per MB with packet authentication and without, on one stream (the sender
     sends AUTH pages either way; without, the receiver ignores them), alternating, best of 2."""
-    key = work / "stream"
-    subprocess.run([SIGNER, "keygen", str(key)], check=True, capture_output=True)
-    release = Release.make(
-        work / "authed", size, extra=("--stream-key", str(key.with_suffix(".pub")))
-    )
-    tx_args = ("--stream-key", str(key.with_suffix(".key")))
+    secret, public = keygen(work / "stream")
+    release = Release.make(work / "authed", size, extra=("--stream-key", str(public)))
+    tx_args = ("--stream-key", str(secret))
     stop([serve(lan.hosts[0], release, "--rate", "max", *tx_args, ready=True)])
     runs: dict[str, list[float]] = {"require": [], "off": []}
     for _ in range(2):
@@ -119,38 +110,40 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16M image, no large-image run")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="otacast-rxbench-"))
-    lan = Lan.create(2)
     try:
-        size = units.parse_size("16M" if args.quick else args.size)
-        release = Release.make(work / "release", size, chunk="")
-        stop([serve(lan.hosts[0], release, "--rate", "max", ready=True)])  # encode once
-        rows = [receive(lan, release, work, args.rate, loss) for loss in (0, 5, 20)]
-        print(f"image {units.format_bytes(size)}, sender paced at {args.rate}, 1228-byte datagrams")
-        print(
-            f"{'loss':>5} {'goodput MB/s':>13} {'CPU s/MB':>9} {'FEC used/K':>11} "
-            f"{'wire/ideal':>11} {'peak RSS MB':>12}"
-        )
-        for r in rows:
+        with Lan.create(2) as lan:
+            size = units.parse_size("16M" if args.quick else args.size)
+            release = Release.make(work / "release", size, chunk="")
+            stop([serve(lan.hosts[0], release, "--rate", "max", ready=True)])  # encode once
+            rows = [receive(lan, release, work, args.rate, loss) for loss in (0, 5, 20)]
             print(
-                f"{r['loss']:>4}% {r['goodput_MB/s']:>13} {r['cpu_s_per_MB']:>9} "
-                f"{r['fec_used/K']:>11} {r['wire/ideal']:>11} {r['peak_rss_MB']:>12}"
+                f"image {units.format_bytes(size)}, sender paced at {args.rate}, "
+                "1228-byte datagrams"
             )
-        result: dict[str, object] = {
-            "rows": rows,
-            "packet_auth": packet_auth(lan, work, size, args.rate),
-        }
-        if not args.quick:
-            big = Release.make(work / "big", units.parse_size(args.big_image), chunk="")
-            stop([serve(lan.hosts[0], big, "--rate", "max", ready=True)])
-            row = receive(lan, big, work, args.rate, 0)
             print(
-                f"{units.format_bytes(units.parse_size(args.big_image))} image at 0% loss: "
-                f"peak RSS {row['peak_rss_MB']} MB, goodput {row['goodput_MB/s']} MB/s"
+                f"{'loss':>5} {'goodput MB/s':>13} {'CPU s/MB':>9} {'FEC used/K':>11} "
+                f"{'wire/ideal':>11} {'peak RSS MB':>12}"
             )
-            result["big"] = row
-        print(json.dumps(result))
+            for r in rows:
+                print(
+                    f"{r['loss']:>4}% {r['goodput_MB/s']:>13} {r['cpu_s_per_MB']:>9} "
+                    f"{r['fec_used/K']:>11} {r['wire/ideal']:>11} {r['peak_rss_MB']:>12}"
+                )
+            result: dict[str, object] = {
+                "rows": rows,
+                "packet_auth": packet_auth(lan, work, size, args.rate),
+            }
+            if not args.quick:
+                big = Release.make(work / "big", units.parse_size(args.big_image), chunk="")
+                stop([serve(lan.hosts[0], big, "--rate", "max", ready=True)])
+                row = receive(lan, big, work, args.rate, 0)
+                print(
+                    f"{units.format_bytes(units.parse_size(args.big_image))} image at 0% loss: "
+                    f"peak RSS {row['peak_rss_MB']} MB, goodput {row['goodput_MB/s']} MB/s"
+                )
+                result["big"] = row
+            print(json.dumps(result))
     finally:
-        lan.delete()
         shutil.rmtree(work, ignore_errors=True)
 
 

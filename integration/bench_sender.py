@@ -30,50 +30,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from integration.netns import BIN, Lan, stop
+from integration.release import Release, serve_command
 from otacast.schemas import units
 from otacast.schemas.manifest import parse_envelope
 
 CHUNK = "4M"
 
 
-def make_release(work: Path, size: int, symbol_size: int, name: str) -> tuple[Path, Path]:
-    image = work / f"{name}.img"
-    with image.open("wb") as out:
-        left = size
-        while left:
-            block = min(left, 16 << 20)
-            out.write(os.urandom(block))
-            left -= block
-    key = work / "bench.key"
-    if not key.exists():
-        subprocess.run(
-            [str(BIN / "otacast-signer"), "keygen", str(work / "bench")],
-            check=True,
-            capture_output=True,
-        )
-    subprocess.run(
-        [
-            str(BIN / "otacast-signer"),
-            "sign",
-            str(image),
-            "--key",
-            str(key),
-            "--sequence",
-            "1",
-            "--device-type",
-            "bench",
-            "--channel",
-            "bench.example.test",
-            "--chunk-size",
-            CHUNK,
-            "--symbol-size",
-            str(symbol_size),
-            "--force",
-        ],
-        check=True,
-        capture_output=True,
+def make_release(work: Path, size: int, symbol_size: int, name: str) -> Release:
+    return Release.make(
+        work / name, size, sequence=1, chunk=CHUNK, extra=("--symbol-size", str(symbol_size))
     )
-    return image.with_name(image.name + ".manifest.json"), image
 
 
 # A member that joins the group and never reads: the kernel must segment and deliver every
@@ -91,37 +58,25 @@ time.sleep(float(sys.argv[3]))
 """
 
 
-def run_sender(lan: Lan, manifest: Path, image: Path, cache: Path, *extra: str) -> dict[str, float]:
+def run_sender(lan: Lan, release: Release, cache: Path, *extra: str) -> dict[str, float]:
     """Run serve in the first host, with a joined member in the second; summary plus rusage."""
-    transport = parse_envelope(manifest.read_bytes()).manifest.transport
+    transport = parse_envelope(release.manifest.read_bytes()).manifest.transport
     member = lan.hosts[1].popen(
         str(BIN / "python"), "-c", JOIN_ONLY, transport.ssm_group, str(transport.port), "3600"
     )
     time.sleep(0.2)
     try:
-        return _run_sender(lan, manifest, image, cache, *extra)
+        return _run_sender(lan, release, cache, *extra)
     finally:
         stop([member])
 
 
-def _run_sender(
-    lan: Lan, manifest: Path, image: Path, cache: Path, *extra: str
-) -> dict[str, float]:
-    process = lan.hosts[0].popen(
-        str(BIN / "otacast-signer"),
-        "serve",
-        str(manifest),
-        str(image),
-        "--interface",
-        "eth0",
-        "--rate",
-        "max",
-        "--cache-dir",
-        str(cache),
-        "--json",
-        *extra,
+def _run_sender(lan: Lan, release: Release, cache: Path, *extra: str) -> dict[str, float]:
+    process = subprocess.Popen(
+        serve_command(lan.hosts[0], release, cache, "--rate", "max", *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        text=True,
     )
     # `ip netns exec` execs the command, so this pid is the sender itself.
     _, status, usage = os.wait4(process.pid, 0)
@@ -144,14 +99,13 @@ def _run_sender(
 def throughput(work: Path, seconds: float, size: int) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for symbol_size, mtu in ((1208, 1500), (8928, 9000)):
-        manifest, image = make_release(work, size, symbol_size, f"t{symbol_size}")
-        lan = Lan.create(2, mtu=mtu)
-        try:
+        release = make_release(work, size, symbol_size, f"t{symbol_size}")
+        with Lan.create(2, mtu=mtu) as lan:
             cache = work / f"cache{symbol_size}"
-            run_sender(lan, manifest, image, cache, "--loops", "1")  # warm the symbol cache
+            run_sender(lan, release, cache, "--loops", "1")  # warm the symbol cache
             for gso in (True, False):
                 extra = ["--duration", f"{seconds:g}s"] + ([] if gso else ["--no-gso"])
-                r = run_sender(lan, manifest, image, cache, *extra)
+                r = run_sender(lan, release, cache, *extra)
                 mb = r["bytes"] / 1e6
                 rows.append(
                     {
@@ -162,20 +116,15 @@ def throughput(work: Path, seconds: float, size: int) -> list[dict[str, object]]
                         "cpu_s_per_MB": round(r["cpu"] / mb, 5),
                     }
                 )
-        finally:
-            lan.delete()
     return rows
 
 
 def memory(work: Path, size: int) -> dict[str, object]:
-    manifest, image = make_release(work, size, 1208, "big")
-    lan = Lan.create(2)
-    try:
+    release = make_release(work, size, 1208, "big")
+    with Lan.create(2) as lan:
         started = time.monotonic()
-        r = run_sender(lan, manifest, image, work / "cache-big", "--loops", "1")
+        r = run_sender(lan, release, work / "cache-big", "--loops", "1")
         wall = time.monotonic() - started
-    finally:
-        lan.delete()
     return {
         "image": units.format_bytes(size),
         "peak_rss_MB": round(r["maxrss_mb"], 1),

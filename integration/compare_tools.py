@@ -90,16 +90,6 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_random(path: Path, size: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as out:
-        left = size
-        while left:
-            block = min(left, 16 << 20)
-            out.write(os.urandom(block))
-            left -= block
-
-
 @dataclass(frozen=True)
 class Exit:
     returncode: int

@@ -3,13 +3,33 @@
 A test may skip on a developer's machine where a tool or root is missing, but under CI
 (``CI=true``) a skipped integration test fails the run: CI installs everything they need, so a
 skip there means something was not tested.
+
+Every test that needs a network asks for the ``lan`` fixture and calls it: ``lan(3)`` is a
+switch with three hosts (`netns.Lan`), deleted when the test ends, however it ends.  Creating the
+LAN inside the test (rather than in a fixture per size) lets one fixture serve every size, and a
+test that skips before calling it creates nothing.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
+
+from .netns import Lan, LanFactory
+
+
+@pytest.fixture
+def lan() -> Iterator[LanFactory]:
+    """`lan(n)`: a new LAN of `n` hosts, deleted at the end of the test."""
+    with ExitStack() as made:
+
+        def create(count: int, mtu: int = 1500) -> Lan:
+            return made.enter_context(Lan.create(count, mtu))
+
+        yield create
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

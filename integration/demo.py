@@ -18,13 +18,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from integration import services
 from integration.netns import Lan, stop
-from integration.release import CHANNEL, DEVICE, SIGNER, Release, dropped, random_loss, serve
+from integration.release import (
+    CHANNEL,
+    DEVICE,
+    SIGNER,
+    Release,
+    dropped,
+    fetch_command,
+    random_loss,
+    serve,
+)
 from otacast.schemas.errors import BadSignature
 
 IMAGE_BYTES = 16 * 1024 * 1024
@@ -65,16 +75,18 @@ def preflight() -> None:
 def main() -> None:
     preflight()
     work = Path(tempfile.mkdtemp(prefix="otacast-demo-"))
-    lan = None
     processes: list[subprocess.Popen[str]] = []
-    try:
+    # Undone in reverse: the senders stopped, the network deleted, the work folder removed.
+    cleanup = ExitStack()
+    cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+    with cleanup:
         step("publisher: a release key and a signed 16 MiB image (channel updates.example.test)")
         release = Release.make(work / "release", IMAGE_BYTES, sequence=42, chunk="2M")
         show([SIGNER, "inspect", str(release.manifest)])
 
         step("network: a switch with two senders (fd51::1, fd51::2) and a device (fd51::3)")
-        lan = Lan.create(3)
-        tx1, tx2, device = lan.hosts
+        tx1, tx2, device = cleanup.enter_context(Lan.create(3)).hosts
+        cleanup.callback(stop, processes)
         records = [
             f"--srv-host=_otacast._udp.{CHANNEL},tx1.example.test,4242,10,5",
             f"--srv-host=_otacast._udp.{CHANNEL},tx2.example.test,4242,10,5",
@@ -123,25 +135,16 @@ def main() -> None:
             out.parent.mkdir()
             started = time.monotonic()
             done = show(
-                device.command(
-                    DEVICE,
-                    "fetch",
-                    "--trust",
-                    str(release.public),
-                    "--interface",
-                    "eth0",
-                    "--channel",
-                    CHANNEL,
+                fetch_command(
+                    device,
+                    release,
+                    work / "device" / "state",
+                    out,
                     "--resolver",
                     resolver,
-                    "--device-type",
-                    "testboard",
                     "--installed-sequence",
                     "41",
-                    "--state-dir",
-                    str(work / "device" / "state"),
-                    "--out",
-                    str(out),
+                    json_lines=False,
                 ),
                 timeout=300,
             )
@@ -172,11 +175,6 @@ def main() -> None:
         if refused.returncode != BadSignature.exit_code:
             sys.exit("demo: the tampered manifest was not refused")
         print("\ndemo: done (everything it created has been removed)")
-    finally:
-        stop(processes)
-        if lan is not None:
-            lan.delete()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

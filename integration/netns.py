@@ -4,6 +4,10 @@ A `Lan` is a switch (a Linux bridge in its own namespace) with hosts attached by
 Every host lives in its own namespace with one interface, ``eth0``, and an address in
 ``fd51::/64`` added with ``nodad`` (usable at once).  Nothing is ever created in, or sent from,
 the host's own namespace: veth pairs are created directly inside the namespaces.
+
+A `Lan` is a context manager (``with Lan.create(3) as lan:``) that deletes its namespaces on
+exit; tests take one from the ``lan`` fixture factory in ``conftest.py`` (``lan(3)``), scripts
+with ``with``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import Protocol, Self
 
 import pytest
 
@@ -57,11 +63,53 @@ class Host:
 
 
 @dataclass
-class Lan:
+class Network:
+    """The namespaces of one test network, deleted together (last made, first deleted) by
+    `delete` or on leaving a ``with`` block.  `Lan` and ``routed.Routed`` are networks."""
+
     tag: str
-    switch: str
-    hosts: list[Host] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)
+
+    def _add_namespace(self, name: str) -> None:
+        ip("netns", "add", name)
+        self.namespaces.append(name)
+        ip("-n", name, "link", "set", "lo", "up")
+
+    def _add_host(
+        self, netns: str, address: str, peer: str, port: str, mtu: int | None = None
+    ) -> Host:
+        """A new namespace `netns` whose ``eth0`` holds `address`/64 (``nodad``: usable at
+        once), wired by a veth pair to `port` in namespace `peer`; `port` is left to the
+        caller to attach and bring up."""
+        self._add_namespace(netns)
+        mtus = ("mtu", str(mtu)) if mtu else ()
+        pair = ("type", "veth", "peer", "name", port, *mtus, "netns", peer)
+        ip("-n", netns, "link", "add", "eth0", *mtus, *pair)
+        ip("-n", netns, "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
+        ip("-n", netns, "link", "set", "eth0", "up")
+        return Host(netns, address)
+
+    def delete(self) -> None:
+        for name in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        self.namespaces.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.delete()
+
+
+@dataclass
+class Lan(Network):
+    switch: str = ""
+    hosts: list[Host] = field(default_factory=list)
 
     @classmethod
     def create(cls, count: int, mtu: int = 1500) -> Lan:
@@ -73,51 +121,24 @@ class Lan:
             ip("-n", lan.switch, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
             ip("-n", lan.switch, "link", "set", "br0", "up")
             for index in range(count):
-                lan._add_host(index, mtu)
+                port = f"p{index}"
+                host = lan._add_host(
+                    f"{tag}-h{index}", f"{PREFIX}{index + 1:x}", lan.switch, port, mtu
+                )
+                ip("-n", lan.switch, "link", "set", port, "master", "br0", "up")
+                lan.hosts.append(host)
+            if mtu > 1500:
+                ip("-n", lan.switch, "link", "set", "br0", "mtu", str(mtu))
         except BaseException:
             lan.delete()
             raise
         return lan
 
-    def _add_namespace(self, name: str) -> None:
-        ip("netns", "add", name)
-        self.namespaces.append(name)
-        ip("-n", name, "link", "set", "lo", "up")
 
-    def _add_host(self, index: int, mtu: int) -> None:
-        netns = f"{self.tag}-h{index}"
-        self._add_namespace(netns)
-        port = f"p{index}"
-        ip(
-            "-n",
-            netns,
-            "link",
-            "add",
-            "eth0",
-            "mtu",
-            str(mtu),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            port,
-            "mtu",
-            str(mtu),
-            "netns",
-            self.switch,
-        )
-        ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
-        address = f"{PREFIX}{index + 1:x}"
-        ip("-n", netns, "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
-        ip("-n", netns, "link", "set", "eth0", "up")
-        self.hosts.append(Host(netns, address))
-        if mtu > 1500:
-            ip("-n", self.switch, "link", "set", "br0", "mtu", str(mtu))
+class LanFactory(Protocol):
+    """What the ``lan`` fixture is: ``lan(3)`` makes a LAN of three hosts for one test."""
 
-    def delete(self) -> None:
-        for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-        self.namespaces.clear()
+    def __call__(self, count: int, mtu: int = 1500) -> Lan: ...
 
 
 def stop(processes: Sequence[subprocess.Popen[str]], timeout: float = 10) -> None:

@@ -1,10 +1,17 @@
-"""Shared helpers for end-to-end tests and the demo: a signed release made with the real CLI,
-senders and receivers started in namespace hosts, random packet loss with nftables."""
+"""Shared helpers for end-to-end tests, benchmarks and the demo: a signed release made with the
+real CLI, senders and receivers started in namespace hosts, random packet loss with nftables.
+
+Every command line the tests run against ``otacast-signer`` and ``otacast`` is built here, once:
+`keygen`, `Release.make` / `Release.sign` (``sign``), `publish`, `serve_command` (``serve``),
+`fetch_command` and `install_command`.  A test adds only the options its case is about, so
+a change to a command's required options is one edit, not one per test file.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -15,6 +22,24 @@ from .netns import BIN, Host
 SIGNER = str(BIN / "otacast-signer")
 DEVICE = str(BIN / "otacast")
 CHANNEL = "updates.example.test"
+DEVICE_TYPE = "testboard"
+KEY = "release"  # the release key's file stem in a release's directory
+WRITE_BLOCK = 16 << 20  # random images are written in blocks: a 1 GiB one is never in memory
+
+
+def keygen(stem: Path) -> tuple[Path, Path]:
+    """`otacast-signer keygen`: a new key pair, as (secret ``stem.key``, public ``stem.pub``)."""
+    subprocess.run([SIGNER, "keygen", str(stem)], check=True, capture_output=True)
+    return stem.with_suffix(".key"), stem.with_suffix(".pub")
+
+
+def random_file(path: Path, size: int) -> None:
+    with path.open("wb") as out:
+        left = size
+        while left:
+            block = min(left, WRITE_BLOCK)
+            out.write(os.urandom(block))
+            left -= block
 
 
 @dataclass
@@ -34,13 +59,36 @@ class Release:
         chunk: str = "",
         http_url: str | None = None,
         extra: tuple[str, ...] = (),
+        key_from: Release | None = None,
     ) -> Release:
+        """A release of `size` random bytes, ``rootfs.img`` in `directory`; signed with the
+        release key of `key_from` if given (a newer release of the same publisher)."""
         directory.mkdir(parents=True, exist_ok=True)
+        if key_from is not None:
+            for suffix in (".key", ".pub"):
+                shutil.copy2(
+                    key_from.public.with_suffix(suffix), (directory / KEY).with_suffix(suffix)
+                )
         image = directory / "rootfs.img"
-        image.write_bytes(os.urandom(size))
-        key = directory / "release"
+        random_file(image, size)
+        return cls.sign(image, sequence=sequence, chunk=chunk, http_url=http_url, extra=extra)
+
+    @classmethod
+    def sign(
+        cls,
+        image: Path,
+        *,
+        sequence: int = 3,
+        chunk: str = "",
+        http_url: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> Release:
+        """`image` signed for the test channel and device type, with the release key of its
+        directory (made there first if there is none, so releases can share one)."""
+        directory = image.parent
+        key = directory / KEY
         if not key.with_suffix(".key").exists():
-            subprocess.run([SIGNER, "keygen", str(key)], check=True, capture_output=True)
+            keygen(key)
         command = [
             SIGNER,
             "sign",
@@ -50,7 +98,7 @@ class Release:
             "--sequence",
             str(sequence),
             "--device-type",
-            "testboard",
+            DEVICE_TYPE,
             "--channel",
             CHANNEL,
             "--force",
@@ -62,22 +110,45 @@ class Release:
             command += ["--http-url", http_url]
         subprocess.run(command, check=True, capture_output=True)
         return cls(
-            directory, image, directory / "rootfs.img.manifest.json", key.with_suffix(".pub")
+            directory,
+            image,
+            image.with_name(image.name + ".manifest.json"),
+            key.with_suffix(".pub"),
         )
 
 
-def serve_command(host: Host, release: Release, cache: Path, *args: str) -> list[str]:
-    """`otacast-signer serve` of `release` on `host`'s eth0 with JSON status lines."""
+def publish(release: Release, root: Path) -> None:
+    """Lay the release out under `root` at every mirror URL's path (`otacast-signer publish`)."""
+    done = subprocess.run(
+        [SIGNER, "publish", str(release.manifest), str(release.image), "--root", str(root)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def serve_command(
+    host: Host,
+    release: Release,
+    cache: Path,
+    *args: str,
+    image: Path | None = None,
+    json_lines: bool = True,
+) -> list[str]:
+    """`otacast-signer serve` of `release` (or of another `image` under its manifest) on
+    `host`'s eth0, with JSON status lines unless `json_lines` is false.  `args` come last, so
+    an ``--interface`` among them is the one used."""
     return host.command(
         SIGNER,
         "serve",
         str(release.manifest),
-        str(release.image),
+        str(image or release.image),
         "--interface",
         "eth0",
         "--cache-dir",
         str(cache),
-        "--json",
+        *(("--json",) if json_lines else ()),
         *args,
     )
 
@@ -100,10 +171,51 @@ def serve(host: Host, release: Release, *args: str, ready: bool = False) -> subp
     return process
 
 
-def fetch_command(host: Host, release: Release, state: Path, out: Path, *args: str) -> list[str]:
+def fetch_command(
+    host: Host, release: Release, state: Path, out: Path, *args: str, json_lines: bool = True
+) -> list[str]:
+    """`otacast fetch` of `release` on `host`'s eth0, JSON lines out unless `json_lines` is
+    false; `args` come last."""
+    return _device_command("fetch", host, release, state, out, *args, json_lines=json_lines)
+
+
+def install_command(host: Host, release: Release, state: Path, out: Path, *args: str) -> list[str]:
+    """`otacast install`: `fetch_command`'s options, then the installer (an ``--installer`` in
+    `args`) is handed the verified image."""
+    return _device_command("install", host, release, state, out, *args)
+
+
+def install(
+    host: Host,
+    release: Release,
+    state: Path,
+    out: Path,
+    installer: str,
+    *args: str,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """`otacast install` with `installer` (``file:…``, ``swupdate:…``), run to its end."""
+    return subprocess.run(
+        install_command(host, release, state, out, *args, "--installer", installer),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _device_command(
+    verb: str,
+    host: Host,
+    release: Release,
+    state: Path,
+    out: Path,
+    *args: str,
+    json_lines: bool = True,
+) -> list[str]:
     return host.command(
         DEVICE,
-        "fetch",
+        verb,
         "--trust",
         str(release.public),
         "--interface",
@@ -114,10 +226,22 @@ def fetch_command(host: Host, release: Release, state: Path, out: Path, *args: s
         str(state),
         "--out",
         str(out),
-        "--json",
+        *(("--json",) if json_lines else ()),
         "--device-type",
-        "testboard",
+        DEVICE_TYPE,
         *args,
+    )
+
+
+def start_fetch(
+    host: Host, release: Release, state: Path, out: Path, *args: str
+) -> subprocess.Popen[str]:
+    """`otacast fetch` started, its JSON lines and stderr on pipes (text)."""
+    return subprocess.Popen(
+        fetch_command(host, release, state, out, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -133,6 +257,12 @@ def fetch(
     )
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     return done.returncode, events, done.stderr
+
+
+def summary_of(events: list[dict[str, object]]) -> dict[str, object]:
+    """The ``finished`` summary a fetch ends with (asserted to be there)."""
+    assert events and events[-1]["event"] == "finished", events[-3:]
+    return events[-1]
 
 
 def random_loss(host: Host, percent: int, port: int = 4242) -> None:

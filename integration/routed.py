@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .netns import Host, ip, require_root_and_ip, stop
+from .netns import Host, Network, ip, require_root_and_ip, stop
 
 START_TIMEOUT = 10.0
 _PATH = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
@@ -32,11 +32,9 @@ class SmcrouteMissing(Exception):
 
 
 @dataclass
-class Routed:
-    tag: str
-    router: str
+class Routed(Network):
+    router: str = ""
     hosts: dict[str, Host] = field(default_factory=dict)
-    namespaces: list[str] = field(default_factory=list)
 
     @classmethod
     def create(cls) -> Routed:
@@ -44,7 +42,7 @@ class Routed:
         tag = f"or{os.getpid() % 100000}"
         net = cls(tag=tag, router=f"{tag}-rt")
         try:
-            net._namespace(net.router)
+            net._add_namespace(net.router)
             for name, prefix in LINKS.items():
                 net._link(name, prefix)
             subprocess.run(
@@ -65,35 +63,13 @@ class Routed:
             raise
         return net
 
-    def _namespace(self, name: str) -> None:
-        ip("netns", "add", name)
-        self.namespaces.append(name)
-        ip("-n", name, "link", "set", "lo", "up")
-
     def _link(self, name: str, prefix: str) -> None:
-        netns = f"{self.tag}-{name}"
-        self._namespace(netns)
         port = f"rt_{name}"
-        ip(
-            "-n",
-            netns,
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            port,
-            "netns",
-            self.router,
-        )
+        host = self._add_host(f"{self.tag}-{name}", f"{prefix}2", self.router, port)
         ip("-n", self.router, "addr", "add", f"{prefix}1/64", "dev", port, "nodad")
         ip("-n", self.router, "link", "set", port, "up")
-        ip("-n", netns, "addr", "add", f"{prefix}2/64", "dev", "eth0", "nodad")
-        ip("-n", netns, "link", "set", "eth0", "up")
-        ip("-n", netns, "-6", "route", "add", "default", "via", f"{prefix}1")
-        self.hosts[name] = Host(netns, f"{prefix}2")
+        ip("-n", host.netns, "-6", "route", "add", "default", "via", f"{prefix}1")
+        self.hosts[name] = host
 
     def rx_bytes(self, name: str) -> int:
         """Bytes the host's eth0 has received so far."""
@@ -157,8 +133,3 @@ class Routed:
             check=False,
         )
         return len(done.stdout.splitlines()) - 1 >= count  # a header line, then one per route
-
-    def delete(self) -> None:
-        for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-        self.namespaces.clear()

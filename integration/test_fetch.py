@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,21 @@ from otacast.plugin.errors import IncompleteError
 from otacast.schemas.errors import Expired, Rollback, UnknownKey, WrongDevice
 
 from . import services
-from .netns import Host, Lan, stop
+from .netns import Host, LanFactory, stop
 from .release import (
     CHANNEL,
     DEVICE,
-    SIGNER,
     Release,
     dropped,
     fetch,
     fetch_command,
+    install,
+    keygen,
+    publish,
     random_loss,
     serve,
+    start_fetch,
+    summary_of,
 )
 
 MB = 1_000_000
@@ -41,30 +44,17 @@ def nft_or_skip() -> None:
         pytest.skip("nftables (nft) is not installed")
 
 
-@pytest.fixture
-def lan() -> Iterator[Lan]:
-    lan = Lan.create(4)
-    try:
-        yield lan
-    finally:
-        lan.delete()
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
     return Release.make(tmp_path_factory.mktemp("release"), 20 * MB)
 
 
-def finished(events: list[dict[str, object]]) -> dict[str, object]:
-    assert events and events[-1]["event"] == "finished", events[-3:]
-    return events[-1]
-
-
 @pytest.mark.parametrize("loss", [0, 10, 30])
 def test_a_20_mb_image_arrives_identical_through_random_loss(
-    lan: Lan, release: Release, tmp_path: Path, loss: int
+    lan: LanFactory, release: Release, tmp_path: Path, loss: int
 ) -> None:
-    sender, receiver = lan.hosts[0], lan.hosts[3]
+    net = lan(4)
+    sender, receiver = net.hosts[0], net.hosts[3]
     if loss:
         random_loss(receiver, loss)
     # One send per datagram, so the loss applies to datagrams, not to GSO runs of 53.
@@ -76,7 +66,7 @@ def test_a_20_mb_image_arrives_identical_through_random_loss(
     finally:
         stop([tx])
     assert code == 0, err
-    summary = finished(events)
+    summary = summary_of(events)
     assert summary["bytes_http"] == 0
     # Only counted discards of honest data: early data beyond what is held before the (lossy)
     # manifest arrives, and, above the sender's 10% overhead, symbols of chunks waiting for
@@ -90,24 +80,20 @@ def test_a_20_mb_image_arrives_identical_through_random_loss(
 
 
 def test_two_senders_at_once_finish_faster_than_one(
-    lan: Lan, release: Release, tmp_path: Path
+    lan: LanFactory, release: Release, tmp_path: Path
 ) -> None:
+    net = lan(4)
     # Paced well below what the machine can do, so time is set by the senders' rates.  The
     # receiver joins first and the senders (symbols already encoded) start together, so the
     # comparison measures delivery, not where in the pass each run happened to join.
-    a, b, receiver = lan.hosts[0], lan.hosts[1], lan.hosts[3]
+    a, b, receiver = net.hosts[0], net.hosts[1], net.hosts[3]
     stop([serve(host, release, "--rate", "8M", ready=True) for host in (a, b)])  # warm caches
     times = {}
     for name, senders in (("one", [a]), ("two", [a, b])):
         sources = [arg for host in senders for arg in ("--source", host.address)]
         out = tmp_path / name / "out.img"
         out.parent.mkdir()
-        rx = subprocess.Popen(
-            fetch_command(receiver, release, tmp_path / name / "state", out, *sources),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        rx = start_fetch(receiver, release, tmp_path / name / "state", out, *sources)
         time.sleep(1.0)  # joined and waiting for a manifest
         started = time.monotonic()
         txs = [
@@ -139,9 +125,10 @@ def test_two_senders_at_once_finish_faster_than_one(
 
 
 def test_ssm_join_ignores_an_unlisted_source_sending_garbage_to_the_group(
-    lan: Lan, release: Release, tmp_path: Path
+    lan: LanFactory, release: Release, tmp_path: Path
 ) -> None:
-    honest, attacker, receiver = lan.hosts[0], lan.hosts[2], lan.hosts[3]
+    net = lan(4)
+    honest, attacker, receiver = net.hosts[0], net.hosts[2], net.hosts[3]
     manifest = json.loads(release.manifest.read_text())["signed"]
     group, port = manifest["transport"]["ssm_group"], manifest["transport"]["port"]
     flood = attacker.popen(
@@ -168,15 +155,16 @@ def test_ssm_join_ignores_an_unlisted_source_sending_garbage_to_the_group(
     assert code == 0, err
     # The flood carries random session ids: had any of it arrived it would be counted as
     # another session's or as malformed.  Only honest early data may have been discarded.
-    rejected = finished(events)["rejected"]
+    rejected = summary_of(events)["rejected"]
     assert set(rejected) <= {"no-manifest-yet"}, rejected  # type: ignore[arg-type]
     assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
 
 
 def test_kill_9_mid_download_then_the_same_command_resumes(
-    lan: Lan, release: Release, tmp_path: Path
+    lan: LanFactory, release: Release, tmp_path: Path
 ) -> None:
-    sender, receiver = lan.hosts[0], lan.hosts[3]
+    net = lan(4)
+    sender, receiver = net.hosts[0], net.hosts[3]
     state, out = tmp_path / "state", tmp_path / "out.img"
     tx = serve(sender, release, "--rate", "4M", "--duration", "120s")
     try:
@@ -197,7 +185,7 @@ def test_kill_9_mid_download_then_the_same_command_resumes(
     finally:
         stop([tx])
     assert code == 0, err
-    summary = finished(events)
+    summary = summary_of(events)
     assert int(summary["bytes_resumed"]) >= 3 * 1024 * 1024  # type: ignore[call-overload]
     assert out.read_bytes() == release.image.read_bytes()
 
@@ -211,22 +199,18 @@ def test_kill_9_mid_download_then_the_same_command_resumes(
     ],
 )
 def test_refused_manifests_write_nothing(
-    lan: Lan,
+    lan: LanFactory,
     release: Release,
     tmp_path: Path,
     trust: str,
     fetch_args: tuple[str, ...],
     error: type[Exception],
 ) -> None:
-    sender, receiver = lan.hosts[0], lan.hosts[3]
+    net = lan(4)
+    sender, receiver = net.hosts[0], net.hosts[3]
     public = release.public
     if trust == "other":
-        subprocess.run(
-            [str(Path(DEVICE).with_name("otacast-signer")), "keygen", str(tmp_path / "other")],
-            check=True,
-            capture_output=True,
-        )
-        public = tmp_path / "other.pub"
+        _, public = keygen(tmp_path / "other")
     tx = serve(sender, release, "--rate", "20M", "--duration", "120s")
     state, out = tmp_path / "state", tmp_path / "out.img"
     try:
@@ -258,10 +242,11 @@ def test_refused_manifests_write_nothing(
     assert not state.exists() or {p.name for p in state.iterdir()} <= {"status.json"}
 
 
-def test_expired_manifest_is_refused(lan: Lan, tmp_path: Path) -> None:
+def test_expired_manifest_is_refused(lan: LanFactory, tmp_path: Path) -> None:
+    net = lan(4)
     release = Release.make(tmp_path / "r", 300_000, chunk="64K", extra=("--expires", "1s"))
     time.sleep(1.5)
-    receiver = lan.hosts[3]
+    receiver = net.hosts[3]
     command = fetch_command(
         receiver,
         release,
@@ -286,15 +271,12 @@ def mirrored(tmp_path_factory: pytest.TempPathFactory) -> Release:
 
 
 def test_multicast_stopped_half_way_is_repaired_over_http_fetching_only_missing_chunks(
-    lan: Lan, mirrored: Release, tmp_path: Path
+    lan: LanFactory, mirrored: Release, tmp_path: Path
 ) -> None:
-    sender, receiver = lan.hosts[0], lan.hosts[3]
+    net = lan(4)
+    sender, receiver = net.hosts[0], net.hosts[3]
     www = tmp_path / "www"
-    subprocess.run(
-        [SIGNER, "publish", str(mirrored.manifest), str(mirrored.image), "--root", str(www)],
-        check=True,
-        capture_output=True,
-    )
+    publish(mirrored, www)
     try:
         with services.nginx(sender, www, tmp_path / "nginx") as mirror:
             tx = serve(sender, mirrored, "--rate", "4M", "--duration", "120s")
@@ -308,7 +290,7 @@ def test_multicast_stopped_half_way_is_repaired_over_http_fetching_only_missing_
     except services.ServiceMissing as exc:
         pytest.skip(str(exc))
     assert rx.returncode == 0, err
-    summary = finished(events)
+    summary = summary_of(events)
     assert served and all(s.status == 206 for s in served)
     assert sum(s.bytes for s in served) == summary["bytes_http"]
     assert int(summary["bytes_http"]) + int(summary["bytes_multicast"]) == 20 * MB  # type: ignore[call-overload]
@@ -320,20 +302,15 @@ def _fetch_while_multicast_stops(
     receiver: Host, source: str, release: Release, tmp_path: Path, tx: subprocess.Popen[str]
 ) -> tuple[subprocess.Popen[str], list[dict[str, object]], str]:
     """Run fetch; stop the sender once three chunks are in; return the events."""
-    rx = subprocess.Popen(
-        fetch_command(
-            receiver,
-            release,
-            tmp_path / "state",
-            tmp_path / "out.img",
-            "--source",
-            source,
-            "--stall-timeout",
-            "2",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    rx = start_fetch(
+        receiver,
+        release,
+        tmp_path / "state",
+        tmp_path / "out.img",
+        "--source",
+        source,
+        "--stall-timeout",
+        "2",
     )
     assert rx.stdout is not None
     events: list[dict[str, object]] = []
@@ -347,9 +324,10 @@ def _fetch_while_multicast_stops(
 
 
 def test_sources_found_by_dns_srv_are_joined_source_specifically(
-    lan: Lan, release: Release, tmp_path: Path
+    lan: LanFactory, release: Release, tmp_path: Path
 ) -> None:
-    a, b, standby, receiver = lan.hosts
+    net = lan(4)
+    a, b, standby, receiver = net.hosts
     records = [
         f"--srv-host=_otacast._udp.{CHANNEL},tx1.example.test,4242,10,5",
         f"--srv-host=_otacast._udp.{CHANNEL},tx2.example.test,4242,10,5",
@@ -373,7 +351,7 @@ def test_sources_found_by_dns_srv_are_joined_source_specifically(
     finally:
         stop(txs)
     assert code == 0, err
-    summary = finished(events)
+    summary = summary_of(events)
     group = json.loads(release.manifest.read_text())["signed"]["transport"]["ssm_group"]
     assert sorted(summary["joins"]) == sorted(  # type: ignore[arg-type]
         [f"({a.address}, {group})", f"({b.address}, {group})"]
@@ -382,39 +360,27 @@ def test_sources_found_by_dns_srv_are_joined_source_specifically(
 
 
 def test_install_hands_the_image_to_the_installer_and_then_refuses_a_replay(
-    lan: Lan, release: Release, tmp_path: Path
+    lan: LanFactory, release: Release, tmp_path: Path
 ) -> None:
-    sender, receiver = lan.hosts[0], lan.hosts[3]
+    net = lan(4)
+    sender, receiver = net.hosts[0], net.hosts[3]
     target = tmp_path / "slot.img"
     target.write_bytes(b"factory image")
     state = tmp_path / "state"
     tx = serve(sender, release, "--rate", "40M", "--duration", "120s")
     try:
-        command = fetch_command(
+        args = ("--source", sender.address, "--join-timeout", "3")
+        first = install(receiver, release, state, tmp_path / "out.img", f"file:{target}", *args)
+        # The same release again: the record of what is installed now refuses it.
+        again = install(
             receiver,
             release,
             state,
             tmp_path / "out.img",
-            "--source",
-            sender.address,
-            "--join-timeout",
-            "3",
-        )
-        command[command.index("fetch")] = "install"
-        first = subprocess.run(
-            [*command, "--installer", f"file:{target}"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        # The same release again: the record of what is installed now refuses it.
-        again = subprocess.run(
-            [*command, "--installer", f"file:{target}", "--manifest", str(release.manifest)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+            f"file:{target}",
+            *args,
+            "--manifest",
+            str(release.manifest),
         )
     finally:
         stop([tx])

@@ -10,8 +10,6 @@ see from the server's side that only the asked ranges crossed the wire, as 206 r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,8 +20,8 @@ import pytest
 from otacast.schemas.manifest import Manifest, parse_envelope
 
 from . import services
-from .netns import BIN, Host, Lan
-from .release import SIGNER
+from .netns import BIN, Host, LanFactory
+from .release import Release, publish
 from .services import Nginx
 
 CHUNK = 64 * 1024
@@ -64,53 +62,24 @@ print(json.dumps({
 
 
 @dataclass(frozen=True)
-class Release:
+class Mirrored:
+    """A release laid out for its mirrors under `www`, its manifest parsed, its image read."""
+
     manifest_path: Path
     manifest: Manifest
     image: bytes
     www: Path
 
 
-def signer(*args: str) -> list[str]:
-    return [SIGNER, *args]
-
-
-def make_release(tmp_path: Path, urls: list[str]) -> Release:
-    image = tmp_path / "rootfs.img"
-    image.write_bytes(os.urandom(4 * CHUNK - 1000))  # the last chunk is short
-    subprocess.run(signer("keygen", str(tmp_path / "rel")), check=True, capture_output=True)
-    http = [arg for url in urls for arg in ("--http-url", url)]
-    subprocess.run(
-        signer(
-            "sign",
-            str(image),
-            "--key",
-            str(tmp_path / "rel.key"),
-            "--sequence",
-            "3",
-            "--device-type",
-            "test",
-            "--channel",
-            "updates.example.test",
-            "--chunk-size",
-            "64K",
-            *http,
-        ),
-        check=True,
-        capture_output=True,
-    )
-    manifest_path = tmp_path / "rootfs.img.manifest.json"
+def make_release(tmp_path: Path, urls: list[str]) -> Mirrored:
+    http = tuple(arg for url in urls for arg in ("--http-url", url))
+    # The last chunk is short.
+    release = Release.make(tmp_path, 4 * CHUNK - 1000, chunk="64K", extra=http)
     www = tmp_path / "www"
-    done = subprocess.run(
-        signer("publish", str(manifest_path), str(image), "--root", str(www)),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    manifest = parse_envelope(manifest_path.read_bytes()).manifest
+    publish(release, www)
+    manifest = parse_envelope(release.manifest.read_bytes()).manifest
     assert manifest.chunk_count == 4
-    return Release(manifest_path, manifest, image.read_bytes(), www)
+    return Mirrored(release.manifest, manifest, release.image.read_bytes(), www)
 
 
 @contextmanager
@@ -123,21 +92,12 @@ def nginx(host: Host, root: Path, prefix: Path) -> Iterator[Nginx]:
         pytest.skip(str(exc))
 
 
-@pytest.fixture
-def lan2() -> Iterator[Lan]:
-    lan = Lan.create(2)
-    try:
-        yield lan
-    finally:
-        lan.delete()
-
-
 def mirror_url(host: Host, port: int = PORT) -> str:
     return f"http://[{host.address}]:{port}/{MIRROR_PATH}"
 
 
 def fetch(
-    host: Host, release: Release, out: Path, indices: list[int]
+    host: Host, release: Mirrored, out: Path, indices: list[int]
 ) -> dict[str, dict[str, object]]:
     out.mkdir()
     done = host.run(
@@ -153,20 +113,20 @@ def fetch(
     return result
 
 
-def asked_range(release: Release, index: int) -> str:
+def asked_range(release: Mirrored, index: int) -> str:
     offset, length = release.manifest.chunk_span(index)
     return f"bytes={offset}-{offset + length - 1}"
 
 
-def chunk_bytes(release: Release, index: int) -> bytes:
+def chunk_bytes(release: Mirrored, index: int) -> bytes:
     offset, length = release.manifest.chunk_span(index)
     return release.image[offset : offset + length]
 
 
 def test_nginx_serves_only_the_asked_ranges_as_206_and_the_chunks_verify(
-    lan2: Lan, tmp_path: Path
+    lan: LanFactory, tmp_path: Path
 ) -> None:
-    server, device = lan2.hosts
+    server, device = lan(2).hosts
     url = mirror_url(server)
     release = make_release(tmp_path, [url])
     wanted = [0, 2, 3]
@@ -187,9 +147,9 @@ def test_nginx_serves_only_the_asked_ranges_as_206_and_the_chunks_verify(
 
 
 def test_a_dead_first_mirror_costs_one_refused_connect_per_chunk_and_nginx_still_serves_ranges(
-    lan2: Lan, tmp_path: Path
+    lan: LanFactory, tmp_path: Path
 ) -> None:
-    server, device = lan2.hosts
+    server, device = lan(2).hosts
     dead, live = mirror_url(server, PORT + 1), mirror_url(server)
     release = make_release(tmp_path, [dead, live])
     wanted = [1, 3]
@@ -206,9 +166,9 @@ def test_a_dead_first_mirror_costs_one_refused_connect_per_chunk_and_nginx_still
 
 
 def test_a_tampered_file_on_the_mirror_is_refused_by_hash_and_never_written(
-    lan2: Lan, tmp_path: Path
+    lan: LanFactory, tmp_path: Path
 ) -> None:
-    server, device = lan2.hosts
+    server, device = lan(2).hosts
     url = mirror_url(server)
     release = make_release(tmp_path, [url])
     served_file = release.www / MIRROR_PATH

@@ -29,8 +29,8 @@ import pytest
 from otacast.plugin.installed import read_installed
 
 from . import services
-from .netns import BIN, Host, Lan, stop
-from .release import SIGNER, Release, serve
+from .netns import BIN, Host, Lan, LanFactory, stop
+from .release import SIGNER, Release, publish, serve
 
 MODULE = BIN / "otacast-mender-module"
 MODULE_LINK = Path("/usr/share/mender/modules/v3/otacast")
@@ -41,6 +41,9 @@ IMAGE_SIZE = 1_500_000
 PORT = 8080
 FACTORY = b"factory image\n"
 PROXIES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+# Every test is a device on a LAN of two hosts, `lan(2)`: the real client must be ready first.
+pytestmark = pytest.mark.usefixtures("mender_ready")
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +78,6 @@ def mender_ready() -> Iterator[None]:
             tmp.replace(MODULE_LINK)
         if created_info:
             ARTIFACT_INFO.unlink(missing_ok=True)
-
-
-@pytest.fixture
-def lan(mender_ready: None) -> Iterator[Lan]:
-    lan = Lan.create(2)
-    try:
-        yield lan
-    finally:
-        lan.delete()
 
 
 class Device:
@@ -161,12 +155,7 @@ class Device:
 def make_release(directory: Path, *, sequence: int = 3, mirror: Host | None = None) -> Release:
     url = f"http://[{mirror.address}]:{PORT}/rel/rootfs.img" if mirror else None
     release = Release.make(directory, IMAGE_SIZE, sequence=sequence, http_url=url)
-    www = directory / "www"
-    subprocess.run(
-        [SIGNER, "publish", str(release.manifest), str(release.image), "--root", str(www)],
-        check=True,
-        capture_output=True,
-    )
+    publish(release, directory / "www")
     return release
 
 
@@ -224,9 +213,10 @@ def module_failed(output: str, code: int) -> bool:
 
 
 def test_install_then_commit_puts_the_multicast_image_in_place_and_both_records_follow(
-    lan: Lan, tmp_path: Path
+    lan: LanFactory, tmp_path: Path
 ) -> None:
-    sender, release, device = receiving_device(lan, tmp_path)
+    net = lan(2)
+    sender, release, device = receiving_device(net, tmp_path)
     before = device.show_artifact()
     code, output = install_with_sender(device, sender, release)
     assert code == 0, output
@@ -245,9 +235,10 @@ def test_install_then_commit_puts_the_multicast_image_in_place_and_both_records_
 
 
 def test_rollback_after_install_restores_the_previous_content_and_records_nothing(
-    lan: Lan, tmp_path: Path
+    lan: LanFactory, tmp_path: Path
 ) -> None:
-    sender, release, device = receiving_device(lan, tmp_path)
+    net = lan(2)
+    sender, release, device = receiving_device(net, tmp_path)
     before = device.show_artifact()
     code, output = install_with_sender(device, sender, release)
     assert code == 0, output
@@ -262,10 +253,11 @@ def test_rollback_after_install_restores_the_previous_content_and_records_nothin
 
 
 def test_a_download_that_gets_no_image_fails_with_its_reason_and_leaves_the_device_as_it_was(
-    lan: Lan, tmp_path: Path
+    lan: LanFactory, tmp_path: Path
 ) -> None:
+    net = lan(2)
     # No sender, and the manifest's only mirror does not answer (nothing listens on it).
-    sender, host = lan.hosts
+    sender, host = net.hosts
     release = make_release(tmp_path / "release", mirror=sender)
     device = Device(host, tmp_path / "device")
     device.configure(release, source=[sender.address], join_timeout=1, stall_timeout=1)
@@ -307,10 +299,11 @@ REFUSALS = {
 @pytest.mark.usefixtures("nginx_or_skip")
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_a_release_the_device_must_refuse_is_refused_before_anything_is_downloaded(
-    lan: Lan, tmp_path: Path, case: str
+    lan: LanFactory, tmp_path: Path, case: str
 ) -> None:
+    net = lan(2)
     mender_type, settings, installed, exit_status, reason = REFUSALS[case]
-    mirror, host = lan.hosts
+    mirror, host = net.hosts
     release = make_release(tmp_path / "release", mirror=mirror)
     device = Device(host, tmp_path / "device", mender_type=mender_type)
     # HTTP only: a download would be an nginx request at once, with nothing to wait for first.
@@ -339,9 +332,10 @@ def test_a_release_the_device_must_refuse_is_refused_before_anything_is_download
 
 @pytest.mark.usefixtures("nginx_or_skip")
 def test_an_ecdsa_signed_artifact_verified_by_mender_installs_from_the_mirror_when_no_one_sends(
-    lan: Lan, tmp_path: Path
+    lan: LanFactory, tmp_path: Path
 ) -> None:
-    mirror, host = lan.hosts
+    net = lan(2)
+    mirror, host = net.hosts
     release = make_release(tmp_path / "release", mirror=mirror)
     secret, public = ec_key(tmp_path, "mender")
     signed = artifact(release, "signed.mender", "--key", str(secret))
@@ -383,9 +377,10 @@ MENDER_REFUSALS = {
 
 @pytest.mark.parametrize("case", sorted(MENDER_REFUSALS))
 def test_mender_refuses_an_unsigned_or_altered_artifact_before_the_module_runs(
-    lan: Lan, tmp_path: Path, case: str
+    lan: LanFactory, tmp_path: Path, case: str
 ) -> None:
-    _, host = lan.hosts
+    net = lan(2)
+    _, host = net.hosts
     release = make_release(tmp_path / "release")
     secret, public = ec_key(tmp_path, "mender")
     device = Device(host, tmp_path / "device")
@@ -398,12 +393,7 @@ def test_mender_refuses_an_unsigned_or_altered_artifact_before_the_module_runs(
         bad = artifact(release, "other.mender", "--key", str(other))
     else:
         signed = artifact(release, "signed.mender", "--key", str(secret))
-        (tmp_path / "newer").mkdir()
-        for suffix in (".key", ".pub"):  # Release.make signs with a key found in its directory
-            shutil.copy2(
-                release.public.with_suffix(suffix), tmp_path / "newer" / f"release{suffix}"
-            )
-        newer = Release.make(tmp_path / "newer", IMAGE_SIZE, sequence=9)
+        newer = Release.make(tmp_path / "newer", IMAGE_SIZE, sequence=9, key_from=release)
         swap_header(signed, artifact(newer, "newer.mender"), tmp_path / "swapped.mender")
         bad = tmp_path / "swapped.mender"
     before = device.show_artifact()
@@ -416,10 +406,11 @@ def test_mender_refuses_an_unsigned_or_altered_artifact_before_the_module_runs(
 
 
 def test_a_command_installer_needing_a_reboot_is_committed_at_once_and_mender_asks_to_reboot(
-    lan: Lan, tmp_path: Path
+    lan: LanFactory, tmp_path: Path
 ) -> None:
+    net = lan(2)
     script = tmp_path / "apply"
-    sender, release, device = receiving_device(lan, tmp_path, installer=f"command:{script}")
+    sender, release, device = receiving_device(net, tmp_path, installer=f"command:{script}")
     script.write_text(f'#!/bin/sh\ncp "$1" {device.target}\nexit 3\n')  # 3: active after reboot
     script.chmod(0o755)
     code, output = install_with_sender(device, sender, release)
@@ -436,9 +427,10 @@ def test_a_command_installer_needing_a_reboot_is_committed_at_once_and_mender_as
 
 
 def test_a_failed_file_install_is_rolled_back_by_mender_and_leaves_everything_as_it_was(
-    lan: Lan, tmp_path: Path
+    lan: LanFactory, tmp_path: Path
 ) -> None:
-    sender, release, device = receiving_device(lan, tmp_path)
+    net = lan(2)
+    sender, release, device = receiving_device(net, tmp_path)
     # A directory where the file installer keeps the previous content: the install fails
     # after Download, once Mender has heard SupportsRollback say Yes.
     device.target.with_name("slot.img.previous").mkdir()
@@ -452,10 +444,11 @@ def test_a_failed_file_install_is_rolled_back_by_mender_and_leaves_everything_as
 
 
 def test_a_failed_command_install_cannot_be_rolled_back_and_mender_marks_it_inconsistent(
-    lan: Lan, tmp_path: Path
+    lan: LanFactory, tmp_path: Path
 ) -> None:
+    net = lan(2)
     script = tmp_path / "apply"
-    sender, release, device = receiving_device(lan, tmp_path, installer=f"command:{script}")
+    sender, release, device = receiving_device(net, tmp_path, installer=f"command:{script}")
     script.write_text("#!/bin/sh\necho 'no space left on the slot' >&2\nexit 1\n")
     script.chmod(0o755)
     code, output = install_with_sender(device, sender, release)

@@ -14,9 +14,7 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +23,14 @@ from otacast.schemas import wire
 from otacast.schemas.manifest import Envelope, parse_envelope
 from otacast.signer.keys import SigningKey
 
-from .inject import write_datagrams
-from .netns import Host, Lan, stop
-from .release import SIGNER, Release, fetch_command, serve
+from .attacks import Channel, asm_fetch, inject
+from .netns import Host, Lan, LanFactory, stop
+from .release import Release, keygen, serve
 
 MB = 1_000_000
 RATE = 2 * MB  # bytes/s: the honest sender, paced well below what the machine can do
 HONEST_PPS = RATE // 1228
 ATTACK_PPS = 10 * HONEST_PPS
-INJECT = Path(__file__).with_name("inject.py")
 # How long the unauthenticated receiver is watched under attack: several clean runs (~4 s).
 WATCH = 20
 
@@ -41,24 +38,12 @@ WATCH = 20
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Release, Path]:
     directory = tmp_path_factory.mktemp("auth-release")
-    stream = directory / "stream"
-    subprocess.run([SIGNER, "keygen", str(stream)], check=True, capture_output=True)
-    release = Release.make(
-        directory, 6 * MB, extra=("--stream-key", str(stream.with_suffix(".pub")))
-    )
-    return release, stream.with_suffix(".key")
+    secret, public = keygen(directory / "stream")
+    release = Release.make(directory, 6 * MB, extra=("--stream-key", str(public)))
+    return release, secret
 
 
-@pytest.fixture
-def lan() -> Iterator[Lan]:
-    lan = Lan.create(3)
-    try:
-        yield lan
-    finally:
-        lan.delete()
-
-
-def forgeries(envelope: Envelope, path: Path) -> None:
+def forgeries(envelope: Envelope) -> list[bytes]:
     """Forged MANIFEST fragments (a bogus envelope claiming the session) and AUTH pages signed by
     a key the manifest does not list, claiming the honest sender's number; `inject.py` mixes
     in forged DATA of its own."""
@@ -78,29 +63,21 @@ def forgeries(envelope: Envelope, path: Path) -> None:
         )
         unsigned = wire.build_datagram(page)
         datagrams.append(unsigned[:-64] + stranger.sign(wire.auth_signed_bytes(unsigned)))
-    write_datagrams(path, datagrams)
+    return datagrams
 
 
-def attack(lan: Lan, envelope: Envelope, tmp_path: Path) -> subprocess.Popen[str]:
-    m = envelope.manifest
-    forged = tmp_path / "forged.bin"
-    forgeries(envelope, forged)
-    attacker = lan.hosts[2]
-    return attacker.popen(
-        sys.executable,
-        str(INJECT),
-        "eth0",
-        m.transport.asm_group,
-        str(m.transport.port),
-        "300",
-        "--pps",
-        str(ATTACK_PPS),
-        "--file",
-        str(forged),
-        "--forge-data",
-        f"{m.session_id.hex()},{m.chunk_count},{m.fec.symbol_size}",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+def attack(lan: Lan, release: Release, tmp_path: Path) -> subprocess.Popen[str]:
+    """The third host floods the channel: `forgeries` in turn with forged DATA of its own."""
+    channel = Channel.of(release)
+    datagrams = forgeries(channel.envelope)
+    return inject(
+        lan.hosts[2],
+        channel,
+        300,
+        ATTACK_PPS,
+        datagrams=datagrams,
+        forge_data=True,
+        directory=tmp_path,
     )
 
 
@@ -108,23 +85,16 @@ def start_fetch(
     receiver: Host, release: Release, envelope: Envelope, tmp_path: Path, policy: str, *args: str
 ) -> subprocess.Popen[str]:
     """`otacast fetch` on the channel's ASM group (the attacker reaches it), multicast only."""
-    return subprocess.Popen(
-        fetch_command(
-            receiver,
-            release,
-            tmp_path / "state",
-            tmp_path / "out.img",
-            "--group",
-            envelope.manifest.transport.asm_group,
-            "--packet-auth",
-            policy,
-            "--fallback",
-            "never",
-            *args,
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return asm_fetch(
+        receiver,
+        Channel(release, envelope),
+        tmp_path / "state",
+        tmp_path / "out.img",
+        "--packet-auth",
+        policy,
+        "--fallback",
+        "never",
+        *args,
     )
 
 
@@ -136,7 +106,7 @@ def receive(
     envelope = parse_envelope(release.manifest.read_bytes())
     tmp_path.mkdir(parents=True, exist_ok=True)
     sender, receiver = lan.hosts[0], lan.hosts[1]
-    attacker = attack(lan, envelope, tmp_path) if flood else None
+    attacker = attack(lan, release, tmp_path) if flood else None
     rx = start_fetch(receiver, release, envelope, tmp_path, "require", "--join-timeout", "60")
     tx = None
     try:
@@ -170,12 +140,13 @@ def receive(
 
 
 def test_a_flood_of_forged_packets_cannot_spoil_a_decode_when_packets_are_authenticated(
-    lan: Lan, signed: tuple[Release, Path], tmp_path: Path
+    lan: LanFactory, signed: tuple[Release, Path], tmp_path: Path
 ) -> None:
+    net = lan(3)  # sender, receiver, attacker
     release, key = signed
-    stop([serve(lan.hosts[0], release, "--stream-key", str(key), ready=True)])  # cache symbols
-    clean, clean_time, _ = receive(lan, release, key, tmp_path / "clean", flood=False)
-    attacked, attacked_time, report = receive(lan, release, key, tmp_path / "attacked", flood=True)
+    stop([serve(net.hosts[0], release, "--stream-key", str(key), ready=True)])  # cache symbols
+    clean, clean_time, _ = receive(net, release, key, tmp_path / "clean", flood=False)
+    attacked, attacked_time, report = receive(net, release, key, tmp_path / "attacked", flood=True)
     assert clean["bytes_http"] == 0 and attacked["bytes_http"] == 0
     rejected = attacked["rejected"]
     assert isinstance(rejected, dict)
@@ -193,15 +164,16 @@ def test_a_flood_of_forged_packets_cannot_spoil_a_decode_when_packets_are_authen
 
 
 def test_without_packet_authentication_the_same_flood_stalls_the_download(
-    lan: Lan, signed: tuple[Release, Path], tmp_path: Path
+    lan: LanFactory, signed: tuple[Release, Path], tmp_path: Path
 ) -> None:
+    net = lan(3)  # sender, receiver, attacker
     # The denial of service packet authentication exists for: forged symbols are decoded, the
     # chunks they spoil fail their hash (so no forged byte is ever written) and are collected
     # again, over and over.  Watched for WATCH seconds, several times the clean run.
     release, _ = signed
     envelope = parse_envelope(release.manifest.read_bytes())
-    sender, receiver = lan.hosts[0], lan.hosts[1]
-    attacker = attack(lan, envelope, tmp_path)
+    sender, receiver = net.hosts[0], net.hosts[1]
+    attacker = attack(net, release, tmp_path)
     tx = serve(sender, release, "--asm", "--rate", str(RATE), "--duration", "300s")
     rx = start_fetch(receiver, release, envelope, tmp_path, "off")
     last: dict[str, object] = {}

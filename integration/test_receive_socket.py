@@ -24,7 +24,7 @@ from otacast.plugin.errors import DiscoveryError, NetworkError
 from otacast.plugin.transport import DEFAULT_RECEIVE_BUFFER
 from otacast.schemas.addressing import asm_group, ssm_group
 
-from .netns import BIN, Host, Lan, stop
+from .netns import BIN, Host, LanFactory, stop
 from .services import dnsmasq
 
 PYTHON = str(BIN / "python")
@@ -129,15 +129,6 @@ print(json.dumps(found))
 """
 
 
-@pytest.fixture
-def lan4() -> Iterator[Lan]:
-    lan = Lan.create(4)
-    try:
-        yield lan
-    finally:
-        lan.delete()
-
-
 class Listening:
     """A RECEIVER script on a host, started and past its joins."""
 
@@ -182,9 +173,12 @@ def send(host: Host, group: str, *payloads: str, port: int = PORT) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_an_asm_join_receives_datagrams_sent_to_the_group_from_another_host(lan4: Lan) -> None:
+def test_an_asm_join_receives_datagrams_sent_to_the_group_from_another_host(
+    lan: LanFactory,
+) -> None:
+    net = lan(4)
     group = asm_group(CHANNEL)
-    sender, device = lan4.hosts[0], lan4.hosts[1]
+    sender, device = net.hosts[0], net.hosts[1]
     rx = Listening(device, [(group, None)])
     try:
         send(sender, group, "a0", "a1", "a2", "stop")
@@ -200,10 +194,11 @@ def test_an_asm_join_receives_datagrams_sent_to_the_group_from_another_host(lan4
 
 
 def test_an_ssm_join_receives_its_source_and_not_a_second_source_on_the_same_group_and_port(
-    lan4: Lan,
+    lan: LanFactory,
 ) -> None:
+    net = lan(4)
     group = ssm_group(CHANNEL)
-    s1, s2, device, witness = lan4.hosts
+    s1, s2, device, witness = net.hosts
     rx = Listening(device, [(group, s1.address)])
     # A host joined for any source proves S2's datagrams were on the LAN.
     any_source = Listening(witness, [(group, None)])
@@ -223,9 +218,10 @@ def test_an_ssm_join_receives_its_source_and_not_a_second_source_on_the_same_gro
 
 
 def test_a_socket_joined_to_g1_does_not_receive_g2_joined_by_another_socket_of_the_host(
-    lan4: Lan,
+    lan: LanFactory,
 ) -> None:
-    sender, device = lan4.hosts[0], lan4.hosts[1]
+    net = lan(4)
+    sender, device = net.hosts[0], net.hosts[1]
     g1, g2 = asm_group(CHANNEL), asm_group(CHANNEL, rate_index=1)
     process = device.popen(
         PYTHON,
@@ -256,10 +252,11 @@ def test_a_socket_joined_to_g1_does_not_receive_g2_joined_by_another_socket_of_t
 
 
 def test_a_datagram_longer_than_the_buffer_is_counted_and_never_handed_on_cut_short(
-    lan4: Lan,
+    lan: LanFactory,
 ) -> None:
+    net = lan(4)
     group = asm_group(CHANNEL)
-    sender, device = lan4.hosts[0], lan4.hosts[1]
+    sender, device = net.hosts[0], net.hosts[1]
     rx = Listening(device, [(group, None)], size=100)
     try:
         send(sender, group, "x" * 101, "short", "y" * 500, "stop")
@@ -273,10 +270,11 @@ def test_a_datagram_longer_than_the_buffer_is_counted_and_never_handed_on_cut_sh
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, standard library only
 
 
-def test_without_root_the_receive_buffer_falls_back_to_the_rmem_max_cap(lan4: Lan) -> None:
+def test_without_root_the_receive_buffer_falls_back_to_the_rmem_max_cap(lan: LanFactory) -> None:
+    net = lan(4)
     if not Path(SYSTEM_PYTHON).exists():
         pytest.skip("the system python3 is not installed")
-    device = lan4.hosts[0]
+    device = net.hosts[0]
     script = (
         "from otacast.plugin.transport import Join, MulticastReceiver\n"
         "with MulticastReceiver('eth0', 4242, [Join('ff1e::1')]) as rx:\n"
@@ -308,7 +306,8 @@ def test_without_root_the_receive_buffer_falls_back_to_the_rmem_max_cap(lan4: La
     assert int(done.stdout) == 2 * rmem_max
 
 
-def test_a_port_already_bound_is_a_one_line_network_error(lan4: Lan) -> None:
+def test_a_port_already_bound_is_a_one_line_network_error(lan: LanFactory) -> None:
+    net = lan(4)
     script = (
         "from otacast.plugin.transport import Join, MulticastReceiver\n"
         "from otacast.plugin.errors import NetworkError\n"
@@ -318,7 +317,7 @@ def test_a_port_already_bound_is_a_one_line_network_error(lan4: Lan) -> None:
         "    except NetworkError as exc:\n"
         "        print(exc.exit_code, exc)\n"
     )
-    done = lan4.hosts[0].run(PYTHON, "-c", script)
+    done = net.hosts[0].run(PYTHON, "-c", script)
     assert done.returncode == 0, done.stderr
     assert (
         done.stdout
@@ -354,15 +353,12 @@ RECORDS = (
 
 
 @pytest.fixture
-def dns_host(tmp_path: Path) -> Iterator[Host]:
+def dns_host(lan: LanFactory, tmp_path: Path) -> Iterator[Host]:
     if shutil.which("dnsmasq") is None:
         pytest.skip("dnsmasq is not installed")
-    lan = Lan.create(1)
-    try:
-        with dnsmasq(lan.hosts[0], RECORDS, tmp_path / "dnsmasq.log", DNS_ADDRESS, DNS_PORT):
-            yield lan.hosts[0]
-    finally:
-        lan.delete()
+    host = lan(1).hosts[0]
+    with dnsmasq(host, RECORDS, tmp_path / "dnsmasq.log", DNS_ADDRESS, DNS_PORT):
+        yield host
 
 
 def discover_in(

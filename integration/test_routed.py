@@ -23,11 +23,8 @@ IMAGE_BYTES = 4 * MB
 
 @pytest.fixture
 def net() -> Iterator[Routed]:
-    net = Routed.create()
-    try:
+    with Routed.create() as net:
         yield net
-    finally:
-        net.delete()
 
 
 def test_a_release_crosses_an_ssm_router_and_an_unrouted_link_gets_none_of_it(

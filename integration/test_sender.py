@@ -5,10 +5,8 @@ manifest, and the operator's errors."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,55 +17,38 @@ from otacast.schemas.manifest import parse_envelope
 from otacast.signer.errors import NetworkError
 from otacast.signer.symbol_cache import CycleLayout
 
-from .netns import BIN, Lan, stop
-from .release import SIGNER
+from .netns import BIN, Lan, LanFactory, stop
+from .release import Release, serve_command
 
 RAWRECV = str(Path(__file__).with_name("rawrecv.py"))
 CHUNK = 1024 * 1024
 
 
 @dataclass
-class Release:
-    manifest: Path
-    image: Path
+class Sent:
+    """A release and what a listener expects of its stream: group, port, session, layout."""
+
+    release: Release
     group: str
     port: int
     session: str
     layout: CycleLayout
 
+    @property
+    def manifest(self) -> Path:
+        return self.release.manifest
 
-def signer(*args: str) -> list[str]:
-    return [SIGNER, *args]
+    @property
+    def image(self) -> Path:
+        return self.release.image
 
 
 @pytest.fixture
-def release(tmp_path: Path) -> Release:
-    image = tmp_path / "rootfs.img"
-    image.write_bytes(os.urandom(4 * CHUNK - 1000))
-    subprocess.run(signer("keygen", str(tmp_path / "rel")), check=True, capture_output=True)
-    subprocess.run(
-        signer(
-            "sign",
-            str(image),
-            "--key",
-            str(tmp_path / "rel.key"),
-            "--sequence",
-            "5",
-            "--device-type",
-            "test",
-            "--channel",
-            "updates.example.test",
-            "--chunk-size",
-            "1M",
-        ),
-        check=True,
-        capture_output=True,
-    )
-    manifest = tmp_path / "rootfs.img.manifest.json"
-    m = parse_envelope(manifest.read_bytes()).manifest
-    return Release(
-        manifest,
-        image,
+def release(tmp_path: Path) -> Sent:
+    signed = Release.make(tmp_path, 4 * CHUNK - 1000, sequence=5, chunk="1M")
+    m = parse_envelope(signed.manifest.read_bytes()).manifest
+    return Sent(
+        signed,
         m.transport.ssm_group,
         m.transport.port,
         m.session_id.hex(),
@@ -75,16 +56,7 @@ def release(tmp_path: Path) -> Release:
     )
 
 
-@pytest.fixture
-def lan3() -> Iterator[Lan]:
-    lan = Lan.create(3)
-    try:
-        yield lan
-    finally:
-        lan.delete()
-
-
-def listen(lan: Lan, host: int, release: Release, seconds: float) -> subprocess.Popen[str]:
+def listen(lan: Lan, host: int, release: Sent, seconds: float) -> subprocess.Popen[str]:
     return lan.hosts[host].popen(
         str(BIN / "python"),
         RAWRECV,
@@ -97,21 +69,12 @@ def listen(lan: Lan, host: int, release: Release, seconds: float) -> subprocess.
     )
 
 
-def serve(lan: Lan, host: int, release: Release, cache: Path, *args: str) -> subprocess.Popen[str]:
-    return lan.hosts[host].popen(
-        *signer(
-            "serve",
-            str(release.manifest),
-            str(release.image),
-            "--interface",
-            "eth0",
-            "--cache-dir",
-            str(cache),
-            "--json",
-            *args,
-        ),
+def serve(lan: Lan, host: int, release: Sent, cache: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        serve_command(lan.hosts[host], release.release, cache, *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -123,12 +86,13 @@ def result(process: subprocess.Popen[str], timeout: float = 60) -> dict[str, obj
 
 
 def test_every_datagram_is_well_formed_and_the_rate_holds_within_5_percent(
-    lan3: Lan, release: Release, tmp_path: Path
+    lan: LanFactory, release: Sent, tmp_path: Path
 ) -> None:
+    net = lan(3)
     rate = 20_000_000
-    rx = listen(lan3, 1, release, 4.0)
+    rx = listen(net, 1, release, 4.0)
     time.sleep(0.3)
-    tx = serve(lan3, 0, release, tmp_path / "cache", "--rate", "20M", "--duration", "3s")
+    tx = serve(net, 0, release, tmp_path / "cache", "--rate", "20M", "--duration", "3s")
     try:
         seen = result(rx)
         out, err = tx.communicate(timeout=30)
@@ -140,7 +104,7 @@ def test_every_datagram_is_well_formed_and_the_rate_holds_within_5_percent(
 
     assert seen["problems"] == {}
     assert seen["sessions"] == {release.session: sum(seen["kinds"].values())}  # type: ignore[attr-defined]
-    assert set(seen["per_source"]) == {lan3.hosts[0].address}  # type: ignore[arg-type]
+    assert set(seen["per_source"]) == {net.hosts[0].address}  # type: ignore[arg-type]
     data_size = release.layout.datagram_size
     assert data_size == 1228
     sizes = {int(k): v for k, v in seen["sizes"].items()}  # type: ignore[attr-defined]
@@ -157,15 +121,16 @@ def test_every_datagram_is_well_formed_and_the_rate_holds_within_5_percent(
 
 
 def test_two_senders_at_0_of_2_and_1_of_2_emit_disjoint_symbols(
-    lan3: Lan, release: Release, tmp_path: Path
+    lan: LanFactory, release: Sent, tmp_path: Path
 ) -> None:
+    net = lan(3)
     # With a repair pool of 2 x (1 + overhead) - 1 = 120% of K, each sender's whole pass is
     # its own half of the cycle.
-    rx = listen(lan3, 2, release, 5.0)
+    rx = listen(net, 2, release, 5.0)
     time.sleep(0.3)
     common = ("--rate", "10M", "--loops", "1", "--repair", "120%")
-    tx0 = serve(lan3, 0, release, tmp_path / "c0", "--sender", "0/2", *common)
-    tx1 = serve(lan3, 1, release, tmp_path / "c1", "--sender", "1/2", *common)
+    tx0 = serve(net, 0, release, tmp_path / "c0", "--sender", "0/2", *common)
+    tx1 = serve(net, 1, release, tmp_path / "c1", "--sender", "1/2", *common)
     try:
         seen = result(rx)
         for tx in (tx0, tx1):
@@ -175,7 +140,7 @@ def test_two_senders_at_0_of_2_and_1_of_2_emit_disjoint_symbols(
     by_source: dict[str, set[tuple[int, int]]] = {}
     for source, chunk, esi in seen["symbols"]:  # type: ignore[attr-defined]
         by_source.setdefault(source, set()).add((chunk, esi))
-    a, b = (by_source[h.address] for h in lan3.hosts[:2])
+    a, b = (by_source[h.address] for h in net.hosts[:2])
     assert not a & b
     manifest = parse_envelope(release.manifest.read_bytes()).manifest
     for chunk in range(manifest.chunk_count):
@@ -186,12 +151,13 @@ def test_two_senders_at_0_of_2_and_1_of_2_emit_disjoint_symbols(
 
 
 def test_a_receiver_joining_mid_loop_has_the_manifest_within_a_second(
-    lan3: Lan, release: Release, tmp_path: Path
+    lan: LanFactory, release: Sent, tmp_path: Path
 ) -> None:
-    tx = serve(lan3, 0, release, tmp_path / "cache", "--rate", "20M", "--duration", "6s")
+    net = lan(3)
+    tx = serve(net, 0, release, tmp_path / "cache", "--rate", "20M", "--duration", "6s")
     try:
         time.sleep(2.0)
-        rx = listen(lan3, 1, release, 2.0)
+        rx = listen(net, 1, release, 2.0)
         seen = result(rx)
     finally:
         stop([tx])
@@ -207,53 +173,53 @@ def _one_line_error(process: subprocess.CompletedProcess[str]) -> str:
 
 
 def serve_once(
-    lan: Lan, release: Release, cache: Path, *args: str, image: Path | None = None
+    lan: Lan, release: Sent, cache: Path, *args: str, image: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run `serve` to completion in the first host (eth0 unless --interface is given)."""
-    interface = () if "--interface" in args else ("--interface", "eth0")
-    return lan.hosts[0].run(
-        *signer(
-            "serve",
-            str(release.manifest),
-            str(image or release.image),
-            *interface,
-            "--cache-dir",
-            str(cache),
-            *args,
-        )
+    """Run `serve` to completion in the first host (eth0 unless --interface is given), with
+    its human-readable output."""
+    return subprocess.run(
+        serve_command(lan.hosts[0], release.release, cache, *args, image=image, json_lines=False),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
-def test_missing_interface_is_a_clear_error(lan3: Lan, release: Release, tmp_path: Path) -> None:
-    done = serve_once(lan3, release, tmp_path, "--interface", "eth9")
+def test_missing_interface_is_a_clear_error(lan: LanFactory, release: Sent, tmp_path: Path) -> None:
+    net = lan(3)
+    done = serve_once(net, release, tmp_path, "--interface", "eth9")
     assert done.returncode == NetworkError.exit_code
     assert "interface 'eth9' does not exist" in _one_line_error(done)
 
 
 def test_source_address_not_on_the_interface_is_a_clear_error(
-    lan3: Lan, release: Release, tmp_path: Path
+    lan: LanFactory, release: Sent, tmp_path: Path
 ) -> None:
-    done = serve_once(lan3, release, tmp_path, "--source", "fd51::99")
+    net = lan(3)
+    done = serve_once(net, release, tmp_path, "--source", "fd51::99")
     assert done.returncode == NetworkError.exit_code
     assert "fd51::99 is not on interface eth0" in _one_line_error(done)
 
 
 def test_image_not_matching_the_manifest_is_refused_before_sending(
-    lan3: Lan, release: Release, tmp_path: Path
+    lan: LanFactory, release: Sent, tmp_path: Path
 ) -> None:
+    net = lan(3)
     other = tmp_path / "other.img"
     data = bytearray(release.image.read_bytes())
     data[CHUNK + 7] ^= 1
     other.write_bytes(bytes(data))
-    done = serve_once(lan3, release, tmp_path, image=other)
+    done = serve_once(net, release, tmp_path, image=other)
     assert done.returncode == ImageMismatch.exit_code
     assert "chunk 1 does not match" in _one_line_error(done)
 
 
 def test_a_rate_the_sender_cannot_reach_is_reported_with_what_it_reached(
-    lan3: Lan, release: Release, tmp_path: Path
+    lan: LanFactory, release: Sent, tmp_path: Path
 ) -> None:
-    done = serve_once(lan3, release, tmp_path, "--rate", "200G", "--duration", "3s")
+    net = lan(3)
+    done = serve_once(net, release, tmp_path, "--rate", "200G", "--duration", "3s")
     assert done.returncode == 0, done.stderr
     warning = [line for line in done.stdout.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1

@@ -35,8 +35,8 @@ from otacast.plugin.verify import verify_manifest
 from otacast.schemas import swupdate_ipc as ipc
 from otacast.schemas.policy import VerifiedManifest
 
-from .netns import Lan, stop
-from .release import CHANNEL, SIGNER, Release, fetch_command, serve
+from .netns import LanFactory, stop
+from .release import Release, install, serve
 
 BOARD = "board:1.0"
 # The daemon creates its sockets within a few hundred milliseconds; ten seconds means it failed.
@@ -163,19 +163,7 @@ def otacast_release(directory: Path, swu: Path) -> tuple[Release, VerifiedManife
     directory.mkdir(parents=True, exist_ok=True)
     image = directory / "update.swu"
     shutil.copyfile(swu, image)
-    key = directory / "release"
-    subprocess.run([SIGNER, "keygen", str(key)], check=True, capture_output=True)
-    subprocess.run(
-        [
-            SIGNER, "sign", str(image), "--key", str(key.with_suffix(".key")), "--sequence", "7",
-            "--device-type", "testboard", "--channel", CHANNEL, "--version", "2.1.0",
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    release = Release(
-        directory, image, directory / "update.swu.manifest.json", key.with_suffix(".pub")
-    )
+    release = Release.sign(image, sequence=7, extra=("--version", "2.1.0"))
     verified = verify_manifest(
         release.manifest.read_bytes(),
         load_trust([release.public], 1),
@@ -395,36 +383,25 @@ def test_swupdate_run_with_an_unreadable_key_names_swupdates_complaint(
 
 
 def test_otacast_install_receives_a_swu_over_multicast_and_swupdate_installs_it(
-    daemon: Daemon, vendor: Signer, tmp_path: Path
+    daemon: Daemon, vendor: Signer, lan: LanFactory, tmp_path: Path
 ) -> None:
     update = make_update(tmp_path, vendor)
-    lan = Lan.create(2)
+    sender, receiver = lan(2).hosts
+    tx = serve(sender, update.release, "--rate", "40M", "--duration", "120s")
     try:
-        sender, receiver = lan.hosts
-        tx = serve(sender, update.release, "--rate", "40M", "--duration", "120s")
-        try:
-            command = fetch_command(
-                receiver,
-                update.release,
-                tmp_path / "state",
-                tmp_path / "received.swu",
-                "--source",
-                sender.address,
-                "--join-timeout",
-                "5",
-            )
-            command[command.index("fetch")] = "install"
-            done = subprocess.run(
-                [*command, "--installer", f"swupdate:{daemon.directory}"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-        finally:
-            stop([tx])
+        done = install(
+            receiver,
+            update.release,
+            tmp_path / "state",
+            tmp_path / "received.swu",
+            f"swupdate:{daemon.directory}",
+            "--source",
+            sender.address,
+            "--join-timeout",
+            "5",
+        )
     finally:
-        lan.delete()
+        stop([tx])
     assert done.returncode == 0, done.stderr
     installed = json.loads(done.stdout.splitlines()[-1])
     assert installed["event"] == "installed" and installed["status"] == "installed"

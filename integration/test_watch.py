@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import queue
-import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,8 +17,8 @@ import pytest
 from otacast.schemas import addressing
 
 from . import services
-from .netns import Host, Lan, stop
-from .release import CHANNEL, DEVICE, SIGNER, Release, serve
+from .netns import Host, LanFactory, stop
+from .release import CHANNEL, DEVICE, Release, publish, serve
 
 MB = 1_000_000
 # Every wait for the daemon is bounded: a hung daemon fails the test instead of the run.
@@ -45,15 +43,6 @@ kinds = [
 for i in range(count):
     s.sendto(kinds[i % len(kinds)](), (group, port))
 """
-
-
-@pytest.fixture
-def lan() -> Iterator[Lan]:
-    lan = Lan.create(3)
-    try:
-        yield lan
-    finally:
-        lan.delete()
 
 
 class Daemon:
@@ -115,20 +104,14 @@ class Daemon:
 def release_pair(directory: Path, www: Path) -> tuple[Release, Release]:
     """v1 (sequence 1) and v2 (sequence 2, mirrored on the sender host), one release key."""
     v1 = Release.make(directory / "v1", 2 * MB, sequence=1)
-    (directory / "v2").mkdir()
-    for suffix in (".key", ".pub"):  # Release.make reuses a key found in its directory
-        shutil.copy2(v1.public.with_suffix(suffix), directory / "v2" / f"release{suffix}")
     v2 = Release.make(
         directory / "v2",
         4 * MB,
         sequence=2,
         http_url="http://[fd51::1]:8080/rel/rootfs.img",
+        key_from=v1,
     )
-    subprocess.run(
-        [SIGNER, "publish", str(v2.manifest), str(v2.image), "--root", str(www)],
-        check=True,
-        capture_output=True,
-    )
+    publish(v2, www)
     return v1, v2
 
 
@@ -155,9 +138,10 @@ def send_garbage(host: Host) -> None:
 
 
 def test_watch_installs_releases_in_order_and_survives_replay_garbage_and_a_killed_sender(
-    lan: Lan, tmp_path: Path
+    lan: LanFactory, tmp_path: Path
 ) -> None:
-    sender, device = lan.hosts[0], lan.hosts[2]
+    net = lan(3)
+    sender, device = net.hosts[0], net.hosts[2]
     www = tmp_path / "www"
     v1, v2 = release_pair(tmp_path, www)
     target = tmp_path / "slot.img"
@@ -232,9 +216,10 @@ def _refusal_of(installed: int, older: int | None = None) -> str:
 
 
 def test_watch_retries_a_failing_installer_with_backoff_then_installs(
-    lan: Lan, tmp_path: Path
+    lan: LanFactory, tmp_path: Path
 ) -> None:
-    sender, device = lan.hosts[0], lan.hosts[2]
+    net = lan(3)
+    sender, device = net.hosts[0], net.hosts[2]
     release = Release.make(tmp_path / "v1", 1 * MB, sequence=1)
     installed = tmp_path / "installed.img"
     script = tmp_path / "apply"

@@ -1,4 +1,4 @@
-"""The sender's half of packet authentication: AUTH pages and when to send them.
+"""The sender's half of packet authentication: building and signing AUTH pages.
 
 Theory of operation
 -------------------
@@ -10,15 +10,9 @@ MTU), builds them from the last page to the first so that each can carry the lin
 checks one signature per chunk and the rest of that chunk's pages by hash
 (`otacast.plugin.auth`).
 
-`AuthCarousel` decides which pages go out ahead of a run of DATA datagrams: a page is sent, twice,
-just before a run that reaches into it, unless it was already sent within the last
-``REPEAT_AFTER_PAGES`` pages' worth of DATA datagrams.  Within a pass, a page's datagrams follow
-each other within about a window's round-robin (capacity x window datagrams, well inside that
-gap), so each page goes out twice per pass; a later pass, a cycle that wraps, or a second sender
-starting mid-page comes later than the gap and gets fresh copies.  One lost copy therefore costs
-nothing, and datagrams that arrive before their page (reordering) are held by the receiver
-until a copy arrives.  The gap is far below the receiver's memory of digests
-(``MAX_AUTH_DIGESTS``), so data whose page went out within it is still vouched for.
+When each page goes out is the sender core's decision (`otacast.signer.schedule`: its
+`SendAuth` action names a chunk's pages and how many copies); `AuthPages` holds the signed pages
+and turns such an action into the datagrams to send, counting what they add.
 
 The pages add about 2% to the bytes sent (10 bytes per datagram, twice, plus headers and
 signatures); they are not paced, so the wire rate is that much above the configured rate.
@@ -31,14 +25,9 @@ from collections.abc import Callable, Sequence
 from otacast.schemas import wire
 
 from . import symbol_cache
+from .schedule import SendAuth
 
 Sign = Callable[[bytes], bytes]
-
-# Copies of a page sent together (see the module doc).
-COPIES = 2
-# A page is sent again once this many pages' worth of DATA datagrams went out since its last
-# copies: twice a window's round-robin of 8 chunks.
-REPEAT_AFTER_PAGES = 16
 
 
 def chunk_pages(
@@ -84,27 +73,21 @@ def release_pages(
     ]
 
 
-class AuthCarousel:
-    """Which AUTH datagrams to send before each run of DATA datagrams (sans-IO)."""
+class AuthPages:
+    """A release's signed AUTH pages, and the datagrams a `SendAuth` action names."""
 
-    def __init__(self, pages: Sequence[Sequence[bytes]], capacity: int) -> None:
+    def __init__(self, pages: Sequence[Sequence[bytes]]) -> None:
         self.pages = pages
-        self.capacity = capacity
-        self.gap = capacity * REPEAT_AFTER_PAGES
-        self._last: dict[tuple[int, int], int] = {}  # page -> DATA datagrams sent before it
-        self._sent = 0
         self.datagrams = 0
         self.bytes = 0
 
-    def before(self, chunk: int, first: int, count: int) -> list[bytes]:
-        """The pages to send before datagrams ``first .. first+count-1`` of `chunk`'s cycle."""
-        out: list[bytes] = []
-        for index in range(first // self.capacity, (first + count - 1) // self.capacity + 1):
-            last = self._last.get((chunk, index))
-            if last is None or self._sent - last > self.gap:
-                out += [self.pages[chunk][index]] * COPIES
-                self._last[(chunk, index)] = self._sent
-        self._sent += count
+    def count(self) -> int:
+        return sum(len(p) for p in self.pages)
+
+    def for_action(self, action: SendAuth) -> list[bytes]:
+        """Each named page of the chunk, ``copies`` times in a row, in the order named."""
+        chunk = self.pages[action.chunk]
+        out = [chunk[index] for index in action.pages for _ in range(action.copies)]
         self.datagrams += len(out)
         self.bytes += sum(len(d) for d in out)
         return out

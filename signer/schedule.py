@@ -26,6 +26,19 @@ decoders only for the windows in flight (one per sender it hears), which bounds 
 sent before further data, so a receiver joining at any point has the manifest within about one
 interval.
 
+*AUTH pages* (packet authentication, optional).  Every chunk's cycle is cut into AUTH pages of
+``auth_capacity`` digests each (`otacast.signer.auth_pages` builds and signs them).  Before a
+data batch that reaches into a page, the core emits `SendAuth` naming that page, to be sent
+``AUTH_COPIES`` times, unless it was already sent within the last ``AUTH_REPEAT_AFTER_PAGES``
+pages' worth of DATA datagrams (`AuthTiming`); the next action is then always that data batch.
+Within a pass a page's datagrams follow each other within about a window's round-robin
+(capacity x window datagrams, well inside that gap), so each page goes out twice per pass; a
+later pass, a cycle that wraps, or a second sender starting mid-page comes later than the gap and
+gets fresh copies.  One lost copy therefore costs nothing, and datagrams that arrive before their
+page (reordering) are held by the receiver until a copy arrives.  The gap is far below the
+receiver's memory of digests (``MAX_AUTH_DIGESTS``), so data whose page went out within it is
+still vouched for.  AUTH pages are not paced: they add about 2% above the configured rate.
+
 *Pacing.*  A token bucket in bytes, refilled at ``rate`` bytes/s and capped at
 ``BURST_SECONDS`` of rate.  An action is released while the bucket is not negative and its size
 is then subtracted, so long-run rate is exact whatever the action sizes; ``rate = 0`` means
@@ -49,6 +62,12 @@ MIN_MANIFEST_INTERVAL = 0.25
 # ... but never use more than this share of the paced rate.
 MAX_MANIFEST_SHARE = 0.05
 
+# Copies of an AUTH page sent together (see the module doc).
+AUTH_COPIES = 2
+# An AUTH page is sent again once this many pages' worth of DATA datagrams went out since its
+# last copies: twice a window's round-robin of 8 chunks.
+AUTH_REPEAT_AFTER_PAGES = 16
+
 
 @dataclass(frozen=True)
 class SendSymbols:
@@ -67,6 +86,17 @@ class SendManifest:
 
 
 @dataclass(frozen=True)
+class SendAuth:
+    """Send AUTH pages ``pages`` of chunk ``chunk``, each ``copies`` times in a row, in order.
+
+    The core's next action is always the `SendSymbols` these pages vouch for."""
+
+    chunk: int
+    pages: tuple[int, ...]
+    copies: int
+
+
+@dataclass(frozen=True)
 class Wait:
     until: float
 
@@ -76,7 +106,7 @@ class Finished:
     reason: str
 
 
-Action = SendSymbols | SendManifest | Wait | Finished
+Action = SendSymbols | SendManifest | SendAuth | Wait | Finished
 
 
 @dataclass
@@ -95,15 +125,47 @@ def manifest_interval(manifest_bytes: int, rate: float) -> float:
 
 
 def per_pass(source: int, cycle: int, overhead: float) -> int:
+    """Symbols of a chunk sent per pass: its K source symbols plus `overhead`, within its cycle."""
     return min(cycle, math.ceil(source * (1 + overhead)))
 
 
+class AuthTiming:
+    """Which AUTH pages go out ahead of each run of DATA datagrams (see the module doc)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("an AUTH page holds at least one digest")
+        self.capacity = capacity
+        self.gap = capacity * AUTH_REPEAT_AFTER_PAGES
+        self._last: dict[tuple[int, int], int] = {}  # page -> DATA datagrams sent before it
+        self._sent = 0
+
+    def before(self, chunk: int, first: int, count: int) -> tuple[int, ...]:
+        """The pages of `chunk` to send before its datagrams ``first .. first+count-1``."""
+        out: list[int] = []
+        for index in range(first // self.capacity, (first + count - 1) // self.capacity + 1):
+            last = self._last.get((chunk, index))
+            if last is None or self._sent - last > self.gap:
+                out.append(index)
+                self._last[(chunk, index)] = self._sent
+        self._sent += count
+        return tuple(out)
+
+
 class SenderCore:
+    """The carousel schedule of one sender on one rate channel.
+
+    `cycles` and `sources` give each chunk's cycle length and its K source symbols; a pass sends
+    ``per_pass(K, cycle, overhead)`` symbols of every chunk.  With `auth_capacity` (digests per
+    AUTH page) the core also emits `SendAuth` actions; without it, packet authentication is off.
+    """
+
     def __init__(
         self,
         cycles: Sequence[int],
-        sends: Sequence[int],
+        sources: Sequence[int],
         *,
+        overhead: float,
         datagram_size: int,
         batch: int,
         window: int,
@@ -114,15 +176,18 @@ class SenderCore:
         sender_count: int = 1,
         passes: int | None = None,
         duration: float | None = None,
+        auth_capacity: int | None = None,
     ) -> None:
-        if not cycles or len(cycles) != len(sends):
-            raise ValueError("one cycle length and one pass length per chunk")
+        if not cycles or len(cycles) != len(sources):
+            raise ValueError("one cycle length and one source symbol count per chunk")
+        if overhead < 0:
+            raise ValueError("overhead must not be negative")
         if not 0 <= sender_index < sender_count:
             raise ValueError("sender index must be in 0..count-1")
         if batch < 1 or window < 1 or rate < 0:
             raise ValueError("batch and window must be positive, rate not negative")
         self.cycles = tuple(cycles)
-        self.sends = tuple(min(s, c) for s, c in zip(sends, cycles, strict=True))
+        self.sends = tuple(per_pass(k, c, overhead) for k, c in zip(sources, cycles, strict=True))
         self.datagram_size = datagram_size
         # A batch is at most one burst allowance, so a slow rate is paced per datagram and the
         # rate over any second stays within about a percent of the target.
@@ -144,6 +209,8 @@ class SenderCore:
         self._last = now
         self._next_manifest = now
         self._pending_manifest: deque[bytes] = deque()
+        self._auth = AuthTiming(auth_capacity) if auth_capacity is not None else None
+        self._vouched: SendSymbols | None = None  # the data batch a SendAuth just announced
         self._plan = self._walk()
         self._next_data = self._advance()
 
@@ -198,6 +265,10 @@ class SenderCore:
 
     def next_action(self, now: float) -> Action:
         """The next thing to do at time `now`; a returned send is assumed done."""
+        if self._vouched is not None:
+            # Already paced and counted when its pages were announced: it follows them at once.
+            action, self._vouched = self._vouched, None
+            return action
         if self.end is not None and now >= self.end:
             return Finished("duration")
         if self.passes is not None and self.stats.passes >= self.passes:
@@ -227,6 +298,11 @@ class SenderCore:
         self._spend(action.nbytes)
         self.stats.data_packets += action.count
         self.stats.data_bytes += action.nbytes
+        if self._auth is not None:
+            pages = self._auth.before(action.chunk, action.first, action.count)
+            if pages:
+                self._vouched = action
+                return SendAuth(action.chunk, pages, AUTH_COPIES)
         return action
 
     def _advance(self) -> SendSymbols:

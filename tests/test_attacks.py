@@ -4,7 +4,7 @@ Every test feeds the sans-IO `ReceiverCore` what an attacker on the LAN could se
 an injected clock) and asserts the two rules of issue 6: nothing forged ever comes out of the
 core as a verified chunk or session, and the honest release still completes afterwards.  The
 network half, with real senders, an injecting attacker, nginx and `otacast fetch`, is
-``integration/test_attacks.py``.
+``integration/test_attacks_*.py`` (one file per attack surface).
 
 Two attacks that packet authentication does not cover are checked here too: a flood of forged
 DATA must still let the stall timer ask for fallback, and forged MANIFEST fragments must not keep
@@ -36,12 +36,10 @@ from otacast.schemas.limits import (
 from otacast.schemas.manifest import Chunking, Envelope, ImageInfo, Manifest, Signature
 from otacast.schemas.manifest import signing_message as manifest_message
 from otacast.schemas.policy import TrustSet
-from otacast.signer.encoder import raptorq_encode
 from otacast.signer.keys import SigningKey
 from otacast.signer.sign import sign
 
-from .manifests import manifest_for
-from .test_receiver_core import (
+from .helpers import (
     CHUNK,
     DATA,
     IMAGE,
@@ -49,11 +47,13 @@ from .test_receiver_core import (
     MANIFEST,
     NOW,
     TRUST,
+    cycles,
     drain,
     interleaved,
     manifest_datagrams,
     rebuilt,
     receive_all,
+    reference_envelope,
 )
 
 
@@ -92,14 +92,7 @@ def unchecked_envelope(manifest: Manifest, keys: list[SigningKey]) -> Envelope:
 
 def data_of(envelope: Envelope, image: bytes) -> list[bytes]:
     """Every source symbol of another release, as DATA datagrams of its session."""
-    m = envelope.manifest
-    out = []
-    for index in range(m.chunk_count):
-        offset, length = m.chunk_span(index)
-        head = wire.build_datagram(wire.DataPacket(m.session_id, index, 0, b"x"))[:16]
-        packets = raptorq_encode(image[offset : offset + length], m.fec.symbol_size, 0)
-        out += [head + packet for packet in packets]
-    return out
+    return [d for cycle in cycles(envelope.manifest, image, 0) for d in cycle]
 
 
 # --- Replay of an older valid release --------------------------------------------------------
@@ -111,7 +104,7 @@ OLD_IMAGE = random.Random(99).randbytes(2 * CHUNK + 17)
 def test_replay_of_an_older_release_is_refused_by_sequence_counted_and_the_new_one_completes(
     old_sequence: int,
 ) -> None:
-    old = sign(manifest_for(OLD_IMAGE, sequence=old_sequence, chunk_size=CHUNK), [KEY])
+    old = reference_envelope(OLD_IMAGE, sequence=old_sequence)
     made, factory = spy_factory()
     core = ReceiverCore(TRUST, now=NOW, installed_sequence=4, decoder_factory=factory)
     replayed = data_of(old, OLD_IMAGE)

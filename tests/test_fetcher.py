@@ -28,7 +28,7 @@ import requests
 from otacast.plugin.errors import FetchError
 from otacast.plugin.fetcher import MAX_BACKOFF, HttpFetcher
 
-from .manifests import manifest_for
+from .helpers import manifest_for
 
 CHUNK = 64 * 1024
 IMAGE = random.Random(1).randbytes(3 * CHUNK + 1000)

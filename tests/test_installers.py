@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import stat
 from pathlib import Path
 
 import pytest
@@ -13,34 +12,22 @@ from otacast.plugin.installed import read_installed, write_installed
 from otacast.plugin.installers import get_installer
 from otacast.plugin.installers.command import CommandInstaller
 from otacast.plugin.installers.file import FileInstaller
-from otacast.plugin.verify import verify_manifest
-from otacast.schemas.policy import TrustSet, VerifiedManifest
+from otacast.schemas.policy import VerifiedManifest
 from otacast.signer.keys import SigningKey
-from otacast.signer.sign import sign
 
-from .manifests import manifest_for
+from .helpers import make_release, read_only_file, shell_script
 
 KEY = SigningKey(b"\x08" * 32)
 IMAGE = random.Random(3).randbytes(70_000)
 
 
 def verified(sequence: int = 5) -> VerifiedManifest:
-    envelope = sign(manifest_for(IMAGE, sequence=sequence), [KEY])
-    return verify_manifest(
-        envelope.compact_bytes,
-        TrustSet.from_public_keys([KEY.public]),
-        now=1_800_000_000,
-        device_type=None,
-        installed_sequence=None,
-    )
+    return make_release(IMAGE, KEY, sequence=sequence).verified()
 
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "image.bin"
-    path.write_bytes(IMAGE)
-    path.chmod(0o444)  # installers get a read-only image
-    return path
+    return read_only_file(tmp_path / "image.bin", IMAGE)
 
 
 def test_file_install_replaces_the_target_and_rollback_restores_the_previous(
@@ -73,18 +60,13 @@ def test_file_install_into_a_missing_directory_is_a_clear_error(
         FileInstaller(tmp_path / "missing" / "slot.img").install(image, verified())
 
 
-def _script(tmp_path: Path, body: str) -> Path:
-    script = tmp_path / "apply.sh"
-    script.write_text("#!/bin/sh\n" + body)
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    return script
-
-
 def test_command_gets_the_image_path_and_the_release_in_its_environment(
     tmp_path: Path, image: Path
 ) -> None:
     log = tmp_path / "seen"
-    script = _script(tmp_path, f'echo "$OTACAST_SEQUENCE $OTACAST_SHA256 $1" > {log}\necho ok\n')
+    script = shell_script(
+        tmp_path / "apply.sh", f'echo "$OTACAST_SEQUENCE $OTACAST_SHA256 $1" > {log}\necho ok\n'
+    )
     result = CommandInstaller(str(script)).install(image, verified(sequence=9))
     assert result.status == "installed" and result.detail == "ok"
     sequence, sha, path = log.read_text().split()
@@ -94,22 +76,26 @@ def test_command_gets_the_image_path_and_the_release_in_its_environment(
 
 def test_command_exit_3_means_installed_after_a_reboot(tmp_path: Path, image: Path) -> None:
     assert (
-        CommandInstaller(str(_script(tmp_path, "exit 3\n"))).install(image, verified()).status
+        CommandInstaller(str(shell_script(tmp_path / "apply.sh", "exit 3\n")))
+        .install(image, verified())
+        .status
         == "needs-reboot"
     )
 
 
 def test_command_failure_reports_its_last_error_line(tmp_path: Path, image: Path) -> None:
-    script = _script(tmp_path, "echo starting >&2\necho 'partition is busy' >&2\nexit 1\n")
+    script = shell_script(
+        tmp_path / "apply.sh", "echo starting >&2\necho 'partition is busy' >&2\nexit 1\n"
+    )
     with pytest.raises(InstallError, match="failed: partition is busy"):
         CommandInstaller(str(script)).install(image, verified())
 
 
 def test_command_that_hangs_is_stopped(tmp_path: Path, image: Path) -> None:
     with pytest.raises(InstallError, match="did not finish"):
-        CommandInstaller(str(_script(tmp_path, "sleep 10\n")), timeout=0.5).install(
-            image, verified()
-        )
+        CommandInstaller(
+            str(shell_script(tmp_path / "apply.sh", "sleep 10\n")), timeout=0.5
+        ).install(image, verified())
 
 
 @pytest.mark.parametrize(

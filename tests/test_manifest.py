@@ -28,7 +28,7 @@ from otacast.schemas.manifest import (
 )
 from otacast.schemas.validation import schema_document
 
-from .manifests import manifest_for
+from .helpers import manifest_for
 
 GOLDEN = Path(__file__).parent / "golden"
 # The golden envelope was signed with the Ed25519 seed 32 x 0x01 (a test-only key).
@@ -192,7 +192,7 @@ def test_a_schema_error_on_a_long_value_still_names_the_rule_it_breaks() -> None
     from otacast.signer.keys import SigningKey
     from otacast.signer.sign import sign
 
-    from .manifests import manifest_for
+    from .helpers import manifest_for
 
     document = json.loads(
         sign(manifest_for(b"x" * 70000), [SigningKey(b"\x01" * 32)]).to_file_bytes()

@@ -30,7 +30,7 @@ from otacast.signer.errors import UsageError as SignerUsageError
 from otacast.signer.keys import SigningKey
 from otacast.signer.sign import sign
 
-from .manifests import manifest_for
+from .helpers import manifest_for
 
 KEY = SigningKey(b"\x0b" * 32)
 IMAGE = random.Random(5).randbytes(100_000)

@@ -11,23 +11,28 @@ import random
 from collections import Counter
 
 import pytest
-import raptorq
 from hypothesis import given
 from hypothesis import strategies as st
 
 from otacast.plugin.auth import PacketAuthenticator, SignatureCheck
 from otacast.plugin.core import ReceiverCore
-from otacast.plugin.events import ChunkComplete, Event, ImageComplete, ManifestRefused
+from otacast.plugin.events import ChunkComplete, ImageComplete, ManifestRefused
 from otacast.plugin.verify import check_signature
 from otacast.schemas import wire
 from otacast.schemas.limits import UNTRUSTED_AUTH_VERIFY_RATE
-from otacast.schemas.manifest import Envelope, StreamKey
 from otacast.schemas.policy import TrustSet
-from otacast.signer.auth_pages import AuthCarousel, chunk_pages
+from otacast.signer.auth_pages import AuthPages
 from otacast.signer.keys import SigningKey
-from otacast.signer.sign import sign
+from otacast.signer.schedule import AUTH_COPIES, AuthTiming, SendAuth
 
-from .manifests import manifest_for
+from .helpers import (
+    auth_pages,
+    cycles,
+    make_release,
+    manifest_datagrams,
+    rebuilt,
+    receive_from,
+)
 
 RELEASE_KEY = SigningKey(b"\x03" * 32)
 STREAM_KEY = SigningKey(b"\x05" * 32)
@@ -39,47 +44,16 @@ IMAGE = random.Random(11).randbytes(3 * CHUNK + 999)
 SENDER = "fd51::1"
 ATTACKER = "fd51::66"
 
-
-def _release(stream_keys: tuple[StreamKey, ...]) -> Envelope:
-    manifest = dataclasses.replace(
-        manifest_for(IMAGE, sequence=5, chunk_size=CHUNK), stream_keys=stream_keys
-    )
-    return sign(manifest, [RELEASE_KEY])
-
-
-ENVELOPE = _release((StreamKey(0, STREAM_KEY.public),))
-PLAIN = _release(())
+ENVELOPE = make_release(
+    IMAGE, RELEASE_KEY, sequence=5, chunk_size=CHUNK, stream_keys=[STREAM_KEY]
+).envelope  # STREAM_KEY is sender 0
+PLAIN = make_release(IMAGE, RELEASE_KEY, sequence=5, chunk_size=CHUNK).envelope
 MANIFEST = ENVELOPE.manifest
 SIZE = wire.data_datagram_size(MANIFEST.fec.symbol_size)
 CAPACITY = wire.auth_capacity(SIZE)
-
-
-def _manifest_datagrams(envelope: Envelope) -> list[bytes]:
-    return [
-        wire.build_datagram(p)
-        for p in wire.fragment_envelope(
-            envelope.manifest.session_id, envelope.envelope_id, envelope.compact_bytes, SIZE
-        )
-    ]
-
-
-def _cycles(envelope: Envelope, repair: int = 200) -> list[list[bytes]]:
-    """Each chunk's DATA datagrams as a sender's cycle holds them: source, then repair."""
-    m = envelope.manifest
-    out = []
-    for index in range(m.chunk_count):
-        offset, length = m.chunk_span(index)
-        encoder = raptorq.Encoder.with_defaults(IMAGE[offset : offset + length], m.fec.symbol_size)
-        prefix = wire.build_datagram(wire.DataPacket(m.session_id, index, 0, b"x"))[:16]
-        out.append([prefix + p for p in encoder.get_encoded_packets(repair)])
-    return out
-
-
-CYCLES = _cycles(ENVELOPE)
-PAGES = [
-    chunk_pages(MANIFEST.session_id, 0, i, b"".join(c), SIZE, CAPACITY, STREAM_KEY.signer())
-    for i, c in enumerate(CYCLES)
-]
+REPAIR = 200  # repair symbols per chunk: each cycle spans several AUTH pages
+CYCLES = cycles(MANIFEST, IMAGE, REPAIR)
+PAGES = auth_pages(MANIFEST, CYCLES, STREAM_KEY)
 
 
 def _forged(chunk: int, esi: int, seed: int) -> bytes:
@@ -90,7 +64,7 @@ def _forged(chunk: int, esi: int, seed: int) -> bytes:
 
 def _stream(forged_per_datagram: int = 0) -> list[tuple[bytes, str]]:
     """Pages then their data, chunk after chunk, with forged repair symbols mixed in."""
-    out = [(d, SENDER) for d in _manifest_datagrams(ENVELOPE)]
+    out = [(d, SENDER) for d in manifest_datagrams(ENVELOPE)]
     seed = 0
     for chunk, cycle in enumerate(CYCLES):
         for position, datagram in enumerate(cycle):
@@ -104,25 +78,11 @@ def _stream(forged_per_datagram: int = 0) -> list[tuple[bytes, str]]:
     return out
 
 
-def _run(core: ReceiverCore, stream: list[tuple[bytes, str]], now: float = NOW) -> list[Event]:
-    events: list[Event] = []
-    for datagram, source in stream:
-        core.receive_datagram(datagram, source, now)
-        while (event := core.next_event()) is not None:
-            events.append(event)
-    return events
-
-
-def _image(events: list[Event]) -> bytes:
-    chunks = {e.index: e.data for e in events if isinstance(e, ChunkComplete)}
-    return b"".join(chunks[i] for i in sorted(chunks))
-
-
 def test_forged_symbols_never_reach_a_decoder_when_packets_are_authenticated() -> None:
     core = ReceiverCore(TRUST, now=NOW)
-    events = _run(core, _stream(forged_per_datagram=3))
+    events = receive_from(core, _stream(forged_per_datagram=3))
     assert isinstance(events[-1], ImageComplete)
-    assert _image(events) == IMAGE
+    assert rebuilt(events) == IMAGE
     assert core.authenticator is not None
     assert core.stats.rejected["chunk-hash-mismatch"] == 0
     assert core.stats.rejected["decoder-fault"] == 0
@@ -137,7 +97,7 @@ def test_without_packet_authentication_the_same_forgeries_spoil_decodes() -> Non
     # The attack the mechanism exists for: with it off, forged symbols are decoded and the
     # chunks they pollute fail their hash (the image still never contains a forged byte).
     core = ReceiverCore(TRUST, now=NOW, packet_auth="off")
-    events = _run(core, _stream(forged_per_datagram=3))
+    events = receive_from(core, _stream(forged_per_datagram=3))
     assert core.authenticator is None
     assert core.stats.rejected["chunk-hash-mismatch"] > 0
     assert core.stats.auth_ignored == sum(len(p) for p in PAGES)
@@ -151,10 +111,10 @@ def test_without_packet_authentication_the_same_forgeries_spoil_decodes() -> Non
 
 def test_data_that_arrives_before_its_page_is_held_and_released_by_it() -> None:
     core = ReceiverCore(TRUST, now=NOW)
-    _run(core, [(d, SENDER) for d in _manifest_datagrams(ENVELOPE)])
-    _run(core, [(d, SENDER) for d in CYCLES[0][:CAPACITY]])
+    receive_from(core, [(d, SENDER) for d in manifest_datagrams(ENVELOPE)])
+    receive_from(core, [(d, SENDER) for d in CYCLES[0][:CAPACITY]])
     assert core.stats.symbols_used == 0
-    events = _run(core, [(PAGES[0][0], SENDER)])
+    events = receive_from(core, [(PAGES[0][0], SENDER)])
     assert core.authenticator is not None
     assert core.authenticator.stats.datagrams_released == CAPACITY  # every one it lists
     assert [e.index for e in events if isinstance(e, ChunkComplete)] == [0]
@@ -163,9 +123,9 @@ def test_data_that_arrives_before_its_page_is_held_and_released_by_it() -> None:
 def test_pages_and_data_heard_before_the_manifest_are_replayed_once_it_is_verified() -> None:
     core = ReceiverCore(TRUST, now=NOW)
     early = [(PAGES[0][0], SENDER)] + [(d, SENDER) for d in CYCLES[0][:50]]
-    _run(core, early)
+    receive_from(core, early)
     assert core.verified is None
-    _run(core, [(d, SENDER) for d in _manifest_datagrams(ENVELOPE)])
+    receive_from(core, [(d, SENDER) for d in manifest_datagrams(ENVELOPE)])
     assert core.stats.symbols_used == 50
 
 
@@ -264,7 +224,7 @@ def test_a_second_copy_of_an_accepted_page_costs_one_lookup() -> None:
 
 def test_require_policy_refuses_a_release_without_stream_keys() -> None:
     core = ReceiverCore(TRUST, now=NOW, packet_auth="require")
-    events = _run(core, [(d, SENDER) for d in _manifest_datagrams(PLAIN)])
+    events = receive_from(core, [(d, SENDER) for d in manifest_datagrams(PLAIN)])
     assert core.verified is None
     refused = [e for e in events if isinstance(e, ManifestRefused)]
     assert refused and "requires packet authentication" in refused[0].message
@@ -273,11 +233,11 @@ def test_require_policy_refuses_a_release_without_stream_keys() -> None:
 
 def test_auto_policy_decodes_a_release_without_stream_keys_as_before() -> None:
     core = ReceiverCore(TRUST, now=NOW)
-    plain_cycles = _cycles(PLAIN)
-    stream = [(d, SENDER) for d in _manifest_datagrams(PLAIN)]
+    plain_cycles = cycles(PLAIN.manifest, IMAGE, REPAIR)
+    stream = [(d, SENDER) for d in manifest_datagrams(PLAIN)]
     stream += [(d, SENDER) for cycle in plain_cycles for d in cycle]
-    events = _run(core, stream)
-    assert core.authenticator is None and _image(events) == IMAGE
+    events = receive_from(core, stream)
+    assert core.authenticator is None and rebuilt(events) == IMAGE
 
 
 def test_an_unknown_policy_is_a_programming_error() -> None:
@@ -288,7 +248,7 @@ def test_an_unknown_policy_is_a_programming_error() -> None:
 @given(st.binary(max_size=1400))
 def test_arbitrary_auth_datagrams_of_the_session_never_raise(body: bytes) -> None:
     core = ReceiverCore(TRUST, now=NOW)
-    _run(core, [(d, SENDER) for d in _manifest_datagrams(ENVELOPE)])
+    receive_from(core, [(d, SENDER) for d in manifest_datagrams(ENVELOPE)])
     datagram = b"OC\x01\x03" + MANIFEST.session_id + body
     core.receive_datagram(datagram, ATTACKER, NOW)
     assert core.stats.symbols_used == 0
@@ -306,23 +266,32 @@ def test_pages_link_in_order_and_cover_every_datagram_of_the_cycle() -> None:
 
 def test_the_carousel_sends_each_page_twice_ahead_of_its_data_and_again_after_the_gap() -> None:
     cycles = [len(c) for c in CYCLES]
-    carousel = AuthCarousel(PAGES, CAPACITY)
+    timing = AuthTiming(CAPACITY)
+    pages = AuthPages(PAGES)
+
+    def before(chunk: int, first: int, count: int) -> list[bytes]:
+        # What the sender core's SendAuth names, as the driver turns it into datagrams.
+        named = timing.before(chunk, first, count)
+        return pages.for_action(SendAuth(chunk, named, AUTH_COPIES)) if named else []
+
     sent: Counter[bytes] = Counter()
     for chunk, length in enumerate(cycles):
         first = 0
         while first < length:
             count = min(40, length - first)
-            sent.update(carousel.before(chunk, first, count))
+            sent.update(before(chunk, first, count))
             # The page of every datagram in the run has gone out twice by now.
             for position in range(first, first + count):
                 assert sent[PAGES[chunk][position // CAPACITY]] == 2
             first += count
     assert set(sent.values()) == {2}
     assert len(sent) == sum(len(p) for p in PAGES)
-    assert carousel.before(0, 0, 40) == []  # sent just now
-    for _ in range(carousel.gap // 40 + 1):  # ... then a pass's worth of other data
-        carousel.before(1, 0, 40)
-    assert carousel.before(0, 0, 40) == [PAGES[0][0]] * 2
+    assert pages.datagrams == sum(sent.values())
+    assert pages.bytes == sum(len(d) * n for d, n in sent.items())
+    assert before(0, 0, 40) == []  # sent just now
+    for _ in range(timing.gap // 40 + 1):  # ... then a pass's worth of other data
+        before(1, 0, 40)
+    assert before(0, 0, 40) == [PAGES[0][0]] * 2
 
 
 def test_a_later_copy_of_an_accepted_page_admits_its_data_again_without_a_signature() -> None:

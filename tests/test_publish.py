@@ -15,7 +15,7 @@ from otacast.signer.errors import UsageError
 from otacast.signer.keys import SigningKey
 from otacast.signer.sign import sign
 
-from .manifests import manifest_for
+from .helpers import manifest_for
 
 SIGNER = str(Path(sys.executable).parent / "otacast-signer")
 

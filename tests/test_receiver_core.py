@@ -2,95 +2,37 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
-import raptorq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from otacast.plugin.core import ReceiverCore
 from otacast.plugin.events import (
     ChunkComplete,
-    Event,
     FallbackNeeded,
     ImageComplete,
     ManifestRefused,
     ManifestVerified,
 )
 from otacast.schemas import wire
-from otacast.schemas.manifest import Envelope
 from otacast.schemas.policy import TrustSet
 from otacast.signer.keys import SigningKey
-from otacast.signer.sign import sign
 
-from .manifests import manifest_for
-
-KEY = SigningKey(b"\x03" * 32)
-TRUST = TrustSet.from_public_keys([KEY.public])
-NOW = 1_800_000_000.0
-CHUNK = 65536
-IMAGE = random.Random(7).randbytes(3 * CHUNK + 4321)
-
-
-def release(image: bytes = IMAGE, sequence: int = 5) -> Envelope:
-    return sign(manifest_for(image, sequence=sequence, chunk_size=CHUNK), [KEY])
-
-
-ENVELOPE = release()
-MANIFEST = ENVELOPE.manifest
-
-
-def manifest_datagrams(envelope: Envelope = ENVELOPE) -> list[bytes]:
-    return [
-        wire.build_datagram(p)
-        for p in wire.fragment_envelope(
-            envelope.manifest.session_id, envelope.envelope_id, envelope.compact_bytes, 1228
-        )
-    ]
-
-
-def data_datagrams(image: bytes = IMAGE, repair: int = 40) -> dict[int, list[bytes]]:
-    """Every chunk's DATA datagrams: K source symbols then `repair` repair symbols."""
-    out = {}
-    for index in range(MANIFEST.chunk_count):
-        offset, length = MANIFEST.chunk_span(index)
-        packets = raptorq.Encoder.with_defaults(
-            image[offset : offset + length], MANIFEST.fec.symbol_size
-        ).get_encoded_packets(repair)
-        prefix = wire.build_datagram(wire.DataPacket(MANIFEST.session_id, index, 0, b"x"))[:16]
-        out[index] = [prefix + p for p in packets]
-    return out
-
-
-DATA = data_datagrams()
-
-
-def drain(core: ReceiverCore) -> list[Event]:
-    events = []
-    while (event := core.next_event()) is not None:
-        events.append(event)
-    return events
-
-
-def receive_all(core: ReceiverCore, datagrams: list[bytes], now: float = NOW) -> list[Event]:
-    events: list[Event] = []
-    for datagram in datagrams:
-        core.receive_datagram(datagram, "fd51::1", now)
-        events += drain(core)
-    return events
-
-
-def rebuilt(events: list[Event]) -> bytes:
-    chunks = {e.index: e.data for e in events if isinstance(e, ChunkComplete)}
-    return b"".join(chunks[i] for i in sorted(chunks))
-
-
-def interleaved(loss: float, seed: int = 1) -> list[bytes]:
-    rng = random.Random(seed)
-    order = [d for batch in zip(*DATA.values(), strict=False) for d in batch]
-    order += [d for index in DATA for d in DATA[index][len(min(DATA.values(), key=len)) :]]
-    return [d for d in order if rng.random() >= loss]
+from .helpers import (
+    CHUNK,
+    DATA,
+    ENVELOPE,
+    IMAGE,
+    MANIFEST,
+    NOW,
+    TRUST,
+    drain,
+    interleaved,
+    manifest_datagrams,
+    rebuilt,
+    receive_all,
+    reference_envelope,
+)
 
 
 def test_manifest_then_interleaved_symbols_rebuild_the_image() -> None:
@@ -166,7 +108,7 @@ def test_wrong_device_and_unknown_key_manifests_are_refused() -> None:
 
 
 def test_packets_of_another_release_are_ignored_once_a_session_is_chosen() -> None:
-    newer = release(sequence=6)
+    newer = reference_envelope(sequence=6)
     core = ReceiverCore(TRUST, now=NOW)
     receive_all(core, manifest_datagrams())
     prefix_other = wire.build_datagram(wire.DataPacket(newer.manifest.session_id, 0, 0, b"x"))

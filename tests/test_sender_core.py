@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from otacast.signer.schedule import (
+    AUTH_COPIES,
     Finished,
+    SendAuth,
     SenderCore,
     SendManifest,
     SendSymbols,
@@ -34,7 +36,8 @@ def core(cycles: list[int], sends: list[int] | None = None, **kw: object) -> Sen
         "now": 0.0,
     }
     options.update(kw)
-    return SenderCore(cycles, sends or cycles, **options)  # type: ignore[arg-type]
+    # No overhead: a pass sends exactly `sends` symbols of each chunk (per_pass caps at the cycle).
+    return SenderCore(cycles, sends or cycles, overhead=0.0, **options)  # type: ignore[arg-type]
 
 
 def run(c: SenderCore, limit: int = 100_000, start: float = 0.0) -> list[object]:
@@ -184,7 +187,44 @@ def test_a_short_last_chunk_does_not_pull_the_second_sender_into_the_first_windo
 
 def test_the_default_window_shrinks_with_more_than_two_senders() -> None:
     # Receivers hold decoders for two windows; each sender starts at its own window.
-    from otacast.signer.serve import default_window
+    from otacast.signer.channels import default_window
 
     mib = 1024 * 1024
     assert [default_window(mib, n) for n in (1, 2, 3, 4, 8, 32)] == [8, 8, 5, 4, 2, 1]
+
+
+def test_the_core_applies_the_overhead_to_each_chunks_source_symbols() -> None:
+    c = SenderCore([1500, 1050], [1000, 1000], overhead=0.1, **_plain())
+    assert c.sends == (1100, 1050)
+
+
+def _plain() -> dict[str, object]:
+    return {"datagram_size": D, "batch": 8, "window": 2, "rate": 0.0, "manifest": (), "now": 0.0}
+
+
+def test_auth_pages_come_just_before_the_data_they_vouch_for_and_change_nothing_else() -> None:
+    cycles, capacity = [300, 250, 90], 50
+    plain = run(core(cycles, [200, 200, 60], passes=3))
+    authed = run(core(cycles, [200, 200, 60], passes=3, auth_capacity=capacity))
+    assert [a for _, a in authed if not isinstance(a, SendAuth)] == [a for _, a in plain]
+    announced: set[tuple[int, int]] = set()
+    for (_, action), (_, following) in itertools.pairwise(authed):  # type: ignore[misc]
+        if isinstance(action, SendAuth):
+            assert action.copies == AUTH_COPIES
+            assert isinstance(following, SendSymbols) and following.chunk == action.chunk
+            announced |= {(action.chunk, p) for p in action.pages}
+        if isinstance(following, SendSymbols):
+            last = following.first + following.count - 1
+            needed = range(following.first // capacity, last // capacity + 1)
+            assert {(following.chunk, p) for p in needed} <= announced
+    # Every page of every chunk is announced.
+    counts = Counter((a.chunk, p) for _, a in authed if isinstance(a, SendAuth) for p in a.pages)  # type: ignore[misc]
+    assert set(counts) == {(ch, p) for ch, n in enumerate(cycles) for p in range(-(-n // 50))}
+
+
+def test_announced_data_follows_its_pages_even_when_the_time_is_up() -> None:
+    c = core([400], passes=None, duration=1.0, auth_capacity=50)
+    assert isinstance(c.next_action(0.0), SendManifest)
+    assert isinstance(c.next_action(0.0), SendAuth)
+    assert isinstance(c.next_action(5.0), SendSymbols)  # already paced and counted
+    assert isinstance(c.next_action(5.0), Finished)

@@ -9,12 +9,10 @@ import pytest
 
 from otacast.plugin.errors import StateError
 from otacast.plugin.staging import Staging
-from otacast.plugin.verify import verify_manifest
-from otacast.schemas.policy import TrustSet, VerifiedManifest
+from otacast.schemas.policy import VerifiedManifest
 from otacast.signer.keys import SigningKey
-from otacast.signer.sign import sign
 
-from .manifests import manifest_for
+from .helpers import make_release
 
 KEY = SigningKey(b"\x05" * 32)
 CHUNK = 65536
@@ -22,14 +20,7 @@ IMAGE = random.Random(11).randbytes(4 * CHUNK + 999)
 
 
 def verified(sequence: int = 1) -> VerifiedManifest:
-    envelope = sign(manifest_for(IMAGE, sequence=sequence, chunk_size=CHUNK), [KEY])
-    return verify_manifest(
-        envelope.compact_bytes,
-        TrustSet.from_public_keys([KEY.public]),
-        now=1_800_000_000,
-        device_type=None,
-        installed_sequence=None,
-    )
+    return make_release(IMAGE, KEY, sequence=sequence, chunk_size=CHUNK).verified()
 
 
 def chunk(index: int) -> bytes:

@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -23,9 +23,8 @@ from hypothesis import strategies as st
 from otacast.plugin.errors import InstallError
 from otacast.plugin.installers import get_installer
 from otacast.plugin.installers.swupdate import SwupdateIpcInstaller, SwupdateRunInstaller
-from otacast.plugin.verify import verify_manifest
 from otacast.schemas import swupdate_ipc as ipc
-from otacast.schemas.policy import TrustSet, VerifiedManifest
+from otacast.schemas.policy import VerifiedManifest
 from otacast.schemas.swupdate_ipc import (
     ILP32_EABI,
     ILP32_I386,
@@ -44,9 +43,8 @@ from otacast.schemas.swupdate_ipc import (
     Text,
 )
 from otacast.signer.keys import SigningKey
-from otacast.signer.sign import sign
 
-from .manifests import manifest_for
+from .helpers import make_release, read_only_file, shell_script
 
 BIG_ENDIAN_LP64 = Abi("big-endian LP64", "big", 8, 8)  # e.g. ppc64, s390x
 ABIS = [LP64, ILP32_EABI, ILP32_I386, BIG_ENDIAN_LP64]
@@ -385,24 +383,12 @@ def test_char_arrays_decode_to_the_first_nul_and_replace_bad_utf8() -> None:
 
 
 def verified(image_format: str = "swu") -> VerifiedManifest:
-    manifest = manifest_for(IMAGE, sequence=4)
-    manifest = replace(manifest, image=replace(manifest.image, format=image_format))
-    envelope = sign(manifest, [KEY])
-    return verify_manifest(
-        envelope.compact_bytes,
-        TrustSet.from_public_keys([KEY.public]),
-        now=1_800_000_000,
-        device_type=None,
-        installed_sequence=None,
-    )
+    return make_release(IMAGE, KEY, sequence=4, image_format=image_format).verified()
 
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "update.swu"
-    path.write_bytes(IMAGE)
-    path.chmod(0o444)
-    return path
+    return read_only_file(tmp_path / "update.swu", IMAGE)
 
 
 SIZE = ipc.ipc_message_size()
@@ -761,18 +747,11 @@ def test_sockets_left_by_a_dead_daemon_are_an_error_not_a_hang(tmp_path: Path, i
 # --- The swupdate -i installer with a stand-in program ----------------------------------------
 
 
-def _program(tmp_path: Path, body: str) -> Path:
-    script = tmp_path / "fake-swupdate"
-    script.write_text("#!/bin/sh\n" + body)
-    script.chmod(0o755)
-    return script
-
-
 def test_run_starts_a_private_daemon_with_the_arguments_and_its_own_tmpdir(
     tmp_path: Path, image: Path
 ) -> None:
     seen = tmp_path / "seen"
-    program = _program(tmp_path, f'echo "$TMPDIR" "$@" > {seen}\nexit 1\n')
+    program = shell_script(tmp_path / "fake-swupdate", f'echo "$TMPDIR" "$@" > {seen}\nexit 1\n')
     installer = SwupdateRunInstaller("-v -k '/etc/a cert.pem' -H board:1.0", program=str(program))
     with pytest.raises(InstallError):
         installer.install(image, verified())
@@ -804,7 +783,7 @@ def test_run_starts_a_private_daemon_with_the_arguments_and_its_own_tmpdir(
 def test_a_private_daemon_that_exits_at_start_is_reported_with_its_first_error_line(
     tmp_path: Path, image: Path, body: str, reason: str
 ) -> None:
-    program = _program(tmp_path, body)
+    program = shell_script(tmp_path / "fake-swupdate", body)
     with pytest.raises(InstallError, match=r"^\S*fake-swupdate -H b:1 exited" + reason):
         SwupdateRunInstaller("-H b:1", program=str(program)).install(image, verified())
 
@@ -812,7 +791,7 @@ def test_a_private_daemon_that_exits_at_start_is_reported_with_its_first_error_l
 def test_a_private_daemon_that_never_opens_its_sockets_is_stopped(
     tmp_path: Path, image: Path
 ) -> None:
-    program = _program(tmp_path, "exec sleep 30\n")
+    program = shell_script(tmp_path / "fake-swupdate", "exec sleep 30\n")
     installer = SwupdateRunInstaller("", program=str(program))
     installer.start_timeout = 0.5
     started = time.monotonic()

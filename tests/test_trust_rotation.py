@@ -28,7 +28,7 @@ from otacast.schemas.trustset import (
 from otacast.signer.keys import SigningKey
 from otacast.signer.sign import sign
 
-from .manifests import manifest_for
+from .helpers import manifest_for
 
 OLD, SPARE, NEW = (SigningKey(bytes([i]) * 32) for i in (1, 2, 3))
 NOW = 1_800_000_000.0

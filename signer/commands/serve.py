@@ -1,0 +1,126 @@
+"""``otacast-signer serve``: loop a signed image over IPv6 multicast (the driver is
+`otacast.signer.serve`; this module turns the command line into its `ServeOptions`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from otacast.schemas import units
+from otacast.signer import keys
+from otacast.signer.channels import ServeOptions
+from otacast.signer.serve import Stop, serve
+
+from . import args as types
+from .args import Subcommands, read_manifest
+
+
+def add_serve(sub: Subcommands) -> None:
+    p = sub.add_parser("serve", help="loop a signed image over IPv6 multicast")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("image", type=Path)
+    p.add_argument("--interface", required=True, help="network interface to send on")
+    p.add_argument(
+        "--rate",
+        type=types.rate_or_max,
+        default=units.parse_rate("10M"),
+        help="send rate, e.g. 10M (bytes/s), 400Mbit, or max (default 10M)",
+    )
+    p.add_argument(
+        "--channel-rate",
+        type=types.rate_or_max,
+        action="append",
+        default=[],
+        help="one rate channel (own group per rate); repeat for several; default: "
+        "the manifest's rates, else --rate",
+    )
+    p.add_argument("--group", help="send to this group instead of the manifest's")
+    p.add_argument(
+        "--asm",
+        action="store_true",
+        help="send to the channel's ASM group (default: its SSM group)",
+    )
+    p.add_argument("--port", type=types.port, help="UDP port (default: the manifest's)")
+    p.add_argument("--source", help="source address to send from (must be on --interface)")
+    p.add_argument(
+        "--hops",
+        type=types.positive,
+        default=8,
+        help="multicast hop limit (default 8; 1 never leaves the link)",
+    )
+    p.add_argument(
+        "--sender",
+        type=types.sender,
+        default=(0, 1),
+        metavar="I/N",
+        help="this is sender I of N: start at offset I/N of the symbol cycle",
+    )
+    p.add_argument("--loops", type=types.positive, help="stop after N passes (default: forever)")
+    p.add_argument("--duration", type=types.duration, help="stop after this long, e.g. 90s, 2h")
+    p.add_argument(
+        "--overhead",
+        type=types.fraction,
+        default=0.1,
+        help="repair symbols per pass beyond K (default 10%%)",
+    )
+    p.add_argument(
+        "--repair",
+        type=types.fraction,
+        default=0.5,
+        help="repair pool per chunk as a share of K, at least 50%% (default 50%%)",
+    )
+    p.add_argument(
+        "--window",
+        type=types.positive,
+        help="chunks interleaved at a time (default: 8 MiB worth, at most 8; receivers hold two "
+        "windows of decoders)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where encoded symbols are kept (default $XDG_CACHE_HOME/otacast or ~/.cache/otacast)",
+    )
+    p.add_argument(
+        "--stream-key",
+        type=Path,
+        metavar="SECRET_KEY",
+        help="sign AUTH pages with this stream key (its public key must be in the manifest)",
+    )
+    p.add_argument("--no-gso", action="store_true", help="one send per datagram (no UDP GSO)")
+    p.add_argument("--loopback", action="store_true", help="also deliver to receivers on this host")
+    p.add_argument("--json", action="store_true", help="JSON status lines")
+    p.set_defaults(run=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    envelope = read_manifest(args.manifest)
+    rates = args.channel_rate or list(envelope.manifest.transport.rates) or [args.rate]
+    cache = (
+        args.cache_dir
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "otacast"
+    )
+    options = ServeOptions(
+        interface=args.interface,
+        rates=rates,
+        group=args.group,
+        port=args.port,
+        asm=args.asm,
+        source=args.source,
+        hops=args.hops,
+        sender_index=args.sender[0],
+        sender_count=args.sender[1],
+        loops=args.loops,
+        duration=args.duration,
+        overhead=args.overhead,
+        repair=args.repair,
+        window=args.window,
+        cache_dir=cache,
+        gso=not args.no_gso,
+        loopback=args.loopback,
+        json=args.json,
+        stream_key=keys.load_secret(args.stream_key) if args.stream_key else None,
+    )
+    serve(envelope, args.image, options, sys.stdout, stop=Stop())
+    return 0
