@@ -7,26 +7,17 @@ import json
 
 from otacast.plugin.core import ReceiverCore
 from otacast.plugin.report import FetchSummary, Reporter, peak_rss_mb
-from otacast.plugin.verify import verify_manifest
-from otacast.schemas.policy import TrustSet
 from otacast.signer.keys import SigningKey
-from otacast.signer.sign import sign
 
-from .manifests import manifest_for
+from .helpers import make_release
 
-KEY = SigningKey(b"\x09" * 32)
-TRUST = TrustSet.from_public_keys([KEY.public])
-NOW = 1_800_000_000.0
 IMAGE = bytes(3 * 65536 + 100)
-ENVELOPE = sign(manifest_for(IMAGE), [KEY])
+RELEASE = make_release(IMAGE, SigningKey(b"\x09" * 32), sequence=1)
 
 
 def core_with_two_chunks_done() -> ReceiverCore:
-    verified = verify_manifest(
-        ENVELOPE.compact_bytes, TRUST, now=NOW, device_type=None, installed_sequence=None
-    )
-    core = ReceiverCore(TRUST, now=0.0, manifest=verified)
-    core.receive_datagram(b"junk", "fd51::1", 1.0, wall=NOW)
+    core = ReceiverCore(RELEASE.trust, now=0.0, manifest=RELEASE.verified())
+    core.receive_datagram(b"junk", "fd51::1", 1.0, wall=1_800_000_000.0)
     core.count_rejected("oversized", 2)
     core.mark_done(0, 2.0)
     core.mark_done(3, 2.0)
@@ -61,7 +52,7 @@ def test_json_progress_is_written_from_a_snapshot_at_most_once_an_interval() -> 
 def test_no_progress_before_a_manifest_is_verified() -> None:
     out = io.StringIO()
     Reporter(out, as_json=True).progress(
-        ReceiverCore(TRUST, now=0.0).snapshot(), now=1.0, elapsed=1.0, bytes_http=0
+        ReceiverCore(RELEASE.trust, now=0.0).snapshot(), now=1.0, elapsed=1.0, bytes_http=0
     )
     assert out.getvalue() == ""
 
@@ -71,7 +62,7 @@ def test_the_summary_carries_the_snapshot_and_what_only_the_driver_knows() -> No
     summary = FetchSummary.from_snapshot(
         snap, elapsed=5.0, receiving=4.0, bytes_http=7, bytes_resumed=9, joins=["(*, ff3e::1)"]
     )
-    assert summary.manifest.manifest == ENVELOPE.manifest
+    assert summary.manifest.manifest == RELEASE.manifest
     assert (summary.datagrams, summary.bytes_multicast, summary.late) == (1, 0, 0)
     assert summary.rejected == {"short": 1, "oversized": 2} and summary.auth is None
     out = io.StringIO()
