@@ -1,10 +1,15 @@
 """``otacast``: the device command.
 
-``fetch`` receives a release over multicast (with HTTP fallback) and writes the verified image;
-``install`` also hands it to an installer and records it; ``watch`` is the daemon that does that
-for every newer release heard on the channel; ``status`` shows what is installed and happening;
-``verify`` checks a manifest as the device would.  Settings come from the command line, then the
+Six subcommands: ``verify`` checks a manifest as the device would; ``fetch`` receives a release
+over multicast (with HTTP fallback) and writes the verified image; ``install`` also hands it to an
+installer and records it (`deliver`); ``watch`` is the daemon that does that for every newer
+release heard on the channel (`watch`); ``trust`` shows or rotates the trusted keys; ``status``
+shows what is installed and happening (`status`).  Settings come from the command line, then the
 device config file (`config.py`), then built-in defaults.
+
+Each command is one section below: ``add_NAME`` registers its sub-parser (and, through
+``set_defaults(run=...)``, the ``cmd_NAME`` that carries it out) and ``cmd_NAME`` does the work and
+formats its output.  `main` turns errors into exit codes once, for all of them (`program.run`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TypeAlias
 
 from otacast.schemas import addressing, units
 from otacast.schemas.errors import OtacastError
@@ -26,23 +31,24 @@ from otacast.schemas.trustset import MAX_TRUST_BYTES
 
 from .auth import PACKET_AUTH_POLICIES
 from .config import FALLBACKS, Settings, load_config, settle
-from .errors import StateError, UsageError
+from .deliver import choose_installer, deliver
+from .errors import UsageError
 from .fetch import FetchOptions, FetchSummary, fetch
-from .installed import read_installed, write_installed
-from .installers import Installer, get_installer
-from .installers.file import FileInstaller
-from .status import StatusFile, process_alive, read_status
+from .installed import read_installed
+from .installers import Installer
+from .installers.file import check_out
+from .program import Parser, run
+from .status import StatusFile, StatusReport
 from .trust import accept_rotation, current_trust, read_limited
 from .verify import verify_manifest
 from .watch import Watcher
 
 PROG = "otacast"
 
+_SubParsers: TypeAlias = "argparse._SubParsersAction[Parser]"
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        command = self.prog.removeprefix(PROG).strip()
-        raise UsageError(f"{command + ': ' if command else ''}{message} (see --help)")
+
+# --- shared by the commands -----------------------------------------------------------------
 
 
 def _add_common_options(p: argparse.ArgumentParser) -> None:
@@ -66,9 +72,19 @@ def _add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-type", help="this device's type (refuse releases for others)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Receive signed otacast updates on a device.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _settings(args: argparse.Namespace) -> Settings:
+    return settle(load_config(args.config), vars(args))
+
+
+def _trust(settings: Settings) -> TrustSet:
+    """The trust set in force: the last accepted rotation, else the configured keys."""
+    return current_trust(settings.state_dir, settings.trust, settings.threshold)[0]
+
+
+# --- verify ---------------------------------------------------------------------------------
+
+
+def add_verify(sub: _SubParsers) -> None:
     p = sub.add_parser("verify", help="check a manifest as this device would")
     p.add_argument("manifest", type=Path)
     _add_common_options(p)
@@ -79,59 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="state directory, for a rotated trust set (default /var/lib/otacast)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    for command in ("fetch", "install", "watch"):
-        add_fetch_parser(sub, command)
-    p = sub.add_parser(
-        "trust", help="show the keys in force, or rotate them with a signed trust-set document"
-    )
-    p.add_argument("action", choices=("show", "update"))
-    p.add_argument("document", type=Path, nargs="?", help="trust-set document (update)")
-    _add_common_options(p)
-    p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/otacast)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = sub.add_parser(
-        "status", help="show the installed release, a download in progress, and the last error"
-    )
-    p.add_argument("--config", type=Path, help="device config file (for its state_dir)")
-    p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/otacast)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    return parser
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return settle(load_config(args.config), vars(args))
-
-
-def _trust(settings: Settings) -> TrustSet:
-    """The trust set in force: the last accepted rotation, else the configured keys."""
-    return current_trust(settings.state_dir, settings.trust, settings.threshold)[0]
-
-
-def cmd_trust(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    if args.action == "update":
-        if args.document is None:
-            raise UsageError("trust update: give the trust-set document to apply")
-        data = read_limited(args.document, MAX_TRUST_BYTES, "trust set")
-        document = accept_rotation(
-            settings.state_dir, settings.trust, settings.threshold, data, now=time.time()
-        )
-        trust, version = document.trust_set, document.version
-    else:
-        trust, version = current_trust(settings.state_dir, settings.trust, settings.threshold)
-    if args.json:
-        print(
-            json.dumps(
-                {"version": version, "threshold": trust.threshold, "keys": sorted(trust.keys)},
-                sort_keys=True,
-            )
-        )
-    else:
-        origin = "the config's keys" if version == 0 else f"rotation version {version}"
-        print(f"trust in force: {origin}, {trust.threshold} of {len(trust.keys)} keys:")
-        for keyid in sorted(trust.keys):
-            print(f"  {keyid}")
-    return 0
+    p.set_defaults(run=cmd_verify)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -168,6 +132,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- fetch, install, watch: the receive options they share ------------------------------------
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(units.parse_duration(text)) if text[-1:].isalpha() else float(text)
@@ -180,23 +147,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
-_HELP = {
-    "fetch": "receive a release and write the verified image",
-    "install": "receive a release and hand it to an installer",
-    "watch": "stay on the channel; install every newer release (the device daemon)",
-}
-
-
-def add_fetch_parser(sub: argparse._SubParsersAction[_Parser], command: str = "fetch") -> None:
-    p = sub.add_parser(command, help=_HELP[command])
+def _add_receive_options(
+    p: argparse.ArgumentParser, *, installer: bool, manifest: bool, retry: bool
+) -> None:
+    """The options of a command that receives a release; the flags add the ones only some take
+    (in the order `--help` shows them)."""
     _add_common_options(p)
-    if command != "fetch":
+    if installer:
         p.add_argument(
             "--installer",
             metavar="KIND:ARGUMENT",
             help="file:PATH (atomic replace, keeps PATH.previous), command:PROGRAM "
             "(run with the image path; exit 0 installed, 3 needs reboot), swupdate:DIR "
-            "(a running swupdate's sockets) or swupdate-run:ARGS (swupdate ARGS -i IMAGE)",
+            "(a running swupdate's sockets) or swupdate-run:ARGS (a private swupdate "
+            "started with ARGS for each install)",
         )
     p.add_argument(
         "--out",
@@ -218,7 +182,7 @@ def add_fetch_parser(sub: argparse._SubParsersAction[_Parser], command: str = "f
         help="SSM source address (skips DNS); repeat for several",
     )
     p.add_argument("--resolver", help="DNS server for SRV discovery, ADDR or [ADDR]:PORT")
-    if command != "watch":
+    if manifest:
         p.add_argument(
             "--manifest",
             type=Path,
@@ -256,7 +220,7 @@ def add_fetch_parser(sub: argparse._SubParsersAction[_Parser], command: str = "f
         help="packet authentication: auto (default: when the release lists stream keys), "
         "require (refuse releases without), off",
     )
-    if command == "watch":
+    if retry:
         p.add_argument(
             "--retry-max",
             type=_positive_float,
@@ -265,85 +229,25 @@ def add_fetch_parser(sub: argparse._SubParsersAction[_Parser], command: str = "f
     p.add_argument("--json", action="store_true", help="JSON status lines")
 
 
+def _check_out(settings: Settings) -> None:
+    """Refuse an unusable --out before downloading anything, not after."""
+    check_out(settings.out_path, make_parent=settings.out is None)
+
+
+def _installer(settings: Settings) -> Installer:
+    return choose_installer(
+        settings.installer,
+        settings.out_path,
+        missing="no installer: give --installer KIND:ARGUMENT or set installer in the config",
+    )
+
+
 def _installed_sequence(args: argparse.Namespace, settings: Settings) -> int | None:
     """--installed-sequence, else the state directory's record of the installed release."""
     if args.installed_sequence is not None:
         return int(args.installed_sequence)
     installed = read_installed(settings.state_dir)
     return installed.sequence if installed else None
-
-
-def cmd_fetch(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    _fetch(args, settings, StatusFile(settings.state_dir))
-    return 0
-
-
-def _check_out(settings: Settings) -> None:
-    """Refuse an unusable --out before downloading anything, not after."""
-    out = settings.out_path
-    if settings.out is None:  # the default, inside the state directory
-        try:
-            settings.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StateError(
-                f"cannot create state directory {settings.state_dir}: {exc.strerror or exc}"
-            ) from None
-    if not out.name or out.is_dir():
-        raise UsageError(f"--out {out} must name a file, not a directory")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {out}: directory {out.parent} does not exist")
-
-
-def _installer(settings: Settings) -> Installer:
-    if settings.installer is None:
-        raise UsageError(
-            "no installer: give --installer KIND:ARGUMENT or set installer in the config"
-        )
-    installer = get_installer(settings.installer)
-    out = settings.out_path.resolve()
-    if isinstance(installer, FileInstaller) and out in (
-        installer.target.resolve(),
-        installer.previous.resolve(),
-    ):
-        # The download would overwrite the target (and then the rollback copy) before install.
-        raise UsageError("--out must differ from the file installer's target")
-    return installer
-
-
-def cmd_install(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    installer = _installer(settings)
-    status = StatusFile(settings.state_dir)
-    summary = _fetch(args, settings, status)
-    m = summary.manifest.manifest
-    status.update(activity="installing", release=f"{m.name} {m.version}", sequence=m.sequence)
-    try:
-        result = installer.install(settings.out_path, summary.manifest)
-        record = write_installed(settings.state_dir, summary.manifest, result.status)
-    except OtacastError as exc:
-        status.failed(f"{type(exc).__name__}: {exc}")
-        raise
-    status.succeeded()
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "event": "installed",
-                    "status": result.status,
-                    "detail": result.detail,
-                    "sequence": record.sequence,
-                    "version": record.version,
-                },
-                sort_keys=True,
-            )
-        )
-    else:
-        print(
-            f"installed {record.name} {record.version} (sequence {record.sequence}): "
-            f"{result.status}{'; ' + result.detail if result.detail else ''}"
-        )
-    return 0
 
 
 def _fetch(args: argparse.Namespace, settings: Settings, status: StatusFile) -> FetchSummary:
@@ -381,6 +285,72 @@ def _fetch(args: argparse.Namespace, settings: Settings, status: StatusFile) -> 
         raise
 
 
+# --- fetch ----------------------------------------------------------------------------------
+
+
+def add_fetch(sub: _SubParsers) -> None:
+    p = sub.add_parser("fetch", help="receive a release and write the verified image")
+    _add_receive_options(p, installer=False, manifest=True, retry=False)
+    p.set_defaults(run=cmd_fetch)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _fetch(args, settings, StatusFile(settings.state_dir))
+    return 0
+
+
+# --- install --------------------------------------------------------------------------------
+
+
+def add_install(sub: _SubParsers) -> None:
+    p = sub.add_parser("install", help="receive a release and hand it to an installer")
+    _add_receive_options(p, installer=True, manifest=True, retry=False)
+    p.set_defaults(run=cmd_install)
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    installer = _installer(settings)
+    status = StatusFile(settings.state_dir)
+    summary = _fetch(args, settings, status)
+    delivery = deliver(
+        installer,
+        settings.out_path,
+        summary.manifest,
+        state_dir=settings.state_dir,
+        status=status,
+    )
+    assert delivery.record is not None
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "event": "installed",
+                    "status": delivery.result.status,
+                    "detail": delivery.result.detail,
+                    "sequence": delivery.record.sequence,
+                    "version": delivery.record.version,
+                },
+                sort_keys=True,
+            )
+        )
+    else:
+        print(delivery.summary())
+    return 0
+
+
+# --- watch ----------------------------------------------------------------------------------
+
+
+def add_watch(sub: _SubParsers) -> None:
+    p = sub.add_parser(
+        "watch", help="stay on the channel; install every newer release (the device daemon)"
+    )
+    _add_receive_options(p, installer=True, manifest=False, retry=True)
+    p.set_defaults(run=cmd_watch)
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     settings = _settings(args)
     installer = _installer(settings)
@@ -398,79 +368,94 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- trust ----------------------------------------------------------------------------------
+
+
+def add_trust(sub: _SubParsers) -> None:
+    p = sub.add_parser(
+        "trust", help="show the keys in force, or rotate them with a signed trust-set document"
+    )
+    p.add_argument("action", choices=("show", "update"))
+    p.add_argument("document", type=Path, nargs="?", help="trust-set document (update)")
+    _add_common_options(p)
+    p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/otacast)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=cmd_trust)
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.action == "update":
+        if args.document is None:
+            raise UsageError("trust update: give the trust-set document to apply")
+        data = read_limited(args.document, MAX_TRUST_BYTES, "trust set")
+        document = accept_rotation(
+            settings.state_dir, settings.trust, settings.threshold, data, now=time.time()
+        )
+        trust, version = document.trust_set, document.version
+    else:
+        trust, version = current_trust(settings.state_dir, settings.trust, settings.threshold)
+    if args.json:
+        print(
+            json.dumps(
+                {"version": version, "threshold": trust.threshold, "keys": sorted(trust.keys)},
+                sort_keys=True,
+            )
+        )
+    else:
+        origin = "the config's keys" if version == 0 else f"rotation version {version}"
+        print(f"trust in force: {origin}, {trust.threshold} of {len(trust.keys)} keys:")
+        for keyid in sorted(trust.keys):
+            print(f"  {keyid}")
+    return 0
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def add_status(sub: _SubParsers) -> None:
+    p = sub.add_parser(
+        "status", help="show the installed release, a download in progress, and the last error"
+    )
+    p.add_argument("--config", type=Path, help="device config file (for its state_dir)")
+    p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/otacast)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=cmd_status)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     state_dir = args.state_dir or config.state_dir or Settings(trust=()).state_dir
     installed = read_installed(state_dir)
-    status = read_status(state_dir)
-    running = status is not None and process_alive(status.pid)
-    activity = status.activity if status and running else "idle"
-    report: dict[str, object] = {
-        "state_dir": str(state_dir),
-        "installed": installed.__dict__ if installed else None,
-        "activity": activity,
-        "pid": status.pid if status and running else None,
-        "release": status.release if status and running else None,
-        "sequence": status.sequence if status and running else None,
-        "bytes_done": status.bytes_done if status and running else 0,
-        "bytes_total": status.bytes_total if status and running else 0,
-        "last_error": status.last_error if status else None,
-        "last_error_at": status.last_error_at if status else None,
-    }
+    report = StatusReport.read(state_dir, installed.__dict__ if installed else None)
     if args.json:
-        print(json.dumps(report, sort_keys=True))
-        return 0
-    if installed:
-        print(
-            f"installed: {installed.name} {installed.version} (sequence {installed.sequence}), "
-            f"{installed.status}"
-        )
+        print(json.dumps(report.as_json(), sort_keys=True))
     else:
-        print("installed: nothing recorded")
-    if status and running and activity != "idle":
-        line = f"activity: {activity} (pid {status.pid})"
-        if status.release:
-            line += f" {status.release} (sequence {status.sequence})"
-        if status.bytes_total:
-            line += (
-                f", {100 * status.bytes_done / status.bytes_total:.1f}% of "
-                f"{status.bytes_total} bytes ({status.bytes_http} over HTTP)"
-            )
-        print(line)
-    else:
-        print(
-            "activity: idle" + (f" (watch running, pid {status.pid})" if running and status else "")
-        )
-    if status and status.last_error:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.last_error_at or 0))
-        print(f"last error: {when} {status.last_error}")
-    else:
-        print("last error: none")
+        print("\n".join(report.lines()))
     return 0
 
 
-COMMANDS = {
-    "verify": cmd_verify,
-    "fetch": cmd_fetch,
-    "install": cmd_install,
-    "watch": cmd_watch,
-    "status": cmd_status,
-    "trust": cmd_trust,
-}
+# --- the program ----------------------------------------------------------------------------
+
+# In the order `otacast --help` lists them.
+COMMANDS = (add_verify, add_fetch, add_install, add_watch, add_trust, add_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog=PROG, description="Receive signed otacast updates on a device.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in COMMANDS:
+        add(sub)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
-    try:
+    def body() -> int:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
-    except OtacastError as exc:
-        if json_errors:
-            print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+        return int(args.run(args))
+
+    json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
+    return run(PROG, body, json_errors=json_errors)
 
 
 if __name__ == "__main__":
