@@ -34,6 +34,11 @@ class Installer(ABC):
         Raises `UsageError`; most installers write nothing otacast also writes.
         """
 
+    def can_restore(self, *, installed: bool) -> bool:
+        """Whether `rollback` could put back what was there before: before an install
+        (`installed` False) whether there is something to keep, after it whether it was kept."""
+        return False  # most installers cannot roll back
+
     def commit(self) -> None:  # noqa: B027 - most installers have nothing to commit
         """Make the last install permanent (drop what rollback would restore)."""
 

@@ -44,6 +44,10 @@ class FileInstaller(Installer):
             # The download would overwrite the target (and then the rollback copy) before install.
             raise UsageError("--out must differ from the file installer's target")
 
+    def can_restore(self, *, installed: bool) -> bool:
+        # A first install onto a missing file has nothing to go back to.
+        return (self.previous if installed else self.target).is_file()
+
     def install(self, image: Path, verified: VerifiedManifest) -> InstallResult:
         tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.new")
         try:

@@ -17,7 +17,6 @@ from otacast.plugin.deliver import INSTALLED_STATUSES
 from otacast.plugin.durable import write_durably
 from otacast.plugin.errors import StateError
 from otacast.plugin.installers import Installer
-from otacast.plugin.installers.file import FileInstaller
 from otacast.plugin.trust import read_limited
 
 from .layout import MAX_STATE_BYTES
@@ -70,13 +69,12 @@ def write_deployment(path: Path, deployment: Deployment) -> None:
 def supports_rollback(installer: Installer, deployment: Deployment | None) -> bool:
     """Whether ArtifactRollback could restore what was there before this deployment.
 
-    Only the file installer keeps the previous content.  Before the install, that takes an
-    existing target (a first install has nothing to go back to); after it, what the install
-    recorded.
+    Before the install, the installer says (only the file installer keeps the previous content,
+    and only when there is some); after it, what the install recorded.
     """
     if deployment is not None and deployment.installed:
         return deployment.can_roll_back
-    return isinstance(installer, FileInstaller) and installer.target.is_file()
+    return installer.can_restore(installed=False)
 
 
 def reboot_answer(deployment: Deployment | None) -> str:

@@ -27,7 +27,6 @@ from otacast.plugin.errors import StateError
 from otacast.plugin.fetch import FetchOptions, fetch
 from otacast.plugin.installed import read_installed
 from otacast.plugin.installers import Installer
-from otacast.plugin.installers.file import FileInstaller
 from otacast.plugin.status import StatusFile
 from otacast.plugin.trust import current_trust, read_limited
 from otacast.plugin.verify import verify_manifest
@@ -191,14 +190,13 @@ class Module:
             status=self.status,
             record=False,
         )
-        can_roll_back = isinstance(installer, FileInstaller) and installer.previous.is_file()
         write_deployment(
             self.staging / STATE,
             replace(
                 deployment,
                 installer=self.settings.installer,
                 result=delivery.result.status,
-                can_roll_back=can_roll_back,
+                can_roll_back=installer.can_restore(installed=True),
             ),
         )
         self.say(delivery.summary())
