@@ -192,7 +192,7 @@ def _add_receive_options(
             "--installed-sequence",
             type=int,
             help="sequence of the installed release, refuse anything not newer "
-            "(default: the state directory's record, written by install)",
+            "(default: the state directory's record, written by install, watch and Mender)",
         )
     p.add_argument(
         "--state-dir",
