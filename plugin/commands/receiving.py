@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from otacast.plugin.auth import PACKET_AUTH_POLICIES
@@ -17,13 +16,10 @@ from otacast.plugin.installed import read_installed
 from otacast.plugin.installers import Installer
 from otacast.plugin.installers.file import check_out
 from otacast.plugin.status import StatusFile
-from otacast.plugin.trust import read_limited
-from otacast.plugin.verify import verify_manifest
 from otacast.schemas import addressing, units
 from otacast.schemas.errors import OtacastError
-from otacast.schemas.limits import MAX_MANIFEST_BYTES
 
-from .args import add_common_options, trust_in_force
+from .args import add_common_options, trust_in_force, verify_file
 
 
 def positive_float(text: str) -> float:
@@ -151,14 +147,7 @@ def receive_release(
     trust = trust_in_force(settings)
     verified = None
     if args.manifest:
-        data = read_limited(args.manifest, MAX_MANIFEST_BYTES, "manifest")
-        verified = verify_manifest(
-            data,
-            trust,
-            now=time.time(),
-            device_type=settings.device_type,
-            installed_sequence=installed_sequence,
-        )
+        verified = verify_file(args.manifest, settings, trust, installed_sequence)
     if (
         verified is None
         and settings.fallback != "only"

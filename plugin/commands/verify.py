@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from otacast.plugin.trust import read_limited
-from otacast.plugin.verify import verify_manifest
-from otacast.schemas.limits import MAX_MANIFEST_BYTES
-
-from .args import Subcommands, add_common_options, settings_of, trust_in_force
+from .args import Subcommands, add_common_options, settings_of, trust_in_force, verify_file
 
 
 def add_verify(sub: Subcommands) -> None:
@@ -31,14 +26,7 @@ def add_verify(sub: Subcommands) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     trust = trust_in_force(settings)
-    data = read_limited(args.manifest, MAX_MANIFEST_BYTES, "manifest")
-    verified = verify_manifest(
-        data,
-        trust,
-        now=time.time(),
-        device_type=settings.device_type,
-        installed_sequence=args.installed_sequence,
-    )
+    verified = verify_file(args.manifest, settings, trust, args.installed_sequence)
     m = verified.manifest
     if args.json:
         print(
