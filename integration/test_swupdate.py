@@ -30,9 +30,9 @@ import pytest
 
 from otacast.plugin.errors import InstallError
 from otacast.plugin.installers import get_installer
+from otacast.plugin.installers.swupdate import ipc
 from otacast.plugin.trust import load_trust
 from otacast.plugin.verify import verify_manifest
-from otacast.schemas import swupdate_ipc as ipc
 from otacast.schemas.policy import VerifiedManifest
 
 from .netns import LanFactory, stop

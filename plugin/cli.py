@@ -1,477 +1,54 @@
 """``otacast``: the device command.
 
-``fetch`` receives a release over multicast (with HTTP fallback) and writes the verified image;
-``install`` also hands it to an installer and records it; ``watch`` is the daemon that does that
-for every newer release heard on the channel; ``status`` shows what is installed and happening;
-``verify`` checks a manifest as the device would.  Settings come from the command line, then the
-device config file (`config.py`), then built-in defaults.
+Six commands, each registered next to the function that runs it (`otacast.plugin.commands`):
+``verify`` checks a manifest as the device would; ``fetch`` receives a release over multicast
+(with HTTP fallback) and writes the verified image; ``install`` also hands it to an installer and
+records it (`otacast.plugin.deliver`); ``watch`` is the daemon that does that for every newer
+release heard on the channel; ``trust`` shows or rotates the trusted keys; ``status`` shows what
+is installed and happening.  Settings come from the command line, then the device config file
+(`config.py`), then built-in defaults.
+
+Every deliberate failure is an `OtacastError` subclass; `main` prints its one-line message (and,
+with ``--json``, one JSON object) and exits with the class's code (`program.run`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import sys
-import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import NoReturn
+from collections.abc import Callable, Sequence
 
-from otacast.schemas import addressing, units
-from otacast.schemas.errors import OtacastError
-from otacast.schemas.limits import MAX_MANIFEST_BYTES
-from otacast.schemas.policy import TrustSet
-from otacast.schemas.trustset import MAX_TRUST_BYTES
+from .commands import fetch, install, status, trust, verify, watch
+from .commands.args import PROG, Subcommands
+from .program import Parser, run
 
-from .auth import PACKET_AUTH_POLICIES
-from .config import FALLBACKS, Settings, load_config, settle
-from .errors import StateError, UsageError
-from .installed import read_installed, write_installed
-from .installers import Installer, get_installer
-from .installers.file import FileInstaller
-from .receive import FetchOptions, fetch
-from .report import FetchSummary
-from .status import StatusFile, process_alive, read_status
-from .trust import accept_rotation, current_trust, read_limited
-from .verify import verify_manifest
-from .watch import Watcher
-
-PROG = "otacast"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        command = self.prog.removeprefix(PROG).strip()
-        raise UsageError(f"{command + ': ' if command else ''}{message} (see --help)")
-
-
-def _add_common_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        type=Path,
-        help="device config file (default: $OTACAST_CONFIG, else /etc/otacast/otacast.toml "
-        "if it exists)",
-    )
-    p.add_argument(
-        "--trust",
-        type=Path,
-        action="append",
-        help="trusted public key file; repeat for several (or `trust` in the config)",
-    )
-    p.add_argument(
-        "--threshold",
-        type=int,
-        help="signatures required from distinct trusted keys (default 1)",
-    )
-    p.add_argument("--device-type", help="this device's type (refuse releases for others)")
+# In the order `otacast --help` lists them.
+REGISTER: tuple[Callable[[Subcommands], None], ...] = (
+    verify.add_verify,
+    fetch.add_fetch,
+    install.add_install,
+    watch.add_watch,
+    trust.add_trust,
+    status.add_status,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Receive signed otacast updates on a device.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("verify", help="check a manifest as this device would")
-    p.add_argument("manifest", type=Path)
-    _add_common_options(p)
-    p.add_argument("--installed-sequence", type=int, help="sequence of the installed release")
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        help="state directory, for a rotated trust set (default /var/lib/otacast)",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    for command in ("fetch", "install", "watch"):
-        add_fetch_parser(sub, command)
-    p = sub.add_parser(
-        "trust", help="show the keys in force, or rotate them with a signed trust-set document"
-    )
-    p.add_argument("action", choices=("show", "update"))
-    p.add_argument("document", type=Path, nargs="?", help="trust-set document (update)")
-    _add_common_options(p)
-    p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/otacast)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = sub.add_parser(
-        "status", help="show the installed release, a download in progress, and the last error"
-    )
-    p.add_argument("--config", type=Path, help="device config file (for its state_dir)")
-    p.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/otacast)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    parser = Parser(prog=PROG, description="Receive signed otacast updates on a device.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for register in REGISTER:
+        register(sub)
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return settle(load_config(args.config), vars(args))
-
-
-def _trust(settings: Settings) -> TrustSet:
-    """The trust set in force: the last accepted rotation, else the configured keys."""
-    return current_trust(settings.state_dir, settings.trust, settings.threshold)[0]
-
-
-def cmd_trust(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    if args.action == "update":
-        if args.document is None:
-            raise UsageError("trust update: give the trust-set document to apply")
-        data = read_limited(args.document, MAX_TRUST_BYTES, "trust set")
-        document = accept_rotation(
-            settings.state_dir, settings.trust, settings.threshold, data, now=time.time()
-        )
-        trust, version = document.trust_set, document.version
-    else:
-        trust, version = current_trust(settings.state_dir, settings.trust, settings.threshold)
-    if args.json:
-        print(
-            json.dumps(
-                {"version": version, "threshold": trust.threshold, "keys": sorted(trust.keys)},
-                sort_keys=True,
-            )
-        )
-    else:
-        origin = "the config's keys" if version == 0 else f"rotation version {version}"
-        print(f"trust in force: {origin}, {trust.threshold} of {len(trust.keys)} keys:")
-        for keyid in sorted(trust.keys):
-            print(f"  {keyid}")
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    trust = _trust(settings)
-    data = read_limited(args.manifest, MAX_MANIFEST_BYTES, "manifest")
-    verified = verify_manifest(
-        data,
-        trust,
-        now=time.time(),
-        device_type=settings.device_type,
-        installed_sequence=args.installed_sequence,
-    )
-    m = verified.manifest
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "ok": True,
-                    "name": m.name,
-                    "version": m.version,
-                    "sequence": m.sequence,
-                    "session_id": m.session_id.hex(),
-                    "signers": list(verified.signers),
-                },
-                sort_keys=True,
-            )
-        )
-    else:
-        print(
-            f"OK: {m.name} version {m.version} sequence {m.sequence} "
-            f"({len(verified.signers)} trusted signature(s))"
-        )
-    return 0
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(units.parse_duration(text)) if text[-1:].isalpha() else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration (e.g. 10, 2.5, 30s, 2m)"
-        ) from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
-    return value
-
-
-_HELP = {
-    "fetch": "receive a release and write the verified image",
-    "install": "receive a release and hand it to an installer",
-    "watch": "stay on the channel; install every newer release (the device daemon)",
-}
-
-
-def add_fetch_parser(sub: argparse._SubParsersAction[_Parser], command: str = "fetch") -> None:
-    p = sub.add_parser(command, help=_HELP[command])
-    _add_common_options(p)
-    if command != "fetch":
-        p.add_argument(
-            "--installer",
-            metavar="KIND:ARGUMENT",
-            help="file:PATH (atomic replace, keeps PATH.previous), command:PROGRAM "
-            "(run with the image path; exit 0 installed, 3 needs reboot), swupdate:DIR "
-            "(a running swupdate's sockets) or swupdate-run:ARGS (swupdate ARGS -i IMAGE)",
-        )
-    p.add_argument(
-        "--out",
-        type=Path,
-        help="where the verified image goes (default STATE_DIR/received.img)",
-    )
-    p.add_argument("--interface", help="network interface to receive on")
-    p.add_argument("--channel", help="channel name: groups derive from it, sources from DNS SRV")
-    p.add_argument(
-        "--scope",
-        choices=sorted(addressing.SCOPES),
-        help="multicast scope of the channel's groups (default global)",
-    )
-    p.add_argument("--group", help="join this group instead of the channel's")
-    p.add_argument("--port", type=int, help="UDP port (default: SRV, manifest, or 4242)")
-    p.add_argument(
-        "--source",
-        action="append",
-        help="SSM source address (skips DNS); repeat for several",
-    )
-    p.add_argument("--resolver", help="DNS server for SRV discovery, ADDR or [ADDR]:PORT")
-    if command != "watch":
-        p.add_argument(
-            "--manifest",
-            type=Path,
-            help="use this signed manifest instead of waiting for one on the channel",
-        )
-        p.add_argument(
-            "--installed-sequence",
-            type=int,
-            help="sequence of the installed release, refuse anything not newer "
-            "(default: the state directory's record, written by install)",
-        )
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        help="where partial downloads and the installed record persist (default /var/lib/otacast)",
-    )
-    p.add_argument(
-        "--join-timeout",
-        type=_positive_float,
-        help="fall back to HTTP if nothing arrives for this long (default 10 s)",
-    )
-    p.add_argument(
-        "--stall-timeout",
-        type=_positive_float,
-        help="fall back to HTTP if progress stops for this long (default 30 s)",
-    )
-    p.add_argument(
-        "--fallback",
-        choices=FALLBACKS,
-        help="HTTP fallback: auto (default), only (skip multicast), never",
-    )
-    p.add_argument(
-        "--packet-auth",
-        choices=PACKET_AUTH_POLICIES,
-        help="packet authentication: auto (default: when the release lists stream keys), "
-        "require (refuse releases without), off",
-    )
-    if command == "watch":
-        p.add_argument(
-            "--retry-max",
-            type=_positive_float,
-            help="longest pause between retries after a failure (default 300 s)",
-        )
-    p.add_argument("--json", action="store_true", help="JSON status lines")
-
-
-def _installed_sequence(args: argparse.Namespace, settings: Settings) -> int | None:
-    """--installed-sequence, else the state directory's record of the installed release."""
-    if args.installed_sequence is not None:
-        return int(args.installed_sequence)
-    installed = read_installed(settings.state_dir)
-    return installed.sequence if installed else None
-
-
-def cmd_fetch(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    _fetch(args, settings, StatusFile(settings.state_dir))
-    return 0
-
-
-def _check_out(settings: Settings) -> None:
-    """Refuse an unusable --out before downloading anything, not after."""
-    out = settings.out_path
-    if settings.out is None:  # the default, inside the state directory
-        try:
-            settings.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StateError(
-                f"cannot create state directory {settings.state_dir}: {exc.strerror or exc}"
-            ) from None
-    if not out.name or out.is_dir():
-        raise UsageError(f"--out {out} must name a file, not a directory")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {out}: directory {out.parent} does not exist")
-
-
-def _installer(settings: Settings) -> Installer:
-    if settings.installer is None:
-        raise UsageError(
-            "no installer: give --installer KIND:ARGUMENT or set installer in the config"
-        )
-    installer = get_installer(settings.installer)
-    out = settings.out_path.resolve()
-    if isinstance(installer, FileInstaller) and out in (
-        installer.target.resolve(),
-        installer.previous.resolve(),
-    ):
-        # The download would overwrite the target (and then the rollback copy) before install.
-        raise UsageError("--out must differ from the file installer's target")
-    return installer
-
-
-def cmd_install(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    installer = _installer(settings)
-    status = StatusFile(settings.state_dir)
-    summary = _fetch(args, settings, status)
-    m = summary.manifest.manifest
-    status.update(activity="installing", release=f"{m.name} {m.version}", sequence=m.sequence)
-    try:
-        result = installer.install(settings.out_path, summary.manifest)
-        record = write_installed(settings.state_dir, summary.manifest, result.status)
-    except OtacastError as exc:
-        status.failed(f"{type(exc).__name__}: {exc}")
-        raise
-    status.succeeded()
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "event": "installed",
-                    "status": result.status,
-                    "detail": result.detail,
-                    "sequence": record.sequence,
-                    "version": record.version,
-                },
-                sort_keys=True,
-            )
-        )
-    else:
-        print(
-            f"installed {record.name} {record.version} (sequence {record.sequence}): "
-            f"{result.status}{'; ' + result.detail if result.detail else ''}"
-        )
-    return 0
-
-
-def _fetch(args: argparse.Namespace, settings: Settings, status: StatusFile) -> FetchSummary:
-    _check_out(settings)
-    installed_sequence = _installed_sequence(args, settings)
-    trust = _trust(settings)
-    verified = None
-    if args.manifest:
-        data = read_limited(args.manifest, MAX_MANIFEST_BYTES, "manifest")
-        verified = verify_manifest(
-            data,
-            trust,
-            now=time.time(),
-            device_type=settings.device_type,
-            installed_sequence=installed_sequence,
-        )
-    if (
-        verified is None
-        and settings.fallback != "only"
-        and not (settings.channel or settings.group)
-    ):
-        raise UsageError(f"{args.command}: give --channel or --group (or --manifest)")
-    options = FetchOptions.from_settings(
-        settings,
-        trust,
-        manifest=verified,
-        installed_sequence=installed_sequence,
-        json=args.json,
-        status=status,
-    )
-    try:
-        return fetch(options, sys.stdout)
-    except OtacastError as exc:
-        status.failed(f"{type(exc).__name__}: {exc}")
-        raise
-
-
-def cmd_watch(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    installer = _installer(settings)
-    _check_out(settings)
-    if not (settings.channel or settings.group):
-        raise UsageError("watch: give --channel or --group (or set channel in the config)")
-    trust = _trust(settings)
-    watcher = Watcher(settings, trust, installer, sys.stdout, as_json=args.json)
-    # SIGTERM (systemd stop) ends the daemon like Ctrl-C: partial downloads stay resumable.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        watcher.run()
-    except KeyboardInterrupt:
-        watcher.note("stopped", "stopped")
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    state_dir = args.state_dir or config.state_dir or Settings(trust=()).state_dir
-    installed = read_installed(state_dir)
-    status = read_status(state_dir)
-    running = status is not None and process_alive(status.pid)
-    activity = status.activity if status and running else "idle"
-    report: dict[str, object] = {
-        "state_dir": str(state_dir),
-        "installed": installed.__dict__ if installed else None,
-        "activity": activity,
-        "pid": status.pid if status and running else None,
-        "release": status.release if status and running else None,
-        "sequence": status.sequence if status and running else None,
-        "bytes_done": status.bytes_done if status and running else 0,
-        "bytes_total": status.bytes_total if status and running else 0,
-        "last_error": status.last_error if status else None,
-        "last_error_at": status.last_error_at if status else None,
-    }
-    if args.json:
-        print(json.dumps(report, sort_keys=True))
-        return 0
-    if installed:
-        print(
-            f"installed: {installed.name} {installed.version} (sequence {installed.sequence}), "
-            f"{installed.status}"
-        )
-    else:
-        print("installed: nothing recorded")
-    if status and running and activity != "idle":
-        line = f"activity: {activity} (pid {status.pid})"
-        if status.release:
-            line += f" {status.release} (sequence {status.sequence})"
-        if status.bytes_total:
-            line += (
-                f", {100 * status.bytes_done / status.bytes_total:.1f}% of "
-                f"{status.bytes_total} bytes ({status.bytes_http} over HTTP)"
-            )
-        print(line)
-    else:
-        print(
-            "activity: idle" + (f" (watch running, pid {status.pid})" if running and status else "")
-        )
-    if status and status.last_error:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.last_error_at or 0))
-        print(f"last error: {when} {status.last_error}")
-    else:
-        print("last error: none")
-    return 0
-
-
-COMMANDS = {
-    "verify": cmd_verify,
-    "fetch": cmd_fetch,
-    "install": cmd_install,
-    "watch": cmd_watch,
-    "status": cmd_status,
-    "trust": cmd_trust,
-}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
-    try:
+    def body() -> int:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
-    except OtacastError as exc:
-        if json_errors:
-            print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+        code: int = args.run(args)
+        return code
+
+    json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
+    return run(PROG, body, json_errors=json_errors)
 
 
 if __name__ == "__main__":

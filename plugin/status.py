@@ -5,6 +5,10 @@ second while a download runs (atomically, by rename, so a reader never sees half
 fsynced: it describes the present, and after a crash the writer's pid tells a reader it is
 stale).  The last error is kept across runs until a run succeeds, so an operator looking at a
 quiet device sees why its last attempt failed.
+
+`StatusReport` is what ``otacast status`` shows: the installed record (read by the caller, from
+``installed.json``) beside this file.  What a writer said it was doing counts only while that
+writer's process is alive; the last error counts whatever became of it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -123,3 +128,69 @@ class StatusFile:
             last_error=None,
             last_error_at=None,
         )
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """What ``otacast status`` shows, as one JSON object or as three lines of text."""
+
+    state_dir: Path
+    installed: Mapping[str, Any] | None  # the installed record's fields, None if nothing is
+    status: Status | None
+    running: bool  # the status file's writer is still alive
+
+    @classmethod
+    def read(cls, state_dir: Path, installed: Mapping[str, Any] | None) -> StatusReport:
+        status = read_status(state_dir)
+        return cls(state_dir, installed, status, status is not None and process_alive(status.pid))
+
+    @property
+    def activity(self) -> str:
+        return self.status.activity if self.status and self.running else "idle"
+
+    def as_json(self) -> dict[str, object]:
+        live = self.status if self.running else None
+        return {
+            "state_dir": str(self.state_dir),
+            "installed": dict(self.installed) if self.installed else None,
+            "activity": self.activity,
+            "pid": live.pid if live else None,
+            "release": live.release if live else None,
+            "sequence": live.sequence if live else None,
+            "bytes_done": live.bytes_done if live else 0,
+            "bytes_total": live.bytes_total if live else 0,
+            "last_error": self.status.last_error if self.status else None,
+            "last_error_at": self.status.last_error_at if self.status else None,
+        }
+
+    def lines(self) -> list[str]:
+        return [self._installed_line(), self._activity_line(), self._error_line()]
+
+    def _installed_line(self) -> str:
+        i = self.installed
+        if not i:
+            return "installed: nothing recorded"
+        return f"installed: {i['name']} {i['version']} (sequence {i['sequence']}), {i['status']}"
+
+    def _activity_line(self) -> str:
+        status = self.status
+        if status and self.running and self.activity != "idle":
+            line = f"activity: {self.activity} (pid {status.pid})"
+            if status.release:
+                line += f" {status.release} (sequence {status.sequence})"
+            if status.bytes_total:
+                line += (
+                    f", {100 * status.bytes_done / status.bytes_total:.1f}% of "
+                    f"{status.bytes_total} bytes ({status.bytes_http} over HTTP)"
+                )
+            return line
+        return "activity: idle" + (
+            f" (watch running, pid {status.pid})" if self.running and status else ""
+        )
+
+    def _error_line(self) -> str:
+        status = self.status
+        if status and status.last_error:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.last_error_at or 0))
+            return f"last error: {when} {status.last_error}"
+        return "last error: none"

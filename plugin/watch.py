@@ -4,8 +4,9 @@ Theory of operation: one loop, one release at a time.  Each turn reads the insta
 then runs the ordinary receiver (`fetch`) with that sequence as the anti-rollback floor, so the
 release already installed and any older one replayed on the channel are refused (counted, one
 note each) and only a newer valid manifest for this device type starts a download.  The
-verified image goes to the configured installer; on success the record is rewritten, which
-raises the floor for the next turn.
+verified image goes to the configured installer through `deliver` (the install path shared with
+``otacast install`` and the Mender module); on success the record is rewritten, which raises the
+floor for the next turn.
 
 Quiet channels are normal: when no acceptable manifest is heard for the rediscovery period the
 turn ends without error and the next one joins again, re-reading DNS, so a sender that moved or
@@ -26,10 +27,12 @@ from otacast.schemas.errors import OtacastError
 from otacast.schemas.policy import TrustSet
 
 from .config import Settings
+from .deliver import deliver
 from .errors import NoManifestError, UsageError
-from .installed import read_installed, write_installed
+from .installed import read_installed
 from .installers import Installer
 from .receive import FetchOptions, fetch
+from .report import FetchSummary
 from .status import StatusFile
 
 # A quiet channel is re-joined (and its DNS records re-read) at least this often.
@@ -89,40 +92,54 @@ class Watcher:
     def turn(self) -> None:
         """One attempt: wait for a newer release, fetch it, install it."""
         try:
-            installed = read_installed(self.settings.state_dir)
-            self.status.update(activity="waiting")
-            options = FetchOptions.from_settings(
-                self.settings,
-                self.trust,
-                installed_sequence=installed.sequence if installed else None,
-                json=self.json,
+            summary = self._receive()
+        except OtacastError as exc:
+            self.status.failed(f"{type(exc).__name__}: {exc}")
+            self._back_off(exc)
+            return
+        if summary is None:
+            return  # a quiet channel: join again
+        try:
+            delivery = deliver(
+                self.installer,
+                self.settings.out_path,
+                summary.manifest,
+                state_dir=self.settings.state_dir,
                 status=self.status,
             )
-            try:
-                summary = fetch(options, self.out)
-            except NoManifestError:
-                return  # a quiet channel: join again
-            m = summary.manifest.manifest
-            self.status.update(
-                activity="installing", release=f"{m.name} {m.version}", sequence=m.sequence
-            )
-            result = self.installer.install(options.out, summary.manifest)
-            record = write_installed(self.settings.state_dir, summary.manifest, result.status)
         except OtacastError as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            self.status.failed(message)
-            self.note("error", f"{message}; retrying in {self._delay:g} s", retry_in=self._delay)
-            self.stop.wait(self._delay)
-            self._delay = min(self._delay * 2, self.settings.retry_max)
+            self._back_off(exc)  # deliver has written it to the status file
             return
         self._delay = RETRY_MIN
         self.installs += 1
-        self.status.succeeded()
+        assert delivery.record is not None
         self.note(
             "installed",
-            f"installed {record.name} {record.version} (sequence {record.sequence}): "
-            f"{result.status}{'; ' + result.detail if result.detail else ''}",
-            sequence=record.sequence,
-            version=record.version,
-            status=result.status,
+            delivery.summary(),
+            sequence=delivery.record.sequence,
+            version=delivery.record.version,
+            status=delivery.result.status,
         )
+
+    def _receive(self) -> FetchSummary | None:
+        """Wait for a release newer than the installed one and receive it; None if none came."""
+        installed = read_installed(self.settings.state_dir)
+        self.status.update(activity="waiting")
+        options = FetchOptions.from_settings(
+            self.settings,
+            self.trust,
+            installed_sequence=installed.sequence if installed else None,
+            json=self.json,
+            status=self.status,
+        )
+        try:
+            return fetch(options, self.out)
+        except NoManifestError:
+            return None
+
+    def _back_off(self, exc: OtacastError) -> None:
+        """Report a failed turn and wait before the next, longer after each failure in a row."""
+        message = f"{type(exc).__name__}: {exc}"
+        self.note("error", f"{message}; retrying in {self._delay:g} s", retry_in=self._delay)
+        self.stop.wait(self._delay)
+        self._delay = min(self._delay * 2, self.settings.retry_max)

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from otacast.plugin.errors import InstallError, StateError
+from otacast.plugin.deliver import choose_installer, deliver, record_installed
+from otacast.plugin.errors import InstallError, StateError, UsageError
 from otacast.plugin.installed import read_installed, write_installed
-from otacast.plugin.installers import get_installer
+from otacast.plugin.installers import Installer, InstallResult, get_installer
 from otacast.plugin.installers.command import CommandInstaller
-from otacast.plugin.installers.file import FileInstaller
+from otacast.plugin.installers.file import FileInstaller, check_out
+from otacast.plugin.status import StatusFile, read_status
 from otacast.schemas.policy import VerifiedManifest
 from otacast.signer.keys import SigningKey
 
@@ -135,3 +137,77 @@ def test_a_script_that_cannot_be_executed_is_a_one_line_error(tmp_path: Path, im
     script.chmod(0o755)
     with pytest.raises(InstallError, match="cannot run installer"):
         CommandInstaller(str(script)).install(image, verified())
+
+
+# --- The one install path (plugin/deliver.py) and the file installer's path checks -------------
+
+
+def test_deliver_installs_records_and_clears_the_status(tmp_path: Path, image: Path) -> None:
+    target, state = tmp_path / "slot.img", tmp_path / "state"
+    status = StatusFile(state)
+    status.failed("FetchError: an earlier run")
+    delivery = deliver(
+        get_installer(f"file:{target}"), image, verified(7), state_dir=state, status=status
+    )
+    assert target.read_bytes() == IMAGE
+    record = read_installed(state)
+    assert record is not None and record == delivery.record and record.sequence == 7
+    assert delivery.summary().startswith("installed demo-image 1.0.7 (sequence 7): installed; ")
+    after = read_status(state)
+    assert after is not None and after.activity == "idle" and after.last_error is None
+
+
+def test_deliver_without_record_leaves_the_floor_to_a_later_commit(
+    tmp_path: Path, image: Path
+) -> None:
+    state = tmp_path / "state"
+    status = StatusFile(state)
+    installer = get_installer(f"file:{tmp_path / 'slot.img'}")
+    delivery = deliver(installer, image, verified(), state_dir=state, status=status, record=False)
+    assert delivery.record is None and read_installed(state) is None
+    after = read_status(state)
+    assert after is not None and after.activity == "idle" and after.release == "demo-image 1.0.5"
+    record_installed(state, verified(), delivery.result.status, status)
+    assert read_installed(state) is not None
+    after = read_status(state)
+    assert after is not None and after.release is None
+
+
+class _Odd(Installer):
+    kind = "odd"
+
+    def install(self, image: Path, verified: VerifiedManifest) -> InstallResult:
+        return InstallResult("maybe")
+
+
+@pytest.mark.parametrize("installer", [CommandInstaller("/bin/false"), _Odd()])
+def test_deliver_reports_a_failed_install_and_records_nothing(
+    tmp_path: Path, image: Path, installer: Installer
+) -> None:
+    state = tmp_path / "state"
+    with pytest.raises(InstallError):
+        deliver(installer, image, verified(), state_dir=state, status=StatusFile(state))
+    assert read_installed(state) is None
+    after = read_status(state)
+    assert after is not None and after.activity == "idle"
+    assert after.last_error is not None and after.last_error.startswith("InstallError: ")
+
+
+def test_installer_choice_refuses_paths_the_file_installer_would_collide_with(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "slot.img"
+    with pytest.raises(UsageError, match="no installer here"):
+        choose_installer(None, tmp_path / "x", missing="no installer here")
+    for out in (target, tmp_path / "slot.img.previous"):
+        with pytest.raises(UsageError, match="must differ"):
+            choose_installer(f"file:{target}", out, missing="")
+    with pytest.raises(UsageError, match="must lie outside"):
+        choose_installer(f"file:{target}", tmp_path / "image", missing="", scratch=tmp_path)
+    choose_installer("command:/bin/true", target, missing="", scratch=tmp_path)  # writes nothing
+    with pytest.raises(UsageError, match="must name a file"):
+        check_out(tmp_path)
+    with pytest.raises(UsageError, match="does not exist"):
+        check_out(tmp_path / "absent" / "image")
+    check_out(tmp_path / "state" / "received.img", make_parent=True)
+    assert (tmp_path / "state").is_dir()

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from otacast.plugin import mender
 from otacast.plugin.errors import StateError, UsageError
 from otacast.plugin.installers.command import CommandInstaller
 from otacast.plugin.installers.file import FileInstaller
-from otacast.plugin.mender import Deployment, decode_meta_data, main
+from otacast.plugin.mender import deployment, layout
+from otacast.plugin.mender.deployment import Deployment
+from otacast.plugin.mender.main import install_module, main
+from otacast.plugin.mender.meta import decode_meta_data
 from otacast.schemas.errors import MalformedManifest, ManifestTooLarge
 from otacast.schemas.keyfile import format_public, format_secret
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
@@ -89,13 +91,13 @@ def test_meta_data_made_by_the_signer_decodes_to_the_exact_manifest_bytes() -> N
 
 
 def test_both_sides_agree_on_the_payload_type_and_the_meta_data_key() -> None:
-    assert mender.PAYLOAD_TYPE == mender_artifact.PAYLOAD_TYPE == "otacast"
-    assert mender.META_DATA_KEY == mender_artifact.META_DATA_KEY
+    assert layout.PAYLOAD_TYPE == mender_artifact.PAYLOAD_TYPE == "otacast"
+    assert layout.META_DATA_KEY == mender_artifact.META_DATA_KEY
 
 
 def test_the_largest_manifest_fits_the_meta_data_bound() -> None:
     largest = meta(b"x" * MAX_MANIFEST_BYTES)
-    assert len(largest) <= mender.MAX_META_DATA_BYTES
+    assert len(largest) <= layout.MAX_META_DATA_BYTES
     assert len(decode_meta_data(largest)) == MAX_MANIFEST_BYTES
 
 
@@ -122,21 +124,21 @@ def test_hostile_meta_data_is_refused_as_a_malformed_manifest(data: bytes, reaso
 
 def test_oversize_meta_data_is_refused_before_it_is_parsed() -> None:
     with pytest.raises(ManifestTooLarge, match="larger than"):
-        decode_meta_data(b" " * (mender.MAX_META_DATA_BYTES + 1))
+        decode_meta_data(b" " * (layout.MAX_META_DATA_BYTES + 1))
 
 
 def test_oversize_meta_data_in_the_tree_fails_download_as_too_large(
     capsys: pytest.CaptureFixture[str], device: Path
 ) -> None:
-    tree = make_tree(device, b" " * (mender.MAX_META_DATA_BYTES + 1))
+    tree = make_tree(device, b" " * (layout.MAX_META_DATA_BYTES + 1))
     code, _, err = run(capsys, "Download", tree)
     assert code == ManifestTooLarge.exit_code
     assert "larger than" in one_error_line(err)
 
 
 def test_a_base64_string_longer_than_any_manifest_is_refused_before_decoding() -> None:
-    data = json.dumps({"otacast_manifest": "A" * (mender.MAX_BASE64_CHARS + 4)}).encode()
-    assert len(data) <= mender.MAX_META_DATA_BYTES  # so the string's own bound is what refuses
+    data = json.dumps({"otacast_manifest": "A" * (layout.MAX_BASE64_CHARS + 4)}).encode()
+    assert len(data) <= layout.MAX_META_DATA_BYTES  # so the string's own bound is what refuses
     with pytest.raises(ManifestTooLarge, match="exceeds"):
         decode_meta_data(data)
 
@@ -210,8 +212,8 @@ def test_a_damaged_module_state_record_is_an_error_not_a_fresh_start(tmp_path: P
     ):
         (tmp_path / "state.json").write_text(text)
         with pytest.raises(StateError, match="not a module state record"):
-            mender.read_deployment(tmp_path / "state.json")
-    assert mender.read_deployment(tmp_path / "absent.json") is None
+            deployment.read_deployment(tmp_path / "state.json")
+    assert deployment.read_deployment(tmp_path / "absent.json") is None
 
 
 # --- Queries --------------------------------------------------------------------------------
@@ -221,13 +223,13 @@ def test_supports_rollback_answers_yes_only_when_there_is_something_to_go_back_t
     tmp_path: Path,
 ) -> None:
     target = tmp_path / "slot.img"
-    assert not mender.supports_rollback(FileInstaller(target), None)  # a first install
+    assert not deployment.supports_rollback(FileInstaller(target), None)  # a first install
     target.write_bytes(b"old")
-    assert mender.supports_rollback(FileInstaller(target), None)
-    assert not mender.supports_rollback(CommandInstaller("/bin/true"), None)
+    assert deployment.supports_rollback(FileInstaller(target), None)
+    assert not deployment.supports_rollback(CommandInstaller("/bin/true"), None)
     installed = Deployment("a-1", 4, 0.0, f"file:{target}", "installed", can_roll_back=False)
-    assert not mender.supports_rollback(FileInstaller(target), installed)  # what install found
-    assert mender.supports_rollback(
+    assert not deployment.supports_rollback(FileInstaller(target), installed)  # what install found
+    assert deployment.supports_rollback(
         CommandInstaller("/bin/true"), Deployment("a-1", 4, 0.0, "x", "installed", True)
     )
 
@@ -245,9 +247,9 @@ def test_supports_rollback_prints_only_the_answer(
 def test_needs_artifact_reboot_lets_mender_reboot_only_when_the_installer_asked(
     capsys: pytest.CaptureFixture[str], device: Path
 ) -> None:
-    assert mender.reboot_answer(None) == "No"
-    assert mender.reboot_answer(Deployment("a", 1, 0.0, "x", "installed")) == "No"
-    assert mender.reboot_answer(Deployment("a", 1, 0.0, "x", "needs-reboot")) == "Automatic"
+    assert deployment.reboot_answer(None) == "No"
+    assert deployment.reboot_answer(Deployment("a", 1, 0.0, "x", "installed")) == "No"
+    assert deployment.reboot_answer(Deployment("a", 1, 0.0, "x", "needs-reboot")) == "Automatic"
     assert run(capsys, "NeedsArtifactReboot", make_tree(device, meta())) == (0, "No\n", "")
 
 
@@ -260,21 +262,21 @@ def test_install_module_links_this_program_and_is_idempotent(tmp_path: Path) -> 
     program.write_text("#!/bin/sh\n")
     modules = tmp_path / "modules"
     modules.mkdir()
-    assert mender.install_module(modules, program).startswith("linked")
+    assert install_module(modules, program).startswith("linked")
     assert (modules / "otacast").readlink() == program
-    assert "already points" in mender.install_module(modules, program)
+    assert "already points" in install_module(modules, program)
     moved = tmp_path / "elsewhere"
-    assert mender.install_module(modules, moved).startswith("linked")  # re-pointed in place
+    assert install_module(modules, moved).startswith("linked")  # re-pointed in place
     assert (modules / "otacast").readlink() == moved
     assert [p.name for p in modules.iterdir()] == ["otacast"]  # no temporary left behind
 
 
 def test_install_module_refuses_a_missing_directory_and_a_foreign_file(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="is mender-client installed"):
-        mender.install_module(tmp_path / "absent", tmp_path / "x")
+        install_module(tmp_path / "absent", tmp_path / "x")
     (tmp_path / "otacast").write_text("someone else's module")
     with pytest.raises(UsageError, match="not a link"):
-        mender.install_module(tmp_path, tmp_path / "x")
+        install_module(tmp_path, tmp_path / "x")
 
 
 def test_install_module_takes_no_state(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

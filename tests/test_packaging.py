@@ -30,7 +30,11 @@ def test_wheel_namespaces_every_module_under_otacast(tmp_path: Path) -> None:
     assert "otacast/schemas/wire.py" in names
     assert "otacast/signer/cli.py" in names
     assert "otacast/plugin/cli.py" in names
+    # The subpackages are listed one by one in setup.cfg: a new one left out would be missing.
+    assert "otacast/plugin/installers/swupdate/ipc.py" in names
+    assert "otacast/plugin/mender/main.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "otacast-signer = otacast.signer.cli:main" in text
     assert "otacast = otacast.plugin.cli:main" in text
+    assert "otacast-mender-module = otacast.plugin.mender.main:main" in text

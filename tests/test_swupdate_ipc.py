@@ -22,10 +22,8 @@ from hypothesis import strategies as st
 
 from otacast.plugin.errors import InstallError
 from otacast.plugin.installers import get_installer
-from otacast.plugin.installers.swupdate import SwupdateIpcInstaller, SwupdateRunInstaller
-from otacast.schemas import swupdate_ipc as ipc
-from otacast.schemas.policy import VerifiedManifest
-from otacast.schemas.swupdate_ipc import (
+from otacast.plugin.installers.swupdate import SwupdateIpcInstaller, SwupdateRunInstaller, ipc
+from otacast.plugin.installers.swupdate.ipc import (
     ILP32_EABI,
     ILP32_I386,
     LP64,
@@ -42,6 +40,7 @@ from otacast.schemas.swupdate_ipc import (
     Status,
     Text,
 )
+from otacast.schemas.policy import VerifiedManifest
 from otacast.signer.keys import SigningKey
 
 from .helpers import make_release, read_only_file, shell_script
@@ -73,7 +72,7 @@ def test_the_native_abi_of_an_lp64_machine_is_lp64() -> None:
 
 
 # The C declarations, transcribed with ctypes: the C compiler's own layout rules on this machine,
-# independent of the field lists in swupdate_ipc.
+# independent of the field lists in the ipc module.
 class _CRequest(ctypes.Structure):
     _fields_ = [
         ("apiversion", ctypes.c_uint32),

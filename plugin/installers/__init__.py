@@ -1,9 +1,16 @@
 """Installers: hand a fully verified, read-only image to what installs it on the device.
 
-`get_installer("file:/data/slots/rootfs.img")`, `get_installer("command:/usr/local/bin/apply")`,
-`get_installer("swupdate:/tmp")` (stream a ``.swu`` into the swupdate daemon whose sockets are in
-``/tmp``) or `get_installer("swupdate-run:-k /etc/swupdate/cert.pem -H board:1.0")` (run
-``swupdate ARGS -i IMAGE``) selects one from a configuration string; a Mender installer follows.
+A configuration string ``KIND:ARGUMENT`` selects one (`get_installer`, `registry.py`):
+
+- ``file:/data/slots/rootfs.img``: atomic replace, keeping the previous file (`file.py`);
+- ``command:/usr/local/bin/apply``: run a program with the image (`command.py`);
+- ``swupdate:/tmp``: stream a ``.swu`` into the swupdate daemon whose sockets are in ``/tmp``
+  (`swupdate/installer.py`);
+- ``swupdate-run:-k /etc/swupdate/cert.pem -H board:1.0``: one install by a private swupdate
+  daemon started with those arguments (`swupdate/run.py`).
+
+Mender is not an installer here: it runs otacast as its update module (`otacast.plugin.mender`),
+which hands the image to one of these.
 """
 
 from .base import Installer, InstallResult

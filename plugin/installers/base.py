@@ -27,6 +27,18 @@ class Installer(ABC):
     def install(self, image: Path, verified: VerifiedManifest) -> InstallResult:
         """Install `image` (complete, verified, read-only: never modify it)."""
 
+    def check_paths(self, image: Path, *, scratch: Path | None = None) -> None:  # noqa: B027
+        """Refuse, before anything is downloaded, an `image` path or a `scratch` directory
+        (removed after the install) that would overwrite what this installer writes.
+
+        Raises `UsageError`; most installers write nothing otacast also writes.
+        """
+
+    def can_restore(self, *, installed: bool) -> bool:
+        """Whether `rollback` could put back what was there before: before an install
+        (`installed` False) whether there is something to keep, after it whether it was kept."""
+        return False  # most installers cannot roll back
+
     def commit(self) -> None:  # noqa: B027 - most installers have nothing to commit
         """Make the last install permanent (drop what rollback would restore)."""
 

@@ -1,5 +1,5 @@
-"""``command:PROGRAM [ARGS...]``: run a program with the verified image (the only subprocess
-user on the device side).
+"""``command:PROGRAM [ARGS...]``: run a program with the verified image (with ``swupdate-run``,
+`swupdate/run.py`, the only subprocess users on the device side).
 
 The program gets the image path as its last argument and the release in its environment
 (``OTACAST_NAME``, ``OTACAST_VERSION``, ``OTACAST_SEQUENCE``, ``OTACAST_SHA256``,

@@ -4,6 +4,10 @@ The image is copied next to the target, fsynced, the current target is kept as
 ``PATH.previous`` (a hard link, so the target is never absent), and the copy is renamed over the
 target.  `rollback` renames ``PATH.previous`` back; `commit` removes it.  For a raw partition
 use the ``command`` installer with a tool that writes block devices (``dd``, ``bmaptool``).
+
+The checks on file targets live here too, and run before anything is downloaded: `check_out`
+refuses an image path (``--out``) that cannot take a file, and `FileInstaller.check_paths` an
+image path or staging directory that would overwrite the target or its rollback copy.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from otacast.plugin.errors import InstallError
+from otacast.plugin.errors import InstallError, StateError, UsageError
 from otacast.schemas.policy import VerifiedManifest
 
 from .base import Installer, InstallResult
@@ -32,6 +36,17 @@ class FileInstaller(Installer):
             )
         self.target = target
         self.previous = target.with_name(target.name + ".previous")
+
+    def check_paths(self, image: Path, *, scratch: Path | None = None) -> None:
+        if scratch is not None and self.target.resolve().is_relative_to(scratch.resolve()):
+            raise UsageError(f"the file installer's target must lie outside {scratch}")
+        if image.resolve() in (self.target.resolve(), self.previous.resolve()):
+            # The download would overwrite the target (and then the rollback copy) before install.
+            raise UsageError("--out must differ from the file installer's target")
+
+    def can_restore(self, *, installed: bool) -> bool:
+        # A first install onto a missing file has nothing to go back to.
+        return (self.previous if installed else self.target).is_file()
 
     def install(self, image: Path, verified: VerifiedManifest) -> InstallResult:
         tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.new")
@@ -64,6 +79,24 @@ class FileInstaller(Installer):
     def commit(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.previous.unlink()
+
+
+def check_out(out: Path, *, make_parent: bool = False) -> None:
+    """Refuse an unusable image path (``--out``) before downloading anything, not after.
+
+    `make_parent`: `out` is the default path inside the state directory, which is created.
+    """
+    if make_parent:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create state directory {out.parent}: {exc.strerror or exc}"
+            ) from None
+    if not out.name or out.is_dir():
+        raise UsageError(f"--out {out} must name a file, not a directory")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: directory {out.parent} does not exist")
 
 
 def _sync_directory(directory: Path) -> None:

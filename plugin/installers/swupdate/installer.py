@@ -1,8 +1,8 @@
-"""SWUpdate installers: stream the verified ``.swu`` into a running daemon, or run ``swupdate -i``.
+"""``swupdate:DIR``: stream the verified ``.swu`` into a running swupdate daemon (its IPC).
 
 ``swupdate:DIR`` (`SwupdateIpcInstaller`) talks to a ``swupdate`` daemon through the two sockets
 it creates in its ``TMPDIR`` (``DIR``; Debian's ``swupdate.socket`` uses ``/tmp``).  Message
-layouts are in `otacast.schemas.swupdate_ipc`.  The sequence:
+layouts are in `ipc` (beside this module).  The sequence:
 
 1. Connect to the progress socket ``DIR/swupdateprog`` first, so no record of our install can be
    written before we listen.
@@ -54,18 +54,8 @@ decided inside the ``.swu`` (handlers, bootloader variables, scripts) and SWUpda
 not say; a device whose updates need a reboot reboots from the update's own post-install
 script or from its update loop.
 
-``swupdate-run:ARGS`` (`SwupdateRunInstaller`) is for devices that run no swupdate daemon: it
-starts ``swupdate ARGS`` as a private daemon whose ``TMPDIR`` (and so whose sockets) is a fresh
-directory of its own, installs through those sockets exactly as above, asks for the post-update
-command (``-p``) after a success as ``swupdate -i`` does, and stops the daemon.  It does not run
-``swupdate -i IMAGE``: that mode feeds the image to its own daemon threads over the same socket
-and waits for the verdict with no timeout, and when the installer thread's wake-up is lost at
-start-up (above) it waits forever (seen in CI: one rejected image, an hour's timeout).  Here a
-lost wake-up is retried, and an error names swupdate's own reason.  A private daemon that exits
-before opening its sockets (bad ARGS, an unreadable key) is reported with the first error line
-it printed.
-
-Both refuse a release whose signed image format is not ``swu`` before touching swupdate.  Every
+Both SWUpdate installers (this one and ``swupdate-run``, `run.py`) refuse a release whose signed
+image format is not ``swu`` before touching swupdate (`swu_release`).  Every
 failure is an `InstallError` with one line; the image is only ever opened for reading.
 """
 
@@ -75,19 +65,18 @@ import contextlib
 import os
 import re
 import selectors
-import shlex
 import socket
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from otacast.plugin.errors import InstallError
+from otacast.plugin.installers.base import Installer, InstallResult
 from otacast.schemas.manifest import Manifest
 from otacast.schemas.policy import VerifiedManifest
-from otacast.schemas.swupdate_ipc import (
+
+from .ipc import (
     INFO_LEN,
     NATIVE,
     Abi,
@@ -105,8 +94,6 @@ from otacast.schemas.swupdate_ipc import (
     parse_progress_msg,
     progress_msg_size,
 )
-
-from .base import Installer, InstallResult
 
 CONTROL_SOCKET = "sockinstctrl"
 PROGRESS_SOCKET = "swupdateprog"
@@ -129,13 +116,6 @@ START_ATTEMPTS = 3
 # After the verdict, wait at most this long for the daemon to report idle (module doc, step 6).
 # It does so within milliseconds; this only bounds a daemon whose notifications stop.
 SETTLE_TIMEOUT = 2.0
-# A private daemon (swupdate-run) opens its sockets within milliseconds of starting; this bounds
-# a loaded device's start-up with plenty of room.
-RUN_START_TIMEOUT = 30.0
-# A private daemon that has not exited this long after SIGTERM is killed.
-RUN_STOP_TIMEOUT = 5.0
-# The end of a private daemon's output kept for the reason it exited.
-RUN_LOG_TAIL = 16 * 1024
 # Keep this many error messages of one install for the reason (the first one is the cause).
 MAX_ERRORS = 20
 # Keep at most this much of any text reported in an error line.
@@ -194,7 +174,7 @@ class _Reasons:
         elif status in (RecoveryStatus.SUCCESS, RecoveryStatus.FAILURE) and self.started:
             self.outcome = status
         if level == NotifyLevel.ERROR and len(self.errors) < MAX_ERRORS:
-            text = _error_text(message)
+            text = error_text(message)
             if text and text not in self.errors:
                 self.errors.append(text)
 
@@ -226,8 +206,8 @@ class SwupdateIpcInstaller(Installer):
         self.record_size = progress_msg_size(abi)
 
     def install(self, image: Path, verified: VerifiedManifest) -> InstallResult:
-        m = _swu_release(verified)
-        info = _fit(_clean(f"otacast {m.name} {m.version}"), INFO_LEN - 1)
+        m = swu_release(verified)
+        info = _fit(clean_line(f"otacast {m.name} {m.version}"), INFO_LEN - 1)
         deadline = time.monotonic() + self.timeout
         if not self.control.exists():
             raise InstallError(
@@ -256,7 +236,7 @@ class SwupdateIpcInstaller(Installer):
         with self._connect(self.control, "control") as control:
             answer = self._exchange(control, MsgType.POST_UPDATE, None)
         if answer.type != MsgType.ACK:
-            text = _clean(answer.text().msg)
+            text = clean_line(answer.text().msg)
             raise InstallError(
                 "swupdate installed the update but its post-update command failed"
                 + (f": {text}" if text else "")
@@ -346,7 +326,7 @@ class SwupdateIpcInstaller(Installer):
         reply = answer.type
         if reply == MsgType.ACK:
             return
-        text = _clean(answer.text().msg)
+        text = clean_line(answer.text().msg)
         if reply == MsgType.NACK and "progress" in text.lower():
             raise InstallError(f"swupdate is busy: {text}")
         if reply == MsgType.NACK:
@@ -525,75 +505,10 @@ class _Run:
         return prefix + _describe(self.last) if self.last else ""
 
 
-class SwupdateRunInstaller(Installer):
-    """One install by a private, short-lived swupdate daemon (module doc)."""
-
-    kind = "swupdate-run"
-
-    def __init__(
-        self, arguments: str, *, timeout: float = DEFAULT_TIMEOUT, program: str = "swupdate"
-    ) -> None:
-        try:
-            self.argv = shlex.split(arguments)
-        except ValueError as exc:
-            raise InstallError(f"swupdate-run arguments {arguments!r}: {exc}") from None
-        if any(a in ("-i", "--image") or a.startswith("--image=") for a in self.argv):
-            raise InstallError(
-                "swupdate-run arguments must not name the image (otacast sends it itself)"
-            )
-        self.program = program
-        self.timeout = timeout
-        self.start_timeout = RUN_START_TIMEOUT
-
-    def install(self, image: Path, verified: VerifiedManifest) -> InstallResult:
-        _swu_release(verified)  # refuse a non-.swu release before starting anything
-        with tempfile.TemporaryDirectory(prefix="otacast-swupdate-") as name:
-            private = Path(name)
-            log = private / "swupdate.log"
-            with log.open("wb") as output:
-                try:
-                    process = subprocess.Popen(
-                        [self.program, *self.argv],
-                        env=dict(os.environ, TMPDIR=name),
-                        stdin=subprocess.DEVNULL,
-                        stdout=output,
-                        stderr=subprocess.STDOUT,
-                    )
-                except FileNotFoundError:
-                    raise InstallError(
-                        f"{self.program} not found (is swupdate installed?)"
-                    ) from None
-                except OSError as exc:
-                    raise InstallError(
-                        f"cannot run {self.program}: {exc.strerror or exc}"
-                    ) from None
-            try:
-                self._wait_for_sockets(process, private, log)
-                daemon = SwupdateIpcInstaller(private, timeout=self.timeout)
-                result = daemon.install(image, verified)
-                daemon.post_update()
-                return result
-            finally:
-                _stop(process)
-
-    def _wait_for_sockets(self, process: subprocess.Popen[bytes], private: Path, log: Path) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        # A socket file exists from bind(); the daemon listens a moment later.
-        while not all(_listening(private / s) for s in (CONTROL_SOCKET, PROGRESS_SOCKET)):
-            if process.poll() is not None:
-                reason = _run_reason("", _tail(log)) or f"exit status {process.returncode}"
-                raise InstallError(f"{self.program} {shlex.join(self.argv)} exited: {reason}")
-            if time.monotonic() > deadline:
-                raise InstallError(
-                    f"{self.program} did not open its sockets within {self.start_timeout:g} s"
-                )
-            time.sleep(0.02)
-
-
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _swu_release(verified: VerifiedManifest) -> Manifest:
+def swu_release(verified: VerifiedManifest) -> Manifest:
     """The release's manifest, if its signed image format is one swupdate installs."""
     m = verified.manifest
     if m.image.format != "swu":
@@ -602,38 +517,6 @@ def _swu_release(verified: VerifiedManifest) -> Manifest:
             "(a .swu is signed with --format swu, the default for a .swu file name)"
         )
     return m
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(RUN_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _listening(path: Path) -> bool:
-    """Whether a Unix socket is bound at `path` and listening, seen in /proc/net/unix without
-    connecting (a probe connection would count as a progress client of the daemon)."""
-    try:
-        table = Path("/proc/net/unix").read_text()
-    except OSError:
-        return path.exists()
-    target = str(path)
-    for line in table.splitlines()[1:]:
-        fields = line.split(None, 7)
-        # Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 is __SO_ACCEPTCON.
-        if len(fields) == 8 and fields[7] == target and int(fields[3], 16) & 0x10000:
-            return True
-    return False
-
-
-def _tail(log: Path) -> str:
-    with log.open("rb") as handle:
-        handle.seek(max(0, os.fstat(handle.fileno()).st_size - RUN_LOG_TAIL))
-        return handle.read().decode(errors="replace")
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -651,7 +534,7 @@ def _fit(text: str, limit: int) -> str:
     return text.encode()[:limit].decode(errors="ignore")
 
 
-def _clean(text: str) -> str:
+def clean_line(text: str) -> str:
     """One printable line of at most MAX_REASON characters."""
     line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return line[:MAX_REASON]
@@ -661,30 +544,14 @@ def _clean(text: str) -> str:
 _ERROR_PREFIX = re.compile(
     r"^(?:\[ERROR\]\s*:\s*SWUPDATE failed \[\d+\]\s*)?(?:ERROR\s*:\s*|Error:\s*)?"
 )
-_ERROR_LINE = re.compile(r"^(?:\[ERROR\]|ERROR\s*:|Error:)")
 
 
-def _error_text(message: str) -> str:
-    return _clean(_ERROR_PREFIX.sub("", message.strip(), count=1))
-
-
-def _run_reason(stderr: str, stdout: str) -> str:
-    """The first error line swupdate printed (the cause; later ones are consequences)."""
-    for text in (stderr, stdout):
-        for line in text.splitlines():
-            if _ERROR_LINE.match(line.strip()):
-                reason = _error_text(line)
-                if reason:
-                    return reason
-    for text in (stderr, stdout):
-        lines = [line for line in text.splitlines() if line.strip()]
-        if lines:
-            return _clean(lines[-1])
-    return ""
+def error_text(message: str) -> str:
+    return clean_line(_ERROR_PREFIX.sub("", message.strip(), count=1))
 
 
 def _describe(record: ProgressMsg) -> str:
     text = f"{record.status_name}, step {record.cur_step}/{record.nsteps}"
     if record.cur_image:
-        text += f" {_clean(record.cur_image)}"
+        text += f" {clean_line(record.cur_image)}"
     return f"{text} {record.cur_percent}%"

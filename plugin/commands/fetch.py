@@ -1,0 +1,22 @@
+"""``otacast fetch``: receive a release and write the verified image (nothing is installed)."""
+
+from __future__ import annotations
+
+import argparse
+
+from otacast.plugin.status import StatusFile
+
+from .args import Subcommands, settings_of
+from .receiving import add_receive_options, receive_release
+
+
+def add_fetch(sub: Subcommands) -> None:
+    p = sub.add_parser("fetch", help="receive a release and write the verified image")
+    add_receive_options(p, installer=False, manifest=True, retry=False)
+    p.set_defaults(run=cmd_fetch)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    receive_release(args, settings, StatusFile(settings.state_dir))
+    return 0

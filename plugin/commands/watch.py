@@ -1,0 +1,38 @@
+"""``otacast watch``: the device daemon (`otacast.plugin.watch` runs the loop)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from otacast.plugin.errors import UsageError
+from otacast.plugin.watch import Watcher
+
+from .args import Subcommands, settings_of, trust_in_force
+from .receiving import add_receive_options, check_out_path, installer_of
+
+
+def add_watch(sub: Subcommands) -> None:
+    p = sub.add_parser(
+        "watch", help="stay on the channel; install every newer release (the device daemon)"
+    )
+    add_receive_options(p, installer=True, manifest=False, retry=True)
+    p.set_defaults(run=cmd_watch)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    installer = installer_of(settings)
+    check_out_path(settings)
+    if not (settings.channel or settings.group):
+        raise UsageError("watch: give --channel or --group (or set channel in the config)")
+    trust = trust_in_force(settings)
+    watcher = Watcher(settings, trust, installer, sys.stdout, as_json=args.json)
+    # SIGTERM (systemd stop) ends the daemon like Ctrl-C: partial downloads stay resumable.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        watcher.run()
+    except KeyboardInterrupt:
+        watcher.note("stopped", "stopped")
+    return 0
