@@ -131,7 +131,7 @@ def _auth_seeds() -> list[bytes]:
 def _adopted_core(datagrams: list[bytes]) -> ReceiverCore:
     core = ReceiverCore(TRUST, now=NOW, device_type="fuzzboard")
     for datagram in datagrams:
-        core.receive_datagram(datagram, "fd51::1", NOW)
+        core.receive_datagram(datagram, "fd51::1", NOW, wall=NOW)
     assert core.verified is not None, "the seed release must verify"
     while core.next_event() is not None:
         pass
@@ -162,7 +162,7 @@ def auth(data: bytes) -> None:
 
 
 def _feed(core: ReceiverCore, release: Manifest, data: bytes) -> None:
-    core.receive_datagram(data, "fd51::1", NOW)
+    core.receive_datagram(data, "fd51::1", NOW, wall=NOW)
     while (event := core.next_event()) is not None:
         if isinstance(event, ChunkComplete):
             offset, length = release.chunk_span(event.index)

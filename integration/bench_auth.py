@@ -120,7 +120,7 @@ def consume(envelope: Envelope, datagrams: list[bytes], packet_auth: str) -> flo
     core = ReceiverCore(trust, now=now, packet_auth=packet_auth)
     started = time.process_time()
     for datagram in datagrams:
-        core.receive_datagram(datagram, "fd00::1", now)
+        core.receive_datagram(datagram, "fd00::1", now, wall=now)
         while core.next_event() is not None:
             pass
     spent = time.process_time() - started

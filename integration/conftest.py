@@ -18,6 +18,7 @@ from contextlib import ExitStack
 
 import pytest
 
+from .attacks import MB, Channel
 from .netns import Lan, LanFactory
 
 
@@ -30,6 +31,13 @@ def lan() -> Iterator[LanFactory]:
             return made.enter_context(Lan.create(count, mtu))
 
         yield create
+
+
+@pytest.fixture(scope="session")
+def channel(tmp_path_factory: pytest.TempPathFactory) -> Channel:
+    """The honest 4 MB release the adversarial suite attacks (integration/test_attacks_*.py):
+    signed once for the whole run, as every attack leaves it unchanged."""
+    return Channel.make(tmp_path_factory.mktemp("release"), 4 * MB, chunk="256K")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

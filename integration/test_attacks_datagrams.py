@@ -42,11 +42,6 @@ from .release import fetch, publish, serve, summary_of
 RATE = 2_000_000  # the honest sender's rate, bytes/s
 
 
-@pytest.fixture(scope="module")
-def channel(tmp_path_factory: pytest.TempPathFactory) -> Channel:
-    return Channel.make(tmp_path_factory.mktemp("release"), 4 * MB, chunk="256K")
-
-
 # --- Malformed datagrams -------------------------------------------------------------------------
 
 

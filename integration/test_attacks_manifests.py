@@ -18,8 +18,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from otacast.schemas.limits import (
     MAX_CHUNK_BYTES,
     MAX_CHUNKS,
@@ -52,11 +50,6 @@ from .attacks import (
 )
 from .netns import Lan, LanFactory, stop
 from .release import SIGNER, serve, summary_of
-
-
-@pytest.fixture(scope="module")
-def channel(tmp_path_factory: pytest.TempPathFactory) -> Channel:
-    return Channel.make(tmp_path_factory.mktemp("release"), 4 * MB, chunk="256K")
 
 
 def hostile_then_honest(

@@ -280,21 +280,20 @@ class ReceiverCore:
         datagram longer than the receive buffer) with the core's own rejections."""
         self.stats.rejected[reason] += count
 
-    def receive_datagram(
-        self, data: bytes, source: str, now: float, *, wall: float | None = None
-    ) -> None:
+    def receive_datagram(self, data: bytes, source: str, now: float, *, wall: float) -> None:
         """Account for one datagram; never raises on its content.
 
         ``now`` is the monotonic clock.  ``wall`` is the wall-clock time (seconds since the
-        epoch) against which a manifest this datagram completes is checked for expiry; None
-        means ``now`` is itself a wall-clock time (a caller with one clock, such as a test at a
-        fixed date).  ``source`` is the sender's address; admission by source is the
-        transport's job (SSM joins), and packet authentication uses it.
+        epoch) against which a manifest this datagram completes is checked for expiry; it is
+        required so that no driver can check expiry against the monotonic clock by leaving it
+        out (a caller with one clock, such as a test at a fixed date, passes ``wall=now``).
+        ``source`` is the sender's address; admission by source is the transport's job (SSM
+        joins), and packet authentication uses it.
         """
         self.stats.datagrams += 1
         if self.first_datagram_at is None:
             self.first_datagram_at = now
-        self._receive(data, source, now, now if wall is None else wall)
+        self._receive(data, source, now, wall)
 
     def _receive(self, data: bytes, source: str, now: float, wall: float) -> None:
         if self._session:
@@ -419,7 +418,8 @@ class ReceiverCore:
                 )
             )
             return
-        self._adopt(verified, now, wall)
+        self._adopt(verified, now)
+        self._replay_early(now, wall)
 
     def _make_room(self, source: str) -> None:
         """Drop the oldest reassemblies so that one more from `source` fits the limits."""
@@ -448,7 +448,7 @@ class ReceiverCore:
         if len(self._refused) > MAX_REFUSED_MANIFESTS:
             self._refused.popitem(last=False)
 
-    def _adopt(self, verified: VerifiedManifest, now: float, wall: float | None = None) -> None:
+    def _adopt(self, verified: VerifiedManifest, now: float) -> None:
         manifest = verified.manifest
         self.verified = verified
         self._session = manifest.session_id
@@ -468,11 +468,14 @@ class ReceiverCore:
                 check=self.signature_check,
             )
         self._events.append(ManifestVerified(verified))
+
+    def _replay_early(self, now: float, wall: float) -> None:
+        """Admit what was held while no manifest was verified, through the same receive path.
+
+        A manifest among them is only counted now that the session is fixed."""
         early, self._early, self._early_bytes = self._early, deque(), 0
-        # Held while no manifest was verified yet: admit them now.  A manifest among them is
-        # only counted (the session is fixed now), so `wall` is read only when one arrived.
         for data, source in early:
-            self._receive(data, source, now, now if wall is None else wall)
+            self._receive(data, source, now, wall)
 
     # --- Data --------------------------------------------------------------------------------
 

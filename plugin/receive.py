@@ -285,7 +285,8 @@ class _Run:
             self._take_http_results()
             self._handle_events()
             now = time.monotonic()
-            if self.emit.due(now):
+            # Progress starts with a verified manifest: no snapshot is built each turn before.
+            if self.core.verified is not None and self.emit.due(now):
                 self.emit.progress(self.core.snapshot(), now, now - self.start, self.bytes_http)
             self._report_status(now)
             self._check_gave_up()

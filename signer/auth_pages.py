@@ -81,9 +81,6 @@ class AuthPages:
         self.datagrams = 0
         self.bytes = 0
 
-    def count(self) -> int:
-        return sum(len(p) for p in self.pages)
-
     def for_action(self, action: SendAuth) -> list[bytes]:
         """Each named page of the chunk, ``copies`` times in a row, in the order named."""
         chunk = self.pages[action.chunk]

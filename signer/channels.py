@@ -16,6 +16,7 @@ starts, and closes the plan (its symbol reader) when it stops.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,28 +82,74 @@ class ServePlan:
 
     def core(self, channel: ChannelPlan, now: float) -> SenderCore:
         """The sans-IO schedule of `channel`, starting at `now`."""
-        layout = self.reader.layout
-        return SenderCore(
-            layout.cycles,
-            [self.manifest.source_symbols(c) for c in range(self.manifest.chunk_count)],
+        return sender_core(
+            self.manifest,
+            self.reader.layout,
             overhead=self.options.overhead,
-            datagram_size=layout.datagram_size,
-            batch=self.batch,
             window=self.window,
             rate=channel.rate,
-            manifest=self.fragments,
+            fragments=self.fragments,
             now=now,
             sender_index=self.options.sender_index,
             sender_count=self.options.sender_count,
             passes=self.options.loops,
             duration=self.options.duration,
-            auth_capacity=(
-                wire.auth_capacity(layout.datagram_size) if self.pages is not None else None
-            ),
+            packet_auth=self.pages is not None,
         )
 
     def close(self) -> None:
         self.reader.close()
+
+
+def sender_core(
+    manifest: Manifest,
+    layout: symbol_cache.CycleLayout,
+    *,
+    overhead: float,
+    window: int,
+    rate: int,
+    fragments: Sequence[bytes],
+    now: float,
+    sender_index: int = 0,
+    sender_count: int = 1,
+    passes: int | None = None,
+    duration: float | None = None,
+    packet_auth: bool = False,
+) -> SenderCore:
+    """The sans-IO schedule of one channel of `manifest`, its cycles laid out as `layout`, sent
+    in GSO batches; with `packet_auth`, AUTH pages of as many digests as a datagram holds."""
+    return SenderCore(
+        layout.cycles,
+        [manifest.source_symbols(c) for c in range(manifest.chunk_count)],
+        overhead=overhead,
+        datagram_size=layout.datagram_size,
+        batch=gso_batch(layout.datagram_size),
+        window=window,
+        rate=rate,
+        manifest=fragments,
+        now=now,
+        sender_index=sender_index,
+        sender_count=sender_count,
+        passes=passes,
+        duration=duration,
+        auth_capacity=wire.auth_capacity(layout.datagram_size) if packet_auth else None,
+    )
+
+
+def manifest_fragments(
+    envelope: Envelope, datagram_size: int, max_datagram: int = DEFAULT_MAX_DATAGRAM
+) -> tuple[bytes, ...]:
+    """The MANIFEST datagrams of `envelope`, each no larger than a DATA datagram (`datagram_size`)
+    nor `max_datagram` (the IPv6 minimum MTU's payload by default, whatever the symbol size)."""
+    return tuple(
+        wire.build_datagram(p)
+        for p in wire.fragment_envelope(
+            envelope.manifest.session_id,
+            envelope.envelope_id,
+            envelope.compact_bytes,
+            min(max_datagram, datagram_size),
+        )
+    )
 
 
 def default_window(chunk_size: int, sender_count: int) -> int:
@@ -148,15 +195,7 @@ def build_channels(
         manifest, image, options.cache_dir, options.repair, progress=report.encoding
     )
     layout = symbol_cache.CycleLayout.for_manifest(manifest, options.repair)
-    fragments = tuple(
-        wire.build_datagram(p)
-        for p in wire.fragment_envelope(
-            manifest.session_id,
-            envelope.envelope_id,
-            envelope.compact_bytes,
-            min(DEFAULT_MAX_DATAGRAM, layout.datagram_size),
-        )
-    )
+    fragments = manifest_fragments(envelope, layout.datagram_size)
     batch = gso_batch(layout.datagram_size)
     reader = symbol_cache.SymbolReader(path, layout, batch)
     try:

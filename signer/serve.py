@@ -171,14 +171,16 @@ def _loop(
         wake = now + MAX_SLEEP
         for channel in list(live):
             action = channel.core.next_action(now)
-            if isinstance(action, SendSymbols):
-                run = reader.read(action.chunk, action.first, action.count)
-                channel.sender.send_run(run, action.count, size)
-                wake = now
-            elif isinstance(action, SendAuth):
+            if isinstance(action, SendAuth):
                 assert channel.auth is not None  # the core emits SendAuth only with pages
                 for page in channel.auth.for_action(action):
                     channel.sender.send_datagram(page)
+                # The data these pages vouch for is the core's next action: send it in the same
+                # turn, so that no stop and no other channel comes between pages and their data.
+                action = channel.core.next_action(now)
+            if isinstance(action, SendSymbols):
+                run = reader.read(action.chunk, action.first, action.count)
+                channel.sender.send_run(run, action.count, size)
                 wake = now
             elif isinstance(action, SendManifest):
                 for datagram in action.datagrams:

@@ -88,7 +88,7 @@ from otacast.plugin.events import (
 )
 from otacast.plugin.verify import verify_manifest
 from otacast.schemas import fec, wire
-from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM, MAX_DECODER_BYTES
+from otacast.schemas.limits import MAX_DECODER_BYTES
 from otacast.schemas.manifest import (
     Chunking,
     Envelope,
@@ -99,7 +99,7 @@ from otacast.schemas.manifest import (
     Transport,
 )
 from otacast.schemas.policy import TrustSet, VerifiedManifest
-from otacast.signer import symbol_cache
+from otacast.signer import channels, symbol_cache
 from otacast.signer.auth_pages import AuthPages, chunk_pages
 from otacast.signer.encoder import raptorq_encode
 from otacast.signer.keys import SigningKey
@@ -112,7 +112,6 @@ from otacast.signer.schedule import (
     Wait,
 )
 from otacast.signer.sign import sign
-from otacast.signer.transport import gso_batch
 
 CHANNEL = "updates.example.test"
 # The wall time the receiver tests run at: after every manifest's creation, before its expiry.
@@ -224,15 +223,10 @@ def manifest_datagrams(
     size ``serve`` uses unless `max_datagram` is given."""
     if envelope is None:
         envelope = ENVELOPE
+    datagram_size = wire.data_datagram_size(envelope.manifest.fec.symbol_size)
     if max_datagram is None:
-        symbol_size = envelope.manifest.fec.symbol_size
-        max_datagram = min(DEFAULT_MAX_DATAGRAM, wire.data_datagram_size(symbol_size))
-    return [
-        wire.build_datagram(p)
-        for p in wire.fragment_envelope(
-            envelope.manifest.session_id, envelope.envelope_id, envelope.compact_bytes, max_datagram
-        )
-    ]
+        return list(channels.manifest_fragments(envelope, datagram_size))
+    return list(channels.manifest_fragments(envelope, max_datagram, max_datagram))
 
 
 def data_prefix(manifest: Manifest, chunk: int) -> bytes:
@@ -298,7 +292,7 @@ def receive_from(
     """Every (datagram, source) at time `now`, and the events they caused."""
     events: list[Event] = []
     for datagram, source in stream:
-        core.receive_datagram(datagram, source, now)
+        core.receive_datagram(datagram, source, now, wall=now)
         events += drain(core)
     return events
 
@@ -486,25 +480,20 @@ def sender_core(
     window: int,
     fragments: Sequence[bytes],
 ) -> SenderCore:
-    """The one place the tests' links construct a `SenderCore` (as ``serve`` does)."""
-    m = release.manifest
-    return SenderCore(
-        layout.cycles,
-        [m.source_symbols(c) for c in range(m.chunk_count)],
+    """The one place the tests' links construct a `SenderCore`, through ``serve``'s own setup."""
+    return channels.sender_core(
+        release.manifest,
+        layout,
         overhead=spec.overhead,
-        datagram_size=layout.datagram_size,
-        batch=gso_batch(layout.datagram_size),
         window=window,
         rate=spec.rate,
-        manifest=fragments,
+        fragments=fragments,
         now=spec.start,
         sender_index=spec.index,
         sender_count=spec.count,
         passes=spec.passes,
         duration=spec.duration,
-        auth_capacity=(
-            wire.auth_capacity(layout.datagram_size) if spec.stream_key is not None else None
-        ),
+        packet_auth=spec.stream_key is not None,
     )
 
 
@@ -597,7 +586,7 @@ class _Receiver:
             self.report.received += 1
         else:
             self.report.other_received += 1
-        self.core.receive_datagram(datagram, source, self.link.epoch + t)
+        self.core.receive_datagram(datagram, source, self.link.epoch + t, wall=self.link.epoch + t)
         self.handle_events(t)
 
     def fire_timer(self, upto: float) -> None:
@@ -678,7 +667,7 @@ class Link:
         self.cycles = cycles_for_fraction(release, repair)
         self.fragments = tuple(manifest_datagrams(release.envelope))
         # Given, not derived: tests scale the window with the image (``serve`` derives it from
-        # the chunk size and the sender count, `serve.default_window`).
+        # the chunk size and the sender count, `channels.default_window`).
         self.window = window
         self.senders = [_Sender(self, i, s) for i, s in enumerate(senders)]
         self.receivers = [_Receiver(self, r) for r in receivers]

@@ -304,9 +304,9 @@ def flood(core: ReceiverCore, honest: list[bytes], ratio: int, seconds: float) -
     step = seconds / len(honest)
     for i, datagram in enumerate(honest):
         now = NOW + i * step
-        core.receive_datagram(datagram, "fd51::1", now)
+        core.receive_datagram(datagram, "fd51::1", now, wall=now)
         for _ in range(ratio):
-            core.receive_datagram(forged_data(rng), "fd51::66", now)
+            core.receive_datagram(forged_data(rng), "fd51::66", now, wall=now)
         core.handle_timer(now)
         events += drain(core)
     return events
@@ -364,8 +364,10 @@ def test_garbage_fragments_from_another_host_do_not_poison_the_senders_reassembl
         q = wire.parse_datagram(datagram)
         assert isinstance(q, wire.ManifestPacket)
         garbage = dataclasses.replace(q, fragment=rng.randbytes(len(q.fragment)))
-        core.receive_datagram(wire.build_datagram(garbage), "fd51::66", NOW)  # arrives first
-        core.receive_datagram(datagram, "fd51::1", NOW)
+        core.receive_datagram(
+            wire.build_datagram(garbage), "fd51::66", NOW, wall=NOW
+        )  # arrives first
+        core.receive_datagram(datagram, "fd51::1", NOW, wall=NOW)
     assert core.verified is not None  # on the first turn of the carousel
 
 
@@ -379,7 +381,7 @@ def test_a_flood_of_fragments_from_many_hosts_stays_within_the_reassembly_byte_c
         forged = wire.ManifestPacket(
             session, rng.randbytes(8), 2_000_000, rng.randrange(1500) * 1200, rng.randbytes(1200)
         )
-        core.receive_datagram(wire.build_datagram(forged), f"fd51::{n % 300:x}", NOW)
+        core.receive_datagram(wire.build_datagram(forged), f"fd51::{n % 300:x}", NOW, wall=NOW)
         pending = core._pending  # the bound under test is internal state
         assert len(pending) <= MAX_PENDING_MANIFESTS
         assert sum(a.covered for a in pending.values()) <= MAX_PENDING_MANIFEST_BYTES

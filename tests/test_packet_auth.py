@@ -250,7 +250,7 @@ def test_arbitrary_auth_datagrams_of_the_session_never_raise(body: bytes) -> Non
     core = ReceiverCore(TRUST, now=NOW)
     receive_from(core, [(d, SENDER) for d in manifest_datagrams(ENVELOPE)])
     datagram = b"OC\x01\x03" + MANIFEST.session_id + body
-    core.receive_datagram(datagram, ATTACKER, NOW)
+    core.receive_datagram(datagram, ATTACKER, NOW, wall=NOW)
     assert core.stats.symbols_used == 0
 
 

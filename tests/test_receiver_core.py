@@ -144,7 +144,7 @@ def test_a_polluted_chunk_is_discarded_and_collected_again() -> None:
 def test_malformed_data_of_our_session_is_a_counted_rejection(mutate: object, reason: str) -> None:
     core = ReceiverCore(TRUST, now=NOW)
     receive_all(core, manifest_datagrams())
-    core.receive_datagram(mutate(DATA[0][0]), "fd51::1", NOW)  # type: ignore[operator]
+    core.receive_datagram(mutate(DATA[0][0]), "fd51::1", NOW, wall=NOW)  # type: ignore[operator]
     assert core.stats.rejected == {reason: 1}
 
 
@@ -181,8 +181,8 @@ def test_join_timeout_asks_for_fallback_once() -> None:
 def test_stall_timeout_counts_from_the_last_progress() -> None:
     core = ReceiverCore(TRUST, now=NOW, join_timeout=5.0, stall_timeout=10.0)
     for d in manifest_datagrams():
-        core.receive_datagram(d, "fd51::1", NOW + 1)
-    core.receive_datagram(DATA[0][0], "fd51::1", NOW + 3)
+        core.receive_datagram(d, "fd51::1", NOW + 1, wall=NOW + 1)
+    core.receive_datagram(DATA[0][0], "fd51::1", NOW + 3, wall=NOW + 3)
     drain(core)
     assert core.get_timer() == NOW + 13
     core.handle_timer(NOW + 13)
@@ -217,8 +217,8 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 def test_arbitrary_datagrams_never_raise_out_of_the_core(data: bytes) -> None:
     core = ReceiverCore(TRUST, now=NOW)
     receive_all(core, manifest_datagrams())
-    core.receive_datagram(data, "fd51::66", NOW)
-    core.receive_datagram(DATA[0][0][:16] + data, "fd51::66", NOW)
+    core.receive_datagram(data, "fd51::66", NOW, wall=NOW)
+    core.receive_datagram(DATA[0][0][:16] + data, "fd51::66", NOW, wall=NOW)
 
 
 @FUZZ
@@ -258,7 +258,7 @@ def test_forged_manifest_fragments_never_raise_or_yield_a_session(
         if len(fragment) < 256:
             offset = total - len(fragment)  # only a last fragment may be short
         packet = wire.ManifestPacket(bytes([stream]) * 8, b"e" * 8, total, offset, fragment)
-        core.receive_datagram(wire.build_datagram(packet), "fd51::66", NOW)
+        core.receive_datagram(wire.build_datagram(packet), "fd51::66", NOW, wall=NOW)
     assert core.verified is None
     assert len(core._pending) <= 4
 
