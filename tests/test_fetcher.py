@@ -10,6 +10,7 @@ server that wrote the whole cap.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import random
@@ -26,7 +27,11 @@ import pytest
 import requests
 
 from otacast.plugin.errors import FetchError
-from otacast.plugin.fetcher import MAX_BACKOFF, HttpFetcher
+from otacast.plugin.fetcher import MAX_BACKOFF, HttpFetcher, RepairWorker
+from otacast.plugin.verify import verify_manifest
+from otacast.schemas.policy import TrustSet, VerifiedManifest
+from otacast.signer.keys import SigningKey
+from otacast.signer.sign import sign
 
 from .helpers import manifest_for
 
@@ -599,14 +604,7 @@ def test_a_manifest_url_failing_in_every_round_is_a_fetch_error(
 # --- The receive driver's repair worker ----------------------------------------------------------
 
 
-def _verified_with_mirrors(urls: tuple[str, ...]) -> object:
-    import dataclasses
-
-    from otacast.plugin.verify import verify_manifest
-    from otacast.schemas.policy import TrustSet
-    from otacast.signer.keys import SigningKey
-    from otacast.signer.sign import sign
-
+def _verified_with_mirrors(urls: tuple[str, ...]) -> VerifiedManifest:
     key = SigningKey(b"\x0b" * 32)
     envelope = sign(dataclasses.replace(MANIFEST, http=urls), [key])
     trust = TrustSet.from_public_keys([key.public])
@@ -615,10 +613,7 @@ def _verified_with_mirrors(urls: tuple[str, ...]) -> object:
     )
 
 
-def _drain_results(worker: object) -> list[tuple[int, bytes]]:
-    from otacast.plugin.fetcher import RepairWorker
-
-    assert isinstance(worker, RepairWorker)
+def _drain_results(worker: RepairWorker) -> list[tuple[int, bytes]]:
     worker.join(60)
     assert not worker.is_alive()
     results = []
@@ -631,11 +626,7 @@ def _drain_results(worker: object) -> list[tuple[int, bytes]]:
 def test_the_repair_worker_queues_the_missing_chunks_and_skips_those_done_elsewhere(
     mirror: Mirror,
 ) -> None:
-    from otacast.plugin.fetcher import RepairWorker
-    from otacast.schemas.policy import VerifiedManifest
-
     verified = _verified_with_mirrors((mirror.url("good"),))
-    assert isinstance(verified, VerifiedManifest)
     worker = RepairWorker(verified, [0, 1, 3], timeout=5.0)
     worker.done_elsewhere.add(1)  # multicast completed it before the worker came to it
     worker.start()
@@ -646,11 +637,7 @@ def test_the_repair_worker_queues_the_missing_chunks_and_skips_those_done_elsewh
 def test_the_repair_worker_reports_a_chunk_no_mirror_delivered_and_goes_on(
     mirror: Mirror,
 ) -> None:
-    from otacast.plugin.fetcher import RepairWorker
-    from otacast.schemas.policy import VerifiedManifest
-
     verified = _verified_with_mirrors((mirror.url("status-500"),))
-    assert isinstance(verified, VerifiedManifest)
     worker = RepairWorker(verified, [2], timeout=5.0)
     worker.start()
     assert _drain_results(worker) == []
