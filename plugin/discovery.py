@@ -1,4 +1,6 @@
-"""DNS discovery of a channel's SSM sources (the only `dns` user on the device side).
+"""Where to listen: DNS discovery of a channel's SSM sources (the only `dns` user on the device
+side), and `plan_joins`, which turns the device's options, the manifest and DNS into the
+memberships to join.
 
 The publisher lists its senders as SRV records of ``_otacast._udp.<channel>`` (RFC 2782):
 ``priority weight port target``.  RFC 2782 says to use the lowest priority first and to pick
@@ -38,9 +40,11 @@ import dns.rdtypes.IN.SRV
 import dns.resolver
 import dns.rrset
 
+from otacast.schemas import addressing
 from otacast.schemas.addressing import srv_name
+from otacast.schemas.manifest import Transport
 
-from .errors import DiscoveryError
+from .errors import DiscoveryError, UsageError
 
 DNS_PORT = 53
 DEFAULT_LIFETIME = 3.0
@@ -208,3 +212,55 @@ def _one_line(value: object) -> str:
     raw = value.strerror if isinstance(value, OSError) and value.strerror else value
     text = " ".join(str(raw).split())
     return text or type(value).__name__
+
+
+@dataclass(frozen=True)
+class JoinPlan:
+    """The memberships to join, each ``(group, source)`` (source None: any source, ASM), the
+    port, and what the operator is told about how the plan was made (None: nothing to say)."""
+
+    memberships: tuple[tuple[str, str | None], ...]
+    port: int
+    note: str | None = None
+
+
+def plan_joins(
+    transport: Transport | None,
+    *,
+    channel: str | None,
+    scope: str,
+    port: int | None,
+    group: str | None,
+    sources: tuple[str, ...],
+    resolver: str | None,
+) -> JoinPlan:
+    """Which (S,G) or G to join and on which port.
+
+    Explicit options win: a ``group`` (with ``sources`` as SSM, else ASM), then ``sources`` on
+    the channel's SSM group.  Otherwise the channel's SRV records name the SSM sources; without
+    records, or when DNS fails, the device joins the channel's ASM group and says why.  With a
+    verified manifest, its `transport` is authoritative for the groups and the default port; a
+    channel named in the options then only says where the SRV records are looked up.
+    """
+    scope = transport.scope if transport and not channel else scope  # the manifest's channel
+    channel = channel or (transport.channel if transport else None)
+    chosen_port = port or (transport.port if transport else addressing.DEFAULT_PORT)
+    if group:
+        return JoinPlan(tuple((group, s) for s in sources) or ((group, None),), chosen_port)
+    if channel is None:
+        raise UsageError("give --channel, --group or --manifest so there is something to join")
+    ssm = transport.ssm_group if transport else addressing.ssm_group(channel, scope)
+    asm = transport.asm_group if transport else addressing.asm_group(channel, scope)
+    if sources:
+        return JoinPlan(tuple((ssm, s) for s in sources), chosen_port)
+    try:
+        hosts = discover(channel, resolver=resolver)
+    except DiscoveryError as exc:
+        note = f"DNS discovery failed ({exc}); joining the ASM group {asm}"
+        return JoinPlan(((asm, None),), chosen_port, note)
+    if not hosts:
+        note = f"no SRV records for {srv_name(channel)}; joining ASM group {asm}"
+        return JoinPlan(((asm, None),), chosen_port, note)
+    memberships = tuple((ssm, address) for host in hosts for address in host.addresses)
+    note = f"SRV {srv_name(channel)}: joining {ssm} from " + ", ".join(a for _, a in memberships)
+    return JoinPlan(memberships, port or hosts[0].port, note)

@@ -16,8 +16,8 @@ loop, and `otacast.plugin.fetcher.RepairWorker` fetches the missing chunks over 
 verified ones back through a queue.  Only the loop talks to the core and decides what is
 written, so multicast and HTTP share one state without locks.
 
-`plan_joins` stays here rather than in `otacast.plugin.discovery`: it reads the driver's options
-and reports through its reporter, and DNS is only one of its inputs.
+Where to listen is `otacast.plugin.discovery.plan_joins`'s decision (options, manifest, DNS);
+the driver only joins what it plans and reports its note.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ from otacast.schemas.policy import TrustSet, VerifiedManifest
 
 from .config import Settings
 from .core import ReceiverCore
-from .discovery import discover
+from .discovery import plan_joins
 from .errors import (
-    DiscoveryError,
     IncompleteError,
     NoManifestError,
     StateError,
@@ -159,40 +158,6 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-def plan_joins(options: FetchOptions, emit: Reporter) -> tuple[list[Join], int]:
-    """Which (S,G) or G to join and on which port, from options, DNS or the manifest."""
-    transport = options.manifest.manifest.transport if options.manifest else None
-    channel = options.channel or (transport.channel if transport else None)
-    scope = transport.scope if transport and not options.channel else options.scope
-    port = options.port or (transport.port if transport else addressing.DEFAULT_PORT)
-    if options.group:
-        group = options.group
-        if options.sources:
-            return [Join(group, s) for s in options.sources], port
-        return [Join(group)], port
-    if channel is None:
-        raise UsageError("give --channel, --group or --manifest so there is something to join")
-    ssm = transport.ssm_group if transport else addressing.ssm_group(channel, scope)
-    asm = transport.asm_group if transport else addressing.asm_group(channel, scope)
-    if options.sources:
-        return [Join(ssm, s) for s in options.sources], port
-    try:
-        hosts = discover(channel, resolver=options.resolver)
-    except DiscoveryError as exc:
-        emit.note(f"DNS discovery failed ({exc}); joining the ASM group {asm}")
-        return [Join(asm)], port
-    if not hosts:
-        emit.note(f"no SRV records for {addressing.srv_name(channel)}; joining ASM group {asm}")
-        return [Join(asm)], port
-    srv_port = options.port or hosts[0].port
-    joins = [Join(ssm, address) for host in hosts for address in host.addresses]
-    emit.note(
-        f"SRV {addressing.srv_name(channel)}: joining {ssm} from "
-        + ", ".join(j.source or "" for j in joins)
-    )
-    return joins, srv_port
-
-
 def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
     """Receive one release into ``options.out``, reporting on `out`; raise an `OtacastError`
     when it cannot be done (what is verified stays in the state directory for the next run)."""
@@ -210,8 +175,19 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
     if options.fallback != "only":
         if options.interface is None:
             raise UsageError("--interface is needed to receive multicast")
-        joins, port = plan_joins(options, emit)
-        receiver = MulticastReceiver(options.interface, port, joins)
+        plan = plan_joins(
+            options.manifest.manifest.transport if options.manifest else None,
+            channel=options.channel,
+            scope=options.scope,
+            port=options.port,
+            group=options.group,
+            sources=tuple(options.sources),
+            resolver=options.resolver,
+        )
+        if plan.note:
+            emit.note(plan.note)
+        joins = [Join(group, source) for group, source in plan.memberships]
+        receiver = MulticastReceiver(options.interface, plan.port, joins)
     start = time.monotonic()
     core = ReceiverCore(
         options.trust,

@@ -20,9 +20,11 @@ import dns.rrset
 import pytest
 
 from otacast.plugin import transport
-from otacast.plugin.discovery import SourceHost, discover, parse_resolver
-from otacast.plugin.errors import DiscoveryError, NetworkError
+from otacast.plugin.discovery import JoinPlan, SourceHost, discover, parse_resolver, plan_joins
+from otacast.plugin.errors import DiscoveryError, NetworkError, UsageError
 from otacast.plugin.transport import Join, MulticastReceiver, group_source_req
+from otacast.schemas import addressing
+from otacast.schemas.manifest import Transport
 
 LP64 = ctypes.sizeof(ctypes.c_ulong) == 8
 
@@ -374,3 +376,83 @@ def test_a_join_is_immutable() -> None:
     join = Join("ff1e::1")
     with pytest.raises(AttributeError):
         join.group = "ff1e::2"  # type: ignore[misc]
+
+
+# --- Join planning: options, then the manifest, then DNS --------------------------------------
+
+CHANNEL = "updates.example.test"
+
+
+def _plan(transport: Transport | None = None, **options: Any) -> JoinPlan:
+    given: dict[str, Any] = dict(
+        channel=None, scope=addressing.DEFAULT_SCOPE, port=None, group=None, sources=()
+    )
+    given.update(options)
+    return plan_joins(transport, resolver="[fd66::53]:53", **given)
+
+
+def test_an_explicit_group_is_joined_as_asm_or_from_the_given_sources_without_dns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dns.resolver.Resolver, "resolve", _no_query)
+    assert _plan(group="ff3e::1234", port=5000) == JoinPlan((("ff3e::1234", None),), 5000)
+    assert _plan(group="ff3e::1234", sources=("fd77::1", "fd77::2")) == JoinPlan(
+        (("ff3e::1234", "fd77::1"), ("ff3e::1234", "fd77::2")), addressing.DEFAULT_PORT
+    )
+    ssm = addressing.ssm_group(CHANNEL, addressing.DEFAULT_SCOPE)
+    assert _plan(channel=CHANNEL, sources=("fd77::9",)) == JoinPlan(
+        ((ssm, "fd77::9"),), addressing.DEFAULT_PORT
+    )
+
+
+def test_nothing_to_join_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="--channel, --group or --manifest"):
+        _plan()
+
+
+def test_srv_records_give_ssm_joins_on_their_port_and_say_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    canned(
+        monkeypatch,
+        {
+            (SRV, "SRV"): ["10 5 4242 tx1.example.test."],
+            ("tx1.example.test.", "AAAA"): ["fd77::1", "fd77::2"],
+        },
+    )
+    plan = _plan(channel=CHANNEL)
+    ssm = addressing.ssm_group(CHANNEL, addressing.DEFAULT_SCOPE)
+    assert plan.memberships == ((ssm, "fd77::1"), (ssm, "fd77::2"))
+    assert plan.port == 4242
+    assert plan.note == f"SRV {SRV.rstrip('.')}: joining {ssm} from fd77::1, fd77::2"
+    assert _plan(channel=CHANNEL, port=5000).port == 5000  # an explicit port wins
+
+
+def test_without_srv_records_or_with_dns_failing_the_asm_group_is_joined_and_the_reason_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asm = addressing.asm_group(CHANNEL, addressing.DEFAULT_SCOPE)
+    canned(monkeypatch, {})
+    plan = _plan(channel=CHANNEL)
+    assert plan.memberships == ((asm, None),)
+    assert plan.note == f"no SRV records for {SRV.rstrip('.')}; joining ASM group {asm}"
+    canned(monkeypatch, {(SRV, "SRV"): dns.resolver.LifetimeTimeout(timeout=1.0, errors=[])})
+    plan = _plan(channel=CHANNEL)
+    assert plan.memberships == ((asm, None),)
+    assert plan.note is not None and plan.note.startswith("DNS discovery failed (")
+
+
+def test_a_manifest_gives_the_groups_and_port_and_the_options_channel_only_the_srv_lookup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = canned(monkeypatch, {})
+    transport = Transport.for_channel(CHANNEL, scope="link", port=4800)
+    plan = _plan(transport)
+    assert plan.memberships == ((transport.asm_group, None),) and plan.port == 4800
+    assert plan.note is not None and SRV.rstrip(".") in plan.note
+    # The verified manifest's groups stay authoritative; another channel named in the options
+    # only changes where the SRV records are looked up.
+    plan = _plan(transport, channel="other.example.test")
+    assert plan.memberships == ((transport.asm_group, None),) and plan.port == 4800
+    assert plan.note is not None and "_otacast._udp.other.example.test" in plan.note
+    assert len(fake.lifetimes) == 2  # one SRV query each, no AAAA query without records
