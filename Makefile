@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup test lint unit integration demo bench bench-quick bench-compare bench-compare-quick \
-        fuzz-quick clean
+        fuzz-quick sweep sweep-quick clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,16 @@ bench-compare: setup
 
 bench-compare-quick: setup
 	$(BIN)/python integration/bench_compare.py --quick
+
+# Issue 12's simulator sweep: datagrams heard / ideal K/(1-p) and the receiver's high-water
+# mark over loss, join time, senders and image sizes up to 4 GiB, for today's windowed order
+# (the real SenderCore) and a symbol-major order, on an abstract receiver model.  No root, no
+# network; the full one takes about a minute and a half on 2 cores, the quick one seconds.
+sweep: setup
+	$(BIN)/python integration/sweep.py
+
+sweep-quick: setup
+	$(BIN)/python integration/sweep.py --quick
 
 # Coverage-guided fuzzing of what a device parses; a bounded number of runs per target.
 FUZZ_RUNS ?= 20000
