@@ -34,7 +34,7 @@ between round boundaries waits for the next one.  So the phase does not depend o
 started: senders of different index are always ``C_c/n`` apart on the cycle whatever their start
 times (started together or hours apart), and a receiver hearing n of them collects n disjoint
 arcs for as long as each arc is shorter than C_c/n.  A phase counted from each sender's own
-start (``--phase start``, shown in the sender rows for contrast) leaves the offset between a
+start (``phase="start"``, the ``symbol-major/start`` rows, for contrast) leaves the offset between a
 late sender and an early one to chance, and their arcs overlap.  Two senders with the same index
 send the same symbols: the index stays a configuration item, as ``--sender i/n`` is today.
 
@@ -555,8 +555,8 @@ def run_symbol_major(
     left = n
     p = receiver.loss.mean
     step = math.ceil(max(image.sources) / (1 - p) / len(senders)) + 32
-    low = min(min(heard_from), min(starts))
-    high = max(min(heard_from), min(starts)) + step
+    low = max(min(heard_from), min(starts))  # nothing is heard before
+    high = low + step
     limit = low + MAX_SYMBOL_MAJOR_ROUNDS * max(image.sources)
     while left and low < limit:
         for col in columns:
