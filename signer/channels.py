@@ -107,7 +107,7 @@ def sender_core(
     *,
     overhead: float,
     window: int,
-    rate: int,
+    rate: float,
     fragments: Sequence[bytes],
     now: float,
     sender_index: int = 0,
