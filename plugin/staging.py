@@ -155,11 +155,22 @@ class Staging:
                 written = os.pwrite(self._fd, view, position)
                 view = view[written:]
                 position += written
+        except OSError as exc:
+            raise _state_error("write chunk to", self.part, exc) from None
+        self.mark_written(index)
+
+    def mark_written(self, index: int) -> None:
+        """Record chunk `index` as on disk, its bytes in ``image.part`` made durable first.
+
+        Whoever wrote the bytes (`write_chunk`, or the symbol store completing a chunk in
+        place) calls this only for bytes that match the chunk's signed hash.
+        """
+        try:
             os.fdatasync(self._fd)
             os.write(self._log, _INDEX.pack(index))
             os.fdatasync(self._log)
         except OSError as exc:
-            raise _state_error("write chunk to", self.part, exc) from None
+            raise _state_error("record chunk in", self.log_path, exc) from None
 
     def finish(self, out: Path) -> None:
         """Hash the whole image once more, then move it to `out` atomically."""
