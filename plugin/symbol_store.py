@@ -54,11 +54,13 @@ Bounds
 ------
 * Per chunk, a repair symbol is admitted only while the chunk holds fewer than K +
   `MAX_EXTRA_SYMBOLS` symbols: that many decode with near certainty, and more are useless
-  (``chunk-full``).  Source symbols are always admitted: they cost no extra disk.
+  (``chunk-full``); and not once all K source symbols are in place (``not-needed``).  Source
+  symbols are always admitted: they cost no extra disk.
 * The spill holds at most as many slots as the image has source symbols (``spill-full``): the
   spill is then at most the image's size.  It is also the least that never stalls the
   receiver: with every slot in use, some chunk holds K repair symbols and can be decoded,
-  which frees its slots.
+  which frees its slots (for reuse from the next `flush`, which `complete` leaves to the
+  caller's policy).
 * Disk: ``image.part`` (the image, reserved by staging) + the spill (<= the image, about p x
   image at loss p in practice) + the journal, compacted (rewritten from memory) whenever it
   holds more than `JOURNAL_SLACK` times the live records plus `MIN_COMPACT_RECORDS`, so a
@@ -99,6 +101,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 
+from otacast.schemas import fec
 from otacast.schemas.limits import MAX_ESI
 
 from .errors import StateError
@@ -181,10 +184,12 @@ class _Chunk:
     """What one chunk holds: a bitmap of its source ESIs, and its repair ESIs (sorted) with
     the spill slot of each."""
 
-    __slots__ = ("bits", "k", "repair_esi", "repair_slot", "sources")
+    __slots__ = ("bits", "k", "length", "offset", "repair_esi", "repair_slot", "sources")
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, offset: int, length: int) -> None:
         self.k = k
+        self.offset = offset  # of the chunk in the image
+        self.length = length
         self.bits = bytearray((k + 7) // 8)
         self.sources = 0
         self.repair_esi = array("I")
@@ -320,7 +325,9 @@ class SymbolStore:
     def _state(self, chunk: int) -> _Chunk:
         state = self._chunks.get(chunk)
         if state is None:
-            state = self._chunks[chunk] = _Chunk(self._manifest.source_symbols(chunk))
+            offset, length = self._manifest.chunk_span(chunk)
+            k = fec.source_symbols(length, self._symbol_size)
+            state = self._chunks[chunk] = _Chunk(k, offset, length)
         return state
 
     # --- Queries --------------------------------------------------------------------------
@@ -411,11 +418,10 @@ class SymbolStore:
         if esi < state.k:
             if state.has_source(esi):
                 return self._refuse("duplicate")
-            offset, length = self._manifest.chunk_span(chunk)
-            cut = min(size, length - esi * size)
+            cut = min(size, state.length - esi * size)
             if cut < size and any(view[cut:]):
                 return self._refuse("padding")
-            self._write(self._part, view[:cut], offset + esi * size, self.staging.part)
+            self._write(self._part, view[:cut], state.offset + esi * size, self.staging.part)
             self._dirty_part = True
             state.set_source(esi)
             self._counts["source"] += cut
@@ -424,6 +430,8 @@ class SymbolStore:
         at = bisect_left(state.repair_esi, esi)
         if at < len(state.repair_esi) and state.repair_esi[at] == esi:
             return self._refuse("duplicate")
+        if state.sources == state.k:
+            return self._refuse("not-needed")  # all the data is in place: nothing to repair
         if state.count() >= state.k + MAX_EXTRA_SYMBOLS:
             return self._refuse("chunk-full")
         if self._free:
