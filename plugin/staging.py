@@ -37,6 +37,14 @@ _SESSION_DIR = re.compile(r"[0-9a-f]{16}")
 READ_BLOCK = 1024 * 1024
 
 
+def pwrite_all(fd: int, data: memoryview, position: int) -> None:
+    """Write all of `data` at `position` (``pwrite`` may write less than asked)."""
+    while data:
+        written = os.pwrite(fd, data, position)
+        data = data[written:]
+        position += written
+
+
 def _state_error(what: str, path: Path, exc: OSError) -> StateError:
     # The failing call names its file when it has one: say which, not just the directory.
     where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != path else ""
@@ -149,12 +157,7 @@ class Staging:
         if len(data) != length:
             raise ValueError("chunk length does not match the manifest")
         try:
-            view = memoryview(data)
-            position = offset
-            while view:
-                written = os.pwrite(self._fd, view, position)
-                view = view[written:]
-                position += written
+            pwrite_all(self._fd, memoryview(data), offset)
         except OSError as exc:
             raise _state_error("write chunk to", self.part, exc) from None
         self.mark_written(index)

@@ -105,12 +105,13 @@ from otacast.schemas import fec
 from otacast.schemas.limits import MAX_ESI
 
 from .errors import StateError
-from .staging import READ_BLOCK, Staging
+from .staging import READ_BLOCK, Staging, pwrite_all
 
 # Symbols held beyond K before a chunk stops admitting repair symbols.  RaptorQ decodes from K
 # received symbols with probability ~99 %, and each further symbol divides the failure
-# probability by ~100 (RFC 6330 section 5.6): with 8 extra a failure from genuine symbols is
-# ~1e-18, so a chunk that still does not decode holds a forged symbol and is discarded.
+# probability by ~100 (RFC 6330's figures: 1 %, 0.01 %, 0.0001 % at K, K+1, K+2): with 8 extra,
+# a chunk that still does not decode (or fails its hash) holds a forged symbol, and the caller
+# discards it.
 MAX_EXTRA_SYMBOLS = 8
 
 # Spill slots allowed, as a multiple of the image's source symbols (see the module docstring:
@@ -336,6 +337,9 @@ class SymbolStore:
     def done(self) -> frozenset[int]:
         """Chunks completed (in this run or verified on reopen)."""
         return frozenset(self._done)
+
+    def is_done(self, chunk: int) -> bool:
+        return chunk in self._done
 
     def source_symbols(self, chunk: int) -> int:
         """K of `chunk`."""
@@ -597,10 +601,7 @@ class SymbolStore:
     def _write(self, fd: int | None, data: memoryview, position: int, path: object) -> None:
         assert fd is not None
         try:
-            while data:
-                written = os.pwrite(fd, data, position)
-                data = data[written:]
-                position += written
+            pwrite_all(fd, data, position)
         except OSError as exc:
             raise _store_error("write symbols to", path, exc) from None
 

@@ -256,7 +256,7 @@ def test_repair_symbols_are_bounded_per_chunk_and_in_total(tmp_path: Path) -> No
         store.complete(ready[0], data)
         store.flush()
         other = next(
-            c for c in range(MANIFEST.chunk_count) if c not in store.done and store.count(c) < K[c]
+            c for c in range(MANIFEST.chunk_count) if not store.is_done(c) and store.count(c) < K[c]
         )
         fresh = next(e for e in range(K[other], K[other] + REPAIR) if e not in store.esis(other))
         assert store.add(other, fresh, SYMBOLS[other][fresh])
@@ -367,7 +367,7 @@ def test_a_copy_taken_at_any_moment_holds_only_genuine_symbols(tmp_path: Path) -
                 copy = tmp_path / f"copy{n}"
                 shutil.copytree(state, copy)
                 copies.append((copy, set(store.done), list(flushed)))
-            if chunk in store.done:
+            if store.is_done(chunk):
                 continue
             store.add(chunk, esi, SYMBOLS[chunk][esi])
             if rng.random() < 0.02:
@@ -429,7 +429,7 @@ def test_after_a_power_cut_unsynced_bytes_are_never_named(tmp_path: Path) -> Non
     with opened(cut) as store:
         held = assert_only_genuine(store)
         for c in range(MANIFEST.chunk_count):
-            if c not in store.done:
+            if not store.is_done(c):
                 assert held[c] >= held_at_flush[c]
         assert store.done >= done
 
@@ -472,7 +472,7 @@ def test_a_receiver_killed_mid_stream_resumes_with_its_stored_symbols(tmp_path: 
         for chunk in synced:
             assert held[chunk] >= synced[chunk]  # all flushed before the kill is still there
         for chunk, esi in _shuffled(13):  # the stream goes on, resumed with what was held
-            if chunk in store.done:
+            if store.is_done(chunk):
                 continue
             store.add(chunk, esi, SYMBOLS[chunk][esi])
             if store.count(chunk) >= K[chunk]:
@@ -490,9 +490,16 @@ def test_a_receiver_killed_mid_stream_resumes_with_its_stored_symbols(tmp_path: 
 # --- Properties and measurements ----------------------------------------------------------------
 
 
-@settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+def _examples(count: int) -> settings:
+    # Each example makes its own directory from the (function-scoped) tmp_path_factory.
+    return settings(
+        max_examples=count,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+
+
+@_examples(25)
 @given(
     seed=st.integers(0, 2**32 - 1),
     reopen_every=st.integers(20, 400),
@@ -545,9 +552,7 @@ def test_any_order_of_arrivals_keeps_exactly_the_admitted_symbols(
         store_cm.__exit__(None, None, None)
 
 
-@settings(
-    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@_examples(20)
 @given(
     seed=st.integers(0, 2**32 - 1),
     flush_every=st.integers(1, 200),
@@ -607,7 +612,7 @@ def test_disk_writes_stay_near_one_plus_loss_times_the_image(tmp_path: Path, los
     with opened(tmp_path, release) as store:
         for esi in range(k + 40):
             for chunk in range(release.manifest.chunk_count):
-                if chunk in store.done or rng.random() < loss:
+                if store.is_done(chunk) or rng.random() < loss:
                     continue
                 store.add(chunk, esi, symbols[chunk][esi])
                 if store.count(chunk) < k:
