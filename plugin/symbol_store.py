@@ -8,9 +8,9 @@ Where things are
 The store works beside `Staging`, in the same session directory ``<state>/<session id>/``, on
 the same ``image.part`` and ``chunks.log``.  It does not extend `Staging`: staging owns the
 directory (its lock, the image reservation, the removal of abandoned downloads, resume by hash,
-the final check and hand-off) and the HTTP fallback keeps using it for whole chunks; the store
-adds only what symbols need, and takes an open `Staging` (which holds the directory's lock)
-instead of repeating any of that.  Its own files:
+the final check and hand-off), and a receiver without symbols (HTTP only) needs nothing more;
+the store adds only what symbols need, and takes an open `Staging` (which holds the directory's
+lock) instead of repeating any of that.  Its own files:
 
 * **Source symbols** (ESI < K of a chunk) are the data of a systematic code.  Symbol ``e`` of
   chunk ``c`` is written in place into ``image.part`` at ``offset(c) + e*T`` (``T`` the signed
@@ -32,7 +32,8 @@ Crash guarantee
 Records are kept in memory and written in a batch by `flush`: first ``image.part`` and the
 spill are ``fdatasync``-ed, then the records are appended to the journal and it is synced too.
 `add` flushes by itself every `FLUSH_RECORDS` records; `discard` flushes at once; `close`
-flushes.  So, after ``kill -9`` or a power cut at any instant:
+flushes; `complete` returns once the chunk is durably recorded done.  So, after ``kill -9`` or
+a power cut at any instant:
 
 * a journal record never names bytes that were not on disk before the record was written: a
   stored symbol read back after reopen is byte for byte the one given to `add`;
@@ -57,10 +58,10 @@ Bounds
   (``chunk-full``); and not once all K source symbols are in place (``not-needed``).  Source
   symbols are always admitted: they cost no extra disk.
 * The spill holds at most as many slots as the image has source symbols (``spill-full``): the
-  spill is then at most the image's size.  It is also the least that never stalls the
-  receiver: with every slot in use, some chunk holds K repair symbols and can be decoded,
-  which frees its slots (for reuse from the next `flush`, which `complete` leaves to the
-  caller's policy).
+  spill is then at most the image's size (each chunk's short last symbol counted whole).  It
+  is also the least that never stalls the receiver: with every slot in use, some chunk holds
+  K repair symbols and can be decoded, which frees its slots (for reuse from the next `flush`,
+  which `complete` leaves to the caller's policy).
 * Disk: ``image.part`` (the image, reserved by staging) + the spill (<= the image, about p x
   image at loss p in practice) + the journal, compacted (rewritten from memory) whenever it
   holds more than `JOURNAL_SLACK` times the live records plus `MIN_COMPACT_RECORDS`, so a
@@ -86,6 +87,16 @@ open, whole chunks fetched over HTTP go through `complete` too, never `Staging.w
 (which would overwrite in place bytes the journal names).  Disk errors raise
 `SymbolStoreError`, a `StateError`; input that merely cannot be stored is refused with a
 counted reason (`StoreStats.refused`), never an exception.
+
+Using it
+--------
+Open `Staging`, then ``SymbolStore(staging)``: it resumes (`done`, `is_done`: the chunks
+`Staging.resume` verified) with every symbol stored before.  Per DATA datagram the core
+admitted, ``add(chunk, esi, datagram[DATA_HEADER_SIZE:])``.  Once ``count(chunk) >= K``:
+with `has_all_source`, hash `read_chunk` (no decode); otherwise feed `symbols` (codec packets)
+to a decoder, and if it yields data, hash it.  A match goes to `complete`, a mismatch to
+`discard`; no data yet means wait for more symbols.  Call `flush` on a timer or when idle, and
+`close` at the end, then `Staging.finish`.  The store is used from one thread.
 """
 
 from __future__ import annotations
