@@ -548,22 +548,27 @@ class SymbolStore:
         except OSError as exc:
             raise _store_error("sync symbols in", self.staging.directory, exc) from None
         self._dirty_part = self._dirty_spill = False
-        records = bytes(self._pending)
-        self._write_all(self._journal, records)
+        self._write_all(self._journal, self._pending, self._journal_records * RECORD_BYTES)
+        self._journal_records += len(self._pending) // RECORD_BYTES
         self._pending.clear()
-        self._journal_records += len(records) // RECORD_BYTES
         # The FORGET records are durable: the slots they freed may be written again.
         self._free.extend(reversed(self._freeing))
         del self._freeing[:]
         self._maybe_compact()
 
-    def _write_all(self, fd: int, records: bytes) -> None:
-        view = memoryview(records)
+    def _write_all(self, fd: int, records: bytearray, size: int) -> None:
+        """Append `records` to a journal of `size` bytes and sync it."""
         try:
-            while view:
-                view = view[os.write(fd, view) :]
+            with memoryview(records) as whole:
+                view = whole
+                while view:
+                    view = view[os.write(fd, view) :]
+                del view
             os.fdatasync(fd)
         except OSError as exc:
+            # Leave no partial record behind: the records appended later would be unreadable.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
             raise _store_error("write", self.journal_path, exc) from None
         self._counts["journal"] += len(records)
 
@@ -580,6 +585,7 @@ class SymbolStore:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 records = bytearray()
+                written = 0
                 for chunk, state in self._chunks.items():
                     for esi in range(state.k):
                         if state.has_source(esi):
@@ -587,9 +593,10 @@ class SymbolStore:
                     for esi, slot in zip(state.repair_esi, state.repair_slot, strict=True):
                         records += _record(chunk, _REPAIR, esi, slot)
                     if len(records) >= READ_BLOCK:
-                        self._write_all(fd, bytes(records))
+                        self._write_all(fd, records, written)
+                        written += len(records)
                         records.clear()
-                self._write_all(fd, bytes(records))
+                self._write_all(fd, records, written)
             finally:
                 os.close(fd)
             tmp.replace(self.journal_path)

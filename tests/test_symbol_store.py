@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from otacast.plugin import symbol_store
 from otacast.plugin.decoder import raptorq_decoder
 from otacast.plugin.staging import Staging
 from otacast.plugin.symbol_store import (
+    FLUSH_RECORDS,
     JOURNAL_NAME,
     MAX_EXTRA_SYMBOLS,
     RECORD_BYTES,
@@ -638,3 +640,32 @@ def test_disk_writes_stay_near_one_plus_loss_times_the_image(tmp_path: Path, los
     # complete() (p), plus ~1.4 % of journal and the odd repair symbol a failed decode needed.
     assert amplification <= 1 + loss + 0.03
     assert stats.spill_high_water <= (loss + 0.03) * len(image) + 4 * T
+
+
+def test_memory_grows_by_a_few_bytes_per_symbol_held_whatever_the_esis(tmp_path: Path) -> None:
+    """~8 bytes per repair symbol held (its ESI and slot) and 1 bit per source symbol."""
+    image = random.Random(16).randbytes(16 * 1024 * 1024)
+    release = make_release(image, KEY, chunk_size=1024 * 1024)
+    manifest = release.manifest
+    k = manifest.source_symbols(0)
+    junk = bytes(T)  # the store does not authenticate symbols: any bytes measure its books
+    rng = random.Random(17)
+    esis = [rng.sample(range(k, 1 << 24), k + MAX_EXTRA_SYMBOLS) for _ in range(16)]
+    with opened(tmp_path, release) as store:
+        store.add(0, 0, junk)
+        store.flush()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            held = 0
+            for chunk in range(manifest.chunk_count):
+                for esi in esis[chunk]:
+                    held += store.add(chunk, esi, junk)
+                store.add(chunk, 1, junk)
+            grown = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+    assert held == sum(manifest.source_symbols(c) for c in range(manifest.chunk_count))  # full
+    per_symbol = (grown - FLUSH_RECORDS * RECORD_BYTES) / held
+    print(f"{grown} bytes traced for {held} repair symbols held: {per_symbol:.1f} per symbol")
+    assert per_symbol < 10  # besides the records buffered until the next flush
