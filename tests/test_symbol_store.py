@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import shutil
 import signal
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 
 from otacast.plugin import symbol_store
 from otacast.plugin.decoder import raptorq_decoder
+from otacast.plugin.errors import StateError
 from otacast.plugin.staging import Staging
 from otacast.plugin.symbol_store import (
     FLUSH_RECORDS,
@@ -27,6 +30,7 @@ from otacast.plugin.symbol_store import (
     RECORD_BYTES,
     SPILL_NAME,
     SymbolStore,
+    SymbolStoreError,
 )
 from otacast.schemas import wire
 from otacast.signer.keys import SigningKey
@@ -669,3 +673,38 @@ def test_memory_grows_by_a_few_bytes_per_symbol_held_whatever_the_esis(tmp_path:
     per_symbol = (grown - FLUSH_RECORDS * RECORD_BYTES) / held
     print(f"{grown} bytes traced for {held} repair symbols held: {per_symbol:.1f} per symbol")
     assert per_symbol < 10  # besides the records buffered until the next flush
+
+
+def test_disk_errors_raise_a_state_error_and_leave_no_partial_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write, real_pwrite = os.write, os.pwrite
+
+    def full_disk(*_: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def short_then_full(fd: int, data: bytes) -> int:
+        monkeypatch.setattr(os, "write", full_disk)
+        return real_write(fd, bytes(data)[:5])  # a part of a record, then the disk is full
+
+    with opened(tmp_path) as store:
+        store.add(0, 0, SYMBOLS[0][0])
+        store.flush()
+        monkeypatch.setattr(os, "pwrite", full_disk)
+        with pytest.raises(StateError, match="No space"):
+            store.add(0, 1, SYMBOLS[0][1])
+        with pytest.raises(SymbolStoreError):
+            store.add(0, 60, SYMBOLS[0][60])
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
+        assert store.esis(0) == [0]  # nothing half-stored
+        assert store.add(0, 1, SYMBOLS[0][1])
+        assert store.add(0, 60, SYMBOLS[0][60])
+        monkeypatch.setattr(os, "write", short_then_full)
+        with pytest.raises(SymbolStoreError):
+            store.flush()
+        monkeypatch.setattr(os, "write", real_write)
+        store.flush()  # the same records, appended where the torn part was cut off
+        assert store.add(0, 2, SYMBOLS[0][2])
+    with opened(tmp_path) as store:
+        assert store.esis(0) == [0, 1, 2, 60]
+        assert_only_genuine(store)
