@@ -37,6 +37,14 @@ _SESSION_DIR = re.compile(r"[0-9a-f]{16}")
 READ_BLOCK = 1024 * 1024
 
 
+def pwrite_all(fd: int, data: memoryview, position: int) -> None:
+    """Write all of `data` at `position` (``pwrite`` may write less than asked)."""
+    while data:
+        written = os.pwrite(fd, data, position)
+        data = data[written:]
+        position += written
+
+
 def _state_error(what: str, path: Path, exc: OSError) -> StateError:
     # The failing call names its file when it has one: say which, not just the directory.
     where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != path else ""
@@ -149,17 +157,23 @@ class Staging:
         if len(data) != length:
             raise ValueError("chunk length does not match the manifest")
         try:
-            view = memoryview(data)
-            position = offset
-            while view:
-                written = os.pwrite(self._fd, view, position)
-                view = view[written:]
-                position += written
+            pwrite_all(self._fd, memoryview(data), offset)
+        except OSError as exc:
+            raise _state_error("write chunk to", self.part, exc) from None
+        self.mark_written(index)
+
+    def mark_written(self, index: int) -> None:
+        """Record chunk `index` as on disk, its bytes in ``image.part`` made durable first.
+
+        Whoever wrote the bytes (`write_chunk`, or the symbol store completing a chunk in
+        place) calls this only for bytes that match the chunk's signed hash.
+        """
+        try:
             os.fdatasync(self._fd)
             os.write(self._log, _INDEX.pack(index))
             os.fdatasync(self._log)
         except OSError as exc:
-            raise _state_error("write chunk to", self.part, exc) from None
+            raise _state_error("record chunk in", self.log_path, exc) from None
 
     def finish(self, out: Path) -> None:
         """Hash the whole image once more, then move it to `out` atomically."""

@@ -1,0 +1,658 @@
+"""A durable per-chunk store of received symbols: no useful symbol is ever thrown away.
+
+Not yet used by the receive driver: it is the building block of issue 12 item 1, tested on its
+own; the receiver core and driver are wired to it later.
+
+Where things are
+----------------
+The store works beside `Staging`, in the same session directory ``<state>/<session id>/``, on
+the same ``image.part`` and ``chunks.log``.  It does not extend `Staging`: staging owns the
+directory (its lock, the image reservation, the removal of abandoned downloads, resume by hash,
+the final check and hand-off), and a receiver without symbols (HTTP only) needs nothing more;
+the store adds only what symbols need, and takes an open `Staging` (which holds the directory's
+lock) instead of repeating any of that.  Its own files:
+
+* **Source symbols** (ESI < K of a chunk) are the data of a systematic code.  Symbol ``e`` of
+  chunk ``c`` is written in place into ``image.part`` at ``offset(c) + e*T`` (``T`` the signed
+  symbol size), cut at the chunk's end: every chunk whose length is not a multiple of ``T``
+  (always the image's last) has a short last symbol, whose padding must be zero (the codec pads
+  with zeros; a symbol padded otherwise is not genuine and is refused as ``padding``).
+* **Repair symbols** (ESI >= K) go to ``symbols.spill``, an array of ``T``-byte slots.  A slot
+  freed by a completed or discarded chunk is reused, so the file is as long as the most slots
+  ever in use at once (the high-water mark), and is cut back to the slots in use on reopen.
+* **The journal** ``symbols.journal``: 16-byte records ``chunk (u32) | kind (u8) ESI (u24) |
+  slot (u32) | CRC-32`` -- SOURCE (the symbol is in place), REPAIR (it is in that slot) and
+  FORGET (the chunk's symbols so far are void: it completed, or its decode failed its hash).
+  Replaying the journal rebuilds which symbols each chunk holds.
+* **Completed chunks** are recorded in ``chunks.log`` as `Staging` records them (its
+  `Staging.mark_written`), so `Staging.resume` and `Staging.finish` see them as before.
+
+Crash guarantee
+---------------
+Records are kept in memory and written in a batch by `flush`: first ``image.part`` and the
+spill are ``fdatasync``-ed, then the records are appended to the journal and it is synced too.
+`add` flushes by itself every `FLUSH_RECORDS` records; `discard` flushes at once; `close`
+flushes; `complete` returns once the chunk is durably recorded done.  So, after ``kill -9`` or
+a power cut at any instant:
+
+* a journal record never names bytes that were not on disk before the record was written: a
+  stored symbol read back after reopen is byte for byte the one given to `add`;
+* a record torn by the crash (a short tail, or bytes the file system never wrote) fails its
+  CRC: it and everything after it are ignored and cut off on reopen (fewer symbols, never a
+  wrong one);
+* bytes a replayable record names are never overwritten: a freed slot is reused only once the
+  FORGET that frees it is synced; `discard` syncs its FORGET before new symbols of that chunk
+  can be written in place; `complete` syncs one before overwriting a stored source symbol
+  that differs from the verified chunk (a forged one the decode did not use);
+* what is lost is at most the symbols added since the last flush (< `FLUSH_RECORDS`), which
+  are simply received again.
+
+This relies on ``fdatasync`` doing what it says (no disk that acknowledges writes it has not
+made durable).  Completed chunks are trusted on reopen only if they still match their signed
+hash (`Staging.resume`), and their symbols are then forgotten.
+
+Bounds
+------
+* Per chunk, a repair symbol is admitted only while the chunk holds fewer than K +
+  `MAX_EXTRA_SYMBOLS` symbols: that many decode with near certainty, and more are useless
+  (``chunk-full``); and not once all K source symbols are in place (``not-needed``).  Source
+  symbols are always admitted: they cost no extra disk.
+* The spill holds at most as many slots as the image has source symbols (``spill-full``): the
+  spill is then at most the image's size (each chunk's short last symbol counted whole).  It
+  is also the least that never stalls the receiver: with every slot in use, some chunk holds
+  K repair symbols and can be decoded, which frees its slots (for reuse from the next `flush`,
+  which `complete` leaves to the caller's policy).
+* Disk: ``image.part`` (the image, reserved by staging) + the spill (<= the image, about p x
+  image at loss p in practice) + the journal, compacted (rewritten from memory) whenever it
+  holds more than `JOURNAL_SLACK` times the live records plus `MIN_COMPACT_RECORDS`, so a
+  sender whose chunks keep failing their hash cannot grow it without bound.
+* Writes: each source symbol once in place, each repair symbol once in the spill, and by
+  `complete` only the source symbols the chunk lacked (those that differ from the verified
+  data), plus 16 bytes of journal per symbol (1.3 % at 1208-byte symbols) and its compactions.
+* Memory: per chunk holding symbols, a bitmap of its K source symbols (1 bit each: ~110 KB per
+  GiB of image at 1208-byte symbols) and, per repair symbol held, its ESI and slot (8 bytes),
+  plus a stack of free slots (4 bytes each; slots in use plus free never exceed the spill's
+  limit).  At most about 8.1 bytes per source symbol of the image (~7.2 MB per GiB at 1208-byte
+  symbols, far less at low loss), whatever ESIs a sender uses (they range over 24 bits, and the
+  repair pool is not signed, so a bitmap over a chunk's cycle could not be sized safely).
+
+What the caller must have verified
+----------------------------------
+The manifest (K, T, chunk sizes and hashes come from it).  A symbol given to `add` is taken as
+received: the store checks only what it needs for its bounds (chunk in range, exact symbol
+length, zero padding, duplicates), not that the symbol is genuine.  A forged symbol costs at
+most a failed decode of its chunk: the caller hashes every decoded chunk and calls `discard` on
+a mismatch.  `complete` must be given data that matches the chunk's signed hash.  With a store
+open, whole chunks fetched over HTTP go through `complete` too, never `Staging.write_chunk`
+(which would overwrite in place bytes the journal names).  Disk errors raise
+`SymbolStoreError`, a `StateError`; input that merely cannot be stored is refused with a
+counted reason (`StoreStats.refused`), never an exception.
+
+Using it
+--------
+Open `Staging`, then ``SymbolStore(staging)``: it resumes (`done`, `is_done`: the chunks
+`Staging.resume` verified) with every symbol stored before.  Per DATA datagram the core
+admitted, ``add(chunk, esi, datagram[DATA_HEADER_SIZE:])``.  Once ``count(chunk) >= K``:
+with `has_all_source`, hash `read_chunk` (no decode); otherwise feed `symbols` (codec packets)
+to a decoder, and if it yields data, hash it.  A match goes to `complete`, a mismatch to
+`discard`; no data yet means wait for more symbols.  Call `flush` on a timer or when idle, and
+`close` at the end, then `Staging.finish`.  The store is used from one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import zlib
+from array import array
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
+
+from otacast.schemas import fec
+from otacast.schemas.limits import MAX_ESI
+
+from .errors import StateError
+from .staging import READ_BLOCK, Staging, pwrite_all
+
+# Symbols held beyond K before a chunk stops admitting repair symbols.  RaptorQ decodes from K
+# received symbols with probability ~99 %, and each further symbol divides the failure
+# probability by ~100 (RFC 6330's figures: 1 %, 0.01 %, 0.0001 % at K, K+1, K+2): with 8 extra,
+# a chunk that still does not decode (or fails its hash) holds a forged symbol, and the caller
+# discards it.
+MAX_EXTRA_SYMBOLS = 8
+
+# Spill slots allowed, as a multiple of the image's source symbols (see the module docstring:
+# 1 is the least at which a full spill always leaves a decodable chunk).
+SPILL_FACTOR = 1
+
+# Records buffered before `add` flushes by itself: 4096 symbols (~5 MB at 1208 bytes) is what a
+# crash can cost at most, for three fdatasyncs per 4096 symbols.
+FLUSH_RECORDS = 4096
+
+# The journal is rewritten from memory when it holds more than JOURNAL_SLACK x the live records
+# plus MIN_COMPACT_RECORDS (1 MiB of records): rewrites cost at most about what was appended.
+JOURNAL_SLACK = 2
+MIN_COMPACT_RECORDS = 65536
+
+SPILL_NAME = "symbols.spill"
+JOURNAL_NAME = "symbols.journal"
+
+_SOURCE = 1
+_REPAIR = 2
+_FORGET = 3
+_RECORD = struct.Struct(">IIII")  # chunk, kind << 24 | esi, slot, crc32
+_BODY = struct.Struct(">III")
+RECORD_BYTES = _RECORD.size
+# Folded into each record's CRC so that a run of zero bytes (a tail the file system extended
+# but never wrote) can never pass for a record.
+_CRC_SEED = zlib.crc32(b"otacast-symbol-journal-v1")
+_PAYLOAD_ID = struct.Struct(">I")  # SBN 0 (the high byte) and the ESI: the codec's payload id
+
+
+class SymbolStoreError(StateError):
+    """The symbol store's files cannot be written or read."""
+
+
+def _store_error(what: str, path: object, exc: OSError) -> SymbolStoreError:
+    return SymbolStoreError(f"cannot {what} {path}: {exc.strerror or exc}")
+
+
+def _record(chunk: int, kind: int, esi: int = 0, slot: int = 0) -> bytes:
+    body = _BODY.pack(chunk, kind << 24 | esi, slot)
+    return body + zlib.crc32(body, _CRC_SEED).to_bytes(4, "big")
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counts since this store was opened (the high-water mark includes the reopened state)."""
+
+    source_bytes: int  # source symbol bytes written in place by `add`
+    spill_bytes: int  # repair symbol bytes written to the spill
+    decoded_bytes: int  # bytes `complete` wrote in place (source symbols the chunk lacked)
+    journal_bytes: int  # journal records appended, compactions included
+    log_bytes: int  # chunks.log entries
+    spill_in_use: int  # bytes of spill slots holding symbols now
+    spill_high_water: int  # the most spill bytes ever in use at once
+    stored: int  # symbols admitted by `add`
+    refused: Mapping[str, int] = field(default_factory=dict)  # reason -> symbols not stored
+    compactions: int = 0
+
+    @property
+    def bytes_written(self) -> int:
+        return (
+            self.source_bytes
+            + self.spill_bytes
+            + self.decoded_bytes
+            + self.journal_bytes
+            + self.log_bytes
+        )
+
+
+class _Chunk:
+    """What one chunk holds: a bitmap of its source ESIs, and its repair ESIs (sorted) with
+    the spill slot of each."""
+
+    __slots__ = ("bits", "k", "length", "offset", "repair_esi", "repair_slot", "sources")
+
+    def __init__(self, k: int, offset: int, length: int) -> None:
+        self.k = k
+        self.offset = offset  # of the chunk in the image
+        self.length = length
+        self.bits = bytearray((k + 7) // 8)
+        self.sources = 0
+        self.repair_esi = array("I")
+        self.repair_slot = array("I")
+
+    def has_source(self, esi: int) -> bool:
+        return bool(self.bits[esi >> 3] >> (esi & 7) & 1)
+
+    def set_source(self, esi: int) -> None:
+        self.bits[esi >> 3] |= 1 << (esi & 7)
+        self.sources += 1
+
+    def count(self) -> int:
+        return self.sources + len(self.repair_esi)
+
+
+class SymbolStore:
+    def __init__(self, staging: Staging) -> None:
+        self.staging = staging
+        manifest = staging.manifest
+        self._manifest = manifest
+        self._symbol_size = manifest.fec.symbol_size
+        self._chunk_count = manifest.chunk_count
+        self.spill_path = staging.directory / SPILL_NAME
+        self.journal_path = staging.directory / JOURNAL_NAME
+        self._max_slots = SPILL_FACTOR * sum(
+            manifest.source_symbols(i) for i in range(self._chunk_count)
+        )
+        self._chunks: dict[int, _Chunk] = {}
+        self._done: set[int] = staging.resume()
+        self._pending = bytearray()  # records not yet in the journal
+        self._free = array("I")  # spill slots free to reuse now
+        self._freeing = array("I")  # freed by a FORGET that is not yet synced
+        self._slots = 0  # spill length in slots
+        self._in_use = 0
+        self._journal_records = 0
+        self._dirty_part = False
+        self._dirty_spill = False
+        self._counts: Counter[str] = Counter()
+        self._refused: Counter[str] = Counter()
+        self._high_water = 0
+        self._part: int | None = None
+        self._spill: int | None = None
+        self._journal: int | None = None
+        try:
+            self._part = os.open(staging.part, os.O_RDWR)
+            self._spill = os.open(self.spill_path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._journal = os.open(self.journal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            self._replay()
+        except OSError as exc:
+            self.close()
+            raise _store_error("open the symbol store in", staging.directory, exc) from None
+        except BaseException:
+            self.close()
+            raise
+
+    # --- Reopen ---------------------------------------------------------------------------
+
+    def _replay(self) -> None:
+        assert self._journal is not None and self._spill is not None
+        spill_slots = os.fstat(self._spill).st_size // self._symbol_size
+        size = os.fstat(self._journal).st_size
+        valid = 0
+        block = READ_BLOCK - READ_BLOCK % RECORD_BYTES
+        torn = False
+        while valid < size and not torn:
+            data = os.pread(self._journal, min(block, size - valid), valid)
+            if not data:
+                break
+            for start in range(0, len(data) - RECORD_BYTES + 1, RECORD_BYTES):
+                if not self._apply(data[start : start + RECORD_BYTES], spill_slots):
+                    torn = True
+                    break
+                valid += RECORD_BYTES
+            if len(data) % RECORD_BYTES:
+                torn = True
+        if valid < size:
+            os.ftruncate(self._journal, valid)  # later records must start on a record boundary
+            os.fsync(self._journal)
+        self._journal_records = valid // RECORD_BYTES
+        used = bytearray((spill_slots + 7) // 8)
+        high = 0
+        for state in self._chunks.values():
+            for slot in state.repair_slot:
+                used[slot >> 3] |= 1 << (slot & 7)
+                high = max(high, slot + 1)
+        self._free = array(
+            "I", (s for s in range(high - 1, -1, -1) if not used[s >> 3] >> (s & 7) & 1)
+        )
+        self._slots = high
+        self._in_use = high - len(self._free)
+        if spill_slots > high:
+            os.ftruncate(self._spill, high * self._symbol_size)
+        # A chunk completed (and still matching its hash) needs no symbols: void its records
+        # durably before its slots can be reused, as `complete` would have.
+        for chunk in self._done & self._chunks.keys():
+            self._forget(chunk)
+        self._high_water = self._in_use * self._symbol_size
+        self.flush()
+        self._maybe_compact()
+
+    def _apply(self, raw: bytes, spill_slots: int) -> bool:
+        """Replay one record; False if it is not a whole record of ours (a torn tail)."""
+        chunk, kind_esi, slot, crc = _RECORD.unpack(raw)
+        if zlib.crc32(raw[:12], _CRC_SEED) != crc or not 0 <= chunk < self._chunk_count:
+            return False
+        kind, esi = kind_esi >> 24, kind_esi & MAX_ESI
+        if kind == _FORGET:
+            self._chunks.pop(chunk, None)
+            return True
+        if kind not in (_SOURCE, _REPAIR):
+            return False
+        state = self._state(chunk)
+        if kind == _SOURCE:
+            if esi >= state.k:
+                return False
+            if not state.has_source(esi):
+                state.set_source(esi)
+            return True
+        if esi < state.k:
+            return False
+        if slot >= spill_slots:
+            # Past the spill's end, which a reopen cuts back to the slots live records name:
+            # this record's chunk was forgotten further on (the slot was synced before any
+            # record named it, so nothing else can have shortened the file).
+            return True
+        at = bisect_left(state.repair_esi, esi)
+        if at == len(state.repair_esi) or state.repair_esi[at] != esi:
+            state.repair_esi.insert(at, esi)
+            state.repair_slot.insert(at, slot)
+        return True
+
+    def _state(self, chunk: int) -> _Chunk:
+        state = self._chunks.get(chunk)
+        if state is None:
+            offset, length = self._manifest.chunk_span(chunk)
+            k = fec.source_symbols(length, self._symbol_size)
+            state = self._chunks[chunk] = _Chunk(k, offset, length)
+        return state
+
+    # --- Queries --------------------------------------------------------------------------
+
+    @property
+    def done(self) -> frozenset[int]:
+        """Chunks completed (in this run or verified on reopen)."""
+        return frozenset(self._done)
+
+    def is_done(self, chunk: int) -> bool:
+        return chunk in self._done
+
+    def source_symbols(self, chunk: int) -> int:
+        """K of `chunk`."""
+        return self._manifest.source_symbols(chunk)
+
+    def count(self, chunk: int) -> int:
+        """Distinct symbols `chunk` holds (0 once it is done)."""
+        state = self._chunks.get(chunk)
+        return 0 if state is None else state.count()
+
+    def has_all_source(self, chunk: int) -> bool:
+        """Whether every source symbol of `chunk` is in place: it needs hashing, no decode."""
+        state = self._chunks.get(chunk)
+        return state is not None and state.sources == state.k
+
+    def esis(self, chunk: int) -> list[int]:
+        """The ESIs `chunk` holds, ascending."""
+        state = self._chunks.get(chunk)
+        if state is None:
+            return []
+        return [e for e in range(state.k) if state.has_source(e)] + list(state.repair_esi)
+
+    def read_chunk(self, chunk: int) -> bytes:
+        """The chunk's bytes as ``image.part`` holds them (its data once `has_all_source`)."""
+        offset, length = self._manifest.chunk_span(chunk)
+        return self._read(self._part, offset, length, self.staging.part)
+
+    def symbols(self, chunk: int) -> list[bytes]:
+        """The codec packets (payload id + symbol) `chunk` holds, for the decoder."""
+        state = self._chunks.get(chunk)
+        if state is None:
+            return []
+        size = self._symbol_size
+        packets = []
+        if state.sources:
+            data = self.read_chunk(chunk)
+            for esi in range(state.k):
+                if state.has_source(esi):
+                    symbol = data[esi * size : (esi + 1) * size]
+                    packets.append(_PAYLOAD_ID.pack(esi) + symbol.ljust(size, b"\0"))
+        for esi, slot in zip(state.repair_esi, state.repair_slot, strict=True):
+            symbol = self._read(self._spill, slot * size, size, self.spill_path)
+            packets.append(_PAYLOAD_ID.pack(esi) + symbol)
+        return packets
+
+    @property
+    def stats(self) -> StoreStats:
+        return StoreStats(
+            source_bytes=self._counts["source"],
+            spill_bytes=self._counts["spill"],
+            decoded_bytes=self._counts["decoded"],
+            journal_bytes=self._counts["journal"],
+            log_bytes=self._counts["log"],
+            spill_in_use=self._in_use * self._symbol_size,
+            spill_high_water=self._high_water,
+            stored=self._counts["stored"],
+            refused=MappingProxyType(dict(self._refused)),
+            compactions=self._counts["compactions"],
+        )
+
+    # --- Adding symbols ---------------------------------------------------------------------
+
+    def add(self, chunk: int, esi: int, symbol: bytes | bytearray | memoryview) -> bool:
+        """Store one received symbol (exactly T bytes, without its payload id).
+
+        False if it was not stored: a duplicate, or refused (the reason is counted in
+        `stats`).  Raises `SymbolStoreError` only when the disk fails.
+        """
+        if not 0 <= chunk < self._chunk_count:
+            return self._refuse("chunk-range")
+        if not 0 <= esi <= MAX_ESI:
+            return self._refuse("esi-range")
+        size = self._symbol_size
+        if len(symbol) != size:
+            return self._refuse("symbol-length")
+        if chunk in self._done:
+            return self._refuse("done")
+        state = self._state(chunk)
+        view = memoryview(symbol)
+        if esi < state.k:
+            if state.has_source(esi):
+                return self._refuse("duplicate")
+            cut = min(size, state.length - esi * size)
+            if cut < size and any(view[cut:]):
+                return self._refuse("padding")
+            self._write(self._part, view[:cut], state.offset + esi * size, self.staging.part)
+            self._dirty_part = True
+            state.set_source(esi)
+            self._counts["source"] += cut
+            self._journal_add(_record(chunk, _SOURCE, esi))
+            return True
+        at = bisect_left(state.repair_esi, esi)
+        if at < len(state.repair_esi) and state.repair_esi[at] == esi:
+            return self._refuse("duplicate")
+        if state.sources == state.k:
+            return self._refuse("not-needed")  # all the data is in place: nothing to repair
+        if state.count() >= state.k + MAX_EXTRA_SYMBOLS:
+            return self._refuse("chunk-full")
+        if self._free:
+            slot = self._free.pop()
+        elif self._slots < self._max_slots:
+            slot = self._slots
+            self._slots += 1
+        else:
+            return self._refuse("spill-full")
+        try:
+            self._write(self._spill, view, slot * size, self.spill_path)
+        except SymbolStoreError:
+            self._free.append(slot)
+            raise
+        self._dirty_spill = True
+        state.repair_esi.insert(at, esi)
+        state.repair_slot.insert(at, slot)
+        self._in_use += 1
+        self._high_water = max(self._high_water, self._in_use * size)
+        self._counts["spill"] += size
+        self._journal_add(_record(chunk, _REPAIR, esi, slot))
+        return True
+
+    def _refuse(self, reason: str) -> bool:
+        self._refused[reason] += 1
+        return False
+
+    def _journal_add(self, record: bytes) -> None:
+        self._counts["stored"] += 1
+        self._pending += record
+        if len(self._pending) >= FLUSH_RECORDS * RECORD_BYTES:
+            self.flush()
+
+    # --- Ending a chunk ---------------------------------------------------------------------
+
+    def complete(self, chunk: int, data: bytes) -> None:
+        """Keep `chunk`, whose `data` matches its signed hash: write in place only the source
+        symbols that differ from it (those it lacked), record it done, free its slots."""
+        offset, length = self._manifest.chunk_span(chunk)
+        if len(data) != length:
+            raise ValueError("chunk length does not match the manifest")
+        if chunk in self._done:
+            return
+        held = self.read_chunk(chunk)
+        state = self._chunks.get(chunk)
+        size = self._symbol_size
+        runs: list[tuple[int, int]] = []  # [start, end) byte ranges of the chunk to write
+        overwrites_stored = False
+        for esi in range(self._manifest.source_symbols(chunk)):
+            start, end = esi * size, min((esi + 1) * size, length)
+            if held[start:end] == data[start:end]:
+                continue
+            if state is not None and state.has_source(esi):
+                overwrites_stored = True  # a forged symbol the decode did not need
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], end)
+            else:
+                runs.append((start, end))
+        if overwrites_stored:
+            # Its record must be void on disk before the bytes it names change.
+            self._forget(chunk)
+            self.flush()
+        view = memoryview(data)
+        for start, end in runs:
+            self._write(self._part, view[start:end], offset + start, self.staging.part)
+            self._counts["decoded"] += end - start
+        self.staging.mark_written(chunk)
+        self._counts["log"] += 4
+        self._done.add(chunk)
+        if not overwrites_stored:
+            self._forget(chunk)  # on reopen the chunk is done anyway: no sync needed now
+
+    def discard(self, chunk: int) -> None:
+        """Forget every symbol of `chunk` (its decode failed its hash); synced at once, so
+        that the chunk's new symbols can be written where the old ones were."""
+        if chunk in self._chunks:
+            self._forget(chunk)
+            self.flush()
+
+    def _forget(self, chunk: int) -> None:
+        state = self._chunks.pop(chunk, None)
+        self._pending += _record(chunk, _FORGET)
+        if state is not None:
+            self._freeing.extend(state.repair_slot)
+            self._in_use -= len(state.repair_slot)
+
+    # --- Durability ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make every symbol added so far survive a crash (see the module docstring)."""
+        if not self._pending:
+            return
+        assert self._part is not None and self._spill is not None and self._journal is not None
+        try:
+            if self._dirty_part:
+                os.fdatasync(self._part)
+            if self._dirty_spill:
+                os.fdatasync(self._spill)
+        except OSError as exc:
+            raise _store_error("sync symbols in", self.staging.directory, exc) from None
+        self._dirty_part = self._dirty_spill = False
+        self._write_all(self._journal, self._pending, self._journal_records * RECORD_BYTES)
+        self._journal_records += len(self._pending) // RECORD_BYTES
+        self._pending.clear()
+        # The FORGET records are durable: the slots they freed may be written again.
+        self._free.extend(reversed(self._freeing))
+        del self._freeing[:]
+        self._maybe_compact()
+
+    def _write_all(self, fd: int, records: bytearray, size: int) -> None:
+        """Append `records` to a journal of `size` bytes and sync it."""
+        try:
+            with memoryview(records) as whole:
+                view = whole
+                while view:
+                    view = view[os.write(fd, view) :]
+                del view
+            os.fdatasync(fd)
+        except OSError as exc:
+            # Leave no partial record behind: the records appended later would be unreadable.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise _store_error("write", self.journal_path, exc) from None
+        self._counts["journal"] += len(records)
+
+    def _live_records(self) -> int:
+        return sum(state.count() for state in self._chunks.values())
+
+    def _maybe_compact(self) -> None:
+        if self._journal_records <= JOURNAL_SLACK * self._live_records() + MIN_COMPACT_RECORDS:
+            return
+        # Every live record already names synced bytes (this runs right after a flush or a
+        # replay); write them all to a new file, sync it, and swap it in atomically.
+        tmp = self.journal_path.with_name(f".{JOURNAL_NAME}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                records = bytearray()
+                written = 0
+                for chunk, state in self._chunks.items():
+                    for esi in range(state.k):
+                        if state.has_source(esi):
+                            records += _record(chunk, _SOURCE, esi)
+                    for esi, slot in zip(state.repair_esi, state.repair_slot, strict=True):
+                        records += _record(chunk, _REPAIR, esi, slot)
+                    if len(records) >= READ_BLOCK:
+                        self._write_all(fd, records, written)
+                        written += len(records)
+                        records.clear()
+                self._write_all(fd, records, written)
+            finally:
+                os.close(fd)
+            tmp.replace(self.journal_path)
+            directory = os.open(self.staging.directory, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            assert self._journal is not None
+            os.close(self._journal)
+            self._journal = None
+            self._journal = os.open(self.journal_path, os.O_RDWR | os.O_APPEND)
+        except OSError as exc:
+            raise _store_error("compact", self.journal_path, exc) from None
+        self._journal_records = self._live_records()
+        self._counts["compactions"] += 1
+
+    # --- I/O helpers ------------------------------------------------------------------------
+
+    def _write(self, fd: int | None, data: memoryview, position: int, path: object) -> None:
+        assert fd is not None
+        try:
+            pwrite_all(fd, data, position)
+        except OSError as exc:
+            raise _store_error("write symbols to", path, exc) from None
+
+    def _read(self, fd: int | None, position: int, length: int, path: object) -> bytes:
+        assert fd is not None
+        try:
+            data = os.pread(fd, length, position)
+        except OSError as exc:
+            raise _store_error("read symbols from", path, exc) from None
+        if len(data) != length:
+            raise SymbolStoreError(f"{path} is shorter than the symbols it should hold")
+        return data
+
+    def close(self) -> None:
+        """Flush, then close the store's files (the caller closes its `Staging`)."""
+        try:
+            if self._part is not None and self._spill is not None and self._journal is not None:
+                self.flush()
+        finally:
+            for name in ("_part", "_spill", "_journal"):
+                fd = getattr(self, name, None)
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    setattr(self, name, None)
+
+    def __enter__(self) -> SymbolStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
