@@ -533,6 +533,7 @@ class ReceiverCore:
         except DecoderFault:
             self.stats.rejected["decoder-fault"] += 1
             del self._chunks[chunk]
+            state.decoder.discard()
             return
         if result is not None:
             self._finish_chunk(chunk, result, now)
@@ -540,14 +541,16 @@ class ReceiverCore:
     def _open_chunk(self, chunk: int, now: float) -> _Chunk:
         assert self.verified is not None
         length = self.verified.manifest.chunk_span(chunk)[1]
-        state = self._chunks[chunk] = _Chunk(self.decoder_factory(length, self._symbol_size), now)
+        decoder = self.decoder_factory(chunk, length, self._symbol_size)
+        state = self._chunks[chunk] = _Chunk(decoder, now)
         return state
 
     def _finish_chunk(self, chunk: int, data: bytes, now: float) -> None:
-        del self._chunks[chunk]
+        state = self._chunks.pop(chunk)
         assert self.verified is not None
         if hashlib.sha256(data).digest() != self.verified.manifest.chunks.sha256[chunk]:
             self.stats.rejected["chunk-hash-mismatch"] += 1
+            state.decoder.discard()  # its symbols built a wrong chunk: none of them is kept
             self._polluted = True
             return
         self._polluted = False

@@ -1,7 +1,9 @@
 """The FEC seam on the device side (the only `raptorq` user here).
 
 A `ChunkDecoder` is fed validated codec packets (4-byte payload id + one symbol of exactly the
-signed symbol size) and returns the chunk's bytes once it has enough, else None.  The receiver
+signed symbol size) and returns the chunk's bytes once it has enough, else None; `discard` is
+called when what it returned failed the chunk's signed hash (or the codec failed), so a decoder
+that keeps symbols elsewhere (the driver's symbol store) forgets them.  The receiver
 core validates every packet before it gets here because the Rust codec panics on an
 out-of-range source block number and silently accepts a wrong-length symbol.  A panic surfaces
 in Python as ``pyo3_runtime.PanicException``, a `BaseException`; it is turned into
@@ -23,9 +25,11 @@ class DecoderFault(Exception):
 class ChunkDecoder(Protocol):
     def feed(self, packet: bytes) -> bytes | None: ...
 
+    def discard(self) -> None: ...
 
-# (chunk length, symbol size) -> a fresh decoder
-DecoderFactory = Callable[[int, int], ChunkDecoder]
+
+# (chunk index, chunk length, symbol size) -> a fresh decoder
+DecoderFactory = Callable[[int, int, int], ChunkDecoder]
 
 
 class RaptorQDecoder:
@@ -47,6 +51,10 @@ class RaptorQDecoder:
             raise DecoderFault(f"codec returned {len(data)} bytes, expected {self._length}")
         return data
 
+    def discard(self) -> None:
+        """Nothing is kept outside this object, which the core drops."""
 
-def raptorq_decoder(length: int, symbol_size: int) -> ChunkDecoder:
+
+def raptorq_decoder(chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
+    """An in-memory decoder (`chunk` is not needed: it holds only this chunk's symbols)."""
     return RaptorQDecoder(length, symbol_size)

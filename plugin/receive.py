@@ -11,10 +11,16 @@ disk), persist each verified chunk, start HTTP repair when the core asks for fal
 when the image is complete.  What the operator sees is `otacast.plugin.report`'s, fed from core
 snapshots.
 
-Two threads help without sharing state with the core: `_Writer` persists verified chunks off the
-loop, and `otacast.plugin.fetcher.RepairWorker` fetches the missing chunks over HTTP and passes
-verified ones back through a queue.  Only the loop talks to the core and decides what is
-written, so multicast and HTTP share one state without locks.
+Every symbol the core admits goes to the durable symbol store (`otacast.plugin.symbol_store`),
+through the decoders this driver gives the core (`otacast.plugin.store_decoder`): nothing is held
+in memory, so the core needs no decoder budget, no useful symbol is refused, and a restart
+resumes with the stored symbols, not only whole chunks.  Staging and the store are opened when
+the first verified manifest needs them (its first admitted symbol, or the `ManifestVerified`
+event, whichever comes first).
+
+One thread helps without sharing state with the core: `otacast.plugin.fetcher.RepairWorker`
+fetches the missing chunks over HTTP and passes verified ones back through a queue.  Only the
+loop talks to the core and the store, so multicast and HTTP share one state without locks.
 
 Where to listen is `otacast.plugin.discovery.plan_joins`'s decision (options, manifest, DNS);
 the driver only joins what it plans and reports its note.
@@ -25,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import queue
 import select
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +43,7 @@ from otacast.schemas.policy import TrustSet, VerifiedManifest
 
 from .config import Settings
 from .core import ReceiverCore
+from .decoder import ChunkDecoder
 from .discovery import plan_joins
 from .errors import (
     IncompleteError,
@@ -50,13 +56,16 @@ from .fetcher import RepairWorker
 from .report import FetchSummary, Reporter
 from .staging import Staging
 from .status import StatusFile
+from .store_decoder import StoreDecoder
+from .symbol_store import SymbolStore
 from .transport import Join, MulticastReceiver
 
 # Datagrams taken from the socket per turn of the loop before timers and HTTP results are
 # looked at again: keeps both responsive under a flood without a syscall per check.
 MAX_BURST = 512
-# Verified chunks waiting for the writer thread (4 MiB each at the default chunk size).
-WRITE_QUEUE = 4
+# With the symbol store, every chunk may be in progress at once (its symbols are on disk, not in
+# memory), so the core's in-memory decoder budget does not apply.
+UNBOUNDED_DECODERS = 1 << 62
 # Longest wait for a datagram; bounds how late HTTP results and the status line are handled.
 POLL_INTERVAL = 0.1
 # How often the status file is rewritten during a download: fresh enough for `otacast status`,
@@ -123,41 +132,6 @@ class FetchOptions:
         )
 
 
-class _Writer(threading.Thread):
-    """Persists verified chunks off the receive loop.
-
-    Writing and syncing a 4 MiB chunk takes tens of milliseconds; done inline, the socket buffer
-    overflowed and the lost symbols cost whole extra passes.  The queue is bounded, so at most
-    ``WRITE_QUEUE`` chunks wait in memory; a write error is kept and re-raised by the loop.
-    """
-
-    def __init__(self, staging: Staging) -> None:
-        super().__init__(name="otacast-writer", daemon=True)
-        self.staging = staging
-        self.queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(WRITE_QUEUE)
-        self.error: StateError | None = None
-
-    def run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.staging.write_chunk(*item)
-                except StateError as exc:
-                    self.error = exc
-
-    def put(self, index: int, data: bytes) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((index, data))
-
-    def flush(self) -> None:
-        """Wait for every queued chunk to be on disk; raise the first write error."""
-        self.queue.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
 def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
     """Receive one release into ``options.out``, reporting on `out`; raise an `OtacastError`
     when it cannot be done (what is verified stays in the state directory for the next run)."""
@@ -189,9 +163,16 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         joins = [Join(group, source) for group, source in plan.memberships]
         receiver = MulticastReceiver(options.interface, plan.port, joins)
     start = time.monotonic()
+    run: _Run  # the core's decoders are the run's, which needs the core: bound just below
+
+    def decoder(chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
+        return run.decoder(chunk, length, symbol_size)
+
     core = ReceiverCore(
         options.trust,
         now=start,
+        decoder_factory=decoder,
+        decoder_budget=UNBOUNDED_DECODERS,
         device_type=options.device_type,
         installed_sequence=options.installed_sequence,
         manifest=options.manifest,
@@ -235,7 +216,7 @@ class _Run:
         self.emit = emit
         self.start = start
         self.staging: Staging | None = None
-        self.writer: _Writer | None = None
+        self.store: SymbolStore | None = None
         self.repair: RepairWorker | None = None
         self.bytes_http = 0
         self.bytes_resumed = 0
@@ -307,8 +288,7 @@ class _Run:
             if isinstance(event, ManifestVerified):
                 self._open_staging(event.verified)
             elif isinstance(event, ChunkComplete):
-                assert self.writer is not None
-                self.writer.put(event.index, event.data)
+                self._keep(event.index, event.data)
                 if self.repair is not None:
                     self.repair.done_elsewhere.add(event.index)
             elif isinstance(event, ManifestRefused):
@@ -318,23 +298,43 @@ class _Run:
             elif isinstance(event, ImageComplete):
                 self._finish()
 
+    def decoder(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
+        """The core's decoder for `chunk`: the store's (module doc)."""
+        assert self.core.verified is not None  # the core opens decoders only for its session
+        return StoreDecoder(self._open_store(self.core.verified), chunk, length, symbol_size)
+
+    def _open_store(self, verified: VerifiedManifest) -> SymbolStore:
+        """Staging and the symbol store of `verified`, opened (and resumed) on first use."""
+        if self.store is None:
+            self.staging = Staging(self.options.state_dir, verified)
+            self.store = SymbolStore(self.staging)
+        return self.store
+
     def _open_staging(self, verified: VerifiedManifest) -> None:
         m = verified.manifest
         self.emit.note(
             f"manifest verified: {m.name} version {m.version} sequence {m.sequence}, "
             f"{m.image.length} bytes in {m.chunk_count} chunks"
         )
-        self.staging = Staging(self.options.state_dir, verified)
-        self.writer = _Writer(self.staging)
-        self.writer.start()
+        store = self._open_store(verified)
         now = time.monotonic()
-        for index in sorted(self.staging.resume()):
-            self.core.mark_done(index, now)
-            self.bytes_resumed += m.chunk_span(index)[1]
+        for index in sorted(store.done):
+            if index not in self.core.done:
+                self.core.mark_done(index, now)
+                self.bytes_resumed += m.chunk_span(index)[1]
         if self.bytes_resumed:
             self.emit.note(f"resumed {self.bytes_resumed} verified bytes from the state directory")
+        held = sum(store.count(index) for index in range(m.chunk_count))
+        if held:
+            self.emit.note(f"resumed {held} stored symbols of chunks still in progress")
         if self.options.fallback == "only":
             self._fall_back("only")
+
+    def _keep(self, index: int, data: bytes) -> None:
+        """Keep chunk `index`, verified against its signed hash, in the state directory."""
+        assert self.store is not None
+        if not self.store.is_done(index):
+            self.store.complete(index, data)
 
     def _fall_back(self, reason: str) -> None:
         verified = self.core.verified
@@ -372,9 +372,9 @@ class _Run:
                 self.repair.join()
                 continue
             index, data = item
-            if index in self.core.done or self.writer is None:
+            if index in self.core.done or self.store is None:
                 continue
-            self.writer.put(index, data)
+            self._keep(index, data)
             self.bytes_http += len(data)
             self.core.mark_done(index, time.monotonic())
             self._handle_events()
@@ -392,9 +392,9 @@ class _Run:
             )
 
     def _finish(self) -> None:
-        assert self.staging is not None and self.writer is not None
-        self.writer.flush()
-        self.writer = None
+        assert self.staging is not None and self.store is not None
+        self.store.close()
+        self.store = None
         self.staging.finish(self.options.out)
         self.staging.discard()
         self.staging = None
@@ -405,10 +405,10 @@ class _Run:
             self.repair.stop.set()
         if self.receiver is not None:
             self.receiver.close()
-        if self.writer is not None:
-            # Whatever was verified is kept for the next run; a write error that ended this run
+        if self.store is not None:
+            # Whatever was stored is kept for the next run; a write error that ended this run
             # is already on its way out.
             with contextlib.suppress(StateError):
-                self.writer.flush()
+                self.store.close()
         if self.staging is not None:
             self.staging.close()

@@ -86,6 +86,10 @@ from otacast.plugin.events import (
     ManifestRefused,
     ManifestVerified,
 )
+from otacast.plugin.receive import UNBOUNDED_DECODERS
+from otacast.plugin.staging import Staging
+from otacast.plugin.store_decoder import StoreDecoder
+from otacast.plugin.symbol_store import SymbolStore
 from otacast.plugin.verify import verify_manifest
 from otacast.schemas import fec, wire
 from otacast.schemas.limits import MAX_DECODER_BYTES
@@ -403,6 +407,9 @@ class ReceiverSpec:
     stall_timeout: float | None = None
     fallback: str = "never"  # never: note and keep listening | instant: mark missing chunks done
     packet_auth: str = "auto"
+    # With a state directory the receiver keeps its symbols in the durable store, as
+    # `otacast fetch` does (no decoder budget); without, in-memory decoders under the budget.
+    state_dir: Path | None = None
 
 
 @dataclass
@@ -417,6 +424,7 @@ class ReceiverReport:
     chunks_over_time: list[tuple[float, int]] = field(default_factory=list)
     sender_passes: tuple[float, ...] = ()  # each sender's passes sent when the image completed
     decoder_high_water: int = 0
+    spill_high_water: int = 0  # bytes of repair symbols the store held at once (with a store)
     fallback: list[tuple[float, str]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
@@ -504,8 +512,11 @@ class _DecoderCount:
         self.alive = 0
         self.high_water = 0
 
-    def __call__(self, length: int, symbol_size: int) -> ChunkDecoder:
-        decoder = _Counted(raptorq_decoder(length, symbol_size))
+    def __call__(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
+        return self.opened(_Counted(raptorq_decoder(chunk, length, symbol_size)))
+
+    def opened(self, decoder: ChunkDecoder) -> ChunkDecoder:
+        """Count `decoder` alive until the core drops it."""
         self.alive += 1
         self.high_water = max(self.high_water, self.alive)
         weakref.finalize(decoder, self._released)
@@ -521,6 +532,9 @@ class _Counted:
 
     def feed(self, packet: bytes) -> bytes | None:
         return self.inner.feed(packet)
+
+    def discard(self) -> None:
+        self.inner.discard()
 
 
 class _Sender:
@@ -556,18 +570,33 @@ class _Receiver:
         self.report = ReceiverReport(k, spec.loss.mean)
         self.decoders = _DecoderCount()
         self.core: ReceiverCore | None = None
+        self.staging: Staging | None = None
+        self.store: SymbolStore | None = None
         self.done = False
 
     def join(self, t: float) -> None:
+        stored = self.spec.state_dir is not None
         self.core = ReceiverCore(
             self.link.release.trust,
             now=self.link.epoch + t,
             join_timeout=self.spec.join_timeout,
             stall_timeout=self.spec.stall_timeout,
-            decoder_factory=self.decoders,
-            decoder_budget=self.spec.decoder_budget,
+            decoder_factory=self.store_decoder if stored else self.decoders,
+            decoder_budget=UNBOUNDED_DECODERS if stored else self.spec.decoder_budget,
             packet_auth=self.spec.packet_auth,
         )
+
+    def store_decoder(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
+        """The receive driver's decoders: the durable store's."""
+        return self.decoders.opened(StoreDecoder(self.open_store(), chunk, length, symbol_size))
+
+    def open_store(self) -> SymbolStore:
+        """Staging and the store, opened on first use (as the receive driver does)."""
+        if self.store is None:
+            assert self.spec.state_dir is not None
+            self.staging = Staging(self.spec.state_dir, self.link.release.verified())
+            self.store = SymbolStore(self.staging)
+        return self.store
 
     @property
     def listening(self) -> bool:
@@ -607,10 +636,15 @@ class _Receiver:
         while (event := core.next_event()) is not None:
             if isinstance(event, ManifestVerified):
                 self.report.manifest_at = t
+                if self.spec.state_dir is not None:
+                    for index in sorted(self.open_store().done):
+                        core.mark_done(index, now)
                 for index in sorted(self.spec.resume):
                     core.mark_done(index, now)
             elif isinstance(event, ChunkComplete):
                 assert event.data == self.link.release.chunk(event.index), event.index
+                if self.store is not None and not self.store.is_done(event.index):
+                    self.store.complete(event.index, event.data)
                 self.report.chunks_over_time.append((t, len(core.done)))
             elif isinstance(event, ManifestRefused):
                 self.report.refused.append(event.message)
@@ -636,6 +670,13 @@ class _Receiver:
             if core.authenticator is not None:
                 self.report.auth = dataclasses.asdict(core.authenticator.stats)
         self.report.decoder_high_water = self.decoders.high_water
+        if self.store is not None:
+            self.report.spill_high_water = self.store.stats.spill_high_water
+            self.store.close()
+            self.store = None
+        if self.staging is not None:
+            self.staging.close()
+            self.staging = None
 
 
 # Heap entries: (time, sequence, kind, index, datagram, source, is data, is lost); the sequence

@@ -65,13 +65,13 @@ def honest_chunks_only(events: Sequence[object]) -> None:
             assert event.data == IMAGE[offset : offset + length], f"forged chunk {event.index}"
 
 
-def spy_factory() -> tuple[list[int], Callable[[int, int], ChunkDecoder]]:
+def spy_factory() -> tuple[list[int], Callable[[int, int, int], ChunkDecoder]]:
     """A real decoder factory that records every decoder it makes (state kept for a session)."""
     made: list[int] = []
 
-    def factory(length: int, symbol_size: int) -> ChunkDecoder:
+    def factory(chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
         made.append(length)
-        return raptorq_decoder(length, symbol_size)
+        return raptorq_decoder(chunk, length, symbol_size)
 
     return made, factory
 

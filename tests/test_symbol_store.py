@@ -76,7 +76,7 @@ def opened(state: Path, release: Release = RELEASE) -> Iterator[SymbolStore]:
 
 def decode(store: SymbolStore, chunk: int) -> bytes | None:
     length = MANIFEST.chunk_span(chunk)[1]
-    decoder = raptorq_decoder(length, T)
+    decoder = raptorq_decoder(chunk, length, T)
     for packet in store.symbols(chunk):
         data = decoder.feed(packet)
         if data is not None:
@@ -626,7 +626,7 @@ def test_disk_writes_stay_near_one_plus_loss_times_the_image(tmp_path: Path, los
                 if store.has_all_source(chunk):
                     data: bytes | None = store.read_chunk(chunk)
                 else:
-                    decoder = raptorq_decoder(CHUNK, T)
+                    decoder = raptorq_decoder(chunk, CHUNK, T)
                     data = None
                     for codec_packet in store.symbols(chunk):
                         data = decoder.feed(codec_packet)

@@ -1,0 +1,68 @@
+"""The receiver core's FEC seam over the durable symbol store: no useful symbol is thrown away.
+
+The sans-IO `ReceiverCore` admits a DATA datagram (session, range, packet authentication,
+duplicates) and feeds its codec packet to the chunk's `ChunkDecoder`.  The receive driver gives
+the core decoders of this kind: instead of holding symbols in memory, `feed` puts each symbol
+into the `SymbolStore` (source symbols in place in ``image.part``, repair symbols in the spill,
+all of it surviving ``kill -9``), and once the chunk holds K symbols it produces the chunk:
+
+* with all K source symbols in place, the chunk is simply read back (a systematic code needs
+  no decode for its own data);
+* otherwise the stored codec packets are fed to a fresh `raptorq` decoder; with K symbols it
+  succeeds with high probability, and if it does not, the next symbol tries again.
+
+Because nothing is held in memory, the core needs no decoder budget: every chunk can be open at
+once, whatever the image size, and memory stays the store's (bits per source symbol and 8
+bytes per repair symbol held).  The core hashes what `feed` returns; on a mismatch it calls
+`discard`, and the store forgets the chunk's symbols (a forged symbol spoiled the decode).
+"""
+
+from __future__ import annotations
+
+from .decoder import ChunkDecoder, raptorq_decoder
+from .symbol_store import SymbolStore
+
+# The codec packet is a 4-byte payload id (SBN, 24-bit ESI) followed by the symbol.
+_PAYLOAD_ID = 4
+
+
+class StoreDecoder:
+    """Decodes chunk `chunk` from what `store` holds (module doc)."""
+
+    def __init__(self, store: SymbolStore, chunk: int, length: int, symbol_size: int) -> None:
+        self.store = store
+        self.chunk = chunk
+        self.length = length
+        self.symbol_size = symbol_size
+        self.k = store.source_symbols(chunk)
+        # Symbols held at the last attempt that did not decode: try again only with more.
+        self._tried_with = -1
+
+    def feed(self, packet: bytes) -> bytes | None:
+        store, chunk = self.store, self.chunk
+        if store.is_done(chunk):
+            # Completed and verified in an earlier run: the driver marks it done (and counts it
+            # as resumed) when it handles the manifest's `ManifestVerified` event.
+            return None
+        esi = int.from_bytes(packet[1:_PAYLOAD_ID], "big")
+        store.add(chunk, esi, packet[_PAYLOAD_ID:])
+        held = store.count(chunk)
+        if held < self.k or held == self._tried_with:
+            return None
+        if store.has_all_source(chunk):
+            return store.read_chunk(chunk)
+        decoder = raptorq_decoder(chunk, self.length, self.symbol_size)
+        for stored in store.symbols(chunk):
+            data = decoder.feed(stored)
+            if data is not None:
+                return data
+        self._tried_with = held
+        return None
+
+    def discard(self) -> None:
+        self.store.discard(self.chunk)
+        self._tried_with = -1
+
+
+def store_decoder(store: SymbolStore, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
+    return StoreDecoder(store, chunk, length, symbol_size)

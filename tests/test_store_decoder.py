@@ -1,0 +1,83 @@
+"""The receiver core over the durable symbol store (the decoders `otacast fetch` gives it)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from otacast.plugin.core import ReceiverCore
+from otacast.plugin.decoder import ChunkDecoder
+from otacast.plugin.events import ChunkComplete
+from otacast.plugin.receive import UNBOUNDED_DECODERS
+from otacast.plugin.staging import Staging
+from otacast.plugin.store_decoder import StoreDecoder
+from otacast.plugin.symbol_store import SymbolStore
+from otacast.schemas import wire
+from otacast.signer.keys import SigningKey
+
+from .helpers import NOW, cycles, make_release, manifest_datagrams, receive_all
+
+KEY = SigningKey(b"\x31" * 32)
+RELEASE = make_release(random.Random(31).randbytes(3 * 65536 - 999), KEY, chunk_size=65536)
+M = RELEASE.manifest
+CYCLES = cycles(M, RELEASE.image, 60)
+
+
+@contextmanager
+def stored_core(state: Path) -> Iterator[tuple[ReceiverCore, SymbolStore]]:
+    staging = Staging(state, RELEASE.verified())
+    store = SymbolStore(staging)
+
+    def decoder(chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
+        return StoreDecoder(store, chunk, length, symbol_size)
+
+    core = ReceiverCore(
+        RELEASE.trust, now=NOW, decoder_factory=decoder, decoder_budget=UNBOUNDED_DECODERS
+    )
+    try:
+        yield core, store
+    finally:
+        store.close()
+        staging.close()
+
+
+def test_every_chunk_is_in_progress_at_once_and_only_repairable_chunks_are_decoded(
+    tmp_path: Path,
+) -> None:
+    with stored_core(tmp_path) as (core, store):
+        receive_all(core, manifest_datagrams(RELEASE.envelope))
+        # One symbol of every chunk at a time (symbol-major order); chunk 1 loses a third of
+        # its source symbols and is repaired; the others arrive whole and are only hashed.
+        k = [M.source_symbols(c) for c in range(M.chunk_count)]
+        order = [
+            CYCLES[c][e]
+            for e in range(max(k) + 60)
+            for c in range(M.chunk_count)
+            if e < len(CYCLES[c]) and not (c == 1 and e < k[1] and e % 3 == 0)
+        ]
+        events = receive_all(core, order)
+        done = {e.index: e.data for e in events if isinstance(e, ChunkComplete)}
+        assert sorted(done) == list(range(M.chunk_count))
+        for index, data in done.items():
+            assert data == RELEASE.chunk(index)
+        assert "decoder-budget" not in core.stats.rejected
+        assert store.stats.spill_high_water > 0  # chunk 1's repair symbols were kept on disk
+
+
+def test_a_forged_symbol_costs_its_chunk_one_decode_and_the_honest_symbols_then_complete_it(
+    tmp_path: Path,
+) -> None:
+    with stored_core(tmp_path) as (core, store):
+        receive_all(core, manifest_datagrams(RELEASE.envelope))
+        honest = CYCLES[0][: M.source_symbols(0)]
+        forged = bytearray(honest[5])
+        forged[wire.DATA_HEADER_SIZE] ^= 0xFF  # a well-formed datagram with a wrong symbol
+        events = receive_all(core, [bytes(forged), *honest[:5], *honest[6:]])
+        assert not [e for e in events if isinstance(e, ChunkComplete)]
+        assert core.stats.rejected["chunk-hash-mismatch"] == 1
+        assert store.count(0) == 0  # every symbol of the spoiled decode was forgotten
+        events = receive_all(core, CYCLES[0])
+        (complete,) = [e for e in events if isinstance(e, ChunkComplete)]
+        assert complete.index == 0 and complete.data == RELEASE.chunk(0)
