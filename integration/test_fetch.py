@@ -190,6 +190,66 @@ def test_kill_9_mid_download_then_the_same_command_resumes(
     assert out.read_bytes() == release.image.read_bytes()
 
 
+def test_with_the_symbol_store_a_30_percent_loss_download_refuses_no_symbol(
+    lan: LanFactory, release: Release, tmp_path: Path
+) -> None:
+    net = lan(2)
+    sender, receiver = net.hosts
+    random_loss(receiver, 30)
+    tx = serve(sender, release, "--rate", "40M", "--no-gso", "--duration", "120s")
+    try:
+        code, events, err = fetch(
+            receiver,
+            release,
+            tmp_path / "state",
+            tmp_path / "out.img",
+            "--source",
+            sender.address,
+            "--symbols",
+            "store",
+        )
+    finally:
+        stop([tx])
+    assert code == 0, err
+    summary = summary_of(events)
+    # Every symbol was kept on disk: nothing refused for want of a decoder.
+    assert set(summary["rejected"]) <= {"no-manifest-yet"}  # type: ignore[call-overload]
+    assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
+    assert {p.name for p in (tmp_path / "state").iterdir()} <= {"status.json"}
+
+
+def test_kill_9_with_the_symbol_store_resumes_with_the_stored_symbols(
+    lan: LanFactory, release: Release, tmp_path: Path
+) -> None:
+    net = lan(2)
+    sender, receiver = net.hosts
+    state, out = tmp_path / "state", tmp_path / "out.img"
+    store = ("--source", sender.address, "--symbols", "store")
+    random_loss(receiver, 20)  # chunks stay in progress across the pass: symbols to keep
+    tx = serve(sender, release, "--rate", "4M", "--no-gso", "--duration", "120s")
+    try:
+        first = subprocess.Popen(
+            fetch_command(receiver, release, state, out, *store), stdout=subprocess.PIPE, text=True
+        )
+        assert first.stdout is not None
+        for line in first.stdout:
+            event = json.loads(line)
+            # Past two of the store's batched flushes (4096 symbols each), within the first pass.
+            if event.get("event") == "progress" and int(event["datagrams"]) >= 12000:
+                break
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        assert not out.exists()
+        code, events, err = fetch(receiver, release, state, out, *store)
+    finally:
+        stop([tx])
+    assert code == 0, err
+    notes = [str(e["message"]) for e in events if e.get("event") == "note"]
+    resumed = [n for n in notes if n.startswith("resumed ") and "stored symbols" in n]
+    assert resumed and int(resumed[0].split()[1]) > 0, notes
+    assert out.read_bytes() == release.image.read_bytes()
+
+
 @pytest.mark.parametrize(
     ("trust", "fetch_args", "error"),
     [

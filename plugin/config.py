@@ -32,6 +32,10 @@ ENVIRONMENT = "OTACAST_CONFIG"
 MAX_CONFIG_BYTES = 64 * 1024
 
 FALLBACKS = ("auto", "only", "never")
+# Where received symbols are kept until their chunk completes: "memory" (decoders for a bounded
+# number of chunks at once, the default) or "store" (every admitted symbol in the durable symbol
+# store in the state directory: nothing refused, resume keeps symbols; see otacast.plugin.receive).
+SYMBOL_KEEPING = ("memory", "store")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class DeviceConfig:
     out: Path | None = None
     retry_max: float | None = None
     packet_auth: str | None = None
+    symbols: str | None = None
 
 
 def _text(value: object) -> bool:
@@ -98,6 +103,7 @@ _RULES: dict[str, tuple[Any, str]] = {
         lambda v: v in PACKET_AUTH_POLICIES,
         "one of " + ", ".join(PACKET_AUTH_POLICIES),
     ),
+    "symbols": (lambda v: v in SYMBOL_KEEPING, "one of " + ", ".join(SYMBOL_KEEPING)),
 }
 _PATHS = {"state_dir", "out"}
 assert set(_RULES) == {f.name for f in fields(DeviceConfig)} - {"path"}
@@ -190,6 +196,7 @@ class Settings:
     out: Path | None = None
     retry_max: float = DEFAULT_RETRY_MAX
     packet_auth: str = "auto"
+    symbols: str = "memory"
     config: Path | None = None
 
     @property

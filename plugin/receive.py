@@ -11,16 +11,20 @@ disk), persist each verified chunk, start HTTP repair when the core asks for fal
 when the image is complete.  What the operator sees is `otacast.plugin.report`'s, fed from core
 snapshots.
 
-Every symbol the core admits goes to the durable symbol store (`otacast.plugin.symbol_store`),
-through the decoders this driver gives the core (`otacast.plugin.store_decoder`): nothing is held
-in memory, so the core needs no decoder budget, no useful symbol is refused, and a restart
-resumes with the stored symbols, not only whole chunks.  Staging and the store are opened when
-the first verified manifest needs them (its first admitted symbol, or the `ManifestVerified`
-event, whichever comes first).
+Where symbols wait for their chunk is the ``symbols`` setting.  With ``memory`` (the default)
+the core's in-memory decoders hold them, for a bounded number of chunks at once, and `_Writer`
+persists verified chunks off the loop.  With ``store``, every symbol the core admits goes to
+the durable symbol store (`otacast.plugin.symbol_store`) through the decoders this driver gives
+the core (`otacast.plugin.store_decoder`): nothing is held in memory, so the core needs no
+decoder budget, no useful symbol is refused, and a restart resumes with the stored symbols, not
+only whole chunks; staging and the store are opened when the verified manifest first needs them
+(its first admitted symbol, or the `ManifestVerified` event, whichever comes first).  The store
+is not yet the default: its writes run on the receive loop and cost receiver CPU, which at high
+rates and low loss becomes loss of its own (docs/PERFORMANCE.md).
 
-One thread helps without sharing state with the core: `otacast.plugin.fetcher.RepairWorker`
-fetches the missing chunks over HTTP and passes verified ones back through a queue.  Only the
-loop talks to the core and the store, so multicast and HTTP share one state without locks.
+`otacast.plugin.fetcher.RepairWorker` fetches the missing chunks over HTTP in a thread and
+passes verified ones back through a queue.  Only the loop talks to the core, the store and
+staging's writer, so multicast and HTTP share one state without locks.
 
 Where to listen is `otacast.plugin.discovery.plan_joins`'s decision (options, manifest, DNS);
 the driver only joins what it plans and reports its note.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import select
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,12 +43,12 @@ from pathlib import Path
 from typing import TextIO
 
 from otacast.schemas import addressing
-from otacast.schemas.limits import MAX_DATAGRAM
+from otacast.schemas.limits import MAX_DATAGRAM, MAX_DECODER_BYTES
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 
 from .config import Settings
 from .core import ReceiverCore
-from .decoder import ChunkDecoder
+from .decoder import ChunkDecoder, raptorq_decoder
 from .discovery import plan_joins
 from .errors import (
     IncompleteError,
@@ -63,6 +68,8 @@ from .transport import Join, MulticastReceiver
 # Datagrams taken from the socket per turn of the loop before timers and HTTP results are
 # looked at again: keeps both responsive under a flood without a syscall per check.
 MAX_BURST = 512
+# Verified chunks waiting for the writer thread (4 MiB each at the default chunk size).
+WRITE_QUEUE = 4
 # With the symbol store, every chunk may be in progress at once (its symbols are on disk, not in
 # memory), so the core's in-memory decoder budget does not apply.
 UNBOUNDED_DECODERS = 1 << 62
@@ -97,6 +104,7 @@ class FetchOptions:
     http_timeout: float = 10.0
     status: StatusFile | None = None
     packet_auth: str = "auto"  # auto | require | off (see otacast.plugin.core)
+    symbols: str = "memory"  # memory | store (see the module doc)
 
     @classmethod
     def from_settings(
@@ -129,7 +137,43 @@ class FetchOptions:
             json=json,
             status=status,
             packet_auth=settings.packet_auth,
+            symbols=settings.symbols,
         )
+
+
+class _Writer(threading.Thread):
+    """Persists verified chunks off the receive loop.
+
+    Writing and syncing a 4 MiB chunk takes tens of milliseconds; done inline, the socket buffer
+    overflowed and the lost symbols cost whole extra passes.  The queue is bounded, so at most
+    ``WRITE_QUEUE`` chunks wait in memory; a write error is kept and re-raised by the loop.
+    """
+
+    def __init__(self, staging: Staging) -> None:
+        super().__init__(name="otacast-writer", daemon=True)
+        self.staging = staging
+        self.queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(WRITE_QUEUE)
+        self.error: StateError | None = None
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.staging.write_chunk(*item)
+                except StateError as exc:
+                    self.error = exc
+
+    def put(self, index: int, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((index, data))
+
+    def flush(self) -> None:
+        """Wait for every queued chunk to be on disk; raise the first write error."""
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
@@ -168,11 +212,12 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
     def decoder(chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
         return run.decoder(chunk, length, symbol_size)
 
+    stored = options.symbols == "store"
     core = ReceiverCore(
         options.trust,
         now=start,
-        decoder_factory=decoder,
-        decoder_budget=UNBOUNDED_DECODERS,
+        decoder_factory=decoder if stored else raptorq_decoder,
+        decoder_budget=UNBOUNDED_DECODERS if stored else MAX_DECODER_BYTES,
         device_type=options.device_type,
         installed_sequence=options.installed_sequence,
         manifest=options.manifest,
@@ -217,6 +262,7 @@ class _Run:
         self.start = start
         self.staging: Staging | None = None
         self.store: SymbolStore | None = None
+        self.writer: _Writer | None = None
         self.repair: RepairWorker | None = None
         self.bytes_http = 0
         self.bytes_resumed = 0
@@ -316,15 +362,23 @@ class _Run:
             f"manifest verified: {m.name} version {m.version} sequence {m.sequence}, "
             f"{m.image.length} bytes in {m.chunk_count} chunks"
         )
-        store = self._open_store(verified)
+        held = 0
+        if self.options.symbols == "store":
+            store = self._open_store(verified)
+            done = store.done
+            held = sum(store.count(index) for index in range(m.chunk_count))
+        else:
+            self.staging = Staging(self.options.state_dir, verified)
+            self.writer = _Writer(self.staging)
+            self.writer.start()
+            done = frozenset(self.staging.resume())
         now = time.monotonic()
-        for index in sorted(store.done):
+        for index in sorted(done):
             if index not in self.core.done:
                 self.core.mark_done(index, now)
                 self.bytes_resumed += m.chunk_span(index)[1]
         if self.bytes_resumed:
             self.emit.note(f"resumed {self.bytes_resumed} verified bytes from the state directory")
-        held = sum(store.count(index) for index in range(m.chunk_count))
         if held:
             self.emit.note(f"resumed {held} stored symbols of chunks still in progress")
         if self.options.fallback == "only":
@@ -332,9 +386,12 @@ class _Run:
 
     def _keep(self, index: int, data: bytes) -> None:
         """Keep chunk `index`, verified against its signed hash, in the state directory."""
-        assert self.store is not None
-        if not self.store.is_done(index):
-            self.store.complete(index, data)
+        if self.store is not None:
+            if not self.store.is_done(index):
+                self.store.complete(index, data)
+        else:
+            assert self.writer is not None
+            self.writer.put(index, data)
 
     def _fall_back(self, reason: str) -> None:
         verified = self.core.verified
@@ -372,7 +429,7 @@ class _Run:
                 self.repair.join()
                 continue
             index, data = item
-            if index in self.core.done or self.store is None:
+            if index in self.core.done or (self.store is None and self.writer is None):
                 continue
             self._keep(index, data)
             self.bytes_http += len(data)
@@ -392,9 +449,13 @@ class _Run:
             )
 
     def _finish(self) -> None:
-        assert self.staging is not None and self.store is not None
-        self.store.close()
-        self.store = None
+        assert self.staging is not None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer = None
         self.staging.finish(self.options.out)
         self.staging.discard()
         self.staging = None
@@ -405,10 +466,13 @@ class _Run:
             self.repair.stop.set()
         if self.receiver is not None:
             self.receiver.close()
+        # Whatever was stored or verified is kept for the next run; a write error that ended
+        # this run is already on its way out.
         if self.store is not None:
-            # Whatever was stored is kept for the next run; a write error that ended this run
-            # is already on its way out.
             with contextlib.suppress(StateError):
                 self.store.close()
+        if self.writer is not None:
+            with contextlib.suppress(StateError):
+                self.writer.flush()
         if self.staging is not None:
             self.staging.close()

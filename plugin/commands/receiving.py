@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from otacast.plugin.auth import PACKET_AUTH_POLICIES
-from otacast.plugin.config import FALLBACKS, Settings
+from otacast.plugin.config import FALLBACKS, SYMBOL_KEEPING, Settings
 from otacast.plugin.deliver import choose_installer
 from otacast.plugin.errors import UsageError
 from otacast.plugin.installed import read_installed
@@ -107,6 +107,13 @@ def add_receive_options(
         choices=PACKET_AUTH_POLICIES,
         help="packet authentication: auto (default: when the release lists stream keys), "
         "require (refuse releases without), off",
+    )
+    p.add_argument(
+        "--symbols",
+        choices=SYMBOL_KEEPING,
+        help="where received symbols wait for their chunk: memory (default: decoders for a "
+        "bounded number of chunks) or store (every symbol on disk in the state directory: "
+        "none refused, a restart keeps them; costs receiver CPU)",
     )
     if retry:
         p.add_argument(
