@@ -160,6 +160,18 @@ def test_ssm_join_ignores_an_unlisted_source_sending_garbage_to_the_group(
     assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
 
 
+def kill_9_when(command: list[str], key: str, at_least: int) -> None:
+    """Start a `fetch` command and kill it with SIGKILL once a progress line has `key` >= N."""
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert first.stdout is not None
+    for line in first.stdout:
+        event = json.loads(line)
+        if event.get("event") == "progress" and int(event[key]) >= at_least:
+            break
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+
+
 def test_kill_9_mid_download_then_the_same_command_resumes(
     lan: LanFactory, release: Release, tmp_path: Path
 ) -> None:
@@ -168,18 +180,8 @@ def test_kill_9_mid_download_then_the_same_command_resumes(
     state, out = tmp_path / "state", tmp_path / "out.img"
     tx = serve(sender, release, "--rate", "4M", "--duration", "120s")
     try:
-        first = subprocess.Popen(
-            fetch_command(receiver, release, state, out, "--source", sender.address),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert first.stdout is not None
-        for line in first.stdout:
-            event = json.loads(line)
-            if event.get("event") == "progress" and int(event["chunks_done"]) >= 3:
-                break
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait()
+        command = fetch_command(receiver, release, state, out, "--source", sender.address)
+        kill_9_when(command, "chunks_done", 3)
         assert not out.exists()
         code, events, err = fetch(receiver, release, state, out, "--source", sender.address)
     finally:
@@ -228,17 +230,8 @@ def test_kill_9_with_the_symbol_store_resumes_with_the_stored_symbols(
     random_loss(receiver, 20)  # chunks stay in progress across the pass: symbols to keep
     tx = serve(sender, release, "--rate", "4M", "--no-gso", "--duration", "120s")
     try:
-        first = subprocess.Popen(
-            fetch_command(receiver, release, state, out, *store), stdout=subprocess.PIPE, text=True
-        )
-        assert first.stdout is not None
-        for line in first.stdout:
-            event = json.loads(line)
-            # Past two of the store's batched flushes (4096 symbols each), within the first pass.
-            if event.get("event") == "progress" and int(event["datagrams"]) >= 12000:
-                break
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait()
+        # Past two of the store's batched flushes (4096 symbols each), within the first pass.
+        kill_9_when(fetch_command(receiver, release, state, out, *store), "datagrams", 12000)
         assert not out.exists()
         code, events, err = fetch(receiver, release, state, out, *store)
     finally:

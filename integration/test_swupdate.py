@@ -289,12 +289,16 @@ def _recv_message(sock: socket.socket) -> ipc.IpcMessage:
     return ipc.parse_ipc_message(data)
 
 
-def _hold_a_started_install(directory: Path) -> socket.socket:
-    """An install that the daemon has started and that waits for image bytes we never send.
+def _hold_a_started_install(directory: Path) -> tuple[socket.socket, socket.socket]:
+    """An install that the daemon has started and that waits for image bytes we never send:
+    its control connection and its notification subscription, both open.
 
     Started, not merely acknowledged: swupdate 2022.12 marks itself busy only when its installer
     thread wakes, so a second request just after the first ACK would be acknowledged too.  The
-    START notification comes after that mark.
+    START notification comes after that mark.  The subscription stays open with the install:
+    closed early, the daemon may go on writing notifications to its descriptor, which the next
+    connection (the installer's request) can reuse, and that request was then answered with a
+    notification (seen once in about ten runs).
     """
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.settimeout(10)
@@ -303,14 +307,14 @@ def _hold_a_started_install(directory: Path) -> socket.socket:
         ipc.build_ipc_message(ipc.MsgType.REQ_INSTALL, ipc.InstallRequest(1000, "holder"))
     )
     assert _recv_message(control).type == ipc.MsgType.ACK
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as notify:
-        notify.settimeout(10)
-        notify.connect(str(directory / "sockinstctrl"))
-        notify.sendall(ipc.build_ipc_message(ipc.MsgType.NOTIFY_STREAM))
-        assert _recv_message(notify).type == ipc.MsgType.ACK
-        while _recv_message(notify).notify().status != ipc.RecoveryStatus.START:
-            pass
-    return control
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    notify.settimeout(10)
+    notify.connect(str(directory / "sockinstctrl"))
+    notify.sendall(ipc.build_ipc_message(ipc.MsgType.NOTIFY_STREAM))
+    assert _recv_message(notify).type == ipc.MsgType.ACK
+    while _recv_message(notify).notify().status != ipc.RecoveryStatus.START:
+        pass
+    return control, notify
 
 
 def test_a_busy_daemon_is_reported_and_the_next_install_after_it_succeeds(
@@ -318,21 +322,22 @@ def test_a_busy_daemon_is_reported_and_the_next_install_after_it_succeeds(
 ) -> None:
     update = make_update(tmp_path, vendor)
     installer = get_installer(f"swupdate:{daemon.directory}")
-    holder = _hold_a_started_install(daemon.directory)
-    try:
-        with pytest.raises(InstallError, match=r"^swupdate is busy: Installation in progress$"):
-            installer.install(update.swu, update.verified)
-    finally:
-        holder.close()  # an empty image: that install fails and the daemon becomes idle again
-    deadline = time.monotonic() + 10
-    while True:  # the daemon takes a moment to fail the held install
+    holder, subscription = _hold_a_started_install(daemon.directory)
+    with subscription:  # open until the daemon is done with us (see _hold_a_started_install)
         try:
-            result = installer.install(update.swu, update.verified)
-            break
-        except InstallError as exc:
-            if "busy" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+            with pytest.raises(InstallError, match=r"^swupdate is busy: Installation in progress$"):
+                installer.install(update.swu, update.verified)
+        finally:
+            holder.close()  # an empty image: that install fails and the daemon becomes idle
+        deadline = time.monotonic() + 10
+        while True:  # the daemon takes a moment to fail the held install
+            try:
+                result = installer.install(update.swu, update.verified)
+                break
+            except InstallError as exc:
+                if "busy" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
     assert result.status == "installed"
     assert update.target.read_bytes() == PAYLOAD
 
