@@ -61,8 +61,7 @@ from .fetcher import RepairWorker
 from .report import FetchSummary, Reporter
 from .staging import Staging
 from .status import StatusFile
-from .store_decoder import StoreDecoder
-from .symbol_store import SymbolStore
+from .store_decoder import UNBOUNDED_DECODERS, StoredSymbols
 from .transport import Join, MulticastReceiver
 
 # Datagrams taken from the socket per turn of the loop before timers and HTTP results are
@@ -70,9 +69,6 @@ from .transport import Join, MulticastReceiver
 MAX_BURST = 512
 # Verified chunks waiting for the writer thread (4 MiB each at the default chunk size).
 WRITE_QUEUE = 4
-# With the symbol store, every chunk may be in progress at once (its symbols are on disk, not in
-# memory), so the core's in-memory decoder budget does not apply.
-UNBOUNDED_DECODERS = 1 << 62
 # Longest wait for a datagram; bounds how late HTTP results and the status line are handled.
 POLL_INTERVAL = 0.1
 # How often the status file is rewritten during a download: fresh enough for `otacast status`,
@@ -261,7 +257,7 @@ class _Run:
         self.emit = emit
         self.start = start
         self.staging: Staging | None = None
-        self.store: SymbolStore | None = None
+        self.stored: StoredSymbols | None = None  # with --symbols store
         self.writer: _Writer | None = None
         self.repair: RepairWorker | None = None
         self.bytes_http = 0
@@ -347,14 +343,14 @@ class _Run:
     def decoder(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
         """The core's decoder for `chunk`: the store's (module doc)."""
         assert self.core.verified is not None  # the core opens decoders only for its session
-        return StoreDecoder(self._open_store(self.core.verified), chunk, length, symbol_size)
+        return self._stored(self.core.verified).decoder(chunk, length, symbol_size)
 
-    def _open_store(self, verified: VerifiedManifest) -> SymbolStore:
-        """Staging and the symbol store of `verified`, opened (and resumed) on first use."""
-        if self.store is None:
-            self.staging = Staging(self.options.state_dir, verified)
-            self.store = SymbolStore(self.staging)
-        return self.store
+    def _stored(self, verified: VerifiedManifest) -> StoredSymbols:
+        """The session's staging and symbol store, opened on first use (either way)."""
+        if self.stored is None:
+            self.stored = StoredSymbols(self.options.state_dir, verified)
+            self.staging = self.stored.staging
+        return self.stored
 
     def _open_staging(self, verified: VerifiedManifest) -> None:
         m = verified.manifest
@@ -364,9 +360,9 @@ class _Run:
         )
         held = 0
         if self.options.symbols == "store":
-            store = self._open_store(verified)
-            done = store.done
-            held = sum(store.count(index) for index in range(m.chunk_count))
+            stored = self._stored(verified)
+            done = stored.store.done
+            held = stored.held()
         else:
             self.staging = Staging(self.options.state_dir, verified)
             self.writer = _Writer(self.staging)
@@ -386,9 +382,8 @@ class _Run:
 
     def _keep(self, index: int, data: bytes) -> None:
         """Keep chunk `index`, verified against its signed hash, in the state directory."""
-        if self.store is not None:
-            if not self.store.is_done(index):
-                self.store.complete(index, data)
+        if self.stored is not None:
+            self.stored.keep(index, data)
         else:
             assert self.writer is not None
             self.writer.put(index, data)
@@ -429,7 +424,7 @@ class _Run:
                 self.repair.join()
                 continue
             index, data = item
-            if index in self.core.done or (self.store is None and self.writer is None):
+            if index in self.core.done or (self.stored is None and self.writer is None):
                 continue
             self._keep(index, data)
             self.bytes_http += len(data)
@@ -450,9 +445,8 @@ class _Run:
 
     def _finish(self) -> None:
         assert self.staging is not None
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        if self.stored is not None:
+            self.stored.close()
         if self.writer is not None:
             self.writer.flush()
             self.writer = None
@@ -468,9 +462,9 @@ class _Run:
             self.receiver.close()
         # Whatever was stored or verified is kept for the next run; a write error that ended
         # this run is already on its way out.
-        if self.store is not None:
+        if self.stored is not None:
             with contextlib.suppress(StateError):
-                self.store.close()
+                self.stored.close()
         if self.writer is not None:
             with contextlib.suppress(StateError):
                 self.writer.flush()

@@ -19,11 +19,19 @@ bytes per repair symbol held).  The core hashes what `feed` returns; on a mismat
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from otacast.schemas.policy import VerifiedManifest
+
 from .decoder import ChunkDecoder, raptorq_decoder
+from .staging import Staging
 from .symbol_store import SymbolStore
 
 # The codec packet is a 4-byte payload id (SBN, 24-bit ESI) followed by the symbol.
 _PAYLOAD_ID = 4
+# With the store, every chunk may be in progress at once (its symbols are on disk, not in
+# memory), so the core's in-memory decoder budget does not apply: give the core this one.
+UNBOUNDED_DECODERS = 1 << 62
 
 
 class StoreDecoder:
@@ -64,5 +72,41 @@ class StoreDecoder:
         self._tried_with = -1
 
 
-def store_decoder(store: SymbolStore, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
-    return StoreDecoder(store, chunk, length, symbol_size)
+class StoredSymbols:
+    """One session's staging and symbol store, opened (and resumed) together.
+
+    The core may open a decoder (while it replays datagrams held before the manifest) before
+    the driver has handled `ManifestVerified`, so the driver makes this on whichever comes
+    first; `store.done` names the chunks an earlier run completed, which the driver then marks
+    done in the core.  The caller finishes or closes `staging` after `close`.
+    """
+
+    def __init__(self, state_dir: Path, verified: VerifiedManifest) -> None:
+        self.verified = verified
+        self.staging = Staging(state_dir, verified)
+        try:
+            self.store = SymbolStore(self.staging)
+        except BaseException:
+            self.staging.close()
+            raise
+        self._closed = False
+
+    def decoder(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
+        """A `DecoderFactory` for the core."""
+        return StoreDecoder(self.store, chunk, length, symbol_size)
+
+    def held(self) -> int:
+        """Symbols stored for chunks still in progress."""
+        chunks = range(self.verified.manifest.chunk_count)
+        return sum(self.store.count(index) for index in chunks)
+
+    def keep(self, index: int, data: bytes) -> None:
+        """Keep chunk `index`, whose `data` matches its signed hash (once)."""
+        if not self.store.is_done(index):
+            self.store.complete(index, data)
+
+    def close(self) -> None:
+        """Flush and close the store (once); staging stays open for the caller."""
+        if not self._closed:
+            self._closed = True
+            self.store.close()

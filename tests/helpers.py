@@ -86,10 +86,7 @@ from otacast.plugin.events import (
     ManifestRefused,
     ManifestVerified,
 )
-from otacast.plugin.receive import UNBOUNDED_DECODERS
-from otacast.plugin.staging import Staging
-from otacast.plugin.store_decoder import StoreDecoder
-from otacast.plugin.symbol_store import SymbolStore
+from otacast.plugin.store_decoder import UNBOUNDED_DECODERS, StoredSymbols
 from otacast.plugin.verify import verify_manifest
 from otacast.schemas import fec, wire
 from otacast.schemas.limits import MAX_DECODER_BYTES
@@ -570,8 +567,7 @@ class _Receiver:
         self.report = ReceiverReport(k, spec.loss.mean)
         self.decoders = _DecoderCount()
         self.core: ReceiverCore | None = None
-        self.staging: Staging | None = None
-        self.store: SymbolStore | None = None
+        self.stored: StoredSymbols | None = None
         self.done = False
 
     def join(self, t: float) -> None:
@@ -588,15 +584,14 @@ class _Receiver:
 
     def store_decoder(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
         """The receive driver's decoders: the durable store's."""
-        return self.decoders.opened(StoreDecoder(self.open_store(), chunk, length, symbol_size))
+        return self.decoders.opened(self.open_store().decoder(chunk, length, symbol_size))
 
-    def open_store(self) -> SymbolStore:
+    def open_store(self) -> StoredSymbols:
         """Staging and the store, opened on first use (as the receive driver does)."""
-        if self.store is None:
+        if self.stored is None:
             assert self.spec.state_dir is not None
-            self.staging = Staging(self.spec.state_dir, self.link.release.verified())
-            self.store = SymbolStore(self.staging)
-        return self.store
+            self.stored = StoredSymbols(self.spec.state_dir, self.link.release.verified())
+        return self.stored
 
     @property
     def listening(self) -> bool:
@@ -637,14 +632,14 @@ class _Receiver:
             if isinstance(event, ManifestVerified):
                 self.report.manifest_at = t
                 if self.spec.state_dir is not None:
-                    for index in sorted(self.open_store().done):
+                    for index in sorted(self.open_store().store.done):
                         core.mark_done(index, now)
                 for index in sorted(self.spec.resume):
                     core.mark_done(index, now)
             elif isinstance(event, ChunkComplete):
                 assert event.data == self.link.release.chunk(event.index), event.index
-                if self.store is not None and not self.store.is_done(event.index):
-                    self.store.complete(event.index, event.data)
+                if self.stored is not None:
+                    self.stored.keep(event.index, event.data)
                 self.report.chunks_over_time.append((t, len(core.done)))
             elif isinstance(event, ManifestRefused):
                 self.report.refused.append(event.message)
@@ -670,13 +665,11 @@ class _Receiver:
             if core.authenticator is not None:
                 self.report.auth = dataclasses.asdict(core.authenticator.stats)
         self.report.decoder_high_water = self.decoders.high_water
-        if self.store is not None:
-            self.report.spill_high_water = self.store.stats.spill_high_water
-            self.store.close()
-            self.store = None
-        if self.staging is not None:
-            self.staging.close()
-            self.staging = None
+        if self.stored is not None:
+            self.report.spill_high_water = self.stored.store.stats.spill_high_water
+            self.stored.close()
+            self.stored.staging.close()
+            self.stored = None
 
 
 # Heap entries: (time, sequence, kind, index, datagram, source, is data, is lost); the sequence

@@ -8,11 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from otacast.plugin.core import ReceiverCore
-from otacast.plugin.decoder import ChunkDecoder
 from otacast.plugin.events import ChunkComplete
-from otacast.plugin.receive import UNBOUNDED_DECODERS
-from otacast.plugin.staging import Staging
-from otacast.plugin.store_decoder import StoreDecoder
+from otacast.plugin.store_decoder import UNBOUNDED_DECODERS, StoredSymbols
 from otacast.plugin.symbol_store import SymbolStore
 from otacast.schemas import wire
 from otacast.signer.keys import SigningKey
@@ -27,20 +24,15 @@ CYCLES = cycles(M, RELEASE.image, 60)
 
 @contextmanager
 def stored_core(state: Path) -> Iterator[tuple[ReceiverCore, SymbolStore]]:
-    staging = Staging(state, RELEASE.verified())
-    store = SymbolStore(staging)
-
-    def decoder(chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
-        return StoreDecoder(store, chunk, length, symbol_size)
-
+    stored = StoredSymbols(state, RELEASE.verified())
     core = ReceiverCore(
-        RELEASE.trust, now=NOW, decoder_factory=decoder, decoder_budget=UNBOUNDED_DECODERS
+        RELEASE.trust, now=NOW, decoder_factory=stored.decoder, decoder_budget=UNBOUNDED_DECODERS
     )
     try:
-        yield core, store
+        yield core, stored.store
     finally:
-        store.close()
-        staging.close()
+        stored.close()
+        stored.staging.close()
 
 
 def test_every_chunk_is_in_progress_at_once_and_only_repairable_chunks_are_decoded(
