@@ -1,7 +1,7 @@
 """A durable per-chunk store of received symbols: no useful symbol is ever thrown away.
 
-Not yet used by the receive driver: it is the building block of issue 12 item 1, tested on its
-own; the receiver core and driver are wired to it later.
+The receive driver uses it with ``--symbols store`` (config ``symbols = "store"``), through
+the core's decoders in `otacast.plugin.store_decoder`; in-memory decoders remain the default.
 
 Where things are
 ----------------
