@@ -6,7 +6,7 @@ Theory of operation
 against the manifest (not expired, one group for one rate, a repair pool within bounds) and the
 image against the manifest, encodes the image into the symbol cache (or reuses it), frames the
 MANIFEST fragments, signs every chunk's AUTH pages with the stream key (packet
-authentication), and plans one channel per rate: its group, the shared port and window.
+authentication), and plans one channel per rate: its group and the shared port.
 
 The result, a `ServePlan`, holds no socket and reads no clock: the driver (`serve`) opens one
 socket per channel, makes each channel's `SenderCore` with `ServePlan.core` at the time it
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from otacast.schemas import addressing, fec, wire
+from otacast.schemas import addressing, wire
 from otacast.schemas.errors import Expired
 from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM
 from otacast.schemas.manifest import Envelope, Manifest
@@ -48,9 +48,7 @@ class ServeOptions:
     sender_count: int = 1
     loops: int | None = None
     duration: float | None = None
-    overhead: float = 0.1
     repair: float = 0.5
-    window: int | None = None  # None: fec.window_chunks(chunk size)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "otacast")
     gso: bool = True
     loopback: bool = False
@@ -77,19 +75,17 @@ class ServePlan:
     fragments: tuple[bytes, ...]  # the framed MANIFEST datagrams
     pages: list[list[bytes]] | None  # every chunk's signed AUTH pages; None: no packet auth
     port: int
-    window: int
     channels: tuple[ChannelPlan, ...]
 
-    def core(self, channel: ChannelPlan, now: float) -> SenderCore:
-        """The sans-IO schedule of `channel`, starting at `now`."""
+    def core(self, channel: ChannelPlan, now: float, wall: float) -> SenderCore:
+        """The sans-IO schedule of `channel`, starting at `now` (wall-clock time `wall`)."""
         return sender_core(
             self.manifest,
             self.reader.layout,
-            overhead=self.options.overhead,
-            window=self.window,
             rate=channel.rate,
             fragments=self.fragments,
             now=now,
+            wall=wall,
             sender_index=self.options.sender_index,
             sender_count=self.options.sender_count,
             passes=self.options.loops,
@@ -105,11 +101,10 @@ def sender_core(
     manifest: Manifest,
     layout: symbol_cache.CycleLayout,
     *,
-    overhead: float,
-    window: int,
     rate: float,
     fragments: Sequence[bytes],
     now: float,
+    wall: float | None = None,
     sender_index: int = 0,
     sender_count: int = 1,
     passes: int | None = None,
@@ -117,22 +112,24 @@ def sender_core(
     packet_auth: bool = False,
 ) -> SenderCore:
     """The sans-IO schedule of one channel of `manifest`, its cycles laid out as `layout`, sent
-    in GSO batches; with `packet_auth`, AUTH pages of as many digests as a datagram holds."""
+    in GSO batches, a visit being as many symbols as one AUTH page vouches for (whether or not
+    `packet_auth` sends the pages, so the order is the same either way)."""
+    capacity = wire.auth_capacity(layout.datagram_size)
     return SenderCore(
         layout.cycles,
         [manifest.source_symbols(c) for c in range(manifest.chunk_count)],
-        overhead=overhead,
+        visit=capacity,
         datagram_size=layout.datagram_size,
         batch=gso_batch(layout.datagram_size),
-        window=window,
         rate=rate,
         manifest=fragments,
         now=now,
+        wall=wall,
         sender_index=sender_index,
         sender_count=sender_count,
         passes=passes,
         duration=duration,
-        auth_capacity=wire.auth_capacity(layout.datagram_size) if packet_auth else None,
+        auth_capacity=capacity if packet_auth else None,
     )
 
 
@@ -150,20 +147,6 @@ def manifest_fragments(
             min(max_datagram, datagram_size),
         )
     )
-
-
-def default_window(chunk_size: int, sender_count: int) -> int:
-    """Chunks interleaved at once when --window is not given.
-
-    Receivers hold decoders for two windows (`MAX_DECODER_BYTES`), and each of N senders starts
-    at a different window, so with N > 2 senders each window shrinks to 2/N of the usual: a
-    receiver hearing all of them still has decoder room for every window in flight (measured:
-    four senders at the usual window were slower than one, 0.83x; at half of it 3.5x faster).
-    """
-    window = fec.window_chunks(chunk_size)
-    if sender_count > 2:
-        window = max(1, window * 2 // sender_count)
-    return window
 
 
 def channel_group(envelope: Envelope, options: ServeOptions, index: int) -> str:
@@ -211,7 +194,6 @@ def build_channels(
         fragments=fragments,
         pages=pages,
         port=options.port or manifest.transport.port,
-        window=options.window or default_window(manifest.chunks.size, options.sender_count),
         channels=tuple(
             ChannelPlan(rate, channel_group(envelope, options, index))
             for index, rate in enumerate(options.rates)

@@ -2,54 +2,74 @@
 
 Theory of operation
 -------------------
-*Symbol cycle.*  Chunk ``c`` has a cycle of ``C_c`` symbols (its K source symbols, then its
-repair pool).  A *pass* sends ``S_c = min(C_c, ceil(K_c * (1 + overhead)))`` consecutive symbols of
-every chunk's cycle, wrapping around.  Pass ``l`` of sender ``i`` of ``n`` starts chunk ``c`` at
-cycle position ``(floor(i * C_c / n) + l * S_c) mod C_c``: successive passes walk on through the
-repair pool, so a receiver that needs a second pass gets symbols it has not seen, and senders
-started together at offsets ``i/n`` emit different symbols, which a receiver hearing all of them
-merges (each sender alone still covers the whole cycle).
+*The goal.*  A receiver at any loss p, joining at any moment, hearing any number of senders,
+should finish after about K/(1-p) datagrams per chunk, with nothing to tune.  Two things decide
+that: the receiver keeps every useful symbol (`otacast.plugin.symbol_store`), and the send order
+here spreads every stretch of time evenly over every chunk.
 
-*Windows.*  Chunks are sent in windows of at most ``window`` chunks, balanced in size.  Sender
-``i`` of ``n`` also starts its pass at the window that begins nearest to fraction ``i/n`` of the
-pass and wraps around, so concurrent senders feed different windows; otherwise they would all
-send the first window together, a receiver would finish it early and then wait for everyone to
-move on (measured: two senders took 0.88 of one sender's time that way, 0.58 this way).
+*Cycles and visits.*  Chunk ``c`` has a cycle of ``C_c`` symbols: its K source symbols, then its
+repair pool.  The cycle is cut into *visits* of ``visit`` consecutive symbols (the last one of
+the cycle shorter), ``m_c = ceil(C_c / visit)`` of them.  ``visit`` is the number of digests one
+AUTH page holds, and visits start on page boundaries, so each visit is exactly one AUTH page's
+data (see below).
 
-*Interleaving.*  Inside a window the core round-robins over the chunks one batch (up to
-``batch`` consecutive datagrams, one GSO send, and never more than one burst allowance of the
-rate) at a time.  A receiver that joins at any moment therefore makes progress on every chunk of
-the window in flight, a burst of loss is spread over several chunks, and a receiver needs
-decoders only for the windows in flight (one per sender it hears), which bounds its memory.
+*Rounds.*  A round visits every chunk once, in chunk order, sending its next visit in GSO
+batches (up to ``batch`` datagrams per send).  In absolute round ``R``, sender ``i`` of ``n``
+sends visit ``(floor(i * m_c / n) + R) mod m_c`` of chunk ``c``.  So:
+
+* every chunk advances by one visit per round, whatever the image size: a receiver that joins
+  at any moment makes the same progress on every chunk, and at loss p all its chunks complete
+  after about K/(1-p) symbols each, within a visit or so of each other (the order is
+  symbol-major, in steps of a visit; a receiver then hears little more than K/(1-p) per
+  chunk, where a chunk-by-chunk order would make it wait a whole pass for each chunk a loss
+  burst left short);
+* a receiver keeps hearing new symbols: the cursor walks on through the repair pool and wraps
+  only after ``C_c`` symbols, beyond what any loss up to the pool needs;
+* senders ``i`` of ``n`` are always ``C_c / n`` apart on every cycle, so a receiver hearing
+  several gets disjoint symbols from each and finishes about n times faster.
+
+*Absolute phase.*  ``R`` counts rounds of wall-clock time: with a rate, a round lasts
+``round_seconds`` (the round's bytes over the share of the rate data gets), and a sender that
+starts at wall time ``w`` begins in round ``floor(w / round_seconds)``, at the chunk that
+fraction of the round has reached.  Senders of one release and rate therefore stay ``C_c / n``
+apart however far apart they were started (hours, or a restart), as long as their clocks agree
+to well within a round.  A sender that falls behind its phase (a slow disk, a busy CPU) skips
+ahead to it at the next round boundary, never back; an unpaced sender (rate 0) has no phase and
+starts at round 0.  Several senders that do not set ``--sender i/n`` all send the same symbols
+at the same moment: that is what ``--sender`` is for.
+
+*Passes.*  A pass is ``ceil(max K / visit)`` rounds of visits: every chunk has been sent at least
+its K source symbols' worth.  It only counts progress and ends ``--loops``; nothing in the order
+depends on it, and there is no per-pass overhead to size for the worst loss.
 
 *Manifest carousel.*  All MANIFEST fragments are queued every ``manifest_interval`` seconds and
 sent before further data, so a receiver joining at any point has the manifest within about one
 interval.
 
 *AUTH pages* (packet authentication, optional).  Every chunk's cycle is cut into AUTH pages of
-``auth_capacity`` digests each (`otacast.signer.auth_pages` builds and signs them).  Before a
-data batch that reaches into a page, the core emits `SendAuth` naming that page, to be sent
-``AUTH_COPIES`` times, unless it was already sent within the last ``AUTH_REPEAT_AFTER_PAGES``
-pages' worth of DATA datagrams (`AuthTiming`); the next action is then always that data batch.
-Within a pass a page's datagrams follow each other within about a window's round-robin
-(capacity x window datagrams, well inside that gap), so each page goes out twice per pass; a
-later pass, a cycle that wraps, or a second sender starting mid-page comes later than the gap and
-gets fresh copies.  One lost copy therefore costs nothing, and datagrams that arrive before their
-page (reordering) are held by the receiver until a copy arrives.  The gap is far below the
-receiver's memory of digests (``MAX_AUTH_DIGESTS``), so data whose page went out within it is
-still vouched for.  AUTH pages are not paced: they add about 2% above the configured rate.
+``auth_capacity`` digests each (`otacast.signer.auth_pages` builds and signs them); a visit is
+one page.  Before a data batch that reaches into a page, the core emits `SendAuth` naming that
+page, to be sent ``AUTH_COPIES`` times, unless it was already sent within the last
+``AUTH_REPEAT_AFTER_PAGES`` pages' worth of DATA datagrams (`AuthTiming`); the next action is
+then always that data batch.  A visit's later batches follow its first well inside that gap, so
+each page goes out once (twice in a row) per visit, just before its data, and the receiver
+needs only the pages of the visit in flight (one per sender it hears), far below its memory of
+digests (``MAX_AUTH_DIGESTS``).  One lost copy therefore costs nothing, and datagrams that
+arrive before their page (reordering) are held by the receiver until a copy arrives.  AUTH
+pages are not paced: they add AUTH_COPIES / visit (about 2%) above the configured rate.
 
 *Pacing.*  A token bucket in bytes, refilled at ``rate`` bytes/s and capped at
 ``BURST_SECONDS`` of rate.  An action is released while the bucket is not negative and its size
 is then subtracted, so long-run rate is exact whatever the action sizes; ``rate = 0`` means
-unpaced.  The core never reads a clock: every call takes ``now``.
+unpaced.  The core never reads a clock: every call takes ``now`` (monotonic), and the
+constructor takes the wall-clock time at that ``now`` once, for the phase.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # A few milliseconds of burst: enough that sleep granularity (~0.1 ms) does not cost accuracy,
@@ -65,7 +85,8 @@ MAX_MANIFEST_SHARE = 0.05
 # Copies of an AUTH page sent together (see the module doc).
 AUTH_COPIES = 2
 # An AUTH page is sent again once this many pages' worth of DATA datagrams went out since its
-# last copies: twice a window's round-robin of 8 chunks.
+# last copies: far more than a visit (one page), far less than a round of any image with more
+# than a handful of chunks, so a page goes out once per visit of its data.
 AUTH_REPEAT_AFTER_PAGES = 16
 
 
@@ -124,11 +145,6 @@ def manifest_interval(manifest_bytes: int, rate: float) -> float:
     return max(MIN_MANIFEST_INTERVAL, manifest_bytes / (MAX_MANIFEST_SHARE * rate))
 
 
-def per_pass(source: int, cycle: int, overhead: float) -> int:
-    """Symbols of a chunk sent per pass: its K source symbols plus `overhead`, within its cycle."""
-    return min(cycle, math.ceil(source * (1 + overhead)))
-
-
 class AuthTiming:
     """Which AUTH pages go out ahead of each run of DATA datagrams (see the module doc)."""
 
@@ -153,11 +169,12 @@ class AuthTiming:
 
 
 class SenderCore:
-    """The carousel schedule of one sender on one rate channel.
+    """The carousel schedule of one sender on one rate channel (see the module doc).
 
-    `cycles` and `sources` give each chunk's cycle length and its K source symbols; a pass sends
-    ``per_pass(K, cycle, overhead)`` symbols of every chunk.  With `auth_capacity` (digests per
-    AUTH page) the core also emits `SendAuth` actions; without it, packet authentication is off.
+    `cycles` and `sources` give each chunk's cycle length and its K source symbols; `visit` is the
+    symbols sent of a chunk per round.  With `auth_capacity` (digests per AUTH page, which must
+    equal `visit`) the core also emits `SendAuth` actions; without it, packet authentication is
+    off.  `wall` is the wall-clock time at `now`; with a rate it sets the phase.
     """
 
     def __init__(
@@ -165,13 +182,13 @@ class SenderCore:
         cycles: Sequence[int],
         sources: Sequence[int],
         *,
-        overhead: float,
+        visit: int,
         datagram_size: int,
         batch: int,
-        window: int,
         rate: float,
         manifest: Sequence[bytes],
         now: float,
+        wall: float | None = None,
         sender_index: int = 0,
         sender_count: int = 1,
         passes: int | None = None,
@@ -180,27 +197,32 @@ class SenderCore:
     ) -> None:
         if not cycles or len(cycles) != len(sources):
             raise ValueError("one cycle length and one source symbol count per chunk")
-        if overhead < 0:
-            raise ValueError("overhead must not be negative")
+        if any(c < 1 or not 0 < k <= c for k, c in zip(sources, cycles, strict=True)):
+            raise ValueError("every cycle holds at least its chunk's source symbols")
         if not 0 <= sender_index < sender_count:
             raise ValueError("sender index must be in 0..count-1")
-        if batch < 1 or window < 1 or rate < 0:
-            raise ValueError("batch and window must be positive, rate not negative")
+        if batch < 1 or visit < 1 or rate < 0:
+            raise ValueError("batch and visit must be positive, rate not negative")
+        if auth_capacity is not None and auth_capacity != visit:
+            raise ValueError("a visit is one AUTH page: visit must equal the page's capacity")
         self.cycles = tuple(cycles)
-        self.sends = tuple(per_pass(k, c, overhead) for k, c in zip(sources, cycles, strict=True))
+        self.visit = visit
         self.datagram_size = datagram_size
         # A batch is at most one burst allowance, so a slow rate is paced per datagram and the
         # rate over any second stays within about a percent of the target.
         if rate:
             batch = max(1, min(batch, int(rate * BURST_SECONDS) // datagram_size))
         self.batch = batch
-        self.window = window
         self.rate = rate
-        self.starts = tuple(sender_index * c // sender_count for c in cycles)
-        self.windows = self._window_order(sender_index, sender_count)
+        self.visits = tuple(-(-c // visit) for c in self.cycles)  # m_c
+        self.bases = tuple(sender_index * m // sender_count for m in self.visits)
+        # Visits per pass: every chunk sent its K source symbols' worth (module doc).
+        self.rounds_per_pass = -(-max(sources) // visit)
+        self.pass_visits = self.rounds_per_pass * len(self.cycles)
         self.manifest = tuple(manifest)
         manifest_bytes = sum(len(d) for d in self.manifest)
         self.manifest_interval = manifest_interval(manifest_bytes, rate)
+        self.round_seconds = self._round_seconds(manifest_bytes)
         self.passes = passes
         self.end = None if duration is None else now + duration
         self.stats = SenderStats()
@@ -211,55 +233,58 @@ class SenderCore:
         self._pending_manifest: deque[bytes] = deque()
         self._auth = AuthTiming(auth_capacity) if auth_capacity is not None else None
         self._vouched: SendSymbols | None = None  # the data batch a SendAuth just announced
-        self._plan = self._walk()
-        self._next_data = self._advance()
+        # The phase: `_offset` turns `now` into wall-clock time; rounds count from the epoch.
+        self._offset = None if wall is None or self.round_seconds is None else wall - now
+        self._round, self._chunk = self._phase(now)
+        self._visits_sent = 0
+        self._batches: deque[SendSymbols] = deque()
+        self._next_data = self._advance(now)
 
     # --- Schedule ----------------------------------------------------------------------------
 
-    def _window_order(self, index: int, count: int) -> tuple[range, ...]:
-        """Windows in this sender's order, starting near fraction index/count of the pass."""
-        # Balanced windows (sizes differ by at most one chunk), so that fractions of the pass
-        # fall on window boundaries and concurrent senders each get a window of their own.
-        chunks = len(self.cycles)
-        count_windows = -(-chunks // self.window)
-        base, extra = divmod(chunks, count_windows)
-        windows: list[range] = []
-        start = 0
-        for w in range(count_windows):
-            size = base + (1 if w < extra else 0)
-            windows.append(range(start, start + size))
-            start += size
-        # Start at the window whose first symbol lies nearest to fraction index/count of the
-        # pass (a short last chunk must not pull the midpoint into the first window).
-        target = sum(self.sends) * index / count
-        starts: list[int] = []
-        position = 0
-        for members in windows:
-            starts.append(position)
-            position += sum(self.sends[c] for c in members)
-        first = min(range(len(windows)), key=lambda w: abs(starts[w] - target))
-        return tuple(windows[first:] + windows[:first])
+    def _round_seconds(self, manifest_bytes: int) -> float | None:
+        """How long a round lasts at the rate, the manifest's share taken out; None unpaced."""
+        if not self.rate:
+            return None
+        data_rate = self.rate - manifest_bytes / self.manifest_interval
+        round_bytes = sum(c / m for c, m in zip(self.cycles, self.visits, strict=True))
+        return round_bytes * self.datagram_size / max(data_rate, self.rate / 2)
 
-    def _walk(self) -> Iterator[SendSymbols | int]:
-        """Every data batch in order, pass after pass, forever; an int marks a finished pass."""
-        pass_index = 0
-        while True:
-            for members in self.windows:
-                cursor = {
-                    c: (self.starts[c] + pass_index * self.sends[c]) % self.cycles[c]
-                    for c in members
-                }
-                left = {c: self.sends[c] for c in members}
-                while left:
-                    for c in list(left):
-                        count = min(self.batch, left[c], self.cycles[c] - cursor[c])
-                        yield SendSymbols(c, cursor[c], count, count * self.datagram_size)
-                        cursor[c] = (cursor[c] + count) % self.cycles[c]
-                        left[c] -= count
-                        if not left[c]:
-                            del left[c]
-            pass_index += 1
-            yield pass_index
+    def _phase(self, now: float) -> tuple[int, int]:
+        """(absolute round, chunk) where the wall clock says this sender is at `now`."""
+        if self._offset is None or self.round_seconds is None:
+            return 0, 0
+        position = (now + self._offset) / self.round_seconds
+        round_index = math.floor(position)
+        chunk = min(len(self.cycles) - 1, int((position - round_index) * len(self.cycles)))
+        return round_index, chunk
+
+    def visit_of(self, chunk: int, round_index: int) -> int:
+        """Which visit of `chunk`'s cycle this sender sends in absolute round `round_index`."""
+        return (self.bases[chunk] + round_index) % self.visits[chunk]
+
+    def _visit(self, now: float) -> None:
+        """Queue the batches of the next visit, moving to the next round after the last chunk."""
+        if self._chunk == len(self.cycles):
+            self._chunk = 0
+            self._round += 1
+            if self._offset is not None:
+                # Behind the phase (module doc): skip ahead, never back.
+                self._round = max(self._round, self._phase(now)[0])
+        chunk = self._chunk
+        first = self.visit_of(chunk, self._round) * self.visit
+        end = min(first + self.visit, self.cycles[chunk])
+        while first < end:
+            count = min(self.batch, end - first)
+            self._batches.append(SendSymbols(chunk, first, count, count * self.datagram_size))
+            first += count
+        self._chunk += 1
+        self._visits_sent += 1
+
+    @property
+    def passes_sent(self) -> float:
+        """Passes sent so far, counting a pass in progress by its visits."""
+        return self._visits_sent / self.pass_visits
 
     # --- Driving -----------------------------------------------------------------------------
 
@@ -294,7 +319,7 @@ class SenderCore:
             self.stats.manifest_bytes += size
             return SendManifest(tuple(datagrams), size)
         action = self._next_data
-        self._next_data = self._advance()
+        self._next_data = self._advance(now)
         self._spend(action.nbytes)
         self.stats.data_packets += action.count
         self.stats.data_bytes += action.nbytes
@@ -305,13 +330,12 @@ class SenderCore:
                 return SendAuth(action.chunk, pages, AUTH_COPIES)
         return action
 
-    def _advance(self) -> SendSymbols:
-        """The next data batch, counting the passes completed before it."""
-        item = next(self._plan)
-        while isinstance(item, int):
-            self.stats.passes = item
-            item = next(self._plan)
-        return item
+    def _advance(self, now: float) -> SendSymbols:
+        """The next data batch; a pass is counted once its last visit's batches are all out."""
+        if not self._batches:
+            self.stats.passes = self._visits_sent // self.pass_visits
+            self._visit(now)
+        return self._batches.popleft()
 
     def _spend(self, nbytes: int) -> None:
         if self.rate:

@@ -112,7 +112,8 @@ def serve(
 
 
 def _open(plan: ServePlan, channel: ChannelPlan, now: float) -> Channel:
-    """The socket and the core of one channel, its schedule starting at `now`."""
+    """The socket and the core of one channel, its schedule starting at `now` (monotonic); its
+    phase comes from the wall clock, read here once."""
     options = plan.options
     sender = MulticastSender(
         options.interface,
@@ -124,7 +125,7 @@ def _open(plan: ServePlan, channel: ChannelPlan, now: float) -> Channel:
         loopback=options.loopback,
     )
     auth = AuthPages(plan.pages) if plan.pages is not None else None
-    return Channel(channel.rate, channel.group, plan.core(channel, now), sender, auth)
+    return Channel(channel.rate, channel.group, plan.core(channel, now, time.time()), sender, auth)
 
 
 def _progress(channels: list[Channel], elapsed: float) -> ServeProgress:

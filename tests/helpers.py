@@ -33,8 +33,9 @@ What is simulated:
   monotonic clock); receivers see ``epoch + t`` (their ``now`` is also the wall time that
   manifest expiry is checked against).  Pacing is therefore exactly the cores' token bucket.
 * *Senders.*  Each has its own sender index and count (as ``serve --sender i/n``), start time,
-  rate, per-pass overhead and source address; its MANIFEST, DATA and (with a stream key) AUTH
-  datagrams are the real ones, in the order the core's `SendAuth` actions choose.
+  rate and source address, and the wall clock at its start is ``epoch + start`` (its phase);
+  its MANIFEST, DATA and (with a stream key) AUTH datagrams are the real ones, in the order the
+  core's `SendAuth` actions choose.
 * *Receivers.*  Each hears every sender (one group), from its join time on; per receiver,
   independent loss (`RandomLoss`, or bursty `GilbertElliott`), seeded, and reordering by a
   bounded random delay per datagram.  Datagrams go to ``receive_datagram``; timers
@@ -60,8 +61,8 @@ integration runs.
 
 Scale: images can be small (a few chunks), but keep the source symbols per chunk near real ones
 (about a thousand: a smaller chunk symbol size does it): with few symbols per chunk, chance
-alone decides whether a chunk's share of loss fits the per-pass overhead, and counts stop
-resembling what real releases show.
+alone decides how far apart chunks complete, and counts stop resembling what real releases
+show.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ import hashlib
 import heapq
 import math
 import random
+import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -386,7 +388,6 @@ class SenderSpec:
     count: int = 1
     start: float = 0.0
     rate: float = 12_500_000.0  # bytes/s; must be > 0: an unpaced core never lets time pass
-    overhead: float = 0.1
     passes: int | None = None
     duration: float | None = None
     stream_key: SigningKey | None = None  # sends AUTH pages when the manifest lists this key
@@ -404,8 +405,10 @@ class ReceiverSpec:
     stall_timeout: float | None = None
     fallback: str = "never"  # never: note and keep listening | instant: mark missing chunks done
     packet_auth: str = "auto"
-    # With a state directory the receiver keeps its symbols in the durable store, as
-    # `otacast fetch` does (no decoder budget); without, in-memory decoders under the budget.
+    # "store": the receiver keeps its symbols in the durable store, as `otacast fetch` does (no
+    # decoder budget), in `state_dir` or, without one, a temporary directory of its own;
+    # "memory": in-memory decoders under `decoder_budget`.
+    symbols: str = "store"
     state_dir: Path | None = None
 
 
@@ -482,18 +485,17 @@ def sender_core(
     layout: symbol_cache.CycleLayout,
     spec: SenderSpec,
     *,
-    window: int,
     fragments: Sequence[bytes],
+    epoch: float = NOW,
 ) -> SenderCore:
     """The one place the tests' links construct a `SenderCore`, through ``serve``'s own setup."""
     return channels.sender_core(
         release.manifest,
         layout,
-        overhead=spec.overhead,
-        window=window,
         rate=spec.rate,
         fragments=fragments,
         now=spec.start,
+        wall=epoch + spec.start,
         sender_index=spec.index,
         sender_count=spec.count,
         passes=spec.passes,
@@ -539,9 +541,8 @@ class _Sender:
         self.spec = spec
         self.source = f"fd51::{index + 1}"
         self.core = sender_core(
-            link.release, link.layout, spec, window=link.window, fragments=link.fragments
+            link.release, link.layout, spec, fragments=link.fragments, epoch=link.epoch
         )
-        self.per_pass = sum(self.core.sends)
         self.auth: AuthPages | None = None
         if spec.stream_key is not None:
             listed = [k.sender for k in link.release.manifest.stream_keys]
@@ -552,7 +553,7 @@ class _Sender:
 
     @property
     def passes_sent(self) -> float:
-        return self.core.stats.data_packets / self.per_pass
+        return self.core.passes_sent
 
 
 class _Receiver:
@@ -569,9 +570,14 @@ class _Receiver:
         self.core: ReceiverCore | None = None
         self.stored: StoredSymbols | None = None
         self.done = False
+        self.state_dir = spec.state_dir
+        self._temporary: tempfile.TemporaryDirectory[str] | None = None
+        if spec.symbols == "store" and self.state_dir is None:
+            self._temporary = tempfile.TemporaryDirectory(prefix="otacast-link-")
+            self.state_dir = Path(self._temporary.name)
 
     def join(self, t: float) -> None:
-        stored = self.spec.state_dir is not None
+        stored = self.state_dir is not None
         self.core = ReceiverCore(
             self.link.release.trust,
             now=self.link.epoch + t,
@@ -589,8 +595,8 @@ class _Receiver:
     def open_store(self) -> StoredSymbols:
         """Staging and the store, opened on first use (as the receive driver does)."""
         if self.stored is None:
-            assert self.spec.state_dir is not None
-            self.stored = StoredSymbols(self.spec.state_dir, self.link.release.verified())
+            assert self.state_dir is not None
+            self.stored = StoredSymbols(self.state_dir, self.link.release.verified())
         return self.stored
 
     @property
@@ -631,7 +637,7 @@ class _Receiver:
         while (event := core.next_event()) is not None:
             if isinstance(event, ManifestVerified):
                 self.report.manifest_at = t
-                if self.spec.state_dir is not None:
+                if self.state_dir is not None:
                     for index in sorted(self.open_store().store.done):
                         core.mark_done(index, now)
                 for index in sorted(self.spec.resume):
@@ -670,6 +676,9 @@ class _Receiver:
             self.stored.close()
             self.stored.staging.close()
             self.stored = None
+        if self._temporary is not None:
+            self._temporary.cleanup()
+            self._temporary = None
 
 
 # Heap entries: (time, sequence, kind, index, datagram, source, is data, is lost); the sequence
@@ -688,7 +697,6 @@ class Link:
         senders: Sequence[SenderSpec] = (SenderSpec(),),
         receivers: Sequence[ReceiverSpec] = (ReceiverSpec(),),
         *,
-        window: int,
         repair: float = 0.5,
         epoch: float = NOW,
     ) -> None:
@@ -700,9 +708,6 @@ class Link:
         self.layout = symbol_cache.CycleLayout.for_manifest(m, repair)
         self.cycles = cycles_for_fraction(release, repair)
         self.fragments = tuple(manifest_datagrams(release.envelope))
-        # Given, not derived: tests scale the window with the image (``serve`` derives it from
-        # the chunk size and the sender count, `channels.default_window`).
-        self.window = window
         self.senders = [_Sender(self, i, s) for i, s in enumerate(senders)]
         self.receivers = [_Receiver(self, r) for r in receivers]
         self._heap: list[_Entry] = []

@@ -1,5 +1,5 @@
-"""The sans-IO sender core, driven with an injected clock: schedule, interleaving, pacing,
-sender offsets and manifest repetition."""
+"""The sans-IO sender core, driven with an injected clock: the order of visits and rounds,
+sender offsets, the wall-clock phase, pacing and manifest repetition."""
 
 from __future__ import annotations
 
@@ -19,25 +19,23 @@ from otacast.signer.schedule import (
     SendSymbols,
     Wait,
     manifest_interval,
-    per_pass,
 )
 
 D = 1228
 MANIFEST = (b"m" * 600, b"n" * 300)
 
 
-def core(cycles: list[int], sends: list[int] | None = None, **kw: object) -> SenderCore:
+def core(cycles: list[int], sources: list[int] | None = None, **kw: object) -> SenderCore:
     options: dict[str, object] = {
+        "visit": 10,
         "datagram_size": D,
         "batch": 8,
-        "window": 2,
         "rate": 0.0,
         "manifest": MANIFEST,
         "now": 0.0,
     }
     options.update(kw)
-    # No overhead: a pass sends exactly `sends` symbols of each chunk (per_pass caps at the cycle).
-    return SenderCore(cycles, sends or cycles, overhead=0.0, **options)  # type: ignore[arg-type]
+    return SenderCore(cycles, sources or cycles, **options)  # type: ignore[arg-type]
 
 
 def run(c: SenderCore, limit: int = 100_000, start: float = 0.0) -> list[object]:
@@ -63,51 +61,71 @@ def symbols(actions: list[object]) -> list[tuple[int, int]]:
     return out
 
 
-def test_one_pass_sends_every_symbol_of_every_chunk_once() -> None:
-    c = core([30, 45, 12], passes=1)
+def visits(sent: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(chunk, first ESI) of each run of consecutive symbols of one chunk."""
+    out: list[tuple[int, int]] = []
+    for (chunk, esi), previous in zip(sent, [None, *sent], strict=False):
+        if previous != (chunk, esi - 1):
+            out.append((chunk, esi))
+    return out
+
+
+def test_a_round_visits_every_chunk_once_in_chunk_order() -> None:
+    sent = symbols(run(core([40, 40, 40], passes=1)))
+    # visit 10, batch 8: chunk 0's ESIs 0-9, chunk 1's 0-9, chunk 2's 0-9, then ESIs 10-19 ...
+    assert visits(sent)[:6] == [(0, 0), (1, 0), (2, 0), (0, 10), (1, 10), (2, 10)]
+    assert [ch for ch, _ in sent[:30]] == [0] * 10 + [1] * 10 + [2] * 10
+
+
+def test_a_pass_sends_every_chunks_source_symbols_and_no_more_than_a_visit_beyond() -> None:
+    cycles, sources = [60, 45, 18], [40, 30, 12]
+    c = core(cycles, sources, passes=1)
     sent = symbols(run(c))
-    assert Counter(sent) == Counter((ch, e) for ch, n in enumerate([30, 45, 12]) for e in range(n))
-    assert c.stats.passes == 1
-    assert c.stats.data_packets == 87
+    per_chunk = Counter(ch for ch, _ in sent)
+    # A pass is ceil(max K / visit) = 4 rounds: 40 symbols of each chunk; the short one's cycle
+    # (18: visits of 10 and 8) goes round twice.
+    assert per_chunk == {0: 40, 1: 40, 2: 36}
+    assert c.stats.passes == 1 and c.stats.data_packets == 116
+    assert set(range(40)) == {e for ch, e in sent if ch == 0}
+    assert set(range(18)) == {e for ch, e in sent if ch == 2}  # its whole cycle, then again
 
 
-def test_a_pass_sends_source_symbols_first_then_repair() -> None:
-    sent = [e for ch, e in symbols(run(core([20], [14], passes=1))) if ch == 0]
-    assert sent == list(range(14))
+def test_source_symbols_come_first_then_the_repair_pool_then_the_cycle_wraps() -> None:
+    sent = [e for _, e in symbols(run(core([25], [20], passes=3)))]
+    # Visits of 10 over a 25-symbol cycle: 0-9, 10-19, 20-24, then 0-9 again ...
+    assert sent[:25] == list(range(25))
+    assert sent[25:35] == list(range(10))
 
 
-def test_later_passes_walk_on_through_the_repair_pool() -> None:
-    sent = [e for _, e in symbols(run(core([15], [10], passes=3)))]
-    assert sent[:10] == list(range(10))
-    assert sent[10:20] == [10, 11, 12, 13, 14, 0, 1, 2, 3, 4]
-    assert sent[20:] == list(range(5, 15))
-
-
-def test_chunks_of_a_window_are_interleaved_in_batches() -> None:
-    sent = symbols(run(core([20, 20, 20], window=2, batch=8, passes=1)))
-    order = [ch for ch, _ in sent]
-    # window {0, 1}: 8 of chunk 0, 8 of chunk 1, 8 of 0, 8 of 1, then the last 4 of each.
-    assert order[:40] == [0] * 8 + [1] * 8 + [0] * 8 + [1] * 8 + [0] * 4 + [1] * 4
-    assert order[40:] == [2] * 20  # the next window (2 windows for 3 chunks: sizes 2 and 1)
-
-
-def test_batches_never_wrap_past_the_end_of_a_cycle() -> None:
-    for _, a in run(core([13], [13], batch=5, passes=4)):  # type: ignore[misc]
+def test_batches_never_cross_a_visit_or_the_end_of_a_cycle() -> None:
+    for _, a in run(core([13, 27], [13, 27], batch=4, passes=4)):  # type: ignore[misc]
         if isinstance(a, SendSymbols):
-            assert a.first + a.count <= 13
+            assert a.first + a.count <= [13, 27][a.chunk]
+            assert a.first // 10 == (a.first + a.count - 1) // 10
 
 
 @given(st.integers(2, 6), st.lists(st.integers(20, 400), min_size=1, max_size=4))
 @settings(max_examples=40, deadline=None)
-def test_senders_i_of_n_start_at_disjoint_points_of_the_cycle(n: int, cycles: list[int]) -> None:
-    # Each sender's first cycle/n symbols of every chunk are disjoint from every other sender's.
-    firsts = []
-    for i in range(n):
-        c = core(cycles, [x // n for x in cycles], sender_index=i, sender_count=n, passes=1)
-        firsts.append(set(symbols(run(c))))
-    for i in range(n):
-        for j in range(i + 1, n):
-            assert not firsts[i] & firsts[j]
+def test_senders_i_of_n_stay_a_cycle_over_n_apart_in_every_round(n: int, cycles: list[int]) -> None:
+    cores = [core(cycles, sender_index=i, sender_count=n) for i in range(n)]
+    for chunk, cycle in enumerate(cycles):
+        m = -(-cycle // 10)
+        for r in range(3 * m):
+            got = [c.visit_of(chunk, r) for c in cores]
+            assert got == [(i * m // n + r) % m for i in range(n)]
+    # So when each sender sends cycle/n symbols of every chunk (whole visits: chunks of one
+    # size), none sends what another sends.
+    whole = [10 * n * -(-max(cycles) // (10 * n))] * len(cycles)
+    sent = [
+        set(
+            symbols(
+                run(core(whole, [x // n for x in whole], sender_index=i, sender_count=n, passes=1))
+            )
+        )
+        for i in range(n)
+    ]
+    for i, j in itertools.combinations(range(n), 2):
+        assert not sent[i] & sent[j]
 
 
 def test_each_sender_alone_still_covers_the_whole_cycle() -> None:
@@ -115,9 +133,67 @@ def test_each_sender_alone_still_covers_the_whole_cycle() -> None:
     assert sorted(e for _, e in symbols(run(c))) == list(range(40))
 
 
+RATE = 1_000_000.0
+
+
+def _first_visits(
+    start: float, wall_at_start: float, rounds: int = 3
+) -> list[tuple[float, int, int]]:
+    """(wall time, chunk, first ESI) of the visits of a paced core started at `start`."""
+    c = core([400] * 4, [200] * 4, rate=RATE, now=start, wall=wall_at_start, duration=10.0)
+    out = []
+    for t, a in run(c, start=start, limit=10**6):  # type: ignore[misc]
+        if isinstance(a, SendSymbols) and a.first % 10 == 0:
+            out.append((t - start + wall_at_start, a.chunk, a.first))
+        if len(out) == rounds * 4:
+            break
+    return out
+
+
+def test_the_phase_is_the_wall_clocks_not_the_senders_start() -> None:
+    wall = 1_800_000_000.0
+    early = _first_visits(0.0, wall, rounds=40)
+    c = core([400] * 4, [200] * 4, rate=RATE, now=0.0, wall=wall)
+    assert c.round_seconds is not None
+    # Started 5.3 rounds later (on another host, with another monotonic clock), a sender sends
+    # the same visits at about the same wall time as one that has been running all along.
+    late = _first_visits(123.0, wall + 5.3 * c.round_seconds)
+    by_visit = {(ch, e): t for t, ch, e in early}
+    matched = [(t, by_visit.get((ch, e))) for t, ch, e in late]
+    assert all(t0 is not None for _, t0 in matched), (late, early)
+    for t, t0 in matched:
+        assert t0 is not None and abs(t - t0) < c.round_seconds / 4
+
+
+def test_a_sender_behind_its_phase_skips_ahead_at_the_next_round() -> None:
+    c = core([400] * 4, [200] * 4, rate=RATE, now=0.0, wall=0.0)
+    assert c.round_seconds is not None
+    assert c.next_action(0.0) == SendManifest(MANIFEST, 900)
+    first = c.next_action(0.0)
+    assert isinstance(first, SendSymbols) and (first.chunk, first.first) == (0, 0)
+    # Stalled (a slow disk) for ten rounds: the next round is the one the clock says.
+    late = 10 * c.round_seconds
+    got = []
+    now = late
+    while len(got) < 14:
+        a = c.next_action(now)
+        if isinstance(a, Wait):
+            now = a.until
+        elif isinstance(a, SendSymbols):
+            got.append((a.chunk, a.first))
+    assert (1, 0) in got  # the rest of round 0 first ...
+    assert (0, 100) in got  # ... then round 10 (ESIs 100-109), not round 1
+
+
+def test_an_unpaced_sender_has_no_phase() -> None:
+    c = core([40], rate=0.0, wall=1_800_000_123.4)
+    assert c.round_seconds is None
+    assert symbols(run(core([40], rate=0.0, wall=1_800_000_123.4, passes=1)))[0] == (0, 0)
+
+
 @pytest.mark.parametrize("rate", [1_000_000.0, 12_500_000.0, 50_000_000.0])
 def test_paced_rate_is_exact_over_a_second(rate: float) -> None:
-    c = core([10_000] * 20, window=4, batch=53, rate=rate, duration=1.0)
+    c = core([10_000] * 20, visit=112, batch=53, rate=rate, duration=1.0)
     actions = run(c, limit=10**6)
     assert isinstance(actions[-1][1], Finished)
     sent = sum(a.nbytes for t, a in actions if isinstance(a, SendSymbols | SendManifest))  # type: ignore[misc]
@@ -157,73 +233,48 @@ def test_duration_and_passes_end_the_run() -> None:
     assert last_time == pytest.approx(0.3, abs=0.01)
 
 
-def test_per_pass_adds_the_overhead_but_never_exceeds_the_cycle() -> None:
-    assert per_pass(1000, 1500, 0.1) == 1100
-    assert per_pass(1000, 1050, 0.1) == 1050
-
-
-def test_invalid_sender_index_is_refused() -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sender_index": 2, "sender_count": 2},
+        {"visit": 0},
+        {"visit": 10, "auth_capacity": 12},
+    ],
+)
+def test_invalid_settings_are_refused(options: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        core([10], sender_index=2, sender_count=2)
+        core([10], **options)
 
 
-def test_concurrent_senders_start_in_different_windows() -> None:
-    # Ten chunks with a window of 8 become two windows of 5; sender 1/2 starts at the second.
-    cycles = [40] * 10
-    first_chunks = []
-    for i in range(2):
-        c = core(cycles, window=8, batch=8, sender_index=i, sender_count=2, passes=1)
-        sent = symbols(run(c))
-        first_chunks.append(sent[0][0])
-        assert sorted(sent) == sorted((ch, e) for ch in range(10) for e in range(40))
-    assert first_chunks == [0, 5]
-
-
-def test_a_short_last_chunk_does_not_pull_the_second_sender_into_the_first_window() -> None:
-    cycles = [40] * 9 + [10]  # the last chunk is short, so half the pass lies in window 0
-    c = core(cycles, window=8, batch=8, sender_index=1, sender_count=2, passes=1)
-    assert [w.start for w in c.windows] == [5, 0]
-
-
-def test_the_default_window_shrinks_with_more_than_two_senders() -> None:
-    # Receivers hold decoders for two windows; each sender starts at its own window.
-    from otacast.signer.channels import default_window
-
-    mib = 1024 * 1024
-    assert [default_window(mib, n) for n in (1, 2, 3, 4, 8, 32)] == [8, 8, 5, 4, 2, 1]
-
-
-def test_the_core_applies_the_overhead_to_each_chunks_source_symbols() -> None:
-    c = SenderCore([1500, 1050], [1000, 1000], overhead=0.1, **_plain())
-    assert c.sends == (1100, 1050)
-
-
-def _plain() -> dict[str, object]:
-    return {"datagram_size": D, "batch": 8, "window": 2, "rate": 0.0, "manifest": (), "now": 0.0}
+def test_a_cycle_shorter_than_its_source_symbols_is_refused() -> None:
+    with pytest.raises(ValueError):
+        core([10], [11])
 
 
 def test_auth_pages_come_just_before_the_data_they_vouch_for_and_change_nothing_else() -> None:
-    cycles, capacity = [300, 250, 90], 50
-    plain = run(core(cycles, [200, 200, 60], passes=3))
-    authed = run(core(cycles, [200, 200, 60], passes=3, auth_capacity=capacity))
+    cycles, sources, capacity = [300, 250, 90], [200, 200, 60], 50
+    plain = run(core(cycles, sources, visit=capacity, passes=3))
+    authed = run(core(cycles, sources, visit=capacity, passes=3, auth_capacity=capacity))
     assert [a for _, a in authed if not isinstance(a, SendAuth)] == [a for _, a in plain]
     announced: set[tuple[int, int]] = set()
     for (_, action), (_, following) in itertools.pairwise(authed):  # type: ignore[misc]
         if isinstance(action, SendAuth):
             assert action.copies == AUTH_COPIES
             assert isinstance(following, SendSymbols) and following.chunk == action.chunk
+            # A visit is one page: the page announced is the one the visit's data lies in.
+            assert action.pages == (following.first // capacity,)
             announced |= {(action.chunk, p) for p in action.pages}
         if isinstance(following, SendSymbols):
             last = following.first + following.count - 1
             needed = range(following.first // capacity, last // capacity + 1)
             assert {(following.chunk, p) for p in needed} <= announced
-    # Every page of every chunk is announced.
+    # Every page of every chunk is announced, once per visit of its data.
     counts = Counter((a.chunk, p) for _, a in authed if isinstance(a, SendAuth) for p in a.pages)  # type: ignore[misc]
     assert set(counts) == {(ch, p) for ch, n in enumerate(cycles) for p in range(-(-n // 50))}
 
 
 def test_announced_data_follows_its_pages_even_when_the_time_is_up() -> None:
-    c = core([400], passes=None, duration=1.0, auth_capacity=50)
+    c = core([400], passes=None, duration=1.0, visit=50, auth_capacity=50)
     assert isinstance(c.next_action(0.0), SendManifest)
     assert isinstance(c.next_action(0.0), SendAuth)
     assert isinstance(c.next_action(5.0), SendSymbols)  # already paced and counted

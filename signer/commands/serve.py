@@ -55,27 +55,24 @@ def add_serve(sub: Subcommands) -> None:
         type=types.sender,
         default=(0, 1),
         metavar="I/N",
-        help="this is sender I of N: start at offset I/N of the symbol cycle",
+        help="this is sender I of N: send the symbols at offset I/N of every chunk's cycle, so "
+        "a device hearing several senders gets different symbols from each",
     )
-    p.add_argument("--loops", type=types.positive, help="stop after N passes (default: forever)")
-    p.add_argument("--duration", type=types.duration, help="stop after this long, e.g. 90s, 2h")
     p.add_argument(
-        "--overhead",
-        type=types.fraction,
-        default=0.1,
-        help="repair symbols per pass beyond K (default 10%%)",
+        "--loops",
+        type=types.positive,
+        help="stop after N passes, each sending every chunk's K symbols' worth (default: forever)",
     )
+    p.add_argument("--duration", type=types.duration, help="stop after this long, e.g. 90s, 2h")
+    # Accepted (with a warning) so that scripts written for the windowed carousel keep working:
+    # the order has no per-pass overhead and no window any more (otacast.signer.schedule).
+    p.add_argument("--overhead", type=types.fraction, help=argparse.SUPPRESS)
+    p.add_argument("--window", type=types.positive, help=argparse.SUPPRESS)
     p.add_argument(
         "--repair",
         type=types.fraction,
         default=0.5,
         help="repair pool per chunk as a share of K, at least 50%% (default 50%%)",
-    )
-    p.add_argument(
-        "--window",
-        type=types.positive,
-        help="chunks interleaved at a time (default: 8 MiB worth, at most 8; receivers hold two "
-        "windows of decoders)",
     )
     p.add_argument(
         "--cache-dir",
@@ -95,6 +92,13 @@ def add_serve(sub: Subcommands) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    for obsolete in ("overhead", "window"):
+        if getattr(args, obsolete) is not None:
+            print(
+                f"otacast-signer: warning: --{obsolete} has no effect: every chunk advances every "
+                "round and devices keep every symbol, so there is nothing to size",
+                file=sys.stderr,
+            )
     envelope = read_manifest(args.manifest)
     rates = args.channel_rate or list(envelope.manifest.transport.rates) or [args.rate]
     cache = (
@@ -113,9 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sender_count=args.sender[1],
         loops=args.loops,
         duration=args.duration,
-        overhead=args.overhead,
         repair=args.repair,
-        window=args.window,
         cache_dir=cache,
         gso=not args.no_gso,
         loopback=args.loopback,
