@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from otacast.plugin.core import ReceiverCore
-from otacast.schemas import fec, units, wire
+from otacast.schemas import units, wire
 from otacast.schemas.manifest import Envelope, Transport
 from otacast.schemas.policy import TrustSet
 from otacast.signer import symbol_cache
@@ -77,10 +77,9 @@ def one_pass(envelope: Envelope, image: Path, cache_dir: Path) -> dict[str, obje
     core = SenderCore(
         layout.cycles,
         [m.source_symbols(c) for c in range(m.chunk_count)],
-        overhead=0.1,
+        visit=capacity,
         datagram_size=layout.datagram_size,
         batch=64,
-        window=fec.window_chunks(m.chunks.size),
         rate=0,
         manifest=fragments,
         now=0.0,

@@ -210,15 +210,13 @@ def test_kill_9_of_the_receiver_at_20_random_points_every_run_resumes_to_an_iden
     sender, receivers = net.hosts[0], net.hosts[1:]
     image = channel.release.image.read_bytes()
     source = ("--source", sender.address)
-    # Two chunks interleaved at a time: chunks complete (and are written) all through the
-    # run, not in a burst at the end of one wide window, so kills land amid writes too.
+    # Every chunk advances every round, so symbols are written into the store all through the
+    # run and chunks complete near its end: kills land amid symbol writes and completions.
     tx = serve(
         sender,
         channel.release,
         "--rate",
         str(RATE),
-        "--window",
-        "2",
         "--duration",
         "300s",
         ready=True,

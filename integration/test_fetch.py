@@ -69,7 +69,7 @@ def test_a_20_mb_image_arrives_identical_through_random_loss(
     summary = summary_of(events)
     assert summary["bytes_http"] == 0
     # Only counted discards of honest data: early data beyond what is held before the (lossy)
-    # manifest arrives, and, above the sender's 10% overhead, symbols of chunks waiting for
+    # manifest arrives, and (with in-memory decoders only) symbols of chunks waiting for
     # decoder room.  Nothing malformed.
     assert set(summary["rejected"]) <= {"no-manifest-yet", "decoder-budget"}  # type: ignore[call-overload]
     assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
