@@ -124,11 +124,13 @@ def test_two_senders_at_0_of_2_and_1_of_2_emit_disjoint_symbols(
     lan: LanFactory, release: Sent, tmp_path: Path
 ) -> None:
     net = lan(3)
-    # With a repair pool of 2 x (1 + overhead) - 1 = 120% of K, each sender's whole pass is
-    # its own half of the cycle.
+    # Sender 1/2 sends, in every round, the visit half a cycle ahead of sender 0/2's, and the
+    # round is the wall clock's.  With a 400% repair pool a cycle is 39 visits of each chunk, a
+    # pass 8 of them (a round of this release lasts ~0.14 s at 4 MB/s), so the two passes are
+    # disjoint unless the senders start more than ~11 rounds (~1.5 s) apart.
     rx = listen(net, 2, release, 5.0)
     time.sleep(0.3)
-    common = ("--rate", "10M", "--loops", "1", "--repair", "120%")
+    common = ("--rate", "4M", "--loops", "1", "--repair", "400%")
     tx0 = serve(net, 0, release, tmp_path / "c0", "--sender", "0/2", *common)
     tx1 = serve(net, 1, release, tmp_path / "c1", "--sender", "1/2", *common)
     try:
