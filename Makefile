@@ -57,9 +57,9 @@ bench-compare-quick: setup
 	$(BIN)/python integration/bench_compare.py --quick
 
 # Issue 12's simulator sweep: datagrams heard / ideal K/(1-p) and the receiver's high-water
-# mark over loss, join time, senders and image sizes up to 4 GiB, for today's windowed order
-# (the real SenderCore) and a symbol-major order, on an abstract receiver model.  No root, no
-# network; the full one takes about two minutes on 2 cores, the quick one seconds.
+# mark over loss, join time, senders and image sizes up to 4 GiB, for the carousel serve sends
+# (the real SenderCore) and a symbol-major reference, on an abstract receiver model.  No root,
+# no network; the full one takes about a minute on 2 cores, the quick one under a second.
 sweep: setup
 	$(BIN)/python integration/sweep.py
 

@@ -1,6 +1,7 @@
 """The simulator sweep of issue 12: datagrams a receiver hears against the ideal K/(1-p).
 
-    python integration/sweep.py [--quick] [--max-passes N] [--chunk-size BYTES]
+    python integration/sweep.py [--quick] [--sizes 50MB,1GiB] [--chunk-size BYTES]
+                                [--max-passes N] [--json]
 
 Prints a table and one JSON line per row; asserts nothing; needs no root and no network.
 
@@ -10,75 +11,75 @@ Why an abstract model
 exact but cannot reach a 4 GiB image (about 3.5 M symbols a pass, each encoded and decoded).
 Here nothing carries bytes: a symbol is an ESI, a chunk's state is an int used as a bit set of the
 ESIs it holds, and loss is drawn as bit masks for whole runs of datagrams, so a pass over 4 GiB
-costs about a second per receiver.
+costs seconds, not hours.
 
 What is modelled
 ----------------
-*The image.*  The product's defaults: 1 MiB chunks (``DEFAULT_CHUNK_BYTES``), 1208-byte symbols
-(``fec.DEFAULT_SYMBOL_SIZE``, 1228-byte datagrams), so K = 869 per full chunk
-(`fec.source_symbols`); a repair pool of 50% (``serve --repair``), so each chunk's cycle is
-K + ceil(K/2) symbols as `symbol_cache.CycleLayout` lays it out.
+*The image.*  The product's defaults: 1 MiB chunks (``DEFAULT_CHUNK_BYTES``, or
+``--chunk-size``), 1208-byte symbols (``fec.DEFAULT_SYMBOL_SIZE``, 1228-byte datagrams), so
+K = 869 per full chunk (`fec.source_symbols`); a repair pool of 50% (``serve --repair``), so each
+chunk's cycle is K + ceil(K/2) symbols as `symbol_cache.CycleLayout` lays it out.
 
-*The windowed order (today).*  The real `otacast.signer.schedule.SenderCore`, built with the
-numbers ``serve`` gives it (10% per-pass overhead, `channels.default_window`, GSO batches, the
-token bucket at ``--rate``), driven on a virtual clock exactly as the `Link` drives it; only the
-(chunk, first, count) of each `SendSymbols` is used.  No manifest is sent (the core is given no
-fragments), so times are data-only.  ``--sender i/n`` is the core's own sender index and count.
+*The carousel (what ``serve`` sends).*  The real `otacast.signer.schedule.SenderCore` (its
+module docstring has the order's theory: every round visits every chunk once, a visit being one
+AUTH page's worth of consecutive symbols, sender i of n being i/n of every cycle ahead, the
+round being the wall clock's), built with the numbers ``serve`` gives it
+(`channels.sender_core`: a visit of ``wire.auth_capacity(datagram size)`` symbols, 112 at
+1228-byte datagrams; GSO batches of `transport.gso_batch`; the token bucket at the rate; the
+wall clock at its start ``EPOCH + start``, so a later sender takes up the phase the real rule
+gives it).  It is driven on a virtual clock exactly as the `Link` drives it, and only the
+(chunk, first, count) of each `SendSymbols` is used.  By default no manifest is sent (the core
+is given no fragments), so times are data-only; the tests give it the `Link`'s fragments.
+``--sender i/n`` is the core's own sender index and count.
 
-*The symbol-major order (a candidate for issue 12).*  Every round sends the next cycle position
-of every chunk, chunk 0 to N-1: in round R sender i of n sends chunk c's ESI
-``(R + floor(i * C_c / n)) mod C_c`` (C_c the chunk's cycle).  *Phase rule:* R is the round of
-absolute time (rounds are ``N`` datagrams long at the channel's rate, counted from a common
-epoch, the way every device and sender already agrees on wall time), and a sender starting
-between round boundaries waits for the next one.  So the phase does not depend on when a sender
-started: senders of different index are always ``C_c/n`` apart on the cycle whatever their start
-times (started together or hours apart), and a receiver hearing n of them collects n disjoint
-arcs for as long as each arc is shorter than C_c/n.  A phase counted from each sender's own
-start (``phase="start"``, the ``symbol-major/start`` rows, for contrast) leaves the offset between a
-late sender and an early one to chance, and their arcs overlap.  Two senders with the same index
-send the same symbols: the index stays a configuration item, as ``--sender i/n`` is today.
+*The symbol-major reference (not what ``serve`` sends).*  The same order with a visit of one
+symbol: every round sends the next cycle position of every chunk, chunk 0 to N-1; in round R
+sender i of n sends chunk c's ESI ``(R + floor(i * C_c / n)) mod C_c`` (C_c the chunk's cycle),
+R counting rounds of absolute time from a common epoch (a sender starting mid-round waits for the
+next one).  It is the ideal the carousel approximates: its chunks all advance a symbol at a
+time, so the image completes within a symbol of each chunk's own need, where the carousel's
+complete within a visit (112 symbols) of it.  The difference between the two rows is what the
+visit's size costs; it is kept for that comparison only (it has its own fast engine, checked
+against a per-datagram replay by the tests).
 
 *Receivers.*  Each has a join time (it hears what is sent from then on; it knows the manifest at
 once), a loss process of its own (independent, or bursty Gilbert-Elliott with mean burst
 ``burst`` datagrams, lost in the bad state and delivered in the good one, as
 `tests.helpers.GilbertElliott`), and one of two policies:
 
-* ``today``: `otacast.plugin.core.ReceiverCore`'s decoder budget.  At most
-  ``max(2, MAX_DECODER_BYTES // chunk size)`` chunks (16) are in progress; a delivered symbol of
-  a chunk with no decoder while the budget is full is refused (``decoder-budget``); a decoder is
-  never evicted.
-* ``store``: an unbounded durable store (issue 12's item 1): every distinct ESI is kept.  Its
-  high-water mark is reported as the bytes of symbols held for incomplete chunks (all of them,
-  and the repair symbols alone, which is what a spill area must hold once source symbols are
-  written in place).
+* ``store``: what ``otacast fetch`` does by default, the durable symbol store: every distinct
+  ESI is kept.  Its high-water mark is reported as the bytes of symbols held for incomplete
+  chunks (all of them, and the repair symbols alone, which is what the spill area holds once
+  source symbols are written in place).
+* ``memory``: the old in-memory policy (``fetch --symbols memory``), `ReceiverCore`'s decoder
+  budget: at most ``max(2, MAX_DECODER_BYTES // chunk size)`` chunks (16) in progress; a
+  delivered symbol of a chunk with no decoder while the budget is full is refused
+  (``decoder-budget``); a decoder is never evicted.  Swept in one row only, to show why the
+  carousel needs the store: every chunk is in progress at once.
 
 For both, a chunk completes when it holds K distinct ESIs: *RaptorQ is modelled as always
 decoding from K distinct symbols* (the real code fails about 1% of the time at exactly K and
 almost never at K+2), so the model is a hair optimistic for chunks that need repair.
 
-The symbol-major order is simulated with the ``store`` policy only.  With the budget it cannot
-work: every chunk advances every round, so only 16 chunks hold decoders at a time and an image
-of N chunks takes about N/16 times the ideal (measure nothing to know that).
-
 *Counting.*  ``heard`` is every data datagram on the receiver's link from its join until the one
 that completes its image, lost ones included, as the `Link` counts it; ``heard/ideal`` divides
 by K/(1-p) (K the image's source symbols, p the loss process's mean), the figure issue 12's
 targets name.  ``recv/K`` is the delivered ones over K.  ``passes`` is how far into its passes
-the furthest sender was (windowed: datagrams sent over one pass; symbol-major, which has no
-pass, datagrams sent over K: image-equivalents).  ``time/1`` is, for n senders, the receiver's
+the furthest sender was (the core's ``passes_sent``: a pass is every chunk's K symbols' worth
+of visits; symbol-major: datagrams sent over K).  ``time/1`` is, for n senders, the receiver's
 time from join to image over the same receiver's time with one sender.
 
 Simplifications (what is not modelled)
 --------------------------------------
-The manifest and AUTH carousels (a receiver knows the manifest at its join; today's receiver
-holds up to 2.5 MB of early data meanwhile), CPU and socket buffers (a receiver never falls
+The manifest and AUTH carousels (a receiver knows the manifest at its join; AUTH pages add about
+2% above the rate and no data datagram), CPU and socket buffers (a receiver never falls
 behind), reordering, decoding failures at K symbols (above), and the store's own limits (disk,
 memory).  With several senders, bursty loss is drawn per sender stream (a burst on the
 receiver's link would hit every sender's datagrams at that moment).  The symbol-major engine
 evaluates the store's high-water mark at a handful of instants (just before the first chunk
 completes and at quantiles of the completions), so it is a close lower bound.
 
-Windowed runs stop at ``--max-passes`` passes; a receiver not done by then shows ``>`` before
+Carousel runs stop at ``--max-passes`` passes; a receiver not done by then shows ``>`` before
 its ratio (a lower bound) and the share of chunks it completed.
 """
 
@@ -98,14 +99,16 @@ from functools import cached_property
 
 from otacast.schemas import fec, wire
 from otacast.schemas.limits import DEFAULT_CHUNK_BYTES, MAX_DECODER_BYTES
-from otacast.signer import channels, symbol_cache
+from otacast.signer import symbol_cache
 from otacast.signer.schedule import Finished, SenderCore, SendSymbols, Wait
 from otacast.signer.transport import gso_batch
 
 # ``serve``'s defaults.
-OVERHEAD = 0.1
 REPAIR = 0.5
 RATE = 12_500_000.0  # bytes/s per sender: sets virtual seconds only, never a count
+# The wall-clock time at virtual second 0 (any fixed instant: the carousel's phase is the wall
+# clock's, so a sender started `start` seconds in sees ``EPOCH + start``).  The `Link`'s.
+EPOCH = 1_800_000_000.0
 # Loss probabilities are drawn as dyadic fractions of this many bits (0.05 -> 0.0500030...).
 LOSS_BITS = 20
 # Loss is drawn this many datagrams at a time and handed out in runs.
@@ -125,8 +128,7 @@ class Image:
     chunk_size: int = DEFAULT_CHUNK_BYTES
     symbol_size: int = fec.DEFAULT_SYMBOL_SIZE
     repair: float = REPAIR
-    window: int | None = None  # chunks per window; None: ``serve``'s default for the senders
-    decoder_budget: int = MAX_DECODER_BYTES  # the ``today`` receiver's, in bytes
+    decoder_budget: int = MAX_DECODER_BYTES  # the ``memory`` receiver's, in bytes
 
     @cached_property
     def sources(self) -> tuple[int, ...]:
@@ -151,6 +153,11 @@ class Image:
     @cached_property
     def total_sources(self) -> int:
         return sum(self.sources)
+
+    @property
+    def visit(self) -> int:
+        """Symbols of a chunk sent per round: one AUTH page's worth, as ``serve`` sets it."""
+        return wire.auth_capacity(self.datagram_size)
 
     @property
     def max_decoders(self) -> int:
@@ -280,7 +287,7 @@ class SenderPlan:
 
 @dataclass(frozen=True)
 class ReceiverPlan:
-    policy: str  # "today" (decoder budget) or "store"
+    policy: str  # "store" (the durable store, fetch's default) or "memory" (decoder budget)
     loss: Loss
     join: float = 0.0  # virtual seconds
     seed: int = 0
@@ -298,7 +305,7 @@ class Outcome:
     chunks_done: int = 0
     chunks: int = 0
     passes: float = 0.0  # the furthest sender's passes when the image completed (or at the end)
-    decoders: int = 0  # today: decoders held at once, at most
+    decoders: int = 0  # memory: decoders held at once, at most
     store_bytes: int = 0  # store: bytes of symbols held for incomplete chunks, at most
     repair_bytes: int = 0  # store: of which repair symbols
     refused: int = 0
@@ -314,21 +321,31 @@ class Outcome:
         return None if self.complete_at is None else self.complete_at - self.plan.join
 
 
-# --- The windowed order: the real SenderCore -------------------------------------------------
+# --- The carousel: the real SenderCore ------------------------------------------------------
 
 
-def windowed_core(image: Image, sender: SenderPlan, *, rate: float, passes: int) -> SenderCore:
-    """The core ``serve`` would run for `image`, with no manifest fragments (data only)."""
+def carousel_core(
+    image: Image,
+    sender: SenderPlan,
+    *,
+    rate: float,
+    passes: int | None,
+    epoch: float = EPOCH,
+    manifest: Sequence[bytes] = (),
+) -> SenderCore:
+    """The core ``serve`` would run for `image` (`channels.sender_core`'s numbers), started at
+    virtual second ``sender.start`` = wall-clock ``epoch + sender.start``; `manifest` is the
+    MANIFEST fragments it sends (none by default: data only)."""
     return SenderCore(
         image.cycles,
         image.sources,
-        overhead=OVERHEAD,
+        visit=image.visit,
         datagram_size=image.datagram_size,
         batch=gso_batch(image.datagram_size),
-        window=image.window or channels.default_window(image.chunk_size, sender.count),
         rate=rate,
-        manifest=(),
+        manifest=manifest,
         now=sender.start,
+        wall=epoch + sender.start,
         sender_index=sender.index,
         sender_count=sender.count,
         passes=passes,
@@ -342,7 +359,7 @@ class _Listener:
         self.image = image
         self.plan = plan
         self.bits = plan.loss.bits(random.Random(plan.seed))
-        self.budget = image.max_decoders if plan.policy == "today" else None
+        self.budget = image.max_decoders if plan.policy == "memory" else None
         self.open: dict[int, list[int]] = {}  # chunk -> [ESI set, count, repair count]
         self.done = bytearray(image.chunks)
         self.left = image.chunks
@@ -412,17 +429,21 @@ class _Listener:
         return True
 
 
-def run_windowed(
+def run_carousel(
     image: Image,
     senders: Sequence[SenderPlan],
     receivers: Sequence[ReceiverPlan],
     *,
     rate: float = RATE,
     max_passes: int = 8,
+    epoch: float = EPOCH,
+    manifest: Sequence[bytes] = (),
 ) -> list[Outcome]:
-    """Every receiver against the real windowed cores, until all are done or the passes end."""
-    cores = [windowed_core(image, s, rate=rate, passes=max_passes) for s in senders]
-    per_pass = [sum(core.sends) for core in cores]
+    """Every receiver against the real carousel cores, until all are done or the passes end."""
+    cores = [
+        carousel_core(image, s, rate=rate, passes=max_passes, epoch=epoch, manifest=manifest)
+        for s in senders
+    ]
     listeners = [_Listener(image, r) for r in receivers]
     waiting = sorted(listeners, key=lambda listener: listener.plan.join)
     active: list[_Listener] = []
@@ -444,16 +465,12 @@ def run_windowed(
         finished = False
         for listener in active:
             if listener.symbols(t, action.chunk, action.first, action.count):
-                listener.out.passes = max(
-                    core.stats.data_packets / n for core, n in zip(cores, per_pass, strict=True)
-                )
+                listener.out.passes = max(core.passes_sent for core in cores)
                 finished = True
         if finished:
             active = [listener for listener in active if not listener.finished]
     for listener in active + waiting:
-        listener.out.passes = max(
-            core.stats.data_packets / n for core, n in zip(cores, per_pass, strict=True)
-        )
+        listener.out.passes = max(core.passes_sent for core in cores)
     return [listener.out for listener in listeners]
 
 
@@ -462,7 +479,7 @@ def run_windowed(
 
 @dataclass(frozen=True)
 class SymbolMajor:
-    """The symbol-major schedule on the absolute round grid (see the module doc's phase rule).
+    """The symbol-major reference on the absolute round grid (see the module doc).
 
     Times are counted in datagram slots of one sender (``datagram_size / rate`` seconds): round
     R sends chunk c in slot ``R * chunks + c``, for every sender at once.
@@ -471,7 +488,6 @@ class SymbolMajor:
     image: Image
     senders: tuple[SenderPlan, ...]
     rate: float = RATE
-    phase: str = "time"  # "time": absolute rounds; "start": rounds counted from each start
 
     @property
     def slot(self) -> float:
@@ -484,8 +500,7 @@ class SymbolMajor:
     def esi(self, sender: SenderPlan, chunk: int, round_: int) -> int:
         """The cycle position `sender` sends of `chunk` in absolute round `round_`."""
         cycle = self.image.cycles[chunk]
-        base = round_ - (self.first_round(sender) if self.phase == "start" else 0)
-        return (base + sender.index * cycle // sender.count) % cycle
+        return (round_ + sender.index * cycle // sender.count) % cycle
 
     def datagrams(self, rounds: int) -> Iterator[tuple[float, int, int, int]]:
         """Every datagram of the first `rounds` rounds in time order: (time, sender, chunk, ESI)
@@ -536,12 +551,11 @@ def run_symbol_major(
     receiver: ReceiverPlan,
     *,
     rate: float = RATE,
-    phase: str = "time",
 ) -> Outcome:
     """One ``store`` receiver against the symbol-major order, chunk by chunk (see the doc)."""
     if receiver.policy != "store":
         raise ValueError("the symbol-major order is simulated with the store policy only")
-    order = SymbolMajor(image, tuple(senders), rate, phase)
+    order = SymbolMajor(image, tuple(senders), rate)
     n = image.chunks
     rng = random.Random(receiver.seed)
     columns = [_Columns(receiver.loss, rng, n) for _ in senders]
@@ -687,6 +701,8 @@ LOSSES = (
 # Several senders are swept at fewer losses and with the receiver joining at a random moment.
 SENDER_LOSSES = (Loss(0.0), Loss(0.05), Loss(0.2))
 SENDER_SETS = ("2", "2 late", "4", "4 late")
+# The one row of the old in-memory policy (module doc): one sender, a random join.
+MEMORY_ROW = ("50MB", Loss(0.2))
 
 
 @dataclass(frozen=True)
@@ -698,6 +714,8 @@ class Settings:
     sender_sets: tuple[str, ...]
     max_passes: int
     chunk_size: int = DEFAULT_CHUNK_BYTES
+    reference: bool = True  # also run the symbol-major reference
+    joins: int = 1  # random join moments per row (each with its own loss draw)
 
 
 FULL = Settings(
@@ -749,7 +767,7 @@ class Row:
             "received_per_k": round(o.received / (o.ideal * (1 - o.plan.loss.mean)), 4),
             "time_ratio": None if self.time_ratio is None else round(self.time_ratio, 3),
             "passes": round(o.passes, 3),
-            "decoders": o.decoders if o.plan.policy == "today" else None,
+            "decoders": o.decoders if o.plan.policy == "memory" else None,
             "store_bytes": o.store_bytes if o.plan.policy == "store" else None,
             "repair_bytes": o.repair_bytes if o.plan.policy == "store" else None,
             "refused": o.refused,
@@ -770,32 +788,33 @@ def sweep_size(size: str, settings: Settings, emit: Callable[[Row], None]) -> No
     image = Image(SIZES[size], settings.chunk_size)
     span = image.total_sources * image.datagram_size / RATE  # one image at one sender's rate
     rng = random.Random(f"sweep {size}")
-    joins = {"0": 0.0, "random": rng.uniform(0, span)}
+    # Random joins: after every late sender started (they start within `span`), so that a time
+    # ratio measures the order, not how long a late sender was still off.
+    randoms = ["random"] if settings.joins == 1 else [f"r{i}" for i in range(settings.joins)]
+    joins = {"0": 0.0} | {name: rng.uniform(span, 2 * span) for name in randoms}
     alone: dict[tuple[str, str, str, str], float | None] = {}
     sets = ["1"] + (list(settings.sender_sets) if size in settings.sender_sizes else [])
     for name in sets:
         senders = sender_set(name, rng, span) if name != "1" else [SenderPlan()]
         losses = settings.losses if name == "1" else settings.sender_losses
-        join_names = list(joins) if name == "1" else ["random"]
+        join_names = list(joins) if name == "1" else randoms
         plans = [
-            ReceiverPlan(policy, loss, joins[join], seed=seed)
-            for seed, (policy, loss, join) in enumerate(
-                (p, lo, j) for p in ("today", "store") for lo in losses for j in join_names
-            )
+            ReceiverPlan("store", loss, joins[join], seed=seed)
+            for seed, (loss, join) in enumerate((lo, j) for lo in losses for j in join_names)
         ]
+        if name == "1" and size == MEMORY_ROW[0]:
+            memory = ReceiverPlan("memory", MEMORY_ROW[1], joins[randoms[0]], seed=len(plans))
+            plans.append(memory)
         extra = {"starts": [round(s.start, 3) for s in senders]}
-        results = run_windowed(image, senders, plans, max_passes=settings.max_passes)
-        rows = [(o, "windowed") for o in results]
-        phases = ["time"] + (["start"] if name.endswith("late") else [])
-        for phase in phases:
+        results = run_carousel(image, senders, plans, max_passes=settings.max_passes)
+        rows = [(o, "carousel") for o in results]
+        if settings.reference:
             for plan in plans:
                 if plan.policy == "store":
-                    order = "symbol-major" + ("" if phase == "time" else "/start")
-                    rows.append((run_symbol_major(image, senders, plan, phase=phase), order))
+                    rows.append((run_symbol_major(image, senders, plan), "symbol-major"))
         for out, order in rows:
             join = next(j for j in join_names if joins[j] == out.plan.join)
-            # Times compare with the same order on one sender (phase rules agree for one).
-            key = (order.split("/")[0], out.plan.policy, out.plan.loss.label, join)
+            key = (order, out.plan.policy, out.plan.loss.label, join)
             seconds = out.receiving_time
             single = alone.get(key)
             ratio = None
@@ -809,7 +828,7 @@ def sweep_size(size: str, settings: Settings, emit: Callable[[Row], None]) -> No
 
 
 HEADER = (
-    f"{'order':<19}{'policy':<7}{'size':>6} {'loss':<8}{'join':<7}{'senders':<8}"
+    f"{'order':<14}{'policy':<7}{'size':>6} {'loss':<8}{'join':<7}{'senders':<8}"
     f"{'heard/ideal':>12}{'recv/K':>8}{'time/1':>7}{'passes':>7}  high-water"
 )
 
@@ -819,23 +838,29 @@ def line(row: Row) -> str:
     done = o.complete_at is not None
     ratio = f"{'' if done else '>'}{o.heard_per_ideal:.3f}"
     recv = o.received / (o.ideal * (1 - o.plan.loss.mean))
-    if o.plan.policy == "today":
-        mark = f"{o.decoders} decoders"
+    if o.plan.policy == "memory":
+        mark = f"{o.decoders} decoders, {o.refused} refused"
     else:
         mark = f"store {o.store_bytes / MB:.1f} MB (repair {o.repair_bytes / MB:.1f} MB)"
     if not done:
         mark += f"; {o.chunks_done}/{o.chunks} chunks done"
     times = "" if row.time_ratio is None else f"{row.time_ratio:.2f}"
     return (
-        f"{row.order:<19}{row.policy:<7}{row.size:>6} {row.loss:<8}{row.join:<7}{row.senders:<8}"
+        f"{row.order:<14}{row.policy:<7}{row.size:>6} {row.loss:<8}{row.join:<7}{row.senders:<8}"
         f"{ratio:>12}{recv:>8.3f}{times:>7}{o.passes:>7.2f}  {mark}"
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small subset (under a minute)")
-    parser.add_argument("--max-passes", type=int, help="windowed senders stop after this many")
+    parser.add_argument("--quick", action="store_true", help="a small subset (seconds)")
+    parser.add_argument("--max-passes", type=int, help="carousel senders stop after this many")
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip the symbol-major reference rows"
+    )
+    parser.add_argument(
+        "--joins", type=int, default=1, help="random join moments per row (default 1)"
+    )
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_BYTES)
     parser.add_argument("--sizes", help="comma-separated subset of " + ",".join(SIZES))
     parser.add_argument("--json", action="store_true", help="JSON lines only")
@@ -845,7 +870,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = dataclasses.replace(settings, max_passes=args.max_passes)
     if args.sizes:
         settings = dataclasses.replace(settings, sizes=tuple(args.sizes.split(",")))
-    settings = dataclasses.replace(settings, chunk_size=args.chunk_size)
+    settings = dataclasses.replace(
+        settings, chunk_size=args.chunk_size, reference=not args.no_reference, joins=args.joins
+    )
     began = time.monotonic()
     rows: list[Row] = []
 

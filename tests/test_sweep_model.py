@@ -1,15 +1,15 @@
 """The abstract model of ``integration/sweep.py`` (issue 12's simulator sweep), checked.
 
 The sweep drives the real `SenderCore` but models receivers as ESI bit sets, so that images of
-gigabytes take seconds.  Here it is held to the real thing: against `tests.helpers.Link` (real
-cores, real RaptorQ) on the scaled-down release of ``test_link.py``, and its fast symbol-major
-engine against a per-datagram replay of the same order.  Then the counts that motivate issue 12
-are asserted as the model measures them today.  Counts only, never times of the machine.
+gigabytes take seconds.  Here it is held to the real thing: its core is the one ``serve`` builds,
+its store receiver counts what `tests.helpers.Link` (real cores, real RaptorQ, the durable
+store) counts on the scaled-down release of ``test_link.py``, and its fast symbol-major engine
+matches a per-datagram replay of the same order.  Then what the carousel achieves on the model
+is asserted at a real image size.  Counts only, never times of the machine.
 """
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -18,85 +18,101 @@ from integration.sweep import (
     Image,
     Loss,
     LossBits,
-    Outcome,
     ReceiverPlan,
     SenderPlan,
     SymbolMajor,
+    carousel_core,
     fold,
     nth_set_bit,
+    run_carousel,
     run_symbol_major,
-    run_windowed,
 )
 
-from .helpers import Link, RandomLoss, ReceiverSpec, SenderSpec
+from .helpers import NOW, Link, RandomLoss, ReceiverSpec, SenderSpec, sender_core
 from .test_link import RATE, SHAPE, release
 
 MB = 1_000_000
 
-# --- The model against the Link ------------------------------------------------------------
+# --- The model against serve and the Link --------------------------------------------------
 
 
 def shape_image() -> Image:
-    """``test_link.py``'s release, window and decoder budget, as the model sees them."""
-    return Image(
-        SHAPE.chunks * SHAPE.chunk_size,
-        SHAPE.chunk_size,
-        SHAPE.symbol_size,
-        window=SHAPE.window,
-        decoder_budget=SHAPE.decoder_windows * SHAPE.window * SHAPE.chunk_size,
-    )
+    """``test_link.py``'s release as the model sees it."""
+    return Image(SHAPE.chunks * SHAPE.chunk_size, SHAPE.chunk_size, SHAPE.symbol_size)
 
 
-def test_the_shape_matches_the_links_release() -> None:
+def link(senders: list[SenderSpec], receivers: list[ReceiverSpec]) -> Link:
+    return Link(release(), senders, receivers, epoch=NOW)
+
+
+def test_the_models_core_sends_what_serves_core_sends() -> None:
     image = shape_image()
     m = release().manifest
     assert image.sources == tuple(m.source_symbols(c) for c in range(m.chunk_count))
-    assert image.max_decoders == SHAPE.decoder_windows * SHAPE.window
+    fragments = link([], []).fragments
+    for spec in (SenderSpec(rate=RATE), SenderSpec(index=1, count=2, rate=RATE, start=0.77)):
+        real = sender_core(release(), link([], []).layout, spec, fragments=fragments, epoch=NOW)
+        plan = SenderPlan(spec.index, spec.count, spec.start)
+        model = carousel_core(image, plan, rate=RATE, passes=None, epoch=NOW, manifest=fragments)
+        assert model.cycles == real.cycles and model.visit == real.visit
+        assert model.batch == real.batch and model.round_seconds == real.round_seconds
+        t = spec.start
+        for _ in range(3000):  # a few passes, the manifest's copies and the waits included
+            action = real.next_action(t)
+            assert model.next_action(t) == action
+            t = getattr(action, "until", t)
 
 
 @pytest.mark.parametrize("loss", [0.0, 0.2])
-def test_the_today_receiver_counts_what_the_link_counts(loss: float) -> None:
+def test_the_store_receiver_counts_what_the_link_counts(loss: float) -> None:
     image = shape_image()
-    budget = image.decoder_budget
+    fragments = link([], []).fragments
+    ratios = []
     for seed in range(3):
-        link = Link(
-            release(),
-            [SenderSpec(rate=RATE)],
-            [ReceiverSpec(loss=RandomLoss(loss), seed=seed, decoder_budget=budget)],
-            window=SHAPE.window,
-        ).run()
-        (real,) = link.receivers
-        (model,) = run_windowed(
-            image, [SenderPlan()], [ReceiverPlan("today", Loss(loss), seed=seed)], rate=RATE
+        spec = ReceiverSpec(loss=RandomLoss(loss), seed=seed)
+        (real,) = link([SenderSpec(rate=RATE)], [spec]).run().receivers
+        (model,) = run_carousel(
+            image,
+            [SenderPlan()],
+            [ReceiverPlan("store", Loss(loss), seed=seed)],
+            rate=RATE,
+            epoch=NOW,
+            manifest=fragments,
         )
         print(f"{loss:.0%} seed {seed}: link {real.line()}")
         print(f"    model heard/ideal {model.heard_per_ideal:.3f} passes {model.passes:.2f}")
         assert real.complete_at is not None and model.complete_at is not None
-        assert math.ceil(model.passes) == real.passes
-        assert model.decoders == real.decoder_high_water
+        assert real.rejected == {}
         if loss == 0:
-            # No loss: the same datagrams, and RaptorQ decodes at K source symbols.
+            # No loss: the same datagrams, and the store completes a chunk at its K source
+            # symbols (hashed, not decoded).
             assert model.heard == real.heard
-        else:
-            # Different loss draws: within 3% (measured: Link 2.390-2.399, model 2.386-2.400).
-            assert model.heard_per_ideal == pytest.approx(real.heard_per_ideal, rel=0.03)
-            assert model.refused > 0 and real.rejected.keys() == {"decoder-budget"}
+        ratios.append((model.heard_per_ideal, real.heard_per_ideal))
+    if loss:
+        # Different loss draws.  A receiver is done when its slowest chunk is, and every chunk
+        # gains a whole visit (42 symbols here) per round, so one run can move by a round (252
+        # datagrams, 3% of the ideal) with the draw; over three seeds the means agree within 1%
+        # (measured: model 1.032-1.033, Link 1.026-1.032).
+        model_mean = sum(r[0] for r in ratios) / len(ratios)
+        real_mean = sum(r[1] for r in ratios) / len(ratios)
+        assert model_mean == pytest.approx(real_mean, rel=0.01)
+        assert all(m == pytest.approx(r, rel=0.035) for m, r in ratios)
 
 
-def test_two_senders_on_the_model_and_the_link_agree_without_loss() -> None:
+def test_two_senders_on_the_model_and_the_link_agree_when_the_second_starts_later() -> None:
     image = shape_image()
+    fragments = link([], []).fragments
     senders = [SenderSpec(index=i, count=2, rate=RATE, start=0.3 * i) for i in range(2)]
-    budget = image.decoder_budget
-    link = Link(
-        release(), senders, [ReceiverSpec(decoder_budget=budget)], window=SHAPE.window
-    ).run()
-    (model,) = run_windowed(
+    (real,) = link(senders, [ReceiverSpec()]).run().receivers
+    (model,) = run_carousel(
         image,
         [SenderPlan(s.index, s.count, s.start) for s in senders],
-        [ReceiverPlan("today", Loss(0.0))],
+        [ReceiverPlan("store", Loss(0.0))],
         rate=RATE,
+        epoch=NOW,
+        manifest=fragments,
     )
-    (real,) = link.receivers
+    # The same datagrams in the same order: the late sender took up the wall clock's phase.
     assert model.heard == real.heard
     assert model.passes == pytest.approx(max(real.sender_passes))
 
@@ -131,18 +147,13 @@ def replay(order: SymbolMajor, join: float, rounds: int) -> tuple[int, float]:
     raise AssertionError("not complete")
 
 
-@pytest.mark.parametrize("phase", ["time", "start"])
 @pytest.mark.parametrize("starts", [(0.0,), (0.0, 0.0), (0.0, 0.037), (0.0, 0.011, 0.02, 0.09)])
-def test_the_symbol_major_engine_matches_a_per_datagram_replay(
-    phase: str, starts: tuple[float, ...]
-) -> None:
+def test_the_symbol_major_engine_matches_a_per_datagram_replay(starts: tuple[float, ...]) -> None:
     image = Image(5 * 65536 + 7000, 65536, 256)  # six chunks, K = 256 (the last 28)
     senders = tuple(SenderPlan(i, len(starts), s) for i, s in enumerate(starts))
-    order = SymbolMajor(image, senders, RATE, phase)
+    order = SymbolMajor(image, senders, RATE)
     for join in (0.0, 0.0123, 0.05):
-        out = run_symbol_major(
-            image, senders, ReceiverPlan("store", Loss(0.0), join), rate=RATE, phase=phase
-        )
+        out = run_symbol_major(image, senders, ReceiverPlan("store", Loss(0.0), join), rate=RATE)
         heard, at = replay(order, join, rounds=3 * max(image.cycles))
         assert out.heard == heard
         assert out.complete_at == pytest.approx(at)
@@ -170,84 +181,69 @@ def test_bit_helpers() -> None:
     assert fold(0b111, 3, 0, 2) == 0b11  # wraps onto itself
 
 
-# --- What motivates issue 12, as the model measures it today --------------------------------
+# --- What the carousel achieves on the model, at 50 MB ---------------------------------------
 
 SPAN = 50 * MB * 1228 / 1208 / 12_500_000  # one 50 MB image at one sender's rate, in seconds
-JOIN = 0.37 * SPAN  # "a random moment"
 
 
-def fifty(
-    order: str, policy: str, loss: Loss, join: float, senders: list[SenderPlan] | None = None
-) -> Outcome:
+def test_the_carousel_needs_the_store_not_a_decoder_budget() -> None:
     image = Image(50 * MB)
-    plans = senders or [SenderPlan()]
-    plan = ReceiverPlan(policy, loss, join, seed=3)
-    if order == "windowed":
-        (out,) = run_windowed(image, plans, [plan], max_passes=6)
-        return out
-    return run_symbol_major(image, plans, plan)
-
-
-def test_today_the_windowed_order_and_the_decoder_budget_collapse_at_20_percent() -> None:
-    at_5 = fifty("windowed", "today", Loss(0.05), 0.0)
-    at_20 = fifty("windowed", "today", Loss(0.2), 0.0)
-    store_20 = fifty("windowed", "store", Loss(0.2), 0.0)
-    print(at_5.heard_per_ideal, at_20.heard_per_ideal, store_20.heard_per_ideal)
-    assert at_5.heard_per_ideal < 1.06 and math.ceil(at_5.passes) == 1
-    # Today about 3.4x the ideal datagrams and four passes; a store alone halves that, but the
-    # windowed order still sends each chunk's 1.1 K per pass, so 20% loss costs a second pass.
-    assert at_20.heard_per_ideal > 3.0 and math.ceil(at_20.passes) == 4
-    assert at_20.refused > 0 and at_20.decoders == 16
-    assert 1.5 < store_20.heard_per_ideal < 1.8 and math.ceil(store_20.passes) == 2
-
-
-# Mean heard/ideal over seeds 0-4, as measured: (1 MiB chunks, 4 MiB chunks) per loss.
-SYMBOL_MAJOR_50MB = {
-    0.0: (1.007, 1.007),
-    0.05: (1.026, 1.012),
-    0.2: (1.041, 1.020),
-    0.3: (1.059, 1.022),
-}
-
-
-@pytest.mark.parametrize("mean", sorted(SYMBOL_MAJOR_50MB))
-def test_symbol_major_with_a_store_is_near_the_ideal_for_a_random_join(mean: float) -> None:
-    measured = []
-    for chunk_size in (1 << 20, 4 << 20):
-        image = Image(50 * MB, chunk_size)
-        outs = [
-            run_symbol_major(image, [SenderPlan()], ReceiverPlan("store", Loss(mean), JOIN, seed))
-            for seed in range(5)
-        ]
-        assert all(o.complete_at is not None for o in outs)
-        measured.append(sum(o.heard_per_ideal for o in outs) / len(outs))
-    print(f"{mean:.0%}: heard/ideal {measured[0]:.4f} (1 MiB chunks), {measured[1]:.4f} (4 MiB)")
-    assert measured == pytest.approx(SYMBOL_MAJOR_50MB[mean], abs=0.003)
-    # Issue 12's target is 1.03.  Without loss only the short last chunk costs (it is sent every
-    # round too).  With loss each chunk completes after its own negative-binomial number of
-    # rounds and the image waits for the slowest of its 48 chunks, about two standard deviations
-    # (sqrt(K p)/(1-p) rounds) late: relative to K/(1-p) rounds that is ~2 sqrt(p/K), so 1 MiB
-    # chunks (K = 869) miss the target from 20% loss on, and 4 MiB chunks (K = 3472) meet it.
-    assert measured[1] < 1.03
-    assert (measured[0] < 1.03) == (mean <= 0.05)
-
-
-def test_symbol_major_senders_send_disjoint_symbols_whenever_they_started() -> None:
-    join = JOIN
-    alone = fifty("symbol-major", "store", Loss(0.05), join)
-    together = fifty(
-        "symbol-major", "store", Loss(0.05), join, [SenderPlan(i, 2) for i in range(2)]
+    store, memory = run_carousel(
+        image,
+        [SenderPlan()],
+        [ReceiverPlan(policy, Loss(0.2), 1.37 * SPAN, seed=3) for policy in ("store", "memory")],
     )
-    late = fifty(
-        "symbol-major",
-        "store",
-        Loss(0.05),
-        join,
-        [SenderPlan(0, 2), SenderPlan(1, 2, start=0.2 * SPAN)],  # before the receiver joins
-    )
-    assert alone.receiving_time and together.receiving_time and late.receiving_time
-    for two in (together, late):
-        ratio = two.receiving_time / alone.receiving_time  # type: ignore[operator]
-        print(f"two senders / one: {ratio:.3f}, heard/ideal {two.heard_per_ideal:.3f}")
-        assert ratio < 0.52
-        assert two.heard_per_ideal < 1.045
+    print(f"heard/ideal at 20%: store {store.heard_per_ideal:.3f}, memory ", end="")
+    print(f"{memory.heard_per_ideal:.3f}")
+    assert store.complete_at is not None and memory.complete_at is not None
+    # Every chunk is in progress at once: 16 decoders refuse the other 32 chunks' symbols, and
+    # the memory receiver needs about three times the datagrams (measured 1.053 and 3.039).
+    assert memory.decoders == 16 and memory.refused > 0 and store.refused == 0
+    assert memory.heard_per_ideal > 2.5 * store.heard_per_ideal
+
+
+def joins(count: int) -> list[ReceiverPlan]:
+    """Receivers at 20% loss joining at `count` moments spread over one image's time (after
+    any later sender started), each with its own loss draw."""
+    return [ReceiverPlan("store", Loss(0.2), (1 + 0.137 * j) * SPAN, seed=j) for j in range(count)]
+
+
+@pytest.mark.parametrize(("chunk_size", "bound"), [(1 << 20, 1.14), (4 << 20, 1.045)])
+def test_a_carousel_receiver_hears_the_ideal_plus_about_a_visit_per_chunk(
+    chunk_size: int, bound: float
+) -> None:
+    image = Image(50 * MB, chunk_size)
+    outs = run_carousel(image, [SenderPlan()], joins(8))
+    ratios = [o.heard_per_ideal for o in outs]
+    print(f"{chunk_size >> 20} MiB chunks, 20%: heard/ideal {min(ratios):.3f}-{max(ratios):.3f}")
+    # Every chunk gains a whole visit (v = 112 symbols) per round, so the image is done in the
+    # round its slowest chunk is, and every other chunk has had that round's visit too: about
+    # K/(1-p) + 2.3 sigma + v per chunk at most (sigma = sqrt(K p)/(1-p), the spread of a
+    # chunk's need over 48 or 12 chunks), 1 + 150/1086 with 1 MiB chunks (K = 869) and
+    # 1 + 188/4341 with 4 MiB (K = 3473).  Measured: 1.050-1.113 and 1.024-1.029.
+    assert all(o.complete_at is not None and o.refused == 0 for o in outs)
+    assert max(ratios) < bound
+    if chunk_size == 4 << 20:
+        assert sum(ratios) / len(ratios) < 1.03  # issue 12's target, met with 4 MiB chunks
+
+
+@pytest.mark.parametrize(("chunk_size", "bound"), [(1 << 20, 0.56), (4 << 20, 0.52)])
+def test_a_second_sender_started_later_halves_the_time_of_a_receiver_joining_after_both(
+    chunk_size: int, bound: float
+) -> None:
+    image = Image(50 * MB, chunk_size)
+    plans = joins(4)
+    alone = run_carousel(image, [SenderPlan()], plans)
+    ratios = []
+    for start in (0.13, 0.77):  # the second sender's start, in images' time
+        two = run_carousel(image, [SenderPlan(0, 2), SenderPlan(1, 2, start * SPAN)], plans)
+        for a, b in zip(alone, two, strict=True):
+            assert a.receiving_time is not None and b.receiving_time is not None
+            ratios.append(b.receiving_time / a.receiving_time)
+    print(f"{chunk_size >> 20} MiB chunks: two senders / one {min(ratios):.3f}-{max(ratios):.3f}")
+    # The phase is the wall clock's, so the senders stay half a cycle apart and their visits
+    # are disjoint whenever the second started.  A receiver then gains two visits a round, so
+    # it rounds its need up to 2 v where one sender's rounds it up to v: with 1 MiB chunks
+    # (7.8 visits of K) that can cost half a round in nine (measured 0.472-0.555, issue 12's
+    # target is 0.55); with 4 MiB (31 visits) 0.498-0.506.
+    assert max(ratios) < bound
