@@ -19,10 +19,12 @@ sends visit ``(floor(i * m_c / n) + R) mod m_c`` of chunk ``c``.  So:
 
 * every chunk advances by one visit per round, whatever the image size: a receiver that joins
   at any moment makes the same progress on every chunk, and at loss p all its chunks complete
-  after about K/(1-p) symbols each, within a visit or so of each other (the order is
-  symbol-major, in steps of a visit; a receiver then hears little more than K/(1-p) per
-  chunk, where a chunk-by-chunk order would make it wait a whole pass for each chunk a loss
-  burst left short);
+  after about K/(1-p) symbols each, in the same round or so (the order is symbol-major, in
+  steps of a visit).  The image is done in the round its slowest chunk is, by which time every
+  other chunk has had that round's visit too: a receiver hears up to about one visit per chunk
+  (per sender it hears) beyond K/(1-p), which is why chunks default to 8 MiB, where a visit is
+  under 2% of K.  A chunk-by-chunk order would instead make it wait a whole pass for each
+  chunk a loss burst left short;
 * a receiver keeps hearing new symbols: the cursor walks on through the repair pool and wraps
   only after ``C_c`` symbols, beyond what any loss up to the pool needs;
 * senders ``i`` of ``n`` are always ``C_c / n`` apart on every cycle, so a receiver hearing

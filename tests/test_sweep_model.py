@@ -187,7 +187,7 @@ SPAN = 50 * MB * 1228 / 1208 / 12_500_000  # one 50 MB image at one sender's rat
 
 
 def test_the_carousel_needs_the_store_not_a_decoder_budget() -> None:
-    image = Image(50 * MB)
+    image = Image(50 * MB, 1 << 20)  # 48 chunks, 16 of which fit the decoder budget
     store, memory = run_carousel(
         image,
         [SenderPlan()],
@@ -208,7 +208,9 @@ def joins(count: int) -> list[ReceiverPlan]:
     return [ReceiverPlan("store", Loss(0.2), (1 + 0.137 * j) * SPAN, seed=j) for j in range(count)]
 
 
-@pytest.mark.parametrize(("chunk_size", "bound"), [(1 << 20, 1.14), (4 << 20, 1.045)])
+@pytest.mark.parametrize(
+    ("chunk_size", "bound"), [(1 << 20, 1.14), (4 << 20, 1.045), (8 << 20, 1.03)]
+)
 def test_a_carousel_receiver_hears_the_ideal_plus_about_a_visit_per_chunk(
     chunk_size: int, bound: float
 ) -> None:
@@ -223,11 +225,15 @@ def test_a_carousel_receiver_hears_the_ideal_plus_about_a_visit_per_chunk(
     # 1 + 188/4341 with 4 MiB (K = 3473).  Measured: 1.050-1.113 and 1.024-1.029.
     assert all(o.complete_at is not None and o.refused == 0 for o in outs)
     assert max(ratios) < bound
-    if chunk_size == 4 << 20:
-        assert sum(ratios) / len(ratios) < 1.03  # issue 12's target, met with 4 MiB chunks
+    if chunk_size >= 4 << 20:
+        # Issue 12's target, met on average with 4 MiB chunks and in every run with 8 MiB (the
+        # default, DEFAULT_CHUNK_BYTES).
+        assert sum(ratios) / len(ratios) < 1.03
 
 
-@pytest.mark.parametrize(("chunk_size", "bound"), [(1 << 20, 0.56), (4 << 20, 0.52)])
+@pytest.mark.parametrize(
+    ("chunk_size", "bound"), [(1 << 20, 0.56), (4 << 20, 0.52), (8 << 20, 0.52)]
+)
 def test_a_second_sender_started_later_halves_the_time_of_a_receiver_joining_after_both(
     chunk_size: int, bound: float
 ) -> None:

@@ -124,7 +124,7 @@ def add_sign(sub: Subcommands) -> None:
         "--chunk-size",
         type=types.chunk_size,
         default=0,
-        help="chunk size, 64K..8M (default 1M, grown for huge images)",
+        help="chunk size, 64K..8M (default 8M)",
     )
     p.add_argument(
         "--symbol-size",
