@@ -172,7 +172,9 @@ def _feed(core: ReceiverCore, release: Manifest, data: bytes) -> None:
 
 def manifest(data: bytes) -> None:
     with contextlib.suppress(ManifestRejected):
-        verify_manifest(data, TRUST, now=NOW, device_type="fuzzboard", installed_sequence=1)
+        verify_manifest(
+            data, TRUST, now=NOW, device_type="fuzzboard", installed_sequence=1, channel=None
+        )
 
 
 _CONFIG = Path(tempfile.mkdtemp(prefix="otacast-fuzz-")) / "otacast.toml"

@@ -31,6 +31,7 @@ from otacast.schemas.manifest import (
     ImageInfo,
     Manifest,
     Signature,
+    Transport,
     signing_message,
 )
 from otacast.signer.keys import generate, load_secret, write_keypair
@@ -109,7 +110,7 @@ def test_replay_of_an_older_release_stream_is_refused_by_sequence_and_the_new_on
 # --- Manifests refused before any state is kept ------------------------------------------------
 
 
-def test_expired_wrong_device_below_threshold_and_unknown_key_manifests_keep_no_state(
+def test_expired_wrong_device_other_channel_below_threshold_and_unknown_key_manifests_keep_no_state(
     lan: LanFactory, tmp_path: Path
 ) -> None:
     net = lan(3)  # sender, attacker, receiver
@@ -123,6 +124,15 @@ def test_expired_wrong_device_below_threshold_and_unknown_key_manifests_keep_no_
             dataclasses.replace(m, created=now - 7200, expires=now - 60), [key, second]
         ),
         "wrong device": sign(dataclasses.replace(m, compatible=("toaster",)), [key, second]),
+        # Another channel's release, signed by the same keys, far ahead in sequence.
+        "other channel": sign(
+            dataclasses.replace(
+                m,
+                sequence=900,
+                transport=Transport.for_channel("beta.otacast.test", rates=m.transport.rates),
+            ),
+            [key, second],
+        ),
         "below threshold": channel.envelope,  # the release as first signed, by one key
         "unknown key": sign(m, [stranger]),
     }
@@ -148,7 +158,7 @@ def test_expired_wrong_device_below_threshold_and_unknown_key_manifests_keep_no_
         channel,
         tmp_path,
         attacker,
-        4,
+        5,
         "--trust",
         str(tmp_path / "second.pub"),
         "--threshold",
@@ -159,12 +169,13 @@ def test_expired_wrong_device_below_threshold_and_unknown_key_manifests_keep_no_
     for fragment in (
         "expired at",
         "'testboard' is not among toaster",
+        "is for channel 'beta.otacast.test'",
         "2 required",
         "untrusted keys",
     ):
         assert sum(fragment in n for n in notes) == 1, (fragment, notes)
-    assert snapshot == []  # four refusals, and not a file of session state
-    assert rejected(events)["manifest-refused"] == 4
+    assert snapshot == []  # five refusals, and not a file of session state
+    assert rejected(events)["manifest-refused"] == 5
     assert (tmp_path / "out.img").read_bytes() == channel.release.image.read_bytes()
 
 

@@ -170,6 +170,7 @@ def otacast_release(directory: Path, swu: Path) -> tuple[Release, VerifiedManife
         now=time.time(),
         device_type="testboard",
         installed_sequence=None,
+        channel=None,
     )
     return release, verified
 

@@ -186,6 +186,7 @@ class ReceiverCore:
         now: float,
         device_type: str | None = None,
         installed_sequence: int | None = None,
+        channel: str | None = None,
         manifest: VerifiedManifest | None = None,
         join_timeout: float | None = None,
         stall_timeout: float | None = None,
@@ -201,6 +202,7 @@ class ReceiverCore:
         self.trust = trust
         self.device_type = device_type
         self.installed_sequence = installed_sequence
+        self.channel = channel  # the device's: manifests of other channels are refused
         self.join_timeout = join_timeout
         self.stall_timeout = stall_timeout
         self.decoder_factory = decoder_factory
@@ -397,6 +399,7 @@ class ReceiverCore:
                 now=wall,  # expiry is a date: the wall clock, read once for this check
                 device_type=self.device_type,
                 installed_sequence=self.installed_sequence,
+                channel=self.channel,
             )
         except ManifestRejected as exc:
             self._remember_refused(key)

@@ -215,6 +215,7 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         decoder_factory=decoder if stored else raptorq_decoder,
         decoder_budget=UNBOUNDED_DECODERS if stored else MAX_DECODER_BYTES,
         device_type=options.device_type,
+        channel=options.channel,
         installed_sequence=options.installed_sequence,
         manifest=options.manifest,
         join_timeout=options.join_timeout,

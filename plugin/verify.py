@@ -30,6 +30,7 @@ def verify_manifest(
     now: float,
     device_type: str | None,
     installed_sequence: int | None,
+    channel: str | None,
 ) -> VerifiedManifest:
     return check_envelope(
         parse_envelope(data),
@@ -38,4 +39,5 @@ def verify_manifest(
         now=now,
         device_type=device_type,
         installed_sequence=installed_sequence,
+        channel=channel,
     )

@@ -77,6 +77,16 @@ class WrongDevice(ManifestRejected):
     exit_code: ClassVar[int] = 28
 
 
+class WrongChannel(ManifestRejected):
+    """The manifest was signed for another channel than the device's.
+
+    Without this check a release of another channel signed by the same key (a ``beta`` at a high
+    sequence) would be installed, and every later release of the device's own channel refused
+    as a rollback."""
+
+    exit_code: ClassVar[int] = 32
+
+
 # --- Images ------------------------------------------------------------------------------------
 
 

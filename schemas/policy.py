@@ -20,7 +20,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .errors import BadSignature, BelowThreshold, Expired, Rollback, UnknownKey, WrongDevice
+from .errors import (
+    BadSignature,
+    BelowThreshold,
+    Expired,
+    Rollback,
+    UnknownKey,
+    WrongChannel,
+    WrongDevice,
+)
 from .keyfile import key_id
 from .limits import MAX_TRUSTED_KEYS
 from .manifest import Envelope, Manifest, signing_message
@@ -91,6 +99,7 @@ def check_envelope(
     now: float,
     device_type: str | None = None,
     installed_sequence: int | None = None,
+    channel: str | None = None,
 ) -> VerifiedManifest:
     signers, failed = count_valid_signatures(envelope, trust, check)
     if len(signers) < trust.threshold:
@@ -109,6 +118,11 @@ def check_envelope(
     if installed_sequence is not None and manifest.sequence <= installed_sequence:
         raise Rollback(
             f"manifest sequence {manifest.sequence} is not above the installed {installed_sequence}"
+        )
+    if channel is not None and manifest.transport.channel != channel:
+        raise WrongChannel(
+            f"manifest is for channel {manifest.transport.channel!r}, this device follows "
+            f"{channel!r}"
         )
     if device_type is not None and device_type not in manifest.compatible:
         raise WrongDevice(

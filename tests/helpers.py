@@ -172,6 +172,7 @@ class Release:
             now=now,
             device_type=None,
             installed_sequence=None,
+            channel=None,
         )
 
     def chunk(self, index: int) -> bytes:

@@ -160,6 +160,14 @@ def test_device_commands_name_what_the_config_lacks(
         assert main([command, "--config", str(config)]) == 2
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and "no installer" in error
+    # A device that installs must name its channel (it installs only releases signed for it).
+    out = tmp_path / "image"
+    config.write_text(f'trust = ["{key}"]\nout = "{out}"\n')
+    for command in ("install", "watch"):
+        args = [command, "--config", str(config), "--installer", "file:" + str(tmp_path / "t")]
+        assert main([*args, "--group", "ff3e::1234"]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "give --channel" in error, error
     bad = write(tmp_path, "threshold = 0\n")
     assert main(["status", "--config", str(bad)]) == ConfigError.exit_code
     assert "threshold must be" in capsys.readouterr().err

@@ -609,7 +609,12 @@ def _verified_with_mirrors(urls: tuple[str, ...]) -> VerifiedManifest:
     envelope = sign(dataclasses.replace(MANIFEST, http=urls), [key])
     trust = TrustSet.from_public_keys([key.public])
     return verify_manifest(
-        envelope.compact_bytes, trust, now=1_800_000_000, device_type=None, installed_sequence=None
+        envelope.compact_bytes,
+        trust,
+        now=1_800_000_000,
+        device_type=None,
+        installed_sequence=None,
+        channel=None,
     )
 
 

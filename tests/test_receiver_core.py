@@ -94,10 +94,11 @@ def test_rollback_manifest_is_refused_and_no_session_is_kept() -> None:
     assert core.stats.symbols_used == 0
 
 
-def test_wrong_device_and_unknown_key_manifests_are_refused() -> None:
+def test_wrong_device_wrong_channel_and_unknown_key_manifests_are_refused() -> None:
     other = TrustSet.from_public_keys([SigningKey(b"\x09" * 32).public])
     for core, reason, now in (
         (ReceiverCore(TRUST, now=NOW, device_type="toaster"), "WrongDevice", NOW),
+        (ReceiverCore(TRUST, now=NOW, channel="beta.example.test"), "WrongChannel", NOW),
         (ReceiverCore(other, now=NOW), "UnknownKey", NOW),
         (ReceiverCore(TRUST, now=NOW), "Expired", MANIFEST.expires + 1.0),
     ):
@@ -202,7 +203,12 @@ def test_a_given_manifest_needs_no_carousel() -> None:
     from otacast.plugin.verify import verify_manifest
 
     verified = verify_manifest(
-        ENVELOPE.compact_bytes, TRUST, now=NOW, device_type=None, installed_sequence=None
+        ENVELOPE.compact_bytes,
+        TRUST,
+        now=NOW,
+        device_type=None,
+        installed_sequence=None,
+        channel=None,
     )
     core = ReceiverCore(TRUST, now=NOW, manifest=verified)
     assert isinstance(core.next_event(), ManifestVerified)

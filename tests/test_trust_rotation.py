@@ -137,9 +137,13 @@ def test_revoked_key_is_refused_after_the_device_applies_a_rotation(tmp_path: Pa
     assert version == 1 and set(trust.keys) == {NEW.key_id}
     release_by_old = sign(manifest_for(b"x" * 70000), [OLD]).compact_bytes
     with pytest.raises(UnknownKey):
-        verify_manifest(release_by_old, trust, now=NOW, device_type=None, installed_sequence=None)
+        verify_manifest(
+            release_by_old, trust, now=NOW, device_type=None, installed_sequence=None, channel=None
+        )
     release_by_new = sign(manifest_for(b"x" * 70000), [NEW]).compact_bytes
-    verify_manifest(release_by_new, trust, now=NOW, device_type=None, installed_sequence=None)
+    verify_manifest(
+        release_by_new, trust, now=NOW, device_type=None, installed_sequence=None, channel=None
+    )
     # The old key can no longer rotate trust back to itself.
     with pytest.raises(TrustSetRejected):
         accept_rotation(state, [old_pub], 1, rotation(OLD, to=(OLD,), version=2), now=NOW)

@@ -14,6 +14,7 @@ be a mere signature mismatch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import random
@@ -37,6 +38,7 @@ from otacast.schemas.errors import (
     ManifestTooLarge,
     Rollback,
     UnknownKey,
+    WrongChannel,
     WrongDevice,
 )
 from otacast.schemas.limits import (
@@ -145,6 +147,7 @@ def verify(
     now: float = NOW,
     device_type: str | None = DEVICE,
     installed_sequence: int | None = SEQUENCE - 1,
+    channel: str | None = CHANNEL,
 ) -> VerifiedManifest:
     return verify_manifest(
         data,
@@ -152,6 +155,7 @@ def verify(
         now=now,
         device_type=device_type,
         installed_sequence=installed_sequence,
+        channel=channel,
     )
 
 
@@ -303,6 +307,20 @@ def test_manifest_before_expiry_is_accepted(now: float) -> None:
 )
 def test_wrong_device_is_refused(device_type: str) -> None:
     refused(WrongDevice, release().compact_bytes, device_type=device_type)
+
+
+@pytest.mark.parametrize(
+    "channel", ["beta.example.test", CHANNEL.upper(), CHANNEL[:-1], CHANNEL + ".", ""]
+)
+def test_a_release_signed_for_another_channel_is_refused(channel: str) -> None:
+    # The same key signs every channel: a beta release at a high sequence must not become the
+    # stable device's release (and its rollback floor).
+    refused(WrongChannel, release().compact_bytes, channel=channel)
+    beta = dataclasses.replace(
+        make_manifest(sequence=900), transport=Transport.for_channel("beta.example.test")
+    )
+    refused(WrongChannel, sign(beta, [keys()[0]]).compact_bytes, channel=CHANNEL)
+    assert verify(sign(beta, [keys()[0]]).compact_bytes, channel=None).manifest.sequence == 900
 
 
 def test_device_type_absent_skips_binding() -> None:

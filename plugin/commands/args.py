@@ -54,8 +54,8 @@ def trust_in_force(settings: Settings) -> TrustSet:
 def verify_file(
     path: Path, settings: Settings, trust: TrustSet, installed_sequence: int | None
 ) -> VerifiedManifest:
-    """The signed manifest in `path`, checked as this device would: now, for its device type,
-    above `installed_sequence`."""
+    """The signed manifest in `path`, checked as this device would: now, for its device type
+    and channel, above `installed_sequence`."""
     data = read_limited(path, MAX_MANIFEST_BYTES, "manifest")
     return verify_manifest(
         data,
@@ -63,4 +63,5 @@ def verify_file(
         now=time.time(),
         device_type=settings.device_type,
         installed_sequence=installed_sequence,
+        channel=settings.channel,
     )

@@ -145,12 +145,23 @@ def _installed_sequence(args: argparse.Namespace, settings: Settings) -> int | N
     return installed.sequence if installed else None
 
 
+# A device installs only releases signed for its channel (schemas.policy): without a channel it
+# would install another channel's release signed by the same key, and refuse its own from then
+# on as rollbacks.  `fetch` only downloads and may go without.
+CHANNEL_REQUIRED = (
+    "{command}: give --channel (or set channel in the config): a device installs only "
+    "releases signed for its channel"
+)
+
+
 def receive_release(
     args: argparse.Namespace, settings: Settings, status: StatusFile
 ) -> FetchSummary:
     """Receive the release the options and settings describe into ``--out`` (after the checks
     that need no network); a failure of the receive itself is written to the status file."""
     check_out_path(settings)
+    if args.command == "install" and not settings.channel:
+        raise UsageError(CHANNEL_REQUIRED.format(command="install"))
     installed_sequence = _installed_sequence(args, settings)
     trust = trust_in_force(settings)
     verified = None

@@ -10,7 +10,7 @@ from otacast.plugin.errors import UsageError
 from otacast.plugin.watch import Watcher
 
 from .args import Subcommands, settings_of, trust_in_force
-from .receiving import add_receive_options, check_out_path, installer_of
+from .receiving import CHANNEL_REQUIRED, add_receive_options, check_out_path, installer_of
 
 
 def add_watch(sub: Subcommands) -> None:
@@ -25,8 +25,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     installer = installer_of(settings)
     check_out_path(settings)
-    if not (settings.channel or settings.group):
-        raise UsageError("watch: give --channel or --group (or set channel in the config)")
+    if not settings.channel:
+        raise UsageError(CHANNEL_REQUIRED.format(command="watch"))
     trust = trust_in_force(settings)
     watcher = Watcher(settings, trust, installer, sys.stdout, as_json=args.json)
     # SIGTERM (systemd stop) ends the daemon like Ctrl-C: partial downloads stay resumable.

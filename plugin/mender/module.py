@@ -121,6 +121,7 @@ class Module:
             now=now,
             device_type=settings.device_type or mender_type,
             installed_sequence=self.installed_sequence(),
+            channel=settings.channel,
         )
         compatible = verified.manifest.compatible
         for source, device_type in (("config", settings.device_type), ("Mender", mender_type)):
