@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import shutil
@@ -54,7 +55,6 @@ PEER_BUFFER = str(8 << 20)
 # tool -> does it need a back channel from the receivers to the sender (by design)?
 BACK_CHANNEL = {
     "otacast": False,
-    "otacast-o30": False,
     "uftp": True,
     "udpcast": True,
     "udpcast-async": False,
@@ -62,7 +62,6 @@ BACK_CHANNEL = {
 }
 PROGRAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "otacast": (),
-    "otacast-o30": (),
     "uftp": (("uftp", "uftp"), ("uftpd", "uftp")),
     "udpcast": (("udp-sender", "udpcast"), ("udp-receiver", "udpcast")),
     "udpcast-async": (("udp-sender", "udpcast"), ("udp-receiver", "udpcast")),
@@ -302,9 +301,9 @@ class Plan:
     """What one run of the benchmark measures (bench_compare.py has the full and quick plans)."""
 
     mode: str
-    image: int
+    images: tuple[int, ...]  # the one-receiver sizes, smallest first (also the late joins)
+    repeats: tuple[int, ...]  # runs per tool, loss and size, one per entry of images
     losses: tuple[int, ...]
-    repeat: int
     rate: str  # otacast's pace with one receiver
     fleet_image: int
     receivers: tuple[int, ...]
@@ -312,8 +311,14 @@ class Plan:
     senders: tuple[int, ...]
     sender_rate: str  # each of the several senders
     big_image: int
-    tools: tuple[str, ...]  # compared in the loss runs
-    sections: tuple[str, ...]  # of loss, fleet, senders, memory
+    tools: tuple[str, ...]  # compared in the loss and late-join runs
+    sections: tuple[str, ...]  # of loss, late, fleet, senders, memory
+    late_loss: int = 5  # loss of the late-join runs
+
+    @property
+    def image(self) -> int:
+        """The small image: the several-sender runs use it."""
+        return self.images[0]
 
 
 # ---- nftables: random loss on what arrives, and a count of what the receiver sends ----------
@@ -420,6 +425,11 @@ class Outcome:
     overflow: int  # datagrams the receiver's kernel dropped on a full socket buffer
     gave_up: bool = False  # a no-back-channel tool's FEC could not repair the loss
     retries: int = 0  # transfers started again after a lost handshake (udpcast)
+    size: int = 0  # the image's bytes
+    # Late join: the receiver was started this many seconds after the sender, and `seconds`
+    # runs from the receiver's start.  None: the receiver was ready before the transfer began.
+    join_delay: float | None = None
+    sessions: int = 1  # sender sessions started before the receiver had the image (uftp)
     note: str = ""
     log: str = ""  # the programs' last lines, for a run that did not deliver
     extra: dict[str, float] = field(default_factory=dict)
@@ -481,8 +491,15 @@ def _outcome(
     arrived: float | None,
     data_seconds: float | None,
     gave_up: bool = False,
+    join_delay: float | None = None,
 ) -> Outcome:
     delivered = arrived is not None
+    if delivered:
+        note = ""
+    elif gave_up:
+        note = "FEC could not repair the loss"
+    else:
+        note = "failed" if join_delay is None else "did not join"
     return Outcome(
         tool,
         loss,
@@ -495,32 +512,52 @@ def _outcome(
         count.lost,
         count.overflow,
         gave_up=gave_up and not delivered,
-        note="" if delivered else ("FEC could not repair the loss" if gave_up else "failed"),
+        size=bench.size,
+        join_delay=join_delay,
+        note=note,
         log="" if delivered else "\n".join(_tail(proc) for proc in procs),
     )
 
 
-def run_otacast(bench: Bench, loss: int, *sender_args: str, tool: str = "otacast") -> Outcome:
+def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Outcome:
+    """Serve's default flags (the repair pool, no per-pass knob left).  With `join_delay` the
+    sender loops first and the receiver starts that many seconds later: a device joining a
+    carousel already running, timed from its own start."""
     quiesce((bench.tx, bench.rx))
-    meter = Meter(bench.rx, loss)
     out = bench.fresh("otacast-out") / "image"
     state = bench.fresh("otacast-state")
-    receiver = bench.procs.start(fetch_argv(bench.rx, bench.release, state, out, bench.tx.address))
-    wait_joined(receiver, ssm_group(bench.release))
-    start = time.monotonic()
-    sender = bench.procs.start(
-        serve_command(
-            bench.tx,
-            bench.release,
-            bench.work / "cache",
-            "--rate",
-            bench.rate,
-            "--no-gso",  # so that nftables drops single datagrams, not GSO trains
-            "--duration",
-            f"{bench.timeout:g}s",
-            *sender_args,
+
+    def serve() -> Proc:
+        return bench.procs.start(
+            serve_command(
+                bench.tx,
+                bench.release,
+                bench.work / "cache",
+                "--rate",
+                bench.rate,
+                "--no-gso",  # so that nftables drops single datagrams, not GSO trains
+                "--duration",
+                f"{math.ceil(bench.timeout + (join_delay or 0))}s",  # whole seconds only
+            )
         )
-    )
+
+    if join_delay is None:
+        meter = Meter(bench.rx, loss)
+        receiver = bench.procs.start(
+            fetch_argv(bench.rx, bench.release, state, out, bench.tx.address)
+        )
+        wait_joined(receiver, ssm_group(bench.release))
+        start = time.monotonic()
+        sender = serve()
+    else:
+        sender = serve()
+        _sleep_until(time.monotonic() + join_delay)
+        # The meter counts from here: what the receiver's link carried after it started.
+        meter = Meter(bench.rx, loss)
+        start = time.monotonic()
+        receiver = bench.procs.start(
+            fetch_argv(bench.rx, bench.release, state, out, bench.tx.address)
+        )
     done = receiver.wait(start + bench.timeout)
     count = meter.read()
     sender.stop()
@@ -528,7 +565,7 @@ def run_otacast(bench: Bench, loss: int, *sender_args: str, tool: str = "otacast
     summary = receiver.last_event("finished")
     ok = done is not None and done.returncode == 0 and bool(summary)
     outcome = _outcome(
-        tool,
+        "otacast",
         loss,
         bench,
         out,
@@ -537,6 +574,7 @@ def run_otacast(bench: Bench, loss: int, *sender_args: str, tool: str = "otacast
         start=start,
         arrived=done.at if ok and done else None,
         data_seconds=_float(summary.get("receiving")),
+        join_delay=join_delay,
     )
     if ok and done:
         datagrams = _float(summary.get("datagrams")) or 0.0
@@ -551,64 +589,100 @@ def run_otacast(bench: Bench, loss: int, *sender_args: str, tool: str = "otacast
             "rx_peak_rss_mb": _float(summary.get("peak_rss_mb")) or 0.0,
             "late": _float(summary.get("late")) or 0.0,
         }
+        # What the sender really sent (its pace may fall short of --rate): stopped just after
+        # the receiver finished, so this is the transfer's rate.
+        served = sender.last_event("finished")
+        sent, elapsed = _float(served.get("bytes")), _float(served.get("elapsed"))
+        if sent and elapsed:
+            outcome.extra["sender_MB/s"] = round(sent / elapsed / 1e6, 1)
+            outcome.extra["sender_packets"] = _float(served.get("packets")) or 0.0
         rejected = summary.get("rejected")
         for reason, number in rejected.items() if isinstance(rejected, dict) else ():
             outcome.extra[f"rejected:{reason}"] = float(number)
     return outcome
 
 
-def run_uftp(bench: Bench, loss: int) -> Outcome:
+# uftp's exit status when no client answered its ANNOUNCE (uftp(1), EXIT STATUS).
+UFTP_NO_CLIENT = 7
+
+
+def run_uftp(bench: Bench, loss: int, join_delay: float | None = None) -> Outcome:
+    """With `join_delay`, uftp is started first and uftpd that many seconds later.  uftp sends
+    a session to the clients that registered during its announcement (open group: whoever
+    answers it; uftp(1): "Any client that responds to the announcement will be accepted"), so
+    a client started later waits for the next session: when uftp ends one without it (exit
+    status 7, no client answered), the benchmark starts uftp again at once, as a loop or cron
+    job would, and the time includes the sessions it waited for."""
     quiesce((bench.tx, bench.rx))
-    meter = Meter(bench.rx, loss)
     dest, temp = bench.fresh("uftp-dest"), bench.fresh("uftp-temp")
     out = dest / bench.release.image.name
-    receiver = bench.procs.start(
-        bench.rx.command(
-            "uftpd",
-            "-d",
-            "-q",
-            "-I",
-            bench.rx.address,
-            "-M",
-            UFTP_GROUP,
-            "-D",
-            str(dest),
-            "-T",  # received here, moved to dest when the session completes
-            str(temp),
-            "-x",
-            "1",
-            "-B",
-            PEER_BUFFER,
+
+    def receive() -> Proc:
+        return bench.procs.start(
+            bench.rx.command(
+                "uftpd",
+                "-d",
+                "-q",
+                "-I",
+                bench.rx.address,
+                "-M",
+                UFTP_GROUP,
+                "-D",
+                str(dest),
+                "-T",  # received here, moved to dest when the session completes
+                str(temp),
+                "-x",
+                "1",
+                "-B",
+                PEER_BUFFER,
+            )
         )
-    )
-    wait_joined(receiver, UFTP_GROUP)
-    start = time.monotonic()
-    sender = bench.procs.start(
-        bench.tx.command(
-            "uftp",
-            "-I",
-            bench.tx.address,
-            "-M",
-            UFTP_GROUP,
-            "-P",
-            UFTP_PRIVATE,
-            "-R",
-            "-1",
-            "-b",
-            "1300",
-            "-B",
-            PEER_BUFFER,
-            "-x",
-            "2",
-            str(bench.release.image),
+
+    def send() -> Proc:
+        return bench.procs.start(
+            bench.tx.command(
+                "uftp",
+                "-I",
+                bench.tx.address,
+                "-M",
+                UFTP_GROUP,
+                "-P",
+                UFTP_PRIVATE,
+                "-R",
+                "-1",
+                "-b",
+                "1300",
+                "-B",
+                PEER_BUFFER,
+                "-x",
+                "2",
+                str(bench.release.image),
+            )
         )
-    )
+
+    if join_delay is None:
+        meter = Meter(bench.rx, loss)
+        receiver = receive()
+        wait_joined(receiver, UFTP_GROUP)
+        start = time.monotonic()
+        sender = send()
+    else:
+        sender = send()
+        _sleep_until(time.monotonic() + join_delay)
+        meter = Meter(bench.rx, loss)
+        start = time.monotonic()
+        receiver = receive()
+    sessions = 1
     # Done when the file is in dest (uftpd moves it there at the end of the session, which may
     # be just after the sender has exited).
     deadline = start + bench.timeout
     while not out.exists() and time.monotonic() < deadline:
-        if not sender.running():
-            deadline = min(deadline, sender.exit.at + 5 if sender.exit else deadline)
+        ended = sender.exit if not sender.running() else None
+        if ended is not None and join_delay is not None and ended.returncode == UFTP_NO_CLIENT:
+            sender = send()
+            sessions += 1
+        elif ended is not None:
+            deadline = min(deadline, ended.at + 5)
         time.sleep(POLL)
     arrived = time.monotonic() if out.exists() else None
     sender.wait(time.monotonic() + 30)  # it ends the session with the receivers
@@ -616,7 +690,7 @@ def run_uftp(bench: Bench, loss: int) -> Outcome:
     sender.stop()
     receiver.stop()
     match = re.search(r"Status: Completed\s+time:\s+([\d.]+) seconds", sender.text())
-    return _outcome(
+    outcome = _outcome(
         "uftp",
         loss,
         bench,
@@ -626,7 +700,10 @@ def run_uftp(bench: Bench, loss: int) -> Outcome:
         start=start,
         arrived=arrived,
         data_seconds=float(match[1]) if match else None,
+        join_delay=join_delay,
     )
+    outcome.sessions = sessions
+    return outcome
 
 
 # udpcast's handshake is not retried on either side: when the sender's reply to the receiver's
@@ -637,25 +714,46 @@ UDPCAST_CONNECT_SECONDS = 10.0
 UDPCAST_ATTEMPTS = 3
 
 
-def run_udpcast(bench: Bench, loss: int, asynchronous: bool) -> Outcome:
+def run_udpcast(
+    bench: Bench, loss: int, asynchronous: bool, join_delay: float | None = None
+) -> Outcome:
+    """With `join_delay`, udp-sender is started first and udp-receiver that many seconds later.
+    udp-sender does not send data before its start condition (udp-sender(1)): by default a
+    receiver connects (--min-receivers 1); async, after --autostart HELLOs.  A receiver that
+    arrives while it waits takes part; one that arrives after the data began is not served (no
+    loop): whatever happens is measured from the receiver's start."""
     quiesce((bench.tx, bench.rx))
-    meter = Meter(bench.rx, loss)
     out = bench.fresh("udpcast-out") / "image"
     common = ("--interface", "eth0", "--nokbd", "--mcast-rdv-address", UDPCAST_RDV)
     mode = UDPCAST_ASYNC if asynchronous else UDPCAST_DEFAULT
     done: Exit | None = None
-    start = time.monotonic()
-    for attempt in range(1, UDPCAST_ATTEMPTS + 1):
-        receiver = bench.procs.start(
+
+    def receive() -> Proc:
+        return bench.procs.start(
             bench.rx.command("udp-receiver", "--file", str(out), "--rcvbuf", PEER_BUFFER, *common)
         )
-        wait_udp_port(receiver, 9000)  # its default portbase
-        began_attempt = time.monotonic()
-        sender = bench.procs.start(
+
+    def send() -> Proc:
+        return bench.procs.start(
             bench.tx.command(
                 "udp-sender", "--file", str(bench.release.image), "--nopointopoint", *common, *mode
             )
         )
+
+    meter = Meter(bench.rx, loss) if join_delay is None else None
+    start = time.monotonic()
+    for attempt in range(1, UDPCAST_ATTEMPTS + 1):
+        if join_delay is None or attempt > 1:  # a restart after a lost handshake: as usual
+            receiver = receive()
+            wait_udp_port(receiver, 9000)  # its default portbase
+            began_attempt = time.monotonic()
+            sender = send()
+        else:
+            sender = send()
+            _sleep_until(time.monotonic() + join_delay)
+            meter = Meter(bench.rx, loss)
+            start = began_attempt = time.monotonic()
+            receiver = receive()
         connected = began_attempt + UDPCAST_CONNECT_SECONDS
         while receiver.seen("Connected as") is None and receiver.running():
             if time.monotonic() > connected:
@@ -668,6 +766,7 @@ def run_udpcast(bench: Bench, loss: int, asynchronous: bool) -> Outcome:
         done = receiver.wait(start + bench.timeout)
         break
     sender.wait(time.monotonic() + 10)
+    assert meter is not None
     count = meter.read()
     sender.stop()
     receiver.stop()
@@ -684,12 +783,15 @@ def run_udpcast(bench: Bench, loss: int, asynchronous: bool) -> Outcome:
         arrived=arrived,
         data_seconds=arrived - began if arrived is not None and began is not None else None,
         gave_up="Missed blocks" in receiver.text(),
+        join_delay=join_delay,
     )
     outcome.retries = attempt - 1
     return outcome
 
 
-def run_http(bench: Bench, loss: int) -> Outcome:
+def run_http(bench: Bench, loss: int, join_delay: float | None = None) -> Outcome:
+    """A late join is the same as any run: the client starts when the device wants the image
+    and the server is always up; `join_delay` only labels the outcome."""
     quiesce((bench.tx, bench.rx))
     meter = Meter(bench.rx, loss)
     out = bench.fresh("http-out") / "image"
@@ -712,7 +814,13 @@ def run_http(bench: Bench, loss: int) -> Outcome:
         start=start,
         arrived=arrived,
         data_seconds=_float(report[-1].get("seconds")) if report else None,
+        join_delay=join_delay,
     )
+
+
+def _sleep_until(when: float) -> None:
+    while (left := when - time.monotonic()) > 0:
+        time.sleep(min(left, 0.05))
 
 
 def ssm_group(release: Release) -> str:
