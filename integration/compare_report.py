@@ -56,6 +56,7 @@ def heading(plan: Plan) -> str:
         f"late joins at {plan.late_loss}%; receivers {plan.receivers} with a "
         f"{mib(plan.fleet_image)} image; senders {plan.senders}; "
         + (f"peak RSS with {mib(plan.big_image)}" if plan.big_image else "no peak-RSS run")
+        + (f"; otacast fetch --symbols {plan.symbols}" if plan.symbols else "")
     )
 
 

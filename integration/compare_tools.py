@@ -7,7 +7,10 @@ Every runner starts its receiver first, waits until it listens, then starts the 
 returns an `Outcome`: whether the image arrived intact (sha256 of what the receiver wrote), the
 time from starting the transfer to the receiver holding the whole image, the tool's own
 data-phase time where it reports one, and how many UDP/TCP packets the receiver sent -- its back
-channel.  Nothing here runs outside the namespaces the benchmark creates.
+channel.  Given a ``join_delay``, a runner does the opposite (a late join): it starts the
+sender, waits that long, starts the receiver, and times from the receiver's start; the loss and
+the counters then begin with the receiver too.  Nothing here runs outside the namespaces the
+benchmark creates.
 """
 
 from __future__ import annotations
@@ -314,6 +317,7 @@ class Plan:
     tools: tuple[str, ...]  # compared in the loss and late-join runs
     sections: tuple[str, ...]  # of loss, late, fleet, senders, memory
     late_loss: int = 5  # loss of the late-join runs
+    symbols: str = ""  # otacast fetch's --symbols (empty: its default)
 
     @property
     def image(self) -> int:
@@ -450,6 +454,7 @@ class Bench:
     procs: Processes
     source_symbols: int  # K over the whole image
     http_url: str = ""
+    symbols: str = ""  # otacast fetch's --symbols (empty: its default)
 
     def fresh(self, name: str) -> Path:
         path = self.work / name
@@ -473,10 +478,14 @@ def warm_cache(procs: Processes, host: Host, release: Release, cache: Path, *arg
     sender.stop()
 
 
-def fetch_argv(host: Host, release: Release, state: Path, out: Path, *sources: str) -> list[str]:
-    """`otacast fetch` joining `sources` (SSM), multicast only."""
+def fetch_argv(
+    host: Host, release: Release, state: Path, out: Path, *sources: str, symbols: str = ""
+) -> list[str]:
+    """`otacast fetch` joining `sources` (SSM), multicast only; `symbols` is its --symbols
+    (empty: fetch's default)."""
     joins = [arg for source in sources for arg in ("--source", source)]
-    return fetch_command(host, release, state, out, "--fallback", "never", *joins)
+    keeping = ["--symbols", symbols] if symbols else []
+    return fetch_command(host, release, state, out, "--fallback", "never", *keeping, *joins)
 
 
 def _outcome(
@@ -544,7 +553,7 @@ def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Out
     if join_delay is None:
         meter = Meter(bench.rx, loss)
         receiver = bench.procs.start(
-            fetch_argv(bench.rx, bench.release, state, out, bench.tx.address)
+            fetch_argv(bench.rx, bench.release, state, out, bench.tx.address, symbols=bench.symbols)
         )
         wait_joined(receiver, ssm_group(bench.release))
         start = time.monotonic()
@@ -556,7 +565,7 @@ def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Out
         meter = Meter(bench.rx, loss)
         start = time.monotonic()
         receiver = bench.procs.start(
-            fetch_argv(bench.rx, bench.release, state, out, bench.tx.address)
+            fetch_argv(bench.rx, bench.release, state, out, bench.tx.address, symbols=bench.symbols)
         )
     done = receiver.wait(start + bench.timeout)
     count = meter.read()
