@@ -14,10 +14,11 @@ Debian packages nftables, nginx, uftp and udpcast.  It measures, in one run:
    (-R -1, IPv6), udpcast (default, and async + FEC) and HTTP (nginx + requests);
 2. late join, at each size and 5% loss: the sender starts first and the receiver a seeded
    random 1-3 s later, timed from the receiver's start.  otacast's receiver joins the running
-   carousel; uftp serves only the clients that answered its announcement, so a later one waits
-   for the next session (the benchmark starts uftp again whenever it ends one without the
-   client, and counts the sessions); udp-sender sends nothing before its start condition (a
-   receiver connected, or --autostart HELLOs); HTTP's late join is an ordinary download;
+   carousel.  For uftp and udpcast another receiver is listening when the sender starts, so that
+   their session begins as for a fleet; they serve the receivers that answered the announcement
+   or connected before the data began, so a later one waits: whenever their sender exits
+   without the late receiver holding the image, the benchmark starts it again (as a loop or a
+   cron job would) and counts the sessions.  HTTP's late join is an ordinary download;
 3. otacast's datagrams on the receiver's link (received + dropped) / the ideal K/(1-p), for the
    loss runs and the late joins;
 4. N receivers on one bridge: the sender's CPU and the bytes on its link, otacast vs nginx,
@@ -184,8 +185,9 @@ def _one_size(
     delays: random.Random,
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    with Lan.create(2) as lan:
-        tx, rx = lan.hosts
+    # A third host for the late joins: a receiver there when the peers' sender starts.
+    with Lan.create(3 if "late" in plan.sections else 2) as lan:
+        tx, rx = lan.hosts[:2]
         add_ipv4(lan.hosts)
         bench = Bench(
             tx,
@@ -199,6 +201,7 @@ def _one_size(
             procs,
             source_symbols(release),
             symbols=plan.symbols,
+            early=lan.hosts[2] if len(lan.hosts) > 2 else None,
         )
         bench.work.mkdir(parents=True)
         warm_cache(procs, tx, release, bench.work / "cache")

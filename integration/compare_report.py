@@ -315,13 +315,16 @@ def efficiency_table(rows: Sequence[Row]) -> str:
     )
 
 
-# Why a peer's late receiver fared as it did (the man pages; what the runs showed is in the row).
+# How each tool treats a receiver that starts after its sender (the man pages; what happened
+# in the runs is in the row: sessions, delivered).
 LATE_HOW = {
     "otacast": "joins the running carousel",
-    "uftp": "serves only clients that answered its announcement; a later one waits for the "
-    "next session (started again at once here)",
-    "udpcast": "sends nothing before a receiver connects (--min-receivers 1)",
-    "udpcast-async": "sends after --autostart 5 HELLOs; a receiver must be there before",
+    "uftp": "takes clients that answer its announcement; a later one waits for the next "
+    "session (started again here)",
+    "udpcast": "sends once a receiver connects; a later one waits for the next session "
+    "(started again here)",
+    "udpcast-async": "sends after --autostart 5 HELLOs; a later receiver catches the stream "
+    "mid-way or waits for the next session (started again here)",
     "http": "same as any download: the server is always up",
 }
 

@@ -454,6 +454,9 @@ class Bench:
     procs: Processes
     source_symbols: int  # K over the whole image
     http_url: str = ""
+    # A receiver that is there when a late join's sender starts, so that the peers' session
+    # begins as it would for a fleet (otacast's sender does not care).
+    early: Host | None = None
     symbols: str = ""  # otacast fetch's --symbols (empty: its default)
 
     def fresh(self, name: str) -> Path:
@@ -611,41 +614,46 @@ def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Out
     return outcome
 
 
-# uftp's exit status when no client answered its ANNOUNCE (uftp(1), EXIT STATUS).
-UFTP_NO_CLIENT = 7
+# A late receiver that took part in a session has the image a moment after the sender exits
+# (uftpd moves the file, udp-receiver exits); one still without it this long after the sender
+# exited was not part of that session, and the next one is started.
+SESSION_SETTLE = 1.0
+
+
+def _uftpd(bench: Bench, host: Host, name: str) -> tuple[Proc, Path]:
+    """uftpd in `host`, receiving into a fresh folder; the path the image will have there."""
+    dest, temp = bench.fresh(f"{name}-dest"), bench.fresh(f"{name}-temp")
+    proc = bench.procs.start(
+        host.command(
+            "uftpd",
+            "-d",
+            "-q",
+            "-I",
+            host.address,
+            "-M",
+            UFTP_GROUP,
+            "-D",
+            str(dest),
+            "-T",  # received here, moved to dest when the session completes
+            str(temp),
+            "-x",
+            "1",
+            "-B",
+            PEER_BUFFER,
+        )
+    )
+    return proc, dest / bench.release.image.name
 
 
 def run_uftp(bench: Bench, loss: int, join_delay: float | None = None) -> Outcome:
-    """With `join_delay`, uftp is started first and uftpd that many seconds later.  uftp sends
-    a session to the clients that registered during its announcement (open group: whoever
-    answers it; uftp(1): "Any client that responds to the announcement will be accepted"), so
-    a client started later waits for the next session: when uftp ends one without it (exit
-    status 7, no client answered), the benchmark starts uftp again at once, as a loop or cron
-    job would, and the time includes the sessions it waited for."""
+    """With `join_delay` (a late join), a client on `bench.early` is listening when uftp
+    starts, so that the session begins as it would for a fleet, and the measured client starts
+    `join_delay` s after uftp.  A uftp session serves the clients that answered its
+    announcement (uftp(1): "Any client that responds to the announcement will be accepted"),
+    so a later one waits for the next session: whenever uftp ends a session without it, the
+    benchmark starts uftp again (SESSION_SETTLE later), as a loop or a cron job would, and the
+    time includes the sessions it waited for.  The early client leaves after the first."""
     quiesce((bench.tx, bench.rx))
-    dest, temp = bench.fresh("uftp-dest"), bench.fresh("uftp-temp")
-    out = dest / bench.release.image.name
-
-    def receive() -> Proc:
-        return bench.procs.start(
-            bench.rx.command(
-                "uftpd",
-                "-d",
-                "-q",
-                "-I",
-                bench.rx.address,
-                "-M",
-                UFTP_GROUP,
-                "-D",
-                str(dest),
-                "-T",  # received here, moved to dest when the session completes
-                str(temp),
-                "-x",
-                "1",
-                "-B",
-                PEER_BUFFER,
-            )
-        )
 
     def send() -> Proc:
         return bench.procs.start(
@@ -669,35 +677,44 @@ def run_uftp(bench: Bench, loss: int, join_delay: float | None = None) -> Outcom
             )
         )
 
+    early: Proc | None = None
     if join_delay is None:
         meter = Meter(bench.rx, loss)
-        receiver = receive()
+        receiver, out = _uftpd(bench, bench.rx, "uftp")
         wait_joined(receiver, UFTP_GROUP)
         start = time.monotonic()
         sender = send()
     else:
+        if bench.early is not None:
+            early, _ = _uftpd(bench, bench.early, "uftp-early")
+            wait_joined(early, UFTP_GROUP)
         sender = send()
         _sleep_until(time.monotonic() + join_delay)
         meter = Meter(bench.rx, loss)
         start = time.monotonic()
-        receiver = receive()
+        receiver, out = _uftpd(bench, bench.rx, "uftp")
     sessions = 1
     # Done when the file is in dest (uftpd moves it there at the end of the session, which may
     # be just after the sender has exited).
     deadline = start + bench.timeout
     while not out.exists() and time.monotonic() < deadline:
         ended = sender.exit if not sender.running() else None
-        if ended is not None and join_delay is not None and ended.returncode == UFTP_NO_CLIENT:
+        if ended is not None and early is not None:
+            early.stop()
+            early = None
+        if ended is not None and join_delay is None:
+            deadline = min(deadline, ended.at + 5)
+        elif ended is not None and time.monotonic() > ended.at + SESSION_SETTLE:
             sender = send()
             sessions += 1
-        elif ended is not None:
-            deadline = min(deadline, ended.at + 5)
         time.sleep(POLL)
     arrived = time.monotonic() if out.exists() else None
     sender.wait(time.monotonic() + 30)  # it ends the session with the receivers
     count = meter.read()
     sender.stop()
     receiver.stop()
+    if early is not None:
+        early.stop()
     match = re.search(r"Status: Completed\s+time:\s+([\d.]+) seconds", sender.text())
     outcome = _outcome(
         "uftp",
@@ -726,43 +743,21 @@ UDPCAST_ATTEMPTS = 3
 def run_udpcast(
     bench: Bench, loss: int, asynchronous: bool, join_delay: float | None = None
 ) -> Outcome:
-    """With `join_delay`, udp-sender is started first and udp-receiver that many seconds later.
-    udp-sender does not send data before its start condition (udp-sender(1)): by default a
-    receiver connects (--min-receivers 1); async, after --autostart HELLOs.  A receiver that
-    arrives while it waits takes part; one that arrives after the data began is not served (no
-    loop): whatever happens is measured from the receiver's start."""
+    """The receiver listens first, then udp-sender starts; with `join_delay`, a late join
+    (`_udpcast_late`)."""
+    if join_delay is not None:
+        return _udpcast_late(bench, loss, asynchronous, join_delay)
     quiesce((bench.tx, bench.rx))
+    meter = Meter(bench.rx, loss)
     out = bench.fresh("udpcast-out") / "image"
-    common = ("--interface", "eth0", "--nokbd", "--mcast-rdv-address", UDPCAST_RDV)
     mode = UDPCAST_ASYNC if asynchronous else UDPCAST_DEFAULT
     done: Exit | None = None
-
-    def receive() -> Proc:
-        return bench.procs.start(
-            bench.rx.command("udp-receiver", "--file", str(out), "--rcvbuf", PEER_BUFFER, *common)
-        )
-
-    def send() -> Proc:
-        return bench.procs.start(
-            bench.tx.command(
-                "udp-sender", "--file", str(bench.release.image), "--nopointopoint", *common, *mode
-            )
-        )
-
-    meter = Meter(bench.rx, loss) if join_delay is None else None
     start = time.monotonic()
     for attempt in range(1, UDPCAST_ATTEMPTS + 1):
-        if join_delay is None or attempt > 1:  # a restart after a lost handshake: as usual
-            receiver = receive()
-            wait_udp_port(receiver, 9000)  # its default portbase
-            began_attempt = time.monotonic()
-            sender = send()
-        else:
-            sender = send()
-            _sleep_until(time.monotonic() + join_delay)
-            meter = Meter(bench.rx, loss)
-            start = began_attempt = time.monotonic()
-            receiver = receive()
+        receiver = _udp_receiver(bench, bench.rx, out)
+        wait_udp_port(receiver, 9000)  # its default portbase
+        began_attempt = time.monotonic()
+        sender = _udp_sender(bench, mode)
         connected = began_attempt + UDPCAST_CONNECT_SECONDS
         while receiver.seen("Connected as") is None and receiver.running():
             if time.monotonic() > connected:
@@ -775,7 +770,6 @@ def run_udpcast(
         done = receiver.wait(start + bench.timeout)
         break
     sender.wait(time.monotonic() + 10)
-    assert meter is not None
     count = meter.read()
     sender.stop()
     receiver.stop()
@@ -792,9 +786,86 @@ def run_udpcast(
         arrived=arrived,
         data_seconds=arrived - began if arrived is not None and began is not None else None,
         gave_up="Missed blocks" in receiver.text(),
-        join_delay=join_delay,
     )
     outcome.retries = attempt - 1
+    return outcome
+
+
+_UDPCAST_COMMON = ("--interface", "eth0", "--nokbd", "--mcast-rdv-address", UDPCAST_RDV)
+
+
+def _udp_receiver(bench: Bench, host: Host, out: Path) -> Proc:
+    return bench.procs.start(
+        host.command("udp-receiver", "--file", str(out), "--rcvbuf", PEER_BUFFER, *_UDPCAST_COMMON)
+    )
+
+
+def _udp_sender(bench: Bench, mode: Sequence[str]) -> Proc:
+    return bench.procs.start(
+        bench.tx.command(
+            "udp-sender",
+            "--file",
+            str(bench.release.image),
+            "--nopointopoint",
+            *_UDPCAST_COMMON,
+            *mode,
+        )
+    )
+
+
+def _udpcast_late(bench: Bench, loss: int, asynchronous: bool, join_delay: float) -> Outcome:
+    """A receiver on `bench.early` is listening when udp-sender starts, so that the session
+    begins (it sends nothing before a receiver connects, or async before --autostart HELLOs:
+    udp-sender(1)); the measured receiver starts `join_delay` s after udp-sender.  udp-sender
+    serves one session and exits: whenever it exits and the late receiver is still waiting,
+    the benchmark starts it again (SESSION_SETTLE later), as a loop would; the early receiver
+    leaves after the first session.  A late receiver that gives up (exits) ends the run."""
+    quiesce((bench.tx, bench.rx))
+    mode = UDPCAST_ASYNC if asynchronous else UDPCAST_DEFAULT
+    early: Proc | None = None
+    if bench.early is not None:
+        early = _udp_receiver(bench, bench.early, bench.fresh("udpcast-early") / "image")
+        wait_udp_port(early, 9000)
+    sender = _udp_sender(bench, mode)
+    _sleep_until(time.monotonic() + join_delay)
+    meter = Meter(bench.rx, loss)
+    out = bench.fresh("udpcast-out") / "image"
+    start = time.monotonic()
+    receiver = _udp_receiver(bench, bench.rx, out)
+    sessions = 1
+    first_session = sender
+    done: Exit | None = None
+    while (done := receiver.wait(0.0)) is None and time.monotonic() < start + bench.timeout:
+        ended = sender.exit if not sender.running() else None
+        if ended is not None and early is not None:
+            early.stop()
+            early = None
+        if ended is not None and time.monotonic() > ended.at + SESSION_SETTLE:
+            sender = _udp_sender(bench, mode)
+            sessions += 1
+        time.sleep(POLL)
+    sender.wait(time.monotonic() + 10)
+    count = meter.read()
+    sender.stop()
+    receiver.stop()
+    if early is not None:
+        early.stop()
+    arrived = done.at if done is not None and done.returncode == 0 else None
+    began = first_session.seen("Starting transfer") if sessions == 1 else None
+    outcome = _outcome(
+        "udpcast-async" if asynchronous else "udpcast",
+        loss,
+        bench,
+        out,
+        count,
+        (sender, receiver),
+        start=start,
+        arrived=arrived,
+        data_seconds=arrived - max(began, start) if arrived is not None and began else None,
+        gave_up="Missed blocks" in receiver.text(),
+        join_delay=join_delay,
+    )
+    outcome.sessions = sessions
     return outcome
 
 
