@@ -600,6 +600,8 @@ def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Out
             "rx_cpu_s": round(done.cpu, 3),
             "rx_peak_rss_mb": _float(summary.get("peak_rss_mb")) or 0.0,
             "late": _float(summary.get("late")) or 0.0,
+            "lost": float(count.lost),
+            "overflow": float(count.overflow),  # dropped on the receiver's full socket buffer
         }
         # What the sender really sent (its pace may fall short of --rate): stopped just after
         # the receiver finished, so this is the transfer's rate.
