@@ -50,6 +50,9 @@ bench-quick: setup
 # stdout, JSON and PNG plots in results/.  Needs root and the Debian packages uftp and udpcast.
 # The quick one (8 MiB, 5% loss, 1 and 5 receivers) fails only if an image arrives corrupted or a
 # tool does not deliver; the full one takes about 8 minutes on 2 cores.
+# otacast side by side with uftp, udpcast and HTTP (integration/bench_compare.py; root): 50 MB
+# and 500 MB at 0/5/20% loss, a late join, N receivers, several senders, 1 GiB peak RSS; about
+# half an hour on 2 cores.  The quick one (8 MiB, 5% loss, one run each, ~2 min) runs in CI.
 bench-compare: setup
 	$(BIN)/python integration/bench_compare.py
 

@@ -16,13 +16,12 @@ from .compare_tools import BACK_CHANNEL, Outcome, Plan
 
 NAMES = {
     "otacast": "otacast",
-    "otacast-o30": "otacast --overhead 30%",
     "uftp": "uftp -R -1",
     "udpcast": "udpcast (ACK/NAK)",
     "udpcast-async": "udpcast async+FEC 8x16/64",
     "http": "HTTP (nginx + requests)",
 }
-# The issue's targets (issue 7).
+# The issues' targets (7 and 12).
 RECEIVED_PER_IDEAL = 1.03
 FLEET_CPU_RATIO = 1.05
 FLEET_BYTES_RATIO = 1.1
@@ -34,6 +33,11 @@ def mib(size: int) -> str:
     return f"{size / (1 << 20):g} MiB"
 
 
+def size_label(size: int) -> str:
+    """``50 MB`` for the issue's decimal sizes, ``8 MiB`` for binary ones."""
+    return f"{size // 10**6} MB" if size % 10**6 == 0 else mib(size)
+
+
 def mbps(size: int, seconds: float | None) -> float | None:
     return size / 1e6 / seconds if seconds else None
 
@@ -43,17 +47,22 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def heading(plan: Plan) -> str:
+    images = ", ".join(
+        f"{size_label(size)} x{repeat}"
+        for size, repeat in zip(plan.images, plan.repeats, strict=True)
+    )
     return (
-        f"bench_compare ({plan.mode}): {mib(plan.image)} image, loss {plan.losses}, "
-        f"{plan.repeat} run(s) each; receivers {plan.receivers} with a {mib(plan.fleet_image)} "
-        f"image; senders {plan.senders}; "
+        f"bench_compare ({plan.mode}): images {images} (runs each), loss {plan.losses}, "
+        f"late joins at {plan.late_loss}%; receivers {plan.receivers} with a "
+        f"{mib(plan.fleet_image)} image; senders {plan.senders}; "
         + (f"peak RSS with {mib(plan.big_image)}" if plan.big_image else "no peak-RSS run")
+        + (f"; otacast fetch --symbols {plan.symbols}" if plan.symbols else "")
     )
 
 
-def progress_line(o: Outcome, size: int, repetition: int) -> str:
+def progress_line(o: Outcome, repetition: int) -> str:
     state = (
-        f"{fmt(o.seconds, 2)} s, {fmt(mbps(size, o.seconds))} MB/s"
+        f"{fmt(o.seconds, 2)} s, {fmt(mbps(o.size, o.seconds))} MB/s"
         if o.delivered
         else f"NOT DELIVERED ({o.note})"
     )
@@ -61,9 +70,12 @@ def progress_line(o: Outcome, size: int, repetition: int) -> str:
         state += " -- SHA-256 MISMATCH"
     if o.retries:
         state += f" (started {o.retries + 1} times: handshake lost)"
+    if o.sessions > 1:
+        state += f" ({o.sessions} sender sessions)"
+    late = "" if o.join_delay is None else f", joined {o.join_delay:g} s late"
     return (
-        f"  run {repetition + 1} {NAMES[o.tool]:<26} {o.loss:>2}% loss: {state}; "
-        f"receiver sent {o.rx_sent} UDP/TCP packets"
+        f"  run {repetition + 1} {size_label(o.size):>7} {NAMES[o.tool]:<26} {o.loss:>2}% loss"
+        f"{late}: {state}; receiver sent {o.rx_sent} UDP/TCP packets"
     )
 
 
@@ -100,6 +112,8 @@ def _ratio(numerator: object, denominator: float) -> str:
 class Row:
     tool: str
     loss: int
+    size: int
+    late: bool  # the late-join runs (receiver started after the sender)
     runs: int
     delivered: int
     intact: int
@@ -109,6 +123,8 @@ class Row:
     data_seconds: float | None
     rx_sent: int
     notes: list[str]
+    join_delay: float | None = None  # median
+    sessions: int = 1  # most sender sessions a run took
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -118,19 +134,28 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 
 def aggregate(outcomes: Sequence[Outcome]) -> list[Row]:
-    keys: list[tuple[str, int]] = []
+    keys: list[tuple[str, int, int, bool]] = []
     for o in outcomes:
-        if (o.tool, o.loss) not in keys:
-            keys.append((o.tool, o.loss))
+        key = (o.tool, o.loss, o.size, o.join_delay is not None)
+        if key not in keys:
+            keys.append(key)
     rows = []
-    for tool, loss in sorted(keys, key=lambda k: (k[1], list(NAMES).index(k[0]))):
-        runs = [o for o in outcomes if o.tool == tool and o.loss == loss]
+    for tool, loss, size, late in sorted(
+        keys, key=lambda k: (k[3], k[2], k[1], list(NAMES).index(k[0]))
+    ):
+        runs = [
+            o
+            for o in outcomes
+            if (o.tool, o.loss, o.size, o.join_delay is not None) == (tool, loss, size, late)
+        ]
         ok = [o for o in runs if o.delivered]
         extra_keys = {k for o in ok for k in o.extra}
         rows.append(
             Row(
                 tool,
                 loss,
+                size,
+                late,
                 len(runs),
                 len(ok),
                 sum(1 for o in ok if o.intact),
@@ -140,6 +165,8 @@ def aggregate(outcomes: Sequence[Outcome]) -> list[Row]:
                 _median([o.data_seconds for o in ok]),
                 max(o.rx_sent for o in runs),
                 [o.note for o in runs if o.note],
+                _median([o.join_delay for o in runs]),
+                max(o.sessions for o in runs),
                 {k: _median([o.extra.get(k) for o in ok]) or 0.0 for k in sorted(extra_keys)},
             )
         )
@@ -172,8 +199,15 @@ def median_rows(rows: Sequence[dict[str, object]], keys: Sequence[str]) -> list[
     return merged
 
 
-def _find(rows: Sequence[Row], tool: str, loss: int) -> Row | None:
-    return next((r for r in rows if r.tool == tool and r.loss == loss), None)
+def _find(rows: Sequence[Row], tool: str, loss: int, size: int) -> Row | None:
+    """The loss run (not the late join) of `tool` at `loss` and `size`."""
+    return next(
+        (r for r in rows if (r.tool, r.loss, r.size, r.late) == (tool, loss, size, False)), None
+    )
+
+
+def _sized(rows: Sequence[Row], size: int) -> list[Row]:
+    return [r for r in rows if r.size == size and not r.late]
 
 
 # ---- tables ---------------------------------------------------------------------------------
@@ -185,23 +219,29 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+def _state(r: Row) -> str:
+    state = f"{r.delivered}/{r.runs}"
+    if r.intact < r.delivered:
+        state += " CORRUPT"
+    if r.gave_up:
+        state += " (FEC gave up)"
+    if r.retries:
+        state += f" ({r.retries} restarted: handshake lost)"
+    if r.delivered < r.runs and not r.gave_up:
+        state += " (" + ", ".join(sorted(set(r.notes))) + ")"
+    return state
+
+
 def loss_table(rows: Sequence[Row], size: int) -> str:
     lines = []
-    for r in rows:
-        base = _find(rows, "otacast", r.loss)
+    for r in _sized(rows, size):
+        base = _find(rows, "otacast", r.loss, size)
         good, data = mbps(size, r.seconds), mbps(size, r.data_seconds)
         ratio = ratio_data = None
         if base and good and base.seconds:
             ratio = (mbps(size, base.seconds) or 0) / good
         if base and data and base.data_seconds:
             ratio_data = (mbps(size, base.data_seconds) or 0) / data
-        state = f"{r.delivered}/{r.runs}"
-        if r.intact < r.delivered:
-            state += " CORRUPT"
-        if r.gave_up:
-            state += " (FEC gave up)"
-        if r.retries:
-            state += f" ({r.retries} restarted: handshake lost)"
         lines.append(
             [
                 NAMES[r.tool],
@@ -213,7 +253,7 @@ def loss_table(rows: Sequence[Row], size: int) -> str:
                 fmt(data),
                 fmt(ratio, 2),
                 fmt(ratio_data, 2),
-                state,
+                _state(r),
             ]
         )
     return _table(
@@ -233,32 +273,38 @@ def loss_table(rows: Sequence[Row], size: int) -> str:
     )
 
 
-def efficiency_table(rows: Sequence[Row], size: int) -> str:
+def efficiency_table(rows: Sequence[Row]) -> str:
+    """otacast's rows (loss runs and late joins alike) in `rows`."""
     lines = []
     for r in rows:
-        if not r.tool.startswith("otacast") or not r.extra:
+        if r.tool != "otacast" or not r.extra:
             continue
         k = r.extra["K"]
         lines.append(
             [
-                NAMES[r.tool],
-                f"{r.loss}%",
+                size_label(r.size),
+                f"{r.loss}%" + (f", joined {r.join_delay:g} s late" if r.late else ""),
                 f"{r.extra['datagrams']:,.0f}",
+                f"{r.extra.get('lost', 0):,.0f}",
+                f"{r.extra.get('overflow', 0):,.0f}",
                 f"{k / (1 - r.loss / 100):,.0f}",
                 f"{r.extra['received/ideal']:.3f}",
                 f"{r.extra['used/K']:.3f}",
                 f"{r.extra.get('late', 0):,.0f}",
                 f"{r.extra.get('rejected:no-manifest-yet', 0):,.0f}",
                 f"{r.extra.get('rejected:decoder-budget', 0):,.0f}",
-                f"{r.extra['rx_cpu_s'] / (size / 1e6):.4f}",
+                f"{r.extra['rx_cpu_s'] / (r.size / 1e6):.4f}",
                 fmt(r.extra.get("rx_peak_rss_mb")),
+                fmt(r.extra.get("sender_MB/s")),
             ]
         )
     return _table(
         [
-            "sender",
+            "image",
             "loss",
             "datagrams received",
+            "dropped (loss)",
+            "dropped (socket buffer full)",
             "ideal K/(1-p)",
             "on link (received + dropped) / ideal",
             "FEC used/K",
@@ -267,6 +313,59 @@ def efficiency_table(rows: Sequence[Row], size: int) -> str:
             "refused: decoder budget",
             "receiver CPU s/MB",
             "receiver peak RSS MB",
+            "sender's own MB/s",
+        ],
+        lines,
+    )
+
+
+# How each tool treats a receiver that starts after its sender (the man pages; what happened
+# in the runs is in the row: sessions, delivered).
+LATE_HOW = {
+    "otacast": "joins the running carousel",
+    "uftp": "takes clients that answer its announcement; a later one waits for the next "
+    "session (started again here)",
+    "udpcast": "sends once a receiver connects; a later one waits for the next session "
+    "(started again here)",
+    "udpcast-async": "sends after --autostart 5 HELLOs; a later receiver catches the stream "
+    "mid-way or waits for the next session (started again here)",
+    "http": "same as any download: the server is always up",
+}
+
+
+def late_table(rows: Sequence[Row]) -> str:
+    lines = []
+    for r in rows:
+        if not r.late:
+            continue
+        lines.append(
+            [
+                NAMES[r.tool],
+                size_label(r.size),
+                f"{r.loss}%",
+                fmt(r.join_delay, 2),
+                fmt(r.seconds, 2),
+                fmt(mbps(r.size, r.seconds)),
+                f"{r.extra['received/ideal']:.3f}" if "received/ideal" in r.extra else "—",
+                str(r.rx_sent),
+                str(r.sessions),
+                _state(r),
+                LATE_HOW[r.tool],
+            ]
+        )
+    return _table(
+        [
+            "tool",
+            "image",
+            "loss",
+            "receiver started s after the sender",
+            "receiver start to image s",
+            "goodput MB/s",
+            "received/ideal",
+            "rx UDP/TCP pkts sent",
+            "sender sessions",
+            "delivered",
+            "how a late receiver is served",
         ],
         lines,
     )
@@ -319,7 +418,6 @@ def senders_table(rows: Sequence[dict[str, object]]) -> str:
         lines.append(
             [
                 str(row["senders"]),
-                f"{row['repair']}, {row['window']} chunks",
                 str(row["rate_each"]),
                 fmt(_num(row["receiving_s"]), 2),
                 fmt(_num(row["seconds"]), 2),
@@ -331,7 +429,6 @@ def senders_table(rows: Sequence[dict[str, object]]) -> str:
     return _table(
         [
             "senders",
-            "repair pool, window",
             "rate each",
             "receiving s",
             "start to image s",
@@ -367,31 +464,37 @@ def _verdict(value: float | None, limit: float, higher_is_better: bool = False) 
 
 def targets(plan: Plan, result: dict[str, object], rows: Sequence[Row]) -> list[list[str]]:
     out: list[list[str]] = []
-    ota, uftp = _find(rows, "otacast", 5), _find(rows, "uftp", 5)
-    if ota and uftp and ota.seconds and uftp.seconds:
-        ratio = uftp.seconds / ota.seconds
-        data = (
-            uftp.data_seconds / ota.data_seconds if uftp.data_seconds and ota.data_seconds else None
-        )
-        verdict = _verdict(ratio, 1.0, higher_is_better=True)
-        if data is not None:
-            verdict += f"; data phase {_verdict(data, 1.0, higher_is_better=True)}"
-        if ota.rx_sent:
-            verdict = f"missed: the receiver sent {ota.rx_sent} packets"
-        out.append(
-            [
-                "otacast goodput ≥ uftp's at 5% loss, receiver sends 0 packets",
-                f"{ratio:.2f}x uftp start to image, {fmt(data, 2)}x in the data phase; "
-                f"receiver sent {ota.rx_sent}",
-                verdict,
-            ]
-        )
+    for size in plan.images:
+        for loss in plan.losses:
+            ota, uftp = _find(rows, "otacast", loss, size), _find(rows, "uftp", loss, size)
+            if not ota or not uftp:
+                continue
+            name = (
+                f"otacast start-to-image time ≤ uftp's at {loss}% loss, {size_label(size)}, "
+                "0 packets from the receiver"
+            )
+            if not ota.seconds or not uftp.seconds:
+                out.append([name, "not delivered by both", "not measured"])
+                continue
+            verdict = _verdict(ota.seconds, uftp.seconds)
+            if ota.rx_sent:
+                verdict = f"missed: the receiver sent {ota.rx_sent} packets"
+            out.append(
+                [
+                    name,
+                    f"otacast {ota.seconds:.2f} s, uftp {uftp.seconds:.2f} s "
+                    f"({uftp.seconds / ota.seconds:.2f}x); receiver sent {ota.rx_sent}",
+                    verdict,
+                ]
+            )
     for r in rows:
-        if r.tool.startswith("otacast") and r.extra:
+        if r.tool == "otacast" and r.extra:
+            late = f", joined {r.join_delay:g} s late" if r.late else ""
             value = r.extra["received/ideal"]
             out.append(
                 [
-                    f"{NAMES[r.tool]} received/ideal ≤ {RECEIVED_PER_IDEAL} at {r.loss}% loss",
+                    f"otacast received/ideal ≤ {RECEIVED_PER_IDEAL} at {r.loss}% loss, "
+                    f"{size_label(r.size)}{late}",
                     f"{value:.3f}",
                     _verdict(value, RECEIVED_PER_IDEAL),
                 ]
@@ -455,10 +558,14 @@ def _rows(result: dict[str, object], key: str) -> list[dict[str, object]]:
 def failures(result: dict[str, object], outcomes: Sequence[Outcome]) -> list[str]:
     found = []
     for o in outcomes:
+        case = f"{NAMES[o.tool]}, {size_label(o.size)} at {o.loss}%" + (
+            " (late join)" if o.join_delay is not None else ""
+        )
         if o.delivered and not o.intact:
-            found.append(f"{NAMES[o.tool]} at {o.loss}%: the image differs (sha256)")
-        elif not o.delivered and not o.gave_up:
-            found.append(f"{NAMES[o.tool]} at {o.loss}%: not delivered ({o.note})")
+            found.append(f"{case}: the image differs (sha256)")
+        # A peer that cannot serve a late receiver is reported in its table, not failed.
+        elif not o.delivered and not o.gave_up and (o.join_delay is None or o.tool == "otacast"):
+            found.append(f"{case}: not delivered ({o.note})")
     for row in _rows(result, "fleet"):
         if row["verified"] != row["verified_of"]:
             found.append(
@@ -485,12 +592,24 @@ def finish(plan: Plan, result: dict[str, object], results: Path) -> int:
     rows = aggregate(outcomes)
     goals = targets(plan, result, rows)
     result["targets"] = [{"target": t, "measured": m, "verdict": v} for t, m, v in goals]
-    sections = [
-        f"## One receiver, {mib(plan.image)} image (MB = 10^6 bytes; medians of {plan.repeat})",
-        loss_table(rows, plan.image),
-        "## otacast: datagrams on the receiver's link vs the ideal K/(1-p)",
-        efficiency_table(rows, plan.image),
-    ]
+    sections: list[str] = []
+    for size, repeat in zip(plan.images, plan.repeats, strict=True):
+        if _sized(rows, size):
+            sections += [
+                f"## One receiver, {size_label(size)} image (MB = 10^6 bytes; medians of {repeat})",
+                loss_table(rows, size),
+            ]
+    if any(r.late for r in rows):
+        sections += [
+            f"## Late join: the receiver starts after the sender, at {plan.late_loss}% loss "
+            "(time from the receiver's start)",
+            late_table(rows),
+        ]
+    if any(r.tool == "otacast" and r.extra for r in rows):
+        sections += [
+            "## otacast: datagrams on the receiver's link vs the ideal K/(1-p)",
+            efficiency_table(rows),
+        ]
     if _rows(result, "fleet_median"):
         sections += [
             f"## N receivers on one bridge, {mib(plan.fleet_image)} image, otacast paced at "
@@ -499,7 +618,8 @@ def finish(plan: Plan, result: dict[str, object], results: Path) -> int:
         ]
     if _rows(result, "senders_median"):
         sections += [
-            f"## Several otacast senders into one receiver, {mib(plan.image)} image",
+            f"## Several otacast senders into one receiver, {size_label(plan.image)} image, "
+            "default repair pool",
             senders_table(_rows(result, "senders_median")),
         ]
     memory = result.get("memory")
@@ -518,7 +638,7 @@ def finish(plan: Plan, result: dict[str, object], results: Path) -> int:
                 ],
             ),
         ]
-    sections += ["## Targets (issue 7)", _table(["target", "measured", "verdict"], goals)]
+    sections += ["## Targets (issues 7 and 12)", _table(["target", "measured", "verdict"], goals)]
     print()
     print("\n\n".join(sections))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
@@ -546,9 +666,12 @@ def plots(plan: Plan, result: dict[str, object], rows: Sequence[Row], stem: Path
     import matplotlib.pyplot as plt
 
     written = []
-    if rows:
-        tools = [t for t in NAMES if any(r.tool == t for r in rows)]
-        losses = sorted({r.loss for r in rows})
+    for size in plan.images:
+        sized = _sized(rows, size)
+        if not sized:
+            continue
+        tools = [t for t in NAMES if any(r.tool == t for r in sized)]
+        losses = sorted({r.loss for r in sized})
         figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
         width = 0.8 / max(len(tools), 1)
         for ax, attribute, title in (
@@ -558,19 +681,19 @@ def plots(plan: Plan, result: dict[str, object], rows: Sequence[Row], stem: Path
             for index, tool in enumerate(tools):
                 values = []
                 for loss in losses:
-                    row = _find(rows, tool, loss)
-                    values.append(mbps(plan.image, getattr(row, attribute)) or 0.0 if row else 0.0)
+                    row = _find(rows, tool, loss, size)
+                    values.append(mbps(size, getattr(row, attribute)) or 0.0 if row else 0.0)
                 positions = [i + (index - (len(tools) - 1) / 2) * width for i in range(len(losses))]
                 ax.bar(positions, values, width, label=NAMES[tool])
             ax.set_xticks(range(len(losses)), [f"{loss}% loss" for loss in losses])
             ax.set_title(title)
             ax.set_yscale("log")  # ratios read as distances
             ax.grid(axis="y", which="both", alpha=0.3)
-        axes[0].set_ylabel(f"goodput MB/s, log scale ({mib(plan.image)} image)")
+        axes[0].set_ylabel(f"goodput MB/s, log scale ({size_label(size)} image)")
         axes[1].legend(fontsize=8)
-        figure.suptitle("one receiver: goodput (no bar: not delivered)")
+        figure.suptitle(f"one receiver, {size_label(size)}: goodput (no bar: not delivered)")
         figure.tight_layout()
-        written.append(_save(figure, stem, "goodput"))
+        written.append(_save(figure, stem, f"goodput-{size_label(size).replace(' ', '')}"))
         plt.close(figure)
 
     fleet = _rows(result, "fleet_median")

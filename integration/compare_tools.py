@@ -7,7 +7,10 @@ Every runner starts its receiver first, waits until it listens, then starts the 
 returns an `Outcome`: whether the image arrived intact (sha256 of what the receiver wrote), the
 time from starting the transfer to the receiver holding the whole image, the tool's own
 data-phase time where it reports one, and how many UDP/TCP packets the receiver sent -- its back
-channel.  Nothing here runs outside the namespaces the benchmark creates.
+channel.  Given a ``join_delay``, a runner does the opposite (a late join): it starts the
+sender, waits that long, starts the receiver, and times from the receiver's start; the loss and
+the counters then begin with the receiver too.  Nothing here runs outside the namespaces the
+benchmark creates.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import shutil
@@ -54,7 +58,6 @@ PEER_BUFFER = str(8 << 20)
 # tool -> does it need a back channel from the receivers to the sender (by design)?
 BACK_CHANNEL = {
     "otacast": False,
-    "otacast-o30": False,
     "uftp": True,
     "udpcast": True,
     "udpcast-async": False,
@@ -62,7 +65,6 @@ BACK_CHANNEL = {
 }
 PROGRAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "otacast": (),
-    "otacast-o30": (),
     "uftp": (("uftp", "uftp"), ("uftpd", "uftp")),
     "udpcast": (("udp-sender", "udpcast"), ("udp-receiver", "udpcast")),
     "udpcast-async": (("udp-sender", "udpcast"), ("udp-receiver", "udpcast")),
@@ -302,9 +304,9 @@ class Plan:
     """What one run of the benchmark measures (bench_compare.py has the full and quick plans)."""
 
     mode: str
-    image: int
+    images: tuple[int, ...]  # the one-receiver sizes, smallest first (also the late joins)
+    repeats: tuple[int, ...]  # runs per tool, loss and size, one per entry of images
     losses: tuple[int, ...]
-    repeat: int
     rate: str  # otacast's pace with one receiver
     fleet_image: int
     receivers: tuple[int, ...]
@@ -312,8 +314,15 @@ class Plan:
     senders: tuple[int, ...]
     sender_rate: str  # each of the several senders
     big_image: int
-    tools: tuple[str, ...]  # compared in the loss runs
-    sections: tuple[str, ...]  # of loss, fleet, senders, memory
+    tools: tuple[str, ...]  # compared in the loss and late-join runs
+    sections: tuple[str, ...]  # of loss, late, fleet, senders, memory
+    late_loss: int = 5  # loss of the late-join runs
+    symbols: str = ""  # otacast fetch's --symbols (empty: its default)
+
+    @property
+    def image(self) -> int:
+        """The small image: the several-sender runs use it."""
+        return self.images[0]
 
 
 # ---- nftables: random loss on what arrives, and a count of what the receiver sends ----------
@@ -420,6 +429,11 @@ class Outcome:
     overflow: int  # datagrams the receiver's kernel dropped on a full socket buffer
     gave_up: bool = False  # a no-back-channel tool's FEC could not repair the loss
     retries: int = 0  # transfers started again after a lost handshake (udpcast)
+    size: int = 0  # the image's bytes
+    # Late join: the receiver was started this many seconds after the sender, and `seconds`
+    # runs from the receiver's start.  None: the receiver was ready before the transfer began.
+    join_delay: float | None = None
+    sessions: int = 1  # sender sessions started before the receiver had the image (uftp)
     note: str = ""
     log: str = ""  # the programs' last lines, for a run that did not deliver
     extra: dict[str, float] = field(default_factory=dict)
@@ -440,6 +454,10 @@ class Bench:
     procs: Processes
     source_symbols: int  # K over the whole image
     http_url: str = ""
+    # A receiver that is there when a late join's sender starts, so that the peers' session
+    # begins as it would for a fleet (otacast's sender does not care).
+    early: Host | None = None
+    symbols: str = ""  # otacast fetch's --symbols (empty: its default)
 
     def fresh(self, name: str) -> Path:
         path = self.work / name
@@ -463,10 +481,14 @@ def warm_cache(procs: Processes, host: Host, release: Release, cache: Path, *arg
     sender.stop()
 
 
-def fetch_argv(host: Host, release: Release, state: Path, out: Path, *sources: str) -> list[str]:
-    """`otacast fetch` joining `sources` (SSM), multicast only."""
+def fetch_argv(
+    host: Host, release: Release, state: Path, out: Path, *sources: str, symbols: str = ""
+) -> list[str]:
+    """`otacast fetch` joining `sources` (SSM), multicast only; `symbols` is its --symbols
+    (empty: fetch's default)."""
     joins = [arg for source in sources for arg in ("--source", source)]
-    return fetch_command(host, release, state, out, "--fallback", "never", *joins)
+    keeping = ["--symbols", symbols] if symbols else []
+    return fetch_command(host, release, state, out, "--fallback", "never", *keeping, *joins)
 
 
 def _outcome(
@@ -481,8 +503,15 @@ def _outcome(
     arrived: float | None,
     data_seconds: float | None,
     gave_up: bool = False,
+    join_delay: float | None = None,
 ) -> Outcome:
     delivered = arrived is not None
+    if delivered:
+        note = ""
+    elif gave_up:
+        note = "FEC could not repair the loss"
+    else:
+        note = "failed" if join_delay is None else "did not join"
     return Outcome(
         tool,
         loss,
@@ -495,32 +524,52 @@ def _outcome(
         count.lost,
         count.overflow,
         gave_up=gave_up and not delivered,
-        note="" if delivered else ("FEC could not repair the loss" if gave_up else "failed"),
+        size=bench.size,
+        join_delay=join_delay,
+        note=note,
         log="" if delivered else "\n".join(_tail(proc) for proc in procs),
     )
 
 
-def run_otacast(bench: Bench, loss: int, *sender_args: str, tool: str = "otacast") -> Outcome:
+def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Outcome:
+    """Serve's default flags (the repair pool, no per-pass knob left).  With `join_delay` the
+    sender loops first and the receiver starts that many seconds later: a device joining a
+    carousel already running, timed from its own start."""
     quiesce((bench.tx, bench.rx))
-    meter = Meter(bench.rx, loss)
     out = bench.fresh("otacast-out") / "image"
     state = bench.fresh("otacast-state")
-    receiver = bench.procs.start(fetch_argv(bench.rx, bench.release, state, out, bench.tx.address))
-    wait_joined(receiver, ssm_group(bench.release))
-    start = time.monotonic()
-    sender = bench.procs.start(
-        serve_command(
-            bench.tx,
-            bench.release,
-            bench.work / "cache",
-            "--rate",
-            bench.rate,
-            "--no-gso",  # so that nftables drops single datagrams, not GSO trains
-            "--duration",
-            f"{bench.timeout:g}s",
-            *sender_args,
+
+    def serve() -> Proc:
+        return bench.procs.start(
+            serve_command(
+                bench.tx,
+                bench.release,
+                bench.work / "cache",
+                "--rate",
+                bench.rate,
+                "--no-gso",  # so that nftables drops single datagrams, not GSO trains
+                "--duration",
+                f"{math.ceil(bench.timeout + (join_delay or 0))}s",  # whole seconds only
+            )
         )
-    )
+
+    if join_delay is None:
+        meter = Meter(bench.rx, loss)
+        receiver = bench.procs.start(
+            fetch_argv(bench.rx, bench.release, state, out, bench.tx.address, symbols=bench.symbols)
+        )
+        wait_joined(receiver, ssm_group(bench.release))
+        start = time.monotonic()
+        sender = serve()
+    else:
+        sender = serve()
+        _sleep_until(time.monotonic() + join_delay)
+        # The meter counts from here: what the receiver's link carried after it started.
+        meter = Meter(bench.rx, loss)
+        start = time.monotonic()
+        receiver = bench.procs.start(
+            fetch_argv(bench.rx, bench.release, state, out, bench.tx.address, symbols=bench.symbols)
+        )
     done = receiver.wait(start + bench.timeout)
     count = meter.read()
     sender.stop()
@@ -528,7 +577,7 @@ def run_otacast(bench: Bench, loss: int, *sender_args: str, tool: str = "otacast
     summary = receiver.last_event("finished")
     ok = done is not None and done.returncode == 0 and bool(summary)
     outcome = _outcome(
-        tool,
+        "otacast",
         loss,
         bench,
         out,
@@ -537,6 +586,7 @@ def run_otacast(bench: Bench, loss: int, *sender_args: str, tool: str = "otacast
         start=start,
         arrived=done.at if ok and done else None,
         data_seconds=_float(summary.get("receiving")),
+        join_delay=join_delay,
     )
     if ok and done:
         datagrams = _float(summary.get("datagrams")) or 0.0
@@ -550,25 +600,38 @@ def run_otacast(bench: Bench, loss: int, *sender_args: str, tool: str = "otacast
             "rx_cpu_s": round(done.cpu, 3),
             "rx_peak_rss_mb": _float(summary.get("peak_rss_mb")) or 0.0,
             "late": _float(summary.get("late")) or 0.0,
+            "lost": float(count.lost),
+            "overflow": float(count.overflow),  # dropped on the receiver's full socket buffer
         }
+        # What the sender really sent (its pace may fall short of --rate): stopped just after
+        # the receiver finished, so this is the transfer's rate.
+        served = sender.last_event("finished")
+        sent, elapsed = _float(served.get("bytes")), _float(served.get("elapsed"))
+        if sent and elapsed:
+            outcome.extra["sender_MB/s"] = round(sent / elapsed / 1e6, 1)
+            outcome.extra["sender_packets"] = _float(served.get("packets")) or 0.0
         rejected = summary.get("rejected")
         for reason, number in rejected.items() if isinstance(rejected, dict) else ():
             outcome.extra[f"rejected:{reason}"] = float(number)
     return outcome
 
 
-def run_uftp(bench: Bench, loss: int) -> Outcome:
-    quiesce((bench.tx, bench.rx))
-    meter = Meter(bench.rx, loss)
-    dest, temp = bench.fresh("uftp-dest"), bench.fresh("uftp-temp")
-    out = dest / bench.release.image.name
-    receiver = bench.procs.start(
-        bench.rx.command(
+# A late receiver that took part in a session has the image a moment after the sender exits
+# (uftpd moves the file, udp-receiver exits); one still without it this long after the sender
+# exited was not part of that session, and the next one is started.
+SESSION_SETTLE = 1.0
+
+
+def _uftpd(bench: Bench, host: Host, name: str) -> tuple[Proc, Path]:
+    """uftpd in `host`, receiving into a fresh folder; the path the image will have there."""
+    dest, temp = bench.fresh(f"{name}-dest"), bench.fresh(f"{name}-temp")
+    proc = bench.procs.start(
+        host.command(
             "uftpd",
             "-d",
             "-q",
             "-I",
-            bench.rx.address,
+            host.address,
             "-M",
             UFTP_GROUP,
             "-D",
@@ -581,42 +644,81 @@ def run_uftp(bench: Bench, loss: int) -> Outcome:
             PEER_BUFFER,
         )
     )
-    wait_joined(receiver, UFTP_GROUP)
-    start = time.monotonic()
-    sender = bench.procs.start(
-        bench.tx.command(
-            "uftp",
-            "-I",
-            bench.tx.address,
-            "-M",
-            UFTP_GROUP,
-            "-P",
-            UFTP_PRIVATE,
-            "-R",
-            "-1",
-            "-b",
-            "1300",
-            "-B",
-            PEER_BUFFER,
-            "-x",
-            "2",
-            str(bench.release.image),
+    return proc, dest / bench.release.image.name
+
+
+def run_uftp(bench: Bench, loss: int, join_delay: float | None = None) -> Outcome:
+    """With `join_delay` (a late join), a client on `bench.early` is listening when uftp
+    starts, so that the session begins as it would for a fleet, and the measured client starts
+    `join_delay` s after uftp.  A uftp session serves the clients that answered its
+    announcement (uftp(1): "Any client that responds to the announcement will be accepted"),
+    so a later one waits for the next session: whenever uftp ends a session without it, the
+    benchmark starts uftp again (SESSION_SETTLE later), as a loop or a cron job would, and the
+    time includes the sessions it waited for.  The early client leaves after the first."""
+    quiesce((bench.tx, bench.rx))
+
+    def send() -> Proc:
+        return bench.procs.start(
+            bench.tx.command(
+                "uftp",
+                "-I",
+                bench.tx.address,
+                "-M",
+                UFTP_GROUP,
+                "-P",
+                UFTP_PRIVATE,
+                "-R",
+                "-1",
+                "-b",
+                "1300",
+                "-B",
+                PEER_BUFFER,
+                "-x",
+                "2",
+                str(bench.release.image),
+            )
         )
-    )
+
+    early: Proc | None = None
+    if join_delay is None:
+        meter = Meter(bench.rx, loss)
+        receiver, out = _uftpd(bench, bench.rx, "uftp")
+        wait_joined(receiver, UFTP_GROUP)
+        start = time.monotonic()
+        sender = send()
+    else:
+        if bench.early is not None:
+            early, _ = _uftpd(bench, bench.early, "uftp-early")
+            wait_joined(early, UFTP_GROUP)
+        sender = send()
+        _sleep_until(time.monotonic() + join_delay)
+        meter = Meter(bench.rx, loss)
+        start = time.monotonic()
+        receiver, out = _uftpd(bench, bench.rx, "uftp")
+    sessions = 1
     # Done when the file is in dest (uftpd moves it there at the end of the session, which may
     # be just after the sender has exited).
     deadline = start + bench.timeout
     while not out.exists() and time.monotonic() < deadline:
-        if not sender.running():
-            deadline = min(deadline, sender.exit.at + 5 if sender.exit else deadline)
+        ended = sender.exit if not sender.running() else None
+        if ended is not None and early is not None:
+            early.stop()
+            early = None
+        if ended is not None and join_delay is None:
+            deadline = min(deadline, ended.at + 5)
+        elif ended is not None and time.monotonic() > ended.at + SESSION_SETTLE:
+            sender = send()
+            sessions += 1
         time.sleep(POLL)
     arrived = time.monotonic() if out.exists() else None
     sender.wait(time.monotonic() + 30)  # it ends the session with the receivers
     count = meter.read()
     sender.stop()
     receiver.stop()
+    if early is not None:
+        early.stop()
     match = re.search(r"Status: Completed\s+time:\s+([\d.]+) seconds", sender.text())
-    return _outcome(
+    outcome = _outcome(
         "uftp",
         loss,
         bench,
@@ -626,7 +728,10 @@ def run_uftp(bench: Bench, loss: int) -> Outcome:
         start=start,
         arrived=arrived,
         data_seconds=float(match[1]) if match else None,
+        join_delay=join_delay,
     )
+    outcome.sessions = sessions
+    return outcome
 
 
 # udpcast's handshake is not retried on either side: when the sender's reply to the receiver's
@@ -637,25 +742,24 @@ UDPCAST_CONNECT_SECONDS = 10.0
 UDPCAST_ATTEMPTS = 3
 
 
-def run_udpcast(bench: Bench, loss: int, asynchronous: bool) -> Outcome:
+def run_udpcast(
+    bench: Bench, loss: int, asynchronous: bool, join_delay: float | None = None
+) -> Outcome:
+    """The receiver listens first, then udp-sender starts; with `join_delay`, a late join
+    (`_udpcast_late`)."""
+    if join_delay is not None:
+        return _udpcast_late(bench, loss, asynchronous, join_delay)
     quiesce((bench.tx, bench.rx))
     meter = Meter(bench.rx, loss)
     out = bench.fresh("udpcast-out") / "image"
-    common = ("--interface", "eth0", "--nokbd", "--mcast-rdv-address", UDPCAST_RDV)
     mode = UDPCAST_ASYNC if asynchronous else UDPCAST_DEFAULT
     done: Exit | None = None
     start = time.monotonic()
     for attempt in range(1, UDPCAST_ATTEMPTS + 1):
-        receiver = bench.procs.start(
-            bench.rx.command("udp-receiver", "--file", str(out), "--rcvbuf", PEER_BUFFER, *common)
-        )
+        receiver = _udp_receiver(bench, bench.rx, out)
         wait_udp_port(receiver, 9000)  # its default portbase
         began_attempt = time.monotonic()
-        sender = bench.procs.start(
-            bench.tx.command(
-                "udp-sender", "--file", str(bench.release.image), "--nopointopoint", *common, *mode
-            )
-        )
+        sender = _udp_sender(bench, mode)
         connected = began_attempt + UDPCAST_CONNECT_SECONDS
         while receiver.seen("Connected as") is None and receiver.running():
             if time.monotonic() > connected:
@@ -689,7 +793,87 @@ def run_udpcast(bench: Bench, loss: int, asynchronous: bool) -> Outcome:
     return outcome
 
 
-def run_http(bench: Bench, loss: int) -> Outcome:
+_UDPCAST_COMMON = ("--interface", "eth0", "--nokbd", "--mcast-rdv-address", UDPCAST_RDV)
+
+
+def _udp_receiver(bench: Bench, host: Host, out: Path) -> Proc:
+    return bench.procs.start(
+        host.command("udp-receiver", "--file", str(out), "--rcvbuf", PEER_BUFFER, *_UDPCAST_COMMON)
+    )
+
+
+def _udp_sender(bench: Bench, mode: Sequence[str]) -> Proc:
+    return bench.procs.start(
+        bench.tx.command(
+            "udp-sender",
+            "--file",
+            str(bench.release.image),
+            "--nopointopoint",
+            *_UDPCAST_COMMON,
+            *mode,
+        )
+    )
+
+
+def _udpcast_late(bench: Bench, loss: int, asynchronous: bool, join_delay: float) -> Outcome:
+    """A receiver on `bench.early` is listening when udp-sender starts, so that the session
+    begins (it sends nothing before a receiver connects, or async before --autostart HELLOs:
+    udp-sender(1)); the measured receiver starts `join_delay` s after udp-sender.  udp-sender
+    serves one session and exits: whenever it exits and the late receiver is still waiting,
+    the benchmark starts it again (SESSION_SETTLE later), as a loop would; the early receiver
+    leaves after the first session.  A late receiver that gives up (exits) ends the run."""
+    quiesce((bench.tx, bench.rx))
+    mode = UDPCAST_ASYNC if asynchronous else UDPCAST_DEFAULT
+    early: Proc | None = None
+    if bench.early is not None:
+        early = _udp_receiver(bench, bench.early, bench.fresh("udpcast-early") / "image")
+        wait_udp_port(early, 9000)
+    sender = _udp_sender(bench, mode)
+    _sleep_until(time.monotonic() + join_delay)
+    meter = Meter(bench.rx, loss)
+    out = bench.fresh("udpcast-out") / "image"
+    start = time.monotonic()
+    receiver = _udp_receiver(bench, bench.rx, out)
+    sessions = 1
+    first_session = sender
+    done: Exit | None = None
+    while (done := receiver.wait(0.0)) is None and time.monotonic() < start + bench.timeout:
+        ended = sender.exit if not sender.running() else None
+        if ended is not None and early is not None:
+            early.stop()
+            early = None
+        if ended is not None and time.monotonic() > ended.at + SESSION_SETTLE:
+            sender = _udp_sender(bench, mode)
+            sessions += 1
+        time.sleep(POLL)
+    sender.wait(time.monotonic() + 10)
+    count = meter.read()
+    sender.stop()
+    receiver.stop()
+    if early is not None:
+        early.stop()
+    arrived = done.at if done is not None and done.returncode == 0 else None
+    began = first_session.seen("Starting transfer") if sessions == 1 else None
+    outcome = _outcome(
+        "udpcast-async" if asynchronous else "udpcast",
+        loss,
+        bench,
+        out,
+        count,
+        (sender, receiver),
+        start=start,
+        arrived=arrived,
+        data_seconds=arrived - max(began, start) if arrived is not None and began else None,
+        gave_up="Missed blocks" in receiver.text(),
+        join_delay=join_delay,
+    )
+    outcome.sessions = sessions
+    return outcome
+
+
+def run_http(bench: Bench, loss: int, join_delay: float | None = None) -> Outcome:
+    """A late join is the same as any run: the client starts when the device wants the image
+    and the server is always up; `join_delay` only labels the outcome."""
     quiesce((bench.tx, bench.rx))
     meter = Meter(bench.rx, loss)
     out = bench.fresh("http-out") / "image"
@@ -712,7 +896,13 @@ def run_http(bench: Bench, loss: int) -> Outcome:
         start=start,
         arrived=arrived,
         data_seconds=_float(report[-1].get("seconds")) if report else None,
+        join_delay=join_delay,
     )
+
+
+def _sleep_until(when: float) -> None:
+    while (left := when - time.monotonic()) > 0:
+        time.sleep(min(left, 0.05))
 
 
 def ssm_group(release: Release) -> str:
