@@ -35,10 +35,12 @@ sends visit ``(floor(i * m_c / n) + R) mod m_c`` of chunk ``c``.  So:
 starts at wall time ``w`` begins in round ``floor(w / round_seconds)``, at the chunk that
 fraction of the round has reached.  Senders of one release and rate therefore stay ``C_c / n``
 apart however far apart they were started (hours, or a restart), as long as their clocks agree
-to well within a round.  A sender that falls behind its phase (a slow disk, a busy CPU) skips
-ahead to it at the next round boundary, never back; an unpaced sender (rate 0) has no phase and
-starts at round 0.  Several senders that do not set ``--sender i/n`` all send the same symbols
-at the same moment: that is what ``--sender`` is for.
+to well within a round and each keeps its rate.  A sender that cannot keep its rate (a slow
+disk, a busy CPU) falls behind the phase and stays behind: skipping ahead to it would leave
+visits unsent and bring the cycle's wrap, and so repeated symbols, sooner for every receiver.
+An unpaced sender (rate 0) has no phase and starts at round 0.  Several senders that do not
+set ``--sender i/n`` all send the same symbols at the same moment: that is what ``--sender``
+is for.
 
 *Passes.*  A pass is ``ceil(max K / visit)`` rounds of visits: every chunk has been sent at least
 its K source symbols' worth.  It only counts progress and ends ``--loops``; nothing in the order
@@ -46,7 +48,9 @@ depends on it, and there is no per-pass overhead to size for the worst loss.
 
 *Manifest carousel.*  All MANIFEST fragments are queued every ``manifest_interval`` seconds and
 sent before further data, so a receiver joining at any point has the manifest within about one
-interval.
+interval.  At high rates the interval shrinks so that the data sent between two copies fits
+in half the data a receiver holds before it has a manifest (``MAX_EARLY_BYTES``): a receiver
+joining mid-stream then loses nothing while it waits for the manifest.
 
 *AUTH pages* (packet authentication, optional).  Every chunk's cycle is cut into AUTH pages of
 ``auth_capacity`` digests each (`otacast.signer.auth_pages` builds and signs them); a visit is
@@ -74,14 +78,22 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from otacast.schemas.limits import MAX_EARLY_BYTES
+
 # A few milliseconds of burst: enough that sleep granularity (~0.1 ms) does not cost accuracy,
 # small enough that a switch buffer or a receiver's socket buffer never sees a large spike.
 BURST_SECONDS = 0.005
 
 # Manifest fragments are queued at least this often (a joining receiver has the manifest within
-# about a second) ...
-MIN_MANIFEST_INTERVAL = 0.25
-# ... but never use more than this share of the paced rate.
+# a quarter of a second) ...
+MAX_MANIFEST_INTERVAL = 0.25
+# ... and, at high rates, often enough that the data sent between two copies fits in half of what
+# a receiver holds before it has a manifest (MAX_EARLY_BYTES; the other half leaves room for a
+# second sender), so a receiver joining mid-stream loses nothing: every 12 ms at 100 MB/s ...
+EARLY_SHARE = 0.5
+# ... but no more than 100 times a second ...
+MIN_MANIFEST_INTERVAL = 0.01
+# ... and never using more than this share of the paced rate.
 MAX_MANIFEST_SHARE = 0.05
 
 # Copies of an AUTH page sent together (see the module doc).
@@ -142,9 +154,12 @@ class SenderStats:
 
 
 def manifest_interval(manifest_bytes: int, rate: float) -> float:
+    """Seconds between two copies of the manifest at `rate` bytes/s (see the constants)."""
     if rate <= 0:
-        return MIN_MANIFEST_INTERVAL
-    return max(MIN_MANIFEST_INTERVAL, manifest_bytes / (MAX_MANIFEST_SHARE * rate))
+        return MAX_MANIFEST_INTERVAL
+    early = EARLY_SHARE * MAX_EARLY_BYTES / rate
+    wanted = min(MAX_MANIFEST_INTERVAL, max(MIN_MANIFEST_INTERVAL, early))
+    return max(wanted, manifest_bytes / (MAX_MANIFEST_SHARE * rate))
 
 
 class AuthTiming:
@@ -240,7 +255,7 @@ class SenderCore:
         self._round, self._chunk = self._phase(now)
         self._visits_sent = 0
         self._batches: deque[SendSymbols] = deque()
-        self._next_data = self._advance(now)
+        self._next_data = self._advance()
 
     # --- Schedule ----------------------------------------------------------------------------
 
@@ -265,14 +280,11 @@ class SenderCore:
         """Which visit of `chunk`'s cycle this sender sends in absolute round `round_index`."""
         return (self.bases[chunk] + round_index) % self.visits[chunk]
 
-    def _visit(self, now: float) -> None:
+    def _visit(self) -> None:
         """Queue the batches of the next visit, moving to the next round after the last chunk."""
         if self._chunk == len(self.cycles):
             self._chunk = 0
             self._round += 1
-            if self._offset is not None:
-                # Behind the phase (module doc): skip ahead, never back.
-                self._round = max(self._round, self._phase(now)[0])
         chunk = self._chunk
         first = self.visit_of(chunk, self._round) * self.visit
         end = min(first + self.visit, self.cycles[chunk])
@@ -321,7 +333,7 @@ class SenderCore:
             self.stats.manifest_bytes += size
             return SendManifest(tuple(datagrams), size)
         action = self._next_data
-        self._next_data = self._advance(now)
+        self._next_data = self._advance()
         self._spend(action.nbytes)
         self.stats.data_packets += action.count
         self.stats.data_bytes += action.nbytes
@@ -332,11 +344,11 @@ class SenderCore:
                 return SendAuth(action.chunk, pages, AUTH_COPIES)
         return action
 
-    def _advance(self, now: float) -> SendSymbols:
+    def _advance(self) -> SendSymbols:
         """The next data batch; a pass is counted once its last visit's batches are all out."""
         if not self._batches:
             self.stats.passes = self._visits_sent // self.pass_visits
-            self._visit(now)
+            self._visit()
         return self._batches.popleft()
 
     def _spend(self, nbytes: int) -> None:

@@ -165,24 +165,21 @@ def test_the_phase_is_the_wall_clocks_not_the_senders_start() -> None:
         assert t0 is not None and abs(t - t0) < c.round_seconds / 4
 
 
-def test_a_sender_behind_its_phase_skips_ahead_at_the_next_round() -> None:
+def test_a_sender_behind_its_phase_sends_every_visit_in_turn() -> None:
     c = core([400] * 4, [200] * 4, rate=RATE, now=0.0, wall=0.0)
     assert c.round_seconds is not None
     assert c.next_action(0.0) == SendManifest(MANIFEST, 900)
-    first = c.next_action(0.0)
-    assert isinstance(first, SendSymbols) and (first.chunk, first.first) == (0, 0)
-    # Stalled (a slow disk) for ten rounds: the next round is the one the clock says.
-    late = 10 * c.round_seconds
-    got = []
-    now = late
-    while len(got) < 14:
+    # Stalled (a slow disk) for ten rounds: skipping ahead to the clock's round would leave
+    # visits unsent and wrap the cycle sooner, so the order goes on where it was.
+    now = 10 * c.round_seconds
+    got: list[tuple[int, int]] = []
+    while len(got) < 8 * 4:
         a = c.next_action(now)
         if isinstance(a, Wait):
             now = a.until
-        elif isinstance(a, SendSymbols):
+        elif isinstance(a, SendSymbols) and a.first % 10 == 0:
             got.append((a.chunk, a.first))
-    assert (1, 0) in got  # the rest of round 0 first ...
-    assert (0, 100) in got  # ... then round 10 (ESIs 100-109), not round 1
+    assert got == [(ch, 10 * r) for r in range(8) for ch in range(4)]
 
 
 def test_an_unpaced_sender_has_no_phase() -> None:
@@ -215,13 +212,17 @@ def test_manifest_is_sent_first_and_repeated_several_times_a_second() -> None:
     first = actions[0][1]
     assert isinstance(first, SendManifest) and first.datagrams == MANIFEST
     times = [t for t, a in actions if isinstance(a, SendManifest)]  # type: ignore[misc]
-    assert len(times) == 8  # every 0.25 s for 2 s
-    assert max(b - a for a, b in itertools.pairwise(times)) < 0.3
+    # Every 0.125 s at 10 MB/s: half of a receiver's 2.5 MB of early data between two copies.
+    assert len(times) == 16
+    assert max(b - a for a, b in itertools.pairwise(times)) < 0.14
 
 
-def test_manifest_share_is_capped_for_a_large_manifest() -> None:
-    assert manifest_interval(1_000_000, 10_000_000) == pytest.approx(2.0)
-    assert manifest_interval(20_000, 10_000_000) == 0.25
+def test_manifest_interval_fits_the_early_data_and_caps_the_manifests_share() -> None:
+    assert manifest_interval(1_000_000, 10_000_000) == pytest.approx(2.0)  # 5% of the rate
+    assert manifest_interval(2_000, 1_000_000) == 0.25  # at least four times a second
+    assert manifest_interval(20_000, 10_000_000) == pytest.approx(0.125)
+    assert manifest_interval(20_000, 100_000_000) == pytest.approx(0.0125)
+    assert manifest_interval(2_000, 1_000_000_000) == 0.01  # at most 100 times a second
     assert manifest_interval(20_000, 0) == 0.25
 
 
