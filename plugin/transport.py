@@ -36,6 +36,7 @@ import ctypes
 import ipaddress
 import socket
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -47,6 +48,10 @@ from .errors import NetworkError
 IPV6_MULTICAST_ALL = 29
 MCAST_JOIN_SOURCE_GROUP = 46
 SO_RCVBUFFORCE = 33
+SOL_UDP = 17
+UDP_GRO = 104  # linux/udp.h, since Linux 5.0
+# Room for the one control message a GRO read carries: the segment size, a C int.
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 MIB = 1024 * 1024
 # 32 MiB of kernel buffer (~14,000 datagrams at ~2.3 KiB of accounting each, ~0.7 s of a
@@ -56,8 +61,14 @@ DEFAULT_RECEIVE_BUFFER = 32 * MIB
 # The kernel keeps datagrams in RAM up to twice this (see above); beyond 256 MiB a typo in a
 # config would pin a device's memory rather than help.
 MAX_RECEIVE_BUFFER = 256 * MIB
-# The largest UDP payload over IPv6 without jumbograms: a buffer this large never truncates.
+# The largest UDP payload over IPv6 without jumbograms: a buffer this large never truncates a
+# datagram.
 MAX_DATAGRAM = 65535
+# The receiver's own read buffer.  A GRO buffer is bounded by the device's gro_max_size, 64 KiB
+# of IP packet by default, so this holds every coalesced read too; a device whose administrator
+# raised gro_max_size (BIG TCP) may see longer ones, whose datagrams past the buffer are lost
+# and counted in `truncated` (`split_read`), never handed on cut short.
+READ_BUFFER = MAX_DATAGRAM
 
 
 @dataclass(frozen=True)
@@ -174,10 +185,52 @@ def _describe(join: Join) -> str:
     return f"({join.source}, {join.group})" if join.source else f"(*, {join.group})"
 
 
+def segment_size(ancillary: Sequence[tuple[int, int, bytes]]) -> int | None:
+    """The segment size in a read's control messages: None without a UDP_GRO message (the read
+    is one datagram), 0 for one that cannot be read (`split_read` then drops the read)."""
+    for level, kind, data in ancillary:
+        if level == SOL_UDP and kind == UDP_GRO:
+            if len(data) != 4:
+                return 0
+            return int.from_bytes(data, sys.byteorder, signed=True)
+    return None
+
+
+def split_read(
+    view: memoryview, length: int, flags: int, segment: int | None
+) -> tuple[list[memoryview], int]:
+    """The whole datagrams of one read into `view`, and how many datagrams were lost.
+
+    `length` is what the kernel returned with MSG_TRUNC asked for (the real length, which may
+    exceed the buffer), `flags` the read's msg_flags and `segment` its GRO segment size
+    (`segment_size`).  GRO coalesces only datagrams of one flow whose lengths are all
+    `segment` except a shorter last one, so the read splits at multiples of `segment`.  Never
+    raises and never hands on a part of a datagram: what lies past the end of the buffer is
+    counted lost, and a read that cannot be split (its control message cut, a segment size
+    below 1) is dropped whole and counted as one.
+    """
+    if length < 0 or flags & socket.MSG_CTRUNC or (segment is not None and segment < 1):
+        return [], 1
+    truncated = length > len(view) or flags & socket.MSG_TRUNC
+    if segment is None:
+        return ([], 1) if truncated else ([view[:length]], 0)
+    if length == 0:
+        return [view[:0]], 0
+    if truncated:
+        kept = min(length, len(view)) // segment
+        lost = max(1, -(-length // segment) - kept)
+        end = kept * segment
+    else:
+        lost, end = 0, length
+    data = view[:end]
+    return [data[start : start + segment] for start in range(0, end, segment)], lost
+
+
 class MulticastReceiver:
     """A non-blocking UDP socket on `port` holding `joins` on `interface`.
 
-    Read with `recv_into` when `fileno` is readable (select/poll/selectors); it never blocks.
+    Read with `recv_batch` when `fileno` is readable (select/poll/selectors); it never blocks.
+    `gro` asks the kernel for coalesced reads (UDP_GRO); `self.gro` says whether it agreed.
     """
 
     def __init__(
@@ -187,6 +240,7 @@ class MulticastReceiver:
         joins: Sequence[Join],
         *,
         rcvbuf: int = DEFAULT_RECEIVE_BUFFER,
+        gro: bool = True,
     ) -> None:
         try:
             self.ifindex = socket.if_nametoindex(interface)
@@ -201,6 +255,13 @@ class MulticastReceiver:
         self.port = port
         # Datagrams longer than the caller's buffer, dropped rather than handed on cut short.
         self.truncated = 0
+        # Reads made and datagrams they returned: their ratio is what GRO achieved.
+        self.reads = 0
+        self.datagrams = 0
+        self.gro = gro
+        self._buffer = bytearray(READ_BUFFER)
+        self._view = memoryview(self._buffer)
+        self._buffers = [self._buffer]
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         try:
             self._configure(sock, rcvbuf)
@@ -221,6 +282,11 @@ class MulticastReceiver:
             except PermissionError:
                 # Not root (CAP_NET_ADMIN): the kernel caps this at net.core.rmem_max.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if self.gro:
+                try:
+                    sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                except OSError:  # before Linux 5.0, or not Linux: one datagram per read
+                    self.gro = False
             sock.setblocking(False)
             step = f"binding port {self.port}"
             sock.bind(("::", self.port))
@@ -250,28 +316,46 @@ class MulticastReceiver:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def recv_into(self, buffer: bytearray) -> tuple[int, str] | None:
-        """Read one queued datagram into `buffer`: (length, source address), or None when the
+    def recv_batch(self, buffer: bytearray | None = None) -> tuple[list[memoryview], str] | None:
+        """Read what one receive call holds: (datagrams, source address), or None when the
         queue is empty.
 
-        A datagram longer than `buffer` is dropped and counted in `truncated` (a buffer of
-        `MAX_DATAGRAM` bytes never drops one).  A link-local source carries its zone
+        With GRO the kernel may hand over up to 64 datagrams of one flow coalesced in one
+        buffer; they are returned one memoryview each (`split_read`), all from `source`.
+        Otherwise the list holds one datagram.  The views point into `buffer` (by default the
+        receiver's own `READ_BUFFER` bytes): valid until the next read, so copy what is kept.
+        Datagrams cut short by a too small `buffer` are never returned; they are counted in
+        `truncated` and the list may then be empty.  A link-local source carries its zone
         (``fe80::1%eth0``), as the kernel reports it.
         """
-        while True:
-            try:
-                # MSG_TRUNC: the kernel returns the datagram's real length, so a cut one is seen.
-                length, sender = self._sock.recvfrom_into(buffer, 0, socket.MSG_TRUNC)
-            except BlockingIOError:  # EAGAIN: the queue is empty (EINTR is retried by Python)
-                return None
-            except OSError as exc:
-                raise NetworkError(
-                    f"receiving on port {self.port} on {self.interface} failed: {_reason(exc)}"
-                ) from None
-            if length > len(buffer):
-                self.truncated += 1
-                continue
-            return length, str(sender[0])
+        if buffer is None:
+            view, buffers = self._view, self._buffers
+        else:
+            view, buffers = memoryview(buffer), [buffer]
+        try:
+            # MSG_TRUNC: the kernel returns the real length, so a cut datagram is seen.
+            if self.gro:
+                length, ancillary, flags, sender = self._sock.recvmsg_into(
+                    buffers, GRO_CMSG_SPACE, socket.MSG_TRUNC
+                )
+            else:
+                length, sender = self._sock.recvfrom_into(view, 0, socket.MSG_TRUNC)
+                if length <= len(view):
+                    self.reads += 1
+                    self.datagrams += 1
+                    return [view[:length]], str(sender[0])
+                ancillary, flags = [], socket.MSG_TRUNC
+        except BlockingIOError:  # EAGAIN: the queue is empty (EINTR is retried by Python)
+            return None
+        except OSError as exc:
+            raise NetworkError(
+                f"receiving on port {self.port} on {self.interface} failed: {_reason(exc)}"
+            ) from None
+        datagrams, lost = split_read(view, length, flags, segment_size(ancillary))
+        self.reads += 1
+        self.datagrams += len(datagrams)
+        self.truncated += lost
+        return datagrams, str(sender[0])
 
     def close(self) -> None:
         self._sock.close()
