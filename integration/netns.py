@@ -84,6 +84,9 @@ class Host:
     netns: str
     address: str
     interface: str = "eth0"
+    # With GRO on its link (`Lan.create`), the switch's namespace and the port facing this host:
+    # what arrives here is coalesced, so per-datagram loss is applied there (release.py).
+    gro_port: tuple[str, str] | None = None
 
     def command(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *args]
@@ -168,6 +171,7 @@ class Lan(Network):
                 ip("-n", lan.switch, "link", "set", port, "master", "br0", "up")
                 if gro:
                     enable_gro(host.netns, host.interface, lan.switch, port)
+                    host.gro_port = (lan.switch, port)
                 lan.hosts.append(host)
             if mtu > 1500:
                 ip("-n", lan.switch, "link", "set", "br0", "mtu", str(mtu))

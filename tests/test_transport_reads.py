@@ -95,6 +95,8 @@ def test_an_empty_datagram_is_handed_on_as_one_empty_datagram() -> None:
     view = buffer_of(b"", capacity=10)
     assert payloads(split_read(view, 0, NO_FLAGS, None)[0]) == [b""]
     assert payloads(split_read(view, 0, NO_FLAGS, 10)[0]) == [b""]
+    # ... unless the read says it was cut: then nothing whole is there.
+    assert split_read(buffer_of(b"", capacity=0), 0, socket.MSG_TRUNC, 1) == ([], 1)
 
 
 def test_a_negative_length_is_dropped_and_counted() -> None:
