@@ -17,7 +17,7 @@ safety (every datagram is untrusted and verified by the receiver core), but both
 the per-packet budget and muddle the counters.
 
 Receive buffer.  The sender is paced by a token bucket, so datagrams arrive in bursts rather
-than evenly, and the receiver is a Python loop: ~3.5 us for the ``recv_into`` plus ~8 us to
+than evenly, and the receiver is a Python loop: ~3.5 us for a one-datagram read plus ~8 us to
 parse, hash and decode each datagram (about 90 k datagrams/s on one core).  Worse than the
 average cost are the pauses: decoding a finished 8 MiB chunk (~30 ms), hashing it, writing and
 fsyncing it to flash (tens to hundreds of ms), a garbage-collector pass.  Whatever arrives
@@ -28,6 +28,28 @@ NIC drivers), so the default 8 MiB holds ~7000 datagrams: ~0.4 s of a 20 MB/s ch
 ``net.core.rmem_max`` (4 MiB in a network namespace, often 208 KiB on devices) caps
 ``SO_RCVBUF``; root may exceed it with ``SO_RCVBUFFORCE``, and anyone else gets the cap —
 `MulticastReceiver.receive_buffer` says what the kernel granted.
+
+Batched reads (UDP GRO).  A read costs ~2-3 us of system call and Python per datagram, a fifth
+of the receiver's whole budget.  Since Linux 5.0 a UDP socket may ask for GRO (``UDP_GRO``):
+the network stack then coalesces consecutive datagrams of one flow (same source and ports),
+all of one length but a shorter last one, into one buffer of up to 64 KiB and 64 datagrams,
+and one ``recvmsg`` returns them all with their length, the segment size, in a ``UDP_GRO``
+control message.  `recv_batch` splits such a read at the segment size (`split_read`), so the
+receive loop pays one system call per ~50 datagrams: measured here ~0.2-0.5 us per datagram
+read and copied, against ~2.5-3.5 us (docs/PERFORMANCE.md).  A physical NIC runs GRO by
+default; check with ``ethtool -k IF | grep generic-receive-offload`` (on, the default; nothing
+to set per flow).  A UDP GSO batch from a sender crossing only software links (a veth, a
+bridge) arrives as one buffer the same way.  A veth coalesces single datagrams only with
+``ethtool -K IF gro on rx-udp-gro-forwarding on`` and a ``gro_flush_timeout`` (the test
+networks do that, integration/netns.py).  Where nothing is coalesced, every read returns one
+datagram; ``recvmsg_into`` then costs ~0.3 us more per read than ``recvfrom_into``, and where
+the kernel refuses ``UDP_GRO`` (before 5.0) `recv_batch` falls back to ``recvfrom_into``, one
+datagram per read.  A read's datagrams come from one flow, so they share one source address.
+
+Hostile or odd reads never raise and never hand on part of a datagram (`split_read`): what a
+too small buffer cut off (``MSG_TRUNC``), a read whose control message was cut
+(``MSG_CTRUNC``) and a segment size below 1 are dropped and counted in
+`MulticastReceiver.truncated`; the receive loop counts those as ``oversized`` rejections.
 """
 
 from __future__ import annotations
@@ -40,6 +62,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
+
+from otacast.schemas.limits import MAX_DATAGRAM as LARGEST_ACCEPTED
 
 from .errors import NetworkError
 
@@ -200,7 +224,7 @@ def segment_size(ancillary: Sequence[tuple[int, int, bytes]]) -> int | None:
 
 
 def split_read(
-    view: memoryview, length: int, flags: int, segment: int | None
+    view: memoryview, length: int, flags: int, segment: int | None, limit: int
 ) -> tuple[list[memoryview], int]:
     """The whole datagrams of one read into `view`, and how many datagrams were lost.
 
@@ -210,19 +234,20 @@ def split_read(
     `segment` except a shorter last one, so the read splits at multiples of `segment`.  Never
     raises and never hands on a part of a datagram: what lies past the end of the buffer is
     counted lost, and a read that cannot be split (its control message cut, a segment size
-    below 1) is dropped whole and counted as one.
+    below 1) is dropped whole and counted as one.  Datagrams longer than `limit` are dropped
+    and counted the same way, as a too small buffer would have cut them.
     """
     if length < 0 or flags & MSG_CTRUNC or (segment is not None and segment < 1):
         return [], 1
     truncated = length > len(view) or flags & MSG_TRUNC
-    if segment is None:
-        return ([], 1) if truncated else ([view[:length]], 0)
+    if segment is None or segment >= length:  # one datagram
+        return ([], 1) if truncated or length > limit else ([view[:length]], 0)
+    if segment > limit:  # every one but a shorter last is too long: the read is dropped
+        return [], -(-length // segment)
     if truncated:
         kept = min(length, len(view)) // segment
         lost = max(1, -(-length // segment) - kept)
         end = kept * segment
-    elif length == 0:
-        return [view[:0]], 0  # an empty datagram is a datagram (the core refuses it)
     else:
         lost, end = 0, length
     data = view[:end]
@@ -244,6 +269,7 @@ class MulticastReceiver:
         *,
         rcvbuf: int = DEFAULT_RECEIVE_BUFFER,
         gro: bool = True,
+        max_datagram: int = LARGEST_ACCEPTED,
     ) -> None:
         try:
             self.ifindex = socket.if_nametoindex(interface)
@@ -256,7 +282,9 @@ class MulticastReceiver:
         self._joins = _check_joins(joins)
         self.interface = interface
         self.port = port
-        # Datagrams longer than the caller's buffer, dropped rather than handed on cut short.
+        # Datagrams longer than the caller's buffer or `max_datagram` (by default the longest
+        # otacast accepts: nothing longer is parsed), dropped rather than handed on.
+        self.max_datagram = max_datagram
         self.truncated = 0
         # Reads made: datagrams received / reads is what GRO achieved.
         self.reads = 0
@@ -325,9 +353,9 @@ class MulticastReceiver:
         buffer; they are returned one memoryview each (`split_read`), all from `source`.
         Otherwise the list holds one datagram.  The views point into `buffer` (by default the
         receiver's own `READ_BUFFER` bytes): valid until the next read, so copy what is kept.
-        Datagrams cut short by a too small `buffer` are never returned; they are counted in
-        `truncated` and the list may then be empty.  A link-local source carries its zone
-        (``fe80::1%eth0``), as the kernel reports it.
+        Datagrams cut short by a too small `buffer` or longer than `max_datagram` are never
+        returned; they are counted in `truncated` and the list may then be empty.  A link-local
+        source carries its zone (``fe80::1%eth0``), as the kernel reports it.
         """
         # Every step counts here: this runs once per datagram where nothing is coalesced.
         if buffer is None:
@@ -351,10 +379,11 @@ class MulticastReceiver:
                 f"receiving on port {self.port} on {self.interface} failed: {_reason(exc)}"
             ) from None
         self.reads += 1
-        if not ancillary and not flags and length <= len(buffer):
+        if not ancillary and not flags and length <= self.max_datagram and length <= len(buffer):
             # One whole datagram, the only kind of read without GRO: no call, no checks more.
             return [view[:length]], str(sender[0])
-        datagrams, lost = split_read(view, length, flags, segment_size(ancillary))
+        segment = segment_size(ancillary)
+        datagrams, lost = split_read(view, length, flags, segment, self.max_datagram)
         self.truncated += lost
         return datagrams, str(sender[0])
 
