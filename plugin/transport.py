@@ -29,27 +29,30 @@ NIC drivers), so the default 8 MiB holds ~7000 datagrams: ~0.4 s of a 20 MB/s ch
 ``SO_RCVBUF``; root may exceed it with ``SO_RCVBUFFORCE``, and anyone else gets the cap —
 `MulticastReceiver.receive_buffer` says what the kernel granted.
 
-Batched reads (UDP GRO).  A read costs ~2-3 us of system call and Python per datagram, a fifth
-of the receiver's whole budget.  Since Linux 5.0 a UDP socket may ask for GRO (``UDP_GRO``):
+Batched reads (UDP GRO).  A read costs ~2-3 us of system call and Python per datagram, a large
+share of the receiver's budget.  Since Linux 5.0 a UDP socket may ask for GRO (``UDP_GRO``):
 the network stack then coalesces consecutive datagrams of one flow (same source and ports),
 all of one length but a shorter last one, into one buffer of up to 64 KiB and 64 datagrams,
 and one ``recvmsg`` returns them all with their length, the segment size, in a ``UDP_GRO``
 control message.  `recv_batch` splits such a read at the segment size (`split_read`), so the
-receive loop pays one system call per ~50 datagrams: measured here ~0.2-0.5 us per datagram
-read and copied, against ~2.5-3.5 us (docs/PERFORMANCE.md).  A physical NIC runs GRO by
-default; check with ``ethtool -k IF | grep generic-receive-offload`` (on, the default; nothing
-to set per flow).  A UDP GSO batch from a sender crossing only software links (a veth, a
-bridge) arrives as one buffer the same way.  A veth coalesces single datagrams only with
-``ethtool -K IF gro on rx-udp-gro-forwarding on`` and a ``gro_flush_timeout`` (the test
-networks do that, integration/netns.py).  Where nothing is coalesced, every read returns one
-datagram; ``recvmsg_into`` then costs ~0.3 us more per read than ``recvfrom_into``, and where
-the kernel refuses ``UDP_GRO`` (before 5.0) `recv_batch` falls back to ``recvfrom_into``, one
-datagram per read.  A read's datagrams come from one flow, so they share one source address.
+receive loop pays one system call per ~50 datagrams: measured here ~0.9 us per datagram read
+and copied, against ~2.2-2.4 us one at a time (docs/PERFORMANCE.md).  A physical NIC runs GRO
+by default; check with ``ethtool -k IF | grep generic-receive-offload`` (nothing is set per
+flow).  A UDP GSO batch from a sender crossing only software links (a veth, a bridge) arrives
+as one buffer the same way.  A veth coalesces single datagrams only with ``ethtool -K IF gro on
+rx-udp-gro-forwarding on`` and a ``gro_flush_timeout`` (the test networks do that,
+integration/netns.py).  Where nothing is coalesced every read returns one datagram, and
+``recvmsg_into`` costs ~0.6-1.2 us more per read than ``recvfrom_into``.  UDP_GRO is not
+turned off then: a coalesced read still queued would come without its segment size, which the
+kernel adds only while UDP_GRO is on.  Where the kernel refuses ``UDP_GRO`` (before 5.0),
+`recv_batch` reads one datagram per ``recvfrom_into``, as before.
 
 Hostile or odd reads never raise and never hand on part of a datagram (`split_read`): what a
 too small buffer cut off (``MSG_TRUNC``), a read whose control message was cut
-(``MSG_CTRUNC``) and a segment size below 1 are dropped and counted in
-`MulticastReceiver.truncated`; the receive loop counts those as ``oversized`` rejections.
+(``MSG_CTRUNC``), a segment size below 1 and datagrams longer than ``max_datagram`` (the
+longest otacast accepts) are dropped and counted in `MulticastReceiver.truncated`; the receive
+loop counts those as ``oversized`` rejections.  The datagrams of one read share one source
+address: GRO coalesces only one flow.
 """
 
 from __future__ import annotations
