@@ -5,16 +5,22 @@ A `Lan` with ``gro=True`` has GRO turned on for its veths as a physical NIC has 
 (``integration/netns.py``).  A sender in one namespace sends a burst to the group, with UDP GSO
 (the kernel hands a GSO batch on whole) or as single datagrams (the receiving veth's GRO
 coalesces them); the receiver reads with `MulticastReceiver.recv_batch` and reports what each
-datagram hashed to and how many reads it took.
+datagram hashed to and how many reads it took.  Last, ``otacast fetch`` receives an image over
+such a link, through random loss applied before GRO, and says how many reads it made.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
+from pathlib import Path
+
+import pytest
 
 from .netns import BIN, LanFactory, stop
+from .release import Release, dropped, fetch, random_loss, serve, summary_of
 
 PYTHON = str(BIN / "python")
 GROUP = "ff3e::8000:4321"
@@ -125,3 +131,27 @@ def test_single_datagrams_are_coalesced_by_the_receiving_veth_and_arrive_intact(
     assert report["truncated"] == 0
     assert isinstance(report["reads"], int) and report["reads"] < BATCH * BATCHES
     assert isinstance(report["largest"], int) and report["largest"] > 1
+
+
+def test_fetch_through_loss_on_a_gro_link_reads_in_batches_and_writes_the_image_intact(
+    lan: LanFactory, tmp_path: Path
+) -> None:
+    if shutil.which("nft") is None:
+        pytest.skip("nftables (nft) is not installed")
+    sender, receiver = lan(2, gro=True).hosts
+    release = Release.make(tmp_path / "release", 8_000_000)
+    random_loss(receiver, 10)  # at the switch port: datagrams, not coalesced runs, are lost
+    tx = serve(sender, release, "--rate", "20M", "--no-gso", "--duration", "120s")
+    try:
+        code, events, err = fetch(
+            receiver, release, tmp_path / "state", tmp_path / "out.img", "--source", sender.address
+        )
+    finally:
+        stop([tx])
+    assert code == 0, err
+    assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
+    summary = summary_of(events)
+    assert isinstance(summary["reads"], int) and isinstance(summary["datagrams"], int)
+    assert 0 < summary["reads"] < summary["datagrams"]
+    assert "oversized" not in summary["rejected"]  # type: ignore[operator]
+    assert dropped(receiver) > 0
