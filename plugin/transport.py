@@ -294,6 +294,7 @@ class MulticastReceiver:
         self.gro = gro
         self._buffer = bytearray(READ_BUFFER)
         self._view = memoryview(self._buffer)
+        self._limit = min(max_datagram, READ_BUFFER)  # the longest datagram handed on
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         try:
             self._configure(sock, rcvbuf)
@@ -362,19 +363,22 @@ class MulticastReceiver:
         """
         # Every step counts here: this runs once per datagram where nothing is coalesced.
         if buffer is None:
-            buffer, view = self._buffer, self._view
+            buffer, view, limit = self._buffer, self._view, self._limit
         else:
-            view = memoryview(buffer)
+            view, limit = memoryview(buffer), min(self.max_datagram, len(buffer))
         ancillary: Sequence[tuple[int, int, bytes]]
         try:
             # MSG_TRUNC: the kernel returns the real length, so a cut datagram is seen.
-            if self.gro:
-                length, ancillary, flags, sender = self._sock.recvmsg_into(
-                    (buffer,), GRO_CMSG_SPACE, MSG_TRUNC
-                )
-            else:
+            if not self.gro:
                 length, sender = self._sock.recvfrom_into(buffer, 0, MSG_TRUNC)
-                ancillary, flags = (), 0
+                self.reads += 1
+                if length <= limit:
+                    return [view[:length]], str(sender[0])
+                self.truncated += 1
+                return [], str(sender[0])
+            length, ancillary, flags, sender = self._sock.recvmsg_into(
+                (buffer,), GRO_CMSG_SPACE, MSG_TRUNC
+            )
         except BlockingIOError:  # EAGAIN: the queue is empty (EINTR is retried by Python)
             return None
         except OSError as exc:
@@ -382,9 +386,8 @@ class MulticastReceiver:
                 f"receiving on port {self.port} on {self.interface} failed: {_reason(exc)}"
             ) from None
         self.reads += 1
-        if not ancillary and not flags and length <= self.max_datagram and length <= len(buffer):
-            # One whole datagram, the only kind of read without GRO: no call, no checks more.
-            return [view[:length]], str(sender[0])
+        if not ancillary and not flags and length <= limit:
+            return [view[:length]], str(sender[0])  # one whole datagram: no call, no more checks
         segment = segment_size(ancillary)
         datagrams, lost = split_read(view, length, flags, segment, self.max_datagram)
         self.truncated += lost
