@@ -35,14 +35,14 @@ the network stack then coalesces consecutive datagrams of one flow (same source 
 all of one length but a shorter last one, into one buffer of up to 64 KiB and 64 datagrams,
 and one ``recvmsg`` returns them all with their length, the segment size, in a ``UDP_GRO``
 control message.  `recv_batch` splits such a read at the segment size (`split_read`), so the
-receive loop pays one system call per ~50 datagrams: measured here ~0.9 us per datagram read
-and copied, against ~2.2-2.4 us one at a time (docs/PERFORMANCE.md).  A physical NIC runs GRO
+receive loop pays one system call per ~50 datagrams: measured here ~0.8 us per datagram read
+and copied, against ~2.1-2.7 us one at a time (docs/PERFORMANCE.md).  A physical NIC runs GRO
 by default; check with ``ethtool -k IF | grep generic-receive-offload`` (nothing is set per
 flow).  A UDP GSO batch from a sender crossing only software links (a veth, a bridge) arrives
 as one buffer the same way.  A veth coalesces single datagrams only with ``ethtool -K IF gro on
 rx-udp-gro-forwarding on`` and a ``gro_flush_timeout`` (the test networks do that,
 integration/netns.py).  Where nothing is coalesced every read returns one datagram, and
-``recvmsg_into`` costs ~0.6-1.2 us more per read than ``recvfrom_into``.  UDP_GRO is not
+``recvmsg_into`` costs ~0.2-0.5 us more per read than ``recvfrom_into``.  UDP_GRO is not
 turned off then: a coalesced read still queued would come without its segment size, which the
 kernel adds only while UDP_GRO is on.  Where the kernel refuses ``UDP_GRO`` (before 5.0),
 `recv_batch` reads one datagram per ``recvfrom_into``, as before.
