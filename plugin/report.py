@@ -44,7 +44,7 @@ class FetchSummary:
     rejected: dict[str, int]
     joins: list[str] = field(default_factory=list)
     auth: dict[str, int] | None = None  # packet authentication counters, when it was used
-    reads: int = 0  # socket reads that returned datagrams; datagrams / reads is GRO's gain
+    reads: int = 0  # socket reads made; datagrams / reads is what UDP GRO coalesced
 
     @classmethod
     def from_snapshot(

@@ -366,7 +366,6 @@ class MulticastReceiver:
             buffer, view, limit = self._buffer, self._view, self._limit
         else:
             view, limit = memoryview(buffer), min(self.max_datagram, len(buffer))
-        ancillary: Sequence[tuple[int, int, bytes]]
         try:
             # MSG_TRUNC: the kernel returns the real length, so a cut datagram is seen.
             if not self.gro:
