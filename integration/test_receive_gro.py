@@ -34,8 +34,8 @@ BATCHES = 10
 RECEIVER = """
 import hashlib, json, select, sys, time
 from otacast.plugin.transport import Join, MulticastReceiver
-group, port = sys.argv[1], int(sys.argv[2])
-with MulticastReceiver("eth0", port, [Join(group)]) as rx:
+group, port, gro = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+with MulticastReceiver("eth0", port, [Join(group)], gro=gro) as rx:
     print(json.dumps({"ready": True, "gro": rx.gro}), flush=True)
     got, reads, largest, done = [], 0, 0, False
     end = time.monotonic() + 20
@@ -94,16 +94,24 @@ def expected() -> list[list[object]]:
     return out
 
 
-def burst(lan: LanFactory, gso: bool) -> dict[str, object]:
-    """What the receiver reported for one burst on a new GRO-enabled LAN."""
+def burst(lan: LanFactory, gso: bool, gro: bool = True) -> dict[str, object]:
+    """What the receiver reported for one burst on a new GRO-enabled LAN; `gro` false makes
+    the receiver read as where the kernel has no UDP_GRO."""
     sender, device = lan(2, gro=True).hosts
     rx = device.popen(
-        PYTHON, "-c", RECEIVER, GROUP, str(PORT), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        PYTHON,
+        "-c",
+        RECEIVER,
+        GROUP,
+        str(PORT),
+        "1" if gro else "0",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         assert rx.stdout is not None
         ready = json.loads(rx.stdout.readline())
-        assert ready["gro"], "the kernel refused UDP_GRO"
+        assert ready["gro"] == gro, "the kernel refused UDP_GRO"
         args = (GROUP, str(PORT), "1" if gso else "0", str(SEGMENT), str(BATCH), str(BATCHES))
         sent = sender.run(PYTHON, "-c", SENDER, *args)
         assert sent.returncode == 0, sent.stderr
@@ -131,6 +139,16 @@ def test_single_datagrams_are_coalesced_by_the_receiving_veth_and_arrive_intact(
     assert report["truncated"] == 0
     assert isinstance(report["reads"], int) and report["reads"] < BATCH * BATCHES
     assert isinstance(report["largest"], int) and report["largest"] > 1
+
+
+def test_without_udp_gro_a_gso_burst_is_read_one_intact_datagram_at_a_time(
+    lan: LanFactory,
+) -> None:
+    # The fallback where the kernel has no UDP_GRO: it splits the batch before queueing it.
+    report = burst(lan, gso=True, gro=False)
+    assert report["got"] == expected()
+    assert report["truncated"] == 0
+    assert report["reads"] == BATCH * BATCHES and report["largest"] == 1
 
 
 def test_fetch_through_loss_on_a_gro_link_reads_in_batches_and_writes_the_image_intact(
