@@ -1,6 +1,7 @@
 """Receiver benchmark: prints numbers, asserts nothing.
 
     python integration/bench_receiver.py [--size 64M] [--big-image 1G] [--rate 120M] [--quick]
+                                         [--gro on|off|both]
 
 On a two-host namespaced LAN a sender loops a release at a fixed paced rate and ``otacast
 fetch`` receives it, with 0%, 5% and 20% of datagrams dropped at random by nftables in the
@@ -16,6 +17,13 @@ receiver's CPU seconds per MB (its own rusage), and two efficiency figures:
   sender's per-pass overhead (``--overhead``, default 10%) as well as the code.
 
 Then it receives a large image once at 0% loss and reports the receiver's peak resident memory.
+
+The veths have UDP GRO turned on as a physical NIC has it (``--gro on``, ``integration/netns.py``;
+the loss is then applied at the switch, before GRO coalesces); ``--gro off`` gives plain veths,
+one datagram per read, and ``--gro both`` runs the loss rows both ways in one run.  The
+``dgrams/read`` column is the receiver's datagrams per socket read (its ``reads`` counter), and
+``CPU us/dgram`` its CPU time over the datagrams it took in: unlike CPU per MB, it does not
+grow with the datagrams a receiver that fell behind took in for chunks already complete.
 """
 
 from __future__ import annotations
@@ -32,7 +40,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from integration.netns import Lan, stop
-from integration.release import Release, dropped, keygen, random_loss, serve, start_fetch
+from integration.release import (
+    Release,
+    clear_loss,
+    dropped,
+    keygen,
+    random_loss,
+    serve,
+    start_fetch,
+)
 from otacast.schemas import units
 from otacast.schemas.manifest import parse_envelope
 
@@ -47,7 +63,7 @@ def receive(
     tx_args: tuple[str, ...] = (),
 ) -> dict[str, float]:
     sender, receiver = lan.hosts
-    receiver.run("nft", "delete table inet otacast_loss")
+    clear_loss(receiver)
     if loss:
         random_loss(receiver, loss)
     out = work / "out.img"
@@ -79,6 +95,10 @@ def receive(
         "fec_used/K": round(summary["symbols_used"] / k, 4),
         "wire/ideal": round((summary["datagrams"] + lost) / (k / (1 - loss / 100)), 3),
         "peak_rss_MB": summary["peak_rss_mb"],
+        "dgrams/read": round(summary["datagrams"] / max(1, summary["reads"]), 1),
+        "cpu_us_per_dgram": round(
+            (usage.ru_utime + usage.ru_stime) / max(1, summary["datagrams"]) * 1e6, 2
+        ),
     }
 
 
@@ -108,41 +128,53 @@ def main() -> None:
     parser.add_argument("--big-image", default="1G")
     parser.add_argument("--rate", default="120M")
     parser.add_argument("--quick", action="store_true", help="16M image, no large-image run")
+    parser.add_argument(
+        "--gro",
+        choices=("on", "off", "both"),
+        default="on",
+        help="UDP GRO on the veths as on a physical NIC (default), plain veths, or both in turn",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="otacast-rxbench-"))
+    modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.gro]
     try:
-        with Lan.create(2) as lan:
-            size = units.parse_size("16M" if args.quick else args.size)
-            release = Release.make(work / "release", size, chunk="")
-            stop([serve(lan.hosts[0], release, "--rate", "max", ready=True)])  # encode once
-            rows = [receive(lan, release, work, args.rate, loss) for loss in (0, 5, 20)]
-            print(
-                f"image {units.format_bytes(size)}, sender paced at {args.rate}, "
-                "1228-byte datagrams"
-            )
-            print(
-                f"{'loss':>5} {'goodput MB/s':>13} {'CPU s/MB':>9} {'FEC used/K':>11} "
-                f"{'wire/ideal':>11} {'peak RSS MB':>12}"
-            )
-            for r in rows:
+        size = units.parse_size("16M" if args.quick else args.size)
+        release = Release.make(work / "release", size, chunk="")
+        result: dict[str, object] = {}
+        for gro in modes:
+            with Lan.create(2, gro=gro) as lan:
+                stop([serve(lan.hosts[0], release, "--rate", "max", ready=True)])  # encode once
+                rows = [receive(lan, release, work, args.rate, loss) for loss in (0, 5, 20)]
                 print(
-                    f"{r['loss']:>4}% {r['goodput_MB/s']:>13} {r['cpu_s_per_MB']:>9} "
-                    f"{r['fec_used/K']:>11} {r['wire/ideal']:>11} {r['peak_rss_MB']:>12}"
+                    f"image {units.format_bytes(size)}, sender paced at {args.rate}, "
+                    f"1228-byte datagrams, GRO {'on' if gro else 'off'}"
                 )
-            result: dict[str, object] = {
-                "rows": rows,
-                "packet_auth": packet_auth(lan, work, size, args.rate),
-            }
-            if not args.quick:
-                big = Release.make(work / "big", units.parse_size(args.big_image), chunk="")
-                stop([serve(lan.hosts[0], big, "--rate", "max", ready=True)])
-                row = receive(lan, big, work, args.rate, 0)
                 print(
-                    f"{units.format_bytes(units.parse_size(args.big_image))} image at 0% loss: "
-                    f"peak RSS {row['peak_rss_MB']} MB, goodput {row['goodput_MB/s']} MB/s"
+                    f"{'loss':>5} {'goodput MB/s':>13} {'CPU s/MB':>9} {'FEC used/K':>11} "
+                    f"{'wire/ideal':>11} {'peak RSS MB':>12} {'dgrams/read':>12} "
+                    f"{'CPU us/dgram':>13}"
                 )
-                result["big"] = row
-            print(json.dumps(result))
+                for r in rows:
+                    print(
+                        f"{r['loss']:>4}% {r['goodput_MB/s']:>13} {r['cpu_s_per_MB']:>9} "
+                        f"{r['fec_used/K']:>11} {r['wire/ideal']:>11} {r['peak_rss_MB']:>12} "
+                        f"{r['dgrams/read']:>12} {r['cpu_us_per_dgram']:>13}"
+                    )
+                result["rows_gro" if gro else "rows"] = rows
+                if gro != modes[-1]:
+                    continue
+                result["packet_auth"] = packet_auth(lan, work, size, args.rate)
+                if not args.quick:
+                    big = Release.make(work / "big", units.parse_size(args.big_image), chunk="")
+                    stop([serve(lan.hosts[0], big, "--rate", "max", ready=True)])
+                    row = receive(lan, big, work, args.rate, 0)
+                    print(
+                        f"{units.format_bytes(units.parse_size(args.big_image))} image at 0% "
+                        f"loss: peak RSS {row['peak_rss_MB']} MB, goodput "
+                        f"{row['goodput_MB/s']} MB/s"
+                    )
+                    result["big"] = row
+        print(json.dumps(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

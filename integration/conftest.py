@@ -27,8 +27,8 @@ def lan() -> Iterator[LanFactory]:
     """`lan(n)`: a new LAN of `n` hosts, deleted at the end of the test."""
     with ExitStack() as made:
 
-        def create(count: int, mtu: int = 1500) -> Lan:
-            return made.enter_context(Lan.create(count, mtu))
+        def create(count: int, mtu: int = 1500, gro: bool = False) -> Lan:
+            return made.enter_context(Lan.create(count, mtu, gro))
 
         yield create
 

@@ -8,6 +8,16 @@ the host's own namespace: veth pairs are created directly inside the namespaces.
 A `Lan` is a context manager (``with Lan.create(3) as lan:``) that deletes its namespaces on
 exit; tests take one from the ``lan`` fixture factory in ``conftest.py`` (``lan(3)``), scripts
 with ``with``.
+
+UDP GRO.  A physical NIC coalesces a flow's datagrams in the kernel (GRO) by default, and a
+socket that asked for UDP_GRO then reads up to 64 of them per call (``plugin/transport.py``).
+A veth does not, unless told: ``Lan.create(n, gro=True)`` (the benchmarks' default) turns on
+``gro`` and ``rx-udp-gro-forwarding`` on every host's ``eth0`` (ethtool), sets its
+``gro_flush_timeout`` (200 us) and ``napi_defer_hard_irqs`` (100) so a burst is held together
+rather than flushed one datagram at a time, and turns TCP segmentation offload off on the
+switch's ports: a veth hands a forwarded packet to its peer's GRO only when the sending end
+has no TSO (``veth_skb_is_eligible_for_gro`` in the kernel); without that, datagrams crossing
+the bridge were never coalesced here.  Tests get the plain veths unless they ask.
 """
 
 from __future__ import annotations
@@ -38,8 +48,35 @@ def require_root_and_ip() -> None:
         pytest.skip("iproute2 (ip) is not installed")
 
 
+def require_ethtool() -> None:
+    """Skip (and so, under CI=true, fail) where GRO cannot be turned on for a veth."""
+    if shutil.which("ethtool") is None:
+        pytest.skip("ethtool is not installed (Debian package ethtool)")
+
+
 def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+# Held back before GRO flushes a partial batch (ns), and the polls that may go without an
+# interrupt meanwhile: the values measured to coalesce 40-53 datagrams per read on veth.
+GRO_FLUSH_TIMEOUT_NS = 200_000
+NAPI_DEFER_HARD_IRQS = 100
+
+
+def enable_gro(netns: str, interface: str, port_netns: str, port: str) -> None:
+    """Turn on UDP GRO for what `interface` in `netns` receives from its veth peer `port`
+    (in `port_netns`), as a physical NIC has it (module doc)."""
+    run = ("ip", "netns", "exec")
+    ethtool = ("ethtool", "-K", interface, "gro", "on", "rx-udp-gro-forwarding", "on")
+    subprocess.run([*run, netns, *ethtool], check=True, capture_output=True, text=True)
+    settings = (
+        f"echo {GRO_FLUSH_TIMEOUT_NS} > /sys/class/net/{interface}/gro_flush_timeout && "
+        f"echo {NAPI_DEFER_HARD_IRQS} > /sys/class/net/{interface}/napi_defer_hard_irqs"
+    )
+    subprocess.run([*run, netns, "sh", "-c", settings], check=True, capture_output=True)
+    tso_off = ("ethtool", "-K", port, "tso", "off")
+    subprocess.run([*run, port_netns, *tso_off], check=True, capture_output=True, text=True)
 
 
 @dataclass
@@ -47,6 +84,9 @@ class Host:
     netns: str
     address: str
     interface: str = "eth0"
+    # With GRO on its link (`Lan.create`), the switch's namespace and the port facing this host:
+    # what arrives here is coalesced, so per-datagram loss is applied there (release.py).
+    gro_port: tuple[str, str] | None = None
 
     def command(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *args]
@@ -112,8 +152,11 @@ class Lan(Network):
     hosts: list[Host] = field(default_factory=list)
 
     @classmethod
-    def create(cls, count: int, mtu: int = 1500) -> Lan:
+    def create(cls, count: int, mtu: int = 1500, gro: bool = False) -> Lan:
+        """`count` hosts on one switch; `gro` turns on UDP GRO on their links (module doc)."""
         require_root_and_ip()
+        if gro:
+            require_ethtool()
         tag = f"oc{os.getpid() % 100000}x{next(_serial)}"
         lan = cls(tag=tag, switch=f"{tag}-sw")
         try:
@@ -126,6 +169,9 @@ class Lan(Network):
                     f"{tag}-h{index}", f"{PREFIX}{index + 1:x}", lan.switch, port, mtu
                 )
                 ip("-n", lan.switch, "link", "set", port, "master", "br0", "up")
+                if gro:
+                    enable_gro(host.netns, host.interface, lan.switch, port)
+                    host.gro_port = (lan.switch, port)
                 lan.hosts.append(host)
             if mtu > 1500:
                 ip("-n", lan.switch, "link", "set", "br0", "mtu", str(mtu))
@@ -138,7 +184,7 @@ class Lan(Network):
 class LanFactory(Protocol):
     """What the ``lan`` fixture is: ``lan(3)`` makes a LAN of three hosts for one test."""
 
-    def __call__(self, count: int, mtu: int = 1500) -> Lan: ...
+    def __call__(self, count: int, mtu: int = 1500, gro: bool = False) -> Lan: ...
 
 
 def stop(processes: Sequence[subprocess.Popen[str]], timeout: float = 10) -> None:

@@ -265,21 +265,45 @@ def summary_of(events: list[dict[str, object]]) -> dict[str, object]:
     return events[-1]
 
 
+def _loss_place(host: Host) -> tuple[list[str], str, str]:
+    """Where `host`'s loss rule goes: (command prefix, table, chain declaration).  In the host
+    itself, or with GRO on its link at the switch port facing it, before GRO coalesces: a rule
+    in the host would drop whole coalesced runs of up to 64 datagrams, not datagrams."""
+    if host.gro_port is None:
+        hook = "input { type filter hook input priority 0 ; }"
+        return host.command("nft"), "inet otacast_loss", hook
+    switch, port = host.gro_port
+    hook = "forward { type filter hook forward priority 0 ; }"
+    return ["ip", "netns", "exec", switch, "nft"], f"bridge otacast_loss_{port}", hook
+
+
 def random_loss(host: Host, percent: int, port: int = 4242) -> None:
-    """Drop `percent`% of arriving datagrams to `port` at random (nftables, in `host` only)."""
+    """Drop `percent`% of datagrams to `port` arriving at `host` at random (nftables, in `host`,
+    or at its switch port when its link has GRO)."""
+    nft, table, chain = _loss_place(host)
+    match = "" if host.gro_port is None else f'oifname "{host.gro_port[1]}" '
     for rule in (
-        "add table inet otacast_loss",
-        "add chain inet otacast_loss input { type filter hook input priority 0 ; }",
-        f"add rule inet otacast_loss input udp dport {port} numgen random mod 100 < {percent} "
-        "counter drop",
+        f"add table {table}",
+        f"add chain {table} {chain}",
+        f"add rule {table} {chain.split()[0]} {match}udp dport {port} "
+        f"numgen random mod 100 < {percent} counter drop",
     ):
-        done = host.run("nft", rule)
+        done = subprocess.run([*nft, rule], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"nft {rule}: {done.stderr.strip()}")
 
 
+def clear_loss(host: Host) -> None:
+    """Remove `host`'s loss rule, if any."""
+    nft, table, _ = _loss_place(host)
+    subprocess.run([*nft, f"delete table {table}"], capture_output=True, check=False)
+
+
 def dropped(host: Host) -> int:
-    listing = host.run("nft", "-j", "list", "table", "inet", "otacast_loss").stdout
+    nft, table, _ = _loss_place(host)
+    listing = subprocess.run(
+        [*nft, "-j", "list", "table", *table.split()], capture_output=True, text=True, check=False
+    ).stdout
     for item in json.loads(listing)["nftables"]:
         rule = item.get("rule")
         if rule:

@@ -47,18 +47,19 @@ with MulticastReceiver(interface, port, [Join(g, s) for g, s in joins]) as rx:
         "ready": True,
         "buffer": rx.receive_buffer,
         "joins": [[j.group, j.source] for j in rx.joins],
-        "empty_at_start": rx.recv_into(buffer) is None,
+        "empty_at_start": rx.recv_batch(buffer) is None,
     }), flush=True)
     got = []
     end = time.monotonic() + LIMIT
     while (left := end - time.monotonic()) > 0:
         select.select([rx], [], [], left)
-        while (item := rx.recv_into(buffer)) is not None:
-            payload, source = bytes(buffer[: item[0]]).decode(), item[1]
-            if payload == "stop":
-                end = min(end, time.monotonic() + GRACE)
-            else:
-                got.append([payload, source])
+        while (item := rx.recv_batch(buffer)) is not None:
+            for datagram in item[0]:
+                payload, source = bytes(datagram).decode(), item[1]
+                if payload == "stop":
+                    end = min(end, time.monotonic() + GRACE)
+                else:
+                    got.append([payload, source])
     print(json.dumps({"got": got, "truncated": rx.truncated}), flush=True)
 """
 
@@ -98,12 +99,13 @@ with MulticastReceiver("eth0", port, [Join(g1)]) as rx:
     end = time.monotonic() + LIMIT
     while (left := end - time.monotonic()) > 0:
         select.select([rx, control], [], [], left)
-        while (item := rx.recv_into(buffer)) is not None:
-            payload = bytes(buffer[: item[0]]).decode()
-            if payload == "stop":
-                end = min(end, time.monotonic() + GRACE)
-            else:
-                got["ours"].append(payload)
+        while (item := rx.recv_batch(buffer)) is not None:
+            for datagram in item[0]:
+                payload = bytes(datagram).decode()
+                if payload == "stop":
+                    end = min(end, time.monotonic() + GRACE)
+                else:
+                    got["ours"].append(payload)
         while True:
             try:
                 got["control"].append(control.recv(2048).decode())

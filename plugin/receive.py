@@ -236,6 +236,7 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         bytes_http=run.bytes_http,
         bytes_resumed=run.bytes_resumed,
         joins=[f"({j.source or '*'}, {j.group})" for j in joins],
+        reads=receiver.reads if receiver else 0,
     )
     emit.summary(summary)
     return summary
@@ -313,12 +314,19 @@ class _Run:
         # One reading of each clock per burst: a burst takes milliseconds, and only a manifest
         # completed in it is checked against the wall time (its expiry).
         now, wall = time.monotonic(), time.time()
-        for _ in range(MAX_BURST):
-            got = self.receiver.recv_into(self.buffer)
+        receive = self.core.receive_datagram
+        # A read holds one datagram, or up to 64 with GRO (transport module doc): a burst stops
+        # at the first read that reaches MAX_BURST, so it may exceed it by one read's worth.
+        left = MAX_BURST
+        while left > 0:
+            got = self.receiver.recv_batch()
             if got is None:
                 break
-            size, source = got
-            self.core.receive_datagram(bytes(self.buffer[:size]), source, now, wall=wall)
+            datagrams, source = got
+            left -= len(datagrams) or 1  # a read of only truncated datagrams counts too
+            for datagram in datagrams:
+                # The views point into the transport's buffer: one copy each, for the core.
+                receive(bytes(datagram), source, now, wall=wall)
         # A datagram longer than the buffer never reaches the core: the transport drops it and
         # counts it.  It is a hostile datagram like any other, so it is counted with them.
         dropped = self.receiver.truncated - self._truncated

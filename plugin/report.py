@@ -44,6 +44,7 @@ class FetchSummary:
     rejected: dict[str, int]
     joins: list[str] = field(default_factory=list)
     auth: dict[str, int] | None = None  # packet authentication counters, when it was used
+    reads: int = 0  # socket reads made; datagrams / reads is what UDP GRO coalesced
 
     @classmethod
     def from_snapshot(
@@ -55,6 +56,7 @@ class FetchSummary:
         bytes_http: int,
         bytes_resumed: int,
         joins: list[str],
+        reads: int = 0,
     ) -> FetchSummary:
         """The summary of a finished download (`snap` has a verified manifest)."""
         assert snap.manifest is not None
@@ -71,6 +73,7 @@ class FetchSummary:
             rejected=dict(snap.rejected),
             joins=joins,
             auth=dict(snap.auth) if snap.auth is not None else None,
+            reads=reads,
         )
 
 
@@ -161,6 +164,7 @@ class Reporter:
                         "peak_rss_mb": peak_rss_mb(),
                         "joins": s.joins,
                         "packet_auth": s.auth,
+                        "reads": s.reads,
                     },
                     sort_keys=True,
                 )

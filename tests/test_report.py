@@ -60,7 +60,13 @@ def test_no_progress_before_a_manifest_is_verified() -> None:
 def test_the_summary_carries_the_snapshot_and_what_only_the_driver_knows() -> None:
     snap = core_with_two_chunks_done().snapshot()
     summary = FetchSummary.from_snapshot(
-        snap, elapsed=5.0, receiving=4.0, bytes_http=7, bytes_resumed=9, joins=["(*, ff3e::1)"]
+        snap,
+        elapsed=5.0,
+        receiving=4.0,
+        bytes_http=7,
+        bytes_resumed=9,
+        joins=["(*, ff3e::1)"],
+        reads=1,
     )
     assert summary.manifest.manifest == RELEASE.manifest
     assert (summary.datagrams, summary.bytes_multicast, summary.late) == (1, 0, 0)
@@ -70,6 +76,7 @@ def test_the_summary_carries_the_snapshot_and_what_only_the_driver_knows() -> No
     finished = json.loads(out.getvalue())
     assert finished["event"] == "finished" and finished["bytes_resumed"] == 9
     assert finished["joins"] == ["(*, ff3e::1)"] and finished["receiving"] == 4.0
+    assert finished["reads"] == 1  # socket reads: datagrams / reads is what GRO achieved
     assert finished["peak_rss_mb"] > 0  # read from /proc (VmHWM) as the summary is written
     assert (peak_rss_mb() or 0.0) >= finished["peak_rss_mb"]
     text = io.StringIO()
