@@ -189,7 +189,7 @@ def _one_size(
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
     # A third host for the late joins: a receiver there when the peers' sender starts.
-    with Lan.create(3 if "late" in plan.sections else 2) as lan:
+    with Lan.create(3 if "late" in plan.sections else 2, gro=plan.gro) as lan:
         tx, rx = lan.hosts[:2]
         add_ipv4(lan.hosts)
         bench = Bench(
@@ -328,7 +328,7 @@ class Fleet:
 def fleet(plan: Plan, work: Path, procs: Processes) -> list[dict[str, object]]:
     release = Release.make(work / "fleet", plan.fleet_image)
     rows: list[dict[str, object]] = []
-    with Lan.create(1 + max(plan.receivers)) as lan:
+    with Lan.create(1 + max(plan.receivers), gro=plan.gro) as lan:
         f = Fleet(
             plan,
             lan,
@@ -451,7 +451,7 @@ def several_senders(
 ) -> list[dict[str, object]]:
     k = source_symbols(release)
     rows: list[dict[str, object]] = []
-    with Lan.create(1 + max(plan.senders)) as lan:
+    with Lan.create(1 + max(plan.senders), gro=plan.gro) as lan:
         rx, hosts = lan.hosts[0], lan.hosts[1:]
         cache = work / "senders-cache"
         warm_cache(procs, hosts[0], release, cache)
@@ -544,7 +544,7 @@ def memory(plan: Plan, work: Path, procs: Processes) -> dict[str, object]:
     timeout = 120 + transfer_timeout(plan.big_image)
     out = directory / "out" / "image"
     out.parent.mkdir()
-    with Lan.create(2) as lan:
+    with Lan.create(2, gro=plan.gro) as lan:
         tx, rx = lan.hosts
         receiver = procs.start(
             fetch_argv(rx, release, out.parent / "state", out, tx.address, symbols=plan.symbols)
@@ -615,8 +615,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, Path]:
         choices=("memory", "store"),
         help="otacast fetch's --symbols, for every otacast receiver (default: fetch's default)",
     )
+    parser.add_argument(
+        "--no-gro",
+        action="store_true",
+        help="plain veths: no UDP GRO on the links (default: GRO on, as physical NICs have it)",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.no_gro:
+        plan = replace(plan, gro=False)
     try:
         if args.images:
             sizes = tuple(parse_size(t) for t in args.images.split(",") if t.strip())

@@ -324,6 +324,10 @@ class Plan:
         """The small image: the several-sender runs use it."""
         return self.images[0]
 
+    # UDP GRO on the veths, as physical NICs have it (integration.netns); the loss is then
+    # applied at the switch port, before coalescing (Meter).
+    gro: bool = True
+
 
 # ---- nftables: random loss on what arrives, and a count of what the receiver sends ----------
 
@@ -351,24 +355,34 @@ def udp_overflows(host: Host) -> int:
     return total
 
 
+NFT_LIST = ("nft", "-j", "list", "table")
+
+
 class Meter:
     """Loss and counters in one host: `loss`% of arriving UDP/TCP packets dropped at random;
-    the UDP/TCP packets it sends counted, and everything else it sends counted apart."""
+    the UDP/TCP packets it sends counted, and everything else it sends counted apart.
+
+    With GRO on the host's link the loss is applied at the switch port facing it, before the
+    veth coalesces datagrams (a rule in the host would drop whole coalesced runs)."""
 
     def __init__(self, host: Host, loss: int) -> None:
         self.host = host
         host.run("nft", "delete", "table", "inet", TABLE)
-        drop = (
+        self._switch = host.gro_port
+        if self._switch is not None:
+            self._switch_nft("delete table bridge " + TABLE, check=False)
+        lost = (
             f"meta l4proto {{ tcp, udp }} numgen random mod 100 < {loss} counter drop "
             'comment "lost"'
             if loss
             else 'meta l4proto { tcp, udp } counter comment "arrived"'
         )
+        arriving = "" if self._switch is not None else lost
         script = f"""
 table inet {TABLE} {{
     chain input {{
         type filter hook input priority 0; policy accept;
-        {drop}
+        {arriving}
     }}
     chain output {{
         type filter hook output priority 0; policy accept;
@@ -387,17 +401,56 @@ table inet {TABLE} {{
         )
         if done.returncode != 0:
             raise RuntimeError(f"nft: {done.stderr.strip()}")
+        if self._switch is not None:
+            port = self._switch[1]
+            self._switch_nft(
+                f"add table bridge {TABLE}\n"
+                f"add chain bridge {TABLE} forward {{ type filter hook forward priority 0 ; }}\n"
+                f'add rule bridge {TABLE} forward oifname "{port}" {lost}\n'
+            )
         self.overflow_base = udp_overflows(host)
 
+    def _switch_nft(self, script: str, *, check: bool = True) -> str:
+        assert self._switch is not None
+        done = subprocess.run(
+            ["ip", "netns", "exec", self._switch[0], "nft", "-f", "-"],
+            input=script,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(f"nft (switch): {done.stderr.strip()}")
+        return done.stdout
+
+    def reset(self) -> None:
+        """Count from now on (the loss rule stays)."""
+        self.host.run("nft", "reset", "counters", "table", "inet", TABLE)
+        if self._switch is not None:
+            self._switch_nft(f"reset counters table bridge {TABLE}\n")
+        self.overflow_base = udp_overflows(self.host)
+
     def read(self) -> Counters:
-        listing = self.host.run("nft", "-j", "list", "table", "inet", TABLE).stdout
         found: dict[str, int] = {}
-        for item in json.loads(listing)["nftables"]:
-            rule = item.get("rule")
-            if rule and "comment" in rule:
-                for expression in rule["expr"]:
-                    if "counter" in expression:
-                        found[rule["comment"]] = int(expression["counter"]["packets"])
+        listings = [self.host.run("nft", "-j", "list", "table", "inet", TABLE).stdout]
+        if self._switch is not None:
+            listings.append(
+                subprocess.run(
+                    ["ip", "netns", "exec", self._switch[0], *NFT_LIST, "bridge", TABLE],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=False,
+                ).stdout
+            )
+        for listing in listings:
+            for item in json.loads(listing)["nftables"] if listing.strip() else ():
+                rule = item.get("rule")
+                if rule and "comment" in rule:
+                    for expression in rule["expr"]:
+                        if "counter" in expression:
+                            found[rule["comment"]] = int(expression["counter"]["packets"])
         sent = found.get("sent", 0)
         return Counters(
             found.get("lost", 0),
@@ -564,12 +617,16 @@ def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Out
     else:
         sender = serve()
         _sleep_until(time.monotonic() + join_delay)
-        # The meter counts from here: what the receiver's link carried after it started.
         meter = Meter(bench.rx, loss)
         start = time.monotonic()
         receiver = bench.procs.start(
             fetch_argv(bench.rx, bench.release, state, out, bench.tx.address, symbols=bench.symbols)
         )
+        # The meter counts from here: what reached the receiver's link once it had joined (the
+        # switch port carries the group's datagrams before that too; the time still counts
+        # from the receiver's start).
+        wait_joined(receiver, ssm_group(bench.release))
+        meter.reset()
     done = receiver.wait(start + bench.timeout)
     count = meter.read()
     sender.stop()
