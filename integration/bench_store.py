@@ -94,7 +94,7 @@ def bench_add(
     try:
         with SymbolStore(staging) as store:
             SymbolStore._hand_off = timed_hand_off  # type: ignore[method-assign]
-            os.pwrite = timed_pwrite  # type: ignore[assignment]
+            os.pwrite = timed_pwrite
             add = store.add
             began = time.perf_counter()
             cpu = time.process_time()

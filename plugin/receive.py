@@ -11,16 +11,20 @@ disk), persist each verified chunk, start HTTP repair when the core asks for fal
 when the image is complete.  What the operator sees is `otacast.plugin.report`'s, fed from core
 snapshots.
 
-Where symbols wait for their chunk is the ``symbols`` setting.  With ``memory`` (the default)
-the core's in-memory decoders hold them, for a bounded number of chunks at once, and `_Writer`
-persists verified chunks off the loop.  With ``store``, every symbol the core admits goes to
-the durable symbol store (`otacast.plugin.symbol_store`) through the decoders this driver gives
-the core (`otacast.plugin.store_decoder`): nothing is held in memory, so the core needs no
-decoder budget, no useful symbol is refused, and a restart resumes with the stored symbols, not
-only whole chunks; staging and the store are opened when the verified manifest first needs them
-(its first admitted symbol, or the `ManifestVerified` event, whichever comes first).  The store
-is not yet the default: its writes run on the receive loop and cost receiver CPU, which at high
-rates and low loss becomes loss of its own (docs/PERFORMANCE.md).
+Where symbols wait for their chunk is the ``symbols`` setting.  With ``store`` (the default),
+every symbol the core admits goes to the durable symbol store (`otacast.plugin.symbol_store`)
+through the decoders this driver gives the core (`otacast.plugin.store_decoder`): nothing is
+held in memory, so the core needs no decoder budget, no useful symbol is refused, and a restart
+resumes with the stored symbols, not only whole chunks; staging and the store are opened when
+the verified manifest first needs them (its first admitted symbol, or the `ManifestVerified`
+event, whichever comes first).  The store's writes are cheap enough for the receive loop (runs
+of source symbols gathered into one write each, syncs in a background thread: figures in
+docs/PERFORMANCE.md).  With ``memory`` the core's in-memory decoders hold symbols for at most
+``MAX_DECODER_BYTES`` of chunks at once (16 MiB), and `_Writer` persists verified chunks off
+the loop.  It is kept for images that fit that budget (it writes nothing but whole chunks); for
+larger ones it is the wrong choice: the sender keeps every chunk in progress at once, so the
+symbols of every chunk without a decoder are refused (``decoder-budget``) and the download
+takes many passes.
 
 `otacast.plugin.fetcher.RepairWorker` fetches the missing chunks over HTTP in a thread and
 passes verified ones back through a queue.  Only the loop talks to the core, the store and
@@ -100,7 +104,7 @@ class FetchOptions:
     http_timeout: float = 10.0
     status: StatusFile | None = None
     packet_auth: str = "auto"  # auto | require | off (see otacast.plugin.core)
-    symbols: str = "memory"  # memory | store (see the module doc)
+    symbols: str = "store"  # store | memory (see the module doc)
 
     @classmethod
     def from_settings(

@@ -1,7 +1,7 @@
 """A durable per-chunk store of received symbols: no useful symbol is ever thrown away.
 
-The receive driver uses it with ``--symbols store`` (config ``symbols = "store"``), through
-the core's decoders in `otacast.plugin.store_decoder`; in-memory decoders remain the default.
+The receive driver uses it by default (``--symbols store``, config ``symbols = "store"``),
+through the core's decoders in `otacast.plugin.store_decoder`.
 
 Where things are
 ----------------
@@ -17,23 +17,41 @@ lock) instead of repeating any of that.  Its own files:
   symbol size), cut at the chunk's end: every chunk whose length is not a multiple of ``T``
   (always the image's last) has a short last symbol, whose padding must be zero (the codec pads
   with zeros; a symbol padded otherwise is not genuine and is refused as ``padding``).
+  *Write-combining:* a sender sends runs of consecutive ESIs of one chunk (a GSO batch, an AUTH
+  page), so `add` gathers consecutive source symbols of one chunk in a buffer (`RUN_BYTES`)
+  and writes the run with one ``pwrite`` when it breaks (another chunk, a gap, a full buffer),
+  before any read of that chunk (`read_chunk`, `symbols`, `complete`), and on every flush; a
+  ``pwrite`` per symbol cost more than the rest of `add` together.
 * **Repair symbols** (ESI >= K) go to ``symbols.spill``, an array of ``T``-byte slots.  A slot
   freed by a completed or discarded chunk is reused, so the file is as long as the most slots
   ever in use at once (the high-water mark), and is cut back to the slots in use on reopen.
 * **The journal** ``symbols.journal``: 16-byte records ``chunk (u32) | kind (u8) ESI (u24) |
-  slot (u32) | CRC-32`` -- SOURCE (the symbol is in place), REPAIR (it is in that slot) and
-  FORGET (the chunk's symbols so far are void: it completed, or its decode failed its hash).
-  Replaying the journal rebuilds which symbols each chunk holds.
+  slot (u32) | CRC-32`` -- SOURCES (``slot`` symbols from that ESI on are in place: one record
+  per written run), SOURCE (one symbol in place: journals of earlier versions), REPAIR (it is
+  in that slot) and FORGET (the chunk's symbols so far are void: it completed, or its decode
+  failed its hash).  Replaying the journal rebuilds which symbols each chunk holds.
 * **Completed chunks** are recorded in ``chunks.log`` as `Staging` records them (its
   `Staging.mark_written`), so `Staging.resume` and `Staging.finish` see them as before.
 
 Crash guarantee
 ---------------
-Records are kept in memory and written in a batch by `flush`: first ``image.part`` and the
-spill are ``fdatasync``-ed, then the records are appended to the journal and it is synced too.
-`add` flushes by itself every `FLUSH_RECORDS` records; `discard` flushes at once; `close`
-flushes; `complete` returns once the chunk is durably recorded done.  So, after ``kill -9`` or
-a power cut at any instant:
+Records are kept in memory and made durable in a batch by a flush: the gathered run is
+written, then ``image.part`` and the spill are ``fdatasync``-ed, then the chunks completed since
+the last flush are appended to ``chunks.log`` (synced), then the records are appended to the
+journal and it is synced too.  `flush` does that and returns once it is done; `discard` and
+`close` flush; `complete` leaves its chunk to the next flush.  `add` starts a flush by itself
+every `FLUSH_SYMBOLS` symbols, in the background: a thread (`_Syncer`) runs the syncs and
+appends while the receive loop goes on (an ``fdatasync`` of ~5 MB took milliseconds on the
+loop, and the loop must not stall).  Why the background flush keeps the order above: the main
+thread writes every byte a batch's records name (and the bytes of the chunks it records done)
+*before* it hands the batch over, and ``fdatasync`` makes durable every write to the file made
+before it is called, whichever thread made it; writes the loop makes after the hand-off are
+named only by later batches.  The slots a batch's FORGET records free are reused only once the
+main thread has seen that batch done.  One batch at a time: starting a flush first waits for
+the one before, so at most two flushes' worth of symbols (< 2 x `FLUSH_SYMBOLS`) are ever not
+yet durable, and a disk slower than the stream slows the loop down instead of growing memory.
+Compaction runs only in `flush`, with the thread idle.  So, after ``kill -9`` or a power cut at
+any instant:
 
 * a journal record never names bytes that were not on disk before the record was written: a
   stored symbol read back after reopen is byte for byte the one given to `add`;
@@ -44,8 +62,11 @@ a power cut at any instant:
   FORGET that frees it is synced; `discard` syncs its FORGET before new symbols of that chunk
   can be written in place; `complete` syncs one before overwriting a stored source symbol
   that differs from the verified chunk (a forged one the decode did not use);
-* what is lost is at most the symbols added since the last flush (< `FLUSH_RECORDS`), which
-  are simply received again.
+* a chunk recorded done in ``chunks.log`` has its bytes durable in place (and `Staging.resume`
+  checks its hash anyway); its FORGET comes after, so on reopen it is either done, or not done
+  with all its symbols still there;
+* what is lost is at most the symbols added, and the chunks completed, since the last flush
+  that finished (< 2 x `FLUSH_SYMBOLS` symbols), which are simply received again.
 
 This relies on ``fdatasync`` doing what it says (no disk that acknowledges writes it has not
 made durable).  Completed chunks are trusted on reopen only if they still match their signed
@@ -68,13 +89,16 @@ Bounds
   sender whose chunks keep failing their hash cannot grow it without bound.
 * Writes: each source symbol once in place, each repair symbol once in the spill, and by
   `complete` only the source symbols the chunk lacked (those that differ from the verified
-  data), plus 16 bytes of journal per symbol (1.3 % at 1208-byte symbols) and its compactions.
+  data), plus 16 bytes of journal per repair symbol and per run of source symbols (at most
+  1.3 % at 1208-byte symbols) and its compactions.
 * Memory: per chunk holding symbols, a bitmap of its K source symbols (1 bit each: ~110 KB per
   GiB of image at 1208-byte symbols) and, per repair symbol held, its ESI and slot (8 bytes),
   plus a stack of free slots (4 bytes each; slots in use plus free never exceed the spill's
   limit).  At most about 8.1 bytes per source symbol of the image (~7.2 MB per GiB at 1208-byte
   symbols, far less at low loss), whatever ESIs a sender uses (they range over 24 bits, and the
   repair pool is not signed, so a bitmap over a chunk's cycle could not be sized safely).
+  Besides: the run buffer (`RUN_BYTES`, allocated once) and the records of at most two
+  flushes (16 bytes per symbol, < 2 x `FLUSH_SYMBOLS`).
 
 What the caller must have verified
 ----------------------------------
@@ -93,10 +117,11 @@ Using it
 Open `Staging`, then ``SymbolStore(staging)``: it resumes (`done`, `is_done`: the chunks
 `Staging.resume` verified) with every symbol stored before.  Per DATA datagram the core
 admitted, ``add(chunk, esi, datagram[DATA_HEADER_SIZE:])``.  Once ``count(chunk) >= K``:
-with `has_all_source`, hash `read_chunk` (no decode); otherwise feed `symbols` (codec packets)
-to a decoder, and if it yields data, hash it.  A match goes to `complete`, a mismatch to
-`discard`; no data yet means wait for more symbols.  Call `flush` on a timer or when idle, and
-`close` at the end, then `Staging.finish`.  The store is used from one thread.
+with `has_all_source`, hash `read_chunk` (no decode; given that very ``bytes`` object,
+`complete` reads nothing again); otherwise feed `symbols` (codec packets) to a decoder, and if
+it yields data, hash it.  A match goes to `complete`, a mismatch to `discard`; no data yet
+means wait for more symbols.  Call `flush` when something must be durable now, and `close` at
+the end, then `Staging.finish`.  The store is used from one thread (besides its own syncer).
 """
 
 from __future__ import annotations
