@@ -108,7 +108,7 @@ def packet_auth(lan: Lan, work: Path, size: int, rate: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="64M")
-    parser.add_argument("--big-image", default="1G")
+    parser.add_argument("--big-image", default="1G", help="0: no large-image run")
     parser.add_argument("--rate", default="120M")
     parser.add_argument("--quick", action="store_true", help="16M image, no large-image run")
     parser.add_argument(
@@ -146,7 +146,7 @@ def main() -> None:
             result: dict[str, object] = {"rows": rows}
             if not args.no_auth:
                 result["packet_auth"] = packet_auth(lan, work, size, args.rate)
-            if not args.quick:
+            if not args.quick and units.parse_size(args.big_image):
                 big = Release.make(work / "big", units.parse_size(args.big_image), chunk="")
                 stop([serve(lan.hosts[0], big, "--rate", "max", ready=True)])
                 row = receive(lan, big, work, args.rate, 0)

@@ -78,6 +78,9 @@ POLL_INTERVAL = 0.1
 # How often the status file is rewritten during a download: fresh enough for `otacast status`,
 # rare enough to cost nothing.
 STATUS_INTERVAL = 1.0
+# How often stored symbols are made durable at least (in the background), however slowly they
+# arrive: the store alone flushes every FLUSH_SYMBOLS symbols, which at a slow rate is minutes.
+FLUSH_INTERVAL = 1.0
 
 
 @dataclass
@@ -270,6 +273,7 @@ class _Run:
         self.buffer = bytearray(MAX_DATAGRAM + 1)
         self._truncated = 0  # datagrams the transport dropped as too long, already counted
         self._next_status = 0.0
+        self._next_flush = 0.0
 
     def loop(self) -> None:
         self._handle_events()
@@ -292,6 +296,9 @@ class _Run:
             if self.core.verified is not None and self.emit.due(now):
                 self.emit.progress(self.core.snapshot(), now, now - self.start, self.bytes_http)
             self._report_status(now)
+            if self.stored is not None and now >= self._next_flush:
+                self._next_flush = now + FLUSH_INTERVAL
+                self.stored.start_flush()
             self._check_gave_up()
 
     def _report_status(self, now: float) -> None:

@@ -106,9 +106,16 @@ class StoredSymbols:
         return sum(self.store.count(index) for index in chunks)
 
     def keep(self, index: int, data: bytes) -> None:
-        """Keep chunk `index`, whose `data` matches its signed hash (once)."""
+        """Keep chunk `index`, whose `data` matches its signed hash (once), and start making it
+        durable (in the background: a restart then resumes it as a whole chunk)."""
         if not self.store.is_done(index):
             self.store.complete(index, data)
+            self.store.start_flush()
+
+    def start_flush(self) -> None:
+        """Start making the symbols stored so far durable (in the background), until closed."""
+        if not self._closed:
+            self.store.start_flush()
 
     def close(self) -> None:
         """Flush and close the store (once); staging stays open for the caller."""

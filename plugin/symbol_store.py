@@ -300,6 +300,10 @@ class _Syncer(threading.Thread):
         self.in_flight = batch
         self._todo.put(batch)
 
+    def busy(self) -> bool:
+        """Whether a batch is in flight and not yet done."""
+        return self.in_flight is not None and self._done.empty()
+
     def wait(self) -> _Batch | None:
         """The batch in flight, once done (None if there is none)."""
         if self.in_flight is None:
@@ -726,6 +730,14 @@ class SymbolStore:
         self._hand_off()
         self._collect(self._syncer.wait())
         self._maybe_compact()
+
+    def start_flush(self) -> None:
+        """Start making everything so far durable in the background, unless a flush is still
+        running (the next one takes what this one would have): never waits for the disk.
+        The receive driver calls it after each completed chunk and on a timer, so that
+        progress is durable soon at any rate (`add` alone flushes every `FLUSH_SYMBOLS`)."""
+        if not self._syncer.busy():
+            self._hand_off()
 
     def _hand_off(self) -> None:
         """Start making everything so far durable in the background (module docstring):

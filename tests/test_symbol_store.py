@@ -320,6 +320,19 @@ def _shuffled(seed: int) -> list[tuple[int, int]]:
     return order
 
 
+def _sender_order(rng: random.Random, run: int, loss: float) -> list[tuple[int, int]]:
+    """A sender's order: rounds that give each chunk in turn the next `run` consecutive ESIs
+    of its cycle, each lost with probability `loss` (so runs break at gaps too)."""
+    longest = max(len(SYMBOLS[c]) for c in range(MANIFEST.chunk_count))
+    return [
+        (c, e)
+        for start in range(0, longest, run)
+        for c in range(MANIFEST.chunk_count)
+        for e in range(start, min(start + run, len(SYMBOLS[c])))
+        if rng.random() >= loss
+    ]
+
+
 def _admitted(order: list[tuple[int, int]]) -> dict[int, set[int]]:
     """What a store that completes nothing keeps of `order`: sources, and repair symbols while
     the chunk holds fewer than K + MAX_EXTRA_SYMBOLS (the spill cannot fill up without that)."""
@@ -514,15 +527,23 @@ def _examples(count: int) -> settings:
     seed=st.integers(0, 2**32 - 1),
     reopen_every=st.integers(20, 400),
     flush_every=st.integers(1, 300),
+    runs=st.sampled_from([0, 7, 40]),
 )
 def test_any_order_of_arrivals_keeps_exactly_the_admitted_symbols(
-    tmp_path_factory: pytest.TempPathFactory, seed: int, reopen_every: int, flush_every: int
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    reopen_every: int,
+    flush_every: int,
+    runs: int,
 ) -> None:
     state = tmp_path_factory.mktemp("prop")
     rng = random.Random(seed)
-    arrivals = [(c, e) for c in range(MANIFEST.chunk_count) for e in SYMBOLS[c]]
-    arrivals += rng.choices(arrivals, k=len(arrivals) // 4)  # duplicates, as multicast has
-    rng.shuffle(arrivals)
+    if runs:  # a sender's runs, then a second pass of them, with loss
+        arrivals = _sender_order(rng, runs, 0.2) + _sender_order(rng, runs, 0.2)
+    else:
+        arrivals = [(c, e) for c in range(MANIFEST.chunk_count) for e in SYMBOLS[c]]
+        arrivals += rng.choices(arrivals, k=len(arrivals) // 4)  # duplicates, as multicast has
+        rng.shuffle(arrivals)
     expected: dict[int, set[int]] = {c: set() for c in range(MANIFEST.chunk_count)}
     done: set[int] = set()
     store_cm = opened(state)
@@ -541,8 +562,9 @@ def test_any_order_of_arrivals_keeps_exactly_the_admitted_symbols(
                 expected[chunk].add(esi)
             if set(store.esis(chunk)) != expected[chunk]:
                 raise AssertionError((chunk, esi))
-            if len(expected[chunk]) >= k + 3:
-                data = decode(store, chunk)
+            whole = store.has_all_source(chunk)  # (then repair symbols are not needed)
+            if len(expected[chunk]) >= k + 3 or whole:
+                data = store.read_chunk(chunk) if whole else decode(store, chunk)
                 assert data == RELEASE.chunk(chunk)
                 store.complete(chunk, data)
                 done.add(chunk)
@@ -562,22 +584,57 @@ def test_any_order_of_arrivals_keeps_exactly_the_admitted_symbols(
         store_cm.__exit__(None, None, None)
 
 
+def test_a_read_in_the_middle_of_a_run_returns_the_symbols_gathered_so_far(
+    tmp_path: Path,
+) -> None:
+    part = tmp_path / MANIFEST.session_id.hex() / "image.part"
+    with opened(tmp_path) as store:
+        for esi in range(10):
+            assert store.add(1, esi, SYMBOLS[1][esi])  # one run, gathered
+        assert store.add(3, 0, SYMBOLS[3][0])  # chunk 3's run breaks chunk 1's: written
+        assert store.add(3, 1, SYMBOLS[3][1])
+        assert part.read_bytes()[CHUNK : CHUNK + 10 * T] == RELEASE.chunk(1)[: 10 * T]
+        assert store.read_chunk(3)[: 2 * T] == RELEASE.chunk(3)[: 2 * T]  # the run in progress
+        for esi in range(2, 5):  # the run goes on after the read, as a new one
+            assert store.add(3, esi, SYMBOLS[3][esi])
+        assert not store.add(3, 4, SYMBOLS[3][4])  # a duplicate of a gathered symbol
+        assert store.symbols(3) == [packet(3, e) for e in range(5)]
+        assert store.add(3, 5, SYMBOLS[3][5])
+        assert store.add(3, 7, SYMBOLS[3][7])  # a gap: ESIs 5 and 7 are written apart
+        assert store.add(3, K[3], SYMBOLS[3][K[3]])  # a repair symbol does not break it
+        assert store.add(3, 8, SYMBOLS[3][8])
+    with opened(tmp_path) as store:
+        assert store.esis(1) == list(range(10))
+        assert store.esis(3) == [0, 1, 2, 3, 4, 5, 7, 8, K[3]]
+        assert_only_genuine(store)
+
+
 @_examples(20)
 @given(
     seed=st.integers(0, 2**32 - 1),
     flush_every=st.integers(1, 200),
     crash_at=st.integers(0, 800),
+    runs=st.sampled_from([0, 7, 40]),
 )
 def test_a_power_cut_at_any_moment_never_yields_a_wrong_symbol(
-    tmp_path_factory: pytest.TempPathFactory, seed: int, flush_every: int, crash_at: int
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    flush_every: int,
+    crash_at: int,
+    runs: int,
 ) -> None:
-    """Whatever the order, the flushes, completions and discards: after a power cut that
-    garbles every byte written since the file was last synced, each symbol is the real one."""
+    """Whatever the order (random, or a sender's runs of consecutive ESIs that the store
+    gathers into one write each), the flushes, completions and discards: after a power cut
+    that garbles every byte written since the file was last synced, each symbol is the real
+    one."""
     state = tmp_path_factory.mktemp("cut")
     directory = state / MANIFEST.session_id.hex()
     rng = random.Random(seed)
-    arrivals = [(c, e) for c in range(MANIFEST.chunk_count) for e in SYMBOLS[c]]
-    rng.shuffle(arrivals)
+    if runs:
+        arrivals = _sender_order(rng, runs, 0.1)
+    else:
+        arrivals = [(c, e) for c in range(MANIFEST.chunk_count) for e in SYMBOLS[c]]
+        rng.shuffle(arrivals)
     with opened(state) as store:
         synced = {name: b"" for name in ("image.part", SPILL_NAME)}
 
@@ -594,8 +651,7 @@ def test_a_power_cut_at_any_moment_never_yields_a_wrong_symbol(
             if store.count(chunk) >= K[chunk] + 2 and rng.random() < 0.3:
                 data = decode(store, chunk)
                 assert data == RELEASE.chunk(chunk)
-                store.complete(chunk, data)
-                synced_now("image.part")
+                store.complete(chunk, data)  # (synced by the next flush)
             if rng.random() < 0.01 and store.count(chunk):
                 store.discard(chunk)
                 synced_now("image.part", SPILL_NAME)
