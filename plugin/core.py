@@ -170,11 +170,19 @@ class _Reassembly:
 
 
 class _Chunk:
-    __slots__ = ("decoder", "last", "seen")
+    """A chunk in progress: its decoder and the ESIs fed to it.
 
-    def __init__(self, decoder: ChunkDecoder, now: float) -> None:
+    Source ESIs (below K) are kept as bits, the rest in a set: with the symbol store every
+    chunk of the image can be in progress at once, and a set entry per symbol (~60 bytes with
+    its int) would cost ~50 MB per GiB of image where the bits cost ~110 KB."""
+
+    __slots__ = ("decoder", "k", "last", "repair_seen", "source_seen")
+
+    def __init__(self, decoder: ChunkDecoder, k: int, now: float) -> None:
         self.decoder = decoder
-        self.seen: set[int] = set()
+        self.k = k
+        self.source_seen = bytearray((k + 7) // 8)
+        self.repair_seen: set[int] = set()
         self.last = now
 
 
@@ -519,10 +527,17 @@ class ReceiverCore:
                 self.stats.rejected["decoder-budget"] += 1
                 return
             state = self._open_chunk(chunk, now)
-        if esi in state.seen:
+        if esi < state.k:
+            seen, bit = state.source_seen, 1 << (esi & 7)
+            if seen[esi >> 3] & bit:
+                self.stats.duplicates += 1
+                return
+            seen[esi >> 3] |= bit
+        elif esi in state.repair_seen:
             self.stats.duplicates += 1
             return
-        state.seen.add(esi)
+        else:
+            state.repair_seen.add(esi)
         state.last = now
         self._chunks.move_to_end(chunk)
         self.stats.symbols_used += 1
@@ -540,9 +555,10 @@ class ReceiverCore:
 
     def _open_chunk(self, chunk: int, now: float) -> _Chunk:
         assert self.verified is not None
-        length = self.verified.manifest.chunk_span(chunk)[1]
+        manifest = self.verified.manifest
+        length = manifest.chunk_span(chunk)[1]
         decoder = self.decoder_factory(chunk, length, self._symbol_size)
-        state = self._chunks[chunk] = _Chunk(decoder, now)
+        state = self._chunks[chunk] = _Chunk(decoder, manifest.source_symbols(chunk), now)
         return state
 
     def _finish_chunk(self, chunk: int, data: bytes, now: float) -> None:
