@@ -296,9 +296,12 @@ class _Run:
             if self.core.verified is not None and self.emit.due(now):
                 self.emit.progress(self.core.snapshot(), now, now - self.start, self.bytes_http)
             self._report_status(now)
-            if self.stored is not None and now >= self._next_flush:
-                self._next_flush = now + FLUSH_INTERVAL
-                self.stored.start_flush()
+            if self.stored is not None:
+                if now >= self._next_flush:
+                    self._next_flush = now + FLUSH_INTERVAL
+                    self.stored.start_flush()
+                else:
+                    self.stored.flush_if_wanted()  # a kept chunk is durable one sync later
             self._check_gave_up()
 
     def _report_status(self, now: float) -> None:

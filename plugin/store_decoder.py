@@ -117,6 +117,11 @@ class StoredSymbols:
         if not self._closed:
             self.store.start_flush()
 
+    def flush_if_wanted(self) -> None:
+        """Start the flush asked for while one was running, once it is done, until closed."""
+        if not self._closed:
+            self.store.flush_if_wanted()
+
     def close(self) -> None:
         """Flush and close the store (once); staging stays open for the caller."""
         if not self._closed:

@@ -344,6 +344,7 @@ class SymbolStore:
         self._completed: list[int] = []  # chunks done, not yet in chunks.log
         self._read_back: tuple[int, bytes] | None = None  # see `complete`
         self._unflushed = 0  # symbols stored since the last flush
+        self._flush_wanted = False  # `start_flush` was called while a flush was running
         self._stored = 0  # symbols stored since opened
         # The run of consecutive source symbols of one chunk gathered for one write: ESIs
         # [_run_first, _run_end) of chunk _run_chunk (-1: none), _run_fill bytes of _run.
@@ -732,18 +733,28 @@ class SymbolStore:
         self._maybe_compact()
 
     def start_flush(self) -> None:
-        """Start making everything so far durable in the background, unless a flush is still
-        running (the next one takes what this one would have): never waits for the disk.
-        The receive driver calls it after each completed chunk and on a timer, so that
-        progress is durable soon at any rate (`add` alone flushes every `FLUSH_SYMBOLS`)."""
-        if not self._syncer.busy():
+        """Start making everything so far durable in the background; if a flush is still
+        running, only note that one is wanted (`flush_if_wanted` starts it once that one is
+        done): never waits for the disk.  The receive driver calls it after each completed
+        chunk and on a timer, so that progress is durable soon at any rate (`add` alone
+        flushes every `FLUSH_SYMBOLS` symbols)."""
+        if self._syncer.busy():
+            self._flush_wanted = True
+        else:
             self._hand_off()
+
+    def flush_if_wanted(self) -> None:
+        """`start_flush`, if one was asked for while a flush was running (cheap otherwise:
+        the receive driver calls it every turn of its loop)."""
+        if self._flush_wanted:
+            self.start_flush()
 
     def _hand_off(self) -> None:
         """Start making everything so far durable in the background (module docstring):
         wait for the batch before to be done, then hand the syncer a new one."""
         self._write_run()
         self._unflushed = 0
+        self._flush_wanted = False
         self._collect(self._syncer.wait())
         if not self._pending and not self._completed:
             return

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -455,6 +457,39 @@ def test_after_a_power_cut_unsynced_bytes_are_never_named(tmp_path: Path) -> Non
             if not store.is_done(c):
                 assert held[c] >= held_at_flush[c]
         assert store.done >= done
+
+
+def test_start_flush_never_waits_for_a_slow_disk_and_a_flush_asked_meanwhile_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = threading.Event()  # the disk finishes the batch in flight when this is set
+    real_sync = SymbolStore._sync
+
+    def slow_sync(self: SymbolStore, batch: object) -> None:
+        assert disk.wait(10)
+        real_sync(self, batch)  # type: ignore[arg-type]
+
+    with opened(tmp_path) as store:
+        monkeypatch.setattr(SymbolStore, "_sync", slow_sync)
+        for chunk in (0, 1):
+            for esi in range(K[chunk]):
+                store.add(chunk, esi, SYMBOLS[chunk][esi])
+        store.complete(0, store.read_chunk(0))
+        store.start_flush()  # handed to the syncer, which waits for the disk
+        store.complete(1, store.read_chunk(1))
+        store.start_flush()  # returns at once: only noted as wanted
+        store.flush_if_wanted()  # still busy: returns at once too
+        assert not disk.is_set()  # (had any of them waited, the test would have hung)
+        disk.set()
+        while store._syncer.busy():
+            time.sleep(0.001)
+        store.flush_if_wanted()  # the flush asked for meanwhile now starts ...
+        copy = tmp_path / "copy"
+        while store._syncer.busy():
+            time.sleep(0.001)
+        shutil.copytree(tmp_path / MANIFEST.session_id.hex(), copy / MANIFEST.session_id.hex())
+    with opened(copy) as store:
+        assert store.done == {0, 1}  # ... and made chunk 1 durable without another call
 
 
 def test_a_receiver_killed_mid_stream_resumes_with_its_stored_symbols(tmp_path: Path) -> None:
