@@ -520,16 +520,34 @@ class SymbolStore:
         if state is None:
             return []
         size = self._symbol_size
+        pack = _PAYLOAD_ID.pack
         packets = []
         if state.sources:
             data = self.read_chunk(chunk)
-            for esi in range(state.k):
-                if state.has_source(esi):
-                    symbol = data[esi * size : (esi + 1) * size]
-                    packets.append(_PAYLOAD_ID.pack(esi) + symbol.ljust(size, b"\0"))
-        for esi, slot in zip(state.repair_esi, state.repair_slot, strict=True):
-            symbol = self._read(self._spill, slot * size, size, self.spill_path)
-            packets.append(_PAYLOAD_ID.pack(esi) + symbol)
+            bits, last = state.bits, state.k - 1
+            packets = [
+                pack(esi) + data[esi * size : (esi + 1) * size]
+                for esi in range(last)
+                if bits[esi >> 3] >> (esi & 7) & 1
+            ]
+            if state.has_source(last):  # the chunk's last symbol may be short: pad it
+                packets.append(pack(last) + data[last * size :].ljust(size, b"\0"))
+        # Repair symbols in consecutive slots (a run of them, stored in the order they came)
+        # are read with one pread.
+        held = sorted(zip(state.repair_slot, state.repair_esi, strict=True))
+        repair: dict[int, bytes] = {}
+        at = 0
+        while at < len(held):
+            end = at + 1
+            while end < len(held) and held[end][0] == held[end - 1][0] + 1:
+                end += 1
+            first = held[at][0]
+            block = self._read(self._spill, first * size, (end - at) * size, self.spill_path)
+            for slot, esi in held[at:end]:
+                offset = (slot - first) * size
+                repair[esi] = pack(esi) + block[offset : offset + size]
+            at = end
+        packets.extend(repair[esi] for esi in state.repair_esi)  # ascending, as `esis`
         return packets
 
     @property
