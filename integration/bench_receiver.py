@@ -1,13 +1,15 @@
 """Receiver benchmark: prints numbers, asserts nothing.
 
     python integration/bench_receiver.py [--size 64M] [--big-image 1G] [--rate 120M] [--quick]
-                                         [--gro on|off|both]
+        [--gro on|off|both] [--symbols store,memory] [--losses 0,5,20] [--no-auth]
 
 On a two-host namespaced LAN a sender loops a release at a fixed paced rate and ``otacast
 fetch`` receives it, with 0%, 5% and 20% of datagrams dropped at random by nftables in the
 receiver's namespace (the sender runs without GSO so each datagram is dropped on its own).  The
 receiver joins first and the sender starts after, so every run sees the stream from its start.
-For each loss rate it reports goodput (image bytes / time from the first datagram to the
+For each loss rate, and each way of keeping symbols named by ``--symbols`` (the receiver's
+``--symbols``, run one after the other for each loss rate so that both see the same machine
+load), it reports goodput (image bytes / time from the first datagram to the
 verified image, so process start-up is not counted), the
 receiver's CPU seconds per MB (its own rusage), and two efficiency figures:
 
@@ -61,7 +63,7 @@ def receive(
     loss: int,
     rx_args: tuple[str, ...] = (),
     tx_args: tuple[str, ...] = (),
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     sender, receiver = lan.hosts
     clear_loss(receiver)
     if loss:
@@ -113,7 +115,7 @@ def packet_auth(lan: Lan, work: Path, size: int, rate: str) -> dict[str, float]:
     for _ in range(2):
         for policy, cpu in runs.items():
             row = receive(lan, release, work, rate, 0, ("--packet-auth", policy), tx_args)
-            cpu.append(row["cpu_s_per_MB"])
+            cpu.append(float(row["cpu_s_per_MB"]))
     with_auth, without = min(runs["require"]), min(runs["off"])
     print(
         f"packet authentication at 0% loss: receiver CPU {with_auth} s/MB with, {without} s/MB "
@@ -125,7 +127,7 @@ def packet_auth(lan: Lan, work: Path, size: int, rate: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="64M")
-    parser.add_argument("--big-image", default="1G")
+    parser.add_argument("--big-image", default="1G", help="0: no large-image run")
     parser.add_argument("--rate", default="120M")
     parser.add_argument("--quick", action="store_true", help="16M image, no large-image run")
     parser.add_argument(
@@ -134,7 +136,13 @@ def main() -> None:
         default="on",
         help="UDP GRO on the veths as on a physical NIC (default), plain veths, or both in turn",
     )
+    parser.add_argument(
+        "--symbols", default="store", help="the receiver's --symbols, comma-separated"
+    )
+    parser.add_argument("--losses", default="0,5,20", help="percent, comma-separated")
+    parser.add_argument("--no-auth", action="store_true", help="skip the packet-auth runs")
     args = parser.parse_args()
+    keeping = args.symbols.split(",")
     work = Path(tempfile.mkdtemp(prefix="otacast-rxbench-"))
     modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.gro]
     try:
@@ -144,27 +152,36 @@ def main() -> None:
         for gro in modes:
             with Lan.create(2, gro=gro) as lan:
                 stop([serve(lan.hosts[0], release, "--rate", "max", ready=True)])  # encode once
-                rows = [receive(lan, release, work, args.rate, loss) for loss in (0, 5, 20)]
+                rows = [
+                    {
+                        "symbols": how,
+                        **receive(lan, release, work, args.rate, loss, ("--symbols", how)),
+                    }
+                    for loss in (int(x) for x in args.losses.split(","))
+                    for how in keeping
+                ]
                 print(
                     f"image {units.format_bytes(size)}, sender paced at {args.rate}, "
                     f"1228-byte datagrams, GRO {'on' if gro else 'off'}"
                 )
                 print(
-                    f"{'loss':>5} {'goodput MB/s':>13} {'CPU s/MB':>9} {'FEC used/K':>11} "
-                    f"{'wire/ideal':>11} {'peak RSS MB':>12} {'dgrams/read':>12} "
-                    f"{'CPU us/dgram':>13}"
+                    f"{'loss':>5} {'symbols':>8} {'goodput MB/s':>13} {'CPU s/MB':>9} "
+                    f"{'FEC used/K':>11} {'wire/ideal':>11} {'peak RSS MB':>12} "
+                    f"{'dgrams/read':>12} {'CPU us/dgram':>13}"
                 )
                 for r in rows:
                     print(
-                        f"{r['loss']:>4}% {r['goodput_MB/s']:>13} {r['cpu_s_per_MB']:>9} "
-                        f"{r['fec_used/K']:>11} {r['wire/ideal']:>11} {r['peak_rss_MB']:>12} "
-                        f"{r['dgrams/read']:>12} {r['cpu_us_per_dgram']:>13}"
+                        f"{r['loss']:>4}% {r['symbols']:>8} {r['goodput_MB/s']:>13} "
+                        f"{r['cpu_s_per_MB']:>9} {r['fec_used/K']:>11} {r['wire/ideal']:>11} "
+                        f"{r['peak_rss_MB']:>12} {r['dgrams/read']:>12} "
+                        f"{r['cpu_us_per_dgram']:>13}"
                     )
                 result["rows_gro" if gro else "rows"] = rows
                 if gro != modes[-1]:
                     continue
-                result["packet_auth"] = packet_auth(lan, work, size, args.rate)
-                if not args.quick:
+                if not args.no_auth:
+                    result["packet_auth"] = packet_auth(lan, work, size, args.rate)
+                if not args.quick and units.parse_size(args.big_image):
                     big = Release.make(work / "big", units.parse_size(args.big_image), chunk="")
                     stop([serve(lan.hosts[0], big, "--rate", "max", ready=True)])
                     row = receive(lan, big, work, args.rate, 0)

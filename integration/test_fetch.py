@@ -181,7 +181,9 @@ def test_kill_9_mid_download_then_the_same_command_resumes(
     tx = serve(sender, release, "--rate", "4M", "--duration", "120s")
     try:
         command = fetch_command(receiver, release, state, out, "--source", sender.address)
-        kill_9_when(command, "chunks_done", 3)
+        # Kept chunks are made durable in the background, a sync after they are reported done:
+        # the kill comes at 5, and at least 3 must have been kept.
+        kill_9_when(command, "chunks_done", 5)
         assert not out.exists()
         code, events, err = fetch(receiver, release, state, out, "--source", sender.address)
     finally:

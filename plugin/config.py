@@ -32,9 +32,10 @@ ENVIRONMENT = "OTACAST_CONFIG"
 MAX_CONFIG_BYTES = 64 * 1024
 
 FALLBACKS = ("auto", "only", "never")
-# Where received symbols are kept until their chunk completes: "memory" (decoders for a bounded
-# number of chunks at once, the default) or "store" (every admitted symbol in the durable symbol
-# store in the state directory: nothing refused, resume keeps symbols; see otacast.plugin.receive).
+# Where received symbols are kept until their chunk completes: "store" (the default: every
+# admitted symbol in the durable symbol store in the state directory, nothing refused, resume
+# keeps symbols) or "memory" (decoders for a bounded number of chunks at once: for images that fit
+# the decoder budget only; see otacast.plugin.receive).
 SYMBOL_KEEPING = ("memory", "store")
 
 
@@ -196,7 +197,7 @@ class Settings:
     out: Path | None = None
     retry_max: float = DEFAULT_RETRY_MAX
     packet_auth: str = "auto"
-    symbols: str = "memory"
+    symbols: str = "store"
     config: Path | None = None
 
     @property

@@ -170,12 +170,19 @@ class _Reassembly:
 
 
 class _Chunk:
-    __slots__ = ("decoder", "last", "seen")
+    """A chunk in progress: its decoder and the ESIs fed to it.
 
-    def __init__(self, decoder: ChunkDecoder, now: float) -> None:
+    Source ESIs (below K) are kept as bits, the rest in a set: with the symbol store every
+    chunk of the image can be in progress at once, and a set entry per symbol (~60 bytes with
+    its int) would cost ~50 MB per GiB of image where the bits cost ~110 KB."""
+
+    __slots__ = ("decoder", "k", "repair_seen", "source_seen")
+
+    def __init__(self, decoder: ChunkDecoder, k: int) -> None:
         self.decoder = decoder
-        self.seen: set[int] = set()
-        self.last = now
+        self.k = k
+        self.source_seen = bytearray((k + 7) // 8)
+        self.repair_seen: set[int] = set()
 
 
 class ReceiverCore:
@@ -228,7 +235,8 @@ class ReceiverCore:
         self._pending: OrderedDict[_PendingKey, _Reassembly] = OrderedDict()
         self._pending_bytes = 0
         self._refused: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
-        self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
+        # (no order: a decoder is never evicted, see *Decoding*)
+        self._chunks: dict[int, _Chunk] = {}
         self._early: deque[tuple[bytes, str]] = deque()
         self._early_bytes = 0
         self._session = b""
@@ -295,7 +303,12 @@ class ReceiverCore:
         self.stats.datagrams += 1
         if self.first_datagram_at is None:
             self.first_datagram_at = now
-        self._receive(data, source, now, wall)
+        if self._session:  # `_receive`'s fast path, inline: this runs for every datagram
+            fields = wire.peek_data(data)
+            if fields is not None and fields[0] == self._session:
+                self._on_data(data, fields, now)
+                return
+        self._receive_other(data, source, now, wall)
 
     def _receive(self, data: bytes, source: str, now: float, wall: float) -> None:
         if self._session:
@@ -303,6 +316,10 @@ class ReceiverCore:
             if fields is not None and fields[0] == self._session:
                 self._on_data(data, fields, now)
                 return
+        self._receive_other(data, source, now, wall)
+
+    def _receive_other(self, data: bytes, source: str, now: float, wall: float) -> None:
+        """Anything but a DATA datagram of the adopted session."""
         try:
             packet = wire.parse_datagram(data)
         except PacketError as exc:
@@ -521,13 +538,18 @@ class ReceiverCore:
             if len(self._chunks) >= self._max_decoders:
                 self.stats.rejected["decoder-budget"] += 1
                 return
-            state = self._open_chunk(chunk, now)
-        if esi in state.seen:
+            state = self._open_chunk(chunk)
+        if esi < state.k:
+            seen, bit = state.source_seen, 1 << (esi & 7)
+            if seen[esi >> 3] & bit:
+                self.stats.duplicates += 1
+                return
+            seen[esi >> 3] |= bit
+        elif esi in state.repair_seen:
             self.stats.duplicates += 1
             return
-        state.seen.add(esi)
-        state.last = now
-        self._chunks.move_to_end(chunk)
+        else:
+            state.repair_seen.add(esi)
         self.stats.symbols_used += 1
         if not self._polluted:
             self._last_progress = now
@@ -541,11 +563,12 @@ class ReceiverCore:
         if result is not None:
             self._finish_chunk(chunk, result, now)
 
-    def _open_chunk(self, chunk: int, now: float) -> _Chunk:
+    def _open_chunk(self, chunk: int) -> _Chunk:
         assert self.verified is not None
-        length = self.verified.manifest.chunk_span(chunk)[1]
+        manifest = self.verified.manifest
+        length = manifest.chunk_span(chunk)[1]
         decoder = self.decoder_factory(chunk, length, self._symbol_size)
-        state = self._chunks[chunk] = _Chunk(decoder, now)
+        state = self._chunks[chunk] = _Chunk(decoder, manifest.source_symbols(chunk))
         return state
 
     def _finish_chunk(self, chunk: int, data: bytes, now: float) -> None:

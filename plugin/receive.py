@@ -11,16 +11,20 @@ disk), persist each verified chunk, start HTTP repair when the core asks for fal
 when the image is complete.  What the operator sees is `otacast.plugin.report`'s, fed from core
 snapshots.
 
-Where symbols wait for their chunk is the ``symbols`` setting.  With ``memory`` (the default)
-the core's in-memory decoders hold them, for a bounded number of chunks at once, and `_Writer`
-persists verified chunks off the loop.  With ``store``, every symbol the core admits goes to
-the durable symbol store (`otacast.plugin.symbol_store`) through the decoders this driver gives
-the core (`otacast.plugin.store_decoder`): nothing is held in memory, so the core needs no
-decoder budget, no useful symbol is refused, and a restart resumes with the stored symbols, not
-only whole chunks; staging and the store are opened when the verified manifest first needs them
-(its first admitted symbol, or the `ManifestVerified` event, whichever comes first).  The store
-is not yet the default: its writes run on the receive loop and cost receiver CPU, which at high
-rates and low loss becomes loss of its own (docs/PERFORMANCE.md).
+Where symbols wait for their chunk is the ``symbols`` setting.  With ``store`` (the default),
+every symbol the core admits goes to the durable symbol store (`otacast.plugin.symbol_store`)
+through the decoders this driver gives the core (`otacast.plugin.store_decoder`): nothing is
+held in memory, so the core needs no decoder budget, no useful symbol is refused, and a restart
+resumes with the stored symbols, not only whole chunks; staging and the store are opened when
+the verified manifest first needs them (its first admitted symbol, or the `ManifestVerified`
+event, whichever comes first).  The store's writes are cheap enough for the receive loop (runs
+of source symbols gathered into one write each, syncs in a background thread: figures in
+docs/PERFORMANCE.md).  With ``memory`` the core's in-memory decoders hold symbols for at most
+``MAX_DECODER_BYTES`` of chunks at once (16 MiB), and `_Writer` persists verified chunks off
+the loop.  It is kept for images that fit that budget (it writes nothing but whole chunks); for
+larger ones it is the wrong choice: the sender keeps every chunk in progress at once, so the
+symbols of every chunk without a decoder are refused (``decoder-budget``) and the download
+takes many passes.
 
 `otacast.plugin.fetcher.RepairWorker` fetches the missing chunks over HTTP in a thread and
 passes verified ones back through a queue.  Only the loop talks to the core, the store and
@@ -74,6 +78,9 @@ POLL_INTERVAL = 0.1
 # How often the status file is rewritten during a download: fresh enough for `otacast status`,
 # rare enough to cost nothing.
 STATUS_INTERVAL = 1.0
+# How often stored symbols are made durable at least (in the background), however slowly they
+# arrive: the store alone flushes every FLUSH_SYMBOLS symbols, which at a slow rate is minutes.
+FLUSH_INTERVAL = 1.0
 
 
 @dataclass
@@ -100,7 +107,7 @@ class FetchOptions:
     http_timeout: float = 10.0
     status: StatusFile | None = None
     packet_auth: str = "auto"  # auto | require | off (see otacast.plugin.core)
-    symbols: str = "memory"  # memory | store (see the module doc)
+    symbols: str = "store"  # store | memory (see the module doc)
 
     @classmethod
     def from_settings(
@@ -268,6 +275,7 @@ class _Run:
         self.buffer = bytearray(MAX_DATAGRAM + 1)
         self._truncated = 0  # datagrams the transport dropped as too long, already counted
         self._next_status = 0.0
+        self._next_flush = 0.0
 
     def loop(self) -> None:
         self._handle_events()
@@ -290,6 +298,12 @@ class _Run:
             if self.core.verified is not None and self.emit.due(now):
                 self.emit.progress(self.core.snapshot(), now, now - self.start, self.bytes_http)
             self._report_status(now)
+            if self.stored is not None:
+                if now >= self._next_flush:
+                    self._next_flush = now + FLUSH_INTERVAL
+                    self.stored.start_flush()
+                else:
+                    self.stored.flush_if_wanted()  # a kept chunk is durable one sync later
             self._check_gave_up()
 
     def _report_status(self, now: float) -> None:

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 from otacast.schemas.policy import VerifiedManifest
@@ -170,7 +171,20 @@ class Staging:
         """
         try:
             os.fdatasync(self._fd)
-            os.write(self._log, _INDEX.pack(index))
+        except OSError as exc:
+            raise _state_error("record chunk in", self.log_path, exc) from None
+        self.record_written([index])
+
+    def record_written(self, indices: Sequence[int]) -> None:
+        """Record chunks whose verified bytes the caller has already made durable in
+        ``image.part`` (``fdatasync``), with one append and one sync for all of them."""
+        if not indices:
+            return
+        entries = b"".join(_INDEX.pack(index) for index in indices)
+        try:
+            written = 0
+            while written < len(entries):
+                written += os.write(self._log, entries[written:])
             os.fdatasync(self._log)
         except OSError as exc:
             raise _state_error("record chunk in", self.log_path, exc) from None

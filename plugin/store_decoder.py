@@ -43,18 +43,22 @@ class StoreDecoder:
         self.length = length
         self.symbol_size = symbol_size
         self.k = store.source_symbols(chunk)
+        # Symbols the store holds for the chunk: only this decoder adds to it (or forgets it),
+        # so it counts them itself, and asks the store again only once there may be enough.
+        self._held = store.count(chunk)
         # Symbols held at the last attempt that did not decode: try again only with more.
         self._tried_with = -1
 
     def feed(self, packet: bytes) -> bytes | None:
         store, chunk = self.store, self.chunk
-        if store.is_done(chunk):
-            # Completed and verified in an earlier run: the driver marks it done (and counts it
-            # as resumed) when it handles the manifest's `ManifestVerified` event.
+        # A chunk completed and verified in an earlier run is refused here (as "done"): the
+        # driver marks it done (and counts it as resumed) when it handles `ManifestVerified`.
+        if not store.add(chunk, int.from_bytes(packet[1:_PAYLOAD_ID], "big"), packet[_PAYLOAD_ID:]):
             return None
-        esi = int.from_bytes(packet[1:_PAYLOAD_ID], "big")
-        store.add(chunk, esi, packet[_PAYLOAD_ID:])
-        held = store.count(chunk)
+        self._held += 1
+        if self._held < self.k:
+            return None
+        held = self._held = store.count(chunk)
         if held < self.k or held == self._tried_with:
             return None
         if store.has_all_source(chunk):
@@ -69,6 +73,7 @@ class StoreDecoder:
 
     def discard(self) -> None:
         self.store.discard(self.chunk)
+        self._held = 0
         self._tried_with = -1
 
 
@@ -101,9 +106,21 @@ class StoredSymbols:
         return sum(self.store.count(index) for index in chunks)
 
     def keep(self, index: int, data: bytes) -> None:
-        """Keep chunk `index`, whose `data` matches its signed hash (once)."""
+        """Keep chunk `index`, whose `data` matches its signed hash (once), and start making it
+        durable (in the background: a restart then resumes it as a whole chunk)."""
         if not self.store.is_done(index):
             self.store.complete(index, data)
+            self.store.start_flush()
+
+    def start_flush(self) -> None:
+        """Start making the symbols stored so far durable (in the background), until closed."""
+        if not self._closed:
+            self.store.start_flush()
+
+    def flush_if_wanted(self) -> None:
+        """Start the flush asked for while one was running, once it is done, until closed."""
+        if not self._closed:
+            self.store.flush_if_wanted()
 
     def close(self) -> None:
         """Flush and close the store (once); staging stays open for the caller."""

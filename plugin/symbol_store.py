@@ -1,7 +1,7 @@
 """A durable per-chunk store of received symbols: no useful symbol is ever thrown away.
 
-The receive driver uses it with ``--symbols store`` (config ``symbols = "store"``), through
-the core's decoders in `otacast.plugin.store_decoder`; in-memory decoders remain the default.
+The receive driver uses it by default (``--symbols store``, config ``symbols = "store"``),
+through the core's decoders in `otacast.plugin.store_decoder`.
 
 Where things are
 ----------------
@@ -17,23 +17,41 @@ lock) instead of repeating any of that.  Its own files:
   symbol size), cut at the chunk's end: every chunk whose length is not a multiple of ``T``
   (always the image's last) has a short last symbol, whose padding must be zero (the codec pads
   with zeros; a symbol padded otherwise is not genuine and is refused as ``padding``).
+  *Write-combining:* a sender sends runs of consecutive ESIs of one chunk (a GSO batch, an AUTH
+  page), so `add` gathers consecutive source symbols of one chunk in a buffer (`RUN_BYTES`)
+  and writes the run with one ``pwrite`` when it breaks (another chunk, a gap, a full buffer),
+  before any read of that chunk (`read_chunk`, `symbols`, `complete`), and on every flush; a
+  ``pwrite`` per symbol cost more than the rest of `add` together.
 * **Repair symbols** (ESI >= K) go to ``symbols.spill``, an array of ``T``-byte slots.  A slot
   freed by a completed or discarded chunk is reused, so the file is as long as the most slots
   ever in use at once (the high-water mark), and is cut back to the slots in use on reopen.
 * **The journal** ``symbols.journal``: 16-byte records ``chunk (u32) | kind (u8) ESI (u24) |
-  slot (u32) | CRC-32`` -- SOURCE (the symbol is in place), REPAIR (it is in that slot) and
-  FORGET (the chunk's symbols so far are void: it completed, or its decode failed its hash).
-  Replaying the journal rebuilds which symbols each chunk holds.
+  slot (u32) | CRC-32`` -- SOURCES (``slot`` symbols from that ESI on are in place: one record
+  per written run), SOURCE (one symbol in place: journals of earlier versions), REPAIR (it is
+  in that slot) and FORGET (the chunk's symbols so far are void: it completed, or its decode
+  failed its hash).  Replaying the journal rebuilds which symbols each chunk holds.
 * **Completed chunks** are recorded in ``chunks.log`` as `Staging` records them (its
   `Staging.mark_written`), so `Staging.resume` and `Staging.finish` see them as before.
 
 Crash guarantee
 ---------------
-Records are kept in memory and written in a batch by `flush`: first ``image.part`` and the
-spill are ``fdatasync``-ed, then the records are appended to the journal and it is synced too.
-`add` flushes by itself every `FLUSH_RECORDS` records; `discard` flushes at once; `close`
-flushes; `complete` returns once the chunk is durably recorded done.  So, after ``kill -9`` or
-a power cut at any instant:
+Records are kept in memory and made durable in a batch by a flush: the gathered run is
+written, then ``image.part`` and the spill are ``fdatasync``-ed, then the chunks completed since
+the last flush are appended to ``chunks.log`` (synced), then the records are appended to the
+journal and it is synced too.  `flush` does that and returns once it is done; `discard` and
+`close` flush; `complete` leaves its chunk to the next flush.  `add` starts a flush by itself
+every `FLUSH_SYMBOLS` symbols, in the background: a thread (`_Syncer`) runs the syncs and
+appends while the receive loop goes on (an ``fdatasync`` of ~5 MB took milliseconds on the
+loop, and the loop must not stall).  Why the background flush keeps the order above: the main
+thread writes every byte a batch's records name (and the bytes of the chunks it records done)
+*before* it hands the batch over, and ``fdatasync`` makes durable every write to the file made
+before it is called, whichever thread made it; writes the loop makes after the hand-off are
+named only by later batches.  The slots a batch's FORGET records free are reused only once the
+main thread has seen that batch done.  One batch at a time: starting a flush first waits for
+the one before, so at most two flushes' worth of symbols (< 2 x `FLUSH_SYMBOLS`) are ever not
+yet durable, and a disk slower than the stream slows the loop down instead of growing memory.
+Compaction runs only in `flush`, with the thread idle.  So, after ``kill -9`` or a power cut at
+any instant:
 
 * a journal record never names bytes that were not on disk before the record was written: a
   stored symbol read back after reopen is byte for byte the one given to `add`;
@@ -44,8 +62,11 @@ a power cut at any instant:
   FORGET that frees it is synced; `discard` syncs its FORGET before new symbols of that chunk
   can be written in place; `complete` syncs one before overwriting a stored source symbol
   that differs from the verified chunk (a forged one the decode did not use);
-* what is lost is at most the symbols added since the last flush (< `FLUSH_RECORDS`), which
-  are simply received again.
+* a chunk recorded done in ``chunks.log`` has its bytes durable in place (and `Staging.resume`
+  checks its hash anyway); its FORGET comes after, so on reopen it is either done, or not done
+  with all its symbols still there;
+* what is lost is at most the symbols added, and the chunks completed, since the last flush
+  that finished (< 2 x `FLUSH_SYMBOLS` symbols), which are simply received again.
 
 This relies on ``fdatasync`` doing what it says (no disk that acknowledges writes it has not
 made durable).  Completed chunks are trusted on reopen only if they still match their signed
@@ -68,13 +89,16 @@ Bounds
   sender whose chunks keep failing their hash cannot grow it without bound.
 * Writes: each source symbol once in place, each repair symbol once in the spill, and by
   `complete` only the source symbols the chunk lacked (those that differ from the verified
-  data), plus 16 bytes of journal per symbol (1.3 % at 1208-byte symbols) and its compactions.
+  data), plus 16 bytes of journal per repair symbol and per run of source symbols (at most
+  1.3 % at 1208-byte symbols) and its compactions.
 * Memory: per chunk holding symbols, a bitmap of its K source symbols (1 bit each: ~110 KB per
   GiB of image at 1208-byte symbols) and, per repair symbol held, its ESI and slot (8 bytes),
   plus a stack of free slots (4 bytes each; slots in use plus free never exceed the spill's
   limit).  At most about 8.1 bytes per source symbol of the image (~7.2 MB per GiB at 1208-byte
   symbols, far less at low loss), whatever ESIs a sender uses (they range over 24 bits, and the
   repair pool is not signed, so a bitmap over a chunk's cycle could not be sized safely).
+  Besides: the run buffer (`RUN_BYTES`, allocated once) and the records of at most two
+  flushes (16 bytes per symbol, < 2 x `FLUSH_SYMBOLS`).
 
 What the caller must have verified
 ----------------------------------
@@ -93,17 +117,20 @@ Using it
 Open `Staging`, then ``SymbolStore(staging)``: it resumes (`done`, `is_done`: the chunks
 `Staging.resume` verified) with every symbol stored before.  Per DATA datagram the core
 admitted, ``add(chunk, esi, datagram[DATA_HEADER_SIZE:])``.  Once ``count(chunk) >= K``:
-with `has_all_source`, hash `read_chunk` (no decode); otherwise feed `symbols` (codec packets)
-to a decoder, and if it yields data, hash it.  A match goes to `complete`, a mismatch to
-`discard`; no data yet means wait for more symbols.  Call `flush` on a timer or when idle, and
-`close` at the end, then `Staging.finish`.  The store is used from one thread.
+with `has_all_source`, hash `read_chunk` (no decode; given that very ``bytes`` object,
+`complete` reads nothing again); otherwise feed `symbols` (codec packets) to a decoder, and if
+it yields data, hash it.  A match goes to `complete`, a mismatch to `discard`; no data yet
+means wait for more symbols.  Call `flush` when something must be durable now, and `close` at
+the end, then `Staging.finish`.  The store is used from one thread (besides its own syncer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import struct
+import threading
 import zlib
 from array import array
 from bisect import bisect_left
@@ -129,9 +156,14 @@ MAX_EXTRA_SYMBOLS = 8
 # 1 is the least at which a full spill always leaves a decodable chunk).
 SPILL_FACTOR = 1
 
-# Records buffered before `add` flushes by itself: 4096 symbols (~5 MB at 1208 bytes) is what a
+# Symbols stored before `add` flushes by itself: 4096 symbols (~5 MB at 1208 bytes) is what a
 # crash can cost at most, for three fdatasyncs per 4096 symbols.
-FLUSH_RECORDS = 4096
+FLUSH_SYMBOLS = 4096
+
+# The longest run of consecutive source symbols gathered before one write (256 KiB): longer
+# than the runs a sender sends of one chunk (a GSO batch of ~50, an AUTH page of ~112), small
+# enough to be allocated once and kept.
+RUN_BYTES = 256 * 1024
 
 # The journal is rewritten from memory when it holds more than JOURNAL_SLACK x the live records
 # plus MIN_COMPACT_RECORDS (1 MiB of records): rewrites cost at most about what was appended.
@@ -144,7 +176,8 @@ JOURNAL_NAME = "symbols.journal"
 _SOURCE = 1
 _REPAIR = 2
 _FORGET = 3
-_RECORD = struct.Struct(">IIII")  # chunk, kind << 24 | esi, slot, crc32
+_SOURCES = 4  # a run: source ESIs esi .. esi + count - 1, the count in the slot field
+_RECORD = struct.Struct(">IIII")  # chunk, kind << 24 | esi, slot (or count), crc32
 _BODY = struct.Struct(">III")
 RECORD_BYTES = _RECORD.size
 # Folded into each record's CRC so that a run of zero bytes (a tail the file system extended
@@ -214,8 +247,83 @@ class _Chunk:
         self.bits[esi >> 3] |= 1 << (esi & 7)
         self.sources += 1
 
+    def clear_source(self, esi: int) -> None:
+        self.bits[esi >> 3] &= ~(1 << (esi & 7))
+        self.sources -= 1
+
+    def source_runs(self) -> list[tuple[int, int]]:
+        """The source ESIs held, as [first, end) runs of consecutive ESIs."""
+        runs: list[tuple[int, int]] = []
+        first = -1
+        for esi in range(self.k + 1):
+            held = esi < self.k and self.bits[esi >> 3] >> (esi & 7) & 1
+            if held and first < 0:
+                first = esi
+            elif not held and first >= 0:
+                runs.append((first, esi))
+                first = -1
+        return runs
+
     def count(self) -> int:
         return self.sources + len(self.repair_esi)
+
+
+@dataclass
+class _Batch:
+    """What one flush makes durable, in this order (the module docstring's argument)."""
+
+    sync_part: bool  # image.part was written since the last batch
+    sync_spill: bool
+    completed: list[int]  # chunks whose verified bytes are in place: for chunks.log
+    records: bytearray  # journal records, appended after both
+    journal_size: int  # the journal's length before them (a failed append is cut back to it)
+    freeing: array[int]  # spill slots that the batch's FORGET records free
+    error: SymbolStoreError | None = None
+
+
+class _Syncer(threading.Thread):
+    """Runs each `_Batch` handed to it: the ``fdatasync``s and appends, off the receive loop.
+
+    One batch at a time: `hand_off` waits for the batch before (so at most two flushes' worth
+    of symbols are ever not yet durable, and a disk slower than the stream slows the loop
+    down instead of growing memory); `wait` returns the batch once it is done."""
+
+    def __init__(self, store: SymbolStore) -> None:
+        super().__init__(name="otacast-symbol-sync", daemon=True)
+        self._store = store
+        self._todo: queue.Queue[_Batch | None] = queue.Queue(1)
+        self._done: queue.Queue[_Batch] = queue.Queue(1)
+        self.in_flight: _Batch | None = None
+
+    def hand_off(self, batch: _Batch) -> None:
+        assert self.in_flight is None
+        self.in_flight = batch
+        self._todo.put(batch)
+
+    def busy(self) -> bool:
+        """Whether a batch is in flight and not yet done."""
+        return self.in_flight is not None and self._done.empty()
+
+    def wait(self) -> _Batch | None:
+        """The batch in flight, once done (None if there is none)."""
+        if self.in_flight is None:
+            return None
+        batch = self._done.get()
+        self.in_flight = None
+        return batch
+
+    def stop(self) -> None:
+        self.wait()
+        self._todo.put(None)
+        self.join()
+
+    def run(self) -> None:
+        while (batch := self._todo.get()) is not None:
+            try:
+                self._store._sync(batch)
+            except SymbolStoreError as exc:
+                batch.error = exc
+            self._done.put(batch)
 
 
 class SymbolStore:
@@ -233,6 +341,17 @@ class SymbolStore:
         self._chunks: dict[int, _Chunk] = {}
         self._done: set[int] = staging.resume()
         self._pending = bytearray()  # records not yet in the journal
+        self._completed: list[int] = []  # chunks done, not yet in chunks.log
+        self._read_back: tuple[int, bytes] | None = None  # see `complete`
+        self._unflushed = 0  # symbols stored since the last flush
+        self._flush_wanted = False  # `start_flush` was called while a flush was running
+        self._stored = 0  # symbols stored since opened
+        # The run of consecutive source symbols of one chunk gathered for one write: ESIs
+        # [_run_first, _run_end) of chunk _run_chunk (-1: none), _run_fill bytes of _run.
+        self._run = bytearray(max(RUN_BYTES, manifest.fec.symbol_size))
+        self._run_room = len(self._run)
+        self._run_chunk = -1
+        self._run_first = self._run_end = self._run_fill = 0
         self._free = array("I")  # spill slots free to reuse now
         self._freeing = array("I")  # freed by a FORGET that is not yet synced
         self._slots = 0  # spill length in slots
@@ -246,6 +365,8 @@ class SymbolStore:
         self._part: int | None = None
         self._spill: int | None = None
         self._journal: int | None = None
+        self._syncer = _Syncer(self)
+        self._syncer.start()
         try:
             self._part = os.open(staging.part, os.O_RDWR)
             self._spill = os.open(self.spill_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -312,9 +433,16 @@ class SymbolStore:
         if kind == _FORGET:
             self._chunks.pop(chunk, None)
             return True
-        if kind not in (_SOURCE, _REPAIR):
+        if kind not in (_SOURCE, _REPAIR, _SOURCES):
             return False
         state = self._state(chunk)
+        if kind == _SOURCES:
+            if not 0 < slot <= state.k - esi:
+                return False
+            for source in range(esi, esi + slot):
+                if not state.has_source(source):
+                    state.set_source(source)
+            return True
         if kind == _SOURCE:
             if esi >= state.k:
                 return False
@@ -375,8 +503,16 @@ class SymbolStore:
 
     def read_chunk(self, chunk: int) -> bytes:
         """The chunk's bytes as ``image.part`` holds them (its data once `has_all_source`)."""
+        if chunk == self._run_chunk:
+            self._write_run()  # its gathered source symbols belong in what is read
         offset, length = self._manifest.chunk_span(chunk)
-        return self._read(self._part, offset, length, self.staging.part)
+        data = self._read(self._part, offset, length, self.staging.part)
+        state = self._chunks.get(chunk)
+        if state is not None and state.sources == state.k:
+            # Its bytes in place can no longer change (every further symbol of it is refused)
+            # until it is completed or discarded: `complete` need not read them again.
+            self._read_back = (chunk, data)
+        return data
 
     def symbols(self, chunk: int) -> list[bytes]:
         """The codec packets (payload id + symbol) `chunk` holds, for the decoder."""
@@ -384,16 +520,34 @@ class SymbolStore:
         if state is None:
             return []
         size = self._symbol_size
+        pack = _PAYLOAD_ID.pack
         packets = []
         if state.sources:
             data = self.read_chunk(chunk)
-            for esi in range(state.k):
-                if state.has_source(esi):
-                    symbol = data[esi * size : (esi + 1) * size]
-                    packets.append(_PAYLOAD_ID.pack(esi) + symbol.ljust(size, b"\0"))
-        for esi, slot in zip(state.repair_esi, state.repair_slot, strict=True):
-            symbol = self._read(self._spill, slot * size, size, self.spill_path)
-            packets.append(_PAYLOAD_ID.pack(esi) + symbol)
+            bits, last = state.bits, state.k - 1
+            packets = [
+                pack(esi) + data[esi * size : (esi + 1) * size]
+                for esi in range(last)
+                if bits[esi >> 3] >> (esi & 7) & 1
+            ]
+            if state.has_source(last):  # the chunk's last symbol may be short: pad it
+                packets.append(pack(last) + data[last * size :].ljust(size, b"\0"))
+        # Repair symbols in consecutive slots (a run of them, stored in the order they came)
+        # are read with one pread.
+        held = sorted(zip(state.repair_slot, state.repair_esi, strict=True))
+        repair: dict[int, bytes] = {}
+        at = 0
+        while at < len(held):
+            end = at + 1
+            while end < len(held) and held[end][0] == held[end - 1][0] + 1:
+                end += 1
+            first = held[at][0]
+            block = self._read(self._spill, first * size, (end - at) * size, self.spill_path)
+            for slot, esi in held[at:end]:
+                offset = (slot - first) * size
+                repair[esi] = pack(esi) + block[offset : offset + size]
+            at = end
+        packets.extend(repair[esi] for esi in state.repair_esi)  # ascending, as `esis`
         return packets
 
     @property
@@ -406,7 +560,7 @@ class SymbolStore:
             log_bytes=self._counts["log"],
             spill_in_use=self._in_use * self._symbol_size,
             spill_high_water=self._high_water,
-            stored=self._counts["stored"],
+            stored=self._stored,
             refused=MappingProxyType(dict(self._refused)),
             compactions=self._counts["compactions"],
         )
@@ -419,29 +573,46 @@ class SymbolStore:
         False if it was not stored: a duplicate, or refused (the reason is counted in
         `stats`).  Raises `SymbolStoreError` only when the disk fails.
         """
-        if not 0 <= chunk < self._chunk_count:
-            return self._refuse("chunk-range")
+        # The receive loop calls this for every symbol: the common case (a source symbol of a
+        # chunk in progress) is written out inline.
+        size = self._symbol_size
         if not 0 <= esi <= MAX_ESI:
             return self._refuse("esi-range")
-        size = self._symbol_size
         if len(symbol) != size:
             return self._refuse("symbol-length")
-        if chunk in self._done:
-            return self._refuse("done")
-        state = self._state(chunk)
-        view = memoryview(symbol)
+        state = self._chunks.get(chunk)
+        if state is None:  # (a chunk in progress is in range and not done)
+            if not 0 <= chunk < self._chunk_count:
+                return self._refuse("chunk-range")
+            if chunk in self._done:
+                return self._refuse("done")
+            state = self._state(chunk)
         if esi < state.k:
-            if state.has_source(esi):
+            byte, bit = esi >> 3, 1 << (esi & 7)
+            if state.bits[byte] & bit:
                 return self._refuse("duplicate")
-            cut = min(size, state.length - esi * size)
-            if cut < size and any(view[cut:]):
+            cut = state.length - esi * size
+            if cut >= size:
+                cut = size
+            elif any(memoryview(symbol)[cut:]):
                 return self._refuse("padding")
-            self._write(self._part, view[:cut], state.offset + esi * size, self.staging.part)
-            self._dirty_part = True
-            state.set_source(esi)
-            self._counts["source"] += cut
-            self._journal_add(_record(chunk, _SOURCE, esi))
+            else:
+                symbol = memoryview(symbol)[:cut]
+            fill = self._run_fill
+            if chunk != self._run_chunk or esi != self._run_end or fill + cut > self._run_room:
+                self._write_run()
+                self._run_chunk, self._run_first, fill = chunk, esi, 0
+            self._run[fill : fill + cut] = symbol
+            self._run_fill = fill + cut
+            self._run_end = esi + 1
+            state.bits[byte] |= bit
+            state.sources += 1
+            self._stored += 1
+            self._unflushed += 1
+            if self._unflushed >= FLUSH_SYMBOLS:
+                self._hand_off()
             return True
+        view = memoryview(symbol)
         at = bisect_left(state.repair_esi, esi)
         if at < len(state.repair_esi) and state.repair_esi[at] == esi:
             return self._refuse("duplicate")
@@ -467,18 +638,43 @@ class SymbolStore:
         self._in_use += 1
         self._high_water = max(self._high_water, self._in_use * size)
         self._counts["spill"] += size
-        self._journal_add(_record(chunk, _REPAIR, esi, slot))
+        self._pending += _record(chunk, _REPAIR, esi, slot)
+        self._stored += 1
+        self._unflushed += 1
+        if self._unflushed >= FLUSH_SYMBOLS:
+            self._hand_off()
         return True
 
     def _refuse(self, reason: str) -> bool:
         self._refused[reason] += 1
         return False
 
-    def _journal_add(self, record: bytes) -> None:
-        self._counts["stored"] += 1
-        self._pending += record
-        if len(self._pending) >= FLUSH_RECORDS * RECORD_BYTES:
-            self.flush()
+    def _write_run(self) -> None:
+        """Write the gathered run in place with one ``pwrite`` and queue its one record.
+
+        If the write fails, the run's symbols are not stored (the chunk's bitmap forgets them)
+        and the error is raised: nothing is ever half-stored."""
+        fill = self._run_fill
+        if not fill:
+            return
+        chunk, first, end = self._run_chunk, self._run_first, self._run_end
+        self._run_chunk, self._run_fill = -1, 0
+        state = self._chunks[chunk]
+        try:
+            with memoryview(self._run) as run:
+                self._write(
+                    self._part,
+                    run[:fill],
+                    state.offset + first * self._symbol_size,
+                    self.staging.part,
+                )
+        except SymbolStoreError:
+            for esi in range(first, end):
+                state.clear_source(esi)
+            raise
+        self._dirty_part = True
+        self._counts["source"] += fill
+        self._pending += _record(chunk, _SOURCES, first, end - first)
 
     # --- Ending a chunk ---------------------------------------------------------------------
 
@@ -490,21 +686,26 @@ class SymbolStore:
             raise ValueError("chunk length does not match the manifest")
         if chunk in self._done:
             return
-        held = self.read_chunk(chunk)
+        read_back, self._read_back = self._read_back, None
+        if read_back is not None and read_back[0] == chunk and read_back[1] is data:
+            held = data  # what `read_chunk` read of it, unchanged since (no copy compared)
+        else:
+            held = self.read_chunk(chunk)
         state = self._chunks.get(chunk)
         size = self._symbol_size
         runs: list[tuple[int, int]] = []  # [start, end) byte ranges of the chunk to write
         overwrites_stored = False
-        for esi in range(self._manifest.source_symbols(chunk)):
-            start, end = esi * size, min((esi + 1) * size, length)
-            if held[start:end] == data[start:end]:
-                continue
-            if state is not None and state.has_source(esi):
-                overwrites_stored = True  # a forged symbol the decode did not need
-            if runs and runs[-1][1] == start:
-                runs[-1] = (runs[-1][0], end)
-            else:
-                runs.append((start, end))
+        if held != data:
+            for esi in range(self._manifest.source_symbols(chunk)):
+                start, end = esi * size, min((esi + 1) * size, length)
+                if held[start:end] == data[start:end]:
+                    continue
+                if state is not None and state.has_source(esi):
+                    overwrites_stored = True  # a forged symbol the decode did not need
+                if runs and runs[-1][1] == start:
+                    runs[-1] = (runs[-1][0], end)
+                else:
+                    runs.append((start, end))
         if overwrites_stored:
             # Its record must be void on disk before the bytes it names change.
             self._forget(chunk)
@@ -512,12 +713,15 @@ class SymbolStore:
         view = memoryview(data)
         for start, end in runs:
             self._write(self._part, view[start:end], offset + start, self.staging.part)
+            self._dirty_part = True
             self._counts["decoded"] += end - start
-        self.staging.mark_written(chunk)
-        self._counts["log"] += 4
+        # Recorded in chunks.log by the next flush, after these bytes are synced and before
+        # the FORGET below is appended: on reopen the chunk is done (and its symbols then
+        # forgotten), or it is not and its symbols are still all there.
+        self._completed.append(chunk)
         self._done.add(chunk)
         if not overwrites_stored:
-            self._forget(chunk)  # on reopen the chunk is done anyway: no sync needed now
+            self._forget(chunk)
 
     def discard(self, chunk: int) -> None:
         """Forget every symbol of `chunk` (its decode failed its hash); synced at once, so
@@ -527,6 +731,10 @@ class SymbolStore:
             self.flush()
 
     def _forget(self, chunk: int) -> None:
+        if chunk == self._run_chunk:
+            self._run_chunk, self._run_fill = -1, 0  # forgotten: no need to write them
+        if self._read_back is not None and self._read_back[0] == chunk:
+            self._read_back = None
         state = self._chunks.pop(chunk, None)
         self._pending += _record(chunk, _FORGET)
         if state is not None:
@@ -536,28 +744,90 @@ class SymbolStore:
     # --- Durability ---------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Make every symbol added so far survive a crash (see the module docstring)."""
-        if not self._pending:
+        """Make every symbol added and chunk completed so far survive a crash; returns once
+        they are durable (module docstring).  `add` also flushes by itself, in the background."""
+        self._hand_off()
+        self._collect(self._syncer.wait())
+        self._maybe_compact()
+
+    def start_flush(self) -> None:
+        """Start making everything so far durable in the background; if a flush is still
+        running, only note that one is wanted (`flush_if_wanted` starts it once that one is
+        done): never waits for the disk.  The receive driver calls it after each completed
+        chunk and on a timer, so that progress is durable soon at any rate (`add` alone
+        flushes every `FLUSH_SYMBOLS` symbols)."""
+        if self._syncer.busy():
+            self._flush_wanted = True
+        else:
+            self._hand_off()
+
+    def flush_if_wanted(self) -> None:
+        """`start_flush`, if one was asked for while a flush was running (cheap otherwise:
+        the receive driver calls it every turn of its loop)."""
+        if self._flush_wanted:
+            self.start_flush()
+
+    def _hand_off(self) -> None:
+        """Start making everything so far durable in the background (module docstring):
+        wait for the batch before to be done, then hand the syncer a new one."""
+        self._write_run()
+        self._unflushed = 0
+        self._flush_wanted = False
+        self._collect(self._syncer.wait())
+        if not self._pending and not self._completed:
             return
+        batch = _Batch(
+            sync_part=self._dirty_part,
+            sync_spill=self._dirty_spill,
+            completed=self._completed,
+            records=self._pending,
+            journal_size=self._journal_records * RECORD_BYTES,
+            freeing=self._freeing,
+        )
+        self._dirty_part = self._dirty_spill = False
+        self._completed = []
+        self._pending = bytearray()
+        self._freeing = array("I")
+        self._syncer.hand_off(batch)
+
+    def _collect(self, batch: _Batch | None) -> None:
+        """Take a batch the syncer is done with; raise its error, keeping what it held for
+        the next flush to try again."""
+        if batch is None:
+            return
+        if batch.error is not None:
+            self._dirty_part |= batch.sync_part
+            self._dirty_spill |= batch.sync_spill
+            self._completed[:0] = batch.completed
+            self._pending[:0] = batch.records
+            self._freeing[:0] = batch.freeing
+            raise batch.error
+        self._journal_records += len(batch.records) // RECORD_BYTES
+        self._counts["journal"] += len(batch.records)
+        self._counts["log"] += 4 * len(batch.completed)
+        # The FORGET records are durable: the slots they freed may be written again.
+        self._free.extend(reversed(batch.freeing))
+
+    def _sync(self, batch: _Batch) -> None:
+        """Make `batch` durable (in the syncer's thread: it touches only files and `batch`)."""
         assert self._part is not None and self._spill is not None and self._journal is not None
         try:
-            if self._dirty_part:
+            if batch.sync_part:
                 os.fdatasync(self._part)
-            if self._dirty_spill:
+            if batch.sync_spill:
                 os.fdatasync(self._spill)
         except OSError as exc:
             raise _store_error("sync symbols in", self.staging.directory, exc) from None
-        self._dirty_part = self._dirty_spill = False
-        self._write_all(self._journal, self._pending, self._journal_records * RECORD_BYTES)
-        self._journal_records += len(self._pending) // RECORD_BYTES
-        self._pending.clear()
-        # The FORGET records are durable: the slots they freed may be written again.
-        self._free.extend(reversed(self._freeing))
-        del self._freeing[:]
-        self._maybe_compact()
+        try:
+            self.staging.record_written(batch.completed)
+        except StateError as exc:
+            raise SymbolStoreError(str(exc)) from None
+        self._write_all(self._journal, batch.records, batch.journal_size)
 
-    def _write_all(self, fd: int, records: bytearray, size: int) -> None:
+    def _write_all(self, fd: int, records: bytes | bytearray, size: int) -> None:
         """Append `records` to a journal of `size` bytes and sync it."""
+        if not records:
+            return
         try:
             with memoryview(records) as whole:
                 view = whole
@@ -570,9 +840,9 @@ class SymbolStore:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, size)
             raise _store_error("write", self.journal_path, exc) from None
-        self._counts["journal"] += len(records)
 
     def _live_records(self) -> int:
+        # At most what a compaction writes (one record per run of source symbols).
         return sum(state.count() for state in self._chunks.values())
 
     def _maybe_compact(self) -> None:
@@ -587,9 +857,8 @@ class SymbolStore:
                 records = bytearray()
                 written = 0
                 for chunk, state in self._chunks.items():
-                    for esi in range(state.k):
-                        if state.has_source(esi):
-                            records += _record(chunk, _SOURCE, esi)
+                    for first, end in state.source_runs():
+                        records += _record(chunk, _SOURCES, first, end - first)
                     for esi, slot in zip(state.repair_esi, state.repair_slot, strict=True):
                         records += _record(chunk, _REPAIR, esi, slot)
                     if len(records) >= READ_BLOCK:
@@ -597,6 +866,8 @@ class SymbolStore:
                         written += len(records)
                         records.clear()
                 self._write_all(fd, records, written)
+                written += len(records)
+                self._counts["journal"] += written
             finally:
                 os.close(fd)
             tmp.replace(self.journal_path)
@@ -611,7 +882,7 @@ class SymbolStore:
             self._journal = os.open(self.journal_path, os.O_RDWR | os.O_APPEND)
         except OSError as exc:
             raise _store_error("compact", self.journal_path, exc) from None
-        self._journal_records = self._live_records()
+        self._journal_records = written // RECORD_BYTES
         self._counts["compactions"] += 1
 
     # --- I/O helpers ------------------------------------------------------------------------
@@ -639,6 +910,9 @@ class SymbolStore:
             if self._part is not None and self._spill is not None and self._journal is not None:
                 self.flush()
         finally:
+            if self._syncer.is_alive():
+                with contextlib.suppress(SymbolStoreError):
+                    self._syncer.stop()
             for name in ("_part", "_spill", "_journal"):
                 fd = getattr(self, name, None)
                 if fd is not None:

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ from otacast.plugin.decoder import raptorq_decoder
 from otacast.plugin.errors import StateError
 from otacast.plugin.staging import Staging
 from otacast.plugin.symbol_store import (
-    FLUSH_RECORDS,
+    FLUSH_SYMBOLS,
     JOURNAL_NAME,
     MAX_EXTRA_SYMBOLS,
     RECORD_BYTES,
@@ -320,6 +322,19 @@ def _shuffled(seed: int) -> list[tuple[int, int]]:
     return order
 
 
+def _sender_order(rng: random.Random, run: int, loss: float) -> list[tuple[int, int]]:
+    """A sender's order: rounds that give each chunk in turn the next `run` consecutive ESIs
+    of its cycle, each lost with probability `loss` (so runs break at gaps too)."""
+    longest = max(len(SYMBOLS[c]) for c in range(MANIFEST.chunk_count))
+    return [
+        (c, e)
+        for start in range(0, longest, run)
+        for c in range(MANIFEST.chunk_count)
+        for e in range(start, min(start + run, len(SYMBOLS[c])))
+        if rng.random() >= loss
+    ]
+
+
 def _admitted(order: list[tuple[int, int]]) -> dict[int, set[int]]:
     """What a store that completes nothing keeps of `order`: sources, and repair symbols while
     the chunk holds fewer than K + MAX_EXTRA_SYMBOLS (the spill cannot fill up without that)."""
@@ -367,18 +382,20 @@ def test_a_copy_taken_at_any_moment_holds_only_genuine_symbols(tmp_path: Path) -
     rng = random.Random(9)
     copies = []
     flushed: list[tuple[int, int]] = []
+    flushed_done: set[int] = set()
     with opened(state) as store:
         for n, (chunk, esi) in enumerate(order):
             if rng.random() < 0.05:
                 copy = tmp_path / f"copy{n}"
                 shutil.copytree(state, copy)
-                copies.append((copy, set(store.done), list(flushed)))
+                copies.append((copy, set(store.done), set(flushed_done), list(flushed)))
             if store.is_done(chunk):
                 continue
             store.add(chunk, esi, SYMBOLS[chunk][esi])
             if rng.random() < 0.02:
                 store.flush()
                 flushed = [(c, e) for c in range(MANIFEST.chunk_count) for e in store.esis(c)]
+                flushed_done = set(store.done)
             if store.count(chunk) >= K[chunk] + 2 and rng.random() < 0.5:
                 data = decode(store, chunk)
                 assert data == RELEASE.chunk(chunk)
@@ -388,13 +405,15 @@ def test_a_copy_taken_at_any_moment_holds_only_genuine_symbols(tmp_path: Path) -
                 if store.count(victim):  # (a discard that forgets something syncs)
                     store.discard(victim)
                     flushed = [(c, e) for c in range(MANIFEST.chunk_count) for e in store.esis(c)]
+                    flushed_done = set(store.done)
     assert len(copies) > 10
-    for copy, done, synced in copies:
+    for copy, done, durable, synced in copies:
         with opened(copy) as store:
             held = assert_only_genuine(store)
-            assert store.done == done  # every complete() is durable when it returns
+            # Every complete() is durable once a flush returns, and none is recorded early.
+            assert durable <= store.done <= done
             for chunk, esi in synced:  # and so is every symbol added before a flush
-                assert chunk in done or esi in held[chunk]
+                assert chunk in store.done or esi in held[chunk]
 
 
 def _differing(before: bytes, after: bytes) -> list[int]:
@@ -438,6 +457,39 @@ def test_after_a_power_cut_unsynced_bytes_are_never_named(tmp_path: Path) -> Non
             if not store.is_done(c):
                 assert held[c] >= held_at_flush[c]
         assert store.done >= done
+
+
+def test_start_flush_never_waits_for_a_slow_disk_and_a_flush_asked_meanwhile_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = threading.Event()  # the disk finishes the batch in flight when this is set
+    real_sync = SymbolStore._sync
+
+    def slow_sync(self: SymbolStore, batch: object) -> None:
+        assert disk.wait(10)
+        real_sync(self, batch)  # type: ignore[arg-type]
+
+    with opened(tmp_path) as store:
+        monkeypatch.setattr(SymbolStore, "_sync", slow_sync)
+        for chunk in (0, 1):
+            for esi in range(K[chunk]):
+                store.add(chunk, esi, SYMBOLS[chunk][esi])
+        store.complete(0, store.read_chunk(0))
+        store.start_flush()  # handed to the syncer, which waits for the disk
+        store.complete(1, store.read_chunk(1))
+        store.start_flush()  # returns at once: only noted as wanted
+        store.flush_if_wanted()  # still busy: returns at once too
+        assert not disk.is_set()  # (had any of them waited, the test would have hung)
+        disk.set()
+        while store._syncer.busy():
+            time.sleep(0.001)
+        store.flush_if_wanted()  # the flush asked for meanwhile now starts ...
+        copy = tmp_path / "copy"
+        while store._syncer.busy():
+            time.sleep(0.001)
+        shutil.copytree(tmp_path / MANIFEST.session_id.hex(), copy / MANIFEST.session_id.hex())
+    with opened(copy) as store:
+        assert store.done == {0, 1}  # ... and made chunk 1 durable without another call
 
 
 def test_a_receiver_killed_mid_stream_resumes_with_its_stored_symbols(tmp_path: Path) -> None:
@@ -510,15 +562,23 @@ def _examples(count: int) -> settings:
     seed=st.integers(0, 2**32 - 1),
     reopen_every=st.integers(20, 400),
     flush_every=st.integers(1, 300),
+    runs=st.sampled_from([0, 7, 40]),
 )
 def test_any_order_of_arrivals_keeps_exactly_the_admitted_symbols(
-    tmp_path_factory: pytest.TempPathFactory, seed: int, reopen_every: int, flush_every: int
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    reopen_every: int,
+    flush_every: int,
+    runs: int,
 ) -> None:
     state = tmp_path_factory.mktemp("prop")
     rng = random.Random(seed)
-    arrivals = [(c, e) for c in range(MANIFEST.chunk_count) for e in SYMBOLS[c]]
-    arrivals += rng.choices(arrivals, k=len(arrivals) // 4)  # duplicates, as multicast has
-    rng.shuffle(arrivals)
+    if runs:  # a sender's runs, then a second pass of them, with loss
+        arrivals = _sender_order(rng, runs, 0.2) + _sender_order(rng, runs, 0.2)
+    else:
+        arrivals = [(c, e) for c in range(MANIFEST.chunk_count) for e in SYMBOLS[c]]
+        arrivals += rng.choices(arrivals, k=len(arrivals) // 4)  # duplicates, as multicast has
+        rng.shuffle(arrivals)
     expected: dict[int, set[int]] = {c: set() for c in range(MANIFEST.chunk_count)}
     done: set[int] = set()
     store_cm = opened(state)
@@ -537,8 +597,9 @@ def test_any_order_of_arrivals_keeps_exactly_the_admitted_symbols(
                 expected[chunk].add(esi)
             if set(store.esis(chunk)) != expected[chunk]:
                 raise AssertionError((chunk, esi))
-            if len(expected[chunk]) >= k + 3:
-                data = decode(store, chunk)
+            whole = store.has_all_source(chunk)  # (then repair symbols are not needed)
+            if len(expected[chunk]) >= k + 3 or whole:
+                data = store.read_chunk(chunk) if whole else decode(store, chunk)
                 assert data == RELEASE.chunk(chunk)
                 store.complete(chunk, data)
                 done.add(chunk)
@@ -558,22 +619,57 @@ def test_any_order_of_arrivals_keeps_exactly_the_admitted_symbols(
         store_cm.__exit__(None, None, None)
 
 
+def test_a_read_in_the_middle_of_a_run_returns_the_symbols_gathered_so_far(
+    tmp_path: Path,
+) -> None:
+    part = tmp_path / MANIFEST.session_id.hex() / "image.part"
+    with opened(tmp_path) as store:
+        for esi in range(10):
+            assert store.add(1, esi, SYMBOLS[1][esi])  # one run, gathered
+        assert store.add(3, 0, SYMBOLS[3][0])  # chunk 3's run breaks chunk 1's: written
+        assert store.add(3, 1, SYMBOLS[3][1])
+        assert part.read_bytes()[CHUNK : CHUNK + 10 * T] == RELEASE.chunk(1)[: 10 * T]
+        assert store.read_chunk(3)[: 2 * T] == RELEASE.chunk(3)[: 2 * T]  # the run in progress
+        for esi in range(2, 5):  # the run goes on after the read, as a new one
+            assert store.add(3, esi, SYMBOLS[3][esi])
+        assert not store.add(3, 4, SYMBOLS[3][4])  # a duplicate of a gathered symbol
+        assert store.symbols(3) == [packet(3, e) for e in range(5)]
+        assert store.add(3, 5, SYMBOLS[3][5])
+        assert store.add(3, 7, SYMBOLS[3][7])  # a gap: ESIs 5 and 7 are written apart
+        assert store.add(3, K[3], SYMBOLS[3][K[3]])  # a repair symbol does not break it
+        assert store.add(3, 8, SYMBOLS[3][8])
+    with opened(tmp_path) as store:
+        assert store.esis(1) == list(range(10))
+        assert store.esis(3) == [0, 1, 2, 3, 4, 5, 7, 8, K[3]]
+        assert_only_genuine(store)
+
+
 @_examples(20)
 @given(
     seed=st.integers(0, 2**32 - 1),
     flush_every=st.integers(1, 200),
     crash_at=st.integers(0, 800),
+    runs=st.sampled_from([0, 7, 40]),
 )
 def test_a_power_cut_at_any_moment_never_yields_a_wrong_symbol(
-    tmp_path_factory: pytest.TempPathFactory, seed: int, flush_every: int, crash_at: int
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    flush_every: int,
+    crash_at: int,
+    runs: int,
 ) -> None:
-    """Whatever the order, the flushes, completions and discards: after a power cut that
-    garbles every byte written since the file was last synced, each symbol is the real one."""
+    """Whatever the order (random, or a sender's runs of consecutive ESIs that the store
+    gathers into one write each), the flushes, completions and discards: after a power cut
+    that garbles every byte written since the file was last synced, each symbol is the real
+    one."""
     state = tmp_path_factory.mktemp("cut")
     directory = state / MANIFEST.session_id.hex()
     rng = random.Random(seed)
-    arrivals = [(c, e) for c in range(MANIFEST.chunk_count) for e in SYMBOLS[c]]
-    rng.shuffle(arrivals)
+    if runs:
+        arrivals = _sender_order(rng, runs, 0.1)
+    else:
+        arrivals = [(c, e) for c in range(MANIFEST.chunk_count) for e in SYMBOLS[c]]
+        rng.shuffle(arrivals)
     with opened(state) as store:
         synced = {name: b"" for name in ("image.part", SPILL_NAME)}
 
@@ -590,8 +686,7 @@ def test_a_power_cut_at_any_moment_never_yields_a_wrong_symbol(
             if store.count(chunk) >= K[chunk] + 2 and rng.random() < 0.3:
                 data = decode(store, chunk)
                 assert data == RELEASE.chunk(chunk)
-                store.complete(chunk, data)
-                synced_now("image.part")
+                store.complete(chunk, data)  # (synced by the next flush)
             if rng.random() < 0.01 and store.count(chunk):
                 store.discard(chunk)
                 synced_now("image.part", SPILL_NAME)
@@ -670,9 +765,10 @@ def test_memory_grows_by_a_few_bytes_per_symbol_held_whatever_the_esis(tmp_path:
         finally:
             tracemalloc.stop()
     assert held == sum(manifest.source_symbols(c) for c in range(manifest.chunk_count))  # full
-    per_symbol = (grown - FLUSH_RECORDS * RECORD_BYTES) / held
+    per_symbol = (grown - 2 * FLUSH_SYMBOLS * RECORD_BYTES) / held
     print(f"{grown} bytes traced for {held} repair symbols held: {per_symbol:.1f} per symbol")
-    assert per_symbol < 10  # besides the records buffered until the next flush
+    # Besides the records of two flushes (one being synced, the next one gathering).
+    assert per_symbol < 10
 
 
 def test_disk_errors_raise_a_state_error_and_leave_no_partial_record(
@@ -691,10 +787,15 @@ def test_disk_errors_raise_a_state_error_and_leave_no_partial_record(
         store.add(0, 0, SYMBOLS[0][0])
         store.flush()
         monkeypatch.setattr(os, "pwrite", full_disk)
+        assert store.add(0, 1, SYMBOLS[0][1])  # gathered into a run, not written yet
         with pytest.raises(StateError, match="No space"):
-            store.add(0, 1, SYMBOLS[0][1])
+            store.add(1, 0, SYMBOLS[1][0])  # breaks the run, whose write fails
+        assert store.esis(0) == [0] and store.esis(1) == []  # neither is stored
         with pytest.raises(SymbolStoreError):
-            store.add(0, 60, SYMBOLS[0][60])
+            store.add(0, 60, SYMBOLS[0][60])  # a repair symbol is written at once
+        assert store.add(0, 2, SYMBOLS[0][2])
+        with pytest.raises(SymbolStoreError):
+            store.flush()  # the run cannot be written: not stored, nothing recorded
         monkeypatch.setattr(os, "pwrite", real_pwrite)
         assert store.esis(0) == [0]  # nothing half-stored
         assert store.add(0, 1, SYMBOLS[0][1])

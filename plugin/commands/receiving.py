@@ -111,9 +111,10 @@ def add_receive_options(
     p.add_argument(
         "--symbols",
         choices=SYMBOL_KEEPING,
-        help="where received symbols wait for their chunk: memory (default: decoders for a "
-        "bounded number of chunks) or store (every symbol on disk in the state directory: "
-        "none refused, a restart keeps them; costs receiver CPU)",
+        help="where received symbols wait for their chunk: store (default: every symbol on "
+        "disk in the state directory, none refused, a restart keeps them) or memory (decoders "
+        "for at most 16 MiB of chunks at once, symbols of other chunks refused: for images "
+        "that small only)",
     )
     if retry:
         p.add_argument(

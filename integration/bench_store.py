@@ -1,0 +1,207 @@
+"""Symbol store microbenchmark: prints numbers, asserts nothing; needs no root and no network.
+
+    python integration/bench_store.py [--size 32M] [--loss 0,5] [--dir /var/tmp]
+
+A release of ``--size`` random bytes in 1 MiB chunks (1208-byte symbols, the product's
+defaults) is cut into real DATA datagrams, and every chunk's cycle is walked in the
+symbol-major order of issue 12: each round visits every chunk and gives it the next 112
+consecutive symbols of its cycle (one AUTH page's worth), in that chunk order, with each
+datagram lost at random with probability ``--loss``.  Two measurements per loss rate, each in a
+fresh state directory on ``--dir`` (a real file system: ``fdatasync`` must cost what it costs on
+a device):
+
+* ``add``: `SymbolStore.add` alone, per symbol stored (the symbols' bytes are sliced out
+  beforehand), with the time spent in the flushes `add` triggers itself and the longest such
+  flush; chunks are never completed, so this is the store's write path alone.
+* ``core``: the receive loop's work without the socket: `ReceiverCore.receive_datagram` with the
+  store's decoders (`StoredSymbols`, as ``otacast fetch`` uses them) until the image is
+  complete, then `close`; CPU time (``time.process_time``, every thread of the process) per MB
+  and wall time per datagram.  The same datagrams through in-memory decoders (``memory``,
+  with a budget big enough for every chunk at once, which the real receiver does not have) are
+  the reference.
+
+Times vary with the machine's load (other processes share its cores): compare figures from one
+run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from otacast.plugin import symbol_store
+from otacast.plugin.core import ReceiverCore
+from otacast.plugin.decoder import raptorq_decoder
+from otacast.plugin.events import ChunkComplete
+from otacast.plugin.staging import Staging
+from otacast.plugin.store_decoder import UNBOUNDED_DECODERS, StoredSymbols
+from otacast.plugin.symbol_store import SymbolStore
+from otacast.schemas import units, wire
+from otacast.signer.keys import SigningKey
+from tests.helpers import NOW, Release, cycles, make_release
+
+CHUNK = 1024 * 1024
+RUN = 112  # consecutive symbols per chunk per round: one AUTH page's worth
+
+
+def symbol_major(cycle_lengths: list[int], loss: float, seed: int) -> list[tuple[int, int]]:
+    """(chunk, cycle position) of every datagram that arrives, in the sender's order."""
+    rng = random.Random(seed)
+    order = []
+    for start in range(0, max(cycle_lengths), RUN):
+        for chunk, length in enumerate(cycle_lengths):
+            for position in range(start, min(start + RUN, length)):
+                if rng.random() >= loss:
+                    order.append((chunk, position))
+    return order
+
+
+def bench_add(
+    directory: Path, release: Release, datagrams: list[list[bytes]], order: list[tuple[int, int]]
+) -> str:
+    symbols = []
+    for chunk, position in order:
+        datagram = datagrams[chunk][position]
+        esi = int.from_bytes(datagram[wire.DATA_HEADER_SIZE - 3 : wire.DATA_HEADER_SIZE], "big")
+        symbols.append((chunk, esi, datagram[wire.DATA_HEADER_SIZE :]))
+    staging = Staging(directory, release.verified())
+    # What blocks the caller: the flushes `add` starts (waiting for the one before), and the
+    # writes (a write can wait for the background sync of the same file).
+    hand_offs: list[float] = []
+    writes: list[float] = []
+    # (`flush` where `add` flushed inline: the store before write-combining, for comparison)
+    name = "_hand_off" if hasattr(SymbolStore, "_hand_off") else "flush"
+    real_hand_off, real_pwrite = getattr(SymbolStore, name), os.pwrite
+
+    def timed_hand_off(self: SymbolStore) -> None:
+        began = time.perf_counter()
+        real_hand_off(self)
+        hand_offs.append(time.perf_counter() - began)
+
+    def timed_pwrite(fd: int, data: object, position: int) -> int:
+        began = time.perf_counter()
+        written = real_pwrite(fd, data, position)  # type: ignore[arg-type]
+        writes.append(time.perf_counter() - began)
+        return written
+
+    try:
+        with SymbolStore(staging) as store:
+            setattr(SymbolStore, name, timed_hand_off)
+            os.pwrite = timed_pwrite
+            add = store.add
+            began = time.perf_counter()
+            cpu = time.process_time()
+            stored = 0
+            for chunk, esi, symbol in symbols:
+                stored += add(chunk, esi, symbol)
+            elapsed = time.perf_counter() - began
+            cpu = time.process_time() - cpu
+            setattr(SymbolStore, name, real_hand_off)
+            os.pwrite = real_pwrite
+    finally:
+        setattr(SymbolStore, name, real_hand_off)
+        os.pwrite = real_pwrite
+        staging.close()
+    blocked = sum(hand_offs)
+    return (
+        f"add: {stored} stored, {elapsed / stored * 1e6:.2f} us/symbol wall "
+        f"({cpu / stored * 1e6:.2f} us CPU, every thread); {len(writes)} pwrites, "
+        f"{sum(writes) / stored * 1e6:.2f} us/symbol in them (longest "
+        f"{max(writes, default=0) * 1e3:.1f} ms); {len(hand_offs)} flushes started by add, "
+        f"{blocked / stored * 1e6:.2f} us/symbol blocked in them (longest "
+        f"{max(hand_offs, default=0) * 1e3:.1f} ms)"
+    )
+
+
+def bench_core(
+    directory: Path,
+    release: Release,
+    datagrams: list[list[bytes]],
+    order: list[tuple[int, int]],
+    symbols: str,
+) -> str:
+    verified = release.verified()
+    stream = [datagrams[chunk][p] for chunk, p in order]
+    stored = StoredSymbols(directory, verified) if symbols == "store" else None
+    core = ReceiverCore(
+        release.trust,
+        now=NOW,
+        manifest=verified,
+        decoder_factory=stored.decoder if stored is not None else raptorq_decoder,
+        decoder_budget=UNBOUNDED_DECODERS,
+    )
+    mb = verified.manifest.image.length / 1e6
+    try:
+        began = time.perf_counter()
+        cpu = time.process_time()
+        used = 0
+        for datagram in stream:
+            core.receive_datagram(datagram, "fd00::1", NOW, wall=NOW)
+            used += 1
+            while (event := core.next_event()) is not None:
+                if isinstance(event, ChunkComplete) and stored is not None:
+                    stored.keep(event.index, event.data)
+            if core.complete:
+                break
+        if stored is not None:
+            stored.close()
+        elapsed = time.perf_counter() - began
+        cpu = time.process_time() - cpu
+    finally:
+        if stored is not None:
+            stored.close()
+            stored.staging.close()
+    state = "complete" if core.complete else "INCOMPLETE"
+    return (
+        f"core {symbols:>6}: {state} after {used} datagrams, {cpu / mb * 1e3:.2f} ms CPU/MB, "
+        f"{elapsed / used * 1e6:.2f} us wall/datagram"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="32M")
+    parser.add_argument("--loss", default="0,5", help="percent, comma-separated")
+    parser.add_argument("--dir", default="/var/tmp", help="where state directories are made")
+    args = parser.parse_args()
+    size = units.parse_size(args.size)
+    image = random.Random(1).randbytes(size)
+    release = make_release(image, SigningKey(b"\x07" * 32), chunk_size=CHUNK)
+    manifest = release.manifest
+    k = manifest.source_symbols(0)
+    # Enough repair symbols for the highest loss asked for, as the sender's repair pool has.
+    worst = max(int(x) for x in args.loss.split(",")) / 100
+    repair = math.ceil(k * worst / (1 - worst) * 1.5) + 20
+    began = time.perf_counter()
+    datagrams = cycles(manifest, image, repair)
+    print(
+        f"image {units.format_bytes(size)}: {manifest.chunk_count} chunks of K={k}, "
+        f"{repair} repair symbols each (encoded in {time.perf_counter() - began:.1f} s); "
+        f"flush every {getattr(symbol_store, 'FLUSH_SYMBOLS', None)} symbols"
+    )
+    lengths = [len(c) for c in datagrams]
+    for percent in (int(x) for x in args.loss.split(",")):
+        order = symbol_major(lengths, percent / 100, seed=percent)
+        print(f"loss {percent}%: {len(order)} datagrams arrive")
+        for what in ("add", "store", "memory"):
+            work = Path(tempfile.mkdtemp(prefix="otacast-storebench-", dir=args.dir))
+            try:
+                if what == "add":
+                    print("  " + bench_add(work, release, datagrams, order))
+                else:
+                    print("  " + bench_core(work, release, datagrams, order, what))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
