@@ -154,7 +154,8 @@ class Device:
 
 def make_release(directory: Path, *, sequence: int = 3, mirror: Host | None = None) -> Release:
     url = f"http://[{mirror.address}]:{PORT}/rel/rootfs.img" if mirror else None
-    release = Release.make(directory, IMAGE_SIZE, sequence=sequence, http_url=url)
+    # Several chunks (the failure test counts the chunks it could not fetch).
+    release = Release.make(directory, IMAGE_SIZE, sequence=sequence, http_url=url, chunk="1M")
     publish(release, directory / "www")
     return release
 

@@ -103,11 +103,13 @@ class Daemon:
 
 def release_pair(directory: Path, www: Path) -> tuple[Release, Release]:
     """v1 (sequence 1) and v2 (sequence 2, mirrored on the sender host), one release key."""
-    v1 = Release.make(directory / "v1", 2 * MB, sequence=1)
+    # 256 KiB chunks: the test reads chunk progress before it kills the sender.
+    v1 = Release.make(directory / "v1", 2 * MB, sequence=1, chunk="256K")
     v2 = Release.make(
         directory / "v2",
         4 * MB,
         sequence=2,
+        chunk="256K",
         http_url="http://[fd51::1]:8080/rel/rootfs.img",
         key_from=v1,
     )
