@@ -159,6 +159,13 @@ def test_device_commands_name_what_the_config_lacks(
     for command in ("install", "watch"):
         assert main([command, "--config", str(config)]) == 2
         error = capsys.readouterr().err
+        assert error.count("\n") == 1 and f"{command}: no device type: set device_type" in error
+    config.write_text(
+        f'trust = ["{key}"]\nchannel = "updates.example.test"\ndevice_type = "testboard"\n'
+    )
+    for command in ("install", "watch"):
+        assert main([command, "--config", str(config)]) == 2
+        error = capsys.readouterr().err
         assert error.count("\n") == 1 and "no installer" in error
     bad = write(tmp_path, "threshold = 0\n")
     assert main(["status", "--config", str(bad)]) == ConfigError.exit_code
