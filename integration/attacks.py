@@ -114,9 +114,10 @@ def asm_fetch(
 
 
 def http_fetch(
-    host: Host, channel: Channel, state: Path, out: Path
+    host: Host, channel: Channel, state: Path, out: Path, timeout: float = 120
 ) -> tuple[int, list[dict[str, object]], str]:
-    """`otacast fetch` of a release from its HTTP mirrors only (the manifest given)."""
+    """`otacast fetch` of a release from its HTTP mirrors only (the manifest given); a fetch
+    still running after `timeout` seconds raises `subprocess.TimeoutExpired`."""
     return fetch(
         host,
         channel.release,
@@ -126,6 +127,7 @@ def http_fetch(
         str(channel.release.manifest),
         "--fallback",
         "only",
+        timeout=timeout,
     )
 
 

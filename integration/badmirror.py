@@ -9,7 +9,9 @@ segment says -- what nginx cannot be made to do:
 - ``endless``: a 206 for the asked range with a chunked body that never ends (garbage, until
   the client hangs up or `ENDLESS_CAP`);
 - ``drip``: the right bytes, one every `DRIP_INTERVAL` seconds: never idle long enough for a
-  read timeout, far too slow to be worth waiting for.
+  read timeout, far too slow to be worth waiting for;
+- ``headerdrip``: the status line and then a header line that never ends, one byte every
+  `HEADER_DRIP_INTERVAL` seconds: the headers are never complete, and no read is ever idle.
 
 On SIGTERM it prints one JSON line -- requests and body bytes written per behaviour -- and exits,
 so the test sees from the server's side how much a fetcher let it send.
@@ -29,6 +31,8 @@ from pathlib import Path
 
 ENDLESS_CAP = 1 << 30  # a fetcher that never cut the body off shows up as 1 GiB written
 DRIP_INTERVAL = 0.2
+HEADER_DRIP_INTERVAL = 1.0
+HEADER_DRIP_HEAD = b"HTTP/1.1 206 Partial Content\r\nX-Drip: "
 GARBAGE = b"\x5a" * 65536
 
 hits: Counter[str] = Counter()
@@ -54,6 +58,9 @@ class Handler(BaseHTTPRequestHandler):
         with lock:
             hits[behaviour] += 1
         match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        if behaviour == "headerdrip":
+            self._drip_headers()
+            return
         if behaviour not in ("short", "endless", "drip") or match is None:
             self.send_error(404)
             return
@@ -80,6 +87,17 @@ class Handler(BaseHTTPRequestHandler):
                     self._send(behaviour, body[i : i + 1])
         except OSError:
             pass  # the client hung up: what a fetcher cutting us off looks like
+
+    def _drip_headers(self) -> None:
+        self.close_connection = True
+        sent = 0
+        try:
+            while not stopping.wait(HEADER_DRIP_INTERVAL):
+                byte = HEADER_DRIP_HEAD[sent : sent + 1] or b"a"
+                self._send("headerdrip", byte)
+                sent += 1
+        except OSError:
+            pass  # the client hung up
 
     def _send(self, behaviour: str, data: bytes) -> None:
         self.wfile.write(data)

@@ -145,3 +145,34 @@ def test_a_slow_drip_mirror_is_abandoned_at_its_deadline_for_the_next(
     # The deadline for a 64 KiB chunk is the 10 s read timeout plus 64 KiB at 32 KiB/s.
     assert 11 < seconds < 20, seconds
     print(f"\ndrip: abandoned after {dripped} bytes; done in {seconds:.1f} s (deadline 12 s)")
+
+
+def test_a_mirror_dripping_its_headers_is_abandoned_at_the_deadline_for_the_next(
+    lan: LanFactory, tmp_path: Path
+) -> None:
+    # Issue 13, attack 6: one header byte a second, a header line that never ends.  No read is
+    # ever idle for the 10 s read timeout and http.client reads headers before the fetcher gets
+    # control, so only a deadline enforced from outside the read ends the request.
+    net = lan(3)  # server, unused, device
+    server, _, device = net.hosts
+    urls = [
+        f"http://[{server.address}]:8081/headerdrip/rootfs.img",
+        f"http://[{server.address}]:8080/good/rootfs.img",
+    ]
+    channel = with_mirrors(tmp_path, 65536, urls)
+    with mirrors(server, channel, tmp_path) as (running, bad):
+        started = time.monotonic()
+        # Held by the drip, a fetch would run until the test's bound: the timeout is a failure.
+        code, _, err = http_fetch(device, channel, tmp_path / "state", tmp_path / "out.img", 60)
+        seconds = time.monotonic() - started
+        served = running.served()
+    stats = bad_mirror_stats(bad)
+    assert code == 0, err
+    assert (tmp_path / "out.img").read_bytes() == channel.release.image.read_bytes()
+    assert stats["hits"] == {"headerdrip": 1}
+    dripped = stats["written"]["headerdrip"]
+    assert [(s.path, s.status) for s in served] == [("/good/rootfs.img", 206)]
+    # The deadline for a 64 KiB chunk is the 10 s read timeout plus 64 KiB at 32 KiB/s.
+    assert 11 < seconds < 20, seconds
+    assert dripped < 20, stats  # about a byte a second until the device hung up at 12 s
+    print(f"\nheader drip: abandoned after {dripped} header bytes; done in {seconds:.1f} s")

@@ -4,9 +4,12 @@
 three cannot drift apart in what the status file shows, which results count as installed, or
 when the anti-rollback floor (``installed.json``) rises.
 
-Theory of operation.  `choose_installer` turns the configured spec into an installer and lets it
-refuse paths it would collide with *before* anything is downloaded.  `deliver` then, for an image
-that has been received and verified in full:
+Theory of operation.  Every path first requires this device's type (`require_device_type`):
+verification refuses a release whose signed ``compatible`` list lacks the type, but only a type
+it is given, so a device without one would install releases for any device.
+`choose_installer` turns the configured spec into an installer and lets it refuse paths it would
+collide with *before* anything is downloaded.  `deliver` then, for an image that has been
+received and verified in full:
 
 1. marks the status file ``installing`` with the release;
 2. hands the image to ``installer.install`` (the image is never modified);
@@ -49,6 +52,21 @@ class Delivery:
         m, result = self.release, self.result
         detail = f"; {result.detail}" if result.detail else ""
         return f"installed {m.name} {m.version} (sequence {m.sequence}): {result.status}{detail}"
+
+
+def require_device_type(
+    device_type: str | None,
+    command: str,
+    where: str = "set device_type in the device config or pass --device-type",
+) -> str:
+    """This device's type, which every install path needs: without one, a release signed for
+    any device would be accepted (`verify_manifest` only compares a type it is given)."""
+    if not device_type:
+        raise UsageError(
+            f"{command}: no device type: {where} (releases for other devices would otherwise "
+            "be installed)"
+        )
+    return device_type
 
 
 def choose_installer(

@@ -1,34 +1,81 @@
-"""Small records the device must never find half-written: written whole, synced, renamed.
+"""Files the device must never find half-written, or written somewhere it did not mean.
 
 The installed record, an accepted trust set and the Mender module's deployment state decide
 what the device accepts next, possibly after a power cut; a reader sees the old file or the
-new one, never a torn one.
+new one, never a torn one: the bytes go to a temporary file beside the destination, are synced,
+and the temporary file is renamed over the destination.
+
+The temporary file is made by `create_beside` (``tempfile.mkstemp`` in the destination's
+directory): created exclusively (``O_CREAT | O_EXCL``, which never follows a symbolic link) with
+mode 0600, under a name nobody can predict.  The device runs as root and some destinations lie
+in directories other users can write (an ``--out`` in ``/tmp``): a temporary file at a
+predictable name (``.NAME.PID.tmp``) could be a link planted there in advance, and opening,
+writing or chmod-ing it by path would write through the link to whatever file it names.  After
+creation everything is done through the descriptor (``fchmod``, ``fsync``), and the final
+``rename`` replaces a link at the destination itself, never the file it points to.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import StateError
 
+# Copies are made in reads of this size: large enough that the per-read cost vanishes, small
+# enough to stay out of the resident set of a device copying a GB image.
+COPY_BLOCK = 1 << 20
 
-def write_durably(path: Path, data: bytes, what: str) -> None:
-    """Replace `path` with `data` atomically, on disk before this returns."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+def create_beside(path: Path) -> tuple[int, Path]:
+    """A new, empty file in `path`'s directory to become `path`: its descriptor and name.
+
+    Raises OSError; the caller removes the file if it does not rename it over `path`.
+    """
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return fd, Path(name)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def copy_into(fd: int, source: Path) -> None:
+    """Append the whole of `source` to the file open at `fd`."""
+    with source.open("rb") as handle:
+        while block := handle.read(COPY_BLOCK):
+            write_all(fd, block)
+
+
+def sync_directory(directory: Path) -> None:
+    """Make a rename in `directory` survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes, what: str, *, mode: int = 0o644) -> None:
+    """Replace `path` with `data` (mode `mode`) atomically, on disk before this returns."""
+    tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-        directory = os.open(path.parent, os.O_RDONLY)
+        fd, tmp = create_beside(path)
         try:
-            os.fsync(directory)  # the rename itself must survive a power cut
+            os.fchmod(fd, mode)
+            write_all(fd, data)
+            os.fsync(fd)
         finally:
-            os.close(directory)
+            os.close(fd)
+        tmp.replace(path)
+        sync_directory(path.parent)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise StateError(f"cannot write {what} to {path}: {exc.strerror or exc}") from None

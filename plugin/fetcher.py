@@ -19,12 +19,20 @@ stall or exhaust a device:
 
 - memory: the body is read with a hard cap of the signed length (never a byte more is asked
   for), and a declared ``Content-Length`` that disagrees is refused before the body is read;
-- time: ``timeout`` bounds the TCP connect and every single read (an idle server), and a
-  per-request deadline of ``timeout + length / min_rate`` is checked between reads (a server
-  that drips bytes just fast enough to never go idle).  Reads use ``read1`` (at most one
-  receive of body bytes), so the deadline is seen at least once per ``timeout``.  The
-  response *headers* are read by ``http.client`` before we get control: they are bounded in
-  size (100 lines of 64 KiB) and per read by ``timeout``, but not by the deadline;
+- time: every request has one overall deadline, ``timeout + length / min_rate`` from before it
+  is sent, covering the response headers and the body alike.  It is enforced from outside the
+  read: a timer thread shuts down the request's sockets when the deadline passes, which wakes
+  whatever read is blocked (in ``http.client``'s header parsing as much as in ours), and the
+  request fails as "too-slow".  A server that drips its headers one byte per second, never idle
+  long enough for a read timeout, is therefore left for the next mirror at the deadline.  The
+  sockets are reached through `_DeadlineAdapter`, mounted on the session for http and https: its
+  connections hand a duplicate of each socket they open or reuse to the deadline of the request
+  the calling thread is making (a duplicate, so that the timer never touches a descriptor that
+  may have been closed and reused meanwhile, and so that the TLS wrapping of the original does
+  not hide it).  Besides, ``timeout`` bounds the TCP connect (per address) and every single read,
+  so an idle server costs one ``timeout`` rather than the whole deadline, and the deadline is
+  also checked between body reads.  Not covered: name resolution (the system resolver's own
+  timeouts) and SOCKS proxies (their own connection classes);
 - semantics: ``Accept-Encoding: identity`` because Range over a compressed representation is
   unreliable (servers disagree on whether the range applies before or after compression); a
   response that is encoded anyway is refused rather than decoded.  A 206 must carry exactly the
@@ -41,25 +49,31 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import os
 import queue
 import re
+import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import requests
+import requests.adapters
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
+import urllib3.poolmanager
 
 from otacast.schemas.policy import VerifiedManifest
 
 from .errors import FetchError
 
 # Redirects followed on a session we create: a CDN or mirror alias needs one or two; each hop is
-# a fresh connect and header read not covered by the body deadline, so a long chain is refused.
+# a fresh connect and header read (all within the request's deadline), so a long chain is refused.
 MAX_REDIRECTS: Final = 5
 
 # Slowest mirror still worth waiting for, in bytes per second.  The per-request deadline is
@@ -79,6 +93,9 @@ MAX_BACKOFF: Final = 60.0
 # Server-controlled text (a Content-Range or Content-Encoding value) quoted in an error is cut to
 # this length so a failure stays one readable line.
 MAX_DETAIL_CHARS: Final = 80
+
+# The detail of a request cut by its deadline before its headers were complete.
+_NO_HEADERS: Final = "no complete headers by the deadline"
 
 # Exception chains are followed this deep for a failure's detail; the stack nests three or four.
 _MAX_CAUSE_DEPTH = 8
@@ -117,8 +134,9 @@ class HttpFetcher:
 
     `timeout` bounds a connect and each read; `attempts` rounds over all mirrors are made, with
     `backoff`, 2 x `backoff`, ... seconds (at most `MAX_BACKOFF`) between rounds; `min_rate`
-    sets the per-request deadline.  `sleep` and `clock` are injectable so tests need not wait.
-    A fetcher without mirrors (a manifest that lists none) can still fetch a manifest by URL.
+    sets the per-request overall deadline (headers and body).  `sleep` and `clock` are
+    injectable so tests need not wait.  A fetcher without mirrors (a manifest that lists none)
+    can still fetch a manifest by URL.
     """
 
     def __init__(
@@ -147,6 +165,11 @@ class HttpFetcher:
         if session is None:
             session = requests.Session()
             session.max_redirects = MAX_REDIRECTS
+        # The overall deadline needs connections it can reach (see the module docstring): a
+        # session the caller passed gets them too, in place of its http and https adapters.
+        adapter = _DeadlineAdapter()
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
         self._session = session
 
     def close(self) -> None:
@@ -173,8 +196,10 @@ class HttpFetcher:
             )
 
         def attempt(url: str) -> bytes:
-            deadline = self._deadline(length)  # before the request: header time counts too
-            with self._open(url, {"Range": f"bytes={offset}-{last}"}) as response:
+            with self._open(url, {"Range": f"bytes={offset}-{last}"}, length) as (
+                response,
+                deadline,
+            ):
                 _check_partial(response, offset, length)
                 data = self._read_body(response, url, length, deadline)
             if len(data) < length:
@@ -191,8 +216,7 @@ class HttpFetcher:
             raise ValueError("max_bytes must be positive")
 
         def attempt(mirror: str) -> bytes:
-            deadline = self._deadline(max_bytes)
-            with self._open(mirror, {}) as response:
+            with self._open(mirror, {}, max_bytes) as (response, deadline):
                 if response.status_code != 200:
                     raise _MirrorFailure(f"status-{response.status_code}")
                 _check_identity(response)
@@ -227,68 +251,226 @@ class HttpFetcher:
         rounds = "round" if self._attempts == 1 else "rounds"
         raise FetchError(f"{what}: every mirror failed in {self._attempts} {rounds}: {summary}")
 
-    def _deadline(self, length: int) -> float:
-        return self._clock() + self._timeout + length / self._min_rate
-
     # --- One request --------------------------------------------------------------------------
 
     @contextmanager
-    def _open(self, url: str, headers: Mapping[str, str]) -> Iterator[requests.Response]:
-        """A streaming GET whose connection is closed (not pooled) unless fully read."""
+    def _open(
+        self, url: str, headers: Mapping[str, str], length: int
+    ) -> Iterator[tuple[requests.Response, _Deadline]]:
+        """A streaming GET of about `length` bytes under its overall deadline, whose connection
+        is closed (not pooled) unless fully read."""
+        # Started before the request is sent: connecting, redirects and headers count too.
+        budget = self._timeout + length / self._min_rate
+        deadline = _Deadline(self._clock() + budget, budget)
+        previous = getattr(_in_flight, "deadline", None)
+        _in_flight.deadline = deadline
         try:
-            response = self._session.get(
+            with deadline:
+                response = self._send(url, headers, deadline)
+                try:
+                    if deadline.expired:
+                        # http.client takes the end of input for the end of the headers, so a
+                        # header read cut by the timer can look like a complete response.
+                        raise _MirrorFailure("too-slow", _NO_HEADERS)
+                    yield response, deadline
+                finally:
+                    # A body left unread (refused, or cut at the cap) must not go back to the
+                    # pool: the next request on that connection would read its remains as a
+                    # response.
+                    response.close()
+        finally:
+            _in_flight.deadline = previous
+
+    def _send(self, url: str, headers: Mapping[str, str], deadline: _Deadline) -> requests.Response:
+        try:
+            return self._session.get(
                 url,
                 headers={**headers, "Accept-Encoding": "identity"},
                 stream=True,
                 timeout=(self._timeout, self._timeout),
                 allow_redirects=True,
             )
-        except requests.Timeout as exc:
-            raise _MirrorFailure("timeout", _detail(exc)) from None
-        except requests.TooManyRedirects:
-            raise _MirrorFailure("redirects", f"more than {self._session.max_redirects}") from None
-        except requests.ConnectionError as exc:
-            raise _MirrorFailure("connection", _detail(exc)) from None
         except (
             requests.RequestException,
             urllib3.exceptions.HTTPError,
+            http.client.HTTPException,
             OSError,
             ValueError,
         ) as exc:
-            # Invalid URL or schema, a header the stack cannot encode, and the like.
-            raise _MirrorFailure("request-error", _detail(exc)) from None
-        try:
-            yield response
-        finally:
-            # A body left unread (refused, or cut at the cap) must not go back to the pool: the
-            # next request on that connection would read its remains as a response.
-            response.close()
+            if deadline.expired:  # the timer shut the socket: whatever broke, it was too slow
+                raise _MirrorFailure("too-slow", _NO_HEADERS) from None
+            raise _request_failure(exc, self._session.max_redirects) from None
 
     def _read_body(
-        self, response: requests.Response, url: str, limit: int, deadline: float
+        self, response: requests.Response, url: str, limit: int, deadline: _Deadline
     ) -> bytes:
         """Up to `limit` body bytes; never asks the stream for more."""
         body = bytearray()
         while len(body) < limit:
-            if self._clock() > deadline:
+            if deadline.expired or self._clock() > deadline.at:
                 raise _MirrorFailure("too-slow", f"{len(body)} bytes before the deadline")
             try:
-                # read1: at most one receive of body bytes, so the deadline is rechecked at
-                # least once per `timeout` however slowly the server drips.
+                # read1: at most one receive of body bytes, so the between-reads check above
+                # runs at least once per `timeout` even if the timer were late.
                 piece = response.raw.read1(min(READ_SIZE, limit - len(body)), decode_content=False)
-            except urllib3.exceptions.ReadTimeoutError:
-                raise _MirrorFailure("timeout", f"idle after {len(body)} bytes") from None
-            except urllib3.exceptions.ProtocolError as exc:
-                if isinstance(exc.__cause__, http.client.IncompleteRead):
-                    raise _MirrorFailure("short-body", f"{len(body)} bytes") from None
-                raise _MirrorFailure("connection", _detail(exc)) from None
             except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
-                raise _MirrorFailure("connection", _detail(exc)) from None
+                if deadline.expired:
+                    raise _MirrorFailure(
+                        "too-slow", f"{len(body)} bytes before the deadline"
+                    ) from None
+                raise _read_failure(exc, len(body)) from None
             if not piece:
+                if deadline.expired:  # the shutdown looks like the end of the body
+                    raise _MirrorFailure("too-slow", f"{len(body)} bytes before the deadline")
                 break
             body += piece
             self.stats.bytes_received[url] += len(piece)
         return bytes(body)
+
+
+def _request_failure(exc: BaseException, max_redirects: int) -> _MirrorFailure:
+    """The failure reason for an exception of sending a request and reading its headers."""
+    if isinstance(exc, requests.Timeout):
+        return _MirrorFailure("timeout", _detail(exc))
+    if isinstance(exc, requests.TooManyRedirects):
+        return _MirrorFailure("redirects", f"more than {max_redirects}")
+    if isinstance(exc, requests.ConnectionError):
+        return _MirrorFailure("connection", _detail(exc))
+    # Invalid URL or schema, a header the stack cannot encode, and the like.
+    return _MirrorFailure("request-error", _detail(exc))
+
+
+def _read_failure(exc: BaseException, received: int) -> _MirrorFailure:
+    """The failure reason for an exception of reading the body after `received` bytes."""
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return _MirrorFailure("timeout", f"idle after {received} bytes")
+    if isinstance(exc, urllib3.exceptions.ProtocolError) and isinstance(
+        exc.__cause__, http.client.IncompleteRead
+    ):
+        return _MirrorFailure("short-body", f"{received} bytes")
+    return _MirrorFailure("connection", _detail(exc))
+
+
+# --- The overall deadline, enforced from outside the read -----------------------------------------
+
+# The deadline of the request the current thread is making, for the connections to find: the
+# HTTP stack gives no other way to reach the sockets of one request (a redirect opens another).
+_in_flight = threading.local()
+
+
+class _Deadline:
+    """One request's overall deadline: at `at` (on the fetcher's clock), `budget` seconds after
+    it starts, a timer thread shuts down every socket the request has used.
+
+    Shutting down (not closing) a TCP socket wakes a read blocked on it in another thread with
+    end-of-file, and is harmless to the thread that still owns and will close the socket.  The
+    sockets watched are duplicates of the connection's (``dup(2)`` shares the connection, not the
+    descriptor), closed here when the request ends, so the timer can never act on a descriptor
+    number that the connection has closed and the process reused for something else.
+    """
+
+    def __init__(self, at: float, budget: float) -> None:
+        self.at = at
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._expired = False
+        self._ended = False
+        self._timer = threading.Timer(budget, self._expire)
+        self._timer.daemon = True
+
+    @property
+    def expired(self) -> bool:
+        with self._lock:
+            return self._expired
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._ended = True
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut `sock`'s connection down at the deadline (at once if it has passed)."""
+        with self._lock:
+            if self._ended:
+                return
+            try:
+                duplicate = socket.socket(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
+            except OSError:
+                return  # out of descriptors: the per-read timeout and between-reads check remain
+            self._sockets.append(duplicate)
+            if self._expired:
+                _shut(duplicate)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # OSError: already closed by the peer or not yet connected, so nothing is left to wake.
+    with suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _watch(sock: socket.socket | None) -> None:
+    deadline: _Deadline | None = getattr(_in_flight, "deadline", None)
+    if deadline is not None and sock is not None:
+        deadline.watch(sock)
+
+
+class _WatchedConnection(urllib3.connection.HTTPConnection):
+    """A connection whose sockets the current request's deadline can shut down."""
+
+    def _new_conn(self) -> socket.socket:
+        # Watched from creation, before any TLS handshake (which a server can drip as well).
+        sock = super()._new_conn()
+        _watch(sock)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watch(self.sock)  # a kept-alive connection: its socket exists already
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _WatchedPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _WatchedConnection
+
+
+class _WatchedHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS: Final = {"http": _WatchedPool, "https": _WatchedHTTPSPool}
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter with connections that `_Deadline` can reach, direct or through an HTTP
+    proxy (a SOCKS proxy keeps its own connections, unwatched)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, *args: Any, **kwargs: Any) -> urllib3.poolmanager.PoolManager:
+        manager: urllib3.poolmanager.PoolManager = super().proxy_manager_for(*args, **kwargs)
+        if manager.pool_classes_by_scheme is urllib3.poolmanager.pool_classes_by_scheme:
+            manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
 
 
 class RepairWorker(threading.Thread):

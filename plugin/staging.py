@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import struct
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from otacast.schemas.policy import VerifiedManifest
 
+from .durable import copy_into, create_beside
 from .errors import StateError
 
 _INDEX = struct.Struct(">I")
@@ -204,23 +206,32 @@ class Staging:
             raise _state_error("read back", self.part, exc) from None
         if position != self.manifest.image.length or digest.digest() != self.manifest.image.sha256:
             raise StateError(f"staged image in {self.directory} does not match the manifest")
+        # Run as root, and `out` may lie in a directory other users can write: nothing here
+        # opens, writes or chmods a path that a planted link could redirect (`durable`).
+        tmp: Path | None = None
         try:
             os.fsync(self._fd)
-            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-            try:
-                if out.parent.stat().st_dev == os.fstat(self._fd).st_dev:
-                    os.link(self.part, tmp)
-                else:
-                    shutil.copyfile(self.part, tmp)
-                    with tmp.open("rb") as handle:
-                        os.fsync(handle.fileno())
-                tmp.chmod(0o644)
-                tmp.replace(out)
-            finally:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+            if out.parent.stat().st_dev == os.fstat(self._fd).st_dev:
+                os.fchmod(self._fd, 0o644)
+                # link(2) neither follows nor replaces what is at its new name (EEXIST), and
+                # 64 random bits make the name one nobody can plant anything at in advance.
+                tmp = out.with_name(f".{out.name}.{secrets.token_hex(8)}.tmp")
+                os.link(self.part, tmp)
+            else:
+                fd, tmp = create_beside(out)
+                try:
+                    os.fchmod(fd, 0o644)
+                    copy_into(fd, self.part)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            tmp.replace(out)
         except OSError as exc:
             raise _state_error("write", out, exc) from None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     def discard(self) -> None:
         """Remove the session's state (after the image has been handed on)."""

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .durable import create_beside, write_all
+
 STATUS = "status.json"
 # The record is under a kilobyte; never read more from a path that might be anything.
 MAX_STATUS_BYTES = 64 * 1024
@@ -104,15 +106,23 @@ class StatusFile:
 
     def update(self, **changes: Any) -> None:
         self.status = replace(self.status, updated=time.time(), **changes)
-        tmp = self.path.with_name(f".{STATUS}.{os.getpid()}.tmp")
+        tmp: Path | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(asdict(self.status), sort_keys=True) + "\n")
+            # Not synced (advice need not survive a power cut), but created like any other
+            # root-written file (`durable.create_beside`): never through a planted link.
+            fd, tmp = create_beside(self.path)
+            try:
+                os.fchmod(fd, 0o644)  # operators and monitors read it
+                write_all(fd, (json.dumps(asdict(self.status), sort_keys=True) + "\n").encode())
+            finally:
+                os.close(fd)
             tmp.replace(self.path)
         except OSError:
             # Status is advice for operators; a full disk must not fail an update over it.
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     def failed(self, message: str) -> None:
         self.update(activity="idle", last_error=message, last_error_at=time.time())

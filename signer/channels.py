@@ -175,7 +175,12 @@ def build_channels(
     check_image(manifest, image)
     report.event("encoding", chunks=manifest.chunk_count, cache_dir=str(options.cache_dir))
     path = symbol_cache.build(
-        manifest, image, options.cache_dir, options.repair, progress=report.encoding
+        manifest,
+        image,
+        options.cache_dir,
+        options.repair,
+        progress=report.encoding,
+        warn=report.warning,
     )
     layout = symbol_cache.CycleLayout.for_manifest(manifest, options.repair)
     fragments = manifest_fragments(envelope, layout.datagram_size)

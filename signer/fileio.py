@@ -3,12 +3,19 @@
 Outputs appear whole or not at all: the bytes go to a temporary file in the destination's
 directory, are fsynced, then renamed over the destination, and the directory is fsynced so the
 rename survives a crash.  On any failure the temporary file is removed and nothing is left.
+
+The temporary file comes from `create_beside` (``tempfile.mkstemp``): created exclusively
+(``O_EXCL``, which never follows a symbolic link) under a name nobody can predict, then written
+and chmod-ed through its descriptor only.  A publisher may run as root and write into directories
+others can write (a web root, ``/tmp``): at a predictable name a planted link would either be
+written through or, with ``O_EXCL`` alone, block the write.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import ReadError, WriteError
@@ -58,10 +65,16 @@ def atomic_write_all(files: list[tuple[Path, bytes, int]], *, overwrite: bool = 
         _fsync_directory(directory)
 
 
+def create_beside(path: Path) -> tuple[int, Path]:
+    """A new, empty file (mode 0600) in `path`'s directory to become `path`: its descriptor and
+    name.  Raises OSError; the caller removes it unless it renames it over `path`."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return fd, Path(name)
+
+
 def _stage(path: Path, data: bytes, mode: int) -> Path:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        fd, tmp = create_beside(path)
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:

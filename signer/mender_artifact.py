@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -91,8 +90,18 @@ def write_artifact(
             f"{TOOL} is not installed (Debian package mender-artifact); it writes the artifact"
         )
     document = meta_data(data)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with tempfile.TemporaryDirectory(prefix="otacast-mender-") as work:
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(tempfile.TemporaryDirectory(prefix="otacast-mender-"))
+        try:
+            # The tool writes its output by path, so it gets a directory of our own (mkdtemp:
+            # created exclusively, mode 0700) beside `out` rather than a predictable name there,
+            # where a planted link would have it write through to another file.
+            private = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent)
+            )
+        except OSError as exc:
+            raise WriteError(f"cannot write {out}: {exc.strerror or exc}") from None
+        tmp = Path(private) / "artifact.mender"
         meta_path = Path(work) / "meta-data.json"
         meta_path.write_bytes(document)
         command = [tool, "write", "module-image", "-T", PAYLOAD_TYPE, "-n", name]
@@ -109,9 +118,6 @@ def write_artifact(
             tmp.replace(out)
         except OSError as exc:
             raise WriteError(f"cannot write {out}: {exc.strerror or exc}") from None
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
     return Written(out, name, types, envelope, len(document), key is not None)
 
 

@@ -23,8 +23,11 @@ from otacast.schemas import addressing
 from otacast.schemas.manifest import Envelope
 
 from .errors import UsageError, WriteError
-from .fileio import atomic_write
+from .fileio import atomic_write, create_beside
 from .sign import check_image
+
+# An image is copied to the web root in reads of this size (1 MiB: the per-read cost vanishes).
+COPY_BLOCK = 1 << 20
 
 
 def mirror_paths(envelope: Envelope) -> list[PurePosixPath]:
@@ -59,16 +62,23 @@ def publish(envelope: Envelope, image: Path, root: Path) -> list[Path]:
 
 
 def _copy_atomically(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    # A file of our own creation (`fileio.create_beside`), written and chmod-ed through its
+    # descriptor: a link planted in the web root cannot redirect the copy.
+    tmp: Path | None = None
     try:
-        shutil.copyfile(source, tmp)
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        tmp.chmod(0o644)  # served files are public by nature
+        fd, tmp = create_beside(target)
+        try:
+            os.fchmod(fd, 0o644)  # served files are public by nature
+            with source.open("rb") as handle, os.fdopen(os.dup(fd), "wb") as out:
+                shutil.copyfileobj(handle, out, COPY_BLOCK)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         tmp.replace(target)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise WriteError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 

@@ -12,16 +12,37 @@ with ``pread`` into one reused buffer keeps the sender's resident memory near on
 encodes and near one batch while it sends; the page cache does the rest.  (An ``mmap`` would be
 as fast but counts every touched page as resident.)
 
-The file is named after the session id and the parameters, written under a temporary name and
-renamed when complete, so an interrupted encode is never reused and a restart reuses a finished
-one instantly.
+The file is named after the session id and the parameters, written under a temporary name
+(``mkstemp`` in the cache directory: exclusive, never following a planted link) and renamed when
+complete, so an interrupted encode is never reused and a restart reuses a finished one.
+
+Verified before reuse
+---------------------
+Whatever the cache holds is sent, and signed into AUTH pages, as this sender's genuine data, so
+a cache file is verified before it is reused.  After the datagrams the file ends with a trailer
+of one SHA-256 per chunk, each over that chunk's whole cycle of framed datagrams, computed from
+the bytes as they were written.  Reuse re-hashes every cycle (one sequential read of the file;
+SHA-256 runs at about a GB/s, far faster than encoding) and compares it with the trailer; a
+file of the wrong size, a cycle whose hash differs (a flipped byte, a truncated or foreign file
+under the name) or a damaged trailer is re-encoded from the image, with a warning, rather than
+served.  This is the cheapest sound check: re-deriving costs a full encode, and the chunk hashes
+of the manifest cover only the source symbols, not the repair pool.
+
+What it does not cover: an attacker who can write the cache directory can rewrite the trailer
+as well (no unkeyed check could stop that, and a keyed one would need a secret the sender does
+not always have), so the directory must be writable by the publisher alone.  What such an
+attacker could gain is bounded by the receivers: each decoded chunk is checked against the
+signed manifest's hash, so forged symbols cost a failed decode (and HTTP repair), never a wrong
+image.  The cache is verified once, when `build` opens it; it is not re-checked while serving.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +57,13 @@ from .errors import ReadError, WriteError
 # because a receiver rarely needs more than one extra pass.
 MIN_REPAIR_FRACTION = 0.5
 MAX_REPAIR_FRACTION = 4.0
+
+# The trailer's digest of each chunk's cycle.
+DIGEST_BYTES = hashlib.sha256().digest_size
+
+# Verification reads a cycle in pieces of this size: a cycle of an 8 MiB chunk with a 400% pool is
+# 40 MiB, which need not be resident at once; at 1 MiB a read's overhead is negligible.
+VERIFY_READ = 1 << 20
 
 
 def repair_count(source: int, fraction: float) -> int:
@@ -66,7 +94,13 @@ class CycleLayout:
 
     @property
     def total_bytes(self) -> int:
+        """The datagrams' bytes (the trailer of digests follows them)."""
         return self.offsets[-1] + self.cycles[-1] * self.datagram_size
+
+    @property
+    def file_bytes(self) -> int:
+        """The whole cache file: the datagrams, then one digest per chunk."""
+        return self.total_bytes + len(self.cycles) * DIGEST_BYTES
 
     def span(self, chunk: int, first: int, count: int) -> tuple[int, int]:
         """(file offset, length) of datagrams first..first+count-1 of a chunk's cycle."""
@@ -90,19 +124,32 @@ def build(
     *,
     encode: ChunkEncoder = raptorq_encode,
     progress: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
-    """Encode every chunk of `image` into the cache file (or reuse a complete one)."""
+    """Encode every chunk of `image` into the cache file, or reuse a complete one that verifies
+    (one that does not is re-encoded, and `warn` told why)."""
     layout = CycleLayout.for_manifest(manifest, fraction)
     target = cache_path(directory, manifest, fraction)
-    if target.exists() and target.stat().st_size == layout.total_bytes:
-        return target
+    if target.exists():
+        problem = verify(target, layout)
+        if problem is None:
+            return target
+        if warn is not None:
+            warn(f"symbol cache {target} is not usable ({problem}): encoding it again")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise WriteError(f"cannot create cache directory {directory}: {exc.strerror}") from None
-    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
     try:
-        with image.open("rb") as source, tmp.open("wb") as out:
+        # mkstemp: a fresh name, created exclusively (O_EXCL) with mode 0600, so nothing planted
+        # at a predictable name (a symlink to a file the sender may write) is ever opened.
+        fd, name = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise WriteError(f"cannot write symbol cache in {directory}: {exc.strerror}") from None
+    tmp = Path(name)
+    try:
+        with image.open("rb") as source, os.fdopen(fd, "wb") as out:
+            digests = []
             for index in range(manifest.chunk_count):
                 offset, length = manifest.chunk_span(index)
                 source.seek(offset)
@@ -114,9 +161,12 @@ def build(
                 prefix = wire.build_datagram(wire.DataPacket(manifest.session_id, index, 0, b"\0"))[
                     : wire.CODEC_PACKET_OFFSET
                 ]
-                out.write(b"".join(prefix + packet for packet in packets))
+                cycle = b"".join(prefix + packet for packet in packets)
+                digests.append(hashlib.sha256(cycle).digest())
+                out.write(cycle)
                 if progress is not None:
                     progress(index + 1, manifest.chunk_count)
+            out.write(b"".join(digests))
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(target)
@@ -129,6 +179,38 @@ def build(
             tmp.unlink()
         raise
     return target
+
+
+def verify(path: Path, layout: CycleLayout) -> str | None:
+    """Why the cache file at `path` must not be used, or None when every cycle matches its
+    digest in the trailer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        return f"cannot open it: {exc.strerror}"
+    try:
+        size = os.fstat(fd).st_size
+        if size != layout.file_bytes:
+            return f"{size} bytes, expected {layout.file_bytes}"
+        count = len(layout.cycles)
+        trailer = os.pread(fd, count * DIGEST_BYTES, layout.total_bytes)
+        for chunk in range(count):
+            offset, length = layout.span(chunk, 0, layout.cycles[chunk])
+            digest = hashlib.sha256()
+            end = offset + length
+            while offset < end:
+                piece = os.pread(fd, min(VERIFY_READ, end - offset), offset)
+                if not piece:
+                    return f"truncated at chunk {chunk}"
+                digest.update(piece)
+                offset += len(piece)
+            if digest.digest() != trailer[chunk * DIGEST_BYTES : (chunk + 1) * DIGEST_BYTES]:
+                return f"chunk {chunk}'s symbols do not match their digest"
+        return None
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror}"
+    finally:
+        os.close(fd)
 
 
 class SymbolReader:

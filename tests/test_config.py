@@ -159,10 +159,17 @@ def test_device_commands_name_what_the_config_lacks(
     for command in ("install", "watch"):
         assert main([command, "--config", str(config)]) == 2
         error = capsys.readouterr().err
+        assert error.count("\n") == 1 and f"{command}: no device type: set device_type" in error
+    config.write_text(
+        f'trust = ["{key}"]\nchannel = "updates.example.test"\ndevice_type = "testboard"\n'
+    )
+    for command in ("install", "watch"):
+        assert main([command, "--config", str(config)]) == 2
+        error = capsys.readouterr().err
         assert error.count("\n") == 1 and "no installer" in error
     # A device that installs must name its channel (it installs only releases signed for it).
     out = tmp_path / "image"
-    config.write_text(f'trust = ["{key}"]\nout = "{out}"\n')
+    config.write_text(f'trust = ["{key}"]\nout = "{out}"\ndevice_type = "testboard"\n')
     for command in ("install", "watch"):
         args = [command, "--config", str(config), "--installer", "file:" + str(tmp_path / "t")]
         assert main([*args, "--group", "ff3e::1234"]) == 2

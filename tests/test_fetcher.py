@@ -43,6 +43,7 @@ MANIFEST = manifest_for(IMAGE, chunk_size=CHUNK)
 ENDLESS_CAP = 256 * 1024 * 1024  # an endless body stops here at the latest
 DRIP_INTERVAL = 0.01  # one byte this often: never idle long enough to trip a read timeout
 STALL = 10.0  # a stalling server gives up after this long (or when the test ends)
+HEADER_DRIP_BYTES = 2000  # a header-dripping server hangs up after this many bytes (20 s)
 GARBAGE = b"\xa5" * 16384
 
 
@@ -227,6 +228,20 @@ class MirrorHandler(QuietHandler):
 
         self.send_body("drip", one_byte_at_a_time(), chunked=False)
 
+    def drip_headers(self) -> None:
+        # The status line and then a header line that never ends, a byte at a time: every read
+        # http.client makes of the headers gets a byte, so no read timeout ever fires.
+        head = b"HTTP/1.1 206 Partial Content\r\nX-Drip: "
+        pieces = (head[i : i + 1] if i < len(head) else b"a" for i in range(HEADER_DRIP_BYTES))
+
+        def one_byte_at_a_time() -> Iterator[bytes]:
+            for piece in pieces:
+                if self.mirror.stopping.wait(DRIP_INTERVAL):
+                    return
+                yield piece
+
+        self.send_body("drip-headers", one_byte_at_a_time(), chunked=False)
+
     def endless_chunked(self) -> None:
         self.head(length=-1, extra=(("Transfer-Encoding", "chunked"),))
         self.send_body("endless-chunked", _endless(b""), chunked=True)
@@ -265,6 +280,7 @@ BEHAVIOURS: dict[str, Callable[[MirrorHandler], None]] = {
     "stall-headers": MirrorHandler.stall_headers,
     "stall-body": MirrorHandler.stall_body,
     "drip": MirrorHandler.drip,
+    "drip-headers": MirrorHandler.drip_headers,
     "endless-chunked": MirrorHandler.endless_chunked,
     "endless-right-prefix": MirrorHandler.endless_right_prefix,
     "endless-length": MirrorHandler.endless_length,
@@ -462,6 +478,79 @@ def test_a_slow_drip_is_abandoned_at_the_deadline_though_never_idle(
     assert fetcher.stats.failures == Counter({"too-slow": 1})
     assert 0 < fetcher.stats.bytes_received[drip] < CHUNK // 10
     assert mirror.finished("drip").wait(10)
+
+
+def test_a_mirror_dripping_its_headers_is_abandoned_at_the_overall_deadline(
+    mirror: Mirror, make_fetcher: Callable[..., HttpFetcher]
+) -> None:
+    # Headers are read by http.client before the fetcher gets control, a byte per 10 ms never
+    # trips the 0.5 s read timeout, and the header line never ends: only a deadline enforced
+    # from outside the read (0.75 s here) moves the request to the next mirror.  Without it the
+    # request lasts until the server gives up (20 s) and fails as a dropped connection.
+    drip = mirror.url("drip-headers")
+    fetcher = make_fetcher([drip, mirror.url("good")], timeout=0.5, min_rate=256 * 1024)
+    assert fetcher.fetch_chunk(*chunk(1)) == image_bytes(1)
+    assert fetcher.stats.failures == Counter({"too-slow": 1})
+    assert fetcher.stats.bytes_received[drip] == 0
+    # The device hung up: the server stopped long before sending all it would have.
+    assert mirror.finished("drip-headers").wait(10)
+    assert mirror.written["drip-headers"] < HEADER_DRIP_BYTES // 2
+
+
+def test_a_manifest_whose_headers_drip_is_abandoned_at_the_overall_deadline(
+    mirror: Mirror, make_fetcher: Callable[..., HttpFetcher]
+) -> None:
+    fetcher = make_fetcher([], attempts=1, timeout=0.5, min_rate=256 * 1024)
+    with pytest.raises(FetchError, match=r"too-slow \(no complete headers by the deadline\)"):
+        fetcher.fetch_manifest(mirror.url("drip-headers"), 1000)
+    assert mirror.finished("drip-headers").wait(10)
+    assert mirror.written["drip-headers"] < HEADER_DRIP_BYTES // 2
+
+
+def test_the_deadline_reaches_a_kept_alive_connection_too(
+    mirror: Mirror, make_fetcher: Callable[..., HttpFetcher]
+) -> None:
+    # The first request leaves its connection in the pool; the second reuses it (no new socket
+    # is opened) and must still be cut at its deadline.
+    class Reused(QuietHandler):
+        served = 0
+
+        def do_GET(self) -> None:
+            Reused.served += 1
+            if Reused.served == 1:
+                offset, length = MANIFEST.chunk_span(1)
+                self.send_response(206)
+                last = offset + length - 1
+                self.send_header("Content-Range", f"bytes {offset}-{last}/{len(IMAGE)}")
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                self.wfile.write(image_bytes(1))
+                return
+            for byte in b"HTTP/1.1 206 Partial Content\r\nX-Drip: " + b"a" * HEADER_DRIP_BYTES:
+                if mirror.stopping.wait(DRIP_INTERVAL):
+                    break
+                try:
+                    self.wfile.write(bytes([byte]))
+                except OSError:
+                    break
+            self.close_connection = True
+
+    connections: list[object] = []
+
+    class Counting(ThreadingHTTPServer):
+        def process_request(self, request: object, client_address: object) -> None:
+            connections.append(client_address)
+            super().process_request(request, client_address)  # type: ignore[arg-type]
+
+    with serving(Counting(("127.0.0.1", 0), Reused)) as base:
+        fetcher = make_fetcher(
+            [f"{base}/rootfs.img", mirror.url("good")], timeout=0.5, min_rate=256 * 1024
+        )
+        assert fetcher.fetch_chunk(*chunk(1)) == image_bytes(1)
+        assert fetcher.fetch_chunk(*chunk(1)) == image_bytes(1)
+        assert len(connections) == 1  # the second request went over the kept-alive connection
+        assert fetcher.stats.failures == Counter({"too-slow": 1})
+        assert mirror.hits["good"] == 1
 
 
 # --- All mirrors bad ------------------------------------------------------------------------------

@@ -187,6 +187,22 @@ def test_hostile_meta_data_fails_download_in_one_line_and_stages_nothing(
     assert "is not base64" in status["last_error"]
 
 
+def test_download_without_any_device_type_is_refused_before_anything_is_staged(
+    capsys: pytest.CaptureFixture[str], device: Path
+) -> None:
+    # Neither the config nor Mender names this device's type: verification would accept a
+    # release for any device, so the module refuses rather than fail open (issue 13, item 7).
+    tree = make_tree(device, meta())
+    (tree / "current_device_type").unlink()
+    code, out, err = run(capsys, "Download", tree)
+    assert code == UsageError.exit_code and out == ""
+    assert "no device type: set device_type in the device config or in Mender's" in (
+        one_error_line(err)
+    )
+    assert not (device / "state" / "mender").exists()
+    assert (device / "slot.img").read_bytes() == b"old"
+
+
 def test_artifact_install_without_a_download_is_a_state_error(
     capsys: pytest.CaptureFixture[str], device: Path
 ) -> None:

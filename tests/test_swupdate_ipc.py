@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import platform
 import random
+import shutil
+import signal
 import socket
 import stat
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -741,6 +745,96 @@ def test_sockets_left_by_a_dead_daemon_are_an_error_not_a_hang(tmp_path: Path, i
         dead.close()  # the file stays, nobody listens: ECONNREFUSED
     with pytest.raises(InstallError, match=r"not running: progress socket .* refuses connections"):
         get_installer(f"swupdate:{tmp_path}").install(image, verified())
+
+
+# --- Whose sockets: only root's (or the configured owner's) answers are believed ------------------
+
+NOBODY = 65534
+
+
+def _succeeds(s: Session) -> None:
+    s.reply(MsgType.ACK)
+    s.read_image()
+    s.report(RecoveryStatus.START)
+    s.finish(RecoveryStatus.SUCCESS)
+
+
+@contextlib.contextmanager
+def daemon_of_another_user(uid: int, *, chown_to: int | None = None) -> Iterator[Path]:
+    """A fake daemon answering SUCCESS, run by a forked child as `uid` in a fresh directory
+    (under /tmp, which `uid` can reach); `chown_to` then gives the socket files to that uid, so
+    that only the listening process's credentials tell who serves them."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a process as another user")
+    directory = Path(tempfile.mkdtemp(prefix="otacast-swu-"))
+    directory.chmod(0o777)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become `uid`, listen, answer one install, exit
+        code = 1
+        try:
+            os.close(ready_r)
+            os.setgid(uid)
+            os.setuid(uid)
+            fake = FakeDaemon(directory, _succeeds)
+            os.write(ready_w, b"1")
+            fake.thread.join(15)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"1", "the other user's daemon did not start"
+        if chown_to is not None:
+            for name in ("sockinstctrl", "swupdateprog"):
+                os.chown(directory / name, chown_to, chown_to)
+        yield directory
+    finally:
+        os.close(ready_r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_sockets_created_by_another_user_are_refused_before_any_request(
+    daemon: Callable[..., FakeDaemon], image: Path
+) -> None:
+    fake = daemon()  # root's listeners, but the files say another user made them
+    for name in ("sockinstctrl", "swupdateprog"):
+        os.chown(fake.directory / name, NOBODY, NOBODY)
+    with pytest.raises(
+        InstallError,
+        match=r"progress socket .*/swupdateprog belongs to nobody \(uid 65534\), not root "
+        r"\(uid 0\): refusing to trust it",
+    ):
+        get_installer(f"swupdate:{fake.directory}").install(image, verified())
+
+
+def test_a_daemon_run_by_another_user_answering_success_is_refused(image: Path) -> None:
+    # The files are root's, so only SO_PEERCRED shows who listens on them.
+    with (
+        daemon_of_another_user(NOBODY, chown_to=0) as directory,
+        pytest.raises(
+            InstallError,
+            match=r"progress socket .* is served by a process of nobody \(uid 65534\), not "
+            r"root \(uid 0\): refusing to trust its answers",
+        ) as caught,
+    ):
+        get_installer(f"swupdate:{directory}").install(image, verified())
+    assert "\n" not in str(caught.value)
+
+
+def test_a_daemon_run_by_the_configured_owner_is_trusted(image: Path) -> None:
+    with daemon_of_another_user(NOBODY) as directory:
+        installer = get_installer(f"swupdate:nobody@{directory}")
+        assert isinstance(installer, SwupdateIpcInstaller)
+        installer.settle_timeout = 0.3
+        assert installer.install(image, verified()).status == "installed"
+
+
+def test_an_unknown_configured_owner_is_a_clear_error() -> None:
+    with pytest.raises(InstallError, match=r"no user 'no-such-user-13' on this system"):
+        get_installer("swupdate:no-such-user-13@/tmp")
 
 
 # --- The swupdate -i installer with a stand-in program ----------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from otacast.plugin.deliver import deliver
+from otacast.plugin.deliver import deliver, require_device_type
 from otacast.plugin.status import StatusFile
 
 from .args import Subcommands, settings_of
@@ -20,6 +20,7 @@ def add_install(sub: Subcommands) -> None:
 
 def cmd_install(args: argparse.Namespace) -> int:
     settings = settings_of(args)
+    require_device_type(settings.device_type, "install")
     installer = installer_of(settings)
     status = StatusFile(settings.state_dir)
     summary = receive_release(args, settings, status)

@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 
+from otacast.plugin.deliver import require_device_type
 from otacast.plugin.errors import UsageError
 from otacast.plugin.watch import Watcher
 
@@ -23,6 +24,7 @@ def add_watch(sub: Subcommands) -> None:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     settings = settings_of(args)
+    require_device_type(settings.device_type, "watch")
     installer = installer_of(settings)
     check_out_path(settings)
     if not settings.channel:

@@ -5,7 +5,8 @@ A configuration string ``KIND:ARGUMENT`` selects one (`get_installer`, `registry
 - ``file:/data/slots/rootfs.img``: atomic replace, keeping the previous file (`file.py`);
 - ``command:/usr/local/bin/apply``: run a program with the image (`command.py`);
 - ``swupdate:/tmp``: stream a ``.swu`` into the swupdate daemon whose sockets are in ``/tmp``
-  (`swupdate/installer.py`);
+  (`swupdate/installer.py`), trusted only if root (or otacast's own user) created and serves
+  them; ``swupdate:USER@/tmp`` also trusts USER;
 - ``swupdate-run:-k /etc/swupdate/cert.pem -H board:1.0``: one install by a private swupdate
   daemon started with those arguments (`swupdate/run.py`).
 

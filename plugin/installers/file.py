@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 
+from otacast.plugin.durable import copy_into, create_beside, sync_directory
 from otacast.plugin.errors import InstallError, StateError, UsageError
 from otacast.schemas.policy import VerifiedManifest
 
@@ -49,20 +49,27 @@ class FileInstaller(Installer):
         return (self.previous if installed else self.target).is_file()
 
     def install(self, image: Path, verified: VerifiedManifest) -> InstallResult:
-        tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.new")
+        # Run as root: the copy is made in a file of our own creation (`durable.create_beside`),
+        # never at a predictable name where a planted link could send it elsewhere.
+        tmp: Path | None = None
         try:
-            shutil.copyfile(image, tmp)
-            with tmp.open("rb") as handle:
-                os.fsync(handle.fileno())
+            fd, tmp = create_beside(self.target)
+            try:
+                os.fchmod(fd, 0o644)  # what a copy made under the usual umask had
+                copy_into(fd, image)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             if self.target.exists():
                 with contextlib.suppress(FileNotFoundError):
                     self.previous.unlink()
                 os.link(self.target, self.previous)
             tmp.replace(self.target)
-            _sync_directory(self.target.parent)
+            sync_directory(self.target.parent)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             raise InstallError(f"cannot install to {self.target}: {exc.strerror or exc}") from None
         m = verified.manifest
         return InstallResult("installed", f"{m.name} {m.version} written to {self.target}")
@@ -72,7 +79,7 @@ class FileInstaller(Installer):
             raise InstallError(f"nothing to roll back to: {self.previous} does not exist")
         try:
             self.previous.replace(self.target)
-            _sync_directory(self.target.parent)
+            sync_directory(self.target.parent)
         except OSError as exc:
             raise InstallError(f"cannot roll back {self.target}: {exc.strerror or exc}") from None
 
@@ -97,11 +104,3 @@ def check_out(out: Path, *, make_parent: bool = False) -> None:
         raise UsageError(f"--out {out} must name a file, not a directory")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: directory {out.parent} does not exist")
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,11 +11,21 @@ from .base import Installer
 from .command import CommandInstaller
 from .file import FileInstaller
 from .swupdate import SwupdateIpcInstaller, SwupdateRunInstaller
+from .swupdate.installer import owner_uid
+
+
+def _swupdate(argument: str) -> SwupdateIpcInstaller:
+    """``DIR``, or ``USER@DIR`` for a daemon that runs as USER (neither root nor otacast's)."""
+    user, at, directory = argument.partition("@")
+    if at and user and "/" not in user and directory:
+        return SwupdateIpcInstaller(Path(directory), owner=owner_uid(user))
+    return SwupdateIpcInstaller(Path(argument))
+
 
 _KINDS: dict[str, Callable[[str], Installer]] = {
     "file": lambda argument: FileInstaller(Path(argument)),
     "command": CommandInstaller,
-    "swupdate": lambda argument: SwupdateIpcInstaller(Path(argument)),
+    "swupdate": _swupdate,
     "swupdate-run": SwupdateRunInstaller,
 }
 

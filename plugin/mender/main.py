@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import Sequence
@@ -32,10 +33,10 @@ def install_module(modules_dir: Path, executable: Path) -> str:
             return f"{link} already points to {executable}"
     elif link.exists():
         raise UsageError(f"{link} exists and is not a link; remove it to install this module")
-    tmp = modules_dir / f".{PAYLOAD_TYPE}.{os.getpid()}.tmp"
+    # symlink(2) never follows or replaces what is at its name, and the name is one nobody can
+    # plant anything at in advance (64 random bits).
+    tmp = modules_dir / f".{PAYLOAD_TYPE}.{secrets.token_hex(8)}.tmp"
     try:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
         tmp.symlink_to(executable)
         tmp.replace(link)  # atomic: Mender never sees the module missing
     except PermissionError:

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import TextIO
 
 from otacast.plugin.config import Settings, load_config, settle
-from otacast.plugin.deliver import choose_installer, deliver, record_installed
+from otacast.plugin.deliver import (
+    choose_installer,
+    deliver,
+    record_installed,
+    require_device_type,
+)
 from otacast.plugin.durable import write_durably
 from otacast.plugin.errors import StateError
 from otacast.plugin.installed import read_installed
@@ -115,11 +120,16 @@ class Module:
         """The device's checks, with this device's type from the config and from Mender."""
         settings = self.settings
         mender_type = self.tree.device_type
+        this_type = require_device_type(
+            settings.device_type or mender_type,
+            "the otacast Mender module",
+            "set device_type in the device config or in Mender's device_type file",
+        )
         verified = verify_manifest(
             data,
             self.trust,
             now=now,
-            device_type=settings.device_type or mender_type,
+            device_type=this_type,
             installed_sequence=self.installed_sequence(),
             channel=settings.channel,
         )

@@ -49,6 +49,16 @@ here).  When the notifications say our install is over (idle after ``START``) an
 record follows within `SETTLE_TIMEOUT`, the verdict is the last ``SUCCESS``/``FAILURE`` status
 the notifications carried (``FAILURE`` if none).
 
+Whoever created the sockets is checked before anything they say is believed.  ``DIR`` is often
+``/tmp``, where any local user can create ``sockinstctrl`` and ``swupdateprog`` before the daemon
+starts (or while it is down) and answer ``ACK`` and ``SUCCESS`` to an install that never
+happened.  So each socket file must be a socket owned by a trusted user, and the process that
+listens on it, as the kernel reports it (``SO_PEERCRED``, the credentials of the peer when it
+called ``listen``, which the peer cannot forge), must run as a trusted user; otherwise the install
+fails with a one-line error before a request is sent.  The trusted users are root, the user
+otacast runs as (its own sockets, e.g. ``swupdate-run``'s private daemon), and the owner named
+in the installer's configuration for a daemon run as another user (``swupdate:USER@DIR``).
+
 ``SUCCESS`` is reported as ``installed``.  Whether the update is active now or after a reboot is
 decided inside the ``.swu`` (handlers, bootloader variables, scripts) and SWUpdate's IPC does
 not say; a device whose updates need a reboot reboots from the update's own post-install
@@ -63,9 +73,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import selectors
 import socket
+import stat
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,9 +206,16 @@ class SwupdateIpcInstaller(Installer):
     kind = "swupdate"
 
     def __init__(
-        self, directory: Path, *, timeout: float = DEFAULT_TIMEOUT, abi: Abi = NATIVE
+        self,
+        directory: Path,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        abi: Abi = NATIVE,
+        owner: int | None = None,
     ) -> None:
+        """`owner`: the uid the daemon runs as, when it is neither root nor otacast's own."""
         self.directory = directory
+        self.trusted = frozenset({0, os.geteuid()} | ({owner} if owner is not None else set()))
         self.control = directory / CONTROL_SOCKET
         self.progress = directory / PROGRESS_SOCKET
         self.timeout = timeout
@@ -260,6 +280,7 @@ class SwupdateIpcInstaller(Installer):
     # --- connections ------------------------------------------------------------------------
 
     def _connect(self, path: Path, role: str) -> socket.socket:
+        self._check_owner(path, role)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(REPLY_TIMEOUT)
         try:
@@ -278,7 +299,51 @@ class SwupdateIpcInstaller(Installer):
             raise InstallError(
                 f"cannot connect to swupdate's {role} socket {path}: {exc.strerror or exc}"
             ) from None
+        try:
+            self._check_peer(sock, path, role)
+        except BaseException:
+            sock.close()
+            raise
         return sock
+
+    def _trusted_users(self) -> str:
+        names = sorted(_user_name(uid) for uid in self.trusted)
+        return " or ".join(names)
+
+    def _check_owner(self, path: Path, role: str) -> None:
+        """The socket file must be a socket that a trusted user created (module doc)."""
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            raise InstallError(f"swupdate is not running: no {role} socket at {path}") from None
+        except OSError as exc:
+            raise InstallError(
+                f"cannot use swupdate's {role} socket {path}: {exc.strerror or exc}"
+            ) from None
+        if not stat.S_ISSOCK(info.st_mode):
+            raise InstallError(f"swupdate's {role} socket {path} is not a socket")
+        if info.st_uid not in self.trusted:
+            raise InstallError(
+                f"swupdate's {role} socket {path} belongs to {_user_name(info.st_uid)}, not "
+                f"{self._trusted_users()}: refusing to trust it (another user may have created "
+                "it; name the daemon's user as swupdate:USER@DIR if it runs as that user)"
+            )
+
+    def _check_peer(self, sock: socket.socket, path: Path, role: str) -> None:
+        """The process listening on the socket must run as a trusted user (module doc)."""
+        try:
+            _, uid, _ = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+        except (OSError, struct.error) as exc:
+            raise InstallError(
+                f"cannot tell who serves swupdate's {role} socket {path}: {exc}"
+            ) from None
+        if uid not in self.trusted:
+            raise InstallError(
+                f"swupdate's {role} socket {path} is served by a process of "
+                f"{_user_name(uid)}, not {self._trusted_users()}: refusing to trust its answers"
+            )
 
     def _exchange(
         self, sock: socket.socket, msgtype: int, member: InstallRequest | None
@@ -517,6 +582,27 @@ def swu_release(verified: VerifiedManifest) -> Manifest:
             "(a .swu is signed with --format swu, the default for a .swu file name)"
         )
     return m
+
+
+# struct ucred: pid, uid, gid (Linux).
+_PEERCRED = struct.Struct("=iII")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def owner_uid(name: str) -> int:
+    """The uid of a user named in ``swupdate:USER@DIR`` (a name or a number)."""
+    if name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise InstallError(f"swupdate installer: no user {name!r} on this system") from None
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:

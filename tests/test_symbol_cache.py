@@ -1,0 +1,119 @@
+"""The sender's symbol cache is verified before it is reused (issue 13, item 8).
+
+Whatever the cache holds is sent and signed into AUTH pages as genuine, so a cache file whose
+bytes changed since it was written must be encoded again, not served: these tests corrupt a
+finished cache in the ways a disk or a stray writer can and check what `build` hands the sender.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from otacast.schemas import wire
+from otacast.signer import auth_pages, symbol_cache
+from otacast.signer.encoder import raptorq_encode
+
+from .helpers import manifest_for
+
+CHUNK = 16 * 1024
+IMAGE = random.Random(13).randbytes(3 * CHUNK + 500)
+MANIFEST = manifest_for(IMAGE, chunk_size=CHUNK, symbol_size=1024)
+LAYOUT = symbol_cache.CycleLayout.for_manifest(MANIFEST, 0.5)
+
+
+def fake_sign(data: bytes) -> bytes:
+    """A deterministic stand-in for the stream key: equal pages mean equal signed digests."""
+    return hashlib.sha512(data).digest()[: wire.SIGNATURE_BYTES]
+
+
+def image_file(tmp_path: Path) -> Path:
+    path = tmp_path / "image.bin"
+    path.write_bytes(IMAGE)
+    return path
+
+
+def counting_encoder(calls: list[int]) -> Callable[[bytes, int, int], list[bytes]]:
+    def encode(chunk: bytes, symbol_size: int, repair: int) -> list[bytes]:
+        calls.append(len(chunk))
+        return raptorq_encode(chunk, symbol_size, repair)
+
+    return encode
+
+
+def signed_pages(path: Path) -> list[list[bytes]]:
+    reader = symbol_cache.SymbolReader(path, LAYOUT, 16)
+    try:
+        return auth_pages.release_pages(reader, MANIFEST.session_id, 0, fake_sign)
+    finally:
+        reader.close()
+
+
+def build(tmp_path: Path, warnings: list[str], calls: list[int]) -> Path:
+    return symbol_cache.build(
+        MANIFEST,
+        image_file(tmp_path),
+        tmp_path / "cache",
+        0.5,
+        encode=counting_encoder(calls),
+        warn=warnings.append,
+    )
+
+
+def test_a_cache_that_verifies_is_reused_without_encoding(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    calls: list[int] = []
+    path = build(tmp_path, warnings, calls)
+    assert len(calls) == MANIFEST.chunk_count
+    assert path.stat().st_size == LAYOUT.file_bytes
+    assert symbol_cache.verify(path, LAYOUT) is None
+    calls.clear()
+    assert build(tmp_path, warnings, calls) == path
+    assert calls == [] and warnings == []
+
+
+def test_a_flipped_byte_in_a_cached_cycle_is_never_signed_or_sent(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    calls: list[int] = []
+    path = build(tmp_path, warnings, calls)
+    genuine, genuine_pages = path.read_bytes(), signed_pages(path)
+    # A byte of chunk 1's repair symbols: the manifest's chunk hashes do not cover these.
+    offset, length = LAYOUT.span(1, 0, LAYOUT.cycles[1])
+    spoiled = bytearray(genuine)
+    spoiled[offset + length - 7] ^= 0x40
+    path.write_bytes(bytes(spoiled))
+    calls.clear()
+
+    assert build(tmp_path, warnings, calls) == path
+    # Encoded again (every chunk: the file is rewritten whole) and said so, in one line.
+    assert len(calls) == MANIFEST.chunk_count
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "chunk 1's symbols do not match their digest" in warnings[0]
+    # What the sender would send and sign is the genuine cache, not the spoiled one.
+    assert path.read_bytes() == genuine
+    assert signed_pages(path) == genuine_pages
+
+
+def test_a_damaged_trailer_or_a_truncated_or_foreign_file_is_encoded_again(
+    tmp_path: Path,
+) -> None:
+    warnings: list[str] = []
+    calls: list[int] = []
+    path = build(tmp_path, warnings, calls)
+    genuine = path.read_bytes()
+    damaged_trailer = bytearray(genuine)
+    damaged_trailer[-1] ^= 0x01
+    same_size_foreign = random.Random(1).randbytes(len(genuine))
+    for spoiled, reason in [
+        (bytes(damaged_trailer), f"chunk {MANIFEST.chunk_count - 1}'s symbols"),
+        (genuine[:-1], f"{len(genuine) - 1} bytes, expected {len(genuine)}"),
+        (genuine[: LAYOUT.total_bytes], f"{LAYOUT.total_bytes} bytes"),  # the old format
+        (same_size_foreign, "chunk 0's symbols"),
+    ]:
+        path.write_bytes(spoiled)
+        warnings.clear()
+        build(tmp_path, warnings, calls)
+        assert len(warnings) == 1 and reason in warnings[0], (reason, warnings)
+        assert path.read_bytes() == genuine
