@@ -289,6 +289,7 @@ def efficiency_table(rows: Sequence[Row]) -> str:
                 f"{r.extra.get('overflow', 0):,.0f}",
                 f"{k / (1 - r.loss / 100):,.0f}",
                 f"{r.extra['received/ideal']:.3f}",
+                f"{r.extra['datagrams'] / k:.3f}",
                 f"{r.extra['used/K']:.3f}",
                 f"{r.extra.get('late', 0):,.0f}",
                 f"{r.extra.get('rejected:no-manifest-yet', 0):,.0f}",
@@ -307,6 +308,7 @@ def efficiency_table(rows: Sequence[Row]) -> str:
             "dropped (socket buffer full)",
             "ideal K/(1-p)",
             "on link (received + dropped) / ideal",
+            "received / K",
             "FEC used/K",
             "late (chunk already done)",
             "before the manifest",
@@ -497,6 +499,18 @@ def targets(plan: Plan, result: dict[str, object], rows: Sequence[Row]) -> list[
                     f"{size_label(r.size)}{late}",
                     f"{value:.3f}",
                     _verdict(value, RECEIVED_PER_IDEAL),
+                ]
+            )
+            # The receiver's own count over K does not depend on the loss counters, which
+            # also count what the switch drops towards a receiver that has finished and not
+            # yet exited (its final hash and hand-off).
+            per_k = r.extra["datagrams"] / r.extra["K"]
+            out.append(
+                [
+                    f"otacast datagrams received / K ≤ {RECEIVED_PER_IDEAL} at {r.loss}% loss, "
+                    f"{size_label(r.size)}{late}",
+                    f"{per_k:.3f}",
+                    _verdict(per_k, RECEIVED_PER_IDEAL),
                 ]
             )
     fleet = [r for r in _rows(result, "fleet_median") if r["tool"] == "otacast"]
