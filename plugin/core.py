@@ -563,15 +563,6 @@ class ReceiverCore:
         if result is not None:
             self._finish_chunk(chunk, result, now)
 
-    def decoded(self, chunk: int, data: bytes | None, now: float) -> None:
-        """A decode of `chunk` that the driver ran elsewhere (its decoder returned no data and
-        handed the symbols to a worker, `otacast.plugin.decode_worker`) finished: its bytes are
-        hashed and kept exactly as an inline decode's.  None (not enough independent symbols),
-        or a chunk done meanwhile (HTTP repair), changes nothing."""
-        if data is None or chunk not in self._chunks:
-            return
-        self._finish_chunk(chunk, data, now)
-
     def _open_chunk(self, chunk: int) -> _Chunk:
         assert self.verified is not None
         manifest = self.verified.manifest

@@ -52,7 +52,6 @@ from otacast.schemas.policy import TrustSet, VerifiedManifest
 
 from .config import Settings
 from .core import ReceiverCore
-from .decode_worker import DecodeWorker
 from .decoder import ChunkDecoder, raptorq_decoder
 from .discovery import plan_joins
 from .errors import (
@@ -268,8 +267,6 @@ class _Run:
         self.start = start
         self.staging: Staging | None = None
         self.stored: StoredSymbols | None = None  # with --symbols store
-        # The store's decodes run in a worker process (otacast.plugin.decode_worker).
-        self.decodes = DecodeWorker()
         self.writer: _Writer | None = None
         self.repair: RepairWorker | None = None
         self.bytes_http = 0
@@ -293,8 +290,6 @@ class _Run:
             else:
                 time.sleep(wait)
             now = time.monotonic()
-            for chunk, data in self.decodes.results():
-                self.core.decoded(chunk, data, now)
             self.core.handle_timer(now)
             self._take_http_results()
             self._handle_events()
@@ -376,7 +371,7 @@ class _Run:
     def _stored(self, verified: VerifiedManifest) -> StoredSymbols:
         """The session's staging and symbol store, opened on first use (either way)."""
         if self.stored is None:
-            self.stored = StoredSymbols(self.options.state_dir, verified, self.decodes)
+            self.stored = StoredSymbols(self.options.state_dir, verified)
             self.staging = self.stored.staging
         return self.stored
 
@@ -484,7 +479,6 @@ class _Run:
         self.finished = True
 
     def close(self) -> None:
-        self.decodes.close()
         if self.repair is not None:
             self.repair.stop.set()
         if self.receiver is not None:

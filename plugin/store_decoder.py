@@ -23,7 +23,6 @@ from pathlib import Path
 
 from otacast.schemas.policy import VerifiedManifest
 
-from .decode_worker import DecodeWorker
 from .decoder import ChunkDecoder, raptorq_decoder
 from .staging import Staging
 from .symbol_store import SymbolStore
@@ -38,16 +37,8 @@ UNBOUNDED_DECODERS = 1 << 62
 class StoreDecoder:
     """Decodes chunk `chunk` from what `store` holds (module doc)."""
 
-    def __init__(
-        self,
-        store: SymbolStore,
-        chunk: int,
-        length: int,
-        symbol_size: int,
-        worker: DecodeWorker | None = None,
-    ) -> None:
+    def __init__(self, store: SymbolStore, chunk: int, length: int, symbol_size: int) -> None:
         self.store = store
-        self.worker = worker
         self.chunk = chunk
         self.length = length
         self.symbol_size = symbol_size
@@ -62,12 +53,9 @@ class StoreDecoder:
         store, chunk = self.store, self.chunk
         # A chunk completed and verified in an earlier run is refused here (as "done"): the
         # driver marks it done (and counts it as resumed) when it handles `ManifestVerified`.
-        if store.add(chunk, int.from_bytes(packet[1:_PAYLOAD_ID], "big"), packet[_PAYLOAD_ID:]):
-            self._held += 1
-        elif self.worker is None or self._held < self.k:
+        if not store.add(chunk, int.from_bytes(packet[1:_PAYLOAD_ID], "big"), packet[_PAYLOAD_ID:]):
             return None
-        # (With a worker, a symbol the store refused as beyond what a decode needs still asks
-        # again below: the worker may have been full when the chunk reached K.)
+        self._held += 1
         if self._held < self.k:
             return None
         held = self._held = store.count(chunk)
@@ -75,16 +63,6 @@ class StoreDecoder:
             return None
         if store.has_all_source(chunk):
             return store.read_chunk(chunk)
-        worker = self.worker
-        if worker is not None:
-            # Decoded in the worker process: the driver hands the result to the core
-            # (`ReceiverCore.decoded`).  While this chunk's decode is in flight, or the worker
-            # is full, the symbols are only stored; the next one asks again.
-            if worker.busy_with(chunk) or not worker.ready():
-                return None
-            worker.submit(chunk, self.length, self.symbol_size, store.symbols(chunk))
-            self._tried_with = held
-            return None
         decoder = raptorq_decoder(chunk, self.length, self.symbol_size)
         for stored in store.symbols(chunk):
             data = decoder.feed(stored)
@@ -108,11 +86,8 @@ class StoredSymbols:
     done in the core.  The caller finishes or closes `staging` after `close`.
     """
 
-    def __init__(
-        self, state_dir: Path, verified: VerifiedManifest, worker: DecodeWorker | None = None
-    ) -> None:
+    def __init__(self, state_dir: Path, verified: VerifiedManifest) -> None:
         self.verified = verified
-        self.worker = worker
         self.staging = Staging(state_dir, verified)
         try:
             self.store = SymbolStore(self.staging)
@@ -123,7 +98,7 @@ class StoredSymbols:
 
     def decoder(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
         """A `DecoderFactory` for the core."""
-        return StoreDecoder(self.store, chunk, length, symbol_size, self.worker)
+        return StoreDecoder(self.store, chunk, length, symbol_size)
 
     def held(self) -> int:
         """Symbols stored for chunks still in progress."""

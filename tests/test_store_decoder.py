@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from otacast.plugin.core import ReceiverCore
-from otacast.plugin.decode_worker import DecodeWorker
 from otacast.plugin.events import ChunkComplete
 from otacast.plugin.store_decoder import UNBOUNDED_DECODERS, StoredSymbols
 from otacast.plugin.symbol_store import SymbolStore
@@ -75,75 +73,3 @@ def test_a_forged_symbol_costs_its_chunk_one_decode_and_the_honest_symbols_then_
         events = receive_all(core, CYCLES[0])
         (complete,) = [e for e in events if isinstance(e, ChunkComplete)]
         assert complete.index == 0 and complete.data == RELEASE.chunk(0)
-
-
-def _wait_for_decodes(worker: DecodeWorker, core: ReceiverCore) -> None:
-    """What the receive driver does every turn, until the worker has nothing in flight."""
-    deadline = time.monotonic() + 60
-    while any(worker.busy_with(c) for c in range(M.chunk_count)):
-        assert time.monotonic() < deadline, "the decode worker never answered"
-        for chunk, data in worker.results():
-            core.decoded(chunk, data, NOW)
-        time.sleep(0.01)
-    for chunk, data in worker.results():
-        core.decoded(chunk, data, NOW)
-
-
-def test_with_a_worker_repairs_are_decoded_off_the_loop_and_hashed_by_the_core(
-    tmp_path: Path,
-) -> None:
-    worker = DecodeWorker()
-    stored = StoredSymbols(tmp_path, RELEASE.verified(), worker)
-    core = ReceiverCore(
-        RELEASE.trust, now=NOW, decoder_factory=stored.decoder, decoder_budget=UNBOUNDED_DECODERS
-    )
-    try:
-        receive_all(core, manifest_datagrams(RELEASE.envelope))
-        k = M.source_symbols(1)
-        # Chunk 1 without a third of its source symbols, plus enough repair symbols; chunk 0 whole.
-        lossy = [d for e, d in enumerate(CYCLES[1][: k + 60]) if not (e < k and e % 3 == 0)]
-        events = receive_all(core, [*lossy, *CYCLES[0][: M.source_symbols(0)]])
-        # Chunk 0 had all its source symbols: read back and hashed at once.  Chunk 1 went to
-        # the worker, so nothing of it is complete until the driver hands the result over.
-        assert [e.index for e in events if isinstance(e, ChunkComplete)] == [0]
-        assert worker.busy_with(1)
-        _wait_for_decodes(worker, core)
-        (complete,) = [e for e in iter(core.next_event, None) if isinstance(e, ChunkComplete)]
-        assert complete.index == 1 and complete.data == RELEASE.chunk(1)
-        # A forged result (a worker is outside the core's trust) is hashed and refused.
-        core.decoded(2, b"\0" * M.chunk_span(2)[1], NOW)
-        assert 2 not in core.done
-    finally:
-        worker.close()
-        stored.close()
-        stored.staging.close()
-
-
-def test_a_full_worker_leaves_the_symbols_stored_and_the_next_symbol_asks_again(
-    tmp_path: Path,
-) -> None:
-    worker = DecodeWorker()
-    stored = StoredSymbols(tmp_path, RELEASE.verified(), worker)
-    core = ReceiverCore(
-        RELEASE.trust, now=NOW, decoder_factory=stored.decoder, decoder_budget=UNBOUNDED_DECODERS
-    )
-    try:
-        receive_all(core, manifest_datagrams(RELEASE.envelope))
-        # Fill the worker's slots with two chunks' decodes, then bring a third chunk to K.
-        for chunk in (0, 1):
-            k = M.source_symbols(chunk)
-            receive_all(core, [d for e, d in enumerate(CYCLES[chunk][: k + 60]) if e % 4])
-        assert not worker.ready()
-        k2 = M.source_symbols(2)
-        receive_all(core, [d for e, d in enumerate(CYCLES[2][: k2 + 30]) if e % 4])
-        assert not worker.busy_with(2)  # waited: nothing read back, nothing lost
-        assert stored.store.count(2) >= k2
-        _wait_for_decodes(worker, core)
-        events = receive_all(core, CYCLES[2][k2 + 30 : k2 + 31])  # the next symbol asks again
-        _wait_for_decodes(worker, core)
-        events += list(iter(core.next_event, None))
-        assert {e.index for e in events if isinstance(e, ChunkComplete)} == {0, 1, 2}
-    finally:
-        worker.close()
-        stored.close()
-        stored.staging.close()
