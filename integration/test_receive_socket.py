@@ -308,6 +308,36 @@ def test_without_root_the_receive_buffer_falls_back_to_the_rmem_max_cap(lan: Lan
     assert int(done.stdout) == 2 * rmem_max
 
 
+# Sends each payload argument once, in order, to [ADDRESS]:PORT (unicast) from this host.
+UNICAST = """
+import socket, sys, time
+address, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+for payload in sys.argv[3:]:
+    s.sendto(payload.encode(), (address, port))
+    time.sleep(0.005)
+"""
+
+
+def test_datagrams_sent_to_the_devices_own_address_never_reach_the_receiver(
+    lan: LanFactory,
+) -> None:
+    # Issue 13: bound to [::], the socket took unicast from any host that routes to the device,
+    # past the SSM source filter.  Bound to the joined group, only the group's datagrams come.
+    net = lan(4)
+    group = asm_group(CHANNEL)
+    sender, device, attacker = net.hosts[0], net.hosts[1], net.hosts[2]
+    rx = Listening(device, [(group, None)])
+    try:
+        done = attacker.run(PYTHON, "-c", UNICAST, device.address, str(PORT), "u0", "u1", "u2")
+        assert done.returncode == 0, done.stderr
+        send(sender, group, "g0", "stop")
+        got, _ = rx.result()
+    finally:
+        stop([rx.process])
+    assert got == [("g0", sender.address)]
+
+
 def test_a_port_already_bound_is_a_one_line_network_error(lan: LanFactory) -> None:
     net = lan(4)
     script = (
@@ -315,7 +345,7 @@ def test_a_port_already_bound_is_a_one_line_network_error(lan: LanFactory) -> No
         "from otacast.plugin.errors import NetworkError\n"
         "with MulticastReceiver('eth0', 4242, [Join('ff1e::1')]):\n"
         "    try:\n"
-        "        MulticastReceiver('eth0', 4242, [Join('ff1e::2')])\n"
+        "        MulticastReceiver('eth0', 4242, [Join('ff1e::1')])\n"
         "    except NetworkError as exc:\n"
         "        print(exc.exit_code, exc)\n"
     )

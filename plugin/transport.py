@@ -322,12 +322,28 @@ class MulticastReceiver:
                     self.gro = False
             sock.setblocking(False)
             step = f"binding port {self.port}"
-            sock.bind(("::", self.port))
+            sock.bind(self._bind_address())
             for join in self._joins:
                 step = f"joining {_describe(join)} on {self.interface}"
                 self._join(sock, join)
         except OSError as exc:
             raise NetworkError(f"{step} failed: {_reason(exc)}") from None
+
+    def _bind_address(self) -> tuple[str, int, int, int]:
+        """The joined group when every membership is of one group, else any address.
+
+        Bound to the group, the socket receives only datagrams sent to it: one sent to the
+        device's own address (unicast, from anywhere that routes to it) never reaches the
+        receiver (the kernel answers it with an ICMP port unreachable and counts it in
+        Udp6NoPorts), so a host off the LAN cannot inject datagrams past the SSM source filter.
+        """
+        groups = {join.group for join in self._joins}
+        if len(groups) != 1:
+            return ("::", self.port, 0, 0)
+        (group,) = groups
+        # A link-scoped group (ffx2::) needs its interface; wider scopes take none.
+        link = ipaddress.IPv6Address(group).packed[1] & 0x0F == 2
+        return (group, self.port, 0, self.ifindex if link else 0)
 
     def _join(self, sock: socket.socket, join: Join) -> None:
         if join.source is None:
