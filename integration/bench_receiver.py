@@ -15,8 +15,8 @@ receiver's CPU seconds per MB (its own rusage), and two efficiency figures:
 
 * FEC: symbols the decoders used / K (the fountain code's own overhead);
 * wire: datagrams that reached the receiver's link (received + dropped) / the ideal K/(1-p).
-  This includes symbols sent for chunks the receiver had already finished, so it reflects the
-  sender's per-pass overhead (``--overhead``, default 10%) as well as the code.
+  This includes symbols sent for chunks the receiver had already finished (the rest of a
+  round's visits) and datagrams its full socket buffer dropped, as well as the code.
 
 Then it receives a large image once at 0% loss and reports the receiver's peak resident memory.
 

@@ -27,12 +27,13 @@ core reads no header itself: `wire.peek_data` gives a DATA datagram's fields wit
 packet (the per-datagram path), `wire.parse_datagram` parses everything else.
 
 *Decoding.*  One decoder per chunk in progress, created on the chunk's first symbol and fed each
-ESI once.  Decoders are bounded by ``MAX_DECODER_BYTES``.  When the budget is full, symbols of
-chunks without a decoder are refused (``decoder-budget``) rather than evicting a partial decoder:
-a held decoder only ever gains symbols, so every pass completes at least a budget's worth of
-chunks and the download converges even when loss exceeds the sender's per-pass overhead.
-(Evicting instead was measured to livelock at 20% loss: each window pushed out the previous
-one's half-filled decoders, pass after pass.)  A decoded chunk is hashed; a mismatch (e.g. a
+ESI once.  The receive driver's default decoders keep their symbols in the durable store and
+are given an unbounded budget; in-memory decoders are bounded by ``MAX_DECODER_BYTES``.  When
+that budget is full, symbols of chunks without a decoder are refused (``decoder-budget``) rather
+than evicting a partial decoder: a held decoder only ever gains symbols, so every pass completes
+at least a budget's worth of chunks and the download converges.  (Evicting instead was measured
+to livelock at 20% loss: each window pushed out the previous one's half-filled decoders, pass
+after pass.)  A decoded chunk is hashed; a mismatch (e.g. a
 forged symbol polluted the decode) drops that chunk's symbols and it is collected afresh.
 
 *Packet authentication.*  When the verified manifest lists stream keys (and the policy is not
@@ -122,7 +123,7 @@ class ReceiverSnapshot:
     datagrams: int
     symbols_used: int
     duplicates: int
-    late: int  # symbols of chunks already complete (the sender's per-pass overhead)
+    late: int  # symbols of chunks already complete (the rest of their last round's visit)
     auth_ignored: int
     chunks_multicast: int
     bytes_multicast: int

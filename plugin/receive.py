@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TextIO
 
 from otacast.schemas import addressing
-from otacast.schemas.limits import MAX_DATAGRAM, MAX_DECODER_BYTES
+from otacast.schemas.limits import MAX_DECODER_BYTES
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 
 from .config import Settings
@@ -272,7 +272,6 @@ class _Run:
         self.bytes_http = 0
         self.bytes_resumed = 0
         self.finished = False
-        self.buffer = bytearray(MAX_DATAGRAM + 1)
         self._truncated = 0  # datagrams the transport dropped as too long, already counted
         self._next_status = 0.0
         self._next_flush = 0.0

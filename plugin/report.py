@@ -40,7 +40,7 @@ class FetchSummary:
     receiving: float  # seconds from the first datagram to the verified image
     datagrams: int
     symbols_used: int
-    late: int  # symbols of chunks already complete (the sender's per-pass overhead)
+    late: int  # symbols of chunks already complete (the rest of their last round's visit)
     rejected: dict[str, int]
     joins: list[str] = field(default_factory=list)
     auth: dict[str, int] | None = None  # packet authentication counters, when it was used

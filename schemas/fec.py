@@ -20,10 +20,8 @@ from .limits import (
     DEFAULT_MAX_DATAGRAM,
     MAX_CHUNK_BYTES,
     MAX_CHUNKS,
-    MAX_WINDOW_CHUNKS,
     MIN_CHUNK_BYTES,
     SYMBOL_ALIGNMENT,
-    WINDOW_BYTES,
 )
 from .wire import DATA_HEADER_SIZE
 
@@ -55,11 +53,6 @@ def chunk_span(image_length: int, chunk_size: int, index: int) -> tuple[int, int
 def source_symbols(chunk_length: int, symbol_size: int) -> int:
     """K for a chunk of `chunk_length` bytes."""
     return ceil_div(chunk_length, symbol_size)
-
-
-def window_chunks(chunk_size: int) -> int:
-    """Chunks a sender interleaves at once by default: WINDOW_BYTES worth, 1..MAX_WINDOW_CHUNKS."""
-    return max(1, min(MAX_WINDOW_CHUNKS, WINDOW_BYTES // chunk_size))
 
 
 def choose_chunk_size(image_length: int, preferred: int) -> int:

@@ -92,16 +92,10 @@ MIN_SYMBOL_SIZE = 256
 
 # --- Receiver ---------------------------------------------------------------------------------
 
-# Chunk bytes a sender interleaves at once (a window): 8 chunks at the default 1 MiB, 1 chunk at
-# the 8 MiB maximum.  Sized in bytes, not chunks, so that the receiver's decoder budget below
-# always holds two windows whatever the chunk size.
-WINDOW_BYTES = 8 * 1024 * 1024
-MAX_WINDOW_CHUNKS = 8
-
-# Chunk bytes the receiver may have in decoders at once.  A decoder costs about twice its chunk
-# (measured with raptorq 2.0); a receiver hearing two senders has two windows in flight, so
-# 2 x WINDOW_BYTES of chunks (~32 MB of decoders) keeps the whole receiver under 100 MB.
-MAX_DECODER_BYTES = 2 * WINDOW_BYTES
+# Chunk bytes the receiver may have in in-memory decoders at once (``--symbols memory`` only; the
+# default symbol store needs no budget).  A decoder costs about twice its chunk (measured with
+# raptorq 2.0), so 16 MiB of chunks (~32 MB of decoders) keeps the whole receiver under 100 MB.
+MAX_DECODER_BYTES = 16 * 1024 * 1024
 
 # Manifests being reassembled at once.  A reassembly is keyed by source address, session,
 # envelope id and claimed length, so a forged fragment can only spoil reassemblies of its own

@@ -142,14 +142,3 @@ def test_bad_public_key_files_are_refused_with_the_reason(data: bytes, message: 
 def test_secret_key_file_given_as_public_names_the_mixup() -> None:
     with pytest.raises(KeyFormatError, match="is a public key"):
         keyfile.parse_secret(b"otacast-ed25519-public " + b"ab" * 32, "key.key")
-
-
-@pytest.mark.parametrize(
-    ("chunk", "window"),
-    [(64 * 1024, 8), (1024 * 1024, 8), (2 * 1024 * 1024, 4), (4 * 1024 * 1024, 2), (8 << 20, 1)],
-)
-def test_a_window_is_sized_in_bytes_so_two_fit_the_receivers_decoder_budget(
-    chunk: int, window: int
-) -> None:
-    assert fec.window_chunks(chunk) == window
-    assert 2 * window * chunk <= limits.MAX_DECODER_BYTES

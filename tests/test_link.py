@@ -66,11 +66,6 @@ def release(shape: Shape = SHAPE, stream_keys: tuple[SigningKey, ...] = ()) -> R
     )
 
 
-def receiver(**kw: object) -> ReceiverSpec:
-    """A receiver as `otacast fetch` receives by default: with the durable symbol store."""
-    return ReceiverSpec(**kw)  # type: ignore[arg-type]
-
-
 def run(
     senders: list[SenderSpec],
     receivers: list[ReceiverSpec],
@@ -106,7 +101,7 @@ def _image_file(tmp_path: Path, image: bytes) -> Path:
 
 
 def test_the_link_is_deterministic() -> None:
-    spec = [receiver(loss=RandomLoss(0.1), seed=4, reorder=0.001)]
+    spec = [ReceiverSpec(loss=RandomLoss(0.1), seed=4, reorder=0.001)]
     first = run([SenderSpec(rate=RATE)], spec).receivers[0]
     again = run([SenderSpec(rate=RATE)], spec).receivers[0]
     assert first == again
@@ -115,7 +110,9 @@ def test_the_link_is_deterministic() -> None:
 @pytest.mark.parametrize("loss", [0.0, 0.05, 0.2, 0.3])
 def test_a_receiver_hears_about_the_ideal_at_any_loss_up_to_the_repair_pool(loss: float) -> None:
     for seed in range(2):
-        (r,) = completed(run([SenderSpec(rate=RATE)], [receiver(loss=RandomLoss(loss), seed=seed)]))
+        (r,) = completed(
+            run([SenderSpec(rate=RATE)], [ReceiverSpec(loss=RandomLoss(loss), seed=seed)])
+        )
         # Today: 1.007 at 0% (the last visit's tail), 1.023-1.031 at 5%, 1.032 at 20%,
         # 0.996-1.021 at 30%: every chunk advances every round and every symbol is kept, so
         # the receiver is done after about K/(1-p) per chunk, within a visit of each other.
@@ -126,9 +123,9 @@ def test_a_receiver_hears_about_the_ideal_at_any_loss_up_to_the_repair_pool(loss
 
 
 def test_two_senders_started_together_take_about_half_the_time() -> None:
-    (one,) = completed(run([SenderSpec(rate=RATE)], [receiver()]))
+    (one,) = completed(run([SenderSpec(rate=RATE)], [ReceiverSpec()]))
     (two,) = completed(
-        run([SenderSpec(index=i, count=2, rate=RATE) for i in range(2)], [receiver()])
+        run([SenderSpec(index=i, count=2, rate=RATE) for i in range(2)], [ReceiverSpec()])
     )
     assert one.complete_at is not None and two.complete_at is not None
     ratio = two.complete_at / one.complete_at
@@ -142,7 +139,7 @@ def test_two_senders_started_together_take_about_half_the_time() -> None:
 def test_a_second_sender_started_later_doubles_the_speed_of_later_joiners(loss: float) -> None:
     join = 2.0  # after both senders started, each at its own moment
     (one,) = completed(
-        run([SenderSpec(rate=RATE)], [receiver(loss=RandomLoss(loss), seed=1, join=join)])
+        run([SenderSpec(rate=RATE)], [ReceiverSpec(loss=RandomLoss(loss), seed=1, join=join)])
     )
     assert one.complete_at is not None
     for start in (0.3, 1.1):
@@ -150,7 +147,7 @@ def test_a_second_sender_started_later_doubles_the_speed_of_later_joiners(loss: 
             SenderSpec(index=0, count=2, rate=RATE),
             SenderSpec(index=1, count=2, rate=RATE, start=start),
         ]
-        (two,) = completed(run(senders, [receiver(loss=RandomLoss(loss), seed=1, join=join)]))
+        (two,) = completed(run(senders, [ReceiverSpec(loss=RandomLoss(loss), seed=1, join=join)]))
         assert two.complete_at is not None
         ratio = (two.complete_at - join) / (one.complete_at - join)
         print(
@@ -163,14 +160,14 @@ def test_a_second_sender_started_later_doubles_the_speed_of_later_joiners(loss: 
 
 
 def test_a_second_sender_helps_a_receiver_from_the_moment_it_starts() -> None:
-    (one,) = completed(run([SenderSpec(rate=RATE)], [receiver(seed=1)]))
+    (one,) = completed(run([SenderSpec(rate=RATE)], [ReceiverSpec(seed=1)]))
     assert one.complete_at is not None
     start = 0.3
     senders = [
         SenderSpec(index=0, count=2, rate=RATE),
         SenderSpec(index=1, count=2, rate=RATE, start=start),
     ]
-    (two,) = completed(run(senders, [receiver(seed=1)]))
+    (two,) = completed(run(senders, [ReceiverSpec(seed=1)]))
     assert two.complete_at is not None
     # Alone until `start`, then twice as fast: the ideal is start + (one - start) / 2.
     ideal = start + (one.complete_at - start) / 2
@@ -183,14 +180,14 @@ def test_bursty_loss_is_recorded() -> None:
     loss = GilbertElliott(enter=0.05 / 0.95 / 10, leave=0.1)
     assert loss.mean == pytest.approx(0.05)
     for seed in range(3):
-        (r,) = completed(run([SenderSpec(rate=RATE)], [receiver(loss=loss, seed=seed)]))
+        (r,) = completed(run([SenderSpec(rate=RATE)], [ReceiverSpec(loss=loss, seed=seed)]))
         # Like independent loss of the same mean: a burst costs each chunk a few symbols.
         assert r.heard_per_ideal < 1.06
 
 
 def test_a_late_joiner_and_a_reordered_receiver_are_recorded() -> None:
-    late = receiver(join=0.5, seed=1)  # joins a third of the way into the first pass
-    reordered = receiver(loss=RandomLoss(0.05), reorder=0.002, seed=2)  # ~10 datagrams deep
+    late = ReceiverSpec(join=0.5, seed=1)  # joins a third of the way into the first pass
+    reordered = ReceiverSpec(loss=RandomLoss(0.05), reorder=0.002, seed=2)  # ~10 datagrams deep
     a, b = completed(run([SenderSpec(rate=RATE)], [late, reordered]))
     # Joining mid-pass costs nothing: every chunk makes progress from the join on.
     assert a.manifest_at is not None and a.manifest_at > 0.5
@@ -203,7 +200,7 @@ def test_packet_authentication_on_the_link_is_recorded() -> None:
     for seed in range(4):
         report = run(
             [SenderSpec(rate=RATE, stream_key=STREAM_KEY)],
-            [receiver(loss=RandomLoss(0.05), seed=seed)],
+            [ReceiverSpec(loss=RandomLoss(0.05), seed=seed)],
             stream_keys=(STREAM_KEY,),
         )
         (r,) = completed(report)
@@ -217,7 +214,7 @@ def test_packet_authentication_on_the_link_is_recorded() -> None:
 
 
 def test_a_receiver_that_hears_nothing_asks_for_fallback_at_its_join_timeout() -> None:
-    deaf = receiver(loss=RandomLoss(1.0), join=1.0, join_timeout=2.0)
+    deaf = ReceiverSpec(loss=RandomLoss(1.0), join=1.0, join_timeout=2.0)
     report = run([SenderSpec(rate=RATE, duration=5.0)], [deaf])
     (r,) = report.receivers
     assert r.fallback == [(3.0, "join-timeout")]
@@ -228,7 +225,7 @@ def test_a_stalled_receiver_is_completed_by_instant_fallback_at_its_stall_timeou
     # One pass at 20% loss completes no chunk at all (each gets about 0.8 K symbols); the stall
     # timer fires after the sender stops and the fallback (an instant HTTP mirror) marks every
     # chunk done, as the driver's repair does.
-    lossy = receiver(loss=RandomLoss(0.2), seed=1, stall_timeout=2.0, fallback="instant")
+    lossy = ReceiverSpec(loss=RandomLoss(0.2), seed=1, stall_timeout=2.0, fallback="instant")
     (r,) = completed(run([SenderSpec(rate=RATE, passes=1)], [lossy]))
     assert len(r.fallback) == 1 and r.fallback[0][1] == "stalled"
     assert r.complete_at == r.fallback[0][0]
@@ -244,7 +241,7 @@ def test_in_memory_decoders_under_a_budget_cannot_follow_this_order() -> None:
     # several times the ideal.
     spec = ReceiverSpec(symbols="memory", decoder_budget=2 * SHAPE.chunk_size)
     (memory,) = completed(run([SenderSpec(rate=RATE)], [spec]))
-    (store,) = completed(run([SenderSpec(rate=RATE)], [receiver()]))
+    (store,) = completed(run([SenderSpec(rate=RATE)], [ReceiverSpec()]))
     assert memory.rejected.keys() == {"decoder-budget"}
     assert memory.decoder_high_water == 2
     assert memory.heard_per_ideal > 2 * store.heard_per_ideal
