@@ -765,9 +765,12 @@ def test_memory_grows_by_a_few_bytes_per_symbol_held_whatever_the_esis(tmp_path:
         finally:
             tracemalloc.stop()
     assert held == sum(manifest.source_symbols(c) for c in range(manifest.chunk_count))  # full
-    per_symbol = (grown - 2 * FLUSH_SYMBOLS * RECORD_BYTES) / held
+    # Besides the records of two flushes (one being synced, the next one gathering), and, at
+    # the peak, a third while the gathering buffer is copied into a larger one as it grows (how
+    # far it has grown when the syncer thread lets go depends on timing: 10.8 bytes per symbol
+    # were once seen with only two flushes allowed for).
+    per_symbol = (grown - 3 * FLUSH_SYMBOLS * RECORD_BYTES) / held
     print(f"{grown} bytes traced for {held} repair symbols held: {per_symbol:.1f} per symbol")
-    # Besides the records of two flushes (one being synced, the next one gathering).
     assert per_symbol < 10
 
 
