@@ -51,7 +51,7 @@ def forged_data(session: bytes, chunks: int, symbol_size: int, seed: int) -> Ite
     pool = os.urandom(1 << 20)
     while True:
         start = rng.randrange(len(pool) - symbol_size)
-        head = _DATA_HEAD.pack(b"OC", 1, 1, session, rng.randrange(chunks), rng.getrandbits(24))
+        head = _DATA_HEAD.pack(b"OC", 2, 1, session, rng.randrange(chunks), rng.getrandbits(24))
         yield head + pool[start : start + symbol_size]
 
 

@@ -51,15 +51,15 @@ def malformed(channel: Channel) -> dict[str, list[bytes]]:
     data = wire.build_datagram(wire.DataPacket(session, 0, 1, b"\x77" * 1208))
     fragment = manifest_datagrams(channel.envelope)[0]
     return {
-        "short": [b"", b"OC\x01", data[:11], data[: wire.DATA_HEADER_SIZE], fragment[:28]],
+        "short": [b"", b"OC\x02", data[:11], data[: wire.DATA_HEADER_SIZE], fragment[:28]],
         # Beyond the largest datagram a device accepts (8952 bytes); the last two are larger
         # than the receive buffer too (and 60000 bytes arrive as IPv6 fragments).
         "oversized": [
-            b"OC\x01\x02" + session + b"\0" * 8941,
-            b"OC\x01\x02" + session + b"\0" * 9000,
-            b"OC\x01\x01" + session + b"\0" * 60000,
+            b"OC\x02\x02" + session + b"\0" * 8941,
+            b"OC\x02\x02" + session + b"\0" * 9000,
+            b"OC\x02\x01" + session + b"\0" * 60000,
         ],
-        "bad-version": [data[:2] + bytes([v]) + data[3:] for v in (0, 2, 255)],
+        "bad-version": [data[:2] + bytes([v]) + data[3:] for v in (0, 1, 3, 255)],
         "bad-magic": [b"XY" + data[2:]],
         "unknown-kind": [data[:3] + b"\x07" + data[4:]],
         "symbol-length": [data[:-1], data + b"\0", data[:28], data + b"\0" * 4000],

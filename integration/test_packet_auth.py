@@ -57,9 +57,9 @@ def forgeries(envelope: Envelope) -> list[bytes]:
             wire.build_datagram(p)
             for p in wire.fragment_envelope(m.session_id, rng.randbytes(8), bogus, 1228)
         ]
-        digests = os.urandom(wire.DIGEST_BYTES * 112)
+        digests = os.urandom(wire.DIGEST_BYTES * 113)
         page = wire.AuthPacket(
-            m.session_id, 0, rng.randrange(m.chunk_count), n % 40, wire.NO_LINK, digests, bytes(64)
+            m.session_id, 0, rng.randrange(m.chunk_count), n % 40, 1 << 62, digests, bytes(64)
         )
         unsigned = wire.build_datagram(page)
         datagrams.append(unsigned[:-64] + stranger.sign(wire.auth_signed_bytes(unsigned)))

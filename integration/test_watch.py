@@ -37,8 +37,8 @@ s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoinde
 kinds = [
     lambda: os.urandom(1228),
     lambda: b"OC\\x09\\x01" + os.urandom(200),
-    lambda: b"OC\\x01\\x01" + os.urandom(8) + os.urandom(1216),
-    lambda: b"OC\\x01",
+    lambda: b"OC\\x02\\x01" + os.urandom(8) + os.urandom(1216),
+    lambda: b"OC\\x02",
 ]
 for i in range(count):
     s.sendto(kinds[i % len(kinds)](), (group, port))

@@ -6,30 +6,46 @@ A forged repair symbol cannot corrupt an image (every decoded chunk is hashed ag
 manifest) but it spoils the decode of its whole chunk, which is then collected again: a cheap
 denial of service (FEC pollution).  So when the verified manifest lists stream keys, the core
 admits a DATA datagram only if its digest (`wire.packet_digest`, 80 bits of SHA-256 over the
-whole datagram) appears on an accepted AUTH page.
+whole datagram) is the one an accepted AUTH page lists for its chunk and ESI.
 
-*Pages.*  A sender lists the digests of each chunk's symbol cycle in pages of up to 112
-(minimum MTU), signs every page with its stream key (the release key stays offline) and sends
-each page twice per pass, ahead of the datagrams it covers.  A DATA datagram that arrives before
-its page is held (at most ``MAX_AUTH_HELD_BYTES``, oldest dropped) and admitted when the page
-is accepted.
+*Pages.*  Page ``j`` of chunk ``c`` lists the digests of ESIs ``j*P .. j*P+P-1`` (``P`` =
+`wire.auth_capacity` of the manifest's datagram size): one visit of the sender's carousel.  The
+sender signs each page with its stream key as it sends it, twice, just ahead of the visit's
+data.  A DATA datagram's page is therefore found from its chunk and ESI: the check is one
+SHA-256 and one comparison.  A datagram that contradicts an accepted page is refused at once
+(``unauthenticated``); one whose page has not been accepted is held (at most
+``MAX_AUTH_HELD_BYTES``, oldest dropped) and admitted if its page comes.
 
-*Links.*  Every page carries `wire.auth_link` of the next page of the same chunk.  Once one page
-of a chunk is accepted, the next one is checked by a hash, not a signature: forged pages that
-claim it cost one SHA-256 each.  An accepted page is remembered by that same hash, so a copy of
-it in a later pass (the sender's passes walk on through the repair pool and wrap around)
-admits its datagrams again without a signature, long after their digests were forgotten.
+*Freshness: why replaying genuine pages buys nothing.*  Every page carries the time its sender
+signed it (``sent``), strictly increasing per sender.  The authenticator keeps the newest time
+it accepted from each sender and refuses, before any signature check, a page older than that by
+more than ``AUTH_REORDER_SECONDS`` (``auth-stale``): a recorded page is worthless a moment after
+it was sent.  Accepted pages are remembered by signature (the ``MAX_AUTH_RECENT`` latest), so
+another copy of one -- the sender's own second copy, or an attacker's replay within the reorder
+window -- changes nothing and costs one lookup (``pages_repeated``).  Each genuine page is thus
+accepted at most once, never later than ``AUTH_REORDER_SECONDS`` after a newer one.
 
-*Budgets.*  A page that is not linked costs one Ed25519 verification (~60 us).  Verifications
-are rationed by source address: a source that has sent a valid new page has its own allowance
-(``TRUSTED_AUTH_VERIFY_RATE``); every other source shares one small allowance
-(``UNTRUSTED_AUTH_VERIFY_RATE``); all of them together never exceed ``MAX_AUTH_VERIFY_RATE``.
-A trusted source that sends one page that fails verification is a stranger again, so earning
-trust by replaying genuine pages buys an attacker one forged verification per page replayed.
-A trusted source is displaced only after ``TRUST_IDLE_SECONDS`` without a new valid page, so a
-host with many addresses cannot push the real sender out.  A flood of forged pages from other
-hosts therefore costs bounded CPU and does not crowd out the real sender.  An attacker who
-spoofs the real sender's source address can still spend its allowance; see docs/SECURITY.md.
+*Only what can still be used is kept.*  A sender moves to a new page with every visit, so only
+the page of the visit in flight matters, and a few before it for stragglers: each sender keeps
+its ``MAX_AUTH_KEPT_PAGES`` latest accepted pages, the oldest going first.  Pages of chunks the
+device already holds are dropped before any check (``pages_late``).  A replay cannot push out
+the page of the visit in flight: to enter at all it must be a page newer than the reorder
+window allows and never heard (one the device lost), and there are at most a handful of those.
+
+*Budgets.*  A page that is new costs one Ed25519 verification (~60 us, one per visit of ~138 kB
+of DATA: under 0.5 ms per MB).  Verifications are rationed by source address: a source that has
+sent a valid page has its own allowance (``TRUSTED_AUTH_VERIFY_RATE``); every other source
+shares one small allowance (``UNTRUSTED_AUTH_VERIFY_RATE``); all of them together never exceed
+``MAX_AUTH_VERIFY_RATE``.  A trusted source that sends one page that fails verification is a
+stranger again.  A trusted source is displaced only after ``TRUST_IDLE_SECONDS`` without a new
+valid page, so a host with many addresses cannot push the real sender out.  Repeats and stale
+pages need no budget of their own: they are refused by a lookup and a comparison, no dearer than
+any other datagram that is dropped.
+
+*A sender whose clock went back.*  A sender restarted on a clock that is behind its last run
+sends pages that look stale.  Its newest time is forgotten once no page of it has been accepted
+for ``TRUST_IDLE_SECONDS``, after which its pages are accepted again.  Two sender processes must
+therefore never share one stream key: their clocks would make half their pages stale.
 
 Every refusal is counted in the core's ``rejected`` counter; nothing here raises on input.
 """
@@ -37,18 +53,18 @@ Every refusal is counted in the core's ``rejected`` counter; nothing here raises
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 from otacast.schemas import wire
 from otacast.schemas.limits import (
-    MAX_AUTH_DIGESTS,
+    AUTH_REORDER_SECONDS,
     MAX_AUTH_HELD_BYTES,
-    MAX_AUTH_LINKS,
-    MAX_AUTH_PAGES,
+    MAX_AUTH_KEPT_PAGES,
+    MAX_AUTH_RECENT,
     MAX_AUTH_SOURCES,
     MAX_AUTH_VERIFY_RATE,
+    MAX_ESI,
     TRUST_IDLE_SECONDS,
     TRUSTED_AUTH_VERIFY_RATE,
     UNTRUSTED_AUTH_VERIFY_RATE,
@@ -62,20 +78,23 @@ SignatureCheck = Callable[[bytes, bytes, bytes], bool]
 # (auto), refuse manifests that list none (require), or decode without it (off).
 PACKET_AUTH_POLICIES = ("auto", "require", "off")
 
-# A budget may save up this many seconds of its rate: enough for the burst of pages a sender
-# emits when a window of chunks starts, not enough to make a flood cheap.
+# A budget may save up this many seconds of its rate: enough for a burst of pages when several
+# senders start at once, not enough to make a flood cheap.
 BUDGET_BURST_SECONDS = 0.2
 
-PageId = tuple[int, int, int]  # sender, chunk, page
-K = TypeVar("K")
-V = TypeVar("V")
+_REORDER_US = int(AUTH_REORDER_SECONDS * 1_000_000)
+# A page is remembered (as a repeat) by the first bytes of its signature: 128 bits cannot be hit
+# by chance, and an attacker who copies a signature onto other bytes only gets its page dropped.
+_SIGNATURE_KEY = 16
+
+PageKey = tuple[int, int]  # chunk, page
 
 
 @dataclass
 class AuthStats:
     pages_signed: int = 0  # accepted after an Ed25519 verification
-    pages_linked: int = 0  # accepted by the previous page's link
-    pages_repeated: int = 0  # another copy of an accepted page
+    pages_repeated: int = 0  # another copy of an accepted page: nothing to do
+    pages_late: int = 0  # for a chunk already complete: dropped unchecked
     datagrams_admitted: int = 0
     datagrams_released: int = 0  # admitted after being held for their page
 
@@ -107,6 +126,17 @@ class _Trusted:
         self.last_good = now
 
 
+class _Sender:
+    """What is known of one stream key's sender: its newest page and the pages it keeps."""
+
+    __slots__ = ("accepted_at", "kept", "newest")
+
+    def __init__(self) -> None:
+        self.newest = 0  # the newest `sent` accepted
+        self.accepted_at = 0.0  # when (the device's clock) a page of it was last accepted
+        self.kept: OrderedDict[PageKey, bytes] = OrderedDict()  # oldest first
+
+
 class PacketAuthenticator:
     def __init__(
         self,
@@ -114,31 +144,47 @@ class PacketAuthenticator:
         rejected: Counter[str],
         *,
         now: float,
+        datagram_size: int,
+        chunk_count: int,
+        done: Container[int] = (),
         check: SignatureCheck = check_signature,
     ) -> None:
         self.keys = dict(stream_keys)
         self.rejected = rejected
         self.check = check
+        self.capacity = wire.auth_capacity(datagram_size)
+        self.chunk_count = chunk_count
+        self.done = done  # the core's set of complete chunks
         self.stats = AuthStats()
-        self._admitted: OrderedDict[bytes, None] = OrderedDict()
+        self._senders: dict[int, _Sender] = {}
+        # Every kept page by chunk and page, whichever sender it came from (senders list the
+        # same digests for the same ESIs); a page stays while some sender keeps it.
+        self._kept: dict[PageKey, bytes] = {}
+        self._holders: Counter[PageKey] = Counter()
+        self._recent: OrderedDict[bytes, None] = OrderedDict()
         self._held: OrderedDict[bytes, bytes] = OrderedDict()
         self._held_bytes = 0
-        self._pages: OrderedDict[PageId, bytes] = OrderedDict()  # accepted page -> its link
-        self._links: OrderedDict[PageId, bytes] = OrderedDict()
         self._strangers = _Budget(UNTRUSTED_AUTH_VERIFY_RATE, now)
         self._everyone = _Budget(MAX_AUTH_VERIFY_RATE, now)
         self._trusted: OrderedDict[str, _Trusted] = OrderedDict()
 
     # --- DATA --------------------------------------------------------------------------------
 
-    def admit(self, data: bytes) -> bool:
-        """Whether `data` (a well-formed DATA datagram of this session) may be decoded now.
-
-        If not, it is held until its page is accepted, when `on_auth` returns it."""
+    def admit(self, data: bytes, chunk: int, esi: int) -> bool:
+        """Whether `data` (a well-formed DATA datagram of this session for `chunk` and `esi`)
+        may be decoded now.  If its page has not been accepted, it is held until the page is,
+        when `on_auth` returns it."""
         digest = wire.packet_digest(data)
-        if digest in self._admitted:
-            self.stats.datagrams_admitted += 1
-            return True
+        page, slot = divmod(esi, self.capacity)
+        listed = self._kept.get((chunk, page))
+        start = slot * wire.DIGEST_BYTES
+        if listed is not None and start < len(listed):  # (a sender with a larger repair pool
+            # lists more on its last page: a datagram beyond this one's list waits for that page)
+            if listed[start : start + wire.DIGEST_BYTES] == digest:
+                self.stats.datagrams_admitted += 1
+                return True
+            self.rejected["unauthenticated"] += 1  # its page lists other bytes: forged
+            return False
         if digest in self._held:
             self.rejected["unauthenticated-repeat"] += 1
             return False
@@ -160,27 +206,41 @@ class PacketAuthenticator:
         if public is None:
             self.rejected["auth-unknown-sender"] += 1
             return []
-        page: PageId = (packet.sender, packet.chunk, packet.page)
-        content = wire.auth_link(datagram)
-        accepted = self._pages.get(page)
-        if accepted is not None:
-            if content == accepted:  # another copy: its data may come round again
-                self.stats.pages_repeated += 1
-                return self._admit_digests(packet)
-            expected: bytes | None = accepted
-        else:
-            expected = self._links.get(page)
-        if expected is not None and content == expected:
-            self.stats.pages_linked += 1
-            self._vouch(source, now)
-        elif expected is not None and source not in self._trusted:
-            # Not the page the chain (or an earlier copy) vouched for.  Only a trusted source
-            # (a sender restarted with other settings) is worth a verification here.
-            self.rejected["auth-forged"] += 1
+        if (
+            packet.chunk >= self.chunk_count
+            or packet.count > self.capacity
+            or packet.page * self.capacity > MAX_ESI
+        ):
+            self.rejected["auth-range"] += 1
             return []
-        elif not self._verify(packet, datagram, public, source, now):
+        if packet.chunk in self.done:
+            self.stats.pages_late += 1
             return []
-        return self._accept(page, content, packet)
+        signature = packet.signature[:_SIGNATURE_KEY]
+        if signature in self._recent:
+            self.stats.pages_repeated += 1
+            return []
+        sender = self._senders.get(packet.sender)
+        if (
+            sender is not None
+            and packet.sent + _REORDER_US < sender.newest
+            and now - sender.accepted_at < TRUST_IDLE_SECONDS
+        ):
+            self.rejected["auth-stale"] += 1
+            return []
+        if not self._verify(packet, datagram, public, source, now):
+            return []
+        if sender is None:
+            sender = self._senders[packet.sender] = _Sender()
+        elif packet.sent + _REORDER_US < sender.newest:
+            sender.newest = 0  # idle long enough: see "A sender whose clock went back"
+        sender.newest = max(sender.newest, packet.sent)
+        sender.accepted_at = now
+        self._recent[signature] = None
+        if len(self._recent) > MAX_AUTH_RECENT:
+            self._recent.popitem(last=False)
+        self._keep(sender, (packet.chunk, packet.page), packet.digests)
+        return self._release(packet.digests)
 
     def _verify(
         self, packet: wire.AuthPacket, datagram: bytes, public: bytes, source: str, now: float
@@ -213,28 +273,27 @@ class PacketAuthenticator:
             del self._trusted[stalest]
         self._trusted[source] = _Trusted(now)
 
-    def _accept(self, page: PageId, content: bytes, packet: wire.AuthPacket) -> list[bytes]:
-        _remember(self._pages, page, content, MAX_AUTH_PAGES)
-        self._links.pop(page, None)
-        if packet.link != wire.NO_LINK:
-            sender, chunk, index = page
-            _remember(self._links, (sender, chunk, index + 1), packet.link, MAX_AUTH_LINKS)
-        return self._admit_digests(packet)
+    def _keep(self, sender: _Sender, key: PageKey, digests: bytes) -> None:
+        if key in sender.kept:
+            sender.kept.move_to_end(key)
+        else:
+            self._holders[key] += 1
+        sender.kept[key] = digests
+        self._kept[key] = digests
+        if len(sender.kept) > MAX_AUTH_KEPT_PAGES:
+            old, _ = sender.kept.popitem(last=False)
+            self._holders[old] -= 1
+            if not self._holders[old]:
+                del self._holders[old]
+                del self._kept[old]
 
-    def _admit_digests(self, packet: wire.AuthPacket) -> list[bytes]:
+    def _release(self, digests: bytes) -> list[bytes]:
         released = []
-        for digest in packet.digest_list():
-            _remember(self._admitted, digest, None, MAX_AUTH_DIGESTS)
-            data = self._held.pop(digest, None)
-            if data is not None:
-                self._held_bytes -= len(data)
-                released.append(data)
+        if self._held:
+            for start in range(0, len(digests), wire.DIGEST_BYTES):
+                data = self._held.pop(digests[start : start + wire.DIGEST_BYTES], None)
+                if data is not None:
+                    self._held_bytes -= len(data)
+                    released.append(data)
         self.stats.datagrams_released += len(released)
         return released
-
-
-def _remember(table: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
-    table[key] = value
-    table.move_to_end(key)
-    if len(table) > limit:
-        table.popitem(last=False)

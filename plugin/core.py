@@ -486,6 +486,9 @@ class ReceiverCore:
                 {k.sender: k.public for k in manifest.stream_keys},
                 self.stats.rejected,
                 now=now,
+                datagram_size=self._datagram_size,
+                chunk_count=self._count,
+                done=self.done,
                 check=self.signature_check,
             )
         self._events.append(ManifestVerified(verified))
@@ -532,7 +535,11 @@ class ReceiverCore:
         if chunk in self.done:
             self.stats.late += 1
             return
-        if self.authenticator is not None and not vouched and not self.authenticator.admit(data):
+        if (
+            self.authenticator is not None
+            and not vouched
+            and not self.authenticator.admit(data, chunk, esi)
+        ):
             return  # held until its page arrives, or dropped (counted by the authenticator)
         state = self._chunks.get(chunk)
         if state is None:

@@ -122,28 +122,31 @@ MAX_REFUSED_MANIFESTS = 64
 
 # --- Packet authentication (otacast.plugin.auth) ----------------------------------------------
 
-# DATA digests a receiver holds from accepted AUTH pages.  Senders send a page just before the
-# datagrams it covers, so only a few pages per sender are ever ahead of their data; 16384
-# digests (~146 pages, ~20 MB of data at the minimum MTU) cover four senders with room to spare,
-# in ~1.5 MB of memory.  The oldest are forgotten first.
-MAX_AUTH_DIGESTS = 16384
-
-# Bytes of DATA datagrams held because their page has not been accepted yet (its first copy was
-# lost or reordered): ~850 minimum-MTU datagrams.  A flood of forgeries only pushes older ones
-# out.
+# Bytes of DATA datagrams held because their page has not been accepted yet (both its copies
+# were lost or reordered): ~850 minimum-MTU datagrams.  A flood of forgeries only pushes older
+# ones out.
 MAX_AUTH_HELD_BYTES = 1_000_000
 
-# Pages remembered as accepted (so a later copy admits its data again with one hash instead of
-# a signature) and links to expected next pages; ~220 bytes per entry, so ~3.6 MB and ~1.8 MB.
-# 16384 pages cover 1.8M datagrams of cycle: a 1.5 GB image at the default 50% repair pool.
-MAX_AUTH_PAGES = 16384
-MAX_AUTH_LINKS = 8192
+# Accepted AUTH pages each sender keeps (its latest; ~1.2 kB each).  A sender moves to a new page
+# with every visit of ~113 datagrams, so only the page in flight is needed; 8 leave room for
+# reordering and stragglers at any rate and bound what 64 stream keys could ever hold to ~0.6 MB.
+MAX_AUTH_KEPT_PAGES = 8
+
+# Signatures of accepted pages remembered, so that a copy is recognised by one lookup (~0.8 MB).
+# Every acceptance is a verification, so at most ~1500 pages (MAX_AUTH_VERIFY_RATE x
+# AUTH_REORDER_SECONDS, plus a burst) are accepted within the reorder window: a page forgotten
+# here is older than the window allows, unless its sender has sent nothing newer since.
+MAX_AUTH_RECENT = 8192
+
+# How much older than the newest page accepted from its sender a page may be and still be
+# accepted: what reordering on a LAN needs, many times over.  Anything older is a recording.
+AUTH_REORDER_SECONDS = 0.1
 
 # Ed25519 verifications of AUTH pages, per second, that a source address which has not yet sent
 # a valid page may cause in total (all such sources share it), and that each source which has
-# may cause.  An honest sender needs about two per 112 datagrams of new pages (fewer when pages
-# arrive linked); 5000/s covers ~280k datagrams/s, and 200/s caps what a flood of forged pages
-# from strangers costs at ~15 ms of CPU per second.
+# may cause.  An honest sender needs one per visit of 113 datagrams; 5000/s covers ~560k
+# datagrams/s (~690 MB/s), and 200/s caps what a flood of forged pages from strangers costs at
+# ~15 ms of CPU per second.
 UNTRUSTED_AUTH_VERIFY_RATE = 200.0
 TRUSTED_AUTH_VERIFY_RATE = 5000.0
 # All verifications together, whoever causes them: at most ~0.3 s of CPU per second.

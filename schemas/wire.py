@@ -5,7 +5,7 @@ Every otacast datagram starts with the same 12-byte big-endian header::
     0       2         3      4            12
     | magic | version | kind | session id | kind-specific body ...
 
-* magic ``b"OC"``; version 1; kind 1 = DATA, 2 = MANIFEST, 3 = AUTH.
+* magic ``b"OC"``; version 2; kind 1 = DATA, 2 = MANIFEST, 3 = AUTH.
 * session id: the first 8 bytes of SHA-256 over the manifest's canonical signed bytes, so
   packets of another release are dropped after one 8-byte comparison.
 
@@ -30,15 +30,16 @@ MANIFEST (a fragment of the signed manifest envelope)::
 
 AUTH (a signed page of DATA digests, packet authentication; see `otacast.plugin.auth`)::
 
-    12 sender (u16) | 14 count (u16) | 16 chunk (u32) | 20 page (u32) | 24 link (16 bytes)
-    40 digests (count x 10 bytes) | signature (64 bytes)
+    12 sender (u16) | 14 count (u16) | 16 chunk (u32) | 20 page (u32) | 24 sent (u64)
+    32 digests (count x 10 bytes) | signature (64 bytes)
 
   Page ``j`` of chunk ``c`` lists the truncated SHA-256 (`packet_digest`) of the DATA datagrams
   at positions ``j*P .. j*P+count-1`` of that chunk's symbol cycle as this sender sends them.
-  ``link`` is `auth_link` of page ``j+1`` of the same chunk (all zero on the last page), so a
-  receiver that has accepted one page checks the next by a hash instead of a signature.  The
-  Ed25519 signature, by the stream key the signed manifest lists for ``sender``, covers
-  ``AUTH_CONTEXT`` followed by every byte of the datagram before it.
+  ``sent`` is when the sender signed it, in microseconds since the Unix epoch by the sender's
+  clock, strictly increasing from one page to the next of one sender: it makes a recorded page
+  worthless once newer ones have been heard (`otacast.plugin.auth`).  The Ed25519 signature,
+  by the stream key the signed manifest lists for ``sender``, covers ``AUTH_CONTEXT`` followed
+  by every byte of the datagram before it.
 
 The hot path does not run construct (~17 us per parse): `parse_datagram` uses `struct.Struct`
 objects with the same layout, and the test suite proves both parsers agree on every input and
@@ -64,6 +65,7 @@ from construct import (
     Int16ub,
     Int24ub,
     Int32ub,
+    Int64ub,
     Struct,
     Terminated,
     this,
@@ -73,7 +75,7 @@ from .errors import PacketError
 from .limits import MAX_DATAGRAM, MAX_ESI, MAX_MANIFEST_BYTES, MIN_MANIFEST_FRAGMENT
 
 MAGIC: Final = b"OC"
-VERSION: Final = 1
+VERSION: Final = 2  # 2: AUTH pages carry the time they were signed, not a link
 
 KIND_DATA: Final = 1
 KIND_MANIFEST: Final = 2
@@ -83,12 +85,9 @@ KIND_AUTH: Final = 3
 # digests a receiver holds takes ~2^64 hashes, and 10 bytes per datagram (sent twice) keep the
 # AUTH traffic under 2% of the DATA bytes.
 DIGEST_BYTES: Final = 10
-# 128 bits: a link must resist second preimages for as long as a release is served.
-LINK_BYTES: Final = 16
 SIGNATURE_BYTES: Final = 64
 # Domain separation: an AUTH signature can never be mistaken for a manifest or trust-set one.
-AUTH_CONTEXT: Final = b"otacast-auth-v1\x00"
-NO_LINK: Final = bytes(LINK_BYTES)
+AUTH_CONTEXT: Final = b"otacast-auth-v2\x00"
 
 SESSION_ID_BYTES: Final = 8
 ENVELOPE_ID_BYTES: Final = 8
@@ -121,7 +120,7 @@ AUTH_BODY = Struct(
     "count" / Int16ub,
     "chunk" / Int32ub,
     "page" / Int32ub,
-    "link" / Bytes(LINK_BYTES),
+    "sent" / Int64ub,
     "digests" / Bytes(this.count * DIGEST_BYTES),
     "signature" / Bytes(SIGNATURE_BYTES),
     Terminated,
@@ -131,7 +130,7 @@ HEADER_SIZE: Final = 12
 assert HEADER.sizeof() == HEADER_SIZE
 DATA_HEADER_SIZE: Final = HEADER_SIZE + 8  # 20: header, chunk, payload id
 MANIFEST_HEADER_SIZE: Final = HEADER_SIZE + ENVELOPE_ID_BYTES + 8  # 28
-AUTH_HEADER_SIZE: Final = HEADER_SIZE + 12 + LINK_BYTES  # 40
+AUTH_HEADER_SIZE: Final = HEADER_SIZE + 20  # 32
 
 # Offset of the RaptorQ payload id (SBN + ESI) inside a DATA datagram.
 CODEC_PACKET_OFFSET: Final = HEADER_SIZE + 4
@@ -141,7 +140,7 @@ CODEC_PACKET_OFFSET: Final = HEADER_SIZE + 4
 _DATA_FAST = struct.Struct(">2sBB8sII")  # ... chunk, (sbn << 24 | esi)
 _MANIFEST_FAST = struct.Struct(">2sBB8s8sII")
 _HEADER_FAST = struct.Struct(">2sBB8s")
-_AUTH_FAST = struct.Struct(">2sBB8sHHII16s")
+_AUTH_FAST = struct.Struct(">2sBB8sHHIIQ")
 
 assert _DATA_FAST.size == DATA_HEADER_SIZE
 assert _MANIFEST_FAST.size == MANIFEST_HEADER_SIZE
@@ -219,7 +218,7 @@ class AuthPacket:
     sender: int
     chunk: int
     page: int
-    link: bytes
+    sent: int  # microseconds since the Unix epoch, by the sender's clock
     digests: bytes  # count x DIGEST_BYTES
     signature: bytes
 
@@ -229,8 +228,8 @@ class AuthPacket:
             raise ValueError("sender out of range")
         _check_u32(self.chunk, "chunk")
         _check_u32(self.page, "page")
-        if len(self.link) != LINK_BYTES:
-            raise ValueError("link must be 16 bytes")
+        if not 0 <= self.sent < 1 << 64:
+            raise ValueError("sent out of range")
         if len(self.signature) != SIGNATURE_BYTES:
             raise ValueError("signature must be 64 bytes")
         if _auth_count_problem(len(self.digests)) is not None:
@@ -256,11 +255,6 @@ def packet_digest(datagram: bytes | bytearray | memoryview) -> bytes:
 def auth_signed_bytes(datagram: bytes) -> bytes:
     """What an AUTH datagram's signature covers."""
     return AUTH_CONTEXT + datagram[:-SIGNATURE_BYTES]
-
-
-def auth_link(datagram: bytes) -> bytes:
-    """The value the previous page's ``link`` holds for this AUTH datagram."""
-    return hashlib.sha256(datagram[:-SIGNATURE_BYTES]).digest()[:LINK_BYTES]
 
 
 def auth_capacity(max_datagram: int) -> int:
@@ -334,7 +328,7 @@ def parse_datagram(data: bytes | bytearray | memoryview) -> Packet:
     if kind == KIND_AUTH:
         if n < AUTH_HEADER_SIZE + DIGEST_BYTES + SIGNATURE_BYTES:
             raise PacketError("short")
-        _, _, _, _, sender, count, chunk, page, link = _AUTH_FAST.unpack_from(data)
+        _, _, _, _, sender, count, chunk, page, sent = _AUTH_FAST.unpack_from(data)
         if count == 0 or AUTH_HEADER_SIZE + count * DIGEST_BYTES + SIGNATURE_BYTES != n:
             raise PacketError("auth-length")
         end = n - SIGNATURE_BYTES
@@ -343,7 +337,7 @@ def parse_datagram(data: bytes | bytearray | memoryview) -> Packet:
             sender,
             chunk,
             page,
-            link,
+            sent,
             bytes(data[AUTH_HEADER_SIZE:end]),
             bytes(data[end:]),
         )
@@ -397,7 +391,7 @@ def parse_datagram_spec(data: bytes) -> Packet:
                 parsed.sender,
                 parsed.chunk,
                 parsed.page,
-                parsed.link,
+                parsed.sent,
                 parsed.digests,
                 parsed.signature,
             )
@@ -421,7 +415,7 @@ def build_datagram(packet: Packet) -> bytes:
             packet.count,
             packet.chunk,
             packet.page,
-            packet.link,
+            packet.sent,
         )
         return head + packet.digests + packet.signature
     head = _MANIFEST_FAST.pack(
@@ -451,7 +445,7 @@ def build_datagram_spec(packet: Packet) -> bytes:
                 "count": packet.count,
                 "chunk": packet.chunk,
                 "page": packet.page,
-                "link": packet.link,
+                "sent": packet.sent,
                 "digests": packet.digests,
                 "signature": packet.signature,
             }

@@ -1,18 +1,24 @@
-"""The sender's half of packet authentication: building and signing AUTH pages.
+"""The sender's half of packet authentication: AUTH pages, signed as they are sent.
 
 Theory of operation
 -------------------
 Every DATA datagram a sender can send is already in its symbol cache (each chunk's cycle of
 source and repair symbols, framed), so the digests of all of them are known before the first
-send.  `chunk_pages` cuts a chunk's cycle into pages of ``capacity`` digests (112 at the minimum
-MTU), builds them from the last page to the first so that each can carry the link
-(`wire.auth_link`) of the next, and signs each with the sender's stream key.  A receiver
-checks one signature per chunk and the rest of that chunk's pages by hash
-(`otacast.plugin.auth`).
+send: `release_digests` computes them once (10 bytes per datagram, ~0.8% of the cycle).  Page
+``j`` of a chunk lists the digests of cycle positions ``j*P .. j*P+P-1`` (``P`` =
+`wire.auth_capacity`, 113 at the minimum MTU), exactly one visit of the carousel
+(`otacast.signer.schedule`).
 
-When each page goes out is the sender core's decision (`otacast.signer.schedule`: its
-`SendAuth` action names a chunk's pages and how many copies); `AuthPages` holds the signed pages
-and turns such an action into the datagrams to send, counting what they add.
+A page is signed when it is sent, with the time of sending in it (``sent``, microseconds since
+the epoch, strictly increasing per sender).  That is what makes a recorded page worthless: a
+device refuses a page older than the newest one it has accepted from the same sender
+(`otacast.plugin.auth`), so an attacker who replays genuine pages replays only stale ones.  It
+costs one Ed25519 signature per visit (about 25 us for ~138 kB of DATA, under 0.2 ms per MB);
+the page's second copy is the same bytes.
+
+When each page goes out is the sender core's decision (its `SendAuth` action names a chunk's
+pages and how many copies); `AuthPages` turns such an action into the datagrams to send, signed
+at the time the driver passes, and counts what they add.
 
 The pages add about 2% to the bytes sent (10 bytes per datagram, twice, plus headers and
 signatures); they are not paced, so the wire rate is that much above the configured rate.
@@ -30,61 +36,72 @@ from .schedule import SendAuth
 Sign = Callable[[bytes], bytes]
 
 
-def chunk_pages(
-    session: bytes,
-    sender: int,
-    chunk: int,
-    cycle: bytes | memoryview,
-    datagram_size: int,
-    capacity: int,
-    sign: Sign,
-) -> list[bytes]:
-    """The AUTH datagrams of one chunk, page 0 first; `cycle` is its framed DATA datagrams."""
-    if capacity < 1 or len(cycle) % datagram_size:
-        raise ValueError("cycle is not a whole number of datagrams, or no room for a digest")
+def chunk_digests(cycle: bytes | memoryview, datagram_size: int) -> bytes:
+    """The digests of one chunk's cycle (its framed DATA datagrams), in cycle order."""
+    if len(cycle) % datagram_size:
+        raise ValueError("cycle is not a whole number of datagrams")
     view = memoryview(cycle)
-    digests = [
+    return b"".join(
         wire.packet_digest(view[i : i + datagram_size]) for i in range(0, len(view), datagram_size)
-    ]
-    count = -(-len(digests) // capacity)
-    pages: list[bytes] = [b""] * count
-    link = wire.NO_LINK
-    for index in reversed(range(count)):
-        body = b"".join(digests[index * capacity : (index + 1) * capacity])
-        unsigned = wire.AuthPacket(
-            session, sender, chunk, index, link, body, bytes(wire.SIGNATURE_BYTES)
-        )
-        datagram = wire.build_datagram(unsigned)
-        signature = sign(wire.auth_signed_bytes(datagram))
-        pages[index] = datagram[: -wire.SIGNATURE_BYTES] + signature
-        link = wire.auth_link(pages[index])
-    return pages
+    )
 
 
-def release_pages(
-    reader: symbol_cache.SymbolReader, session: bytes, sender: int, sign: Sign
-) -> list[list[bytes]]:
-    """Every chunk's AUTH datagrams, from the sender's symbol cache."""
+def release_digests(reader: symbol_cache.SymbolReader) -> list[bytes]:
+    """Every chunk's digests, from the sender's symbol cache."""
     size = reader.layout.datagram_size
-    capacity = wire.auth_capacity(size)
     return [
-        chunk_pages(session, sender, chunk, reader.read_cycle(chunk), size, capacity, sign)
-        for chunk in range(len(reader.layout.cycles))
+        chunk_digests(reader.read_cycle(chunk), size) for chunk in range(len(reader.layout.cycles))
     ]
 
 
 class AuthPages:
-    """A release's signed AUTH pages, and the datagrams a `SendAuth` action names."""
+    """A release's DATA digests, and the signed AUTH datagrams a `SendAuth` action names."""
 
-    def __init__(self, pages: Sequence[Sequence[bytes]]) -> None:
-        self.pages = pages
+    def __init__(
+        self,
+        session: bytes,
+        sender: int,
+        digests: Sequence[bytes],
+        capacity: int,
+        sign: Sign,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("no room for a digest")
+        self.session = session
+        self.sender = sender
+        self.digests = digests
+        self.capacity = capacity
+        self.sign = sign
+        self._last_sent = 0
         self.datagrams = 0
         self.bytes = 0
 
-    def for_action(self, action: SendAuth) -> list[bytes]:
-        """Each named page of the chunk, ``copies`` times in a row, in the order named."""
-        chunk = self.pages[action.chunk]
-        out = [chunk[index] for index in action.pages for _ in range(action.copies)]
+    def page_count(self, chunk: int) -> int:
+        return -(-len(self.digests[chunk]) // (self.capacity * wire.DIGEST_BYTES))
+
+    def page(self, chunk: int, index: int, wall: float) -> bytes:
+        """Page `index` of `chunk`, signed now (`wall`: seconds since the epoch)."""
+        if not 0 <= index < self.page_count(chunk):
+            raise ValueError("no such page")
+        width = self.capacity * wire.DIGEST_BYTES
+        body = self.digests[chunk][index * width : (index + 1) * width]
+        # Strictly increasing even if the clock stands still or steps back: a device refuses a
+        # page older than the newest it accepted from this sender.
+        sent = max(self._last_sent + 1, int(wall * 1_000_000))
+        self._last_sent = sent
+        unsigned = wire.build_datagram(
+            wire.AuthPacket(
+                self.session, self.sender, chunk, index, sent, body, bytes(wire.SIGNATURE_BYTES)
+            )
+        )
+        return unsigned[: -wire.SIGNATURE_BYTES] + self.sign(wire.auth_signed_bytes(unsigned))
+
+    def for_action(self, action: SendAuth, wall: float) -> list[bytes]:
+        """Each named page of the chunk, signed at `wall`, ``copies`` times in a row, in order."""
+        out = []
+        for index in action.pages:
+            page = self.page(action.chunk, index, wall)
+            out += [page] * action.copies
         self.datagrams += len(out)
         self.bytes += sum(len(d) for d in out)
         return out

@@ -26,7 +26,7 @@ from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM
 from otacast.schemas.manifest import Envelope, Manifest
 
 from . import symbol_cache
-from .auth_pages import release_pages
+from .auth_pages import AuthPages, release_digests
 from .errors import ReadError, UsageError
 from .keys import SigningKey
 from .report import Reporter
@@ -73,7 +73,7 @@ class ServePlan:
     reader: symbol_cache.SymbolReader
     batch: int  # datagrams per send at most (one GSO send)
     fragments: tuple[bytes, ...]  # the framed MANIFEST datagrams
-    pages: list[list[bytes]] | None  # every chunk's signed AUTH pages; None: no packet auth
+    pages: AuthPages | None  # the release's digests and stream key; None: no packet auth
     port: int
     channels: tuple[ChannelPlan, ...]
 
@@ -211,8 +211,8 @@ def _auth_pages(
     options: ServeOptions,
     reader: symbol_cache.SymbolReader,
     report: Reporter,
-) -> list[list[bytes]] | None:
-    """Every chunk's signed AUTH pages, or None without a stream key."""
+) -> AuthPages | None:
+    """What signs every chunk's AUTH pages as they are sent, or None without a stream key."""
     manifest = envelope.manifest
     key = options.stream_key
     if key is None:
@@ -229,8 +229,11 @@ def _auth_pages(
             "(sign the release with --stream-key naming its public key)"
         )
     try:
-        pages = release_pages(reader, manifest.session_id, senders[0], key.signer())
+        digests = release_digests(reader)
     except OSError as exc:
         raise ReadError(f"cannot read the symbol cache: {exc.strerror or exc}") from None
-    report.event("auth-pages", sender=senders[0], pages=sum(len(p) for p in pages))
+    capacity = wire.auth_capacity(reader.layout.datagram_size)
+    pages = AuthPages(manifest.session_id, senders[0], digests, capacity, key.signer())
+    count = sum(pages.page_count(chunk) for chunk in range(len(digests)))
+    report.event("auth-pages", sender=senders[0], pages=count)
     return pages

@@ -124,7 +124,9 @@ def _open(plan: ServePlan, channel: ChannelPlan, now: float) -> Channel:
         gso=options.gso,
         loopback=options.loopback,
     )
-    auth = AuthPages(plan.pages) if plan.pages is not None else None
+    auth = None
+    if (pages := plan.pages) is not None:  # the same digests and key; its own counts
+        auth = AuthPages(pages.session, pages.sender, pages.digests, pages.capacity, pages.sign)
     return Channel(channel.rate, channel.group, plan.core(channel, now, time.time()), sender, auth)
 
 
@@ -174,7 +176,7 @@ def _loop(
             action = channel.core.next_action(now)
             if isinstance(action, SendAuth):
                 assert channel.auth is not None  # the core emits SendAuth only with pages
-                for page in channel.auth.for_action(action):
+                for page in channel.auth.for_action(action, time.time()):
                     channel.sender.send_datagram(page)
                 # The data these pages vouch for is the core's next action: send it in the same
                 # turn, so that no stop and no other channel comes between pages and their data.

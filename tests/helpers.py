@@ -103,7 +103,7 @@ from otacast.schemas.manifest import (
 )
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 from otacast.signer import channels, symbol_cache
-from otacast.signer.auth_pages import AuthPages, chunk_pages
+from otacast.signer.auth_pages import AuthPages, chunk_digests
 from otacast.signer.encoder import raptorq_encode
 from otacast.signer.keys import SigningKey
 from otacast.signer.schedule import (
@@ -263,14 +263,11 @@ def cycles_for_fraction(release: Release, fraction: float) -> list[list[bytes]]:
 
 def auth_pages(
     manifest: Manifest, chunk_cycles: Sequence[Sequence[bytes]], key: SigningKey, sender: int = 0
-) -> list[list[bytes]]:
-    """Every chunk's signed AUTH pages for the given cycles (as `auth_pages.release_pages`)."""
+) -> AuthPages:
+    """What signs the AUTH pages of the given cycles as they are sent (as `serve` does)."""
     size = wire.data_datagram_size(manifest.fec.symbol_size)
-    capacity = wire.auth_capacity(size)
-    return [
-        chunk_pages(manifest.session_id, sender, i, b"".join(c), size, capacity, key.signer())
-        for i, c in enumerate(chunk_cycles)
-    ]
+    digests = [chunk_digests(b"".join(c), size) for c in chunk_cycles]
+    return AuthPages(manifest.session_id, sender, digests, wire.auth_capacity(size), key.signer())
 
 
 # --- Feeding a receiver core by hand ---------------------------------------------------------
@@ -549,8 +546,7 @@ class _Sender:
             listed = [k.sender for k in link.release.manifest.stream_keys]
             publics = [k.public for k in link.release.manifest.stream_keys]
             sender_id = listed[publics.index(spec.stream_key.public)]
-            pages = auth_pages(link.release.manifest, link.cycles, spec.stream_key, sender_id)
-            self.auth = AuthPages(pages)
+            self.auth = auth_pages(link.release.manifest, link.cycles, spec.stream_key, sender_id)
 
     @property
     def passes_sent(self) -> float:
@@ -771,7 +767,9 @@ class Link:
             self._broadcast(t, sender.source, action.datagrams, data=False)
         elif isinstance(action, SendAuth):
             assert sender.auth is not None, "AUTH pages from a sender without a stream key"
-            self._broadcast(t, sender.source, sender.auth.for_action(action), data=False)
+            self._broadcast(
+                t, sender.source, sender.auth.for_action(action, self.epoch + t), data=False
+            )
         elif isinstance(action, SendSymbols):
             cycle = self.cycles[action.chunk]
             run = cycle[action.first : action.first + action.count]

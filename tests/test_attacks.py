@@ -249,9 +249,9 @@ def _malformed() -> list[tuple[str, str, bytes]]:
         ("short", good[:11]),  # truncated inside the header
         ("short", good[: wire.DATA_HEADER_SIZE]),  # DATA header, no symbol
         ("short", manifest_datagrams()[0][: wire.MANIFEST_HEADER_SIZE]),
-        ("oversized", b"OC\x01\x02" + session + b"\0" * 60000),
+        ("oversized", b"OC\x02\x02" + session + b"\0" * 60000),
         ("bad-version", good[:2] + b"\x00" + good[3:]),
-        ("bad-version", good[:2] + b"\x02" + good[3:]),
+        ("bad-version", good[:2] + b"\x01" + good[3:]),  # the format before v2
         ("bad-version", good[:2] + b"\xff" + good[3:]),
         ("bad-magic", b"XX" + good[2:]),
         ("unknown-kind", good[:3] + b"\x09" + good[4:]),

@@ -43,10 +43,11 @@ def counting_encoder(calls: list[int]) -> Callable[[bytes, int, int], list[bytes
     return encode
 
 
-def signed_pages(path: Path) -> list[list[bytes]]:
+def signed_digests(path: Path) -> list[bytes]:
+    """The digests the sender would sign into AUTH pages, read from the cache at `path`."""
     reader = symbol_cache.SymbolReader(path, LAYOUT, 16)
     try:
-        return auth_pages.release_pages(reader, MANIFEST.session_id, 0, fake_sign)
+        return auth_pages.release_digests(reader)
     finally:
         reader.close()
 
@@ -78,7 +79,7 @@ def test_a_flipped_byte_in_a_cached_cycle_is_never_signed_or_sent(tmp_path: Path
     warnings: list[str] = []
     calls: list[int] = []
     path = build(tmp_path, warnings, calls)
-    genuine, genuine_pages = path.read_bytes(), signed_pages(path)
+    genuine, genuine_digests = path.read_bytes(), signed_digests(path)
     # A byte of chunk 1's repair symbols: the manifest's chunk hashes do not cover these.
     offset, length = LAYOUT.span(1, 0, LAYOUT.cycles[1])
     spoiled = bytearray(genuine)
@@ -93,7 +94,7 @@ def test_a_flipped_byte_in_a_cached_cycle_is_never_signed_or_sent(tmp_path: Path
     assert "chunk 1's symbols do not match their digest" in warnings[0]
     # What the sender would send and sign is the genuine cache, not the spoiled one.
     assert path.read_bytes() == genuine
-    assert signed_pages(path) == genuine_pages
+    assert signed_digests(path) == genuine_digests
 
 
 def test_a_damaged_trailer_or_a_truncated_or_foreign_file_is_encoded_again(

@@ -3,7 +3,6 @@ and round trips of every packet kind."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -56,7 +55,7 @@ auth_packets = st.builds(
     sender=st.integers(0, 0xFFFF),
     chunk=st.integers(0, 0xFFFFFFFF),
     page=st.integers(0, 0xFFFFFFFF),
-    link=st.binary(min_size=wire.LINK_BYTES, max_size=wire.LINK_BYTES),
+    sent=st.integers(0, (1 << 64) - 1),
     digests=st.integers(1, wire.auth_capacity(MAX_DATAGRAM)).flatmap(
         lambda n: st.binary(min_size=n * wire.DIGEST_BYTES, max_size=n * wire.DIGEST_BYTES)
     ),
@@ -79,7 +78,7 @@ GOLDEN_PACKETS: dict[str, wire.Packet] = {
     ),
     "manifest_last_fragment": wire.ManifestPacket(SESSION, ENVELOPE_ID, 300, 296, b"}]}\n"),
     "auth_two_digests": wire.AuthPacket(
-        SESSION, 2, 5, 1, bytes(range(16)), b"A" * 10 + b"B" * 10, b"\x5a" * 64
+        SESSION, 2, 5, 1, 0x0001020304050607, b"A" * 10 + b"B" * 10, b"\x5a" * 64
     ),
 }
 
@@ -102,7 +101,7 @@ def test_data_header_layout_matches_the_documented_offsets() -> None:
     # Written out by hand from the module docstring, independently of the code under test.
     expected = (
         b"OC"  # magic
-        + b"\x01"  # version
+        + b"\x02"  # version
         + b"\x01"  # kind DATA
         + SESSION
         + b"\x00\x00\x00\x07"  # chunk 7
@@ -115,27 +114,26 @@ def test_data_header_layout_matches_the_documented_offsets() -> None:
 
 def test_auth_layout_matches_the_documented_offsets() -> None:
     expected = (
-        b"OC\x01\x03"
+        b"OC\x02\x03"
         + SESSION
         + b"\x00\x07"  # sender 7
         + b"\x00\x01"  # one digest
         + b"\x00\x00\x00\x03"  # chunk 3
         + b"\x00\x00\x00\x09"  # page 9
-        + b"L" * 16
+        + b"\x00\x06\x2b\x1a\x9c\x40\x5a\x11"  # sent
         + b"D" * 10
         + b"S" * 64
     )
-    packet = wire.AuthPacket(SESSION, 7, 3, 9, b"L" * 16, b"D" * 10, b"S" * 64)
+    packet = wire.AuthPacket(SESSION, 7, 3, 9, 0x00062B1A9C405A11, b"D" * 10, b"S" * 64)
     assert wire.build_datagram(packet) == expected
     assert wire.auth_signed_bytes(expected) == wire.AUTH_CONTEXT + expected[:-64]
-    assert wire.auth_link(expected) == hashlib.sha256(expected[:-64]).digest()[:16]
 
 
-def test_default_auth_datagram_fits_the_ipv6_minimum_mtu_with_112_digests() -> None:
-    assert wire.auth_capacity(1232) == 112
-    digests = bytes(112 * wire.DIGEST_BYTES)
-    packet = wire.AuthPacket(SESSION, 0, 0, 0, wire.NO_LINK, digests, bytes(64))
-    assert len(wire.build_datagram(packet)) <= 1232
+def test_default_auth_datagram_fits_a_default_data_datagram_with_113_digests() -> None:
+    assert wire.auth_capacity(1228) == 113
+    digests = bytes(113 * wire.DIGEST_BYTES)
+    packet = wire.AuthPacket(SESSION, 0, 0, 0, 0, digests, bytes(64))
+    assert len(wire.build_datagram(packet)) <= 1228
 
 
 def test_codec_packet_is_the_tail_of_a_data_datagram() -> None:
@@ -219,7 +217,7 @@ def test_peek_data_refuses_the_golden_datagrams_of_other_kinds(name: str) -> Non
 
 
 def test_peek_data_reads_the_sbn_the_documented_layout_puts_at_byte_16() -> None:
-    raw = b"OC\x01\x01" + SESSION + b"\x00\x00\x00\x07" + b"\x05" + b"\x00\x01\x00" + b"sym"
+    raw = b"OC\x02\x01" + SESSION + b"\x00\x00\x00\x07" + b"\x05" + b"\x00\x01\x00" + b"sym"
     assert wire.peek_data(raw) == (SESSION, 7, 5, 256) == _peek_spec(raw)
     assert wire.peek_data(raw[: wire.DATA_HEADER_SIZE]) is None  # no symbol
 
@@ -263,23 +261,23 @@ def test_parser_accepts_memoryview_of_a_receive_buffer() -> None:
     ("data", "reason"),
     [
         (b"", "short"),
-        (b"OC\x01", "short"),
+        (b"OC\x02", "short"),
         (b"XX\x01\x01" + SESSION + bytes(9), "bad-magic"),
-        (b"OC\x02\x01" + SESSION + bytes(9), "bad-version"),
-        (b"OC\x01\x09" + SESSION + bytes(9), "unknown-kind"),
-        (b"OC\x01\x03" + SESSION + bytes(90), "short"),  # AUTH without room for a digest
-        (b"OC\x01\x03" + SESSION + bytes(28 + 11 + 64), "auth-length"),  # count 0, stray byte
-        (b"OC\x01\x03" + SESSION + b"\x00\x00\x00\x02" + bytes(24 + 10 + 64), "auth-length"),
-        (b"OC\x01\x01" + SESSION + bytes(8), "short"),  # DATA without a symbol
-        (b"OC\x01\x01" + SESSION + b"\x00\x00\x00\x00\x01\x00\x00\x00sym", "bad-sbn"),
-        (b"OC\x01\x01" + SESSION + bytes(MAX_DATAGRAM), "oversized"),
-        (b"OC\x01\x02" + SESSION + ENVELOPE_ID + bytes(8), "short"),  # no fragment
+        (b"OC\x01\x01" + SESSION + bytes(9), "bad-version"),  # the format before v2
+        (b"OC\x02\x09" + SESSION + bytes(9), "unknown-kind"),
+        (b"OC\x02\x03" + SESSION + bytes(90), "short"),  # AUTH without room for a digest
+        (b"OC\x02\x03" + SESSION + bytes(28 + 11 + 64), "auth-length"),  # count 0, stray byte
+        (b"OC\x02\x03" + SESSION + b"\x00\x00\x00\x02" + bytes(24 + 10 + 64), "auth-length"),
+        (b"OC\x02\x01" + SESSION + bytes(8), "short"),  # DATA without a symbol
+        (b"OC\x02\x01" + SESSION + b"\x00\x00\x00\x00\x01\x00\x00\x00sym", "bad-sbn"),
+        (b"OC\x02\x01" + SESSION + bytes(MAX_DATAGRAM), "oversized"),
+        (b"OC\x02\x02" + SESSION + ENVELOPE_ID + bytes(8), "short"),  # no fragment
         (
-            b"OC\x01\x02" + SESSION + ENVELOPE_ID + (2**31).to_bytes(4, "big") + bytes(4) + b"x",
+            b"OC\x02\x02" + SESSION + ENVELOPE_ID + (2**31).to_bytes(4, "big") + bytes(4) + b"x",
             "manifest-length",
         ),
         (
-            b"OC\x01\x02"
+            b"OC\x02\x02"
             + SESSION
             + ENVELOPE_ID
             + (10).to_bytes(4, "big")
