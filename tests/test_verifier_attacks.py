@@ -585,10 +585,15 @@ def test_deeply_nested_json_is_refused(depth: int) -> None:
         refused(MalformedManifest, objects)
     data = release().compact_bytes
     if len(data) + len(nest) < MAX_MANIFEST_BYTES:
-        refused(
-            MalformedManifest,
-            replace_once(data, b'"compatible":[', b'"compatible":[' + nest + b","),
-        )
+        nested = replace_once(data, b'"compatible":[', b'"compatible":[' + nest + b",")
+        try:
+            signed = json.loads(nested)["signed"]
+        except RecursionError:
+            refused(MalformedManifest, nested)  # too deep to parse: refused before anything
+        else:
+            # Parseable: refused as content when signed, and as forged when not.
+            refused(MalformedManifest, signed_envelope(signed))
+            refused(BadSignature, nested)
         refused(
             MalformedManifest,
             replace_once(data, b'"signatures":[', b'"signatures":[' + nest + b","),
@@ -604,8 +609,9 @@ def test_integer_with_thousands_of_digits_is_refused(digits: int) -> None:
 
 
 def test_integer_just_under_the_digit_limit_is_refused_by_range() -> None:
-    data = replace_once(release().compact_bytes, b'"sequence":7', b'"sequence":' + b"9" * 4000)
-    refused(MalformedManifest, data)
+    signed = document()["signed"]
+    signed["sequence"] = int("9" * 4000)
+    refused(MalformedManifest, signed_envelope(signed))
 
 
 def test_lone_surrogate_is_refused() -> None:
@@ -696,9 +702,10 @@ def test_misaligned_or_tiny_symbol_size_is_refused(size: int) -> None:
 def test_junk_array_is_refused_after_the_first_schema_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Collecting every schema error of an unauthenticated array of junk once cost one error
-    # object per item (20-50 s of CPU for 2 MiB) before any signature was checked.  Count how
-    # many errors the validator is asked for instead of timing it.
+    # Collecting every schema error of an array of junk once cost one error object per item
+    # (20-50 s of CPU for 2 MiB), and then before any signature was checked.  Only a signed
+    # manifest reaches the validator now (next test), and it still computes one error.  Count
+    # how many errors the validator is asked for instead of timing it.
     from otacast.schemas import validation
 
     real = validation._validator()
@@ -712,10 +719,44 @@ def test_junk_array_is_refused_after_the_first_schema_error(
                 yield error
 
     monkeypatch.setattr(validation, "_validator", lambda: Counting())
-    junk = b"1," * 100_000
-    data = replace_once(release().compact_bytes, b'"signatures":[', b'"signatures":[' + junk)
-    refused(MalformedManifest, data)
+    signed = document()["signed"]
+    signed["chunks"]["sha256"] = [1] * 100_000
+    refused(MalformedManifest, signed_envelope(signed))
     assert consumed == 1
+
+
+def test_forged_envelopes_are_refused_before_the_schema_validator_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The JSON Schema costs ~0.35 s of CPU for a 1.1 MB manifest: run first, it let anyone on
+    # the channel keep a core busy with ~2.5 MB/s of forgeries.  Now an envelope reaches it only
+    # once its signatures hold.  The validator counts how often it is asked.
+    from otacast.schemas import validation
+
+    real = validation._validator()
+    asked = 0
+
+    class Counting:
+        def iter_errors(self, document: Any) -> Iterator[Any]:
+            nonlocal asked
+            asked += 1
+            return real.iter_errors(document)
+
+    monkeypatch.setattr(validation, "_validator", lambda: Counting())
+    junk = document()
+    junk["signed"]["chunks"]["sha256"] = ["zz" * 32] * 16384  # ~1.1 MB, schema-invalid
+    outsiders = junk | {"signatures": [{"keyid": outsider().key_id, "sig": "ab" * 64}]}
+    forged = [
+        (BadSignature, encode(junk)),  # the trusted key's signature, over another manifest
+        (UnknownKey, encode(outsiders)),
+        (MalformedManifest, b"{" + b" " * 1_000_000),  # not JSON
+        (ManifestTooLarge, b"{" * (MAX_MANIFEST_BYTES + 1)),
+    ]
+    for error, data in forged:
+        refused(error, data)
+    assert asked == 0
+    refused(MalformedManifest, signed_envelope(junk["signed"]))  # genuinely signed
+    assert asked == 1
 
 
 @pytest.mark.parametrize(
