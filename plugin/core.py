@@ -2,8 +2,10 @@
 
 Theory of operation
 -------------------
-*Nothing before trust.*  Until a manifest has passed `verify_manifest` (signature threshold,
-expiry, sequence, device type), the only state kept is bounded manifest reassembly and the
+*Nothing before trust.*  Until a manifest has passed verification (`policy.authenticate`, the
+signature threshold, then `policy.accept`: content, expiry, sequence, channel, device type: the
+two halves of the `verify_envelope` that every ``verify`` command runs), the only state kept is
+bounded manifest reassembly and the
 most recent well-formed DATA datagrams (up to ``MAX_EARLY_BYTES``), held unread and replayed
 through the normal admission checks once a manifest is verified, so a receiver joining
 mid-stream does not throw away what arrives before the manifest carousel comes round.  A
@@ -18,6 +20,13 @@ all sources ``MAX_PENDING_MANIFESTS``, holding ``MAX_PENDING_MANIFEST_BYTES`` to
 capped at its claimed length, itself at most ``MAX_MANIFEST_BYTES``, with at most one entry per
 256 bytes); the one that gained a fragment least recently is dropped first.  An attacker who
 spoofs the sender's source address can still delay the manifest; see docs/SECURITY.md.
+
+*Verifications under attack.*  A reassembled envelope is verified only if the source's budget
+allows (`otacast.plugin.budget`: each source its own allowance, sources that have sent no
+genuinely signed manifest also one shared allowance); otherwise it is dropped, counted as
+``manifest-budget`` and not remembered, so the sender's next copy may pass.  Its signatures are
+checked before anything else about it is validated, so a forgery costs a JSON parse and at most
+one Ed25519 verification per trusted key.
 
 *One session.*  Once verified, the manifest fixes the session id, the symbol size and the chunk
 table.  A DATA datagram is admitted only if it carries that session id, names an existing chunk
@@ -78,9 +87,10 @@ from otacast.schemas.limits import (
     MAX_REFUSED_MANIFESTS,
     MIN_SYMBOL_SIZE,
 )
-from otacast.schemas.policy import TrustSet, VerifiedManifest
+from otacast.schemas.policy import TrustSet, VerifiedManifest, accept, authenticate
 
 from .auth import PACKET_AUTH_POLICIES, PacketAuthenticator, SignatureCheck
+from .budget import ManifestBudget
 from .decoder import ChunkDecoder, DecoderFactory, DecoderFault, raptorq_decoder
 from .events import (
     ChunkComplete,
@@ -90,7 +100,7 @@ from .events import (
     ManifestRefused,
     ManifestVerified,
 )
-from .verify import check_signature, verify_manifest
+from .verify import check_signature
 
 _PendingKey = tuple[str, bytes, bytes, int]  # source, session, envelope id, claimed length
 # What holding one early datagram costs beyond its bytes (the bytes object, the tuple, the
@@ -236,6 +246,7 @@ class ReceiverCore:
         self._pending: OrderedDict[_PendingKey, _Reassembly] = OrderedDict()
         self._pending_bytes = 0
         self._refused: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        self._budget = ManifestBudget(now)
         # (no order: a decoder is never evicted, see *Decoding*)
         self._chunks: dict[int, _Chunk] = {}
         self._early: deque[tuple[bytes, str]] = deque()
@@ -410,19 +421,27 @@ class ReceiverCore:
         if hashlib.sha256(envelope).digest()[: wire.ENVELOPE_ID_BYTES] != packet.envelope_id:
             self.stats.rejected["manifest-digest"] += 1
             return
+        if not self._budget.take(source, now):
+            self.stats.rejected["manifest-budget"] += 1  # not remembered: a later copy may pass
+            return
+        # `policy.verify_envelope` in its two halves, to know whether the signatures held.
         try:
-            verified = verify_manifest(
-                envelope,
-                self.trust,
+            authenticated = authenticate(envelope, self.trust, self.signature_check)
+        except ManifestRejected as exc:
+            self._budget.forged(source)
+            self._refuse(key, exc)
+            return
+        self._budget.signed(source)
+        try:
+            verified = accept(
+                authenticated,
                 now=wall,  # expiry is a date: the wall clock, read once for this check
                 device_type=self.device_type,
                 installed_sequence=self.installed_sequence,
                 channel=self.channel,
             )
         except ManifestRejected as exc:
-            self._remember_refused(key)
-            self.stats.rejected["manifest-refused"] += 1
-            self._events.append(ManifestRefused(type(exc).__name__, str(exc)))
+            self._refuse(key, exc)
             return
         if verified.manifest.session_id != packet.session:
             self._remember_refused(key)
@@ -463,6 +482,11 @@ class ReceiverCore:
     def _drop_pending(self, key: _PendingKey) -> None:
         self._pending_bytes -= self._pending.pop(key).covered
         self.stats.rejected["manifest-evicted"] += 1
+
+    def _refuse(self, key: tuple[bytes, bytes], exc: ManifestRejected) -> None:
+        self._remember_refused(key)
+        self.stats.rejected["manifest-refused"] += 1
+        self._events.append(ManifestRefused(type(exc).__name__, str(exc)))
 
     def _remember_refused(self, key: tuple[bytes, bytes]) -> None:
         self._refused[key] = None
