@@ -14,7 +14,7 @@ between them (`policy.verify_envelope`):
    bytes of ``signed``.  Cheap: a few milliseconds for the largest manifest (~1.1 MB);
 2. `envelope_from_outline`: everything else, the expensive part (control characters, the JSON
    Schema, the cross-field rules the schema cannot express, the model's round trip to the signed
-   bytes): ~0.35 s of CPU for a 1.1 MB manifest, which is why a verifier only spends it on
+   bytes): ~0.4 s of CPU for a 1.1 MB manifest, which is why a verifier only spends it on
    envelopes whose signatures hold.
 
 `parse_envelope` does both, for callers that read an envelope without trusting it (the

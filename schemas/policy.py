@@ -23,7 +23,7 @@ this order:
 Signatures come before content so that nothing an attacker controls is interpreted before it is
 authenticated, and so that a forged envelope is refused for the price of a JSON parse and one
 Ed25519 verification per trusted key (milliseconds for the largest) instead of a JSON Schema
-validation (~0.35 s of CPU for a 1.1 MB manifest; figures in docs/SECURITY.md).  The later
+validation (~0.4 s of CPU for a 1.1 MB manifest; figures in docs/SECURITY.md).  The later
 checks then only ever refuse genuine, signed releases.
 """
 

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from functools import cache
 from typing import Any
@@ -699,50 +700,42 @@ def test_misaligned_or_tiny_symbol_size_is_refused(size: int) -> None:
 # --- Regressions: each of these once got through -------------------------------------------
 
 
-def test_junk_array_is_refused_after_the_first_schema_error(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Collecting every schema error of an array of junk once cost one error object per item
-    # (20-50 s of CPU for 2 MiB), and then before any signature was checked.  Only a signed
-    # manifest reaches the validator now (next test), and it still computes one error.  Count
-    # how many errors the validator is asked for instead of timing it.
+@pytest.fixture
+def validator_use(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """How often the schema validator is asked about a document ("asked"), and how many errors
+    it is made to compute ("errors"): counted instead of timed."""
     from otacast.schemas import validation
 
     real = validation._validator()
-    consumed = 0
+    use: Counter[str] = Counter()
 
     class Counting:
         def iter_errors(self, document: Any) -> Iterator[Any]:
-            nonlocal consumed
+            use["asked"] += 1
             for error in real.iter_errors(document):
-                consumed += 1
+                use["errors"] += 1
                 yield error
 
     monkeypatch.setattr(validation, "_validator", lambda: Counting())
+    return use
+
+
+def test_junk_array_is_refused_after_the_first_schema_error(validator_use: Counter[str]) -> None:
+    # Collecting every schema error of an array of junk once cost one error object per item
+    # (20-50 s of CPU for 2 MiB), and then before any signature was checked.  Only a signed
+    # manifest reaches the validator now (next test), and it still computes one error.
     signed = document()["signed"]
     signed["chunks"]["sha256"] = [1] * 100_000
     refused(MalformedManifest, signed_envelope(signed))
-    assert consumed == 1
+    assert validator_use["errors"] == 1
 
 
 def test_forged_envelopes_are_refused_before_the_schema_validator_runs(
-    monkeypatch: pytest.MonkeyPatch,
+    validator_use: Counter[str],
 ) -> None:
-    # The JSON Schema costs ~0.35 s of CPU for a 1.1 MB manifest: run first, it let anyone on
+    # The JSON Schema costs ~0.4 s of CPU for a 1.1 MB manifest: run first, it let anyone on
     # the channel keep a core busy with ~2.5 MB/s of forgeries.  Now an envelope reaches it only
-    # once its signatures hold.  The validator counts how often it is asked.
-    from otacast.schemas import validation
-
-    real = validation._validator()
-    asked = 0
-
-    class Counting:
-        def iter_errors(self, document: Any) -> Iterator[Any]:
-            nonlocal asked
-            asked += 1
-            return real.iter_errors(document)
-
-    monkeypatch.setattr(validation, "_validator", lambda: Counting())
+    # once its signatures hold.
     junk = document()
     junk["signed"]["chunks"]["sha256"] = ["zz" * 32] * 16384  # ~1.1 MB, schema-invalid
     outsiders = junk | {"signatures": [{"keyid": outsider().key_id, "sig": "ab" * 64}]}
@@ -754,9 +747,9 @@ def test_forged_envelopes_are_refused_before_the_schema_validator_runs(
     ]
     for error, data in forged:
         refused(error, data)
-    assert asked == 0
+    assert validator_use["asked"] == 0
     refused(MalformedManifest, signed_envelope(junk["signed"]))  # genuinely signed
-    assert asked == 1
+    assert validator_use["asked"] == 1
 
 
 @pytest.mark.parametrize(
