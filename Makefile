@@ -40,11 +40,13 @@ bench: setup
 	$(BIN)/python integration/bench_sender.py
 	$(BIN)/python integration/bench_receiver.py
 	$(BIN)/python integration/bench_auth.py
+	$(BIN)/python integration/bench_manifest.py
 
 bench-quick: setup
 	$(BIN)/python integration/bench_sender.py --quick
 	$(BIN)/python integration/bench_receiver.py --quick
 	$(BIN)/python integration/bench_auth.py --quick
+	$(BIN)/python integration/bench_manifest.py --repeat 2
 
 # otacast side by side with uftp, udpcast and HTTP (nginx) on a namespaced network: tables on
 # stdout, JSON and PNG plots in results/.  Needs root and the Debian packages uftp and udpcast.

@@ -117,7 +117,11 @@ def release_pair(directory: Path, www: Path) -> tuple[Release, Release]:
     return v1, v2
 
 
-def write_config(path: Path, release: Release, source: str, state: Path, installer: str) -> None:
+def write_config(
+    path: Path, release: Release, source: str, state: Path, installer: str, *more: str
+) -> None:
+    """A device config listening to `source` (and the `more` sources) on the test channel."""
+    sources = ", ".join(f'"{s}"' for s in (source, *more))
     path.write_text(
         f"""
 trust = ["{release.public}"]
@@ -125,7 +129,7 @@ device_type = "testboard"
 state_dir = "{state}"
 interface = "eth0"
 channel = "{CHANNEL}"
-source = ["{source}"]
+source = [{sources}]
 stall_timeout = 2
 installer = "{installer}"
 retry_max = 2
@@ -247,3 +251,36 @@ def test_watch_retries_a_failing_installer_with_backoff_then_installs(
     assert done["sequence"] == 1
     assert installed.read_bytes() == release.image.read_bytes()
     assert code == 0, err
+
+
+def test_watch_installs_the_highest_sequence_served_on_its_channel_not_the_first_heard(
+    lan: LanFactory, tmp_path: Path
+) -> None:
+    # One sender updated to sequence 7, another still serving 5.  The one with 5 repeats its
+    # manifest ten times as often (its rate is 50 times higher), so it is nearly always heard
+    # first: without the grace period the daemon installed 5, then 7 on its next turn.
+    net = lan(3)
+    old_host, new_host, device = net.hosts
+    v5 = Release.make(tmp_path / "v5", 1 * MB, sequence=5)
+    v7 = Release.make(tmp_path / "v7", 1 * MB, sequence=7, key_from=v5)
+    target = tmp_path / "slot.img"
+    config = tmp_path / "otacast.toml"
+    write_config(
+        config, v5, old_host.address, tmp_path / "state", f"file:{target}", new_host.address
+    )
+    senders = [
+        serve(old_host, v5, "--rate", "50M", "--duration", "120s", ready=True),
+        serve(new_host, v7, "--rate", "1M", "--duration", "120s", ready=True),
+    ]
+    daemon = Daemon(device, config)
+    try:
+        installed = daemon.wait_for("installed")
+        # The next turn hears both again and refuses both: nothing newer than 7.
+        daemon.wait_for("note", message=_refusal_of(7, older=5))
+    finally:
+        stop(senders)
+        code, err = daemon.terminate()
+    assert code == 0, err
+    assert installed["sequence"] == 7
+    assert [e["sequence"] for e in daemon.seen if e["event"] == "installed"] == [7]
+    assert target.read_bytes() == v7.image.read_bytes()

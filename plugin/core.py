@@ -2,8 +2,10 @@
 
 Theory of operation
 -------------------
-*Nothing before trust.*  Until a manifest has passed `verify_manifest` (signature threshold,
-expiry, sequence, device type), the only state kept is bounded manifest reassembly and the
+*Nothing before trust.*  Until a manifest has passed verification (`policy.authenticate`, the
+signature threshold, then `policy.accept`: content, expiry, sequence, channel, device type: the
+two halves of the `verify_envelope` that every ``verify`` command runs), the only state kept is
+bounded manifest reassembly and the
 most recent well-formed DATA datagrams (up to ``MAX_EARLY_BYTES``), held unread and replayed
 through the normal admission checks once a manifest is verified, so a receiver joining
 mid-stream does not throw away what arrives before the manifest carousel comes round.  A
@@ -18,6 +20,23 @@ all sources ``MAX_PENDING_MANIFESTS``, holding ``MAX_PENDING_MANIFEST_BYTES`` to
 capped at its claimed length, itself at most ``MAX_MANIFEST_BYTES``, with at most one entry per
 256 bytes); the one that gained a fragment least recently is dropped first.  An attacker who
 spoofs the sender's source address can still delay the manifest; see docs/SECURITY.md.
+
+*Verifications under attack.*  A reassembled envelope is verified only if the source's budget
+allows (`otacast.plugin.budget`: each source its own allowance, sources that have sent no
+genuinely signed manifest also one shared allowance); otherwise it is dropped, counted as
+``manifest-budget`` and not remembered, so the sender's next copy may pass.  Its signatures are
+checked before anything else about it is validated, so a forgery costs a JSON parse and at most
+one Ed25519 verification per trusted key.
+
+*Choosing a release.*  By default the first manifest that passes is adopted at once.  With a
+``manifest_grace`` (``watch`` uses one second: `otacast.plugin.watch`), the first one only
+starts the grace period: manifests of other sessions are still verified until it ends, the one
+with the highest sequence is kept (the first heard among equals), the others are remembered
+as refused (``manifest-lower``), and the kept one is adopted when the period ends (the timer, or
+the first datagram after it).  DATA meanwhile waits in the early buffer as before.  Two senders
+serving sequences 5 and 7 on one channel therefore give 7, whichever is heard first.  Switching
+an adopted session instead would need the driver to close staging and the symbol store opened
+for it; waiting a second before the first chunk costs less.
 
 *One session.*  Once verified, the manifest fixes the session id, the symbol size and the chunk
 table.  A DATA datagram is admitted only if it carries that session id, names an existing chunk
@@ -78,9 +97,10 @@ from otacast.schemas.limits import (
     MAX_REFUSED_MANIFESTS,
     MIN_SYMBOL_SIZE,
 )
-from otacast.schemas.policy import TrustSet, VerifiedManifest
+from otacast.schemas.policy import TrustSet, VerifiedManifest, accept, authenticate
 
 from .auth import PACKET_AUTH_POLICIES, PacketAuthenticator, SignatureCheck
+from .budget import ManifestBudget
 from .decoder import ChunkDecoder, DecoderFactory, DecoderFault, raptorq_decoder
 from .events import (
     ChunkComplete,
@@ -90,7 +110,7 @@ from .events import (
     ManifestRefused,
     ManifestVerified,
 )
-from .verify import check_signature, verify_manifest
+from .verify import check_signature
 
 _PendingKey = tuple[str, bytes, bytes, int]  # source, session, envelope id, claimed length
 # What holding one early datagram costs beyond its bytes (the bytes object, the tuple, the
@@ -141,6 +161,16 @@ class ReceiverSnapshot:
     @property
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """The highest release verified so far during the grace period (*Choosing a release*)."""
+
+    verified: VerifiedManifest
+    key: tuple[bytes, bytes]  # session, envelope id
+    deadline: float  # monotonic: when it is adopted
+    wall: float  # the wall time it was verified at
 
 
 class _Reassembly:
@@ -202,6 +232,7 @@ class ReceiverCore:
         decoder_budget: int = MAX_DECODER_BYTES,
         packet_auth: str = "auto",
         signature_check: SignatureCheck = check_signature,
+        manifest_grace: float = 0.0,
     ) -> None:
         if packet_auth not in PACKET_AUTH_POLICIES:
             raise ValueError(f"packet_auth must be one of {', '.join(PACKET_AUTH_POLICIES)}")
@@ -236,6 +267,9 @@ class ReceiverCore:
         self._pending: OrderedDict[_PendingKey, _Reassembly] = OrderedDict()
         self._pending_bytes = 0
         self._refused: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        self._budget = ManifestBudget(now)
+        self.manifest_grace = manifest_grace
+        self._candidate: _Candidate | None = None  # during the grace period
         # (no order: a decoder is never evicted, see *Decoding*)
         self._chunks: dict[int, _Chunk] = {}
         self._early: deque[tuple[bytes, str]] = deque()
@@ -321,6 +355,10 @@ class ReceiverCore:
 
     def _receive_other(self, data: bytes, source: str, now: float, wall: float) -> None:
         """Anything but a DATA datagram of the adopted session."""
+        if self._candidate is not None and now >= self._candidate.deadline:
+            self._adopt_candidate(now)  # its grace is over: this datagram may be of its session
+            self._receive(data, source, now, wall)
+            return
         try:
             packet = wire.parse_datagram(data)
         except PacketError as exc:
@@ -355,6 +393,16 @@ class ReceiverCore:
         self._progress(now)
 
     def get_timer(self) -> float | None:
+        fallback = self._fallback_deadline()
+        if self._candidate is None:
+            return fallback
+        return (
+            self._candidate.deadline
+            if fallback is None
+            else min(fallback, self._candidate.deadline)
+        )
+
+    def _fallback_deadline(self) -> float | None:
         if self._fallback_asked or self._complete:
             return None
         deadlines = []
@@ -365,7 +413,9 @@ class ReceiverCore:
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
-        deadline = self.get_timer()
+        if self._candidate is not None and now >= self._candidate.deadline:
+            self._adopt_candidate(now)
+        deadline = self._fallback_deadline()
         if deadline is None or now < deadline:
             return
         self._fallback_asked = True
@@ -383,6 +433,8 @@ class ReceiverCore:
                 self.stats.rejected["other-session"] += 1
             return
         key = (packet.session, packet.envelope_id)
+        if self._candidate is not None and key == self._candidate.key:
+            return  # another copy of the release chosen so far (see *Choosing a release*)
         if key in self._refused:
             self.stats.rejected["refused-manifest"] += 1
             return
@@ -410,19 +462,27 @@ class ReceiverCore:
         if hashlib.sha256(envelope).digest()[: wire.ENVELOPE_ID_BYTES] != packet.envelope_id:
             self.stats.rejected["manifest-digest"] += 1
             return
+        if not self._budget.take(source, now):
+            self.stats.rejected["manifest-budget"] += 1  # not remembered: a later copy may pass
+            return
+        # `policy.verify_envelope` in its two halves, to know whether the signatures held.
         try:
-            verified = verify_manifest(
-                envelope,
-                self.trust,
+            authenticated = authenticate(envelope, self.trust, self.signature_check)
+        except ManifestRejected as exc:
+            self._budget.forged(source)
+            self._refuse(key, exc)
+            return
+        self._budget.signed(source)
+        try:
+            verified = accept(
+                authenticated,
                 now=wall,  # expiry is a date: the wall clock, read once for this check
                 device_type=self.device_type,
                 installed_sequence=self.installed_sequence,
                 channel=self.channel,
             )
         except ManifestRejected as exc:
-            self._remember_refused(key)
-            self.stats.rejected["manifest-refused"] += 1
-            self._events.append(ManifestRefused(type(exc).__name__, str(exc)))
+            self._refuse(key, exc)
             return
         if verified.manifest.session_id != packet.session:
             self._remember_refused(key)
@@ -439,8 +499,35 @@ class ReceiverCore:
                 )
             )
             return
+        if self.manifest_grace > 0:
+            self._consider(verified, key, now, wall)
+            return
         self._adopt(verified, now)
         self._replay_early(now, wall)
+
+    def _consider(
+        self, verified: VerifiedManifest, key: tuple[bytes, bytes], now: float, wall: float
+    ) -> None:
+        """A verified manifest heard during the grace period: keep the highest sequence."""
+        best = self._candidate
+        if best is None:
+            self._candidate = _Candidate(verified, key, now + self.manifest_grace, wall)
+            self._heard = True  # a release is on the channel: no join timeout
+            self._last_progress = now
+            return
+        if verified.manifest.sequence > best.verified.manifest.sequence:
+            self._candidate = dataclasses.replace(best, verified=verified, key=key, wall=wall)
+            key = best.key  # the one set aside
+        self._remember_refused(key)  # neither is verified again
+        self.stats.rejected["manifest-lower"] += 1
+
+    def _adopt_candidate(self, now: float) -> None:
+        candidate, self._candidate = self._candidate, None
+        assert candidate is not None
+        self._adopt(candidate.verified, now)
+        # No manifest is verified once a session is adopted, so the wall time of its own
+        # verification serves the replay.
+        self._replay_early(now, candidate.wall)
 
     def _make_room(self, source: str) -> None:
         """Drop the oldest reassemblies so that one more from `source` fits the limits."""
@@ -463,6 +550,11 @@ class ReceiverCore:
     def _drop_pending(self, key: _PendingKey) -> None:
         self._pending_bytes -= self._pending.pop(key).covered
         self.stats.rejected["manifest-evicted"] += 1
+
+    def _refuse(self, key: tuple[bytes, bytes], exc: ManifestRejected) -> None:
+        self._remember_refused(key)
+        self.stats.rejected["manifest-refused"] += 1
+        self._events.append(ManifestRefused(type(exc).__name__, str(exc)))
 
     def _remember_refused(self, key: tuple[bytes, bytes]) -> None:
         self._refused[key] = None

@@ -108,6 +108,9 @@ class FetchOptions:
     status: StatusFile | None = None
     packet_auth: str = "auto"  # auto | require | off (see otacast.plugin.core)
     symbols: str = "store"  # store | memory (see the module doc)
+    # Seconds to keep listening after the first valid manifest for one of a higher sequence
+    # (`otacast.plugin.core`, *Choosing a release*); `watch` sets it, one-off commands do not.
+    manifest_grace: float = 0.0
 
     @classmethod
     def from_settings(
@@ -119,6 +122,7 @@ class FetchOptions:
         installed_sequence: int | None = None,
         json: bool = False,
         status: StatusFile | None = None,
+        manifest_grace: float = 0.0,
     ) -> FetchOptions:
         return cls(
             trust=trust,
@@ -141,6 +145,7 @@ class FetchOptions:
             status=status,
             packet_auth=settings.packet_auth,
             symbols=settings.symbols,
+            manifest_grace=manifest_grace,
         )
 
 
@@ -228,6 +233,7 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         join_timeout=options.join_timeout,
         stall_timeout=options.stall_timeout,
         packet_auth=options.packet_auth,
+        manifest_grace=options.manifest_grace,
     )
     run = _Run(options, core, receiver, emit, start)
     try:

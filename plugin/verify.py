@@ -1,9 +1,12 @@
 """The device's manifest verifier (the only PyNaCl user on the device side).
 
 `verify_manifest` is pure: manifest bytes, the trust set, ``now``, the device type and the last
-installed sequence in; a `VerifiedManifest` or a specific `ManifestRejected` subclass out.  It
-reads at most ``MAX_MANIFEST_BYTES`` of meaning from the input, parses strictly and checks the
-signatures before any other field is acted on (see `otacast.schemas.policy`).
+installed sequence in; a `VerifiedManifest` or a specific `ManifestRejected` subclass out.  It is
+`otacast.schemas.policy.verify_envelope` with PyNaCl's Ed25519 check, the same function the
+publisher's ``verify`` runs: the size cap, then the minimal parse that finds the signed bytes,
+then the signatures, and only then the JSON Schema and the update rules.  The receiver core runs
+its two halves itself (`policy.authenticate` with `check_signature`, then `policy.accept`), so
+that it knows which sources have sent a genuinely signed manifest (`otacast.plugin.budget`).
 """
 
 from __future__ import annotations
@@ -11,8 +14,7 @@ from __future__ import annotations
 import nacl.exceptions
 import nacl.signing
 
-from otacast.schemas.manifest import parse_envelope
-from otacast.schemas.policy import TrustSet, VerifiedManifest, check_envelope
+from otacast.schemas.policy import TrustSet, VerifiedManifest, verify_envelope
 
 
 def check_signature(public: bytes, message: bytes, signature: bytes) -> bool:
@@ -32,8 +34,8 @@ def verify_manifest(
     installed_sequence: int | None,
     channel: str | None,
 ) -> VerifiedManifest:
-    return check_envelope(
-        parse_envelope(data),
+    return verify_envelope(
+        data,
         trust,
         check_signature,
         now=now,

@@ -8,6 +8,14 @@ verified image goes to the configured installer through `deliver` (the install p
 ``otacast install`` and the Mender module); on success the record is rewritten, which raises the
 floor for the next turn.
 
+Several senders may serve different releases on one channel (one updated before another).  A
+turn installs the highest sequence it hears, not the first: after the first valid manifest the
+receiver keeps listening for ``RELEASE_GRACE`` (one second) and adopts the highest one verified
+by then (`otacast.plugin.core`, *Choosing a release*).  The decision was between that and
+switching to a higher release while no chunk of the first is complete; the grace period is the
+smaller change (the receiver core alone, nothing opened on disk has to be undone) and costs a
+second per release.  A higher release heard only later is installed by the next turn.
+
 Quiet channels are normal: when no acceptable manifest is heard for the rediscovery period the
 turn ends without error and the next one joins again, re-reading DNS, so a sender that moved or
 a DNS server that came back is picked up.  Every other failure (DNS, HTTP, disk, installer) is
@@ -39,6 +47,13 @@ from .status import StatusFile
 REDISCOVER_INTERVAL = 60.0
 # First pause after a failure; doubles on each further failure up to Settings.retry_max.
 RETRY_MIN = 2.0
+# After the first valid manifest of a turn, how long to keep listening for one of a higher
+# sequence (two senders on the channel serving different releases).  A sender repeats a
+# manifest that fits its share of the rate at least every 0.25 s (MAX_MANIFEST_INTERVAL in
+# otacast.signer.schedule), so one second hears every such sender about four times; a sender
+# missed (a very large manifest at a low rate, or losses) is picked up by the next turn, whose
+# floor the installed release has raised.
+RELEASE_GRACE = 1.0
 
 
 class Watcher:
@@ -131,6 +146,7 @@ class Watcher:
             installed_sequence=installed.sequence if installed else None,
             json=self.json,
             status=self.status,
+            manifest_grace=RELEASE_GRACE,
         )
         try:
             return fetch(options, self.out)

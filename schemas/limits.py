@@ -120,6 +120,27 @@ MAX_EARLY_BYTES = 2_500_000
 # dropped with one lookup instead of one Ed25519 verification each.
 MAX_REFUSED_MANIFESTS = 64
 
+# Manifest verifications (otacast.plugin.budget): how many a receiver core runs per second for
+# one source address (each has its own allowance, saving up at most a burst), and for all the
+# sources together that have not sent a genuinely signed manifest (one shared allowance, which
+# a source without a signed manifest must also draw on).  Verifying a forged envelope costs its
+# outline and at most one Ed25519 verification per trusted key: ~6-13 ms of CPU at the 1.1 MB
+# chunk-count cap (integration/bench_manifest.py), about twice that at MAX_MANIFEST_BYTES.  An
+# honest sender needs one verification per release it serves: repetitions are not verified
+# again (a refused envelope is remembered, an adopted one ends verification), so 1/s with a
+# burst of 2 (a co-signed re-issue beside the release) covers it.  4/s for every unsigned source
+# together caps a flood from any number of hosts at ~0.1 s of CPU per second even at 2 MiB,
+# and one flooding host can take only a quarter of it, so a sender the device has not heard
+# yet still gets through; a source that has sent a signed manifest is not held back by them.
+MANIFEST_VERIFY_RATE_PER_SOURCE = 1.0
+MANIFEST_VERIFY_BURST_PER_SOURCE = 2
+MANIFEST_VERIFY_RATE_UNSIGNED = 4.0
+MANIFEST_VERIFY_BURST_UNSIGNED = 4
+# Source addresses with an allowance of their own (least recently heard forgotten first, those
+# that have sent no signed manifest before those that have); a forgotten source starts afresh,
+# which the shared allowance bounds.
+MAX_MANIFEST_SOURCES = 64
+
 # --- Packet authentication (otacast.plugin.auth) ----------------------------------------------
 
 # Bytes of DATA datagrams held because their page has not been accepted yet (both its copies

@@ -24,8 +24,11 @@ import pytest
 from otacast.plugin.core import ReceiverCore
 from otacast.plugin.decoder import ChunkDecoder, raptorq_decoder
 from otacast.plugin.events import ChunkComplete, FallbackNeeded, ManifestRefused, ManifestVerified
+from otacast.plugin.verify import check_signature
 from otacast.schemas import wire
 from otacast.schemas.limits import (
+    MANIFEST_VERIFY_BURST_UNSIGNED,
+    MANIFEST_VERIFY_RATE_UNSIGNED,
     MAX_CHUNK_BYTES,
     MAX_CHUNKS,
     MAX_DATAGRAM,
@@ -46,6 +49,7 @@ from .helpers import (
     KEY,
     MANIFEST,
     NOW,
+    SENDER,
     TRUST,
     cycles,
     drain,
@@ -53,6 +57,7 @@ from .helpers import (
     manifest_datagrams,
     rebuilt,
     receive_all,
+    receive_from,
     reference_envelope,
 )
 
@@ -171,6 +176,59 @@ def test_expired_wrong_device_below_threshold_and_unknown_key_manifests_keep_no_
     events = receive_all(core, manifest_datagrams(honest) + interleaved(0.0))
     assert isinstance(events[0], ManifestVerified) and core.complete
     assert rebuilt(events) == IMAGE
+
+
+# --- A flood of forged manifests ------------------------------------------------------------
+
+
+def forged_manifests(count: int) -> list[list[bytes]]:
+    """`count` distinct small envelopes claiming the trusted key, with signatures that fail."""
+    rng = random.Random(5)
+    return [
+        manifest_datagrams(
+            Envelope(
+                dataclasses.replace(MANIFEST, sequence=100 + i),
+                (Signature(KEY.key_id, rng.randbytes(64)),),
+            )
+        )
+        for i in range(count)
+    ]
+
+
+def test_a_flood_of_forged_manifests_costs_bounded_verifications_and_the_sender_gets_through() -> (
+    None
+):
+    checks = 0
+
+    def counting(public: bytes, message: bytes, signature: bytes) -> bool:
+        nonlocal checks
+        checks += 1
+        return check_signature(public, message, signature)
+
+    core = ReceiverCore(TRUST, now=NOW, installed_sequence=5, signature_check=counting)
+    # The channel's sender serves the installed release: refused, but genuinely signed.
+    events = receive_all(core, manifest_datagrams(), NOW)
+    assert [getattr(e, "reason", None) for e in events] == ["Rollback"]
+    # Ten seconds of 100 forged manifests a second, half from one host, half from as many hosts.
+    forged = forged_manifests(1000)
+    for step in range(100):
+        now = NOW + step / 10
+        for i in range(step * 10, step * 10 + 10):
+            source = "fd51::66" if i % 2 else f"fd51::{1000 + i:x}"
+            receive_all(core, forged[i], now, source=source)
+    # Without the budget: 1000 Ed25519 verifications (and 1000 refusals).  With it, the shared
+    # allowance of sources that never sent a signed manifest, and no more.
+    allowed = MANIFEST_VERIFY_BURST_UNSIGNED + MANIFEST_VERIFY_RATE_UNSIGNED * 10
+    assert checks - 1 <= allowed
+    assert core.stats.rejected["manifest-refused"] - 1 <= allowed
+    assert core.stats.rejected["manifest-budget"] >= 1000 - allowed
+    # Mid-flood, the sender that has sent a signed manifest starts the next release: taken.
+    newer = reference_envelope(sequence=6)
+    stream = [(d, SENDER) for d in manifest_datagrams(newer)]
+    stream[:0] = [(d, "fd51::66") for d in forged[-1]]
+    events = receive_from(core, stream, NOW + 10)
+    assert isinstance(events[-1], ManifestVerified)
+    assert core.verified is not None and core.verified.manifest.sequence == 6
 
 
 # --- Claimed sizes beyond the caps -----------------------------------------------------------

@@ -26,6 +26,7 @@ import pytest
 
 from otacast.plugin import errors as device_errors
 from otacast.schemas import keyfile
+from otacast.schemas.canonical import canonical_bytes
 from otacast.schemas.errors import (
     BadSignature,
     BelowThreshold,
@@ -40,7 +41,9 @@ from otacast.schemas.errors import (
     WrongDevice,
 )
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
+from otacast.schemas.manifest import SIGNING_CONTEXT
 from otacast.signer import errors as signer_errors
+from otacast.signer.keys import load_secret
 
 SIGNER = "otacast-signer"
 DEVICE = "otacast"
@@ -698,8 +701,14 @@ def test_world_readable_secret_key_is_refused_with_reason(work: World) -> None:
 # --- Manifests that are not what was signed, or not a manifest at all -------------------------
 
 
-def _json_edit(change: Callable[[dict[str, Any]], None]) -> Callable[[bytes], bytes]:
-    def mutate(data: bytes) -> bytes:
+# A change to the manifest file's bytes; it may sign with the keys in the given directory.
+Damage = Callable[[bytes, Path], bytes]
+
+
+def _json_edit(change: Callable[[dict[str, Any]], None]) -> Damage:
+    """`change` to the JSON, signatures left as they were (a forgery)."""
+
+    def mutate(data: bytes, _: Path) -> bytes:
         document = json.loads(data)
         change(document)
         return json.dumps(document, indent=2).encode("utf-8")
@@ -707,8 +716,23 @@ def _json_edit(change: Callable[[dict[str, Any]], None]) -> Callable[[bytes], by
     return mutate
 
 
-def _replace(old: bytes, new: bytes) -> Callable[[bytes], bytes]:
-    def mutate(data: bytes) -> bytes:
+def _signed_edit(change: Callable[[dict[str, Any]], None], key: str = World.alice_key) -> Damage:
+    """`change` to the JSON, then ``signed`` signed by `key` alone (as a careless publisher, or
+    one with a stolen key, could): refused for its content, not its signature."""
+
+    def mutate(data: bytes, keys: Path) -> bytes:
+        document = json.loads(data)
+        change(document)
+        signer = load_secret(keys / key)
+        message = SIGNING_CONTEXT + canonical_bytes(document["signed"])
+        document["signatures"] = [{"keyid": signer.key_id, "sig": signer.sign(message).hex()}]
+        return json.dumps(document, indent=2).encode("utf-8")
+
+    return mutate
+
+
+def _replace(old: bytes, new: bytes) -> Damage:
+    def mutate(data: bytes, _: Path) -> bytes:
         assert data.count(old) == 1, old
         return data.replace(old, new)
 
@@ -743,7 +767,7 @@ def _delete(*path: str) -> Callable[[dict[str, Any]], None]:
     return change
 
 
-def _surrogate(data: bytes) -> bytes:
+def _surrogate(data: bytes, _: Path) -> bytes:
     document = json.loads(data)
     document["signed"]["http"] = ["https://mirror.example.com/\ud800"]
     return json.dumps(document).encode("ascii")  # \ud800 stays an escape: valid UTF-8 bytes
@@ -755,46 +779,57 @@ MANIFEST_DAMAGE = [
     pytest.param(_json_edit(_flip_signature_bit), BadSignature, "", id="signature-bit-flipped"),
     pytest.param(_replace(SEQ, b'"sequence": 6'), BadSignature, "",  # '7' ^ 0x01
                  id="sequence-bit-flipped"),
-    pytest.param(_json_edit(_set("signed", "extra", 1)), MalformedManifest, "extra",
+    pytest.param(_signed_edit(lambda d: None, World.bob_key), UnknownKey, "untrusted keys",
+                 id="signed-by-an-untrusted-key"),
+    # Content a schema refuses is refused as forged unless it is signed: signatures first.
+    pytest.param(_json_edit(_set("signed", "extra", 1)), BadSignature, "",
+                 id="unknown-field-in-signed-forged"),
+    pytest.param(_signed_edit(_set("signed", "extra", 1)), MalformedManifest, "extra",
                  id="unknown-field-in-signed"),
     pytest.param(_json_edit(_set("extra", 1)), MalformedManifest, "extra",
                  id="unknown-field-at-top-level"),
-    pytest.param(_json_edit(_delete("signed", "expires")), MalformedManifest, "expires",
+    pytest.param(_signed_edit(_delete("signed", "expires")), MalformedManifest, "expires",
                  id="missing-signed-field"),
-    pytest.param(_json_edit(_set("signed", "image", "length", 2**62)), MalformedManifest,
+    pytest.param(_signed_edit(_set("signed", "image", "length", 2**62)), MalformedManifest,
                  "length", id="huge-length"),
+    pytest.param(_json_edit(_set("signed", "image", "length", 2**62)), BadSignature, "",
+                 id="huge-length-forged"),
     pytest.param(_replace(SEQ, b'"sequence": ' + b"9" * 5000), MalformedManifest, "",
                  id="5000-digit-integer"),
-    pytest.param(_json_edit(_set("signed", "sequence", -SEQUENCE)), MalformedManifest,
+    pytest.param(_signed_edit(_set("signed", "sequence", -SEQUENCE)), MalformedManifest,
                  "sequence", id="negative-sequence"),
     pytest.param(_replace(SEQ, SEQ + b".0"), MalformedManifest, "only integers are allowed",
                  id="float-sequence"),
     pytest.param(_replace(SEQ, b'"sequence": NaN'), MalformedManifest, "NaN", id="nan"),
     pytest.param(_replace(b'"version": "7"', b'"version": "7\xff"'), MalformedManifest,
                  "UTF-8", id="non-utf8-bytes"),
-    pytest.param(lambda data: b"\xef\xbb\xbf" + data, MalformedManifest, "byte-order mark",
+    pytest.param(lambda data, _: b"\xef\xbb\xbf" + data, MalformedManifest, "byte-order mark",
                  id="byte-order-mark"),
     pytest.param(_replace(SEQ + b",", SEQ + b",\n    " + SEQ + b","), MalformedManifest,
                  "duplicate JSON key 'sequence'", id="duplicate-key"),
     pytest.param(_surrogate, MalformedManifest, "surrogate", id="lone-surrogate"),
-    pytest.param(lambda data: data + b" " * (MAX_MANIFEST_BYTES + 1 - len(data)),
+    pytest.param(lambda data, _: data + b" " * (MAX_MANIFEST_BYTES + 1 - len(data)),
                  ManifestTooLarge, "limit", id="one-byte-over-2MiB"),
-    pytest.param(lambda data: b"this is not JSON\n", MalformedManifest, "not valid JSON",
+    pytest.param(lambda data, _: b"this is not JSON\n", MalformedManifest, "not valid JSON",
                  id="not-json"),
-    pytest.param(lambda data: b"[" * 100_000 + b"]" * 100_000, MalformedManifest, "nested",
+    pytest.param(lambda data, _: b"[" * 100_000 + b"]" * 100_000, MalformedManifest, "nested",
                  id="deeply-nested"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("damage", "error", "fragment"), MANIFEST_DAMAGE)
-def test_damaged_manifest_is_refused_the_same_way_by_both_sides(
-    work: World, damage: Callable[[bytes], bytes], error: type[OtacastError], fragment: str
+def test_damaged_or_forged_manifest_gets_the_same_error_and_exit_code_from_both_sides(
+    work: World, damage: Damage, error: type[OtacastError], fragment: str
 ) -> None:
+    # Both commands run `policy.verify_envelope` (size, outline, signatures, then the schema):
+    # oversize, not JSON, a bad signature, an unknown key, and schema-invalid content that is
+    # correctly signed each get one error class, and so one exit code, on both sides.
     path = work.path(work.manifest)
-    path.write_bytes(damage(path.read_bytes()))
+    path.write_bytes(damage(path.read_bytes(), work.root))
     publisher, device = refuse(
         work.root, both_verify(work.manifest, "--trust", work.alice_pub), error, fragment
     )
+    assert publisher.code == device.code == error.exit_code
     # Both sides give the same reason.
     assert publisher.err.removeprefix(f"{SIGNER}: ") == device.err.removeprefix(f"{DEVICE}: ")
 

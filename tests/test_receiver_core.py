@@ -26,6 +26,7 @@ from .helpers import (
     MANIFEST,
     NOW,
     TRUST,
+    cycles,
     drain,
     interleaved,
     manifest_datagrams,
@@ -312,3 +313,33 @@ def test_the_snapshot_is_a_frozen_copy_of_the_counters_and_progress() -> None:
     assert core.snapshot().rejected == {"short": 1, "oversized": 2}
     with pytest.raises(dataclasses.FrozenInstanceError):
         snap.datagrams = 0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("first", [5, 7])
+def test_with_a_grace_period_the_highest_sequence_heard_is_adopted_whichever_came_first(
+    first: int,
+) -> None:
+    # Two senders on the channel serve sequences 5 and 7 (`watch` listens one second more).
+    releases = {5: ENVELOPE, 7: reference_envelope(sequence=7)}
+    second = 12 - first
+    seven = cycles(releases[7].manifest, IMAGE, 0)
+    core = ReceiverCore(TRUST, now=NOW, installed_sequence=4, manifest_grace=1.0)
+    assert receive_all(core, manifest_datagrams(releases[first]), NOW) == []
+    assert core.get_timer() == NOW + 1.0 and core.verified is None
+    events = receive_all(core, manifest_datagrams(releases[second]), NOW + 0.3, source="fd51::2")
+    events += receive_all(core, manifest_datagrams(releases[first]) + seven[0], NOW + 0.6)
+    assert events == [] and core.verified is None  # DATA is held, as before any manifest
+    assert core.stats.rejected["manifest-lower"] == 1
+    # The first datagram after the grace period adopts the highest and replays what was held.
+    events = receive_all(core, seven[1], NOW + 1.0)
+    assert isinstance(events[0], ManifestVerified)
+    assert events[0].verified.manifest.sequence == 7
+    assert {e.index for e in events if isinstance(e, ChunkComplete)} == {0, 1}
+    # Or the timer does, when nothing arrives.
+    idle = ReceiverCore(TRUST, now=NOW, manifest_grace=1.0)
+    receive_all(idle, manifest_datagrams(releases[first]), NOW)
+    receive_all(idle, manifest_datagrams(releases[second]), NOW + 0.5)
+    idle.handle_timer(NOW + 0.99)
+    assert idle.verified is None
+    idle.handle_timer(NOW + 1.0)
+    assert idle.verified is not None and idle.verified.manifest.sequence == 7

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from functools import cache
 from typing import Any
@@ -585,10 +586,15 @@ def test_deeply_nested_json_is_refused(depth: int) -> None:
         refused(MalformedManifest, objects)
     data = release().compact_bytes
     if len(data) + len(nest) < MAX_MANIFEST_BYTES:
-        refused(
-            MalformedManifest,
-            replace_once(data, b'"compatible":[', b'"compatible":[' + nest + b","),
-        )
+        nested = replace_once(data, b'"compatible":[', b'"compatible":[' + nest + b",")
+        try:
+            signed = json.loads(nested)["signed"]
+        except RecursionError:
+            refused(MalformedManifest, nested)  # too deep to parse: refused before anything
+        else:
+            # Parseable: refused as content when signed, and as forged when not.
+            refused(MalformedManifest, signed_envelope(signed))
+            refused(BadSignature, nested)
         refused(
             MalformedManifest,
             replace_once(data, b'"signatures":[', b'"signatures":[' + nest + b","),
@@ -604,8 +610,9 @@ def test_integer_with_thousands_of_digits_is_refused(digits: int) -> None:
 
 
 def test_integer_just_under_the_digit_limit_is_refused_by_range() -> None:
-    data = replace_once(release().compact_bytes, b'"sequence":7', b'"sequence":' + b"9" * 4000)
-    refused(MalformedManifest, data)
+    signed = document()["signed"]
+    signed["sequence"] = int("9" * 4000)
+    refused(MalformedManifest, signed_envelope(signed))
 
 
 def test_lone_surrogate_is_refused() -> None:
@@ -693,29 +700,56 @@ def test_misaligned_or_tiny_symbol_size_is_refused(size: int) -> None:
 # --- Regressions: each of these once got through -------------------------------------------
 
 
-def test_junk_array_is_refused_after_the_first_schema_error(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Collecting every schema error of an unauthenticated array of junk once cost one error
-    # object per item (20-50 s of CPU for 2 MiB) before any signature was checked.  Count how
-    # many errors the validator is asked for instead of timing it.
+@pytest.fixture
+def validator_use(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """How often the schema validator is asked about a document ("asked"), and how many errors
+    it is made to compute ("errors"): counted instead of timed."""
     from otacast.schemas import validation
 
     real = validation._validator()
-    consumed = 0
+    use: Counter[str] = Counter()
 
     class Counting:
         def iter_errors(self, document: Any) -> Iterator[Any]:
-            nonlocal consumed
+            use["asked"] += 1
             for error in real.iter_errors(document):
-                consumed += 1
+                use["errors"] += 1
                 yield error
 
     monkeypatch.setattr(validation, "_validator", lambda: Counting())
-    junk = b"1," * 100_000
-    data = replace_once(release().compact_bytes, b'"signatures":[', b'"signatures":[' + junk)
-    refused(MalformedManifest, data)
-    assert consumed == 1
+    return use
+
+
+def test_junk_array_is_refused_after_the_first_schema_error(validator_use: Counter[str]) -> None:
+    # Collecting every schema error of an array of junk once cost one error object per item
+    # (20-50 s of CPU for 2 MiB), and then before any signature was checked.  Only a signed
+    # manifest reaches the validator now (next test), and it still computes one error.
+    signed = document()["signed"]
+    signed["chunks"]["sha256"] = [1] * 100_000
+    refused(MalformedManifest, signed_envelope(signed))
+    assert validator_use["errors"] == 1
+
+
+def test_forged_envelopes_are_refused_before_the_schema_validator_runs(
+    validator_use: Counter[str],
+) -> None:
+    # The JSON Schema costs ~0.4 s of CPU for a 1.1 MB manifest: run first, it let anyone on
+    # the channel keep a core busy with ~2.5 MB/s of forgeries.  Now an envelope reaches it only
+    # once its signatures hold.
+    junk = document()
+    junk["signed"]["chunks"]["sha256"] = ["zz" * 32] * 16384  # ~1.1 MB, schema-invalid
+    outsiders = junk | {"signatures": [{"keyid": outsider().key_id, "sig": "ab" * 64}]}
+    forged = [
+        (BadSignature, encode(junk)),  # the trusted key's signature, over another manifest
+        (UnknownKey, encode(outsiders)),
+        (MalformedManifest, b"{" + b" " * 1_000_000),  # not JSON
+        (ManifestTooLarge, b"{" * (MAX_MANIFEST_BYTES + 1)),
+    ]
+    for error, data in forged:
+        refused(error, data)
+    assert validator_use["asked"] == 0
+    refused(MalformedManifest, signed_envelope(junk["signed"]))  # genuinely signed
+    assert validator_use["asked"] == 1
 
 
 @pytest.mark.parametrize(

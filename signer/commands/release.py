@@ -11,13 +11,13 @@ from typing import Any
 from otacast.schemas import addressing, fec, units
 from otacast.schemas.errors import MalformedManifest
 from otacast.schemas.manifest import FORMATS, Envelope, Manifest, Transport
-from otacast.schemas.policy import TrustSet, check_envelope
+from otacast.schemas.policy import TrustSet, verify_envelope
 from otacast.signer import keys, sign
 from otacast.signer.errors import UsageError, WriteError
 from otacast.signer.fileio import atomic_write
 
 from . import args as types
-from .args import Subcommands, iso, read_manifest
+from .args import Subcommands, iso, read_manifest, read_manifest_bytes
 
 
 def add_keygen(sub: Subcommands) -> None:
@@ -253,9 +253,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         trust = TrustSet.from_public_keys(publics, args.threshold)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    envelope = read_manifest(args.manifest)
-    verified = check_envelope(
-        envelope,
+    verified = verify_envelope(
+        read_manifest_bytes(args.manifest),
         trust,
         keys.check_signature,
         now=time.time() if args.at is None else args.at,
