@@ -70,6 +70,7 @@ from otacast.schemas.limits import (
     UNTRUSTED_AUTH_VERIFY_RATE,
 )
 
+from .budget import TokenBucket
 from .verify import check_signature
 
 SignatureCheck = Callable[[bytes, bytes, bytes], bool]
@@ -90,6 +91,10 @@ _SIGNATURE_KEY = 16
 PageKey = tuple[int, int]  # chunk, page
 
 
+def _bucket(rate: float, now: float) -> TokenBucket:
+    return TokenBucket(rate, max(1.0, rate * BUDGET_BURST_SECONDS), now)
+
+
 @dataclass
 class AuthStats:
     pages_signed: int = 0  # accepted after an Ed25519 verification
@@ -99,30 +104,11 @@ class AuthStats:
     datagrams_released: int = 0  # admitted after being held for their page
 
 
-class _Budget:
-    __slots__ = ("burst", "last", "rate", "tokens")
-
-    def __init__(self, rate: float, now: float) -> None:
-        self.rate = rate
-        self.burst = max(1.0, rate * BUDGET_BURST_SECONDS)
-        self.tokens = self.burst
-        self.last = now
-
-    def take(self, now: float) -> bool:
-        elapsed = max(0.0, now - self.last)
-        self.last = now
-        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-
 class _Trusted:
     __slots__ = ("budget", "last_good")
 
     def __init__(self, now: float) -> None:
-        self.budget = _Budget(TRUSTED_AUTH_VERIFY_RATE, now)
+        self.budget = _bucket(TRUSTED_AUTH_VERIFY_RATE, now)
         self.last_good = now
 
 
@@ -164,8 +150,8 @@ class PacketAuthenticator:
         self._recent: OrderedDict[bytes, None] = OrderedDict()
         self._held: OrderedDict[bytes, bytes] = OrderedDict()
         self._held_bytes = 0
-        self._strangers = _Budget(UNTRUSTED_AUTH_VERIFY_RATE, now)
-        self._everyone = _Budget(MAX_AUTH_VERIFY_RATE, now)
+        self._strangers = _bucket(UNTRUSTED_AUTH_VERIFY_RATE, now)
+        self._everyone = _bucket(MAX_AUTH_VERIFY_RATE, now)
         self._trusted: OrderedDict[str, _Trusted] = OrderedDict()
 
     # --- DATA --------------------------------------------------------------------------------
