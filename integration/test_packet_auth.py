@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from otacast.schemas import wire
 from otacast.schemas.manifest import Envelope, parse_envelope
 from otacast.signer.keys import SigningKey
 
-from .attacks import Channel, asm_fetch, inject
+from .attacks import PYTHON, Channel, asm_fetch, inject
 from .netns import Host, Lan, LanFactory, stop
 from .release import Release, keygen, serve
 
@@ -99,14 +100,24 @@ def start_fetch(
 
 
 def receive(
-    lan: Lan, release: Release, key: Path, tmp_path: Path, *, flood: bool
+    lan: Lan,
+    release: Release,
+    key: Path,
+    tmp_path: Path,
+    *,
+    flood: bool = False,
+    attacker_start: Callable[[], subprocess.Popen[str]] | None = None,
+    rate: int = RATE,
 ) -> tuple[dict[str, object], float, dict[str, object] | None]:
     """One authenticated download, timed from the sender's first packet: the receiver has
-    joined already and the sender's symbols are cached, so runs compare delivery alone."""
+    joined already and the sender's symbols are cached, so runs compare delivery alone.  The
+    attacker is the forgery flood (`flood`) or what `attacker_start` starts."""
     envelope = parse_envelope(release.manifest.read_bytes())
     tmp_path.mkdir(parents=True, exist_ok=True)
     sender, receiver = lan.hosts[0], lan.hosts[1]
     attacker = attack(lan, release, tmp_path) if flood else None
+    if attacker_start is not None:
+        attacker = attacker_start()
     rx = start_fetch(receiver, release, envelope, tmp_path, "require", "--join-timeout", "60")
     tx = None
     try:
@@ -117,7 +128,7 @@ def receive(
             release,
             "--asm",
             "--rate",
-            str(RATE),
+            str(rate),
             "--stream-key",
             str(key),
             "--duration",
@@ -199,3 +210,111 @@ def test_without_packet_authentication_the_same_flood_stalls_the_download(
         f"{envelope.manifest.image.length} bytes done ({last['event']}); "
         f"rejections {dict(sorted(rejected.items()))}"
     )
+
+
+# --- Replayed genuine pages (issue 13, attack 1) ----------------------------------------------
+
+REPLAY_RATE = 8 * MB  # bytes/s: the honest sender of the replay test
+REPLAY_SIZE = 32 * MB  # 32 chunks of 1 MiB: most chunks are "not being sent" at any moment
+RECORD = str(Path(__file__).with_name("record.py"))
+
+
+def record_pages(host: Host, channel: Channel, seconds: float, out: Path) -> int:
+    """Record the AUTH pages heard on the channel's ASM group for `seconds`; how many."""
+    recorder = host.popen(
+        PYTHON,
+        RECORD,
+        "eth0",
+        channel.group,
+        str(channel.port),
+        str(seconds),
+        str(out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out_text, err = recorder.communicate(timeout=seconds + 30)
+    assert recorder.returncode == 0, err
+    return int(json.loads(out_text.splitlines()[-1])["recorded"])
+
+
+def test_genuine_pages_replayed_at_the_honest_packet_rate_cost_the_download_nothing(
+    lan: LanFactory, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    # A host with no keys records a loop of the sender's genuine AUTH pages, then, during a
+    # later download, replays them to the channel at the honest packet rate.  Before pages
+    # carried their sending time, each replay re-admitted its digests into one shared cache and
+    # pushed out the real sender's fresh ones: a 64 MiB download that took 8 s had 2 of 64
+    # chunks after 240 s.  Now a replayed page is stale and costs a comparison.
+    net = lan(3)  # sender, receiver, attacker
+    directory = tmp_path_factory.mktemp("replay-release")
+    secret, public = keygen(directory / "stream")
+    release = Release.make(directory, REPLAY_SIZE, chunk="1M", extra=("--stream-key", str(public)))
+    channel = Channel.of(release)
+    sender, attacker_host = net.hosts[0], net.hosts[2]
+    recording = tmp_path / "recorded.bin"
+    tx = serve(
+        sender,
+        release,
+        "--asm",
+        "--rate",
+        str(REPLAY_RATE),
+        "--stream-key",
+        str(secret),
+        ready=True,
+    )
+    try:
+        loop = REPLAY_SIZE / REPLAY_RATE * 1.2
+        recorded = record_pages(attacker_host, channel, loop, recording)
+    finally:
+        stop([tx])
+    assert recorded > REPLAY_SIZE // (1228 * 113)  # a loop's worth of pages
+
+    def replay(times: int) -> Callable[[], subprocess.Popen[str]]:
+        def start() -> subprocess.Popen[str]:
+            return attacker_host.popen(
+                PYTHON,
+                str(Path(__file__).with_name("inject.py")),
+                "eth0",
+                channel.group,
+                str(channel.port),
+                "300",
+                "--pps",
+                str(times * REPLAY_RATE // 1228),
+                "--file",
+                str(recording),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+
+        return start
+
+    lines = []
+    # Twice at the honest packet rate, once at three times it (where the page cache the
+    # replays flushed before took 1.6-5x the clean time).
+    for run, times in enumerate((1, 1, 3)):
+        clean, clean_time, _ = receive(
+            net, release, secret, tmp_path / f"clean{run}", rate=REPLAY_RATE
+        )
+        attacked, attacked_time, report = receive(
+            net,
+            release,
+            secret,
+            tmp_path / f"replayed{run}",
+            rate=REPLAY_RATE,
+            attacker_start=replay(times),
+        )
+        assert report is not None and report["sent"] > 0
+        assert clean["bytes_http"] == 0 and attacked["bytes_http"] == 0
+        rejected = attacked["rejected"]
+        assert isinstance(rejected, dict)
+        assert rejected.get("auth-stale", 0) > 0  # the replays were heard, and refused
+        assert rejected.get("chunk-hash-mismatch", 0) == 0
+        assert rejected.get("unauthenticated", 0) == 0  # no honest datagram lost its page
+        used = int(attacked["symbols_used"]) / int(clean["symbols_used"])  # type: ignore[call-overload]
+        assert used <= 1.3, (clean, attacked)
+        lines.append(
+            f"{times}x honest rate: clean {clean_time:.1f} s, replayed {attacked_time:.1f} s "
+            f"(ratio {attacked_time / clean_time:.2f}), symbols used ratio {used:.3f}, "
+            f"{rejected.get('auth-stale', 0)} stale pages refused"
+        )
+    print(f"\nreplayed pages ({recorded} recorded):\n  " + "\n  ".join(lines))
