@@ -57,7 +57,7 @@ MAX_CHUNK_BYTES = 8 * 1024 * 1024
 # the benefit of finer-grained verification.
 MIN_CHUNK_BYTES = 64 * 1024
 
-# 8 MiB, the largest chunk: the carousel sends a whole visit (one AUTH page, 112 symbols) of every
+# 8 MiB, the largest chunk: the carousel sends a whole visit (one AUTH page, 113 symbols) of every
 # chunk per round, so a receiver hears up to about a visit per chunk beyond its K/(1-p); at 8 MiB
 # (K = 6945) that is under 2% (the simulator sweep measured 1.008-1.021 of the ideal at 0-30% loss
 # for 50 MB to 1 GiB, against 1.06-1.13 at 1 MiB: docs/PERFORMANCE.md).  RaptorQ decodes in time
