@@ -7,10 +7,17 @@ links, all in namespaces the test creates and deletes.
 The router forwards unicast between the three /64s and multicast only along the static (S,G)
 routes smcroute installs: smcroute does not speak MLD, so a route is what decides where a
 stream goes, and a link without one must see none of it.
+
+A kernel built without IPv6 multicast routing (``CONFIG_IPV6_MROUTE``; some VM kernels) cannot
+run smcroute.  There the routes become nftables netdev rules that duplicate each matching
+datagram from the inbound port onto the outbound one: the device's side (discovery, the SSM
+join of a source on another subnet, the stream crossing to its link and no other) is tested the
+same way, the router's own part is not, and the test says which one ran.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -76,16 +83,34 @@ class Routed(Network):
         done = self.hosts[name].run("cat", "/sys/class/net/eth0/statistics/rx_bytes")
         return int(done.stdout)
 
+    def kernel_routes_multicast(self) -> bool:
+        """Whether this kernel has IPv6 multicast routing (``CONFIG_IPV6_MROUTE``)."""
+        done = subprocess.run(
+            ["ip", "netns", "exec", self.router, "test", "-e", "/proc/net/ip6_mr_vif"],
+            check=False,
+        )
+        return done.returncode == 0
+
     @contextmanager
-    def multicast_routes(self, routes: Sequence[str], workdir: Path) -> Iterator[None]:
-        """smcrouted in the router with `routes` (``mroute …`` lines); stopped on exit."""
+    def multicast_routes(self, routes: Sequence[MRoute], workdir: Path) -> Iterator[Forwarding]:
+        """Forward `routes` in the router while the block runs: by smcrouted, or, on a kernel
+        without IPv6 multicast routing, by nftables (see `Forwarding`)."""
+        if self.kernel_routes_multicast():
+            with self._smcroute(routes, workdir):
+                yield Forwarding(self.router, "smcroute", routes)
+        else:
+            with self._nft_dup(routes):
+                yield Forwarding(self.router, "nftables", routes)
+
+    @contextmanager
+    def _smcroute(self, routes: Sequence[MRoute], workdir: Path) -> Iterator[None]:
         program = shutil.which("smcrouted", path=_PATH)
         if program is None:
             raise SmcrouteMissing("smcroute is not installed (Debian package smcroute)")
         config = workdir / "smcroute.conf"
         config.write_text(
             "".join(f"phyint rt_{name} enable\n" for name in LINKS)
-            + "".join(f"{route}\n" for route in routes)
+            + "".join(f"{route.smcroute_line()}\n" for route in routes)
         )
         socket_path = workdir / "smcroute.sock"
         log = (workdir / "smcroute.log").open("w")
@@ -113,7 +138,7 @@ class Routed(Network):
         )
         try:
             deadline = time.monotonic() + START_TIMEOUT
-            while not self._routes_installed(len(routes)):
+            while len(_mr_cache(self.router)) < len(routes):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
                         "smcrouted did not install its routes: "
@@ -125,11 +150,85 @@ class Routed(Network):
             stop([process])
             log.close()
 
-    def _routes_installed(self, count: int) -> bool:
-        done = subprocess.run(
-            ["ip", "netns", "exec", self.router, "cat", "/proc/net/ip6_mr_cache"],
+    @contextmanager
+    def _nft_dup(self, routes: Sequence[MRoute]) -> Iterator[None]:
+        chains = "".join(
+            f"  chain in_{n} {{\n"
+            f'    type filter hook ingress device "{route.inbound}" priority 0;\n'
+            f"    ip6 saddr {route.source} ip6 daddr {route.group} counter "
+            f'dup to "{route.outbound}"\n'
+            "  }\n"
+            for n, route in enumerate(routes)
+        )
+        rules = [f"table netdev {NFT_TABLE} {{\n{chains}}}\n"]
+        subprocess.run(
+            ["ip", "netns", "exec", self.router, "nft", "-f", "-"],
+            input="".join(rules),
+            text=True,
+            check=True,
+        )
+        try:
+            yield
+        finally:
+            subprocess.run(
+                ["ip", "netns", "exec", self.router, "nft", "delete", "table", "netdev", NFT_TABLE],
+                check=False,
+            )
+
+
+NFT_TABLE = "otacast_mroute"
+
+
+@dataclass(frozen=True)
+class MRoute:
+    """A static (S,G) multicast route: from the router port `inbound` to `outbound`."""
+
+    inbound: str
+    source: str
+    group: str
+    outbound: str
+
+    def smcroute_line(self) -> str:
+        return (
+            f"mroute from {self.inbound} source {self.source} group {self.group} to {self.outbound}"
+        )
+
+
+@dataclass(frozen=True)
+class Forwarding:
+    """How the router forwards the routes: ``smcroute`` (the kernel's multicast routing, as a
+    real router does) or ``nftables`` (a netdev ingress rule per route that duplicates the
+    matching datagrams onto the outbound port: what a kernel without ``CONFIG_IPV6_MROUTE``
+    allows; no hop is counted and smcroute itself is not exercised)."""
+
+    router: str
+    kind: str
+    routes: Sequence[MRoute]
+
+    def forwarded_bytes(self, route: MRoute) -> int:
+        """Bytes the router forwarded along `route` so far."""
+        if self.kind == "smcroute":
+            group = ipaddress.IPv6Address(route.group).exploded
+            entry = next(line for line in _mr_cache(self.router) if line.startswith(group))
+            return int(entry.split()[4])  # Group Origin Iif Pkts Bytes ...
+        listed = subprocess.run(
+            ["ip", "netns", "exec", self.router, "nft", "list", "table", "netdev", NFT_TABLE],
             capture_output=True,
             text=True,
-            check=False,
-        )
-        return len(done.stdout.splitlines()) - 1 >= count  # a header line, then one per route
+            check=True,
+        ).stdout
+        for line in listed.splitlines():
+            if f"ip6 daddr {route.group}" in line and "counter" in line:
+                return int(line.split("bytes")[1].split()[0])
+        raise AssertionError(f"no counter for {route} in {listed}")
+
+
+def _mr_cache(router: str) -> list[str]:
+    """The router's (S,G) entries (/proc/net/ip6_mr_cache, its header line dropped)."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", router, "cat", "/proc/net/ip6_mr_cache"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.splitlines()[1:]
