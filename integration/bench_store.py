@@ -1,12 +1,17 @@
 """Symbol store microbenchmark: prints numbers, asserts nothing; needs no root and no network.
 
-    python integration/bench_store.py [--size 32M] [--loss 0,5] [--dir /var/tmp]
+    python integration/bench_store.py [--size 32M] [--chunk 8M] [--loss 0,5] [--join 0]
+        [--dir /var/tmp]
 
-A release of ``--size`` random bytes in 1 MiB chunks (1208-byte symbols, the product's
-defaults) is cut into real DATA datagrams, and every chunk's cycle is walked in the
-symbol-major order of issue 12: each round visits every chunk and gives it the next 112
-consecutive symbols of its cycle (one AUTH page's worth), in that chunk order, with each
-datagram lost at random with probability ``--loss``.  Two measurements per loss rate, each in a
+A release of ``--size`` random bytes in ``--chunk`` chunks (8 MiB, the product's default;
+1208-byte symbols) is cut into real DATA datagrams, and every chunk's cycle is walked in the
+carousel's order (`otacast.signer.schedule`, one sender): each round visits every chunk and
+gives it the next 112 consecutive symbols of its cycle (one visit, an AUTH page's worth), in
+chunk order, with each datagram lost at random with probability ``--loss``.  The receiver joins
+at round ``--join`` of the cycle (``0``: at the cycle's start, so without loss every chunk gets
+its source symbols first and needs no decode; ``random``: a seeded random round, as a real
+receiver joins a carousel that runs on the wall clock, so nearly every chunk needs a RaptorQ
+decode).  Two measurements per loss rate, each in a
 fresh state directory on ``--dir`` (a real file system: ``fdatasync`` must cost what it costs on
 a device):
 
@@ -27,7 +32,6 @@ run.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import shutil
@@ -46,19 +50,22 @@ from otacast.plugin.staging import Staging
 from otacast.plugin.store_decoder import UNBOUNDED_DECODERS, StoredSymbols
 from otacast.plugin.symbol_store import SymbolStore
 from otacast.schemas import units, wire
+from otacast.signer import symbol_cache
 from otacast.signer.keys import SigningKey
-from tests.helpers import NOW, Release, cycles, make_release
+from tests.helpers import NOW, Release, cycles_for_fraction, make_release
 
-CHUNK = 1024 * 1024
-RUN = 112  # consecutive symbols per chunk per round: one AUTH page's worth
+RUN = 112  # consecutive symbols per chunk per round: one visit, an AUTH page's worth
 
 
-def symbol_major(cycle_lengths: list[int], loss: float, seed: int) -> list[tuple[int, int]]:
-    """(chunk, cycle position) of every datagram that arrives, in the sender's order."""
+def carousel(cycle_lengths: list[int], loss: float, seed: int, join: int) -> list[tuple[int, int]]:
+    """(chunk, cycle position) of every datagram that arrives, in the sender's order: rounds
+    ``join``, ``join + 1``, ... for one cycle of the longest chunk."""
     rng = random.Random(seed)
     order = []
-    for start in range(0, max(cycle_lengths), RUN):
+    visits = [-(-length // RUN) for length in cycle_lengths]
+    for round_ in range(join, join + max(visits)):
         for chunk, length in enumerate(cycle_lengths):
+            start = round_ % visits[chunk] * RUN
             for position in range(start, min(start + RUN, length)):
                 if rng.random() >= loss:
                     order.append((chunk, position))
@@ -170,28 +177,33 @@ def bench_core(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="32M")
+    parser.add_argument("--chunk", default="8M", help="chunk size (the product's default: 8M)")
     parser.add_argument("--loss", default="0,5", help="percent, comma-separated")
+    parser.add_argument(
+        "--join", default="0", help="the round the receiver joins at, or 'random' (seeded)"
+    )
     parser.add_argument("--dir", default="/var/tmp", help="where state directories are made")
     args = parser.parse_args()
     size = units.parse_size(args.size)
     image = random.Random(1).randbytes(size)
-    release = make_release(image, SigningKey(b"\x07" * 32), chunk_size=CHUNK)
+    release = make_release(image, SigningKey(b"\x07" * 32), chunk_size=units.parse_size(args.chunk))
     manifest = release.manifest
     k = manifest.source_symbols(0)
-    # Enough repair symbols for the highest loss asked for, as the sender's repair pool has.
-    worst = max(int(x) for x in args.loss.split(",")) / 100
-    repair = math.ceil(k * worst / (1 - worst) * 1.5) + 20
+    # The sender's cycles: its default (and least) repair pool, as `serve` lays them out.
     began = time.perf_counter()
-    datagrams = cycles(manifest, image, repair)
+    datagrams = cycles_for_fraction(release, symbol_cache.MIN_REPAIR_FRACTION)
+    repair = len(datagrams[0]) - k
     print(
         f"image {units.format_bytes(size)}: {manifest.chunk_count} chunks of K={k}, "
         f"{repair} repair symbols each (encoded in {time.perf_counter() - began:.1f} s); "
         f"flush every {getattr(symbol_store, 'FLUSH_SYMBOLS', None)} symbols"
     )
     lengths = [len(c) for c in datagrams]
+    visits = -(-max(lengths) // RUN)
+    join = random.Random(2).randrange(visits) if args.join == "random" else int(args.join)
     for percent in (int(x) for x in args.loss.split(",")):
-        order = symbol_major(lengths, percent / 100, seed=percent)
-        print(f"loss {percent}%: {len(order)} datagrams arrive")
+        order = carousel(lengths, percent / 100, seed=percent, join=join)
+        print(f"loss {percent}%, joined at round {join} of {visits}: {len(order)} datagrams arrive")
         for what in ("add", "store", "memory"):
             work = Path(tempfile.mkdtemp(prefix="otacast-storebench-", dir=args.dir))
             try:
