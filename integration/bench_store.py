@@ -1,7 +1,7 @@
 """Symbol store microbenchmark: prints numbers, asserts nothing; needs no root and no network.
 
     python integration/bench_store.py [--size 32M] [--chunk 8M] [--loss 0,5] [--join 0]
-        [--dir /var/tmp]
+        [--dir /var/tmp] [--repeat 1]
 
 A release of ``--size`` random bytes in ``--chunk`` chunks (8 MiB, the product's default;
 1208-byte symbols) is cut into real DATA datagrams, and every chunk's cycle is walked in the
@@ -18,7 +18,8 @@ a device):
 * ``add``: `SymbolStore.add` alone, per symbol stored (the symbols' bytes are sliced out
   beforehand), with the time spent in the flushes `add` triggers itself and the longest such
   flush; chunks are never completed, so this is the store's write path alone.
-* ``core``: the receive loop's work without the socket: `ReceiverCore.receive_datagram` with the
+* ``core``: the receive loop's work without the socket: `ReceiverCore.receive_datagrams` (with
+  views of ``READ`` datagrams at a time, as the loop hands over a GRO read) with the
   store's decoders (`StoredSymbols`, as ``otacast fetch`` uses them) until the image is
   complete, then `close`; CPU time (``time.process_time``, every thread of the process) per MB
   and wall time per datagram.  The same datagrams through in-memory decoders (``memory``,
@@ -55,6 +56,7 @@ from otacast.signer.keys import SigningKey
 from tests.helpers import NOW, Release, cycles_for_fraction, make_release
 
 RUN = 112  # consecutive symbols per chunk per round: one visit, an AUTH page's worth
+READ = 50  # datagrams per read (a GRO read holds up to 64)
 
 
 def carousel(cycle_lengths: list[int], loss: float, seed: int, join: int) -> list[tuple[int, int]]:
@@ -138,6 +140,9 @@ def bench_core(
 ) -> str:
     verified = release.verified()
     stream = [datagrams[chunk][p] for chunk, p in order]
+    # As the receive loop hands them over: views, a read's worth (a GSO/GRO batch) at a time.
+    reads = [[memoryview(d) for d in stream[i : i + READ]] for i in range(0, len(stream), READ)]
+    batched = hasattr(ReceiverCore, "receive_datagrams")  # (not in older versions)
     stored = StoredSymbols(directory, verified) if symbols == "store" else None
     core = ReceiverCore(
         release.trust,
@@ -151,9 +156,13 @@ def bench_core(
         began = time.perf_counter()
         cpu = time.process_time()
         used = 0
-        for datagram in stream:
-            core.receive_datagram(datagram, "fd00::1", NOW, wall=NOW)
-            used += 1
+        for read in reads:
+            if batched:
+                core.receive_datagrams(read, "fd00::1", NOW, wall=NOW)
+            else:
+                for datagram in read:
+                    core.receive_datagram(bytes(datagram), "fd00::1", NOW, wall=NOW)
+            used += len(read)
             while (event := core.next_event()) is not None:
                 if isinstance(event, ChunkComplete) and stored is not None:
                     stored.keep(event.index, event.data)
@@ -183,6 +192,7 @@ def main() -> None:
         "--join", default="0", help="the round the receiver joins at, or 'random' (seeded)"
     )
     parser.add_argument("--dir", default="/var/tmp", help="where state directories are made")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement")
     args = parser.parse_args()
     size = units.parse_size(args.size)
     image = random.Random(1).randbytes(size)
@@ -204,15 +214,16 @@ def main() -> None:
     for percent in (int(x) for x in args.loss.split(",")):
         order = carousel(lengths, percent / 100, seed=percent, join=join)
         print(f"loss {percent}%, joined at round {join} of {visits}: {len(order)} datagrams arrive")
-        for what in ("add", "store", "memory"):
-            work = Path(tempfile.mkdtemp(prefix="otacast-storebench-", dir=args.dir))
-            try:
-                if what == "add":
-                    print("  " + bench_add(work, release, datagrams, order))
-                else:
-                    print("  " + bench_core(work, release, datagrams, order, what))
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+        for _ in range(args.repeat):
+            for what in ("add", "store", "memory"):
+                work = Path(tempfile.mkdtemp(prefix="otacast-storebench-", dir=args.dir))
+                try:
+                    if what == "add":
+                        print("  " + bench_add(work, release, datagrams, order))
+                    else:
+                        print("  " + bench_core(work, release, datagrams, order, what))
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from otacast.schemas import wire
@@ -288,6 +288,11 @@ class ReceiverCore:
         return self._complete
 
     @property
+    def has_events(self) -> bool:
+        """Whether `next_event` has something."""
+        return bool(self._events)
+
+    @property
     def last_progress(self) -> float:
         """When a new symbol or chunk last advanced the image (or the session began)."""
         return self._last_progress
@@ -344,6 +349,30 @@ class ReceiverCore:
                 self._on_data(data, fields, now)
                 return
         self._receive_other(data, source, now, wall)
+
+    def receive_datagrams(
+        self, datagrams: Sequence[memoryview], source: str, now: float, *, wall: float
+    ) -> None:
+        """`receive_datagram` for each of `datagrams`, one read's worth from `source`.
+
+        They may be views of a buffer the caller reuses afterwards: the core keeps nothing of
+        them beyond this call without copying it.  The receive loop's path: without packet
+        authentication a DATA datagram of the session reaches its decoder as a view, with no
+        copy and no call per datagram besides `_on_data`'s."""
+        if not datagrams:
+            return
+        self.stats.datagrams += len(datagrams)
+        if self.first_datagram_at is None:
+            self.first_datagram_at = now
+        peek, on_data = wire.peek_data, self._on_data
+        for data in datagrams:
+            # (an authenticator may hold a datagram until its page arrives: it gets a copy)
+            if self._session and self.authenticator is None:
+                fields = peek(data)
+                if fields is not None and fields[0] == self._session:
+                    on_data(data, fields, now)
+                    continue
+            self._receive(bytes(data), source, now, wall)
 
     def _receive(self, data: bytes, source: str, now: float, wall: float) -> None:
         if self._session:
@@ -607,7 +636,7 @@ class ReceiverCore:
 
     def _on_data(
         self,
-        data: bytes,
+        data: bytes | memoryview,
         fields: tuple[bytes, int, int, int],
         now: float,
         vouched: bool = False,
@@ -630,7 +659,7 @@ class ReceiverCore:
         if (
             self.authenticator is not None
             and not vouched
-            and not self.authenticator.admit(data, chunk, esi)
+            and not self.authenticator.admit(bytes(data), chunk, esi)  # (a view: copied)
         ):
             return  # held until its page arrives, or dropped (counted by the authenticator)
         state = self._chunks.get(chunk)

@@ -23,7 +23,8 @@ class DecoderFault(Exception):
 
 
 class ChunkDecoder(Protocol):
-    def feed(self, packet: bytes) -> bytes | None: ...
+    # `packet` may be a view of a buffer reused after the call: copy what is kept.
+    def feed(self, packet: bytes | memoryview) -> bytes | None: ...
 
     def discard(self) -> None: ...
 
@@ -41,9 +42,9 @@ class RaptorQDecoder:
         self._decoder = raptorq.Decoder.with_defaults(length, symbol_size)
         self._length = length
 
-    def feed(self, packet: bytes) -> bytes | None:
+    def feed(self, packet: bytes | memoryview) -> bytes | None:
         try:
-            result = self._decoder.decode(packet)
+            result = self._decoder.decode(packet if type(packet) is bytes else bytes(packet))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 - a Rust panic is a BaseException

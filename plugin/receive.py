@@ -333,9 +333,11 @@ class _Run:
         # One reading of each clock per burst: a burst takes milliseconds, and only a manifest
         # completed in it is checked against the wall time (its expiry).
         now, wall = time.monotonic(), time.time()
-        receive = self.core.receive_datagram
+        receive, core = self.core.receive_datagrams, self.core
         # A read holds one datagram, or up to 64 with GRO (transport module doc): a burst stops
-        # at the first read that reaches MAX_BURST, so it may exceed it by one read's worth.
+        # at the first read that reaches MAX_BURST, so it may exceed it by one read's worth,
+        # and after a read that completed a chunk (its bytes wait in the event for the loop:
+        # several chunks' worth must not pile up in memory).
         left = MAX_BURST
         while left > 0:
             got = self.receiver.recv_batch()
@@ -343,9 +345,10 @@ class _Run:
                 break
             datagrams, source = got
             left -= len(datagrams) or 1  # a read of only truncated datagrams counts too
-            for datagram in datagrams:
-                # The views point into the transport's buffer: one copy each, for the core.
-                receive(bytes(datagram), source, now, wall=wall)
+            # The views point into the transport's buffer: the core copies what it keeps.
+            receive(datagrams, source, now, wall=wall)
+            if core.has_events:
+                break
         # A datagram longer than the buffer never reaches the core: the transport drops it and
         # counts it.  It is a hostile datagram like any other, so it is counted with them.
         dropped = self.receiver.truncated - self._truncated

@@ -49,7 +49,7 @@ class StoreDecoder:
         # Symbols held at the last attempt that did not decode: try again only with more.
         self._tried_with = -1
 
-    def feed(self, packet: bytes) -> bytes | None:
+    def feed(self, packet: bytes | memoryview) -> bytes | None:
         store, chunk = self.store, self.chunk
         # A chunk completed and verified in an earlier run is refused here (as "done"): the
         # driver marks it done (and counts it as resumed) when it handles `ManifestVerified`.

@@ -23,15 +23,19 @@ from .helpers import (
     DATA,
     ENVELOPE,
     IMAGE,
+    KEY,
     MANIFEST,
     NOW,
     TRUST,
+    auth_pages,
     cycles,
     drain,
     interleaved,
+    make_release,
     manifest_datagrams,
     rebuilt,
     receive_all,
+    receive_reads,
     reference_envelope,
 )
 
@@ -50,6 +54,31 @@ def test_lost_symbols_are_repaired_from_repair_symbols(loss: float) -> None:
     core = ReceiverCore(TRUST, now=NOW, manifest=None)
     events = receive_all(core, manifest_datagrams() + interleaved(loss, seed=3))
     assert rebuilt(events) == IMAGE and core.complete
+
+
+def test_views_of_a_read_buffer_that_is_reused_rebuild_the_image() -> None:
+    # Data before the manifest (held), the manifest, then every chunk with loss (decoded):
+    # whatever the core keeps of a read, it copies before the buffer is read into again.
+    core = ReceiverCore(TRUST, now=NOW)
+    events = receive_reads(core, DATA[0][:30] + manifest_datagrams() + interleaved(0.1, seed=5))
+    assert rebuilt(events) == IMAGE and core.complete
+    assert core.stats.rejected == {}
+    assert core.stats.datagrams == 30 + len(manifest_datagrams()) + len(interleaved(0.1, seed=5))
+
+
+def test_views_held_until_their_auth_page_arrives_are_copies() -> None:
+    stream_key = SigningKey(b"\x05" * 32)
+    release = make_release(IMAGE, KEY, chunk_size=CHUNK, stream_keys=[stream_key])
+    data = cycles(release.manifest, IMAGE, 0)
+    pages = auth_pages(release.manifest, data, stream_key)
+    capacity = wire.auth_capacity(wire.data_datagram_size(release.manifest.fec.symbol_size))
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_reads(core, manifest_datagrams(release.envelope))
+    receive_reads(core, data[0][:capacity])  # held: their page has not arrived
+    assert core.stats.symbols_used == 0
+    events = receive_reads(core, pages[0] + data[0][capacity:])
+    assert [e.index for e in events if isinstance(e, ChunkComplete)] == [0]
+    assert rebuilt(events) == IMAGE[:CHUNK]
 
 
 def test_data_before_the_manifest_is_held_and_used_once_it_is_verified() -> None:
