@@ -525,13 +525,15 @@ class SymbolStore:
         return data
 
     def symbols(self, chunk: int) -> list[bytes]:
-        """The codec packets (payload id + symbol) `chunk` holds, for the decoder."""
-        return list(self.iter_symbols(chunk))
+        """The codec packets (payload id + symbol) `chunk` holds, for the decoder, in the
+        order of their ESIs (as `esis`)."""
+        return sorted(self.iter_symbols(chunk))  # (the payload id is the ESI, big-endian)
 
     def iter_symbols(self, chunk: int) -> Iterator[bytes]:
         """`symbols`, one at a time, so that a decoder holds them and not also a list: its
-        source symbols in ESI order, then its repair symbols in ESI order.  Read the whole
-        iterator before storing or completing anything."""
+        source symbols in ESI order, then its repair symbols in the order of their slots (a
+        decoder does not care).  Read the whole iterator before storing or completing
+        anything."""
         state = self._chunks.get(chunk)
         if state is None:
             return
@@ -550,24 +552,21 @@ class SymbolStore:
             return
         self._write_spill_run()  # gathered repair symbols belong in what is read
         # Repair symbols in consecutive slots (a run of them, stored in the order they came)
-        # are read with one pread; symbols in order of their ESIs, as `esis`.
+        # are read with one pread.
         held = sorted(zip(state.repair_slot, state.repair_esi, strict=True))
-        repair: dict[int, bytes] = {}
         at = 0
         while at < len(held):
             end = at + 1
             while end < len(held) and held[end][0] == held[end - 1][0] + 1:
                 end += 1
             first = held[at][0]
-            with memoryview(
+            block = memoryview(
                 self._read(self._spill, first * size, (end - at) * size, self.spill_path)
-            ) as block:
-                for slot, esi in held[at:end]:
-                    offset = (slot - first) * size
-                    repair[esi] = join((pack(esi), block[offset : offset + size]))
+            )
+            for slot, esi in held[at:end]:
+                offset = (slot - first) * size
+                yield join((pack(esi), block[offset : offset + size]))
             at = end
-        for esi in sorted(repair):
-            yield repair[esi]
 
     @property
     def stats(self) -> StoreStats:
