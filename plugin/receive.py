@@ -44,7 +44,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from otacast.schemas import addressing
 from otacast.schemas.limits import MAX_DECODER_BYTES
@@ -61,12 +61,14 @@ from .errors import (
     UsageError,
 )
 from .events import ChunkComplete, FallbackNeeded, ImageComplete, ManifestRefused, ManifestVerified
-from .fetcher import RepairWorker
 from .report import FetchSummary, Reporter
 from .staging import Staging
 from .status import StatusFile
 from .store_decoder import UNBOUNDED_DECODERS, StoredSymbols
 from .transport import Join, MulticastReceiver
+
+if TYPE_CHECKING:  # imported when HTTP is first needed: `requests` costs ~0.15 s of start-up
+    from .fetcher import RepairWorker
 
 # Datagrams taken from the socket per turn of the loop before timers and HTTP results are
 # looked at again: keeps both responsive under a flood without a syscall per check.
@@ -440,6 +442,8 @@ class _Run:
             return
         missing = [i for i in range(verified.manifest.chunk_count) if i not in self.core.done]
         self.emit.note(f"multicast {reason}: fetching {len(missing)} missing chunk(s) over HTTP")
+        from .fetcher import RepairWorker  # (see the import at the top)
+
         self.repair = RepairWorker(verified, missing, self.options.http_timeout)
         self.repair.start()
 
