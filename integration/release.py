@@ -172,11 +172,19 @@ def serve(host: Host, release: Release, *args: str, ready: bool = False) -> subp
 
 
 def fetch_command(
-    host: Host, release: Release, state: Path, out: Path, *args: str, json_lines: bool = True
+    host: Host,
+    release: Release,
+    state: Path,
+    out: Path,
+    *args: str,
+    json_lines: bool = True,
+    device: str | None = None,
 ) -> list[str]:
     """`otacast fetch` of `release` on `host`'s eth0, JSON lines out unless `json_lines` is
-    false; `args` come last."""
-    return _device_command("fetch", host, release, state, out, *args, json_lines=json_lines)
+    false; `args` come last; `device`: another ``otacast`` executable than this checkout's."""
+    return _device_command(
+        "fetch", host, release, state, out, *args, json_lines=json_lines, device=device
+    )
 
 
 def install_command(host: Host, release: Release, state: Path, out: Path, *args: str) -> list[str]:
@@ -212,9 +220,10 @@ def _device_command(
     out: Path,
     *args: str,
     json_lines: bool = True,
+    device: str | None = None,
 ) -> list[str]:
     return host.command(
-        DEVICE,
+        device or DEVICE,
         verb,
         "--trust",
         str(release.public),
@@ -234,11 +243,12 @@ def _device_command(
 
 
 def start_fetch(
-    host: Host, release: Release, state: Path, out: Path, *args: str
+    host: Host, release: Release, state: Path, out: Path, *args: str, device: str | None = None
 ) -> subprocess.Popen[str]:
-    """`otacast fetch` started, its JSON lines and stderr on pipes (text)."""
+    """`otacast fetch` started, its JSON lines and stderr on pipes (text); `device`: another
+    ``otacast`` executable than this checkout's."""
     return subprocess.Popen(
-        fetch_command(host, release, state, out, *args),
+        fetch_command(host, release, state, out, *args, device=device),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
