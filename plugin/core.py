@@ -200,20 +200,28 @@ class _Reassembly:
         return b"".join(pieces) if position == self.total else None
 
 
+# ESIs below this many times K are remembered as bits (K/4 bytes per chunk in progress); the
+# rest in a set.  2 covers the sender's default repair pool (50%: ESIs below 1.5 K) with room.
+SEEN_BITS_PER_K = 2
+
+
 class _Chunk:
     """A chunk in progress: its decoder and the ESIs fed to it.
 
-    Source ESIs (below K) are kept as bits, the rest in a set: with the symbol store every
-    chunk of the image can be in progress at once, and a set entry per symbol (~60 bytes with
-    its int) would cost ~50 MB per GiB of image where the bits cost ~110 KB."""
+    ESIs below ``SEEN_BITS_PER_K`` x K (the source symbols and the default repair pool) are
+    kept as bits, any others in a set: with the symbol store every chunk of the image can be in
+    progress at once, and a set entry per symbol (~60 bytes with its int) would cost ~50 MB
+    per GiB of image (~17 MB were measured for the repair symbols alone at 1 GiB) where the
+    bits cost ~220 KB."""
 
-    __slots__ = ("decoder", "k", "repair_seen", "source_seen")
+    __slots__ = ("bits_below", "decoder", "k", "other_seen", "seen")
 
     def __init__(self, decoder: ChunkDecoder, k: int) -> None:
         self.decoder = decoder
         self.k = k
-        self.source_seen = bytearray((k + 7) // 8)
-        self.repair_seen: set[int] = set()
+        self.bits_below = SEEN_BITS_PER_K * k
+        self.seen = bytearray((self.bits_below + 7) // 8)
+        self.other_seen: set[int] = set()
 
 
 class ReceiverCore:
@@ -668,17 +676,17 @@ class ReceiverCore:
                 self.stats.rejected["decoder-budget"] += 1
                 return
             state = self._open_chunk(chunk)
-        if esi < state.k:
-            seen, bit = state.source_seen, 1 << (esi & 7)
+        if esi < state.bits_below:
+            seen, bit = state.seen, 1 << (esi & 7)
             if seen[esi >> 3] & bit:
                 self.stats.duplicates += 1
                 return
             seen[esi >> 3] |= bit
-        elif esi in state.repair_seen:
+        elif esi in state.other_seen:
             self.stats.duplicates += 1
             return
         else:
-            state.repair_seen.add(esi)
+            state.other_seen.add(esi)
         self.stats.symbols_used += 1
         if not self._polluted:
             self._last_progress = now

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,6 +16,7 @@ from otacast.plugin.events import (
     ManifestRefused,
     ManifestVerified,
 )
+from otacast.plugin.store_decoder import UNBOUNDED_DECODERS
 from otacast.schemas import wire
 from otacast.schemas.policy import TrustSet
 from otacast.signer.keys import SigningKey
@@ -372,3 +375,41 @@ def test_with_a_grace_period_the_highest_sequence_heard_is_adopted_whichever_cam
     assert idle.verified is None
     idle.handle_timer(NOW + 1.0)
     assert idle.verified is not None and idle.verified.manifest.sequence == 7
+
+
+class _Keeps:
+    """A decoder that keeps nothing: what remains is the core's own bookkeeping."""
+
+    def feed(self, packet: bytes | memoryview) -> bytes | None:
+        return None
+
+    def discard(self) -> None:
+        pass
+
+
+def test_the_core_remembers_the_pool_s_repair_symbols_in_bits() -> None:
+    # With the symbol store every chunk is in progress at once, each holding many repair
+    # symbols: a set entry each (~60 bytes) was ~17 MB per GiB of image.
+    import tracemalloc
+
+    release = make_release(random.Random(3).randbytes(16 * CHUNK), KEY, chunk_size=CHUNK)
+    k = release.manifest.source_symbols(0)
+    data = cycles(release.manifest, release.image, k // 2)  # the default pool: 50%
+    core = ReceiverCore(
+        TRUST,
+        now=NOW,
+        manifest=release.verified(),
+        decoder_factory=lambda chunk, length, size: _Keeps(),
+        decoder_budget=UNBOUNDED_DECODERS,
+    )
+    receive_all(core, [cycle[0] for cycle in data])  # every chunk open
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        receive_all(core, [d for cycle in data for d in cycle[k:]])  # their repair symbols
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    repair = sum(len(cycle) - k for cycle in data)
+    assert core.stats.symbols_used == len(data) + repair
+    assert grown / repair < 2, f"{grown} bytes for {repair} repair symbols"
