@@ -172,19 +172,11 @@ def serve(host: Host, release: Release, *args: str, ready: bool = False) -> subp
 
 
 def fetch_command(
-    host: Host,
-    release: Release,
-    state: Path,
-    out: Path,
-    *args: str,
-    json_lines: bool = True,
-    device: str | None = None,
+    host: Host, release: Release, state: Path, out: Path, *args: str, json_lines: bool = True
 ) -> list[str]:
     """`otacast fetch` of `release` on `host`'s eth0, JSON lines out unless `json_lines` is
-    false; `args` come last; `device`: another ``otacast`` executable than this checkout's."""
-    return _device_command(
-        "fetch", host, release, state, out, *args, json_lines=json_lines, device=device
-    )
+    false; `args` come last."""
+    return _device_command("fetch", host, release, state, out, *args, json_lines=json_lines)
 
 
 def install_command(host: Host, release: Release, state: Path, out: Path, *args: str) -> list[str]:
@@ -248,7 +240,7 @@ def start_fetch(
     """`otacast fetch` started, its JSON lines and stderr on pipes (text); `device`: another
     ``otacast`` executable than this checkout's."""
     return subprocess.Popen(
-        fetch_command(host, release, state, out, *args, device=device),
+        _device_command("fetch", host, release, state, out, *args, device=device),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
