@@ -18,8 +18,10 @@ held in memory, so the core needs no decoder budget, no useful symbol is refused
 resumes with the stored symbols, not only whole chunks; staging and the store are opened when
 the verified manifest first needs them (its first admitted symbol, or the `ManifestVerified`
 event, whichever comes first).  The store's writes are cheap enough for the receive loop (runs
-of source symbols gathered into one write each, syncs in a background thread: figures in
-docs/PERFORMANCE.md).  With ``memory`` the core's in-memory decoders hold symbols for at most
+of source symbols, and of repair symbols in consecutive spill slots, gathered into one write
+each, syncs in a background thread: figures in docs/PERFORMANCE.md).  The loop hands the core
+each read as views of its buffer (`ReceiverCore.receive_datagrams`), which copies what it
+keeps.  With ``memory`` the core's in-memory decoders hold symbols for at most
 ``MAX_DECODER_BYTES`` of chunks at once (16 MiB), and `_Writer` persists verified chunks off
 the loop.  It is kept for images that fit that budget (it writes nothing but whole chunks); for
 larger ones it is the wrong choice: the sender keeps every chunk in progress at once, so the
