@@ -79,7 +79,8 @@ def test_views_held_until_their_auth_page_arrives_are_copies() -> None:
     receive_reads(core, manifest_datagrams(release.envelope))
     receive_reads(core, data[0][:capacity])  # held: their page has not arrived
     assert core.stats.symbols_used == 0
-    events = receive_reads(core, pages[0] + data[0][capacity:])
+    page = pages.page(0, 0, NOW)
+    events = receive_reads(core, [page, *data[0][capacity:]])
     assert [e.index for e in events if isinstance(e, ChunkComplete)] == [0]
     assert rebuilt(events) == IMAGE[:CHUNK]
 
