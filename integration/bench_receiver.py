@@ -2,6 +2,7 @@
 
     python integration/bench_receiver.py [--size 64M] [--big-image 1G] [--rate 120M] [--quick]
         [--gro on|off|both] [--symbols store,memory] [--losses 0,5,20] [--no-auth]
+        [--compare EXE] [--rounds 1]
 
 On a two-host namespaced LAN a sender loops a release at a fixed paced rate and ``otacast
 fetch`` receives it, with 0%, 5% and 20% of datagrams dropped at random by nftables in the
@@ -19,6 +20,12 @@ receiver's CPU seconds per MB (its own rusage), and two efficiency figures:
   round's visits) and datagrams its full socket buffer dropped, as well as the code.
 
 Then it receives a large image once at 0% loss and reports the receiver's peak resident memory.
+
+``--compare EXE`` runs every loss row twice in a row, with this checkout's ``otacast`` and with
+the executable ``EXE`` (another version's, e.g. a script that runs ``otacast.plugin.cli`` of an
+extracted ``git archive main`` through ``PYTHONPATH``), so that both see the same machine load;
+``--rounds N`` repeats the rows N times (the machine is shared: compare within a round).  The
+``user s``/``sys s`` columns split the receiver's CPU.
 
 The veths have UDP GRO turned on as a physical NIC has it (``--gro on``, ``integration/netns.py``;
 the loss is then applied at the switch, before GRO coalesces); ``--gro off`` gives plain veths,
@@ -63,13 +70,16 @@ def receive(
     loss: int,
     rx_args: tuple[str, ...] = (),
     tx_args: tuple[str, ...] = (),
+    device: str | None = None,
 ) -> dict[str, float | str]:
     sender, receiver = lan.hosts
     clear_loss(receiver)
     if loss:
         random_loss(receiver, loss)
     out = work / "out.img"
-    rx = start_fetch(receiver, release, work / "state", out, "--source", sender.address, *rx_args)
+    rx = start_fetch(
+        receiver, release, work / "state", out, "--source", sender.address, *rx_args, device=device
+    )
     time.sleep(0.5)  # joined
     tx = serve(sender, release, "--rate", rate, "--no-gso", "--duration", "600s", *tx_args)
     try:
@@ -94,6 +104,8 @@ def receive(
         "loss": loss,
         "goodput_MB/s": round(mb / summary["receiving"], 1),
         "cpu_s_per_MB": round((usage.ru_utime + usage.ru_stime) / mb, 4),
+        "user_s": round(usage.ru_utime, 2),
+        "sys_s": round(usage.ru_stime, 2),
         "fec_used/K": round(summary["symbols_used"] / k, 4),
         "wire/ideal": round((summary["datagrams"] + lost) / (k / (1 - loss / 100)), 3),
         "peak_rss_MB": summary["peak_rss_mb"],
@@ -141,8 +153,13 @@ def main() -> None:
     )
     parser.add_argument("--losses", default="0,5,20", help="percent, comma-separated")
     parser.add_argument("--no-auth", action="store_true", help="skip the packet-auth runs")
+    parser.add_argument("--compare", help="another otacast executable, run after each row")
+    parser.add_argument("--rounds", type=int, default=1, help="times each row is run")
     args = parser.parse_args()
     keeping = args.symbols.split(",")
+    receivers: list[tuple[str, str | None]] = [("this", None)]
+    if args.compare:
+        receivers.append(("compare", args.compare))
     work = Path(tempfile.mkdtemp(prefix="otacast-rxbench-"))
     modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.gro]
     try:
@@ -155,24 +172,31 @@ def main() -> None:
                 rows = [
                     {
                         "symbols": how,
-                        **receive(lan, release, work, args.rate, loss, ("--symbols", how)),
+                        "receiver": name,
+                        **receive(
+                            lan, release, work, args.rate, loss, ("--symbols", how), device=exe
+                        ),
                     }
+                    for _ in range(args.rounds)
                     for loss in (int(x) for x in args.losses.split(","))
                     for how in keeping
+                    for name, exe in receivers
                 ]
                 print(
                     f"image {units.format_bytes(size)}, sender paced at {args.rate}, "
                     f"1228-byte datagrams, GRO {'on' if gro else 'off'}"
                 )
                 print(
-                    f"{'loss':>5} {'symbols':>8} {'goodput MB/s':>13} {'CPU s/MB':>9} "
-                    f"{'FEC used/K':>11} {'wire/ideal':>11} {'peak RSS MB':>12} "
-                    f"{'dgrams/read':>12} {'CPU us/dgram':>13}"
+                    f"{'loss':>5} {'symbols':>8} {'receiver':>9} {'goodput MB/s':>13} "
+                    f"{'CPU s/MB':>9} {'user s':>7} {'sys s':>6} {'FEC used/K':>11} "
+                    f"{'wire/ideal':>11} {'peak RSS MB':>12} {'dgrams/read':>12} "
+                    f"{'CPU us/dgram':>13}"
                 )
                 for r in rows:
                     print(
-                        f"{r['loss']:>4}% {r['symbols']:>8} {r['goodput_MB/s']:>13} "
-                        f"{r['cpu_s_per_MB']:>9} {r['fec_used/K']:>11} {r['wire/ideal']:>11} "
+                        f"{r['loss']:>4}% {r['symbols']:>8} {r['receiver']:>9} "
+                        f"{r['goodput_MB/s']:>13} {r['cpu_s_per_MB']:>9} {r['user_s']:>7} "
+                        f"{r['sys_s']:>6} {r['fec_used/K']:>11} {r['wire/ideal']:>11} "
                         f"{r['peak_rss_MB']:>12} {r['dgrams/read']:>12} "
                         f"{r['cpu_us_per_dgram']:>13}"
                     )
@@ -184,13 +208,14 @@ def main() -> None:
                 if not args.quick and units.parse_size(args.big_image):
                     big = Release.make(work / "big", units.parse_size(args.big_image), chunk="")
                     stop([serve(lan.hosts[0], big, "--rate", "max", ready=True)])
-                    row = receive(lan, big, work, args.rate, 0)
-                    print(
-                        f"{units.format_bytes(units.parse_size(args.big_image))} image at 0% "
-                        f"loss: peak RSS {row['peak_rss_MB']} MB, goodput "
-                        f"{row['goodput_MB/s']} MB/s"
-                    )
-                    result["big"] = row
+                    for name, exe in receivers:
+                        row = receive(lan, big, work, args.rate, 0, device=exe)
+                        print(
+                            f"{units.format_bytes(units.parse_size(args.big_image))} image at 0% "
+                            f"loss, {name} receiver: peak RSS {row['peak_rss_MB']} MB, goodput "
+                            f"{row['goodput_MB/s']} MB/s, CPU {row['cpu_s_per_MB']} s/MB"
+                        )
+                        result["big" if exe is None else "big_compare"] = row
         print(json.dumps(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,19 +1,25 @@
 """Symbol store microbenchmark: prints numbers, asserts nothing; needs no root and no network.
 
-    python integration/bench_store.py [--size 32M] [--loss 0,5] [--dir /var/tmp]
+    python integration/bench_store.py [--size 32M] [--chunk 8M] [--loss 0,5] [--join 0]
+        [--dir /var/tmp] [--repeat 1]
 
-A release of ``--size`` random bytes in 1 MiB chunks (1208-byte symbols, the product's
-defaults) is cut into real DATA datagrams, and every chunk's cycle is walked in the
-symbol-major order of issue 12: each round visits every chunk and gives it the next 112
-consecutive symbols of its cycle (one AUTH page's worth), in that chunk order, with each
-datagram lost at random with probability ``--loss``.  Two measurements per loss rate, each in a
+A release of ``--size`` random bytes in ``--chunk`` chunks (8 MiB, the product's default;
+1208-byte symbols) is cut into real DATA datagrams, and every chunk's cycle is walked in the
+carousel's order (`otacast.signer.schedule`, one sender): each round visits every chunk and
+gives it the next 112 consecutive symbols of its cycle (one visit, an AUTH page's worth), in
+chunk order, with each datagram lost at random with probability ``--loss``.  The receiver joins
+at round ``--join`` of the cycle (``0``: at the cycle's start, so without loss every chunk gets
+its source symbols first and needs no decode; ``random``: a seeded random round, as a real
+receiver joins a carousel that runs on the wall clock, so nearly every chunk needs a RaptorQ
+decode).  Two measurements per loss rate, each in a
 fresh state directory on ``--dir`` (a real file system: ``fdatasync`` must cost what it costs on
 a device):
 
 * ``add``: `SymbolStore.add` alone, per symbol stored (the symbols' bytes are sliced out
   beforehand), with the time spent in the flushes `add` triggers itself and the longest such
   flush; chunks are never completed, so this is the store's write path alone.
-* ``core``: the receive loop's work without the socket: `ReceiverCore.receive_datagram` with the
+* ``core``: the receive loop's work without the socket: `ReceiverCore.receive_datagrams` (with
+  views of ``READ`` datagrams at a time, as the loop hands over a GRO read) with the
   store's decoders (`StoredSymbols`, as ``otacast fetch`` uses them) until the image is
   complete, then `close`; CPU time (``time.process_time``, every thread of the process) per MB
   and wall time per datagram.  The same datagrams through in-memory decoders (``memory``,
@@ -27,7 +33,6 @@ run.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import shutil
@@ -46,19 +51,23 @@ from otacast.plugin.staging import Staging
 from otacast.plugin.store_decoder import UNBOUNDED_DECODERS, StoredSymbols
 from otacast.plugin.symbol_store import SymbolStore
 from otacast.schemas import units, wire
+from otacast.signer import symbol_cache
 from otacast.signer.keys import SigningKey
-from tests.helpers import NOW, Release, cycles, make_release
+from tests.helpers import NOW, Release, cycles_for_fraction, make_release
 
-CHUNK = 1024 * 1024
-RUN = 112  # consecutive symbols per chunk per round: one AUTH page's worth
+RUN = 112  # consecutive symbols per chunk per round: one visit, an AUTH page's worth
+READ = 50  # datagrams per read (a GRO read holds up to 64)
 
 
-def symbol_major(cycle_lengths: list[int], loss: float, seed: int) -> list[tuple[int, int]]:
-    """(chunk, cycle position) of every datagram that arrives, in the sender's order."""
+def carousel(cycle_lengths: list[int], loss: float, seed: int, join: int) -> list[tuple[int, int]]:
+    """(chunk, cycle position) of every datagram that arrives, in the sender's order: rounds
+    ``join``, ``join + 1``, ... for one cycle of the longest chunk."""
     rng = random.Random(seed)
     order = []
-    for start in range(0, max(cycle_lengths), RUN):
+    visits = [-(-length // RUN) for length in cycle_lengths]
+    for round_ in range(join, join + max(visits)):
         for chunk, length in enumerate(cycle_lengths):
+            start = round_ % visits[chunk] * RUN
             for position in range(start, min(start + RUN, length)):
                 if rng.random() >= loss:
                     order.append((chunk, position))
@@ -131,6 +140,9 @@ def bench_core(
 ) -> str:
     verified = release.verified()
     stream = [datagrams[chunk][p] for chunk, p in order]
+    # As the receive loop hands them over: views, a read's worth (a GSO/GRO batch) at a time.
+    reads = [[memoryview(d) for d in stream[i : i + READ]] for i in range(0, len(stream), READ)]
+    batched = hasattr(ReceiverCore, "receive_datagrams")  # (not in older versions)
     stored = StoredSymbols(directory, verified) if symbols == "store" else None
     core = ReceiverCore(
         release.trust,
@@ -144,9 +156,13 @@ def bench_core(
         began = time.perf_counter()
         cpu = time.process_time()
         used = 0
-        for datagram in stream:
-            core.receive_datagram(datagram, "fd00::1", NOW, wall=NOW)
-            used += 1
+        for read in reads:
+            if batched:
+                core.receive_datagrams(read, "fd00::1", NOW, wall=NOW)
+            else:
+                for datagram in read:
+                    core.receive_datagram(bytes(datagram), "fd00::1", NOW, wall=NOW)
+            used += len(read)
             while (event := core.next_event()) is not None:
                 if isinstance(event, ChunkComplete) and stored is not None:
                     stored.keep(event.index, event.data)
@@ -170,37 +186,44 @@ def bench_core(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="32M")
+    parser.add_argument("--chunk", default="8M", help="chunk size (the product's default: 8M)")
     parser.add_argument("--loss", default="0,5", help="percent, comma-separated")
+    parser.add_argument(
+        "--join", default="0", help="the round the receiver joins at, or 'random' (seeded)"
+    )
     parser.add_argument("--dir", default="/var/tmp", help="where state directories are made")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement")
     args = parser.parse_args()
     size = units.parse_size(args.size)
     image = random.Random(1).randbytes(size)
-    release = make_release(image, SigningKey(b"\x07" * 32), chunk_size=CHUNK)
+    release = make_release(image, SigningKey(b"\x07" * 32), chunk_size=units.parse_size(args.chunk))
     manifest = release.manifest
     k = manifest.source_symbols(0)
-    # Enough repair symbols for the highest loss asked for, as the sender's repair pool has.
-    worst = max(int(x) for x in args.loss.split(",")) / 100
-    repair = math.ceil(k * worst / (1 - worst) * 1.5) + 20
+    # The sender's cycles: its default (and least) repair pool, as `serve` lays them out.
     began = time.perf_counter()
-    datagrams = cycles(manifest, image, repair)
+    datagrams = cycles_for_fraction(release, symbol_cache.MIN_REPAIR_FRACTION)
+    repair = len(datagrams[0]) - k
     print(
         f"image {units.format_bytes(size)}: {manifest.chunk_count} chunks of K={k}, "
         f"{repair} repair symbols each (encoded in {time.perf_counter() - began:.1f} s); "
         f"flush every {getattr(symbol_store, 'FLUSH_SYMBOLS', None)} symbols"
     )
     lengths = [len(c) for c in datagrams]
+    visits = -(-max(lengths) // RUN)
+    join = random.Random(2).randrange(visits) if args.join == "random" else int(args.join)
     for percent in (int(x) for x in args.loss.split(",")):
-        order = symbol_major(lengths, percent / 100, seed=percent)
-        print(f"loss {percent}%: {len(order)} datagrams arrive")
-        for what in ("add", "store", "memory"):
-            work = Path(tempfile.mkdtemp(prefix="otacast-storebench-", dir=args.dir))
-            try:
-                if what == "add":
-                    print("  " + bench_add(work, release, datagrams, order))
-                else:
-                    print("  " + bench_core(work, release, datagrams, order, what))
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+        order = carousel(lengths, percent / 100, seed=percent, join=join)
+        print(f"loss {percent}%, joined at round {join} of {visits}: {len(order)} datagrams arrive")
+        for _ in range(args.repeat):
+            for what in ("add", "store", "memory"):
+                work = Path(tempfile.mkdtemp(prefix="otacast-storebench-", dir=args.dir))
+                try:
+                    if what == "add":
+                        print("  " + bench_add(work, release, datagrams, order))
+                    else:
+                        print("  " + bench_core(work, release, datagrams, order, what))
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

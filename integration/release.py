@@ -212,9 +212,10 @@ def _device_command(
     out: Path,
     *args: str,
     json_lines: bool = True,
+    device: str | None = None,
 ) -> list[str]:
     return host.command(
-        DEVICE,
+        device or DEVICE,
         verb,
         "--trust",
         str(release.public),
@@ -234,11 +235,12 @@ def _device_command(
 
 
 def start_fetch(
-    host: Host, release: Release, state: Path, out: Path, *args: str
+    host: Host, release: Release, state: Path, out: Path, *args: str, device: str | None = None
 ) -> subprocess.Popen[str]:
-    """`otacast fetch` started, its JSON lines and stderr on pipes (text)."""
+    """`otacast fetch` started, its JSON lines and stderr on pipes (text); `device`: another
+    ``otacast`` executable than this checkout's."""
     return subprocess.Popen(
-        fetch_command(host, release, state, out, *args),
+        _device_command("fetch", host, release, state, out, *args, device=device),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

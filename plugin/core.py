@@ -83,7 +83,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from otacast.schemas import wire
@@ -200,20 +200,28 @@ class _Reassembly:
         return b"".join(pieces) if position == self.total else None
 
 
+# ESIs below this many times K are remembered as bits (K/4 bytes per chunk in progress); the
+# rest in a set.  2 covers the sender's default repair pool (50%: ESIs below 1.5 K) with room.
+SEEN_BITS_PER_K = 2
+
+
 class _Chunk:
     """A chunk in progress: its decoder and the ESIs fed to it.
 
-    Source ESIs (below K) are kept as bits, the rest in a set: with the symbol store every
-    chunk of the image can be in progress at once, and a set entry per symbol (~60 bytes with
-    its int) would cost ~50 MB per GiB of image where the bits cost ~110 KB."""
+    ESIs below ``SEEN_BITS_PER_K`` x K (the source symbols and the default repair pool) are
+    kept as bits, any others in a set: with the symbol store every chunk of the image can be in
+    progress at once, and a set entry per symbol (~60 bytes with its int) would cost ~50 MB
+    per GiB of image (~17 MB were measured for the repair symbols alone at 1 GiB) where the
+    bits cost ~220 KB."""
 
-    __slots__ = ("decoder", "k", "repair_seen", "source_seen")
+    __slots__ = ("bits_below", "decoder", "k", "other_seen", "seen")
 
     def __init__(self, decoder: ChunkDecoder, k: int) -> None:
         self.decoder = decoder
         self.k = k
-        self.source_seen = bytearray((k + 7) // 8)
-        self.repair_seen: set[int] = set()
+        self.bits_below = SEEN_BITS_PER_K * k
+        self.seen = bytearray((self.bits_below + 7) // 8)
+        self.other_seen: set[int] = set()
 
 
 class ReceiverCore:
@@ -288,6 +296,11 @@ class ReceiverCore:
         return self._complete
 
     @property
+    def has_events(self) -> bool:
+        """Whether `next_event` has something."""
+        return bool(self._events)
+
+    @property
     def last_progress(self) -> float:
         """When a new symbol or chunk last advanced the image (or the session began)."""
         return self._last_progress
@@ -344,6 +357,30 @@ class ReceiverCore:
                 self._on_data(data, fields, now)
                 return
         self._receive_other(data, source, now, wall)
+
+    def receive_datagrams(
+        self, datagrams: Sequence[memoryview], source: str, now: float, *, wall: float
+    ) -> None:
+        """`receive_datagram` for each of `datagrams`, one read's worth from `source`.
+
+        They may be views of a buffer the caller reuses afterwards: the core keeps nothing of
+        them beyond this call without copying it.  The receive loop's path: without packet
+        authentication a DATA datagram of the session reaches its decoder as a view, with no
+        copy and no call per datagram besides `_on_data`'s."""
+        if not datagrams:
+            return
+        self.stats.datagrams += len(datagrams)
+        if self.first_datagram_at is None:
+            self.first_datagram_at = now
+        peek, on_data = wire.peek_data, self._on_data
+        for data in datagrams:
+            # (an authenticator may hold a datagram until its page arrives: it gets a copy)
+            if self._session and self.authenticator is None:
+                fields = peek(data)
+                if fields is not None and fields[0] == self._session:
+                    on_data(data, fields, now)
+                    continue
+            self._receive(bytes(data), source, now, wall)
 
     def _receive(self, data: bytes, source: str, now: float, wall: float) -> None:
         if self._session:
@@ -607,7 +644,7 @@ class ReceiverCore:
 
     def _on_data(
         self,
-        data: bytes,
+        data: bytes | memoryview,
         fields: tuple[bytes, int, int, int],
         now: float,
         vouched: bool = False,
@@ -630,7 +667,7 @@ class ReceiverCore:
         if (
             self.authenticator is not None
             and not vouched
-            and not self.authenticator.admit(data, chunk, esi)
+            and not self.authenticator.admit(bytes(data), chunk, esi)  # (a view: copied)
         ):
             return  # held until its page arrives, or dropped (counted by the authenticator)
         state = self._chunks.get(chunk)
@@ -639,17 +676,17 @@ class ReceiverCore:
                 self.stats.rejected["decoder-budget"] += 1
                 return
             state = self._open_chunk(chunk)
-        if esi < state.k:
-            seen, bit = state.source_seen, 1 << (esi & 7)
+        if esi < state.bits_below:
+            seen, bit = state.seen, 1 << (esi & 7)
             if seen[esi >> 3] & bit:
                 self.stats.duplicates += 1
                 return
             seen[esi >> 3] |= bit
-        elif esi in state.repair_seen:
+        elif esi in state.other_seen:
             self.stats.duplicates += 1
             return
         else:
-            state.repair_seen.add(esi)
+            state.other_seen.add(esi)
         self.stats.symbols_used += 1
         if not self._polluted:
             self._last_progress = now

@@ -12,7 +12,7 @@ in Python as ``pyo3_runtime.PanicException``, a `BaseException`; it is turned in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import raptorq
@@ -23,7 +23,8 @@ class DecoderFault(Exception):
 
 
 class ChunkDecoder(Protocol):
-    def feed(self, packet: bytes) -> bytes | None: ...
+    # `packet` may be a view of a buffer reused after the call: copy what is kept.
+    def feed(self, packet: bytes | memoryview) -> bytes | None: ...
 
     def discard(self) -> None: ...
 
@@ -32,24 +33,25 @@ class ChunkDecoder(Protocol):
 DecoderFactory = Callable[[int, int, int], ChunkDecoder]
 
 
+def _fault(exc: BaseException) -> DecoderFault:
+    return DecoderFault(f"codec failed: {type(exc).__name__}")
+
+
 class RaptorQDecoder:
     def __init__(self, length: int, symbol_size: int) -> None:
         self._decoder = raptorq.Decoder.with_defaults(length, symbol_size)
         self._length = length
 
-    def feed(self, packet: bytes) -> bytes | None:
+    def feed(self, packet: bytes | memoryview) -> bytes | None:
         try:
-            result = self._decoder.decode(packet)
+            result = self._decoder.decode(packet if type(packet) is bytes else bytes(packet))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 - a Rust panic is a BaseException
-            raise DecoderFault(f"codec failed: {type(exc).__name__}") from None
+            raise _fault(exc) from None
         if result is None:
             return None
-        data = bytes(result)
-        if len(data) != self._length:
-            raise DecoderFault(f"codec returned {len(data)} bytes, expected {self._length}")
-        return data
+        return _checked(result, self._length)
 
     def discard(self) -> None:
         """Nothing is kept outside this object, which the core drops."""
@@ -58,3 +60,28 @@ class RaptorQDecoder:
 def raptorq_decoder(chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
     """An in-memory decoder (`chunk` is not needed: it holds only this chunk's symbols)."""
     return RaptorQDecoder(length, symbol_size)
+
+
+def _checked(result: bytes, length: int) -> bytes:
+    data = bytes(result)
+    if len(data) != length:
+        raise DecoderFault(f"codec returned {len(data)} bytes, expected {length}")
+    return data
+
+
+def decode_chunk(length: int, symbol_size: int, packets: Iterable[bytes]) -> bytes | None:
+    """Feed `packets` to a fresh decoder, one at a time, until it yields the chunk's `length`
+    bytes; None if they are not enough.  For a decoder whose symbols are elsewhere (the symbol
+    store): no `ChunkDecoder` object, one call into the codec per packet.  Whatever the
+    iteration of `packets` raises is raised as it is."""
+    decode = raptorq.Decoder.with_defaults(length, symbol_size).decode
+    for packet in packets:
+        try:
+            result = decode(packet)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a Rust panic is a BaseException
+            raise _fault(exc) from None
+        if result is not None:
+            return _checked(result, length)
+    return None

@@ -18,8 +18,10 @@ held in memory, so the core needs no decoder budget, no useful symbol is refused
 resumes with the stored symbols, not only whole chunks; staging and the store are opened when
 the verified manifest first needs them (its first admitted symbol, or the `ManifestVerified`
 event, whichever comes first).  The store's writes are cheap enough for the receive loop (runs
-of source symbols gathered into one write each, syncs in a background thread: figures in
-docs/PERFORMANCE.md).  With ``memory`` the core's in-memory decoders hold symbols for at most
+of source symbols, and of repair symbols in consecutive spill slots, gathered into one write
+each, syncs in a background thread: figures in docs/PERFORMANCE.md).  The loop hands the core
+each read as views of its buffer (`ReceiverCore.receive_datagrams`), which copies what it
+keeps.  With ``memory`` the core's in-memory decoders hold symbols for at most
 ``MAX_DECODER_BYTES`` of chunks at once (16 MiB), and `_Writer` persists verified chunks off
 the loop.  It is kept for images that fit that budget (it writes nothing but whole chunks); for
 larger ones it is the wrong choice: the sender keeps every chunk in progress at once, so the
@@ -44,7 +46,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from otacast.schemas import addressing
 from otacast.schemas.limits import MAX_DECODER_BYTES
@@ -61,12 +63,14 @@ from .errors import (
     UsageError,
 )
 from .events import ChunkComplete, FallbackNeeded, ImageComplete, ManifestRefused, ManifestVerified
-from .fetcher import RepairWorker
 from .report import FetchSummary, Reporter
 from .staging import Staging
 from .status import StatusFile
 from .store_decoder import UNBOUNDED_DECODERS, StoredSymbols
 from .transport import Join, MulticastReceiver
+
+if TYPE_CHECKING:  # imported when HTTP is first needed: `requests` costs ~0.15 s of start-up
+    from .fetcher import RepairWorker
 
 # Datagrams taken from the socket per turn of the loop before timers and HTTP results are
 # looked at again: keeps both responsive under a flood without a syscall per check.
@@ -333,9 +337,11 @@ class _Run:
         # One reading of each clock per burst: a burst takes milliseconds, and only a manifest
         # completed in it is checked against the wall time (its expiry).
         now, wall = time.monotonic(), time.time()
-        receive = self.core.receive_datagram
+        receive, core = self.core.receive_datagrams, self.core
         # A read holds one datagram, or up to 64 with GRO (transport module doc): a burst stops
-        # at the first read that reaches MAX_BURST, so it may exceed it by one read's worth.
+        # at the first read that reaches MAX_BURST, so it may exceed it by one read's worth,
+        # and after a read that completed a chunk (its bytes wait in the event for the loop:
+        # several chunks' worth must not pile up in memory).
         left = MAX_BURST
         while left > 0:
             got = self.receiver.recv_batch()
@@ -343,9 +349,10 @@ class _Run:
                 break
             datagrams, source = got
             left -= len(datagrams) or 1  # a read of only truncated datagrams counts too
-            for datagram in datagrams:
-                # The views point into the transport's buffer: one copy each, for the core.
-                receive(bytes(datagram), source, now, wall=wall)
+            # The views point into the transport's buffer: the core copies what it keeps.
+            receive(datagrams, source, now, wall=wall)
+            if core.has_events:
+                break
         # A datagram longer than the buffer never reaches the core: the transport drops it and
         # counts it.  It is a hostile datagram like any other, so it is counted with them.
         dropped = self.receiver.truncated - self._truncated
@@ -437,6 +444,8 @@ class _Run:
             return
         missing = [i for i in range(verified.manifest.chunk_count) if i not in self.core.done]
         self.emit.note(f"multicast {reason}: fetching {len(missing)} missing chunk(s) over HTTP")
+        from .fetcher import RepairWorker  # (see the import at the top)
+
         self.repair = RepairWorker(verified, missing, self.options.http_timeout)
         self.repair.start()
 

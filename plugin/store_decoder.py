@@ -23,7 +23,7 @@ from pathlib import Path
 
 from otacast.schemas.policy import VerifiedManifest
 
-from .decoder import ChunkDecoder, raptorq_decoder
+from .decoder import ChunkDecoder, decode_chunk
 from .staging import Staging
 from .symbol_store import SymbolStore
 
@@ -49,7 +49,7 @@ class StoreDecoder:
         # Symbols held at the last attempt that did not decode: try again only with more.
         self._tried_with = -1
 
-    def feed(self, packet: bytes) -> bytes | None:
+    def feed(self, packet: bytes | memoryview) -> bytes | None:
         store, chunk = self.store, self.chunk
         # A chunk completed and verified in an earlier run is refused here (as "done"): the
         # driver marks it done (and counts it as resumed) when it handles `ManifestVerified`.
@@ -63,13 +63,10 @@ class StoreDecoder:
             return None
         if store.has_all_source(chunk):
             return store.read_chunk(chunk)
-        decoder = raptorq_decoder(chunk, self.length, self.symbol_size)
-        for stored in store.symbols(chunk):
-            data = decoder.feed(stored)
-            if data is not None:
-                return data
-        self._tried_with = held
-        return None
+        data = decode_chunk(self.length, self.symbol_size, store.iter_symbols(chunk))
+        if data is None:
+            self._tried_with = held
+        return data
 
     def discard(self) -> None:
         self.store.discard(self.chunk)

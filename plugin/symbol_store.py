@@ -25,6 +25,10 @@ lock) instead of repeating any of that.  Its own files:
 * **Repair symbols** (ESI >= K) go to ``symbols.spill``, an array of ``T``-byte slots.  A slot
   freed by a completed or discarded chunk is reused, so the file is as long as the most slots
   ever in use at once (the high-water mark), and is cut back to the slots in use on reopen.
+  Symbols given consecutive slots (whatever their chunks: slots are handed out in order) are
+  gathered the same way and written with one ``pwrite`` when the run of slots breaks, before
+  any read of the spill, before a chunk is forgotten (their records must precede its FORGET)
+  and on every flush; their REPAIR records are queued only once they are written.
 * **The journal** ``symbols.journal``: 16-byte records ``chunk (u32) | kind (u8) ESI (u24) |
   slot (u32) | CRC-32`` -- SOURCES (``slot`` symbols from that ESI on are in place: one record
   per written run), SOURCE (one symbol in place: journals of earlier versions), REPAIR (it is
@@ -35,7 +39,7 @@ lock) instead of repeating any of that.  Its own files:
 
 Crash guarantee
 ---------------
-Records are kept in memory and made durable in a batch by a flush: the gathered run is
+Records are kept in memory and made durable in a batch by a flush: the gathered runs are
 written, then ``image.part`` and the spill are ``fdatasync``-ed, then the chunks completed since
 the last flush are appended to ``chunks.log`` (synced), then the records are appended to the
 journal and it is synced too.  `flush` does that and returns once it is done; `discard` and
@@ -97,7 +101,7 @@ Bounds
   limit).  At most about 8.1 bytes per source symbol of the image (~7.2 MB per GiB at 1208-byte
   symbols, far less at low loss), whatever ESIs a sender uses (they range over 24 bits, and the
   repair pool is not signed, so a bitmap over a chunk's cycle could not be sized safely).
-  Besides: the run buffer (`RUN_BYTES`, allocated once) and the records of at most two
+  Besides: the two run buffers (`RUN_BYTES` each, allocated once) and the records of at most two
   flushes (16 bytes per symbol, < 2 x `FLUSH_SYMBOLS`).
 
 What the caller must have verified
@@ -135,7 +139,7 @@ import zlib
 from array import array
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 
@@ -184,6 +188,8 @@ RECORD_BYTES = _RECORD.size
 # but never wrote) can never pass for a record.
 _CRC_SEED = zlib.crc32(b"otacast-symbol-journal-v1")
 _PAYLOAD_ID = struct.Struct(">I")  # SBN 0 (the high byte) and the ESI: the codec's payload id
+# `complete` compares a chunk's bytes in place with its data this many symbols at a time.
+_COMPARE_SYMBOLS = 64
 
 
 class SymbolStoreError(StateError):
@@ -352,6 +358,12 @@ class SymbolStore:
         self._run_room = len(self._run)
         self._run_chunk = -1
         self._run_first = self._run_end = self._run_fill = 0
+        # The run of repair symbols in consecutive spill slots gathered for one write: slots
+        # from _spill_first on, _spill_fill bytes of _spill_run, their REPAIR records (queued
+        # once written) in _spill_records.
+        self._spill_run = bytearray(len(self._run))
+        self._spill_first = self._spill_fill = 0
+        self._spill_records = bytearray()
         self._free = array("I")  # spill slots free to reuse now
         self._freeing = array("I")  # freed by a FORGET that is not yet synced
         self._slots = 0  # spill length in slots
@@ -507,48 +519,54 @@ class SymbolStore:
             self._write_run()  # its gathered source symbols belong in what is read
         offset, length = self._manifest.chunk_span(chunk)
         data = self._read(self._part, offset, length, self.staging.part)
-        state = self._chunks.get(chunk)
-        if state is not None and state.sources == state.k:
-            # Its bytes in place can no longer change (every further symbol of it is refused)
-            # until it is completed or discarded: `complete` need not read them again.
-            self._read_back = (chunk, data)
+        # What is in place for the chunk until a source symbol of it is written (`_write_run`
+        # forgets it then): `complete` need not read it again.
+        self._read_back = (chunk, data)
         return data
 
     def symbols(self, chunk: int) -> list[bytes]:
-        """The codec packets (payload id + symbol) `chunk` holds, for the decoder."""
+        """The codec packets (payload id + symbol) `chunk` holds, for the decoder, in the
+        order of their ESIs (as `esis`)."""
+        return sorted(self.iter_symbols(chunk))  # (the payload id is the ESI, big-endian)
+
+    def iter_symbols(self, chunk: int) -> Iterator[bytes]:
+        """`symbols`, one at a time, so that a decoder holds them and not also a list: its
+        source symbols in ESI order, then its repair symbols in the order of their slots (a
+        decoder does not care).  Read the whole iterator before storing or completing
+        anything."""
         state = self._chunks.get(chunk)
         if state is None:
-            return []
+            return
         size = self._symbol_size
         pack = _PAYLOAD_ID.pack
-        packets = []
+        join = b"".join
         if state.sources:
-            data = self.read_chunk(chunk)
+            data = memoryview(self.read_chunk(chunk))
             bits, last = state.bits, state.k - 1
-            packets = [
-                pack(esi) + data[esi * size : (esi + 1) * size]
-                for esi in range(last)
-                if bits[esi >> 3] >> (esi & 7) & 1
-            ]
+            for esi in range(last):
+                if bits[esi >> 3] >> (esi & 7) & 1:
+                    yield join((pack(esi), data[esi * size : (esi + 1) * size]))
             if state.has_source(last):  # the chunk's last symbol may be short: pad it
-                packets.append(pack(last) + data[last * size :].ljust(size, b"\0"))
+                yield pack(last) + bytes(data[last * size :]).ljust(size, b"\0")
+        if not state.repair_esi:
+            return
+        self._write_spill_run()  # gathered repair symbols belong in what is read
         # Repair symbols in consecutive slots (a run of them, stored in the order they came)
         # are read with one pread.
         held = sorted(zip(state.repair_slot, state.repair_esi, strict=True))
-        repair: dict[int, bytes] = {}
         at = 0
         while at < len(held):
             end = at + 1
             while end < len(held) and held[end][0] == held[end - 1][0] + 1:
                 end += 1
             first = held[at][0]
-            block = self._read(self._spill, first * size, (end - at) * size, self.spill_path)
+            block = memoryview(
+                self._read(self._spill, first * size, (end - at) * size, self.spill_path)
+            )
             for slot, esi in held[at:end]:
                 offset = (slot - first) * size
-                repair[esi] = pack(esi) + block[offset : offset + size]
+                yield join((pack(esi), block[offset : offset + size]))
             at = end
-        packets.extend(repair[esi] for esi in state.repair_esi)  # ascending, as `esis`
-        return packets
 
     @property
     def stats(self) -> StoreStats:
@@ -627,18 +645,22 @@ class SymbolStore:
             self._slots += 1
         else:
             return self._refuse("spill-full")
-        try:
-            self._write(self._spill, view, slot * size, self.spill_path)
-        except SymbolStoreError:
-            self._free.append(slot)
-            raise
-        self._dirty_spill = True
+        fill = self._spill_fill
+        if slot * size != self._spill_first * size + fill or fill + size > self._run_room:
+            try:
+                self._write_spill_run()
+            except SymbolStoreError:
+                self._free.append(slot)
+                raise
+            self._spill_first, fill = slot, 0
+        self._spill_run[fill : fill + size] = view
+        self._spill_fill = fill + size
+        self._spill_records += _record(chunk, _REPAIR, esi, slot)
         state.repair_esi.insert(at, esi)
         state.repair_slot.insert(at, slot)
         self._in_use += 1
-        self._high_water = max(self._high_water, self._in_use * size)
-        self._counts["spill"] += size
-        self._pending += _record(chunk, _REPAIR, esi, slot)
+        if self._in_use * size > self._high_water:
+            self._high_water = self._in_use * size
         self._stored += 1
         self._unflushed += 1
         if self._unflushed >= FLUSH_SYMBOLS:
@@ -659,6 +681,8 @@ class SymbolStore:
             return
         chunk, first, end = self._run_chunk, self._run_first, self._run_end
         self._run_chunk, self._run_fill = -1, 0
+        if self._read_back is not None and self._read_back[0] == chunk:
+            self._read_back = None  # what is in place changes
         state = self._chunks[chunk]
         try:
             with memoryview(self._run) as run:
@@ -676,6 +700,33 @@ class SymbolStore:
         self._counts["source"] += fill
         self._pending += _record(chunk, _SOURCES, first, end - first)
 
+    def _write_spill_run(self) -> None:
+        """Write the gathered repair symbols (consecutive slots) with one ``pwrite`` and queue
+        their records.  If the write fails, none of them is stored (their chunks forget them,
+        their slots are free again) and the error is raised."""
+        fill = self._spill_fill
+        if not fill:
+            return
+        records, self._spill_records = self._spill_records, bytearray()
+        self._spill_fill = 0
+        try:
+            with memoryview(self._spill_run) as run:
+                self._write(
+                    self._spill, run[:fill], self._spill_first * self._symbol_size, self.spill_path
+                )
+        except SymbolStoreError:
+            for at in range(0, len(records), RECORD_BYTES):
+                chunk, _, slot, _ = _RECORD.unpack_from(records, at)
+                state = self._chunks[chunk]  # (a chunk is forgotten only after this is written)
+                where = state.repair_slot.index(slot)
+                del state.repair_esi[where], state.repair_slot[where]
+                self._in_use -= 1
+                self._free.append(slot)
+            raise
+        self._dirty_spill = True
+        self._counts["spill"] += fill
+        self._pending += records
+
     # --- Ending a chunk ---------------------------------------------------------------------
 
     def complete(self, chunk: int, data: bytes) -> None:
@@ -687,25 +738,33 @@ class SymbolStore:
         if chunk in self._done:
             return
         read_back, self._read_back = self._read_back, None
-        if read_back is not None and read_back[0] == chunk and read_back[1] is data:
-            held = data  # what `read_chunk` read of it, unchanged since (no copy compared)
+        if read_back is not None and read_back[0] == chunk and self._run_chunk != chunk:
+            held = read_back[1]  # what `read_chunk` read of it, unchanged since
         else:
             held = self.read_chunk(chunk)
         state = self._chunks.get(chunk)
         size = self._symbol_size
         runs: list[tuple[int, int]] = []  # [start, end) byte ranges of the chunk to write
         overwrites_stored = False
-        if held != data:
-            for esi in range(self._manifest.source_symbols(chunk)):
-                start, end = esi * size, min((esi + 1) * size, length)
-                if held[start:end] == data[start:end]:
+        if held is not data and held != data:
+            # Compared a block of symbols at a time (no copies: `startswith` at an offset),
+            # symbol by symbol only in a block that differs.
+            view = memoryview(data)
+            source = self._manifest.source_symbols(chunk)
+            for block in range(0, source, _COMPARE_SYMBOLS):
+                stop = min(block + _COMPARE_SYMBOLS, source)
+                if held.startswith(view[block * size : min(stop * size, length)], block * size):
                     continue
-                if state is not None and state.has_source(esi):
-                    overwrites_stored = True  # a forged symbol the decode did not need
-                if runs and runs[-1][1] == start:
-                    runs[-1] = (runs[-1][0], end)
-                else:
-                    runs.append((start, end))
+                for esi in range(block, stop):
+                    start, end = esi * size, min((esi + 1) * size, length)
+                    if held.startswith(view[start:end], start):
+                        continue
+                    if state is not None and state.has_source(esi):
+                        overwrites_stored = True  # a forged symbol the decode did not need
+                    if runs and runs[-1][1] == start:
+                        runs[-1] = (runs[-1][0], end)
+                    else:
+                        runs.append((start, end))
         if overwrites_stored:
             # Its record must be void on disk before the bytes it names change.
             self._forget(chunk)
@@ -731,6 +790,9 @@ class SymbolStore:
             self.flush()
 
     def _forget(self, chunk: int) -> None:
+        # Gathered repair symbols are recorded before the FORGET (after it they would be
+        # replayed as the chunk's symbols again).
+        self._write_spill_run()
         if chunk == self._run_chunk:
             self._run_chunk, self._run_fill = -1, 0  # forgotten: no need to write them
         if self._read_back is not None and self._read_back[0] == chunk:
@@ -771,6 +833,7 @@ class SymbolStore:
         """Start making everything so far durable in the background (module docstring):
         wait for the batch before to be done, then hand the syncer a new one."""
         self._write_run()
+        self._write_spill_run()
         self._unflushed = 0
         self._flush_wanted = False
         self._collect(self._syncer.wait())

@@ -298,6 +298,34 @@ def receive_from(
     return events
 
 
+def receive_reads(
+    core: ReceiverCore,
+    datagrams: Sequence[bytes],
+    now: float = NOW,
+    source: str = SENDER,
+    read: int = 50,
+) -> list[Event]:
+    """`datagrams` as the receive loop hands them over (`ReceiverCore.receive_datagrams`):
+    views of one buffer, `read` of them at a time, and the buffer overwritten with junk after
+    each call, as the next read overwrites it; whatever the core kept without copying it is
+    then spoiled.  Returns the events they caused."""
+    events: list[Event] = []
+    for first in range(0, len(datagrams), read):
+        group = datagrams[first : first + read]
+        buffer = bytearray(b"".join(group))
+        with memoryview(buffer) as whole:
+            views, at = [], 0
+            for datagram in group:
+                views.append(whole[at : at + len(datagram)])
+                at += len(datagram)
+            core.receive_datagrams(views, source, now, wall=now)
+            for view in views:
+                view.release()
+        buffer[:] = b"\xa5" * len(buffer)
+        events += drain(core)
+    return events
+
+
 def rebuilt(events: Iterable[Event]) -> bytes:
     """The image as the completed chunks among `events` spell it."""
     chunks = {e.index: e.data for e in events if isinstance(e, ChunkComplete)}

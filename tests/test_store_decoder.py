@@ -14,7 +14,7 @@ from otacast.plugin.symbol_store import SymbolStore
 from otacast.schemas import wire
 from otacast.signer.keys import SigningKey
 
-from .helpers import NOW, cycles, make_release, manifest_datagrams, receive_all
+from .helpers import NOW, cycles, make_release, manifest_datagrams, receive_all, receive_reads
 
 KEY = SigningKey(b"\x31" * 32)
 RELEASE = make_release(random.Random(31).randbytes(3 * 65536 - 999), KEY, chunk_size=65536)
@@ -73,3 +73,26 @@ def test_a_forged_symbol_costs_its_chunk_one_decode_and_the_honest_symbols_then_
         events = receive_all(core, CYCLES[0])
         (complete,) = [e for e in events if isinstance(e, ChunkComplete)]
         assert complete.index == 0 and complete.data == RELEASE.chunk(0)
+
+
+def test_views_of_a_reused_read_buffer_are_stored_as_they_were(tmp_path: Path) -> None:
+    # The receive loop hands the core views of its read buffer, which the next read
+    # overwrites: the store must have copied every symbol (gathered runs, the spill's run).
+    with stored_core(tmp_path) as (core, store):
+        receive_reads(core, manifest_datagrams(RELEASE.envelope))
+        k = [M.source_symbols(c) for c in range(M.chunk_count)]
+        # Symbol-major runs of 7 ESIs, every chunk losing every third run of its source
+        # symbols, so that each chunk is decoded from gathered source and repair symbols.
+        order = [
+            CYCLES[c][e]
+            for first in range(0, max(k) + 60, 7)
+            for c in range(M.chunk_count)
+            for e in range(first, min(first + 7, len(CYCLES[c])))
+            if not (e < k[c] and first // 7 % 3 == 1)
+        ]
+        events = receive_reads(core, order, read=13)
+        done = {e.index: e.data for e in events if isinstance(e, ChunkComplete)}
+        assert sorted(done) == list(range(M.chunk_count))
+        assert all(data == RELEASE.chunk(index) for index, data in done.items())
+        assert core.stats.rejected == {}
+        assert store.stats.spill_bytes > 0

@@ -104,6 +104,37 @@ def assert_only_genuine(store: SymbolStore) -> dict[int, set[int]]:
     return held
 
 
+# --- Writes ------------------------------------------------------------------------------------
+
+
+def test_repair_symbols_in_consecutive_slots_are_written_with_one_pwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    real_pwrite = os.pwrite
+
+    def counted(fd: int, data: bytes, position: int) -> int:
+        writes.append(len(data))
+        return real_pwrite(fd, data, position)
+
+    with opened(tmp_path) as store:
+        monkeypatch.setattr(os, "pwrite", counted)
+        for chunk in (0, 1):  # two chunks' repair symbols, in consecutive slots
+            for esi in range(K[chunk], K[chunk] + 20):
+                assert store.add(chunk, esi, SYMBOLS[chunk][esi])
+        assert writes == []  # gathered
+        store.flush()
+        assert writes == [40 * T]
+        assert store.add(2, K[2] + 3, SYMBOLS[2][K[2] + 3])
+        assert store.symbols(2) == [packet(2, K[2] + 3)]  # a read writes what is gathered
+        assert writes == [40 * T, T]
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
+    with opened(tmp_path) as store:
+        assert store.esis(0) == list(range(K[0], K[0] + 20))
+        assert store.esis(2) == [K[2] + 3]
+        assert_only_genuine(store)
+
+
 # --- Completing chunks --------------------------------------------------------------------------
 
 
@@ -245,6 +276,7 @@ def test_repair_symbols_are_bounded_per_chunk_and_in_total(tmp_path: Path) -> No
         # The spill holds as many symbols as the image has source symbols, no more ...
         assert stored == total_source
         assert store.stats.spill_high_water == total_source * T
+        store.flush()  # (repair symbols in consecutive slots are gathered for one write)
         assert (tmp_path / MANIFEST.session_id.hex() / SPILL_NAME).stat().st_size == (
             total_source * T
         )
@@ -794,8 +826,10 @@ def test_disk_errors_raise_a_state_error_and_leave_no_partial_record(
         with pytest.raises(StateError, match="No space"):
             store.add(1, 0, SYMBOLS[1][0])  # breaks the run, whose write fails
         assert store.esis(0) == [0] and store.esis(1) == []  # neither is stored
+        assert store.add(0, 60, SYMBOLS[0][60])  # a repair symbol: gathered too ...
         with pytest.raises(SymbolStoreError):
-            store.add(0, 60, SYMBOLS[0][60])  # a repair symbol is written at once
+            store.flush()  # ... and its write fails: not stored, nothing recorded
+        assert store.esis(0) == [0] and store.stats.spill_in_use == 0
         assert store.add(0, 2, SYMBOLS[0][2])
         with pytest.raises(SymbolStoreError):
             store.flush()  # the run cannot be written: not stored, nothing recorded
