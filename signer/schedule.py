@@ -42,9 +42,11 @@ An unpaced sender (rate 0) has no phase and starts at round 0.  Several senders 
 set ``--sender i/n`` all send the same symbols at the same moment: that is what ``--sender``
 is for.
 
-*Passes.*  A pass is ``ceil(max K / visit)`` rounds of visits: every chunk has been sent at least
-its K source symbols' worth.  It only counts progress and ends ``--loops``; nothing in the order
-depends on it, and there is no per-pass overhead to size for the worst loss.
+*Passes.*  A pass is the fewest rounds in which every chunk has been sent at least its K source
+symbols' worth wherever its visits started: ``ceil(K / visit)``, plus one where the cycle's last
+visit is short and so may be among them (at most a whole cycle).  It only counts progress and
+ends ``--loops``; nothing in the order depends on it, and there is no per-pass overhead to size
+for the worst loss.
 
 *Manifest carousel.*  All MANIFEST fragments are queued every ``manifest_interval`` seconds and
 sent before further data, so a receiver joining at any point has the manifest within about one
@@ -234,7 +236,9 @@ class SenderCore:
         self.visits = tuple(-(-c // visit) for c in self.cycles)  # m_c
         self.bases = tuple(sender_index * m // sender_count for m in self.visits)
         # Visits per pass: every chunk sent its K source symbols' worth (module doc).
-        self.rounds_per_pass = -(-max(sources) // visit)
+        self.rounds_per_pass = max(
+            _rounds_for_k(k, c, visit) for k, c in zip(sources, self.cycles, strict=True)
+        )
         self.pass_visits = self.rounds_per_pass * len(self.cycles)
         self.manifest = tuple(manifest)
         manifest_bytes = sum(len(d) for d in self.manifest)
@@ -354,3 +358,9 @@ class SenderCore:
     def _spend(self, nbytes: int) -> None:
         if self.rate:
             self._tokens -= nbytes
+
+
+def _rounds_for_k(k: int, cycle: int, visit: int) -> int:
+    """Consecutive visits of a chunk (starting anywhere on its cycle) that always hold K symbols."""
+    rounds = -(-k // visit) + (1 if cycle % visit else 0)
+    return min(rounds, -(-cycle // visit))

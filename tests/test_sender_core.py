@@ -280,3 +280,18 @@ def test_announced_data_follows_its_pages_even_when_the_time_is_up() -> None:
     assert isinstance(c.next_action(0.0), SendAuth)
     assert isinstance(c.next_action(5.0), SendSymbols)  # already paced and counted
     assert isinstance(c.next_action(5.0), Finished)
+
+
+@pytest.mark.parametrize("sender", [(0, 1), (1, 2), (5, 6), (9, 10)])
+def test_one_pass_gives_every_chunk_k_symbols_even_across_its_short_last_visit(
+    sender: tuple[int, int],
+) -> None:
+    # K = 87 and a cycle of 435 (a 400% pool) in visits of 10: the cycle's last visit holds 5
+    # symbols.  ceil(K / visit) = 9 visits starting just before it carry 8 * 10 + 5 = 85 < K;
+    # a pass must be long enough wherever a sender's visits start (the sender at 1/2 of the
+    # integration test once sent one chunk 842 of its 869 symbols in a pass).
+    index, count = sender
+    c = core([435, 435, 430], [87, 87, 86], passes=1, sender_index=index, sender_count=count)
+    sent = symbols(run(c))
+    for chunk, k in enumerate([87, 87, 86]):
+        assert len({esi for ch, esi in sent if ch == chunk}) >= k
