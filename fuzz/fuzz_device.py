@@ -49,7 +49,7 @@ with atheris.instrument_imports():
         Transport,
     )
     from otacast.schemas.policy import TrustSet
-    from otacast.signer.auth_pages import chunk_pages
+    from otacast.signer.auth_pages import AuthPages, chunk_digests
     from otacast.signer.encoder import raptorq_encode
     from otacast.signer.keys import SigningKey
     from otacast.signer.sign import sign
@@ -111,20 +111,13 @@ def _data_seeds() -> list[bytes]:
 
 
 def _auth_seeds() -> list[bytes]:
+    cycles = [_cycle(AUTHED, index) for index in range(AUTHED.chunk_count)]
+    size = len(cycles[0][0])
+    digests = [chunk_digests(b"".join(cycle), size) for cycle in cycles]
+    pages = AuthPages(AUTHED.session_id, 0, digests, wire.auth_capacity(size), STREAM_KEY.signer())
     seeds = []
-    for index in range(AUTHED.chunk_count):
-        cycle = _cycle(AUTHED, index)
-        size = len(cycle[0])
-        pages = chunk_pages(
-            AUTHED.session_id,
-            0,
-            index,
-            b"".join(cycle),
-            size,
-            wire.auth_capacity(size),
-            STREAM_KEY.signer(),
-        )
-        seeds += pages[:1] + cycle[:2]
+    for index, cycle in enumerate(cycles):
+        seeds += [pages.page(index, 0, NOW), *cycle[:2]]
     return seeds
 
 
