@@ -15,8 +15,9 @@ them (`wire.fragment_envelope` at the datagram size it uses), each chunk's cycle
 datagrams from `signer.encoder.raptorq_encode` framed as `signer.symbol_cache` frames them
 (pinned to the cache file by a test in ``test_link.py``), AUTH pages from
 `signer.auth_pages.AuthPages` (signed as they are sent), and the send order from
-`signer.schedule.SenderCore` (built in one place, `sender_core`, as ``serve`` builds it).  `drain`, `receive_all`, `receive_from`
-and `rebuilt` feed a receiver core by hand and read back what it completed.
+`signer.schedule.SenderCore` (built in one place, `sender_core`, as ``serve`` builds it).
+`drain`, `receive_all`, `receive_from` and `rebuilt` feed a receiver core by hand and read back
+what it completed.
 
 The link simulator
 ------------------
