@@ -197,3 +197,18 @@ def test_watch_writes_its_textfile_after_quiet_and_failed_turns(
     errors = [labels for name, labels in second if name.startswith("otacast_device_last_error")]
     assert errors == [(("error", "DiscoveryError"),)]
     assert [p.name for p in prom.parent.iterdir()] == ["otacast.prom"]
+
+
+def test_operations_doc_names_every_metric() -> None:
+    snap = SenderSnapshot("r", "1", 1, "00", "0/1", 1.0, [channel("ff3e::1", 1)])
+    collector = SenderCollector()
+    collector.feed(lambda: snap)
+    device = DeviceMetrics(
+        "c", Installed(1, "r", "1", "00", "installed"), "idle", {}, {"x": 1}, {}, "E", 1.0
+    )
+    names = {name for name, _ in scrape(collector)} | {
+        name for name, _ in samples(render(device).decode())
+    }
+    doc = (Path(__file__).parents[1] / "docs" / "OPERATIONS.md").read_text()
+    assert len(names) == 17
+    assert [name for name in sorted(names) if f"`{name}`" not in doc] == []
