@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
+from tests.helpers import MetricSamples, metric_samples
 
 from .netns import BIN, Host, LanFactory, stop
 from .release import CHANNEL, Release, serve, serve_command
@@ -24,21 +24,11 @@ with urllib.request.urlopen(sys.argv[1], timeout=10) as response:
     sys.stdout.write(response.read().decode())
 """
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-
-def samples(text: str) -> Samples:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def scrape(host: Host) -> Samples:
+def scrape(host: Host) -> MetricSamples:
     done = host.run(str(BIN / "python"), "-c", SCRAPE, f"http://{ENDPOINT}/metrics")
     assert done.returncode == 0, done.stderr
-    return samples(done.stdout)
+    return metric_samples(done.stdout)
 
 
 def test_serve_metrics_are_scraped_over_http_and_grow(lan: LanFactory, tmp_path: Path) -> None:
@@ -97,7 +87,7 @@ def test_watch_writes_a_textfile_after_it_installs(lan: LanFactory, tmp_path: Pa
         deadline = time.monotonic() + 10
         while not prom.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        got = samples(prom.read_text())
+        got = metric_samples(prom.read_text())
     finally:
         stop([sender])
         daemon.terminate()

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from otacast.plugin import watch as watch_module
@@ -25,16 +24,7 @@ from otacast.signer.commands.args import listen_address
 from otacast.signer.metrics import SenderCollector, SenderSnapshot
 from otacast.signer.report import ChannelStats
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def samples(text: str) -> Samples:
-    """Every sample of an exposition, keyed by name and sorted labels."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+from .helpers import MetricSamples, metric_samples
 
 
 def channel(group: str, sent: int, **more: Any) -> ChannelStats:
@@ -55,10 +45,10 @@ def channel(group: str, sent: int, **more: Any) -> ChannelStats:
     return ChannelStats(**(fields | more))
 
 
-def scrape(collector: SenderCollector) -> Samples:
+def scrape(collector: SenderCollector) -> MetricSamples:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    return samples(generate_latest(registry).decode())
+    return metric_samples(generate_latest(registry).decode())
 
 
 def test_sender_metrics_name_every_channel_counter_by_group() -> None:
@@ -140,7 +130,7 @@ def test_device_textfile_carries_release_state_bytes_rejections_and_last_error()
             last_error_at=1_700_000_000.0,
         )
     ).decode()
-    got = samples(text)
+    got = metric_samples(text)
     labels = (("channel", "stable"), ("name", "rootfs"), ("version", "2.0"))
     assert got[("otacast_device_installed_sequence", labels)] == 9
     assert got[("otacast_device_state", (("state", "waiting"),))] == 1
@@ -156,7 +146,9 @@ def test_device_textfile_carries_release_state_bytes_rejections_and_last_error()
 
 
 def test_device_textfile_with_nothing_installed_and_no_error_has_no_such_samples() -> None:
-    got = samples(render(DeviceMetrics("stable", None, "idle", {}, {}, {}, None, None)).decode())
+    got = metric_samples(
+        render(DeviceMetrics("stable", None, "idle", {}, {}, {}, None, None)).decode()
+    )
     names = {name for name, _ in got}
     assert "otacast_device_installed_sequence" not in names
     assert "otacast_device_last_error_timestamp_seconds" not in names
@@ -188,11 +180,11 @@ def test_watch_writes_its_textfile_after_quiet_and_failed_turns(
     trust = TrustSet({"k": b"\0" * 32})
     watcher = Watcher(settings, trust, object(), io.StringIO())  # type: ignore[arg-type]
     watcher.turn()
-    first = samples(prom.read_text())
+    first = metric_samples(prom.read_text())
     assert first[("otacast_device_rejected_datagrams_total", (("reason", "manifest-lower"),))] == 3
     assert first[("otacast_device_turns_total", (("outcome", "quiet"),))] == 1
     watcher.turn()
-    second = samples(prom.read_text())
+    second = metric_samples(prom.read_text())
     assert second[("otacast_device_turns_total", (("outcome", "failed"),))] == 1
     errors = [labels for name, labels in second if name.startswith("otacast_device_last_error")]
     assert errors == [(("error", "DiscoveryError"),)]
@@ -207,7 +199,7 @@ def test_operations_doc_names_every_metric() -> None:
         "c", Installed(1, "r", "1", "00", "installed"), "idle", {}, {"x": 1}, {}, "E", 1.0
     )
     names = {name for name, _ in scrape(collector)} | {
-        name for name, _ in samples(render(device).decode())
+        name for name, _ in metric_samples(render(device).decode())
     }
     doc = (Path(__file__).parents[1] / "docs" / "OPERATIONS.md").read_text()
     assert len(names) == 17
