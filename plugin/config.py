@@ -63,6 +63,7 @@ class DeviceConfig:
     retry_max: float | None = None
     packet_auth: str | None = None
     symbols: str | None = None
+    metrics_file: Path | None = None
 
 
 def _text(value: object) -> bool:
@@ -105,8 +106,9 @@ _RULES: dict[str, tuple[Any, str]] = {
         "one of " + ", ".join(PACKET_AUTH_POLICIES),
     ),
     "symbols": (lambda v: v in SYMBOL_KEEPING, "one of " + ", ".join(SYMBOL_KEEPING)),
+    "metrics_file": (_text, "a path"),
 }
-_PATHS = {"state_dir", "out"}
+_PATHS = {"state_dir", "out", "metrics_file"}
 assert set(_RULES) == {f.name for f in fields(DeviceConfig)} - {"path"}
 
 
@@ -198,6 +200,7 @@ class Settings:
     retry_max: float = DEFAULT_RETRY_MAX
     packet_auth: str = "auto"
     symbols: str = "store"
+    metrics_file: Path | None = None  # watch's node_exporter textfile (otacast.plugin.metrics)
     config: Path | None = None
 
     @property

@@ -66,6 +66,9 @@ class IncompleteError(DeviceError):
 class NoManifestError(IncompleteError):
     """Nothing verifiable was heard on the channel before the join timeout."""
 
+    # What the receiver refused while it listened, by reason (``watch``'s metrics count them).
+    rejected: dict[str, int] | None = None
+
 
 class InstallError(DeviceError):
     """The installer refused or failed to install a verified image."""

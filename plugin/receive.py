@@ -242,6 +242,9 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
     run = _Run(options, core, receiver, emit, start)
     try:
         run.loop()
+    except NoManifestError as exc:
+        exc.rejected = dict(core.snapshot().rejected)
+        raise
     finally:
         run.close()
     end = time.monotonic()

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 from typing import TextIO
 
 from otacast.schemas.errors import OtacastError
@@ -39,6 +42,7 @@ from .deliver import deliver
 from .errors import NoManifestError, UsageError
 from .installed import read_installed
 from .installers import Installer
+from .metrics import DeviceMetrics, write_textfile
 from .receive import FetchOptions, fetch
 from .report import FetchSummary
 from .status import StatusFile
@@ -86,6 +90,11 @@ class Watcher:
         self.status = StatusFile(settings.state_dir)
         self.installs = 0
         self._delay = RETRY_MIN
+        # Tallies since start for --metrics-file (otacast.plugin.metrics).
+        self.bytes: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.turns: Counter[str] = Counter()
+        self.last_error: tuple[str, float] | None = None
 
     def note(self, event: str, message: str, **fields: object) -> None:
         if self.json:
@@ -105,15 +114,27 @@ class Watcher:
         return f"sequence {installed.sequence}" if installed else "nothing (none installed)"
 
     def turn(self) -> None:
-        """One attempt: wait for a newer release, fetch it, install it."""
+        """One attempt: wait for a newer release, fetch it, install it; then the metrics."""
+        self.turns[self._turn()] += 1
+        if self.settings.metrics_file is not None:
+            self._write_metrics(self.settings.metrics_file)
+
+    def _turn(self) -> str:
+        """One attempt; how it ended (metrics.OUTCOMES)."""
         try:
             summary = self._receive()
         except OtacastError as exc:
             self.status.failed(f"{type(exc).__name__}: {exc}")
             self._back_off(exc)
-            return
+            return "failed"
         if summary is None:
-            return  # a quiet channel: join again
+            return "quiet"  # a quiet channel: join again
+        self.rejected.update(summary.rejected)
+        self.bytes.update(
+            multicast=summary.bytes_multicast,
+            http=summary.bytes_http,
+            resumed=summary.bytes_resumed,
+        )
         try:
             delivery = deliver(
                 self.installer,
@@ -124,7 +145,7 @@ class Watcher:
             )
         except OtacastError as exc:
             self._back_off(exc)  # deliver has written it to the status file
-            return
+            return "failed"
         self._delay = RETRY_MIN
         self.installs += 1
         assert delivery.record is not None
@@ -135,6 +156,23 @@ class Watcher:
             version=delivery.record.version,
             status=delivery.result.status,
         )
+        return "installed"
+
+    def _write_metrics(self, path: Path) -> None:
+        tallies = DeviceMetrics(
+            channel=self.settings.channel or "",
+            installed=read_installed(self.settings.state_dir),
+            state=self.status.status.activity,
+            bytes=self.bytes,
+            rejected=self.rejected,
+            turns=self.turns,
+            last_error=self.last_error[0] if self.last_error else None,
+            last_error_at=self.last_error[1] if self.last_error else None,
+        )
+        try:
+            write_textfile(path, tallies)
+        except OtacastError as exc:  # metrics are advice: the daemon carries on without them
+            self.note("warning", f"warning: {exc}")
 
     def _receive(self) -> FetchSummary | None:
         """Wait for a release newer than the installed one and receive it; None if none came."""
@@ -150,12 +188,14 @@ class Watcher:
         )
         try:
             return fetch(options, self.out)
-        except NoManifestError:
+        except NoManifestError as exc:
+            self.rejected.update(exc.rejected or {})
             return None
 
     def _back_off(self, exc: OtacastError) -> None:
         """Report a failed turn and wait before the next, longer after each failure in a row."""
         message = f"{type(exc).__name__}: {exc}"
+        self.last_error = (type(exc).__name__, time.time())
         self.note("error", f"{message}; retrying in {self._delay:g} s", retry_in=self._delay)
         self.stop.wait(self._delay)
         self._delay = min(self._delay * 2, self.settings.retry_max)

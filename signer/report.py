@@ -35,6 +35,24 @@ class ServeProgress:
 
 
 @dataclass(frozen=True)
+class ChannelStats:
+    """One rate channel so far (in the ``finished`` JSON line and the metrics endpoint)."""
+
+    group: str
+    rate_target: int  # bytes/s; 0 = unpaced
+    rate_reached: int  # bytes/s, the average since the channel started
+    passes: int
+    bytes: int  # DATA and MANIFEST datagrams' bytes (AUTH pages: auth_bytes)
+    data_packets: int
+    manifest_packets: int
+    gso: bool
+    auth_packets: int
+    auth_bytes: int
+    no_buffer: int  # sends retried because the kernel had no buffer space
+    gso_refused: int  # segmented sends refused by the driver
+
+
+@dataclass(frozen=True)
 class ServeSummary:
     elapsed: float
     packets: int

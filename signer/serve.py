@@ -16,7 +16,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
@@ -25,7 +25,8 @@ from otacast.schemas.manifest import Envelope
 
 from .auth_pages import AuthPages
 from .channels import ChannelPlan, ServeOptions, ServePlan, build_channels
-from .report import Reporter, ServeProgress, ServeSummary
+from .metrics import SenderCollector, SenderSnapshot
+from .report import ChannelStats, Reporter, ServeProgress, ServeSummary
 from .schedule import Finished, SendAuth, SenderCore, SendManifest, SendSymbols, Wait
 from .symbol_cache import SymbolReader
 from .transport import MulticastSender
@@ -69,6 +70,7 @@ def serve(
     *,
     clock: Callable[[], float] = time.monotonic,
     stop: Stop | None = None,
+    metrics: SenderCollector | None = None,
 ) -> ServeSummary:
     report = Reporter(out, options.json)
     plan = build_channels(envelope, image, options, report)
@@ -88,6 +90,8 @@ def serve(
                 session=plan.manifest.session_id.hex(),
                 sender=f"{options.sender_index}/{options.sender_count}",
             )
+        if metrics is not None:
+            metrics.feed(lambda: _snapshot(plan, channels, clock() - start))
         # Signals become a clean stop only now: during hashing and encoding, Ctrl-C or SIGTERM
         # must end the process at once (the unfinished cache file is removed).
         stop = stop or Stop()
@@ -105,7 +109,7 @@ def serve(
         bytes=totals.bytes,
         passes=totals.passes,
         reason=reason,
-        channels=[_channel_report(c, elapsed) for c in channels],
+        channels=[asdict(_channel_stats(c, elapsed)) for c in channels],
     )
     report.summary(summary)
     return summary
@@ -139,20 +143,37 @@ def _progress(channels: list[Channel], elapsed: float) -> ServeProgress:
     )
 
 
-def _channel_report(channel: Channel, elapsed: float) -> dict[str, object]:
+def _channel_stats(channel: Channel, elapsed: float) -> ChannelStats:
     stats = channel.core.stats
     sent = stats.data_bytes + stats.manifest_bytes
-    return {
-        "group": channel.group,
-        "rate_target": channel.rate,
-        "rate_reached": round(sent / elapsed) if elapsed > 0 else 0,
-        "passes": stats.passes,
-        "data_packets": stats.data_packets,
-        "manifest_packets": stats.manifest_packets,
-        "gso": channel.sender.gso_size > 0,
-        "auth_packets": channel.auth.datagrams if channel.auth else 0,
-        "auth_bytes": channel.auth.bytes if channel.auth else 0,
-    }
+    counters = channel.sender.counters
+    return ChannelStats(
+        group=channel.group,
+        rate_target=channel.rate,
+        rate_reached=round(sent / elapsed) if elapsed > 0 else 0,
+        passes=stats.passes,
+        bytes=sent,
+        data_packets=stats.data_packets,
+        manifest_packets=stats.manifest_packets,
+        gso=channel.sender.gso_size > 0,
+        auth_packets=channel.auth.datagrams if channel.auth else 0,
+        auth_bytes=channel.auth.bytes if channel.auth else 0,
+        no_buffer=counters.no_buffer,
+        gso_refused=counters.gso_refused,
+    )
+
+
+def _snapshot(plan: ServePlan, channels: list[Channel], elapsed: float) -> SenderSnapshot:
+    m, options = plan.manifest, plan.options
+    return SenderSnapshot(
+        name=m.name,
+        version=m.version,
+        sequence=m.sequence,
+        session=m.session_id.hex(),
+        sender=f"{options.sender_index}/{options.sender_count}",
+        elapsed=elapsed,
+        channels=[_channel_stats(c, elapsed) for c in channels],
+    )
 
 
 def _loop(

@@ -51,6 +51,10 @@ def interface_addresses(interface: str) -> list[str]:
 class SendCounters:
     sends: int = 0
     datagrams: int = 0
+    # Sends the kernel refused for want of buffer space (each retried after a pause) ...
+    no_buffer: int = 0
+    # ... and segmented (GSO) sends a driver refused (then one send per datagram from there on).
+    gso_refused: int = 0
 
 
 class MulticastSender:
@@ -123,6 +127,7 @@ class MulticastSender:
                     self._send(run)
                 except NetworkError:
                     # Some drivers refuse segmented sends: from now on one send per datagram.
+                    self.counters.gso_refused += 1
                     self.gso_wanted = False
                     self._disable_gso()
                 else:
@@ -150,6 +155,7 @@ class MulticastSender:
                 self.sock.send(data)
             except OSError as exc:
                 if exc.errno in (errno.ENOBUFS, errno.EAGAIN):
+                    self.counters.no_buffer += 1
                     time.sleep(ENOBUFS_PAUSE)
                     continue
                 raise NetworkError(

@@ -8,6 +8,11 @@ receiver-core and attack tests (`KEY`, `IMAGE`, `ENVELOPE`, `DATA` ...) is defin
 `read_only_file` and `shell_script` make the read-only image and the stand-in program that the
 installer tests hand over.
 
+Metrics
+-------
+`metric_samples` parses a Prometheus exposition with prometheus_client's parser (the unit and
+integration tests of ``serve --metrics`` and ``watch --metrics-file``).
+
 Datagrams
 ---------
 Built the way the sender builds them, with its own code: manifest fragments as ``serve`` cuts
@@ -78,6 +83,8 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from otacast.plugin.core import ReceiverCore
 from otacast.plugin.decoder import ChunkDecoder, raptorq_decoder
@@ -816,3 +823,16 @@ class Link:
                 lost = receiver.drop()
                 delay = receiver.rng.uniform(0, reorder) if reorder else 0.0
                 self._push(t + delay, _ARRIVE, i, datagram, source, data, lost)
+
+
+MetricSamples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metric_samples(text: str) -> MetricSamples:
+    """Every sample of a Prometheus exposition, parsed by prometheus_client's own parser, keyed
+    by name and sorted labels."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

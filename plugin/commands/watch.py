@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 from otacast.plugin.deliver import require_device_type
 from otacast.plugin.errors import UsageError
@@ -19,6 +20,13 @@ def add_watch(sub: Subcommands) -> None:
         "watch", help="stay on the channel; install every newer release (the device daemon)"
     )
     add_receive_options(p, installer=True, manifest=False, retry=True)
+    p.add_argument(
+        "--metrics-file",
+        type=Path,
+        metavar="PATH",
+        help="after each turn, write Prometheus metrics to PATH (a node_exporter textfile, "
+        "e.g. /var/lib/node_exporter/textfile/otacast.prom; or metrics_file in the config)",
+    )
     p.set_defaults(run=cmd_watch)
 
 

@@ -8,6 +8,7 @@ An argument type turns text into a value or into argparse's one-line usage error
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,6 +92,22 @@ def _sender_pair(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
+def _listen(text: str) -> tuple[str, int]:
+    """``[ADDR]:PORT``, ``ADDR:PORT`` (IPv4) or ``:PORT`` (every address) as (address, port)."""
+    host, colon, number = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9464")
+    if not colon or not number.isdigit() or not 1 <= int(number) <= 65535:
+        raise ValueError(f"{text!r} is not [ADDR]:PORT with a port 1..65535 (e.g. :9464)")
+    try:
+        address = str(ipaddress.ip_address(host)) if host else "::"
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    return address, int(number)
+
+
 def _unpaced_or_rate(text: str) -> int:
     if text.strip().lower() in ("0", "max", "unlimited"):
         return 0
@@ -106,6 +123,7 @@ duration = _argtype(units.parse_duration)
 expiry = _argtype(units.parse_duration, lambda v: None if v >= 1 else "must be at least 1s")
 fraction = _argtype(units.parse_fraction)
 sender = _argtype(_sender_pair)
+listen_address = _argtype(_listen)
 rate_or_max = _argtype(_unpaced_or_rate)
 channel_rate = _argtype(
     units.parse_rate, lambda v: None if v >= MIN_SIGNED_RATE else "a rate channel is at least 1K"

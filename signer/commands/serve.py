@@ -11,6 +11,7 @@ from pathlib import Path
 from otacast.schemas import units
 from otacast.signer import keys
 from otacast.signer.channels import ServeOptions
+from otacast.signer.metrics import MetricsEndpoint
 from otacast.signer.serve import Stop, serve
 
 from . import args as types
@@ -88,6 +89,13 @@ def add_serve(sub: Subcommands) -> None:
     p.add_argument("--no-gso", action="store_true", help="one send per datagram (no UDP GSO)")
     p.add_argument("--loopback", action="store_true", help="also deliver to receivers on this host")
     p.add_argument("--json", action="store_true", help="JSON status lines")
+    p.add_argument(
+        "--metrics",
+        type=types.listen_address,
+        metavar="[ADDR]:PORT",
+        help="serve Prometheus metrics over HTTP at this address, e.g. :9464 (all addresses) "
+        "or [::1]:9464 (default: off)",
+    )
     p.set_defaults(run=cmd_serve)
 
 
@@ -124,5 +132,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         json=args.json,
         stream_key=keys.load_secret(args.stream_key) if args.stream_key else None,
     )
-    serve(envelope, args.image, options, sys.stdout, stop=Stop())
+    # Listening before the release is encoded: a port in use fails now, not minutes later.
+    endpoint = MetricsEndpoint(*args.metrics) if args.metrics else None
+    try:
+        serve(
+            envelope,
+            args.image,
+            options,
+            sys.stdout,
+            stop=Stop(),
+            metrics=endpoint.collector if endpoint else None,
+        )
+    finally:
+        if endpoint:
+            endpoint.close()
     return 0
