@@ -71,3 +71,11 @@ class InstallError(DeviceError):
     """The installer refused or failed to install a verified image."""
 
     exit_code: ClassVar[int] = 46
+
+
+class InstallerUnavailable(InstallError):
+    """The installer could not be asked at all: the SWUpdate daemon is not running (its socket
+    is missing or refuses connections) or is busy with another install.  Nothing was handed
+    over; trying again later may succeed, unlike an image the installer refused (46)."""
+
+    exit_code: ClassVar[int] = 47
