@@ -31,7 +31,7 @@ import threading
 from dataclasses import replace
 from typing import TextIO
 
-from otacast.schemas.errors import OtacastError
+from otacast.schemas.errors import ManifestRejected, OtacastError
 from otacast.schemas.policy import TrustSet
 
 from .config import Settings
@@ -150,7 +150,8 @@ class Watcher:
         )
         try:
             return fetch(options, self.out)
-        except NoManifestError:
+        except (NoManifestError, ManifestRejected):
+            # Only refused manifests heard (the installed release, typically): as quiet as none.
             return None
 
     def _back_off(self, exc: OtacastError) -> None:
