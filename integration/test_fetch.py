@@ -480,3 +480,31 @@ def test_install_hands_the_image_over_and_then_says_up_to_date_apart_from_nothin
     # With the sender gone, the same command is a network failure, not "up to date".
     gone = install(receiver, release, state, tmp_path / "out.img", f"file:{target}", *args)
     assert gone.returncode == NoManifestError.exit_code != UpToDate.exit_code, gone.stderr
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["default", "keep-staged"])
+def test_install_leaves_no_second_image_in_the_state_directory_unless_kept(
+    lan: LanFactory, release: Release, tmp_path: Path, keep: bool
+) -> None:
+    sender, receiver = lan(2).hosts
+    target, state = tmp_path / "slot.img", tmp_path / "state"
+    state.mkdir()
+    tx = serve(sender, release, "--rate", "40M", "--duration", "120s")
+    try:
+        done = install(
+            receiver,
+            release,
+            state,
+            state / "received.img",  # the default place, named so the test can look for it
+            f"file:{target}",
+            "--source",
+            sender.address,
+            *(("--keep-staged",) if keep else ()),
+        )
+    finally:
+        stop([tx])
+    assert done.returncode == 0, done.stderr
+    assert target.read_bytes() == release.image.read_bytes()
+    size = release.image.stat().st_size
+    large = [p for p in state.rglob("*") if p.is_file() and p.stat().st_size >= size]
+    assert large == ([state / "received.img"] if keep else []), large

@@ -63,6 +63,7 @@ class DeviceConfig:
     retry_max: float | None = None
     packet_auth: str | None = None
     symbols: str | None = None
+    keep_staged: bool | None = None
 
 
 def _text(value: object) -> bool:
@@ -105,6 +106,7 @@ _RULES: dict[str, tuple[Any, str]] = {
         "one of " + ", ".join(PACKET_AUTH_POLICIES),
     ),
     "symbols": (lambda v: v in SYMBOL_KEEPING, "one of " + ", ".join(SYMBOL_KEEPING)),
+    "keep_staged": (lambda v: isinstance(v, bool), "true or false"),
 }
 _PATHS = {"state_dir", "out"}
 assert set(_RULES) == {f.name for f in fields(DeviceConfig)} - {"path"}
@@ -198,6 +200,9 @@ class Settings:
     retry_max: float = DEFAULT_RETRY_MAX
     packet_auth: str = "auto"
     symbols: str = "store"
+    # Keep the received image (`out_path`) after a successful install; by default it is removed,
+    # so the state directory never needs room for a second image (`otacast.plugin.deliver`).
+    keep_staged: bool = False
     config: Path | None = None
 
     @property

@@ -121,6 +121,7 @@ class Watcher:
                 summary.manifest,
                 state_dir=self.settings.state_dir,
                 status=self.status,
+                keep_staged=self.settings.keep_staged,
             )
         except OtacastError as exc:
             self._back_off(exc)  # deliver has written it to the status file

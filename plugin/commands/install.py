@@ -34,6 +34,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         summary.manifest,
         state_dir=settings.state_dir,
         status=status,
+        keep_staged=settings.keep_staged,
     )
     assert delivery.record is not None
     if args.json:

@@ -51,6 +51,13 @@ def add_receive_options(
             "(a running swupdate's sockets) or swupdate-run:ARGS (a private swupdate "
             "started with ARGS for each install)",
         )
+        p.add_argument(
+            "--keep-staged",
+            action="store_true",
+            default=None,
+            help="keep the received image (--out) after a successful install "
+            "(default: removed, so the state directory holds one image, not two)",
+        )
     p.add_argument(
         "--out",
         type=Path,
