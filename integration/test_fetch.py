@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from otacast.plugin.errors import IncompleteError
+from otacast.plugin.errors import NoManifestError, UpToDate
 from otacast.schemas.errors import Expired, Rollback, UnknownKey, WrongDevice
 from otacast.schemas.manifest import parse_envelope
 
@@ -263,7 +263,7 @@ def test_kill_9_with_the_symbol_store_resumes_with_the_stored_symbols(
     ("trust", "fetch_args", "error"),
     [
         ("other", (), UnknownKey),
-        ("release", ("--installed-sequence", "3"), Rollback),
+        ("release", ("--installed-sequence", "4"), Rollback),
         ("release", ("--device-type", "toaster"), WrongDevice),
     ],
 )
@@ -301,8 +301,11 @@ def test_refused_manifests_write_nothing(
         )
     finally:
         stop([tx])
-    assert done.returncode == IncompleteError.exit_code, done.stderr  # type: ignore[attr-defined]
-    notes = [json.loads(line)["message"] for line in done.stdout.splitlines()]
+    # Heard on the channel, the refusal keeps its own code too (not 45, "nothing heard").
+    assert done.returncode == error.exit_code, done.stderr  # type: ignore[attr-defined]
+    assert "the channel's was refused" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    notes = [json.loads(line)["message"] for line in done.stdout.splitlines()[:-1]]
     assert any("refused a manifest" in note for note in notes)
     assert given.returncode == error.exit_code, given.stderr  # type: ignore[attr-defined]
     assert len(given.stderr.strip().splitlines()) == 1
@@ -432,7 +435,7 @@ def test_sources_found_by_dns_srv_are_joined_source_specifically(
     assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
 
 
-def test_install_hands_the_image_to_the_installer_and_then_refuses_a_replay(
+def test_install_hands_the_image_over_and_then_says_up_to_date_apart_from_nothing_heard(
     lan: LanFactory, release: Release, tmp_path: Path
 ) -> None:
     net = lan(4)
@@ -444,7 +447,9 @@ def test_install_hands_the_image_to_the_installer_and_then_refuses_a_replay(
     try:
         args = ("--source", sender.address, "--join-timeout", "3")
         first = install(receiver, release, state, tmp_path / "out.img", f"file:{target}", *args)
-        # The same release again: the record of what is installed now refuses it.
+        # The same release again, from the channel: the device runs it already.
+        current = install(receiver, release, state, tmp_path / "out.img", f"file:{target}", *args)
+        # And given with --manifest.
         again = install(
             receiver,
             release,
@@ -462,4 +467,44 @@ def test_install_hands_the_image_to_the_installer_and_then_refuses_a_replay(
     assert installed["event"] == "installed" and installed["sequence"] == 3
     assert target.read_bytes() == release.image.read_bytes()
     assert (tmp_path / "slot.img.previous").read_bytes() == b"factory image"
-    assert again.returncode == Rollback.exit_code, again.stderr
+    assert current.returncode == again.returncode == UpToDate.exit_code, current.stderr
+    said = json.loads(current.stdout.splitlines()[-1])
+    assert said == {
+        "event": "up-to-date",
+        "sequence": 3,
+        "message": "up to date: the channel's release, sequence 3, is installed",
+    }
+    assert json.loads(again.stdout.splitlines()[-1])["event"] == "up-to-date"
+    assert current.stderr == ""
+    assert target.read_bytes() == release.image.read_bytes()
+    # With the sender gone, the same command is a network failure, not "up to date".
+    gone = install(receiver, release, state, tmp_path / "out.img", f"file:{target}", *args)
+    assert gone.returncode == NoManifestError.exit_code != UpToDate.exit_code, gone.stderr
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["default", "keep-staged"])
+def test_install_leaves_no_second_image_in_the_state_directory_unless_kept(
+    lan: LanFactory, release: Release, tmp_path: Path, keep: bool
+) -> None:
+    sender, receiver = lan(2).hosts
+    target, state = tmp_path / "slot.img", tmp_path / "state"
+    state.mkdir()
+    tx = serve(sender, release, "--rate", "40M", "--duration", "120s")
+    try:
+        done = install(
+            receiver,
+            release,
+            state,
+            state / "received.img",  # the default place, named so the test can look for it
+            f"file:{target}",
+            "--source",
+            sender.address,
+            *(("--keep-staged",) if keep else ()),
+        )
+    finally:
+        stop([tx])
+    assert done.returncode == 0, done.stderr
+    assert target.read_bytes() == release.image.read_bytes()
+    size = release.image.stat().st_size
+    large = [p for p in state.rglob("*") if p.is_file() and p.stat().st_size >= size]
+    assert large == ([state / "received.img"] if keep else []), large

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from otacast.plugin.errors import InstallError
+from otacast.plugin.errors import InstallError, InstallerUnavailable
 from otacast.plugin.installers import get_installer
 from otacast.plugin.installers.swupdate import ipc
 from otacast.plugin.trust import load_trust
@@ -276,9 +276,26 @@ def test_consecutive_installs_on_one_daemon_each_get_their_own_verdict_and_reaso
 def test_no_daemon_is_an_error_naming_its_control_socket(vendor: Signer, tmp_path: Path) -> None:
     update = make_update(tmp_path, vendor)
     with pytest.raises(
-        InstallError, match=r"swupdate is not running: no control socket at .*/run/"
+        InstallerUnavailable, match=r"swupdate is not running: no control socket at .*/run/"
     ):
         get_installer(f"swupdate:{tmp_path / 'run'}").install(update.swu, update.verified)
+
+
+def test_a_stopped_daemon_is_unavailable_47_and_a_refused_image_is_46(
+    daemon: Daemon, vendor: Signer, stranger: Signer, tmp_path: Path
+) -> None:
+    # Scripts and `watch` retry the first later; the second needs another image.
+    installer = get_installer(f"swupdate:{daemon.directory}")
+    bad = make_update(tmp_path / "bad", stranger)
+    with pytest.raises(InstallError) as refused:
+        installer.install(bad.swu, bad.verified)
+    stop([daemon.process])  # whatever it leaves behind (sockets or none), nobody answers
+    good = make_update(tmp_path / "good", vendor)
+    with pytest.raises(InstallerUnavailable, match=r"^swupdate is not running: ") as unavailable:
+        installer.install(good.swu, good.verified)
+    assert type(refused.value) is InstallError
+    assert (refused.value.exit_code, unavailable.value.exit_code) == (46, 47)
+    assert not good.target.exists()
 
 
 def _recv_message(sock: socket.socket) -> ipc.IpcMessage:
@@ -326,7 +343,9 @@ def test_a_busy_daemon_is_reported_and_the_next_install_after_it_succeeds(
     holder, subscription = _hold_a_started_install(daemon.directory)
     with subscription:  # open until the daemon is done with us (see _hold_a_started_install)
         try:
-            with pytest.raises(InstallError, match=r"^swupdate is busy: Installation in progress$"):
+            with pytest.raises(
+                InstallerUnavailable, match=r"^swupdate is busy: Installation in progress$"
+            ):
                 installer.install(update.swu, update.verified)
         finally:
             holder.close()  # an empty image: that install fails and the daemon becomes idle

@@ -64,6 +64,7 @@ class DeviceConfig:
     packet_auth: str | None = None
     symbols: str | None = None
     metrics_file: Path | None = None
+    keep_staged: bool | None = None
 
 
 def _text(value: object) -> bool:
@@ -107,6 +108,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     ),
     "symbols": (lambda v: v in SYMBOL_KEEPING, "one of " + ", ".join(SYMBOL_KEEPING)),
     "metrics_file": (_text, "a path"),
+    "keep_staged": (lambda v: isinstance(v, bool), "true or false"),
 }
 _PATHS = {"state_dir", "out", "metrics_file"}
 assert set(_RULES) == {f.name for f in fields(DeviceConfig)} - {"path"}
@@ -201,6 +203,9 @@ class Settings:
     packet_auth: str = "auto"
     symbols: str = "store"
     metrics_file: Path | None = None  # watch's node_exporter textfile (otacast.plugin.metrics)
+    # Keep the received image (`out_path`) after a successful install; by default it is removed,
+    # so the state directory never needs room for a second image (`otacast.plugin.deliver`).
+    keep_staged: bool = False
     config: Path | None = None
 
     @property

@@ -75,6 +75,13 @@ a manifest that a datagram completes, uses the ``wall`` time passed with that da
 (`time.time()`, read by the driver once per batch of datagrams); nothing keeps a wall time
 between calls.  Tests pass plain numbers for both and need no clock.
 
+*Refusals.*  Each refused manifest is one `ManifestRefused` event, and the most relevant one
+heard is kept as `refusal`, for a driver whose join timeout ends with nothing adopted to report
+instead of "nothing heard": a genuinely signed manifest refused by the update rules (expired,
+rollback, another channel or device type: its `sequence` is known) outranks one whose
+signatures failed (anyone can send those), and among signed ones the highest sequence wins,
+the newest release the channel carries.
+
 *Reporting.*  Drivers and reporters read `snapshot` (a frozen copy), not the live counters.
 """
 
@@ -113,6 +120,14 @@ from .events import (
 from .verify import check_signature
 
 _PendingKey = tuple[str, bytes, bytes, int]  # source, session, envelope id, claimed length
+
+
+def _relevance(refusal: ManifestRejected) -> tuple[bool, int]:
+    """Orders refusals for `ReceiverCore.refusal`: genuinely signed ones (a `sequence`) above
+    the rest, then by sequence; among equals the later heard wins (callers compare with >=)."""
+    return (refusal.sequence is not None, -1 if refusal.sequence is None else refusal.sequence)
+
+
 # What holding one early datagram costs beyond its bytes (the bytes object, the tuple, the
 # source string, the deque slot), charged against MAX_EARLY_BYTES so it bounds real memory.
 EARLY_ENTRY_OVERHEAD = 160
@@ -275,6 +290,8 @@ class ReceiverCore:
         self._pending: OrderedDict[_PendingKey, _Reassembly] = OrderedDict()
         self._pending_bytes = 0
         self._refused: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        # The refusal a driver reports if nothing is adopted (see *Refusals*).
+        self.refusal: ManifestRejected | None = None
         self._budget = ManifestBudget(now)
         self.manifest_grace = manifest_grace
         self._candidate: _Candidate | None = None  # during the grace period
@@ -591,7 +608,9 @@ class ReceiverCore:
     def _refuse(self, key: tuple[bytes, bytes], exc: ManifestRejected) -> None:
         self._remember_refused(key)
         self.stats.rejected["manifest-refused"] += 1
-        self._events.append(ManifestRefused(type(exc).__name__, str(exc)))
+        if self.refusal is None or _relevance(exc) >= _relevance(self.refusal):
+            self.refusal = exc
+        self._events.append(ManifestRefused(type(exc).__name__, str(exc), exc))
 
     def _remember_refused(self, key: tuple[bytes, bytes]) -> None:
         self._refused[key] = None

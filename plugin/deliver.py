@@ -17,7 +17,11 @@ received and verified in full:
 4. records the release in ``installed.json`` (which raises the anti-rollback floor of every
    otacast path) and clears the status file's activity and last error — or, for Mender, which
    installs in one state and commits in a later one, only returns the status file to idle and
-   leaves the record to `record_installed` at commit time.
+   leaves the record to `record_installed` at commit time;
+5. unless told to keep it (``keep_staged``), removes the received image once the release is
+   recorded: the installer has its own copy (the file installer's target, SWUpdate's slot, the
+   command's result), and the state directory must not need room for two images.  A removal
+   that fails leaves the file for the next run to replace; the install has succeeded.
 
 A failure at any step is written to the status file (``TYPE: message``, kept as the last error)
 and raised unchanged, so the caller's exit code and retry policy see the installer's own error.
@@ -25,6 +29,7 @@ and raised unchanged, so the caller's exit code and retry policy see the install
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +97,7 @@ def deliver(
     state_dir: Path,
     status: StatusFile,
     record: bool = True,
+    keep_staged: bool = True,
 ) -> Delivery:
     """Install `image` (complete and verified) and, if `record`, record it (module doc)."""
     m = verified.manifest
@@ -103,10 +109,14 @@ def deliver(
         if not record:
             status.update(activity="idle")
             return Delivery(m, result, None)
-        return Delivery(m, result, record_installed(state_dir, verified, result.status, status))
+        installed = record_installed(state_dir, verified, result.status, status)
     except OtacastError as exc:
         status.failed(f"{type(exc).__name__}: {exc}")
         raise
+    if not keep_staged:
+        with contextlib.suppress(OSError):  # step 5: the next receive replaces it anyway
+            image.unlink()
+    return Delivery(m, result, installed)
 
 
 def record_installed(

@@ -27,6 +27,18 @@ class ConfigError(UsageError):
     exit_code: ClassVar[int] = 3
 
 
+class UpToDate(DeviceError):
+    """Not a failure: the release on offer (heard on the channel, or given with --manifest) is
+    the one installed, so there is nothing to do.  ``fetch`` and ``install`` print it and exit
+    with its code, which scripts tell apart from success (0) and from a network failure (45)."""
+
+    exit_code: ClassVar[int] = 4
+
+    def __init__(self, sequence: int, where: str) -> None:
+        super().__init__(f"up to date: the {where} release, sequence {sequence}, is installed")
+        self.sequence = sequence
+
+
 class ReadError(DeviceError):
     """A local input (manifest file, trust key, config) cannot be read."""
 
@@ -74,3 +86,11 @@ class InstallError(DeviceError):
     """The installer refused or failed to install a verified image."""
 
     exit_code: ClassVar[int] = 46
+
+
+class InstallerUnavailable(InstallError):
+    """The installer could not be asked at all: the SWUpdate daemon is not running (its socket
+    is missing or refuses connections) or is busy with another install.  Nothing was handed
+    over; trying again later may succeed, unlike an image the installer refused (46)."""
+
+    exit_code: ClassVar[int] = 47

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from otacast.schemas.errors import ManifestRejected
 from otacast.schemas.policy import VerifiedManifest
 
 
@@ -18,6 +19,10 @@ class ManifestRefused:
 
     reason: str  # the ManifestRejected subclass name, e.g. "Rollback"
     message: str
+    # The refusal itself (its class carries the exit code, its `sequence` says how new the
+    # release was), for a driver that ends with it when nothing else was heard; None for a
+    # refusal by this device's own policy (packet authentication required).
+    error: ManifestRejected | None = None
 
 
 @dataclass(frozen=True)

@@ -430,7 +430,17 @@ class _Run:
         verified = self.core.verified
         if verified is None:
             # Whatever the policy: without a manifest there is nothing to fetch or wait for
-            # (`watch` takes this as a quiet channel and joins again, re-reading DNS).
+            # (`watch` takes this as a quiet channel and joins again, re-reading DNS).  If only
+            # refused manifests were heard, the most relevant refusal ends the run with its own
+            # error and exit code (`ReceiverCore.refusal`): the network worked, the release did
+            # not pass.
+            refusal = self.core.refusal
+            if refusal is not None:
+                raise type(refusal)(
+                    f"no acceptable manifest within {self.options.join_timeout:g} s; the "
+                    f"channel's was refused: {refusal}",
+                    sequence=refusal.sequence,
+                )
             raise NoManifestError(
                 f"no manifest heard within {self.options.join_timeout:g} s; nothing to fall "
                 "back with (give --manifest, or check the interface, group and DNS)"

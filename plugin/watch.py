@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from otacast.schemas.errors import OtacastError
+from otacast.schemas.errors import ManifestRejected, OtacastError
 from otacast.schemas.policy import TrustSet
 
 from .config import Settings
@@ -142,6 +142,7 @@ class Watcher:
                 summary.manifest,
                 state_dir=self.settings.state_dir,
                 status=self.status,
+                keep_staged=self.settings.keep_staged,
             )
         except OtacastError as exc:
             self._back_off(exc)  # deliver has written it to the status file
@@ -190,6 +191,10 @@ class Watcher:
             return fetch(options, self.out)
         except NoManifestError as exc:
             self.rejected.update(exc.rejected or {})
+            return None
+        except ManifestRejected:
+            # Only refused manifests heard (the installed release, typically): as quiet as none.
+            # (The turn's datagram rejections are not counted in the metrics file then.)
             return None
 
     def _back_off(self, exc: OtacastError) -> None:

@@ -28,9 +28,17 @@ class UntrustedInputError(OtacastError):
 
 
 class ManifestRejected(UntrustedInputError):
-    """A manifest was refused; subclasses say why."""
+    """A manifest was refused; subclasses say why.
+
+    `sequence` is the refused manifest's sequence when its signatures held (the update rules of
+    `policy.accept` refused it), else None: a receiver that heard several refusals on a channel
+    reports the one of the newest genuine release."""
 
     exit_code: ClassVar[int] = 20
+
+    def __init__(self, message: str, *, sequence: int | None = None) -> None:
+        super().__init__(message)
+        self.sequence = sequence
 
 
 class ManifestTooLarge(ManifestRejected):

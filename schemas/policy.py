@@ -156,18 +156,24 @@ def accept(
     envelope = envelope_from_outline(authenticated.outline)
     manifest = envelope.manifest
     if now >= manifest.expires:
-        raise Expired(f"manifest expired at {manifest.expires} (now {int(now)})")
+        raise Expired(
+            f"manifest expired at {manifest.expires} (now {int(now)})", sequence=manifest.sequence
+        )
     if installed_sequence is not None and manifest.sequence <= installed_sequence:
         raise Rollback(
-            f"manifest sequence {manifest.sequence} is not above the installed {installed_sequence}"
+            f"manifest sequence {manifest.sequence} is not above the installed "
+            f"{installed_sequence}",
+            sequence=manifest.sequence,
         )
     if channel is not None and manifest.transport.channel != channel:
         raise WrongChannel(
             f"manifest is for channel {manifest.transport.channel!r}, this device follows "
-            f"{channel!r}"
+            f"{channel!r}",
+            sequence=manifest.sequence,
         )
     if device_type is not None and device_type not in manifest.compatible:
         raise WrongDevice(
-            f"device type {device_type!r} is not among {', '.join(manifest.compatible)}"
+            f"device type {device_type!r} is not among {', '.join(manifest.compatible)}",
+            sequence=manifest.sequence,
         )
     return VerifiedManifest(envelope, authenticated.signers)

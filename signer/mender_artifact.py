@@ -28,11 +28,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from otacast.schemas.errors import KeyFormatError
 from otacast.schemas.keyfile import MAX_KEY_FILE_BYTES, SECRET_TAG
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
 from otacast.schemas.manifest import Envelope, parse_envelope
 
-from .errors import MenderArtifactError, UsageError, WriteError
+from .errors import MenderArtifactError, WriteError
 from .fileio import read_bounded
 
 TOOL = "mender-artifact"
@@ -146,13 +147,25 @@ def _run(command: list[str]) -> None:
         raise MenderArtifactError(f"{TOOL} failed: {reason}")
 
 
+# The PEM blocks mender-artifact signs with: PKCS#1 RSA and SEC1 EC keys.  It refuses PKCS#8
+# ("BEGIN PRIVATE KEY", which `openssl genpkey` writes) with a message about Go's x509 parser.
+_MENDER_KEY_BLOCKS = (b"-----BEGIN RSA PRIVATE KEY-----", b"-----BEGIN EC PRIVATE KEY-----")
+
+
 def _check_key(key: Path) -> None:
-    """Refuse, with the reason, keys mender-artifact would refuse obscurely."""
+    """Refuse, with the reason, keys mender-artifact would refuse obscurely: a key of the wrong
+    kind is `KeyFormatError` (exit 10), as for otacast's own key files."""
     head = read_bounded(key, MAX_KEY_FILE_BYTES, "Mender signing key")
     if head.startswith(SECRET_TAG.encode()):
-        raise UsageError(
+        raise KeyFormatError(
             f"--key {key} is an otacast Ed25519 key; Mender signs artifacts with RSA or ECDSA "
             "P-256 only (the manifest inside is already signed with your release key)"
         )
     if b"-----BEGIN" not in head:
-        raise UsageError(f"--key {key} is not a PEM private key (RSA or ECDSA P-256)")
+        raise KeyFormatError(f"--key {key} is not a PEM private key (RSA or ECDSA P-256)")
+    if not any(block in head for block in _MENDER_KEY_BLOCKS):
+        raise KeyFormatError(
+            f"--key {key} is not a PKCS#1 RSA or SEC1 EC private key, the PEM kinds "
+            "mender-artifact reads (convert a PKCS#8 key with `openssl ec -in KEY` or "
+            "`openssl rsa -in KEY -traditional`)"
+        )

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from otacast.plugin import errors as device_errors
+from otacast.plugin.errors import UpToDate
 from otacast.schemas import keyfile
 from otacast.schemas.canonical import canonical_bytes
 from otacast.schemas.errors import (
@@ -867,6 +868,27 @@ def test_rollback_to_the_installed_sequence_is_refused_by_both_sides(work: World
     assert_refused(device_json, Rollback, reason, json_stdout=True)
     assert json.loads(device_json.out)["message"] in device_json.err
     assert snapshot(work.root) == before
+
+
+@pytest.mark.parametrize("command", ["fetch", "install"])
+def test_fetch_and_install_of_the_installed_release_say_up_to_date_with_their_own_code(
+    work: World, command: str
+) -> None:
+    # `verify` above calls it a rollback; a device asked to update to what it runs has nothing
+    # to do, and says so with a code of its own (not 0, not a failure's).
+    args = ("--trust", work.alice_pub, "--installed-sequence", SEQUENCE)
+    args += ("--manifest", work.manifest, "--state-dir", "state", "--out", "out.img")
+    if command == "install":
+        args += ("--installer", "file:slot.img", "--device-type", "dev-a", "--channel", CHANNEL)
+    plain, as_json = run_all(
+        work.root, (DEVICE, command, *args), (DEVICE, command, *args, "--json")
+    )
+    expected = f"up to date: the --manifest release, sequence {SEQUENCE}, is installed"
+    assert (plain.code, plain.out, plain.err) == (UpToDate.exit_code, expected + "\n", "")
+    assert as_json.code == UpToDate.exit_code == 4, as_json.err
+    line = json.loads(as_json.out)
+    assert line == {"event": "up-to-date", "sequence": int(SEQUENCE), "message": expected}
+    assert not (work.root / "out.img").exists() and not (work.root / "slot.img").exists()
 
 
 def test_wrong_device_type_is_refused_by_both_sides(work: World) -> None:

@@ -59,6 +59,14 @@ def test_command_line_wins_over_the_file_and_the_file_over_defaults(tmp_path: Pa
     assert bare.source == ()
 
 
+def test_keep_staged_is_off_unless_the_file_or_the_command_line_sets_it(tmp_path: Path) -> None:
+    trust = {"trust": [Path("a.pub")]}
+    assert not settle(DeviceConfig(), {**trust, "keep_staged": None}).keep_staged
+    assert settle(DeviceConfig(), {**trust, "keep_staged": True}).keep_staged
+    kept = load_config(write(tmp_path, GOOD + "keep_staged = true\n"))
+    assert settle(kept, {"keep_staged": None}).keep_staged
+
+
 def test_no_trusted_key_anywhere_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no trusted keys"):
         settle(DeviceConfig(), {"trust": None})
@@ -93,6 +101,7 @@ def test_environment_names_the_config(tmp_path: Path, monkeypatch: pytest.Monkey
         ('fallback = "sometimes"\n', "fallback must be"),
         ('scope = "galactic"\n', "scope must be"),
         ("join_timeout = -1\n", "join_timeout must be"),
+        ('keep_staged = "yes"\n', "keep_staged must be true or false"),
         ('installer = ""\n', "installer must be"),
         ('device_type = "a\\nb"\n', "device_type must be"),
         ("[channel]\nname = 1\n", "channel must be"),

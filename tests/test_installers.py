@@ -180,6 +180,41 @@ class _Odd(Installer):
         return InstallResult("maybe")
 
 
+@pytest.mark.parametrize("keep_staged", [False, True])
+def test_deliver_removes_the_received_image_after_a_recorded_install_unless_kept(
+    tmp_path: Path, image: Path, keep_staged: bool
+) -> None:
+    state = tmp_path / "state"
+    target = tmp_path / "slot.img"
+    deliver(
+        get_installer(f"file:{target}"),
+        image,
+        verified(),
+        state_dir=state,
+        status=StatusFile(state),
+        keep_staged=keep_staged,
+    )
+    assert target.read_bytes() == IMAGE and read_installed(state) is not None
+    assert image.exists() == keep_staged
+
+
+@pytest.mark.parametrize("installer", [CommandInstaller("/bin/false"), _Odd()])
+def test_a_failed_install_keeps_the_received_image_for_the_next_attempt(
+    tmp_path: Path, image: Path, installer: Installer
+) -> None:
+    state = tmp_path / "state"
+    with pytest.raises(InstallError):
+        deliver(
+            installer,
+            image,
+            verified(),
+            state_dir=state,
+            status=StatusFile(state),
+            keep_staged=False,
+        )
+    assert image.read_bytes() == IMAGE
+
+
 @pytest.mark.parametrize("installer", [CommandInstaller("/bin/false"), _Odd()])
 def test_deliver_reports_a_failed_install_and_records_nothing(
     tmp_path: Path, image: Path, installer: Installer

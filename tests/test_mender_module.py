@@ -22,13 +22,12 @@ from otacast.plugin.mender import deployment, layout
 from otacast.plugin.mender.deployment import Deployment
 from otacast.plugin.mender.main import install_module, main
 from otacast.plugin.mender.meta import decode_meta_data
-from otacast.schemas.errors import MalformedManifest, ManifestTooLarge
+from otacast.schemas.errors import KeyFormatError, MalformedManifest, ManifestTooLarge
 from otacast.schemas.keyfile import format_public, format_secret
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
 from otacast.signer import cli as signer_cli
 from otacast.signer import mender_artifact
 from otacast.signer.errors import MenderArtifactError
-from otacast.signer.errors import UsageError as SignerUsageError
 from otacast.signer.keys import SigningKey
 from otacast.signer.sign import sign
 
@@ -310,11 +309,28 @@ def signer(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, 
     return code, err
 
 
-def test_signer_refuses_an_otacast_key_for_the_mender_signature(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+# Keys mender-artifact cannot sign with; all are refused before it runs, with the key-kind code.
+WRONG_MENDER_KEYS = {
+    "otacast release key": (format_secret(b"\x01" * 32), "RSA or ECDSA P-256 only"),
+    "not PEM": ("ssh-ed25519 AAAA\n", "not a PEM private key"),
+    "PKCS#8 PEM": (
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+        "not a PKCS#1 RSA or SEC1 EC private key",
+    ),
+    "public key PEM": (
+        "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n",
+        "not a PKCS#1 RSA or SEC1 EC private key",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WRONG_MENDER_KEYS))
+def test_signer_refuses_a_mender_key_of_the_wrong_kind_with_the_key_kind_code(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str
 ) -> None:
+    text, reason = WRONG_MENDER_KEYS[kind]
     (tmp_path / "m.json").write_bytes(MANIFEST)
-    (tmp_path / "release.key").write_text(format_secret(b"\x01" * 32))
+    (tmp_path / "mender.key").write_text(text)
     code, err = signer(
         capsys,
         "mender-artifact",
@@ -322,10 +338,10 @@ def test_signer_refuses_an_otacast_key_for_the_mender_signature(
         "-o",
         tmp_path / "a.mender",
         "--key",
-        tmp_path / "release.key",
+        tmp_path / "mender.key",
     )
-    assert code == SignerUsageError.exit_code
-    assert "RSA or ECDSA P-256 only" in err
+    assert code == KeyFormatError.exit_code == 10  # README, "Exit codes"
+    assert reason in err
     assert not (tmp_path / "a.mender").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -18,6 +19,7 @@ from otacast.plugin.events import (
 )
 from otacast.plugin.store_decoder import UNBOUNDED_DECODERS
 from otacast.schemas import wire
+from otacast.schemas.errors import Rollback, UnknownKey
 from otacast.schemas.policy import TrustSet
 from otacast.signer.keys import SigningKey
 
@@ -38,6 +40,7 @@ from .helpers import (
     manifest_datagrams,
     rebuilt,
     receive_all,
+    receive_from,
     receive_reads,
     reference_envelope,
 )
@@ -126,6 +129,38 @@ def test_rollback_manifest_is_refused_and_no_session_is_kept() -> None:
     assert core.verified is None
     assert core.stats.rejected["refused-manifest"] >= 1
     assert core.stats.symbols_used == 0
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_the_refusal_kept_is_the_newest_genuine_release_whatever_the_order(
+    order: tuple[int, ...],
+) -> None:
+    # A driver whose join timeout ends with nothing adopted reports `refusal` (its own exit
+    # code): the installed release (5) outranks an older replay (3) and an untrusted one (9).
+    stranger = SigningKey(b"\x09" * 32)
+    heard = [
+        reference_envelope(sequence=3),
+        ENVELOPE,
+        make_release(IMAGE, stranger, sequence=9, chunk_size=CHUNK).envelope,
+    ]
+    core = ReceiverCore(TRUST, now=NOW, installed_sequence=5)
+    # Each from a sender of its own, as on a channel (one source's budget is not the point).
+    stream = [(d, f"2001:db8::{i + 1}") for i in order for d in manifest_datagrams(heard[i])]
+    events = receive_from(core, stream)
+    assert sorted(e.reason for e in events if isinstance(e, ManifestRefused)) == [
+        "Rollback",
+        "Rollback",
+        "UnknownKey",
+    ]
+    assert isinstance(core.refusal, Rollback) and core.refusal.sequence == 5
+    assert core.verified is None
+
+
+def test_an_untrusted_manifest_alone_is_kept_as_the_refusal() -> None:
+    other = TrustSet.from_public_keys([SigningKey(b"\x09" * 32).public])
+    core = ReceiverCore(other, now=NOW)
+    receive_all(core, manifest_datagrams())
+    assert isinstance(core.refusal, UnknownKey) and core.refusal.sequence is None
 
 
 def test_wrong_device_wrong_channel_and_unknown_key_manifests_are_refused() -> None:

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from otacast.plugin.errors import InstallError
+from otacast.plugin.errors import InstallError, InstallerUnavailable
 from otacast.plugin.installers import get_installer
 from otacast.plugin.installers.swupdate import SwupdateIpcInstaller, SwupdateRunInstaller, ipc
 from otacast.plugin.installers.swupdate.ipc import (
@@ -627,7 +627,7 @@ def test_a_busy_daemon_nacks_and_the_error_says_so(
     daemon: Callable[..., FakeDaemon], image: Path
 ) -> None:
     fake = daemon(lambda s: s.reply(MsgType.NACK, "Installation in progress"))
-    with pytest.raises(InstallError, match=r"^swupdate is busy: Installation in progress$"):
+    with pytest.raises(InstallerUnavailable, match=r"^swupdate is busy: Installation in progress$"):
         _install(fake, image)
 
 
@@ -658,6 +658,8 @@ def test_failure_is_explained_by_this_installs_error_messages_not_older_ones(
 
     with pytest.raises(InstallError) as caught:
         _install(daemon(scenario), image)
+    # A refused image is told apart from a daemon that could not be asked (47): it is 46.
+    assert type(caught.value) is InstallError and caught.value.exit_code == 46
     assert str(caught.value) == (
         "swupdate reported FAILURE installing demo-image 1.0.4: Authentication of all "
         "signatures failed (then: Image invalid or corrupted. Not installing ...)"
@@ -731,19 +733,25 @@ def test_a_release_that_is_not_a_swu_is_refused_before_swupdate_sees_it(
         get_installer(spec).install(image, verified("raw"))
 
 
-def test_no_daemon_is_an_error_naming_the_control_socket(tmp_path: Path, image: Path) -> None:
+def test_no_daemon_is_unavailable_not_refused_and_names_the_control_socket(
+    tmp_path: Path, image: Path
+) -> None:
     with pytest.raises(
-        InstallError, match=rf"not running: no control socket at {tmp_path}/sockinst"
+        InstallerUnavailable, match=rf"not running: no control socket at {tmp_path}/sockinst"
     ):
         get_installer(f"swupdate:{tmp_path}").install(image, verified())
 
 
-def test_sockets_left_by_a_dead_daemon_are_an_error_not_a_hang(tmp_path: Path, image: Path) -> None:
+def test_sockets_left_by_a_dead_daemon_are_unavailable_not_a_hang(
+    tmp_path: Path, image: Path
+) -> None:
     for name in ("sockinstctrl", "swupdateprog"):
         dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         dead.bind(str(tmp_path / name))
         dead.close()  # the file stays, nobody listens: ECONNREFUSED
-    with pytest.raises(InstallError, match=r"not running: progress socket .* refuses connections"):
+    with pytest.raises(
+        InstallerUnavailable, match=r"not running: progress socket .* refuses connections"
+    ):
         get_installer(f"swupdate:{tmp_path}").install(image, verified())
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from otacast.plugin.errors import UpToDate
 from otacast.plugin.status import StatusFile
 
 from .args import Subcommands, settings_of
-from .receiving import add_receive_options, receive_release
+from .receiving import add_receive_options, receive_release, report_up_to_date
 
 
 def add_fetch(sub: Subcommands) -> None:
@@ -18,5 +19,8 @@ def add_fetch(sub: Subcommands) -> None:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     settings = settings_of(args)
-    receive_release(args, settings, StatusFile(settings.state_dir))
+    try:
+        receive_release(args, settings, StatusFile(settings.state_dir))
+    except UpToDate as result:
+        return report_up_to_date(args, result)
     return 0

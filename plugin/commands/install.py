@@ -6,10 +6,11 @@ import argparse
 import json
 
 from otacast.plugin.deliver import deliver, require_device_type
+from otacast.plugin.errors import UpToDate
 from otacast.plugin.status import StatusFile
 
 from .args import Subcommands, settings_of
-from .receiving import add_receive_options, installer_of, receive_release
+from .receiving import add_receive_options, installer_of, receive_release, report_up_to_date
 
 
 def add_install(sub: Subcommands) -> None:
@@ -23,13 +24,17 @@ def cmd_install(args: argparse.Namespace) -> int:
     require_device_type(settings.device_type, "install")
     installer = installer_of(settings)
     status = StatusFile(settings.state_dir)
-    summary = receive_release(args, settings, status)
+    try:
+        summary = receive_release(args, settings, status)
+    except UpToDate as result:
+        return report_up_to_date(args, result)
     delivery = deliver(
         installer,
         settings.out_path,
         summary.manifest,
         state_dir=settings.state_dir,
         status=status,
+        keep_staged=settings.keep_staged,
     )
     assert delivery.record is not None
     if args.json:

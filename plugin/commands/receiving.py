@@ -4,13 +4,14 @@ anything is downloaded, and one receive run with its failure written to the stat
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from otacast.plugin.auth import PACKET_AUTH_POLICIES
 from otacast.plugin.config import FALLBACKS, SYMBOL_KEEPING, Settings
 from otacast.plugin.deliver import choose_installer
-from otacast.plugin.errors import UsageError
+from otacast.plugin.errors import UpToDate, UsageError
 from otacast.plugin.installed import read_installed
 from otacast.plugin.installers import Installer
 from otacast.plugin.installers.file import check_out
@@ -18,7 +19,7 @@ from otacast.plugin.receive import FetchOptions, fetch
 from otacast.plugin.report import FetchSummary
 from otacast.plugin.status import StatusFile
 from otacast.schemas import addressing, units
-from otacast.schemas.errors import OtacastError
+from otacast.schemas.errors import OtacastError, Rollback
 
 from .args import add_common_options, trust_in_force, verify_file
 
@@ -49,6 +50,13 @@ def add_receive_options(
             "(run with the image path; exit 0 installed, 3 needs reboot), swupdate:DIR "
             "(a running swupdate's sockets) or swupdate-run:ARGS (a private swupdate "
             "started with ARGS for each install)",
+        )
+        p.add_argument(
+            "--keep-staged",
+            action="store_true",
+            default=None,
+            help="keep the received image (--out) after a successful install "
+            "(default: removed, so the state directory holds one image, not two)",
         )
     p.add_argument(
         "--out",
@@ -167,7 +175,11 @@ def receive_release(
     trust = trust_in_force(settings)
     verified = None
     if args.manifest:
-        verified = verify_file(args.manifest, settings, trust, installed_sequence)
+        try:
+            verified = verify_file(args.manifest, settings, trust, installed_sequence)
+        except Rollback as exc:
+            _raise_if_installed(exc, installed_sequence, "--manifest")
+            raise
     if (
         verified is None
         and settings.fallback != "only"
@@ -184,6 +196,26 @@ def receive_release(
     )
     try:
         return fetch(options, sys.stdout)
+    except Rollback as exc:
+        _raise_if_installed(exc, installed_sequence, "channel's")
+        status.failed(f"{type(exc).__name__}: {exc}")
+        raise
     except OtacastError as exc:
         status.failed(f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _raise_if_installed(refusal: Rollback, installed_sequence: int | None, where: str) -> None:
+    """A "rollback" to exactly the installed sequence is the installed release: `UpToDate`."""
+    if refusal.sequence is not None and refusal.sequence == installed_sequence:
+        raise UpToDate(refusal.sequence, where) from None
+
+
+def report_up_to_date(args: argparse.Namespace, result: UpToDate) -> int:
+    """What ``fetch`` and ``install`` print when there is nothing to do; their exit status."""
+    if args.json:
+        line = {"event": "up-to-date", "sequence": result.sequence, "message": str(result)}
+        print(json.dumps(line, sort_keys=True))
+    else:
+        print(result)
+    return result.exit_code

@@ -84,7 +84,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from otacast.plugin.errors import InstallError
+from otacast.plugin.errors import InstallError, InstallerUnavailable
 from otacast.plugin.installers.base import Installer, InstallResult
 from otacast.schemas.manifest import Manifest
 from otacast.schemas.policy import VerifiedManifest
@@ -230,7 +230,7 @@ class SwupdateIpcInstaller(Installer):
         info = _fit(clean_line(f"otacast {m.name} {m.version}"), INFO_LEN - 1)
         deadline = time.monotonic() + self.timeout
         if not self.control.exists():
-            raise InstallError(
+            raise InstallerUnavailable(
                 f"swupdate is not running: no control socket at {self.control} (start the "
                 "daemon with TMPDIR set to that directory, or name the directory it uses)"
             )
@@ -287,10 +287,12 @@ class SwupdateIpcInstaller(Installer):
             sock.connect(str(path))
         except FileNotFoundError:
             sock.close()
-            raise InstallError(f"swupdate is not running: no {role} socket at {path}") from None
+            raise InstallerUnavailable(
+                f"swupdate is not running: no {role} socket at {path}"
+            ) from None
         except ConnectionRefusedError:
             sock.close()
-            raise InstallError(
+            raise InstallerUnavailable(
                 f"swupdate is not running: {role} socket {path} refuses connections "
                 "(left over from a daemon that exited?)"
             ) from None
@@ -315,7 +317,9 @@ class SwupdateIpcInstaller(Installer):
         try:
             info = os.lstat(path)
         except FileNotFoundError:
-            raise InstallError(f"swupdate is not running: no {role} socket at {path}") from None
+            raise InstallerUnavailable(
+                f"swupdate is not running: no {role} socket at {path}"
+            ) from None
         except OSError as exc:
             raise InstallError(
                 f"cannot use swupdate's {role} socket {path}: {exc.strerror or exc}"
@@ -393,7 +397,7 @@ class SwupdateIpcInstaller(Installer):
             return
         text = clean_line(answer.text().msg)
         if reply == MsgType.NACK and "progress" in text.lower():
-            raise InstallError(f"swupdate is busy: {text}")
+            raise InstallerUnavailable(f"swupdate is busy: {text}")
         if reply == MsgType.NACK:
             raise InstallError(
                 "swupdate refused the install request"
