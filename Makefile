@@ -7,10 +7,15 @@ BIN    := $(VENV)/bin
 # directory timestamps below track.
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test lint unit integration demo bench bench-quick bench-compare bench-compare-quick \
+.PHONY: setup system-packages test lint unit integration demo bench bench-quick bench-compare bench-compare-quick \
         fuzz-quick sweep sweep-quick clean
 
-setup: $(STAMP)
+# The system packages first (.ci/packages: installed as root with apt-get, or the one apt command
+# printed), then the virtual environment.
+setup: system-packages $(STAMP)
+
+system-packages:
+	bash .ci/system-packages
 
 $(STAMP): setup.cfg pyproject.toml schemas signer plugin
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
