@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from . import units
 from .errors import (
     BadSignature,
     BelowThreshold,
@@ -157,7 +158,9 @@ def accept(
     manifest = envelope.manifest
     if now >= manifest.expires:
         raise Expired(
-            f"manifest expired at {manifest.expires} (now {int(now)})", sequence=manifest.sequence
+            f"manifest expired at {units.format_time(manifest.expires)} "
+            f"(now {units.format_time(now)})",
+            sequence=manifest.sequence,
         )
     if installed_sequence is not None and manifest.sequence <= installed_sequence:
         raise Rollback(

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from . import units
 from .canonical import canonical_bytes, loads_strict, refuse_control_characters
 from .errors import UntrustedInputError
 from .keyfile import KEY_BYTES
@@ -202,7 +203,9 @@ def check_rotation(
     if new < document.threshold:
         raise _refuse(f"signed by {new} of its own keys, {document.threshold} required")
     if now >= document.expires:
-        raise _refuse(f"expired at {document.expires} (now {int(now)})")
+        raise _refuse(
+            f"expired at {units.format_time(document.expires)} (now {units.format_time(now)})"
+        )
     if document.version <= current_version:
         raise _refuse(
             f"version {document.version} is not above the version in force ({current_version})"

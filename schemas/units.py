@@ -1,4 +1,4 @@
-"""Human quantities on command lines and in config files: sizes, durations, rates.
+"""Human quantities on command lines and in config files: sizes, durations, rates, dates.
 
 ``4M`` and ``4MiB`` are 4 * 2**20 bytes (storage convention); rates follow networking
 convention and are decimal: ``50M`` is 50 * 10**6 bytes/s and ``400Mbit`` is 400 * 10**6 bits/s.
@@ -8,6 +8,7 @@ Every parser raises ValueError with a message that names the accepted forms.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$", re.IGNORECASE)
@@ -55,6 +56,16 @@ def parse_fraction(text: str) -> float:
     if not 0 <= value <= 100 or value != value:
         raise ValueError(f"fraction {text!r} out of range")
     return value
+
+
+def format_time(seconds: float) -> str:
+    """A Unix time as an RFC 3339 UTC date to the second (``2026-12-31T00:00:00Z``), the way
+    every date a person reads is written; a time no calendar date holds (beyond year 9999, as a
+    hostile trust set may claim) stays a number (``@9999999999999``) instead of raising."""
+    try:
+        return datetime.fromtimestamp(int(seconds), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"@{seconds:.0f}"
 
 
 def format_bytes(n: float) -> str:

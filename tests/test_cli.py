@@ -43,6 +43,7 @@ from otacast.schemas.errors import (
 )
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
 from otacast.schemas.manifest import SIGNING_CONTEXT
+from otacast.schemas.units import format_time
 from otacast.signer import errors as signer_errors
 from otacast.signer.keys import load_secret
 
@@ -419,6 +420,7 @@ def test_sign_writes_a_manifest_with_one_hash_per_chunk(world: World) -> None:
     signed = world.read_manifest()["signed"]
     assert f"{CHUNKS} chunk(s)" in world.sign_stdout
     assert f"sequence {SEQUENCE}" in world.sign_stdout
+    assert f"expires {format_time(signed['expires'])}" in world.sign_stdout
     assert signed["sequence"] == SEQUENCE
     assert signed["compatible"] == ["dev-a", "dev-b"]
     assert signed["image"]["length"] == IMAGE_BYTES
@@ -457,6 +459,8 @@ def test_verify_accepts_the_manifest_and_its_image(work: World) -> None:
     manifest_ok, image_ok = result.out.splitlines()
     assert manifest_ok.startswith(f"OK: {work.image} version {SEQUENCE} sequence {SEQUENCE}")
     assert "signed by 1 of 1 trusted key(s) (threshold 1)" in manifest_ok
+    expires = work.read_manifest()["signed"]["expires"]
+    assert manifest_ok.endswith(f", expires {format_time(expires)}")
     assert image_ok == f"OK: {work.image} matches ({IMAGE_BYTES} bytes, {CHUNKS} chunk(s))"
 
 
@@ -469,6 +473,9 @@ def test_inspect_shows_the_manifest_for_people_and_as_json(work: World) -> None:
     assert_ok(human)
     assert f"sequence {SEQUENCE}" in human.out
     assert "devices    dev-a, dev-b" in human.out
+    signed = work.read_manifest()["signed"]
+    valid = f"valid      {format_time(signed['created'])} .. {format_time(signed['expires'])}"
+    assert valid in human.out
     assert f"chunks     {CHUNKS} x 64.0 KiB" in human.out
     assert f"signature  keyid {work.alice_id}" in human.out
     assert "signatures not checked" in human.out
@@ -509,9 +516,11 @@ def test_device_verify_accepts_a_newer_release_for_its_type_as_text_and_json(
         (DEVICE, "verify", work.manifest, *device_args),
         (DEVICE, "verify", work.manifest, *device_args, "--json"),
     )
+    expires = work.read_manifest()["signed"]["expires"]
     assert_ok(text)
     assert text.out.strip() == (
-        f"OK: {work.image} version {SEQUENCE} sequence {SEQUENCE} (1 trusted signature(s))"
+        f"OK: {work.image} version {SEQUENCE} sequence {SEQUENCE} (1 trusted signature(s)), "
+        f"expires {format_time(expires)}"
     )
     assert_ok(machine)
     report = json.loads(machine.out)
@@ -522,6 +531,8 @@ def test_device_verify_accepts_a_newer_release_for_its_type_as_text_and_json(
         "name": work.image,
         "version": str(SEQUENCE),
         "sequence": SEQUENCE,
+        "expires": expires,
+        "expires_at": format_time(expires),
         "signers": [work.alice_id],
     }
 
@@ -910,7 +921,10 @@ def test_publisher_verify_refuses_a_manifest_from_its_expiry_on(work: World) -> 
         (SIGNER, "verify", work.manifest, "--trust", work.alice_pub, "--at", expires),
     )
     assert_ok(just_before)
-    assert_refused(at_expiry, Expired, f"expired at {expires}")
+    # Both dates as people read them, not epoch seconds.
+    assert_refused(
+        at_expiry, Expired, f"expired at {format_time(expires)} (now {format_time(expires)})"
+    )
     assert snapshot(work.root) == before
 
 
@@ -921,7 +935,7 @@ def test_short_lived_manifest_is_refused_as_expired_by_both_sides(work: World) -
         work.root,
         both_verify(work.short_lived, "--trust", work.alice_pub),
         Expired,
-        f"expired at {expires}",
+        f"expired at {format_time(expires)}",
     )
 
 

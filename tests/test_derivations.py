@@ -109,6 +109,27 @@ def test_durations_parse(text: str, value: int) -> None:
     assert units.parse_duration(text) == value
 
 
+@pytest.mark.parametrize(
+    ("seconds", "date"),
+    [
+        (1798675200, "2026-12-31T00:00:00Z"),
+        (1798675200.9, "2026-12-31T00:00:00Z"),  # to the second, never rounded up past expiry
+        (0, "1970-01-01T00:00:00Z"),
+        (253402300799, "9999-12-31T23:59:59Z"),  # the manifest schema's largest timestamp
+    ],
+)
+def test_times_are_shown_as_rfc3339_utc_dates(seconds: float, date: str) -> None:
+    assert units.format_time(seconds) == date
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(2**40, "@1099511627776"), (float("inf"), "@inf"), (float("nan"), "@nan")],
+)
+def test_times_no_date_can_hold_stay_numbers_instead_of_raising(seconds: float, shown: str) -> None:
+    assert units.format_time(seconds) == shown
+
+
 @pytest.mark.parametrize("bad", ["", "-1", "4X", "1.5M", "M"])
 def test_bad_sizes_are_refused_with_the_accepted_forms(bad: str) -> None:
     with pytest.raises(ValueError, match=r"use e\.g\."):

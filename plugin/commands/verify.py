@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from otacast.schemas.units import format_time
+
 from .args import Subcommands, add_common_options, settings_of, trust_in_force, verify_file
 
 
@@ -36,6 +38,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     "name": m.name,
                     "version": m.version,
                     "sequence": m.sequence,
+                    "expires": m.expires,
+                    "expires_at": format_time(m.expires),
                     "session_id": m.session_id.hex(),
                     "signers": list(verified.signers),
                 },
@@ -45,6 +49,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         print(
             f"OK: {m.name} version {m.version} sequence {m.sequence} "
-            f"({len(verified.signers)} trusted signature(s))"
+            f"({len(verified.signers)} trusted signature(s)), expires {format_time(m.expires)}"
         )
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn, TypeAlias, TypeVar
 
@@ -54,10 +53,6 @@ def read_manifest_bytes(path: Path) -> bytes:
 def read_manifest(path: Path) -> Envelope:
     """A manifest file parsed without trusting it (signatures are not checked)."""
     return parse_envelope(read_manifest_bytes(path))
-
-
-def iso(timestamp: int) -> str:
-    return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _argtype(

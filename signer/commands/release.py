@@ -17,7 +17,7 @@ from otacast.signer.errors import UsageError, WriteError
 from otacast.signer.fileio import atomic_write
 
 from . import args as types
-from .args import Subcommands, iso, read_manifest, read_manifest_bytes
+from .args import Subcommands, read_manifest, read_manifest_bytes
 
 
 def add_keygen(sub: Subcommands) -> None:
@@ -146,7 +146,10 @@ def cmd_sign(args: argparse.Namespace) -> int:
             envelope = sign.add_signature(envelope, key)
         out = args.out or args.cosign
         atomic_write(out, envelope.to_file_bytes(), overwrite=args.force or out == args.cosign)
-        print(f"{out}: {len(envelope.signatures)} signature(s)")
+        print(
+            f"{out}: {len(envelope.signatures)} signature(s), "
+            f"expires {units.format_time(envelope.manifest.expires)}"
+        )
         return 0
     missing = [
         flag
@@ -184,7 +187,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
     m = envelope.manifest
     print(
         f"wrote {out}: {m.name} version {m.version} sequence {m.sequence}, "
-        f"{m.chunk_count} chunk(s), session {m.session_id.hex()}"
+        f"{m.chunk_count} chunk(s), session {m.session_id.hex()}, "
+        f"expires {units.format_time(m.expires)}"
     )
     return 0
 
@@ -265,7 +269,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(
         f"OK: {m.name} version {m.version} sequence {m.sequence}, signed by "
         f"{len(verified.signers)} of {len(trust.keys)} trusted key(s) "
-        f"(threshold {trust.threshold}), expires {iso(m.expires)}"
+        f"(threshold {trust.threshold}), expires {units.format_time(m.expires)}"
     )
     if args.image:
         sign.check_image(m, args.image)
@@ -287,8 +291,8 @@ def describe(envelope: Envelope) -> dict[str, Any]:
         "name": m.name,
         "version": m.version,
         "sequence": m.sequence,
-        "created": iso(m.created),
-        "expires": iso(m.expires),
+        "created": units.format_time(m.created),
+        "expires": units.format_time(m.expires),
         "compatible": list(m.compatible),
         "image": {
             "name": m.image.name,

@@ -13,7 +13,7 @@ from otacast.signer.errors import UsageError, WriteError
 from otacast.signer.fileio import atomic_write, read_bounded
 
 from . import args as types
-from .args import Subcommands, iso
+from .args import Subcommands
 
 
 def add_trust_set(sub: Subcommands) -> None:
@@ -81,6 +81,6 @@ def cmd_trust_set(args: argparse.Namespace) -> int:
     d = document.document
     print(
         f"{args.out}: trust set version {d.version}, {d.threshold} of {len(d.keys)} key(s), "
-        f"{len(document.signatures)} signature(s), expires {iso(d.expires)}"
+        f"{len(document.signatures)} signature(s), expires {units.format_time(d.expires)}"
     )
     return 0
