@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from otacast.schemas.errors import ImageMismatch
+from otacast.schemas.limits import SERVE_EXPIRY_CHECK_SECONDS
 from otacast.schemas.manifest import parse_envelope
-from otacast.signer.errors import NetworkError
+from otacast.schemas.units import format_time
+from otacast.signer.errors import NetworkError, ServedManifestExpired
 from otacast.signer.symbol_cache import CycleLayout
 
 from .netns import BIN, Lan, LanFactory, stop
@@ -226,3 +228,34 @@ def test_a_rate_the_sender_cannot_reach_is_reported_with_what_it_reached(
     warning = [line for line in done.stdout.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1
     assert "MB/s of the 200000.0 MB/s asked" in warning[0]
+
+
+def test_a_sender_whose_manifest_expires_warns_then_stops_with_its_own_exit_code(
+    lan: LanFactory, tmp_path: Path
+) -> None:
+    net = lan(2)
+    lifetime = 6  # seconds: time to encode a small release and serve it for a few seconds
+    signed = Release.make(tmp_path, 300_000, extra=("--expires", f"{lifetime}s"))
+    expires = parse_envelope(signed.manifest.read_bytes()).manifest.expires
+    command = serve_command(
+        net.hosts[0], signed, tmp_path / "cache", "--rate", "1M", "--duration", "20s"
+    )
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    stopped_at = time.time()
+
+    assert done.returncode == ServedManifestExpired.exit_code == 17, done.stderr
+    error = _one_line_error(done)
+    assert f"manifest expired at {format_time(expires)} while being served" in error
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    serving = events[kinds.index("serving")]
+    assert (serving["expires"], serving["expires_at"]) == (expires, format_time(expires))
+    # Started inside the last lead time: one warning, naming the date, before anything stops.
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert len(warnings) == 1 and f"expires at {format_time(expires)}" in warnings[0]
+    assert kinds.index("warning") > kinds.index("serving")
+    finished = events[-1]
+    assert finished["event"] == "finished" and finished["reason"] == "expired"
+    assert finished["packets"] > 0  # it did serve until then
+    # It stopped at expiry, not before, and within the check interval (plus process exit).
+    assert expires <= stopped_at < expires + SERVE_EXPIRY_CHECK_SECONDS + 2

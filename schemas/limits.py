@@ -177,3 +177,15 @@ MAX_AUTH_VERIFY_RATE = 5000.0
 TRUST_IDLE_SECONDS = 10.0
 # Source addresses remembered as having sent a valid page (least recently seen forgotten first).
 MAX_AUTH_SOURCES = 64
+
+# --- Sender (otacast.signer.lifetime) ---------------------------------------------------------
+
+# How long before the served manifest expires ``serve`` warns, once per lead time, longest
+# first; at expiry it stops (every device would refuse the manifest, so sending it only wastes
+# the link).  A day is a working day's notice to sign a successor and serve it while this one
+# still installs (manifests are signed for 30 days by default); an hour is the last call, close
+# enough that an operator who missed the first warning sees the stop coming in the same log
+# page.  A sender that starts inside a lead time warns once, with the nearest one.
+SERVE_EXPIRY_WARNINGS = (24 * 3600, 3600)
+# Seconds between the driver's looks at the wall clock for expiry: a stop at most this late.
+SERVE_EXPIRY_CHECK_SECONDS = 1.0

@@ -25,7 +25,7 @@ from otacast.schemas.errors import Expired
 from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM
 from otacast.schemas.manifest import Envelope, Manifest
 
-from . import symbol_cache
+from . import lifetime, symbol_cache
 from .auth_pages import AuthPages, release_digests
 from .errors import ReadError, UsageError
 from .keys import SigningKey
@@ -164,8 +164,8 @@ def build_channels(
 ) -> ServePlan:
     """Check, encode and sign everything `serve` sends; the caller closes the plan."""
     manifest = envelope.manifest
-    if time.time() >= manifest.expires:
-        raise Expired("the manifest has expired: devices would refuse it; sign a new one")
+    if lifetime.outlook(manifest.expires, time.time()).expired:
+        raise Expired(lifetime.refused(manifest.expires))
     if options.group and len(options.rates) > 1:
         raise UsageError("--group names one group; it cannot be used with several rates")
     if options.repair < symbol_cache.MIN_REPAIR_FRACTION:

@@ -45,3 +45,12 @@ class MenderArtifactError(SignerError):
     """mender-artifact is not installed, or failed to write the artifact."""
 
     exit_code: ClassVar[int] = 16
+
+
+class ServedManifestExpired(SignerError):
+    """``serve`` stopped because the manifest it was sending expired (devices refuse it now).
+
+    Its own code, not the 26 of a manifest refused before anything was sent: a supervisor can
+    tell "this sender ran its course, give it a new manifest" from "this manifest never could"."""
+
+    exit_code: ClassVar[int] = 17

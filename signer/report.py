@@ -85,7 +85,9 @@ class Reporter:
             self._write(
                 f"serving session {fields['session']} as sender {fields['sender']} to "
                 f"[{fields['group']}]:{fields['port']} from {fields['source']} on "
-                f"{fields['interface']} at {_rate_text(fields['rate'])}\n"
+                f"{fields['interface']} at {_rate_text(fields['rate'])}"
+                + (f" until {fields['expires_at']}" if "expires_at" in fields else "")
+                + "\n"
             )
 
     def encoding(self, done: int, total: int) -> None:

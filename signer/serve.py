@@ -21,10 +21,14 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from otacast.schemas.limits import SERVE_EXPIRY_CHECK_SECONDS
 from otacast.schemas.manifest import Envelope
+from otacast.schemas.units import format_time
 
+from . import lifetime
 from .auth_pages import AuthPages
 from .channels import ChannelPlan, ServeOptions, ServePlan, build_channels
+from .errors import ServedManifestExpired
 from .metrics import SenderCollector, SenderSnapshot
 from .report import ChannelStats, Reporter, ServeProgress, ServeSummary
 from .schedule import Finished, SendAuth, SenderCore, SendManifest, SendSymbols, Wait
@@ -37,6 +41,8 @@ RATE_SHORTFALL = 0.95
 MIN_RATE_CHECK = 2.0
 # Longest sleep: keeps status output and signal handling responsive.
 MAX_SLEEP = 0.05
+# The loop's reason for stopping when the served manifest expired (`lifetime`).
+EXPIRED = "expired"
 
 
 @dataclass
@@ -71,6 +77,7 @@ def serve(
     clock: Callable[[], float] = time.monotonic,
     stop: Stop | None = None,
     metrics: SenderCollector | None = None,
+    wall: Callable[[], float] = time.time,
 ) -> ServeSummary:
     report = Reporter(out, options.json)
     plan = build_channels(envelope, image, options, report)
@@ -89,6 +96,8 @@ def serve(
                 rate=channel.rate,
                 session=plan.manifest.session_id.hex(),
                 sender=f"{options.sender_index}/{options.sender_count}",
+                expires=plan.manifest.expires,
+                expires_at=format_time(plan.manifest.expires),
             )
         if metrics is not None:
             metrics.feed(lambda: _snapshot(plan, channels, clock() - start))
@@ -96,7 +105,8 @@ def serve(
         # must end the process at once (the unfinished cache file is removed).
         stop = stop or Stop()
         stop.install()
-        reason = _loop(channels, plan.reader, report, clock, stop)
+        watch = ExpiryWatch(plan.manifest.expires, wall, report)
+        reason = _loop(channels, plan.reader, report, clock, stop, watch)
     finally:
         plan.close()
         for channel in channels:
@@ -112,6 +122,8 @@ def serve(
         channels=[asdict(_channel_stats(c, elapsed)) for c in channels],
     )
     report.summary(summary)
+    if reason == EXPIRED:
+        raise ServedManifestExpired(lifetime.stopped(plan.manifest.expires))
     return summary
 
 
@@ -182,6 +194,7 @@ def _loop(
     report: Reporter,
     clock: Callable[[], float],
     stop: Stop,
+    watch: ExpiryWatch,
 ) -> str:
     size = reader.layout.datagram_size
     live = list(channels)
@@ -219,9 +232,39 @@ def _loop(
         if not warned and now >= next_check:
             next_check = now + 1.0
             warned = _warn_shortfall(channels, now - start, report)
+        if watch.due(now) and watch.expired():
+            return EXPIRED
         if wake > now:
             time.sleep(wake - now)
     return "done"
+
+
+class ExpiryWatch:
+    """Acts on `lifetime.outlook` for the served manifest: reads the wall clock once every
+    SERVE_EXPIRY_CHECK_SECONDS (of the loop's monotonic time), warns once per lead time
+    reached, and tells the loop when the manifest has expired."""
+
+    def __init__(self, expires: int, wall: Callable[[], float], report: Reporter) -> None:
+        self.expires = expires
+        self.wall = wall
+        self.report = report
+        self.stage = 0  # the last stage acted on
+        self._next: float | None = None
+
+    def due(self, now: float) -> bool:
+        if self._next is not None and now < self._next:
+            return False
+        self._next = now + SERVE_EXPIRY_CHECK_SECONDS
+        return True
+
+    def expired(self) -> bool:
+        seen = lifetime.outlook(self.expires, self.wall())
+        if seen.expired:
+            return True
+        if seen.stage > self.stage:
+            self.report.warning(seen.warning())
+            self.stage = seen.stage
+        return False
 
 
 def _warn_shortfall(channels: list[Channel], elapsed: float, report: Reporter) -> bool:

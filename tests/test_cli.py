@@ -337,6 +337,9 @@ def test_exit_codes_of_distinct_failures_are_distinct_and_non_zero() -> None:
         Rollback,
         WrongDevice,
         ImageMismatch,
+        signer_errors.NetworkError,
+        signer_errors.MenderArtifactError,
+        signer_errors.ServedManifestExpired,
     ]
     codes = [c.exit_code for c in classes]
     assert all(code not in (0, 1) for code in codes)

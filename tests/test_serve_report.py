@@ -38,11 +38,13 @@ def test_plain_lines_for_a_log() -> None:
         source="fd00::1",
         interface="eth0",
         rate=0,
+        expires=1798675200,
+        expires_at="2026-12-31T00:00:00Z",
     )
     report.progress(ServeProgress(elapsed=0.0, packets=0, bytes=0, passes=0))  # no rate yet
     report.summary(ServeSummary(2.0, 10, 4_000_000, 1, "SIGTERM", []))
     assert out.getvalue().splitlines() == [
         "serving session ab as sender 0/1 to [ff3e::1]:4242 from fd00::1 on eth0 at "
-        "full speed (unpaced)",
+        "full speed (unpaced) until 2026-12-31T00:00:00Z",
         "stopped (SIGTERM) after 2.0 s: 1 pass(es), 10 packets, 4000000 bytes, 2.0 MB/s",
     ]
