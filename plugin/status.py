@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from otacast.schemas.units import format_time
+
 from .durable import create_beside, write_all
 
 STATUS = "status.json"
@@ -201,6 +203,6 @@ class StatusReport:
     def _error_line(self) -> str:
         status = self.status
         if status and status.last_error:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.last_error_at or 0))
+            when = format_time(status.last_error_at or 0)  # as every date otacast shows
             return f"last error: {when} {status.last_error}"
         return "last error: none"

@@ -12,6 +12,7 @@ import pytest
 
 from otacast.plugin.cli import main
 from otacast.plugin.status import STATUS, StatusFile, read_status
+from otacast.schemas.units import format_time
 
 
 def dead_pid() -> int:
@@ -96,3 +97,6 @@ def test_status_of_a_dead_writer_is_idle_but_keeps_its_last_error(
     assert main(["status", "--state-dir", str(tmp_path)]) == 0
     human = capsys.readouterr().out
     assert "installed: nothing recorded" in human and "no space" in human
+    # The time of the error as an RFC 3339 UTC date, like every date otacast shows.
+    when = format_time(report["last_error_at"])
+    assert f"last error: {when} InstallError:" in human
