@@ -23,6 +23,7 @@ from typing import TextIO
 
 from otacast.schemas.manifest import Envelope
 
+from . import announce
 from .auth_pages import AuthPages
 from .channels import ChannelPlan, ServeOptions, ServePlan, build_channels
 from .metrics import SenderCollector, SenderSnapshot
@@ -75,6 +76,7 @@ def serve(
     report = Reporter(out, options.json)
     plan = build_channels(envelope, image, options, report)
     channels: list[Channel] = []
+    announcement: announce.Announcement | None = None
     try:
         start = clock()
         for channel_plan in plan.channels:
@@ -90,15 +92,27 @@ def serve(
                 session=plan.manifest.session_id.hex(),
                 sender=f"{options.sender_index}/{options.sender_count}",
             )
+        announcement = announce.start(
+            plan.manifest,
+            channels[0].sender,
+            plan.fragments,
+            start,
+            report,
+            enabled=options.announce,
+            hops=options.hops,
+            loopback=options.loopback,
+        )
         if metrics is not None:
             metrics.feed(lambda: _snapshot(plan, channels, clock() - start))
         # Signals become a clean stop only now: during hashing and encoding, Ctrl-C or SIGTERM
         # must end the process at once (the unfinished cache file is removed).
         stop = stop or Stop()
         stop.install()
-        reason = _loop(channels, plan.reader, report, clock, stop)
+        reason = _loop(channels, plan.reader, report, clock, stop, announcement)
     finally:
         plan.close()
+        if announcement is not None:
+            announcement.close()
         for channel in channels:
             channel.sender.close()
     elapsed = clock() - start
@@ -182,6 +196,7 @@ def _loop(
     report: Reporter,
     clock: Callable[[], float],
     stop: Stop,
+    announcement: announce.Announcement | None = None,
 ) -> str:
     size = reader.layout.datagram_size
     live = list(channels)
@@ -214,6 +229,8 @@ def _loop(
                 wake = min(wake, action.until)
             elif isinstance(action, Finished):
                 live.remove(channel)
+        if announcement is not None:
+            wake = min(wake, announcement.tick(now))
         if report.due(now):
             report.progress(_progress(channels, now - start))
         if not warned and now >= next_check:
