@@ -14,7 +14,8 @@ afford only some joins takes the ones the weights favour.
 Each target's AAAA records are the source addresses of the (S,G) joins.  A target of ``.``
 means "no service here" (RFC 2782) and is skipped, and so is a target without AAAA records
 (it cannot be joined); if nothing is left the result is empty, like a channel without SRV
-records: the caller then falls back to an ASM join.  Answers that are *not* answers (timeout,
+records: the caller then listens for the senders' announcements on the ASM group
+(`JoinPlan.follow`).  Answers that are *not* answers (timeout,
 SERVFAIL, REFUSED, an unreachable server) are errors instead: an empty result would silently
 turn an outage into an ASM join.
 
