@@ -139,3 +139,27 @@ def test_nothing_heard_on_a_lan_names_the_next_step_and_exits_45(
     assert f"check that `otacast-signer serve` runs for {CHANNEL} on this link" in err
     assert "_otacast._udp.updates.example.test" in err and "--source" in err
     assert "--manifest with an HTTP mirror" in err
+
+
+def test_every_sender_announcing_on_the_lan_is_followed_and_their_symbols_add_up(
+    lan: LanFactory, release: Release, tmp_path: Path
+) -> None:
+    net = lan(3)
+    senders, receiver = net.hosts[:2], net.hosts[2]
+    # Slow enough (one sender alone would take 3 s) that both announce (every 2 s) before the
+    # image is complete.
+    txs = [
+        serve(host, release, "--rate", "2M", "--sender", f"{i}/2", "--duration", "120s", ready=True)
+        for i, host in enumerate(senders)
+    ]
+    try:
+        code, events, err = fetch(
+            receiver, release, tmp_path / "state", tmp_path / "out.img", "--resolver", NO_DNS
+        )
+    finally:
+        stop(txs)
+    assert code == 0, err
+    assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
+    ssm = addressing.ssm_group(CHANNEL)
+    joins = summary_of(events)["joins"]
+    assert sorted(joins[1:]) == sorted(f"({h.address}, {ssm})" for h in senders), joins  # type: ignore[index]
