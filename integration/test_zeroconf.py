@@ -163,3 +163,46 @@ def test_every_sender_announcing_on_the_lan_is_followed_and_their_symbols_add_up
     ssm = addressing.ssm_group(CHANNEL)
     joins = summary_of(events)["joins"]
     assert sorted(joins[1:]) == sorted(f"({h.address}, {ssm})" for h in senders), joins  # type: ignore[index]
+
+
+# A receiver following two sources, then refused a join it cannot hold: prints what it holds,
+# the kernel's source filters for the group, and the errors.
+ADD_JOIN = """
+import json, sys
+from pathlib import Path
+from otacast.plugin.errors import NetworkError
+from otacast.plugin.transport import Join, MulticastReceiver
+group, other = sys.argv[1], sys.argv[2]
+errors = []
+with MulticastReceiver("eth0", 4242, [Join(group, "fd51::1")]) as rx:
+    rx.add_join(Join(group, "fd51::2"))
+    for join in (Join(group, "fd51::2"), Join(other, "fd51::3"), Join(group)):
+        try:
+            rx.add_join(join)
+        except NetworkError as exc:
+            errors.append(str(exc))
+    filters = [line.split() for line in Path("/proc/net/mcfilter6").read_text().splitlines()[1:]]
+    print(json.dumps({
+        "joins": [[j.group, j.source] for j in rx.joins],
+        "filtered": sorted(f[3] for f in filters if f[1] == "eth0"),
+        "errors": errors,
+    }))
+"""
+
+
+def test_a_follower_socket_adds_source_joins_of_its_group_only(lan: LanFactory) -> None:
+    (host,) = lan(1).hosts
+    ssm, asm = addressing.ssm_group(CHANNEL), addressing.asm_group(CHANNEL)
+    done = host.run(str(BIN / "python"), "-c", ADD_JOIN, ssm, asm)
+    assert done.returncode == 0, done.stderr
+    held = json.loads(done.stdout)
+    assert held["joins"] == [[ssm, "fd51::1"], [ssm, "fd51::2"]]
+    # /proc/net/mcfilter6 prints addresses as 32 hex digits: both sources are in the filter.
+    assert held["filtered"] == [
+        "fd510000000000000000000000000001",
+        "fd510000000000000000000000000002",
+    ]
+    twice, elsewhere, any_source = held["errors"]
+    assert "listed twice" in twice
+    assert f"this socket receives {ssm} only" in elsewhere
+    assert "both for any source and per source" in any_source
