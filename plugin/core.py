@@ -82,6 +82,15 @@ rollback, another channel or device type: its `sequence` is known) outranks one 
 signatures failed (anyone can send those), and among signed ones the highest sequence wins,
 the newest release the channel carries.
 
+*Sources heard* (zero-config on a LAN).  A driver listening to the channel's ASM group, where
+senders announce the release they serve, asks the core (``report_sources``) to tell it which
+source addresses to join by SSM: a `SourceHeard` event for each source that sent a MANIFEST
+fragment of the adopted release (the source whose fragments made the verified manifest, then
+any other whose fragments carry its session id), at most ``MAX_ANNOUNCED_SOURCES`` of them;
+fragments from sources beyond that are counted (``sources-limit``).  Nothing about a source is
+trusted: a spoofed one costs one membership that delivers nothing, and what it might deliver is
+verified like everything else.
+
 *Reporting.*  Drivers and reporters read `snapshot` (a frozen copy), not the live counters.
 """
 
@@ -96,6 +105,7 @@ from dataclasses import dataclass, field
 from otacast.schemas import wire
 from otacast.schemas.errors import ManifestRejected, PacketError
 from otacast.schemas.limits import (
+    MAX_ANNOUNCED_SOURCES,
     MAX_DECODER_BYTES,
     MAX_EARLY_BYTES,
     MAX_PENDING_MANIFEST_BYTES,
@@ -116,6 +126,7 @@ from .events import (
     ImageComplete,
     ManifestRefused,
     ManifestVerified,
+    SourceHeard,
 )
 from .verify import check_signature
 
@@ -186,6 +197,7 @@ class _Candidate:
     key: tuple[bytes, bytes]  # session, envelope id
     deadline: float  # monotonic: when it is adopted
     wall: float  # the wall time it was verified at
+    source: str  # where its fragments came from
 
 
 class _Reassembly:
@@ -256,6 +268,7 @@ class ReceiverCore:
         packet_auth: str = "auto",
         signature_check: SignatureCheck = check_signature,
         manifest_grace: float = 0.0,
+        report_sources: bool = False,
     ) -> None:
         if packet_auth not in PACKET_AUTH_POLICIES:
             raise ValueError(f"packet_auth must be one of {', '.join(PACKET_AUTH_POLICIES)}")
@@ -295,6 +308,8 @@ class ReceiverCore:
         self._budget = ManifestBudget(now)
         self.manifest_grace = manifest_grace
         self._candidate: _Candidate | None = None  # during the grace period
+        self.report_sources = report_sources
+        self._sources: set[str] = set()  # reported by `SourceHeard` (see *Sources heard*)
         # (no order: a decoder is never evicted, see *Decoding*)
         self._chunks: dict[int, _Chunk] = {}
         self._early: deque[tuple[bytes, str]] = deque()
@@ -483,6 +498,7 @@ class ReceiverCore:
         if self._session:
             if packet.session == self._session:
                 self._heard = True
+                self._source_heard(source)
             else:
                 self.stats.rejected["other-session"] += 1
             return
@@ -554,23 +570,31 @@ class ReceiverCore:
             )
             return
         if self.manifest_grace > 0:
-            self._consider(verified, key, now, wall)
+            self._consider(verified, key, now, wall, source)
             return
         self._adopt(verified, now)
+        self._source_heard(source)
         self._replay_early(now, wall)
 
     def _consider(
-        self, verified: VerifiedManifest, key: tuple[bytes, bytes], now: float, wall: float
+        self,
+        verified: VerifiedManifest,
+        key: tuple[bytes, bytes],
+        now: float,
+        wall: float,
+        source: str,
     ) -> None:
         """A verified manifest heard during the grace period: keep the highest sequence."""
         best = self._candidate
         if best is None:
-            self._candidate = _Candidate(verified, key, now + self.manifest_grace, wall)
+            self._candidate = _Candidate(verified, key, now + self.manifest_grace, wall, source)
             self._heard = True  # a release is on the channel: no join timeout
             self._last_progress = now
             return
         if verified.manifest.sequence > best.verified.manifest.sequence:
-            self._candidate = dataclasses.replace(best, verified=verified, key=key, wall=wall)
+            self._candidate = dataclasses.replace(
+                best, verified=verified, key=key, wall=wall, source=source
+            )
             key = best.key  # the one set aside
         self._remember_refused(key)  # neither is verified again
         self.stats.rejected["manifest-lower"] += 1
@@ -579,9 +603,20 @@ class ReceiverCore:
         candidate, self._candidate = self._candidate, None
         assert candidate is not None
         self._adopt(candidate.verified, now)
+        self._source_heard(candidate.source)
         # No manifest is verified once a session is adopted, so the wall time of its own
         # verification serves the replay.
         self._replay_early(now, candidate.wall)
+
+    def _source_heard(self, source: str) -> None:
+        """`source` sent a fragment of the adopted release (see *Sources heard*)."""
+        if not self.report_sources or source in self._sources:
+            return
+        if len(self._sources) >= MAX_ANNOUNCED_SOURCES:
+            self.stats.rejected["sources-limit"] += 1
+            return
+        self._sources.add(source)
+        self._events.append(SourceHeard(source))
 
     def _make_room(self, source: str) -> None:
         """Drop the oldest reassemblies so that one more from `source` fits the limits."""

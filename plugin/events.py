@@ -39,8 +39,24 @@ class ImageComplete:
 
 
 @dataclass(frozen=True)
+class SourceHeard:
+    """A source address sent a MANIFEST fragment of the adopted release (once per source, at
+    most ``MAX_ANNOUNCED_SOURCES``; only when the core is told to report sources): a driver
+    listening to announcements joins it."""
+
+    source: str
+
+
+@dataclass(frozen=True)
 class FallbackNeeded:
     reason: str  # "join-timeout" (nothing heard) or "stalled" (no progress)
 
 
-Event = ManifestVerified | ManifestRefused | ChunkComplete | ImageComplete | FallbackNeeded
+Event = (
+    ManifestVerified
+    | ManifestRefused
+    | ChunkComplete
+    | ImageComplete
+    | SourceHeard
+    | FallbackNeeded
+)

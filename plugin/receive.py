@@ -33,7 +33,13 @@ passes verified ones back through a queue.  Only the loop talks to the core, the
 staging's writer, so multicast and HTTP share one state without locks.
 
 Where to listen is `otacast.plugin.discovery.plan_joins`'s decision (options, manifest, DNS);
-the driver only joins what it plans and reports its note.
+the driver joins what it plans and reports its note.  Without SRV records (zero-config on a
+LAN) the plan is the channel's ASM group, where senders announce the release they serve, and
+an SSM group to *follow* them to: the core reports each source that announced the adopted
+release (`SourceHeard`), and the driver joins (SSM group, that source) on a second socket,
+bound to the SSM group as the first is to the ASM group (a socket bound to one group sees no
+other's datagrams); the loop waits on both and reads each the same way (GRO batches).  When
+nothing is heard, the error says what to check next (`JoinPlan.silence`).
 """
 
 from __future__ import annotations
@@ -55,14 +61,22 @@ from otacast.schemas.policy import TrustSet, VerifiedManifest
 from .config import Settings
 from .core import ReceiverCore
 from .decoder import ChunkDecoder, raptorq_decoder
-from .discovery import plan_joins
+from .discovery import JoinPlan, plan_joins
 from .errors import (
     IncompleteError,
+    NetworkError,
     NoManifestError,
     StateError,
     UsageError,
 )
-from .events import ChunkComplete, FallbackNeeded, ImageComplete, ManifestRefused, ManifestVerified
+from .events import (
+    ChunkComplete,
+    FallbackNeeded,
+    ImageComplete,
+    ManifestRefused,
+    ManifestVerified,
+    SourceHeard,
+)
 from .report import FetchSummary, Reporter
 from .staging import Staging
 from .status import StatusFile
@@ -201,6 +215,7 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
             "packet_auth is require"
         )
     receiver: MulticastReceiver | None = None
+    plan: JoinPlan | None = None
     joins: list[Join] = []
     if options.fallback != "only":
         if options.interface is None:
@@ -238,8 +253,9 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         stall_timeout=options.stall_timeout,
         packet_auth=options.packet_auth,
         manifest_grace=options.manifest_grace,
+        report_sources=plan is not None and plan.follow is not None,
     )
-    run = _Run(options, core, receiver, emit, start)
+    run = _Run(options, core, receiver, emit, start, plan, joins)
     try:
         run.loop()
     except NoManifestError as exc:
@@ -256,7 +272,7 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         bytes_http=run.bytes_http,
         bytes_resumed=run.bytes_resumed,
         joins=[f"({j.source or '*'}, {j.group})" for j in joins],
-        reads=receiver.reads if receiver else 0,
+        reads=sum(r.reads for r in run.receivers),
     )
     emit.summary(summary)
     return summary
@@ -272,10 +288,17 @@ class _Run:
         receiver: MulticastReceiver | None,
         emit: Reporter,
         start: float,
+        plan: JoinPlan | None = None,
+        joins: list[Join] | None = None,
     ) -> None:
         self.options = options
         self.core = core
         self.receiver = receiver
+        self.plan = plan
+        self.joins = joins if joins is not None else []  # the followed sources' are added
+        # The planned socket, and the one following announced senders once one is heard.
+        self.receivers = [receiver] if receiver is not None else []
+        self.follower: MulticastReceiver | None = None
         self.emit = emit
         self.start = start
         self.staging: Staging | None = None
@@ -295,10 +318,10 @@ class _Run:
             now = time.monotonic()
             timer = self.core.get_timer()
             wait = POLL_INTERVAL if timer is None else max(0.0, min(POLL_INTERVAL, timer - now))
-            if self.receiver is not None:
-                readable, _, _ = select.select([self.receiver], [], [], wait)
-                if readable:
-                    self._drain()
+            if self.receivers:
+                readable, _, _ = select.select(self.receivers, [], [], wait)
+                for receiver in readable:
+                    self._drain(receiver)
             else:
                 time.sleep(wait)
             now = time.monotonic()
@@ -335,8 +358,7 @@ class _Run:
             bytes_http=self.bytes_http,
         )
 
-    def _drain(self) -> None:
-        assert self.receiver is not None
+    def _drain(self, receiver: MulticastReceiver) -> None:
         # One reading of each clock per burst: a burst takes milliseconds, and only a manifest
         # completed in it is checked against the wall time (its expiry).
         now, wall = time.monotonic(), time.time()
@@ -347,7 +369,7 @@ class _Run:
         # several chunks' worth must not pile up in memory).
         left = MAX_BURST
         while left > 0:
-            got = self.receiver.recv_batch()
+            got = receiver.recv_batch()
             if got is None:
                 break
             datagrams, source = got
@@ -358,7 +380,7 @@ class _Run:
                 break
         # A datagram longer than the buffer never reaches the core: the transport drops it and
         # counts it.  It is a hostile datagram like any other, so it is counted with them.
-        dropped = self.receiver.truncated - self._truncated
+        dropped = sum(r.truncated for r in self.receivers) - self._truncated
         if dropped:
             self.core.count_rejected("oversized", dropped)
             self._truncated += dropped
@@ -373,10 +395,32 @@ class _Run:
                     self.repair.done_elsewhere.add(event.index)
             elif isinstance(event, ManifestRefused):
                 self.emit.note(f"refused a manifest on the channel: {event.message}")
+            elif isinstance(event, SourceHeard):
+                self._follow(event.source)
             elif isinstance(event, FallbackNeeded):
                 self._fall_back(event.reason)
             elif isinstance(event, ImageComplete):
                 self._finish()
+
+    def _follow(self, source: str) -> None:
+        """Join `source` on the SSM group it announced the release for (module doc)."""
+        group = self.plan.follow if self.plan is not None else None
+        if group is None or self.receiver is None:
+            return
+        join = Join(group, source.partition("%")[0])  # the interface is the receiver's
+        try:
+            if self.follower is None:
+                self.follower = MulticastReceiver(
+                    self.receiver.interface, self.receiver.port, [join]
+                )
+                self.receivers.append(self.follower)
+            else:
+                self.follower.add_join(join)
+        except NetworkError as exc:  # a forged source, say: the others still count
+            self.emit.note(f"cannot follow sender {source}: {exc}")
+            return
+        self.joins.append(join)
+        self.emit.note(f"sender {source} announces the release: joining ({join.source}, {group})")
 
     def decoder(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
         """The core's decoder for `chunk`: the store's (module doc)."""
@@ -442,8 +486,9 @@ class _Run:
                     sequence=refusal.sequence,
                 )
             raise NoManifestError(
-                f"no manifest heard within {self.options.join_timeout:g} s; nothing to fall "
-                "back with (give --manifest, or check the interface, group and DNS)"
+                self.plan.silence(self.options.interface or "?", self.options.join_timeout)
+                if self.plan is not None
+                else f"no manifest heard within {self.options.join_timeout:g} s"
             )
         if self.options.fallback == "never":
             self.emit.note(f"multicast {reason}; HTTP fallback is disabled, still listening")
@@ -508,8 +553,8 @@ class _Run:
     def close(self) -> None:
         if self.repair is not None:
             self.repair.stop.set()
-        if self.receiver is not None:
-            self.receiver.close()
+        for receiver in self.receivers:
+            receiver.close()
         # Whatever was stored or verified is kept for the next run; a write error that ended
         # this run is already on its way out.
         if self.stored is not None:

@@ -357,6 +357,23 @@ class MulticastReceiver:
             source_request = source_group_request(self.ifindex, join.group, join.source)
             sock.setsockopt(socket.IPPROTO_IPV6, MCAST_JOIN_SOURCE_GROUP, bytes(source_request))
 
+    def add_join(self, join: Join) -> None:
+        """Hold one more membership (`Join`), of the group the socket is bound to: a socket
+        bound to one group never sees another's datagrams (`_bind_address`)."""
+        joins = _check_joins([*self._joins, join])
+        added = joins[-1]
+        if added.group != self._joins[0].group:
+            raise NetworkError(
+                f"cannot add {_describe(added)}: this socket receives {self._joins[0].group} only"
+            )
+        try:
+            self._join(self._sock, added)
+        except OSError as exc:
+            raise NetworkError(
+                f"joining {_describe(added)} on {self.interface} failed: {_reason(exc)}"
+            ) from None
+        self._joins = joins
+
     @property
     def joins(self) -> tuple[Join, ...]:
         """The memberships held, in normal form (compressed addresses)."""

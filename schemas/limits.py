@@ -141,6 +141,33 @@ MANIFEST_VERIFY_BURST_UNSIGNED = 4
 # which the shared allowance bounds.
 MAX_MANIFEST_SOURCES = 64
 
+# --- Announcements on a LAN (zero-config: signer/announce.py, plugin/receive.py) ---------------
+
+# A sender also sends its signed manifest's fragments to the channel's ASM group, so that a
+# device with no SRV records (a plain LAN) hears which sources to join by SSM.  A whole copy goes
+# out every ANNOUNCE_INTERVAL seconds: a device listening there has the manifest within about
+# one interval (two if a fragment is lost), well inside its 10 s default join timeout.
+ANNOUNCE_INTERVAL = 2.0
+# ... at no more than this many datagrams a second, in bursts of at most MAX_ANNOUNCE_BURST: at
+# most ~60 KB/s (0.6% of a 10 MB/s channel) whatever the manifest's size.  Manifests of up to
+# 100 fragments (~120 KB: ~1700 chunk hashes, a 13 GiB image at 8 MiB chunks) still go out whole
+# every interval; the largest (1.1 MB at MAX_CHUNKS) takes ~18 s, beyond the default join
+# timeout: such channels want SRV records or a longer --join-timeout (docs/OPERATIONS.md).  A
+# typical manifest (one to ten fragments) is one burst every interval: 0.5-5 datagrams a second.
+MAX_ANNOUNCE_RATE = 50.0
+# One burst holds a typical manifest whole, so a device reassembles it from one burst (a flood
+# must start many reassemblies between two of its fragments to push it out; see core.py).
+MAX_ANNOUNCE_BURST = 16
+
+# Sources a device joins (by SSM) because it heard them announce the release it adopted on the
+# ASM group.  Announcements are not authenticated per source: anyone on the link can replay a
+# genuine fragment with a spoofed address, which costs the device one (S,G) membership that
+# delivers nothing.  A LAN has a handful of senders (each adds its own symbols); 16 leaves room
+# for that many times over while bounding the memberships (the kernel's own default cap,
+# net.ipv6.mld_max_msf, is 64 sources per socket).  Fragments from further sources are counted
+# as rejections (``sources-limit``).
+MAX_ANNOUNCED_SOURCES = 16
+
 # --- Packet authentication (otacast.plugin.auth) ----------------------------------------------
 
 # Bytes of DATA datagrams held because their page has not been accepted yet (both its copies

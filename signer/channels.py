@@ -42,6 +42,7 @@ class ServeOptions:
     group: str | None = None
     port: int | None = None
     asm: bool = False
+    announce: bool = True  # on the ASM group, for devices without SRV records (announce.py)
     source: str | None = None
     hops: int = 8
     sender_index: int = 0

@@ -66,6 +66,13 @@ digests (``MAX_AUTH_DIGESTS``).  One lost copy therefore costs nothing, and data
 arrive before their page (reordering) are held by the receiver until a copy arrives.  AUTH
 pages are not paced: they add AUTH_COPIES / visit (about 2%) above the configured rate.
 
+*Announcements* (`Announcer`).  Besides its channels, a sender announces itself on the
+channel's ASM group, where a device without SRV records listens (zero-config on a LAN): a whole
+copy of the MANIFEST fragments every ``ANNOUNCE_INTERVAL`` seconds (longer for a manifest too
+large to send that often), released by a token bucket of its own (``MAX_ANNOUNCE_RATE``
+datagrams a second, ``MAX_ANNOUNCE_BURST`` at once), outside the channels' rates: it adds at
+most ~60 KB/s, a few datagrams a second for a typical manifest.
+
 *Pacing.*  A token bucket in bytes, refilled at ``rate`` bytes/s and capped at
 ``BURST_SECONDS`` of rate.  An action is released while the bucket is not negative and its size
 is then subtracted, so long-run rate is exact whatever the action sizes; ``rate = 0`` means
@@ -80,7 +87,12 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from otacast.schemas.limits import MAX_EARLY_BYTES
+from otacast.schemas.limits import (
+    ANNOUNCE_INTERVAL,
+    MAX_ANNOUNCE_BURST,
+    MAX_ANNOUNCE_RATE,
+    MAX_EARLY_BYTES,
+)
 
 # A few milliseconds of burst: enough that sleep granularity (~0.1 ms) does not cost accuracy,
 # small enough that a switch buffer or a receiver's socket buffer never sees a large spike.
@@ -358,6 +370,64 @@ class SenderCore:
     def _spend(self, nbytes: int) -> None:
         if self.rate:
             self._tokens -= nbytes
+
+
+@dataclass
+class AnnounceStats:
+    datagrams: int = 0
+    bytes: int = 0
+
+
+class Announcer:
+    """When the MANIFEST fragments go out on the ASM group (*Announcements* in the module doc).
+
+    `due` returns the datagrams to send at `now`; `next_at` is when anything is due next.
+    """
+
+    def __init__(
+        self,
+        fragments: Sequence[bytes],
+        now: float,
+        *,
+        interval: float = ANNOUNCE_INTERVAL,
+        rate: float = MAX_ANNOUNCE_RATE,
+        burst: int = MAX_ANNOUNCE_BURST,
+    ) -> None:
+        if not fragments or interval <= 0 or rate <= 0 or burst < 1:
+            raise ValueError("fragments, and a positive interval, rate and burst")
+        self.fragments = tuple(fragments)
+        self.rate = rate
+        self.burst = burst
+        # A copy every interval, or as often as the rate allows a manifest of many fragments.
+        self.interval = max(interval, len(self.fragments) / rate)
+        self.stats = AnnounceStats()
+        self.next_at = now
+        self._tokens = float(burst)
+        self._last = now
+        self._next_copy = now
+        self._queue: deque[bytes] = deque()
+
+    @property
+    def datagram_rate(self) -> float:
+        """Datagrams a second the announcements add, on average."""
+        return len(self.fragments) / self.interval
+
+    def due(self, now: float) -> tuple[bytes, ...]:
+        self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if not self._queue and now >= self._next_copy:
+            self._queue.extend(self.fragments)
+            self._next_copy = now + self.interval
+        count = min(len(self._queue), int(self._tokens))
+        out = tuple(self._queue.popleft() for _ in range(count))
+        self._tokens -= count
+        self.stats.datagrams += count
+        self.stats.bytes += sum(len(d) for d in out)
+        if self._queue:  # the rest as soon as the bucket holds one more datagram
+            self.next_at = now + (1.0 - self._tokens) / self.rate
+        else:
+            self.next_at = self._next_copy
+        return out
 
 
 def _rounds_for_k(k: int, cycle: int, visit: int) -> int:

@@ -25,7 +25,7 @@ from otacast.schemas.limits import SERVE_EXPIRY_CHECK_SECONDS
 from otacast.schemas.manifest import Envelope
 from otacast.schemas.units import format_time
 
-from . import lifetime
+from . import announce, lifetime
 from .auth_pages import AuthPages
 from .channels import ChannelPlan, ServeOptions, ServePlan, build_channels
 from .errors import ServedManifestExpired
@@ -82,6 +82,7 @@ def serve(
     report = Reporter(out, options.json)
     plan = build_channels(envelope, image, options, report)
     channels: list[Channel] = []
+    announcement: announce.Announcement | None = None
     try:
         start = clock()
         for channel_plan in plan.channels:
@@ -99,6 +100,16 @@ def serve(
                 expires=plan.manifest.expires,
                 expires_at=format_time(plan.manifest.expires),
             )
+        announcement = announce.start(
+            plan.manifest,
+            channels[0].sender,
+            plan.fragments,
+            start,
+            report,
+            enabled=options.announce,
+            hops=options.hops,
+            loopback=options.loopback,
+        )
         if metrics is not None:
             metrics.feed(lambda: _snapshot(plan, channels, clock() - start))
         # Signals become a clean stop only now: during hashing and encoding, Ctrl-C or SIGTERM
@@ -106,9 +117,11 @@ def serve(
         stop = stop or Stop()
         stop.install()
         watch = ExpiryWatch(plan.manifest.expires, wall, report)
-        reason = _loop(channels, plan.reader, report, clock, stop, watch)
+        reason = _loop(channels, plan.reader, report, clock, stop, watch, announcement)
     finally:
         plan.close()
+        if announcement is not None:
+            announcement.close()
         for channel in channels:
             channel.sender.close()
     elapsed = clock() - start
@@ -195,6 +208,7 @@ def _loop(
     clock: Callable[[], float],
     stop: Stop,
     watch: ExpiryWatch,
+    announcement: announce.Announcement | None = None,
 ) -> str:
     size = reader.layout.datagram_size
     live = list(channels)
@@ -227,6 +241,8 @@ def _loop(
                 wake = min(wake, action.until)
             elif isinstance(action, Finished):
                 live.remove(channel)
+        if announcement is not None:
+            wake = min(wake, announcement.tick(now))
         if report.due(now):
             report.progress(_progress(channels, now - start))
         if not warned and now >= next_check:

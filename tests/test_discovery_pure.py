@@ -401,7 +401,7 @@ def test_an_explicit_group_is_joined_as_asm_or_from_the_given_sources_without_dn
     )
     ssm = addressing.ssm_group(CHANNEL, addressing.DEFAULT_SCOPE)
     assert _plan(channel=CHANNEL, sources=("fd77::9",)) == JoinPlan(
-        ((ssm, "fd77::9"),), addressing.DEFAULT_PORT
+        ((ssm, "fd77::9"),), addressing.DEFAULT_PORT, channel=CHANNEL
     )
 
 
@@ -432,13 +432,18 @@ def test_without_srv_records_or_with_dns_failing_the_asm_group_is_joined_and_the
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     asm = addressing.asm_group(CHANNEL, addressing.DEFAULT_SCOPE)
+    ssm = addressing.ssm_group(CHANNEL, addressing.DEFAULT_SCOPE)
     canned(monkeypatch, {})
     plan = _plan(channel=CHANNEL)
     assert plan.memberships == ((asm, None),)
-    assert plan.note == f"no SRV records for {SRV.rstrip('.')}; joining ASM group {asm}"
+    assert plan.follow == ssm  # the announced senders are joined there
+    assert plan.note == (
+        f"no SRV records for {SRV.rstrip('.')}; listening for senders on ASM group {asm} "
+        f"(each joined on {ssm} by SSM)"
+    )
     canned(monkeypatch, {(SRV, "SRV"): dns.resolver.LifetimeTimeout(timeout=1.0, errors=[])})
     plan = _plan(channel=CHANNEL)
-    assert plan.memberships == ((asm, None),)
+    assert plan.memberships == ((asm, None),) and plan.follow == ssm
     assert plan.note is not None and plan.note.startswith("DNS discovery failed (")
 
 
@@ -449,6 +454,7 @@ def test_a_manifest_gives_the_groups_and_port_and_the_options_channel_only_the_s
     transport = Transport.for_channel(CHANNEL, scope="link", port=4800)
     plan = _plan(transport)
     assert plan.memberships == ((transport.asm_group, None),) and plan.port == 4800
+    assert plan.follow == transport.ssm_group
     assert plan.note is not None and SRV.rstrip(".") in plan.note
     # The verified manifest's groups stay authoritative; another channel named in the options
     # only changes where the SRV records are looked up.
@@ -456,3 +462,47 @@ def test_a_manifest_gives_the_groups_and_port_and_the_options_channel_only_the_s
     assert plan.memberships == ((transport.asm_group, None),) and plan.port == 4800
     assert plan.note is not None and "_otacast._udp.other.example.test" in plan.note
     assert len(fake.lifetimes) == 2  # one SRV query each, no AAAA query without records
+
+
+def test_explicit_joins_and_srv_sources_follow_no_announcements(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    canned(
+        monkeypatch,
+        {(SRV, "SRV"): ["10 5 4242 tx1.example.test."], ("tx1.example.test.", "AAAA"): ["fd77::1"]},
+    )
+    assert _plan(channel=CHANNEL).follow is None
+    assert _plan(channel=CHANNEL, sources=("fd77::9",)).follow is None
+    assert _plan(group="ff1e::1234").follow is None
+
+
+# --- "Nothing heard": every message names the next step -------------------------------------
+
+
+def test_nothing_heard_on_the_asm_group_points_at_serve_on_the_link_srv_source_and_mirrors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    canned(monkeypatch, {})
+    asm = addressing.asm_group(CHANNEL, addressing.DEFAULT_SCOPE)
+    text = _plan(channel=CHANNEL).silence("eth1", 10.0)
+    assert text == (
+        f"no manifest heard within 10 s: no sender announced itself on ASM group {asm} port "
+        f"4242 on interface eth1; check that `otacast-signer serve` runs for {CHANNEL} on this "
+        "link (its defaults announce there) and that eth1 is the interface facing it; across "
+        f"routers, publish SRV records ({SRV.rstrip('.')}) or give --source; or give "
+        "--manifest with an HTTP mirror to fetch from (--fallback)"
+    )
+
+
+def test_nothing_heard_from_named_sources_names_them_and_what_to_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dns.resolver.Resolver, "resolve", _no_query)
+    ssm = addressing.ssm_group(CHANNEL, addressing.DEFAULT_SCOPE)
+    text = _plan(channel=CHANNEL, sources=("fd77::1", "fd77::2")).silence("eth0", 3)
+    assert text.startswith(f"no manifest heard within 3 s from fd77::1, fd77::2 on {ssm} port ")
+    assert f"`otacast-signer serve` runs for {CHANNEL} on those hosts" in text
+    assert "MLDv2" in text and "--manifest with an HTTP mirror" in text
+    text = _plan(group="ff1e::1234").silence("eth0", 3)
+    assert "on group ff1e::1234 port 4242 on interface eth0" in text
+    assert "`otacast-signer serve --group ff1e::1234`" in text

@@ -12,14 +12,17 @@ from hypothesis import strategies as st
 from otacast.plugin.core import ReceiverCore
 from otacast.plugin.events import (
     ChunkComplete,
+    Event,
     FallbackNeeded,
     ImageComplete,
     ManifestRefused,
     ManifestVerified,
+    SourceHeard,
 )
 from otacast.plugin.store_decoder import UNBOUNDED_DECODERS
 from otacast.schemas import wire
 from otacast.schemas.errors import Rollback, UnknownKey
+from otacast.schemas.limits import MAX_ANNOUNCED_SOURCES
 from otacast.schemas.policy import TrustSet
 from otacast.signer.keys import SigningKey
 
@@ -31,6 +34,7 @@ from .helpers import (
     KEY,
     MANIFEST,
     NOW,
+    SENDER,
     TRUST,
     auth_pages,
     cycles,
@@ -449,3 +453,55 @@ def test_the_core_remembers_the_pool_s_repair_symbols_in_bits() -> None:
     repair = sum(len(cycle) - k for cycle in data)
     assert core.stats.symbols_used == len(data) + repair
     assert grown / repair < 2, f"{grown} bytes for {repair} repair symbols"
+
+
+# --- Sources heard (zero-config on a LAN: the driver follows announced senders) -------------
+
+
+def _heard(events: list[Event]) -> list[str]:
+    return [e.source for e in events if isinstance(e, SourceHeard)]
+
+
+def test_each_source_announcing_the_adopted_release_is_reported_once() -> None:
+    core = ReceiverCore(TRUST, now=NOW, report_sources=True)
+    events = receive_all(core, manifest_datagrams())  # the announcement that made the manifest
+    assert isinstance(events[0], ManifestVerified) and _heard(events) == [SENDER]
+    assert _heard(receive_all(core, manifest_datagrams())) == []  # once per source
+    assert _heard(receive_all(core, manifest_datagrams()[:1], source="fd51::2")) == ["fd51::2"]
+    # Fragments of another release, and DATA, name no source to follow.
+    other = manifest_datagrams(reference_envelope(sequence=9))
+    assert _heard(receive_all(core, other + DATA[0][:5], source="fd51::3")) == []
+    assert core.stats.rejected == {"other-session": len(other)}
+
+
+def test_sources_are_reported_only_when_asked_and_only_of_a_verified_release() -> None:
+    quiet = ReceiverCore(TRUST, now=NOW)
+    assert _heard(receive_all(quiet, manifest_datagrams())) == []
+    stranger = TrustSet.from_public_keys([SigningKey(b"\x07" * 32).public])
+    forged = ReceiverCore(stranger, now=NOW, report_sources=True)
+    assert _heard(receive_all(forged, manifest_datagrams())) == []  # not signed by a trusted key
+
+
+def test_a_manifest_given_up_front_follows_the_sources_announcing_it() -> None:
+    verified = ReceiverCore(TRUST, now=NOW)
+    receive_all(verified, manifest_datagrams())
+    core = ReceiverCore(TRUST, now=NOW, manifest=verified.verified, report_sources=True)
+    drain(core)
+    assert _heard(receive_all(core, manifest_datagrams()[:1], source="fd51::7")) == ["fd51::7"]
+
+
+def test_with_a_grace_period_the_source_of_the_adopted_release_is_reported_at_adoption() -> None:
+    core = ReceiverCore(TRUST, now=NOW, manifest_grace=1.0, report_sources=True)
+    assert receive_all(core, manifest_datagrams(), source="fd51::4") == []
+    core.handle_timer(NOW + 1.0)
+    assert _heard(drain(core)) == ["fd51::4"]
+
+
+def test_sources_beyond_the_limit_are_counted_not_reported() -> None:
+    core = ReceiverCore(TRUST, now=NOW, report_sources=True)
+    receive_all(core, manifest_datagrams())
+    first = manifest_datagrams()[:1]
+    stream = [(first[0], f"fd51::{i:x}") for i in range(2, MAX_ANNOUNCED_SOURCES + 12)]
+    heard = _heard(receive_from(core, stream))
+    assert len(heard) == MAX_ANNOUNCED_SOURCES - 1  # the first was the manifest's own source
+    assert core.stats.rejected == {"sources-limit": 11}

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from otacast.schemas.limits import ANNOUNCE_INTERVAL, MAX_ANNOUNCE_BURST, MAX_ANNOUNCE_RATE
 from otacast.signer.schedule import (
     AUTH_COPIES,
+    Announcer,
     Finished,
     SendAuth,
     SenderCore,
@@ -295,3 +297,51 @@ def test_one_pass_gives_every_chunk_k_symbols_even_across_its_short_last_visit(
     sent = symbols(run(c))
     for chunk, k in enumerate([87, 87, 86]):
         assert len({esi for ch, esi in sent if ch == chunk}) >= k
+
+
+# --- Announcements on the ASM group (zero-config on a LAN) -----------------------------------
+
+
+def _announced(announcer: Announcer, seconds: float, step: float = 0.01) -> list[tuple[float, int]]:
+    """(time, datagrams) of every send over `seconds`, driven as the serve loop does."""
+    sends = []
+    for tick in range(int(seconds / step) + 1):
+        now = tick * step
+        if now >= announcer.next_at:
+            out = announcer.due(now)
+            if out:
+                sends.append((now, len(out)))
+    return sends
+
+
+def test_a_small_manifest_is_announced_whole_in_one_burst_every_interval() -> None:
+    fragments = [bytes([i]) * 1200 for i in range(3)]
+    announcer = Announcer(fragments, 0.0)
+    assert announcer.interval == ANNOUNCE_INTERVAL
+    sends = _announced(announcer, 9.0)
+    assert [n for _, n in sends] == [3] * 5
+    assert [round(t, 2) for t, _ in sends] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert announcer.stats.datagrams == 15 and announcer.stats.bytes == 15 * 1200
+    assert announcer.datagram_rate == pytest.approx(1.5)
+
+
+def test_a_large_manifest_is_announced_at_the_bounded_rate_and_every_copy_whole() -> None:
+    fragments = [i.to_bytes(4, "big") for i in range(200)]
+    announcer = Announcer(fragments, 0.0)
+    assert announcer.interval == pytest.approx(200 / MAX_ANNOUNCE_RATE)
+    sends = _announced(announcer, 20.0)
+    assert max(n for _, n in sends) <= MAX_ANNOUNCE_BURST
+    # Over any second: at most a burst plus a second's rate.
+    for start in range(19):
+        inside = sum(n for t, n in sends if start <= t < start + 1)
+        assert inside <= MAX_ANNOUNCE_BURST + MAX_ANNOUNCE_RATE
+    assert announcer.stats.datagrams <= MAX_ANNOUNCE_BURST + 20 * MAX_ANNOUNCE_RATE
+    assert announcer.stats.datagrams >= 2 * len(fragments)  # two whole copies went out
+    assert announcer.datagram_rate <= MAX_ANNOUNCE_RATE
+
+
+def test_an_announcer_needs_fragments_and_positive_bounds() -> None:
+    with pytest.raises(ValueError):
+        Announcer([], 0.0)
+    with pytest.raises(ValueError):
+        Announcer([b"x"], 0.0, rate=0)

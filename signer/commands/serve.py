@@ -43,6 +43,12 @@ def add_serve(sub: Subcommands) -> None:
         action="store_true",
         help="send to the channel's ASM group (default: its SSM group)",
     )
+    p.add_argument(
+        "--no-announce",
+        action="store_true",
+        help="do not announce this sender on the channel's ASM group (devices without SRV "
+        "records or --source find senders there; default: announce, a few datagrams a second)",
+    )
     p.add_argument("--port", type=types.port, help="UDP port (default: the manifest's)")
     p.add_argument("--source", help="source address to send from (must be on --interface)")
     p.add_argument(
@@ -119,6 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         group=args.group,
         port=args.port,
         asm=args.asm,
+        announce=not args.no_announce,
         source=args.source,
         hops=args.hops,
         sender_index=args.sender[0],
