@@ -7,9 +7,16 @@ import io
 import random
 from pathlib import Path
 
+import pytest
+
+from otacast.plugin import resume as resume_module
+from otacast.plugin import watch as watch_module
+from otacast.plugin.config import Settings
+from otacast.plugin.errors import FetchError, NoManifestError
 from otacast.plugin.receive import FetchOptions
 from otacast.plugin.resume import fetch_kept, kept_downloads
 from otacast.plugin.staging import Staging
+from otacast.plugin.watch import Watcher
 from otacast.schemas.manifest import Manifest
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 from otacast.signer.keys import SigningKey
@@ -115,3 +122,34 @@ def test_a_kept_manifest_without_mirrors_is_not_continued_and_says_so(tmp_path: 
     assert fetch_kept(options(tmp_path), out, "why") is None
     (line,) = out.getvalue().splitlines()
     assert line.endswith("is not continued: its manifest lists no HTTP mirror")
+
+
+def test_a_quiet_watch_turn_continues_the_kept_download_from_its_mirrors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`watch` hears nothing for a turn: the kept download goes on over HTTP (here the mirror
+    fails, so the turn fails and is retried later; the download stays kept)."""
+    state = tmp_path / "state"
+    keep(state, 4)
+    keep(state, 6)
+    continued: list[FetchOptions] = []
+
+    def quiet_channel(options: FetchOptions, out: object) -> None:
+        raise NoManifestError("no manifest heard")
+
+    def mirrors_down(options: FetchOptions, out: object) -> None:
+        continued.append(options)
+        raise FetchError("mirror down")
+
+    monkeypatch.setattr(watch_module, "fetch", quiet_channel)
+    monkeypatch.setattr(resume_module, "fetch", mirrors_down)
+    monkeypatch.setattr(watch_module, "RETRY_MIN", 0.0)
+    settings = Settings(trust=(), state_dir=state, interface="eth0", channel=CHANNEL)
+    out = io.StringIO()
+    watcher = Watcher(settings, TRUST, object(), out)  # type: ignore[arg-type]
+    watcher.turn()
+    assert watcher.turns == {"failed": 1}
+    (options,) = continued
+    assert options.manifest is not None and options.manifest.manifest.sequence == 6
+    assert options.fallback == "only"
+    assert "nothing heard on the channel within 60 s: continuing demo-image 1.0.6" in out.getvalue()
