@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,12 +112,12 @@ class Device:
         lines = [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
         self.config.write_text("\n".join(lines) + "\n")
 
-    def mender(self, *args: str) -> tuple[int, str]:
+    def mender(self, *args: str, timeout: float = 120) -> tuple[int, str]:
         """Run the real client; its exit status and everything it printed (logs included)."""
-        done = self.run_mender(*args)
+        done = self.run_mender(*args, timeout=timeout)
         return done.returncode, done.stdout + done.stderr
 
-    def run_mender(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def run_mender(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         environment = {k: v for k, v in os.environ.items() if k not in PROXIES}
         environment["OTACAST_CONFIG"] = str(self.config)
         return subprocess.run(
@@ -134,7 +135,7 @@ class Device:
             env=environment,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
             check=False,
         )
 
@@ -268,6 +269,32 @@ def test_a_download_that_gets_no_image_fails_with_its_reason_and_leaves_the_devi
     assert "Download failed" in output
     assert module_failed(output, 45)  # IncompleteError
     assert "otacast-mender-module: error: 2 chunk(s) could not be fetched" in output
+    device.untouched(before)
+
+
+def test_with_no_sender_and_no_mirror_download_fails_within_seconds_saying_so(
+    lan: LanFactory, tmp_path: Path
+) -> None:
+    net = lan(2)
+    # Joined to a sender that never sends, and the manifest lists no mirror: without the fail-
+    # fast, Download listens until Mender's module timeout (4 hours; this test's 60 s).
+    sender, host = net.hosts
+    release = make_release(tmp_path / "release")
+    device = Device(host, tmp_path / "device")
+    device.configure(release, source=[sender.address], join_timeout=2)
+    before = device.show_artifact()
+    started = time.monotonic()
+    code, output = device.mender("install", str(artifact(release, "r3.mender")), timeout=60)
+    elapsed = time.monotonic() - started
+    assert code != 0, output
+    assert "Download failed" in output
+    assert module_failed(output, 45)  # IncompleteError
+    assert (
+        "otacast-mender-module: error: nothing heard on the channel within 2 s and the "
+        "manifest lists no HTTP mirror: start a sender" in output
+    )
+    # The join timeout, plus Mender's own start-up and states (measured: about 3 s in all).
+    assert elapsed < 2 + 15, elapsed
     device.untouched(before)
 
 

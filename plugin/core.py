@@ -475,7 +475,10 @@ class ReceiverCore:
         if self._fallback_asked or self._complete:
             return None
         deadlines = []
-        if self.join_timeout is not None and not self._heard:
+        # Nothing heard, or nothing at all arrived (a manifest given up front counts as heard):
+        # the join timeout.
+        silent = not self._heard or self.first_datagram_at is None
+        if self.join_timeout is not None and silent:
             deadlines.append(self._started + self.join_timeout)
         if self.stall_timeout is not None and self._heard:
             deadlines.append(self._last_progress + self.stall_timeout)
@@ -488,7 +491,8 @@ class ReceiverCore:
         if deadline is None or now < deadline:
             return
         self._fallback_asked = True
-        self._events.append(FallbackNeeded("stalled" if self._heard else "join-timeout"))
+        heard = self._heard and self.first_datagram_at is not None
+        self._events.append(FallbackNeeded("stalled" if heard else "join-timeout"))
 
     # --- Manifests ---------------------------------------------------------------------------
 

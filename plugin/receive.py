@@ -129,6 +129,10 @@ class FetchOptions:
     # Seconds to keep listening after the first valid manifest for one of a higher sequence
     # (`otacast.plugin.core`, *Choosing a release*); `watch` sets it, one-off commands do not.
     manifest_grace: float = 0.0
+    # End with `IncompleteError` when multicast brings nothing (for the join timeout, or
+    # stalled) and there is no HTTP fallback, instead of listening on: the Mender module sets
+    # it, whose Download would otherwise sit until Mender's module timeout (4 hours).
+    give_up_without_fallback: bool = False
 
     @classmethod
     def from_settings(
@@ -490,13 +494,10 @@ class _Run:
                 if self.plan is not None
                 else f"no manifest heard within {self.options.join_timeout:g} s"
             )
-        if self.options.fallback == "never":
-            self.emit.note(f"multicast {reason}; HTTP fallback is disabled, still listening")
-            return
-        if not verified.manifest.http:
+        if self.options.fallback == "never" or not verified.manifest.http:
             if self.receiver is None:
                 raise IncompleteError("--fallback only, but the manifest lists no HTTP mirror")
-            self.emit.note(f"multicast {reason}, and the manifest lists no HTTP mirror")
+            self._no_fallback(reason)
             return
         if self.repair is not None:
             return
@@ -506,6 +507,24 @@ class _Run:
 
         self.repair = RepairWorker(verified, missing, self.options.http_timeout)
         self.repair.start()
+
+    def _no_fallback(self, reason: str) -> None:
+        """Multicast brings nothing and there is no HTTP to fall back on: listen on, or, with
+        `give_up_without_fallback`, end the run saying what to do."""
+        never = self.options.fallback == "never"
+        why = "HTTP fallback is disabled" if never else "the manifest lists no HTTP mirror"
+        if not self.options.give_up_without_fallback:
+            self.emit.note(f"multicast {reason}; {why}, still listening")
+            return
+        if reason == "stalled":
+            heard = f"multicast stalled for {self.options.stall_timeout:g} s"
+        else:
+            heard = f"nothing heard on the channel within {self.options.join_timeout:g} s"
+        other = "allow it (fallback = auto)" if never else "list one (sign --http-url)"
+        raise IncompleteError(
+            f"{heard} and {why}: start a sender for this release (check the interface and "
+            f"the sources) or {other}"
+        )
 
     def _take_http_results(self) -> None:
         if self.repair is None:

@@ -48,6 +48,15 @@ def pwrite_all(fd: int, data: memoryview, position: int) -> None:
         position += written
 
 
+def session_directories(state_dir: Path) -> list[Path]:
+    """The session directories in `state_dir` (each a download kept for resuming), sorted;
+    none if `state_dir` cannot be listed (nothing was ever kept there)."""
+    try:
+        return sorted(p for p in state_dir.iterdir() if _SESSION_DIR.fullmatch(p.name))
+    except OSError:
+        return []
+
+
 def _state_error(what: str, path: Path, exc: OSError) -> StateError:
     # The failing call names its file when it has one: say which, not just the directory.
     where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != path else ""
@@ -107,8 +116,8 @@ class Staging:
         being fetched now: if that release is ever wanted again, it is fetched again.
         """
         removed = False
-        for other in self.directory.parent.iterdir():
-            if other == self.directory or not _SESSION_DIR.fullmatch(other.name):
+        for other in session_directories(self.directory.parent):
+            if other == self.directory:
                 continue
             try:
                 lock = os.open(other / "lock", os.O_RDWR)

@@ -18,10 +18,12 @@ second per release.  A higher release heard only later is installed by the next 
 
 Quiet channels are normal: when no acceptable manifest is heard for the rediscovery period the
 turn ends without error and the next one joins again, re-reading DNS, so a sender that moved or
-a DNS server that came back is picked up.  Every other failure (DNS, HTTP, disk, installer) is
-reported, written to the status file and retried after an exponential backoff capped at
-``retry_max``; partial downloads survive in the state directory, so a retry resumes.  Hostile
-datagrams never reach here: the receiver core counts and drops them.
+a DNS server that came back is picked up; a download left unfinished when its sender went away
+is continued by such a turn from its mirrors (`otacast.plugin.resume`).  Every other failure
+(DNS, HTTP, disk, installer) is reported, written to the status file and retried after an
+exponential backoff capped at ``retry_max``; partial downloads survive in the state directory,
+so a retry resumes.  Hostile datagrams never reach here: the receiver core counts and drops
+them.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from .installers import Installer
 from .metrics import DeviceMetrics, write_textfile
 from .receive import FetchOptions, fetch
 from .report import FetchSummary
+from .resume import fetch_kept
 from .status import StatusFile
 
 # A quiet channel is re-joined (and its DNS records re-read) at least this often.
@@ -191,7 +194,8 @@ class Watcher:
             return fetch(options, self.out)
         except NoManifestError as exc:
             self.rejected.update(exc.rejected or {})
-            return None
+            # Quiet: a download left by a sender that went away goes on from its mirrors.
+            return fetch_kept(options, self.out)
         except ManifestRejected:
             # Only refused manifests heard (the installed release, typically): as quiet as none.
             # (The turn's datagram rejections are not counted in the metrics file then.)

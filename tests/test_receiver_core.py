@@ -20,10 +20,11 @@ from otacast.plugin.events import (
     SourceHeard,
 )
 from otacast.plugin.store_decoder import UNBOUNDED_DECODERS
+from otacast.plugin.verify import verify_manifest
 from otacast.schemas import wire
 from otacast.schemas.errors import Rollback, UnknownKey
 from otacast.schemas.limits import MAX_ANNOUNCED_SOURCES
-from otacast.schemas.policy import TrustSet
+from otacast.schemas.policy import TrustSet, VerifiedManifest
 from otacast.signer.keys import SigningKey
 
 from .helpers import (
@@ -263,6 +264,39 @@ def test_stall_timeout_counts_from_the_last_progress() -> None:
     assert drain(core) == [FallbackNeeded("stalled")]
 
 
+def test_with_a_given_manifest_and_nothing_arriving_the_join_timeout_asks_for_fallback() -> None:
+    # The Mender module (and --manifest) must not wait the stall timeout for a silent channel.
+    core = ReceiverCore(
+        TRUST, now=NOW, manifest=verified_envelope(), join_timeout=5.0, stall_timeout=30.0
+    )
+    drain(core)
+    assert core.get_timer() == NOW + 5.0
+    core.handle_timer(NOW + 5.0)
+    assert drain(core) == [FallbackNeeded("join-timeout")]
+
+
+def test_with_a_given_manifest_and_only_garbage_arriving_the_stall_timeout_still_ends_it() -> None:
+    core = ReceiverCore(
+        TRUST, now=NOW, manifest=verified_envelope(), join_timeout=5.0, stall_timeout=30.0
+    )
+    drain(core)
+    core.receive_datagram(b"garbage", "fd51::9", NOW + 1, wall=NOW + 1)
+    assert core.get_timer() == NOW + 30.0
+    core.handle_timer(NOW + 30.0)
+    assert drain(core) == [FallbackNeeded("stalled")]
+
+
+def verified_envelope() -> VerifiedManifest:
+    return verify_manifest(
+        ENVELOPE.compact_bytes,
+        TRUST,
+        now=NOW,
+        device_type=None,
+        installed_sequence=None,
+        channel=None,
+    )
+
+
 def test_chunks_from_elsewhere_complete_the_image() -> None:
     core = ReceiverCore(TRUST, now=NOW)
     receive_all(core, manifest_datagrams() + DATA[0] + DATA[1])
@@ -273,17 +307,7 @@ def test_chunks_from_elsewhere_complete_the_image() -> None:
 
 
 def test_a_given_manifest_needs_no_carousel() -> None:
-    from otacast.plugin.verify import verify_manifest
-
-    verified = verify_manifest(
-        ENVELOPE.compact_bytes,
-        TRUST,
-        now=NOW,
-        device_type=None,
-        installed_sequence=None,
-        channel=None,
-    )
-    core = ReceiverCore(TRUST, now=NOW, manifest=verified)
+    core = ReceiverCore(TRUST, now=NOW, manifest=verified_envelope())
     assert isinstance(core.next_event(), ManifestVerified)
     assert rebuilt(receive_all(core, interleaved(0.0))) == IMAGE
 

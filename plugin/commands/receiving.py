@@ -15,8 +15,9 @@ from otacast.plugin.errors import UpToDate, UsageError
 from otacast.plugin.installed import read_installed
 from otacast.plugin.installers import Installer
 from otacast.plugin.installers.file import check_out
-from otacast.plugin.receive import FetchOptions, fetch
+from otacast.plugin.receive import FetchOptions
 from otacast.plugin.report import FetchSummary
+from otacast.plugin.resume import fetch_or_resume
 from otacast.plugin.status import StatusFile
 from otacast.schemas import addressing, units
 from otacast.schemas.errors import OtacastError, Rollback
@@ -167,7 +168,9 @@ def receive_release(
     args: argparse.Namespace, settings: Settings, status: StatusFile
 ) -> FetchSummary:
     """Receive the release the options and settings describe into ``--out`` (after the checks
-    that need no network); a failure of the receive itself is written to the status file."""
+    that need no network), or, when nothing is heard, continue a download kept in the state
+    directory (`otacast.plugin.resume`); a failure of the receive itself is written to the
+    status file."""
     check_out_path(settings)
     if args.command == "install" and not settings.channel:
         raise UsageError(CHANNEL_REQUIRED.format(command="install"))
@@ -195,7 +198,7 @@ def receive_release(
         status=status,
     )
     try:
-        return fetch(options, sys.stdout)
+        return fetch_or_resume(options, sys.stdout)
     except Rollback as exc:
         _raise_if_installed(exc, installed_sequence, "channel's")
         status.failed(f"{type(exc).__name__}: {exc}")

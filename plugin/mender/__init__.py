@@ -12,7 +12,9 @@ signature, the device type) and then runs this program once per state, as root, 
   keys and threshold, expiry, this device's type from the config *and* from Mender, and the
   anti-rollback floor of ``STATE_DIR/installed.json``) before anything touches the network; then
   receive the image over multicast with HTTP fallback into ``STATE_DIR/mender/image``, never the
-  final target (Mender's rule: nothing is installed in Download).
+  final target (Mender's rule: nothing is installed in Download).  With nothing heard and no
+  mirror to fall back on, Download fails after the join timeout (`FetchOptions`'
+  ``give_up_without_fallback``) rather than at Mender's module timeout, hours later.
 - ``ArtifactInstall``: re-check the staged image against the manifest, hand it to the configured
   installer (``installer`` in the config) and remember what the installer said.
 - ``ArtifactCommit``: make the install permanent, then record it in ``installed.json``, so the

@@ -177,7 +177,8 @@ class Module:
             installed_sequence=self.installed_sequence(),
             status=self.status,
         )
-        fetch(options, self.out)
+        # Nothing heard and no mirror: fail now, not at Mender's module timeout (hours).
+        fetch(replace(options, give_up_without_fallback=True), self.out)
         write_durably(self.staging / MANIFEST, manifest, "the staged manifest")
         # Written last: its presence says the image and manifest beside it are complete.
         write_deployment(
