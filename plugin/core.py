@@ -83,6 +83,17 @@ signatures failed (anyone can send those), and among signed ones the highest seq
 the newest release the channel carries.
 
 *Reporting.*  Drivers and reporters read `snapshot` (a frozen copy), not the live counters.
+Besides the counters it gives what a progress bar needs: ``bytes_gathered`` (complete chunks
+plus, for each chunk in progress, its new symbols up to K, at the symbol size: the image moves
+forward with every useful symbol, not only when the symbol-major carousel completes chunks),
+``sources`` (distinct addresses that sent DATA of the adopted session, counted up to
+``MAX_SOURCES_COUNTED``) and a loss estimate from gaps in each chunk's ESI sequence.  A sender
+sends each visit's ESIs in order (`otacast.signer.schedule`), so an ESI a few past the one
+before it on the same chunk means the ones between were lost; a jump further than
+``LOSS_GAP_LIMIT`` or backwards (another sender's cursor, the cycle's wrap, reordering) counts
+nothing.  Each chunk follows two cursors, so the interleaved batches of two senders are both
+followed; with more senders, or one datagram per send from several, fewer arrivals are
+followed and the estimate rests on fewer of them (``symbols_followed``), not on guesses.
 """
 
 from __future__ import annotations
@@ -102,6 +113,7 @@ from otacast.schemas.limits import (
     MAX_PENDING_MANIFESTS,
     MAX_PENDING_MANIFESTS_PER_SOURCE,
     MAX_REFUSED_MANIFESTS,
+    MAX_SOURCES_COUNTED,
     MIN_SYMBOL_SIZE,
 )
 from otacast.schemas.policy import TrustSet, VerifiedManifest, accept, authenticate
@@ -145,6 +157,9 @@ class ReceiverStats:
     chunks_multicast: int = 0
     bytes_multicast: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    # The loss estimate (*Reporting*): arrivals that followed a cursor, and the ESIs they skipped.
+    symbols_followed: int = 0
+    symbols_missed: int = 0
 
 
 @dataclass(frozen=True)
@@ -172,10 +187,21 @@ class ReceiverSnapshot:
     first_datagram_at: float | None
     last_progress: float
     auth: Mapping[str, int] | None  # packet authentication counters, when it is in use
+    # What a progress bar shows (module doc, *Reporting*); defaults for callers that build one.
+    bytes_gathered: int = 0  # complete chunks plus useful symbols of chunks in progress
+    sources: int = 0  # distinct addresses that sent DATA of the session (at most the limit)
+    symbols_followed: int = 0  # arrivals that the loss estimate followed
+    symbols_missed: int = 0  # ESIs those arrivals skipped: lost on the way
 
     @property
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
+
+    @property
+    def loss(self) -> float | None:
+        """The share of followed symbols that were lost; None before any were followed."""
+        expected = self.symbols_followed + self.symbols_missed
+        return self.symbols_missed / expected if expected else None
 
 
 @dataclass(frozen=True)
@@ -218,6 +244,11 @@ class _Reassembly:
 # ESIs below this many times K are remembered as bits (K/4 bytes per chunk in progress); the
 # rest in a set.  2 covers the sender's default repair pool (50%: ESIs below 1.5 K) with room.
 SEEN_BITS_PER_K = 2
+# The furthest an ESI may be past a cursor's last and still count the ones between as lost
+# (*Reporting*): 16 in a row lost from one sender's run is a loss burst worth showing; a longer
+# jump is more likely another sender's cursor or a new visit than loss.
+LOSS_GAP_LIMIT = 16
+_NO_CURSOR = -(LOSS_GAP_LIMIT + 2)  # no ESI counts as following it
 
 
 class _Chunk:
@@ -229,11 +260,22 @@ class _Chunk:
     per GiB of image (~17 MB were measured for the repair symbols alone at 1 GiB) where the
     bits cost ~220 KB."""
 
-    __slots__ = ("bits_below", "decoder", "k", "other_seen", "seen")
+    __slots__ = (
+        "bits_below",
+        "cursor",
+        "decoder",
+        "k",
+        "other_cursor",
+        "other_seen",
+        "seen",
+        "used",
+    )
 
     def __init__(self, decoder: ChunkDecoder, k: int) -> None:
         self.decoder = decoder
         self.k = k
+        self.used = 0  # new symbols fed to the decoder
+        self.cursor = self.other_cursor = _NO_CURSOR  # the loss estimate's (*Reporting*)
         self.bits_below = SEEN_BITS_PER_K * k
         self.seen = bytearray((self.bits_below + 7) // 8)
         self.other_seen: set[int] = set()
@@ -300,6 +342,7 @@ class ReceiverCore:
         self._early: deque[tuple[bytes, str]] = deque()
         self._early_bytes = 0
         self._session = b""
+        self._sources: set[str] = set()  # that sent DATA of the session (*Reporting*)
         if manifest is not None:
             self._adopt(manifest, now)
 
@@ -326,6 +369,9 @@ class ReceiverCore:
         """A frozen copy of the counters and progress, for reporters and summaries."""
         stats, verified = self.stats, self.verified
         m = verified.manifest if verified is not None else None
+        gathered = self._bytes_done + sum(
+            min(state.used, state.k) * self._symbol_size for state in self._chunks.values()
+        )
         return ReceiverSnapshot(
             datagrams=stats.datagrams,
             symbols_used=stats.symbols_used,
@@ -348,6 +394,10 @@ class ReceiverCore:
                 if self.authenticator is not None
                 else None
             ),
+            bytes_gathered=min(gathered, m.image.length) if m is not None else 0,
+            sources=len(self._sources),
+            symbols_followed=stats.symbols_followed,
+            symbols_missed=stats.symbols_missed,
         )
 
     def count_rejected(self, reason: str, count: int = 1) -> None:
@@ -371,6 +421,7 @@ class ReceiverCore:
         if self._session:  # `_receive`'s fast path, inline: this runs for every datagram
             fields = wire.peek_data(data)
             if fields is not None and fields[0] == self._session:
+                self._heard_from(source)
                 self._on_data(data, fields, now)
                 return
         self._receive_other(data, source, now, wall)
@@ -390,19 +441,28 @@ class ReceiverCore:
         if self.first_datagram_at is None:
             self.first_datagram_at = now
         peek, on_data = wire.peek_data, self._on_data
+        ours = False
         for data in datagrams:
             # (an authenticator may hold a datagram until its page arrives: it gets a copy)
             if self._session and self.authenticator is None:
                 fields = peek(data)
                 if fields is not None and fields[0] == self._session:
                     on_data(data, fields, now)
+                    ours = True
                     continue
             self._receive(bytes(data), source, now, wall)
+        if ours:
+            self._heard_from(source)
+
+    def _heard_from(self, source: str) -> None:
+        if len(self._sources) < MAX_SOURCES_COUNTED:
+            self._sources.add(source)
 
     def _receive(self, data: bytes, source: str, now: float, wall: float) -> None:
         if self._session:
             fields = wire.peek_data(data)
             if fields is not None and fields[0] == self._session:
+                self._heard_from(source)
                 self._on_data(data, fields, now)
                 return
         self._receive_other(data, source, now, wall)
@@ -695,6 +755,16 @@ class ReceiverCore:
                 self.stats.rejected["decoder-budget"] += 1
                 return
             state = self._open_chunk(chunk)
+        # The loss estimate (*Reporting*): does this ESI follow one of the chunk's two cursors?
+        gap = esi - state.cursor - 1
+        if not 0 <= gap <= LOSS_GAP_LIMIT:
+            other = esi - state.other_cursor - 1
+            state.other_cursor = state.cursor
+            gap = other
+        if 0 <= gap <= LOSS_GAP_LIMIT:
+            self.stats.symbols_followed += 1
+            self.stats.symbols_missed += gap
+        state.cursor = esi
         if esi < state.bits_below:
             seen, bit = state.seen, 1 << (esi & 7)
             if seen[esi >> 3] & bit:
@@ -707,6 +777,7 @@ class ReceiverCore:
         else:
             state.other_seen.add(esi)
         self.stats.symbols_used += 1
+        state.used += 1
         if not self._polluted:
             self._last_progress = now
         try:
