@@ -755,15 +755,11 @@ class ReceiverCore:
                 self.stats.rejected["decoder-budget"] += 1
                 return
             state = self._open_chunk(chunk)
-        # The loss estimate (*Reporting*): does this ESI follow one of the chunk's two cursors?
-        gap = esi - state.cursor - 1
-        if not 0 <= gap <= LOSS_GAP_LIMIT:
-            other = esi - state.other_cursor - 1
-            state.other_cursor = state.cursor
-            gap = other
-        if 0 <= gap <= LOSS_GAP_LIMIT:
+        # The loss estimate (*Reporting*): most ESIs are the next of their run
+        if esi == state.cursor + 1:
             self.stats.symbols_followed += 1
-            self.stats.symbols_missed += gap
+        else:
+            self._follow(state, esi)
         state.cursor = esi
         if esi < state.bits_below:
             seen, bit = state.seen, 1 << (esi & 7)
@@ -789,6 +785,17 @@ class ReceiverCore:
             return
         if result is not None:
             self._finish_chunk(chunk, result, now)
+
+    def _follow(self, state: _Chunk, esi: int) -> None:
+        """The loss estimate for an ESI that is not the next of its chunk's latest run: does it
+        follow that run after a gap, or the chunk's other cursor (*Reporting*)?"""
+        gap = esi - state.cursor - 1
+        if not 0 <= gap <= LOSS_GAP_LIMIT:
+            gap = esi - state.other_cursor - 1
+            state.other_cursor = state.cursor
+        if 0 <= gap <= LOSS_GAP_LIMIT:
+            self.stats.symbols_followed += 1
+            self.stats.symbols_missed += gap
 
     def _open_chunk(self, chunk: int) -> _Chunk:
         assert self.verified is not None
