@@ -152,10 +152,10 @@ def bar_line(state: BarState, now: float, width: int) -> str:
     fraction = done / total
     rate = state.rate(now)
     loss = state.loss
-    figures = [
+    figures = [  # (widths kept while they change, so that the bar does not shift)
         f"{100 * fraction:5.1f}%",
-        f"{_size(done)} of {_size(state.bytes_total)}",
-        "-- MB/s" if rate is None else f"{rate / 1e6:.1f} MB/s",
+        f"{_size(done):>8} of {_size(state.bytes_total)}",
+        f"{'--' if rate is None else f'{rate / 1e6:.1f}':>5} MB/s",
         "loss --" if loss is None else f"loss {100 * loss:.1f}%",
         f"{state.sources} source{'' if state.sources == 1 else 's'}",
     ]
@@ -166,7 +166,7 @@ def bar_line(state: BarState, now: float, width: int) -> str:
     elif rate is None or rate <= 0:
         figures.append("ETA --:--")
     else:
-        figures.append(f"ETA {_clock((state.bytes_total - done) / rate)}")
+        figures.append(f"ETA {_clock((state.bytes_total - done) / rate):>5}")
     text = "  ".join(figures)
     room = width - 1 - len(text) - 3  # "[", "]" and a space
     if room >= BAR_MIN_WIDTH:
@@ -297,9 +297,10 @@ class Reporter:
         if self.columns is not None:
             return self.columns
         try:
-            return os.get_terminal_size(self.out.fileno()).columns
+            columns = os.get_terminal_size(self.out.fileno()).columns
         except (OSError, ValueError, AttributeError):
-            return 80
+            columns = 0
+        return columns or 80  # a terminal that does not say its size (0 columns): the usual
 
     def note(self, text: str) -> None:
         if self.json:

@@ -152,7 +152,7 @@ def test_the_bar_shows_bytes_percent_rate_loss_sources_and_time_left() -> None:
     line = bar_line(state_at(5 * MB, (8.0, 1 * MB), (9.0, 3 * MB)), now=10.0, width=100)
     assert len(line) == 99
     assert line.startswith("[#####") and "] " in line
-    figures = "25.0%  5.0 MB of 20.0 MB  2.0 MB/s  loss 3.0%  2 sources  ETA 0:08"
+    figures = "25.0%    5.0 MB of 20.0 MB    2.0 MB/s  loss 3.0%  2 sources  ETA  0:08"
     assert line.split("] ")[1].strip() == figures
     bar = line[1 : line.index("]")]
     assert bar.count("#") == len(bar) // 4 and set(bar) == {"#", "-"}
@@ -170,8 +170,8 @@ def test_the_line_fills_the_width_but_its_last_column_whatever_the_width(width: 
 
 def test_rate_and_time_left_are_unknown_until_a_span_is_measured() -> None:
     line = bar_line(state_at(5 * MB, (9.9, 5 * MB)), now=10.0, width=120)
-    assert "-- MB/s" in line and "ETA --:--" in line
-    assert "-- MB/s" in bar_line(state_at(0), now=10.0, width=120)  # no sample at all
+    assert "   -- MB/s" in line and "ETA --:--" in line
+    assert "   -- MB/s" in bar_line(state_at(0), now=10.0, width=120)  # no sample at all
 
 
 def test_a_stalled_download_shows_a_zero_rate_and_no_time_left() -> None:
@@ -189,7 +189,7 @@ def test_a_complete_download_shows_all_of_it_and_how_long_it_took() -> None:
     line = bar_line(state, now=75.0, width=120)
     assert line.startswith("[" + "#" * 10)
     assert "-" not in line[: line.index("]")]
-    assert "100.0%  20.0 MB of 20.0 MB" in line and "1 source " in line
+    assert "100.0%   20.0 MB of 20.0 MB" in line and "1 source " in line
     assert "HTTP 3.0 MB" in line and line.rstrip().endswith("in 1:15") and "ETA" not in line
 
 
@@ -234,7 +234,7 @@ def test_on_a_terminal_the_bar_is_redrawn_in_place_notes_break_it_and_the_summar
     draws = text.split("\n")[0].split("\r")[1:]
     assert BAR_INTERVAL == 0.2
     assert len(draws) == 3 and all(len(d) == 99 for d in draws)
-    assert "33.4%  65.6 kB of 196.7 kB" in draws[0]  # chunks 0 and 3 (100 bytes) of 4
+    assert "33.4%   65.6 kB of 196.7 kB" in draws[0]  # chunks 0 and 3 (100 bytes) of 4
     lines = text.split("\n")
     assert lines[1] == "multicast stalled"
     final, summary = lines[2].split("\r")[-1], lines[3]
@@ -269,3 +269,11 @@ def test_the_summary_with_packet_authentication_counts_pages_verified() -> None:
         auth=dataclasses.asdict(AuthStats(pages_signed=12)),
     )
     assert summary_text(summary).endswith("; packet authentication: 12 pages verified")
+
+
+def test_the_bar_keeps_its_place_while_the_figures_grow() -> None:
+    ends = {
+        bar_line(state_at(gathered, (8.0, 0), (9.0, gathered)), now=10.0, width=100).index("]")
+        for gathered in (0, 9 * MB, 10 * MB, 19 * MB)
+    }
+    assert len(ends) == 1
