@@ -63,7 +63,7 @@ from .errors import (
     UsageError,
 )
 from .events import ChunkComplete, FallbackNeeded, ImageComplete, ManifestRefused, ManifestVerified
-from .report import FetchSummary, Reporter
+from .report import FetchSummary, Reporter, refusal_note
 from .staging import Staging
 from .status import StatusFile
 from .store_decoder import UNBOUNDED_DECODERS, StoredSymbols
@@ -330,7 +330,7 @@ class _Run:
             activity="downloading",
             release=f"{m.name} {m.version}",
             sequence=m.sequence,
-            bytes_done=snap.bytes_done,
+            bytes_done=snap.bytes_gathered,  # moves with each useful symbol (core, *Reporting*)
             bytes_total=snap.bytes_total,
             bytes_http=self.bytes_http,
         )
@@ -372,7 +372,7 @@ class _Run:
                 if self.repair is not None:
                     self.repair.done_elsewhere.add(event.index)
             elif isinstance(event, ManifestRefused):
-                self.emit.note(f"refused a manifest on the channel: {event.message}")
+                self.emit.note(refusal_note(event, self.options.installed_sequence))
             elif isinstance(event, FallbackNeeded):
                 self._fall_back(event.reason)
             elif isinstance(event, ImageComplete):

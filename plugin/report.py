@@ -29,8 +29,10 @@ interface.  `peak_rss_mb` reads the process's peak memory for the summary.
 *Wording.*  A healthy run must not read as a troubled one.  Datagrams heard before the manifest
 wait for it in a bounded buffer; when the buffer is full the oldest are not kept
 (``no-manifest-yet``), and the carousel sends them again: the text says so apart from the
-refusals (``WAITING_REASONS``), and "refused" appears only when something was.  The JSON keys
-keep every reason as it is counted.
+refusals (``WAITING_REASONS``), and "refused" appears only when something was.  The installed
+release heard on the channel (a rollback to exactly the installed sequence: ``watch``'s idle
+state) is said to be that, not a refused manifest (`refusal_note`).  The JSON keys keep every
+reason as it is counted.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TextIO
 
+from otacast.schemas.errors import Rollback
 from otacast.schemas.policy import VerifiedManifest
 
 from .core import ReceiverSnapshot
+from .events import ManifestRefused
 from .jsonlines import json_line
 
 # How often progress is written as a JSON line: often enough to follow, rarely enough to read.
@@ -173,6 +177,22 @@ def bar_line(state: BarState, now: float, width: int) -> str:
         filled = int(room * fraction)
         text = f"[{'#' * filled}{'-' * (room - filled)}] {text}"
     return text[: max(width - 1, 0)].ljust(max(width - 1, 0))
+
+
+def refusal_note(refused: ManifestRefused, installed_sequence: int | None) -> str:
+    """The note for a manifest refused on the channel (module doc, *Wording*): the installed
+    release itself, which a channel carries until the next one, is no refusal to an operator."""
+    error = refused.error
+    if (
+        isinstance(error, Rollback)
+        and error.sequence is not None
+        and error.sequence == installed_sequence
+    ):
+        return (
+            f"heard the installed release on the channel (sequence {error.sequence}): "
+            "nothing newer"
+        )
+    return f"refused a manifest on the channel: {refused.message}"
 
 
 def summary_text(s: FetchSummary) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from otacast.plugin.auth import AuthStats
 from otacast.plugin.core import ReceiverCore
+from otacast.plugin.events import ManifestRefused
 from otacast.plugin.jsonlines import json_line, rfc3339
 from otacast.plugin.report import (
     BAR_INTERVAL,
@@ -21,9 +22,11 @@ from otacast.plugin.report import (
     Reporter,
     bar_line,
     peak_rss_mb,
+    refusal_note,
     summary_text,
     wants_bar,
 )
+from otacast.schemas.errors import Expired, Rollback
 from otacast.signer.keys import SigningKey
 
 from .helpers import make_release, untimed
@@ -277,3 +280,22 @@ def test_the_bar_keeps_its_place_while_the_figures_grow() -> None:
         for gathered in (0, 9 * MB, 10 * MB, 19 * MB)
     }
     assert len(ends) == 1
+
+
+def test_the_installed_release_heard_on_the_channel_is_not_called_a_refusal() -> None:
+    def refused(sequence: int) -> ManifestRefused:
+        error = Rollback(
+            f"manifest sequence {sequence} is not above the installed 5", sequence=sequence
+        )
+        return ManifestRefused("Rollback", str(error), error)
+
+    assert refusal_note(refused(5), installed_sequence=5) == (
+        "heard the installed release on the channel (sequence 5): nothing newer"
+    )
+    assert refusal_note(refused(4), installed_sequence=5) == (
+        "refused a manifest on the channel: manifest sequence 4 is not above the installed 5"
+    )
+    expired = ManifestRefused(
+        "Expired", "manifest expired", Expired("manifest expired", sequence=5)
+    )
+    assert refusal_note(expired, 5).startswith("refused a manifest on the channel: ")
