@@ -3,9 +3,9 @@
 Every JSON line a device command prints (the receive events of `otacast.plugin.report`,
 ``watch``'s events, ``install``'s result, ``status``, ``trust``, ``verify``, and errors from
 `otacast.plugin.program`) goes through `json_line`, which adds ``"time"``: the wall-clock time
-of writing, RFC 3339 in UTC with milliseconds (``2026-12-03T10:24:44.123Z``), so a log of lines
-from a device can be read against the sender's and against other devices' without a clock of
-its own.  A record's own ``"time"`` is kept.
+of writing, RFC 3339 in UTC with milliseconds (`otacast.schemas.timestamps`, as the sender's
+lines have it), so a log of lines from a device can be read against the sender's and against
+other devices'.  A record's own ``"time"`` is kept.
 """
 
 from __future__ import annotations
@@ -13,13 +13,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 
-
-def rfc3339(wall: float) -> str:
-    """`wall` (seconds since the epoch) as RFC 3339 UTC with milliseconds."""
-    moment = datetime.fromtimestamp(wall, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+from otacast.schemas.timestamps import rfc3339
 
 
 def json_line(

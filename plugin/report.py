@@ -189,8 +189,7 @@ def refusal_note(refused: ManifestRefused, installed_sequence: int | None) -> st
         and error.sequence == installed_sequence
     ):
         return (
-            f"heard the installed release on the channel (sequence {error.sequence}): "
-            "nothing newer"
+            f"heard the installed release on the channel (sequence {error.sequence}): nothing newer"
         )
     return f"refused a manifest on the channel: {refused.message}"
 

@@ -12,7 +12,7 @@ import pytest
 from otacast.plugin.auth import AuthStats
 from otacast.plugin.core import ReceiverCore
 from otacast.plugin.events import ManifestRefused
-from otacast.plugin.jsonlines import json_line, rfc3339
+from otacast.plugin.jsonlines import json_line
 from otacast.plugin.report import (
     BAR_INTERVAL,
     LOSS_MIN_FOLLOWED,
@@ -27,6 +27,7 @@ from otacast.plugin.report import (
     wants_bar,
 )
 from otacast.schemas.errors import Expired, Rollback
+from otacast.schemas.timestamps import rfc3339
 from otacast.signer.keys import SigningKey
 
 from .helpers import make_release, untimed
