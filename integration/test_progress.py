@@ -92,8 +92,12 @@ def test_on_a_terminal_fetch_redraws_a_bar_in_place_and_ends_with_the_summary(
     assert code == 0, written
     assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
     lines = written.replace("\r\n", "\n").split("\n")  # (the terminal turns \n into \r\n)
-    redrawn = next(line for line in lines if "\r" in line)
+    redrawn = next(line for line in lines if "\r[" in line)
     draws = [d for d in redrawn.split("\r") if d]
+    # Before it, only the wait for the manifest, told as that (if it lasted a redraw)
+    for line in lines[: lines.index(redrawn)]:
+        for draw in filter(None, line.split("\r")[1:]):
+            assert draw.startswith("waiting for the release's manifest: "), line
     # Redrawn in place several times a second through a download of a few seconds, each
     # draw the whole line but its last column, the percentage moving on
     assert len(draws) >= 5, draws

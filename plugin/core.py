@@ -192,6 +192,7 @@ class ReceiverSnapshot:
     sources: int = 0  # distinct addresses that sent DATA of the session (at most the limit)
     symbols_followed: int = 0  # arrivals that the loss estimate followed
     symbols_missed: int = 0  # ESIs those arrivals skipped: lost on the way
+    held: int = 0  # datagrams held until a manifest is verified (*Nothing before trust*)
 
     @property
     def rejected_total(self) -> int:
@@ -398,6 +399,7 @@ class ReceiverCore:
             sources=len(self._sources),
             symbols_followed=stats.symbols_followed,
             symbols_missed=stats.symbols_missed,
+            held=len(self._early),
         )
 
     def count_rejected(self, reason: str, count: int = 1) -> None:

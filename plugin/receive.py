@@ -306,8 +306,8 @@ class _Run:
             self._take_http_results()
             self._handle_events()
             now = time.monotonic()
-            # Progress starts with a verified manifest: no snapshot is built each turn before.
-            if self.core.verified is not None and self.emit.due(now):
+            # (before a manifest only the bar has something to show: the wait)
+            if self.emit.due(now, waiting=self.core.verified is None):
                 self.emit.progress(self.core.snapshot(), now, now - self.start, self.bytes_http)
             self._report_status(now)
             if self.stored is not None:

@@ -29,10 +29,11 @@ interface.  `peak_rss_mb` reads the process's peak memory for the summary.
 *Wording.*  A healthy run must not read as a troubled one.  Datagrams heard before the manifest
 wait for it in a bounded buffer; when the buffer is full the oldest are not kept
 (``no-manifest-yet``), and the carousel sends them again: the text says so apart from the
-refusals (``WAITING_REASONS``), and "refused" appears only when something was.  The installed
-release heard on the channel (a rollback to exactly the installed sequence: ``watch``'s idle
-state) is said to be that, not a refused manifest (`refusal_note`).  The JSON keys keep every
-reason as it is counted.
+refusals (``WAITING_REASONS``), and "refused" appears only when something was.  Before the
+manifest the bar says it is waiting and how many datagrams are held for it (`waiting_line`).
+The installed release heard on the channel (a rollback to exactly the installed sequence:
+``watch``'s idle state) is said to be that, not a refused manifest (`refusal_note`).  The JSON
+keys keep every reason as it is counted.
 """
 
 from __future__ import annotations
@@ -176,6 +177,18 @@ def bar_line(state: BarState, now: float, width: int) -> str:
     if room >= BAR_MIN_WIDTH:
         filled = int(room * fraction)
         text = f"[{'#' * filled}{'-' * (room - filled)}] {text}"
+    return text[: max(width - 1, 0)].ljust(max(width - 1, 0))
+
+
+def waiting_line(snap: ReceiverSnapshot, elapsed: float, width: int) -> str:
+    """The bar's line before a manifest is verified (module doc, *Wording*), ``width - 1``
+    characters as `bar_line`'s."""
+    heard = (
+        f"; {snap.datagrams} datagrams heard, {snap.held} held until it arrives"
+        if snap.datagrams
+        else "; nothing heard yet"
+    )
+    text = f"waiting for the release's manifest: {_clock(elapsed)}{heard}"
     return text[: max(width - 1, 0)].ljust(max(width - 1, 0))
 
 
@@ -327,16 +340,25 @@ class Reporter:
         else:
             self._line(text)
 
-    def due(self, now: float) -> bool:
+    def due(self, now: float, *, waiting: bool = False) -> bool:
         """Whether progress is to be written at `now` (the driver's monotonic clock); the
         driver builds a snapshot only then.  The same shape as the sender's reporter
-        (`otacast.signer.report`), except that the interval starts when progress is written:
-        nothing is, before a manifest is verified, nor anything at all without a bar or JSON."""
-        return (self.json or self.bar) and now >= self._next
+        (`otacast.signer.report`), except that the interval starts when progress is written.
+        While `waiting` for a manifest only the bar shows something (`waiting_line`); JSON
+        progress starts with the manifest; without a bar or JSON nothing is ever due."""
+        return (self.bar or (self.json and not waiting)) and now >= self._next
 
     def progress(self, snap: ReceiverSnapshot, now: float, elapsed: float, bytes_http: int) -> None:
-        """Write progress (nothing before a manifest is verified) and wait an interval."""
-        if now < self._next or snap.manifest is None:
+        """Write progress and wait an interval; before a manifest is verified, only the bar's
+        waiting line."""
+        if now < self._next:
+            return
+        if snap.manifest is None:
+            if self.bar:
+                self._next = now + BAR_INTERVAL
+                self.out.write("\r" + waiting_line(snap, elapsed, self._width()))
+                self.out.flush()
+                self._dirty = True
             return
         if self.json:
             self._next = now + PROGRESS_INTERVAL

@@ -24,8 +24,10 @@ from otacast.plugin.report import (
     peak_rss_mb,
     refusal_note,
     summary_text,
+    waiting_line,
     wants_bar,
 )
+from otacast.schemas import wire
 from otacast.schemas.errors import Expired, Rollback
 from otacast.schemas.timestamps import rfc3339
 from otacast.signer.keys import SigningKey
@@ -44,6 +46,11 @@ def core_with_two_chunks_done() -> ReceiverCore:
     core.mark_done(0, 2.0)
     core.mark_done(3, 2.0)
     return core
+
+
+def data_datagram(session: bytes, esi: int) -> bytes:
+    symbol = bytes(RELEASE.manifest.fec.symbol_size)
+    return wire.build_datagram(wire.DataPacket(session, 0, esi, symbol))
 
 
 def summary_of(core: ReceiverCore, **rejected: int) -> FetchSummary:
@@ -300,3 +307,25 @@ def test_the_installed_release_heard_on_the_channel_is_not_called_a_refusal() ->
         "Expired", "manifest expired", Expired("manifest expired", sequence=5)
     )
     assert refusal_note(expired, 5).startswith("refused a manifest on the channel: ")
+
+
+def test_before_the_manifest_the_bar_says_it_waits_and_what_it_holds_json_says_nothing() -> None:
+    core = ReceiverCore(RELEASE.trust, now=0.0)
+    assert "nothing heard yet" in waiting_line(core.snapshot(), 1.0, 100)
+    session = RELEASE.manifest.session_id
+    core.receive_datagram(b"junk", "fd51::1", 1.0, wall=1_800_000_000.0)
+    for index in range(3):  # DATA of a session not yet known: held for its manifest
+        core.receive_datagram(data_datagram(session, index), "fd51::1", 1.0, wall=1_800_000_000.0)
+    line = waiting_line(core.snapshot(), 65.0, 100)
+    assert len(line) == 99
+    assert line.rstrip() == (
+        "waiting for the release's manifest: 1:05; 4 datagrams heard, 3 held until it arrives"
+    )
+    for alarming in ("reject", "refused", "drop"):
+        assert alarming not in line
+    out = io.StringIO()
+    reporter = Reporter(out, as_json=False, bar=True, columns=100)
+    assert reporter.due(2.0, waiting=True)
+    reporter.progress(core.snapshot(), now=2.0, elapsed=2.0, bytes_http=0)
+    assert out.getvalue().startswith("\rwaiting for the release's manifest: 0:02")
+    assert not Reporter(io.StringIO(), as_json=True).due(2.0, waiting=True)
