@@ -39,12 +39,6 @@ MB = 1_000_000
 pytestmark = pytest.mark.usefixtures("nft_or_skip")
 
 
-@pytest.fixture
-def nft_or_skip() -> None:
-    if subprocess.run(["which", "nft"], capture_output=True, check=False).returncode:
-        pytest.skip("nftables (nft) is not installed")
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
     # 1 MiB chunks (20 of them): the kill, resume and repair tests need chunks completing

@@ -25,10 +25,7 @@ RFC3339_MILLIS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 COLUMNS = 110
 
 
-@pytest.fixture(autouse=True)
-def nft_or_skip() -> None:
-    if subprocess.run(["which", "nft"], capture_output=True, check=False).returncode:
-        pytest.skip("nftables (nft) is not installed")
+pytestmark = pytest.mark.usefixtures("nft_or_skip")
 
 
 @pytest.fixture(scope="module")
@@ -119,36 +116,17 @@ def test_in_a_pipe_fetch_writes_lines_only_and_with_json_every_line_has_its_time
     lan: LanFactory, release: Release, tmp_path: Path
 ) -> None:
     sender, receiver, tx = lossy_lan(lan, release)
+
+    def fetch_piped(name: str, json_lines: bool) -> subprocess.CompletedProcess[str]:
+        state, out = tmp_path / name, tmp_path / f"{name}.img"
+        command = fetch_command(
+            receiver, release, state, out, "--source", sender.address, json_lines=json_lines
+        )
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
     try:
-        plain = subprocess.run(
-            fetch_command(
-                receiver,
-                release,
-                tmp_path / "plain",
-                tmp_path / "plain.img",
-                "--source",
-                sender.address,
-                json_lines=False,
-            ),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        machine = subprocess.run(
-            fetch_command(
-                receiver,
-                release,
-                tmp_path / "json",
-                tmp_path / "json.img",
-                "--source",
-                sender.address,
-            ),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        plain = fetch_piped("plain", json_lines=False)
+        machine = fetch_piped("json", json_lines=True)
     finally:
         stop([tx])
     assert plain.returncode == 0, plain.stderr
