@@ -463,6 +463,7 @@ def test_install_hands_the_image_over_and_then_says_up_to_date_apart_from_nothin
     assert (tmp_path / "slot.img.previous").read_bytes() == b"factory image"
     assert current.returncode == again.returncode == UpToDate.exit_code, current.stderr
     said = json.loads(current.stdout.splitlines()[-1])
+    assert said.pop("time").endswith("Z")  # every JSON line has its time (RFC 3339, UTC)
     assert said == {
         "event": "up-to-date",
         "sequence": 3,
