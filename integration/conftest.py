@@ -13,6 +13,7 @@ test that skips before calling it creates nothing.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
 
@@ -31,6 +32,13 @@ def lan() -> Iterator[LanFactory]:
             return made.enter_context(Lan.create(count, mtu, gro))
 
         yield create
+
+
+@pytest.fixture
+def nft_or_skip() -> None:
+    """For tests that drop datagrams with nftables (`release.random_loss`)."""
+    if subprocess.run(["which", "nft"], capture_output=True, check=False).returncode:
+        pytest.skip("nftables (nft) is not installed")
 
 
 @pytest.fixture(scope="session")

@@ -39,12 +39,6 @@ MB = 1_000_000
 pytestmark = pytest.mark.usefixtures("nft_or_skip")
 
 
-@pytest.fixture
-def nft_or_skip() -> None:
-    if subprocess.run(["which", "nft"], capture_output=True, check=False).returncode:
-        pytest.skip("nftables (nft) is not installed")
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
     # 1 MiB chunks (20 of them): the kill, resume and repair tests need chunks completing
@@ -469,6 +463,7 @@ def test_install_hands_the_image_over_and_then_says_up_to_date_apart_from_nothin
     assert (tmp_path / "slot.img.previous").read_bytes() == b"factory image"
     assert current.returncode == again.returncode == UpToDate.exit_code, current.stderr
     said = json.loads(current.stdout.splitlines()[-1])
+    assert said.pop("time").endswith("Z")  # every JSON line has its time (RFC 3339, UTC)
     assert said == {
         "event": "up-to-date",
         "sequence": 3,

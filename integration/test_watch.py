@@ -214,10 +214,13 @@ def test_watch_installs_releases_in_order_and_survives_replay_garbage_and_a_kill
 
 
 def _refusal_of(installed: int, older: int | None = None) -> str:
-    sequence = installed if older is None else older
+    """The note for the channel's release: the installed one is said to be that (no alarm on
+    a healthy daemon's idle turns), an older one is a refusal."""
+    if older is None:
+        return f"heard the installed release on the channel (sequence {installed}): nothing newer"
     return (
         "refused a manifest on the channel: "
-        f"manifest sequence {sequence} is not above the installed {installed}"
+        f"manifest sequence {older} is not above the installed {installed}"
     )
 
 

@@ -92,6 +92,17 @@ trusted: a spoofed one costs one membership that delivers nothing, and what it m
 verified like everything else.
 
 *Reporting.*  Drivers and reporters read `snapshot` (a frozen copy), not the live counters.
+Besides the counters it gives what a progress bar needs: ``bytes_gathered`` (complete chunks
+plus, for each chunk in progress, its new symbols up to K, at the symbol size: the image moves
+forward with every useful symbol, not only when the symbol-major carousel completes chunks),
+``sources`` (distinct addresses that sent DATA of the adopted session, counted up to
+``MAX_SOURCES_COUNTED``) and a loss estimate from gaps in each chunk's ESI sequence.  A sender
+sends each visit's ESIs in order (`otacast.signer.schedule`), so an ESI a few past the one
+before it on the same chunk means the ones between were lost; a jump further than
+``LOSS_GAP_LIMIT`` or backwards (another sender's cursor, the cycle's wrap, reordering) counts
+nothing.  Each chunk follows two cursors, so the interleaved batches of two senders are both
+followed; with more senders, or one datagram per send from several, fewer arrivals are
+followed and the estimate rests on fewer of them (``symbols_followed``), not on guesses.
 """
 
 from __future__ import annotations
@@ -112,6 +123,7 @@ from otacast.schemas.limits import (
     MAX_PENDING_MANIFESTS,
     MAX_PENDING_MANIFESTS_PER_SOURCE,
     MAX_REFUSED_MANIFESTS,
+    MAX_SOURCES_COUNTED,
     MIN_SYMBOL_SIZE,
 )
 from otacast.schemas.policy import TrustSet, VerifiedManifest, accept, authenticate
@@ -156,6 +168,9 @@ class ReceiverStats:
     chunks_multicast: int = 0
     bytes_multicast: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    # The loss estimate (*Reporting*): arrivals that followed a cursor, and the ESIs they skipped.
+    symbols_followed: int = 0
+    symbols_missed: int = 0
 
 
 @dataclass(frozen=True)
@@ -183,10 +198,22 @@ class ReceiverSnapshot:
     first_datagram_at: float | None
     last_progress: float
     auth: Mapping[str, int] | None  # packet authentication counters, when it is in use
+    # What a progress bar shows (module doc, *Reporting*); defaults for callers that build one.
+    bytes_gathered: int = 0  # complete chunks plus useful symbols of chunks in progress
+    sources: int = 0  # distinct addresses that sent DATA of the session (at most the limit)
+    symbols_followed: int = 0  # arrivals that the loss estimate followed
+    symbols_missed: int = 0  # ESIs those arrivals skipped: lost on the way
+    held: int = 0  # datagrams held until a manifest is verified (*Nothing before trust*)
 
     @property
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
+
+    @property
+    def loss(self) -> float | None:
+        """The share of followed symbols that were lost; None before any were followed."""
+        expected = self.symbols_followed + self.symbols_missed
+        return self.symbols_missed / expected if expected else None
 
 
 @dataclass(frozen=True)
@@ -230,6 +257,11 @@ class _Reassembly:
 # ESIs below this many times K are remembered as bits (K/4 bytes per chunk in progress); the
 # rest in a set.  2 covers the sender's default repair pool (50%: ESIs below 1.5 K) with room.
 SEEN_BITS_PER_K = 2
+# The furthest an ESI may be past a cursor's last and still count the ones between as lost
+# (*Reporting*): 16 in a row lost from one sender's run is a loss burst worth showing; a longer
+# jump is more likely another sender's cursor or a new visit than loss.
+LOSS_GAP_LIMIT = 16
+_NO_CURSOR = -(LOSS_GAP_LIMIT + 2)  # no ESI counts as following it
 
 
 class _Chunk:
@@ -241,11 +273,22 @@ class _Chunk:
     per GiB of image (~17 MB were measured for the repair symbols alone at 1 GiB) where the
     bits cost ~220 KB."""
 
-    __slots__ = ("bits_below", "decoder", "k", "other_seen", "seen")
+    __slots__ = (
+        "bits_below",
+        "cursor",
+        "decoder",
+        "k",
+        "other_cursor",
+        "other_seen",
+        "seen",
+        "used",
+    )
 
     def __init__(self, decoder: ChunkDecoder, k: int) -> None:
         self.decoder = decoder
         self.k = k
+        self.used = 0  # new symbols fed to the decoder
+        self.cursor = self.other_cursor = _NO_CURSOR  # the loss estimate's (*Reporting*)
         self.bits_below = SEEN_BITS_PER_K * k
         self.seen = bytearray((self.bits_below + 7) // 8)
         self.other_seen: set[int] = set()
@@ -309,12 +352,13 @@ class ReceiverCore:
         self.manifest_grace = manifest_grace
         self._candidate: _Candidate | None = None  # during the grace period
         self.report_sources = report_sources
-        self._sources: set[str] = set()  # reported by `SourceHeard` (see *Sources heard*)
+        self._followed: set[str] = set()  # reported by `SourceHeard` (see *Sources heard*)
         # (no order: a decoder is never evicted, see *Decoding*)
         self._chunks: dict[int, _Chunk] = {}
         self._early: deque[tuple[bytes, str]] = deque()
         self._early_bytes = 0
         self._session = b""
+        self._sources: set[str] = set()  # that sent DATA of the session (*Reporting*)
         if manifest is not None:
             self._adopt(manifest, now)
 
@@ -341,6 +385,9 @@ class ReceiverCore:
         """A frozen copy of the counters and progress, for reporters and summaries."""
         stats, verified = self.stats, self.verified
         m = verified.manifest if verified is not None else None
+        gathered = self._bytes_done + sum(
+            min(state.used, state.k) * self._symbol_size for state in self._chunks.values()
+        )
         return ReceiverSnapshot(
             datagrams=stats.datagrams,
             symbols_used=stats.symbols_used,
@@ -363,6 +410,11 @@ class ReceiverCore:
                 if self.authenticator is not None
                 else None
             ),
+            bytes_gathered=min(gathered, m.image.length) if m is not None else 0,
+            sources=len(self._sources),
+            symbols_followed=stats.symbols_followed,
+            symbols_missed=stats.symbols_missed,
+            held=len(self._early),
         )
 
     def count_rejected(self, reason: str, count: int = 1) -> None:
@@ -386,6 +438,7 @@ class ReceiverCore:
         if self._session:  # `_receive`'s fast path, inline: this runs for every datagram
             fields = wire.peek_data(data)
             if fields is not None and fields[0] == self._session:
+                self._heard_from(source)
                 self._on_data(data, fields, now)
                 return
         self._receive_other(data, source, now, wall)
@@ -405,19 +458,28 @@ class ReceiverCore:
         if self.first_datagram_at is None:
             self.first_datagram_at = now
         peek, on_data = wire.peek_data, self._on_data
+        ours = False
         for data in datagrams:
             # (an authenticator may hold a datagram until its page arrives: it gets a copy)
             if self._session and self.authenticator is None:
                 fields = peek(data)
                 if fields is not None and fields[0] == self._session:
                     on_data(data, fields, now)
+                    ours = True
                     continue
             self._receive(bytes(data), source, now, wall)
+        if ours:
+            self._heard_from(source)
+
+    def _heard_from(self, source: str) -> None:
+        if len(self._sources) < MAX_SOURCES_COUNTED:
+            self._sources.add(source)
 
     def _receive(self, data: bytes, source: str, now: float, wall: float) -> None:
         if self._session:
             fields = wire.peek_data(data)
             if fields is not None and fields[0] == self._session:
+                self._heard_from(source)
                 self._on_data(data, fields, now)
                 return
         self._receive_other(data, source, now, wall)
@@ -614,12 +676,12 @@ class ReceiverCore:
 
     def _source_heard(self, source: str) -> None:
         """`source` sent a fragment of the adopted release (see *Sources heard*)."""
-        if not self.report_sources or source in self._sources:
+        if not self.report_sources or source in self._followed:
             return
-        if len(self._sources) >= MAX_ANNOUNCED_SOURCES:
+        if len(self._followed) >= MAX_ANNOUNCED_SOURCES:
             self.stats.rejected["sources-limit"] += 1
             return
-        self._sources.add(source)
+        self._followed.add(source)
         self._events.append(SourceHeard(source))
 
     def _make_room(self, source: str) -> None:
@@ -734,6 +796,12 @@ class ReceiverCore:
                 self.stats.rejected["decoder-budget"] += 1
                 return
             state = self._open_chunk(chunk)
+        # The loss estimate (*Reporting*): most ESIs are the next of their run
+        if esi == state.cursor + 1:
+            self.stats.symbols_followed += 1
+        else:
+            self._follow(state, esi)
+        state.cursor = esi
         if esi < state.bits_below:
             seen, bit = state.seen, 1 << (esi & 7)
             if seen[esi >> 3] & bit:
@@ -746,6 +814,7 @@ class ReceiverCore:
         else:
             state.other_seen.add(esi)
         self.stats.symbols_used += 1
+        state.used += 1
         if not self._polluted:
             self._last_progress = now
         try:
@@ -757,6 +826,17 @@ class ReceiverCore:
             return
         if result is not None:
             self._finish_chunk(chunk, result, now)
+
+    def _follow(self, state: _Chunk, esi: int) -> None:
+        """The loss estimate for an ESI that is not the next of its chunk's latest run: does it
+        follow that run after a gap, or the chunk's other cursor (*Reporting*)?"""
+        gap = esi - state.cursor - 1
+        if not 0 <= gap <= LOSS_GAP_LIMIT:
+            gap = esi - state.other_cursor - 1
+            state.other_cursor = state.cursor
+        if 0 <= gap <= LOSS_GAP_LIMIT:
+            self.stats.symbols_followed += 1
+            self.stats.symbols_missed += gap
 
     def _open_chunk(self, chunk: int) -> _Chunk:
         assert self.verified is not None

@@ -10,7 +10,6 @@ callers that read ``--json`` output; Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -18,6 +17,7 @@ from typing import NoReturn
 from otacast.schemas.errors import OtacastError
 
 from .errors import UsageError
+from .jsonlines import json_line
 
 # The shell's code for a process ended by SIGINT (128 + 2).
 INTERRUPTED = 130
@@ -37,7 +37,7 @@ def run(prog: str, body: Callable[[], int], *, json_errors: bool = False) -> int
         return body()
     except OtacastError as exc:
         if json_errors:
-            print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))
+            print(json_line({"ok": False, "error": type(exc).__name__, "message": str(exc)}))
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

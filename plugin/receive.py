@@ -77,7 +77,7 @@ from .events import (
     ManifestVerified,
     SourceHeard,
 )
-from .report import FetchSummary, Reporter
+from .report import FetchSummary, Reporter, refusal_note
 from .staging import Staging
 from .status import StatusFile
 from .store_decoder import UNBOUNDED_DECODERS, StoredSymbols
@@ -333,8 +333,8 @@ class _Run:
             self._take_http_results()
             self._handle_events()
             now = time.monotonic()
-            # Progress starts with a verified manifest: no snapshot is built each turn before.
-            if self.core.verified is not None and self.emit.due(now):
+            # (before a manifest only the bar has something to show: the wait)
+            if self.emit.due(now, waiting=self.core.verified is None):
                 self.emit.progress(self.core.snapshot(), now, now - self.start, self.bytes_http)
             self._report_status(now)
             if self.stored is not None:
@@ -357,7 +357,7 @@ class _Run:
             activity="downloading",
             release=f"{m.name} {m.version}",
             sequence=m.sequence,
-            bytes_done=snap.bytes_done,
+            bytes_done=snap.bytes_gathered,  # moves with each useful symbol (core, *Reporting*)
             bytes_total=snap.bytes_total,
             bytes_http=self.bytes_http,
         )
@@ -398,7 +398,7 @@ class _Run:
                 if self.repair is not None:
                     self.repair.done_elsewhere.add(event.index)
             elif isinstance(event, ManifestRefused):
-                self.emit.note(f"refused a manifest on the channel: {event.message}")
+                self.emit.note(refusal_note(event, self.options.installed_sequence))
             elif isinstance(event, SourceHeard):
                 self._follow(event.source)
             elif isinstance(event, FallbackNeeded):

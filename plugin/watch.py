@@ -28,7 +28,6 @@ them.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -44,6 +43,7 @@ from .deliver import deliver
 from .errors import NoManifestError, UsageError
 from .installed import read_installed
 from .installers import Installer
+from .jsonlines import json_line
 from .metrics import DeviceMetrics, write_textfile
 from .receive import FetchOptions, fetch
 from .report import FetchSummary
@@ -101,7 +101,7 @@ class Watcher:
 
     def note(self, event: str, message: str, **fields: object) -> None:
         if self.json:
-            line = json.dumps({"event": event, "message": message, **fields}, sort_keys=True)
+            line = json_line({"event": event, "message": message, **fields}, sort_keys=True)
         else:
             line = message
         self.out.write(line + "\n")

@@ -116,6 +116,12 @@ MAX_PENDING_MANIFEST_BYTES = 4 * 1024 * 1024
 # forgeries only pushes older entries out, it cannot grow memory.
 MAX_EARLY_BYTES = 2_500_000
 
+# Distinct source addresses a receiver remembers having sent DATA of its session, for the
+# "sources heard" of its progress (`otacast.plugin.core`, *Reporting*).  A fleet's channel has a
+# handful of senders; 64 addresses (a few KB) show that and more, and a spoofing host cannot
+# grow the set past it.
+MAX_SOURCES_COUNTED = 64
+
 # Envelopes already refused (bad signature, rollback ...) remembered so their repetitions are
 # dropped with one lookup instead of one Ed25519 verification each.
 MAX_REFUSED_MANIFESTS = 64

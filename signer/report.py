@@ -6,7 +6,8 @@ The reporter has the device reporter's shape (``otacast``'s receive status): one
 from the output stream and a ``--json`` flag, with `progress` (a refreshed line on a terminal, a
 line every ``PLAIN_INTERVAL`` seconds otherwise, a JSON line every ``FAST_INTERVAL``), `warning`
 and `summary`, and JSON lines that are objects with an ``"event"`` key (``progress``,
-``warning``, ``finished``, and the setup events ``encoding``, ``auth-pages``, ``serving``).  It
+``warning``, ``finished``, and the setup events ``encoding``, ``auth-pages``, ``serving``), each
+with ``"time"``, when it was written (`otacast.schemas.timestamps`, as the device's lines).  It
 never reads a sender core: the driver hands it snapshots (`ServeProgress`, `ServeSummary`), so
 it holds no state of the send loop and the loop's counters stay the loop's.
 """
@@ -14,9 +15,12 @@ it holds no state of the send loop and the loop's counters stay the loop's.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from otacast.schemas.timestamps import rfc3339
 
 # Seconds between progress reports: on a terminal or as JSON lines ...
 FAST_INTERVAL = 1.0
@@ -80,7 +84,8 @@ class Reporter:
     def event(self, name: str, **fields: object) -> None:
         """A JSON line ``{"event": name, ...}``; people see only the ``serving`` line."""
         if self.json:
-            self._write(json.dumps({"event": name, **fields}, sort_keys=True) + "\n")
+            stamped = {"event": name, "time": rfc3339(time.time()), **fields}
+            self._write(json.dumps(stamped, sort_keys=True) + "\n")
         elif name == "serving":
             self._write(
                 f"serving session {fields['session']} as sender {fields['sender']} to "

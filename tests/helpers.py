@@ -8,6 +8,11 @@ receiver-core and attack tests (`KEY`, `IMAGE`, `ENVELOPE`, `DATA` ...) is defin
 `read_only_file` and `shell_script` make the read-only image and the stand-in program that the
 installer tests hand over.
 
+JSON lines
+----------
+`untimed` checks that a device's JSON line carries its RFC 3339 ``time`` and gives the rest, for
+tests that compare the other fields exactly.
+
 Metrics
 -------
 `metric_samples` parses a Prometheus exposition with prometheus_client's parser (the unit and
@@ -78,11 +83,13 @@ import hashlib
 import heapq
 import math
 import random
+import re
 import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -836,3 +843,14 @@ def metric_samples(text: str) -> MetricSamples:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+RFC3339_MILLIS_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def untimed(line: dict[str, Any]) -> dict[str, Any]:
+    """`line` without its ``time``, which must be there, as RFC 3339 UTC with milliseconds."""
+    rest = dict(line)
+    stamp = rest.pop("time")
+    assert isinstance(stamp, str) and RFC3339_MILLIS_UTC.fullmatch(stamp), stamp
+    return rest

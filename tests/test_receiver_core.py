@@ -23,7 +23,7 @@ from otacast.plugin.store_decoder import UNBOUNDED_DECODERS
 from otacast.plugin.verify import verify_manifest
 from otacast.schemas import wire
 from otacast.schemas.errors import Rollback, UnknownKey
-from otacast.schemas.limits import MAX_ANNOUNCED_SOURCES
+from otacast.schemas.limits import MAX_ANNOUNCED_SOURCES, MAX_SOURCES_COUNTED
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 from otacast.signer.keys import SigningKey
 
@@ -529,3 +529,64 @@ def test_sources_beyond_the_limit_are_counted_not_reported() -> None:
     heard = _heard(receive_from(core, stream))
     assert len(heard) == MAX_ANNOUNCED_SOURCES - 1  # the first was the manifest's own source
     assert core.stats.rejected == {"sources-limit": 11}
+
+
+def test_loss_is_estimated_from_the_esis_each_chunk_skipped() -> None:
+    # Every fifth symbol of chunk 0 lost on the way, and one run of three on chunk 1: each
+    # arrival after the first follows its chunk's cursor, the ESIs it skipped were lost.
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_all(core, manifest_datagrams())
+    kept = [d for esi, d in enumerate(DATA[0][:50]) if esi % 5 != 4]  # 40 arrive, 10 lost
+    receive_all(core, kept + DATA[1][:10] + DATA[1][13:20])
+    snap = core.snapshot()
+    # chunk 0: 39 arrivals followed (the first starts the cursor), 9 gaps of one before ESI 49
+    # (the 10th lost one, ESI 49, is after the last arrival: not yet seen as lost);
+    # chunk 1: 16 followed, one gap of three
+    assert (snap.symbols_followed, snap.symbols_missed) == (39 + 16, 9 + 3)
+    assert snap.loss == pytest.approx(12 / (55 + 12))
+
+
+def test_jumps_and_backward_esis_count_no_loss_and_two_senders_are_both_followed() -> None:
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_all(core, manifest_datagrams())
+    # a jump far ahead (another sender's run), back to where the first run stopped (its
+    # cursor is the chunk's second), then back to ESI 0 (the cycle's wrap): nothing lost
+    receive_all(core, DATA[0][:10] + DATA[0][60:70] + DATA[0][10:12] + DATA[0][:2])
+    assert (core.snapshot().symbols_followed, core.snapshot().symbols_missed) == (9 + 9 + 2 + 1, 0)
+    # two senders 40 ESIs apart on chunk 2, batches of 5 interleaved, each losing one symbol
+    # of every batch: both cursors are followed, every loss is seen
+    a = [DATA[2][i : i + 5] for i in range(0, 20, 5)]
+    b = [DATA[2][i : i + 5] for i in range(40, 60, 5)]
+    stream = [d for x, y in zip(a, b, strict=True) for d in x[:-1] + y[:-1]]
+    before = core.snapshot()
+    receive_all(core, stream)
+    after = core.snapshot()
+    followed = after.symbols_followed - before.symbols_followed
+    missed = after.symbols_missed - before.symbols_missed
+    assert (followed, missed) == (2 * 3 + 2 * 3 * 4, 2 * 3)
+
+
+def test_bytes_gathered_move_with_each_new_symbol_before_any_chunk_completes() -> None:
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_all(core, manifest_datagrams())
+    size = MANIFEST.fec.symbol_size
+    receive_all(core, DATA[0][:10] + DATA[0][:10] + DATA[1][:3])  # duplicates add nothing
+    snap = core.snapshot()
+    assert snap.bytes_done == 0 and snap.bytes_gathered == 13 * size
+    receive_all(core, DATA[0])  # complete: its real length, nothing more for its repair
+    assert core.snapshot().bytes_gathered == MANIFEST.chunk_span(0)[1] + 3 * size
+    for index in range(MANIFEST.chunk_count):
+        receive_all(core, DATA[index])
+    assert core.snapshot().bytes_gathered == len(IMAGE) == core.snapshot().bytes_total
+
+
+def test_sources_heard_count_senders_of_the_session_not_other_traffic_and_are_bounded() -> None:
+    core = ReceiverCore(TRUST, now=NOW)
+    receive_from(core, [(d, "fd51::9") for d in DATA[0][:2]])  # held before the manifest
+    receive_all(core, manifest_datagrams(), source="fd51::1")  # manifests alone: not counted
+    assert core.snapshot().sources == 1  # the held ones' sender, counted once they are used
+    receive_from(core, [(b"junk", "fd51::66"), (DATA[1][0], "fd51::2")])
+    receive_reads(core, [DATA[1][1], DATA[1][2]], source="fd51::3")
+    assert core.snapshot().sources == 3
+    receive_from(core, [(DATA[2][i], f"fd52::{i:x}") for i in range(MAX_SOURCES_COUNTED + 5)])
+    assert core.snapshot().sources == MAX_SOURCES_COUNTED

@@ -7,6 +7,8 @@ import json
 
 from otacast.signer.report import Reporter, ServeProgress, ServeSummary
 
+from .helpers import RFC3339_MILLIS_UTC
+
 
 def test_json_lines_name_their_event_and_sort_their_keys() -> None:
     out = io.StringIO()
@@ -22,6 +24,7 @@ def test_json_lines_name_their_event_and_sort_their_keys() -> None:
     assert [e["event"] for e in events] == ["progress", "warning", "finished"]
     assert events[0]["rate"] == 2000 and events[1]["message"] == "slow"
     assert events[2]["reason"] == "done" and "peak_rss_mb" in events[2]
+    assert all(RFC3339_MILLIS_UTC.fullmatch(e["time"]) for e in events)  # as the device's
 
 
 def test_plain_lines_for_a_log() -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from otacast.plugin.deliver import deliver, require_device_type
 from otacast.plugin.errors import UpToDate
+from otacast.plugin.jsonlines import json_line
 from otacast.plugin.status import StatusFile
 
 from .args import Subcommands, settings_of
@@ -39,7 +39,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     assert delivery.record is not None
     if args.json:
         print(
-            json.dumps(
+            json_line(
                 {
                     "event": "installed",
                     "status": delivery.result.status,

@@ -4,7 +4,6 @@ anything is downloaded, and one receive run with its failure written to the stat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from otacast.plugin.errors import UpToDate, UsageError
 from otacast.plugin.installed import read_installed
 from otacast.plugin.installers import Installer
 from otacast.plugin.installers.file import check_out
+from otacast.plugin.jsonlines import json_line
 from otacast.plugin.receive import FetchOptions
 from otacast.plugin.report import FetchSummary
 from otacast.plugin.resume import fetch_or_resume
@@ -218,7 +218,7 @@ def report_up_to_date(args: argparse.Namespace, result: UpToDate) -> int:
     """What ``fetch`` and ``install`` print when there is nothing to do; their exit status."""
     if args.json:
         line = {"event": "up-to-date", "sequence": result.sequence, "message": str(result)}
-        print(json.dumps(line, sort_keys=True))
+        print(json_line(line, sort_keys=True))
     else:
         print(result)
     return result.exit_code

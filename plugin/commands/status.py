@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from otacast.plugin.config import Settings, load_config
 from otacast.plugin.installed import read_installed
+from otacast.plugin.jsonlines import json_line
 from otacast.plugin.status import StatusReport
 
 from .args import Subcommands
@@ -29,7 +29,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     installed = read_installed(state_dir)
     report = StatusReport.read(state_dir, installed.__dict__ if installed else None)
     if args.json:
-        print(json.dumps(report.as_json(), sort_keys=True))
+        print(json_line(report.as_json(), sort_keys=True))
     else:
         print("\n".join(report.lines()))
     return 0

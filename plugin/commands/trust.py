@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from otacast.plugin.errors import UsageError
+from otacast.plugin.jsonlines import json_line
 from otacast.plugin.trust import accept_rotation, current_trust, read_limited
 from otacast.schemas.trustset import MAX_TRUST_BYTES
 
@@ -40,7 +40,7 @@ def cmd_trust(args: argparse.Namespace) -> int:
         trust, version = current_trust(settings.state_dir, settings.trust, settings.threshold)
     if args.json:
         print(
-            json.dumps(
+            json_line(
                 {"version": version, "threshold": trust.threshold, "keys": sorted(trust.keys)},
                 sort_keys=True,
             )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from otacast.plugin.jsonlines import json_line
 from otacast.schemas.units import format_time
 
 from .args import Subcommands, add_common_options, settings_of, trust_in_force, verify_file
@@ -32,7 +32,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     m = verified.manifest
     if args.json:
         print(
-            json.dumps(
+            json_line(
                 {
                     "ok": True,
                     "name": m.name,
