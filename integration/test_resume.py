@@ -64,7 +64,9 @@ def test_the_same_command_after_the_sender_has_gone_finishes_from_the_mirror_wit
     summary = summary_of(events)
     resumed, http = int(summary["bytes_resumed"]), int(summary["bytes_http"])  # type: ignore[call-overload]
     assert summary["bytes_multicast"] == 0
-    assert resumed >= 3 * CHUNK  # the chunks stored by the first run were kept ...
+    # The chunks stored by the first run (at least 3) were kept; the image's last chunk is
+    # the short one (8 MB is not a whole number of 512 KiB chunks) and may be among them ...
+    assert resumed >= 2 * CHUNK + (8 * MB) % CHUNK
     assert resumed + http == 8 * MB  # ... and only the others fetched
     assert served and all(s.status == 206 for s in served)
     assert sum(s.bytes for s in served) == http

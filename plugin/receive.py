@@ -307,6 +307,9 @@ class _Run:
         self.start = start
         self.staging: Staging | None = None
         self.stored: StoredSymbols | None = None  # with --symbols store
+        # Symbols the store held from an earlier run when it was opened: the early datagrams
+        # replayed at the manifest's adoption may be stored before `_open_staging` reports.
+        self.symbols_resumed = 0
         self.writer: _Writer | None = None
         self.repair: RepairWorker | None = None
         self.bytes_http = 0
@@ -436,6 +439,7 @@ class _Run:
         if self.stored is None:
             self.stored = StoredSymbols(self.options.state_dir, verified)
             self.staging = self.stored.staging
+            self.symbols_resumed = self.stored.held()
         return self.stored
 
     def _open_staging(self, verified: VerifiedManifest) -> None:
@@ -444,11 +448,8 @@ class _Run:
             f"manifest verified: {m.name} version {m.version} sequence {m.sequence}, "
             f"{m.image.length} bytes in {m.chunk_count} chunks"
         )
-        held = 0
         if self.options.symbols == "store":
-            stored = self._stored(verified)
-            done = stored.store.done
-            held = stored.held()
+            done = self._stored(verified).store.done
         else:
             self.staging = Staging(self.options.state_dir, verified)
             self.writer = _Writer(self.staging)
@@ -461,8 +462,10 @@ class _Run:
                 self.bytes_resumed += m.chunk_span(index)[1]
         if self.bytes_resumed:
             self.emit.note(f"resumed {self.bytes_resumed} verified bytes from the state directory")
-        if held:
-            self.emit.note(f"resumed {held} stored symbols of chunks still in progress")
+        if self.symbols_resumed:
+            self.emit.note(
+                f"resumed {self.symbols_resumed} stored symbols of chunks still in progress"
+            )
         if self.options.fallback == "only":
             self._fall_back("only")
 
