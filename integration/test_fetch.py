@@ -79,16 +79,19 @@ def test_a_20_mb_image_arrives_identical_through_random_loss(
     assert {p.name for p in (tmp_path / "state").iterdir()} <= {"status.json"}
 
 
-def test_two_senders_at_once_finish_faster_than_one(
+def test_two_senders_at_once_send_disjoint_symbols_that_all_count(
     lan: LanFactory, release: Release, tmp_path: Path
 ) -> None:
+    """Two senders of one release (`--sender 0/2`, `1/2`) send different symbols, so a receiver
+    hearing both uses nearly every datagram it takes in: what makes it finish about twice as
+    fast.  Asserted on counts (times on a shared machine are not); the times are printed."""
     net = lan(4)
     # Paced well below what the machine can do, so time is set by the senders' rates.  The
     # receiver joins first and the senders (symbols already encoded) start together, so the
     # comparison measures delivery, not where in the pass each run happened to join.
     a, b, receiver = net.hosts[0], net.hosts[1], net.hosts[3]
     stop([serve(host, release, "--rate", "8M", ready=True) for host in (a, b)])  # warm caches
-    times = {}
+    times, summaries = {}, {}
     for name, senders in (("one", [a]), ("two", [a, b])):
         sources = [arg for host in senders for arg in ("--source", host.address)]
         out = tmp_path / name / "out.img"
@@ -110,18 +113,26 @@ def test_two_senders_at_once_finish_faster_than_one(
             for i, host in enumerate(senders)
         ]
         try:
-            _, err = rx.communicate(timeout=120)
+            output, err = rx.communicate(timeout=120)
             times[name] = time.monotonic() - started
         finally:
             stop([rx, *txs])
         assert rx.returncode == 0, err
         assert out.read_bytes() == release.image.read_bytes()
+        summaries[name] = summary_of([json.loads(line) for line in output.splitlines()])
     ratio = times["two"] / times["one"]
     print(
         f"two senders / one sender completion time: {ratio:.2f} "
         f"({times['two']:.2f} s / {times['one']:.2f} s)"
     )
-    assert ratio < 0.8
+    two = summaries["two"]
+    assert two["sources"] == 2
+    # Every datagram but the manifest's and the rest of a finished chunk's visit is a symbol
+    # the decoder used: two senders repeating each other would waste about half.
+    taken = int(two["datagrams"]) - int(two["late"])  # type: ignore[call-overload]
+    print(f"two senders: {two['symbols_used']} symbols used of {taken} datagrams taken")
+    assert int(two["symbols_used"]) >= 0.95 * taken, two  # type: ignore[call-overload]
+    assert int(two["datagrams"]) <= 1.1 * int(summaries["one"]["datagrams"]), summaries  # type: ignore[call-overload]
 
 
 def test_ssm_join_ignores_an_unlisted_source_sending_garbage_to_the_group(
