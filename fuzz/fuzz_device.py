@@ -55,7 +55,7 @@ with atheris.instrument_imports():
     from otacast.signer.sign import sign
 
 NOW = 1_800_000_000.0
-CHUNK = 65536  # the smallest chunk a manifest may declare
+CHUNK = 55 * 1208  # the smallest chunk a manifest may declare (whole 1208-byte symbols)
 SYMBOL = fec.DEFAULT_SYMBOL_SIZE
 KEY = SigningKey(b"\x05" * 32)
 STREAM_KEY = SigningKey(b"\x07" * 32)

@@ -57,7 +57,8 @@ NOW = 1_800_000_000
 
 
 def genuine(chunks: int) -> bytes:
-    chunk_size = MAX_IMAGE_BYTES // MAX_CHUNKS  # 4 MiB: MAX_CHUNKS of them fit the image cap
+    # ~4 MiB in whole symbols: MAX_CHUNKS of them fit the image cap
+    chunk_size = MAX_IMAGE_BYTES // MAX_CHUNKS // 1208 * 1208
     hashes = tuple(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(chunks))
     manifest = Manifest(
         name="bench",

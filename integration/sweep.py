@@ -132,9 +132,12 @@ class Image:
 
     @cached_property
     def sources(self) -> tuple[int, ...]:
-        count = fec.chunk_count(self.size, self.chunk_size)
+        chunk_size = fec.choose_chunk_size(self.size, self.chunk_size, self.symbol_size)
+        count = fec.chunk_count(self.size, chunk_size, self.symbol_size)
         return tuple(
-            fec.source_symbols(fec.chunk_span(self.size, self.chunk_size, c)[1], self.symbol_size)
+            fec.source_symbols(
+                fec.chunk_span(self.size, chunk_size, self.symbol_size, c)[1], self.symbol_size
+            )
             for c in range(count)
         )
 

@@ -18,12 +18,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from otacast.schemas import fec
 from otacast.schemas.limits import (
     MAX_CHUNK_BYTES,
     MAX_CHUNKS,
     MAX_IMAGE_BYTES,
     MAX_MANIFEST_BYTES,
-    MIN_CHUNK_BYTES,
 )
 from otacast.schemas.manifest import (
     Chunking,
@@ -51,6 +51,9 @@ from .attacks import (
 )
 from .netns import Lan, LanFactory, stop
 from .release import SIGNER, serve, summary_of
+
+# The smallest valid chunk: 64 KiB rounded up to whole default-size symbols.
+SMALLEST_CHUNK = fec.choose_chunk_size(1, 0, fec.DEFAULT_SYMBOL_SIZE)
 
 
 def hostile_then_honest(
@@ -183,6 +186,7 @@ def test_expired_wrong_device_other_channel_below_threshold_and_unknown_key_mani
 
 
 def over_cap(m: Manifest, image_length: int, chunk_size: int) -> Manifest:
+    chunk_size = chunk_size // m.fec.symbol_size * m.fec.symbol_size  # whole symbols
     count = -(-image_length // chunk_size)
     return dataclasses.replace(
         m,
@@ -201,7 +205,7 @@ def test_claimed_sizes_beyond_the_image_manifest_and_chunk_count_caps_are_refuse
     # careless build pipeline (or a stolen key) could put on the channel.
     huge = [
         over_cap(m, MAX_IMAGE_BYTES + 1, MAX_CHUNK_BYTES),  # 64 GiB + 1 byte
-        over_cap(m, (MAX_CHUNKS + 1) * MIN_CHUNK_BYTES, MIN_CHUNK_BYTES),  # 16385 chunks
+        over_cap(m, (MAX_CHUNKS + 1) * SMALLEST_CHUNK, SMALLEST_CHUNK),  # 16385 chunks
     ]
     envelopes = [Envelope(h, (Signature(key.key_id, key.sign(signing_message(h))),)) for h in huge]
     datagrams = [d for e in envelopes for d in manifest_datagrams(e)]

@@ -725,6 +725,7 @@ class ReceiverCore:
         self._symbol_size = manifest.fec.symbol_size
         self._datagram_size = wire.data_datagram_size(self._symbol_size)
         self._count = manifest.chunk_count
+        # chunks.size bounds every chunk (the last part's RFC 6330 blocks are no larger).
         self._max_decoders = max(2, self.decoder_budget // manifest.chunks.size)
         self._pending.clear()
         self._pending_bytes = 0

@@ -48,9 +48,16 @@ MAX_STREAM_KEYS = 64
 
 # --- Image and chunks ------------------------------------------------------------------------
 
-# RaptorQ (the `raptorq` codec) splits an object into several source blocks above ~10.5 MB and
-# slows down sharply; at 8 MiB every chunk is exactly one source block (SBN 0) for any symbol
-# size we allow, which is what the DATA packet's payload id assumes.
+# A chunk is one RFC 6330 source block, encoded on its own with the codec's defaults
+# (`raptorq.Encoder.with_defaults`, which assumes a decoder working memory of
+# RAPTORQ_DEFAULT_WORKING_MEMORY).  Those defaults pick one source block (Z = 1) up to K'max
+# symbols and no sub-blocks (N = 1) while K is at most the largest K' (RFC 6330 table 2) that fits
+# the working memory at T bytes a symbol: about 10 MiB of chunk whatever T (measured: 8680 symbols
+# at T = 1208).  The FDT announces N = 1 for the whole object, so every chunk must stay below
+# that; 8 MiB leaves 20% for the gap between the table's K' values (under 2% from K' = 1000 up,
+# and T >= MIN_SYMBOL_SIZE keeps K' high).  A chunk is a whole number of symbols, so the largest
+# is the largest multiple of T not above this.
+RAPTORQ_DEFAULT_WORKING_MEMORY = 10 * 1024 * 1024
 MAX_CHUNK_BYTES = 8 * 1024 * 1024
 
 # Below 64 KiB the per-chunk hash (67 bytes in the manifest) and decoder set-up cost outweigh
@@ -65,6 +72,11 @@ MIN_CHUNK_BYTES = 64 * 1024
 # symbols on disk, so a large chunk costs neither CPU nor memory beyond one decode at a time
 # (~2-3x the chunk while it runs).  A 1 GB image needs 128 hashes (~9 KB of manifest).
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
+
+# RaptorQ's payload id numbers source blocks with 8 bits (RFC 6330 section 3.2), so one FLUTE
+# object holds at most 256 chunks: the image is cut into parts of this many chunks, each its own
+# object (`otacast.schemas.fec`).
+PART_CHUNKS = 256
 
 # Chunk hashes in one manifest.  16384 x 8 MiB is 128 GiB, beyond any device image, and the
 # hash list stays near 1.1 MB, inside MAX_MANIFEST_BYTES.

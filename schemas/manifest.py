@@ -30,19 +30,21 @@ from functools import cached_property
 from typing import Any, Final
 
 from . import addressing, fec
+from .fec import Part
 from .canonical import canonical_bytes, loads_strict, pretty_bytes, refuse_control_characters
 from .errors import MalformedManifest
 from .limits import (
     MAX_IMAGE_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_SIGNATURES,
-    MAX_SOURCE_SYMBOLS,
 )
 from .validation import validate_envelope
 from .wire import ENVELOPE_ID_BYTES, SESSION_ID_BYTES
 
 MANIFEST_TYPE: Final = "otacast-manifest"
-SPEC_VERSION: Final = 1
+# 2: chunks are RFC 6330 source blocks of FLUTE objects (a size in whole symbols, parts of 256
+# chunks), sent as FLUTE/ALC (otacast wire 3).  Version 1 manifests (wire 2) are refused.
+SPEC_VERSION: Final = 2
 SIGNING_CONTEXT: Final = b"otacast-manifest-v1\0"
 FORMATS: Final = ("raw", "mender", "swu")
 
@@ -206,7 +208,10 @@ class Manifest:
         """Cross-field rules the JSON Schema cannot express; raises `MalformedManifest`."""
         if self.image.length > MAX_IMAGE_BYTES:
             raise MalformedManifest(f"image length {self.image.length} exceeds the limit")
-        expected = fec.chunk_count(self.image.length, self.chunks.size)
+        problem = fec.chunk_size_problem(self.chunks.size, self.fec.symbol_size)
+        if problem is not None:
+            raise MalformedManifest(problem)
+        expected = fec.chunk_count(self.image.length, self.chunks.size, self.fec.symbol_size)
         if len(self.chunks.sha256) != expected:
             raise MalformedManifest(
                 f"manifest lists {len(self.chunks.sha256)} chunk hashes, "
@@ -215,11 +220,6 @@ class Manifest:
             )
         if self.expires <= self.created:
             raise MalformedManifest("manifest expires before it was created")
-        if fec.source_symbols(self.chunks.size, self.fec.symbol_size) > MAX_SOURCE_SYMBOLS:
-            raise MalformedManifest(
-                f"chunks of {self.chunks.size} bytes need more than {MAX_SOURCE_SYMBOLS} "
-                f"symbols of {self.fec.symbol_size} bytes"
-            )
         self._check_transport()
         senders = [k.sender for k in self.stream_keys]
         if len(set(senders)) != len(senders):
@@ -260,7 +260,15 @@ class Manifest:
         return len(self.chunks.sha256)
 
     def chunk_span(self, index: int) -> tuple[int, int]:
-        return fec.chunk_span(self.image.length, self.chunks.size, index)
+        return fec.chunk_span(self.image.length, self.chunks.size, self.fec.symbol_size, index)
+
+    @property
+    def part_count(self) -> int:
+        """FLUTE objects the image is sent as (`otacast.schemas.fec`)."""
+        return fec.part_count(self.image.length, self.chunks.size)
+
+    def part(self, index: int) -> Part:
+        return fec.part(self.image.length, self.chunks.size, self.fec.symbol_size, index)
 
     def source_symbols(self, index: int) -> int:
         return fec.source_symbols(self.chunk_span(index)[1], self.fec.symbol_size)
@@ -376,6 +384,7 @@ def envelope_from_outline(outline: Outline) -> Envelope:
     """The full validation of an outlined envelope (step 2 of the module doc): `Envelope` or
     `MalformedManifest`."""
     document = outline.document
+    _refuse_old_format(document["signed"])
     refuse_control_characters(document)
     validate_envelope(document)
     manifest = Manifest.from_json(document["signed"])
@@ -384,6 +393,16 @@ def envelope_from_outline(outline: Outline) -> Envelope:
         # verify one byte string and act on another.
         raise MalformedManifest("manifest does not round-trip to its canonical form")
     return Envelope(manifest, outline.signatures)
+
+
+def _refuse_old_format(signed: dict[str, Any]) -> None:
+    version = signed.get("spec_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version < SPEC_VERSION:
+        raise MalformedManifest(
+            f"manifest format version {version} (otacast wire 2) is too old: this otacast speaks "
+            f"FLUTE/ALC (otacast wire 3) and reads manifest format version {SPEC_VERSION}; "
+            "re-sign the release with a current otacast-signer"
+        )
 
 
 def parse_envelope(data: bytes) -> Envelope:

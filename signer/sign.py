@@ -1,6 +1,7 @@
 """Turn an image into a signed manifest envelope, add co-signatures, check an image.
 
-The image is read once, chunk by chunk (at most one chunk in memory), producing the whole-image
+The image is read once, chunk by chunk (the layout of `otacast.schemas.fec`, at most one chunk in
+memory), producing the whole-image
 SHA-256 and one SHA-256 per chunk.  Every envelope this module produces is parsed back with the
 device's parser before it is returned, so the publisher can never emit a manifest that devices
 would refuse as malformed.
@@ -40,7 +41,7 @@ class ImageDigest:
     chunk_sha256: tuple[bytes, ...]
 
 
-def digest_image(path: Path, chunk_size: int) -> ImageDigest:
+def digest_image(path: Path, chunk_size: int, symbol_size: int) -> ImageDigest:
     try:
         size = path.stat().st_size
         if not path.is_file():
@@ -53,10 +54,13 @@ def digest_image(path: Path, chunk_size: int) -> ImageDigest:
         chunks: list[bytes] = []
         length = 0
         with path.open("rb") as handle:
-            while block := handle.read(chunk_size):
+            for index in range(fec.chunk_count(size, chunk_size, symbol_size)):
+                block = handle.read(fec.chunk_span(size, chunk_size, symbol_size, index)[1])
                 whole.update(block)
                 chunks.append(hashlib.sha256(block).digest())
                 length += len(block)
+            if handle.read(1):
+                raise ReadError(f"image {path} grew while it was read")
     except OSError as exc:
         raise ReadError(f"cannot read image {path}: {exc.strerror or exc}") from None
     return ImageDigest(length, whole.digest(), tuple(chunks))
@@ -79,8 +83,8 @@ def build_manifest(
     stream_keys: Sequence[bytes] = (),
 ) -> Manifest:
     size = image.stat().st_size if image.exists() else 0
-    chunk = fec.choose_chunk_size(size, chunk_size or DEFAULT_CHUNK_BYTES)
-    digest = digest_image(image, chunk)
+    chunk = fec.choose_chunk_size(size, chunk_size or DEFAULT_CHUNK_BYTES, symbol_size)
+    digest = digest_image(image, chunk, symbol_size)
     return Manifest(
         name=name,
         sequence=sequence,
@@ -126,7 +130,7 @@ def check_image(manifest: Manifest, path: Path) -> None:
         whole = hashlib.sha256()
         with path.open("rb") as handle:
             for index, expected in enumerate(manifest.chunks.sha256):
-                block = handle.read(manifest.chunks.size)
+                block = handle.read(manifest.chunk_span(index)[1])
                 whole.update(block)
                 if hashlib.sha256(block).digest() != expected:
                     raise ImageMismatch(f"image {path}: chunk {index} does not match its hash")

@@ -143,12 +143,14 @@ def manifest_for(
     image: bytes,
     *,
     sequence: int = 1,
-    chunk_size: int = 65536,
+    chunk_size: int = 55 * 1208,
     symbol_size: int = fec.DEFAULT_SYMBOL_SIZE,
 ) -> Manifest:
-    chunks = tuple(
-        hashlib.sha256(image[i : i + chunk_size]).digest() for i in range(0, len(image), chunk_size)
+    spans = (
+        fec.chunk_span(len(image), chunk_size, symbol_size, index)
+        for index in range(fec.chunk_count(len(image), chunk_size, symbol_size))
     )
+    chunks = tuple(hashlib.sha256(image[o : o + n]).digest() for o, n in spans)
     return Manifest(
         name="demo-image",
         sequence=sequence,
@@ -199,7 +201,7 @@ def make_release(
     image: bytes,
     *keys: SigningKey,
     sequence: int = 5,
-    chunk_size: int = 65536,
+    chunk_size: int = 55 * 1208,
     symbol_size: int = fec.DEFAULT_SYMBOL_SIZE,
     stream_keys: Sequence[SigningKey] = (),
     image_format: str | None = None,
@@ -351,8 +353,8 @@ def rebuilt(events: Iterable[Event]) -> bytes:
 
 KEY = SigningKey(b"\x03" * 32)
 TRUST = TrustSet.from_public_keys([KEY.public])
-CHUNK = 65536
-IMAGE = random.Random(7).randbytes(3 * CHUNK + 4321)
+CHUNK = 55 * 1208  # about 64 KiB in whole 1208-byte symbols (RFC 6330 blocks)
+IMAGE = random.Random(7).randbytes(4 * CHUNK - 1000)  # 4 chunks of 55 symbols
 
 
 def reference_envelope(image: bytes = IMAGE, sequence: int = 5) -> Envelope:

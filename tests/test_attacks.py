@@ -25,7 +25,7 @@ from otacast.plugin.core import ReceiverCore
 from otacast.plugin.decoder import ChunkDecoder, raptorq_decoder
 from otacast.plugin.events import ChunkComplete, FallbackNeeded, ManifestRefused, ManifestVerified
 from otacast.plugin.verify import check_signature
-from otacast.schemas import wire
+from otacast.schemas import fec, wire
 from otacast.schemas.limits import (
     MANIFEST_VERIFY_BURST_UNSIGNED,
     MANIFEST_VERIFY_RATE_UNSIGNED,
@@ -34,7 +34,6 @@ from otacast.schemas.limits import (
     MAX_DATAGRAM,
     MAX_IMAGE_BYTES,
     MAX_MANIFEST_BYTES,
-    MIN_CHUNK_BYTES,
 )
 from otacast.schemas.manifest import Chunking, Envelope, ImageInfo, Manifest, Signature
 from otacast.schemas.manifest import signing_message as manifest_message
@@ -60,6 +59,9 @@ from .helpers import (
     receive_from,
     reference_envelope,
 )
+
+# The smallest valid chunk: 64 KiB rounded up to whole default-size symbols.
+SMALLEST_CHUNK = fec.choose_chunk_size(1, 0, fec.DEFAULT_SYMBOL_SIZE)
 
 
 def honest_chunks_only(events: Sequence[object]) -> None:
@@ -102,7 +104,7 @@ def data_of(envelope: Envelope, image: bytes) -> list[bytes]:
 
 # --- Replay of an older valid release --------------------------------------------------------
 
-OLD_IMAGE = random.Random(99).randbytes(2 * CHUNK + 17)
+OLD_IMAGE = random.Random(99).randbytes(3 * CHUNK - 17)
 
 
 @pytest.mark.parametrize("old_sequence", [3, 4])  # older than, and equal to, the installed one
@@ -259,6 +261,7 @@ def test_manifest_fragments_claiming_more_than_the_manifest_cap_are_refused_befo
 
 
 def _over_cap(image_length: int, chunk_size: int) -> Manifest:
+    chunk_size = chunk_size // MANIFEST.fec.symbol_size * MANIFEST.fec.symbol_size  # whole symbols
     count = -(-image_length // chunk_size)
     return dataclasses.replace(
         MANIFEST,
@@ -271,7 +274,7 @@ def _over_cap(image_length: int, chunk_size: int) -> Manifest:
     ("claim", "manifest"),
     [
         ("image", _over_cap(MAX_IMAGE_BYTES + 1, MAX_CHUNK_BYTES)),
-        ("chunk count", _over_cap((MAX_CHUNKS + 1) * MIN_CHUNK_BYTES, MIN_CHUNK_BYTES)),
+        ("chunk count", _over_cap((MAX_CHUNKS + 1) * SMALLEST_CHUNK, SMALLEST_CHUNK)),
     ],
 )
 def test_signed_manifests_claiming_sizes_beyond_the_caps_are_refused_before_a_session(

@@ -9,6 +9,7 @@ Independent commands run concurrently to keep the file fast.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -52,8 +53,10 @@ from .helpers import untimed
 SIGNER = "otacast-signer"
 DEVICE = "otacast"
 
-CHUNK = 64 * 1024
-IMAGE_BYTES = 300_000  # 4 full 64 KiB chunks and a short fifth
+CHUNK = 55 * 1208  # about 64 KiB in whole 1208-byte symbols (RFC 6330 blocks)
+IMAGE_BYTES = 300_000  # 249 symbols: RFC 6330 Partition[249, 5] = 4 chunks of 50, one of 49
+# Chunk offsets (multiples of the 1208-byte symbol), the last chunk ends with the image.
+CHUNK_OFFSETS = (0, 50 * 1208, 100 * 1208, 150 * 1208, 200 * 1208, IMAGE_BYTES)
 CHUNKS = 5
 SEQUENCE = 7
 CHANNEL = "updates.example.com"
@@ -434,7 +437,7 @@ def test_sign_writes_a_manifest_with_one_hash_per_chunk(world: World) -> None:
     assert signed["image"]["sha256"] == hashlib.sha256(image).hexdigest()
     assert signed["chunks"]["size"] == CHUNK
     assert signed["chunks"]["sha256"] == [
-        hashlib.sha256(image[i : i + CHUNK]).hexdigest() for i in range(0, IMAGE_BYTES, CHUNK)
+        hashlib.sha256(image[a:b]).hexdigest() for a, b in itertools.pairwise(CHUNK_OFFSETS)
     ]
     assert len(signed["chunks"]["sha256"]) == CHUNKS
     assert signed["transport"]["channel"] == CHANNEL
@@ -483,7 +486,7 @@ def test_inspect_shows_the_manifest_for_people_and_as_json(work: World) -> None:
     signed = work.read_manifest()["signed"]
     valid = f"valid      {format_time(signed['created'])} .. {format_time(signed['expires'])}"
     assert valid in human.out
-    assert f"chunks     {CHUNKS} x 64.0 KiB" in human.out
+    assert f"chunks     {CHUNKS} x 64.9 KiB (at most; 1 FLUTE object(s)" in human.out
     assert f"signature  keyid {work.alice_id}" in human.out
     assert "signatures not checked" in human.out
 
@@ -499,7 +502,7 @@ def test_inspect_shows_the_manifest_for_people_and_as_json(work: World) -> None:
         "sha256": hashlib.sha256(image).hexdigest(),
         "format": "raw",
     }
-    assert info["chunks"] == {"count": CHUNKS, "size": CHUNK}
+    assert info["chunks"] == {"count": CHUNKS, "size": CHUNK, "objects": 1}
     assert info["transport"]["channel"] == CHANNEL
     assert info["signatures"] == [work.alice_id]
     assert info["signatures_checked"] is False

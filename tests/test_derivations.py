@@ -49,20 +49,41 @@ def test_invalid_channel_names_are_refused(bad: str) -> None:
         addressing.normalise_channel(bad)
 
 
-@given(st.integers(1, 10**9), st.integers(limits.MIN_CHUNK_BYTES, limits.MAX_CHUNK_BYTES))
-def test_chunk_spans_partition_the_image(length: int, size: int) -> None:
-    count = fec.chunk_count(length, size)
-    first, last = fec.chunk_span(length, size, 0), fec.chunk_span(length, size, count - 1)
-    assert first[0] == 0
-    assert last[0] + last[1] == length
-    assert 0 < last[1] <= size
+symbol_sizes = st.integers(limits.MIN_SYMBOL_SIZE // 8, 1208 // 8).map(lambda v: v * 8)
 
 
-@given(st.integers(1, limits.MAX_IMAGE_BYTES), st.integers(0, limits.MAX_CHUNK_BYTES))
-def test_chosen_chunk_size_always_fits_the_chunk_cap(length: int, preferred: int) -> None:
-    size = fec.choose_chunk_size(length, preferred)
-    assert limits.MIN_CHUNK_BYTES <= size <= limits.MAX_CHUNK_BYTES
-    assert fec.chunk_count(length, size) <= limits.MAX_CHUNKS
+@given(symbol_sizes, st.integers(0, limits.MAX_CHUNK_BYTES), st.integers(1, 600), st.data())
+def test_chunk_spans_are_rfc_6330_blocks_of_objects_of_256_chunks(
+    t: int, preferred: int, chunks: int, data: st.DataObject
+) -> None:
+    size = fec.choose_chunk_size(1, preferred, t)
+    length = data.draw(st.integers((chunks - 1) * size + 1, chunks * size))
+    count = fec.chunk_count(length, size, t)
+    spans = [fec.chunk_span(length, size, t, i) for i in range(count)]
+    end = 0
+    for index, (offset, n) in enumerate(spans):
+        assert offset == end and offset % t == 0 and 0 < n <= size
+        end = offset + n
+        part = fec.part(length, size, t, index // limits.PART_CHUNKS)
+        # Z = ceil(Kt / Kc) blocks, sized Partition[Kt, Z]: KL for the first ZL, KS after.
+        kt = fec.ceil_div(part.length, t)
+        assert part.blocks == fec.ceil_div(kt, size // t) <= limits.PART_CHUNKS
+        assert part.large * part.large_blocks + part.small * (part.blocks - part.large_blocks) == kt
+        if offset + n < part.offset + part.length:  # every block but the object's last is whole
+            block = index % limits.PART_CHUNKS
+            assert n == t * (part.large if block < part.large_blocks else part.small)
+    assert end == length
+    with pytest.raises(IndexError):
+        fec.chunk_span(length, size, t, count)
+
+
+@given(st.integers(1, limits.MAX_IMAGE_BYTES), st.integers(0, limits.MAX_CHUNK_BYTES), symbol_sizes)
+def test_chosen_chunk_size_is_whole_symbols_within_the_caps(
+    length: int, preferred: int, t: int
+) -> None:
+    size = fec.choose_chunk_size(length, preferred, t)
+    assert fec.chunk_size_problem(size, t) is None
+    assert fec.chunk_count(length, size, t) <= limits.MAX_CHUNKS
 
 
 def test_largest_chunk_is_one_source_block_at_the_smallest_symbol_size() -> None:

@@ -35,8 +35,8 @@ from otacast.signer.sign import sign
 
 from .helpers import manifest_for
 
-CHUNK = 64 * 1024
-IMAGE = random.Random(1).randbytes(3 * CHUNK + 1000)
+CHUNK = 55 * 1208  # about 64 KiB in whole 1208-byte symbols (RFC 6330 blocks)
+IMAGE = random.Random(1).randbytes(4 * CHUNK - 1000)
 MANIFEST = manifest_for(IMAGE, chunk_size=CHUNK)
 
 # Bounds on the server's misbehaviour, so a fetcher bug makes a test fail rather than hang.
@@ -643,7 +643,7 @@ def test_arguments_that_cannot_describe_a_chunk_are_refused(
 
 def test_a_manifest_listing_no_mirrors_is_a_fetch_error_not_a_crash() -> None:
     with pytest.raises(
-        FetchError, match=r"^chunk 0 \(bytes 0-65535\): the manifest lists no mirrors"
+        FetchError, match=rf"^chunk 0 \(bytes 0-{CHUNK - 1}\): the manifest lists no mirrors"
     ):
         HttpFetcher([]).fetch_chunk(*chunk(0))
 

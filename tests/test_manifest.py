@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from otacast.plugin.verify import check_signature
-from otacast.schemas import limits
+from otacast.schemas import fec, limits
 from otacast.schemas.canonical import canonical_bytes, loads_strict
 from otacast.schemas.errors import MalformedManifest
 from otacast.schemas.keyfile import key_id
@@ -27,6 +28,8 @@ from otacast.schemas.manifest import (
     signing_message,
 )
 from otacast.schemas.validation import schema_document
+from otacast.signer.keys import SigningKey
+from otacast.signer.sign import sign
 
 from .helpers import manifest_for
 
@@ -40,9 +43,12 @@ hashes = st.binary(min_size=32, max_size=32)
 
 @st.composite
 def manifests(draw: st.DrawFn) -> Manifest:
-    chunk_size = draw(st.integers(limits.MIN_CHUNK_BYTES, limits.MAX_CHUNK_BYTES))
-    count = draw(st.integers(1, 6))
-    length = draw(st.integers((count - 1) * chunk_size + 1, count * chunk_size))
+    symbol_size = draw(st.integers(256, 1212)) // 8 * 8
+    chunk_size = fec.choose_chunk_size(
+        1, draw(st.integers(limits.MIN_CHUNK_BYTES, limits.MAX_CHUNK_BYTES)), symbol_size
+    )
+    length = draw(st.integers(1, 6 * chunk_size))
+    count = fec.chunk_count(length, chunk_size, symbol_size)
     created = draw(st.integers(0, 2**33))
     return Manifest(
         name=draw(names),
@@ -58,7 +64,7 @@ def manifests(draw: st.DrawFn) -> Manifest:
             draw(st.sampled_from(["raw", "mender", "swu"])),
         ),
         chunks=Chunking(chunk_size, tuple(draw(st.lists(hashes, min_size=count, max_size=count)))),
-        fec=FecInfo(symbol_size=draw(st.integers(256, 1212)) // 8 * 8),
+        fec=FecInfo(symbol_size=symbol_size),
         transport=Transport.for_channel(
             draw(st.from_regex(r"[a-z][a-z0-9]{0,10}(\.[a-z][a-z0-9]{0,10}){0,3}", fullmatch=True)),
             scope=draw(st.sampled_from(["link", "site", "org", "global"])),
@@ -120,6 +126,22 @@ def test_golden_envelope_still_parses_verifies_and_renders_identically() -> None
     assert envelope.manifest.session_id.hex() == (GOLDEN / "manifest.session").read_text().strip()
 
 
+def test_golden_envelope_is_what_its_recipe_signs() -> None:
+    # Recipe of tests/golden/manifest.*: 150000 seeded bytes in the RFC 6330 layout (3 chunks
+    # of 42, 42 and 41 symbols), sequence 3, signed by the key of seed 0x01.
+    image = random.Random(150000).randbytes(150000)
+    envelope = sign(manifest_for(image, sequence=3), [SigningKey(b"\x01" * 32)])
+    assert envelope.to_file_bytes() == (GOLDEN / "manifest.json").read_bytes()
+
+
+def test_a_manifest_of_the_previous_format_is_refused_naming_both_versions() -> None:
+    # tests/golden/manifest-v1.json: a genuine envelope of otacast wire 2 (chunks of 64 KiB).
+    with pytest.raises(MalformedManifest) as refused:
+        parse_envelope((GOLDEN / "manifest-v1.json").read_bytes())
+    assert "format version 1 (otacast wire 2)" in str(refused.value)
+    assert "FLUTE/ALC (otacast wire 3)" in str(refused.value)
+
+
 def test_session_id_changes_with_any_signed_field() -> None:
     base = manifest_for(b"x" * 100_000)
     other = manifest_for(b"x" * 100_000, sequence=2)
@@ -135,12 +157,26 @@ def test_adding_a_signature_keeps_the_session_but_changes_the_envelope_id() -> N
     assert one.envelope_id != two.envelope_id
 
 
-def test_chunk_spans_cover_the_image_exactly() -> None:
-    manifest = manifest_for(bytes(65536 * 3 + 5))
+def test_chunk_spans_are_the_rfc_6330_partition_of_the_image() -> None:
+    # 3 chunks of 55 symbols and 5 bytes: Kt = 166, Z = ceil(166 / 55) = 4, and
+    # Partition[166, 4] = (KL 42, KS 41, ZL 2, ZS 2).
+    t = 1208
+    manifest = manifest_for(bytes(55 * t * 3 + 5), chunk_size=55 * t)
     spans = [manifest.chunk_span(i) for i in range(manifest.chunk_count)]
-    assert spans == [(0, 65536), (65536, 65536), (131072, 65536), (196608, 5)]
-    assert manifest.source_symbols(0) == -(-65536 // 1208)
-    assert manifest.source_symbols(3) == 1
+    assert spans == [(0, 42 * t), (42 * t, 42 * t), (84 * t, 41 * t), (125 * t, 40 * t + 5)]
+    assert [manifest.source_symbols(i) for i in range(4)] == [42, 42, 41, 41]
+    assert manifest.part_count == 1
+
+
+def test_an_image_beyond_256_chunks_is_cut_into_objects_of_256_full_chunks() -> None:
+    t, size = 256, 65536
+    manifest = manifest_for(bytes(256 * size + 3 * t + 1), chunk_size=size, symbol_size=t)
+    assert manifest.part_count == 2
+    assert manifest.chunk_count == 257
+    assert manifest.chunk_span(255) == (255 * size, size)
+    assert manifest.chunk_span(256) == (256 * size, 3 * t + 1)
+    assert manifest.part(1).offset == 256 * size
+    assert manifest.part(1).first_chunk == 256
 
 
 def test_schema_bounds_equal_the_named_limits() -> None:

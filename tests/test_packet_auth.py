@@ -47,8 +47,8 @@ STREAM_KEY = SigningKey(b"\x05" * 32)
 STRANGER_KEY = SigningKey(b"\x06" * 32)
 TRUST = TrustSet.from_public_keys([RELEASE_KEY.public])
 NOW = 1_800_000_000.0
-CHUNK = 65536
-IMAGE = random.Random(11).randbytes(3 * CHUNK + 999)
+CHUNK = 55 * 1208  # about 64 KiB in whole 1208-byte symbols (RFC 6330 blocks)
+IMAGE = random.Random(11).randbytes(4 * CHUNK - 999)
 SENDER = "fd51::1"
 ATTACKER = "fd51::66"
 

@@ -33,8 +33,8 @@ from otacast.signer.sign import sign
 from .helpers import make_release, manifest_for
 
 KEY = SigningKey(b"\x05" * 32)
-CHUNK = 65536
-IMAGE = random.Random(13).randbytes(2 * CHUNK + 77)
+CHUNK = 55 * 1208  # about 64 KiB in whole 1208-byte symbols (RFC 6330 blocks)
+IMAGE = random.Random(13).randbytes(3 * CHUNK - 77)
 PRECIOUS = b"root's precious file\n"
 
 

@@ -32,9 +32,9 @@ from otacast.schemas.errors import Expired, Rollback
 from otacast.schemas.timestamps import rfc3339
 from otacast.signer.keys import SigningKey
 
-from .helpers import make_release, untimed
+from .helpers import CHUNK, make_release, untimed
 
-IMAGE = bytes(3 * 65536 + 100)
+IMAGE = bytes(4 * CHUNK - 100)
 RELEASE = make_release(IMAGE, SigningKey(b"\x09" * 32), sequence=1)
 MB = 1_000_000
 
@@ -80,9 +80,9 @@ def test_json_progress_is_written_from_a_snapshot_at_most_once_an_interval() -> 
             "event": "progress",
             "chunks_done": 2,
             "chunks": 4,
-            "bytes_done": 65536 + 100,
+            "bytes_done": 2 * CHUNK - 100,
             "bytes": len(IMAGE),
-            "bytes_gathered": 65536 + 100,
+            "bytes_gathered": 2 * CHUNK - 100,
             "bytes_http": 100,
             "datagrams": 1,
             "sources": 0,
@@ -245,7 +245,7 @@ def test_on_a_terminal_the_bar_is_redrawn_in_place_notes_break_it_and_the_summar
     draws = text.split("\n")[0].split("\r")[1:]
     assert BAR_INTERVAL == 0.2
     assert len(draws) == 3 and all(len(d) == 99 for d in draws)
-    assert "33.4%   65.6 kB of 196.7 kB" in draws[0]  # chunks 0 and 3 (100 bytes) of 4
+    assert "50.0%  132.8 kB of 265.7 kB" in draws[0]  # chunks 0 and 3 (100 bytes short) of 4
     lines = text.split("\n")
     assert lines[1] == "multicast stalled"
     final, summary = lines[2].split("\r")[-1], lines[3]

@@ -22,11 +22,11 @@ from otacast.schemas.policy import TrustSet, VerifiedManifest
 from otacast.signer.keys import SigningKey
 from otacast.signer.sign import sign
 
-from .helpers import CHANNEL, NOW, make_release
+from .helpers import CHANNEL, CHUNK, NOW, make_release
 
 KEY = SigningKey(b"\x07" * 32)
 TRUST = TrustSet.from_public_keys([KEY.public])
-IMAGE = random.Random(3).randbytes(3 * 65536 + 17)
+IMAGE = random.Random(3).randbytes(4 * CHUNK - 17)
 
 
 def keep(state: Path, sequence: int, *, mirrors: bool = True) -> VerifiedManifest:
@@ -38,7 +38,7 @@ def keep(state: Path, sequence: int, *, mirrors: bool = True) -> VerifiedManifes
         envelope = sign(manifest, [KEY])
     verified = VerifiedManifest(envelope, release.verified().signers)
     staging = Staging(state, verified)
-    staging.write_chunk(0, IMAGE[:65536])
+    staging.write_chunk(0, IMAGE[:CHUNK])
     staging.close()
     return verified
 

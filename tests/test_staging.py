@@ -15,8 +15,8 @@ from otacast.signer.keys import SigningKey
 from .helpers import make_release
 
 KEY = SigningKey(b"\x05" * 32)
-CHUNK = 65536
-IMAGE = random.Random(11).randbytes(4 * CHUNK + 999)
+CHUNK = 55 * 1208  # about 64 KiB in whole 1208-byte symbols (RFC 6330 blocks)
+IMAGE = random.Random(11).randbytes(5 * CHUNK - 999)
 
 
 def verified(sequence: int = 1) -> VerifiedManifest:

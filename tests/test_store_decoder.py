@@ -17,7 +17,7 @@ from otacast.signer.keys import SigningKey
 from .helpers import NOW, cycles, make_release, manifest_datagrams, receive_all, receive_reads
 
 KEY = SigningKey(b"\x31" * 32)
-RELEASE = make_release(random.Random(31).randbytes(3 * 65536 - 999), KEY, chunk_size=65536)
+RELEASE = make_release(random.Random(31).randbytes(3 * 55 * 1208 - 999), KEY, chunk_size=55 * 1208)
 M = RELEASE.manifest
 CYCLES = cycles(M, RELEASE.image, 60)
 

@@ -150,7 +150,7 @@ def replay(order: SymbolMajor, join: float, rounds: int) -> tuple[int, float]:
 
 @pytest.mark.parametrize("starts", [(0.0,), (0.0, 0.0), (0.0, 0.037), (0.0, 0.011, 0.02, 0.09)])
 def test_the_symbol_major_engine_matches_a_per_datagram_replay(starts: tuple[float, ...]) -> None:
-    image = Image(5 * 65536 + 7000, 65536, 256)  # six chunks, K = 256 (the last 28)
+    image = Image(6 * 65536 - 100, 65536, 256)  # six chunks, K = 256
     senders = tuple(SenderPlan(i, len(starts), s) for i, s in enumerate(starts))
     order = SymbolMajor(image, senders, RATE)
     for join in (0.0, 0.0123, 0.05):

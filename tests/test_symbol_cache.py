@@ -19,7 +19,7 @@ from otacast.signer.encoder import raptorq_encode
 from .helpers import manifest_for
 
 CHUNK = 16 * 1024
-IMAGE = random.Random(13).randbytes(3 * CHUNK + 500)
+IMAGE = random.Random(13).randbytes(4 * CHUNK - 500)
 MANIFEST = manifest_for(IMAGE, chunk_size=CHUNK, symbol_size=1024)
 LAYOUT = symbol_cache.CycleLayout.for_manifest(MANIFEST, 0.5)
 

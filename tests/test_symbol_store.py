@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import random
 import shutil
@@ -40,9 +41,9 @@ from otacast.signer.keys import SigningKey
 from .helpers import Release, cycles, make_release
 
 KEY = SigningKey(b"\x06" * 32)
-CHUNK = 65536
-# Four whole chunks (K = 55, the last symbol 304 bytes) and a short one (K = 5, 168 bytes).
-IMAGE = random.Random(12).randbytes(4 * CHUNK + 5000)
+CHUNK = 55 * 1208  # about 64 KiB in whole 1208-byte symbols (RFC 6330 blocks)
+# Five chunks of K = 55 (RFC 6330 blocks of one object); the image's last symbol holds 208 bytes.
+IMAGE = random.Random(12).randbytes(5 * CHUNK - 1000)
 RELEASE = make_release(IMAGE, KEY, chunk_size=CHUNK)
 MANIFEST = RELEASE.manifest
 T = MANIFEST.fec.symbol_size
@@ -239,14 +240,14 @@ def test_duplicates_return_false_and_are_counted(tmp_path: Path) -> None:
 def test_input_that_cannot_be_stored_is_refused_with_a_reason(tmp_path: Path) -> None:
     last = MANIFEST.chunk_count - 1
     short = SYMBOLS[last][K[last] - 1]
-    assert not any(short[168:])  # the image's last symbol: 168 bytes and zero padding
+    assert not any(short[208:])  # the image's last symbol: 208 bytes and zero padding
     with opened(tmp_path) as store:
         assert not store.add(MANIFEST.chunk_count, 0, SYMBOLS[0][0])
         assert not store.add(-1, 0, SYMBOLS[0][0])
         assert not store.add(0, 1 << 24, SYMBOLS[0][0])
         assert not store.add(0, 0, SYMBOLS[0][0][:-1])
         assert not store.add(0, 0, SYMBOLS[0][0] + b"\0")
-        assert not store.add(last, K[last] - 1, short[:168] + b"\x01" + short[169:])
+        assert not store.add(last, K[last] - 1, short[:208] + b"\x01" + short[209:])
         assert store.add(last, K[last] - 1, short)
         for esi in range(K[last]):
             store.add(last, esi, SYMBOLS[last][esi])
@@ -382,11 +383,17 @@ def test_a_journal_cut_at_any_byte_of_its_tail_yields_only_genuine_symbols(
     tmp_path: Path,
 ) -> None:
     state = tmp_path / "state"
+    # Source symbols of a chunk that arrive one after the other (repair symbols in between go
+    # elsewhere) with consecutive ESIs share one run record: this order has none, so every
+    # record below is one symbol.
+    order = _shuffled(8)[:200]
+    sources = [(c, e) for c, e in order if e < K[c]]
+    assert not any(c == c0 and e == e0 + 1 for (c0, e0), (c, e) in itertools.pairwise(sources))
     with opened(state) as store:
-        _feed(store, _shuffled(7)[:200])
+        _feed(store, order)
     directory = state / MANIFEST.session_id.hex()
     journal = (directory / JOURNAL_NAME).read_bytes()
-    records = sum(map(len, _admitted(_shuffled(7)[:200]).values()))
+    records = sum(map(len, _admitted(order).values()))
     assert len(journal) == records * RECORD_BYTES
     spill = (directory / SPILL_NAME).read_bytes()
     previous = -1
@@ -775,8 +782,8 @@ def test_disk_writes_stay_near_one_plus_loss_times_the_image(tmp_path: Path, los
 
 def test_memory_grows_by_a_few_bytes_per_symbol_held_whatever_the_esis(tmp_path: Path) -> None:
     """~8 bytes per repair symbol held (its ESI and slot) and 1 bit per source symbol."""
-    image = random.Random(16).randbytes(16 * 1024 * 1024)
-    release = make_release(image, KEY, chunk_size=1024 * 1024)
+    image = random.Random(16).randbytes(16 * 868 * 1208)  # 16 chunks of ~1 MiB
+    release = make_release(image, KEY, chunk_size=868 * 1208)
     manifest = release.manifest
     k = manifest.source_symbols(0)
     junk = bytes(T)  # the store does not authenticate symbols: any bytes measure its books

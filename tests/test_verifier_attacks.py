@@ -64,7 +64,7 @@ from otacast.schemas.wire import DATA_HEADER_SIZE
 from otacast.signer.keys import SigningKey, generate
 from otacast.signer.sign import sign
 
-CHUNK_SIZE = 65536
+CHUNK_SIZE = 55 * 1208  # about 64 KiB in whole symbols
 CHANNEL = "updates.example.test"
 CREATED = 1_700_000_000
 EXPIRES = 1_800_000_000
@@ -81,9 +81,12 @@ def make_manifest(*, sequence: int = SEQUENCE, seed: int = 0, image_length: int 
     """A small valid manifest: three 64 KiB chunks of seeded random bytes (hashes only matter)."""
     length = image_length or 3 * CHUNK_SIZE - 1000
     image = random.Random(seed).randbytes(length)
-    chunks = tuple(
-        hashlib.sha256(image[i : i + CHUNK_SIZE]).digest() for i in range(0, length, CHUNK_SIZE)
+    symbol = fec.DEFAULT_SYMBOL_SIZE
+    spans = (
+        fec.chunk_span(length, CHUNK_SIZE, symbol, i)
+        for i in range(fec.chunk_count(length, CHUNK_SIZE, symbol))
     )
+    chunks = tuple(hashlib.sha256(image[o : o + n]).digest() for o, n in spans)
     return Manifest(
         name="demo-image",
         sequence=sequence,
@@ -523,12 +526,12 @@ def test_negative_length_is_refused() -> None:
 
 def test_huge_image_length_is_refused() -> None:
     # Chunk hashes consistent with the claimed length, so only the size itself is wrong.
-    size = 8 * 1024 * 1024
+    size = 6944 * fec.DEFAULT_SYMBOL_SIZE  # the largest chunk, in whole symbols
     for length in (MAX_IMAGE_BYTES + 1, 2**63):
         signed = document()["signed"]
         signed["image"]["length"] = length
         signed["chunks"]["size"] = size
-        count = min(fec.chunk_count(length, size), 16385)
+        count = min(fec.chunk_count(length, size, fec.DEFAULT_SYMBOL_SIZE), 16385)
         signed["chunks"]["sha256"] = ["ab" * 32] * count
         refused(MalformedManifest, signed_envelope(signed))
 
@@ -684,6 +687,7 @@ def test_symbol_size_too_large_for_datagram_is_refused() -> None:
     largest = (MAX_DATAGRAM - DATA_HEADER_SIZE) // SYMBOL_ALIGNMENT * SYMBOL_ALIGNMENT
     signed = document()["signed"]
     signed["fec"]["symbol_size"] = largest
+    signed["chunks"]["size"] = 8 * largest  # whole symbols; still three chunks
     assert verify(signed_envelope(signed)).manifest.fec.symbol_size == largest
     for size in (largest + SYMBOL_ALIGNMENT, 65536):
         signed["fec"]["symbol_size"] = size

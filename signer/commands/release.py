@@ -124,7 +124,7 @@ def add_sign(sub: Subcommands) -> None:
         "--chunk-size",
         type=types.chunk_size,
         default=0,
-        help="chunk size, 64K..8M (default 8M)",
+        help="chunk size, 64K..8M, rounded down to whole symbols (default 8M)",
     )
     p.add_argument(
         "--symbol-size",
@@ -300,7 +300,7 @@ def describe(envelope: Envelope) -> dict[str, Any]:
             "sha256": m.image.sha256.hex(),
             "format": m.image.format,
         },
-        "chunks": {"count": m.chunk_count, "size": m.chunks.size},
+        "chunks": {"count": m.chunk_count, "size": m.chunks.size, "objects": m.part_count},
         "fec": {
             "scheme": m.fec.scheme,
             "symbol_size": m.fec.symbol_size,
@@ -336,7 +336,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"image      {info['image']['name']} ({info['image']['format']}, "
         f"{info['image']['length']} bytes = {units.format_bytes(info['image']['length'])})",
         f"sha256     {info['image']['sha256']}",
-        f"chunks     {info['chunks']['count']} x {units.format_bytes(info['chunks']['size'])}",
+        f"chunks     {info['chunks']['count']} x {units.format_bytes(info['chunks']['size'])} "
+        f"(at most; {info['chunks']['objects']} FLUTE object(s) of up to 256 chunks)",
         f"fec        raptorq, {info['fec']['symbol_size']}-byte symbols, "
         f"K={info['fec']['source_symbols_per_chunk']} per full chunk",
         f"channel    {t['channel']} port {t['port']} scope {t['scope']}",
