@@ -85,7 +85,7 @@ def _release(stream_keys: tuple[StreamKey, ...] = ()) -> tuple[Manifest, bytes, 
     datagrams = [
         wire.build_datagram(p)
         for p in wire.fragment_envelope(
-            manifest.session_id, envelope.envelope_id, envelope.compact_bytes, 1228
+            manifest.tsi, envelope.envelope_id, envelope.compact_bytes, 1228
         )
     ]
     return manifest, envelope.compact_bytes, datagrams
@@ -100,9 +100,7 @@ def _cycle(manifest: Manifest, index: int) -> list[bytes]:
     out = []
     for packet in raptorq_encode(IMAGE[offset : offset + length], SYMBOL, repair=2):
         esi = int.from_bytes(packet[:4], "big") & wire.MAX_ESI
-        out.append(
-            wire.build_datagram(wire.DataPacket(manifest.session_id, index, esi, packet[4:]))
-        )
+        out.append(wire.build_datagram(wire.DataPacket(manifest.tsi, index, esi, packet[4:])))
     return out
 
 
@@ -114,7 +112,7 @@ def _auth_seeds() -> list[bytes]:
     cycles = [_cycle(AUTHED, index) for index in range(AUTHED.chunk_count)]
     size = len(cycles[0][0])
     digests = [chunk_digests(b"".join(cycle), size) for cycle in cycles]
-    pages = AuthPages(AUTHED.session_id, 0, digests, wire.auth_capacity(size), STREAM_KEY.signer())
+    pages = AuthPages(AUTHED.tsi, 0, digests, wire.auth_capacity(size), STREAM_KEY.signer())
     seeds = []
     for index, cycle in enumerate(cycles):
         seeds += [pages.page(index, 0, NOW), *cycle[:2]]

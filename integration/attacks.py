@@ -69,7 +69,7 @@ def manifest_datagrams(envelope: Envelope) -> list[bytes]:
     return [
         wire.build_datagram(p)
         for p in wire.fragment_envelope(
-            m.session_id, envelope.envelope_id, envelope.compact_bytes, DATAGRAM
+            m.tsi, envelope.envelope_id, envelope.compact_bytes, DATAGRAM
         )
     ]
 
@@ -94,7 +94,7 @@ def inject(
         args += ["--file", str(path)]
     if forge_data:
         m = channel.manifest
-        args += ["--forge-data", f"{m.session_id.hex()},{m.chunk_count},{m.fec.symbol_size}"]
+        args += ["--forge-data", f"{m.tsi:08x},{m.chunk_count},{m.fec.symbol_size}"]
     return host.popen(PYTHON, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

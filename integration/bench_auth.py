@@ -72,7 +72,7 @@ def one_pass(envelope: Envelope, image: Path, cache_dir: Path) -> dict[str, obje
     fragments = [
         wire.build_datagram(p)
         for p in wire.fragment_envelope(
-            m.session_id, envelope.envelope_id, envelope.compact_bytes, layout.datagram_size
+            m.tsi, envelope.envelope_id, envelope.compact_bytes, layout.datagram_size
         )
     ]
     core = SenderCore(
@@ -87,7 +87,7 @@ def one_pass(envelope: Envelope, image: Path, cache_dir: Path) -> dict[str, obje
         passes=1,
         auth_capacity=capacity,
     )
-    auth = AuthPages(m.session_id, 0, digests, capacity, STREAM.signer())
+    auth = AuthPages(m.tsi, 0, digests, capacity, STREAM.signer())
     stream: list[bytes] = []
     data_bytes = 0
     signing = 0.0
@@ -155,7 +155,7 @@ def main() -> None:
         sent = one_pass(envelope, image, work / "cache")
     stream = sent["stream"]
     assert isinstance(stream, list)
-    plain = [d for d in stream if d[3] != wire.KIND_AUTH]
+    plain = [d for d in stream if not isinstance(wire.parse_datagram(d), wire.AuthPacket)]
     with_auth, without = [], []
     for _ in range(repeat):
         with_auth.append(consume(envelope, stream, "require"))

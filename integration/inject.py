@@ -1,12 +1,12 @@
 """An attacker on the LAN for tests: sends datagrams to a multicast group at a paced rate.
 
-    python inject.py IFACE GROUP PORT SECONDS --pps N [--file F] [--forge-data SESSION,CHUNKS,T]
+    python inject.py IFACE GROUP PORT SECONDS --pps N [--file F] [--forge-data TSI,CHUNKS,T]
 
-``--file`` names datagrams to send in turn, over and over (each a 2-byte big-endian length then
-the bytes; `write_datagrams` makes the file).  ``--forge-data`` makes a fresh forged DATA
-datagram for every send instead: the session id (hex) the attacker read off the channel, a
-chunk index below CHUNKS, a random ESI and T random symbol bytes -- exactly what the receiver
-admits to a decoder when packets are not authenticated.  Both may be given; they alternate.
+``--file`` names datagrams to send in turn, over and over (each a 2-byte big-endian length then the
+bytes; `write_datagrams` makes the file).  ``--forge-data`` makes a fresh forged DATA datagram for
+every send instead: the session's LCT TSI (8 hex digits) the attacker read off the channel, a chunk
+index below CHUNKS (as TOI and SBN), a random ESI and T random symbol bytes -- exactly what the
+receiver admits to a decoder when packets are not authenticated.  Both may be given; they alternate.
 
 It sends for SECONDS (or until SIGTERM) at N datagrams a second, in bursts of `BURST`, and
 prints one JSON line: datagrams sent and send errors (a full queue, ENOBUFS, is counted, not
@@ -29,7 +29,10 @@ from pathlib import Path
 
 BURST = 32
 _LENGTH = struct.Struct(">H")
-_DATA_HEAD = struct.Struct(">2sBB8sII")  # magic, version, kind DATA, session, chunk, SBN|ESI
+# An ALC/LCT DATA header by hand (docs/FORMATS.md): word 0 (V=1, S=1, O=01, HDR_LEN 4, codepoint
+# 6), CCI 0, TSI, TOI = 1 + chunk // 256, then the RaptorQ payload id SBN = chunk % 256 | ESI.
+_DATA_HEAD = struct.Struct(">IIIII")
+_WORD0 = 0x10A00406
 
 
 def write_datagrams(path: Path, datagrams: list[bytes]) -> None:
@@ -46,12 +49,13 @@ def read_datagrams(path: Path) -> list[bytes]:
     return out
 
 
-def forged_data(session: bytes, chunks: int, symbol_size: int, seed: int) -> Iterator[bytes]:
+def forged_data(tsi: int, chunks: int, symbol_size: int, seed: int) -> Iterator[bytes]:
     rng = random.Random(seed)
     pool = os.urandom(1 << 20)
     while True:
         start = rng.randrange(len(pool) - symbol_size)
-        head = _DATA_HEAD.pack(b"OC", 2, 1, session, rng.randrange(chunks), rng.getrandbits(24))
+        toi, sbn = divmod(rng.randrange(chunks), 256)
+        head = _DATA_HEAD.pack(_WORD0, 0, tsi, 1 + toi, sbn << 24 | rng.getrandbits(24))
         yield head + pool[start : start + symbol_size]
 
 
@@ -81,10 +85,8 @@ def main() -> None:
     if args.file:
         sources.append(from_file(read_datagrams(args.file)))
     if args.forge_data:
-        session, chunks, symbol_size = args.forge_data.split(",")
-        sources.append(
-            forged_data(bytes.fromhex(session), int(chunks), int(symbol_size), args.seed)
-        )
+        tsi, chunks, symbol_size = args.forge_data.split(",")
+        sources.append(forged_data(int(tsi, 16), int(chunks), int(symbol_size), args.seed))
     if not sources:
         parser.error("give --file or --forge-data")
     stream = alternate(sources)

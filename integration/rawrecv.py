@@ -3,9 +3,10 @@ the formats, and prints one JSON summary.
 
     python rawrecv.py IFACE GROUP PORT SECONDS [--after-manifest-stop S]
 
-It reports counts by kind and source, every (source, chunk, esi) seen, bytes per 100 ms slot
-(for rate measurements), header violations, and when the first complete manifest envelope had
-been reassembled, measured from the moment the join was made.
+It reports counts by kind (data, manifest, fdt, auth) and source, sessions by LCT TSI, every
+(source, chunk, esi) seen, bytes per 100 ms slot (for rate measurements), header violations, and
+when the first complete manifest envelope had been reassembled, measured from the moment the join
+was made.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main() -> None:
     sizes: Counter[int] = Counter()
     sessions: Counter[str] = Counter()
     problems: Counter[str] = Counter()
-    fragments: dict[bytes, dict[int, bytes]] = defaultdict(dict)
+    fragments: dict[int, dict[int, bytes]] = defaultdict(dict)
     manifest_at: float | None = None
     manifest_session: str | None = None
     buffer = bytearray(9000)
@@ -71,17 +72,21 @@ def main() -> None:
         except PacketError as exc:
             problems[exc.reason] += 1
             continue
-        sessions[packet.session.hex()] += 1
+        sessions[f"{packet.tsi:08x}"] += 1  # the LCT TSI (AUTH pages: the session's)
         if isinstance(packet, wire.DataPacket):
             kinds["data"] += 1
             symbols.add((source, packet.chunk, packet.esi))
+        elif isinstance(packet, wire.FdtPacket):
+            kinds["fdt"] += 1
+        elif isinstance(packet, wire.AuthPacket):
+            kinds["auth"] += 1
         else:
             kinds["manifest"] += 1
-            parts = fragments[packet.envelope_id]
+            parts = fragments[packet.toi]
             parts[packet.offset] = packet.fragment
             if manifest_at is None and sum(len(p) for p in parts.values()) == packet.total_length:
                 envelope = b"".join(parts[o] for o in sorted(parts))
-                manifest_session = parse_envelope(envelope).manifest.session_id.hex()
+                manifest_session = f"{parse_envelope(envelope).manifest.tsi:08x}"
                 manifest_at = now
     print(
         json.dumps(

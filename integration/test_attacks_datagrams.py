@@ -47,23 +47,21 @@ RATE = 2_000_000  # the honest sender's rate, bytes/s
 
 def malformed(channel: Channel) -> dict[str, list[bytes]]:
     """Hostile datagrams by the reason the receiver must count them under."""
-    session = channel.manifest.session_id
-    data = wire.build_datagram(wire.DataPacket(session, 0, 1, b"\x77" * 1208))
-    fragment = manifest_datagrams(channel.envelope)[0]
+    m = channel.manifest
+    data = wire.build_datagram(wire.DataPacket(m.tsi, 0, 1, b"\x77" * 1208))
+    head = manifest_datagrams(channel.envelope)[0][: wire.MANIFEST_HEADER_SIZE]
     return {
-        "short": [b"", b"OC\x02", data[:11], data[: wire.DATA_HEADER_SIZE], fragment[:28]],
+        "short": [b"", b"\x10\xa0\x04", data[:11], data[: wire.DATA_HEADER_SIZE], head],
         # Beyond the largest datagram a device accepts (8952 bytes); the last two are larger
         # than the receive buffer too (and 60000 bytes arrive as IPv6 fragments).
-        "oversized": [
-            b"OC\x02\x02" + session + b"\0" * 8941,
-            b"OC\x02\x02" + session + b"\0" * 9000,
-            b"OC\x02\x01" + session + b"\0" * 60000,
-        ],
-        "bad-version": [data[:2] + bytes([v]) + data[3:] for v in (0, 1, 3, 255)],
-        "bad-magic": [b"XY" + data[2:]],
-        "unknown-kind": [data[:3] + b"\x07" + data[4:]],
+        "oversized": [head + b"\0" * 8917, head + b"\0" * 9000, head + b"\0" * 60000],
+        "bad-version": [bytes([v << 4]) + data[1:] for v in (0, 2, 3, 15)],  # LCT version
+        "old-wire-version": [b"OC\x02\x01" + m.session_id + data[12:]],  # otacast wire 2
+        "bad-header": [data[:1] + b"\xa1" + data[2:]],  # the close-object flag
+        "unknown-kind": [data[:3] + b"\x07" + data[4:]],  # codepoint 7
+        "bad-toi": [data[:12] + bytes(4) + data[16:]],  # DATA of the FDT's TOI
         "symbol-length": [data[:-1], data + b"\0", data[:28], data + b"\0" * 4000],
-        "bad-sbn": [data[:16] + b"\x01" + data[17:]],
+        "chunk-range": [data[:16] + b"\xff" + data[17:]],  # SBN 255 of a small image
     }
 
 
@@ -90,7 +88,7 @@ def test_truncated_oversized_wrong_version_and_wrong_length_symbol_datagrams_are
     # The attacker sends every datagram once per round, so each reason is counted once per
     # round for every datagram in it (give or take the round the receiver joined or left in):
     # none is lost uncounted, not even those too long for the receive buffer.
-    rounds = counts["bad-magic"]
+    rounds = counts["old-wire-version"]
     assert rounds > 20, counts
     for reason, group in hostile.items():
         assert abs(counts[reason] - rounds * len(group)) <= len(group), (reason, counts)
@@ -163,14 +161,11 @@ def forged_manifests(channel: Channel, count: int = 3000) -> list[bytes]:
     for i in range(count):
         q = honest[i % len(honest)]
         assert isinstance(q, wire.ManifestPacket)
-        envelope_id = rng.randbytes(8) if i % 3 == 2 else q.envelope_id
+        toi = wire.manifest_toi(rng.randbytes(8)) if i % 3 == 2 else q.toi
         total = q.total_length + (i % 3 == 1)
-        fragment = rng.randbytes(len(q.fragment))
-        out.append(
-            wire.build_datagram(
-                wire.ManifestPacket(q.session, envelope_id, total, q.offset, fragment)
-            )
-        )
+        fragment = rng.randbytes(min(q.fragment_size, total - q.offset))
+        packet = wire.ManifestPacket(q.tsi, toi, total, q.fragment_size, q.index, fragment)
+        out.append(wire.build_datagram(packet))
     return out
 
 

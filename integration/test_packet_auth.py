@@ -56,11 +56,11 @@ def forgeries(envelope: Envelope) -> list[bytes]:
         bogus = os.urandom(1100)
         datagrams += [
             wire.build_datagram(p)
-            for p in wire.fragment_envelope(m.session_id, rng.randbytes(8), bogus, 1228)
+            for p in wire.fragment_envelope(m.tsi, rng.randbytes(8), bogus, 1228)
         ]
-        digests = os.urandom(wire.DIGEST_BYTES * 113)
+        digests = os.urandom(wire.DIGEST_BYTES * wire.auth_capacity(1228))
         page = wire.AuthPacket(
-            m.session_id, 0, rng.randrange(m.chunk_count), n % 40, 1 << 62, digests, bytes(64)
+            m.tsi, 0, rng.randrange(m.chunk_count), n % 40, 1 << 62, digests, bytes(64)
         )
         unsigned = wire.build_datagram(page)
         datagrams.append(unsigned[:-64] + stranger.sign(wire.auth_signed_bytes(unsigned)))

@@ -53,7 +53,7 @@ def release(tmp_path: Path) -> Sent:
         signed,
         m.transport.ssm_group,
         m.transport.port,
-        m.session_id.hex(),
+        f"{m.tsi:08x}",  # the LCT TSI
         CycleLayout.for_manifest(m, 0.5),
     )
 

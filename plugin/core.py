@@ -9,17 +9,17 @@ bounded manifest reassembly and the
 most recent well-formed DATA datagrams (up to ``MAX_EARLY_BYTES``), held unread and replayed
 through the normal admission checks once a manifest is verified, so a receiver joining
 mid-stream does not throw away what arrives before the manifest carousel comes round.  A
-reassembled envelope must hash to the envelope id its fragments carried, and its signed bytes to
-the session id, before it is verified.
+reassembled envelope must hash to the envelope id its fragments carried (31 bits of it: the
+manifest object's TOI), and its signed bytes to the session's TSI, before it is verified.
 
-*Reassembly under attack.*  Fragments are reassembled per (source address, session, envelope
-id, claimed length): a forged fragment that claims another length starts a reassembly of its
-own instead of spoiling the honest one, and garbage fragments from another host cannot mix into
-the real sender's.  Each source keeps at most ``MAX_PENDING_MANIFESTS_PER_SOURCE`` reassemblies,
-all sources ``MAX_PENDING_MANIFESTS``, holding ``MAX_PENDING_MANIFEST_BYTES`` together (each also
-capped at its claimed length, itself at most ``MAX_MANIFEST_BYTES``, with at most one entry per
-256 bytes); the one that gained a fragment least recently is dropped first.  An attacker who
-spoofs the sender's source address can still delay the manifest; see docs/SECURITY.md.
+*Reassembly under attack.*  Fragments are reassembled per (source address, TSI, manifest TOI,
+claimed length, fragment size): a forged fragment that claims another length starts a reassembly of
+its own instead of spoiling the honest one, and garbage fragments from another host cannot mix into
+the real sender's.  Each source keeps at most ``MAX_PENDING_MANIFESTS_PER_SOURCE`` reassemblies, all
+sources ``MAX_PENDING_MANIFESTS``, holding ``MAX_PENDING_MANIFEST_BYTES`` together (each also
+capped at its claimed length, itself at most ``MAX_MANIFEST_BYTES``, with at most one entry per 256
+bytes); the one that gained a fragment least recently is dropped first.  An attacker who spoofs the
+sender's source address can still delay the manifest; see docs/SECURITY.md.
 
 *Verifications under attack.*  A reassembled envelope is verified only if the source's budget
 allows (`otacast.plugin.budget`: each source its own allowance, sources that have sent no
@@ -39,8 +39,8 @@ an adopted session instead would need the driver to close staging and the symbol
 for it; waiting a second before the first chunk costs less.
 
 *One session.*  Once verified, the manifest fixes the session id, the symbol size and the chunk
-table.  A DATA datagram is admitted only if it carries that session id, names an existing chunk
-that is not yet complete, has SBN 0 and a symbol of exactly the signed size; everything else is
+table.  A DATA datagram is admitted only if it carries that session's TSI, names an existing chunk
+that is not yet complete and a symbol of exactly the signed size; everything else is
 a counted rejection (``stats.rejected[reason]``).  Nothing here raises on hostile input.  The
 core reads no header itself: `wire.peek_data` gives a DATA datagram's fields without building a
 packet (the per-datagram path), `wire.parse_datagram` parses everything else.
@@ -142,7 +142,8 @@ from .events import (
 )
 from .verify import check_signature
 
-_PendingKey = tuple[str, bytes, bytes, int]  # source, session, envelope id, claimed length
+# source, TSI, manifest TOI (31 bits of the envelope id), claimed length, fragment size
+_PendingKey = tuple[str, int, int, int, int]
 
 
 def _relevance(refusal: ManifestRejected) -> tuple[bool, int]:
@@ -165,6 +166,7 @@ class ReceiverStats:
     duplicates: int = 0
     late: int = 0  # symbols of chunks already complete
     auth_ignored: int = 0  # AUTH datagrams while packet authentication is not in use
+    fdt_ignored: int = 0  # FLUTE FDT packets: for plain FLUTE receivers, never parsed here
     chunks_multicast: int = 0
     bytes_multicast: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
@@ -221,7 +223,7 @@ class _Candidate:
     """The highest release verified so far during the grace period (*Choosing a release*)."""
 
     verified: VerifiedManifest
-    key: tuple[bytes, bytes]  # session, envelope id
+    key: tuple[int, int]  # TSI, manifest TOI
     deadline: float  # monotonic: when it is adopted
     wall: float  # the wall time it was verified at
     source: str  # where its fragments came from
@@ -345,7 +347,7 @@ class ReceiverCore:
         self._polluted = False
         self._pending: OrderedDict[_PendingKey, _Reassembly] = OrderedDict()
         self._pending_bytes = 0
-        self._refused: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        self._refused: OrderedDict[tuple[int, int], None] = OrderedDict()
         # The refusal a driver reports if nothing is adopted (see *Refusals*).
         self.refusal: ManifestRejected | None = None
         self._budget = ManifestBudget(now)
@@ -358,6 +360,7 @@ class ReceiverCore:
         self._early: deque[tuple[bytes, str]] = deque()
         self._early_bytes = 0
         self._session = b""
+        self._tsi = -1  # the adopted session's TSI (-1: none, matches no datagram)
         self._sources: set[str] = set()  # that sent DATA of the session (*Reporting*)
         if manifest is not None:
             self._adopt(manifest, now)
@@ -437,7 +440,7 @@ class ReceiverCore:
             self.first_datagram_at = now
         if self._session:  # `_receive`'s fast path, inline: this runs for every datagram
             fields = wire.peek_data(data)
-            if fields is not None and fields[0] == self._session:
+            if fields is not None and fields[0] == self._tsi:
                 self._heard_from(source)
                 self._on_data(data, fields, now)
                 return
@@ -463,7 +466,7 @@ class ReceiverCore:
             # (an authenticator may hold a datagram until its page arrives: it gets a copy)
             if self._session and self.authenticator is None:
                 fields = peek(data)
-                if fields is not None and fields[0] == self._session:
+                if fields is not None and fields[0] == self._tsi:
                     on_data(data, fields, now)
                     ours = True
                     continue
@@ -478,7 +481,7 @@ class ReceiverCore:
     def _receive(self, data: bytes, source: str, now: float, wall: float) -> None:
         if self._session:
             fields = wire.peek_data(data)
-            if fields is not None and fields[0] == self._session:
+            if fields is not None and fields[0] == self._tsi:
                 self._heard_from(source)
                 self._on_data(data, fields, now)
                 return
@@ -495,10 +498,12 @@ class ReceiverCore:
         except PacketError as exc:
             self.stats.rejected[exc.reason] += 1
             return
-        if isinstance(packet, wire.ManifestPacket):
+        if isinstance(packet, wire.FdtPacket):
+            self.stats.fdt_ignored += 1
+        elif isinstance(packet, wire.ManifestPacket):
             self._on_manifest(packet, source, now, wall)
         elif self._session:
-            if packet.session != self._session:
+            if packet.tsi != self._tsi:
                 self.stats.rejected["other-session"] += 1
             elif isinstance(packet, wire.AuthPacket):
                 self._on_auth(packet, bytes(data), source, now)
@@ -562,19 +567,19 @@ class ReceiverCore:
         self, packet: wire.ManifestPacket, source: str, now: float, wall: float
     ) -> None:
         if self._session:
-            if packet.session == self._session:
+            if packet.tsi == self._tsi:
                 self._heard = True
                 self._source_heard(source)
             else:
                 self.stats.rejected["other-session"] += 1
             return
-        key = (packet.session, packet.envelope_id)
+        key = (packet.tsi, packet.toi)
         if self._candidate is not None and key == self._candidate.key:
             return  # another copy of the release chosen so far (see *Choosing a release*)
         if key in self._refused:
             self.stats.rejected["refused-manifest"] += 1
             return
-        pending_key = (source, packet.session, packet.envelope_id, packet.total_length)
+        pending_key = (source, packet.tsi, packet.toi, packet.total_length, packet.fragment_size)
         assembly = self._pending.get(pending_key)
         if assembly is None:
             self._make_room(source)
@@ -595,7 +600,7 @@ class ReceiverCore:
         if envelope is None:
             self.stats.rejected["manifest-conflict"] += 1
             return
-        if hashlib.sha256(envelope).digest()[: wire.ENVELOPE_ID_BYTES] != packet.envelope_id:
+        if wire.manifest_toi(hashlib.sha256(envelope).digest()) != packet.toi:
             self.stats.rejected["manifest-digest"] += 1
             return
         if not self._budget.take(source, now):
@@ -620,7 +625,7 @@ class ReceiverCore:
         except ManifestRejected as exc:
             self._refuse(key, exc)
             return
-        if verified.manifest.session_id != packet.session:
+        if verified.manifest.tsi != packet.tsi:
             self._remember_refused(key)
             self.stats.rejected["manifest-session"] += 1
             return
@@ -645,7 +650,7 @@ class ReceiverCore:
     def _consider(
         self,
         verified: VerifiedManifest,
-        key: tuple[bytes, bytes],
+        key: tuple[int, int],
         now: float,
         wall: float,
         source: str,
@@ -706,14 +711,14 @@ class ReceiverCore:
         self._pending_bytes -= self._pending.pop(key).covered
         self.stats.rejected["manifest-evicted"] += 1
 
-    def _refuse(self, key: tuple[bytes, bytes], exc: ManifestRejected) -> None:
+    def _refuse(self, key: tuple[int, int], exc: ManifestRejected) -> None:
         self._remember_refused(key)
         self.stats.rejected["manifest-refused"] += 1
         if self.refusal is None or _relevance(exc) >= _relevance(self.refusal):
             self.refusal = exc
         self._events.append(ManifestRefused(type(exc).__name__, str(exc), exc))
 
-    def _remember_refused(self, key: tuple[bytes, bytes]) -> None:
+    def _remember_refused(self, key: tuple[int, int]) -> None:
         self._refused[key] = None
         if len(self._refused) > MAX_REFUSED_MANIFESTS:
             self._refused.popitem(last=False)
@@ -722,6 +727,7 @@ class ReceiverCore:
         manifest = verified.manifest
         self.verified = verified
         self._session = manifest.session_id
+        self._tsi = manifest.tsi
         self._symbol_size = manifest.fec.symbol_size
         self._datagram_size = wire.data_datagram_size(self._symbol_size)
         self._count = manifest.chunk_count
@@ -766,7 +772,7 @@ class ReceiverCore:
     def _on_data(
         self,
         data: bytes | memoryview,
-        fields: tuple[bytes, int, int, int],
+        fields: tuple[int, int, int],
         now: float,
         vouched: bool = False,
     ) -> None:
@@ -775,10 +781,7 @@ class ReceiverCore:
         if len(data) != self._datagram_size:
             self.stats.rejected["symbol-length"] += 1
             return
-        _, chunk, sbn, esi = fields
-        if sbn:
-            self.stats.rejected["bad-sbn"] += 1
-            return
+        _, chunk, esi = fields
         if chunk >= self._count:
             self.stats.rejected["chunk-range"] += 1
             return

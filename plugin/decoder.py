@@ -4,8 +4,9 @@ A `ChunkDecoder` is fed validated codec packets (4-byte payload id + one symbol 
 signed symbol size) and returns the chunk's bytes once it has enough, else None; `discard` is
 called when what it returned failed the chunk's signed hash (or the codec failed), so a decoder
 that keeps symbols elsewhere (the driver's symbol store) forgets them.  The receiver
-core validates every packet before it gets here because the Rust codec panics on an
-out-of-range source block number and silently accepts a wrong-length symbol.  A panic surfaces
+core validates every packet before it gets here because the Rust codec silently accepts a
+wrong-length symbol, and a packet's SBN (its chunk's block number within a FLUTE object) is
+replaced by 0 here because the codec panics on an out-of-range one.  A panic surfaces
 in Python as ``pyo3_runtime.PanicException``, a `BaseException`; it is turned into
 `DecoderFault` here so that no codec failure can take the receiver down.
 """
@@ -33,6 +34,9 @@ class ChunkDecoder(Protocol):
 DecoderFactory = Callable[[int, int, int], ChunkDecoder]
 
 
+_BLOCK_ZERO = b"\x00"
+
+
 def _fault(exc: BaseException) -> DecoderFault:
     return DecoderFault(f"codec failed: {type(exc).__name__}")
 
@@ -43,8 +47,10 @@ class RaptorQDecoder:
         self._length = length
 
     def feed(self, packet: bytes | memoryview) -> bytes | None:
+        # The packet's SBN is the chunk's block number in its FLUTE object; this decoder holds
+        # the chunk alone, as block 0 (any other SBN panics the codec).  One copy, as before.
         try:
-            result = self._decoder.decode(packet if type(packet) is bytes else bytes(packet))
+            result = self._decoder.decode(_BLOCK_ZERO + memoryview(packet)[1:])
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 - a Rust panic is a BaseException

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from otacast.schemas import addressing
+from otacast.schemas import addressing, wire
 from otacast.schemas.limits import MAX_DECODER_BYTES
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 
@@ -491,6 +491,12 @@ class _Run:
                     f"no acceptable manifest within {self.options.join_timeout:g} s; the "
                     f"channel's was refused: {refusal}",
                     sequence=refusal.sequence,
+                )
+            old = self.core.stats.rejected.get("old-wire-version", 0)
+            if old:
+                raise NoManifestError(
+                    f"no manifest heard within {self.options.join_timeout:g} s, but {old} "
+                    f"datagram(s) of an older otacast: {wire.OLD_WIRE_VERSION_TEXT}"
                 )
             raise NoManifestError(
                 self.plan.silence(self.options.interface or "?", self.options.join_timeout)

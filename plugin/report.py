@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TextIO
 
+from otacast.schemas import wire
 from otacast.schemas.errors import Rollback
 from otacast.schemas.policy import VerifiedManifest
 
@@ -224,7 +225,16 @@ def summary_text(s: FetchSummary) -> str:
     for reason, meaning in WAITING_REASONS.items():
         if s.rejected.get(reason):
             text += f"; {s.rejected[reason]} {meaning}"
-    refused = {k: v for k, v in s.rejected.items() if k not in WAITING_REASONS and v}
+    if s.rejected.get("old-wire-version"):
+        text += (
+            f"; {s.rejected['old-wire-version']} datagrams of otacast wire 2 ignored: "
+            f"{wire.OLD_WIRE_VERSION_TEXT}"
+        )
+    refused = {
+        k: v
+        for k, v in s.rejected.items()
+        if k not in WAITING_REASONS and k != "old-wire-version" and v
+    }
     if refused:
         text += "; refused: " + ", ".join(f"{k} {v}" for k, v in sorted(refused.items()))
     if s.auth:

@@ -30,9 +30,9 @@ from functools import cached_property
 from typing import Any, Final
 
 from . import addressing, fec
-from .fec import Part
 from .canonical import canonical_bytes, loads_strict, pretty_bytes, refuse_control_characters
 from .errors import MalformedManifest
+from .fec import Part
 from .limits import (
     MAX_IMAGE_BYTES,
     MAX_MANIFEST_BYTES,
@@ -254,6 +254,11 @@ class Manifest:
     def session_id(self) -> bytes:
         """First 8 bytes of SHA-256 over the canonical signed bytes: tags every packet."""
         return hashlib.sha256(self.signed_bytes).digest()[:SESSION_ID_BYTES]
+
+    @cached_property
+    def tsi(self) -> int:
+        """The LCT Transport Session Identifier of every packet: the session id's first 4 bytes."""
+        return int.from_bytes(self.session_id[:4], "big")
 
     @property
     def chunk_count(self) -> int:

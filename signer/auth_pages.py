@@ -6,7 +6,7 @@ Every DATA datagram a sender can send is already in its symbol cache (each chunk
 source and repair symbols, framed), so the digests of all of them are known before the first
 send: `release_digests` computes them once (10 bytes per datagram, ~0.8% of the cycle).  Page
 ``j`` of a chunk lists the digests of cycle positions ``j*P .. j*P+P-1`` (``P`` =
-`wire.auth_capacity`, 113 at the minimum MTU), exactly one visit of the carousel
+`wire.auth_capacity`, 112 at the minimum MTU), exactly one visit of the carousel
 (`otacast.signer.schedule`).
 
 A page is signed when it is sent, with the time of sending in it (``sent``, microseconds since
@@ -59,7 +59,7 @@ class AuthPages:
 
     def __init__(
         self,
-        session: bytes,
+        tsi: int,
         sender: int,
         digests: Sequence[bytes],
         capacity: int,
@@ -67,7 +67,7 @@ class AuthPages:
     ) -> None:
         if capacity < 1:
             raise ValueError("no room for a digest")
-        self.session = session
+        self.tsi = tsi
         self.sender = sender
         self.digests = digests
         self.capacity = capacity
@@ -91,7 +91,7 @@ class AuthPages:
         self._last_sent = sent
         unsigned = wire.build_datagram(
             wire.AuthPacket(
-                self.session, self.sender, chunk, index, sent, body, bytes(wire.SIGNATURE_BYTES)
+                self.tsi, self.sender, chunk, index, sent, body, bytes(wire.SIGNATURE_BYTES)
             )
         )
         return unsigned[: -wire.SIGNATURE_BYTES] + self.sign(wire.auth_signed_bytes(unsigned))

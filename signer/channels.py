@@ -22,6 +22,7 @@ from pathlib import Path
 
 from otacast.schemas import addressing, wire
 from otacast.schemas.errors import Expired
+from otacast.schemas.fdt import fdt_datagrams
 from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM
 from otacast.schemas.manifest import Envelope, Manifest
 
@@ -137,17 +138,18 @@ def sender_core(
 def manifest_fragments(
     envelope: Envelope, datagram_size: int, max_datagram: int = DEFAULT_MAX_DATAGRAM
 ) -> tuple[bytes, ...]:
-    """The MANIFEST datagrams of `envelope`, each no larger than a DATA datagram (`datagram_size`)
-    nor `max_datagram` (the IPv6 minimum MTU's payload by default, whatever the symbol size)."""
-    return tuple(
-        wire.build_datagram(p)
-        for p in wire.fragment_envelope(
-            envelope.manifest.session_id,
-            envelope.envelope_id,
-            envelope.compact_bytes,
-            min(max_datagram, datagram_size),
-        )
+    """The FLUTE FDT datagrams of `envelope`'s release, then its MANIFEST datagrams, each no
+    larger than a DATA datagram (`datagram_size`) nor `max_datagram` (the IPv6 minimum MTU's
+    payload by default, whatever the symbol size).  The manifest carousel and the announcements
+    send them together, so a FLUTE receiver learns the files with every manifest turn."""
+    packets = wire.fragment_envelope(
+        envelope.manifest.tsi,
+        envelope.envelope_id,
+        envelope.compact_bytes,
+        min(max_datagram, datagram_size),
     )
+    fdt = fdt_datagrams(envelope, packets[0].fragment_size)
+    return fdt + tuple(wire.build_datagram(p) for p in packets)
 
 
 def channel_group(envelope: Envelope, options: ServeOptions, index: int) -> str:
@@ -234,7 +236,7 @@ def _auth_pages(
     except OSError as exc:
         raise ReadError(f"cannot read the symbol cache: {exc.strerror or exc}") from None
     capacity = wire.auth_capacity(reader.layout.datagram_size)
-    pages = AuthPages(manifest.session_id, senders[0], digests, capacity, key.signer())
+    pages = AuthPages(manifest.tsi, senders[0], digests, capacity, key.signer())
     count = sum(pages.page_count(chunk) for chunk in range(len(digests)))
     report.event("auth-pages", sender=senders[0], pages=count)
     return pages

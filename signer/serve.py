@@ -155,7 +155,7 @@ def _open(plan: ServePlan, channel: ChannelPlan, now: float) -> Channel:
     )
     auth = None
     if (pages := plan.pages) is not None:  # the same digests and key; its own counts
-        auth = AuthPages(pages.session, pages.sender, pages.digests, pages.capacity, pages.sign)
+        auth = AuthPages(pages.tsi, pages.sender, pages.digests, pages.capacity, pages.sign)
     return Channel(channel.rate, channel.group, plan.core(channel, now, time.time()), sender, auth)
 
 

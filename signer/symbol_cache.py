@@ -158,10 +158,12 @@ def build(
                     raise ReadError(f"image {image} ended early at chunk {index}")
                 k = manifest.source_symbols(index)
                 packets = encode(chunk, manifest.fec.symbol_size, layout.cycles[index] - k)
-                prefix = wire.build_datagram(wire.DataPacket(manifest.session_id, index, 0, b"\0"))[
-                    : wire.CODEC_PACKET_OFFSET
+                # The LCT header and the chunk's SBN in its FLUTE object; the encoder numbers
+                # the chunk's own block 0.
+                prefix = wire.build_datagram(wire.DataPacket(manifest.tsi, index, 0, b"\0"))[
+                    : wire.CODEC_PACKET_OFFSET + 1
                 ]
-                cycle = b"".join(prefix + packet for packet in packets)
+                cycle = b"".join(prefix + packet[1:] for packet in packets)
                 digests.append(hashlib.sha256(cycle).digest())
                 out.write(cycle)
                 if progress is not None:

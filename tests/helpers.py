@@ -241,7 +241,20 @@ def manifest_datagrams(
     envelope: Envelope | None = None, max_datagram: int | None = None
 ) -> list[bytes]:
     """The MANIFEST fragments of `envelope` (by default the reference `ENVELOPE`), cut at the
-    size ``serve`` uses unless `max_datagram` is given."""
+    size ``serve`` uses unless `max_datagram` is given (without the FDT datagrams ``serve``
+    sends before them: `carousel_datagrams`)."""
+    return [
+        d
+        for d in carousel_datagrams(envelope, max_datagram)
+        if isinstance(wire.parse_datagram(d), wire.ManifestPacket)
+    ]
+
+
+def carousel_datagrams(
+    envelope: Envelope | None = None, max_datagram: int | None = None
+) -> list[bytes]:
+    """What one manifest carousel turn of ``serve`` sends: the FDT, then the MANIFEST
+    fragments."""
     if envelope is None:
         envelope = ENVELOPE
     datagram_size = wire.data_datagram_size(envelope.manifest.fec.symbol_size)
@@ -251,9 +264,10 @@ def manifest_datagrams(
 
 
 def data_prefix(manifest: Manifest, chunk: int) -> bytes:
-    """The DATA header the symbol cache puts before each codec packet of `chunk`."""
-    datagram = wire.build_datagram(wire.DataPacket(manifest.session_id, chunk, 0, b"\0"))
-    return datagram[: wire.CODEC_PACKET_OFFSET]
+    """The DATA header the symbol cache puts before each codec packet of `chunk` (whose first
+    byte, the codec's SBN 0, it replaces: `cycles`)."""
+    datagram = wire.build_datagram(wire.DataPacket(manifest.tsi, chunk, 0, b"\0"))
+    return datagram[: wire.CODEC_PACKET_OFFSET + 1]
 
 
 def cycles(manifest: Manifest, image: bytes, repair: int | Sequence[int]) -> list[list[bytes]]:
@@ -267,7 +281,7 @@ def cycles(manifest: Manifest, image: bytes, repair: int | Sequence[int]) -> lis
             image[offset : offset + length], manifest.fec.symbol_size, repairs[index]
         )
         prefix = data_prefix(manifest, index)
-        out.append([prefix + packet for packet in packets])
+        out.append([prefix + packet[1:] for packet in packets])
     return out
 
 
@@ -284,7 +298,7 @@ def auth_pages(
     """What signs the AUTH pages of the given cycles as they are sent (as `serve` does)."""
     size = wire.data_datagram_size(manifest.fec.symbol_size)
     digests = [chunk_digests(b"".join(c), size) for c in chunk_cycles]
-    return AuthPages(manifest.session_id, sender, digests, wire.auth_capacity(size), key.signer())
+    return AuthPages(manifest.tsi, sender, digests, wire.auth_capacity(size), key.signer())
 
 
 # --- Feeding a receiver core by hand ---------------------------------------------------------

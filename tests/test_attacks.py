@@ -239,12 +239,15 @@ def test_a_flood_of_forged_manifests_costs_bounded_verifications_and_the_sender_
 def test_manifest_fragments_claiming_more_than_the_manifest_cap_are_refused_before_reassembly() -> (
     None
 ):
-    # The packet class refuses such claims, so the total length field is written by hand.
+    # The packet class refuses such claims, so the EXT_FTI's transfer length (F, bytes 18-23),
+    # fragment size (E, 26-27) and the fragment index (ESI, 34-35) are written by hand.
     template = bytearray(manifest_datagrams()[0][: wire.MANIFEST_HEADER_SIZE])
     forged = []
-    for total in (MAX_MANIFEST_BYTES + 1, 0xFFFFFFFF):
-        for offset in range(0, 400_000, 1000):
-            template[20:28] = total.to_bytes(4, "big") + offset.to_bytes(4, "big")
+    for total in (MAX_MANIFEST_BYTES + 1, (1 << 48) - 1):
+        for index in range(400):
+            template[18:24] = total.to_bytes(6, "big")
+            template[26:28] = (1000).to_bytes(2, "big")
+            template[34:36] = index.to_bytes(2, "big")
             forged.append(bytes(template) + b"x" * 1000)
     core = ReceiverCore(TRUST, now=NOW)
     tracemalloc.start()
@@ -291,7 +294,7 @@ def test_signed_manifests_claiming_sizes_beyond_the_caps_are_refused_before_a_se
     assert_no_session_state(core, made)
     # A DATA datagram naming a chunk beyond the signed count never reaches a decoder either.
     receive_all(core, manifest_datagrams())
-    beyond = wire.build_datagram(wire.DataPacket(MANIFEST.session_id, 2**32 - 1, 0, b"s" * 1208))
+    beyond = wire.build_datagram(wire.DataPacket(MANIFEST.tsi, 2**32 - 1, 0, b"s" * 1208))
     receive_all(core, [beyond])
     assert core.stats.rejected["chunk-range"] == 1 and not made
 
@@ -303,24 +306,29 @@ def _malformed() -> list[tuple[str, str, bytes]]:
     """(reason before a session exists, reason after, datagram)."""
     session = MANIFEST.session_id
     good = DATA[0][0]
+    manifest_head = manifest_datagrams()[0][: wire.MANIFEST_HEADER_SIZE]
     too_big = good + b"\0" * (MAX_DATAGRAM + 1 - len(good))
     hostile = [
         ("short", b""),
         ("short", b"O"),
         ("short", good[:11]),  # truncated inside the header
         ("short", good[: wire.DATA_HEADER_SIZE]),  # DATA header, no symbol
-        ("short", manifest_datagrams()[0][: wire.MANIFEST_HEADER_SIZE]),
-        ("oversized", b"OC\x02\x02" + session + b"\0" * 60000),
-        ("bad-version", good[:2] + b"\x00" + good[3:]),
-        ("bad-version", good[:2] + b"\x01" + good[3:]),  # the format before v2
-        ("bad-version", good[:2] + b"\xff" + good[3:]),
-        ("bad-magic", b"XX" + good[2:]),
-        ("unknown-kind", good[:3] + b"\x09" + good[4:]),
+        ("short", manifest_head),
+        ("oversized", manifest_head + b"\0" * 60000),
+        ("bad-version", b"\x00" + good[1:]),
+        ("bad-version", b"\x20" + good[1:]),  # LCT version 2
+        ("bad-version", b"\xff" + good[1:]),
+        ("old-wire-version", b"OC\x02\x01" + session + good[12:]),  # otacast wire 2 DATA
+        ("old-wire-version", b"OC\x02\x02" + session + bytes(30)),  # ... and MANIFEST
+        ("bad-header", good[:1] + b"\xa1" + good[2:]),  # the close-object flag
+        ("bad-header", good[:4] + b"\x00\x00\x00\x01" + good[8:]),  # a CCI
+        ("unknown-kind", good[:3] + b"\x09" + good[4:]),  # codepoint 9
+        ("bad-toi", good[:12] + bytes(4) + good[16:]),  # DATA of the FDT's TOI
         ("symbol-length", good[:-1]),  # our session, one byte short
         ("symbol-length", good + b"\0"),  # one byte long
         ("symbol-length", good[: wire.DATA_HEADER_SIZE + 8]),
         ("symbol-length", good + b"\0" * (MAX_DATAGRAM - len(good))),  # the largest allowed
-        ("bad-sbn", good[:16] + b"\x01" + good[17:]),  # would panic the Rust codec
+        ("chunk-range", good[:16] + b"\x09" + good[17:]),  # SBN 9 of an object of 4 chunks
     ]
     # A DATA datagram of our session past the size limit: refused by the parser while no
     # session exists, by the session's exact-length check (before parsing) once one does.
@@ -355,7 +363,7 @@ def forged_data(rng: random.Random) -> bytes:
     right session, size and chunk range, with a random ESI and random symbol bytes."""
     symbol = rng.randbytes(MANIFEST.fec.symbol_size)
     chunk, esi = rng.randrange(MANIFEST.chunk_count), rng.getrandbits(24)
-    return wire.build_datagram(wire.DataPacket(MANIFEST.session_id, chunk, esi, symbol))
+    return wire.build_datagram(wire.DataPacket(MANIFEST.tsi, chunk, esi, symbol))
 
 
 def flood(core: ReceiverCore, honest: list[bytes], ratio: int, seconds: float) -> list[object]:
@@ -403,12 +411,14 @@ def test_forged_manifest_fragments_at_10x_do_not_keep_the_manifest_out() -> None
         for _ in range(10 * len(honest)):
             q = rng.choice(honest)
             assert isinstance(q, wire.ManifestPacket)
+            total = q.total_length + 1
             forged = wire.ManifestPacket(
-                q.session,
-                q.envelope_id,
-                q.total_length + 1,
-                q.offset,
-                rng.randbytes(len(q.fragment)),
+                q.tsi,
+                q.toi,
+                total,
+                q.fragment_size,
+                q.index,
+                rng.randbytes(min(q.fragment_size, total - q.offset)),
             )
             batch.append(wire.build_datagram(forged))
         rng.shuffle(batch)
@@ -437,10 +447,10 @@ def test_a_flood_of_fragments_from_many_hosts_stays_within_the_reassembly_byte_c
 
     rng = random.Random(10)
     core = ReceiverCore(TRUST, now=NOW)
-    session = MANIFEST.session_id
     for n in range(20_000):
+        toi = wire.manifest_toi(rng.randbytes(8))
         forged = wire.ManifestPacket(
-            session, rng.randbytes(8), 2_000_000, rng.randrange(1500) * 1200, rng.randbytes(1200)
+            MANIFEST.tsi, toi, 2_000_000, 1200, rng.randrange(1500), rng.randbytes(1200)
         )
         core.receive_datagram(wire.build_datagram(forged), f"fd51::{n % 300:x}", NOW, wall=NOW)
         pending = core._pending  # the bound under test is internal state

@@ -67,14 +67,14 @@ PAGE_COUNTS = [PAGES.page_count(c) for c in range(len(CYCLES))]
 
 def _signed(chunk: int, index: int, t: float = 0.0) -> bytes:
     """Page `index` of `chunk` as the sender signs it at ``NOW + t``."""
-    fresh = AuthPages(PAGES.session, PAGES.sender, PAGES.digests, PAGES.capacity, PAGES.sign)
+    fresh = AuthPages(PAGES.tsi, PAGES.sender, PAGES.digests, PAGES.capacity, PAGES.sign)
     return fresh.page(chunk, index, NOW + t)
 
 
 def _forged(chunk: int, esi: int, seed: int) -> bytes:
     """A well-formed DATA datagram of the session with a random symbol: FEC pollution."""
     symbol = random.Random(seed).randbytes(MANIFEST.fec.symbol_size)
-    return wire.build_datagram(wire.DataPacket(MANIFEST.session_id, chunk, esi, symbol))
+    return wire.build_datagram(wire.DataPacket(MANIFEST.tsi, chunk, esi, symbol))
 
 
 def _stream(forged_per_datagram: int = 0, t: float = 0.0) -> list[tuple[bytes, str]]:
@@ -411,7 +411,8 @@ def test_an_unknown_policy_is_a_programming_error() -> None:
 def test_arbitrary_auth_datagrams_of_the_session_never_raise(body: bytes) -> None:
     core = ReceiverCore(TRUST, now=NOW)
     receive_from(core, [(d, SENDER) for d in manifest_datagrams(ENVELOPE)])
-    datagram = wire.MAGIC + bytes([wire.VERSION, wire.KIND_AUTH]) + MANIFEST.session_id + body
+    auth_tsi = MANIFEST.tsi ^ wire.AUTH_TSI_BIT
+    datagram = b"\x10\xa0\x04\x00" + bytes(4) + auth_tsi.to_bytes(4, "big") + body
     core.receive_datagram(datagram, ATTACKER, NOW, wall=NOW)
     assert core.stats.symbols_used == 0
 

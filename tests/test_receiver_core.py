@@ -106,7 +106,7 @@ def test_held_early_data_is_bounded_and_foreign_sessions_are_dropped_on_replay()
     from otacast.schemas.limits import MAX_EARLY_BYTES
 
     core = ReceiverCore(TRUST, now=NOW)
-    foreign = wire.build_datagram(wire.DataPacket(b"\xee" * 8, 0, 1, b"z" * 1208))
+    foreign = wire.build_datagram(wire.DataPacket(0xEEEEEEEE, 0, 1, b"z" * 1208))
     held = MAX_EARLY_BYTES // (len(foreign) + EARLY_ENTRY_OVERHEAD)
     receive_all(core, [foreign] * (held + 5))
     assert core.stats.rejected["no-manifest-yet"] == 5
@@ -119,7 +119,7 @@ def test_tiny_data_datagrams_before_the_manifest_are_not_held() -> None:
     # No manifest allows symbols under MIN_SYMBOL_SIZE, and tiny entries would make the early
     # buffer's memory many times what its byte count says.
     core = ReceiverCore(TRUST, now=NOW)
-    tiny = wire.build_datagram(wire.DataPacket(MANIFEST.session_id, 0, 1, b"z"))
+    tiny = wire.build_datagram(wire.DataPacket(MANIFEST.tsi, 0, 1, b"z"))
     receive_all(core, [tiny] * 1000)
     assert core.stats.rejected["symbol-length"] == 1000
     receive_all(core, manifest_datagrams())
@@ -186,7 +186,7 @@ def test_packets_of_another_release_are_ignored_once_a_session_is_chosen() -> No
     newer = reference_envelope(sequence=6)
     core = ReceiverCore(TRUST, now=NOW)
     receive_all(core, manifest_datagrams())
-    prefix_other = wire.build_datagram(wire.DataPacket(newer.manifest.session_id, 0, 0, b"x"))
+    prefix_other = wire.build_datagram(wire.DataPacket(newer.manifest.tsi, 0, 0, b"x"))
     forged = prefix_other[:16] + DATA[0][0][16:]
     receive_all(core, [forged] * 4 + manifest_datagrams(newer))
     assert core.stats.rejected["other-session"] == 4 + len(manifest_datagrams(newer))
@@ -212,8 +212,9 @@ def test_a_polluted_chunk_is_discarded_and_collected_again() -> None:
     [
         (lambda d: d + b"x", "symbol-length"),
         (lambda d: d[:-1], "symbol-length"),
-        (lambda d: d[:16] + b"\x01" + d[17:], "bad-sbn"),
-        (lambda d: d[:12] + (99).to_bytes(4, "big") + d[16:], "chunk-range"),
+        (lambda d: d[:16] + b"\x09" + d[17:], "chunk-range"),  # SBN: the object has 4 blocks
+        (lambda d: d[:12] + (99).to_bytes(4, "big") + d[16:], "chunk-range"),  # TOI: 1 object
+        (lambda d: d[:12] + bytes(4) + d[16:], "bad-toi"),  # TOI 0 is the FDT's
     ],
 )
 def test_malformed_data_of_our_session_is_a_counted_rejection(mutate: object, reason: str) -> None:
@@ -345,22 +346,22 @@ def test_corrupted_honest_datagrams_never_raise_or_corrupt(
         st.tuples(
             st.integers(0, 3),
             st.integers(1, 4000),
-            st.integers(0, 4000),
+            st.integers(256, 1192),
+            st.integers(0, 16),
             st.binary(min_size=1, max_size=300),
         ),
         max_size=30,
     )
 )
 def test_forged_manifest_fragments_never_raise_or_yield_a_session(
-    fragments: list[tuple[int, int, int, bytes]],
+    fragments: list[tuple[int, int, int, int, bytes]],
 ) -> None:
     core = ReceiverCore(TRUST, now=NOW)
-    for stream, total, offset, fragment in fragments:
-        total = max(total, len(fragment))
-        offset = min(offset, total - len(fragment))
-        if len(fragment) < 256:
-            offset = total - len(fragment)  # only a last fragment may be short
-        packet = wire.ManifestPacket(bytes([stream]) * 8, b"e" * 8, total, offset, fragment)
+    for stream, total, size, index, data in fragments:
+        index = min(index, (total - 1) // size)
+        length = min(size, total - index * size)  # every fragment whole, the last ends at F
+        fragment = (data * (length // len(data) + 1))[:length]
+        packet = wire.ManifestPacket(stream, 0xE5E5E5E5, total, size, index, fragment)
         core.receive_datagram(wire.build_datagram(packet), "fd51::66", NOW, wall=NOW)
     assert core.verified is None
     assert len(core._pending) <= 4

@@ -48,9 +48,9 @@ def core_with_two_chunks_done() -> ReceiverCore:
     return core
 
 
-def data_datagram(session: bytes, esi: int) -> bytes:
+def data_datagram(tsi: int, esi: int) -> bytes:
     symbol = bytes(RELEASE.manifest.fec.symbol_size)
-    return wire.build_datagram(wire.DataPacket(session, 0, esi, symbol))
+    return wire.build_datagram(wire.DataPacket(tsi, 0, esi, symbol))
 
 
 def summary_of(core: ReceiverCore, **rejected: int) -> FetchSummary:
@@ -312,7 +312,7 @@ def test_the_installed_release_heard_on_the_channel_is_not_called_a_refusal() ->
 def test_before_the_manifest_the_bar_says_it_waits_and_what_it_holds_json_says_nothing() -> None:
     core = ReceiverCore(RELEASE.trust, now=0.0)
     assert "nothing heard yet" in waiting_line(core.snapshot(), 1.0, 100)
-    session = RELEASE.manifest.session_id
+    session = RELEASE.manifest.tsi
     core.receive_datagram(b"junk", "fd51::1", 1.0, wall=1_800_000_000.0)
     for index in range(3):  # DATA of a session not yet known: held for its manifest
         core.receive_datagram(data_datagram(session, index), "fd51::1", 1.0, wall=1_800_000_000.0)

@@ -58,7 +58,7 @@ def _symbols(release: Release, repair: int) -> list[dict[int, bytes]]:
         for datagram in datagrams:
             fields = wire.peek_data(datagram)
             assert fields is not None
-            chunk_symbols[fields[3]] = datagram[wire.DATA_HEADER_SIZE :]
+            chunk_symbols[fields[2]] = datagram[wire.DATA_HEADER_SIZE :]
         out.append(chunk_symbols)
     return out
 

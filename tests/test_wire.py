@@ -22,13 +22,13 @@ from otacast.schemas.limits import (
 
 GOLDEN = Path(__file__).parent / "golden" / "datagrams.json"
 
-SESSION = bytes.fromhex("0123456789abcdef")
-ENVELOPE_ID = bytes.fromhex("fedcba9876543210")
+TSI = 0x5E551011
+TOI = wire.manifest_toi(bytes.fromhex("fedcba9876543210"))  # 0xfedcba98: the top bit is set
 
-sessions = st.binary(min_size=8, max_size=8)
+tsis = st.integers(0, 0xFFFFFFFF)
 data_packets = st.builds(
     wire.DataPacket,
-    session=sessions,
+    tsi=tsis,
     chunk=st.integers(0, 0xFFFFFFFF),
     esi=st.integers(0, MAX_ESI),
     symbol=st.binary(min_size=1, max_size=MAX_DATAGRAM - wire.DATA_HEADER_SIZE),
@@ -37,21 +37,18 @@ data_packets = st.builds(
 
 @st.composite
 def manifest_packets(draw: st.DrawFn) -> wire.ManifestPacket:
-    fragment = draw(st.binary(min_size=1, max_size=MAX_DATAGRAM - wire.MANIFEST_HEADER_SIZE))
-    if len(fragment) < MIN_MANIFEST_FRAGMENT:  # only the last fragment may be short
-        total = draw(st.integers(len(fragment), MAX_MANIFEST_BYTES))
-        offset = total - len(fragment)
-    else:
-        total = draw(st.integers(len(fragment), MAX_MANIFEST_BYTES))
-        offset = draw(st.integers(0, total - len(fragment)))
-    return wire.ManifestPacket(
-        draw(sessions), draw(st.binary(min_size=8, max_size=8)), total, offset, fragment
-    )
+    size = draw(st.integers(MIN_MANIFEST_FRAGMENT, MAX_DATAGRAM - wire.MANIFEST_HEADER_SIZE))
+    total = draw(st.integers(1, MAX_MANIFEST_BYTES))
+    index = draw(st.integers(0, (total - 1) // size))
+    fragment = draw(st.binary(min_size=min(size, total - index * size), max_size=size))
+    fragment = fragment[: min(size, total - index * size)]
+    toi = draw(st.integers(wire.MANIFEST_TOI_BIT, 0xFFFFFFFF))
+    return wire.ManifestPacket(draw(tsis), toi, total, size, index, fragment)
 
 
 auth_packets = st.builds(
     wire.AuthPacket,
-    session=sessions,
+    tsi=tsis,
     sender=st.integers(0, 0xFFFF),
     chunk=st.integers(0, 0xFFFFFFFF),
     page=st.integers(0, 0xFFFFFFFF),
@@ -71,16 +68,28 @@ def _golden() -> dict[str, str]:
 
 
 GOLDEN_PACKETS: dict[str, wire.Packet] = {
-    "data_first_symbol": wire.DataPacket(SESSION, 0, 0, b"\x00\x01\x02\x03"),
-    "data_repair_symbol_last_chunk": wire.DataPacket(SESSION, 0x01020304, MAX_ESI, b"\xff" * 8),
+    "data_first_symbol": wire.DataPacket(TSI, 0, 0, b"\x00\x01\x02\x03"),
+    "data_chunk_3_esi_258": wire.DataPacket(TSI, 3, 0x102, b"\x00\x01\x02\x03"),
+    "data_repair_symbol_last_chunk": wire.DataPacket(TSI, 0x01020304, MAX_ESI, b"\xff" * 8),
     "manifest_first_fragment": wire.ManifestPacket(
-        SESSION, ENVELOPE_ID, 300, 0, b'{"signed"' + b" " * 247
+        TSI, TOI, 300, 256, 0, b'{"signed"' + b" " * 247
     ),
-    "manifest_last_fragment": wire.ManifestPacket(SESSION, ENVELOPE_ID, 300, 296, b"}]}\n"),
+    "manifest_last_fragment": wire.ManifestPacket(TSI, TOI, 300, 256, 1, b" " * 40 + b"}]}\n"),
     "auth_two_digests": wire.AuthPacket(
-        SESSION, 2, 5, 1, 0x0001020304050607, b"A" * 10 + b"B" * 10, b"\x5a" * 64
+        TSI, 2, 5, 1, 0x0001020304050607, b"A" * 10 + b"B" * 10, b"\x5a" * 64
     ),
 }
+FDT_XML = b'<?xml version="1.0" encoding="UTF-8"?>\n<FDT-Instance/>\n'
+
+
+def test_fdt_packet_head_builds_to_the_checked_in_golden_bytes() -> None:
+    expected = bytes.fromhex(_golden()["fdt_instance_1"])
+    built = wire.build_fdt_datagram(TSI, 1, len(FDT_XML), 0, FDT_XML)
+    assert built == expected == wire.build_fdt_datagram_spec(TSI, 1, len(FDT_XML), 0, FDT_XML)
+    assert (
+        wire.parse_datagram(expected) == wire.FdtPacket(TSI) == wire.parse_datagram_spec(expected)
+    )
+    assert wire.peek_data(expected) is None
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_PACKETS))
@@ -94,28 +103,73 @@ def test_packets_build_to_the_checked_in_golden_bytes(name: str) -> None:
 
 
 def test_golden_file_has_no_stale_entries() -> None:
-    assert set(_golden()) == set(GOLDEN_PACKETS)
+    assert set(_golden()) == {*GOLDEN_PACKETS, "fdt_instance_1"}
 
 
 def test_data_header_layout_matches_the_documented_offsets() -> None:
     # Written out by hand from the module docstring, independently of the code under test.
     expected = (
-        b"OC"  # magic
-        + b"\x02"  # version
-        + b"\x01"  # kind DATA
-        + SESSION
-        + b"\x00\x00\x00\x07"  # chunk 7
-        + b"\x00"  # SBN 0
+        b"\x10\xa0"  # V=1, C=0, PSI=0, S=1, O=01, H=0
+        + b"\x04"  # HDR_LEN: 4 words
+        + b"\x06"  # codepoint = FEC Encoding ID 6 (RaptorQ)
+        + bytes(4)  # CCI
+        + b"\x5e\x55\x10\x11"  # TSI
+        + b"\x00\x00\x00\x02"  # TOI 2: the image's second part (chunks 256 ..)
+        + b"\x07"  # SBN 7: chunk 256 + 7
         + b"\x00\x01\x00"  # ESI 256
         + b"sym"
     )
-    assert wire.build_datagram(wire.DataPacket(SESSION, 7, 256, b"sym")) == expected
+    assert wire.build_datagram(wire.DataPacket(TSI, 263, 256, b"sym")) == expected
+    # The research note's golden header (TSI 0x5e551011, TOI 1, SBN 3, ESI 0x102).
+    assert bytes.fromhex(_golden()["data_chunk_3_esi_258"])[:20] == bytes.fromhex(
+        "10a00406000000005e5510110000000103000102"
+    )
+
+
+def test_manifest_layout_matches_the_documented_offsets() -> None:
+    expected = (
+        b"\x10\xa0\x08\x00"  # HDR_LEN 8 (the EXT_FTI), codepoint 0 (Compact No-Code)
+        + bytes(4)
+        + b"\x5e\x55\x10\x11"
+        + b"\xfe\xdc\xba\x98"  # TOI: top bit and 31 bits of the envelope id
+        + b"\x40\x04"  # EXT_FTI, 4 words
+        + b"\x00\x00\x00\x00\x01\x2c"  # F = 300
+        + b"\x00\x00"  # reserved
+        + b"\x01\x00"  # E = 256: the fragment size
+        + b"\x00\x00\x00\x02"  # B = ceil(F / E)
+        + b"\x00\x00"  # SBN 0
+        + b"\x00\x01"  # ESI 1: the second fragment, bytes 256 ..
+        + b"x" * 44
+    )
+    packet = wire.ManifestPacket(TSI, TOI, 300, 256, 1, b"x" * 44)
+    assert wire.build_datagram(packet) == expected
+    assert packet.offset == 256
+
+
+def test_fdt_head_layout_matches_the_documented_offsets() -> None:
+    expected = (
+        b"\x10\xa0\x09\x00"  # HDR_LEN 9: EXT_FDT and EXT_FTI
+        + bytes(4)
+        + b"\x5e\x55\x10\x11"
+        + bytes(4)  # TOI 0: the FDT
+        + b"\xc0\x20\x00\x01"  # EXT_FDT: HET 192, FLUTE version 2, instance 1
+        + b"\x40\x04"
+        + (len(FDT_XML)).to_bytes(6, "big")
+        + bytes(2)
+        + wire.FDT_SYMBOL_SIZE.to_bytes(2, "big")
+        + b"\x00\x00\x00\x01"
+        + bytes(4)  # SBN 0, ESI 0
+    )
+    assert wire.build_fdt_datagram(TSI, 1, len(FDT_XML), 0, FDT_XML) == expected + FDT_XML
 
 
 def test_auth_layout_matches_the_documented_offsets() -> None:
     expected = (
-        b"OC\x02\x03"
-        + SESSION
+        b"\x10\xa0\x04\x00"  # codepoint 0
+        + bytes(4)
+        + b"\xde\x55\x10\x11"  # the session's TSI with the top bit flipped
+        + b"\x00\x00\x00\x08"  # TOI: 1 + sender 7
+        + bytes(4)  # No-Code payload id
         + b"\x00\x07"  # sender 7
         + b"\x00\x01"  # one digest
         + b"\x00\x00\x00\x03"  # chunk 3
@@ -124,21 +178,21 @@ def test_auth_layout_matches_the_documented_offsets() -> None:
         + b"D" * 10
         + b"S" * 64
     )
-    packet = wire.AuthPacket(SESSION, 7, 3, 9, 0x00062B1A9C405A11, b"D" * 10, b"S" * 64)
+    packet = wire.AuthPacket(TSI, 7, 3, 9, 0x00062B1A9C405A11, b"D" * 10, b"S" * 64)
     assert wire.build_datagram(packet) == expected
     assert wire.auth_signed_bytes(expected) == wire.AUTH_CONTEXT + expected[:-64]
 
 
-def test_default_auth_datagram_fits_a_default_data_datagram_with_113_digests() -> None:
-    assert wire.auth_capacity(1228) == 113
-    digests = bytes(113 * wire.DIGEST_BYTES)
-    packet = wire.AuthPacket(SESSION, 0, 0, 0, 0, digests, bytes(64))
+def test_default_auth_datagram_fits_a_default_data_datagram_with_112_digests() -> None:
+    assert wire.auth_capacity(1228) == 112
+    digests = bytes(112 * wire.DIGEST_BYTES)
+    packet = wire.AuthPacket(TSI, 0, 0, 0, 0, digests, bytes(64))
     assert len(wire.build_datagram(packet)) <= 1228
 
 
 def test_codec_packet_is_the_tail_of_a_data_datagram() -> None:
-    datagram = wire.build_datagram(wire.DataPacket(SESSION, 3, 0x123456, b"abcd"))
-    assert datagram[wire.CODEC_PACKET_OFFSET :] == b"\x00\x12\x34\x56abcd"
+    datagram = wire.build_datagram(wire.DataPacket(TSI, 3, 0x123456, b"abcd"))
+    assert datagram[wire.CODEC_PACKET_OFFSET :] == b"\x03\x12\x34\x56abcd"
 
 
 def test_default_data_datagram_fits_the_ipv6_minimum_mtu() -> None:
@@ -187,18 +241,16 @@ def test_fast_and_spec_parsers_agree_on_truncated_datagrams(packet: wire.Packet,
     assert _outcome(wire.parse_datagram, data) == _outcome(wire.parse_datagram_spec, data)
 
 
-def _peek_spec(data: bytes) -> tuple[bytes, int, int, int] | None:
+def _peek_spec(data: bytes) -> tuple[int, int, int] | None:
     """What `wire.peek_data` must answer, read with the construct definition."""
     try:
-        header = wire.HEADER.parse(data)
-        body = wire.DATA_BODY.parse(data[wire.HEADER_SIZE :])
+        parsed = wire.DATA.parse(data)
     except ConstructError:
         return None
-    if (header.magic, header.version, header.kind) != (wire.MAGIC, wire.VERSION, wire.KIND_DATA):
+    if not parsed.symbol or not 0 < parsed.lct.toi <= wire.MAX_PART_TOI:
         return None
-    if not body.symbol:
-        return None
-    return header.session, body.chunk, body.sbn, body.esi
+    chunk = (parsed.lct.toi - 1) * 256 + parsed.payload_id.sbn
+    return parsed.lct.tsi, chunk, parsed.payload_id.esi
 
 
 @pytest.mark.parametrize("name", sorted(n for n in GOLDEN_PACKETS if n.startswith("data_")))
@@ -206,7 +258,7 @@ def test_peek_data_reads_the_golden_data_datagrams(name: str) -> None:
     packet = GOLDEN_PACKETS[name]
     assert isinstance(packet, wire.DataPacket)
     golden = bytes.fromhex(_golden()[name])
-    expected = (packet.session, packet.chunk, 0, packet.esi)
+    expected = (packet.tsi, packet.chunk, packet.esi)
     assert wire.peek_data(golden) == expected == _peek_spec(golden)
     assert wire.peek_data(memoryview(golden)) == expected
 
@@ -216,10 +268,13 @@ def test_peek_data_refuses_the_golden_datagrams_of_other_kinds(name: str) -> Non
     assert wire.peek_data(bytes.fromhex(_golden()[name])) is None
 
 
-def test_peek_data_reads_the_sbn_the_documented_layout_puts_at_byte_16() -> None:
-    raw = b"OC\x02\x01" + SESSION + b"\x00\x00\x00\x07" + b"\x05" + b"\x00\x01\x00" + b"sym"
-    assert wire.peek_data(raw) == (SESSION, 7, 5, 256) == _peek_spec(raw)
+def test_peek_data_reads_toi_and_sbn_as_the_chunk_and_refuses_toi_0() -> None:
+    head = b"\x10\xa0\x04\x06" + bytes(4) + TSI.to_bytes(4, "big")
+    raw = head + b"\x00\x00\x00\x03" + b"\x05" + b"\x00\x01\x00" + b"sym"
+    assert wire.peek_data(raw) == (TSI, 2 * 256 + 5, 256) == _peek_spec(raw)
     assert wire.peek_data(raw[: wire.DATA_HEADER_SIZE]) is None  # no symbol
+    toi_0 = head + bytes(4) + b"\x05\x00\x01\x00sym"
+    assert wire.peek_data(toi_0) is None is _peek_spec(toi_0)
 
 
 @given(packets)
@@ -228,7 +283,7 @@ def test_peek_data_agrees_with_both_parsers_on_every_packet(packet: wire.Packet)
     peeked = wire.peek_data(data)
     assert peeked == _peek_spec(data)
     if isinstance(packet, wire.DataPacket):
-        assert peeked == (packet.session, packet.chunk, 0, packet.esi)
+        assert peeked == (packet.tsi, packet.chunk, packet.esi)
         assert data[wire.DATA_HEADER_SIZE :] == packet.symbol
     else:
         assert peeked is None
@@ -250,41 +305,49 @@ def test_peek_data_agrees_with_the_specification_on_corrupted_data_datagrams(
 
 
 def test_parser_accepts_memoryview_of_a_receive_buffer() -> None:
-    packet = wire.DataPacket(SESSION, 1, 2, b"xyz")
+    packet = wire.DataPacket(TSI, 1, 2, b"xyz")
     buffer = bytearray(MAX_DATAGRAM)
     raw = wire.build_datagram(packet)
     buffer[: len(raw)] = raw
     assert wire.parse_datagram(memoryview(buffer)[: len(raw)]) == packet
 
 
+LCT_DATA = b"\x10\xa0\x04\x06" + bytes(4) + TSI.to_bytes(4, "big")
+LCT_NO_CODE = b"\x10\xa0\x04\x00" + bytes(4) + TSI.to_bytes(4, "big")
+LCT_MANIFEST = b"\x10\xa0\x08\x00" + bytes(4) + TSI.to_bytes(4, "big") + TOI.to_bytes(4, "big")
+
+
+def _fti(total: int, size: int) -> bytes:
+    return b"\x40\x04" + total.to_bytes(6, "big") + bytes(2) + size.to_bytes(2, "big") + bytes(4)
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
         (b"", "short"),
-        (b"OC\x02", "short"),
-        (b"XX\x01\x01" + SESSION + bytes(9), "bad-magic"),
-        (b"OC\x01\x01" + SESSION + bytes(9), "bad-version"),  # the format before v2
-        (b"OC\x02\x09" + SESSION + bytes(9), "unknown-kind"),
-        (b"OC\x02\x03" + SESSION + bytes(90), "short"),  # AUTH without room for a digest
-        (b"OC\x02\x03" + SESSION + bytes(28 + 11 + 64), "auth-length"),  # count 0, stray byte
-        (b"OC\x02\x03" + SESSION + b"\x00\x00\x00\x02" + bytes(24 + 10 + 64), "auth-length"),
-        (b"OC\x02\x01" + SESSION + bytes(8), "short"),  # DATA without a symbol
-        (b"OC\x02\x01" + SESSION + b"\x00\x00\x00\x00\x01\x00\x00\x00sym", "bad-sbn"),
-        (b"OC\x02\x01" + SESSION + bytes(MAX_DATAGRAM), "oversized"),
-        (b"OC\x02\x02" + SESSION + ENVELOPE_ID + bytes(8), "short"),  # no fragment
+        (b"\x10\xa0\x04", "short"),
+        (b"OC\x02\x01" + bytes(8) + bytes(9), "old-wire-version"),  # otacast wire 2
+        (b"OC", "old-wire-version"),
+        (b"\x20\xa0\x04\x06" + bytes(12) + bytes(9), "bad-version"),  # LCT version 2
+        (b"\x10\xa1\x04\x06" + bytes(12) + bytes(9), "bad-header"),  # close object flag
+        (b"\x10\xa0\x04\x06\x00\x00\x00\x01" + bytes(8) + bytes(9), "bad-header"),  # CCI
+        (b"\x10\xa0\x04\x80" + bytes(12) + bytes(9), "unknown-kind"),  # codepoint 128
+        (LCT_DATA + b"\x00\x00\x00\x01" + bytes(4), "short"),  # DATA without a symbol
+        (LCT_DATA + bytes(4) + bytes(4) + b"sym", "bad-toi"),  # DATA of TOI 0
+        (b"\x10\xa0\x05\x06" + bytes(12) + bytes(9), "bad-header"),  # DATA with an extension
+        (LCT_DATA + b"\x00\x00\x00\x01" + bytes(MAX_DATAGRAM), "oversized"),
+        (LCT_NO_CODE + b"\x00\x00\x00\x07" + bytes(90), "short"),  # AUTH, no room
+        (LCT_NO_CODE + b"\x00\x00\x00\x07" + bytes(4 + 20 + 10 + 64), "bad-header"),  # sender
         (
-            b"OC\x02\x02" + SESSION + ENVELOPE_ID + (2**31).to_bytes(4, "big") + bytes(4) + b"x",
-            "manifest-length",
+            LCT_NO_CODE + bytes(3) + b"\x08" + bytes(4) + b"\x00\x07" + bytes(18 + 11 + 64),
+            "auth-length",  # count 0 and a stray byte
         ),
-        (
-            b"OC\x02\x02"
-            + SESSION
-            + ENVELOPE_ID
-            + (10).to_bytes(4, "big")
-            + (8).to_bytes(4, "big")
-            + b"xyz",
-            "fragment-range",
-        ),
+        (LCT_MANIFEST + _fti(300, 256) + bytes(4), "short"),  # no fragment
+        (LCT_MANIFEST + _fti(2**31, 256) + bytes(4) + b"x" * 256, "manifest-length"),
+        (LCT_MANIFEST + _fti(300, 256) + b"\x00\x00\x00\x02" + b"xyz", "fragment-range"),
+        (LCT_MANIFEST + _fti(300, 255) + bytes(4) + b"x" * 255, "fragment-length"),  # E < 256
+        (LCT_MANIFEST + _fti(300, 256) + b"\x00\x01\x00\x00" + b"x" * 256, "bad-sbn"),
+        (LCT_MANIFEST + b"\x40\x05" + bytes(14) + bytes(4) + b"x", "bad-header"),  # HEL 5
     ],
 )
 def test_hostile_datagrams_are_rejected_with_a_reason(data: bytes, reason: str) -> None:
@@ -294,20 +357,21 @@ def test_hostile_datagrams_are_rejected_with_a_reason(data: bytes, reason: str) 
         assert caught.value.reason == reason
 
 
-def test_a_short_fragment_that_is_not_the_last_is_refused() -> None:
+def test_only_the_last_fragment_may_be_short_and_it_must_end_at_the_transfer_length() -> None:
     # 1-byte fragments at millions of offsets would make reassembly bookkeeping huge.
-    short = wire.ManifestPacket(SESSION, ENVELOPE_ID, 1000, 999, b"x")  # the last: fine
-    assert wire.parse_datagram(wire.build_datagram(short)) == short
-    raw = wire.build_datagram(short)[:20] + (1000).to_bytes(4, "big") + (5).to_bytes(4, "big")
-    for parse in (wire.parse_datagram, wire.parse_datagram_spec):
-        with pytest.raises(PacketError) as caught:
-            parse(raw + b"x")
-        assert caught.value.reason == "fragment-length"
+    last = wire.ManifestPacket(TSI, TOI, 1000, 256, 3, b"x" * 232)  # bytes 768 .. 1000: fine
+    assert wire.parse_datagram(wire.build_datagram(last)) == last
+    for index, length in ((2, 255), (3, 231), (3, 233)):
+        raw = LCT_MANIFEST + _fti(1000, 256) + index.to_bytes(4, "big") + b"x" * length
+        for parse in (wire.parse_datagram, wire.parse_datagram_spec):
+            with pytest.raises(PacketError) as caught:
+                parse(raw)
+            assert caught.value.reason == "fragment-length"
 
 
 def test_fragments_reassemble_to_the_envelope() -> None:
     envelope = bytes(range(256)) * 20
-    fragments = wire.fragment_envelope(SESSION, ENVELOPE_ID, envelope, 1232)
+    fragments = wire.fragment_envelope(TSI, bytes(8), envelope, 1232)
     assert all(len(wire.build_datagram(f)) <= 1232 for f in fragments)
     rebuilt = bytearray(len(envelope))
     for fragment in fragments:
@@ -319,10 +383,12 @@ def test_fragments_reassemble_to_the_envelope() -> None:
 
 def test_packet_constructors_refuse_values_the_wire_cannot_carry() -> None:
     with pytest.raises(ValueError):
-        wire.DataPacket(SESSION, 0, MAX_ESI + 1, b"x")
+        wire.DataPacket(TSI, 0, MAX_ESI + 1, b"x")
     with pytest.raises(ValueError):
-        wire.DataPacket(SESSION[:4], 0, 0, b"x")
+        wire.DataPacket(1 << 32, 0, 0, b"x")
     with pytest.raises(ValueError):
-        wire.DataPacket(SESSION, 0, 0, b"")
+        wire.DataPacket(TSI, 0, 0, b"")
     with pytest.raises(ValueError):
-        wire.ManifestPacket(SESSION, ENVELOPE_ID, 10, 8, b"xyz")
+        wire.ManifestPacket(TSI, TOI, 10, 256, 1, b"xyz")
+    with pytest.raises(ValueError):
+        wire.ManifestPacket(TSI, 5, 10, 256, 0, b"x" * 10)  # not a manifest TOI

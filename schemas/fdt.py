@@ -1,0 +1,98 @@
+"""The FLUTE File Delivery Table a sender sends with every manifest carousel turn (RFC 6726).
+
+It lets a plain FLUTE receiver (one that speaks RaptorQ, FEC Encoding ID 6) take the image and
+the signed manifest as files: one ``File`` per image part (`otacast.schemas.fec`; object TOI
+``1+p``, Content-Location the image's name, with a ``.partNNN`` suffix only when there are
+several parts) with its RaptorQ OTI, and the manifest envelope as a Compact No-Code object
+(Content-Location ``<image name>.otacast.json``, the TOI of its MANIFEST datagrams).
+
+Everything in it is derived from the signed manifest, the envelope and the manifest fragment
+size, so every sender of a release sends byte-identical FDT packets: ``Expires`` is the
+manifest's expiry in NTP seconds (capped below the NTP era-0 wrap in 2036, which a 32-bit
+``Expires`` cannot pass), and the FDT instance id is 20 bits of the SHA-256 of the XML.
+
+An otacast device never parses it: a manifest object and its signature are all it needs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+from typing import Final
+
+from . import wire
+from .manifest import Envelope, Manifest
+
+# RFC 5905: NTP seconds count from 1900; a 32-bit value wraps on 2036-02-07.
+NTP_UNIX_OFFSET: Final = 2_208_988_800
+NTP_ERA0_LAST: Final = (1 << 32) - 1
+FDT_NAMESPACE: Final = "urn:IETF:metadata:2005:FLUTE:FDT"
+RAPTORQ_ALIGNMENT: Final = 8  # RFC 6330 Al; `limits.SYMBOL_ALIGNMENT`
+MANIFEST_SUFFIX: Final = ".otacast.json"
+
+
+def ntp_seconds(unix: int) -> int:
+    return min(unix + NTP_UNIX_OFFSET, NTP_ERA0_LAST)
+
+
+def part_location(manifest: Manifest, part: int) -> str:
+    name = manifest.image.name
+    return name if manifest.part_count == 1 else f"{name}.part{part:03d}"
+
+
+def raptorq_scheme_info(blocks: int) -> str:
+    """FEC-OTI-Scheme-Specific-Info of RFC 6330 section 3.3.3: Z (8 bits), N = 1 (16), Al (8)."""
+    return base64.b64encode(struct.pack(">BHB", blocks % 256, 1, RAPTORQ_ALIGNMENT)).decode()
+
+
+def fdt_xml(manifest: Manifest, envelope: bytes, envelope_toi: int, fragment_size: int) -> bytes:
+    """The FDT instance's XML."""
+    t = manifest.fec.symbol_size
+    files = []
+    for index in range(manifest.part_count):
+        part = manifest.part(index)
+        files.append(
+            f'  <File TOI="{1 + index}" Content-Location="{part_location(manifest, index)}" '
+            f'Content-Type="application/octet-stream" Content-Length="{part.length}" '
+            f'Transfer-Length="{part.length}" FEC-OTI-FEC-Encoding-ID="6" '
+            f'FEC-OTI-Maximum-Source-Block-Length="{part.large}" '
+            f'FEC-OTI-Encoding-Symbol-Length="{t}" '
+            f'FEC-OTI-Scheme-Specific-Info="{raptorq_scheme_info(part.blocks)}"/>'
+        )
+    files.append(
+        f'  <File TOI="{envelope_toi}" Content-Location="{manifest.image.name}{MANIFEST_SUFFIX}" '
+        f'Content-Type="application/json" Content-Length="{len(envelope)}" '
+        f'Transfer-Length="{len(envelope)}" FEC-OTI-FEC-Encoding-ID="0" '
+        f'FEC-OTI-Maximum-Source-Block-Length="{-(-len(envelope) // fragment_size)}" '
+        f'FEC-OTI-Encoding-Symbol-Length="{fragment_size}"/>'
+    )
+    text = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<FDT-Instance xmlns="{FDT_NAMESPACE}" Expires="{ntp_seconds(manifest.expires)}">\n'
+        + "\n".join(files)
+        + "\n</FDT-Instance>\n"
+    )
+    return text.encode()
+
+
+def instance_id(xml: bytes) -> int:
+    """The 20-bit FDT instance id: the same for the same table, whoever sends it."""
+    return int.from_bytes(hashlib.sha256(xml).digest()[:4], "big") >> 12
+
+
+def fdt_datagrams(envelope: Envelope, fragment_size: int) -> tuple[bytes, ...]:
+    """The FDT packets of `envelope`'s release, describing its manifest object as cut into
+    `fragment_size`-byte fragments (`wire.fragment_envelope`)."""
+    manifest = envelope.manifest
+    toi = wire.manifest_toi(envelope.envelope_id)
+    xml = fdt_xml(manifest, envelope.compact_bytes, toi, fragment_size)
+    tsi, instance, step = (
+        wire.session_tsi(manifest.session_id),
+        instance_id(xml),
+        wire.FDT_SYMBOL_SIZE,
+    )
+    return tuple(
+        wire.build_fdt_datagram(tsi, instance, len(xml), index, xml[offset : offset + step])
+        for index, offset in enumerate(range(0, len(xml), step))
+    )
