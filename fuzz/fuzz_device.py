@@ -50,6 +50,7 @@ with atheris.instrument_imports():
     )
     from otacast.schemas.policy import TrustSet
     from otacast.signer.auth_pages import AuthPages, chunk_digests
+    from otacast.signer.channels import manifest_fragments
     from otacast.signer.encoder import raptorq_encode
     from otacast.signer.keys import SigningKey
     from otacast.signer.sign import sign
@@ -60,13 +61,15 @@ SYMBOL = fec.DEFAULT_SYMBOL_SIZE
 KEY = SigningKey(b"\x05" * 32)
 STREAM_KEY = SigningKey(b"\x07" * 32)
 TRUST = TrustSet.from_public_keys([KEY.public])
-IMAGE = random.Random(11).randbytes(3 * CHUNK + 100)  # noqa: S311 - test data, not a secret
+IMAGE = random.Random(11).randbytes(4 * CHUNK - 100)  # noqa: S311 - test data, not a secret
 
 
 def _release(stream_keys: tuple[StreamKey, ...] = ()) -> tuple[Manifest, bytes, list[bytes]]:
-    chunks = tuple(
-        hashlib.sha256(IMAGE[i : i + CHUNK]).digest() for i in range(0, len(IMAGE), CHUNK)
+    spans = (
+        fec.chunk_span(len(IMAGE), CHUNK, SYMBOL, i)
+        for i in range(fec.chunk_count(len(IMAGE), CHUNK, SYMBOL))
     )
+    chunks = tuple(hashlib.sha256(IMAGE[o : o + n]).digest() for o, n in spans)
     manifest = Manifest(
         name="fuzz",
         sequence=2,
@@ -82,16 +85,14 @@ def _release(stream_keys: tuple[StreamKey, ...] = ()) -> tuple[Manifest, bytes, 
         stream_keys=stream_keys,
     )
     envelope = sign(manifest, [KEY])
-    datagrams = [
-        wire.build_datagram(p)
-        for p in wire.fragment_envelope(
-            manifest.tsi, envelope.envelope_id, envelope.compact_bytes, 1228
-        )
-    ]
+    # The FDT then the MANIFEST fragments, as a sender's manifest carousel sends them.
+    datagrams = list(manifest_fragments(envelope, wire.data_datagram_size(SYMBOL)))
     return manifest, envelope.compact_bytes, datagrams
 
 
 MANIFEST, ENVELOPE, MANIFEST_DATAGRAMS = _release()
+# An otacast wire 2 DATA datagram: refused as old-wire-version.
+OLD_WIRE_DATA = b"OC\x02\x01" + MANIFEST.session_id + bytes(8) + bytes(SYMBOL)
 AUTHED, _, AUTHED_DATAGRAMS = _release((StreamKey(0, STREAM_KEY.public),))
 
 
@@ -178,7 +179,7 @@ def config(data: bytes) -> None:
 
 
 TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]]]] = {
-    "datagram": (datagram, lambda: [*MANIFEST_DATAGRAMS, *_data_seeds()]),
+    "datagram": (datagram, lambda: [*MANIFEST_DATAGRAMS, *_data_seeds(), OLD_WIRE_DATA]),
     "auth": (auth, _auth_seeds),
     "manifest": (manifest, lambda: [ENVELOPE]),
     "config": (config, lambda: [b'trust = ["k.pub"]\nchannel = "a.example"\nport = 4242\n']),

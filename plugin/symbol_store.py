@@ -165,7 +165,7 @@ SPILL_FACTOR = 1
 FLUSH_SYMBOLS = 4096
 
 # The longest run of consecutive source symbols gathered before one write (256 KiB): longer
-# than the runs a sender sends of one chunk (a GSO batch of ~50, an AUTH page of ~113), small
+# than the runs a sender sends of one chunk (a GSO batch of ~50, an AUTH page of ~112), small
 # enough to be allocated once and kept.
 RUN_BYTES = 256 * 1024
 

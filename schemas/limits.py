@@ -64,9 +64,9 @@ MAX_CHUNK_BYTES = 8 * 1024 * 1024
 # the benefit of finer-grained verification.
 MIN_CHUNK_BYTES = 64 * 1024
 
-# 8 MiB, the largest chunk: the carousel sends a whole visit (one AUTH page, 113 symbols) of every
+# 8 MiB, the largest chunk: the carousel sends a whole visit (one AUTH page, 112 symbols) of every
 # chunk per round, so a receiver hears up to about a visit per chunk beyond its K/(1-p); at 8 MiB
-# (K = 6945) that is under 2% (the simulator sweep measured 1.008-1.021 of the ideal at 0-30% loss
+# (K = 6944) that is under 2% (the simulator sweep measured 1.008-1.021 of the ideal at 0-30% loss
 # for 50 MB to 1 GiB, against 1.06-1.13 at 1 MiB: docs/PERFORMANCE.md).  RaptorQ decodes in time
 # linear in the chunk (~5.3 ms per MiB at 1, 4 and 8 MiB), and the durable symbol store keeps
 # symbols on disk, so a large chunk costs neither CPU nor memory beyond one decode at a time
@@ -194,7 +194,7 @@ MAX_ANNOUNCED_SOURCES = 16
 MAX_AUTH_HELD_BYTES = 1_000_000
 
 # Accepted AUTH pages each sender keeps (its latest; ~1.2 kB each).  A sender moves to a new page
-# with every visit of ~113 datagrams, so only the page in flight is needed; 8 leave room for
+# with every visit of ~112 datagrams, so only the page in flight is needed; 8 leave room for
 # reordering and stragglers at any rate and bound what 64 stream keys could ever hold to ~0.6 MB.
 MAX_AUTH_KEPT_PAGES = 8
 
@@ -210,7 +210,7 @@ AUTH_REORDER_SECONDS = 0.1
 
 # Ed25519 verifications of AUTH pages, per second, that a source address which has not yet sent
 # a valid page may cause in total (all such sources share it), and that each source which has
-# may cause.  An honest sender needs one per visit of 113 datagrams; 5000/s covers ~560k
+# may cause.  An honest sender needs one per visit of 112 datagrams; 5000/s covers ~560k
 # datagrams/s (~690 MB/s), and 200/s caps what a flood of forged pages from strangers costs at
 # ~15 ms of CPU per second.
 UNTRUSTED_AUTH_VERIFY_RATE = 200.0

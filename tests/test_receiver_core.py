@@ -591,3 +591,17 @@ def test_sources_heard_count_senders_of_the_session_not_other_traffic_and_are_bo
     assert core.snapshot().sources == 3
     receive_from(core, [(DATA[2][i], f"fd52::{i:x}") for i in range(MAX_SOURCES_COUNTED + 5)])
     assert core.snapshot().sources == MAX_SOURCES_COUNTED
+
+
+def test_a_chunk_whose_block_number_is_not_0_is_repaired_by_the_in_memory_decoder() -> None:
+    # Chunk 2 is source block 2 of the image's FLUTE object (SBN 2 on the wire); the codec
+    # decodes it alone, as block 0, and panics on any other block number.
+    assert DATA[2][0][wire.CODEC_PACKET_OFFSET] == 2
+    core = ReceiverCore(TRUST, now=NOW)  # in-memory decoders
+    receive_all(core, manifest_datagrams())
+    k = MANIFEST.source_symbols(2)
+    lossy = [d for esi, d in enumerate(DATA[2]) if esi >= k or esi % 3]  # repair needed
+    events = receive_all(core, lossy)
+    assert [e.index for e in events if isinstance(e, ChunkComplete)] == [2]
+    assert rebuilt(events) == IMAGE[2 * CHUNK : 3 * CHUNK]
+    assert "decoder-fault" not in core.stats.rejected
