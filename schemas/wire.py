@@ -454,6 +454,16 @@ def _lct_problem(n: int, flags: int, cci: int) -> str | None:
     return None
 
 
+def _check_data(hdr_len: int, n: int, toi: int) -> None:
+    """A DATA datagram's header length, symbol and TOI (both parsers)."""
+    if hdr_len != 4:
+        raise PacketError("bad-header")
+    if n <= DATA_HEADER_SIZE:
+        raise PacketError("short")
+    if not 0 < toi <= MAX_PART_TOI:
+        raise PacketError("bad-toi")
+
+
 def parse_datagram(data: bytes | bytearray | memoryview) -> Packet | FdtPacket:
     """Parse one datagram (fast path).  Raises `PacketError` with a reason slug, nothing else."""
     n = len(data)
@@ -466,12 +476,7 @@ def parse_datagram(data: bytes | bytearray | memoryview) -> Packet | FdtPacket:
     if reason is not None:
         raise PacketError(reason)
     if codepoint == CODEPOINT_RAPTORQ:
-        if hdr_len != 4:
-            raise PacketError("bad-header")
-        if n <= DATA_HEADER_SIZE:
-            raise PacketError("short")
-        if not 0 < toi <= MAX_PART_TOI:
-            raise PacketError("bad-toi")
+        _check_data(hdr_len, n, toi)
         (pid,) = struct.unpack_from(">I", data, LCT_SIZE)
         chunk = (toi - 1) * PART_CHUNKS + (pid >> 24)
         return DataPacket(tsi, chunk, pid & MAX_ESI, bytes(data[DATA_HEADER_SIZE:]))
@@ -546,12 +551,7 @@ def parse_datagram_spec(data: bytes) -> Packet | FdtPacket:
         raise PacketError("bad-header") from None
     tsi, toi, hdr_len, codepoint = lct.tsi, lct.toi, lct.word0.hdr_len, lct.word0.codepoint
     if codepoint == CODEPOINT_RAPTORQ:
-        if hdr_len != 4:
-            raise PacketError("bad-header")
-        if n <= DATA_HEADER_SIZE:
-            raise PacketError("short")
-        if not 0 < toi <= MAX_PART_TOI:
-            raise PacketError("bad-toi")
+        _check_data(hdr_len, n, toi)
         parsed = DATA.parse(data)
         chunk = (toi - 1) * PART_CHUNKS + parsed.payload_id.sbn
         return DataPacket(tsi, chunk, parsed.payload_id.esi, parsed.symbol)
