@@ -30,7 +30,7 @@ from pathlib import Path
 BURST = 32
 _LENGTH = struct.Struct(">H")
 # An ALC/LCT DATA header by hand (docs/FORMATS.md): word 0 (V=1, S=1, O=01, HDR_LEN 4, codepoint
-# 6), CCI 0, TSI, TOI = 1 + chunk // 256, then the RaptorQ payload id SBN = chunk % 256 | ESI.
+# 6), CCI 0, TSI, TOI = 1 + chunk // 255, then the RaptorQ payload id SBN = chunk % 255 | ESI.
 _DATA_HEAD = struct.Struct(">IIIII")
 _WORD0 = 0x10A00406
 
@@ -54,7 +54,7 @@ def forged_data(tsi: int, chunks: int, symbol_size: int, seed: int) -> Iterator[
     pool = os.urandom(1 << 20)
     while True:
         start = rng.randrange(len(pool) - symbol_size)
-        toi, sbn = divmod(rng.randrange(chunks), 256)
+        toi, sbn = divmod(rng.randrange(chunks), 255)
         head = _DATA_HEAD.pack(_WORD0, 0, tsi, 1 + toi, sbn << 24 | rng.getrandbits(24))
         yield head + pool[start : start + symbol_size]
 

@@ -43,7 +43,7 @@ def part_location(manifest: Manifest, part: int) -> str:
 
 def raptorq_scheme_info(blocks: int) -> str:
     """FEC-OTI-Scheme-Specific-Info of RFC 6330 section 3.3.3: Z (8 bits), N = 1 (16), Al (8)."""
-    return base64.b64encode(struct.pack(">BHB", blocks % 256, 1, RAPTORQ_ALIGNMENT)).decode()
+    return base64.b64encode(struct.pack(">BHB", blocks, 1, RAPTORQ_ALIGNMENT)).decode()
 
 
 def fdt_xml(manifest: Manifest, envelope: bytes, envelope_toi: int, fragment_size: int) -> bytes:

@@ -6,15 +6,16 @@ three signed numbers, so the manifest does not repeat them (and cannot contradic
 image length ``L``, the symbol size ``T`` (a multiple of 8, the codec's alignment) and the chunk
 size ``S = Kc*T`` (a whole number ``Kc`` of symbols):
 
-* the image is cut into *parts* of ``256*S`` bytes (the last one shorter): a source block number
-  is 8 bits, so one FLUTE object holds at most 256 chunks.  Part ``p`` is the FLUTE object with
+* the image is cut into *parts* of ``255*S`` bytes (the last one shorter): the number of source
+  blocks Z an FDT announces is 8 bits, so one FLUTE object holds at most 255 chunks
+  (`limits.PART_CHUNKS`).  Part ``p`` is the FLUTE object with
   TOI ``1+p`` (`otacast.schemas.wire`), of transfer length ``F_p``;
 * part ``p`` has ``Kt = ceil(F_p/T)`` symbols in ``Z = ceil(Kt/Kc)`` source blocks, sized by
   RFC 6330's ``Partition[Kt, Z] = (KL, KS, ZL, ZS)``: the first ``ZL`` blocks have ``KL`` symbols,
-  the others ``KS`` (``KL - KS <= 1``, ``KL <= Kc``).  Every full part has ``Kt = 256*Kc``, so its
+  the others ``KS`` (``KL - KS <= 1``, ``KL <= Kc``).  Every full part has ``Kt = 255*Kc``, so its
   chunks are all exactly ``S`` bytes; only the last part has shorter ones.  Only the object's last
   symbol is padded;
-* chunk ``256*p + b`` is block ``b`` of part ``p``: one RaptorQ source block, encoded on its own
+* chunk ``255*p + b`` is block ``b`` of part ``p``: one RaptorQ source block, encoded on its own
   (a block's symbols do not depend on its SBN), with ``K`` = its symbol count (ESI ``0..K-1``);
   ESIs from ``K`` up are repair symbols.  Any ``K`` (rarely ``K+1``) distinct valid symbols
   rebuild the chunk.  Encoded alone with the codec's defaults, a chunk of at most

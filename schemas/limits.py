@@ -73,10 +73,11 @@ MIN_CHUNK_BYTES = 64 * 1024
 # (~2-3x the chunk while it runs).  A 1 GB image needs 128 hashes (~9 KB of manifest).
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
 
-# RaptorQ's payload id numbers source blocks with 8 bits (RFC 6330 section 3.2), so one FLUTE
-# object holds at most 256 chunks: the image is cut into parts of this many chunks, each its own
-# object (`otacast.schemas.fec`).
-PART_CHUNKS = 256
+# One FLUTE object holds at most this many chunks (its RaptorQ source blocks): the image is cut
+# into parts of this many chunks, each its own object (`otacast.schemas.fec`).  The payload id's
+# SBN has 8 bits (256 blocks), but the number of source blocks Z that the FDT announces (RFC 6330
+# section 3.3.3 Scheme-Specific-Info, and the `raptorq` crate's OTI) is 8 bits too, so 255.
+PART_CHUNKS = 255
 
 # Chunk hashes in one manifest.  16384 x 8 MiB is 128 GiB, beyond any device image, and the
 # hash list stays near 1.1 MB, inside MAX_MANIFEST_BYTES.

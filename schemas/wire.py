@@ -17,7 +17,7 @@ DATA (one RaptorQ encoding symbol; codepoint 6, HDR_LEN 4)::
     12 TOI = 1 + image part | 16 SBN (u8) | 17 ESI (u24) | 20 symbol (T bytes)
 
   SBN + ESI is RaptorQ's FEC payload id (RFC 6330 section 3.2).  Part ``p`` of the image is the
-  FLUTE object TOI ``1+p``; its source block ``SBN`` is chunk ``256*p + SBN``
+  FLUTE object TOI ``1+p``; its source block ``SBN`` (< 255) is chunk ``255*p + SBN``
   (`otacast.schemas.fec`).  With the default symbol size of 1208 bytes a DATA datagram is 1228
   bytes, within the 1232-byte IPv6 minimum-MTU UDP payload: the same 20 bytes of header as
   otacast wire 2.
@@ -111,8 +111,10 @@ FLUTE_VERSION: Final = 2  # RFC 6726
 FDT_TOI: Final = 0
 MANIFEST_TOI_BIT: Final = 0x80000000  # manifest objects; image parts are TOI 1 ..
 AUTH_TSI_BIT: Final = 0x80000000  # AUTH pages: the session's TSI with this bit flipped
-# Image parts are TOI 1 .. MAX_PART_TOI, so that a chunk index fits in 32 bits.
-MAX_PART_TOI: Final = (1 << 32) // PART_CHUNKS
+# Image parts are TOI 1 .. MAX_PART_TOI, so that every chunk index of 32 bits has one.
+MAX_PART_TOI: Final = 1 + 0xFFFFFFFF // PART_CHUNKS
+# A payload id (SBN << 24 | ESI) at or above this names no block of an object.
+_PAYLOAD_ID_LIMIT: Final = PART_CHUNKS << 24
 
 # A DATA digest is 80 bits: forging a datagram that matches one of the <= MAX_AUTH_DIGESTS
 # digests a receiver holds takes ~2^64 hashes, and 10 bytes per datagram (sent twice) keep the
@@ -280,16 +282,16 @@ def peek_data(data: bytes | bytearray | memoryview) -> tuple[int, int, int] | No
 
     The receiver's fast path: no packet object, no copy of the symbol (it stays at
     ``data[DATA_HEADER_SIZE:]``; the codec reads ``data[CODEC_PACKET_OFFSET:]``, whose first
-    byte, the SBN, it ignores).  ``chunk`` is ``256*(TOI-1) + SBN``.  It reads the layout only:
-    the caller checks the chunk range and symbol length against what it expects, and hands
-    anything that gives None to `parse_datagram` for a packet or a rejection reason.  The
-    datagram's length is not bounded here (the transport drops longer ones), so a receiver
-    counts an overlong DATA datagram of its session as a wrong symbol length.
+    byte, the SBN, it ignores).  ``chunk`` is ``255*(TOI-1) + SBN``; SBN 255 is no block.  It
+    reads the layout only: the caller checks the chunk range and symbol length against what it
+    expects, and hands anything that gives None to `parse_datagram` for a packet or a rejection
+    reason.  The datagram's length is not bounded here (the transport drops longer ones), so a
+    receiver counts an overlong DATA datagram of its session as a wrong symbol length.
     """
     if len(data) <= DATA_HEADER_SIZE:
         return None
     prefix, tsi, toi, payload_id = _DATA_PEEK.unpack_from(data)
-    if prefix != _DATA_PREFIX or not 0 < toi <= MAX_PART_TOI:
+    if prefix != _DATA_PREFIX or not 0 < toi <= MAX_PART_TOI or payload_id >= _PAYLOAD_ID_LIMIT:
         return None
     return tsi, (toi - 1) * PART_CHUNKS + (payload_id >> 24), payload_id & MAX_ESI
 
@@ -478,6 +480,8 @@ def parse_datagram(data: bytes | bytearray | memoryview) -> Packet | FdtPacket:
     if codepoint == CODEPOINT_RAPTORQ:
         _check_data(hdr_len, n, toi)
         (pid,) = struct.unpack_from(">I", data, LCT_SIZE)
+        if pid >= _PAYLOAD_ID_LIMIT:
+            raise PacketError("bad-sbn")
         chunk = (toi - 1) * PART_CHUNKS + (pid >> 24)
         return DataPacket(tsi, chunk, pid & MAX_ESI, bytes(data[DATA_HEADER_SIZE:]))
     if codepoint != CODEPOINT_NO_CODE:
@@ -553,6 +557,8 @@ def parse_datagram_spec(data: bytes) -> Packet | FdtPacket:
     if codepoint == CODEPOINT_RAPTORQ:
         _check_data(hdr_len, n, toi)
         parsed = DATA.parse(data)
+        if parsed.payload_id.sbn >= PART_CHUNKS:
+            raise PacketError("bad-sbn")
         chunk = (toi - 1) * PART_CHUNKS + parsed.payload_id.sbn
         return DataPacket(tsi, chunk, parsed.payload_id.esi, parsed.symbol)
     if codepoint != CODEPOINT_NO_CODE:

@@ -23,7 +23,7 @@ from pathlib import Path
 from otacast.schemas import addressing, wire
 from otacast.schemas.errors import Expired
 from otacast.schemas.fdt import fdt_datagrams
-from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM
+from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM, MIN_MANIFEST_FRAGMENT
 from otacast.schemas.manifest import Envelope, Manifest
 
 from . import lifetime, symbol_cache
@@ -140,13 +140,16 @@ def manifest_fragments(
 ) -> tuple[bytes, ...]:
     """The FLUTE FDT datagrams of `envelope`'s release, then its MANIFEST datagrams, each no
     larger than a DATA datagram (`datagram_size`) nor `max_datagram` (the IPv6 minimum MTU's
-    payload by default, whatever the symbol size).  The manifest carousel and the announcements
-    send them together, so a FLUTE receiver learns the files with every manifest turn."""
+    payload by default, whatever the symbol size), but with fragments of at least
+    MIN_MANIFEST_FRAGMENT bytes (292-byte datagrams beside the 276-byte DATA datagrams of the
+    smallest symbol size).  The manifest carousel and the announcements send them together, so a
+    FLUTE receiver learns the files with every manifest turn."""
+    smallest = wire.MANIFEST_HEADER_SIZE + MIN_MANIFEST_FRAGMENT
     packets = wire.fragment_envelope(
         envelope.manifest.tsi,
         envelope.envelope_id,
         envelope.compact_bytes,
-        min(max_datagram, datagram_size),
+        max(min(max_datagram, datagram_size), smallest),
     )
     fdt = fdt_datagrams(envelope, packets[0].fragment_size)
     return fdt + tuple(wire.build_datagram(p) for p in packets)

@@ -69,26 +69,38 @@ def test_every_sender_of_a_release_sends_byte_identical_fdt_packets() -> None:
 
 def test_an_image_of_several_objects_names_its_parts_and_each_part_has_its_own_oti() -> None:
     t = 256
-    size = 256 * t  # 64 KiB chunks of 256 symbols: parts of 16 MiB
+    size = 256 * t  # 64 KiB chunks of 256 symbols: parts of 255 of them
     manifest = make_release(bytes(10), KEY, symbol_size=t, chunk_size=size).manifest
     manifest = dataclasses.replace(
         manifest,
-        image=dataclasses.replace(manifest.image, length=256 * size + 1000),
-        chunks=dataclasses.replace(manifest.chunks, sha256=(b"\0" * 32,) * 257),
+        image=dataclasses.replace(manifest.image, length=255 * size + 1000),
+        chunks=dataclasses.replace(manifest.chunks, sha256=(b"\0" * 32,) * 256),
     )
-    assert fec.chunk_count(256 * size + 1000, size, t) == 257
+    assert fec.chunk_count(255 * size + 1000, size, t) == 256
     xml = fdt.fdt_xml(manifest, b"{}", wire.manifest_toi(bytes(8)), 1024).decode()
     assert re.findall(r'Content-Location="([^"]+)"', xml) == [
         "demo.img.part000",
         "demo.img.part001",
         "demo.img.otacast.json",
     ]
-    assert 'Content-Length="16777216"' in xml and 'Content-Length="1000"' in xml
-    # A full part has Z = 256, written modulo 256 (8 bits); the second has one block.
-    assert base64.b64encode(bytes([0, 0, 1, 8])).decode() in xml
+    assert f'Content-Length="{255 * size}"' in xml and 'Content-Length="1000"' in xml
+    # A full part has Z = 255 blocks (8 bits); the second has one.
+    assert base64.b64encode(bytes([255, 0, 1, 8])).decode() in xml
     assert base64.b64encode(bytes([1, 0, 1, 8])).decode() in xml
 
 
 def test_expires_is_capped_below_the_ntp_era_wrap() -> None:
     assert fdt.ntp_seconds(0) == 2_208_988_800
     assert fdt.ntp_seconds(2**32) == 2**32 - 1
+
+
+def test_at_the_smallest_symbol_size_manifest_fragments_are_still_256_bytes() -> None:
+    # A 276-byte DATA datagram would leave 240 bytes of fragment: every receiver refuses a
+    # fragment under 256 bytes that is not the last.
+    release = make_release(
+        random.Random(4).randbytes(70_000), KEY, symbol_size=256, chunk_size=65536
+    )
+    turn = carousel_datagrams(release.envelope)
+    fragments = [wire.parse_datagram(d) for d in turn]
+    sizes = {p.fragment_size for p in fragments if isinstance(p, wire.ManifestPacket)}
+    assert sizes == {256}

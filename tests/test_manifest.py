@@ -168,15 +168,15 @@ def test_chunk_spans_are_the_rfc_6330_partition_of_the_image() -> None:
     assert manifest.part_count == 1
 
 
-def test_an_image_beyond_256_chunks_is_cut_into_objects_of_256_full_chunks() -> None:
+def test_an_image_beyond_255_chunks_is_cut_into_objects_of_255_full_chunks() -> None:
     t, size = 256, 65536
-    manifest = manifest_for(bytes(256 * size + 3 * t + 1), chunk_size=size, symbol_size=t)
+    manifest = manifest_for(bytes(255 * size + 3 * t + 1), chunk_size=size, symbol_size=t)
     assert manifest.part_count == 2
-    assert manifest.chunk_count == 257
-    assert manifest.chunk_span(255) == (255 * size, size)
-    assert manifest.chunk_span(256) == (256 * size, 3 * t + 1)
-    assert manifest.part(1).offset == 256 * size
-    assert manifest.part(1).first_chunk == 256
+    assert manifest.chunk_count == 256
+    assert manifest.chunk_span(254) == (254 * size, size)
+    assert manifest.chunk_span(255) == (255 * size, 3 * t + 1)
+    assert manifest.part(1).offset == 255 * size
+    assert manifest.part(1).first_chunk == 255
 
 
 def test_schema_bounds_equal_the_named_limits() -> None:

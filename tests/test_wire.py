@@ -114,12 +114,12 @@ def test_data_header_layout_matches_the_documented_offsets() -> None:
         + b"\x06"  # codepoint = FEC Encoding ID 6 (RaptorQ)
         + bytes(4)  # CCI
         + b"\x5e\x55\x10\x11"  # TSI
-        + b"\x00\x00\x00\x02"  # TOI 2: the image's second part (chunks 256 ..)
-        + b"\x07"  # SBN 7: chunk 256 + 7
+        + b"\x00\x00\x00\x02"  # TOI 2: the image's second part (chunks 255 ..)
+        + b"\x07"  # SBN 7: chunk 255 + 7
         + b"\x00\x01\x00"  # ESI 256
         + b"sym"
     )
-    assert wire.build_datagram(wire.DataPacket(TSI, 263, 256, b"sym")) == expected
+    assert wire.build_datagram(wire.DataPacket(TSI, 262, 256, b"sym")) == expected
     # The research note's golden header (TSI 0x5e551011, TOI 1, SBN 3, ESI 0x102).
     assert bytes.fromhex(_golden()["data_chunk_3_esi_258"])[:20] == bytes.fromhex(
         "10a00406000000005e5510110000000103000102"
@@ -249,7 +249,9 @@ def _peek_spec(data: bytes) -> tuple[int, int, int] | None:
         return None
     if not parsed.symbol or not 0 < parsed.lct.toi <= wire.MAX_PART_TOI:
         return None
-    chunk = (parsed.lct.toi - 1) * 256 + parsed.payload_id.sbn
+    if parsed.payload_id.sbn >= 255:
+        return None
+    chunk = (parsed.lct.toi - 1) * 255 + parsed.payload_id.sbn
     return parsed.lct.tsi, chunk, parsed.payload_id.esi
 
 
@@ -271,10 +273,12 @@ def test_peek_data_refuses_the_golden_datagrams_of_other_kinds(name: str) -> Non
 def test_peek_data_reads_toi_and_sbn_as_the_chunk_and_refuses_toi_0() -> None:
     head = b"\x10\xa0\x04\x06" + bytes(4) + TSI.to_bytes(4, "big")
     raw = head + b"\x00\x00\x00\x03" + b"\x05" + b"\x00\x01\x00" + b"sym"
-    assert wire.peek_data(raw) == (TSI, 2 * 256 + 5, 256) == _peek_spec(raw)
+    assert wire.peek_data(raw) == (TSI, 2 * 255 + 5, 256) == _peek_spec(raw)
     assert wire.peek_data(raw[: wire.DATA_HEADER_SIZE]) is None  # no symbol
     toi_0 = head + bytes(4) + b"\x05\x00\x01\x00sym"
     assert wire.peek_data(toi_0) is None is _peek_spec(toi_0)
+    sbn_255 = raw[:16] + b"\xff" + raw[17:]  # no block: an object has at most 255
+    assert wire.peek_data(sbn_255) is None is _peek_spec(sbn_255)
 
 
 @given(packets)
@@ -334,6 +338,7 @@ def _fti(total: int, size: int) -> bytes:
         (b"\x10\xa0\x04\x80" + bytes(12) + bytes(9), "unknown-kind"),  # codepoint 128
         (LCT_DATA + b"\x00\x00\x00\x01" + bytes(4), "short"),  # DATA without a symbol
         (LCT_DATA + bytes(4) + bytes(4) + b"sym", "bad-toi"),  # DATA of TOI 0
+        (LCT_DATA + b"\x00\x00\x00\x01" + b"\xff" + bytes(3) + b"sym", "bad-sbn"),  # SBN 255
         (b"\x10\xa0\x05\x06" + bytes(12) + bytes(9), "bad-header"),  # DATA with an extension
         (LCT_DATA + b"\x00\x00\x00\x01" + bytes(MAX_DATAGRAM), "oversized"),
         (LCT_NO_CODE + b"\x00\x00\x00\x07" + bytes(90), "short"),  # AUTH, no room

@@ -337,7 +337,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{info['image']['length']} bytes = {units.format_bytes(info['image']['length'])})",
         f"sha256     {info['image']['sha256']}",
         f"chunks     {info['chunks']['count']} x {units.format_bytes(info['chunks']['size'])} "
-        f"(at most; {info['chunks']['objects']} FLUTE object(s) of up to 256 chunks)",
+        f"(at most; {info['chunks']['objects']} FLUTE object(s) of up to 255 chunks)",
         f"fec        raptorq, {info['fec']['symbol_size']}-byte symbols, "
         f"K={info['fec']['source_symbols_per_chunk']} per full chunk",
         f"channel    {t['channel']} port {t['port']} scope {t['scope']}",
