@@ -48,9 +48,12 @@ class RaptorQDecoder:
 
     def feed(self, packet: bytes | memoryview) -> bytes | None:
         # The packet's SBN is the chunk's block number in its FLUTE object; this decoder holds
-        # the chunk alone, as block 0 (any other SBN panics the codec).  One copy, as before.
+        # the chunk alone, as block 0 (any other SBN panics the codec).  A view (the receive
+        # loop's) costs one copy, as before; bytes with another SBN one more.
+        if type(packet) is not bytes or packet[0]:
+            packet = _BLOCK_ZERO + packet[1:]
         try:
-            result = self._decoder.decode(_BLOCK_ZERO + memoryview(packet)[1:])
+            result = self._decoder.decode(packet)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 - a Rust panic is a BaseException

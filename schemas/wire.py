@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -277,23 +278,31 @@ _DATA_PEEK = struct.Struct(">QIII")
 assert _DATA_PEEK.size == DATA_HEADER_SIZE
 
 
-def peek_data(data: bytes | bytearray | memoryview) -> tuple[int, int, int] | None:
+def peek_data(
+    data: bytes | bytearray | memoryview,
+    _unpack: Callable[[bytes | bytearray | memoryview], tuple[Any, ...]] = _DATA_PEEK.unpack_from,
+    _prefix: int = _DATA_PREFIX,
+    _limit: int = _PAYLOAD_ID_LIMIT,
+) -> tuple[int, int, int] | None:
     """``(tsi, chunk, esi)`` of a DATA datagram with a symbol, else None.
 
     The receiver's fast path: no packet object, no copy of the symbol (it stays at
     ``data[DATA_HEADER_SIZE:]``; the codec reads ``data[CODEC_PACKET_OFFSET:]``, whose first
-    byte, the SBN, it ignores).  ``chunk`` is ``255*(TOI-1) + SBN``; SBN 255 is no block.  It
-    reads the layout only: the caller checks the chunk range and symbol length against what it
-    expects, and hands anything that gives None to `parse_datagram` for a packet or a rejection
-    reason.  The datagram's length is not bounded here (the transport drops longer ones), so a
-    receiver counts an overlong DATA datagram of its session as a wrong symbol length.
+    byte, the SBN, it ignores).  ``chunk`` is ``255*(TOI-1) + SBN``; TOI 0 (the FDT's) and
+    SBN 255 (no block) give None.  It reads the layout only: the caller checks the chunk range
+    (a TOI beyond MAX_PART_TOI gives a chunk beyond 32 bits, which no release has) and the
+    symbol length against what it expects, and hands anything that gives None to
+    `parse_datagram` for a packet or a rejection reason.  The datagram's length is not bounded
+    here (the transport drops longer ones), so a receiver counts an overlong DATA datagram of its
+    session as a wrong symbol length.  (The defaults bind the constants as locals: this runs for
+    every datagram.)
     """
     if len(data) <= DATA_HEADER_SIZE:
         return None
-    prefix, tsi, toi, payload_id = _DATA_PEEK.unpack_from(data)
-    if prefix != _DATA_PREFIX or not 0 < toi <= MAX_PART_TOI or payload_id >= _PAYLOAD_ID_LIMIT:
+    prefix, tsi, toi, payload_id = _unpack(data)
+    if prefix != _prefix or not toi or payload_id >= _limit:
         return None
-    return tsi, (toi - 1) * PART_CHUNKS + (payload_id >> 24), payload_id & MAX_ESI
+    return tsi, toi * PART_CHUNKS - PART_CHUNKS + (payload_id >> 24), payload_id & MAX_ESI
 
 
 @dataclass(frozen=True, slots=True)

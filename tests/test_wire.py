@@ -247,9 +247,7 @@ def _peek_spec(data: bytes) -> tuple[int, int, int] | None:
         parsed = wire.DATA.parse(data)
     except ConstructError:
         return None
-    if not parsed.symbol or not 0 < parsed.lct.toi <= wire.MAX_PART_TOI:
-        return None
-    if parsed.payload_id.sbn >= 255:
+    if not parsed.symbol or parsed.lct.toi == 0 or parsed.payload_id.sbn >= 255:
         return None
     chunk = (parsed.lct.toi - 1) * 255 + parsed.payload_id.sbn
     return parsed.lct.tsi, chunk, parsed.payload_id.esi
