@@ -61,7 +61,8 @@ def malformed(channel: Channel) -> dict[str, list[bytes]]:
         "unknown-kind": [data[:3] + b"\x07" + data[4:]],  # codepoint 7
         "bad-toi": [data[:12] + bytes(4) + data[16:]],  # DATA of the FDT's TOI
         "symbol-length": [data[:-1], data + b"\0", data[:28], data + b"\0" * 4000],
-        "chunk-range": [data[:16] + b"\xff" + data[17:]],  # SBN 255 of a small image
+        "bad-sbn": [data[:16] + b"\xff" + data[17:]],  # SBN 255: an object has at most 255
+        "chunk-range": [data[:12] + (99).to_bytes(4, "big") + data[16:]],  # TOI 99 of 1 object
     }
 
 
