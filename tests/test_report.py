@@ -329,3 +329,12 @@ def test_before_the_manifest_the_bar_says_it_waits_and_what_it_holds_json_says_n
     reporter.progress(core.snapshot(), now=2.0, elapsed=2.0, bytes_http=0)
     assert out.getvalue().startswith("\rwaiting for the release's manifest: 0:02")
     assert not Reporter(io.StringIO(), as_json=True).due(2.0, waiting=True)
+
+
+def test_the_summary_names_both_wire_versions_when_an_older_sender_was_heard() -> None:
+    core = core_with_two_chunks_done()
+    text = summary_text(summary_of(core, **{"old-wire-version": 40, "oversized": 2}))
+    assert "this device speaks FLUTE/ALC (otacast wire 3)" in text
+    assert "the sender speaks otacast wire 2" in text
+    assert "40 datagrams of otacast wire 2 ignored" in text
+    assert text.endswith("; refused: oversized 2")
