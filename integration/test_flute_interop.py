@@ -102,7 +102,9 @@ def test_tshark_dissects_a_capture_as_alc_with_raptorq_and_an_fdt(
     sender, receiver = net.hosts
     group, port, tsi, _ = _stream(release)
     capture = tmp_path / "otacast.pcap"
-    tx = serve(sender, release, "--rate", "4M", "--duration", "60s", ready=True)
+    # One datagram per send: a veth link hands GSO runs to the capture unsegmented (a
+    # physical NIC would put single datagrams on the wire).
+    tx = serve(sender, release, "--rate", "4M", "--no-gso", "--duration", "60s", ready=True)
     try:
         # Bounded twice over: at most 3000 packets, at most 4 s.
         taken = receiver.run(
