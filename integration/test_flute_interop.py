@@ -65,7 +65,8 @@ def _flute_receive(host: Host, release: Release, out: Path, seconds: float) -> d
         timeout=seconds + 30,
     )
     assert process.returncode == 0, process.stderr[-2000:]
-    result: dict[str, object] = json.loads(process.stdout)
+    # flute-alc itself prints a line as each file completes; the script's result comes last.
+    result: dict[str, object] = json.loads(process.stdout.splitlines()[-1])
     return result
 
 
