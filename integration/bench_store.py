@@ -50,7 +50,7 @@ from otacast.plugin.events import ChunkComplete
 from otacast.plugin.staging import Staging
 from otacast.plugin.store_decoder import UNBOUNDED_DECODERS, StoredSymbols
 from otacast.plugin.symbol_store import SymbolStore
-from otacast.schemas import units, wire
+from otacast.schemas import fec, units, wire
 from otacast.signer import symbol_cache
 from otacast.signer.keys import SigningKey
 from tests.helpers import NOW, Release, cycles_for_fraction, make_release
@@ -196,7 +196,9 @@ def main() -> None:
     args = parser.parse_args()
     size = units.parse_size(args.size)
     image = random.Random(1).randbytes(size)
-    release = make_release(image, SigningKey(b"\x07" * 32), chunk_size=units.parse_size(args.chunk))
+    # Whole symbols, as `sign` rounds a chunk size (chunks are RFC 6330 source blocks).
+    chunk = fec.choose_chunk_size(size, units.parse_size(args.chunk), fec.DEFAULT_SYMBOL_SIZE)
+    release = make_release(image, SigningKey(b"\x07" * 32), chunk_size=chunk)
     manifest = release.manifest
     k = manifest.source_symbols(0)
     # The sender's cycles: its default (and least) repair pool, as `serve` lays them out.
