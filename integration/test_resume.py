@@ -25,7 +25,8 @@ def test_the_same_command_after_the_sender_has_gone_finishes_from_the_mirror_wit
     lan: LanFactory, tmp_path: Path
 ) -> None:
     sender, device = lan(2).hosts
-    # 16 chunks: at 2 MB/s they complete around 4 s in, a few at a time.
+    # 16 chunks: they complete a few at a time during the carousel's last round (16 visits of
+    # 112 datagrams, ~2 s at 1 MB/s), so a progress line can see 3 of them done.
     release = Release.make(
         tmp_path / "release",
         8 * MB,
@@ -39,7 +40,7 @@ def test_the_same_command_after_the_sender_has_gone_finishes_from_the_mirror_wit
     args = ("--source", sender.address, "--join-timeout", "2")
     try:
         with services.nginx(sender, www, tmp_path / "nginx", PORT) as mirror:
-            tx = serve(sender, release, "--rate", "2M", "--duration", "120s")
+            tx = serve(sender, release, "--rate", "1M", "--duration", "120s")
             try:
                 first = start_fetch(device, release, state, out, *args)
                 assert first.stdout is not None
@@ -47,10 +48,14 @@ def test_the_same_command_after_the_sender_has_gone_finishes_from_the_mirror_wit
                     event = json.loads(line)
                     if event.get("event") == "progress" and int(event["chunks_done"]) >= 3:
                         break
-                first.send_signal(signal.SIGINT)  # the download is interrupted ...
+                # The sender goes away first, so that no chunk completes after the count was
+                # read (the carousel completes its chunks within the last round: at 2 MB/s all
+                # 16 could finish between a progress line and the interrupt) ...
+                stop([tx])
+                first.send_signal(signal.SIGINT)  # ... and the download is interrupted
                 first.communicate(timeout=30)
             finally:
-                stop([tx])  # ... and the sender goes away
+                stop([tx])
             assert not out.exists()
             assert mirror.served() == []  # multicast alone so far
             code, events, err = fetch(device, release, state, out, *args)
