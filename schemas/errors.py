@@ -127,3 +127,12 @@ class KeyFormatError(UntrustedInputError):
     """A key file's text is not an otacast Ed25519 key of the expected kind and length."""
 
     exit_code: ClassVar[int] = 10
+
+
+# --- Block index -------------------------------------------------------------------------------
+
+
+class MalformedIndex(UntrustedInputError):
+    """A block index whose bytes or hash do not match what the signed manifest says of it."""
+
+    exit_code: ClassVar[int] = 31

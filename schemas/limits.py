@@ -235,3 +235,19 @@ MAX_AUTH_SOURCES = 64
 SERVE_EXPIRY_WARNINGS = (24 * 3600, 3600)
 # Seconds between the driver's looks at the wall clock for expiry: a stop at most this late.
 SERVE_EXPIRY_CHECK_SECONDS = 1.0
+
+# --- Block index (delta delivery) --------------------------------------------------------------
+
+# The block index lists one truncated SHA-256 per 4 KiB block of the image.  4 KiB is the block
+# size of ext4, the page size and the sector size of eMMC/NVMe erase-friendly writes, so files
+# that did not change between two releases sit on the same 4 KiB grid in both images.
+INDEX_BLOCK_SIZE = 4096
+
+# 16 bytes (128 bits) of SHA-256 per block: with N <= 2^24 blocks in the image and M <= 2^22
+# local blocks, an accidental match has probability <= N*M/2^128; a planted one needs a second
+# preimage on 128 bits (2^104 work for 2^24 targets).  8 bytes would leave 2^40 work: feasible.
+INDEX_HASH_BYTES = 16
+
+# The largest index: one entry per block of the largest image plus the 16-byte header (256 MiB
+# at 64 GiB).  The device compares the signed length against it before allocating anything.
+MAX_INDEX_BYTES = 16 + (MAX_IMAGE_BYTES // INDEX_BLOCK_SIZE) * INDEX_HASH_BYTES
