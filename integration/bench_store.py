@@ -189,10 +189,9 @@ def bench_core(
 
 def _bytes_written() -> int:
     """This process's `wchar` (bytes passed to write system calls so far, /proc/self/io)."""
-    with open("/proc/self/io") as io:
-        for line in io:
-            if line.startswith("wchar:"):
-                return int(line.split()[1])
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
     return 0
 
 
