@@ -29,6 +29,8 @@ from typing import Final
 from .errors import MalformedIndex
 from .limits import INDEX_BLOCK_SIZE, INDEX_HASH_BYTES, MAX_IMAGE_BYTES, MAX_INDEX_BYTES
 
+# The index of image NAME is published and listed in the FDT as NAME + this suffix.
+FILE_SUFFIX: Final = ".blockindex"
 MAGIC: Final = b"OCBI"
 VERSION: Final = 1
 BLOCK_SIZE_LOG2: Final = 12

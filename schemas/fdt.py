@@ -3,8 +3,10 @@
 It lets a plain FLUTE receiver (one that speaks RaptorQ, FEC Encoding ID 6) take the image and
 the signed manifest as files: one ``File`` per image part (`otacast.schemas.fec`; object TOI
 ``1+p``, Content-Location the image's name, with a ``.partNNN`` suffix only when there are
-several parts) with its RaptorQ OTI, and the manifest envelope as a Compact No-Code object
-(Content-Location ``<image name>.otacast.json``, the TOI of its MANIFEST datagrams).
+several parts) with its RaptorQ OTI, the block index when the manifest has one (TOI
+``wire.INDEX_TOI``, ``<image name>.blockindex``, RaptorQ, cut like a part), and the manifest
+envelope as a Compact No-Code object (Content-Location ``<image name>.otacast.json``, the TOI of
+its MANIFEST datagrams).
 
 Everything in it is derived from the signed manifest, the envelope and the manifest fragment
 size, so every sender of a release sends byte-identical FDT packets: ``Expires`` is the
@@ -21,7 +23,8 @@ import hashlib
 import struct
 from typing import Final
 
-from . import wire
+from . import blockindex, wire
+from .fec import Part
 from .manifest import Envelope, Manifest
 
 # RFC 5905: NTP seconds count from 1900; a 32-bit value wraps on 2036-02-07.
@@ -46,20 +49,28 @@ def raptorq_scheme_info(blocks: int) -> str:
     return base64.b64encode(struct.pack(">BHB", blocks, 1, RAPTORQ_ALIGNMENT)).decode()
 
 
+def _raptorq_file(toi: int, location: str, part: Part, symbol_size: int) -> str:
+    return (
+        f'  <File TOI="{toi}" Content-Location="{location}" '
+        f'Content-Type="application/octet-stream" Content-Length="{part.length}" '
+        f'Transfer-Length="{part.length}" FEC-OTI-FEC-Encoding-ID="6" '
+        f'FEC-OTI-Maximum-Source-Block-Length="{part.large}" '
+        f'FEC-OTI-Encoding-Symbol-Length="{symbol_size}" '
+        f'FEC-OTI-Scheme-Specific-Info="{raptorq_scheme_info(part.blocks)}"/>'
+    )
+
+
 def fdt_xml(manifest: Manifest, envelope: bytes, envelope_toi: int, fragment_size: int) -> bytes:
     """The FDT instance's XML."""
     t = manifest.fec.symbol_size
-    files = []
-    for index in range(manifest.part_count):
-        part = manifest.part(index)
-        files.append(
-            f'  <File TOI="{1 + index}" Content-Location="{part_location(manifest, index)}" '
-            f'Content-Type="application/octet-stream" Content-Length="{part.length}" '
-            f'Transfer-Length="{part.length}" FEC-OTI-FEC-Encoding-ID="6" '
-            f'FEC-OTI-Maximum-Source-Block-Length="{part.large}" '
-            f'FEC-OTI-Encoding-Symbol-Length="{t}" '
-            f'FEC-OTI-Scheme-Specific-Info="{raptorq_scheme_info(part.blocks)}"/>'
-        )
+    files = [
+        _raptorq_file(1 + index, part_location(manifest, index), manifest.part(index), t)
+        for index in range(manifest.part_count)
+    ]
+    index_part = manifest.index_part()
+    if index_part is not None:
+        location = manifest.image.name + blockindex.FILE_SUFFIX
+        files.append(_raptorq_file(wire.INDEX_TOI, location, index_part, t))
     files.append(
         f'  <File TOI="{envelope_toi}" Content-Location="{manifest.image.name}{MANIFEST_SUFFIX}" '
         f'Content-Type="application/json" Content-Length="{len(envelope)}" '

@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Final
 
-from . import addressing, fec
+from . import addressing, blockindex, fec
 from .canonical import canonical_bytes, loads_strict, pretty_bytes, refuse_control_characters
 from .errors import MalformedManifest
 from .fec import Part
 from .limits import (
+    INDEX_BLOCK_SIZE,
+    INDEX_HASH_BYTES,
     MAX_IMAGE_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_SIGNATURES,
@@ -67,6 +69,17 @@ class Chunking:
 class FecInfo:
     symbol_size: int
     scheme: str = fec.SCHEME_RAPTORQ
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """The release's block index (`otacast.schemas.blockindex`, delta delivery): its layout, byte
+    length and SHA-256.  Sent as its own FLUTE object and published beside the image."""
+
+    length: int
+    sha256: bytes
+    block_size: int = INDEX_BLOCK_SIZE
+    hash_bytes: int = INDEX_HASH_BYTES
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,7 @@ class Manifest:
     transport: Transport
     http: tuple[str, ...] = ()
     stream_keys: tuple[StreamKey, ...] = ()
+    index: IndexInfo | None = None
 
     def to_json(self) -> dict[str, Any]:
         signed: dict[str, Any] = {
@@ -161,6 +175,13 @@ class Manifest:
             signed["stream_keys"] = [
                 {"sender": k.sender, "public": k.public.hex()} for k in self.stream_keys
             ]
+        if self.index is not None:
+            signed["index"] = {
+                "block_size": self.index.block_size,
+                "hash_bytes": self.index.hash_bytes,
+                "length": self.index.length,
+                "sha256": self.index.sha256.hex(),
+            }
         return signed
 
     @classmethod
@@ -200,6 +221,7 @@ class Manifest:
                 StreamKey(sender=k["sender"], public=bytes.fromhex(k["public"]))
                 for k in signed.get("stream_keys", ())
             ),
+            index=_index_from_json(signed.get("index")),
         )
         manifest.check_consistency()
         return manifest
@@ -224,6 +246,25 @@ class Manifest:
         senders = [k.sender for k in self.stream_keys]
         if len(set(senders)) != len(senders):
             raise MalformedManifest("two stream keys name the same sender")
+        self._check_index()
+
+    def _check_index(self) -> None:
+        index = self.index
+        if index is None:
+            return
+        if index.block_size != INDEX_BLOCK_SIZE or index.hash_bytes != INDEX_HASH_BYTES:
+            raise MalformedManifest(
+                f"index of {index.block_size}-byte blocks and {index.hash_bytes}-byte hashes is "
+                f"not supported (expected {INDEX_BLOCK_SIZE} and {INDEX_HASH_BYTES})"
+            )
+        expected = blockindex.index_length(self.image.length)
+        if index.length != expected:
+            raise MalformedManifest(
+                f"index length {index.length} does not match the image's ({expected} bytes)"
+            )
+        # One FLUTE object of at most PART_CHUNKS source blocks (always: ~1/256 of the image).
+        if index.length > fec.part_bytes(self.chunks.size):
+            raise MalformedManifest("index does not fit one FLUTE object")
 
     def _check_transport(self) -> None:
         t = self.transport
@@ -277,6 +318,24 @@ class Manifest:
 
     def source_symbols(self, index: int) -> int:
         return fec.source_symbols(self.chunk_span(index)[1], self.fec.symbol_size)
+
+    def index_part(self) -> Part | None:
+        """The block index object's RFC 6330 source blocks, cut as an image part of the
+        index's length is (`otacast.schemas.fec`); None without an index."""
+        if self.index is None:
+            return None
+        return fec.part(self.index.length, self.chunks.size, self.fec.symbol_size, 0)
+
+
+def _index_from_json(value: dict[str, Any] | None) -> IndexInfo | None:
+    if value is None:
+        return None
+    return IndexInfo(
+        length=value["length"],
+        sha256=bytes.fromhex(value["sha256"]),
+        block_size=value["block_size"],
+        hash_bytes=value["hash_bytes"],
+    )
 
 
 def signing_message(manifest: Manifest) -> bytes:

@@ -22,6 +22,14 @@ DATA (one RaptorQ encoding symbol; codepoint 6, HDR_LEN 4)::
   bytes, within the 1232-byte IPv6 minimum-MTU UDP payload: the same 20 bytes of header as
   otacast wire 2.
 
+  The release's block index (`otacast.schemas.blockindex`, delta delivery) is one more RaptorQ
+  object of the session, TOI ``INDEX_TOI`` = 0x40000000 (far above the last image part TOI
+  ``MAX_PART_TOI``, below the manifest TOIs), cut into source blocks as an image part is
+  (`Manifest.index_part`); its DATA datagrams have the same layout, and parse as an
+  `IndexPacket` (block = SBN).  `peek_data` reads them as "chunk" ``INDEX_FIRST_CHUNK + SBN``,
+  beyond any chunk a release has (above 32 bits), so a receiver's range check sends them off the
+  image's path without a test of its own.
+
 MANIFEST (a fragment of the signed manifest envelope: a Compact No-Code object)::
 
     12 TOI = 0x80000000 | 31 bits of the envelope id | 16 EXT_FTI (HET 64, HEL 4:
@@ -111,11 +119,16 @@ HET_FDT: Final = 192  # EXT_FDT (RFC 6726 section 3.4.1)
 FLUTE_VERSION: Final = 2  # RFC 6726
 FDT_TOI: Final = 0
 MANIFEST_TOI_BIT: Final = 0x80000000  # manifest objects; image parts are TOI 1 ..
+# The block index object: between the image parts (at most MAX_PART_TOI) and the manifests.
+INDEX_TOI: Final = 0x40000000
 AUTH_TSI_BIT: Final = 0x80000000  # AUTH pages: the session's TSI with this bit flipped
 # Image parts are TOI 1 .. MAX_PART_TOI, so that every chunk index of 32 bits has one.
 MAX_PART_TOI: Final = 1 + 0xFFFFFFFF // PART_CHUNKS
 # A payload id (SBN << 24 | ESI) at or above this names no block of an object.
 _PAYLOAD_ID_LIMIT: Final = PART_CHUNKS << 24
+# What `peek_data` gives as the chunk of the index object's block 0 (block b: this + b).
+INDEX_FIRST_CHUNK: Final = (INDEX_TOI - 1) * PART_CHUNKS
+assert INDEX_TOI > MAX_PART_TOI and INDEX_FIRST_CHUNK > 0xFFFFFFFF
 
 # A DATA digest is 80 bits: forging a datagram that matches one of the <= MAX_AUTH_DIGESTS
 # digests a receiver holds takes ~2^64 hashes, and 10 bytes per datagram (sent twice) keep the
@@ -289,7 +302,8 @@ def peek_data(
     The receiver's fast path: no packet object, no copy of the symbol (it stays at
     ``data[DATA_HEADER_SIZE:]``; the codec reads ``data[CODEC_PACKET_OFFSET:]``, whose first
     byte, the SBN, it ignores).  ``chunk`` is ``255*(TOI-1) + SBN``; TOI 0 (the FDT's) and
-    SBN 255 (no block) give None.  It reads the layout only: the caller checks the chunk range
+    SBN 255 (no block) give None; the index object's datagrams give ``INDEX_FIRST_CHUNK + SBN``.
+    It reads the layout only: the caller checks the chunk range
     (a TOI beyond MAX_PART_TOI gives a chunk beyond 32 bits, which no release has) and the
     symbol length against what it expects, and hands anything that gives None to
     `parse_datagram` for a packet or a rejection reason.  The datagram's length is not bounded
@@ -329,6 +343,26 @@ class DataPacket:
     @property
     def sbn(self) -> int:
         return self.chunk % PART_CHUNKS
+
+
+@dataclass(frozen=True, slots=True)
+class IndexPacket:
+    """One RaptorQ encoding symbol of source block `block` of the block index object
+    (TOI ``INDEX_TOI``)."""
+
+    tsi: int
+    block: int
+    esi: int
+    symbol: bytes
+
+    def __post_init__(self) -> None:
+        _check_u32(self.tsi, "tsi")
+        if not 0 <= self.block < PART_CHUNKS:
+            raise ValueError("block out of range")
+        if not 0 <= self.esi <= MAX_ESI:
+            raise ValueError("esi out of range")
+        if not self.symbol or DATA_HEADER_SIZE + len(self.symbol) > MAX_DATAGRAM:
+            raise ValueError("symbol length out of range")
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,7 +434,7 @@ class FdtPacket:
     tsi: int
 
 
-Packet = DataPacket | ManifestPacket | AuthPacket
+Packet = DataPacket | IndexPacket | ManifestPacket | AuthPacket
 
 
 def packet_digest(datagram: bytes | bytearray | memoryview) -> bytes:
@@ -471,7 +505,7 @@ def _check_data(hdr_len: int, n: int, toi: int) -> None:
         raise PacketError("bad-header")
     if n <= DATA_HEADER_SIZE:
         raise PacketError("short")
-    if not 0 < toi <= MAX_PART_TOI:
+    if not 0 < toi <= MAX_PART_TOI and toi != INDEX_TOI:
         raise PacketError("bad-toi")
 
 
@@ -491,6 +525,8 @@ def parse_datagram(data: bytes | bytearray | memoryview) -> Packet | FdtPacket:
         (pid,) = struct.unpack_from(">I", data, LCT_SIZE)
         if pid >= _PAYLOAD_ID_LIMIT:
             raise PacketError("bad-sbn")
+        if toi == INDEX_TOI:
+            return IndexPacket(tsi, pid >> 24, pid & MAX_ESI, bytes(data[DATA_HEADER_SIZE:]))
         chunk = (toi - 1) * PART_CHUNKS + (pid >> 24)
         return DataPacket(tsi, chunk, pid & MAX_ESI, bytes(data[DATA_HEADER_SIZE:]))
     if codepoint != CODEPOINT_NO_CODE:
@@ -568,6 +604,8 @@ def parse_datagram_spec(data: bytes) -> Packet | FdtPacket:
         parsed = DATA.parse(data)
         if parsed.payload_id.sbn >= PART_CHUNKS:
             raise PacketError("bad-sbn")
+        if toi == INDEX_TOI:
+            return IndexPacket(tsi, parsed.payload_id.sbn, parsed.payload_id.esi, parsed.symbol)
         chunk = (toi - 1) * PART_CHUNKS + parsed.payload_id.sbn
         return DataPacket(tsi, chunk, parsed.payload_id.esi, parsed.symbol)
     if codepoint != CODEPOINT_NO_CODE:
@@ -640,6 +678,17 @@ def build_datagram(packet: Packet) -> bytes:
             packet.sbn << 24 | packet.esi,
         )
         return head + packet.symbol
+    if isinstance(packet, IndexPacket):
+        head = _DATA_BUILD.pack(
+            _LCT_FLAGS,
+            4,
+            CODEPOINT_RAPTORQ,
+            0,
+            packet.tsi,
+            INDEX_TOI,
+            packet.block << 24 | packet.esi,
+        )
+        return head + packet.symbol
     if isinstance(packet, AuthPacket):
         lct = _LCT_FAST.pack(
             _LCT_FLAGS, 4, CODEPOINT_NO_CODE, 0, packet.tsi ^ AUTH_TSI_BIT, 1 + packet.sender
@@ -673,6 +722,16 @@ def build_datagram_spec(packet: Packet) -> bytes:
                 {
                     "lct": _lct_spec(packet.tsi, packet.toi),
                     "payload_id": {"sbn": packet.sbn, "esi": packet.esi},
+                    "symbol": packet.symbol,
+                }
+            )
+        )
+    if isinstance(packet, IndexPacket):
+        return bytes(
+            DATA.build(
+                {
+                    "lct": _lct_spec(packet.tsi, INDEX_TOI),
+                    "payload_id": {"sbn": packet.block, "esi": packet.esi},
                     "symbol": packet.symbol,
                 }
             )

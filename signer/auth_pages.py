@@ -47,11 +47,10 @@ def chunk_digests(cycle: bytes | memoryview, datagram_size: int) -> bytes:
 
 
 def release_digests(reader: symbol_cache.SymbolReader) -> list[bytes]:
-    """Every chunk's digests, from the sender's symbol cache."""
+    """Every chunk's digests, from the sender's symbol cache (not the block index's: no AUTH
+    page covers it, `otacast.signer.schedule`)."""
     size = reader.layout.datagram_size
-    return [
-        chunk_digests(reader.read_cycle(chunk), size) for chunk in range(len(reader.layout.cycles))
-    ]
+    return [chunk_digests(reader.read_cycle(chunk), size) for chunk in range(reader.layout.chunks)]
 
 
 class AuthPages:

@@ -119,8 +119,10 @@ def sender_core(
     capacity = wire.auth_capacity(layout.datagram_size)
     return SenderCore(
         layout.cycles,
-        [manifest.source_symbols(c) for c in range(manifest.chunk_count)],
+        layout.sources,
         visit=capacity,
+        visit_sizes=visit_sizes(layout, capacity),
+        authed=layout.chunks,
         datagram_size=layout.datagram_size,
         batch=gso_batch(layout.datagram_size),
         rate=rate,
@@ -133,6 +135,16 @@ def sender_core(
         duration=duration,
         auth_capacity=capacity if packet_auth else None,
     )
+
+
+def visit_sizes(layout: symbol_cache.CycleLayout, visit: int) -> list[int]:
+    """`visit` symbols per round for every chunk; for each block of the index, the same share of
+    its K as a visit is of the largest chunk's (at least one symbol: `schedule`'s module doc)."""
+    largest = max(layout.sources[: layout.chunks])
+    return [
+        visit if c < layout.chunks else max(1, -(-visit * k // largest))
+        for c, k in enumerate(layout.sources)
+    ]
 
 
 def manifest_fragments(
@@ -178,7 +190,7 @@ def build_channels(
         raise UsageError("--repair must be at least 50%")
     if options.repair > symbol_cache.MAX_REPAIR_FRACTION:
         raise UsageError("--repair is at most 400%")
-    check_image(manifest, image)
+    index = check_image(manifest, image)
     report.event("encoding", chunks=manifest.chunk_count, cache_dir=str(options.cache_dir))
     path = symbol_cache.build(
         manifest,
@@ -187,6 +199,7 @@ def build_channels(
         options.repair,
         progress=report.encoding,
         warn=report.warning,
+        index=index,
     )
     layout = symbol_cache.CycleLayout.for_manifest(manifest, options.repair)
     fragments = manifest_fragments(envelope, layout.datagram_size)

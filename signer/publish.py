@@ -1,6 +1,7 @@
 """``publish`` and ``dns-records``: what static HTTP mirrors and DNS need to serve a release.
 
-`publish` places the image (and its manifest beside it) under a root directory at the path of
+`publish` places the image (and its manifest beside it, and its block index as
+``<image>.blockindex`` when the manifest lists one) under a root directory at the path of
 every mirror URL in the signed manifest, so ``nginx``'s ``root``, an S3 sync or a CDN origin
 serves exactly the URLs devices were told about.  It checks the image against the manifest
 first and writes every file atomically.
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-from otacast.schemas import addressing
+from otacast.schemas import addressing, blockindex
 from otacast.schemas.manifest import Envelope
 
 from .errors import UsageError, WriteError
@@ -46,7 +47,7 @@ def mirror_paths(envelope: Envelope) -> list[PurePosixPath]:
 
 
 def publish(envelope: Envelope, image: Path, root: Path) -> list[Path]:
-    check_image(envelope.manifest, image)
+    index = check_image(envelope.manifest, image)
     written = []
     for relative in mirror_paths(envelope):
         target = root.joinpath(*relative.parts)
@@ -55,9 +56,14 @@ def publish(envelope: Envelope, image: Path, root: Path) -> list[Path]:
         except OSError as exc:
             raise WriteError(f"cannot create {target.parent}: {exc.strerror}") from None
         _copy_atomically(image, target)
+        written.append(target)
+        if index is not None:  # before the manifest that names it
+            index_path = target.with_name(target.name + blockindex.FILE_SUFFIX)
+            atomic_write(index_path, index.build())
+            written.append(index_path)
         manifest_path = target.with_name(target.name + ".manifest.json")
         atomic_write(manifest_path, envelope.to_file_bytes())
-        written += [target, manifest_path]
+        written.append(manifest_path)
     return written
 
 

@@ -42,6 +42,14 @@ An unpaced sender (rate 0) has no phase and starts at round 0.  Several senders 
 set ``--sender i/n`` all send the same symbols at the same moment: that is what ``--sender``
 is for.
 
+*The block index* (delta delivery, when the manifest lists one).  Its RaptorQ source blocks
+are cycles like the chunks', after them in each round, but a visit of one is smaller: about
+``visit`` x its K / the largest chunk's K symbols (at least one), so every cycle advances by the
+same share of its K per round.  The index then costs its share of the airtime (about 0.39% of
+the image's) and a receiver that joins at any moment has it after about its K/(1-p) symbols,
+no later than the image.  No AUTH page covers it: the device checks it whole against the
+signed SHA-256 (`otacast.plugin.core`).
+
 *Passes.*  A pass is the fewest rounds in which every chunk has been sent at least its K source
 symbols' worth wherever its visits started: ``ceil(K / visit)``, plus one where the cycle's last
 visit is short and so may be among them (at most a whole cycle).  It only counts progress and
@@ -203,9 +211,11 @@ class SenderCore:
     """The carousel schedule of one sender on one rate channel (see the module doc).
 
     `cycles` and `sources` give each chunk's cycle length and its K source symbols; `visit` is the
-    symbols sent of a chunk per round.  With `auth_capacity` (digests per AUTH page, which must
-    equal `visit`) the core also emits `SendAuth` actions; without it, packet authentication is
-    off.  `wall` is the wall-clock time at `now`; with a rate it sets the phase.
+    symbols sent of a chunk per round, or `visit_sizes` gives one per chunk (the index's blocks
+    are chunks with smaller visits).  With `auth_capacity` (digests per AUTH page, which must
+    equal `visit`) the core also emits `SendAuth` actions for the first `authed` chunks (all by
+    default); without it, packet authentication is off.  `wall` is the wall-clock time at `now`;
+    with a rate it sets the phase.
     """
 
     def __init__(
@@ -225,6 +235,8 @@ class SenderCore:
         passes: int | None = None,
         duration: float | None = None,
         auth_capacity: int | None = None,
+        visit_sizes: Sequence[int] | None = None,
+        authed: int | None = None,
     ) -> None:
         if not cycles or len(cycles) != len(sources):
             raise ValueError("one cycle length and one source symbol count per chunk")
@@ -238,6 +250,11 @@ class SenderCore:
             raise ValueError("a visit is one AUTH page: visit must equal the page's capacity")
         self.cycles = tuple(cycles)
         self.visit = visit
+        sizes = tuple(visit_sizes) if visit_sizes is not None else (visit,) * len(self.cycles)
+        if len(sizes) != len(self.cycles) or min(sizes) < 1:
+            raise ValueError("one positive visit size per chunk")
+        self.visit_sizes = sizes
+        self.authed = len(self.cycles) if authed is None else authed
         self.datagram_size = datagram_size
         # A batch is at most one burst allowance, so a slow rate is paced per datagram and the
         # rate over any second stays within about a percent of the target.
@@ -245,11 +262,11 @@ class SenderCore:
             batch = max(1, min(batch, int(rate * BURST_SECONDS) // datagram_size))
         self.batch = batch
         self.rate = rate
-        self.visits = tuple(-(-c // visit) for c in self.cycles)  # m_c
+        self.visits = tuple(-(-c // v) for c, v in zip(self.cycles, sizes, strict=True))  # m_c
         self.bases = tuple(sender_index * m // sender_count for m in self.visits)
         # Visits per pass: every chunk sent its K source symbols' worth (module doc).
         self.rounds_per_pass = max(
-            _rounds_for_k(k, c, visit) for k, c in zip(sources, self.cycles, strict=True)
+            _rounds_for_k(k, c, v) for k, c, v in zip(sources, self.cycles, sizes, strict=True)
         )
         self.pass_visits = self.rounds_per_pass * len(self.cycles)
         self.manifest = tuple(manifest)
@@ -302,8 +319,9 @@ class SenderCore:
             self._chunk = 0
             self._round += 1
         chunk = self._chunk
-        first = self.visit_of(chunk, self._round) * self.visit
-        end = min(first + self.visit, self.cycles[chunk])
+        size = self.visit_sizes[chunk]
+        first = self.visit_of(chunk, self._round) * size
+        end = min(first + size, self.cycles[chunk])
         while first < end:
             count = min(self.batch, end - first)
             self._batches.append(SendSymbols(chunk, first, count, count * self.datagram_size))
@@ -353,7 +371,7 @@ class SenderCore:
         self._spend(action.nbytes)
         self.stats.data_packets += action.count
         self.stats.data_bytes += action.nbytes
-        if self._auth is not None:
+        if self._auth is not None and action.chunk < self.authed:
             pages = self._auth.before(action.chunk, action.first, action.count)
             if pages:
                 self._vouched = action

@@ -2,9 +2,14 @@
 
 The image is read once, chunk by chunk (the layout of `otacast.schemas.fec`, at most one chunk in
 memory), producing the whole-image
-SHA-256 and one SHA-256 per chunk.  Every envelope this module produces is parsed back with the
-device's parser before it is returned, so the publisher can never emit a manifest that devices
-would refuse as malformed.
+SHA-256, one SHA-256 per chunk and, when asked, the block index (`otacast.schemas.blockindex`:
+one truncated SHA-256 per 4 KiB block, for delta delivery) from the same reads.  The index is
+made by default for ``raw`` images only: a ``mender`` or ``swu`` container holds compressed
+payloads whose 4 KiB grid matches nothing a device holds, so its index would be airtime for
+nothing (``sign --index`` makes one anyway).
+
+Every envelope this module produces is parsed back with the device's parser before it is
+returned, so the publisher can never emit a manifest that devices would refuse as malformed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otacast.schemas import fec
+from otacast.schemas.blockindex import BlockIndex, IndexBuilder
 from otacast.schemas.errors import ImageMismatch
 from otacast.schemas.limits import DEFAULT_CHUNK_BYTES, MAX_IMAGE_BYTES
 from otacast.schemas.manifest import (
@@ -22,6 +28,7 @@ from otacast.schemas.manifest import (
     Envelope,
     FecInfo,
     ImageInfo,
+    IndexInfo,
     Manifest,
     Signature,
     StreamKey,
@@ -39,9 +46,12 @@ class ImageDigest:
     length: int
     sha256: bytes
     chunk_sha256: tuple[bytes, ...]
+    index: BlockIndex | None = None
 
 
-def digest_image(path: Path, chunk_size: int, symbol_size: int) -> ImageDigest:
+def digest_image(
+    path: Path, chunk_size: int, symbol_size: int, *, index: bool = False
+) -> ImageDigest:
     try:
         size = path.stat().st_size
         if not path.is_file():
@@ -52,18 +62,28 @@ def digest_image(path: Path, chunk_size: int, symbol_size: int) -> ImageDigest:
             raise UsageError(f"image {path} is {size} bytes, the limit is {MAX_IMAGE_BYTES}")
         whole = hashlib.sha256()
         chunks: list[bytes] = []
+        builder = IndexBuilder() if index else None
         length = 0
         with path.open("rb") as handle:
-            for index in range(fec.chunk_count(size, chunk_size, symbol_size)):
-                block = handle.read(fec.chunk_span(size, chunk_size, symbol_size, index)[1])
+            for number in range(fec.chunk_count(size, chunk_size, symbol_size)):
+                block = handle.read(fec.chunk_span(size, chunk_size, symbol_size, number)[1])
                 whole.update(block)
                 chunks.append(hashlib.sha256(block).digest())
+                if builder is not None:
+                    builder.update(block)
                 length += len(block)
             if handle.read(1):
                 raise ReadError(f"image {path} grew while it was read")
     except OSError as exc:
         raise ReadError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    return ImageDigest(length, whole.digest(), tuple(chunks))
+    built = builder.finish() if builder is not None else None
+    return ImageDigest(length, whole.digest(), tuple(chunks), built)
+
+
+def index_info(index: BlockIndex) -> IndexInfo:
+    """What the signed manifest says of `index`."""
+    data = index.build()
+    return IndexInfo(len(data), hashlib.sha256(data).digest())
 
 
 def build_manifest(
@@ -81,10 +101,14 @@ def build_manifest(
     chunk_size: int = 0,
     symbol_size: int = fec.DEFAULT_SYMBOL_SIZE,
     stream_keys: Sequence[bytes] = (),
+    index: bool | None = None,
 ) -> Manifest:
+    """The manifest of `image`; with a block index when `index` says so (None: for ``raw``
+    images only, see the module doc)."""
     size = image.stat().st_size if image.exists() else 0
     chunk = fec.choose_chunk_size(size, chunk_size or DEFAULT_CHUNK_BYTES, symbol_size)
-    digest = digest_image(image, chunk, symbol_size)
+    wanted = image_format == "raw" if index is None else index
+    digest = digest_image(image, chunk, symbol_size, index=wanted)
     return Manifest(
         name=name,
         sequence=sequence,
@@ -97,7 +121,8 @@ def build_manifest(
         fec=FecInfo(symbol_size=symbol_size),
         transport=transport,
         http=tuple(http),
-        stream_keys=tuple(StreamKey(index, public) for index, public in enumerate(stream_keys)),
+        stream_keys=tuple(StreamKey(number, public) for number, public in enumerate(stream_keys)),
+        index=index_info(digest.index) if digest.index is not None else None,
     )
 
 
@@ -119,8 +144,9 @@ def reparse(envelope: Envelope) -> Envelope:
     return parse_envelope(envelope.compact_bytes)
 
 
-def check_image(manifest: Manifest, path: Path) -> None:
-    """Raise `ImageMismatch` naming the first difference between `path` and the manifest."""
+def check_image(manifest: Manifest, path: Path) -> BlockIndex | None:
+    """Raise `ImageMismatch` naming the first difference between `path` and the manifest;
+    return the image's block index, checked against the manifest's, when it lists one."""
     try:
         size = path.stat().st_size
         if size != manifest.image.length:
@@ -128,13 +154,24 @@ def check_image(manifest: Manifest, path: Path) -> None:
                 f"image {path} is {size} bytes, the manifest says {manifest.image.length}"
             )
         whole = hashlib.sha256()
+        builder = IndexBuilder() if manifest.index is not None else None
         with path.open("rb") as handle:
             for index, expected in enumerate(manifest.chunks.sha256):
                 block = handle.read(manifest.chunk_span(index)[1])
                 whole.update(block)
                 if hashlib.sha256(block).digest() != expected:
                     raise ImageMismatch(f"image {path}: chunk {index} does not match its hash")
+                if builder is not None:
+                    builder.update(block)
     except OSError as exc:
         raise ReadError(f"cannot read image {path}: {exc.strerror or exc}") from None
     if whole.digest() != manifest.image.sha256:
         raise ImageMismatch(f"image {path} does not match the manifest's sha256")
+    if builder is None or manifest.index is None:
+        return None
+    built = builder.finish()
+    if index_info(built) != manifest.index:
+        # The image matches every signed chunk hash, so the manifest's index was not made by
+        # this version's `sign` from it.
+        raise ImageMismatch(f"image {path}: its block index does not match the manifest's")
+    return built

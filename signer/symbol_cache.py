@@ -7,6 +7,11 @@ chunk, so the sender's hot loop is one ``pread`` of many consecutive datagrams a
 ``send``: no per-packet Python work.  All datagrams have the same size (the codec pads the last
 source symbol), which is what UDP segmentation offload needs.
 
+When the manifest lists a block index (`otacast.schemas.blockindex`), the file holds its
+RaptorQ source blocks' cycles after the chunks' (TOI ``wire.INDEX_TOI``, SBN = the block,
+`Manifest.index_part`), with the same repair fraction: to the layout and the sender's core they
+are cycles ``chunks .. chunks+blocks-1``.
+
 Why a file and not memory: a 1 GB image with a 50% pool is ~1.5 GB of datagrams.  Reading slices
 with ``pread`` into one reused buffer keeps the sender's resident memory near one chunk while it
 encodes and near one batch while it sends; the page cache does the rest.  (An ``mmap`` would be
@@ -43,11 +48,12 @@ import hashlib
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from otacast.schemas import wire
+from otacast.schemas import fec, wire
+from otacast.schemas.blockindex import BlockIndex
 from otacast.schemas.manifest import Manifest
 
 from .encoder import ChunkEncoder, raptorq_encode
@@ -75,22 +81,25 @@ class CycleLayout:
     """Where each chunk's datagrams sit in the cache file."""
 
     datagram_size: int
-    cycles: tuple[int, ...]  # C_c for each chunk
-    offsets: tuple[int, ...]  # byte offset of chunk c's first datagram
+    cycles: tuple[int, ...]  # C_c for each chunk, then for each block of the index
+    offsets: tuple[int, ...]  # byte offset of cycle c's first datagram
+    sources: tuple[int, ...]  # K of each cycle
+    chunks: int  # the image's chunks: the first cycles; any others are the index's blocks
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, fraction: float) -> CycleLayout:
         size = wire.data_datagram_size(manifest.fec.symbol_size)
+        sources = [manifest.source_symbols(index) for index in range(manifest.chunk_count)]
+        sources += [k for _, k in index_blocks(manifest)]
         cycles = []
         offsets = []
         position = 0
-        for index in range(manifest.chunk_count):
-            k = manifest.source_symbols(index)
+        for k in sources:
             cycle = k + repair_count(k, fraction)
             cycles.append(cycle)
             offsets.append(position)
             position += cycle * size
-        return cls(size, tuple(cycles), tuple(offsets))
+        return cls(size, tuple(cycles), tuple(offsets), tuple(sources), manifest.chunk_count)
 
     @property
     def total_bytes(self) -> int:
@@ -109,6 +118,19 @@ class CycleLayout:
         return self.offsets[chunk] + first * self.datagram_size, count * self.datagram_size
 
 
+def index_blocks(manifest: Manifest) -> list[tuple[tuple[int, int], int]]:
+    """((offset, length) in the index, K) of each RaptorQ source block of the index object."""
+    part = manifest.index_part()
+    if part is None:
+        return []
+    t = manifest.fec.symbol_size
+    out = []
+    for block in range(part.blocks):
+        span = part.block_span(block, t)
+        out.append((span, fec.source_symbols(span[1], t)))
+    return out
+
+
 def cache_path(directory: Path, manifest: Manifest, fraction: float) -> Path:
     percent = round(fraction * 100)
     return directory / (
@@ -125,9 +147,13 @@ def build(
     encode: ChunkEncoder = raptorq_encode,
     progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    index: BlockIndex | None = None,
 ) -> Path:
-    """Encode every chunk of `image` into the cache file, or reuse a complete one that verifies
+    """Encode every chunk of `image` (and the block `index`, which the caller checked against
+    the manifest, when it lists one) into the cache file, or reuse a complete one that verifies
     (one that does not is re-encoded, and `warn` told why)."""
+    if (index is None) != (manifest.index is None):
+        raise ValueError("the block index is needed exactly when the manifest lists one")
     layout = CycleLayout.for_manifest(manifest, fraction)
     target = cache_path(directory, manifest, fraction)
     if target.exists():
@@ -150,24 +176,26 @@ def build(
     try:
         with image.open("rb") as source, os.fdopen(fd, "wb") as out:
             digests = []
-            for index in range(manifest.chunk_count):
-                offset, length = manifest.chunk_span(index)
+            for number in range(manifest.chunk_count):
+                offset, length = manifest.chunk_span(number)
                 source.seek(offset)
                 chunk = source.read(length)
                 if len(chunk) != length:
-                    raise ReadError(f"image {image} ended early at chunk {index}")
-                k = manifest.source_symbols(index)
-                packets = encode(chunk, manifest.fec.symbol_size, layout.cycles[index] - k)
+                    raise ReadError(f"image {image} ended early at chunk {number}")
+                k = manifest.source_symbols(number)
+                packets = encode(chunk, manifest.fec.symbol_size, layout.cycles[number] - k)
                 # The LCT header and the chunk's SBN in its FLUTE object; the encoder numbers
                 # the chunk's own block 0.
-                prefix = wire.build_datagram(wire.DataPacket(manifest.tsi, index, 0, b"\0"))[
-                    : wire.CODEC_PACKET_OFFSET + 1
-                ]
+                prefix = _prefix(wire.DataPacket(manifest.tsi, number, 0, b"\0"))
                 cycle = b"".join(prefix + packet[1:] for packet in packets)
                 digests.append(hashlib.sha256(cycle).digest())
                 out.write(cycle)
                 if progress is not None:
-                    progress(index + 1, manifest.chunk_count)
+                    progress(number + 1, manifest.chunk_count)
+            if index is not None:
+                for cycle in _index_cycles(manifest, index.build(), layout, encode):
+                    digests.append(hashlib.sha256(cycle).digest())
+                    out.write(cycle)
             out.write(b"".join(digests))
             out.flush()
             os.fsync(out.fileno())
@@ -181,6 +209,22 @@ def build(
             tmp.unlink()
         raise
     return target
+
+
+def _prefix(packet: wire.DataPacket | wire.IndexPacket) -> bytes:
+    """A datagram's LCT header and SBN: what goes before the codec's packet without its SBN."""
+    return wire.build_datagram(packet)[: wire.CODEC_PACKET_OFFSET + 1]
+
+
+def _index_cycles(
+    manifest: Manifest, data: bytes, layout: CycleLayout, encode: ChunkEncoder
+) -> Iterator[bytes]:
+    """The framed cycle of each source block of the index object `data`, one at a time."""
+    for block, ((offset, length), k) in enumerate(index_blocks(manifest)):
+        repair = layout.cycles[layout.chunks + block] - k
+        packets = encode(data[offset : offset + length], manifest.fec.symbol_size, repair)
+        prefix = _prefix(wire.IndexPacket(manifest.tsi, block, 0, b"\0"))
+        yield b"".join(prefix + packet[1:] for packet in packets)
 
 
 def verify(path: Path, layout: CycleLayout) -> str | None:

@@ -133,6 +133,13 @@ def add_sign(sub: Subcommands) -> None:
         help=f"FEC symbol size, a multiple of 8 (default {fec.DEFAULT_SYMBOL_SIZE}: "
         "1228-byte datagrams; jumbo-frame LANs can use up to 8928)",
     )
+    p.add_argument(
+        "--index",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="list a block index in the manifest (4 KiB blocks, 0.39%% of the image, sent and "
+        "published beside it, for delta delivery); default: for raw images only",
+    )
     p.set_defaults(run=cmd_sign)
 
 
@@ -218,6 +225,7 @@ def _sign_new(
         chunk_size=args.chunk_size,
         symbol_size=args.symbol_size,
         stream_keys=[keys.load_public(path) for path in args.stream_key],
+        index=args.index,
     )
     return sign.sign(manifest, signing_keys)
 
@@ -317,6 +325,9 @@ def describe(envelope: Envelope) -> dict[str, Any]:
         },
         "http": list(m.http),
         "stream_keys": len(m.stream_keys),
+        "index": (
+            None if m.index is None else {"length": m.index.length, "sha256": m.index.sha256.hex()}
+        ),
         "session_id": m.session_id.hex(),
         "signatures": [s.keyid for s in envelope.signatures],
         "signatures_checked": False,
@@ -346,6 +357,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if t["rates"]:
         lines.append("rates      " + ", ".join(f"{r / 1e6:g} MB/s" for r in t["rates"]))
     lines += [f"mirror     {url}" for url in info["http"]]
+    if info["index"] is not None:
+        lines.append(
+            f"index      {units.format_bytes(info['index']['length'])} block index "
+            f"(4 KiB blocks), sha256 {info['index']['sha256']}"
+        )
     lines.append(f"session    {info['session_id']}")
     lines += [f"signature  keyid {keyid}" for keyid in info["signatures"]]
     lines.append("(signatures not checked: use 'otacast-signer verify --trust KEY.pub')")
