@@ -61,6 +61,16 @@ vouched for it (`otacast.plugin.auth`); AUTH datagrams that arrive before the ma
 and replayed with the DATA ones.  With the policy ``require``, a manifest without stream keys is
 refused.
 
+*The block index* (delta delivery).  When the core is built with ``want_index`` and the adopted
+manifest lists an index, the index object's DATA datagrams (TOI ``wire.INDEX_TOI``, which
+`wire.peek_data` reads as a chunk beyond any the release has, so the image's path tests nothing
+more) go to an `IndexAssembly` (`otacast.plugin.index_object`): decoded in memory, checked
+whole against the signed length and SHA-256, and handed out once as `IndexReady`.  A wrong
+object is a counted rejection (``index-mismatch``) and collection starts again; no AUTH page
+covers index symbols, so a forger can delay the index, never have a wrong one used.  Without
+``want_index`` (or once the index is out) they are counted as ``index_ignored`` and nothing
+more.  Before a manifest they are held and replayed like any DATA datagram.
+
 *Fallback.*  With a join timeout, the core asks for fallback if no datagram of a usable session
 has arrived in time; with a stall timeout, if no new symbol or chunk has advanced the image for
 that long (new symbols stop counting once a decoded chunk has failed its hash, until one
@@ -113,7 +123,8 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from otacast.schemas import wire
+from otacast.schemas import blockindex, wire
+from otacast.schemas.blockindex import BlockIndex
 from otacast.schemas.errors import ManifestRejected, PacketError
 from otacast.schemas.limits import (
     MAX_ANNOUNCED_SOURCES,
@@ -125,6 +136,7 @@ from otacast.schemas.limits import (
     MAX_REFUSED_MANIFESTS,
     MAX_SOURCES_COUNTED,
     MIN_SYMBOL_SIZE,
+    PART_CHUNKS,
 )
 from otacast.schemas.policy import TrustSet, VerifiedManifest, accept, authenticate
 
@@ -136,10 +148,12 @@ from .events import (
     Event,
     FallbackNeeded,
     ImageComplete,
+    IndexReady,
     ManifestRefused,
     ManifestVerified,
     SourceHeard,
 )
+from .index_object import IndexAssembly
 from .verify import check_signature
 
 # source, TSI, manifest TOI (31 bits of the envelope id), claimed length, fragment size
@@ -167,6 +181,8 @@ class ReceiverStats:
     late: int = 0  # symbols of chunks already complete
     auth_ignored: int = 0  # AUTH datagrams while packet authentication is not in use
     fdt_ignored: int = 0  # FLUTE FDT packets: for plain FLUTE receivers, never parsed here
+    index_ignored: int = 0  # block index datagrams not wanted, or after the index was out
+    index_bytes: int = 0  # the verified block index's length, once `IndexReady` was emitted
     chunks_multicast: int = 0
     bytes_multicast: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
@@ -206,6 +222,8 @@ class ReceiverSnapshot:
     symbols_followed: int = 0  # arrivals that the loss estimate followed
     symbols_missed: int = 0  # ESIs those arrivals skipped: lost on the way
     held: int = 0  # datagrams held until a manifest is verified (*Nothing before trust*)
+    index_bytes: int = 0  # the verified block index's length once received (*The block index*)
+    index_ignored: int = 0
 
     @property
     def rejected_total(self) -> int:
@@ -314,6 +332,7 @@ class ReceiverCore:
         signature_check: SignatureCheck = check_signature,
         manifest_grace: float = 0.0,
         report_sources: bool = False,
+        want_index: bool = False,
     ) -> None:
         if packet_auth not in PACKET_AUTH_POLICIES:
             raise ValueError(f"packet_auth must be one of {', '.join(PACKET_AUTH_POLICIES)}")
@@ -362,6 +381,8 @@ class ReceiverCore:
         self._session = b""
         self._tsi = -1  # the adopted session's TSI (-1: none, matches no datagram)
         self._sources: set[str] = set()  # that sent DATA of the session (*Reporting*)
+        self.want_index = want_index
+        self._index: IndexAssembly | None = None  # while the index is wanted and not yet out
         if manifest is not None:
             self._adopt(manifest, now)
 
@@ -418,6 +439,8 @@ class ReceiverCore:
             symbols_followed=stats.symbols_followed,
             symbols_missed=stats.symbols_missed,
             held=len(self._early),
+            index_bytes=stats.index_bytes,
+            index_ignored=stats.index_ignored,
         )
 
     def count_rejected(self, reason: str, count: int = 1) -> None:
@@ -748,6 +771,8 @@ class ReceiverCore:
                 check=self.signature_check,
             )
         self._events.append(ManifestVerified(verified))
+        if self.want_index and manifest.index is not None:
+            self._index = IndexAssembly(manifest)
 
     def _replay_early(self, now: float, wall: float) -> None:
         """Admit what was held while no manifest was verified, through the same receive path.
@@ -783,7 +808,7 @@ class ReceiverCore:
             return
         _, chunk, esi = fields
         if chunk >= self._count:
-            self.stats.rejected["chunk-range"] += 1
+            self._on_beyond_image(data, chunk, esi)
             return
         if chunk in self.done:
             self.stats.late += 1
@@ -830,6 +855,24 @@ class ReceiverCore:
             return
         if result is not None:
             self._finish_chunk(chunk, result, now)
+
+    def _on_beyond_image(self, data: bytes | memoryview, chunk: int, esi: int) -> None:
+        """A DATA datagram of the session for no chunk of the image: the block index's, or none
+        (*The block index*)."""
+        block = chunk - wire.INDEX_FIRST_CHUNK
+        if not 0 <= block < PART_CHUNKS:
+            self.stats.rejected["chunk-range"] += 1
+            return
+        if self._index is None:
+            self.stats.index_ignored += 1
+            return
+        result = self._index.feed(block, esi, data[wire.CODEC_PACKET_OFFSET :])
+        if isinstance(result, BlockIndex):
+            self._index = None
+            self.stats.index_bytes = len(result.digests) + blockindex.HEADER_SIZE
+            self._events.append(IndexReady(result))
+        elif result is not None:
+            self.stats.rejected[result] += 1
 
     def _follow(self, state: _Chunk, esi: int) -> None:
         """The loss estimate for an ESI that is not the next of its chunk's latest run: does it

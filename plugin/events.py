@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from otacast.schemas.blockindex import BlockIndex
 from otacast.schemas.errors import ManifestRejected
 from otacast.schemas.policy import VerifiedManifest
 
@@ -34,6 +35,14 @@ class ChunkComplete:
 
 
 @dataclass(frozen=True)
+class IndexReady:
+    """The release's block index, received and checked against the signed manifest (once per
+    download, only for a core that wants it: `otacast.plugin.core`, *The block index*)."""
+
+    index: BlockIndex
+
+
+@dataclass(frozen=True)
 class ImageComplete:
     pass
 
@@ -56,6 +65,7 @@ Event = (
     ManifestVerified
     | ManifestRefused
     | ChunkComplete
+    | IndexReady
     | ImageComplete
     | SourceHeard
     | FallbackNeeded

@@ -133,6 +133,8 @@ class FetchOptions:
     # stalled) and there is no HTTP fallback, instead of listening on: the Mender module sets
     # it, whose Download would otherwise sit until Mender's module timeout (4 hours).
     give_up_without_fallback: bool = False
+    # Also receive the block index object (`otacast.plugin.core`, *The block index*).
+    want_index: bool = False
 
     @classmethod
     def from_settings(
@@ -258,6 +260,7 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         packet_auth=options.packet_auth,
         manifest_grace=options.manifest_grace,
         report_sources=plan is not None and plan.follow is not None,
+        want_index=options.want_index,
     )
     run = _Run(options, core, receiver, emit, start, plan, joins)
     try:

@@ -260,6 +260,7 @@ class FetchSummary:
     sources: int = 0  # distinct addresses that sent DATA of the session
     symbols_followed: int = 0  # the loss estimate's arrivals (`otacast.plugin.core`)
     symbols_missed: int = 0
+    index_bytes: int = 0  # the verified block index's length, when it was asked for and came
 
     @classmethod
     def from_snapshot(
@@ -292,6 +293,7 @@ class FetchSummary:
             sources=snap.sources,
             symbols_followed=snap.symbols_followed,
             symbols_missed=snap.symbols_missed,
+            index_bytes=snap.index_bytes,
         )
 
 
@@ -427,6 +429,7 @@ class Reporter:
                     "reads": s.reads,
                     "sources": s.sources,
                     "loss": _loss(s.symbols_followed, s.symbols_missed),
+                    "index_bytes": s.index_bytes,
                 },
                 sort_keys=True,
             )

@@ -193,7 +193,7 @@ def build(
                 if progress is not None:
                     progress(number + 1, manifest.chunk_count)
             if index is not None:
-                for cycle in _index_cycles(manifest, index.build(), layout, encode):
+                for cycle in index_cycles(manifest, index.build(), layout, encode):
                     digests.append(hashlib.sha256(cycle).digest())
                     out.write(cycle)
             out.write(b"".join(digests))
@@ -216,7 +216,7 @@ def _prefix(packet: wire.DataPacket | wire.IndexPacket) -> bytes:
     return wire.build_datagram(packet)[: wire.CODEC_PACKET_OFFSET + 1]
 
 
-def _index_cycles(
+def index_cycles(
     manifest: Manifest, data: bytes, layout: CycleLayout, encode: ChunkEncoder
 ) -> Iterator[bytes]:
     """The framed cycle of each source block of the index object `data`, one at a time."""

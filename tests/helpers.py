@@ -100,12 +100,14 @@ from otacast.plugin.events import (
     Event,
     FallbackNeeded,
     ImageComplete,
+    IndexReady,
     ManifestRefused,
     ManifestVerified,
 )
 from otacast.plugin.store_decoder import UNBOUNDED_DECODERS, StoredSymbols
 from otacast.plugin.verify import verify_manifest
 from otacast.schemas import fec, wire
+from otacast.schemas.blockindex import BlockIndex, IndexBuilder
 from otacast.schemas.limits import MAX_DECODER_BYTES
 from otacast.schemas.manifest import (
     Chunking,
@@ -286,10 +288,19 @@ def cycles(manifest: Manifest, image: bytes, repair: int | Sequence[int]) -> lis
 
 
 def cycles_for_fraction(release: Release, fraction: float) -> list[list[bytes]]:
-    """The cycles ``serve --repair fraction`` sends (its `CycleLayout`)."""
+    """The cycles ``serve --repair fraction`` sends (its `CycleLayout`): the chunks', then the
+    block index's when the manifest lists one."""
     m = release.manifest
     layout = symbol_cache.CycleLayout.for_manifest(m, fraction)
-    return cycles(m, release.image, [c - m.source_symbols(i) for i, c in enumerate(layout.cycles)])
+    repairs = [c - k for c, k in zip(layout.cycles, layout.sources, strict=True)]
+    out = cycles(m, release.image, repairs[: layout.chunks])
+    if m.index is not None:
+        index = IndexBuilder()
+        index.update(release.image)
+        for cycle in symbol_cache.index_cycles(m, index.finish().build(), layout, raptorq_encode):
+            size = layout.datagram_size
+            out.append([cycle[i : i + size] for i in range(0, len(cycle), size)])
+    return out
 
 
 def auth_pages(
@@ -467,6 +478,9 @@ class ReceiverSpec:
     # "memory": in-memory decoders under `decoder_budget`.
     symbols: str = "store"
     state_dir: Path | None = None
+    # Also collect the block index (`ReceiverCore(want_index=True)`); the receiver is then done
+    # once it has both the image and the index.
+    want_index: bool = False
 
 
 @dataclass
@@ -488,6 +502,10 @@ class ReceiverReport:
     late: int = 0
     duplicates: int = 0
     auth: dict[str, int] | None = None  # the packet authenticator's counters, when it ran
+    image_at: float | None = None  # when ImageComplete came (complete_at: image and index)
+    index_at: float | None = None
+    indexes: list[BlockIndex] = field(default_factory=list)  # every IndexReady's
+    index_ignored: int = 0
 
     @property
     def ideal(self) -> float:
@@ -642,6 +660,7 @@ class _Receiver:
             decoder_factory=self.store_decoder if stored else self.decoders,
             decoder_budget=UNBOUNDED_DECODERS if stored else self.spec.decoder_budget,
             packet_auth=self.spec.packet_auth,
+            want_index=self.spec.want_index,
         )
 
     def store_decoder(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
@@ -710,8 +729,15 @@ class _Receiver:
                 if self.spec.fallback == "instant" and core.verified is not None:
                     for index in range(core.verified.manifest.chunk_count):
                         core.mark_done(index, now)
+            elif isinstance(event, IndexReady):
+                self.report.indexes.append(event.index)
+                self.report.index_at = t
+                if self.report.image_at is not None:
+                    self.finish(t)
             elif isinstance(event, ImageComplete):
-                self.finish(t)
+                self.report.image_at = t
+                if not self.spec.want_index or self.report.index_at is not None:
+                    self.finish(t)
 
     def finish(self, t: float) -> None:
         self.done = True
@@ -724,6 +750,7 @@ class _Receiver:
             self.report.rejected = dict(core.stats.rejected)
             self.report.late = core.stats.late
             self.report.duplicates = core.stats.duplicates
+            self.report.index_ignored = core.stats.index_ignored
             if core.authenticator is not None:
                 self.report.auth = dataclasses.asdict(core.authenticator.stats)
         self.report.decoder_high_water = self.decoders.high_water

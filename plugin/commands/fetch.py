@@ -14,6 +14,12 @@ from .receiving import add_receive_options, receive_release, report_up_to_date
 def add_fetch(sub: Subcommands) -> None:
     p = sub.add_parser("fetch", help="receive a release and write the verified image")
     add_receive_options(p, installer=False, manifest=True, retry=False)
+    p.add_argument(
+        "--index",
+        action="store_true",
+        help="also receive the release's block index over multicast when it lists one (delta "
+        "delivery; checked against the manifest, reported as index_bytes, not kept yet)",
+    )
     p.set_defaults(run=cmd_fetch)
 
 

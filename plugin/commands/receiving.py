@@ -197,6 +197,7 @@ def receive_release(
         json=args.json,
         status=status,
     )
+    options.want_index = getattr(args, "index", False)  # fetch's only
     try:
         return fetch_or_resume(options, sys.stdout)
     except Rollback as exc:

@@ -1,0 +1,113 @@
+"""Receiving the release's block index object over multicast, in memory (sans-IO).
+
+The block index (`otacast.schemas.blockindex`, delta delivery) travels as one more RaptorQ
+object of the session (TOI ``wire.INDEX_TOI``), cut into source blocks as an image part of its
+length is (`Manifest.index_part`).  An `IndexAssembly` takes its symbols, one decoder per block,
+each ESI once; once every block has decoded, it checks the whole object against the signed
+manifest (`blockindex.parse` with the image length and the index's SHA-256) and hands back the
+parsed `BlockIndex`.  Nothing of it is usable before that check.
+
+Memory: the blocks' decoders and the decoded blocks together hold about the index's signed
+length (~0.39% of the image: 4 MB for a 1 GiB image), which the manifest's own checks bound by
+``MAX_INDEX_BYTES`` and which is checked again here before any decoder is made.
+
+Hostile input is returned as a rejection reason, never raised: a block number the object does
+not have (``index-block``), a codec failure (``decoder-fault``), and an object that decodes but
+fails its signed hash (``index-mismatch``: a forged symbol polluted some block, and which one
+cannot be known), after which every block is collected afresh.  No AUTH page vouches for index
+symbols (`otacast.signer.schedule`): a forger can delay the index, never make a wrong one used.
+"""
+
+from __future__ import annotations
+
+from otacast.schemas import blockindex
+from otacast.schemas.errors import MalformedIndex
+from otacast.schemas.limits import MAX_INDEX_BYTES
+from otacast.schemas.manifest import Manifest
+
+from .decoder import ChunkDecoder, DecoderFactory, DecoderFault, raptorq_decoder
+
+# ESIs below this many times K are remembered as bits, the rest in a set (as the core's chunks).
+_SEEN_BITS_PER_K = 2
+
+
+class _Block:
+    __slots__ = ("bits_below", "decoder", "other", "seen")
+
+    def __init__(self, decoder: ChunkDecoder, k: int) -> None:
+        self.decoder = decoder
+        self.bits_below = _SEEN_BITS_PER_K * k
+        self.seen = bytearray((self.bits_below + 7) // 8)
+        self.other: set[int] = set()
+
+    def first_time(self, esi: int) -> bool:
+        """Whether `esi` is new to this block (and remember it)."""
+        if esi < self.bits_below:
+            bit = 1 << (esi & 7)
+            if self.seen[esi >> 3] & bit:
+                return False
+            self.seen[esi >> 3] |= bit
+            return True
+        if esi in self.other:
+            return False
+        self.other.add(esi)
+        return True
+
+
+class IndexAssembly:
+    """The index object of `manifest` (which must list an index), put together from symbols."""
+
+    def __init__(self, manifest: Manifest, decoder_factory: DecoderFactory = raptorq_decoder):
+        part = manifest.index_part()
+        if manifest.index is None or part is None:
+            raise ValueError("the manifest lists no block index")
+        if manifest.index.length > MAX_INDEX_BYTES:  # before any decoder is made
+            raise ValueError("the block index is larger than MAX_INDEX_BYTES")
+        self.length = manifest.image.length
+        self.sha256 = manifest.index.sha256
+        self.symbol_size = manifest.fec.symbol_size
+        self.spans = [part.block_span(b, self.symbol_size) for b in range(part.blocks)]
+        self.decoder_factory = decoder_factory
+        self.symbols = 0  # new symbols fed to a decoder
+        self.duplicates = 0
+        self._blocks: dict[int, _Block] = {}
+        self._decoded: dict[int, bytes] = {}
+
+    def feed(
+        self, block: int, esi: int, packet: bytes | memoryview
+    ) -> blockindex.BlockIndex | str | None:
+        """One codec packet (payload id + symbol of the signed size) of `block`: the verified
+        index once complete, a rejection reason, or None."""
+        if not 0 <= block < len(self.spans):
+            return "index-block"
+        if block in self._decoded:
+            self.duplicates += 1  # a block already decoded: nothing to learn from it
+            return None
+        state = self._blocks.get(block)
+        if state is None:
+            length = self.spans[block][1]
+            state = self._blocks[block] = _Block(
+                self.decoder_factory(block, length, self.symbol_size),
+                -(-length // self.symbol_size),
+            )
+        if not state.first_time(esi):
+            self.duplicates += 1
+            return None
+        self.symbols += 1
+        try:
+            result = state.decoder.feed(packet)
+        except DecoderFault:
+            del self._blocks[block]
+            return "decoder-fault"
+        if result is None:
+            return None
+        del self._blocks[block]
+        self._decoded[block] = result
+        if len(self._decoded) < len(self.spans):
+            return None
+        data = b"".join(self._decoded[b] for b in range(len(self.spans)))
+        self._decoded.clear()
+        try:
+            return blockindex.parse(data, length=self.length, sha256=self.sha256)
+        except MalformedIndex:
+            return "index-mismatch"  # every block is collected afresh
