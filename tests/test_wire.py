@@ -59,7 +59,15 @@ auth_packets = st.builds(
     signature=st.binary(min_size=64, max_size=64),
 )
 
-packets = st.one_of(data_packets, manifest_packets(), auth_packets)
+index_packets = st.builds(
+    wire.IndexPacket,
+    tsi=tsis,
+    block=st.integers(0, 254),
+    esi=st.integers(0, MAX_ESI),
+    symbol=st.binary(min_size=1, max_size=MAX_DATAGRAM - wire.DATA_HEADER_SIZE),
+)
+
+packets = st.one_of(data_packets, manifest_packets(), auth_packets, index_packets)
 
 
 def _golden() -> dict[str, str]:
@@ -71,6 +79,8 @@ GOLDEN_PACKETS: dict[str, wire.Packet] = {
     "data_first_symbol": wire.DataPacket(TSI, 0, 0, b"\x00\x01\x02\x03"),
     "data_chunk_3_esi_258": wire.DataPacket(TSI, 3, 0x102, b"\x00\x01\x02\x03"),
     "data_repair_symbol_last_chunk": wire.DataPacket(TSI, 0x01020304, MAX_ESI, b"\xff" * 8),
+    # The block index object: TOI 0x40000000, block 1 as the SBN.
+    "index_block_1_esi_258": wire.IndexPacket(TSI, 1, 0x102, b"\x00\x01\x02\x03"),
     "manifest_first_fragment": wire.ManifestPacket(
         TSI, TOI, 300, 256, 0, b'{"signed"' + b" " * 247
     ),
@@ -263,9 +273,27 @@ def test_peek_data_reads_the_golden_data_datagrams(name: str) -> None:
     assert wire.peek_data(memoryview(golden)) == expected
 
 
-@pytest.mark.parametrize("name", sorted(n for n in GOLDEN_PACKETS if not n.startswith("data_")))
+@pytest.mark.parametrize(
+    "name", sorted(n for n in GOLDEN_PACKETS if not n.startswith(("data_", "index_")))
+)
 def test_peek_data_refuses_the_golden_datagrams_of_other_kinds(name: str) -> None:
     assert wire.peek_data(bytes.fromhex(_golden()[name])) is None
+
+
+def test_peek_data_reads_the_golden_index_datagram_as_a_chunk_no_release_has() -> None:
+    golden = bytes.fromhex(_golden()["index_block_1_esi_258"])
+    expected = (TSI, (0x40000000 - 1) * 255 + 1, 0x102)  # TOI 0x40000000, SBN 1
+    assert wire.peek_data(golden) == expected == _peek_spec(golden)
+    assert expected[1] > 0xFFFFFFFF
+
+
+def test_a_toi_between_the_last_image_part_and_the_index_is_refused() -> None:
+    packet = wire.build_datagram(wire.IndexPacket(TSI, 0, 0, b"sym"))
+    for toi in (wire.MAX_PART_TOI + 1, wire.INDEX_TOI - 1, wire.INDEX_TOI + 1):
+        other = packet[:12] + toi.to_bytes(4, "big") + packet[16:]
+        for parse in (wire.parse_datagram, wire.parse_datagram_spec):
+            with pytest.raises(PacketError, match="bad-toi"):
+                parse(other)
 
 
 def test_peek_data_reads_toi_and_sbn_as_the_chunk_and_refuses_toi_0() -> None:
@@ -287,6 +315,9 @@ def test_peek_data_agrees_with_both_parsers_on_every_packet(packet: wire.Packet)
     if isinstance(packet, wire.DataPacket):
         assert peeked == (packet.tsi, packet.chunk, packet.esi)
         assert data[wire.DATA_HEADER_SIZE :] == packet.symbol
+    elif isinstance(packet, wire.IndexPacket):  # beyond every chunk a release can have
+        assert peeked == (packet.tsi, wire.INDEX_FIRST_CHUNK + packet.block, packet.esi)
+        assert peeked[1] > 0xFFFFFFFF
     else:
         assert peeked is None
 
