@@ -3,7 +3,7 @@ the formats, and prints one JSON summary.
 
     python rawrecv.py IFACE GROUP PORT SECONDS [--after-manifest-stop S]
 
-It reports counts by kind (data, manifest, fdt, auth) and source, sessions by LCT TSI, every
+It reports counts by kind (data, index, manifest, fdt, auth) and source, sessions by LCT TSI, every
 (source, chunk, esi) seen, bytes per 100 ms slot (for rate measurements), header violations, and
 when the first complete manifest envelope had been reassembled, measured from the moment the join
 was made.
@@ -80,6 +80,8 @@ def main() -> None:
             kinds["fdt"] += 1
         elif isinstance(packet, wire.AuthPacket):
             kinds["auth"] += 1
+        elif isinstance(packet, wire.IndexPacket):
+            kinds["index"] += 1  # the block index object (TOI 0x40000000)
         else:
             kinds["manifest"] += 1
             parts = fragments[packet.toi]
