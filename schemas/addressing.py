@@ -10,7 +10,9 @@ the same groups from it without any rendezvous:
 
 The group hash is ``SHA-256("otacast-group\\0" + channel + "\\0" + rate_index)``, where
 ``rate_index`` is one byte: 0 for the main channel, 1.. for additional rate channels, so each
-rate gets its own groups and a receiver joins only the one it can absorb.
+rate gets its own groups and a receiver joins only the one it can absorb.  Rate index
+``LANE_RATE_INDEX`` (255; a manifest lists at most `limits.MAX_RATE_CHANNELS` rates) names the
+delta lane's groups: devices that hold a recent release join it instead of the full carousel.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ SCOPES: dict[str, int] = {"link": 0x2, "site": 0x5, "org": 0x8, "global": 0xE}
 DEFAULT_SCOPE = "global"
 DEFAULT_PORT = 4242
 SRV_SERVICE = "_otacast._udp"
+LANE_RATE_INDEX = 255
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 MAX_DNS_NAME = 253

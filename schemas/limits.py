@@ -251,3 +251,8 @@ INDEX_HASH_BYTES = 16
 # The largest index: one entry per block of the largest image plus the 16-byte header (256 MiB
 # at 64 GiB).  The device compares the signed length against it before allocating anything.
 MAX_INDEX_BYTES = 16 + (MAX_IMAGE_BYTES // INDEX_BLOCK_SIZE) * INDEX_HASH_BYTES
+
+# Releases one delta lane serves (the signer's --delta-from): each costs an index patch on the
+# lane (~0.02-0.1% of the image) and widens the lane object by the blocks that release lacks;
+# devices more than a few releases behind take the full carousel anyway.
+MAX_DELTA_FROM = 8

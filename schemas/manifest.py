@@ -36,6 +36,7 @@ from .fec import Part
 from .limits import (
     INDEX_BLOCK_SIZE,
     INDEX_HASH_BYTES,
+    MAX_DELTA_FROM,
     MAX_IMAGE_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_SIGNATURES,
@@ -80,6 +81,29 @@ class IndexInfo:
     sha256: bytes
     block_size: int = INDEX_BLOCK_SIZE
     hash_bytes: int = INDEX_HASH_BYTES
+
+
+@dataclass(frozen=True)
+class DeltaFrom:
+    """A release the delta lane serves: devices on `sequence` (whose block index has
+    `index_sha256`) turn it into this release's index with the patch of `patch_length` bytes and
+    `patch_sha256` (`otacast.schemas.deltaobject`)."""
+
+    sequence: int
+    index_sha256: bytes
+    patch_length: int
+    patch_sha256: bytes
+
+
+@dataclass(frozen=True)
+class DeltaInfo:
+    """The delta lane's object: `length` bytes with `sha256`, carrying `blocks` 4 KiB blocks of
+    the image (those absent from some release in `sources`, JSON ``from``)."""
+
+    length: int
+    sha256: bytes
+    blocks: int
+    sources: tuple[DeltaFrom, ...]
 
 
 @dataclass(frozen=True)
@@ -141,6 +165,7 @@ class Manifest:
     http: tuple[str, ...] = ()
     stream_keys: tuple[StreamKey, ...] = ()
     index: IndexInfo | None = None
+    delta: DeltaInfo | None = None
 
     def to_json(self) -> dict[str, Any]:
         signed: dict[str, Any] = {
@@ -182,6 +207,21 @@ class Manifest:
                 "length": self.index.length,
                 "sha256": self.index.sha256.hex(),
             }
+        if self.delta is not None:
+            signed["delta"] = {
+                "length": self.delta.length,
+                "sha256": self.delta.sha256.hex(),
+                "blocks": self.delta.blocks,
+                "from": [
+                    {
+                        "sequence": f.sequence,
+                        "index_sha256": f.index_sha256.hex(),
+                        "patch_length": f.patch_length,
+                        "patch_sha256": f.patch_sha256.hex(),
+                    }
+                    for f in self.delta.sources
+                ],
+            }
         return signed
 
     @classmethod
@@ -222,6 +262,7 @@ class Manifest:
                 for k in signed.get("stream_keys", ())
             ),
             index=_index_from_json(signed.get("index")),
+            delta=_delta_from_json(signed.get("delta")),
         )
         manifest.check_consistency()
         return manifest
@@ -247,6 +288,25 @@ class Manifest:
         if len(set(senders)) != len(senders):
             raise MalformedManifest("two stream keys name the same sender")
         self._check_index()
+        self._check_delta()
+
+    def _check_delta(self) -> None:
+        delta = self.delta
+        if delta is None:
+            return
+        if self.index is None:
+            raise MalformedManifest("a delta lane needs the release's block index")
+        if delta.blocks > blockindex.block_count(self.image.length):
+            raise MalformedManifest(f"delta lane carries {delta.blocks} blocks of a smaller image")
+        if not 1 <= len(delta.sources) <= MAX_DELTA_FROM:
+            raise MalformedManifest(f"a delta lane serves 1 to {MAX_DELTA_FROM} releases")
+        sequences = [f.sequence for f in delta.sources]
+        if len(set(sequences)) != len(sequences) or max(sequences) >= self.sequence:
+            raise MalformedManifest("a delta lane serves distinct releases older than its own")
+        # Each is one FLUTE object of at most PART_CHUNKS source blocks.
+        largest = max([delta.length] + [f.patch_length for f in delta.sources])
+        if largest > fec.part_bytes(self.chunks.size):
+            raise MalformedManifest("a delta lane object does not fit one FLUTE object")
 
     def _check_index(self) -> None:
         index = self.index
@@ -335,6 +395,25 @@ def _index_from_json(value: dict[str, Any] | None) -> IndexInfo | None:
         sha256=bytes.fromhex(value["sha256"]),
         block_size=value["block_size"],
         hash_bytes=value["hash_bytes"],
+    )
+
+
+def _delta_from_json(value: dict[str, Any] | None) -> DeltaInfo | None:
+    if value is None:
+        return None
+    return DeltaInfo(
+        length=value["length"],
+        sha256=bytes.fromhex(value["sha256"]),
+        blocks=value["blocks"],
+        sources=tuple(
+            DeltaFrom(
+                sequence=f["sequence"],
+                index_sha256=bytes.fromhex(f["index_sha256"]),
+                patch_length=f["patch_length"],
+                patch_sha256=bytes.fromhex(f["patch_sha256"]),
+            )
+            for f in value["from"]
+        ),
     )
 
 

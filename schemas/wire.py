@@ -122,6 +122,17 @@ MANIFEST_TOI_BIT: Final = 0x80000000  # manifest objects; image parts are TOI 1 
 # The block index object: between the image parts (at most MAX_PART_TOI) and the manifests.
 INDEX_TOI: Final = 0x40000000
 AUTH_TSI_BIT: Final = 0x80000000  # AUTH pages: the session's TSI with this bit flipped
+# The delta lane (delta delivery; its own groups, `addressing.LANE_RATE_INDEX`) is a FLUTE session
+# of its own: the session's TSI with this bit flipped.  Its FDT (TOI 0) and manifest objects are
+# those of the data session; its RaptorQ objects are the lane object (`schemas.deltaobject`), the
+# release's full block index and one index patch per listed release, each cut into source blocks
+# as an image part of its length is.  Their DATA datagrams have the image's layout, so the parsers
+# read TOI t, SBN b as "chunk" 255*(t-1)+b: lane chunks 0.. are the lane object's blocks,
+# LANE_INDEX_FIRST_CHUNK.. the index's, lane_patch_first_chunk(j).. patch j's.
+LANE_TSI_BIT: Final = 0x40000000
+LANE_OBJECT_TOI: Final = 1
+LANE_INDEX_TOI: Final = 2
+LANE_PATCH_TOI: Final = 3  # + j for the j-th release the manifest's delta lists
 # Image parts are TOI 1 .. MAX_PART_TOI, so that every chunk index of 32 bits has one.
 MAX_PART_TOI: Final = 1 + 0xFFFFFFFF // PART_CHUNKS
 # A payload id (SBN << 24 | ESI) at or above this names no block of an object.
@@ -129,6 +140,18 @@ _PAYLOAD_ID_LIMIT: Final = PART_CHUNKS << 24
 # What `peek_data` gives as the chunk of the index object's block 0 (block b: this + b).
 INDEX_FIRST_CHUNK: Final = (INDEX_TOI - 1) * PART_CHUNKS
 assert INDEX_TOI > MAX_PART_TOI and INDEX_FIRST_CHUNK > 0xFFFFFFFF
+LANE_INDEX_FIRST_CHUNK: Final = (LANE_INDEX_TOI - 1) * PART_CHUNKS
+
+
+def lane_tsi(session_tsi: int) -> int:
+    """The delta lane's TSI for a session's (data) TSI."""
+    return session_tsi ^ LANE_TSI_BIT
+
+
+def lane_patch_first_chunk(j: int) -> int:
+    """The lane "chunk" of block 0 of the index patch for the j-th listed release."""
+    return (LANE_PATCH_TOI + j - 1) * PART_CHUNKS
+
 
 # A DATA digest is 80 bits: forging a datagram that matches one of the <= MAX_AUTH_DIGESTS
 # digests a receiver holds takes ~2^64 hashes, and 10 bytes per datagram (sent twice) keep the
