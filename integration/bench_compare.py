@@ -20,8 +20,10 @@ Debian packages nftables, nginx, uftp and udpcast.  It measures, in one run:
    or connected before the data began, so a later one waits: whenever their sender exits
    without the late receiver holding the image, the benchmark starts it again (as a loop or a
    cron job would) and counts the sessions.  HTTP's late join is an ordinary download;
-3. otacast's datagrams on the receiver's link (received + dropped) / the ideal K/(1-p), for the
-   loss runs and the late joins;
+3. received / ideal, for the loss runs and the late joins: otacast's datagrams on the receiver's
+   link (received + dropped) / K/(1-p); uftp's and udpcast's data packets that reached the
+   receiver's switch port / ceil(image / their block) / (1-p) (control packets apart), and a
+   plot of it against loss per image size (``--losses`` sets the sweep);
 4. N receivers on one bridge: the sender's CPU and the bytes on its link, otacast vs nginx,
    every receiver's image checked by sha256;
 5. two and four otacast senders (--sender I/N, serve's default repair pool) into one receiver:

@@ -321,6 +321,81 @@ def efficiency_table(rows: Sequence[Row]) -> str:
     )
 
 
+# The tools with a received/ideal figure: the data packets that reached the receiver's port until
+# it had the image, over the fewest that carry the image at loss p.  uftp's and udpcast's are
+# counted at the port (ceil(image / block) / (1 - p) ideal); otacast's are its receiver's
+# datagrams (and socket-full drops) over the share the loss let through (K / (1 - p) ideal).
+IDEAL_TOOLS = ("otacast", "uftp", "udpcast", "udpcast-async")
+IDEAL = "to-image/ideal"
+# otacast's figure counted until its receiver exited, drops after it had the image included.
+TO_EXIT = "received/ideal"
+
+
+def _ideal_tools(rows: Sequence[Row]) -> list[str]:
+    return [t for t in IDEAL_TOOLS if any(r.tool == t for r in rows)]
+
+
+def ideal_table(rows: Sequence[Row], size: int) -> str:
+    """received/ideal, loss by tool, at `size` (the loss runs)."""
+    sized = _sized(rows, size)
+    columns = [(t, IDEAL, NAMES[t]) for t in _ideal_tools(sized)]
+    if columns and columns[0][0] == "otacast":
+        columns.insert(1, ("otacast", TO_EXIT, "otacast, counted until its receiver exited"))
+    lines = []
+    for loss in sorted({r.loss for r in sized}):
+        line = [f"{loss}%"]
+        for tool, key, _ in columns:
+            row = _find(rows, tool, loss, size)
+            if row is None:
+                line.append("—")
+            elif key in row.extra:
+                line.append(f"{row.extra[key]:.3f}")
+            else:
+                line.append(f"not delivered ({_state(row)})")
+        lines.append(line)
+    return _table(["loss", *(name for _, _, name in columns)], lines)
+
+
+def peers_table(rows: Sequence[Row]) -> str:
+    """uftp's and udpcast's packets at the receiver's switch port (the loss runs)."""
+    lines = []
+    for r in rows:
+        if r.late or r.tool not in IDEAL_TOOLS[1:] or not r.extra:
+            continue
+        blocks = r.extra["blocks"]
+        lines.append(
+            [
+                size_label(r.size),
+                NAMES[r.tool],
+                f"{r.loss}%",
+                f"{r.extra['data_packets']:,.0f}",
+                f"{r.extra.get('lost', 0):,.0f}",
+                f"{blocks:,.0f}",
+                f"{blocks / (1 - r.loss / 100):,.0f}",
+                f"{r.extra[IDEAL]:.3f}",
+                f"{r.extra['control_packets']:,.0f}",
+                f"{r.extra.get('overflow', 0):,.0f}",
+                _state(r),
+            ]
+        )
+    return _table(
+        [
+            "image",
+            "tool",
+            "loss",
+            "data packets at the receiver's port",
+            "dropped (loss, data and control)",
+            "blocks: ceil(image / block)",
+            "ideal blocks / (1-p)",
+            "received / ideal",
+            "control packets at the port (apart)",
+            "dropped (socket buffer full)",
+            "delivered",
+        ],
+        lines,
+    )
+
+
 # How each tool treats a receiver that starts after its sender (the man pages; what happened
 # in the runs is in the row: sessions, delivered).
 LATE_HOW = {
@@ -619,6 +694,19 @@ def finish(plan: Plan, result: dict[str, object], results: Path) -> int:
             "(time from the receiver's start)",
             late_table(rows),
         ]
+    for size in plan.images:
+        if _ideal_tools(_sized(rows, size)):
+            sections += [
+                f"## Received ÷ ideal, {size_label(size)}: data packets that reached the "
+                "receiver's port over the fewest that carry the image at that loss",
+                ideal_table(rows, size),
+            ]
+    if any(r.tool in IDEAL_TOOLS[1:] and r.extra and not r.late for r in rows):
+        sections += [
+            "## uftp and udpcast: data packets at the receiver's switch port vs the ideal "
+            "ceil(image / block) / (1-p)",
+            peers_table(rows),
+        ]
     if any(r.tool == "otacast" and r.extra for r in rows):
         sections += [
             "## otacast: datagrams on the receiver's link vs the ideal K/(1-p)",
@@ -709,6 +797,8 @@ def plots(plan: Plan, result: dict[str, object], rows: Sequence[Row], stem: Path
         figure.tight_layout()
         written.append(_save(figure, stem, f"goodput-{size_label(size).replace(' ', '')}"))
         plt.close(figure)
+        if _ideal_tools(sized):
+            written.append(_ideal_plot(plt, rows, size, stem))
 
     fleet = _rows(result, "fleet_median")
     if fleet:
@@ -756,6 +846,50 @@ def plots(plan: Plan, result: dict[str, object], rows: Sequence[Row], stem: Path
         written.append(_save(figure, stem, "senders"))
         plt.close(figure)
     return written
+
+
+def _ideal_plot(plt: object, rows: Sequence[Row], size: int, stem: Path) -> Path:
+    """received/ideal against loss at `size`, one line per tool; a loss at which a tool did
+    not deliver is marked x on the ideal line and named in its legend."""
+    sized = _sized(rows, size)
+    figure, ax = plt.subplots(figsize=(6.5, 4.2))  # type: ignore[attr-defined]
+    losses = sorted({r.loss for r in sized})
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="ideal")
+    # (otacast's figure counted until its receiver exited is in the table only: at 30% loss
+    # it is twice the others and would flatten them.)
+    for index, tool in enumerate(_ideal_tools(sized)):
+        values = []
+        for loss in losses:
+            row = _find(rows, tool, loss, size)
+            values.append(row.extra.get(IDEAL) if row else None)
+        failed = [
+            loss
+            for loss, value in zip(losses, values, strict=True)
+            if value is None and _find(rows, tool, loss, size)
+        ]
+        label = NAMES[tool] + (
+            f" (x: not delivered at {', '.join(f'{loss}%' for loss in failed)})" if failed else ""
+        )
+        color = f"C{index}"
+        ax.plot(
+            losses,
+            [float("nan") if v is None else v for v in values],
+            "o-",
+            color=color,
+            label=label,
+        )
+        ax.plot(failed, [1.0] * len(failed), "x", color=color, markersize=10, mew=2)
+    ax.set_xticks(losses, [f"{loss}%" for loss in losses])
+    ax.set_xlabel("random loss at the receiver's port (data and control packets)")
+    ax.set_ylabel("data packets at the receiver's port ÷ ideal")
+    ax.set_title(f"received ÷ ideal, one receiver, {size_label(size)} image", fontsize=10)
+    ax.set_ylim(bottom=0.95)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    path = _save(figure, stem, f"received-ideal-{size_label(size).replace(' ', '')}")
+    plt.close(figure)  # type: ignore[attr-defined]
+    return path
 
 
 def _save(figure: object, stem: Path, name: str) -> Path:

@@ -55,6 +55,24 @@ UDPCAST_ASYNC = ("--async", "--fec", "8x16/64", "--max-bitrate", "1000m", "--aut
 # The socket buffers the peers are given (8 MiB), as otacast's receiver asks for 32 MiB.
 PEER_BUFFER = str(8 << 20)
 
+# The image bytes one data packet of each peer carries, for its ideal ceil(image / block) /
+# (1 - p), and the nftables match that picks its data packets out of what reaches the
+# receiver's port (@th,64 is the first bit after the 8-byte UDP header).
+# uftp: -b is "the size of a data block" (uftp(1); 1300, its default, is given on the command
+# line); one FILESEG message carries one, function 9 in the second byte of the 16-byte UFTP
+# header (uftp's protocol.txt 5.2.1 and 5.2.11; a capture shows 0x40 0x09 and 1,324-byte
+# payloads: 16 + 8 bytes of headers + 1,300).  To its port, 1044 by default (-p).
+UFTP_BLOCK = 1300
+# udpcast: --blocksize, "Default (and also maximum) is 1456" (udp-sender(1); given on the
+# command line); a data block has the 16-bit big-endian opcode CMD_DATA (8) first in its
+# 16-byte header, an async FEC block CMD_FEC (9) (a capture shows 0x0008 and 1,472-byte payloads:
+# 16 + 1,456).  To the receivers' port, 9000 (--portbase's default).
+UDPCAST_BLOCK = 1456
+DATA_MATCH = {
+    "uftp": "udp dport 1044 @th,72,8 9",
+    "udpcast": "udp dport 9000 @th,64,16 8-9",
+}
+
 # tool -> does it need a back channel from the receivers to the sender (by design)?
 BACK_CHANNEL = {
     "otacast": False,
@@ -340,6 +358,11 @@ class Counters:
     sent: int  # UDP/TCP packets the host sent: its back channel
     sent_other: int  # other packets it sent (ICMPv6 MLD/ND, IGMP: to the switch, not the sender)
     overflow: int  # datagrams the kernel dropped because a socket buffer was full
+    # UDP/TCP packets that reached the host's port (its switch port with GRO), before the loss
+    # rule: what was received plus what the loss dropped.
+    arriving: int = 0
+    # Of those, the ones the Meter's `data` match selects (the tool's file-data packets).
+    data: int = 0
 
 
 def udp_overflows(host: Host) -> int:
@@ -365,19 +388,24 @@ class Meter:
     With GRO on the host's link the loss is applied at the switch port facing it, before the
     veth coalesces datagrams (a rule in the host would drop whole coalesced runs)."""
 
-    def __init__(self, host: Host, loss: int) -> None:
+    def __init__(self, host: Host, loss: int, data: str = "") -> None:
+        """`data`: an nftables match for the tool's data packets (DATA_MATCH), counted as they
+        reach the port, before the loss rule; empty: none counted."""
         self.host = host
         host.run("nft", "delete", "table", "inet", TABLE)
         self._switch = host.gro_port
         if self._switch is not None:
             self._switch_nft("delete table bridge " + TABLE, check=False)
-        lost = (
-            f"meta l4proto {{ tcp, udp }} numgen random mod 100 < {loss} counter drop "
-            'comment "lost"'
-            if loss
-            else 'meta l4proto { tcp, udp } counter comment "arrived"'
-        )
-        arriving = "" if self._switch is not None else lost
+        # In order: counted on arrival (before the loss), then dropped.
+        rules = ['meta l4proto { tcp, udp } counter comment "arriving"']
+        if data:
+            rules.append(f'{data} counter comment "data"')
+        if loss:
+            rules.append(
+                f"meta l4proto {{ tcp, udp }} numgen random mod 100 < {loss} counter drop "
+                'comment "lost"'
+            )
+        arriving = "" if self._switch is not None else "\n        ".join(rules)
         script = f"""
 table inet {TABLE} {{
     chain input {{
@@ -406,7 +434,7 @@ table inet {TABLE} {{
             self._switch_nft(
                 f"add table bridge {TABLE}\n"
                 f"add chain bridge {TABLE} forward {{ type filter hook forward priority 0 ; }}\n"
-                f'add rule bridge {TABLE} forward oifname "{port}" {lost}\n'
+                + "".join(f'add rule bridge {TABLE} forward oifname "{port}" {r}\n' for r in rules)
             )
         self.overflow_base = udp_overflows(host)
 
@@ -457,6 +485,8 @@ table inet {TABLE} {{
             sent,
             found.get("all_sent", 0) - sent,
             udp_overflows(self.host) - self.overflow_base,
+            found.get("arriving", 0),
+            found.get("data", 0),
         )
 
 
@@ -649,16 +679,26 @@ def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Out
         datagrams = _float(summary.get("datagrams")) or 0.0
         ideal = bench.source_symbols / (1 - loss / 100)
         used = _float(summary.get("symbols_used")) or 0.0
+        # The loss counter also counts what the switch drops after the receiver has the image,
+        # while it verifies, hands off and exits (the carousel goes on): at 30% loss that was
+        # most of it.  Up to the image, what reached the port is what the receiver took in over
+        # the share the loss rule let through (measured on every packet of the run: the rule
+        # drops at random, the same share before and after).
+        passed = 1 - (count.lost / count.arriving if count.arriving else 0.0)
         outcome.extra = {
             "datagrams": datagrams,
             "K": float(bench.source_symbols),
             "received/ideal": round((datagrams + count.lost + count.overflow) / ideal, 4),
+            "to-image/ideal": round((datagrams + count.overflow) / passed / ideal, 4),
             "used/K": round(used / bench.source_symbols, 4),
             "rx_cpu_s": round(done.cpu, 3),
             "rx_peak_rss_mb": _float(summary.get("peak_rss_mb")) or 0.0,
             "late": _float(summary.get("late")) or 0.0,
             "lost": float(count.lost),
             "overflow": float(count.overflow),  # dropped on the receiver's full socket buffer
+            # Every UDP/TCP packet that reached its switch port until it exited (also those after
+            # it had the image, while it verified and handed it off).
+            "arriving": float(count.arriving),
         }
         # What the sender really sent (its pace may fall short of --rate): stopped just after
         # the receiver finished, so this is the transfer's rate.
@@ -727,7 +767,7 @@ def run_uftp(bench: Bench, loss: int, join_delay: float | None = None) -> Outcom
                 "-R",
                 "-1",
                 "-b",
-                "1300",
+                str(UFTP_BLOCK),
                 "-B",
                 PEER_BUFFER,
                 "-x",
@@ -738,7 +778,7 @@ def run_uftp(bench: Bench, loss: int, join_delay: float | None = None) -> Outcom
 
     early: Proc | None = None
     if join_delay is None:
-        meter = Meter(bench.rx, loss)
+        meter = Meter(bench.rx, loss, DATA_MATCH["uftp"])
         receiver, out = _uftpd(bench, bench.rx, "uftp")
         wait_joined(receiver, UFTP_GROUP)
         start = time.monotonic()
@@ -749,7 +789,7 @@ def run_uftp(bench: Bench, loss: int, join_delay: float | None = None) -> Outcom
             wait_joined(early, UFTP_GROUP)
         sender = send()
         _sleep_until(time.monotonic() + join_delay)
-        meter = Meter(bench.rx, loss)
+        meter = Meter(bench.rx, loss, DATA_MATCH["uftp"])
         start = time.monotonic()
         receiver, out = _uftpd(bench, bench.rx, "uftp")
     sessions = 1
@@ -788,6 +828,7 @@ def run_uftp(bench: Bench, loss: int, join_delay: float | None = None) -> Outcom
         join_delay=join_delay,
     )
     outcome.sessions = sessions
+    outcome.extra = peer_efficiency(count, bench.size, UFTP_BLOCK, loss)
     return outcome
 
 
@@ -807,7 +848,7 @@ def run_udpcast(
     if join_delay is not None:
         return _udpcast_late(bench, loss, asynchronous, join_delay)
     quiesce((bench.tx, bench.rx))
-    meter = Meter(bench.rx, loss)
+    meter = Meter(bench.rx, loss, DATA_MATCH["udpcast"])
     out = bench.fresh("udpcast-out") / "image"
     mode = UDPCAST_ASYNC if asynchronous else UDPCAST_DEFAULT
     done: Exit | None = None
@@ -847,6 +888,7 @@ def run_udpcast(
         gave_up="Missed blocks" in receiver.text(),
     )
     outcome.retries = attempt - 1
+    outcome.extra = peer_efficiency(count, bench.size, UDPCAST_BLOCK, loss)
     return outcome
 
 
@@ -866,6 +908,8 @@ def _udp_sender(bench: Bench, mode: Sequence[str]) -> Proc:
             "--file",
             str(bench.release.image),
             "--nopointopoint",
+            "--blocksize",
+            str(UDPCAST_BLOCK),
             *_UDPCAST_COMMON,
             *mode,
         )
@@ -887,7 +931,7 @@ def _udpcast_late(bench: Bench, loss: int, asynchronous: bool, join_delay: float
         wait_udp_port(early, 9000)
     sender = _udp_sender(bench, mode)
     _sleep_until(time.monotonic() + join_delay)
-    meter = Meter(bench.rx, loss)
+    meter = Meter(bench.rx, loss, DATA_MATCH["udpcast"])
     out = bench.fresh("udpcast-out") / "image"
     start = time.monotonic()
     receiver = _udp_receiver(bench, bench.rx, out)
@@ -925,7 +969,27 @@ def _udpcast_late(bench: Bench, loss: int, asynchronous: bool, join_delay: float
         join_delay=join_delay,
     )
     outcome.sessions = sessions
+    outcome.extra = peer_efficiency(count, bench.size, UDPCAST_BLOCK, loss)
     return outcome
+
+
+def peer_efficiency(count: Counters, size: int, block: int, loss: int) -> dict[str, float]:
+    """uftp's and udpcast's counterpart of otacast's received/ideal: their data packets that
+    reached the receiver's switch port (received + dropped by the loss rule: the Meter's `data`
+    counter, before the loss) over the fewest that can carry the image at loss p,
+    ceil(size / block) / (1 - p).  Their other UDP packets that reached it (announcements,
+    FILEINFO, DONE, REQACK, HELLO...) are counted apart, in neither figure."""
+    blocks = math.ceil(size / block)
+    return {
+        "data_packets": float(count.data),
+        "blocks": float(blocks),
+        "control_packets": float(count.arriving - count.data),
+        "received/ideal": round(count.data / (blocks / (1 - loss / 100)), 4),
+        # The same: the peers' senders send no data once the receiver has the image.
+        "to-image/ideal": round(count.data / (blocks / (1 - loss / 100)), 4),
+        "lost": float(count.lost),
+        "overflow": float(count.overflow),
+    }
 
 
 def run_http(bench: Bench, loss: int, join_delay: float | None = None) -> Outcome:
