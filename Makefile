@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # directory timestamps below track.
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-packages test lint unit integration demo bench bench-quick bench-compare bench-compare-quick \
+.PHONY: setup system-packages test lint unit integration demo bench bench-quick bench-compare bench-compare-quick bench-delta bench-delta-quick \
         fuzz-quick sweep sweep-quick clean
 
 # The system packages first (.ci/packages: installed as root with apt-get, or the one apt command
@@ -65,6 +65,15 @@ bench-compare: setup
 
 bench-compare-quick: setup
 	$(BIN)/python integration/bench_compare.py --quick
+
+# Delta delivery sizes (issue 15): lane + index patch against zstd, xdelta3 and zchunk on ext4
+# images built once and cached under /var/tmp/otacast-bench-delta; no root, no network.  About
+# 15 minutes at full size (1200 MiB images; xdelta3 takes most of it), 2 in the quick one.
+bench-delta: setup
+	$(BIN)/python integration/bench_delta.py
+
+bench-delta-quick: setup
+	$(BIN)/python integration/bench_delta.py --quick
 
 # Issue 12's simulator sweep: datagrams heard / ideal K/(1-p) and the receiver's high-water
 # mark over loss, join time, senders and image sizes up to 4 GiB, for the carousel serve sends

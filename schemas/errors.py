@@ -135,4 +135,14 @@ class KeyFormatError(UntrustedInputError):
 class MalformedIndex(UntrustedInputError):
     """A block index whose bytes or hash do not match what the signed manifest says of it."""
 
-    exit_code: ClassVar[int] = 31
+    exit_code: ClassVar[int] = 34
+
+
+# --- Delta lane --------------------------------------------------------------------------------
+
+
+class MalformedDelta(UntrustedInputError):
+    """A delta lane object or an index patch whose bytes or result contradict what they claim
+    (header, run list, stream length) or what the signed manifest says of the new index."""
+
+    exit_code: ClassVar[int] = 33

@@ -256,3 +256,33 @@ MAX_INDEX_BYTES = 16 + (MAX_IMAGE_BYTES // INDEX_BLOCK_SIZE) * INDEX_HASH_BYTES
 # lane (~0.02-0.1% of the image) and widens the lane object by the blocks that release lacks;
 # devices more than a few releases behind take the full carousel anyway.
 MAX_DELTA_FROM = 8
+
+# --- Delta lane (delta delivery) ---------------------------------------------------------------
+
+# Runs (start, count) of missing blocks in one lane object, 8 bytes each in its run list.  The
+# 1.2 GB benchmark images have 3063-3260 runs (docs/PERFORMANCE.md), about 2.7 per MB of image;
+# at that density a 64 GiB image has ~190k.  2^20 runs (an 8 MiB run list) leaves 5x on top,
+# and the signer merges the shortest gaps of an image that would need more, so the device never
+# parses a run list larger than this.
+MAX_DELTA_RUNS = 1 << 20
+
+# Operations of one index patch.  A patch alternates COPY (a stretch of the old index) and
+# LITERAL (entries of blocks absent from the old release), so an honest one has about twice the
+# runs of the lane; a patch that would need more is written as one LITERAL of the whole index
+# instead (the full index, never larger than MAX_INDEX_BYTES).  Each op is parsed into a small
+# object, so this bounds the device's memory for the ops at ~100 MB at worst.
+MAX_PATCH_OPS = 2 * MAX_DELTA_RUNS + 1
+
+# Memory the device's xz decoder of a lane object may use.  The signer writes xz preset 6
+# (an 8 MiB dictionary, ~9 MiB to decode); 24 MiB decodes presets up to 7 (16 MiB dictionary)
+# and refuses a stream that claims a dictionary a small device cannot hold.
+MAX_DELTA_XZ_MEMORY = 24 * 1024 * 1024
+
+# Decompressed bytes the device asks the xz decoder for per call: the decoder never returns more
+# than this at once, so the lane's blocks pass through memory one MiB at a time.
+DELTA_DECODE_STEP = 1024 * 1024
+
+# Bytes an xz stream may exceed its input by beyond 1/1024 of it, when the lane's header is
+# checked: the container headers, index and padding (~100 bytes) with room to spare.  LZMA2
+# stores an incompressible chunk of up to 64 KiB with a 3-byte header, far under 1/1024.
+DELTA_XZ_OVERHEAD_BYTES = 4096

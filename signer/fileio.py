@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import ReadError, WriteError
 
@@ -63,6 +65,32 @@ def atomic_write_all(files: list[tuple[Path, bytes, int]], *, overwrite: bool = 
                 tmp.unlink()  # only files not renamed into place are still there
     for directory in {path.parent for _, path in staged}:
         _fsync_directory(directory)
+
+
+@contextlib.contextmanager
+def atomic_stream(path: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A file to write (and seek in) that becomes `path` whole when the block ends without an
+    exception, fsynced like `atomic_write`; on any failure nothing is left."""
+    try:
+        fd, tmp = create_beside(path)
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    renamed = False
+    try:
+        with os.fdopen(fd, "w+b") as handle:
+            os.fchmod(handle.fileno(), mode)
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+        renamed = True
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if not renamed:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    _fsync_directory(path.parent)
 
 
 def create_beside(path: Path) -> tuple[int, Path]:

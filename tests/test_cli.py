@@ -35,6 +35,8 @@ from otacast.schemas.errors import (
     Expired,
     ImageMismatch,
     KeyFormatError,
+    MalformedDelta,
+    MalformedIndex,
     MalformedManifest,
     ManifestTooLarge,
     OtacastError,
@@ -44,6 +46,7 @@ from otacast.schemas.errors import (
 )
 from otacast.schemas.limits import MAX_MANIFEST_BYTES
 from otacast.schemas.manifest import SIGNING_CONTEXT
+from otacast.schemas.trustset import TrustSetRejected
 from otacast.schemas.units import format_time
 from otacast.signer import errors as signer_errors
 from otacast.signer.keys import load_secret
@@ -344,6 +347,9 @@ def test_exit_codes_of_distinct_failures_are_distinct_and_non_zero() -> None:
         Rollback,
         WrongDevice,
         ImageMismatch,
+        MalformedDelta,
+        MalformedIndex,
+        TrustSetRejected,
         signer_errors.NetworkError,
         signer_errors.MenderArtifactError,
         signer_errors.ServedManifestExpired,
