@@ -7,6 +7,12 @@ down.  An option given on the command line wins over the file; the file wins ove
 default.  Paths in the file (trust keys, state directory, installer targets are the installer's
 business) are taken relative to the file's directory, so a config and its keys can move together.
 
+One setting is a table of its own, local reuse (`otacast.plugin.reuse`)::
+
+    [reuse]
+    sources = ["/dev/mmcblk0p2", "/data/old.img"]  # files or block devices holding an older image
+    enabled = true                                  # false: always download every byte
+
 The file is the device's policy (which keys it trusts, what it installs), so anything unexpected
 in it is an error, never ignored: an unknown key is usually a typo of a setting the operator
 believes is in force.
@@ -65,6 +71,8 @@ class DeviceConfig:
     symbols: str | None = None
     metrics_file: Path | None = None
     keep_staged: bool | None = None
+    reuse: bool | None = None  # [reuse] enabled
+    reuse_sources: tuple[Path, ...] | None = None  # [reuse] sources
 
 
 def _text(value: object) -> bool:
@@ -81,6 +89,22 @@ def _port(value: object) -> bool:
 
 def _list_of_text(value: object) -> bool:
     return isinstance(value, list) and bool(value) and all(_text(v) for v in value)
+
+
+# The [reuse] table's keys -> (check, what a valid value is).
+_REUSE_RULES: dict[str, tuple[Any, str]] = {
+    "sources": (
+        lambda v: isinstance(v, list) and all(_text(p) for p in v),
+        "a list of paths (files or block devices)",
+    ),
+    "enabled": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _reuse_table(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        key in _REUSE_RULES and _REUSE_RULES[key][0](v) for key, v in value.items()
+    )
 
 
 # key -> (check, what a valid value is)
@@ -109,9 +133,13 @@ _RULES: dict[str, tuple[Any, str]] = {
     "symbols": (lambda v: v in SYMBOL_KEEPING, "one of " + ", ".join(SYMBOL_KEEPING)),
     "metrics_file": (_text, "a path"),
     "keep_staged": (lambda v: isinstance(v, bool), "true or false"),
+    "reuse": (
+        _reuse_table,
+        "a table [reuse] with " + " and ".join(f"{k} ({w})" for k, (_, w) in _REUSE_RULES.items()),
+    ),
 }
 _PATHS = {"state_dir", "out", "metrics_file"}
-assert set(_RULES) == {f.name for f in fields(DeviceConfig)} - {"path"}
+assert set(_RULES) == {f.name for f in fields(DeviceConfig)} - {"path", "reuse_sources"}
 
 
 def config_path(explicit: Path | None) -> tuple[Path, bool]:
@@ -165,6 +193,11 @@ def parse_config(table: Mapping[str, Any], path: Path) -> DeviceConfig:
             values[key] = base / str(value)
         elif key in ("join_timeout", "stall_timeout", "retry_max"):
             values[key] = float(value)
+        elif key == "reuse":
+            if "enabled" in value:
+                values["reuse"] = value["enabled"]
+            if "sources" in value:
+                values["reuse_sources"] = tuple(base / str(v) for v in value["sources"])
         else:
             values[key] = value
     return DeviceConfig(path=path, **values)
@@ -206,6 +239,10 @@ class Settings:
     # Keep the received image (`out_path`) after a successful install; by default it is removed,
     # so the state directory never needs room for a second image (`otacast.plugin.deliver`).
     keep_staged: bool = False
+    # Local reuse (`otacast.plugin.reuse`): on unless disabled; the sources besides those the
+    # installer names.
+    reuse: bool = True
+    reuse_sources: tuple[Path, ...] = ()
     config: Path | None = None
 
     @property

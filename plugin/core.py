@@ -551,6 +551,12 @@ class ReceiverCore:
         self._chunks.pop(index, None)
         self._progress(now)
 
+    def restart_chunk(self, index: int) -> None:
+        """The driver discarded what chunk `index` held (local symbols that built a chunk
+        failing its hash, `otacast.plugin.reuse`): forget its decoder and the ESIs it was fed,
+        so that every symbol of it is taken afresh."""
+        self._chunks.pop(index, None)
+
     def get_timer(self) -> float | None:
         fallback = self._fallback_deadline()
         if self._candidate is None:

@@ -45,6 +45,7 @@ nothing is heard, the error says what to check next (`JoinPlan.silence`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import queue
 import select
 import threading
@@ -78,6 +79,16 @@ from .events import (
     SourceHeard,
 )
 from .report import FetchSummary, Reporter, refusal_note
+from .reuse import (
+    LocalChunk,
+    ReuseDone,
+    ReuseNote,
+    ReuseWorker,
+    Source,
+    configured_sources,
+    drain,
+    index_for,
+)
 from .staging import Staging
 from .status import StatusFile
 from .store_decoder import UNBOUNDED_DECODERS, StoredSymbols
@@ -135,6 +146,10 @@ class FetchOptions:
     give_up_without_fallback: bool = False
     # Also receive the block index object (`otacast.plugin.core`, *The block index*).
     want_index: bool = False
+    # Local reuse (`otacast.plugin.reuse`): where blocks of an older image may be (none: off),
+    # and the new image's block index from a file instead of the mirrors (`--block-index`).
+    reuse_sources: Sequence[Source] = ()
+    block_index: Path | None = None
 
     @classmethod
     def from_settings(
@@ -170,6 +185,11 @@ class FetchOptions:
             packet_auth=settings.packet_auth,
             symbols=settings.symbols,
             manifest_grace=manifest_grace,
+            reuse_sources=(
+                configured_sources(settings.reuse_sources, settings.installer)
+                if settings.reuse
+                else ()
+            ),
         )
 
 
@@ -278,6 +298,8 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         receiving=end - (snap.first_datagram_at or start),
         bytes_http=run.bytes_http,
         bytes_resumed=run.bytes_resumed,
+        bytes_local=run.bytes_local,
+        local_in_multicast=run.local_in_multicast,
         joins=[f"({j.source or '*'}, {j.group})" for j in joins],
         reads=sum(r.reads for r in run.receivers),
     )
@@ -317,6 +339,12 @@ class _Run:
         self.repair: RepairWorker | None = None
         self.bytes_http = 0
         self.bytes_resumed = 0
+        # Local reuse: the worker while it runs, the image bytes taken from local sources, and
+        # of those the ones in chunks the core completed (it counts them as multicast bytes).
+        self.reuse: ReuseWorker | None = None
+        self.bytes_local = 0
+        self.local_in_multicast = 0
+        self._fallback_waiting: str | None = None  # HTTP repair waits for the local pass
         self.finished = False
         self._truncated = 0  # datagrams the transport dropped as too long, already counted
         self._next_status = 0.0
@@ -337,6 +365,7 @@ class _Run:
             now = time.monotonic()
             self.core.handle_timer(now)
             self._take_http_results()
+            self._take_local()
             self._handle_events()
             now = time.monotonic()
             # (before a manifest only the bar has something to show: the wait)
@@ -401,8 +430,14 @@ class _Run:
                 self._open_staging(event.verified)
             elif isinstance(event, ChunkComplete):
                 self._keep(event.index, event.data)
+                if self.stored is not None:
+                    local = self.stored.local_bytes.pop(event.index, 0)
+                    self.bytes_local += local
+                    self.local_in_multicast += local
                 if self.repair is not None:
                     self.repair.done_elsewhere.add(event.index)
+                if self.reuse is not None:
+                    self.reuse.done_elsewhere.add(event.index)
             elif isinstance(event, ManifestRefused):
                 self.emit.note(refusal_note(event, self.options.installed_sequence))
             elif isinstance(event, SourceHeard):
@@ -469,8 +504,86 @@ class _Run:
             self.emit.note(
                 f"resumed {self.symbols_resumed} stored symbols of chunks still in progress"
             )
+        self._start_reuse(verified)
         if self.options.fallback == "only":
             self._fall_back("only")
+
+    def _start_reuse(self, verified: VerifiedManifest) -> None:
+        """Start the local pass (`otacast.plugin.reuse`) when sources are configured and the
+        image is a raw one (a container's compressed payload matches no local block)."""
+        m = verified.manifest
+        sources = self.options.reuse_sources
+        if not sources or self.reuse is not None or len(self.core.done) == m.chunk_count:
+            return
+        if m.image.format != "raw":
+            self.emit.note(f"local reuse: not for a {m.image.format!r} image (raw images only)")
+            return
+        if self.options.symbols != "store":
+            self.emit.note("local reuse: needs the symbol store (--symbols store)")
+            return
+        index_file, timeout = self.options.block_index, self.options.http_timeout
+        # (When the carousel carries the index, the driver starts the worker without a getter
+        # and hands it the index of the core's IndexReady event with `offer_index`.)
+        self.reuse = ReuseWorker(
+            m, sources, lambda: index_for(m, index_file=index_file, timeout=timeout)
+        )
+        self.reuse.done_elsewhere.update(self.core.done)
+        self.reuse.start()
+
+    def _take_local(self) -> None:
+        """Take what the local pass found (a few chunks a turn, each at most a chunk's bytes):
+        chunks verified whole are kept as HTTP ones are; known symbols of the others go into
+        the symbol store, where received ones complete them."""
+        reuse = self.reuse
+        if reuse is None:
+            return
+        verified = self.core.verified
+        assert verified is not None
+        now = time.monotonic()
+        for item in drain(reuse.results, 4):
+            if isinstance(item, ReuseNote):
+                self.emit.note(item.text)
+            elif isinstance(item, ReuseDone):
+                self.reuse = None
+                if item.chunk_mismatch:
+                    self.emit.note(
+                        f"local reuse: {len(item.chunk_mismatch)} chunk(s) built from local "
+                        "blocks failed their hash and are fetched in full"
+                    )
+                if self._fallback_waiting is not None:
+                    reason, self._fallback_waiting = self._fallback_waiting, None
+                    self._fall_back(reason)
+                break
+            elif isinstance(item, LocalChunk) and item.chunk not in self.core.done:
+                self._take_local_chunk(item, verified, now)
+        if self.repair is not None:
+            self.repair.done_elsewhere.update(self.core.done)
+        self._handle_events()
+
+    def _take_local_chunk(self, item: LocalChunk, verified: VerifiedManifest, now: float) -> None:
+        index, m = item.chunk, verified.manifest
+        stored = self._stored(verified)
+        if item.data is not None:
+            # Verified against its signed hash by the worker: kept as an HTTP chunk is.
+            stored.keep(index, item.data)
+            self.bytes_local += len(item.data)
+            self.core.mark_done(index, now)
+            return
+        stored.add_local(index, item.symbols)
+        store = stored.store
+        if not store.has_all_source(index):
+            return  # received symbols complete it (its decoder counts the local ones too)
+        # The received source symbols filled the rest: no datagram of it would be admitted
+        # any more (each is a duplicate, a repair symbol is not needed), so it is done here.
+        data = store.read_chunk(index)
+        if hashlib.sha256(data).digest() == m.chunks.sha256[index]:
+            self.bytes_local += stored.local_bytes.pop(index, 0)
+            stored.keep(index, data)
+            self.core.mark_done(index, now)
+        else:
+            stored.discard(index)
+            self.core.restart_chunk(index)
+            self.emit.note(f"local reuse: chunk {index} failed its hash: fetched in full")
 
     def _keep(self, index: int, data: bytes) -> None:
         """Keep chunk `index`, verified against its signed hash, in the state directory."""
@@ -512,6 +625,10 @@ class _Run:
             self._no_fallback(reason)
             return
         if self.repair is not None:
+            return
+        if self.reuse is not None:
+            # What the local pass completes is never fetched: start once it has handed over.
+            self._fallback_waiting = reason
             return
         missing = [i for i in range(verified.manifest.chunk_count) if i not in self.core.done]
         self.emit.note(f"multicast {reason}: fetching {len(missing)} missing chunk(s) over HTTP")
@@ -584,6 +701,8 @@ class _Run:
     def close(self) -> None:
         if self.repair is not None:
             self.repair.stop.set()
+        if self.reuse is not None:
+            self.reuse.stop.set()
         for receiver in self.receivers:
             receiver.close()
         # Whatever was stored or verified is kept for the next run; a write error that ended

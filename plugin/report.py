@@ -219,8 +219,8 @@ def summary_text(s: FetchSummary) -> str:
     text = (
         f"done: {m.name} {m.version} ({m.image.length} bytes, sha256 verified) in "
         f"{s.elapsed:.1f} s; multicast {s.bytes_multicast}, HTTP {s.bytes_http}, "
-        f"resumed {s.bytes_resumed} bytes; {s.datagrams} datagrams from {s.sources} "
-        f"source{'' if s.sources == 1 else 's'}, {loss}"
+        f"local {s.bytes_local}, resumed {s.bytes_resumed} bytes; {s.datagrams} datagrams "
+        f"from {s.sources} source{'' if s.sources == 1 else 's'}, {loss}"
     )
     for reason, meaning in WAITING_REASONS.items():
         if s.rejected.get(reason):
@@ -261,6 +261,7 @@ class FetchSummary:
     symbols_followed: int = 0  # the loss estimate's arrivals (`otacast.plugin.core`)
     symbols_missed: int = 0
     index_bytes: int = 0  # the verified block index's length, when it was asked for and came
+    bytes_local: int = 0  # image bytes taken from local sources (`otacast.plugin.reuse`)
 
     @classmethod
     def from_snapshot(
@@ -273,14 +274,19 @@ class FetchSummary:
         bytes_resumed: int,
         joins: list[str],
         reads: int = 0,
+        bytes_local: int = 0,
+        local_in_multicast: int = 0,
     ) -> FetchSummary:
-        """The summary of a finished download (`snap` has a verified manifest)."""
+        """The summary of a finished download (`snap` has a verified manifest).  Of
+        `bytes_local`, `local_in_multicast` were in chunks the core completed, which it counts
+        as multicast bytes: they are counted once, as local."""
         assert snap.manifest is not None
         return cls(
             manifest=snap.manifest,
             elapsed=elapsed,
-            bytes_multicast=snap.bytes_multicast,
+            bytes_multicast=snap.bytes_multicast - local_in_multicast,
             bytes_http=bytes_http,
+            bytes_local=bytes_local,
             bytes_resumed=bytes_resumed,
             receiving=receiving,
             datagrams=snap.datagrams,
@@ -417,6 +423,7 @@ class Reporter:
                     "bytes_multicast": s.bytes_multicast,
                     "bytes_http": s.bytes_http,
                     "bytes_resumed": s.bytes_resumed,
+                    "bytes_local": s.bytes_local,
                     "datagrams": s.datagrams,
                     "symbols_used": s.symbols_used,
                     "late": s.late,

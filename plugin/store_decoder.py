@@ -19,6 +19,7 @@ bytes per repair symbol held).  The core hashes what `feed` returns; on a mismat
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from otacast.schemas.policy import VerifiedManifest
@@ -37,8 +38,16 @@ UNBOUNDED_DECODERS = 1 << 62
 class StoreDecoder:
     """Decodes chunk `chunk` from what `store` holds (module doc)."""
 
-    def __init__(self, store: SymbolStore, chunk: int, length: int, symbol_size: int) -> None:
+    def __init__(
+        self,
+        store: SymbolStore,
+        chunk: int,
+        length: int,
+        symbol_size: int,
+        on_discard: Callable[[int], None] | None = None,
+    ) -> None:
         self.store = store
+        self._on_discard = on_discard
         self.chunk = chunk
         self.length = length
         self.symbol_size = symbol_size
@@ -68,10 +77,17 @@ class StoreDecoder:
             self._tried_with = held
         return data
 
+    def resync(self) -> None:
+        """Symbols were added to the chunk other than through `feed` (the local pass,
+        `otacast.plugin.reuse`): count them from the store again."""
+        self._held = self.store.count(self.chunk)
+
     def discard(self) -> None:
         self.store.discard(self.chunk)
         self._held = 0
         self._tried_with = -1
+        if self._on_discard is not None:
+            self._on_discard(self.chunk)
 
 
 class StoredSymbols:
@@ -92,10 +108,45 @@ class StoredSymbols:
             self.staging.close()
             raise
         self._closed = False
+        # The core's decoder of each chunk (a chunk has one at a time): the local pass tells
+        # it of the symbols it adds (`add_local`), which it would not count otherwise.
+        self._decoders: dict[int, StoreDecoder] = {}
+        # Bytes of local source symbols stored per chunk in progress (`otacast.plugin.reuse`):
+        # credited to the image's local bytes when the chunk completes, void if it is discarded.
+        self.local_bytes: dict[int, int] = {}
 
     def decoder(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
         """A `DecoderFactory` for the core."""
-        return StoreDecoder(self.store, chunk, length, symbol_size)
+        decoder = StoreDecoder(self.store, chunk, length, symbol_size, self._forget_local)
+        self._decoders[chunk] = decoder
+        return decoder
+
+    def add_local(self, chunk: int, symbols: Iterable[tuple[int, bytes]]) -> int:
+        """Store source symbols composed from local blocks (`otacast.plugin.reuse`), as received
+        ones are (in place, journaled); the bytes of the image they add."""
+        size = self.verified.manifest.fec.symbol_size
+        length = self.verified.manifest.chunk_span(chunk)[1]
+        added = 0
+        for esi, symbol in symbols:
+            if self.store.add(chunk, esi, symbol):
+                added += min(size, length - esi * size)
+        if added:
+            self.local_bytes[chunk] = self.local_bytes.get(chunk, 0) + added
+            decoder = self._decoders.get(chunk)
+            if decoder is not None:
+                decoder.resync()
+        return added
+
+    def _forget_local(self, chunk: int) -> None:
+        self.local_bytes.pop(chunk, None)
+
+    def discard(self, chunk: int) -> None:
+        """Forget every symbol of `chunk`, local ones too (it failed its hash)."""
+        self.store.discard(chunk)
+        self._forget_local(chunk)
+        decoder = self._decoders.get(chunk)
+        if decoder is not None:
+            decoder.resync()
 
     def held(self) -> int:
         """Symbols stored for chunks still in progress."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from otacast.plugin.auth import PACKET_AUTH_POLICIES
@@ -125,6 +126,30 @@ def add_receive_options(
         "for at most 16 MiB of chunks at once, symbols of other chunks refused: for images "
         "that small only)",
     )
+    p.add_argument(
+        "--reuse-source",
+        dest="reuse_sources",
+        type=Path,
+        action="append",
+        metavar="PATH",
+        help="a file or block device holding an older image whose 4 KiB blocks are reused "
+        "(raw images); repeat for several (or [reuse] sources in the config; the file "
+        "installer's target and PATH.previous are used anyway)",
+    )
+    p.add_argument(
+        "--no-reuse",
+        dest="reuse",
+        action="store_false",
+        default=None,
+        help="do not reuse local blocks: every byte comes from the network",
+    )
+    p.add_argument(
+        "--block-index",
+        type=Path,
+        metavar="PATH",
+        help="the new image's block index for local reuse (IMAGE.blockindex, as publish "
+        "writes it) instead of fetching it from the manifest's mirrors",
+    )
     if retry:
         p.add_argument(
             "--retry-max",
@@ -198,6 +223,8 @@ def receive_release(
         status=status,
     )
     options.want_index = getattr(args, "index", False)  # fetch's only
+    if args.block_index is not None:
+        options = replace(options, block_index=args.block_index)
     try:
         return fetch_or_resume(options, sys.stdout)
     except Rollback as exc:

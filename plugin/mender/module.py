@@ -32,6 +32,7 @@ from otacast.plugin.errors import StateError
 from otacast.plugin.installed import read_installed
 from otacast.plugin.installers import Installer
 from otacast.plugin.receive import FetchOptions, fetch
+from otacast.plugin.reuse import configured_sources, mender_sources
 from otacast.plugin.status import StatusFile
 from otacast.plugin.trust import current_trust, read_limited
 from otacast.plugin.verify import verify_manifest
@@ -177,6 +178,18 @@ class Module:
             installed_sequence=self.installed_sequence(),
             status=self.status,
         )
+        if self.settings.reuse:
+            # Mender's A/B root filesystems hold the running release (`otacast.plugin.reuse`).
+            sources, note = mender_sources()
+            if note is not None:
+                self.out.write(note + "\n")
+            options = replace(
+                options,
+                reuse_sources=configured_sources(
+                    [*self.settings.reuse_sources, *(s.path for s in sources)],
+                    self.settings.installer,
+                ),
+            )
         # Nothing heard and no mirror: fail now, not at Mender's module timeout (hours).
         fetch(replace(options, give_up_without_fallback=True), self.out)
         write_durably(self.staging / MANIFEST, manifest, "the staged manifest")
