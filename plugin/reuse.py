@@ -213,10 +213,15 @@ def known_symbols(layout: Layout, chunk: int, known: Callable[[int], bool]) -> l
     size = layout.symbol_size
     end_of_chunk = offset + length
     esis = []
-    for esi in range(fec.source_symbols(length, size)):
-        start = offset + esi * size
-        if all(known(b) for b in symbol_blocks(start, min(start + size, end_of_chunk))):
-            esis.append(esi)
+    if size > BLOCK:  # (no such symbol size is signed today: a symbol spans 1 or 2 blocks)
+        for esi in range(fec.source_symbols(length, size)):
+            start = offset + esi * size
+            if all(known(b) for b in symbol_blocks(start, min(start + size, end_of_chunk))):
+                esis.append(esi)
+        return esis
+    for start in range(offset, end_of_chunk, size):
+        if known(start // BLOCK) and known((min(start + size, end_of_chunk) - 1) // BLOCK):
+            esis.append((start - offset) // size)
     return esis
 
 
@@ -546,27 +551,47 @@ class ReuseWorker(threading.Thread):
                 continue
             offset, length = layout.chunk_span(chunk)
             needed = symbol_blocks(offset, offset + length)
+            placed = placement_in(placement, needed)
             blocks = read_placed(opened, index, placement, needed)
-            esis = [
-                e
-                for e in esis
-                if all(b in blocks for b in symbol_blocks(*layout.symbol_span(chunk, e)))
-            ]
+            if len(blocks) < placed:
+                # Blocks changed since the scan were forgotten: their symbols are not known.
+                esis = known_symbols(layout, chunk, placement.known)
             if not esis:
                 continue
+            # The chunk's bytes as far as known (unknown blocks zero), symbols cut from them.
+            buffer = bytearray(len(needed) * BLOCK)
+            for block, data in blocks.items():
+                at = (block - needed.start) * BLOCK
+                buffer[at : at + BLOCK] = data
+            start = offset - needed.start * BLOCK
             if len(esis) == fec.source_symbols(length, layout.symbol_size):
-                data = b"".join(blocks[b] for b in needed)
-                data = data[offset - needed.start * BLOCK :][:length]
-                if hashlib.sha256(data).digest() == hashes[chunk]:
-                    if not self._put(LocalChunk(chunk, data=data)):
+                whole = bytes(buffer[start : start + length])
+                if hashlib.sha256(whole).digest() == hashes[chunk]:
+                    if not self._put(LocalChunk(chunk, data=whole)):
                         break
                     continue
                 mismatched.append(chunk)  # no local symbol of it is used: fetched whole
                 continue
-            symbols = tuple((e, compose(layout, chunk, e, blocks)) for e in esis)
+            size = layout.symbol_size
+            view = memoryview(buffer)
+            symbols = tuple(
+                (
+                    e,
+                    bytes(view[start + e * size : start + min((e + 1) * size, length)]).ljust(
+                        size, b"\0"
+                    ),
+                )
+                for e in esis
+            )
+            del view
             if not self._put(LocalChunk(chunk, symbols=symbols)):
                 break
         return mismatched
+
+
+def placement_in(placement: Placement, blocks: range) -> int:
+    """How many of `blocks` are placed."""
+    return sum(1 for b in blocks if placement.known(b))
 
 
 def drain(results: queue.Queue[ReuseItem], most: int) -> list[ReuseItem]:
