@@ -80,6 +80,7 @@ from .events import (
 )
 from .report import FetchSummary, Reporter, refusal_note
 from .reuse import (
+    CONFIGURED,
     LocalChunk,
     ReuseDone,
     ReuseNote,
@@ -88,6 +89,7 @@ from .reuse import (
     configured_sources,
     drain,
     index_for,
+    signed_index,
 )
 from .staging import Staging
 from .status import StatusFile
@@ -522,6 +524,13 @@ class _Run:
             self.emit.note("local reuse: needs the symbol store (--symbols store)")
             return
         index_file, timeout = self.options.block_index, self.options.http_timeout
+        if index_file is None and signed_index(m)[1] is None:
+            # Only a signed index is fetched from a mirror (module doc of otacast.plugin.reuse):
+            # none here, so nothing is asked of the mirrors; said only for sources configured
+            # on purpose (every file installer names its target).
+            if any(s.why == CONFIGURED for s in sources):
+                self.emit.note("local reuse: this release signs no block index (full download)")
+            return
         # (When the carousel carries the index, the driver starts the worker without a getter
         # and hands it the index of the core's IndexReady event with `offer_index`.)
         self.reuse = ReuseWorker(

@@ -42,7 +42,9 @@ own hash, checked at scan and again at read; every chunk is still checked agains
 SHA-256 before it is kept (a chunk completed locally here; a partly local one by the receiver's
 decode).  A chunk that fails is fetched from the network without its local symbols, once (no
 retry).  An index that is not signed (fetched from a mirror before manifests carried its hash)
-can make every chunk fail once: the cost of a full download, never a wrong image.
+can make every chunk fail once: the cost of a full download, never a wrong image.  So the
+receive driver asks mirrors only for an index the manifest signs (``manifest.index``, from the
+block-index branch); until releases carry one, an index is given with ``--block-index``.
 """
 
 from __future__ import annotations
@@ -368,7 +370,8 @@ def index_for(
     manifest: Manifest, *, index_file: Path | None = None, timeout: float = 10.0
 ) -> BlockIndex:
     """The new image's block index for the local pass: from `index_file` when given (tests,
-    offline devices), else from the manifest's HTTP mirrors.  Raises `MalformedIndex` or
+    offline devices), else from the manifest's HTTP mirrors, checked against the index the
+    manifest signs (the driver asks mirrors only for a signed one).  Raises `MalformedIndex` or
     `FetchError` (one line) when there is none to use.
 
     The multicast carousel's index (the receiver core's ``IndexReady`` event) does not come
@@ -607,6 +610,8 @@ def drain(results: queue.Queue[ReuseItem], most: int) -> list[ReuseItem]:
 
 # --- Which sources -----------------------------------------------------------------------------
 
+# The `Source.why` of the sources the operator names ([reuse] sources, --reuse-source).
+CONFIGURED = "[reuse] sources"
 # Mender's configuration, where its A/B root filesystem partitions are named.
 MENDER_CONF = Path("/etc/mender/mender.conf")
 # mender.conf is a small JSON file; anything larger is not one.
@@ -640,6 +645,8 @@ def mender_sources(conf: Path = MENDER_CONF) -> tuple[list[Source], str | None]:
         if len(data) > MAX_MENDER_CONF_BYTES:
             return [], f"local reuse: {conf} is larger than {MAX_MENDER_CONF_BYTES} bytes, ignored"
         settings = json.loads(data)
+    except FileNotFoundError:
+        return [], None  # not a Mender root filesystem layout: nothing to say
     except OSError as exc:
         return [], f"local reuse: cannot read {conf}: {exc.strerror or exc}"
     except ValueError:
@@ -653,10 +660,12 @@ def mender_sources(conf: Path = MENDER_CONF) -> tuple[list[Source], str | None]:
     return found, None
 
 
-def configured_sources(paths: Iterable[Path], installer: str | None) -> tuple[Source, ...]:
+def configured_sources(
+    paths: Iterable[Path], installer: str | None, more: Iterable[Source] = ()
+) -> tuple[Source, ...]:
     """The sources in force: ``[reuse] sources`` (and ``--reuse-source``), then the installer's,
-    each path once."""
-    found = [Source(p, "[reuse] sources") for p in paths] + installer_sources(installer)
+    then `more` (Mender's), each path once."""
+    found = [Source(p, CONFIGURED) for p in paths] + installer_sources(installer) + list(more)
     seen: set[Path] = set()
     unique = []
     for source in found:

@@ -240,5 +240,20 @@ def test_the_file_installer_names_its_target_and_previous_and_mender_its_root_pa
     conf.write_text('{"RootfsPartA": "/dev/mmcblk0p2", "RootfsPartB": "/dev/mmcblk0p3"}')
     sources, note = reuse.mender_sources(conf)
     assert [str(s.path) for s in sources] == ["/dev/mmcblk0p2", "/dev/mmcblk0p3"] and note is None
-    sources, note = reuse.mender_sources(tmp_path / "absent.conf")
+    assert reuse.mender_sources(tmp_path / "absent.conf") == ([], None)  # not Mender's layout
+    sources, note = reuse.mender_sources(tmp_path)  # a directory: cannot be read
     assert sources == [] and note is not None and "cannot read" in note
+
+
+def test_the_reuse_table_of_the_config_names_sources_relative_to_it_and_refuses_typos(
+    tmp_path: Path,
+) -> None:
+    from otacast.plugin.config import parse_config
+    from otacast.plugin.errors import ConfigError
+
+    conf = tmp_path / "otacast.toml"
+    parsed = parse_config({"reuse": {"sources": ["slot.img", "/dev/sda2"], "enabled": False}}, conf)
+    assert parsed.reuse_sources == (tmp_path / "slot.img", Path("/dev/sda2"))
+    assert parsed.reuse is False
+    with pytest.raises(ConfigError, match="reuse must be a table"):
+        parse_config({"reuse": {"source": ["slot.img"]}}, conf)

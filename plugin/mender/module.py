@@ -186,8 +186,7 @@ class Module:
             options = replace(
                 options,
                 reuse_sources=configured_sources(
-                    [*self.settings.reuse_sources, *(s.path for s in sources)],
-                    self.settings.installer,
+                    self.settings.reuse_sources, self.settings.installer, sources
                 ),
             )
         # Nothing heard and no mirror: fail now, not at Mender's module timeout (hours).
