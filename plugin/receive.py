@@ -74,6 +74,7 @@ from .events import (
     ChunkComplete,
     FallbackNeeded,
     ImageComplete,
+    IndexReady,
     ManifestRefused,
     ManifestVerified,
     SourceHeard,
@@ -89,7 +90,6 @@ from .reuse import (
     configured_sources,
     drain,
     index_for,
-    signed_index,
 )
 from .staging import Staging
 from .status import StatusFile
@@ -282,7 +282,8 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         packet_auth=options.packet_auth,
         manifest_grace=options.manifest_grace,
         report_sources=plan is not None and plan.follow is not None,
-        want_index=options.want_index,
+        # (local reuse takes the index from the carousel unless given one with --block-index)
+        want_index=options.want_index or (bool(options.reuse_sources) and not options.block_index),
     )
     run = _Run(options, core, receiver, emit, start, plan, joins)
     try:
@@ -446,6 +447,9 @@ class _Run:
                 self._follow(event.source)
             elif isinstance(event, FallbackNeeded):
                 self._fall_back(event.reason)
+            elif isinstance(event, IndexReady):
+                if self.reuse is not None:
+                    self.reuse.offer_index(event.index)
             elif isinstance(event, ImageComplete):
                 self._finish()
 
@@ -524,18 +528,18 @@ class _Run:
             self.emit.note("local reuse: needs the symbol store (--symbols store)")
             return
         index_file, timeout = self.options.block_index, self.options.http_timeout
-        if index_file is None and signed_index(m)[1] is None:
-            # Only a signed index is fetched from a mirror (module doc of otacast.plugin.reuse):
-            # none here, so nothing is asked of the mirrors; said only for sources configured
-            # on purpose (every file installer names its target).
+        if index_file is None and m.index is None:
+            # Nothing binds an index to this release: said only for sources configured on
+            # purpose (every file installer names its target).
             if any(s.why == CONFIGURED for s in sources):
                 self.emit.note("local reuse: this release signs no block index (full download)")
             return
-        # (When the carousel carries the index, the driver starts the worker without a getter
-        # and hands it the index of the core's IndexReady event with `offer_index`.)
-        self.reuse = ReuseWorker(
-            m, sources, lambda: index_for(m, index_file=index_file, timeout=timeout)
-        )
+        # The index: a file given with --block-index; else the carousel's (the core's
+        # IndexReady hands it to the worker), or, with no multicast to bring it, the mirrors'.
+        get_index = None
+        if index_file is not None or self.receiver is None:
+            get_index = lambda: index_for(m, index_file=index_file, timeout=timeout)  # noqa: E731
+        self.reuse = ReuseWorker(m, sources, get_index)
         self.reuse.done_elsewhere.update(self.core.done)
         self.reuse.start()
 
@@ -636,8 +640,10 @@ class _Run:
         if self.repair is not None:
             return
         if self.reuse is not None:
-            # What the local pass completes is never fetched: start once it has handed over.
+            # What the local pass completes is never fetched: start once it has handed over
+            # (without waiting any longer for an index multicast is not bringing).
             self._fallback_waiting = reason
+            self.reuse.no_more_index.set()
             return
         missing = [i for i in range(verified.manifest.chunk_count) if i not in self.core.done]
         self.emit.note(f"multicast {reason}: fetching {len(missing)} missing chunk(s) over HTTP")

@@ -42,9 +42,11 @@ own hash, checked at scan and again at read; every chunk is still checked agains
 SHA-256 before it is kept (a chunk completed locally here; a partly local one by the receiver's
 decode).  A chunk that fails is fetched from the network without its local symbols, once (no
 retry).  An index that is not signed (fetched from a mirror before manifests carried its hash)
-can make every chunk fail once: the cost of a full download, never a wrong image.  So the
-receive driver asks mirrors only for an index the manifest signs (``manifest.index``, from the
-block-index branch); until releases carry one, an index is given with ``--block-index``.
+can make every chunk fail once: the cost of a full download, never a wrong image; so only an
+index the manifest signs (``manifest.index``) is taken from the network: the carousel's
+(`otacast.plugin.core`, *The block index*: the driver hands the worker the core's
+``IndexReady``), or the mirrors' when there is no multicast (``--fallback only``).  A release
+signed without one gets no local pass unless an index is given with ``--block-index``.
 """
 
 from __future__ import annotations
@@ -325,11 +327,10 @@ def read_placed(
 
 
 def signed_index(manifest: Manifest) -> tuple[int, bytes | None]:
-    """What the manifest binds the index to: the image length, and the index's SHA-256 once
-    manifests carry it (``manifest.index``, the block-index branch); None until then."""
-    info = getattr(manifest, "index", None)
-    digest = getattr(info, "sha256", None)
-    return manifest.image.length, digest if isinstance(digest, bytes) else None
+    """What the manifest binds the index to: the image length, and the index's SHA-256 (None
+    for a release signed without an index: then only an index given as a file is used)."""
+    info = manifest.index
+    return manifest.image.length, info.sha256 if info is not None else None
 
 
 def index_url(mirror: str) -> str:
@@ -371,13 +372,14 @@ def index_for(
 ) -> BlockIndex:
     """The new image's block index for the local pass: from `index_file` when given (tests,
     offline devices), else from the manifest's HTTP mirrors, checked against the index the
-    manifest signs (the driver asks mirrors only for a signed one).  Raises `MalformedIndex` or
-    `FetchError` (one line) when there is none to use.
+    manifest signs.  Raises `MalformedIndex` or `FetchError` (one line) when there is none.
 
     The multicast carousel's index (the receiver core's ``IndexReady`` event) does not come
     through here: the driver hands that one to `ReuseWorker.offer_index`."""
     if index_file is not None:
         return read_index_file(index_file, manifest)
+    if manifest.index is None:
+        raise FetchError("the release signs no block index")
     if not manifest.http:
         raise FetchError("the manifest lists no HTTP mirror to fetch the block index from")
     return fetch_index(manifest, timeout)
@@ -438,6 +440,8 @@ class ReuseWorker(threading.Thread):
         self.stop = threading.Event()
         self._get_index = get_index
         self._offered: queue.Queue[BlockIndex] = queue.Queue(1)
+        # Set when the driver stops waiting for an offered index (multicast failed).
+        self.no_more_index = threading.Event()
 
     def offer_index(self, index: BlockIndex) -> None:
         """An index verified elsewhere (the carousel's), for a worker started without one."""
@@ -455,9 +459,11 @@ class ReuseWorker(threading.Thread):
 
     def _index(self) -> BlockIndex | None:
         if self._get_index is None:
-            while not self.stop.is_set():
+            while not self.stop.is_set() and not self.no_more_index.is_set():
                 with contextlib.suppress(queue.Empty):
                     return self._offered.get(timeout=0.2)
+            if self.no_more_index.is_set():
+                self._put(ReuseNote("local reuse off: the block index did not arrive"))
             return None
         try:
             return self._get_index()
