@@ -302,7 +302,12 @@ def add_verify(sub: Subcommands) -> None:
         default=1,
         help="signatures required from distinct trusted keys (default 1)",
     )
-    p.add_argument("--image", type=Path, help="also check this image against the manifest")
+    p.add_argument(
+        "--image",
+        type=Path,
+        help="also check this image against the manifest (and the delta lane's files beside "
+        "the manifest, when it has a lane)",
+    )
     p.add_argument("--device-type", help="check the manifest is for this device type")
     p.add_argument(
         "--installed-sequence",
@@ -338,6 +343,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.image:
         sign.check_image(m, args.image)
         print(f"OK: {args.image} matches ({m.image.length} bytes, {m.chunk_count} chunk(s))")
+        for lane_file in lane.check_files(m, args.manifest.parent):
+            print(f"OK: {lane_file.path} matches")
     return 0
 
 
