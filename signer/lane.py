@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from otacast.schemas import blockindex, fdt
+from otacast.schemas import blockindex, fdt, wire
 from otacast.schemas.blockindex import BlockIndex
 from otacast.schemas.errors import ImageMismatch, MalformedIndex, ManifestRejected
 from otacast.schemas.limits import MAX_DELTA_FROM, MAX_INDEX_BYTES, MAX_MANIFEST_BYTES
@@ -48,10 +48,12 @@ class DeltaSource:
 
 @dataclass(frozen=True)
 class LaneFile:
-    """A lane file on disk, checked: its name on a mirror is the image's name + `suffix`."""
+    """A lane file on disk, checked: its name on a mirror is the image's name + `suffix`, its
+    TOI on the lane `toi`."""
 
     path: Path
     suffix: str
+    toi: int
 
 
 def split_argument(text: str) -> tuple[Path, Path | None]:
@@ -210,9 +212,10 @@ def check_files(manifest: Manifest, directory: Path) -> list[LaneFile]:
     expected = [(info.length, info.sha256)] + [
         (f.patch_length, f.patch_sha256) for f in info.sources
     ]
+    tois = [wire.LANE_OBJECT_TOI] + [wire.LANE_PATCH_TOI + j for j in range(len(info.sources))]
     out = []
-    for file_name, (length, sha256) in zip(
-        file_names(name, [f.sequence for f in info.sources]), expected, strict=True
+    for file_name, (length, sha256), toi in zip(
+        file_names(name, [f.sequence for f in info.sources]), expected, tois, strict=True
     ):
         path = directory / file_name
         size, digest = _measure(path)
@@ -220,7 +223,7 @@ def check_files(manifest: Manifest, directory: Path) -> list[LaneFile]:
             raise ImageMismatch(f"lane file {path} is {size} bytes, the manifest says {length}")
         if digest != sha256:
             raise ImageMismatch(f"lane file {path} does not match the manifest's sha256")
-        out.append(LaneFile(path, file_name.removeprefix(name)))
+        out.append(LaneFile(path, file_name.removeprefix(name), toi))
     return out
 
 
