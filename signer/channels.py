@@ -114,29 +114,20 @@ class ServePlan:
 
     def core(self, channel: ChannelPlan, now: float, wall: float) -> SenderCore:
         """The sans-IO schedule of `channel`, starting at `now` (wall-clock time `wall`)."""
-        if channel.lane and self.lane is not None:
-            return lane_core(
-                self.lane.reader.layout,
-                rate=channel.rate,
-                fragments=self.lane.fragments,
-                now=now,
-                wall=wall,
-                sender_index=self.options.sender_index,
-                sender_count=self.options.sender_count,
-                duration=self.options.duration,
-            )
+        lane = self.lane if channel.lane else None
+        # The lane has no AUTH pages and no end of its own: it runs while the carousel does.
         return sender_core(
             self.manifest,
-            self.reader.layout,
+            self.reader.layout if lane is None else lane.reader.layout,
             rate=channel.rate,
-            fragments=self.fragments,
+            fragments=self.fragments if lane is None else lane.fragments,
             now=now,
             wall=wall,
             sender_index=self.options.sender_index,
             sender_count=self.options.sender_count,
-            passes=self.options.loops,
+            passes=self.options.loops if lane is None else None,
             duration=self.options.duration,
-            packet_auth=self.pages is not None,
+            packet_auth=self.pages is not None and lane is None,
         )
 
     def close(self) -> None:
@@ -180,37 +171,6 @@ def sender_core(
         passes=passes,
         duration=duration,
         auth_capacity=capacity if packet_auth else None,
-    )
-
-
-def lane_core(
-    layout: symbol_cache.CycleLayout,
-    *,
-    rate: float,
-    fragments: Sequence[bytes],
-    now: float,
-    wall: float | None = None,
-    sender_index: int = 0,
-    sender_count: int = 1,
-    duration: float | None = None,
-) -> SenderCore:
-    """The sans-IO schedule of the delta lane (`layout` = `CycleLayout.for_lane`): the main
-    channel's order without AUTH pages, and no end of its own but `duration` (module doc)."""
-    visit = wire.auth_capacity(layout.datagram_size)
-    return SenderCore(
-        layout.cycles,
-        layout.sources,
-        visit=visit,
-        visit_sizes=visit_sizes(layout, visit),
-        datagram_size=layout.datagram_size,
-        batch=gso_batch(layout.datagram_size),
-        rate=rate,
-        manifest=fragments,
-        now=now,
-        wall=wall,
-        sender_index=sender_index,
-        sender_count=sender_count,
-        duration=duration,
     )
 
 

@@ -196,7 +196,7 @@ def _lane_datagrams(
     layout = symbol_cache.CycleLayout.for_lane(m, 0.5)
     assert symbol_cache.verify(path, layout) is None
     fragments = channels.lane_fragments(envelope, layout.datagram_size)
-    core = channels.lane_core(layout, rate=0, fragments=fragments, now=0.0)
+    core = channels.sender_core(m, layout, rate=0, fragments=fragments, now=0.0)
     reader = symbol_cache.SymbolReader(path, layout, 64)
     data: list[bytes] = []
     carousel: list[bytes] = []
