@@ -1,12 +1,13 @@
 """A bare multicast listener for tests: joins a group, checks every datagram's header against
 the formats, and prints one JSON summary.
 
-    python rawrecv.py IFACE GROUP PORT SECONDS [--after-manifest-stop S]
+    python rawrecv.py IFACE GROUP PORT SECONDS [--dump FILE]
 
 It reports counts by kind (data, index, manifest, fdt, auth) and source, sessions by LCT TSI, every
 (source, chunk, esi) seen, bytes per 100 ms slot (for rate measurements), header violations, and
 when the first complete manifest envelope had been reassembled, measured from the moment the join
-was made.
+was made.  With ``--dump FILE`` it also writes every DATA datagram to FILE, each preceded by its
+length (u16, big-endian), for a test to decode.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import struct
 import sys
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from otacast.schemas import wire
 from otacast.schemas.errors import PacketError
@@ -32,6 +34,7 @@ TIMESPEC = struct.Struct("@qq")  # Linux; root may exceed net.core.rmem_max (4 M
 
 def main() -> None:
     interface, group, port, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    dump = Path(sys.argv[6]).open("wb") if sys.argv[5:6] == ["--dump"] else None  # noqa: SIM115
     ifindex = socket.if_nametoindex(interface)
     sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     sock.setsockopt(socket.IPPROTO_IPV6, 29, 0)  # IPV6_MULTICAST_ALL off: only our group
@@ -76,6 +79,8 @@ def main() -> None:
         if isinstance(packet, wire.DataPacket):
             kinds["data"] += 1
             symbols.add((source, packet.chunk, packet.esi))
+            if dump is not None:
+                dump.write(n.to_bytes(2, "big") + buffer[:n])
         elif isinstance(packet, wire.FdtPacket):
             kinds["fdt"] += 1
         elif isinstance(packet, wire.AuthPacket):
@@ -90,6 +95,8 @@ def main() -> None:
                 envelope = b"".join(parts[o] for o in sorted(parts))
                 manifest_session = f"{parse_envelope(envelope).manifest.tsi:08x}"
                 manifest_at = now
+    if dump is not None:
+        dump.close()
     print(
         json.dumps(
             {

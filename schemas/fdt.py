@@ -8,6 +8,15 @@ several parts) with its RaptorQ OTI, the block index when the manifest has one (
 envelope as a Compact No-Code object (Content-Location ``<image name>.otacast.json``, the TOI of
 its MANIFEST datagrams).
 
+The delta lane (`wire.LANE_TSI_BIT`) is a FLUTE session of its own with its own FDT (TSI
+``wire.lane_tsi``, TOI 0), listing its RaptorQ objects only (`lane_objects`): the lane object
+``<image name>.delta`` (TOI ``wire.LANE_OBJECT_TOI``), the full block index
+``<image name>.blockindex`` (``wire.LANE_INDEX_TOI``) and the index patch of each listed release
+``<image name>.patch-<sequence>`` (``wire.LANE_PATCH_TOI + j``), each cut as an image part of its
+length.  The manifest's MANIFEST datagrams go out on the lane's group unchanged, on the data
+session's TSI (a device checks a manifest's TSI against the datagrams'), so the lane FDT does not
+list them.
+
 Everything in it is derived from the signed manifest, the envelope and the manifest fragment
 size, so every sender of a release sends byte-identical FDT packets: ``Expires`` is the
 manifest's expiry in NTP seconds (capped below the NTP era-0 wrap in 2036, which a 32-bit
@@ -23,7 +32,7 @@ import hashlib
 import struct
 from typing import Final
 
-from . import blockindex, wire
+from . import blockindex, fec, wire
 from .fec import Part
 from .manifest import Envelope, Manifest
 
@@ -33,6 +42,8 @@ NTP_ERA0_LAST: Final = (1 << 32) - 1
 FDT_NAMESPACE: Final = "urn:IETF:metadata:2005:FLUTE:FDT"
 RAPTORQ_ALIGNMENT: Final = 8  # RFC 6330 Al; `limits.SYMBOL_ALIGNMENT`
 MANIFEST_SUFFIX: Final = ".otacast.json"
+LANE_SUFFIX: Final = ".delta"  # the lane object of image NAME is NAME + this
+PATCH_INFIX: Final = ".patch-"  # the index patch from release S is NAME + this + S
 
 
 def ntp_seconds(unix: int) -> int:
@@ -42,6 +53,28 @@ def ntp_seconds(unix: int) -> int:
 def part_location(manifest: Manifest, part: int) -> str:
     name = manifest.image.name
     return name if manifest.part_count == 1 else f"{name}.part{part:03d}"
+
+
+def patch_location(image_name: str, sequence: int) -> str:
+    """The file name of the index patch for devices on release `sequence`."""
+    return f"{image_name}{PATCH_INFIX}{sequence}"
+
+
+def lane_objects(manifest: Manifest) -> list[tuple[int, str, Part]]:
+    """(TOI, Content-Location, RFC 6330 cut) of each RaptorQ object of the delta lane, in TOI
+    order; empty without a lane."""
+    delta = manifest.delta
+    if delta is None or manifest.index is None:
+        return []
+    name, size, t = manifest.image.name, manifest.chunks.size, manifest.fec.symbol_size
+    objects = [
+        (wire.LANE_OBJECT_TOI, name + LANE_SUFFIX, delta.length),
+        (wire.LANE_INDEX_TOI, name + blockindex.FILE_SUFFIX, manifest.index.length),
+    ] + [
+        (wire.LANE_PATCH_TOI + j, patch_location(name, f.sequence), f.patch_length)
+        for j, f in enumerate(delta.sources)
+    ]
+    return [(toi, location, fec.part(length, size, t, 0)) for toi, location, length in objects]
 
 
 def raptorq_scheme_info(blocks: int) -> str:
@@ -58,6 +91,16 @@ def _raptorq_file(toi: int, location: str, part: Part, symbol_size: int) -> str:
         f'FEC-OTI-Encoding-Symbol-Length="{symbol_size}" '
         f'FEC-OTI-Scheme-Specific-Info="{raptorq_scheme_info(part.blocks)}"/>'
     )
+
+
+def _instance_xml(manifest: Manifest, files: list[str]) -> bytes:
+    text = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<FDT-Instance xmlns="{FDT_NAMESPACE}" Expires="{ntp_seconds(manifest.expires)}">\n'
+        + "\n".join(files)
+        + "\n</FDT-Instance>\n"
+    )
+    return text.encode()
 
 
 def fdt_xml(manifest: Manifest, envelope: bytes, envelope_toi: int, fragment_size: int) -> bytes:
@@ -78,13 +121,16 @@ def fdt_xml(manifest: Manifest, envelope: bytes, envelope_toi: int, fragment_siz
         f'FEC-OTI-Maximum-Source-Block-Length="{-(-len(envelope) // fragment_size)}" '
         f'FEC-OTI-Encoding-Symbol-Length="{fragment_size}"/>'
     )
-    text = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f'<FDT-Instance xmlns="{FDT_NAMESPACE}" Expires="{ntp_seconds(manifest.expires)}">\n'
-        + "\n".join(files)
-        + "\n</FDT-Instance>\n"
+    return _instance_xml(manifest, files)
+
+
+def lane_fdt_xml(manifest: Manifest) -> bytes:
+    """The delta lane's FDT instance (see the module doc)."""
+    t = manifest.fec.symbol_size
+    return _instance_xml(
+        manifest,
+        [_raptorq_file(toi, where, part, t) for toi, where, part in lane_objects(manifest)],
     )
-    return text.encode()
 
 
 def instance_id(xml: bytes) -> int:
@@ -98,11 +144,16 @@ def fdt_datagrams(envelope: Envelope, fragment_size: int) -> tuple[bytes, ...]:
     manifest = envelope.manifest
     toi = wire.manifest_toi(envelope.envelope_id)
     xml = fdt_xml(manifest, envelope.compact_bytes, toi, fragment_size)
-    tsi, instance, step = (
-        wire.session_tsi(manifest.session_id),
-        instance_id(xml),
-        wire.FDT_SYMBOL_SIZE,
-    )
+    return _fdt_packets(wire.session_tsi(manifest.session_id), xml)
+
+
+def lane_fdt_datagrams(manifest: Manifest) -> tuple[bytes, ...]:
+    """The FDT packets of the delta lane of `manifest` (TSI `wire.lane_tsi`)."""
+    return _fdt_packets(wire.lane_tsi(manifest.tsi), lane_fdt_xml(manifest))
+
+
+def _fdt_packets(tsi: int, xml: bytes) -> tuple[bytes, ...]:
+    instance, step = instance_id(xml), wire.FDT_SYMBOL_SIZE
     return tuple(
         wire.build_fdt_datagram(tsi, instance, len(xml), index, xml[offset : offset + step])
         for index, offset in enumerate(range(0, len(xml), step))

@@ -10,7 +10,19 @@ authentication), and plans one channel per rate: its group and the shared port.
 
 The result, a `ServePlan`, holds no socket and reads no clock: the driver (`serve`) opens one
 socket per channel, makes each channel's `SenderCore` with `ServePlan.core` at the time it
-starts, and closes the plan (its symbol reader) when it stops.
+starts, and closes the plan (its symbol readers) when it stops.
+
+*The delta lane* (when the manifest has one and ``lane_share`` is not 0) is one more channel:
+its own groups (`addressing.LANE_RATE_INDEX`, ASM or SSM as the main channel), the same port and
+source, its own FLUTE session (TSI `wire.lane_tsi`) whose objects are the lane object, the full
+block index and the index patches (`symbol_cache.build_lane`, a cache file of its own), its own
+FDT followed by the release's MANIFEST datagrams unchanged, and no AUTH pages (every lane object
+is checked whole against its signed SHA-256 before a device uses it).  It takes ``lane_share``
+of the first channel's rate, which keeps the rest, so the two together send at the rate asked;
+unpaced, the driver holds the lane to that share of the bytes the two send.  Its schedule is the
+main channel's (symbol-major visits, the same sender offset), each block's visit the same share
+of its K as a full visit is of the lane's largest block's.  It runs as long as the main channels
+do, however many passes of it that takes.
 """
 
 from __future__ import annotations
@@ -22,11 +34,11 @@ from pathlib import Path
 
 from otacast.schemas import addressing, wire
 from otacast.schemas.errors import Expired
-from otacast.schemas.fdt import fdt_datagrams
+from otacast.schemas.fdt import fdt_datagrams, lane_fdt_datagrams
 from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM, MIN_MANIFEST_FRAGMENT
 from otacast.schemas.manifest import Envelope, Manifest
 
-from . import lifetime, symbol_cache
+from . import lane, lifetime, symbol_cache
 from .auth_pages import AuthPages, release_digests
 from .errors import ReadError, UsageError
 from .keys import SigningKey
@@ -34,6 +46,11 @@ from .report import Reporter
 from .schedule import SenderCore
 from .sign import check_image
 from .transport import gso_batch
+
+# The delta lane's share of the first channel's rate unless told otherwise: at 10 MB/s it sends
+# the 1.86 MB lane of the design's small update of a 1.2 GB image in about 2 s, and a full pass
+# of the image takes 11% longer (delta-design.md, section 5).
+DEFAULT_LANE_SHARE = 0.1
 
 
 @dataclass
@@ -56,6 +73,8 @@ class ServeOptions:
     loopback: bool = False
     json: bool = False
     stream_key: SigningKey | None = None  # signs AUTH pages (packet authentication)
+    lane_share: float = DEFAULT_LANE_SHARE  # of the first channel's rate; 0: no delta lane
+    lane_dir: Path | None = None  # where the lane's files are (default: beside the image)
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,16 @@ class ChannelPlan:
 
     rate: int  # bytes/s; 0 = unpaced
     group: str
+    lane: bool = False  # the delta lane, not a carousel of the image
+
+
+@dataclass
+class LanePlan:
+    """The delta lane's symbols and its carousel's datagrams (FDT, then MANIFEST)."""
+
+    reader: symbol_cache.SymbolReader
+    fragments: tuple[bytes, ...]
+    share: float  # of the bytes the lane and the first channel send, when unpaced
 
 
 @dataclass
@@ -78,25 +107,33 @@ class ServePlan:
     pages: AuthPages | None  # the release's digests and stream key; None: no packet auth
     port: int
     channels: tuple[ChannelPlan, ...]
+    lane: LanePlan | None = None
+
+    def reader_of(self, channel: ChannelPlan) -> symbol_cache.SymbolReader:
+        return self.lane.reader if channel.lane and self.lane is not None else self.reader
 
     def core(self, channel: ChannelPlan, now: float, wall: float) -> SenderCore:
         """The sans-IO schedule of `channel`, starting at `now` (wall-clock time `wall`)."""
+        lane = self.lane if channel.lane else None
+        # The lane has no AUTH pages and no end of its own: it runs while the carousel does.
         return sender_core(
             self.manifest,
-            self.reader.layout,
+            self.reader.layout if lane is None else lane.reader.layout,
             rate=channel.rate,
-            fragments=self.fragments,
+            fragments=self.fragments if lane is None else lane.fragments,
             now=now,
             wall=wall,
             sender_index=self.options.sender_index,
             sender_count=self.options.sender_count,
-            passes=self.options.loops,
+            passes=self.options.loops if lane is None else None,
             duration=self.options.duration,
-            packet_auth=self.pages is not None,
+            packet_auth=self.pages is not None and lane is None,
         )
 
     def close(self) -> None:
         self.reader.close()
+        if self.lane is not None:
+            self.lane.reader.close()
 
 
 def sender_core(
@@ -138,9 +175,10 @@ def sender_core(
 
 
 def visit_sizes(layout: symbol_cache.CycleLayout, visit: int) -> list[int]:
-    """`visit` symbols per round for every chunk; for each block of the index, the same share of
-    its K as a visit is of the largest chunk's (at least one symbol: `schedule`'s module doc)."""
-    largest = max(layout.sources[: layout.chunks])
+    """`visit` symbols per round for every chunk; for each block of the index (or of the delta
+    lane, which has no chunk), the same share of its K as a visit is of the largest chunk's (at
+    least one symbol: `schedule`'s module doc)."""
+    largest = max(layout.sources[: layout.chunks] or layout.sources)
     return [
         visit if c < layout.chunks else max(1, -(-visit * k // largest))
         for c, k in enumerate(layout.sources)
@@ -156,18 +194,35 @@ def manifest_fragments(
     MIN_MANIFEST_FRAGMENT bytes (292-byte datagrams beside the 276-byte DATA datagrams of the
     smallest symbol size).  The manifest carousel and the announcements send them together, so a
     FLUTE receiver learns the files with every manifest turn."""
+    packets = _manifest_packets(envelope, datagram_size, max_datagram)
+    fdt = fdt_datagrams(envelope, packets[0].fragment_size)
+    return fdt + tuple(wire.build_datagram(p) for p in packets)
+
+
+def lane_fragments(
+    envelope: Envelope, datagram_size: int, max_datagram: int = DEFAULT_MAX_DATAGRAM
+) -> tuple[bytes, ...]:
+    """The delta lane's FDT datagrams, then the release's MANIFEST datagrams as the data session
+    sends them (their TSI is the release's: a device checks it against the manifest)."""
+    packets = _manifest_packets(envelope, datagram_size, max_datagram)
+    fdt = lane_fdt_datagrams(envelope.manifest)
+    return fdt + tuple(wire.build_datagram(p) for p in packets)
+
+
+def _manifest_packets(
+    envelope: Envelope, datagram_size: int, max_datagram: int
+) -> list[wire.ManifestPacket]:
     smallest = wire.MANIFEST_HEADER_SIZE + MIN_MANIFEST_FRAGMENT
-    packets = wire.fragment_envelope(
+    return wire.fragment_envelope(
         envelope.manifest.tsi,
         envelope.envelope_id,
         envelope.compact_bytes,
         max(min(max_datagram, datagram_size), smallest),
     )
-    fdt = fdt_datagrams(envelope, packets[0].fragment_size)
-    return fdt + tuple(wire.build_datagram(p) for p in packets)
 
 
 def channel_group(envelope: Envelope, options: ServeOptions, index: int) -> str:
+    """The group of rate channel `index` (`addressing.LANE_RATE_INDEX`: the delta lane's)."""
     transport = envelope.manifest.transport
     if options.group and index == 0:
         return options.group
@@ -190,7 +245,11 @@ def build_channels(
         raise UsageError("--repair must be at least 50%")
     if options.repair > symbol_cache.MAX_REPAIR_FRACTION:
         raise UsageError("--repair is at most 400%")
+    if not 0 <= options.lane_share < 1:
+        raise UsageError("--lane-share is a fraction from 0 up to (not including) 1")
     index = check_image(manifest, image)
+    with_lane = manifest.delta is not None and options.lane_share > 0 and index is not None
+    lane_files = lane.check_files(manifest, options.lane_dir or image.parent) if with_lane else []
     report.event("encoding", chunks=manifest.chunk_count, cache_dir=str(options.cache_dir))
     path = symbol_cache.build(
         manifest,
@@ -205,11 +264,33 @@ def build_channels(
     fragments = manifest_fragments(envelope, layout.datagram_size)
     batch = gso_batch(layout.datagram_size)
     reader = symbol_cache.SymbolReader(path, layout, batch)
+    lane_plan: LanePlan | None = None
     try:
         pages = _auth_pages(envelope, options, reader, report)
+        if with_lane and index is not None:
+            objects: dict[int, Path | bytes] = {f.toi: f.path for f in lane_files}
+            objects[wire.LANE_INDEX_TOI] = index.build()
+            lane_path = symbol_cache.build_lane(
+                manifest, objects, options.cache_dir, options.repair, warn=report.warning
+            )
+            lane_layout = symbol_cache.CycleLayout.for_lane(manifest, options.repair)
+            lane_plan = LanePlan(
+                symbol_cache.SymbolReader(lane_path, lane_layout, batch),
+                lane_fragments(envelope, layout.datagram_size),
+                options.lane_share,
+            )
     except BaseException:
         reader.close()
         raise
+    plans = [
+        ChannelPlan(rate, channel_group(envelope, options, number))
+        for number, rate in enumerate(options.rates)
+    ]
+    if lane_plan is not None:
+        lane_rate = round(plans[0].rate * options.lane_share)
+        plans[0] = ChannelPlan(plans[0].rate - lane_rate, plans[0].group)
+        group = channel_group(envelope, options, addressing.LANE_RATE_INDEX)
+        plans.append(ChannelPlan(lane_rate, group, lane=True))
     return ServePlan(
         manifest=manifest,
         options=options,
@@ -218,10 +299,8 @@ def build_channels(
         fragments=fragments,
         pages=pages,
         port=options.port or manifest.transport.port,
-        channels=tuple(
-            ChannelPlan(rate, channel_group(envelope, options, index))
-            for index, rate in enumerate(options.rates)
-        ),
+        channels=tuple(plans),
+        lane=lane_plan,
     )
 
 

@@ -1,10 +1,12 @@
 """``publish`` and ``dns-records``: what static HTTP mirrors and DNS need to serve a release.
 
-`publish` places the image (and its manifest beside it, and its block index as
-``<image>.blockindex`` when the manifest lists one) under a root directory at the path of
-every mirror URL in the signed manifest, so ``nginx``'s ``root``, an S3 sync or a CDN origin
-serves exactly the URLs devices were told about.  It checks the image against the manifest
-first and writes every file atomically.
+`publish` places the image (and its manifest beside it, its block index as
+``<image>.blockindex`` when the manifest lists one, and the delta lane's files ``<image>.delta``
+and ``<image>.patch-<sequence>`` when it has a lane) under a root directory at the path of every
+mirror URL in the signed manifest, so ``nginx``'s ``root``, an S3 sync or a CDN origin serves
+exactly the URLs devices were told about.  It checks the image and the lane files (found beside
+the manifest, where ``sign`` wrote them) against the manifest first and writes every file
+atomically, the manifest last.
 
 `dns_records` renders the SRV records that name a channel's SSM sources and the AAAA records of
 the source hosts, as zone-file lines or as dnsmasq options.
@@ -23,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 from otacast.schemas import addressing, blockindex
 from otacast.schemas.manifest import Envelope
 
+from . import lane
 from .errors import UsageError, WriteError
 from .fileio import atomic_write, create_beside
 from .sign import check_image
@@ -46,8 +49,12 @@ def mirror_paths(envelope: Envelope) -> list[PurePosixPath]:
     return list(dict.fromkeys(paths))
 
 
-def publish(envelope: Envelope, image: Path, root: Path) -> list[Path]:
+def publish(
+    envelope: Envelope, image: Path, root: Path, lane_dir: Path | None = None
+) -> list[Path]:
+    """Fill `root`; the lane files are taken from `lane_dir` (default: the image's directory)."""
     index = check_image(envelope.manifest, image)
+    lane_files = lane.check_files(envelope.manifest, image.parent if lane_dir is None else lane_dir)
     written = []
     for relative in mirror_paths(envelope):
         target = root.joinpath(*relative.parts)
@@ -61,6 +68,10 @@ def publish(envelope: Envelope, image: Path, root: Path) -> list[Path]:
             index_path = target.with_name(target.name + blockindex.FILE_SUFFIX)
             atomic_write(index_path, index.build())
             written.append(index_path)
+        for lane_file in lane_files:
+            lane_path = target.with_name(target.name + lane_file.suffix)
+            _copy_atomically(lane_file.path, lane_path)
+            written.append(lane_path)
         manifest_path = target.with_name(target.name + ".manifest.json")
         atomic_write(manifest_path, envelope.to_file_bytes())
         written.append(manifest_path)

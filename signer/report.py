@@ -54,6 +54,7 @@ class ChannelStats:
     auth_bytes: int
     no_buffer: int  # sends retried because the kernel had no buffer space
     gso_refused: int  # segmented sends refused by the driver
+    lane: bool = False  # the delta lane's channel
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class ServeSummary:
     passes: int
     reason: str
     channels: list[dict[str, object]]
+    lane_packets: int = 0  # the delta lane's datagrams (in `packets` too)
+    lane_bytes: int = 0
 
 
 class Reporter:
@@ -86,9 +89,10 @@ class Reporter:
         if self.json:
             stamped = {"event": name, "time": rfc3339(time.time()), **fields}
             self._write(json.dumps(stamped, sort_keys=True) + "\n")
-        elif name == "serving":
+        elif name in ("serving", "serving-lane"):
             self._write(
-                f"serving session {fields['session']} as sender {fields['sender']} to "
+                ("delta lane: " if name == "serving-lane" else "")
+                + f"serving session {fields['session']} as sender {fields['sender']} to "
                 f"[{fields['group']}]:{fields['port']} from {fields['source']} on "
                 f"{fields['interface']} at {_rate_text(fields['rate'])}"
                 + (f" until {fields['expires_at']}" if "expires_at" in fields else "")
@@ -145,6 +149,8 @@ class Reporter:
                 bytes=s.bytes,
                 passes=s.passes,
                 channels=s.channels,
+                lane_packets=s.lane_packets,
+                lane_bytes=s.lane_bytes,
                 peak_rss_mb=peak_rss_mb(),
             )
             return
@@ -152,7 +158,9 @@ class Reporter:
         self._write(
             ("\n" if self.tty else "") + f"stopped ({s.reason}) after {s.elapsed:.1f} s:"
             f" {s.passes} pass(es), {s.packets} packets, {s.bytes} bytes, "
-            f"{rate:.1f} MB/s\n"
+            f"{rate:.1f} MB/s"
+            + (f" ({s.lane_packets} packets on the delta lane)" if s.lane_packets else "")
+            + "\n"
         )
 
 

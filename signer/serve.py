@@ -51,7 +51,10 @@ class Channel:
     group: str
     core: SenderCore
     sender: MulticastSender
+    reader: SymbolReader
     auth: AuthPages | None = None
+    lane: bool = False  # the delta lane: it runs while the others do, unpaced at `share`
+    share: float = 1.0
 
 
 class Stop:
@@ -89,7 +92,7 @@ def serve(
             channel = _open(plan, channel_plan, start)
             channels.append(channel)
             report.event(
-                "serving",
+                "serving-lane" if channel.lane else "serving",
                 group=channel.group,
                 port=plan.port,
                 source=channel.sender.source,
@@ -117,7 +120,7 @@ def serve(
         stop = stop or Stop()
         stop.install()
         watch = ExpiryWatch(plan.manifest.expires, wall, report)
-        reason = _loop(channels, plan.reader, report, clock, stop, watch, announcement)
+        reason = _loop(channels, report, clock, stop, watch, announcement)
     finally:
         plan.close()
         if announcement is not None:
@@ -133,6 +136,8 @@ def serve(
         passes=totals.passes,
         reason=reason,
         channels=[asdict(_channel_stats(c, elapsed)) for c in channels],
+        lane_packets=sum(c.sender.counters.datagrams for c in channels if c.lane),
+        lane_bytes=sum(_sent(c) for c in channels if c.lane),
     )
     report.summary(summary)
     if reason == EXPIRED:
@@ -154,23 +159,30 @@ def _open(plan: ServePlan, channel: ChannelPlan, now: float) -> Channel:
         loopback=options.loopback,
     )
     auth = None
-    if (pages := plan.pages) is not None:  # the same digests and key; its own counts
+    if (pages := plan.pages) is not None and not channel.lane:  # the same digests and key
         auth = AuthPages(pages.tsi, pages.sender, pages.digests, pages.capacity, pages.sign)
-    return Channel(channel.rate, channel.group, plan.core(channel, now, time.time()), sender, auth)
+    core = plan.core(channel, now, time.time())
+    share = plan.lane.share if plan.lane is not None else 1.0
+    reader = plan.reader_of(channel)
+    return Channel(channel.rate, channel.group, core, sender, reader, auth, channel.lane, share)
+
+
+def _sent(channel: Channel) -> int:
+    return channel.core.stats.data_bytes + channel.core.stats.manifest_bytes
 
 
 def _progress(channels: list[Channel], elapsed: float) -> ServeProgress:
     return ServeProgress(
         elapsed=elapsed,
         packets=sum(c.sender.counters.datagrams for c in channels),
-        bytes=sum(c.core.stats.data_bytes + c.core.stats.manifest_bytes for c in channels),
-        passes=min(c.core.stats.passes for c in channels),
+        bytes=sum(_sent(c) for c in channels),
+        passes=min(c.core.stats.passes for c in channels if not c.lane),
     )
 
 
 def _channel_stats(channel: Channel, elapsed: float) -> ChannelStats:
     stats = channel.core.stats
-    sent = stats.data_bytes + stats.manifest_bytes
+    sent = _sent(channel)
     counters = channel.sender.counters
     return ChannelStats(
         group=channel.group,
@@ -185,6 +197,7 @@ def _channel_stats(channel: Channel, elapsed: float) -> ChannelStats:
         auth_bytes=channel.auth.bytes if channel.auth else 0,
         no_buffer=counters.no_buffer,
         gso_refused=counters.gso_refused,
+        lane=channel.lane,
     )
 
 
@@ -203,24 +216,24 @@ def _snapshot(plan: ServePlan, channels: list[Channel], elapsed: float) -> Sende
 
 def _loop(
     channels: list[Channel],
-    reader: SymbolReader,
     report: Reporter,
     clock: Callable[[], float],
     stop: Stop,
     watch: ExpiryWatch,
     announcement: announce.Announcement | None = None,
 ) -> str:
-    size = reader.layout.datagram_size
     live = list(channels)
     start = clock()
     warned = False
     next_check = start + MIN_RATE_CHECK
-    while live:
+    while any(not c.lane for c in live):
         if stop.reason:
             return stop.reason
         now = clock()
         wake = now + MAX_SLEEP
         for channel in list(live):
+            if channel.lane and not channel.rate and not _lane_turn(channel, channels):
+                continue
             action = channel.core.next_action(now)
             if isinstance(action, SendAuth):
                 assert channel.auth is not None  # the core emits SendAuth only with pages
@@ -230,8 +243,8 @@ def _loop(
                 # turn, so that no stop and no other channel comes between pages and their data.
                 action = channel.core.next_action(now)
             if isinstance(action, SendSymbols):
-                run = reader.read(action.chunk, action.first, action.count)
-                channel.sender.send_run(run, action.count, size)
+                run = channel.reader.read(action.chunk, action.first, action.count)
+                channel.sender.send_run(run, action.count, channel.reader.layout.datagram_size)
                 wake = now
             elif isinstance(action, SendManifest):
                 for datagram in action.datagrams:
@@ -253,6 +266,13 @@ def _loop(
         if wake > now:
             time.sleep(wake - now)
     return "done"
+
+
+def _lane_turn(lane: Channel, channels: list[Channel]) -> bool:
+    """Whether an unpaced lane may send now: while it has sent at most its share of what it and
+    the first channel sent together."""
+    own = _sent(lane)
+    return own <= lane.share * (own + _sent(channels[0]))
 
 
 class ExpiryWatch:

@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from otacast.schemas import fec
 from otacast.schemas.blockindex import BlockIndex, IndexBuilder
@@ -86,7 +87,7 @@ def index_info(index: BlockIndex) -> IndexInfo:
     return IndexInfo(len(data), hashlib.sha256(data).digest())
 
 
-def build_manifest(
+def build_release(
     image: Path,
     *,
     name: str,
@@ -102,14 +103,14 @@ def build_manifest(
     symbol_size: int = fec.DEFAULT_SYMBOL_SIZE,
     stream_keys: Sequence[bytes] = (),
     index: bool | None = None,
-) -> Manifest:
-    """The manifest of `image`; with a block index when `index` says so (None: for ``raw``
-    images only, see the module doc)."""
+) -> tuple[Manifest, BlockIndex | None]:
+    """The manifest of `image` and its block index, made when `index` says so (None: for
+    ``raw`` images only, see the module doc)."""
     size = image.stat().st_size if image.exists() else 0
     chunk = fec.choose_chunk_size(size, chunk_size or DEFAULT_CHUNK_BYTES, symbol_size)
     wanted = image_format == "raw" if index is None else index
     digest = digest_image(image, chunk, symbol_size, index=wanted)
-    return Manifest(
+    manifest = Manifest(
         name=name,
         sequence=sequence,
         version=version,
@@ -124,6 +125,12 @@ def build_manifest(
         stream_keys=tuple(StreamKey(number, public) for number, public in enumerate(stream_keys)),
         index=index_info(digest.index) if digest.index is not None else None,
     )
+    return manifest, digest.index
+
+
+def build_manifest(image: Path, **options: Any) -> Manifest:
+    """The manifest of `image` (`build_release` without the index)."""
+    return build_release(image, **options)[0]
 
 
 def sign(manifest: Manifest, keys: Sequence[SigningKey]) -> Envelope:

@@ -12,6 +12,11 @@ RaptorQ source blocks' cycles after the chunks' (TOI ``wire.INDEX_TOI``, SBN = t
 `Manifest.index_part`), with the same repair fraction: to the layout and the sender's core they
 are cycles ``chunks .. chunks+blocks-1``.
 
+The delta lane (`build_lane`, when the manifest has one) has a cache file of its own: the
+source blocks of its objects (lane object, full index, index patches: `fdt.lane_objects`) in TOI
+order, framed with the lane's TSI (`wire.lane_tsi`), with the same repair fraction and trailer.
+To its layout none of them is an image chunk (``chunks`` = 0).
+
 Why a file and not memory: a 1 GB image with a 50% pool is ~1.5 GB of datagrams.  Reading slices
 with ``pread`` into one reused buffer keeps the sender's resident memory near one chunk while it
 encodes and near one batch while it sends; the page cache does the rest.  (An ``mmap`` would be
@@ -48,12 +53,13 @@ import hashlib
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from otacast.schemas import fec, wire
+from otacast.schemas import fdt, fec, wire
 from otacast.schemas.blockindex import BlockIndex
+from otacast.schemas.limits import PART_CHUNKS
 from otacast.schemas.manifest import Manifest
 
 from .encoder import ChunkEncoder, raptorq_encode
@@ -88,9 +94,21 @@ class CycleLayout:
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, fraction: float) -> CycleLayout:
-        size = wire.data_datagram_size(manifest.fec.symbol_size)
         sources = [manifest.source_symbols(index) for index in range(manifest.chunk_count)]
         sources += [k for _, k in index_blocks(manifest)]
+        return cls._of(manifest, sources, fraction, manifest.chunk_count)
+
+    @classmethod
+    def for_lane(cls, manifest: Manifest, fraction: float) -> CycleLayout:
+        """The delta lane's cycles: every source block of its objects (`lane_blocks`); none
+        of them is an image chunk."""
+        return cls._of(manifest, [b.k for b in lane_blocks(manifest)], fraction, 0)
+
+    @classmethod
+    def _of(
+        cls, manifest: Manifest, sources: Sequence[int], fraction: float, chunks: int
+    ) -> CycleLayout:
+        size = wire.data_datagram_size(manifest.fec.symbol_size)
         cycles = []
         offsets = []
         position = 0
@@ -99,7 +117,7 @@ class CycleLayout:
             cycles.append(cycle)
             offsets.append(position)
             position += cycle * size
-        return cls(size, tuple(cycles), tuple(offsets), tuple(sources), manifest.chunk_count)
+        return cls(size, tuple(cycles), tuple(offsets), tuple(sources), chunks)
 
     @property
     def total_bytes(self) -> int:
@@ -131,11 +149,49 @@ def index_blocks(manifest: Manifest) -> list[tuple[tuple[int, int], int]]:
     return out
 
 
-def cache_path(directory: Path, manifest: Manifest, fraction: float) -> Path:
+@dataclass(frozen=True)
+class LaneBlock:
+    """A RaptorQ source block of a delta lane object: the object's TOI, the block's SBN, its
+    (offset, length) in the object and its K; `chunk` is how datagrams number it."""
+
+    toi: int
+    sbn: int
+    span: tuple[int, int]
+    k: int
+
+    @property
+    def chunk(self) -> int:
+        return (self.toi - 1) * PART_CHUNKS + self.sbn
+
+
+def lane_blocks(manifest: Manifest) -> list[LaneBlock]:
+    """Every source block of the delta lane's objects (`fdt.lane_objects`), in TOI order."""
+    t = manifest.fec.symbol_size
+    out = []
+    for toi, _, part in fdt.lane_objects(manifest):
+        for block in range(part.blocks):
+            span = part.block_span(block, t)
+            out.append(LaneBlock(toi, block, span, fec.source_symbols(span[1], t)))
+    return out
+
+
+def cache_path(directory: Path, manifest: Manifest, fraction: float, suffix: str = "") -> Path:
     percent = round(fraction * 100)
     return directory / (
-        f"{manifest.session_id.hex()}-t{manifest.fec.symbol_size}-r{percent}.symbols"
+        f"{manifest.session_id.hex()}-t{manifest.fec.symbol_size}-r{percent}{suffix}.symbols"
     )
+
+
+def _reusable(target: Path, layout: CycleLayout, warn: Callable[[str], None] | None) -> bool:
+    """Whether the cache file `target` exists and verifies (`warn` is told why one does not)."""
+    if not target.exists():
+        return False
+    problem = verify(target, layout)
+    if problem is None:
+        return True
+    if warn is not None:
+        warn(f"symbol cache {target} is not usable ({problem}): encoding it again")
+    return False
 
 
 def build(
@@ -156,12 +212,81 @@ def build(
         raise ValueError("the block index is needed exactly when the manifest lists one")
     layout = CycleLayout.for_manifest(manifest, fraction)
     target = cache_path(directory, manifest, fraction)
-    if target.exists():
-        problem = verify(target, layout)
-        if problem is None:
-            return target
-        if warn is not None:
-            warn(f"symbol cache {target} is not usable ({problem}): encoding it again")
+    if not _reusable(target, layout, warn):
+        _write(target, directory, _image_cycles(manifest, image, layout, encode, progress, index))
+    return target
+
+
+def build_lane(
+    manifest: Manifest,
+    objects: dict[int, Path | bytes],
+    directory: Path,
+    fraction: float,
+    *,
+    encode: ChunkEncoder = raptorq_encode,
+    warn: Callable[[str], None] | None = None,
+) -> Path:
+    """Encode the delta lane's objects (by TOI: a file, or the bytes, each checked by the caller
+    against the manifest) into a cache file of their own (``-lane`` before ``.symbols``), or
+    reuse a complete one that verifies.  Each source block is read and encoded on its own, so
+    memory stays near one block's cycle whatever the objects' sizes."""
+    layout = CycleLayout.for_lane(manifest, fraction)
+    target = cache_path(directory, manifest, fraction, "-lane")
+    if not _reusable(target, layout, warn):
+        _write(target, directory, _lane_cycles(manifest, objects, layout, encode))
+    return target
+
+
+def _lane_cycles(
+    manifest: Manifest, objects: dict[int, Path | bytes], layout: CycleLayout, encode: ChunkEncoder
+) -> Iterator[bytes]:
+    tsi = wire.lane_tsi(manifest.tsi)
+    for number, block in enumerate(lane_blocks(manifest)):
+        offset, length = block.span
+        source = objects[block.toi]
+        if isinstance(source, bytes):
+            data = source[offset : offset + length]
+        else:
+            with source.open("rb") as handle:
+                handle.seek(offset)
+                data = handle.read(length)
+        if len(data) != length:
+            raise ReadError(f"lane object {block.toi} ended early at its block {block.sbn}")
+        packets = encode(data, manifest.fec.symbol_size, layout.cycles[number] - block.k)
+        prefix = _prefix(wire.DataPacket(tsi, block.chunk, 0, b"\0"))
+        yield b"".join(prefix + packet[1:] for packet in packets)
+
+
+def _image_cycles(
+    manifest: Manifest,
+    image: Path,
+    layout: CycleLayout,
+    encode: ChunkEncoder,
+    progress: Callable[[int, int], None] | None,
+    index: BlockIndex | None,
+) -> Iterator[bytes]:
+    """The framed cycle of every chunk of `image`, then of every block of its `index`."""
+    with image.open("rb") as source:
+        for number in range(manifest.chunk_count):
+            offset, length = manifest.chunk_span(number)
+            source.seek(offset)
+            chunk = source.read(length)
+            if len(chunk) != length:
+                raise ReadError(f"image {image} ended early at chunk {number}")
+            k = manifest.source_symbols(number)
+            packets = encode(chunk, manifest.fec.symbol_size, layout.cycles[number] - k)
+            # The LCT header and the chunk's SBN in its FLUTE object; the encoder numbers
+            # the chunk's own block 0.
+            prefix = _prefix(wire.DataPacket(manifest.tsi, number, 0, b"\0"))
+            yield b"".join(prefix + packet[1:] for packet in packets)
+            if progress is not None:
+                progress(number + 1, manifest.chunk_count)
+    if index is not None:
+        yield from index_cycles(manifest, index.build(), layout, encode)
+
+
+def _write(target: Path, directory: Path, cycles: Iterable[bytes]) -> None:
+    """Write `cycles` and the trailer of their digests as the cache file `target`, atomically."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -174,28 +299,11 @@ def build(
         raise WriteError(f"cannot write symbol cache in {directory}: {exc.strerror}") from None
     tmp = Path(name)
     try:
-        with image.open("rb") as source, os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb") as out:
             digests = []
-            for number in range(manifest.chunk_count):
-                offset, length = manifest.chunk_span(number)
-                source.seek(offset)
-                chunk = source.read(length)
-                if len(chunk) != length:
-                    raise ReadError(f"image {image} ended early at chunk {number}")
-                k = manifest.source_symbols(number)
-                packets = encode(chunk, manifest.fec.symbol_size, layout.cycles[number] - k)
-                # The LCT header and the chunk's SBN in its FLUTE object; the encoder numbers
-                # the chunk's own block 0.
-                prefix = _prefix(wire.DataPacket(manifest.tsi, number, 0, b"\0"))
-                cycle = b"".join(prefix + packet[1:] for packet in packets)
+            for cycle in cycles:
                 digests.append(hashlib.sha256(cycle).digest())
                 out.write(cycle)
-                if progress is not None:
-                    progress(number + 1, manifest.chunk_count)
-            if index is not None:
-                for cycle in index_cycles(manifest, index.build(), layout, encode):
-                    digests.append(hashlib.sha256(cycle).digest())
-                    out.write(cycle)
             out.write(b"".join(digests))
             out.flush()
             os.fsync(out.fileno())
@@ -208,7 +316,6 @@ def build(
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    return target
 
 
 def _prefix(packet: wire.DataPacket | wire.IndexPacket) -> bytes:

@@ -24,7 +24,7 @@ def add_publish(sub: Subcommands) -> None:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     envelope = read_manifest(args.manifest)
-    for path in publish.publish(envelope, args.image, args.root):
+    for path in publish.publish(envelope, args.image, args.root, args.manifest.parent):
         print(f"wrote {path}")
     if not envelope.manifest.http:
         print("note: the manifest lists no --http-url, so devices will not know this mirror")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -10,9 +11,10 @@ from typing import Any
 
 from otacast.schemas import addressing, fec, units
 from otacast.schemas.errors import MalformedManifest
+from otacast.schemas.limits import MAX_DELTA_FROM
 from otacast.schemas.manifest import FORMATS, Envelope, Manifest, Transport
 from otacast.schemas.policy import TrustSet, verify_envelope
-from otacast.signer import keys, sign
+from otacast.signer import keys, lane, sign
 from otacast.signer.errors import UsageError, WriteError
 from otacast.signer.fileio import atomic_write
 
@@ -140,6 +142,17 @@ def add_sign(sub: Subcommands) -> None:
         help="list a block index in the manifest (4 KiB blocks, 0.39%% of the image, sent and "
         "published beside it, for delta delivery); default: for raw images only",
     )
+    p.add_argument(
+        "--delta-from",
+        action="append",
+        default=[],
+        metavar="OLD[=PATH]",
+        help="serve devices on the older release whose signed manifest is OLD a delta lane "
+        "(the blocks they lack and an index patch, written beside the output as IMAGE.delta "
+        "and IMAGE.patch-SEQUENCE); its index or image is taken from beside OLD "
+        f"(IMAGE.blockindex, else IMAGE) or from PATH; repeat for up to {MAX_DELTA_FROM} "
+        "releases (raw images only)",
+    )
     p.set_defaults(run=cmd_sign)
 
 
@@ -185,18 +198,46 @@ def cmd_sign(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise WriteError(f"{out} exists; pass --force to replace it")
     created = int(time.time())
+    image_format = args.format or _guess_format(args.image)
+    sources = (
+        lane.load_sources(
+            args.delta_from,
+            lane.NewRelease(
+                name=args.name or args.image.name,
+                channel=transport.channel,
+                sequence=args.sequence,
+                image_format=image_format,
+                indexed=args.index is not False,
+            ),
+        )
+        if args.delta_from
+        else []
+    )
+    written: list[Path] = []
     try:
-        envelope = _sign_new(args, transport, created, signing_keys)
+        envelope, written = _sign_new(
+            args, transport, created, signing_keys, image_format, sources, out.parent
+        )
+        atomic_write(out, envelope.to_file_bytes(), overwrite=True)
     except MalformedManifest as exc:
+        lane.remove(written)
         # Everything in a new manifest came from the options: say so, with the schema's reason.
         raise UsageError(f"the options do not make a valid manifest: {exc}") from None
-    atomic_write(out, envelope.to_file_bytes(), overwrite=True)
+    except BaseException:
+        lane.remove(written)
+        raise
     m = envelope.manifest
     print(
         f"wrote {out}: {m.name} version {m.version} sequence {m.sequence}, "
         f"{m.chunk_count} chunk(s), session {m.session_id.hex()}, "
         f"expires {units.format_time(m.expires)}"
     )
+    if m.delta is not None:
+        print(
+            f"wrote {', '.join(str(p) for p in written)}: delta lane of {m.delta.blocks} "
+            f"block(s) in {units.format_bytes(m.delta.length)} for release(s) "
+            f"{', '.join(str(f.sequence) for f in m.delta.sources)}"
+        )
     return 0
 
 
@@ -210,8 +251,12 @@ def _sign_new(
     transport: Transport,
     created: int,
     signing_keys: list[keys.SigningKey],
-) -> Envelope:
-    manifest = sign.build_manifest(
+    image_format: str,
+    sources: list[lane.DeltaSource],
+    directory: Path,
+) -> tuple[Envelope, list[Path]]:
+    """The signed envelope and the lane files written for it (none without `sources`)."""
+    manifest, index = sign.build_release(
         args.image,
         name=args.name or args.image.name,
         sequence=args.sequence,
@@ -219,7 +264,7 @@ def _sign_new(
         created=created,
         expires=created + args.expires,
         compatible=args.device_type,
-        image_format=args.format or _guess_format(args.image),
+        image_format=image_format,
         transport=transport,
         http=args.http_url,
         chunk_size=args.chunk_size,
@@ -227,7 +272,18 @@ def _sign_new(
         stream_keys=[keys.load_public(path) for path in args.stream_key],
         index=args.index,
     )
-    return sign.sign(manifest, signing_keys)
+    written: list[Path] = []
+    if sources:
+        assert index is not None  # load_sources refused a release without one
+        info, written = lane.make_files(
+            args.image, index, sources, directory, manifest.image.name, overwrite=args.force
+        )
+        manifest = dataclasses.replace(manifest, delta=info)
+    try:
+        return sign.sign(manifest, signing_keys), written
+    except BaseException:
+        lane.remove(written)
+        raise
 
 
 def add_verify(sub: Subcommands) -> None:
@@ -246,7 +302,12 @@ def add_verify(sub: Subcommands) -> None:
         default=1,
         help="signatures required from distinct trusted keys (default 1)",
     )
-    p.add_argument("--image", type=Path, help="also check this image against the manifest")
+    p.add_argument(
+        "--image",
+        type=Path,
+        help="also check this image against the manifest (and the delta lane's files beside "
+        "the manifest, when it has a lane)",
+    )
     p.add_argument("--device-type", help="check the manifest is for this device type")
     p.add_argument(
         "--installed-sequence",
@@ -282,6 +343,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.image:
         sign.check_image(m, args.image)
         print(f"OK: {args.image} matches ({m.image.length} bytes, {m.chunk_count} chunk(s))")
+        for lane_file in lane.check_files(m, args.manifest.parent):
+            print(f"OK: {lane_file.path} matches")
     return 0
 
 
@@ -328,6 +391,16 @@ def describe(envelope: Envelope) -> dict[str, Any]:
         "index": (
             None if m.index is None else {"length": m.index.length, "sha256": m.index.sha256.hex()}
         ),
+        "delta": (
+            None
+            if m.delta is None
+            else {
+                "length": m.delta.length,
+                "sha256": m.delta.sha256.hex(),
+                "blocks": m.delta.blocks,
+                "from": [f.sequence for f in m.delta.sources],
+            }
+        ),
         "session_id": m.session_id.hex(),
         "signatures": [s.keyid for s in envelope.signatures],
         "signatures_checked": False,
@@ -361,6 +434,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         lines.append(
             f"index      {units.format_bytes(info['index']['length'])} block index "
             f"(4 KiB blocks), sha256 {info['index']['sha256']}"
+        )
+    if info["delta"] is not None:
+        lines.append(
+            f"delta      {units.format_bytes(info['delta']['length'])} lane object "
+            f"({info['delta']['blocks']} blocks) for devices on release(s) "
+            + ", ".join(str(s) for s in info["delta"]["from"])
         )
     lines.append(f"session    {info['session_id']}")
     lines += [f"signature  keyid {keyid}" for keyid in info["signatures"]]

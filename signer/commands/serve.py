@@ -10,7 +10,7 @@ from pathlib import Path
 
 from otacast.schemas import units
 from otacast.signer import keys
-from otacast.signer.channels import ServeOptions
+from otacast.signer.channels import DEFAULT_LANE_SHARE, ServeOptions
 from otacast.signer.metrics import MetricsEndpoint
 from otacast.signer.serve import Stop, serve
 
@@ -92,6 +92,16 @@ def add_serve(sub: Subcommands) -> None:
         metavar="SECRET_KEY",
         help="sign AUTH pages with this stream key (its public key must be in the manifest)",
     )
+    p.add_argument(
+        "--lane-share",
+        type=types.fraction,
+        default=DEFAULT_LANE_SHARE,
+        metavar="FRACTION",
+        help="when the manifest has a delta lane (sign --delta-from), send it at this share of "
+        "the (first) rate on its own groups, the carousel keeping the rest; 0 sends no lane "
+        f"(default {round(DEFAULT_LANE_SHARE * 100)}%%); its files are taken from beside the "
+        "manifest",
+    )
     p.add_argument("--no-gso", action="store_true", help="one send per datagram (no UDP GSO)")
     p.add_argument("--loopback", action="store_true", help="also deliver to receivers on this host")
     p.add_argument("--json", action="store_true", help="JSON status lines")
@@ -138,6 +148,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loopback=args.loopback,
         json=args.json,
         stream_key=keys.load_secret(args.stream_key) if args.stream_key else None,
+        lane_share=args.lane_share,
+        lane_dir=args.manifest.parent,
     )
     # Listening before the release is encoded: a port in use fails now, not minutes later.
     endpoint = MetricsEndpoint(*args.metrics) if args.metrics else None

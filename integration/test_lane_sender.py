@@ -1,0 +1,125 @@
+"""The delta lane on a real namespaced LAN (issue 15, phase 3a): ``serve`` of a release signed with
+``--delta-from`` sends a second FLUTE session on the lane's SSM group, observed by bare
+listeners on that group and on the main one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import raptorq
+
+from otacast.schemas import addressing, wire
+from otacast.schemas.manifest import parse_envelope
+
+from .netns import BIN, Lan, LanFactory, stop
+from .release import Release, serve_command
+
+RAWRECV = str(Path(__file__).with_name("rawrecv.py"))
+BLOCK = 4096
+CHANGED = (3, 100, 101, 700, 1020)
+
+
+def _releases(tmp_path: Path) -> Release:
+    """v1 (4 MiB, sequence 1) and v2 (v1 with five 4 KiB blocks changed, signed with
+    --delta-from v1); returns v2."""
+    v1 = Release.make(tmp_path / "v1", 4 * 1024 * 1024, sequence=1, chunk="1M")
+    data = bytearray(v1.image.read_bytes())
+    for n in CHANGED:
+        data[n * BLOCK : (n + 1) * BLOCK] = bytes([n % 251]) * BLOCK
+    (tmp_path / "v2").mkdir()
+    for suffix in (".key", ".pub"):
+        source = v1.public.with_suffix(suffix)
+        (tmp_path / "v2" / source.name).write_bytes(source.read_bytes())
+        (tmp_path / "v2" / source.name).chmod(0o600)
+    image = tmp_path / "v2" / "rootfs.img"
+    image.write_bytes(bytes(data))
+    return Release.sign(image, sequence=2, chunk="1M", extra=("--delta-from", str(v1.manifest)))
+
+
+def _listen(
+    lan: Lan, host: int, group: str, port: int, seconds: float, dump: Path
+) -> subprocess.Popen[str]:
+    return lan.hosts[host].popen(
+        str(BIN / "python"), RAWRECV, "eth0", group, str(port), str(seconds), "--dump", str(dump),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def _result(process: subprocess.Popen[str]) -> dict[str, object]:
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    loaded: dict[str, object] = json.loads(out)
+    return loaded
+
+
+def _datagrams(dump: Path) -> list[bytes]:
+    data = dump.read_bytes()
+    out, offset = [], 0
+    while offset < len(data):
+        n = int.from_bytes(data[offset : offset + 2], "big")
+        out.append(data[offset + 2 : offset + 2 + n])
+        offset += 2 + n
+    return out
+
+
+def test_serve_sends_the_delta_lane_on_its_own_group_and_session(
+    lan: LanFactory, tmp_path: Path
+) -> None:
+    v2 = _releases(tmp_path)
+    m = parse_envelope(v2.manifest.read_bytes()).manifest
+    assert m.delta is not None
+    lane_group = addressing.ssm_group(m.transport.channel, m.transport.scope, 255)
+    lane_tsi = wire.lane_tsi(m.tsi)
+    net = lan(3)
+    lane_rx = _listen(net, 1, lane_group, m.transport.port, 4.0, tmp_path / "lane.dump")
+    main_rx = _listen(net, 2, m.transport.ssm_group, m.transport.port, 4.0, tmp_path / "main.dump")
+    time.sleep(0.3)
+    tx = subprocess.Popen(
+        serve_command(net.hosts[0], v2, tmp_path / "cache", "--rate", "4M", "--duration", "3s"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        lane_seen, main_seen = _result(lane_rx), _result(main_rx)
+        out, err = tx.communicate(timeout=60)
+    finally:
+        stop([lane_rx, main_rx, tx])
+    assert tx.returncode == 0, err
+    finished = [json.loads(line) for line in out.splitlines()][-1]
+    assert finished["event"] == "finished" and finished["lane_packets"] > 0
+
+    # The lane group: the lane session's FDT and DATA, and the release's manifest datagrams.
+    kinds: dict[str, int] = lane_seen["kinds"]  # type: ignore[assignment]
+    assert lane_seen["problems"] == {}
+    assert set(kinds) == {"data", "fdt", "manifest"}
+    assert lane_seen["sessions"] == {
+        f"{lane_tsi:08x}": kinds["data"] + kinds["fdt"],
+        f"{m.tsi:08x}": kinds["manifest"],
+    }
+    # The lane object (TOI 1, one source block: chunk 0) decodes byte-identical to the file
+    # sign wrote, from what was heard.
+    expected = (v2.directory / "rootfs.img.delta").read_bytes()
+    decoder = raptorq.Decoder.with_defaults(len(expected), m.fec.symbol_size)
+    decoded = None
+    chunks = set()
+    for datagram in _datagrams(tmp_path / "lane.dump"):
+        packet = wire.parse_datagram(datagram)
+        assert isinstance(packet, wire.DataPacket) and packet.tsi == lane_tsi
+        chunks.add(packet.chunk)
+        if packet.chunk == 0 and decoded is None:
+            decoded = decoder.decode(packet.esi.to_bytes(4, "big") + packet.symbol)
+    assert decoded is not None and bytes(decoded) == expected
+    # All three objects were on the air: lane object, full index, the patch for release 1.
+    assert chunks == {0, wire.LANE_INDEX_FIRST_CHUNK, wire.lane_patch_first_chunk(0)}
+
+    # The main group: the carousel as before, nothing of the lane.
+    main_kinds: dict[str, int] = main_seen["kinds"]  # type: ignore[assignment]
+    assert main_seen["problems"] == {}
+    assert main_seen["sessions"] == {f"{m.tsi:08x}": sum(main_kinds.values())}
+    assert {c for _, c, _ in main_seen["symbols"]} == set(range(m.chunk_count))  # type: ignore[attr-defined]
+    # The lane's share of the datagrams on the air, as the operator sees it.
+    lane_share = finished["lane_bytes"] / finished["bytes"]
+    print(f"lane: {finished['lane_packets']} of {finished['packets']} datagrams, {lane_share:.2%}")
+    assert 0.08 < lane_share < 0.12
