@@ -551,6 +551,17 @@ class ReceiverCore:
         self._chunks.pop(index, None)
         self._progress(now)
 
+    def note_progress(self, now: float) -> None:
+        """Progress made outside the core (the delta lane's objects, `otacast.plugin.lane`):
+        the stall timer counts from `now`."""
+        self._last_progress = now
+
+    def rearm_fallback(self, now: float) -> None:
+        """The driver moved to another source after a `FallbackNeeded` (from the delta lane to
+        the carousel): ask again if that one stalls too, counting from `now`."""
+        self._fallback_asked = False
+        self._last_progress = now
+
     def restart_chunk(self, index: int) -> None:
         """The driver discarded what chunk `index` held (local symbols that built a chunk
         failing its hash, `otacast.plugin.reuse`): forget its decoder and the ESIs it was fed,

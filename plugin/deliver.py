@@ -14,7 +14,9 @@ received and verified in full:
 1. marks the status file ``installing`` with the release;
 2. hands the image to ``installer.install`` (the image is never modified);
 3. refuses a result other than ``installed`` or ``needs-reboot``;
-4. records the release in ``installed.json`` (which raises the anti-rollback floor of every
+4. keeps the image's block index when the release signs one (``installed.blockindex``, for the
+   next release's delta lane: `otacast.plugin.installed`), then records the release in
+   ``installed.json`` (which raises the anti-rollback floor of every
    otacast path) and clears the status file's activity and last error — or, for Mender, which
    installs in one state and commits in a later one, only returns the status file to idle and
    leaves the record to `record_installed` at commit time;
@@ -38,7 +40,7 @@ from otacast.schemas.manifest import Manifest
 from otacast.schemas.policy import VerifiedManifest
 
 from .errors import InstallError, UsageError
-from .installed import Installed, write_installed
+from .installed import Installed, stage_index, write_installed
 from .installers import Installer, InstallResult, get_installer
 from .status import StatusFile
 
@@ -106,6 +108,9 @@ def deliver(
         result = installer.install(image, verified)
         if result.status not in INSTALLED_STATUSES:
             raise InstallError(f"installer reported {result.status!r}")
+        # The installed release's block index, for the next release's delta lane: built from
+        # the image now (it is removed below), put in place with the record.
+        stage_index(state_dir, verified, image)
         if not record:
             status.update(activity="idle")
             return Delivery(m, result, None)

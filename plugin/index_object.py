@@ -1,5 +1,9 @@
 """Receiving the release's block index object over multicast, in memory (sans-IO).
 
+`ObjectAssembly` is the general part: any RaptorQ object of a signed length and SHA-256 (the
+block index here; the delta lane's object, full index and index patches in
+`otacast.plugin.lane`), decoded in memory and given out only once its bytes hash right.
+
 The block index (`otacast.schemas.blockindex`, delta delivery) travels as one more RaptorQ
 object of the session (TOI ``wire.INDEX_TOI``), cut into source blocks as an image part of its
 length is (`Manifest.index_part`).  An `IndexAssembly` takes its symbols, one decoder per block,
@@ -20,8 +24,11 @@ symbols (`otacast.signer.schedule`): a forger can delay the index, never make a 
 
 from __future__ import annotations
 
+import hashlib
+
 from otacast.schemas import blockindex
 from otacast.schemas.errors import MalformedIndex
+from otacast.schemas.fec import Part
 from otacast.schemas.limits import MAX_INDEX_BYTES
 from otacast.schemas.manifest import Manifest
 
@@ -54,32 +61,40 @@ class _Block:
         return True
 
 
-class IndexAssembly:
-    """The index object of `manifest` (which must list an index), put together from symbols."""
+class ObjectAssembly:
+    """One RaptorQ object of `length` bytes cut as `part` is, put together from symbols in
+    memory and given out only when its bytes hash to the signed `sha256` (module doc).
 
-    def __init__(self, manifest: Manifest, decoder_factory: DecoderFactory = raptorq_decoder):
-        part = manifest.index_part()
-        if manifest.index is None or part is None:
-            raise ValueError("the manifest lists no block index")
-        if manifest.index.length > MAX_INDEX_BYTES:  # before any decoder is made
-            raise ValueError("the block index is larger than MAX_INDEX_BYTES")
-        self.length = manifest.image.length
-        self.sha256 = manifest.index.sha256
-        self.symbol_size = manifest.fec.symbol_size
-        self.spans = [part.block_span(b, self.symbol_size) for b in range(part.blocks)]
+    Used for the block index (`IndexAssembly`) and the delta lane's objects
+    (`otacast.plugin.lane`); `name` prefixes the rejection reasons (``NAME-block``,
+    ``NAME-mismatch``).  The caller bounds `part.length` before making one."""
+
+    def __init__(
+        self,
+        part: Part,
+        sha256: bytes,
+        symbol_size: int,
+        decoder_factory: DecoderFactory = raptorq_decoder,
+        *,
+        name: str = "index",
+    ) -> None:
+        self.sha256 = sha256
+        self.symbol_size = symbol_size
+        self.length = part.length
+        self.spans = [part.block_span(b, symbol_size) for b in range(part.blocks)]
         self.decoder_factory = decoder_factory
+        self.block_reason = name + "-block"
+        self.mismatch_reason = name + "-mismatch"
         self.symbols = 0  # new symbols fed to a decoder
         self.duplicates = 0
         self._blocks: dict[int, _Block] = {}
         self._decoded: dict[int, bytes] = {}
 
-    def feed(
-        self, block: int, esi: int, packet: bytes | memoryview
-    ) -> blockindex.BlockIndex | str | None:
+    def feed(self, block: int, esi: int, packet: bytes | memoryview) -> bytes | str | None:
         """One codec packet (payload id + symbol of the signed size) of `block`: the verified
-        index once complete, a rejection reason, or None."""
+        object once complete, a rejection reason, or None."""
         if not 0 <= block < len(self.spans):
-            return "index-block"
+            return self.block_reason
         if block in self._decoded:
             self.duplicates += 1  # a block already decoded: nothing to learn from it
             return None
@@ -107,7 +122,42 @@ class IndexAssembly:
             return None
         data = b"".join(self._decoded[b] for b in range(len(self.spans)))
         self._decoded.clear()
+        if hashlib.sha256(data).digest() != self.sha256:
+            return self.mismatch_reason  # every block is collected afresh
+        return data
+
+
+class IndexAssembly:
+    """The index object of `manifest` (which must list an index), put together from symbols."""
+
+    def __init__(self, manifest: Manifest, decoder_factory: DecoderFactory = raptorq_decoder):
+        part = manifest.index_part()
+        if manifest.index is None or part is None:
+            raise ValueError("the manifest lists no block index")
+        if manifest.index.length > MAX_INDEX_BYTES:  # before any decoder is made
+            raise ValueError("the block index is larger than MAX_INDEX_BYTES")
+        self.length = manifest.image.length
+        self.object = ObjectAssembly(
+            part, manifest.index.sha256, manifest.fec.symbol_size, decoder_factory
+        )
+
+    @property
+    def symbols(self) -> int:
+        return self.object.symbols
+
+    @property
+    def duplicates(self) -> int:
+        return self.object.duplicates
+
+    def feed(
+        self, block: int, esi: int, packet: bytes | memoryview
+    ) -> blockindex.BlockIndex | str | None:
+        """One codec packet of `block`: the verified index once complete, a rejection reason,
+        or None."""
+        result = self.object.feed(block, esi, packet)
+        if not isinstance(result, bytes):
+            return result
         try:
-            return blockindex.parse(data, length=self.length, sha256=self.sha256)
+            return blockindex.parse(result, length=self.length)
         except MalformedIndex:
-            return "index-mismatch"  # every block is collected afresh
+            return "index-mismatch"  # signed, yet not an index of this image: collected afresh

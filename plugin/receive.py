@@ -51,12 +51,13 @@ import select
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from otacast.schemas import addressing, wire
 from otacast.schemas.limits import MAX_DECODER_BYTES
+from otacast.schemas.manifest import Manifest
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 
 from .config import Settings
@@ -79,6 +80,8 @@ from .events import (
     ManifestVerified,
     SourceHeard,
 )
+from .installed import read_installed_index
+from .lane import EarlyLane, LaneChoice, LaneCore, lane_choice, lane_note
 from .report import FetchSummary, Reporter, refusal_note
 from .reuse import (
     CONFIGURED,
@@ -90,6 +93,7 @@ from .reuse import (
     configured_sources,
     drain,
     index_for,
+    readable_sources,
 )
 from .staging import Staging
 from .status import StatusFile
@@ -109,6 +113,12 @@ POLL_INTERVAL = 0.1
 # How often the status file is rewritten during a download: fresh enough for `otacast status`,
 # rare enough to cost nothing.
 STATUS_INTERVAL = 1.0
+# How long a device that may take a delta lane listens on the lane's groups for the manifest
+# before it joins the carousel instead (the lane sends its manifest at least every 0.25 s; a
+# release without a lane sends nothing there).  At most half the join timeout.
+LANE_PROBE_SECONDS = 3.0
+# Where the local pass keeps the delta lane's decoded blocks (state directory; removed at end).
+LANE_FILE = "lane.blocks"
 # How often stored symbols are made durable at least (in the background), however slowly they
 # arrive: the store alone flushes every FLUSH_SYMBOLS symbols, which at a slow rate is minutes.
 FLUSH_INTERVAL = 1.0
@@ -152,6 +162,8 @@ class FetchOptions:
     # and the new image's block index from a file instead of the mirrors (`--block-index`).
     reuse_sources: Sequence[Source] = ()
     block_index: Path | None = None
+    # The delta lane (`otacast.plugin.lane`): taken when the release and this device allow.
+    lane: bool = True
 
     @classmethod
     def from_settings(
@@ -193,6 +205,57 @@ class FetchOptions:
                 else ()
             ),
         )
+
+
+def lane_joins(
+    memberships: Sequence[tuple[str, str | None]], channel: str, scope: str
+) -> list[Join] | None:
+    """The delta lane's memberships for the main ones: the channel's SSM group becomes the
+    lane's SSM group (same sources), its ASM group the lane's ASM group (`serve` sends the lane
+    on the groups of the kind the main channel uses, `addressing.LANE_RATE_INDEX`); None when a
+    membership is of another group (``--group``: no lane group derives from it)."""
+    ssm, asm = addressing.ssm_group(channel, scope), addressing.asm_group(channel, scope)
+    index = addressing.LANE_RATE_INDEX
+    found = []
+    for group, source in memberships:
+        if group == ssm:
+            found.append(Join(addressing.ssm_group(channel, scope, index), source))
+        elif group == asm and source is None:
+            found.append(Join(addressing.asm_group(channel, scope, index)))
+        else:
+            return None
+    return found
+
+
+def _lane_start(options: FetchOptions, plan: JoinPlan) -> tuple[list[Join], bool] | None:
+    """Whether the run starts on the delta lane's groups: (their joins, whether the manifest is
+    still to be heard there) or None (the carousel, as without a lane).  With a given manifest
+    the decision is `lane_choice`'s; without one a device that could take a lane (a recorded
+    installed release, reuse sources, the symbol store) listens there first, for
+    ``LANE_PROBE_SECONDS`` at most.  Zero-config following (`JoinPlan.follow`) starts on the
+    carousel's announcements as before."""
+    if not options.lane or not options.reuse_sources or options.symbols != "store":
+        return None
+    if options.installed_sequence is None or plan.follow is not None:
+        return None
+    given = options.manifest.manifest if options.manifest is not None else None
+    transport = given.transport if given is not None else None
+    channel = transport.channel if transport is not None else options.channel
+    scope = transport.scope if transport is not None else options.scope
+    if channel is None:
+        return None
+    joins = lane_joins(plan.memberships, channel, scope)
+    if joins is None:
+        return None
+    if given is not None:
+        choice = lane_choice(
+            given,
+            options.installed_sequence,
+            read_installed_index(options.state_dir),
+            readable_sources(options.reuse_sources),
+        )
+        return (joins, False) if isinstance(choice, LaneChoice) else None
+    return joins, True
 
 
 class _Writer(threading.Thread):
@@ -245,6 +308,7 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
     receiver: MulticastReceiver | None = None
     plan: JoinPlan | None = None
     joins: list[Join] = []
+    lane: tuple[list[Join], bool] | None = None  # the run starts on the delta lane (_lane_start)
     if options.fallback != "only":
         if options.interface is None:
             raise UsageError("--interface is needed to receive multicast")
@@ -260,7 +324,15 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         if plan.note:
             emit.note(plan.note)
         joins = [Join(group, source) for group, source in plan.memberships]
-        receiver = MulticastReceiver(options.interface, plan.port, joins)
+        lane = _lane_start(options, plan)
+        if lane is not None:
+            emit.note(
+                "delta lane: listening on its group first "
+                + ("for the manifest" if lane[1] else "(the given manifest has a lane for us)")
+            )
+            receiver = MulticastReceiver(options.interface, plan.port, lane[0])
+        else:
+            receiver = MulticastReceiver(options.interface, plan.port, joins)
     start = time.monotonic()
     run: _Run  # the core's decoders are the run's, which needs the core: bound just below
 
@@ -286,6 +358,8 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         want_index=options.want_index or (bool(options.reuse_sources) and not options.block_index),
     )
     run = _Run(options, core, receiver, emit, start, plan, joins)
+    if receiver is not None and lane is not None:
+        run.start_on_lane(receiver, lane[0], probing=lane[1])
     try:
         run.loop()
     except NoManifestError as exc:
@@ -303,9 +377,17 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         bytes_resumed=run.bytes_resumed,
         bytes_local=run.bytes_local,
         local_in_multicast=run.local_in_multicast,
-        joins=[f"({j.source or '*'}, {j.group})" for j in joins],
-        reads=sum(r.reads for r in run.receivers),
+        joins=[f"({j.source or '*'}, {j.group})" for j in run.joins],
+        reads=run.reads,
     )
+    if run.lane_from is not None:
+        summary = replace(
+            summary,
+            lane_from=run.lane_from,
+            bytes_lane=run.bytes_lane,
+            datagrams_lane=run.datagrams_lane,
+            lane_index=run.lane_index,
+        )
     emit.summary(summary)
     return summary
 
@@ -352,6 +434,39 @@ class _Run:
         self._truncated = 0  # datagrams the transport dropped as too long, already counted
         self._next_status = 0.0
         self._next_flush = 0.0
+        # The delta lane (`otacast.plugin.lane`): its socket while joined, the carousel's joins
+        # not made yet (None: made), its core once taken, what it brought (the summary's).
+        self.lane_socket: MulticastReceiver | None = None
+        self.main_pending: list[Join] | None = None
+        self.lane_early: EarlyLane | None = None  # before the decision
+        self.lane_probe_until: float | None = None
+        self.lane_core: LaneCore | None = None
+        self.lane_from: int | None = None
+        self.lane_index: str | None = None
+        self.bytes_lane = 0
+        self.datagrams_lane = 0
+        self._lane_index_given = False
+        self._lane_object_given = False
+        self._retired_reads = 0
+        # Zero-config following on the lane: the lane's SSM group, joined for each source heard.
+        self.lane_follow: str | None = None
+
+    @property
+    def reads(self) -> int:
+        """Socket reads made, on every socket this run had."""
+        return self._retired_reads + sum(r.reads for r in self.receivers)
+
+    def start_on_lane(
+        self, receiver: MulticastReceiver, joins: list[Join], *, probing: bool
+    ) -> None:
+        """The run starts on the delta lane's groups (`_lane_start`); the carousel's joins wait
+        until the lane is not taken, not enough, or (`probing`) no manifest came there."""
+        self.lane_socket = receiver
+        self.main_pending, self.joins = list(self.joins), list(joins)
+        self.lane_early = EarlyLane()
+        if probing:
+            wait = min(LANE_PROBE_SECONDS, self.options.join_timeout / 2)
+            self.lane_probe_until = self.start + wait
 
     def loop(self) -> None:
         self._handle_events()
@@ -366,6 +481,10 @@ class _Run:
             else:
                 time.sleep(wait)
             now = time.monotonic()
+            if self.lane_probe_until is not None and now >= self.lane_probe_until:
+                self.lane_probe_until = None
+                if self.core.verified is None:
+                    self._switch_to_main("no manifest on the delta lane's group")
             self.core.handle_timer(now)
             self._take_http_results()
             self._take_local()
@@ -401,6 +520,9 @@ class _Run:
         )
 
     def _drain(self, receiver: MulticastReceiver) -> None:
+        if receiver is self.lane_socket:
+            self._drain_lane(receiver)
+            return
         # One reading of each clock per burst: a burst takes milliseconds, and only a manifest
         # completed in it is checked against the wall time (its expiry).
         now, wall = time.monotonic(), time.time()
@@ -426,6 +548,161 @@ class _Run:
         if dropped:
             self.core.count_rejected("oversized", dropped)
             self._truncated += dropped
+
+    def _drain_lane(self, receiver: MulticastReceiver) -> None:
+        """Read the lane socket: its DATA datagrams go to the lane core (held until the
+        decision), the rest (the release's MANIFEST datagrams, the lane's FDT) to the core."""
+        now, wall = time.monotonic(), time.time()
+        lane = self.lane_core
+        before = lane.symbols if lane is not None else 0
+        changed, left = False, MAX_BURST
+        while left > 0:
+            got = receiver.recv_batch()
+            if got is None:
+                break
+            datagrams, source = got
+            left -= len(datagrams) or 1
+            other = []
+            for data in datagrams:
+                if wire.peek_data(data) is None:
+                    other.append(data)
+                    continue
+                self.datagrams_lane += 1
+                if lane is not None:
+                    changed = lane.receive(data) or changed
+                elif self.lane_early is not None:
+                    self.lane_early.hold(data)
+            if other:
+                self.core.receive_datagrams(other, source, now, wall=wall)
+            if changed or self.core.has_events:
+                break
+        dropped = sum(r.truncated for r in self.receivers) - self._truncated
+        if dropped:
+            self.core.count_rejected("oversized", dropped)
+            self._truncated += dropped
+        if lane is not None:
+            self.bytes_lane = lane.bytes
+            if lane.symbols > before:
+                self.core.note_progress(now)  # the lane's objects advance the download
+            if changed:
+                self._lane_progress()
+
+    def _decide_lane(self, verified: VerifiedManifest) -> None:
+        """The manifest is verified and the run is on the lane: take it, or join the carousel.
+        When following announced senders (zero-config), the lane's group is what the senders
+        heard are joined on, if the lane is taken."""
+        m = verified.manifest
+        if self.lane_early is None:
+            self._decide_lane_follow(m)
+            return
+        early, self.lane_early = self.lane_early, None
+        self.lane_probe_until = None
+        choice = lane_choice(
+            m,
+            self.options.installed_sequence,
+            read_installed_index(self.options.state_dir),
+            readable_sources(self.options.reuse_sources),
+        )
+        self.emit.note(lane_note(choice))
+        if not isinstance(choice, LaneChoice):
+            self._switch_to_main("the delta lane is not for this device")
+            return
+        lane = self.lane_core = LaneCore(m, choice)
+        self.lane_from = choice.source.sequence
+        for data in early.take():
+            lane.receive(data)
+        self.bytes_lane = lane.bytes
+
+    def _decide_lane_follow(self, m: Manifest) -> None:
+        options, plan = self.options, self.plan
+        if plan is None or plan.follow is None or self.receiver is None or m.delta is None:
+            return
+        if not options.lane or not options.reuse_sources or options.symbols != "store":
+            return
+        transport = m.transport
+        joins = lane_joins([(plan.follow, "::")], transport.channel, transport.scope)
+        if joins is None:
+            return
+        choice = lane_choice(
+            m,
+            options.installed_sequence,
+            read_installed_index(options.state_dir),
+            readable_sources(options.reuse_sources),
+        )
+        self.emit.note(lane_note(choice))
+        if not isinstance(choice, LaneChoice):
+            return
+        self.lane_core = LaneCore(m, choice)
+        self.lane_from = choice.source.sequence
+        self.lane_follow = joins[0].group
+        self.main_pending = []  # the senders heard, joined on the carousel if it comes to that
+
+    def _lane_progress(self) -> None:
+        """Hand what the lane brought to the local pass; leave the lane once it is all here."""
+        lane = self.lane_core
+        if lane is None:
+            return
+        reuse = self.reuse
+        if reuse is None:  # nothing to place lane blocks into (every chunk resumed)
+            self._switch_to_main("the local pass is not running")
+            return
+        if lane.index is not None and not self._lane_index_given:
+            self._lane_index_given = True
+            self.lane_index = "patch" if lane.index_from_patch else "full"
+            self.emit.note(
+                "delta lane: block index "
+                + ("from the patch for release " if lane.index_from_patch else "received whole, ")
+                + (str(lane.choice.source.sequence) if lane.index_from_patch else "")
+                + " verified"
+            )
+            reuse.offer_index(lane.index)
+        if (lane.lane_object is not None or lane.failed) and not self._lane_object_given:
+            self._lane_object_given = True
+            if lane.failed:
+                self.emit.note(f"delta lane: its object is unusable ({lane.failed})")
+            else:
+                self.emit.note(
+                    f"delta lane: object of {len(lane.lane_object or b'')} bytes verified"
+                )
+            reuse.offer_lane(lane.lane_object)
+        if lane.done:
+            self._leave_lane()
+
+    def _leave_lane(self) -> None:
+        socket = self.lane_socket
+        if socket is None:
+            return
+        self.lane_socket = None
+        self._retired_reads += socket.reads
+        self.receivers.remove(socket)
+        socket.close()
+        if self.lane_core is not None:
+            self.bytes_lane = self.lane_core.bytes
+            self.lane_core.rejected.update()  # (kept for the summary)
+
+    def _switch_to_main(self, reason: str) -> bool:
+        """Join the carousel's groups (once), leaving the lane; whether it was joined now."""
+        joins, self.main_pending = self.main_pending, None
+        if joins is None:
+            return False
+        self.lane_early = None
+        self.lane_follow = None
+        self._leave_lane()
+        if self.reuse is not None and not self._lane_object_given:
+            self._lane_object_given = True
+            self.reuse.offer_lane(None)
+        assert self.options.interface is not None and self.plan is not None
+        if joins:
+            receiver = MulticastReceiver(self.options.interface, self.plan.port, joins)
+            self.receivers.append(receiver)
+            if self.plan.follow is not None:
+                self.follower = receiver  # the senders heard later are joined on it
+            else:
+                self.receiver = receiver
+            self.joins.extend(joins)
+        self.core.rearm_fallback(time.monotonic())
+        self.emit.note(f"joining the carousel: {reason}")
+        return True
 
     def _handle_events(self) -> None:
         while (event := self.core.next_event()) is not None:
@@ -459,6 +736,9 @@ class _Run:
         if group is None or self.receiver is None:
             return
         join = Join(group, source.partition("%")[0])  # the interface is the receiver's
+        if self.lane_follow is not None and self.main_pending is not None:
+            self._follow_on_lane(join)
+            return
         try:
             if self.follower is None:
                 self.follower = MulticastReceiver(
@@ -472,6 +752,32 @@ class _Run:
             return
         self.joins.append(join)
         self.emit.note(f"sender {source} announces the release: joining ({join.source}, {group})")
+
+    def _follow_on_lane(self, main: Join) -> None:
+        """Join `main`'s source on the lane's SSM group instead (the carousel's join waits)."""
+        assert self.lane_follow is not None and self.main_pending is not None
+        assert self.receiver is not None
+        if self.lane_core is None or self.lane_core.done:
+            self.main_pending.append(main)  # the lane is behind us: the carousel may come next
+            return
+        join = Join(self.lane_follow, main.source)
+        try:
+            if self.lane_socket is None:
+                self.lane_socket = MulticastReceiver(
+                    self.receiver.interface, self.receiver.port, [join]
+                )
+                self.receivers.append(self.lane_socket)
+            else:
+                self.lane_socket.add_join(join)
+        except NetworkError as exc:
+            self.emit.note(f"cannot follow sender {main.source} on the delta lane: {exc}")
+            return
+        self.main_pending.append(main)
+        self.joins.append(join)
+        self.emit.note(
+            f"sender {main.source} announces the release: joining ({join.source}, "
+            f"{join.group}), its delta lane"
+        )
 
     def decoder(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
         """The core's decoder for `chunk`: the store's (module doc)."""
@@ -510,7 +816,10 @@ class _Run:
             self.emit.note(
                 f"resumed {self.symbols_resumed} stored symbols of chunks still in progress"
             )
+        self._decide_lane(verified)
         self._start_reuse(verified)
+        if self.lane_core is not None:
+            self._lane_progress()  # (held datagrams may have completed an object already)
         if self.options.fallback == "only":
             self._fall_back("only")
 
@@ -539,7 +848,8 @@ class _Run:
         get_index = None
         if index_file is not None or self.receiver is None:
             get_index = lambda: index_for(m, index_file=index_file, timeout=timeout)  # noqa: E731
-        self.reuse = ReuseWorker(m, sources, get_index)
+        lane_file = self.options.state_dir / LANE_FILE if self.lane_core is not None else None
+        self.reuse = ReuseWorker(m, sources, get_index, lane_file)
         self.reuse.done_elsewhere.update(self.core.done)
         self.reuse.start()
 
@@ -563,9 +873,19 @@ class _Run:
                         f"local reuse: {len(item.chunk_mismatch)} chunk(s) built from local "
                         "blocks failed their hash and are fetched in full"
                     )
+                if item.lane_blocks:
+                    self.emit.note(
+                        f"delta lane: {item.lane_blocks} blocks of the lane placed beside "
+                        f"{item.blocks_found} local ones"
+                    )
                 if self._fallback_waiting is not None:
                     reason, self._fallback_waiting = self._fallback_waiting, None
                     self._fall_back(reason)
+                elif self.main_pending is not None:
+                    self._handle_events()  # (chunks completed in this turn count first)
+                    if not self.core.complete:
+                        missing = verified.manifest.chunk_count - len(self.core.done)
+                        self._switch_to_main(f"{missing} chunk(s) still missing after the lane")
                 break
             elif isinstance(item, LocalChunk) and item.chunk not in self.core.done:
                 self._take_local_chunk(item, verified, now)
@@ -632,6 +952,10 @@ class _Run:
                 if self.plan is not None
                 else f"no manifest heard within {self.options.join_timeout:g} s"
             )
+        if self.main_pending is not None:
+            # On the delta lane: the carousel comes next, HTTP only if that stalls too.
+            self._switch_to_main(f"the delta lane {reason}")
+            return
         if self.options.fallback == "never" or not verified.manifest.http:
             if self.receiver is None:
                 raise IncompleteError("--fallback only, but the manifest lists no HTTP mirror")
@@ -720,6 +1044,8 @@ class _Run:
             self.reuse.stop.set()
         for receiver in self.receivers:
             receiver.close()
+        with contextlib.suppress(OSError):
+            (self.options.state_dir / LANE_FILE).unlink()
         # Whatever was stored or verified is kept for the next run; a write error that ended
         # this run is already on its way out.
         if self.stored is not None:

@@ -239,6 +239,11 @@ def summary_text(s: FetchSummary) -> str:
         text += "; refused: " + ", ".join(f"{k} {v}" for k, v in sorted(refused.items()))
     if s.auth:
         text += f"; packet authentication: {s.auth['pages_signed']} pages verified"
+    if s.lane_from is not None:
+        text += (
+            f"; used the delta lane from release {s.lane_from}: {s.bytes_lane} bytes in "
+            f"{s.datagrams_lane} datagrams ({s.lane_index or 'no'} index)"
+        )
     return text
 
 
@@ -262,6 +267,13 @@ class FetchSummary:
     symbols_missed: int = 0
     index_bytes: int = 0  # the verified block index's length, when it was asked for and came
     bytes_local: int = 0  # image bytes taken from local sources (`otacast.plugin.reuse`)
+    # The delta lane (`otacast.plugin.lane`): the release the device was on when it took it
+    # (None: not taken), the symbol bytes and DATA datagrams received on it, and where its new
+    # block index came from ("patch" or "full").
+    lane_from: int | None = None
+    bytes_lane: int = 0
+    datagrams_lane: int = 0
+    lane_index: str | None = None
 
     @classmethod
     def from_snapshot(
@@ -437,6 +449,10 @@ class Reporter:
                     "sources": s.sources,
                     "loss": _loss(s.symbols_followed, s.symbols_missed),
                     "index_bytes": s.index_bytes,
+                    "lane_from": s.lane_from,
+                    "bytes_lane": s.bytes_lane,
+                    "datagrams_lane": s.datagrams_lane,
+                    "lane_index": s.lane_index,
                 },
                 sort_keys=True,
             )

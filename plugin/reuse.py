@@ -66,10 +66,12 @@ from pathlib import Path
 
 from otacast.schemas import blockindex, fec
 from otacast.schemas.blockindex import BlockIndex, block_digest
-from otacast.schemas.errors import MalformedIndex
+from otacast.schemas.deltaobject import parse_lane
+from otacast.schemas.errors import MalformedDelta, MalformedIndex
 from otacast.schemas.limits import INDEX_BLOCK_SIZE, INDEX_HASH_BYTES, MAX_INDEX_BYTES
 from otacast.schemas.manifest import Manifest
 
+from .delta import LaneDecoder
 from .errors import FetchError
 
 BLOCK = INDEX_BLOCK_SIZE
@@ -83,6 +85,9 @@ RESULT_QUEUE = 2
 # A read of placed blocks for one chunk joins neighbouring blocks of a source into one pread of
 # at most this many bytes.
 READ_RUN_BYTES = 1024 * 1024
+# Compressed bytes of the lane object given to its decoder at once (it yields at most
+# DELTA_DECODE_STEP of blocks per call): the blocks written per pwrite stay small.
+LANE_FEED_BYTES = 64 * 1024
 _NOWHERE = -1
 _SOURCE_SHIFT = 40  # a placement is source << 40 | block in that source (2^40 blocks = 4 PiB)
 
@@ -158,6 +163,15 @@ class Placement:
             taken += 1
         self.placed += taken
         return taken
+
+    def put(self, block: int, source: int, local: int) -> bool:
+        """Place block `local` of `source` at image block `block` (its hash checked by the
+        caller) unless a copy is there already; whether it was placed."""
+        if self._where[block] != _NOWHERE:
+            return False
+        self._where[block] = (source << _SOURCE_SHIFT) | local
+        self.placed += 1
+        return True
 
     def forget(self, block: int) -> None:
         """Block `block`'s copy no longer matches (the source changed): use none."""
@@ -416,6 +430,7 @@ class ReuseDone:
     table_bytes: int = 0
     changed: int = 0  # placed blocks whose bytes no longer matched at read time
     chunk_mismatch: list[int] = field(default_factory=list)  # fully local chunks that failed
+    lane_blocks: int = 0  # blocks of the delta lane placed (those no local source had)
 
 
 ReuseItem = LocalChunk | ReuseNote | ReuseDone
@@ -430,7 +445,10 @@ class ReuseWorker(threading.Thread):
         manifest: Manifest,
         sources: Sequence[Source],
         get_index: Callable[[], BlockIndex] | None,
+        lane_file: Path | None = None,
     ) -> None:
+        """With `lane_file`, the delta lane's object is awaited after the scan (`offer_lane`)
+        and its blocks, decoded into that file, are placed beside the local ones."""
         super().__init__(name="otacast-reuse", daemon=True)
         self.manifest = manifest
         self.sources = tuple(sources)
@@ -442,6 +460,14 @@ class ReuseWorker(threading.Thread):
         self._offered: queue.Queue[BlockIndex] = queue.Queue(1)
         # Set when the driver stops waiting for an offered index (multicast failed).
         self.no_more_index = threading.Event()
+        self.lane_file = lane_file
+        self._lane: queue.Queue[bytes | None] = queue.Queue(1)
+
+    def offer_lane(self, data: bytes | None) -> None:
+        """The verified delta lane object (None: none will come) for a worker with a
+        `lane_file`."""
+        with contextlib.suppress(queue.Full):
+            self._lane.put_nowait(data)
 
     def offer_index(self, index: BlockIndex) -> None:
         """An index verified elsewhere (the carousel's), for a worker started without one."""
@@ -518,6 +544,10 @@ class ReuseWorker(threading.Thread):
                 scanned += handle.length
             seconds = time.monotonic() - started
             found = placement.placed
+            lane_blocks = 0
+            if self.lane_file is not None:
+                lane_blocks = self._place_lane(index, placement, opened)
+                found = placement.placed - lane_blocks
             if opened:
                 self._put(
                     ReuseNote(
@@ -534,13 +564,69 @@ class ReuseWorker(threading.Thread):
                     scanned_bytes=scanned,
                     scan_seconds=seconds,
                     table_bytes=table.nbytes,
-                    changed=found - placement.placed,
+                    changed=found + lane_blocks - placement.placed,
                     chunk_mismatch=done,
+                    lane_blocks=lane_blocks,
                 )
             )
         finally:
             for handle in opened:
                 handle.close()
+
+    def _wait_lane(self) -> bytes | None:
+        while not self.stop.is_set():
+            with contextlib.suppress(queue.Empty):
+                return self._lane.get(timeout=0.2)
+        return None
+
+    def _place_lane(self, index: BlockIndex, placement: Placement, opened: list[_Opened]) -> int:
+        """Decode the lane object's blocks (`otacast.plugin.delta.LaneDecoder`: each checked
+        against the index) into the lane file and place those no local source gave; how many
+        were placed.  The file is one more source (local block i = the i-th block written)."""
+        assert self.lane_file is not None
+        data = self._wait_lane()
+        if data is None:
+            return 0
+        try:
+            header, stream = parse_lane(data, length=index.length)
+            decoder = LaneDecoder(header, index)
+        except MalformedDelta as exc:
+            self._put(ReuseNote(f"delta lane: object unusable ({exc})"))
+            return 0
+        number, written, placed = len(opened), 0, 0
+        wanted: list[int] = []
+        try:
+            fd = os.open(
+                self.lane_file,
+                os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
+                0o600,
+            )
+            try:
+                for start in range(0, len(stream), LANE_FEED_BYTES):
+                    pieces = []
+                    for block, raw in decoder.feed(stream[start : start + LANE_FEED_BYTES]):
+                        if placement.known(block):
+                            continue  # a local copy (verified at the scan) serves it
+                        pieces.append(raw.ljust(BLOCK, b"\0"))
+                        wanted.append(block)
+                    if pieces:
+                        os.pwrite(fd, b"".join(pieces), written * BLOCK)
+                        written += len(pieces)
+                    if self.stop.is_set():
+                        break
+                decoder.finish()
+            finally:
+                os.close(fd)
+            opened.append(_Opened(Source(self.lane_file, "the delta lane")))
+        except OSError as exc:
+            self._put(ReuseNote(f"delta lane: cannot keep its blocks: {exc.strerror or exc}"))
+            return 0
+        for local, block in enumerate(wanted):
+            placed += placement.put(block, number, local)
+        if decoder.rejections:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(decoder.rejections.items()))
+            self._put(ReuseNote(f"delta lane: blocks refused ({reasons})"))
+        return placed
 
     def _hand_over(
         self, opened: Sequence[_Opened], index: BlockIndex, placement: Placement
@@ -664,6 +750,24 @@ def mender_sources(conf: Path = MENDER_CONF) -> tuple[list[Source], str | None]:
             if isinstance(value, str) and value.startswith("/"):
                 found.append(Source(Path(value), f"Mender's {key}"))
     return found, None
+
+
+def readable_sources(sources: Iterable[Source]) -> int:
+    """How many of `sources` open and give a first byte (the delta lane is taken only when
+    one does: its blocks complete the local ones, `otacast.plugin.lane`)."""
+    count = 0
+    for source in sources:
+        try:
+            fd = os.open(source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            count += bool(os.pread(fd, 1, 0))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return count
 
 
 def configured_sources(

@@ -259,6 +259,17 @@ MAX_DELTA_FROM = 8
 
 # --- Delta lane (delta delivery) ---------------------------------------------------------------
 
+# The largest delta lane object a device takes the lane for: it is decoded in memory (about its
+# length in decoded blocks plus the symbols of the block being decoded).  The design's updates
+# of a 1.2 GB image need 1.7-44 MB (docs/PERFORMANCE.md); a lane past 256 MiB is a release so
+# different that the full carousel costs the device little more, and is taken instead.
+MAX_LANE_OBJECT_BYTES = 256 * 1024 * 1024
+
+# Lane DATA datagrams a device holds while it waits for the manifest on the lane's group (it
+# cannot know the lane's TSI before): the lane sends its manifest at least every 0.25 s, ~200
+# datagrams at a 1 MB/s lane; 2 MiB keeps those and bounds what a flood can make it hold.
+MAX_LANE_EARLY_BYTES = 2 * 1024 * 1024
+
 # Runs (start, count) of missing blocks in one lane object, 8 bytes each in its run list.  The
 # 1.2 GB benchmark images have 3063-3260 runs (docs/PERFORMANCE.md), about 2.7 per MB of image;
 # at that density a 64 GiB image has ~190k.  2^20 runs (an 8 MiB run list) leaves 5x on top,

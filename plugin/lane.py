@@ -1,0 +1,284 @@
+"""The device on the delta lane (delta delivery, issue 15): the decision and a sans-IO lane core.
+
+A release signed with ``--delta-from`` lists in its manifest (``delta``) the releases its delta
+lane serves; `serve` sends the lane as a FLUTE session of its own on the lane's groups
+(`addressing.LANE_RATE_INDEX`, TSI `wire.lane_tsi`, docs/FORMATS.md "Delta lane session"):
+the lane object (the 4 KiB blocks of the new image that some listed release lacks), the new
+release's full block index and one index patch per listed release.
+
+*The decision* (`lane_choice`, pure).  A device takes the lane instead of the carousel when
+the verified manifest has a lane, its installed release (``installed.json``) is among the
+releases the lane lists, the image is ``raw`` (a container's payload matches nothing local),
+at least one local source can be read (`otacast.plugin.reuse`: the lane carries only what the
+installed release lacks, the rest comes from the device's own blocks) and the lane object fits
+``MAX_LANE_OBJECT_BYTES``.  It wants the lane object and, for the new index, the index patch
+of its release when it holds that release's index (``installed.blockindex`` whose SHA-256 is the
+one the manifest lists for it), else the full index.  Anything else is a reason, said once, and
+the device takes the carousel as before.
+
+*The lane core* (`LaneCore`, sans-IO).  The driver gives it the DATA datagrams read on the lane
+socket.  Each wanted object is assembled in memory (`index_object.ObjectAssembly`) and used
+only once its bytes hash to the signed SHA-256; a patch is applied to the installed index
+(`delta.patched_index`) and the result used only if it hashes to the manifest's index.  What
+it has is read from `index` (the new block index) and `lane_object` (the verified lane object's
+bytes); the receive driver hands both to the local pass (`reuse.ReuseWorker`), which decodes
+the lane's blocks against the index and places them beside the local ones.  Hostile datagrams
+(another TSI, a wrong symbol length, a block an object does not have, a forged symbol that
+spoils an object's hash) are counted rejections by reason and never raise; a patch that does
+not produce the signed index is a rejection (``patch-mismatch``) after which the full index
+is collected instead.
+
+Memory: the wanted objects' lengths (the lane object at most ``MAX_LANE_OBJECT_BYTES``, an
+index at most ``MAX_INDEX_BYTES``), plus early datagrams held before the manifest at most
+``MAX_LANE_EARLY_BYTES`` (`EarlyLane`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from otacast.schemas import fdt, wire
+from otacast.schemas.blockindex import BlockIndex
+from otacast.schemas.deltaobject import parse_lane_header
+from otacast.schemas.errors import MalformedDelta, MalformedIndex
+from otacast.schemas.limits import MAX_LANE_EARLY_BYTES, MAX_LANE_OBJECT_BYTES, PART_CHUNKS
+from otacast.schemas.manifest import DeltaFrom, Manifest
+
+from .decoder import DecoderFactory, raptorq_decoder
+from .delta import patched_index
+from .index_object import IndexAssembly, ObjectAssembly
+
+# Charged per held early datagram beyond its bytes (the bytes object and the deque slot).
+EARLY_ENTRY_OVERHEAD: Final = 100
+
+
+@dataclass(frozen=True)
+class LaneChoice:
+    """The device takes the lane: it is on `source` (the `position`-th release the lane lists)
+    and holds that release's index as `old_index` (None: it takes the full index)."""
+
+    source: DeltaFrom
+    position: int
+    old_index: BlockIndex | None
+
+
+def lane_choice(
+    manifest: Manifest,
+    installed_sequence: int | None,
+    installed_index: tuple[BlockIndex, bytes] | None,
+    readable_sources: int,
+) -> LaneChoice | str:
+    """Whether this device takes the delta lane of `manifest` (module doc, *The decision*): a
+    `LaneChoice`, or why not (a line for the operator).  `installed_index` is the installed
+    index and the SHA-256 of its bytes; `readable_sources` how many reuse sources open."""
+    delta = manifest.delta
+    if delta is None or manifest.index is None:
+        return "the release has no delta lane"
+    if manifest.image.format != "raw":
+        return f"the delta lane is for raw images, not {manifest.image.format!r}"
+    if installed_sequence is None:
+        return "no installed release is recorded"
+    listed = [i for i, f in enumerate(delta.sources) if f.sequence == installed_sequence]
+    if not listed:
+        served = ", ".join(str(f.sequence) for f in delta.sources)
+        return f"the installed release {installed_sequence} is not among its ({served})"
+    if readable_sources < 1:
+        return "no readable local source holds the installed release"
+    if delta.length > MAX_LANE_OBJECT_BYTES:
+        return f"its object of {delta.length} bytes exceeds {MAX_LANE_OBJECT_BYTES}"
+    position = listed[0]
+    source = delta.sources[position]
+    old = None
+    if installed_index is not None and installed_index[1] == source.index_sha256:
+        old = installed_index[0]
+    return LaneChoice(source, position, old)
+
+
+def lane_note(choice: LaneChoice | str) -> str:
+    """What the operator is told about the decision."""
+    if isinstance(choice, str):
+        return f"delta lane not used: {choice}"
+    how = "its index patch" if choice.old_index is not None else "the full block index"
+    return (
+        f"delta lane: this device is on release {choice.source.sequence}, joining the lane "
+        f"for the missing blocks and {how}"
+    )
+
+
+class EarlyLane:
+    """Lane DATA datagrams read before the manifest is verified (the lane's TSI is not known
+    yet), the most recent ones up to ``MAX_LANE_EARLY_BYTES``."""
+
+    def __init__(self) -> None:
+        self._held: deque[bytes] = deque()
+        self._bytes = 0
+        self.dropped = 0
+
+    def hold(self, data: bytes | memoryview) -> None:
+        self._held.append(bytes(data))
+        self._bytes += len(data) + EARLY_ENTRY_OVERHEAD
+        while self._bytes > MAX_LANE_EARLY_BYTES:
+            self._bytes -= len(self._held.popleft()) + EARLY_ENTRY_OVERHEAD
+            self.dropped += 1
+
+    def take(self) -> Iterator[bytes]:
+        """The held datagrams, oldest first (and forget them)."""
+        held, self._held, self._bytes = self._held, deque(), 0
+        return iter(held)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+class LaneCore:
+    """Collects the lane objects a `LaneChoice` wants (module doc, *The lane core*)."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        choice: LaneChoice,
+        decoder_factory: DecoderFactory = raptorq_decoder,
+    ) -> None:
+        delta, index = manifest.delta, manifest.index
+        if delta is None or index is None:
+            raise ValueError("the manifest has no delta lane")
+        if delta.length > MAX_LANE_OBJECT_BYTES:  # before any decoder is made
+            raise ValueError("the delta lane object is larger than MAX_LANE_OBJECT_BYTES")
+        self.manifest = manifest
+        self.choice = choice
+        self.tsi = wire.lane_tsi(manifest.tsi)
+        self.symbol_size = manifest.fec.symbol_size
+        self._datagram_size = wire.data_datagram_size(self.symbol_size)
+        self._decoder_factory = decoder_factory
+        parts = {toi: part for toi, _, part in fdt.lane_objects(manifest)}
+        self._parts = parts
+        self._object: ObjectAssembly | None = ObjectAssembly(
+            parts[wire.LANE_OBJECT_TOI],
+            delta.sha256,
+            self.symbol_size,
+            decoder_factory,
+            name="lane",
+        )
+        self._patch_toi = wire.LANE_PATCH_TOI + choice.position
+        self._patch: ObjectAssembly | None = None
+        self._full: IndexAssembly | None = None
+        if choice.old_index is not None:
+            self._patch = ObjectAssembly(
+                parts[self._patch_toi],
+                choice.source.patch_sha256,
+                self.symbol_size,
+                decoder_factory,
+                name="patch",
+            )
+        else:
+            self._full = IndexAssembly(manifest, decoder_factory)
+        self.index: BlockIndex | None = None
+        self.index_from_patch = False
+        self.lane_object: bytes | None = None
+        self.failed: str | None = None  # the lane object itself is unusable (signed, yet bad)
+        self.datagrams = 0  # lane DATA datagrams given (of any TSI)
+        self.bytes = 0  # their symbol bytes
+        self.symbols = 0  # new symbols fed to an assembly
+        self.ignored = 0  # symbols of lane objects this device does not want
+        self.rejected: Counter[str] = Counter()
+
+    @property
+    def done(self) -> bool:
+        """Everything wanted is here (or the lane object cannot be used): leave the lane."""
+        return self.index is not None and (self.lane_object is not None or self.failed is not None)
+
+    def receive(self, data: bytes | memoryview) -> bool:
+        """One datagram read on the lane socket that `wire.peek_data` reads as DATA; whether it
+        completed an index or the lane object (look at `index`, `lane_object`)."""
+        self.datagrams += 1
+        fields = wire.peek_data(data)
+        if fields is None or fields[0] != self.tsi:
+            self.rejected["other-session"] += 1
+            return False
+        if len(data) != self._datagram_size:
+            self.rejected["symbol-length"] += 1
+            return False
+        self.bytes += self.symbol_size
+        _, chunk, esi = fields
+        toi, block = chunk // PART_CHUNKS + 1, chunk % PART_CHUNKS
+        packet = memoryview(data)[wire.CODEC_PACKET_OFFSET :]
+        if toi == wire.LANE_OBJECT_TOI:
+            return self._on_object(block, esi, packet)
+        if toi == self._patch_toi and self._patch is not None and self.index is None:
+            return self._on_patch(block, esi, packet)
+        if toi == wire.LANE_INDEX_TOI and self._full is not None and self.index is None:
+            return self._on_full(block, esi, packet)
+        if toi in self._parts:
+            self.ignored += 1
+        else:
+            self.rejected["bad-toi"] += 1
+        return False
+
+    def _count(self, assembly: ObjectAssembly, before: int) -> None:
+        self.symbols += assembly.symbols - before
+
+    def _on_object(self, block: int, esi: int, packet: memoryview) -> bool:
+        assembly = self._object
+        if assembly is None:
+            self.ignored += 1  # the object is out: the rest of the carousel's round
+            return False
+        before = assembly.symbols
+        result = assembly.feed(block, esi, packet)
+        self._count(assembly, before)
+        if isinstance(result, str):
+            self.rejected[result] += 1
+            return False
+        if result is None:
+            return False
+        self._object = None
+        try:
+            parse_lane_header(result, length=self.manifest.image.length)
+        except MalformedDelta as exc:  # signed, yet unusable: the publisher's mistake
+            self.failed = str(exc)
+            self.rejected["lane-malformed"] += 1
+            return True
+        self.lane_object = result
+        return True
+
+    def _on_patch(self, block: int, esi: int, packet: memoryview) -> bool:
+        assembly = self._patch
+        assert assembly is not None and self.choice.old_index is not None
+        before = assembly.symbols
+        result = assembly.feed(block, esi, packet)
+        self._count(assembly, before)
+        if isinstance(result, str):
+            self.rejected[result] += 1
+            return False
+        if result is None:
+            return False
+        self._patch = None
+        info = self.manifest.index
+        assert info is not None
+        try:
+            self.index = patched_index(
+                self.choice.old_index, result, length=self.manifest.image.length, sha256=info.sha256
+            )
+        except (MalformedDelta, MalformedIndex, ValueError):
+            self.rejected["patch-mismatch"] += 1
+            self._full = IndexAssembly(self.manifest, self._decoder_factory)
+            return False
+        self.index_from_patch = True
+        return True
+
+    def _on_full(self, block: int, esi: int, packet: memoryview) -> bool:
+        assembly = self._full
+        assert assembly is not None
+        before = assembly.symbols
+        result = assembly.feed(block, esi, packet)
+        self.symbols += assembly.symbols - before
+        if isinstance(result, str):
+            self.rejected[result] += 1
+            return False
+        if result is None:
+            return False
+        self._full = None
+        self.index = result
+        return True
