@@ -649,12 +649,12 @@ class _Run:
         if lane.index is not None and not self._lane_index_given:
             self._lane_index_given = True
             self.lane_index = "patch" if lane.index_from_patch else "full"
-            self.emit.note(
-                "delta lane: block index "
-                + ("from the patch for release " if lane.index_from_patch else "received whole, ")
-                + (str(lane.choice.source.sequence) if lane.index_from_patch else "")
-                + " verified"
+            how = (
+                f"from the patch for release {lane.choice.source.sequence}"
+                if lane.index_from_patch
+                else "received whole"
             )
+            self.emit.note(f"delta lane: block index {how}, verified")
             reuse.offer_index(lane.index)
         if (lane.lane_object is not None or lane.failed) and not self._lane_object_given:
             self._lane_object_given = True

@@ -552,7 +552,8 @@ class ReuseWorker(threading.Thread):
                 self._put(
                     ReuseNote(
                         f"local reuse: {found} of {index.blocks} blocks of the new image found "
-                        f"in {len(opened)} source(s) ({scanned} bytes read in {seconds:.1f} s)"
+                        f"in {len(self.sources)} source(s) ({scanned} bytes read in "
+                        f"{seconds:.1f} s)"
                     )
                 )
             done = self._hand_over(opened, index, placement)
