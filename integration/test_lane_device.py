@@ -13,7 +13,6 @@ manifest's on the lane and the carousel's if it joined it; ``datagrams_lane``: t
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import time
@@ -30,7 +29,7 @@ from otacast.schemas.policy import VerifiedManifest, verify_envelope
 
 from .netns import LanFactory, stop
 from .release import Release, clear_loss, install_command, random_loss, serve, summary_of
-from .test_reuse import PYTHON, _ext4, _index
+from .test_reuse import PYTHON, _ext4, _index, build_trees
 
 pytestmark = pytest.mark.usefixtures("nft_or_skip")
 
@@ -55,12 +54,7 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
         pytest.skip("needs mke2fs and /usr/lib/python3.11")
     root = tmp_path_factory.mktemp("lane")
     v1_tree, v2_tree = root / "t1", root / "t2"
-    shutil.copytree(PYTHON, v1_tree, symlinks=True)
-    shutil.copytree(v1_tree, v2_tree, symlinks=True)
-    (v2_tree / "newstuff").mkdir()
-    rng = random.Random(15)
-    for i in range(3):  # 3 MB of new files
-        (v2_tree / "newstuff" / f"f{i}.bin").write_bytes(rng.randbytes(1 << 20))
+    build_trees(v1_tree, v2_tree)
     (root / "v1").mkdir()
     (root / "v2").mkdir()
     _ext4(v1_tree, root / "v1" / "rootfs.img")

@@ -73,18 +73,23 @@ def _index(image: Path) -> BlockIndex:
     return builder.finish()
 
 
+def build_trees(v1: Path, v2: Path) -> None:
+    """v1: a copy of /usr/lib/python3.11; v2: the same tree plus 3 MB of new (random) files."""
+    shutil.copytree(PYTHON, v1, symlinks=True)
+    shutil.copytree(v1, v2, symlinks=True)
+    (v2 / "newstuff").mkdir()
+    rng = random.Random(15)
+    for i in range(3):  # 3 MB of new files
+        (v2 / "newstuff" / f"f{i}.bin").write_bytes(rng.randbytes(1 << 20))
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     if shutil.which("mke2fs") is None or not PYTHON.is_dir() or not OTHER.is_dir():
         pytest.skip("needs mke2fs, /usr/lib/python3.11 and /usr/lib/python3/dist-packages")
     root = tmp_path_factory.mktemp("reuse")
     v1_tree, v2_tree, other_tree = root / "t1", root / "t2", root / "t3"
-    shutil.copytree(PYTHON, v1_tree, symlinks=True)
-    shutil.copytree(v1_tree, v2_tree, symlinks=True)
-    (v2_tree / "newstuff").mkdir()
-    rng = random.Random(15)
-    for i in range(3):  # 3 MB of new files
-        (v2_tree / "newstuff" / f"f{i}.bin").write_bytes(rng.randbytes(1 << 20))
+    build_trees(v1_tree, v2_tree)
     shutil.copytree(OTHER, other_tree, symlinks=True)
     release_dir = root / "release"
     release_dir.mkdir()

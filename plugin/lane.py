@@ -217,21 +217,25 @@ class LaneCore:
             self.rejected["bad-toi"] += 1
         return False
 
-    def _count(self, assembly: ObjectAssembly, before: int) -> None:
-        self.symbols += assembly.symbols - before
-
-    def _on_object(self, block: int, esi: int, packet: memoryview) -> bool:
-        assembly = self._object
-        if assembly is None:
-            self.ignored += 1  # the object is out: the rest of the carousel's round
-            return False
+    def _feed(
+        self, assembly: ObjectAssembly | IndexAssembly, block: int, esi: int, packet: memoryview
+    ) -> bytes | BlockIndex | None:
+        """Feed one symbol: the verified object once complete, else None (a rejection
+        counted)."""
         before = assembly.symbols
         result = assembly.feed(block, esi, packet)
-        self._count(assembly, before)
+        self.symbols += assembly.symbols - before
         if isinstance(result, str):
             self.rejected[result] += 1
+            return None
+        return result
+
+    def _on_object(self, block: int, esi: int, packet: memoryview) -> bool:
+        if self._object is None:
+            self.ignored += 1  # the object is out: the rest of the carousel's round
             return False
-        if result is None:
+        result = self._feed(self._object, block, esi, packet)
+        if not isinstance(result, bytes):
             return False
         self._object = None
         try:
@@ -244,15 +248,9 @@ class LaneCore:
         return True
 
     def _on_patch(self, block: int, esi: int, packet: memoryview) -> bool:
-        assembly = self._patch
-        assert assembly is not None and self.choice.old_index is not None
-        before = assembly.symbols
-        result = assembly.feed(block, esi, packet)
-        self._count(assembly, before)
-        if isinstance(result, str):
-            self.rejected[result] += 1
-            return False
-        if result is None:
+        assert self._patch is not None and self.choice.old_index is not None
+        result = self._feed(self._patch, block, esi, packet)
+        if not isinstance(result, bytes):
             return False
         self._patch = None
         info = self.manifest.index
@@ -269,15 +267,9 @@ class LaneCore:
         return True
 
     def _on_full(self, block: int, esi: int, packet: memoryview) -> bool:
-        assembly = self._full
-        assert assembly is not None
-        before = assembly.symbols
-        result = assembly.feed(block, esi, packet)
-        self.symbols += assembly.symbols - before
-        if isinstance(result, str):
-            self.rejected[result] += 1
-            return False
-        if result is None:
+        assert self._full is not None
+        result = self._feed(self._full, block, esi, packet)
+        if not isinstance(result, BlockIndex):
             return False
         self._full = None
         self.index = result
