@@ -89,7 +89,7 @@ sweep-quick: setup
 FUZZ_RUNS ?= 20000
 fuzz-quick: setup
 	mkdir -p fuzz/crashes
-	for target in datagram auth manifest config; do \
+	for target in datagram auth manifest config delta; do \
 	    log=$$(mktemp); \
 	    $(BIN)/python fuzz/fuzz_device.py $$target -runs=$(FUZZ_RUNS) -seed=1 \
 	        -artifact_prefix=fuzz/crashes/ >$$log 2>&1 \

@@ -14,6 +14,10 @@ error, never anything else":
   forged bytes.
 - ``manifest``: `verify_manifest` on arbitrary bytes raises only `ManifestRejected`.
 - ``config``: the device config parser raises only `ConfigError`.
+- ``delta``: the delta delivery objects (first byte picks one): a block index (`blockindex.parse`
+  raises only `MalformedIndex`), a lane object (`parse_lane` raises only `MalformedDelta`; the
+  `LaneDecoder` never raises and gives out only blocks whose hash is the index's entry), an
+  index patch (`patched_index` raises only `MalformedDelta` and returns only the signed index).
 
 The first bytes of every run are mutated from real seeds (honest datagrams and the signed
 manifest), so the fuzzer starts inside the formats instead of at random noise.  `make fuzz-quick`
@@ -35,11 +39,13 @@ import atheris
 with atheris.instrument_imports():
     from otacast.plugin.config import load_config
     from otacast.plugin.core import ReceiverCore
+    from otacast.plugin.delta import LaneDecoder, patched_index
     from otacast.plugin.errors import ConfigError
     from otacast.plugin.events import ChunkComplete
     from otacast.plugin.verify import verify_manifest
-    from otacast.schemas import fec, wire
-    from otacast.schemas.errors import ManifestRejected, PacketError
+    from otacast.schemas import blockindex, fec, wire
+    from otacast.schemas.deltaobject import parse_lane
+    from otacast.schemas.errors import MalformedDelta, MalformedIndex, ManifestRejected, PacketError
     from otacast.schemas.manifest import (
         Chunking,
         FecInfo,
@@ -51,6 +57,7 @@ with atheris.instrument_imports():
     from otacast.schemas.policy import TrustSet
     from otacast.signer.auth_pages import AuthPages, chunk_digests
     from otacast.signer.channels import manifest_fragments
+    from otacast.signer.delta import build_delta
     from otacast.signer.encoder import raptorq_encode
     from otacast.signer.keys import SigningKey
     from otacast.signer.sign import sign
@@ -178,11 +185,58 @@ def config(data: bytes) -> None:
         load_config(_CONFIG)
 
 
+def _index(image: bytes) -> blockindex.BlockIndex:
+    builder = blockindex.IndexBuilder()
+    builder.update(image)
+    return builder.finish()
+
+
+def _delta_seeds() -> tuple[blockindex.BlockIndex, blockindex.BlockIndex, list[bytes]]:
+    """Old and new index of a small image pair, and seeds: the new index, the lane, the patch."""
+    rng = random.Random(3)  # noqa: S311 - test data, not a secret
+    old = rng.randbytes(16 * 4096 + 100)
+    new = bytearray(old)
+    new[5000:13000] = rng.randbytes(8000)
+    new += rng.randbytes(3000)
+    old_index, new_index = _index(old), _index(bytes(new))
+    with tempfile.TemporaryDirectory() as directory:
+        image, lane = Path(directory, "new.img"), Path(directory, "lane")
+        image.write_bytes(new)
+        made = build_delta(image, new_index, [old_index], lane)
+        lane_bytes = lane.read_bytes()
+    seeds = [b"\0" + new_index.build(), b"\1" + lane_bytes, b"\2" + made.patches[0].build()]
+    return old_index, new_index, seeds
+
+
+OLD_INDEX, NEW_INDEX, DELTA_SEEDS = _delta_seeds()
+
+
+def delta(data: bytes) -> None:
+    kind, body = (data[0] % 3, data[1:]) if data else (0, b"")
+    if kind == 0:
+        with contextlib.suppress(MalformedIndex):
+            blockindex.parse(body, length=NEW_INDEX.length)
+    elif kind == 1:
+        try:
+            header, stream = parse_lane(body)
+            decoder = LaneDecoder(header, NEW_INDEX)
+        except MalformedDelta:
+            return
+        for block, content in decoder.feed(stream):
+            assert blockindex.block_digest(content) == NEW_INDEX.digest(block), "forged block"
+        decoder.finish()
+    else:
+        with contextlib.suppress(MalformedDelta):
+            got = patched_index(OLD_INDEX, body, length=NEW_INDEX.length, sha256=NEW_INDEX.sha256())
+            assert got == NEW_INDEX, "a patch gave an index other than the signed one"
+
+
 TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]]]] = {
     "datagram": (datagram, lambda: [*MANIFEST_DATAGRAMS, *_data_seeds(), OLD_WIRE_DATA]),
     "auth": (auth, _auth_seeds),
     "manifest": (manifest, lambda: [ENVELOPE]),
     "config": (config, lambda: [b'trust = ["k.pub"]\nchannel = "a.example"\nport = 4242\n']),
+    "delta": (delta, lambda: DELTA_SEEDS),
 }
 
 
