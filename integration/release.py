@@ -14,8 +14,14 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from otacast.plugin.installed import INDEX, stage_index, write_installed
+from otacast.plugin.trust import load_trust
+from otacast.plugin.verify import check_signature
+from otacast.schemas.policy import VerifiedManifest, verify_envelope
 
 from .netns import BIN, Host
 
@@ -64,14 +70,16 @@ class Release:
         """A release of `size` random bytes, ``rootfs.img`` in `directory`; signed with the
         release key of `key_from` if given (a newer release of the same publisher)."""
         directory.mkdir(parents=True, exist_ok=True)
-        if key_from is not None:
-            for suffix in (".key", ".pub"):
-                shutil.copy2(
-                    key_from.public.with_suffix(suffix), (directory / KEY).with_suffix(suffix)
-                )
         image = directory / "rootfs.img"
         random_file(image, size)
-        return cls.sign(image, sequence=sequence, chunk=chunk, http_url=http_url, extra=extra)
+        return cls.sign(
+            image,
+            sequence=sequence,
+            chunk=chunk,
+            http_url=http_url,
+            extra=extra,
+            key_from=key_from,
+        )
 
     @classmethod
     def sign(
@@ -82,11 +90,16 @@ class Release:
         chunk: str = "",
         http_url: str | None = None,
         extra: tuple[str, ...] = (),
+        key_from: Release | None = None,
     ) -> Release:
         """`image` signed for the test channel and device type, with the release key of its
-        directory (made there first if there is none, so releases can share one)."""
+        directory (made there first if there is none, so releases can share one), or of
+        `key_from` (copied there first: a newer release of the same publisher)."""
         directory = image.parent
         key = directory / KEY
+        if key_from is not None and key_from.directory != directory:
+            for suffix in (".key", ".pub"):
+                shutil.copy2(key_from.public.with_suffix(suffix), key.with_suffix(suffix))
         if not key.with_suffix(".key").exists():
             keygen(key)
         command = [
@@ -153,19 +166,42 @@ def serve_command(
     )
 
 
-def serve(host: Host, release: Release, *args: str, ready: bool = False) -> subprocess.Popen[str]:
-    """Start a sender; with `ready`, return only once it is sending (its symbols encoded)."""
+def serve(
+    host: Host,
+    release: Release,
+    *args: str,
+    ready: bool = False,
+    cache: Path | None = None,
+    ready_timeout: float | None = None,
+    seen: list[dict[str, object]] | None = None,
+) -> subprocess.Popen[str]:
+    """Start a sender, its symbols cached in `cache` (default: one directory per host beside
+    the release); with `ready`, return only once it is sending (its symbols encoded), its
+    status lines up to then appended to `seen`: if it exits first, or is not sending within
+    `ready_timeout` seconds (then it is killed), raise RuntimeError."""
     process = subprocess.Popen(
-        serve_command(host, release, release.directory / f"cache-{host.netns}", *args),
+        serve_command(host, release, cache or release.directory / f"cache-{host.netns}", *args),
         stdout=subprocess.PIPE if ready else subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         text=True,
     )
     if ready:
         assert process.stdout is not None
-        for line in process.stdout:
-            if json.loads(line).get("event") == "serving":
-                break
+        watchdog = threading.Timer(ready_timeout or 0, process.kill)
+        if ready_timeout is not None:
+            watchdog.start()
+        try:
+            for line in process.stdout:
+                event = json.loads(line)
+                if seen is not None:
+                    seen.append(event)
+                if event.get("event") == "serving":
+                    break
+            else:
+                process.wait()
+                raise RuntimeError(f"serve exited with {process.returncode} before sending")
+        finally:
+            watchdog.cancel()
         # Keep draining its status lines (one a second) so the sender never blocks on them.
         threading.Thread(target=process.stdout.read, daemon=True).start()
     return process
@@ -265,6 +301,121 @@ def summary_of(events: list[dict[str, object]]) -> dict[str, object]:
     """The ``finished`` summary a fetch ends with (asserted to be there)."""
     assert events and events[-1]["event"] == "finished", events[-3:]
     return events[-1]
+
+
+def received_datagrams(summary: dict[str, object]) -> int:
+    """Every datagram the device's sockets handed it: the core's (the carousel's, and the
+    manifest's on the delta lane) and the lane's DATA."""
+    return int(summary["datagrams"]) + int(summary["datagrams_lane"])  # type: ignore[call-overload]
+
+
+# --- A device holding an installed release (the delta lane's devices) --------------------------
+
+SLOT = "slot.img"  # the file installer's target in a device's directory
+
+
+def verified_manifest(release: Release) -> VerifiedManifest:
+    trust = load_trust([release.public], 1)
+    return verify_envelope(release.manifest.read_bytes(), trust, check_signature, now=time.time())
+
+
+def holding(release: Release, directory: Path, *, index: bool = True) -> Path:
+    """A device in `directory` whose file installer's target (``SLOT``) holds `release` and
+    whose state directory records it as installed the way `deliver` does (`stage_index`, then
+    `write_installed`: ``installed.json`` and, unless `index` is false, ``installed.blockindex``);
+    the state directory."""
+    shutil.copyfile(release.image, directory / SLOT)
+    state = directory / "state"
+    state.mkdir()
+    verified = verified_manifest(release)
+    if index:
+        assert stage_index(state, verified, release.image)
+    write_installed(state, verified, "installed")
+    assert (state / INDEX).exists() == index
+    return state
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A device command run to its end, or killed at its timeout (`returncode` None), with
+    the seconds from its start to its exit and to its ``finished`` line (the verified image
+    written; None if there was none)."""
+
+    returncode: int | None
+    events: list[dict[str, object]]
+    stdout: str
+    stderr: str
+    seconds: float
+    to_finished: float | None
+
+    @property
+    def summary(self) -> dict[str, object]:
+        return summary_of([e for e in self.events if e.get("event") == "finished"])
+
+    @property
+    def notes(self) -> list[str]:
+        return [str(e["message"]) for e in self.events if e.get("event") == "note"]
+
+    def failure(self) -> str:
+        """What to show when it failed: the ends of its stderr and stdout."""
+        return f"exit {self.returncode}\n{self.stderr[-2000:]}{self.stdout[-3000:]}"
+
+
+def run_timed(command: list[str], timeout: float) -> Timed:
+    """Run a device command printing JSON lines, noting when its ``finished`` line came."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    finished: list[float] = []
+    errors: list[str] = []
+
+    def read_stdout() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if finished or not line.startswith("{"):
+                continue
+            if json.loads(line).get("event") == "finished":
+                finished.append(time.perf_counter() - started)
+
+    def read_stderr() -> None:
+        assert process.stderr is not None
+        errors.append(process.stderr.read())
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (read_stdout, read_stderr)]
+    for reader in readers:
+        reader.start()
+    try:
+        returncode: int | None = process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        returncode = None
+    seconds = time.perf_counter() - started
+    for reader in readers:
+        reader.join(10)
+    stdout = "".join(lines)
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return Timed(returncode, events, stdout, "".join(errors), seconds, next(iter(finished), None))
+
+
+def install_into_slot(
+    host: Host, release: Release, directory: Path, state: Path, *args: str, timeout: float
+) -> Timed:
+    """`otacast install` of `release` on `host` into the file installer's target ``SLOT`` of
+    the device in `directory` (as `holding` made it), timed."""
+    command = install_command(
+        host,
+        release,
+        state,
+        directory / "out.img",
+        "--installer",
+        f"file:{directory / SLOT}",
+        "--join-timeout",
+        "30",
+        *args,
+    )
+    return run_timed(command, timeout)
 
 
 def _loss_place(host: Host) -> tuple[list[str], str, str]:
