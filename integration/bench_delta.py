@@ -26,11 +26,36 @@ over xdelta3.  For medium it also builds the k = 2 lane (blocks absent from v1 *
 The lane is built and decoded in a child process each, for their peak RSS.  Results go to
 ``--results``/bench_delta.jsonl (one JSON object per update) and bench_delta.png (bytes per
 update type, log scale) when matplotlib is installed (the ``bench`` extra).
+
+    python integration/bench_delta.py --e2e small[,medium,large] [--rate 50M] [--lane-share 0.1]
+        [--repeat N] [--timeout S] [--serve-timeout S] [--no-gro] [--quick]
+
+End to end (root; ``make bench-delta-e2e``): time to image over a two-host LAN in network
+namespaces the script creates and deletes (`integration.netns`, UDP GRO on the links as on a
+physical NIC unless ``--no-gro``).  v1 and each update are signed with the real CLI (the update
+with ``--delta-from`` v1's envelope: its lane and index patch) under ``CACHE/e2e/NAME``, the
+image hard-linked there; a signature is kept while it is valid for another day and newer than
+its image (and than v1's), so the sender's symbol cache (``CACHE/e2e/symbols``, named after the
+session, which every signature changes) is reused between runs and encoded once; caches of
+sessions no kept signature has are deleted.  Per update, one sender serves it at ``--rate``
+with the lane at ``--lane-share``; then, one after the other, two devices each holding v1 in
+the file installer's target with its installed record and ``installed.blockindex``
+(`release.holding`, as integration/test_lane_device.py) install it: one as it would (the
+lane), one with ``--no-reuse`` (every byte from the carousel: the full download, the
+reference).  For each: seconds from starting ``otacast install`` to its ``finished`` line (the
+verified image written; the installer's copy into the slot comes after), the datagrams its
+sockets received (``datagrams`` + ``datagrams_lane``) over the image's, the summary's byte
+counts, and whether the installed slot is byte-identical to the update.  Also the sender's
+start-up: hashing, then encoding the symbol cache (or verifying a cached one:
+``symbols_cached``), separately.  Each install is bounded by ``--timeout``, the sender's
+start-up by ``--serve-timeout`` and its life by ``--duration``.  JSON lines go to
+``--results``/bench_delta_e2e.jsonl, and a table to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import math
 import multiprocessing
@@ -42,14 +67,27 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from integration.netns import Lan, stop
+from integration.release import (
+    KEY,
+    SLOT,
+    Release,
+    Timed,
+    holding,
+    install_into_slot,
+    received_datagrams,
+    serve,
+)
 from otacast.plugin.delta import LaneDecoder, patched_index
-from otacast.schemas import blockindex
+from otacast.schemas import blockindex, units
 from otacast.schemas.deltaobject import parse_lane_header
+from otacast.schemas.manifest import Manifest, parse_envelope
 from otacast.signer import delta
 
 T = 1208  # symbol size: one datagram's payload
@@ -309,6 +347,236 @@ def xdelta3(old: Path, new: Path, work: Path) -> dict[str, Any]:
     return {"xdelta3_bytes": size, "xdelta3_s": round(seconds, 1), "xdelta3_rss_mb": rss}
 
 
+# --- End to end (--e2e): time to image over a namespaced LAN ------------------------------------
+
+E2E_V1, E2E_V2 = 1, 2  # the releases' sequences: every update is signed as v1's successor
+# A signed release is reused while it is valid this much longer (its session id, and so its
+# symbol cache, changes with every signature).
+E2E_VALID_S = 86_400
+E2E_MODES = (("lane", ()), ("full", ("--no-reuse",)))
+
+
+def _manifest(release: Release) -> Manifest:
+    return parse_envelope(release.manifest.read_bytes()).manifest
+
+
+def _signed(
+    image: Path, directory: Path, sequence: int, after: Release | None = None
+) -> tuple[Release, float | None]:
+    """`image` (hard-linked as ``rootfs.img`` in `directory`) signed as release `sequence`,
+    with a delta lane from `after` (and its key) if given; a valid earlier signature is kept
+    (then the seconds are None), else the seconds signing took."""
+    directory.mkdir(parents=True, exist_ok=True)
+    linked = directory / "rootfs.img"
+    if linked.exists() and not linked.samefile(image):
+        linked.unlink()
+    if not linked.exists():
+        os.link(image, linked)
+    manifest = linked.with_name(linked.name + ".manifest.json")
+    release = Release(directory, linked, manifest, (directory / KEY).with_suffix(".pub"))
+    if release.manifest.exists():
+        signed = release.manifest.stat().st_mtime
+        newer = [image.stat().st_mtime] + ([after.manifest.stat().st_mtime] if after else [])
+        if signed >= max(newer) and _manifest(release).expires > time.time() + E2E_VALID_S:
+            return release, None
+    started = time.perf_counter()
+    extra = ("--delta-from", str(after.manifest)) if after else ()
+    release = Release.sign(linked, sequence=sequence, extra=extra, key_from=after)
+    return release, round(time.perf_counter() - started, 1)
+
+
+def _drop_stale_symbols(symbols: Path, top: Path) -> None:
+    """Remove the symbol caches of sessions no release signed under `top` has (each is ~1.5
+    times its image)."""
+    manifests = top.glob("*/rootfs.img.manifest.json")
+    sessions = {parse_envelope(m.read_bytes()).manifest.session_id.hex() for m in manifests}
+    for path in symbols.glob("*"):
+        if not any(path.name.startswith(session) for session in sessions):
+            path.unlink()
+
+
+def _device_row(mode: str, done: Timed, image: Path, slot: Path, datagrams: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"mode": mode, "exit": done.returncode, "wall_s": round(done.seconds, 2)}
+    if done.returncode != 0:
+        print(f"{mode}: failed: {done.failure()}", file=sys.stderr, flush=True)
+        return row
+    summary = done.summary
+    received = received_datagrams(summary)
+    row |= {
+        "to_image_s": round(done.to_finished, 2) if done.to_finished is not None else None,
+        "elapsed_s": summary["elapsed"],
+        "received": received,
+        "received_share": round(received / datagrams, 5),
+        "identical": filecmp.cmp(slot, image, shallow=False),
+        "peak_rss_mb": summary.get("peak_rss_mb"),
+    }
+    for key in (
+        "datagrams",
+        "datagrams_lane",
+        "bytes_lane",
+        "bytes_local",
+        "bytes_multicast",
+        "bytes_http",
+        "lane_from",
+        "lane_index",
+    ):
+        row[key] = summary.get(key)
+    row["notes"] = done.notes
+    return row
+
+
+def end_to_end(
+    name: str,
+    v1: Release,
+    v2: Release,
+    work: Path,
+    symbols: Path,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """Serve `v2` (with its lane) on a two-host LAN; a device holding `v1` installs it from
+    the lane, then one with ``--no-reuse`` (the full download), `args.repeat` times each."""
+    manifest = _manifest(v2)
+    assert manifest.delta is not None
+    length = v2.image.stat().st_size
+    datagrams = math.ceil(length / T)
+    patch = manifest.delta.sources[0].patch_length
+    base: dict[str, Any] = {
+        "update": name,
+        "image_bytes": length,
+        "image_datagrams": datagrams,
+        "lane_bytes": manifest.delta.length,
+        "patch_bytes": patch,
+        "lane_patch_datagrams": math.ceil(manifest.delta.length / T) + math.ceil(patch / T),
+        "rate": args.rate,
+        "lane_share": args.lane_share,
+        "gro": args.gro,
+    }
+    session = manifest.session_id.hex()
+    base["symbols_cached"] = any(symbols.glob(f"{session}*.symbols"))
+    # The sender stops by itself after the longest the runs may take.
+    duration = args.serve_timeout + 2 * args.repeat * (args.timeout + 120)
+    rows = []
+    with Lan.create(2, gro=args.gro) as lan:
+        sender, device = lan.hosts
+        seen: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        tx = serve(
+            sender,
+            v2,
+            "--rate",
+            args.rate,
+            "--lane-share",
+            str(args.lane_share),
+            "--duration",
+            f"{duration:.0f}s",
+            ready=True,
+            cache=symbols,
+            ready_timeout=args.serve_timeout,
+            seen=seen,
+        )
+        base["serve_ready_s"] = round(time.perf_counter() - started, 1)
+        stamps = {e["event"]: _seconds(str(e["time"])) for e in seen if "time" in e}
+        base["encode_s"] = round(stamps["serving"] - stamps["encoding"], 1)
+        try:
+            for attempt in range(args.repeat):
+                for mode, options in E2E_MODES:
+                    with tempfile.TemporaryDirectory(prefix=f"{name}-{mode}.", dir=work) as held:
+                        directory = Path(held)
+                        state = holding(v1, directory)
+                        done = install_into_slot(
+                            device, v2, directory, state, *options, timeout=args.timeout
+                        )
+                        row = base | {"run": attempt + 1}
+                        row |= _device_row(mode, done, v2.image, directory / SLOT, datagrams)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        finally:
+            stop([tx])
+    return rows
+
+
+def _seconds(stamp: str) -> float:
+    """An RFC 3339 time of a status line, in seconds since the epoch."""
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def e2e_table(rows: list[dict[str, Any]]) -> str:
+    """One line per update and run: the lane device against the full download."""
+    lines = [
+        markdown_head(
+            "update",
+            "lane + patch MB (datagrams)",
+            "lane device: datagrams received (÷ image)",
+            "full device: datagrams received (÷ image)",
+            "time to image, lane s",
+            "full s",
+            "lane ÷ full",
+            "sender ready s (encode s)",
+        )
+    ]
+    pairs: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        pairs.setdefault((row["update"], row["run"]), {})[row["mode"]] = row
+    for (update, _), by_mode in pairs.items():
+        lane, full = by_mode.get("lane", {}), by_mode.get("full", {})
+        first = lane or full
+
+        def received(r: dict[str, Any]) -> str:
+            if "received" not in r:
+                return f"failed (exit {r.get('exit')})"
+            return f"{r['received']:,} ({r['received_share']:.2%})" + (
+                "" if r["identical"] else " NOT IDENTICAL"
+            )
+
+        def seconds(r: dict[str, Any]) -> str:
+            return f"{r['to_image_s']:.1f}" if r.get("to_image_s") else "-"
+
+        ratio = (
+            f"{lane['to_image_s'] / full['to_image_s']:.3f}"
+            if lane.get("to_image_s") and full.get("to_image_s")
+            else "-"
+        )
+        lines.append(
+            f"| {update} | {(first['lane_bytes'] + first['patch_bytes']) / 1e6:.2f}"
+            f" ({first['lane_patch_datagrams']:,}) | {received(lane)} | {received(full)}"
+            f" | {seconds(lane)} | {seconds(full)} | {ratio}"
+            f" | {first['serve_ready_s']:.0f} ({first['encode_s']:.0f}"
+            f"{', cached' if first['symbols_cached'] else ''}) |"
+        )
+    return "\n".join(lines)
+
+
+def _signing(seconds: float | None) -> str:
+    return "signature kept" if seconds is None else f"signed in {seconds:.1f} s"
+
+
+def run_end_to_end(args: argparse.Namespace, images: dict[str, Path], cache: Path) -> int:
+    if os.geteuid() != 0:
+        sys.exit("bench_delta --e2e: network namespaces need root")
+    names = args.e2e.split(",")
+    unknown = [n for n in names if n not in images or n == "v1"]
+    if unknown:
+        sys.exit(f"bench_delta --e2e: unknown update(s) {', '.join(unknown)}")
+    top = cache / "e2e"
+    symbols = top / "symbols"
+    symbols.mkdir(parents=True, exist_ok=True)
+    v1, signed = _signed(images["v1"], top / "v1", E2E_V1)
+    print(f"v1: {_signing(signed)}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-delta-e2e.", dir=cache) as work:
+        for name in names:
+            v2, signed = _signed(images[name], top / name, E2E_V2, after=v1)
+            print(f"{name}: {_signing(signed)}", flush=True)
+            _drop_stale_symbols(symbols, top)
+            for row in end_to_end(name, v1, v2, Path(work), symbols, args):
+                rows.append(row | {"sign_s": signed})
+    with (args.results / "bench_delta_e2e.jsonl").open("w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+    print(e2e_table(rows))
+    return 0 if all(r.get("identical") for r in rows) else 1
+
+
 # --- The run ----------------------------------------------------------------------------------
 
 
@@ -344,11 +612,26 @@ def mb(n: int) -> str:
     return f"{n / 1e6:.2f}"
 
 
+def markdown_head(*columns: str) -> str:
+    """A Markdown table's head row and separator."""
+    return f"| {' | '.join(columns)} |\n|" + "---|" * len(columns)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (
-        "| update | image MB (datagrams) | zstd -3 MB | index MB | patch KB (ops) | missing blocks"
-        " (runs) | lane MB | lane + patch MB | datagrams (% of image) | xdelta3 -9 MB (s, RSS MB)"
-        " | zchunk MB | ÷ missing xz | ÷ xdelta3 |\n|" + "---|" * 13
+    head = markdown_head(
+        "update",
+        "image MB (datagrams)",
+        "zstd -3 MB",
+        "index MB",
+        "patch KB (ops)",
+        "missing blocks (runs)",
+        "lane MB",
+        "lane + patch MB",
+        "datagrams (% of image)",
+        "xdelta3 -9 MB (s, RSS MB)",
+        "zchunk MB",
+        "÷ missing xz",
+        "÷ xdelta3",
     )
     lines = [head]
     for r in rows:
@@ -413,7 +696,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replot", action="store_true", help="only redraw the plot from the results' JSON lines"
     )
+    e2e = parser.add_argument_group("end to end (--e2e; root: a namespaced LAN; module doc)")
+    e2e.add_argument(
+        "--e2e",
+        metavar="UPDATES",
+        help="instead of sizes, time to image: comma-separated updates (small,medium,large)",
+    )
+    e2e.add_argument("--rate", default="50M", help="serve's rate (default 50M bytes/s)")
+    e2e.add_argument(
+        "--lane-share", type=float, default=0.1, help="serve's --lane-share (default 0.1)"
+    )
+    e2e.add_argument("--repeat", type=int, default=1, help="lane and full runs per update")
+    e2e.add_argument(
+        "--timeout", type=float, default=600, help="seconds one install may take (default 600)"
+    )
+    e2e.add_argument(
+        "--serve-timeout",
+        type=float,
+        default=900,
+        help="seconds the sender may take to hash and encode before sending (default 900)",
+    )
+    e2e.add_argument(
+        "--gro",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="UDP GRO on the device's link, as on a physical NIC (default on)",
+    )
     args = parser.parse_args(argv)
+    if args.e2e:
+        units.parse_rate(args.rate)  # a bad rate fails here, not after the encode
+        if not 1 <= args.repeat <= 5 or not 0 < args.lane_share < 1:
+            parser.error("--repeat is 1..5 and --lane-share a fraction in (0, 1)")
     if args.replot:
         lines = (args.results / "bench_delta.jsonl").read_text(encoding="utf-8").splitlines()
         return (
@@ -426,12 +739,16 @@ def main(argv: list[str] | None = None) -> int:
     missing = [
         t for t in ("mke2fs", "zstd", "xdelta3", "zck", "zck_delta_size") if not shutil.which(t)
     ]
-    if missing and tools:
+    if missing and tools and not args.e2e:
         sys.exit(f"bench_delta: {', '.join(missing)} not installed (make setup installs them)")
     started = time.perf_counter()
     images = build_images(
         cache, quick_trees() if args.quick else full_trees(), "96M" if args.quick else "1200M"
     )
+    if args.e2e:
+        status = run_end_to_end(args, images, cache)
+        print(f"total {time.perf_counter() - started:.0f} s")
+        return status
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-delta.", dir=cache) as work:
         for name in ("small", "medium", "large"):
