@@ -66,12 +66,11 @@ from pathlib import Path
 
 from otacast.schemas import blockindex, fec
 from otacast.schemas.blockindex import BlockIndex, block_digest
-from otacast.schemas.deltaobject import parse_lane
 from otacast.schemas.errors import MalformedDelta, MalformedIndex
 from otacast.schemas.limits import INDEX_BLOCK_SIZE, INDEX_HASH_BYTES, MAX_INDEX_BYTES
 from otacast.schemas.manifest import Manifest
 
-from .delta import LaneDecoder
+from .delta import LaneDecoder, StoredObject, lane_header_of
 from .errors import FetchError
 
 BLOCK = INDEX_BLOCK_SIZE
@@ -461,11 +460,11 @@ class ReuseWorker(threading.Thread):
         # Set when the driver stops waiting for an offered index (multicast failed).
         self.no_more_index = threading.Event()
         self.lane_file = lane_file
-        self._lane: queue.Queue[bytes | None] = queue.Queue(1)
+        self._lane: queue.Queue[bytes | StoredObject | None] = queue.Queue(1)
 
-    def offer_lane(self, data: bytes | None) -> None:
-        """The verified delta lane object (None: none will come) for a worker with a
-        `lane_file`."""
+    def offer_lane(self, data: bytes | StoredObject | None) -> None:
+        """The verified delta lane object, in memory or stored (None: none will come), for a
+        worker with a `lane_file`."""
         with contextlib.suppress(queue.Full):
             self._lane.put_nowait(data)
 
@@ -574,7 +573,7 @@ class ReuseWorker(threading.Thread):
             for handle in opened:
                 handle.close()
 
-    def _wait_lane(self) -> bytes | None:
+    def _wait_lane(self) -> bytes | StoredObject | None:
         while not self.stop.is_set():
             with contextlib.suppress(queue.Empty):
                 return self._lane.get(timeout=0.2)
@@ -589,13 +588,16 @@ class ReuseWorker(threading.Thread):
         if data is None:
             return 0
         try:
-            header, stream = parse_lane(data, length=index.length)
+            header = lane_header_of(data, length=index.length)
             decoder = LaneDecoder(header, index)
         except MalformedDelta as exc:
             self._put(ReuseNote(f"delta lane: object unusable ({exc})"))
             return 0
+        except OSError as exc:
+            self._put(ReuseNote(f"delta lane: cannot read its object: {exc.strerror or exc}"))
+            return 0
         number, written, placed = len(opened), 0, 0
-        wanted: list[int] = []
+        wanted = array("I")  # image block of each block written (4 bytes each, not a list's 36)
         try:
             fd = os.open(
                 self.lane_file,
@@ -603,9 +605,9 @@ class ReuseWorker(threading.Thread):
                 0o600,
             )
             try:
-                for start in range(0, len(stream), LANE_FEED_BYTES):
+                for piece in lane_pieces(data, header.stream_offset):
                     pieces = []
-                    for block, raw in decoder.feed(stream[start : start + LANE_FEED_BYTES]):
+                    for block, raw in decoder.feed(piece):
                         if placement.known(block):
                             continue  # a local copy (verified at the scan) serves it
                         pieces.append(raw.ljust(BLOCK, b"\0"))
@@ -683,6 +685,17 @@ class ReuseWorker(threading.Thread):
             if not self._put(LocalChunk(chunk, symbols=symbols)):
                 break
         return mismatched
+
+
+def lane_pieces(lane: bytes | StoredObject, start: int) -> Iterator[bytes | memoryview]:
+    """The lane object's bytes from `start` on, ``LANE_FEED_BYTES`` at a time (a stored one
+    read from its file: raises OSError)."""
+    if isinstance(lane, bytes):
+        view = memoryview(lane)
+        for at in range(start, len(view), LANE_FEED_BYTES):
+            yield view[at : at + LANE_FEED_BYTES]
+        return
+    yield from lane.pieces(start, LANE_FEED_BYTES)
 
 
 def placement_in(placement: Placement, blocks: range) -> int:
