@@ -480,6 +480,8 @@ def end_to_end(
         try:
             for attempt in range(args.repeat):
                 for mode, options in E2E_MODES:
+                    if mode not in args.modes.split(","):
+                        continue
                     with tempfile.TemporaryDirectory(prefix=f"{name}-{mode}.", dir=work) as held:
                         directory = Path(held)
                         state = holding(v1, directory)
@@ -708,6 +710,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     e2e.add_argument("--repeat", type=int, default=1, help="lane and full runs per update")
     e2e.add_argument(
+        "--modes",
+        default="lane,full",
+        help="which devices run: lane, full or both (default lane,full)",
+    )
+    e2e.add_argument(
         "--timeout", type=float, default=600, help="seconds one install may take (default 600)"
     )
     e2e.add_argument(
@@ -727,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         units.parse_rate(args.rate)  # a bad rate fails here, not after the encode
         if not 1 <= args.repeat <= 5 or not 0 < args.lane_share < 1:
             parser.error("--repeat is 1..5 and --lane-share a fraction in (0, 1)")
+        if not args.modes or not set(args.modes.split(",")) <= {m for m, _ in E2E_MODES}:
+            parser.error("--modes is lane, full or lane,full")
     if args.replot:
         lines = (args.results / "bench_delta.jsonl").read_text(encoding="utf-8").splitlines()
         return (
