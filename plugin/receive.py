@@ -900,6 +900,7 @@ class _Run:
                 break
             elif isinstance(item, LocalChunk) and item.chunk not in self.core.done:
                 self._take_local_chunk(item, verified, now)
+            del item  # (a chunk: let go before the next is taken)
         if self.repair is not None:
             self.repair.done_elsewhere.update(self.core.done)
         self._handle_events()

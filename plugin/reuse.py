@@ -80,8 +80,9 @@ BLOCK = INDEX_BLOCK_SIZE
 # holds at once.
 SCAN_READ_BYTES = 4 * 1024 * 1024
 # Local chunks waiting for the receive loop (each at most a chunk, 8 MiB): the worker waits when
-# the loop is busy rather than holding the whole image in memory.
-RESULT_QUEUE = 2
+# the loop is busy rather than holding the whole image in memory.  One: the worker builds the
+# next meanwhile, and each waiting chunk is 8 MiB of the device's peak.
+RESULT_QUEUE = 1
 # A read of placed blocks for one chunk joins neighbouring blocks of a source into one pread of
 # at most this many bytes.
 READ_RUN_BYTES = 1024 * 1024
