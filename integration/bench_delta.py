@@ -513,6 +513,7 @@ def e2e_table(rows: list[dict[str, Any]]) -> str:
             "time to image, lane s",
             "full s",
             "lane ÷ full",
+            "peak RSS MB, lane / full",
             "sender ready s (encode s)",
         )
     ]
@@ -524,6 +525,8 @@ def e2e_table(rows: list[dict[str, Any]]) -> str:
         first = lane or full
 
         def received(r: dict[str, Any]) -> str:
+            if not r:
+                return "not run"
             if "received" not in r:
                 return f"failed (exit {r.get('exit')})"
             return f"{r['received']:,} ({r['received_share']:.2%})" + (
@@ -542,6 +545,7 @@ def e2e_table(rows: list[dict[str, Any]]) -> str:
             f"| {update} | {(first['lane_bytes'] + first['patch_bytes']) / 1e6:.2f}"
             f" ({first['lane_patch_datagrams']:,}) | {received(lane)} | {received(full)}"
             f" | {seconds(lane)} | {seconds(full)} | {ratio}"
+            f" | {lane.get('peak_rss_mb') or '-'} / {full.get('peak_rss_mb') or '-'}"
             f" | {first['serve_ready_s']:.0f} ({first['encode_s']:.0f}"
             f"{', cached' if first['symbols_cached'] else ''}) |"
         )

@@ -10,14 +10,14 @@ import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
-from otacast.plugin.lane import LaneAssembly, LaneChoice, LaneCore, lane_choice
+from otacast.plugin.lane import LaneAssembly, LaneCore
 from otacast.plugin.object_file import SPOOL_SUFFIX, FileAssembly, VerifiedObject
 from otacast.schemas import fec, wire
 from otacast.schemas.fec import Part
 from otacast.signer.encoder import raptorq_encode
 
-from .test_lane_device import _run, _v1_index
-from .test_lane_publisher import _lane_datagrams, _lane_objects, releases
+from .test_lane_device import _run, on_v1
+from .test_lane_publisher import _lane_objects, releases
 
 __all__ = ["releases"]
 
@@ -125,9 +125,7 @@ def test_assembling_a_40_mb_object_on_disk_holds_a_few_mb_of_python_memory(
 def test_the_lane_core_given_a_file_assembly_verifies_the_lane_object_on_disk(
     releases: Path, tmp_path: Path
 ) -> None:
-    m, data, _ = _lane_datagrams(releases, tmp_path, 400)
-    choice = lane_choice(m, 1, _v1_index(releases), 1)
-    assert isinstance(choice, LaneChoice)
+    m, data, choice = on_v1(releases, tmp_path)
     path = tmp_path / "lane.object"
 
     def on_disk(part: Part, sha256: bytes, symbol_size: int) -> LaneAssembly:
