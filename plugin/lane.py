@@ -17,20 +17,25 @@ one the manifest lists for it), else the full index.  Anything else is a reason,
 the device takes the carousel as before.
 
 *The lane core* (`LaneCore`, sans-IO).  The driver gives it the DATA datagrams read on the lane
-socket.  Each wanted object is assembled in memory (`index_object.ObjectAssembly`) and used
-only once its bytes hash to the signed SHA-256; a patch is applied to the installed index
-(`delta.patched_index`) and the result used only if it hashes to the manifest's index.  What
-it has is read from `index` (the new block index) and `lane_object` (the verified lane object's
-bytes); the receive driver hands both to the local pass (`reuse.ReuseWorker`), which decodes
-the lane's blocks against the index and places them beside the local ones.  Hostile datagrams
+socket.  Each wanted object is assembled (the indexes in memory, `index_object.ObjectAssembly`;
+the lane object where the driver's `assemble` says: on disk in the state directory,
+`object_file.FileAssembly`, in the receive driver) and used only once its bytes hash to the
+signed SHA-256; a patch is applied to the installed index (`delta.patched_index`) and the
+result used only if it hashes to the manifest's index.  What it has is read from `index` (the
+new block index) and `lane_object` (the verified lane object: its bytes, or the file that holds
+them); the receive driver hands both to the local pass (`reuse.ReuseWorker`), which decodes the
+lane's blocks against the index, reading a stored object in bounded steps, and places them
+beside the local ones.  Hostile datagrams
 (another TSI, a wrong symbol length, a block an object does not have, a forged symbol that
 spoils an object's hash) are counted rejections by reason and never raise; a patch that does
 not produce the signed index is a rejection (``patch-mismatch``) after which the full index
 is collected instead.
 
-Memory: the wanted objects' lengths (the lane object at most ``MAX_LANE_OBJECT_BYTES``, an
-index at most ``MAX_INDEX_BYTES``), plus early datagrams held before the manifest at most
-``MAX_LANE_EARLY_BYTES`` (`EarlyLane`).
+Memory: the index or patch being collected (at most ``MAX_INDEX_BYTES``, with its decoder);
+the lane object, on disk, costs its seen-ESI bits and one block's decode at a time, whatever
+its length (at most ``MAX_LANE_OBJECT_BYTES``: in memory it was ~3 times its length at the
+peak, 148 MB for the 44 MB object of docs/PERFORMANCE.md's large update); plus early datagrams
+held before the manifest at most ``MAX_LANE_EARLY_BYTES`` (`EarlyLane`).
 """
 
 from __future__ import annotations
