@@ -480,6 +480,8 @@ def end_to_end(
         try:
             for attempt in range(args.repeat):
                 for mode, options in E2E_MODES:
+                    if mode not in args.modes.split(","):
+                        continue
                     with tempfile.TemporaryDirectory(prefix=f"{name}-{mode}.", dir=work) as held:
                         directory = Path(held)
                         state = holding(v1, directory)
@@ -511,6 +513,7 @@ def e2e_table(rows: list[dict[str, Any]]) -> str:
             "time to image, lane s",
             "full s",
             "lane ÷ full",
+            "peak RSS MB, lane / full",
             "sender ready s (encode s)",
         )
     ]
@@ -522,6 +525,8 @@ def e2e_table(rows: list[dict[str, Any]]) -> str:
         first = lane or full
 
         def received(r: dict[str, Any]) -> str:
+            if not r:
+                return "not run"
             if "received" not in r:
                 return f"failed (exit {r.get('exit')})"
             return f"{r['received']:,} ({r['received_share']:.2%})" + (
@@ -540,6 +545,7 @@ def e2e_table(rows: list[dict[str, Any]]) -> str:
             f"| {update} | {(first['lane_bytes'] + first['patch_bytes']) / 1e6:.2f}"
             f" ({first['lane_patch_datagrams']:,}) | {received(lane)} | {received(full)}"
             f" | {seconds(lane)} | {seconds(full)} | {ratio}"
+            f" | {lane.get('peak_rss_mb') or '-'} / {full.get('peak_rss_mb') or '-'}"
             f" | {first['serve_ready_s']:.0f} ({first['encode_s']:.0f}"
             f"{', cached' if first['symbols_cached'] else ''}) |"
         )
@@ -708,6 +714,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     e2e.add_argument("--repeat", type=int, default=1, help="lane and full runs per update")
     e2e.add_argument(
+        "--modes",
+        default="lane,full",
+        help="which devices run: lane, full or both (default lane,full)",
+    )
+    e2e.add_argument(
         "--timeout", type=float, default=600, help="seconds one install may take (default 600)"
     )
     e2e.add_argument(
@@ -727,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         units.parse_rate(args.rate)  # a bad rate fails here, not after the encode
         if not 1 <= args.repeat <= 5 or not 0 < args.lane_share < 1:
             parser.error("--repeat is 1..5 and --lane-share a fraction in (0, 1)")
+        if not args.modes or not set(args.modes.split(",")) <= {m for m, _ in E2E_MODES}:
+            parser.error("--modes is lane, full or lane,full")
     if args.replot:
         lines = (args.results / "bench_delta.jsonl").read_text(encoding="utf-8").splitlines()
         return (

@@ -21,14 +21,58 @@ import hashlib
 import lzma
 from collections import Counter
 from collections.abc import Iterator
-from typing import Final
+from typing import Final, Protocol
 
 from otacast.schemas.blockindex import BlockIndex, block_digest
-from otacast.schemas.deltaobject import LaneHeader, parse_patch
+from otacast.schemas.deltaobject import (
+    LANE_HEADER,
+    LANE_HEADER_SIZE,
+    RUN,
+    LaneHeader,
+    parse_lane_header,
+    parse_patch,
+)
 from otacast.schemas.errors import MalformedDelta
-from otacast.schemas.limits import DELTA_DECODE_STEP, INDEX_BLOCK_SIZE, MAX_DELTA_XZ_MEMORY
+from otacast.schemas.limits import (
+    DELTA_DECODE_STEP,
+    INDEX_BLOCK_SIZE,
+    MAX_DELTA_RUNS,
+    MAX_DELTA_XZ_MEMORY,
+)
 
 REJECTION_REASONS: Final = ("block-hash", "stream-corrupt", "stream-too-long", "stream-truncated")
+
+
+class StoredObject(Protocol):
+    """A verified object kept outside memory (`otacast.plugin.object_file.VerifiedObject`)."""
+
+    @property
+    def length(self) -> int: ...
+
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def pieces(self, offset: int, size: int) -> Iterator[bytes]: ...
+
+
+def lane_header_of(lane: bytes | StoredObject, *, length: int) -> LaneHeader:
+    """The header and run list of a verified lane object, held in memory or stored, checked
+    against the signed image `length` and the object's own length (`MalformedDelta`, one line;
+    a stored object that cannot be read raises OSError).  Of a stored one only the header and
+    at most ``MAX_DELTA_RUNS`` runs are read."""
+    if isinstance(lane, bytes):
+        header = parse_lane_header(lane, length=length)
+        total = len(lane)
+    else:
+        head = lane.read(0, LANE_HEADER_SIZE)
+        runs = LANE_HEADER.unpack_from(head)[6] if len(head) == LANE_HEADER_SIZE else 0
+        span = LANE_HEADER_SIZE + min(runs, MAX_DELTA_RUNS) * RUN.size
+        header = parse_lane_header(lane.read(0, span) if runs else head, length=length)
+        total = lane.length
+    if total != header.object_length:
+        raise MalformedDelta(
+            f"delta lane object has {total} bytes, its header says {header.object_length}"
+        )
+    return header
 
 
 class LaneDecoder:

@@ -1,8 +1,9 @@
 """Receiving the release's block index object over multicast, in memory (sans-IO).
 
 `ObjectAssembly` is the general part: any RaptorQ object of a signed length and SHA-256 (the
-block index here; the delta lane's object, full index and index patches in
-`otacast.plugin.lane`), decoded in memory and given out only once its bytes hash right.
+block index here; the delta lane's full index and index patches in `otacast.plugin.lane`, and
+its object where no file is given), decoded in memory and given out only once its bytes hash
+right.  `otacast.plugin.object_file` does the same on disk for the lane object.
 
 The block index (`otacast.schemas.blockindex`, delta delivery) travels as one more RaptorQ
 object of the session (TOI ``wire.INDEX_TOI``), cut into source blocks as an image part of its
@@ -38,11 +39,13 @@ from .decoder import ChunkDecoder, DecoderFactory, DecoderFault, raptorq_decoder
 _SEEN_BITS_PER_K = 2
 
 
-class _Block:
-    __slots__ = ("bits_below", "decoder", "other", "seen")
+class SeenEsis:
+    """Which ESIs of one block were fed: those below ``_SEEN_BITS_PER_K * k`` as bits, the
+    rest in a set (the caller bounds how many it adds)."""
 
-    def __init__(self, decoder: ChunkDecoder, k: int) -> None:
-        self.decoder = decoder
+    __slots__ = ("bits_below", "other", "seen")
+
+    def __init__(self, k: int) -> None:
         self.bits_below = _SEEN_BITS_PER_K * k
         self.seen = bytearray((self.bits_below + 7) // 8)
         self.other: set[int] = set()
@@ -59,6 +62,14 @@ class _Block:
             return False
         self.other.add(esi)
         return True
+
+
+class _Block(SeenEsis):
+    __slots__ = ("decoder",)
+
+    def __init__(self, decoder: ChunkDecoder, k: int) -> None:
+        super().__init__(k)
+        self.decoder = decoder
 
 
 class ObjectAssembly:
@@ -125,6 +136,9 @@ class ObjectAssembly:
         if hashlib.sha256(data).digest() != self.sha256:
             return self.mismatch_reason  # every block is collected afresh
         return data
+
+    def close(self) -> None:
+        """Nothing is held outside memory (as `object_file.FileAssembly.close`)."""
 
 
 class IndexAssembly:

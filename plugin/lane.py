@@ -17,42 +17,69 @@ one the manifest lists for it), else the full index.  Anything else is a reason,
 the device takes the carousel as before.
 
 *The lane core* (`LaneCore`, sans-IO).  The driver gives it the DATA datagrams read on the lane
-socket.  Each wanted object is assembled in memory (`index_object.ObjectAssembly`) and used
-only once its bytes hash to the signed SHA-256; a patch is applied to the installed index
-(`delta.patched_index`) and the result used only if it hashes to the manifest's index.  What
-it has is read from `index` (the new block index) and `lane_object` (the verified lane object's
-bytes); the receive driver hands both to the local pass (`reuse.ReuseWorker`), which decodes
-the lane's blocks against the index and places them beside the local ones.  Hostile datagrams
+socket.  Each wanted object is assembled (the indexes in memory, `index_object.ObjectAssembly`;
+the lane object where the driver's `assemble` says: on disk in the state directory,
+`object_file.FileAssembly`, in the receive driver) and used only once its bytes hash to the
+signed SHA-256; a patch is applied to the installed index (`delta.patched_index`) and the
+result used only if it hashes to the manifest's index.  What it has is read from `index` (the
+new block index) and `lane_object` (the verified lane object: its bytes, or the file that holds
+them); the receive driver hands both to the local pass (`reuse.ReuseWorker`), which decodes the
+lane's blocks against the index, reading a stored object in bounded steps, and places them
+beside the local ones.  Hostile datagrams
 (another TSI, a wrong symbol length, a block an object does not have, a forged symbol that
 spoils an object's hash) are counted rejections by reason and never raise; a patch that does
 not produce the signed index is a rejection (``patch-mismatch``) after which the full index
 is collected instead.
 
-Memory: the wanted objects' lengths (the lane object at most ``MAX_LANE_OBJECT_BYTES``, an
-index at most ``MAX_INDEX_BYTES``), plus early datagrams held before the manifest at most
-``MAX_LANE_EARLY_BYTES`` (`EarlyLane`).
+Memory: the index or patch being collected (at most ``MAX_INDEX_BYTES``, with its decoder);
+the lane object, on disk, costs its seen-ESI bits and one block's decode at a time, whatever
+its length (at most ``MAX_LANE_OBJECT_BYTES``: in memory it was ~3 times its length at the
+peak, 148 MB for the 44 MB object of docs/PERFORMANCE.md's large update); plus early datagrams
+held before the manifest at most ``MAX_LANE_EARLY_BYTES`` (`EarlyLane`).
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from otacast.schemas import fdt, wire
 from otacast.schemas.blockindex import BlockIndex
-from otacast.schemas.deltaobject import parse_lane_header
 from otacast.schemas.errors import MalformedDelta, MalformedIndex
+from otacast.schemas.fec import Part
 from otacast.schemas.limits import MAX_LANE_EARLY_BYTES, MAX_LANE_OBJECT_BYTES, PART_CHUNKS
 from otacast.schemas.manifest import DeltaFrom, Manifest
 
 from .decoder import DecoderFactory, raptorq_decoder
-from .delta import patched_index
+from .delta import StoredObject, lane_header_of, patched_index
 from .index_object import IndexAssembly, ObjectAssembly
 
 # Charged per held early datagram beyond its bytes (the bytes object and the deque slot).
 EARLY_ENTRY_OVERHEAD: Final = 100
+
+
+class LaneAssembly(Protocol):
+    """Where the lane object is put together: `index_object.ObjectAssembly` (in memory, the
+    default) or `object_file.FileAssembly` (on disk, what the receive driver gives)."""
+
+    symbols: int
+
+    def feed(
+        self, block: int, esi: int, packet: bytes | memoryview
+    ) -> bytes | StoredObject | str | None: ...
+
+    def close(self) -> None: ...
+
+
+# (the lane object's part, its signed SHA-256, symbol size) -> a fresh assembly
+LaneAssemblyFactory = Callable[[Part, bytes, int], LaneAssembly]
+
+
+def in_memory(part: Part, sha256: bytes, symbol_size: int) -> LaneAssembly:
+    """The lane object assembled in memory (`index_object.ObjectAssembly`)."""
+    return ObjectAssembly(part, sha256, symbol_size, name="lane")
 
 
 @dataclass(frozen=True)
@@ -141,7 +168,10 @@ class LaneCore:
         manifest: Manifest,
         choice: LaneChoice,
         decoder_factory: DecoderFactory = raptorq_decoder,
+        assemble: LaneAssemblyFactory = in_memory,
     ) -> None:
+        """`assemble` makes where the lane object is put together (the index and patch are
+        always in memory: `lane_choice` bounds them by ``MAX_INDEX_BYTES``)."""
         delta, index = manifest.delta, manifest.index
         if delta is None or index is None:
             raise ValueError("the manifest has no delta lane")
@@ -155,12 +185,8 @@ class LaneCore:
         self._decoder_factory = decoder_factory
         parts = {toi: part for toi, _, part in fdt.lane_objects(manifest)}
         self._parts = parts
-        self._object: ObjectAssembly | None = ObjectAssembly(
-            parts[wire.LANE_OBJECT_TOI],
-            delta.sha256,
-            self.symbol_size,
-            decoder_factory,
-            name="lane",
+        self._object: LaneAssembly | None = assemble(
+            parts[wire.LANE_OBJECT_TOI], delta.sha256, self.symbol_size
         )
         self._patch_toi = wire.LANE_PATCH_TOI + choice.position
         self._patch: ObjectAssembly | None = None
@@ -177,7 +203,7 @@ class LaneCore:
             self._full = IndexAssembly(manifest, decoder_factory)
         self.index: BlockIndex | None = None
         self.index_from_patch = False
-        self.lane_object: bytes | None = None
+        self.lane_object: bytes | StoredObject | None = None
         self.failed: str | None = None  # the lane object itself is unusable (signed, yet bad)
         self.datagrams = 0  # lane DATA datagrams given (of any TSI)
         self.bytes = 0  # their symbol bytes
@@ -217,9 +243,19 @@ class LaneCore:
             self.rejected["bad-toi"] += 1
         return False
 
+    def close(self) -> None:
+        """Let go of an unfinished lane object's assembly (its files, when on disk)."""
+        if self._object is not None:
+            self._object.close()
+            self._object = None
+
     def _feed(
-        self, assembly: ObjectAssembly | IndexAssembly, block: int, esi: int, packet: memoryview
-    ) -> bytes | BlockIndex | None:
+        self,
+        assembly: LaneAssembly | ObjectAssembly | IndexAssembly,
+        block: int,
+        esi: int,
+        packet: memoryview,
+    ) -> bytes | StoredObject | BlockIndex | None:
         """Feed one symbol: the verified object once complete, else None (a rejection
         counted)."""
         before = assembly.symbols
@@ -235,14 +271,18 @@ class LaneCore:
             self.ignored += 1  # the object is out: the rest of the carousel's round
             return False
         result = self._feed(self._object, block, esi, packet)
-        if not isinstance(result, bytes):
+        if result is None or isinstance(result, BlockIndex):
             return False
         self._object = None
         try:
-            parse_lane_header(result, length=self.manifest.image.length)
+            lane_header_of(result, length=self.manifest.image.length)
         except MalformedDelta as exc:  # signed, yet unusable: the publisher's mistake
             self.failed = str(exc)
             self.rejected["lane-malformed"] += 1
+            return True
+        except OSError as exc:  # its file cannot be read back
+            self.failed = f"cannot read it back: {exc.strerror or exc}"
+            self.rejected["lane-file"] += 1
             return True
         self.lane_object = result
         return True

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from otacast.schemas import addressing, wire
+from otacast.schemas.fec import Part
 from otacast.schemas.limits import MAX_DECODER_BYTES
 from otacast.schemas.manifest import Manifest
 from otacast.schemas.policy import TrustSet, VerifiedManifest
@@ -81,7 +82,8 @@ from .events import (
     SourceHeard,
 )
 from .installed import read_installed_index
-from .lane import EarlyLane, LaneChoice, LaneCore, lane_choice, lane_note
+from .lane import EarlyLane, LaneAssembly, LaneChoice, LaneCore, lane_choice, lane_note
+from .object_file import SPOOL_SUFFIX, FileAssembly
 from .report import FetchSummary, Reporter, refusal_note
 from .reuse import (
     CONFIGURED,
@@ -119,6 +121,9 @@ STATUS_INTERVAL = 1.0
 LANE_PROBE_SECONDS = 3.0
 # Where the local pass keeps the delta lane's decoded blocks (state directory; removed at end).
 LANE_FILE = "lane.blocks"
+# Where the delta lane's object is put together (`object_file.FileAssembly`, with its ".spool"
+# beside it; state directory; removed at end).
+LANE_OBJECT_FILE = "lane.object"
 # How often stored symbols are made durable at least (in the background), however slowly they
 # arrive: the store alone flushes every FLUSH_SYMBOLS symbols, which at a slow rate is minutes.
 FLUSH_INTERVAL = 1.0
@@ -607,11 +612,17 @@ class _Run:
         if not isinstance(choice, LaneChoice):
             self._switch_to_main("the delta lane is not for this device")
             return
-        lane = self.lane_core = LaneCore(m, choice)
+        lane = self.lane_core = LaneCore(m, choice, assemble=self._lane_assembly)
         self.lane_from = choice.source.sequence
         for data in early.take():
             lane.receive(data)
         self.bytes_lane = lane.bytes
+
+    def _lane_assembly(self, part: Part, sha256: bytes, symbol_size: int) -> LaneAssembly:
+        """The lane object is put together on disk (`object_file`): memory stays at one
+        block's decode whatever its length."""
+        path = self.options.state_dir / LANE_OBJECT_FILE
+        return FileAssembly(part, sha256, symbol_size, path, name="lane")
 
     def _decide_lane_follow(self, m: Manifest) -> None:
         options, plan = self.options, self.plan
@@ -632,7 +643,7 @@ class _Run:
         self.emit.note(lane_note(choice))
         if not isinstance(choice, LaneChoice):
             return
-        self.lane_core = LaneCore(m, choice)
+        self.lane_core = LaneCore(m, choice, assemble=self._lane_assembly)
         self.lane_from = choice.source.sequence
         self.lane_follow = joins[0].group
         self.main_pending = []  # the senders heard, joined on the carousel if it comes to that
@@ -661,9 +672,9 @@ class _Run:
             if lane.failed:
                 self.emit.note(f"delta lane: its object is unusable ({lane.failed})")
             else:
-                self.emit.note(
-                    f"delta lane: object of {len(lane.lane_object or b'')} bytes verified"
-                )
+                delta = lane.manifest.delta
+                length = delta.length if delta is not None else 0
+                self.emit.note(f"delta lane: object of {length} bytes verified")
             reuse.offer_lane(lane.lane_object)
         if lane.done:
             self._leave_lane()
@@ -889,6 +900,7 @@ class _Run:
                 break
             elif isinstance(item, LocalChunk) and item.chunk not in self.core.done:
                 self._take_local_chunk(item, verified, now)
+            del item  # (a chunk: let go before the next is taken)
         if self.repair is not None:
             self.repair.done_elsewhere.update(self.core.done)
         self._handle_events()
@@ -1044,8 +1056,11 @@ class _Run:
             self.reuse.stop.set()
         for receiver in self.receivers:
             receiver.close()
-        with contextlib.suppress(OSError):
-            (self.options.state_dir / LANE_FILE).unlink()
+        if self.lane_core is not None:
+            self.lane_core.close()
+        for name in (LANE_FILE, LANE_OBJECT_FILE, LANE_OBJECT_FILE + SPOOL_SUFFIX):
+            with contextlib.suppress(OSError):
+                (self.options.state_dir / name).unlink()
         # Whatever was stored or verified is kept for the next run; a write error that ended
         # this run is already on its way out.
         if self.stored is not None:

@@ -9,10 +9,11 @@ RaptorQ source symbols the receiver no longer needs from the network.
 
 The pure core (no files, testable with bytes):
 
-* `BlockTable`: a lookup table built from the *new* index: a sorted ``array('Q')`` of the
-  entries' first 8 bytes and an ``array('I')`` of their block numbers, searched with `bisect`
-  per local block (12 bytes per block of the new image; a dict would cost ~110).  A prefix hit is
-  confirmed on all 16 bytes.  Equal blocks (zeros) are one key with several positions.
+* `BlockTable`: a lookup table built from the *new* index: a sorted ``array('Q')`` of keys,
+  each an entry's first 8 bytes with its low bits replaced by its block number, searched with
+  `bisect` per local block (8 bytes per block of the new image; a dict would cost ~110), and
+  sorted bucket by bucket so that building it holds no list of every entry.  A prefix hit is
+  confirmed on all 16 bytes.  Equal blocks (zeros) are one prefix with several positions.
 * `Placement`: for each block of the new image, the local copy found for it (source number and
   block number in that source), filled by `place_blocks` from a source's bytes: every aligned
   4 KiB block of the source, its last partial block zero-padded (as the index hashes the image's
@@ -66,12 +67,11 @@ from pathlib import Path
 
 from otacast.schemas import blockindex, fec
 from otacast.schemas.blockindex import BlockIndex, block_digest
-from otacast.schemas.deltaobject import parse_lane
 from otacast.schemas.errors import MalformedDelta, MalformedIndex
 from otacast.schemas.limits import INDEX_BLOCK_SIZE, INDEX_HASH_BYTES, MAX_INDEX_BYTES
 from otacast.schemas.manifest import Manifest
 
-from .delta import LaneDecoder
+from .delta import LaneDecoder, StoredObject, lane_header_of
 from .errors import FetchError
 
 BLOCK = INDEX_BLOCK_SIZE
@@ -80,8 +80,9 @@ BLOCK = INDEX_BLOCK_SIZE
 # holds at once.
 SCAN_READ_BYTES = 4 * 1024 * 1024
 # Local chunks waiting for the receive loop (each at most a chunk, 8 MiB): the worker waits when
-# the loop is busy rather than holding the whole image in memory.
-RESULT_QUEUE = 2
+# the loop is busy rather than holding the whole image in memory.  One: the worker builds the
+# next meanwhile, and each waiting chunk is 8 MiB of the device's peak.
+RESULT_QUEUE = 1
 # A read of placed blocks for one chunk joins neighbouring blocks of a source into one pread of
 # at most this many bytes.
 READ_RUN_BYTES = 1024 * 1024
@@ -89,6 +90,8 @@ READ_RUN_BYTES = 1024 * 1024
 # DELTA_DECODE_STEP of blocks per call): the blocks written per pwrite stay small.
 LANE_FEED_BYTES = 64 * 1024
 _NOWHERE = -1
+# The lookup table is sorted in 2^this buckets of its keys' top bits (`BlockTable`).
+_BUCKET_BITS = 10
 _SOURCE_SHIFT = 40  # a placement is source << 40 | block in that source (2^40 blocks = 4 PiB)
 
 
@@ -98,30 +101,42 @@ _SOURCE_SHIFT = 40  # a placement is source << 40 | block in that source (2^40 b
 class BlockTable:
     """The new image's index as a lookup table: digest -> the image blocks that have it."""
 
-    __slots__ = ("blocks", "index", "keys")
+    __slots__ = ("_low", "_mask", "index", "keys")
 
     def __init__(self, index: BlockIndex) -> None:
         self.index = index
+        count = index.blocks
+        shift = max(1, (count - 1).bit_length())  # the low bits hold the block number
+        self._low = (1 << shift) - 1
+        self._mask = ((1 << 64) - 1) ^ self._low
+        # Bucketed by the top bits and each bucket sorted on its own: no list of every entry
+        # (a list of 307k ints is ~12 MB beside the 2.4 MB array).
+        buckets = [array("Q") for _ in range(1 << _BUCKET_BITS)]
         halves = array("Q")
         halves.frombytes(index.digests)  # two native words per 16-byte entry
-        prefixes = halves[0::2]
+        mask, top = self._mask, 64 - _BUCKET_BITS
+        for block in range(count):
+            key = (halves[2 * block] & mask) | block
+            buckets[key >> top].append(key)
         del halves
-        order = sorted(range(len(prefixes)), key=prefixes.__getitem__)
-        self.keys = array("Q", (prefixes[i] for i in order))
-        self.blocks = array("I", order)
+        self.keys = array("Q")
+        for bucket in buckets:
+            self.keys.extend(sorted(bucket))
+            del bucket[:]
 
     @property
     def nbytes(self) -> int:
         """What the table holds (the index itself aside)."""
-        return len(self.keys) * self.keys.itemsize + len(self.blocks) * self.blocks.itemsize
+        return len(self.keys) * self.keys.itemsize
 
     def positions(self, digest: bytes) -> Iterator[int]:
         """The blocks of the new image whose entry is `digest` (16 bytes), ascending."""
-        key = int.from_bytes(digest[:8], sys.byteorder)  # as `frombytes` read the entries
-        keys, blocks, entry = self.keys, self.blocks, self.index.digests
+        mask, low = self._mask, self._low
+        key = int.from_bytes(digest[:8], sys.byteorder) & mask  # as `frombytes` read the entries
+        keys, entry = self.keys, self.index.digests
         at = bisect_left(keys, key)
-        while at < len(keys) and keys[at] == key:
-            block = blocks[at]
+        while at < len(keys) and keys[at] & mask == key:
+            block = keys[at] & low
             start = block * INDEX_HASH_BYTES
             if entry[start : start + INDEX_HASH_BYTES] == digest:
                 yield block
@@ -305,13 +320,18 @@ def scan_source(
 
 
 def read_placed(
-    opened: Sequence[_Opened], index: BlockIndex, placement: Placement, blocks: Iterable[int]
-) -> dict[int, bytes]:
-    """The bytes of the placed `blocks` (image block numbers), read again from their sources and
-    checked against the index once more; a block that no longer matches is forgotten in
-    `placement` and left out.  Neighbouring local blocks are read with one pread."""
+    opened: Sequence[_Opened],
+    index: BlockIndex,
+    placement: Placement,
+    blocks: range,
+    into: bytearray,
+) -> list[int]:
+    """Copy the placed `blocks` (image block numbers), read again from their sources and checked
+    against the index once more, into `into` (block ``blocks.start`` at 0, the last partial one
+    zero-padded); the blocks copied.  A block that no longer matches is forgotten in `placement`
+    and left out.  Neighbouring local blocks are read with one pread."""
     wanted = sorted((where, b) for b in blocks if (where := placement.get(b)) is not None)
-    found: dict[int, bytes] = {}
+    found: list[int] = []
     at = 0
     while at < len(wanted):
         (source, first), _ = wanted[at]
@@ -328,9 +348,11 @@ def read_placed(
         except OSError:
             data = b""
         for (_, local), block in wanted[at:end]:
-            piece = data[(local - first) * BLOCK : (local - first + 1) * BLOCK]
+            piece = memoryview(data)[(local - first) * BLOCK : (local - first + 1) * BLOCK]
             if piece and block_digest(piece) == index.digest(block):
-                found[block] = piece.ljust(BLOCK, b"\0")
+                at = (block - blocks.start) * BLOCK
+                into[at : at + len(piece)] = piece
+                found.append(block)
             else:
                 placement.forget(block)
         at = end
@@ -461,11 +483,11 @@ class ReuseWorker(threading.Thread):
         # Set when the driver stops waiting for an offered index (multicast failed).
         self.no_more_index = threading.Event()
         self.lane_file = lane_file
-        self._lane: queue.Queue[bytes | None] = queue.Queue(1)
+        self._lane: queue.Queue[bytes | StoredObject | None] = queue.Queue(1)
 
-    def offer_lane(self, data: bytes | None) -> None:
-        """The verified delta lane object (None: none will come) for a worker with a
-        `lane_file`."""
+    def offer_lane(self, data: bytes | StoredObject | None) -> None:
+        """The verified delta lane object, in memory or stored (None: none will come), for a
+        worker with a `lane_file`."""
         with contextlib.suppress(queue.Full):
             self._lane.put_nowait(data)
 
@@ -574,7 +596,7 @@ class ReuseWorker(threading.Thread):
             for handle in opened:
                 handle.close()
 
-    def _wait_lane(self) -> bytes | None:
+    def _wait_lane(self) -> bytes | StoredObject | None:
         while not self.stop.is_set():
             with contextlib.suppress(queue.Empty):
                 return self._lane.get(timeout=0.2)
@@ -589,13 +611,16 @@ class ReuseWorker(threading.Thread):
         if data is None:
             return 0
         try:
-            header, stream = parse_lane(data, length=index.length)
+            header = lane_header_of(data, length=index.length)
             decoder = LaneDecoder(header, index)
         except MalformedDelta as exc:
             self._put(ReuseNote(f"delta lane: object unusable ({exc})"))
             return 0
+        except OSError as exc:
+            self._put(ReuseNote(f"delta lane: cannot read its object: {exc.strerror or exc}"))
+            return 0
         number, written, placed = len(opened), 0, 0
-        wanted: list[int] = []
+        wanted = array("I")  # image block of each block written (4 bytes each, not a list's 36)
         try:
             fd = os.open(
                 self.lane_file,
@@ -603,9 +628,9 @@ class ReuseWorker(threading.Thread):
                 0o600,
             )
             try:
-                for start in range(0, len(stream), LANE_FEED_BYTES):
+                for piece in lane_pieces(data, header.stream_offset):
                     pieces = []
-                    for block, raw in decoder.feed(stream[start : start + LANE_FEED_BYTES]):
+                    for block, raw in decoder.feed(piece):
                         if placement.known(block):
                             continue  # a local copy (verified at the scan) serves it
                         pieces.append(raw.ljust(BLOCK, b"\0"))
@@ -648,20 +673,20 @@ class ReuseWorker(threading.Thread):
             offset, length = layout.chunk_span(chunk)
             needed = symbol_blocks(offset, offset + length)
             placed = placement_in(placement, needed)
-            blocks = read_placed(opened, index, placement, needed)
+            # The chunk's bytes as far as known (unknown blocks zero), symbols cut from them;
+            # the buffer let go once cut (only the chunk's bytes wait for the queue).
+            buffer = bytearray(len(needed) * BLOCK)
+            blocks = read_placed(opened, index, placement, needed, buffer)
             if len(blocks) < placed:
                 # Blocks changed since the scan were forgotten: their symbols are not known.
                 esis = known_symbols(layout, chunk, placement.known)
             if not esis:
+                del buffer
                 continue
-            # The chunk's bytes as far as known (unknown blocks zero), symbols cut from them.
-            buffer = bytearray(len(needed) * BLOCK)
-            for block, data in blocks.items():
-                at = (block - needed.start) * BLOCK
-                buffer[at : at + BLOCK] = data
             start = offset - needed.start * BLOCK
             if len(esis) == fec.source_symbols(length, layout.symbol_size):
-                whole = bytes(buffer[start : start + length])
+                whole = bytes(memoryview(buffer)[start : start + length])
+                del buffer
                 if hashlib.sha256(whole).digest() == hashes[chunk]:
                     if not self._put(LocalChunk(chunk, data=whole)):
                         break
@@ -679,10 +704,21 @@ class ReuseWorker(threading.Thread):
                 )
                 for e in esis
             )
-            del view
+            del view, buffer
             if not self._put(LocalChunk(chunk, symbols=symbols)):
                 break
         return mismatched
+
+
+def lane_pieces(lane: bytes | StoredObject, start: int) -> Iterator[bytes | memoryview]:
+    """The lane object's bytes from `start` on, ``LANE_FEED_BYTES`` at a time (a stored one
+    read from its file: raises OSError)."""
+    if isinstance(lane, bytes):
+        view = memoryview(lane)
+        for at in range(start, len(view), LANE_FEED_BYTES):
+            yield view[at : at + LANE_FEED_BYTES]
+        return
+    yield from lane.pieces(start, LANE_FEED_BYTES)
 
 
 def placement_in(placement: Placement, blocks: range) -> int:
@@ -690,15 +726,14 @@ def placement_in(placement: Placement, blocks: range) -> int:
     return sum(1 for b in blocks if placement.known(b))
 
 
-def drain(results: queue.Queue[ReuseItem], most: int) -> list[ReuseItem]:
-    """Up to `most` items the worker has queued, without waiting."""
-    items: list[ReuseItem] = []
-    while len(items) < most:
+def drain(results: queue.Queue[ReuseItem], most: int) -> Iterator[ReuseItem]:
+    """Up to `most` items the worker has queued, without waiting, one at a time (each is
+    taken from the queue only once the one before was dealt with: a chunk each)."""
+    for _ in range(most):
         try:
-            items.append(results.get_nowait())
+            yield results.get_nowait()
         except queue.Empty:
-            break
-    return items
+            return
 
 
 # --- Which sources -----------------------------------------------------------------------------

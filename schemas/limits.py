@@ -259,11 +259,19 @@ MAX_DELTA_FROM = 8
 
 # --- Delta lane (delta delivery) ---------------------------------------------------------------
 
-# The largest delta lane object a device takes the lane for: it is decoded in memory (about its
-# length in decoded blocks plus the symbols of the block being decoded).  The design's updates
-# of a 1.2 GB image need 1.7-44 MB (docs/PERFORMANCE.md); a lane past 256 MiB is a release so
-# different that the full carousel costs the device little more, and is taken instead.
+# The largest delta lane object a device takes the lane for: it is put together on disk in the
+# state directory (`otacast.plugin.object_file`: the object plus about as much of spooled
+# symbols), memory staying at one block's decode.  The design's updates of a 1.2 GB image need
+# 1.7-44 MB (docs/PERFORMANCE.md); a lane past 256 MiB is a release so different that the full
+# carousel costs the device little more, and is taken instead.
 MAX_LANE_OBJECT_BYTES = 256 * 1024 * 1024
+
+# Symbols spooled per source block of a lane object beyond its K before the block is given up
+# and collected afresh.  RaptorQ decodes from K symbols with probability ~99% and from K + 2
+# with ~99.99% (RFC 6330 section 1), so 16 more leave an honest block practically never
+# undecodable, and bound the spool (and the seen-ESI set a flood of high ESIs could grow) at
+# K + 16 slots per block.
+LANE_SPOOL_EXTRA_SYMBOLS = 16
 
 # Lane DATA datagrams a device holds while it waits for the manifest on the lane's group (it
 # cannot know the lane's TSI before): the lane sends its manifest at least every 0.25 s, ~200

@@ -52,6 +52,15 @@ def test_the_lane_is_taken_only_by_a_listed_release_with_a_readable_source(
     assert isinstance(other, LaneChoice) and other.old_index is None
 
 
+def on_v1(releases: Path, tmp_path: Path) -> tuple[Manifest, list[bytes], LaneChoice]:
+    """v2's manifest, its lane datagrams (400 repair symbols) and the choice of a device on
+    v1 holding v1's index."""
+    m, data, _ = _lane_datagrams(releases, tmp_path, 400)
+    choice = lane_choice(m, 1, _v1_index(releases), 1)
+    assert isinstance(choice, LaneChoice)
+    return m, data, choice
+
+
 def _run(core: LaneCore, data: list[bytes]) -> None:
     for datagram in data:
         core.receive(datagram)
@@ -60,9 +69,7 @@ def _run(core: LaneCore, data: list[bytes]) -> None:
 def test_the_lane_core_builds_the_new_index_from_the_patch_and_verifies_the_lane_object(
     releases: Path, tmp_path: Path
 ) -> None:
-    m, data, _ = _lane_datagrams(releases, tmp_path, 400)
-    choice = lane_choice(m, 1, _v1_index(releases), 1)
-    assert isinstance(choice, LaneChoice)
+    m, data, choice = on_v1(releases, tmp_path)
     core = LaneCore(m, choice)
     _run(core, data)
     objects = _lane_objects(releases, m)
@@ -88,9 +95,7 @@ def test_a_patch_that_does_not_give_the_signed_index_is_refused_and_the_full_ind
 
 
 def test_hostile_lane_datagrams_are_counted_rejections(releases: Path, tmp_path: Path) -> None:
-    m, data, _ = _lane_datagrams(releases, tmp_path, 400)
-    choice = lane_choice(m, 1, _v1_index(releases), 1)
-    assert isinstance(choice, LaneChoice)
+    m, data, choice = on_v1(releases, tmp_path)
     core = LaneCore(m, choice)
     first = bytearray(data[0])
     other_tsi = bytearray(first)

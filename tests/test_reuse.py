@@ -60,7 +60,7 @@ def test_equal_blocks_are_one_key_with_every_position_and_a_prefix_hit_needs_all
     assert list(table.positions(block_digest(b))) == [3]
     forged = block_digest(a)[:8] + bytes(8)  # same 8-byte key, other hash
     assert list(table.positions(forged)) == []
-    assert table.nbytes == 5 * 12
+    assert table.nbytes == 5 * 8
 
 
 def test_blocks_are_placed_wherever_the_source_has_them_and_zeros_fill_every_zero_block() -> None:
@@ -180,10 +180,12 @@ def test_a_local_block_changed_after_the_scan_is_not_used(tmp_path: Path) -> Non
         with source.open("r+b") as handle:  # tampered between the scan and the read
             handle.seek(5 * BLOCK + 17)
             handle.write(b"\xff" if image[5 * BLOCK + 17] != 0xFF else b"\0")
-        got = reuse.read_placed([opened], table.index, placement, range(16))
+        into = bytearray(16 * BLOCK)
+        got = reuse.read_placed([opened], table.index, placement, range(16), into)
     finally:
         opened.close()
     assert sorted(got) == [b for b in range(16) if b != 5]
+    assert into[: 5 * BLOCK] == image[: 5 * BLOCK] and into[5 * BLOCK : 6 * BLOCK] == bytes(BLOCK)
     assert not placement.known(5) and placement.placed == 15
 
 
