@@ -67,6 +67,18 @@ def _datagrams(dump: Path) -> list[bytes]:
     return out
 
 
+def _assert_side_session(seen: dict[str, object], tsi: int, release_tsi: int) -> None:
+    """What a listener on a side group heard: that session's FDT and DATA, and the release's
+    MANIFEST datagrams (with the release's own TSI), nothing else."""
+    kinds: dict[str, int] = seen["kinds"]  # type: ignore[assignment]
+    assert seen["problems"] == {}
+    assert set(kinds) == {"data", "fdt", "manifest"}
+    assert seen["sessions"] == {
+        f"{tsi:08x}": kinds["data"] + kinds["fdt"],
+        f"{release_tsi:08x}": kinds["manifest"],
+    }
+
+
 def test_serve_sends_the_delta_lane_and_the_index_group_on_their_own_groups_and_sessions(
     lan: LanFactory, tmp_path: Path
 ) -> None:
@@ -97,13 +109,7 @@ def test_serve_sends_the_delta_lane_and_the_index_group_on_their_own_groups_and_
     assert finished["event"] == "finished" and finished["lane_packets"] > 0
 
     # The lane group: the lane session's FDT and DATA, and the release's manifest datagrams.
-    kinds: dict[str, int] = lane_seen["kinds"]  # type: ignore[assignment]
-    assert lane_seen["problems"] == {}
-    assert set(kinds) == {"data", "fdt", "manifest"}
-    assert lane_seen["sessions"] == {
-        f"{lane_tsi:08x}": kinds["data"] + kinds["fdt"],
-        f"{m.tsi:08x}": kinds["manifest"],
-    }
+    _assert_side_session(lane_seen, lane_tsi, m.tsi)
     # The lane object (TOI 1, one source block: chunk 0) decodes byte-identical to the file
     # sign wrote, from what was heard.
     expected = (v2.directory / "rootfs.img.delta").read_bytes()
@@ -122,13 +128,7 @@ def test_serve_sends_the_delta_lane_and_the_index_group_on_their_own_groups_and_
 
     # The index group: its own session's FDT and DATA (the full index alone, which decodes to
     # v2's index) and the release's manifest datagrams.
-    index_kinds: dict[str, int] = index_seen["kinds"]  # type: ignore[assignment]
-    assert index_seen["problems"] == {}
-    assert set(index_kinds) == {"data", "fdt", "manifest"}
-    assert index_seen["sessions"] == {
-        f"{wire.index_tsi(m.tsi):08x}": index_kinds["data"] + index_kinds["fdt"],
-        f"{m.tsi:08x}": index_kinds["manifest"],
-    }
+    _assert_side_session(index_seen, wire.index_tsi(m.tsi), m.tsi)
     expected = index_of_image(v2.image).build()
     decoder = raptorq.Decoder.with_defaults(len(expected), m.fec.symbol_size)
     decoded = None

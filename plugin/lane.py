@@ -169,7 +169,54 @@ class EarlyLane:
         return len(self._held)
 
 
-class LaneCore:
+class _SideCore:
+    """What the lane core and the index group's core share: the datagrams of a side session
+    (`tsi`) checked and counted, and symbols fed to an assembly."""
+
+    def __init__(self, tsi: int, symbol_size: int) -> None:
+        self.tsi = tsi
+        self.symbol_size = symbol_size
+        self._datagram_size = wire.data_datagram_size(symbol_size)
+        self.datagrams = 0  # DATA datagrams given (of any TSI)
+        self.bytes = 0  # their symbol bytes
+        self.symbols = 0  # new symbols fed to an assembly
+        self.rejected: Counter[str] = Counter()
+
+    def _symbol(self, data: bytes | memoryview) -> tuple[int, int, int, memoryview] | None:
+        """(TOI, SBN, ESI, codec packet) of a DATA datagram of this session of the signed
+        symbol size, else None and the rejection counted."""
+        self.datagrams += 1
+        fields = wire.peek_data(data)
+        if fields is None or fields[0] != self.tsi:
+            self.rejected["other-session"] += 1
+            return None
+        if len(data) != self._datagram_size:
+            self.rejected["symbol-length"] += 1
+            return None
+        self.bytes += self.symbol_size
+        _, chunk, esi = fields
+        packet = memoryview(data)[wire.CODEC_PACKET_OFFSET :]
+        return chunk // PART_CHUNKS + 1, chunk % PART_CHUNKS, esi, packet
+
+    def _feed(
+        self,
+        assembly: LaneAssembly | ObjectAssembly | IndexAssembly,
+        block: int,
+        esi: int,
+        packet: memoryview,
+    ) -> bytes | StoredObject | BlockIndex | None:
+        """Feed one symbol: the verified object once complete, else None (a rejection
+        counted)."""
+        before = assembly.symbols
+        result = assembly.feed(block, esi, packet)
+        self.symbols += assembly.symbols - before
+        if isinstance(result, str):
+            self.rejected[result] += 1
+            return None
+        return result
+
+
+class LaneCore(_SideCore):
     """Collects the lane objects a `LaneChoice` wants (module doc, *The lane core*)."""
 
     def __init__(
@@ -186,12 +233,9 @@ class LaneCore:
             raise ValueError("the manifest has no delta lane")
         if delta.length > MAX_LANE_OBJECT_BYTES:  # before any decoder is made
             raise ValueError("the delta lane object is larger than MAX_LANE_OBJECT_BYTES")
+        super().__init__(fdt.LANE.tsi(manifest), manifest.fec.symbol_size)
         self.manifest = manifest
         self.choice = choice
-        self.tsi = wire.lane_tsi(manifest.tsi)
-        self.symbol_size = manifest.fec.symbol_size
-        self._datagram_size = wire.data_datagram_size(self.symbol_size)
-        self._decoder_factory = decoder_factory
         parts = {toi: part for toi, _, part in fdt.lane_objects(manifest)}
         self._parts = parts
         self._object: LaneAssembly | None = assemble(
@@ -211,11 +255,7 @@ class LaneCore:
         self.index_from_patch = False
         self.lane_object: bytes | StoredObject | None = None
         self.failed: str | None = None  # the lane object itself is unusable (signed, yet bad)
-        self.datagrams = 0  # lane DATA datagrams given (of any TSI)
-        self.bytes = 0  # their symbol bytes
-        self.symbols = 0  # new symbols fed to an assembly
         self.ignored = 0  # symbols of lane objects this device does not want
-        self.rejected: Counter[str] = Counter()
 
     @property
     def needs_index(self) -> bool:
@@ -237,11 +277,9 @@ class LaneCore:
     def receive(self, data: bytes | memoryview) -> bool:
         """One datagram read on the lane socket that `wire.peek_data` reads as DATA; whether it
         completed an index or the lane object (look at `index`, `lane_object`)."""
-        self.datagrams += 1
-        symbol = _side_symbol(data, self.tsi, self._datagram_size, self.rejected)
+        symbol = self._symbol(data)
         if symbol is None:
             return False
-        self.bytes += self.symbol_size
         toi, block, esi, packet = symbol
         if toi == wire.LANE_OBJECT_TOI:
             return self._on_object(block, esi, packet)
@@ -258,23 +296,6 @@ class LaneCore:
         if self._object is not None:
             self._object.close()
             self._object = None
-
-    def _feed(
-        self,
-        assembly: LaneAssembly | ObjectAssembly | IndexAssembly,
-        block: int,
-        esi: int,
-        packet: memoryview,
-    ) -> bytes | StoredObject | BlockIndex | None:
-        """Feed one symbol: the verified object once complete, else None (a rejection
-        counted)."""
-        before = assembly.symbols
-        result = assembly.feed(block, esi, packet)
-        self.symbols += assembly.symbols - before
-        if isinstance(result, str):
-            self.rejected[result] += 1
-            return None
-        return result
 
     def _on_object(self, block: int, esi: int, packet: memoryview) -> bool:
         if self._object is None:
@@ -316,49 +337,24 @@ class LaneCore:
         return True
 
 
-def _side_symbol(
-    data: bytes | memoryview, tsi: int, datagram_size: int, rejected: Counter[str]
-) -> tuple[int, int, int, memoryview] | None:
-    """(TOI, SBN, ESI, codec packet) of a DATA datagram of side session `tsi` of the signed
-    symbol size, else None and the rejection counted."""
-    fields = wire.peek_data(data)
-    if fields is None or fields[0] != tsi:
-        rejected["other-session"] += 1
-        return None
-    if len(data) != datagram_size:
-        rejected["symbol-length"] += 1
-        return None
-    _, chunk, esi = fields
-    packet = memoryview(data)[wire.CODEC_PACKET_OFFSET :]
-    return chunk // PART_CHUNKS + 1, chunk % PART_CHUNKS, esi, packet
-
-
-class IndexGroupCore:
+class IndexGroupCore(_SideCore):
     """Collects the full block index from the index group's datagrams (module doc, *The index
     group*); `index` once verified."""
 
     def __init__(self, manifest: Manifest, decoder_factory: DecoderFactory = raptorq_decoder):
+        super().__init__(fdt.INDEX_GROUP.tsi(manifest), manifest.fec.symbol_size)
         self.manifest = manifest
-        self.tsi = fdt.INDEX_GROUP.tsi(manifest)
-        self._datagram_size = wire.data_datagram_size(manifest.fec.symbol_size)
-        self.symbol_size = manifest.fec.symbol_size
         # Raises ValueError without an index, or one over MAX_INDEX_BYTES (before any decoder).
         self._assembly: IndexAssembly | None = IndexAssembly(manifest, decoder_factory)
         self.index: BlockIndex | None = None
-        self.datagrams = 0  # DATA datagrams given (of any TSI)
-        self.bytes = 0  # their symbol bytes
-        self.symbols = 0  # new symbols fed to the assembly
         self.ignored = 0  # symbols after the index was verified
-        self.rejected: Counter[str] = Counter()
 
     def receive(self, data: bytes | memoryview) -> bool:
         """One datagram read on the index group's socket that `wire.peek_data` reads as DATA;
         whether it completed the index."""
-        self.datagrams += 1
-        symbol = _side_symbol(data, self.tsi, self._datagram_size, self.rejected)
+        symbol = self._symbol(data)
         if symbol is None:
             return False
-        self.bytes += self.symbol_size
         toi, block, esi, packet = symbol
         if toi != wire.INDEX_GROUP_TOI:
             self.rejected["bad-toi"] += 1
@@ -366,13 +362,8 @@ class IndexGroupCore:
         if self._assembly is None:
             self.ignored += 1
             return False
-        before = self._assembly.symbols
-        result = self._assembly.feed(block, esi, packet)
-        self.symbols += self._assembly.symbols - before
-        if isinstance(result, str):
-            self.rejected[result] += 1
-            return False
-        if result is None:
+        result = self._feed(self._assembly, block, esi, packet)
+        if not isinstance(result, BlockIndex):
             return False
         self._assembly = None
         self.index = result
