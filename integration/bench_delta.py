@@ -44,9 +44,9 @@ the file installer's target with its installed record and ``installed.blockindex
 lane), one with ``--no-reuse`` (every byte from the carousel: the full download, the
 reference).  For each: seconds from starting ``otacast install`` to its ``finished`` line (the
 verified image written; the installer's copy into the slot comes after), the datagrams its
-sockets received (``datagrams`` + ``datagrams_lane``) over the image's, the summary's byte
-counts, and whether the installed slot is byte-identical to the update.  Also the sender's
-start-up: hashing, then encoding the symbol cache (or verifying a cached one:
+sockets received (``datagrams`` + ``datagrams_lane`` + ``datagrams_index``) over the image's,
+the summary's byte counts, and whether the installed slot is byte-identical to the update.
+Also the sender's start-up: hashing, then encoding the symbol cache (or verifying a cached one:
 ``symbols_cached``), separately.  Each install is bounded by ``--timeout``, the sender's
 start-up by ``--serve-timeout`` and its life by ``--duration``.  JSON lines go to
 ``--results``/bench_delta_e2e.jsonl, and a table to stdout.
@@ -413,6 +413,7 @@ def _device_row(mode: str, done: Timed, image: Path, slot: Path, datagrams: int)
     for key in (
         "datagrams",
         "datagrams_lane",
+        "datagrams_index",
         "bytes_lane",
         "bytes_local",
         "bytes_multicast",

@@ -305,8 +305,10 @@ def summary_of(events: list[dict[str, object]]) -> dict[str, object]:
 
 def received_datagrams(summary: dict[str, object]) -> int:
     """Every datagram the device's sockets handed it: the core's (the carousel's, and the
-    manifest's on the delta lane) and the lane's DATA."""
-    return int(summary["datagrams"]) + int(summary["datagrams_lane"])  # type: ignore[call-overload]
+    manifest's on the delta lane and the index group) and the lane's and the index group's
+    DATA."""
+    counts = ("datagrams", "datagrams_lane", "datagrams_index")
+    return sum(int(summary[k]) for k in counts)  # type: ignore[call-overload]
 
 
 # --- A device holding an installed release (the delta lane's devices) --------------------------

@@ -9,7 +9,7 @@ state directory records v1 as installed the way `deliver` does (`release.holding
 end-to-end mode of integration/bench_delta.py sets its devices up the same way).  The datagrams
 counted are every datagram the device's sockets handed it (``datagrams``: the core's, including
 the manifest's on the lane and the carousel's if it joined it; ``datagrams_lane``: the lane's
-DATA).
+DATA; ``datagrams_index``: the index group's DATA, for a device without the installed index).
 """
 
 from __future__ import annotations
@@ -76,14 +76,21 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
 
 
 def _install_v2(
-    lan: LanFactory, releases: Releases, tmp_path: Path, state: Path, *args: str, loss: int = 0
+    lan: LanFactory,
+    releases: Releases,
+    tmp_path: Path,
+    state: Path,
+    *args: str,
+    loss: int = 0,
+    serve_extra: tuple[str, ...] = (),
 ) -> tuple[dict[str, object], list[str]]:
-    """Serve v2 (with its lane) and install it into the slot with the file installer; the
-    fetch summary and the notes."""
+    """Serve v2 (with its lane; `serve_extra` more options) and install it into the slot with
+    the file installer; the fetch summary and the notes."""
     net = lan(2)
     sender, device = net.hosts
     # Per-datagram loss needs datagrams that are not coalesced (GSO) on the way.
-    serve_args = ("--rate", "10M", "--duration", "300s") + (("--no-gso",) if loss else ())
+    serve_args = ("--rate", "10M", "--duration", "300s", *serve_extra)
+    serve_args += ("--no-gso",) if loss else ()
     tx = serve(sender, releases.v2, *serve_args, ready=True)
     if loss:
         random_loss(device, loss)
@@ -118,9 +125,11 @@ def test_a_device_on_v1_installs_v2_from_the_delta_lane_receiving_at_most_5_perc
     print(f"received {received} of {releases.image_datagrams} image datagrams at {loss}% loss")
     assert received <= LANE_BUDGET * releases.image_datagrams, summary
     assert int(summary["bytes_local"]) == releases.v2.image.stat().st_size  # type: ignore[call-overload]
+    # Not one datagram of the full index: the lane carries none, the index group is not joined.
+    assert summary["datagrams_index"] == 0 and not any("index group" in n for n in notes), notes
 
 
-def test_a_device_without_the_installed_index_takes_the_full_index_from_the_lane(
+def test_a_device_without_the_installed_index_takes_the_full_index_from_the_index_group(
     lan: LanFactory, releases: Releases, tmp_path: Path
 ) -> None:
     state = holding(releases.v1, tmp_path, index=False)
@@ -128,7 +137,21 @@ def test_a_device_without_the_installed_index_takes_the_full_index_from_the_lane
     _assert_v2_installed(releases, tmp_path, state)
     assert summary["lane_from"] == V1_SEQUENCE, notes
     assert summary["lane_index"] == "full", notes
+    assert any("index group: joining" in n for n in notes), notes
+    assert int(summary["datagrams_index"]) > 0, summary  # type: ignore[call-overload]
     assert received_datagrams(summary) <= LANE_BUDGET * releases.image_datagrams, summary
+
+
+def test_without_an_index_group_a_device_without_the_installed_index_takes_the_carousels(
+    lan: LanFactory, releases: Releases, tmp_path: Path
+) -> None:
+    state = holding(releases.v1, tmp_path, index=False)
+    summary, notes = _install_v2(lan, releases, tmp_path, state, serve_extra=("--index-share", "0"))
+    _assert_v2_installed(releases, tmp_path, state)
+    assert summary["lane_from"] == V1_SEQUENCE and summary["lane_index"] == "full", notes
+    assert any("index group: nothing received" in n for n in notes), notes
+    assert any("no block index on the index group" in n for n in notes), notes
+    assert summary["datagrams_index"] == 0
 
 
 def test_a_device_on_a_release_the_lane_does_not_list_gets_v2_from_the_full_carousel(

@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from otacast.schemas import addressing
+from otacast.schemas.manifest import parse_envelope
 from tests.helpers import MetricSamples, metric_samples
 
 from .netns import BIN, Host, LanFactory, stop
@@ -54,10 +56,17 @@ def test_serve_metrics_are_scraped_over_http_and_grow(lan: LanFactory, tmp_path:
     groups = {
         dict(labels)["group"] for name, labels in first if name == "otacast_sender_bytes_total"
     }
-    group = (("group", groups.pop()),)
+    # The carousel's group and the index group's (the raw image's block index alone, at the
+    # default 4% of the rate, which the carousel gives up).
+    transport = parse_envelope(release.manifest.read_bytes()).manifest.transport
+    index_group = addressing.ssm_group(transport.channel, transport.scope, 254)
+    assert groups == {transport.ssm_group, index_group}
+    group = (("group", transport.ssm_group),)
     for name in ("bytes_total", "passes_total", "auth_pages_total", "auth_bytes_total"):
         assert ("otacast_sender_" + name, group) in first, name
-    assert first[("otacast_sender_rate_target_bytes_per_second", group)] == 2_000_000
+    assert first[("otacast_sender_rate_target_bytes_per_second", group)] == 1_920_000
+    rate = ("otacast_sender_rate_target_bytes_per_second", (("group", index_group),))
+    assert first[rate] == 80_000
     data = ("otacast_sender_packets_total", (*group, ("kind", "data")))
     assert second[data] > first[data] > 0
     sent = ("otacast_sender_bytes_total", group)

@@ -3,9 +3,9 @@ image takes most of the new one from its own blocks and the rest from the carous
 
 The images are real: ``mke2fs -d`` of a copy of part of /usr/lib/python3.11 (v1), the same tree
 plus 3 MB of new files (v2), and an unrelated tree (dist-packages), each a 96 MiB ext4 image,
-built once for the module.  The first test takes the block index from the carousel (the signed
-manifest binds it); the others are given it as a file (``--block-index``), built here with the
-schemas' IndexBuilder.
+built once for the module.  Two tests take the block index from multicast (the signed manifest
+binds it): from the index group, or, when the sender serves none, from the carousel; the others
+are given it as a file (``--block-index``), built here with the schemas' IndexBuilder.
 """
 
 from __future__ import annotations
@@ -122,7 +122,12 @@ def _known_bytes(pair: Pair, source: Path) -> int:
 
 
 def _install(
-    lan: LanFactory, pair: Pair, tmp_path: Path, *args: str, index_file: bool = True
+    lan: LanFactory,
+    pair: Pair,
+    tmp_path: Path,
+    *args: str,
+    index_file: bool = True,
+    serve_args: tuple[str, ...] = (),
 ) -> tuple[dict[str, object], list[str], Path]:
     """Serve v2 and install it with the file installer into ``slot.img`` (whatever the test
     put there first); the fetch summary, the notes, and the slot."""
@@ -147,7 +152,7 @@ def _install(
     )
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(JOIN_DELAY)
-    tx = serve(sender, pair.release, "--rate", "10M", "--duration", "300s")
+    tx = serve(sender, pair.release, "--rate", "10M", "--duration", "300s", *serve_args)
     try:
         stdout, stderr = process.communicate(timeout=240)
     finally:
@@ -188,13 +193,33 @@ def test_a_device_holding_v1_in_its_file_slot_gets_v2_mostly_from_its_own_blocks
     assert used < 0.6 * _full_download_datagrams(pair), summary
 
 
-def test_without_an_index_file_the_carousels_signed_index_drives_the_local_pass(
+def test_without_an_index_file_the_index_groups_signed_index_drives_the_local_pass_early(
     lan: LanFactory, pair: Pair, tmp_path: Path
 ) -> None:
     shutil.copyfile(pair.v1, tmp_path / "slot.img")
     summary, notes, slot = _install(lan, pair, tmp_path, index_file=False)
     assert slot.read_bytes() == pair.release.image.read_bytes()
+    assert any("index group: joining" in n for n in notes), notes
+    assert int(summary["datagrams_index"]) > 0, summary  # type: ignore[call-overload]
+    assert any("blocks of the new image found" in n for n in notes), notes
+    # The index group brings the index in a small fraction of a pass, before most chunks are
+    # done from the carousel, so the local pass supplies most of the image (13-22% when only
+    # the carousel's in-band index brought it, late in the pass).
+    local = int(summary["bytes_local"])  # type: ignore[call-overload]
+    assert 0.8 * pair.length <= local <= _known_bytes(pair, pair.v1), summary
+
+
+def test_without_an_index_group_the_carousels_signed_index_drives_the_local_pass(
+    lan: LanFactory, pair: Pair, tmp_path: Path
+) -> None:
+    shutil.copyfile(pair.v1, tmp_path / "slot.img")
+    summary, notes, slot = _install(
+        lan, pair, tmp_path, index_file=False, serve_args=("--index-share", "0")
+    )
+    assert slot.read_bytes() == pair.release.image.read_bytes()
     assert summary["index_bytes"] == pair.index.stat().st_size  # IndexReady, signed length
+    assert any("index group: nothing received" in n for n in notes), notes
+    assert summary["datagrams_index"] == 0
     assert any("blocks of the new image found" in n for n in notes), notes
     # The index object has a small share of the carousel's airtime, so it completes late in
     # the pass and only the chunks still in progress by then gain (22% measured): no bound.

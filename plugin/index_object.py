@@ -1,9 +1,10 @@
 """Receiving the release's block index object over multicast, in memory (sans-IO).
 
 `ObjectAssembly` is the general part: any RaptorQ object of a signed length and SHA-256 (the
-block index here; the delta lane's full index and index patches in `otacast.plugin.lane`, and
-its object where no file is given), decoded in memory and given out only once its bytes hash
-right.  `otacast.plugin.object_file` does the same on disk for the lane object.
+block index here and on the index group; the delta lane's index patches in
+`otacast.plugin.lane`, and its object where no file is given), decoded in memory and given out
+only once its bytes hash right.  `otacast.plugin.object_file` does the same on disk for the lane
+object.
 
 The block index (`otacast.schemas.blockindex`, delta delivery) travels as one more RaptorQ
 object of the session (TOI ``wire.INDEX_TOI``), cut into source blocks as an image part of its

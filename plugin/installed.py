@@ -14,7 +14,7 @@ only when it equals the index the manifest signs), and `write_installed` moves i
 with the record, or removes an older one, so the file on disk is always the recorded release's
 or absent.  It is 16 bytes per 4 KiB of image (0.39%), never read beyond the length its own
 header gives (at most ``MAX_INDEX_BYTES``), and a file that is missing, unreadable or does not
-hash to what the lane expects only means the lane's full index is taken instead.
+hash to what the lane expects only means the full index is taken instead (the index group).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def _promote_index(state_dir: Path, verified: VerifiedManifest) -> None:
         sync_directory(state_dir)
     except OSError:
         with contextlib.suppress(OSError):
-            target.unlink()  # at worst no index: the lane's full index is taken instead
+            target.unlink()  # at worst no index: the full index is taken instead
 
 
 def _sha256_of(path: Path) -> bytes | None:

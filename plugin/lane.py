@@ -3,8 +3,10 @@
 A release signed with ``--delta-from`` lists in its manifest (``delta``) the releases its delta
 lane serves; `serve` sends the lane as a FLUTE session of its own on the lane's groups
 (`addressing.LANE_RATE_INDEX`, TSI `wire.lane_tsi`, docs/FORMATS.md "Delta lane session"):
-the lane object (the 4 KiB blocks of the new image that some listed release lacks), the new
-release's full block index and one index patch per listed release.
+the lane object (the 4 KiB blocks of the new image that some listed release lacks) and one
+index patch per listed release.  The new release's full block index is on the index group
+(`addressing.INDEX_RATE_INDEX`, TSI `wire.index_tsi`), which a device joins only while it needs
+the index whole.
 
 *The decision* (`lane_choice`, pure).  A device takes the lane instead of the carousel when
 the verified manifest has a lane, its installed release (``installed.json``) is among the
@@ -13,23 +15,30 @@ at least one local source can be read (`otacast.plugin.reuse`: the lane carries 
 installed release lacks, the rest comes from the device's own blocks) and the lane object fits
 ``MAX_LANE_OBJECT_BYTES``.  It wants the lane object and, for the new index, the index patch
 of its release when it holds that release's index (``installed.blockindex`` whose SHA-256 is the
-one the manifest lists for it), else the full index.  Anything else is a reason, said once, and
-the device takes the carousel as before.
+one the manifest lists for it), else the full index from the index group.  Anything else is a
+reason, said once, and the device takes the carousel as before.
 
 *The lane core* (`LaneCore`, sans-IO).  The driver gives it the DATA datagrams read on the lane
-socket.  Each wanted object is assembled (the indexes in memory, `index_object.ObjectAssembly`;
-the lane object where the driver's `assemble` says: on disk in the state directory,
-`object_file.FileAssembly`, in the receive driver) and used only once its bytes hash to the
-signed SHA-256; a patch is applied to the installed index (`delta.patched_index`) and the
-result used only if it hashes to the manifest's index.  What it has is read from `index` (the
-new block index) and `lane_object` (the verified lane object: its bytes, or the file that holds
-them); the receive driver hands both to the local pass (`reuse.ReuseWorker`), which decodes the
-lane's blocks against the index, reading a stored object in bounded steps, and places them
-beside the local ones.  Hostile datagrams
+socket, and the full index (`take_index`) when it `needs_index`.  Each wanted object is
+assembled (the patch in memory, `index_object.ObjectAssembly`; the lane object where the
+driver's `assemble` says: on disk in the state directory, `object_file.FileAssembly`, in the
+receive driver) and used only once its bytes hash to the signed SHA-256; a patch is applied to
+the installed index (`delta.patched_index`) and the result used only if it hashes to the
+manifest's index.  What it has is read from `index` (the new block index) and `lane_object`
+(the verified lane object: its bytes, or the file that holds them); the receive driver hands
+both to the local pass (`reuse.ReuseWorker`), which decodes the lane's blocks against the
+index, reading a stored object in bounded steps, and places them beside the local ones.
+Hostile datagrams
 (another TSI, a wrong symbol length, a block an object does not have, a forged symbol that
 spoils an object's hash) are counted rejections by reason and never raise; a patch that does
-not produce the signed index is a rejection (``patch-mismatch``) after which the full index
-is collected instead.
+not produce the signed index is a rejection (``patch-mismatch``) after which the core
+`needs_index` whole.
+
+*The index group* (`IndexGroupCore`, sans-IO) collects that full index from the datagrams read
+on the index group's socket (`index_object.IndexAssembly`), with the same rejections; the
+driver joins the group for a lane device that `needs_index` and for a device that reuses local
+blocks beside the carousel (whose in-band index comes late in a pass), and leaves it once the
+index is verified.
 
 Memory: the index or patch being collected (at most ``MAX_INDEX_BYTES``, with its decoder);
 the lane object, on disk, costs its seen-ESI bits and one block's decode at a time, whatever
@@ -160,94 +169,34 @@ class EarlyLane:
         return len(self._held)
 
 
-class LaneCore:
-    """Collects the lane objects a `LaneChoice` wants (module doc, *The lane core*)."""
+class _SideCore:
+    """What the lane core and the index group's core share: the datagrams of a side session
+    (`tsi`) checked and counted, and symbols fed to an assembly."""
 
-    def __init__(
-        self,
-        manifest: Manifest,
-        choice: LaneChoice,
-        decoder_factory: DecoderFactory = raptorq_decoder,
-        assemble: LaneAssemblyFactory = in_memory,
-    ) -> None:
-        """`assemble` makes where the lane object is put together (the index and patch are
-        always in memory: `lane_choice` bounds them by ``MAX_INDEX_BYTES``)."""
-        delta, index = manifest.delta, manifest.index
-        if delta is None or index is None:
-            raise ValueError("the manifest has no delta lane")
-        if delta.length > MAX_LANE_OBJECT_BYTES:  # before any decoder is made
-            raise ValueError("the delta lane object is larger than MAX_LANE_OBJECT_BYTES")
-        self.manifest = manifest
-        self.choice = choice
-        self.tsi = wire.lane_tsi(manifest.tsi)
-        self.symbol_size = manifest.fec.symbol_size
-        self._datagram_size = wire.data_datagram_size(self.symbol_size)
-        self._decoder_factory = decoder_factory
-        parts = {toi: part for toi, _, part in fdt.lane_objects(manifest)}
-        self._parts = parts
-        self._object: LaneAssembly | None = assemble(
-            parts[wire.LANE_OBJECT_TOI], delta.sha256, self.symbol_size
-        )
-        self._patch_toi = wire.LANE_PATCH_TOI + choice.position
-        self._patch: ObjectAssembly | None = None
-        self._full: IndexAssembly | None = None
-        if choice.old_index is not None:
-            self._patch = ObjectAssembly(
-                parts[self._patch_toi],
-                choice.source.patch_sha256,
-                self.symbol_size,
-                decoder_factory,
-                name="patch",
-            )
-        else:
-            self._full = IndexAssembly(manifest, decoder_factory)
-        self.index: BlockIndex | None = None
-        self.index_from_patch = False
-        self.lane_object: bytes | StoredObject | None = None
-        self.failed: str | None = None  # the lane object itself is unusable (signed, yet bad)
-        self.datagrams = 0  # lane DATA datagrams given (of any TSI)
+    def __init__(self, tsi: int, symbol_size: int) -> None:
+        self.tsi = tsi
+        self.symbol_size = symbol_size
+        self._datagram_size = wire.data_datagram_size(symbol_size)
+        self.datagrams = 0  # DATA datagrams given (of any TSI)
         self.bytes = 0  # their symbol bytes
         self.symbols = 0  # new symbols fed to an assembly
-        self.ignored = 0  # symbols of lane objects this device does not want
         self.rejected: Counter[str] = Counter()
 
-    @property
-    def done(self) -> bool:
-        """Everything wanted is here (or the lane object cannot be used): leave the lane."""
-        return self.index is not None and (self.lane_object is not None or self.failed is not None)
-
-    def receive(self, data: bytes | memoryview) -> bool:
-        """One datagram read on the lane socket that `wire.peek_data` reads as DATA; whether it
-        completed an index or the lane object (look at `index`, `lane_object`)."""
+    def _symbol(self, data: bytes | memoryview) -> tuple[int, int, int, memoryview] | None:
+        """(TOI, SBN, ESI, codec packet) of a DATA datagram of this session of the signed
+        symbol size, else None and the rejection counted."""
         self.datagrams += 1
         fields = wire.peek_data(data)
         if fields is None or fields[0] != self.tsi:
             self.rejected["other-session"] += 1
-            return False
+            return None
         if len(data) != self._datagram_size:
             self.rejected["symbol-length"] += 1
-            return False
+            return None
         self.bytes += self.symbol_size
         _, chunk, esi = fields
-        toi, block = chunk // PART_CHUNKS + 1, chunk % PART_CHUNKS
         packet = memoryview(data)[wire.CODEC_PACKET_OFFSET :]
-        if toi == wire.LANE_OBJECT_TOI:
-            return self._on_object(block, esi, packet)
-        if toi == self._patch_toi and self._patch is not None and self.index is None:
-            return self._on_patch(block, esi, packet)
-        if toi == wire.LANE_INDEX_TOI and self._full is not None and self.index is None:
-            return self._on_full(block, esi, packet)
-        if toi in self._parts:
-            self.ignored += 1
-        else:
-            self.rejected["bad-toi"] += 1
-        return False
-
-    def close(self) -> None:
-        """Let go of an unfinished lane object's assembly (its files, when on disk)."""
-        if self._object is not None:
-            self._object.close()
-            self._object = None
+        return chunk // PART_CHUNKS + 1, chunk % PART_CHUNKS, esi, packet
 
     def _feed(
         self,
@@ -265,6 +214,88 @@ class LaneCore:
             self.rejected[result] += 1
             return None
         return result
+
+
+class LaneCore(_SideCore):
+    """Collects the lane objects a `LaneChoice` wants (module doc, *The lane core*)."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        choice: LaneChoice,
+        decoder_factory: DecoderFactory = raptorq_decoder,
+        assemble: LaneAssemblyFactory = in_memory,
+    ) -> None:
+        """`assemble` makes where the lane object is put together (the index and patch are
+        always in memory: `lane_choice` bounds them by ``MAX_INDEX_BYTES``)."""
+        delta, index = manifest.delta, manifest.index
+        if delta is None or index is None:
+            raise ValueError("the manifest has no delta lane")
+        if delta.length > MAX_LANE_OBJECT_BYTES:  # before any decoder is made
+            raise ValueError("the delta lane object is larger than MAX_LANE_OBJECT_BYTES")
+        super().__init__(fdt.LANE.tsi(manifest), manifest.fec.symbol_size)
+        self.manifest = manifest
+        self.choice = choice
+        parts = {toi: part for toi, _, part in fdt.lane_objects(manifest)}
+        self._parts = parts
+        self._object: LaneAssembly | None = assemble(
+            parts[wire.LANE_OBJECT_TOI], delta.sha256, self.symbol_size
+        )
+        self._patch_toi = wire.LANE_PATCH_TOI + choice.position
+        self._patch: ObjectAssembly | None = None
+        if choice.old_index is not None:
+            self._patch = ObjectAssembly(
+                parts[self._patch_toi],
+                choice.source.patch_sha256,
+                self.symbol_size,
+                decoder_factory,
+                name="patch",
+            )
+        self.index: BlockIndex | None = None
+        self.index_from_patch = False
+        self.lane_object: bytes | StoredObject | None = None
+        self.failed: str | None = None  # the lane object itself is unusable (signed, yet bad)
+        self.ignored = 0  # symbols of lane objects this device does not want
+
+    @property
+    def needs_index(self) -> bool:
+        """The new index must come whole (the index group): no patch to make it, or the patch
+        failed."""
+        return self.index is None and self._patch is None
+
+    def take_index(self, index: BlockIndex) -> None:
+        """The full index, verified elsewhere (`IndexGroupCore`, the carousel's)."""
+        if self.index is None:
+            self._patch = None
+            self.index = index
+
+    @property
+    def done(self) -> bool:
+        """Everything wanted is here (or the lane object cannot be used): leave the lane."""
+        return self.index is not None and (self.lane_object is not None or self.failed is not None)
+
+    def receive(self, data: bytes | memoryview) -> bool:
+        """One datagram read on the lane socket that `wire.peek_data` reads as DATA; whether it
+        completed an index or the lane object (look at `index`, `lane_object`)."""
+        symbol = self._symbol(data)
+        if symbol is None:
+            return False
+        toi, block, esi, packet = symbol
+        if toi == wire.LANE_OBJECT_TOI:
+            return self._on_object(block, esi, packet)
+        if toi == self._patch_toi and self._patch is not None and self.index is None:
+            return self._on_patch(block, esi, packet)
+        if toi in self._parts:
+            self.ignored += 1
+        else:
+            self.rejected["bad-toi"] += 1
+        return False
+
+    def close(self) -> None:
+        """Let go of an unfinished lane object's assembly (its files, when on disk)."""
+        if self._object is not None:
+            self._object.close()
+            self._object = None
 
     def _on_object(self, block: int, esi: int, packet: memoryview) -> bool:
         if self._object is None:
@@ -300,17 +331,40 @@ class LaneCore:
                 self.choice.old_index, result, length=self.manifest.image.length, sha256=info.sha256
             )
         except (MalformedDelta, MalformedIndex, ValueError):
-            self.rejected["patch-mismatch"] += 1
-            self._full = IndexAssembly(self.manifest, self._decoder_factory)
-            return False
+            self.rejected["patch-mismatch"] += 1  # `needs_index` now: the driver joins its group
+            return True
         self.index_from_patch = True
         return True
 
-    def _on_full(self, block: int, esi: int, packet: memoryview) -> bool:
-        assert self._full is not None
-        result = self._feed(self._full, block, esi, packet)
+
+class IndexGroupCore(_SideCore):
+    """Collects the full block index from the index group's datagrams (module doc, *The index
+    group*); `index` once verified."""
+
+    def __init__(self, manifest: Manifest, decoder_factory: DecoderFactory = raptorq_decoder):
+        super().__init__(fdt.INDEX_GROUP.tsi(manifest), manifest.fec.symbol_size)
+        self.manifest = manifest
+        # Raises ValueError without an index, or one over MAX_INDEX_BYTES (before any decoder).
+        self._assembly: IndexAssembly | None = IndexAssembly(manifest, decoder_factory)
+        self.index: BlockIndex | None = None
+        self.ignored = 0  # symbols after the index was verified
+
+    def receive(self, data: bytes | memoryview) -> bool:
+        """One datagram read on the index group's socket that `wire.peek_data` reads as DATA;
+        whether it completed the index."""
+        symbol = self._symbol(data)
+        if symbol is None:
+            return False
+        toi, block, esi, packet = symbol
+        if toi != wire.INDEX_GROUP_TOI:
+            self.rejected["bad-toi"] += 1
+            return False
+        if self._assembly is None:
+            self.ignored += 1
+            return False
+        result = self._feed(self._assembly, block, esi, packet)
         if not isinstance(result, BlockIndex):
             return False
-        self._full = None
+        self._assembly = None
         self.index = result
         return True

@@ -50,12 +50,13 @@ import queue
 import select
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from otacast.schemas import addressing, wire
+from otacast.schemas.blockindex import BlockIndex
 from otacast.schemas.fec import Part
 from otacast.schemas.limits import MAX_DECODER_BYTES
 from otacast.schemas.manifest import Manifest
@@ -82,7 +83,15 @@ from .events import (
     SourceHeard,
 )
 from .installed import read_installed_index
-from .lane import EarlyLane, LaneAssembly, LaneChoice, LaneCore, lane_choice, lane_note
+from .lane import (
+    EarlyLane,
+    IndexGroupCore,
+    LaneAssembly,
+    LaneChoice,
+    LaneCore,
+    lane_choice,
+    lane_note,
+)
 from .object_file import SPOOL_SUFFIX, FileAssembly
 from .report import FetchSummary, Reporter, refusal_note
 from .reuse import (
@@ -119,6 +128,10 @@ STATUS_INTERVAL = 1.0
 # before it joins the carousel instead (the lane sends its manifest at least every 0.25 s; a
 # release without a lane sends nothing there).  At most half the join timeout.
 LANE_PROBE_SECONDS = 3.0
+# How long a device that joined the index group for the block index waits for its first datagram
+# before it leaves (the group sends its FDT and manifest at least every 0.25 s; a sender serving
+# with --index-share 0 sends nothing there): a lane device then takes the carousel's in-band index.
+INDEX_PROBE_SECONDS = LANE_PROBE_SECONDS
 # Where the local pass keeps the delta lane's decoded blocks (state directory; removed at end).
 LANE_FILE = "lane.blocks"
 # Where the delta lane's object is put together (`object_file.FileAssembly`, with its ".spool"
@@ -213,20 +226,23 @@ class FetchOptions:
 
 
 def lane_joins(
-    memberships: Sequence[tuple[str, str | None]], channel: str, scope: str
+    memberships: Sequence[tuple[str, str | None]],
+    channel: str,
+    scope: str,
+    rate_index: int = addressing.LANE_RATE_INDEX,
 ) -> list[Join] | None:
-    """The delta lane's memberships for the main ones: the channel's SSM group becomes the
-    lane's SSM group (same sources), its ASM group the lane's ASM group (`serve` sends the lane
-    on the groups of the kind the main channel uses, `addressing.LANE_RATE_INDEX`); None when a
-    membership is of another group (``--group``: no lane group derives from it)."""
+    """The delta lane's memberships (or another side session's, on rate index `rate_index`) for
+    the main ones: the channel's SSM group becomes the lane's SSM group (same sources), its ASM
+    group the lane's ASM group (`serve` sends the lane on the groups of the kind the main channel
+    uses, `addressing.LANE_RATE_INDEX`); None when a membership is of another group
+    (``--group``: no lane group derives from it)."""
     ssm, asm = addressing.ssm_group(channel, scope), addressing.asm_group(channel, scope)
-    index = addressing.LANE_RATE_INDEX
     found = []
     for group, source in memberships:
         if group == ssm:
-            found.append(Join(addressing.ssm_group(channel, scope, index), source))
+            found.append(Join(addressing.ssm_group(channel, scope, rate_index), source))
         elif group == asm and source is None:
-            found.append(Join(addressing.asm_group(channel, scope, index)))
+            found.append(Join(addressing.asm_group(channel, scope, rate_index)))
         else:
             return None
     return found
@@ -393,6 +409,8 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
             datagrams_lane=run.datagrams_lane,
             lane_index=run.lane_index,
         )
+    if run.index_core is not None:
+        summary = replace(summary, datagrams_index=run.index_core.datagrams)
     emit.summary(summary)
     return summary
 
@@ -455,6 +473,12 @@ class _Run:
         self._retired_reads = 0
         # Zero-config following on the lane: the lane's SSM group, joined for each source heard.
         self.lane_follow: str | None = None
+        # The index group (`otacast.plugin.lane`, *The index group*): its socket while joined,
+        # until when its first datagram is awaited, its core once joined.
+        self.index_socket: MulticastReceiver | None = None
+        self.index_probe_until: float | None = None
+        self.index_core: IndexGroupCore | None = None
+        self.index_left = False  # left it: never joined again in this run
 
     @property
     def reads(self) -> int:
@@ -490,6 +514,8 @@ class _Run:
                 self.lane_probe_until = None
                 if self.core.verified is None:
                     self._switch_to_main("no manifest on the delta lane's group")
+            if self.index_probe_until is not None and now >= self.index_probe_until:
+                self._index_group_silent()
             self.core.handle_timer(now)
             self._take_http_results()
             self._take_local()
@@ -528,6 +554,9 @@ class _Run:
         if receiver is self.lane_socket:
             self._drain_lane(receiver)
             return
+        if receiver is self.index_socket:
+            self._drain_index(receiver)
+            return
         # One reading of each clock per burst: a burst takes milliseconds, and only a manifest
         # completed in it is checked against the wall time (its expiry).
         now, wall = time.monotonic(), time.time()
@@ -554,12 +583,13 @@ class _Run:
             self.core.count_rejected("oversized", dropped)
             self._truncated += dropped
 
-    def _drain_lane(self, receiver: MulticastReceiver) -> None:
-        """Read the lane socket: its DATA datagrams go to the lane core (held until the
-        decision), the rest (the release's MANIFEST datagrams, the lane's FDT) to the core."""
+    def _drain_side(
+        self, receiver: MulticastReceiver, take: Callable[[bytes | memoryview], bool]
+    ) -> bool:
+        """Read a side session's socket (the lane's, the index group's): its DATA datagrams go
+        to `take` (which says whether one completed something), the rest (the release's
+        MANIFEST datagrams, the session's FDT) to the core; whether anything completed."""
         now, wall = time.monotonic(), time.time()
-        lane = self.lane_core
-        before = lane.symbols if lane is not None else 0
         changed, left = False, MAX_BURST
         while left > 0:
             got = receiver.recv_batch()
@@ -571,12 +601,8 @@ class _Run:
             for data in datagrams:
                 if wire.peek_data(data) is None:
                     other.append(data)
-                    continue
-                self.datagrams_lane += 1
-                if lane is not None:
-                    changed = lane.receive(data) or changed
-                elif self.lane_early is not None:
-                    self.lane_early.hold(data)
+                else:
+                    changed = take(data) or changed
             if other:
                 self.core.receive_datagrams(other, source, now, wall=wall)
             if changed or self.core.has_events:
@@ -585,12 +611,131 @@ class _Run:
         if dropped:
             self.core.count_rejected("oversized", dropped)
             self._truncated += dropped
+        return changed
+
+    def _drain_lane(self, receiver: MulticastReceiver) -> None:
+        """Read the lane socket: its DATA datagrams go to the lane core (held until the
+        decision)."""
+        lane = self.lane_core
+        before = lane.symbols if lane is not None else 0
+
+        def take(data: bytes | memoryview) -> bool:
+            self.datagrams_lane += 1
+            if lane is not None:
+                return lane.receive(data)
+            if self.lane_early is not None:
+                self.lane_early.hold(data)
+            return False
+
+        changed = self._drain_side(receiver, take)
         if lane is not None:
             self.bytes_lane = lane.bytes
             if lane.symbols > before:
-                self.core.note_progress(now)  # the lane's objects advance the download
+                self.core.note_progress(time.monotonic())  # the lane's objects advance it
             if changed:
                 self._lane_progress()
+
+    def _drain_index(self, receiver: MulticastReceiver) -> None:
+        """Read the index group's socket: its DATA datagrams go to the index group's core."""
+        group = self.index_core
+        assert group is not None  # the socket is opened with the core
+        before = group.symbols
+        self.index_probe_until = None  # the group is served
+        if self._drain_side(receiver, group.receive) and group.index is not None:
+            self._index_arrived(group.index)
+        elif group.symbols > before:
+            self.core.note_progress(time.monotonic())
+
+    def _want_index_group(self, m: Manifest) -> None:
+        """The block index is wanted whole: join the index group (`m`'s) on the groups derived
+        from the carousel's memberships, joined or waiting (SSM: the same sources); following
+        announced senders, for each sender heard (`_index_follow`)."""
+        if self.index_core is not None or self.plan is None or self.options.interface is None:
+            return
+        try:
+            self.index_core = IndexGroupCore(m)
+        except ValueError:  # no index, or one over MAX_INDEX_BYTES: the carousel's or none
+            return
+        follow = self.plan.follow
+        candidates = self.joins + (self.main_pending or [])
+        channel, scope = m.transport.channel, m.transport.scope
+        main = (addressing.ssm_group(channel, scope), addressing.asm_group(channel, scope))
+        memberships = list(
+            dict.fromkeys(
+                (j.group, j.source)
+                for j in candidates
+                if j.group in main and (follow is None or j.group == follow)
+            )
+        )
+        self._join_index_group(memberships)
+
+    def _index_follow(self, source: str) -> None:
+        """A sender heard while the index is wanted: join it on the index group too."""
+        if self.plan is not None and self.plan.follow is not None:
+            self._join_index_group([(self.plan.follow, source)])
+
+    def _join_index_group(self, memberships: Sequence[tuple[str, str | None]]) -> None:
+        """Join the index group's groups for these carousel memberships (the ones not held)."""
+        group = self.index_core
+        if group is None or self.index_left or not memberships:
+            return
+        assert self.options.interface is not None and self.plan is not None
+        transport = group.manifest.transport
+        derived = lane_joins(
+            memberships, transport.channel, transport.scope, addressing.INDEX_RATE_INDEX
+        )
+        socket = self.index_socket
+        try:
+            for join in derived or []:
+                if join in self.joins:
+                    continue
+                if socket is None:
+                    socket = self.index_socket = MulticastReceiver(
+                        self.options.interface, self.plan.port, [join]
+                    )
+                    self.receivers.append(socket)
+                    self.index_probe_until = time.monotonic() + INDEX_PROBE_SECONDS
+                else:
+                    socket.add_join(join)
+                self.joins.append(join)
+                self.emit.note(f"index group: joining ({join.source or '*'}, {join.group})")
+        except NetworkError as exc:
+            self.emit.note(f"cannot join the index group: {exc}")
+
+    def _leave_index_group(self) -> None:
+        """Leave the index group for good (the index is here, or the group is silent)."""
+        socket, self.index_socket = self.index_socket, None
+        self.index_probe_until = None
+        self.index_left = self.index_core is not None
+        if socket is not None:
+            self._retire(socket)
+
+    def _retire(self, socket: MulticastReceiver) -> None:
+        """Close a socket the run no longer reads (its reads and truncations stay counted)."""
+        self._retired_reads += socket.reads
+        self._truncated -= socket.truncated
+        self.receivers.remove(socket)
+        socket.close()
+
+    def _index_group_silent(self) -> None:
+        """Nothing came on the index group: leave it; a lane device that needs the index takes
+        the carousel, which carries it too."""
+        self.index_probe_until = None
+        self._leave_index_group()
+        self.emit.note("index group: nothing received there, leaving it")
+        if self.lane_core is not None and self.lane_core.needs_index:
+            self._switch_to_main("no block index on the index group")
+
+    def _index_arrived(self, index: BlockIndex) -> None:
+        """The full index is verified (the index group's or the carousel's): leave the group and
+        hand it on, to the lane core when it needs one, else to the local pass."""
+        self._leave_index_group()
+        lane = self.lane_core
+        if lane is not None and lane.needs_index:
+            lane.take_index(index)
+            self._lane_progress()
+        elif self.reuse is not None:
+            self.reuse.offer_index(index)
 
     def _decide_lane(self, verified: VerifiedManifest) -> None:
         """The manifest is verified and the run is on the lane: take it, or join the carousel.
@@ -657,6 +802,8 @@ class _Run:
         if reuse is None:  # nothing to place lane blocks into (every chunk resumed)
             self._switch_to_main("the local pass is not running")
             return
+        if lane.needs_index and self.lane_socket is not None:
+            self._want_index_group(lane.manifest)
         if lane.index is not None and not self._lane_index_given:
             self._lane_index_given = True
             self.lane_index = "patch" if lane.index_from_patch else "full"
@@ -684,9 +831,7 @@ class _Run:
         if socket is None:
             return
         self.lane_socket = None
-        self._retired_reads += socket.reads
-        self.receivers.remove(socket)
-        socket.close()
+        self._retire(socket)
         if self.lane_core is not None:
             self.bytes_lane = self.lane_core.bytes
             self.lane_core.rejected.update()  # (kept for the summary)
@@ -736,8 +881,7 @@ class _Run:
             elif isinstance(event, FallbackNeeded):
                 self._fall_back(event.reason)
             elif isinstance(event, IndexReady):
-                if self.reuse is not None:
-                    self.reuse.offer_index(event.index)
+                self._index_arrived(event.index)
             elif isinstance(event, ImageComplete):
                 self._finish()
 
@@ -763,6 +907,7 @@ class _Run:
             return
         self.joins.append(join)
         self.emit.note(f"sender {source} announces the release: joining ({join.source}, {group})")
+        self._index_follow(join.source or "")
 
     def _follow_on_lane(self, main: Join) -> None:
         """Join `main`'s source on the lane's SSM group instead (the carousel's join waits)."""
@@ -789,6 +934,9 @@ class _Run:
             f"sender {main.source} announces the release: joining ({join.source}, "
             f"{join.group}), its delta lane"
         )
+        if self.lane_core.needs_index:
+            self._want_index_group(self.lane_core.manifest)
+            self._index_follow(main.source or "")
 
     def decoder(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
         """The core's decoder for `chunk`: the store's (module doc)."""
@@ -863,6 +1011,9 @@ class _Run:
         self.reuse = ReuseWorker(m, sources, get_index, lane_file)
         self.reuse.done_elsewhere.update(self.core.done)
         self.reuse.start()
+        if get_index is None and self.lane_core is None and readable_sources(sources):
+            # The carousel's in-band index comes late in a pass: the index group brings it early.
+            self._want_index_group(m)
 
     def _take_local(self) -> None:
         """Take what the local pass found (a few chunks a turn, each at most a chunk's bytes):

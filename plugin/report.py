@@ -244,6 +244,8 @@ def summary_text(s: FetchSummary) -> str:
             f"; used the delta lane from release {s.lane_from}: {s.bytes_lane} bytes in "
             f"{s.datagrams_lane} datagrams ({s.lane_index or 'no'} index)"
         )
+    if s.datagrams_index:
+        text += f"; {s.datagrams_index} datagrams from the index group"
     return text
 
 
@@ -274,6 +276,7 @@ class FetchSummary:
     bytes_lane: int = 0
     datagrams_lane: int = 0
     lane_index: str | None = None
+    datagrams_index: int = 0  # DATA datagrams read on the index group (`otacast.plugin.lane`)
 
     @classmethod
     def from_snapshot(
@@ -453,6 +456,7 @@ class Reporter:
                     "bytes_lane": s.bytes_lane,
                     "datagrams_lane": s.datagrams_lane,
                     "lane_index": s.lane_index,
+                    "datagrams_index": s.datagrams_index,
                 },
                 sort_keys=True,
             )

@@ -13,6 +13,9 @@ The group hash is ``SHA-256("otacast-group\\0" + channel + "\\0" + rate_index)``
 rate gets its own groups and a receiver joins only the one it can absorb.  Rate index
 ``LANE_RATE_INDEX`` (255; a manifest lists at most `limits.MAX_RATE_CHANNELS` rates) names the
 delta lane's groups: devices that hold a recent release join it instead of the full carousel.
+Rate index ``INDEX_RATE_INDEX`` (254) names the index group's: the new release's full block index
+alone, which a device joins for as long as it needs the index (a lane device without its installed
+index, a device reusing local blocks beside the carousel).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ DEFAULT_SCOPE = "global"
 DEFAULT_PORT = 4242
 SRV_SERVICE = "_otacast._udp"
 LANE_RATE_INDEX = 255
+INDEX_RATE_INDEX = 254
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 MAX_DNS_NAME = 253

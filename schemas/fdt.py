@@ -10,12 +10,13 @@ its MANIFEST datagrams).
 
 The delta lane (`wire.LANE_TSI_BIT`) is a FLUTE session of its own with its own FDT (TSI
 ``wire.lane_tsi``, TOI 0), listing its RaptorQ objects only (`lane_objects`): the lane object
-``<image name>.delta`` (TOI ``wire.LANE_OBJECT_TOI``), the full block index
-``<image name>.blockindex`` (``wire.LANE_INDEX_TOI``) and the index patch of each listed release
+``<image name>.delta`` (TOI ``wire.LANE_OBJECT_TOI``) and the index patch of each listed release
 ``<image name>.patch-<sequence>`` (``wire.LANE_PATCH_TOI + j``), each cut as an image part of its
-length.  The manifest's MANIFEST datagrams go out on the lane's group unchanged, on the data
-session's TSI (a device checks a manifest's TSI against the datagrams'), so the lane FDT does not
-list them.
+length.  The index group (`wire.INDEX_TSI_BIT`) is one more, whose FDT lists one object
+(`index_group_objects`): the full block index ``<image name>.blockindex``
+(``wire.INDEX_GROUP_TOI``).  `SideSession` describes either.  The manifest's MANIFEST datagrams
+go out on their groups unchanged, on the data session's TSI (a device checks a manifest's TSI
+against the datagrams'), so their FDTs do not list them.
 
 Everything in it is derived from the signed manifest, the envelope and the manifest fragment
 size, so every sender of a release sends byte-identical FDT packets: ``Expires`` is the
@@ -30,9 +31,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
-from . import blockindex, fec, wire
+from . import addressing, blockindex, fec, wire
 from .fec import Part
 from .manifest import Envelope, Manifest
 
@@ -66,15 +69,56 @@ def lane_objects(manifest: Manifest) -> list[tuple[int, str, Part]]:
     delta = manifest.delta
     if delta is None or manifest.index is None:
         return []
-    name, size, t = manifest.image.name, manifest.chunks.size, manifest.fec.symbol_size
-    objects = [
-        (wire.LANE_OBJECT_TOI, name + LANE_SUFFIX, delta.length),
-        (wire.LANE_INDEX_TOI, name + blockindex.FILE_SUFFIX, manifest.index.length),
-    ] + [
+    name = manifest.image.name
+    objects = [(wire.LANE_OBJECT_TOI, name + LANE_SUFFIX, delta.length)] + [
         (wire.LANE_PATCH_TOI + j, patch_location(name, f.sequence), f.patch_length)
         for j, f in enumerate(delta.sources)
     ]
-    return [(toi, location, fec.part(length, size, t, 0)) for toi, location, length in objects]
+    return [(toi, where, _cut(manifest, length)) for toi, where, length in objects]
+
+
+def index_group_objects(manifest: Manifest) -> list[tuple[int, str, Part]]:
+    """The index group's one RaptorQ object, the full block index, as `lane_objects` gives the
+    lane's; empty when the manifest lists no index."""
+    if manifest.index is None:
+        return []
+    where = manifest.image.name + blockindex.FILE_SUFFIX
+    return [(wire.INDEX_GROUP_TOI, where, _cut(manifest, manifest.index.length))]
+
+
+def _cut(manifest: Manifest, length: int) -> Part:
+    return fec.part(length, manifest.chunks.size, manifest.fec.symbol_size, 0)
+
+
+@dataclass(frozen=True)
+class SideSession:
+    """A FLUTE session beside a release's carousel, on groups of its own (the module doc): what
+    the sender sends there and the device takes from there."""
+
+    name: str  # for the operator, and the sender's cache file (``-NAME.symbols``)
+    rate_index: int  # its groups (`addressing`)
+    tsi_bit: int  # its TSI: the data session's with this bit flipped
+    objects: Callable[[Manifest], list[tuple[int, str, Part]]]
+
+    def tsi(self, manifest: Manifest) -> int:
+        return manifest.tsi ^ self.tsi_bit
+
+    def fdt_xml(self, manifest: Manifest) -> bytes:
+        t = manifest.fec.symbol_size
+        return _instance_xml(
+            manifest,
+            [_raptorq_file(toi, where, part, t) for toi, where, part in self.objects(manifest)],
+        )
+
+    def fdt_datagrams(self, manifest: Manifest) -> tuple[bytes, ...]:
+        """Its FDT packets (TOI 0 of its TSI)."""
+        return _fdt_packets(self.tsi(manifest), self.fdt_xml(manifest))
+
+
+LANE: Final = SideSession("lane", addressing.LANE_RATE_INDEX, wire.LANE_TSI_BIT, lane_objects)
+INDEX_GROUP: Final = SideSession(
+    "index", addressing.INDEX_RATE_INDEX, wire.INDEX_TSI_BIT, index_group_objects
+)
 
 
 def raptorq_scheme_info(blocks: int) -> str:
@@ -124,15 +168,6 @@ def fdt_xml(manifest: Manifest, envelope: bytes, envelope_toi: int, fragment_siz
     return _instance_xml(manifest, files)
 
 
-def lane_fdt_xml(manifest: Manifest) -> bytes:
-    """The delta lane's FDT instance (see the module doc)."""
-    t = manifest.fec.symbol_size
-    return _instance_xml(
-        manifest,
-        [_raptorq_file(toi, where, part, t) for toi, where, part in lane_objects(manifest)],
-    )
-
-
 def instance_id(xml: bytes) -> int:
     """The 20-bit FDT instance id: the same for the same table, whoever sends it."""
     return int.from_bytes(hashlib.sha256(xml).digest()[:4], "big") >> 12
@@ -145,11 +180,6 @@ def fdt_datagrams(envelope: Envelope, fragment_size: int) -> tuple[bytes, ...]:
     toi = wire.manifest_toi(envelope.envelope_id)
     xml = fdt_xml(manifest, envelope.compact_bytes, toi, fragment_size)
     return _fdt_packets(wire.session_tsi(manifest.session_id), xml)
-
-
-def lane_fdt_datagrams(manifest: Manifest) -> tuple[bytes, ...]:
-    """The FDT packets of the delta lane of `manifest` (TSI `wire.lane_tsi`)."""
-    return _fdt_packets(wire.lane_tsi(manifest.tsi), lane_fdt_xml(manifest))
 
 
 def _fdt_packets(tsi: int, xml: bytes) -> tuple[bytes, ...]:

@@ -124,14 +124,17 @@ INDEX_TOI: Final = 0x40000000
 AUTH_TSI_BIT: Final = 0x80000000  # AUTH pages: the session's TSI with this bit flipped
 # The delta lane (delta delivery; its own groups, `addressing.LANE_RATE_INDEX`) is a FLUTE session
 # of its own: the session's TSI with this bit flipped.  Its FDT (TOI 0) and manifest objects are
-# those of the data session; its RaptorQ objects are the lane object (`schemas.deltaobject`), the
-# release's full block index and one index patch per listed release, each cut into source blocks
-# as an image part of its length is.  Their DATA datagrams have the image's layout, so the parsers
-# read TOI t, SBN b as "chunk" 255*(t-1)+b: lane chunks 0.. are the lane object's blocks,
-# LANE_INDEX_FIRST_CHUNK.. the index's, lane_patch_first_chunk(j).. patch j's.
+# those of the data session; its RaptorQ objects are the lane object (`schemas.deltaobject`) and
+# one index patch per listed release, each cut into source blocks as an image part of its length
+# is.  Their DATA datagrams have the image's layout, so the parsers read TOI t, SBN b as "chunk"
+# 255*(t-1)+b: lane chunks 0.. are the lane object's blocks, lane_patch_first_chunk(j).. patch j's.
+# The index group (`addressing.INDEX_RATE_INDEX`) is another such session (TSI `index_tsi`) whose
+# one RaptorQ object is the release's full block index, TOI INDEX_GROUP_TOI (chunks
+# INDEX_GROUP_FIRST_CHUNK..); the lane does not use that TOI, so its patches keep theirs.
 LANE_TSI_BIT: Final = 0x40000000
+INDEX_TSI_BIT: Final = 0x20000000
 LANE_OBJECT_TOI: Final = 1
-LANE_INDEX_TOI: Final = 2
+INDEX_GROUP_TOI: Final = 2
 LANE_PATCH_TOI: Final = 3  # + j for the j-th release the manifest's delta lists
 # Image parts are TOI 1 .. MAX_PART_TOI, so that every chunk index of 32 bits has one.
 MAX_PART_TOI: Final = 1 + 0xFFFFFFFF // PART_CHUNKS
@@ -140,12 +143,17 @@ _PAYLOAD_ID_LIMIT: Final = PART_CHUNKS << 24
 # What `peek_data` gives as the chunk of the index object's block 0 (block b: this + b).
 INDEX_FIRST_CHUNK: Final = (INDEX_TOI - 1) * PART_CHUNKS
 assert INDEX_TOI > MAX_PART_TOI and INDEX_FIRST_CHUNK > 0xFFFFFFFF
-LANE_INDEX_FIRST_CHUNK: Final = (LANE_INDEX_TOI - 1) * PART_CHUNKS
+INDEX_GROUP_FIRST_CHUNK: Final = (INDEX_GROUP_TOI - 1) * PART_CHUNKS
 
 
 def lane_tsi(session_tsi: int) -> int:
     """The delta lane's TSI for a session's (data) TSI."""
     return session_tsi ^ LANE_TSI_BIT
+
+
+def index_tsi(session_tsi: int) -> int:
+    """The index group's TSI for a session's (data) TSI."""
+    return session_tsi ^ INDEX_TSI_BIT
 
 
 def lane_patch_first_chunk(j: int) -> int:

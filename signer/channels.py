@@ -12,17 +12,21 @@ The result, a `ServePlan`, holds no socket and reads no clock: the driver (`serv
 socket per channel, makes each channel's `SenderCore` with `ServePlan.core` at the time it
 starts, and closes the plan (its symbol readers) when it stops.
 
-*The delta lane* (when the manifest has one and ``lane_share`` is not 0) is one more channel:
-its own groups (`addressing.LANE_RATE_INDEX`, ASM or SSM as the main channel), the same port and
-source, its own FLUTE session (TSI `wire.lane_tsi`) whose objects are the lane object, the full
-block index and the index patches (`symbol_cache.build_lane`, a cache file of its own), its own
-FDT followed by the release's MANIFEST datagrams unchanged, and no AUTH pages (every lane object
-is checked whole against its signed SHA-256 before a device uses it).  It takes ``lane_share``
-of the first channel's rate, which keeps the rest, so the two together send at the rate asked;
-unpaced, the driver holds the lane to that share of the bytes the two send.  Its schedule is the
-main channel's (symbol-major visits, the same sender offset), each block's visit the same share
-of its K as a full visit is of the lane's largest block's.  It runs as long as the main channels
-do, however many passes of it that takes.
+*Side channels* run beside the carousel, each a FLUTE session of its own (`fdt.SideSession`) on
+its own groups (ASM or SSM as the main channel), with the same port and source: its objects
+(`symbol_cache.build_side`, a cache file of its own), its own FDT followed by the release's
+MANIFEST datagrams unchanged, and no AUTH pages (every object on them is checked whole against
+its signed SHA-256 before a device uses it).  *The delta lane* (when the manifest has one and
+``lane_share`` is not 0; `addressing.LANE_RATE_INDEX`) carries the lane object and the index
+patches.  *The index group* (when the manifest has a block index and ``index_share`` is not 0;
+`addressing.INDEX_RATE_INDEX`) carries the new release's full block index alone, for the devices
+that need it whole (a lane device without its installed index, a device reusing local blocks
+beside the carousel): they join it only until they have it, and nobody else hears it.  Each takes
+its share of the first channel's rate, which keeps the rest, so all together send at the rate
+asked; unpaced, the driver holds each to that share of the bytes it and the first channel send.
+Its schedule is the main channel's (symbol-major visits, the same sender offset), each block's
+visit the same share of its K as a full visit is of the session's largest block's.  It runs as
+long as the main channels do, however many passes of it that takes.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from otacast.schemas import addressing, wire
+from otacast.schemas import addressing, fdt, wire
 from otacast.schemas.errors import Expired
-from otacast.schemas.fdt import fdt_datagrams, lane_fdt_datagrams
+from otacast.schemas.fdt import SideSession, fdt_datagrams
 from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM, MIN_MANIFEST_FRAGMENT
 from otacast.schemas.manifest import Envelope, Manifest
 
@@ -51,6 +55,12 @@ from .transport import gso_batch
 # the 1.86 MB lane of the design's small update of a 1.2 GB image in about 2 s, and a full pass
 # of the image takes 11% longer (delta-design.md, section 5).
 DEFAULT_LANE_SHARE = 0.1
+# The index group's share of the first channel's rate unless told otherwise.  The full index is
+# about 0.39% of the image (4.92 MB at 1200 MiB), so at 4% a device that joins at any moment has
+# it after ~10% of the time a pass of the image's source symbols takes (~6% of a pass with the
+# default 50% repair pool), early enough that the local pass, not the carousel, supplies most
+# blocks; every device on the carousel pays those 4% of its airtime.
+DEFAULT_INDEX_SHARE = 0.04
 
 
 @dataclass
@@ -75,6 +85,7 @@ class ServeOptions:
     stream_key: SigningKey | None = None  # signs AUTH pages (packet authentication)
     lane_share: float = DEFAULT_LANE_SHARE  # of the first channel's rate; 0: no delta lane
     lane_dir: Path | None = None  # where the lane's files are (default: beside the image)
+    index_share: float = DEFAULT_INDEX_SHARE  # of the first channel's rate; 0: no index group
 
 
 @dataclass(frozen=True)
@@ -83,16 +94,22 @@ class ChannelPlan:
 
     rate: int  # bytes/s; 0 = unpaced
     group: str
-    lane: bool = False  # the delta lane, not a carousel of the image
+    side: SideSession | None = None  # a side channel (the delta lane, the index group)
+
+    @property
+    def lane(self) -> bool:
+        """A side channel: no AUTH pages, no end of its own, held to its share when unpaced."""
+        return self.side is not None
 
 
 @dataclass
-class LanePlan:
-    """The delta lane's symbols and its carousel's datagrams (FDT, then MANIFEST)."""
+class SidePlan:
+    """A side channel's symbols and its carousel's datagrams (FDT, then MANIFEST)."""
 
+    session: SideSession
     reader: symbol_cache.SymbolReader
     fragments: tuple[bytes, ...]
-    share: float  # of the bytes the lane and the first channel send, when unpaced
+    share: float  # of the bytes it and the first channel send, when unpaced
 
 
 @dataclass
@@ -107,33 +124,37 @@ class ServePlan:
     pages: AuthPages | None  # the release's digests and stream key; None: no packet auth
     port: int
     channels: tuple[ChannelPlan, ...]
-    lane: LanePlan | None = None
+    sides: tuple[SidePlan, ...] = ()
+
+    def side_of(self, channel: ChannelPlan) -> SidePlan | None:
+        return next((s for s in self.sides if s.session is channel.side), None)
 
     def reader_of(self, channel: ChannelPlan) -> symbol_cache.SymbolReader:
-        return self.lane.reader if channel.lane and self.lane is not None else self.reader
+        side = self.side_of(channel)
+        return self.reader if side is None else side.reader
 
     def core(self, channel: ChannelPlan, now: float, wall: float) -> SenderCore:
         """The sans-IO schedule of `channel`, starting at `now` (wall-clock time `wall`)."""
-        lane = self.lane if channel.lane else None
-        # The lane has no AUTH pages and no end of its own: it runs while the carousel does.
+        side = self.side_of(channel)
+        # A side channel has no AUTH pages and no end of its own: it runs while the carousel does.
         return sender_core(
             self.manifest,
-            self.reader.layout if lane is None else lane.reader.layout,
+            self.reader.layout if side is None else side.reader.layout,
             rate=channel.rate,
-            fragments=self.fragments if lane is None else lane.fragments,
+            fragments=self.fragments if side is None else side.fragments,
             now=now,
             wall=wall,
             sender_index=self.options.sender_index,
             sender_count=self.options.sender_count,
-            passes=self.options.loops if lane is None else None,
+            passes=self.options.loops if side is None else None,
             duration=self.options.duration,
-            packet_auth=self.pages is not None and lane is None,
+            packet_auth=self.pages is not None and side is None,
         )
 
     def close(self) -> None:
         self.reader.close()
-        if self.lane is not None:
-            self.lane.reader.close()
+        for side in self.sides:
+            side.reader.close()
 
 
 def sender_core(
@@ -199,14 +220,16 @@ def manifest_fragments(
     return fdt + tuple(wire.build_datagram(p) for p in packets)
 
 
-def lane_fragments(
-    envelope: Envelope, datagram_size: int, max_datagram: int = DEFAULT_MAX_DATAGRAM
+def side_fragments(
+    envelope: Envelope,
+    side: SideSession,
+    datagram_size: int,
+    max_datagram: int = DEFAULT_MAX_DATAGRAM,
 ) -> tuple[bytes, ...]:
-    """The delta lane's FDT datagrams, then the release's MANIFEST datagrams as the data session
+    """A side channel's FDT datagrams, then the release's MANIFEST datagrams as the data session
     sends them (their TSI is the release's: a device checks it against the manifest)."""
     packets = _manifest_packets(envelope, datagram_size, max_datagram)
-    fdt = lane_fdt_datagrams(envelope.manifest)
-    return fdt + tuple(wire.build_datagram(p) for p in packets)
+    return side.fdt_datagrams(envelope.manifest) + tuple(wire.build_datagram(p) for p in packets)
 
 
 def _manifest_packets(
@@ -222,7 +245,7 @@ def _manifest_packets(
 
 
 def channel_group(envelope: Envelope, options: ServeOptions, index: int) -> str:
-    """The group of rate channel `index` (`addressing.LANE_RATE_INDEX`: the delta lane's)."""
+    """The group of rate channel `index` (`SideSession.rate_index`: a side channel's)."""
     transport = envelope.manifest.transport
     if options.group and index == 0:
         return options.group
@@ -245,8 +268,14 @@ def build_channels(
         raise UsageError("--repair must be at least 50%")
     if options.repair > symbol_cache.MAX_REPAIR_FRACTION:
         raise UsageError("--repair is at most 400%")
-    if not 0 <= options.lane_share < 1:
-        raise UsageError("--lane-share is a fraction from 0 up to (not including) 1")
+    for name, share in (
+        ("--lane-share", options.lane_share),
+        ("--index-share", options.index_share),
+    ):
+        if not 0 <= share < 1:
+            raise UsageError(f"{name} is a fraction from 0 up to (not including) 1")
+    if options.lane_share + options.index_share >= 1:
+        raise UsageError("--lane-share and --index-share together leave the carousel nothing")
     index = check_image(manifest, image)
     with_lane = manifest.delta is not None and options.lane_share > 0 and index is not None
     lane_files = lane.check_files(manifest, options.lane_dir or image.parent) if with_lane else []
@@ -264,33 +293,42 @@ def build_channels(
     fragments = manifest_fragments(envelope, layout.datagram_size)
     batch = gso_batch(layout.datagram_size)
     reader = symbol_cache.SymbolReader(path, layout, batch)
-    lane_plan: LanePlan | None = None
+    wanted: list[tuple[SideSession, dict[int, Path | bytes], float]] = []
+    if with_lane:
+        wanted.append((fdt.LANE, {f.toi: f.path for f in lane_files}, options.lane_share))
+    if index is not None and options.index_share > 0:
+        wanted.append((fdt.INDEX_GROUP, {wire.INDEX_GROUP_TOI: index.build()}, options.index_share))
+    sides: list[SidePlan] = []
     try:
         pages = _auth_pages(envelope, options, reader, report)
-        if with_lane and index is not None:
-            objects: dict[int, Path | bytes] = {f.toi: f.path for f in lane_files}
-            objects[wire.LANE_INDEX_TOI] = index.build()
-            lane_path = symbol_cache.build_lane(
-                manifest, objects, options.cache_dir, options.repair, warn=report.warning
+        for session, objects, share in wanted:
+            side_path = symbol_cache.build_side(
+                manifest, session, objects, options.cache_dir, options.repair, warn=report.warning
             )
-            lane_layout = symbol_cache.CycleLayout.for_lane(manifest, options.repair)
-            lane_plan = LanePlan(
-                symbol_cache.SymbolReader(lane_path, lane_layout, batch),
-                lane_fragments(envelope, layout.datagram_size),
-                options.lane_share,
+            side_layout = symbol_cache.CycleLayout.for_side(manifest, session, options.repair)
+            sides.append(
+                SidePlan(
+                    session,
+                    symbol_cache.SymbolReader(side_path, side_layout, batch),
+                    side_fragments(envelope, session, layout.datagram_size),
+                    share,
+                )
             )
     except BaseException:
         reader.close()
+        for side in sides:
+            side.reader.close()
         raise
     plans = [
         ChannelPlan(rate, channel_group(envelope, options, number))
         for number, rate in enumerate(options.rates)
     ]
-    if lane_plan is not None:
-        lane_rate = round(plans[0].rate * options.lane_share)
-        plans[0] = ChannelPlan(plans[0].rate - lane_rate, plans[0].group)
-        group = channel_group(envelope, options, addressing.LANE_RATE_INDEX)
-        plans.append(ChannelPlan(lane_rate, group, lane=True))
+    first = plans[0].rate
+    for side in sides:
+        side_rate = round(first * side.share)
+        plans[0] = ChannelPlan(plans[0].rate - side_rate, plans[0].group)
+        group = channel_group(envelope, options, side.session.rate_index)
+        plans.append(ChannelPlan(side_rate, group, side=side.session))
     return ServePlan(
         manifest=manifest,
         options=options,
@@ -300,7 +338,7 @@ def build_channels(
         pages=pages,
         port=options.port or manifest.transport.port,
         channels=tuple(plans),
-        lane=lane_plan,
+        sides=tuple(sides),
     )
 
 

@@ -55,6 +55,7 @@ class ChannelStats:
     no_buffer: int  # sends retried because the kernel had no buffer space
     gso_refused: int  # segmented sends refused by the driver
     lane: bool = False  # the delta lane's channel
+    index: bool = False  # the index group's channel
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class ServeSummary:
     channels: list[dict[str, object]]
     lane_packets: int = 0  # the delta lane's datagrams (in `packets` too)
     lane_bytes: int = 0
+    index_packets: int = 0  # the index group's datagrams (in `packets` too)
+    index_bytes: int = 0
 
 
 class Reporter:
@@ -89,9 +92,9 @@ class Reporter:
         if self.json:
             stamped = {"event": name, "time": rfc3339(time.time()), **fields}
             self._write(json.dumps(stamped, sort_keys=True) + "\n")
-        elif name in ("serving", "serving-lane"):
+        elif name in ("serving", "serving-lane", "serving-index"):
             self._write(
-                ("delta lane: " if name == "serving-lane" else "")
+                {"serving-lane": "delta lane: ", "serving-index": "index group: "}.get(name, "")
                 + f"serving session {fields['session']} as sender {fields['sender']} to "
                 f"[{fields['group']}]:{fields['port']} from {fields['source']} on "
                 f"{fields['interface']} at {_rate_text(fields['rate'])}"
@@ -151,6 +154,8 @@ class Reporter:
                 channels=s.channels,
                 lane_packets=s.lane_packets,
                 lane_bytes=s.lane_bytes,
+                index_packets=s.index_packets,
+                index_bytes=s.index_bytes,
                 peak_rss_mb=peak_rss_mb(),
             )
             return
@@ -160,6 +165,7 @@ class Reporter:
             f" {s.passes} pass(es), {s.packets} packets, {s.bytes} bytes, "
             f"{rate:.1f} MB/s"
             + (f" ({s.lane_packets} packets on the delta lane)" if s.lane_packets else "")
+            + (f" ({s.index_packets} packets on the index group)" if s.index_packets else "")
             + "\n"
         )
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from otacast.schemas import fdt
 from otacast.schemas.limits import SERVE_EXPIRY_CHECK_SECONDS
 from otacast.schemas.manifest import Envelope
 from otacast.schemas.units import format_time
@@ -53,8 +54,11 @@ class Channel:
     sender: MulticastSender
     reader: SymbolReader
     auth: AuthPages | None = None
-    lane: bool = False  # the delta lane: it runs while the others do, unpaced at `share`
+    # A side channel (the delta lane, the index group: `channels`): it runs while the others do,
+    # unpaced at `share`; `side` is its session's name.
+    lane: bool = False
     share: float = 1.0
+    side: str = ""
 
 
 class Stop:
@@ -92,7 +96,7 @@ def serve(
             channel = _open(plan, channel_plan, start)
             channels.append(channel)
             report.event(
-                "serving-lane" if channel.lane else "serving",
+                f"serving-{channel.side}" if channel.lane else "serving",
                 group=channel.group,
                 port=plan.port,
                 source=channel.sender.source,
@@ -136,8 +140,10 @@ def serve(
         passes=totals.passes,
         reason=reason,
         channels=[asdict(_channel_stats(c, elapsed)) for c in channels],
-        lane_packets=sum(c.sender.counters.datagrams for c in channels if c.lane),
-        lane_bytes=sum(_sent(c) for c in channels if c.lane),
+        lane_packets=sum(c.sender.counters.datagrams for c in _on(channels, fdt.LANE)),
+        lane_bytes=sum(_sent(c) for c in _on(channels, fdt.LANE)),
+        index_packets=sum(c.sender.counters.datagrams for c in _on(channels, fdt.INDEX_GROUP)),
+        index_bytes=sum(_sent(c) for c in _on(channels, fdt.INDEX_GROUP)),
     )
     report.summary(summary)
     if reason == EXPIRED:
@@ -162,9 +168,18 @@ def _open(plan: ServePlan, channel: ChannelPlan, now: float) -> Channel:
     if (pages := plan.pages) is not None and not channel.lane:  # the same digests and key
         auth = AuthPages(pages.tsi, pages.sender, pages.digests, pages.capacity, pages.sign)
     core = plan.core(channel, now, time.time())
-    share = plan.lane.share if plan.lane is not None else 1.0
+    side = plan.side_of(channel)
+    share = side.share if side is not None else 1.0
     reader = plan.reader_of(channel)
-    return Channel(channel.rate, channel.group, core, sender, reader, auth, channel.lane, share)
+    name = side.session.name if side is not None else ""
+    return Channel(
+        channel.rate, channel.group, core, sender, reader, auth, channel.lane, share, name
+    )
+
+
+def _on(channels: list[Channel], session: fdt.SideSession) -> list[Channel]:
+    """The channels of side session `session`."""
+    return [c for c in channels if c.lane and c.side == session.name]
 
 
 def _sent(channel: Channel) -> int:
@@ -197,7 +212,8 @@ def _channel_stats(channel: Channel, elapsed: float) -> ChannelStats:
         auth_bytes=channel.auth.bytes if channel.auth else 0,
         no_buffer=counters.no_buffer,
         gso_refused=counters.gso_refused,
-        lane=channel.lane,
+        lane=channel.side == fdt.LANE.name,
+        index=channel.side == fdt.INDEX_GROUP.name,
     )
 
 
@@ -269,8 +285,8 @@ def _loop(
 
 
 def _lane_turn(lane: Channel, channels: list[Channel]) -> bool:
-    """Whether an unpaced lane may send now: while it has sent at most its share of what it and
-    the first channel sent together."""
+    """Whether an unpaced side channel may send now: while it has sent at most its share of what
+    it and the first channel sent together."""
     own = _sent(lane)
     return own <= lane.share * (own + _sent(channels[0]))
 

@@ -12,10 +12,11 @@ RaptorQ source blocks' cycles after the chunks' (TOI ``wire.INDEX_TOI``, SBN = t
 `Manifest.index_part`), with the same repair fraction: to the layout and the sender's core they
 are cycles ``chunks .. chunks+blocks-1``.
 
-The delta lane (`build_lane`, when the manifest has one) has a cache file of its own: the
-source blocks of its objects (lane object, full index, index patches: `fdt.lane_objects`) in TOI
-order, framed with the lane's TSI (`wire.lane_tsi`), with the same repair fraction and trailer.
-To its layout none of them is an image chunk (``chunks`` = 0).
+Each side session (`fdt.SideSession`: the delta lane, when the manifest has one, and the index
+group) has a cache file of its own (`build_side`): the source blocks of its objects (the lane's
+object and index patches, `fdt.lane_objects`; the index group's full index) in TOI order, framed
+with its TSI, with the same repair fraction and trailer.  To its layout none of them is an image
+chunk (``chunks`` = 0).
 
 Why a file and not memory: a 1 GB image with a 50% pool is ~1.5 GB of datagrams.  Reading slices
 with ``pread`` into one reused buffer keeps the sender's resident memory near one chunk while it
@@ -99,10 +100,10 @@ class CycleLayout:
         return cls._of(manifest, sources, fraction, manifest.chunk_count)
 
     @classmethod
-    def for_lane(cls, manifest: Manifest, fraction: float) -> CycleLayout:
-        """The delta lane's cycles: every source block of its objects (`lane_blocks`); none
+    def for_side(cls, manifest: Manifest, side: fdt.SideSession, fraction: float) -> CycleLayout:
+        """A side session's cycles: every source block of its objects (`side_blocks`); none
         of them is an image chunk."""
-        return cls._of(manifest, [b.k for b in lane_blocks(manifest)], fraction, 0)
+        return cls._of(manifest, [b.k for b in side_blocks(manifest, side)], fraction, 0)
 
     @classmethod
     def _of(
@@ -150,8 +151,9 @@ def index_blocks(manifest: Manifest) -> list[tuple[tuple[int, int], int]]:
 
 
 @dataclass(frozen=True)
-class LaneBlock:
-    """A RaptorQ source block of a delta lane object: the object's TOI, the block's SBN, its
+class SideBlock:
+    """A RaptorQ source block of a side session's object (the delta lane's, the index group's):
+    the object's TOI, the block's SBN, its
     (offset, length) in the object and its K; `chunk` is how datagrams number it."""
 
     toi: int
@@ -164,14 +166,14 @@ class LaneBlock:
         return (self.toi - 1) * PART_CHUNKS + self.sbn
 
 
-def lane_blocks(manifest: Manifest) -> list[LaneBlock]:
-    """Every source block of the delta lane's objects (`fdt.lane_objects`), in TOI order."""
+def side_blocks(manifest: Manifest, side: fdt.SideSession) -> list[SideBlock]:
+    """Every source block of a side session's objects (`SideSession.objects`), in TOI order."""
     t = manifest.fec.symbol_size
     out = []
-    for toi, _, part in fdt.lane_objects(manifest):
+    for toi, _, part in side.objects(manifest):
         for block in range(part.blocks):
             span = part.block_span(block, t)
-            out.append(LaneBlock(toi, block, span, fec.source_symbols(span[1], t)))
+            out.append(SideBlock(toi, block, span, fec.source_symbols(span[1], t)))
     return out
 
 
@@ -217,8 +219,9 @@ def build(
     return target
 
 
-def build_lane(
+def build_side(
     manifest: Manifest,
+    side: fdt.SideSession,
     objects: dict[int, Path | bytes],
     directory: Path,
     fraction: float,
@@ -226,22 +229,26 @@ def build_lane(
     encode: ChunkEncoder = raptorq_encode,
     warn: Callable[[str], None] | None = None,
 ) -> Path:
-    """Encode the delta lane's objects (by TOI: a file, or the bytes, each checked by the caller
-    against the manifest) into a cache file of their own (``-lane`` before ``.symbols``), or
+    """Encode a side session's objects (by TOI: a file, or the bytes, each checked by the caller
+    against the manifest) into a cache file of their own (``-NAME`` before ``.symbols``), or
     reuse a complete one that verifies.  Each source block is read and encoded on its own, so
     memory stays near one block's cycle whatever the objects' sizes."""
-    layout = CycleLayout.for_lane(manifest, fraction)
-    target = cache_path(directory, manifest, fraction, "-lane")
+    layout = CycleLayout.for_side(manifest, side, fraction)
+    target = cache_path(directory, manifest, fraction, "-" + side.name)
     if not _reusable(target, layout, warn):
-        _write(target, directory, _lane_cycles(manifest, objects, layout, encode))
+        _write(target, directory, _side_cycles(manifest, side, objects, layout, encode))
     return target
 
 
-def _lane_cycles(
-    manifest: Manifest, objects: dict[int, Path | bytes], layout: CycleLayout, encode: ChunkEncoder
+def _side_cycles(
+    manifest: Manifest,
+    side: fdt.SideSession,
+    objects: dict[int, Path | bytes],
+    layout: CycleLayout,
+    encode: ChunkEncoder,
 ) -> Iterator[bytes]:
-    tsi = wire.lane_tsi(manifest.tsi)
-    for number, block in enumerate(lane_blocks(manifest)):
+    tsi = side.tsi(manifest)
+    for number, block in enumerate(side_blocks(manifest, side)):
         offset, length = block.span
         source = objects[block.toi]
         if isinstance(source, bytes):
@@ -251,7 +258,7 @@ def _lane_cycles(
                 handle.seek(offset)
                 data = handle.read(length)
         if len(data) != length:
-            raise ReadError(f"lane object {block.toi} ended early at its block {block.sbn}")
+            raise ReadError(f"{side.name} object {block.toi} ended early at its block {block.sbn}")
         packets = encode(data, manifest.fec.symbol_size, layout.cycles[number] - block.k)
         prefix = _prefix(wire.DataPacket(tsi, block.chunk, 0, b"\0"))
         yield b"".join(prefix + packet[1:] for packet in packets)

@@ -10,7 +10,9 @@ import raptorq
 from hypothesis import given
 from hypothesis import strategies as st
 
-from otacast.schemas import addressing, fec, keyfile, limits, units
+from otacast.plugin.receive import lane_joins
+from otacast.plugin.transport import Join
+from otacast.schemas import addressing, fec, keyfile, limits, units, wire
 from otacast.schemas.errors import KeyFormatError
 
 channels = st.from_regex(
@@ -41,6 +43,32 @@ def test_derived_groups_are_in_the_right_ranges(channel: str, scope: str, rate: 
 def test_each_rate_channel_gets_its_own_group(channel: str) -> None:
     groups = {addressing.asm_group(channel, rate_index=i) for i in range(limits.MAX_RATE_CHANNELS)}
     assert len(groups) == limits.MAX_RATE_CHANNELS
+
+
+def test_side_sessions_get_groups_and_tsis_of_their_own_derived_from_the_channel() -> None:
+    channel, tsi = "updates.example.com", 0x12345678
+    sides = {addressing.LANE_RATE_INDEX, addressing.INDEX_RATE_INDEX}
+    assert len(sides) == 2 and not sides & set(range(limits.MAX_RATE_CHANNELS))
+    groups = {addressing.ssm_group(channel, "global", r) for r in (0, *sides)}
+    groups |= {addressing.asm_group(channel, "global", r) for r in (0, *sides)}
+    assert len(groups) == 6
+    tsis = {tsi, wire.lane_tsi(tsi), wire.index_tsi(tsi), tsi ^ wire.AUTH_TSI_BIT}
+    assert len(tsis) == 4 and wire.index_tsi(wire.index_tsi(tsi)) == tsi
+
+
+def test_side_joins_keep_the_sources_and_the_kind_of_group() -> None:
+    channel, scope = "updates.example.com", "site"
+    ssm, asm = addressing.ssm_group(channel, scope), addressing.asm_group(channel, scope)
+    index = addressing.INDEX_RATE_INDEX
+    joins = lane_joins(
+        [(ssm, "2001:db8::1"), (ssm, "2001:db8::2"), (asm, None)], channel, scope, index
+    )
+    assert joins == [
+        Join(addressing.ssm_group(channel, scope, index), "2001:db8::1"),
+        Join(addressing.ssm_group(channel, scope, index), "2001:db8::2"),
+        Join(addressing.asm_group(channel, scope, index)),
+    ]
+    assert lane_joins([("ff3e::8000:1", "2001:db8::1")], channel, scope, index) is None  # --group
 
 
 @pytest.mark.parametrize("bad", ["", "bad..name", "-a.b", "a_b.c", "x" * 64 + ".com", "ü.de"])

@@ -11,15 +11,22 @@ from pathlib import Path
 import pytest
 
 from otacast.plugin.installed import INDEX, read_installed_index, stage_index, write_installed
-from otacast.plugin.lane import LaneChoice, LaneCore, lane_choice
+from otacast.plugin.lane import IndexGroupCore, LaneChoice, LaneCore, lane_choice
 from otacast.plugin.reuse import Layout, Placement, known_symbols
-from otacast.schemas import wire
+from otacast.schemas import fdt, wire
 from otacast.schemas.blockindex import BlockIndex
 from otacast.schemas.manifest import Manifest
 from otacast.schemas.policy import VerifiedManifest
 from otacast.signer import delta
 
-from .test_lane_publisher import _envelope, _lane_datagrams, _lane_objects, releases
+from .test_lane_publisher import (
+    _envelope,
+    _index_objects,
+    _lane_datagrams,
+    _lane_objects,
+    _side_datagrams,
+    releases,
+)
 
 __all__ = ["releases"]  # the fixture, shared with the publisher's tests
 
@@ -71,15 +78,38 @@ def test_the_lane_core_builds_the_new_index_from_the_patch_and_verifies_the_lane
 ) -> None:
     m, data, choice = on_v1(releases, tmp_path)
     core = LaneCore(m, choice)
+    assert not core.needs_index  # the patch makes it
     _run(core, data)
-    objects = _lane_objects(releases, m)
-    assert core.done and core.index_from_patch and not core.rejected
-    assert core.index is not None and core.index.build() == objects[wire.LANE_INDEX_TOI]
-    assert core.lane_object == objects[wire.LANE_OBJECT_TOI]
-    assert core.ignored > 0  # the full index's symbols: not wanted with a patch
+    assert core.done and core.index_from_patch and not core.rejected and not core.needs_index
+    assert core.index is not None
+    assert core.index.build() == _index_objects(releases)[wire.INDEX_GROUP_TOI]
+    assert core.lane_object == _lane_objects(releases, m)[wire.LANE_OBJECT_TOI]
 
 
-def test_a_patch_that_does_not_give_the_signed_index_is_refused_and_the_full_index_taken(
+def test_a_lane_device_without_the_installed_index_needs_the_index_group(
+    releases: Path, tmp_path: Path
+) -> None:
+    m, data, _ = _lane_datagrams(releases, tmp_path, 400)
+    choice = lane_choice(m, 1, None, 1)
+    assert isinstance(choice, LaneChoice) and choice.old_index is None
+    core = LaneCore(m, choice)
+    _run(core, data)
+    # The lane alone brings the object, never an index: the index group's core does.
+    assert core.lane_object is not None and core.needs_index and not core.done
+    _, index_data, _ = _side_datagrams(releases, tmp_path, 400, fdt.INDEX_GROUP)
+    group = IndexGroupCore(m)
+    _run_index(group, index_data)
+    assert group.index is not None and not group.rejected
+    core.take_index(group.index)
+    assert core.done and not core.needs_index and not core.index_from_patch
+
+
+def _run_index(core: IndexGroupCore, data: list[bytes]) -> None:
+    for datagram in data:
+        core.receive(datagram)
+
+
+def test_a_patch_that_does_not_give_the_signed_index_is_refused_and_the_full_index_needed(
     releases: Path, tmp_path: Path
 ) -> None:
     m, data, _ = _lane_datagrams(releases, tmp_path, 800)
@@ -88,10 +118,17 @@ def test_a_patch_that_does_not_give_the_signed_index_is_refused_and_the_full_ind
     v1 = m.delta.sources[0] if m.delta else None
     assert v1 is not None
     core = LaneCore(m, LaneChoice(v1, 0, wrong))
+    assert not core.needs_index
     _run(core, data)
     assert core.rejected["patch-mismatch"] == 1
-    assert core.index is not None and not core.index_from_patch
-    assert core.index.build() == _lane_objects(releases, m)[wire.LANE_INDEX_TOI]
+    assert core.index is None and core.needs_index  # the driver joins the index group
+    _, index_data, _ = _side_datagrams(releases, tmp_path, 400, fdt.INDEX_GROUP)
+    group = IndexGroupCore(m)
+    _run_index(group, index_data)
+    assert group.index is not None
+    core.take_index(group.index)
+    assert core.index is not None and not core.index_from_patch and core.done
+    assert core.index.build() == _index_objects(releases)[wire.INDEX_GROUP_TOI]
 
 
 def test_hostile_lane_datagrams_are_counted_rejections(releases: Path, tmp_path: Path) -> None:
@@ -110,6 +147,34 @@ def test_hostile_lane_datagrams_are_counted_rejections(releases: Path, tmp_path:
     assert core.rejected["lane-mismatch"] == 1
     _run(core, data)  # the next round completes it from honest symbols
     assert core.lane_object == _lane_objects(releases, m)[wire.LANE_OBJECT_TOI]
+
+
+def test_hostile_index_group_datagrams_are_counted_rejections(
+    releases: Path, tmp_path: Path
+) -> None:
+    m, data, _ = _side_datagrams(releases, tmp_path, 400, fdt.INDEX_GROUP)
+    _, lane_data, _ = _lane_datagrams(releases, tmp_path, 20)
+    group = IndexGroupCore(m)
+    first = bytes(data[0])
+    assert not group.receive(lane_data[0])  # the lane's TSI: another session
+    assert not group.receive(first + b"x")  # a symbol of the wrong length
+    other_toi = bytearray(first)
+    other_toi[12:16] = wire.LANE_OBJECT_TOI.to_bytes(4, "big")  # (the TOI follows the TSI)
+    group.receive(bytes(other_toi))
+    forged = bytearray(first)
+    forged[-1] ^= 0xFF  # the index fails its signed hash and is collected afresh
+    group.receive(bytes(forged))
+    _run_index(group, data[1:])
+    assert group.rejected == {
+        "other-session": 1,
+        "symbol-length": 1,
+        "bad-toi": 1,
+        "index-mismatch": 1,
+    }, group.rejected
+    # Collected afresh from the honest symbols that followed, then the rest ignored.
+    assert group.index is not None
+    assert group.index.build() == _index_objects(releases)[wire.INDEX_GROUP_TOI]
+    assert group.datagrams == len(data) + 3 and group.ignored > 0
 
 
 def test_symbols_are_known_from_lane_and_local_blocks_together() -> None:

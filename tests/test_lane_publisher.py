@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import raptorq
 
-from otacast.schemas import blockindex, fdt, wire
+from otacast.schemas import addressing, blockindex, fdt, wire
 from otacast.schemas.limits import INDEX_BLOCK_SIZE
 from otacast.schemas.manifest import Envelope, Manifest, parse_envelope
 from otacast.signer import channels, delta, publish, symbol_cache
 from otacast.signer.cli import main
+from otacast.signer.errors import UsageError
 from otacast.signer.report import Reporter
 from otacast.signer.schedule import SendManifest, SendSymbols
 
@@ -180,22 +181,28 @@ def test_publish_and_verify_refuse_a_lane_file_that_does_not_match(
 def _lane_objects(releases: Path, m: Manifest) -> dict[int, bytes]:
     return {
         wire.LANE_OBJECT_TOI: (releases / "v2.img.delta").read_bytes(),
-        wire.LANE_INDEX_TOI: delta.index_of_image(releases / "v2.img").build(),
         wire.LANE_PATCH_TOI: (releases / "v2.img.patch-1").read_bytes(),
     }
 
 
-def _lane_datagrams(
-    releases: Path, tmp_path: Path, actions: int
+def _index_objects(releases: Path) -> dict[int, bytes]:
+    return {wire.INDEX_GROUP_TOI: delta.index_of_image(releases / "v2.img").build()}
+
+
+def _side_datagrams(
+    releases: Path, tmp_path: Path, actions: int, side: fdt.SideSession = fdt.LANE
 ) -> tuple[Manifest, list[bytes], list[bytes]]:
-    """(manifest, DATA datagrams, carousel datagrams) of the first `actions` of the lane core."""
+    """(manifest, DATA datagrams, carousel datagrams) of the first `actions` of the core of side
+    session `side` (the delta lane, the index group)."""
     envelope = _envelope(releases / "v2.img.manifest.json")
     m = envelope.manifest
-    objects: dict[int, Path | bytes] = dict(_lane_objects(releases, m))
-    path = symbol_cache.build_lane(m, objects, tmp_path / "cache", 0.5)
-    layout = symbol_cache.CycleLayout.for_lane(m, 0.5)
+    objects: dict[int, Path | bytes] = dict(
+        _lane_objects(releases, m) if side is fdt.LANE else _index_objects(releases)
+    )
+    path = symbol_cache.build_side(m, side, objects, tmp_path / "cache", 0.5)
+    layout = symbol_cache.CycleLayout.for_side(m, side, 0.5)
     assert symbol_cache.verify(path, layout) is None
-    fragments = channels.lane_fragments(envelope, layout.datagram_size)
+    fragments = channels.side_fragments(envelope, side, layout.datagram_size)
     core = channels.sender_core(m, layout, rate=0, fragments=fragments, now=0.0)
     reader = symbol_cache.SymbolReader(path, layout, 64)
     data: list[bytes] = []
@@ -214,22 +221,22 @@ def _lane_datagrams(
     return m, data, carousel
 
 
-def test_lane_datagrams_parse_with_the_lane_tsi_and_decode_to_each_object(
-    releases: Path, tmp_path: Path
+def _lane_datagrams(
+    releases: Path, tmp_path: Path, actions: int
+) -> tuple[Manifest, list[bytes], list[bytes]]:
+    return _side_datagrams(releases, tmp_path, actions)
+
+
+def _assert_decodes_to(
+    data: list[bytes], tsi: int, objects: dict[int, bytes], first_chunk: dict[int, int]
 ) -> None:
-    m, data, carousel = _lane_datagrams(releases, tmp_path, 400)
-    objects = _lane_objects(releases, m)
-    first_chunk = {
-        wire.LANE_OBJECT_TOI: 0,
-        wire.LANE_INDEX_TOI: wire.LANE_INDEX_FIRST_CHUNK,
-        wire.LANE_PATCH_TOI: wire.lane_patch_first_chunk(0),
-    }
+    """Every DATA datagram has `tsi`, and each object's (one source block: SBN 0, chunk
+    255 * (TOI - 1)) decodes from its repair symbols on."""
     symbols: dict[int, list[bytes]] = {chunk: [] for chunk in first_chunk.values()}
     for datagram in data:
         packet = wire.parse_datagram(datagram)
         assert isinstance(packet, wire.DataPacket)
-        assert packet.tsi == wire.lane_tsi(m.tsi)
-        # Each object here is one source block: SBN 0, chunk = 255 * (TOI - 1).
+        assert packet.tsi == tsi
         symbols[packet.chunk].append(packet.esi.to_bytes(4, "big") + packet.symbol)
     for toi, chunk in first_chunk.items():
         decoder = raptorq.Decoder.with_defaults(len(objects[toi]), T)
@@ -241,20 +248,48 @@ def test_lane_datagrams_parse_with_the_lane_tsi_and_decode_to_each_object(
             if result is not None:
                 break
         assert result is not None and bytes(result) == objects[toi], toi
-    # The lane's carousel: its FDT (lane TSI, its three objects), then the release's manifest
-    # datagrams with the release's own TSI.
+
+
+def _assert_side_carousel(
+    carousel: list[bytes], side: fdt.SideSession, tsi: int, m: Manifest, names: list[str]
+) -> None:
+    """A side session's carousel: its FDT (its TSI, listing `names`), then the release's
+    manifest datagrams with the release's own TSI."""
     parsed = [wire.parse_datagram(d) for d in carousel]
     fdts = [p for p in parsed if isinstance(p, wire.FdtPacket)]
-    assert fdts and all(p.tsi == wire.lane_tsi(m.tsi) for p in fdts)
-    names = [location for _, location, _ in fdt.lane_objects(m)]
-    assert names == ["v2.img.delta", "v2.img" + blockindex.FILE_SUFFIX, "v2.img.patch-1"]
-    xml = fdt.lane_fdt_xml(m)
+    assert fdts and all(p.tsi == tsi for p in fdts)
+    assert len(fdts) == len(side.fdt_datagrams(m))
+    xml = side.fdt_xml(m)
+    assert xml.count(b"<File ") == len(names)
     assert all(f'Content-Location="{n}"'.encode() in xml for n in names)
     manifests = [p for p in parsed if isinstance(p, wire.ManifestPacket)]
     assert manifests and all(p.tsi == m.tsi for p in manifests)
 
 
-def test_the_lane_takes_its_share_of_the_rate_and_the_carousel_the_rest(
+def test_lane_datagrams_parse_with_the_lane_tsi_and_decode_to_its_objects_but_no_index(
+    releases: Path, tmp_path: Path
+) -> None:
+    m, data, carousel = _lane_datagrams(releases, tmp_path, 400)
+    first_chunk = {wire.LANE_OBJECT_TOI: 0, wire.LANE_PATCH_TOI: wire.lane_patch_first_chunk(0)}
+    _assert_decodes_to(data, wire.lane_tsi(m.tsi), _lane_objects(releases, m), first_chunk)
+    names = [location for _, location, _ in fdt.lane_objects(m)]
+    assert names == ["v2.img.delta", "v2.img.patch-1"]  # the full index is the index group's
+    _assert_side_carousel(carousel, fdt.LANE, wire.lane_tsi(m.tsi), m, names)
+
+
+def test_index_group_datagrams_parse_with_the_index_tsi_and_decode_to_the_full_index(
+    releases: Path, tmp_path: Path
+) -> None:
+    m, data, carousel = _side_datagrams(releases, tmp_path, 400, fdt.INDEX_GROUP)
+    assert wire.index_tsi(m.tsi) not in (m.tsi, wire.lane_tsi(m.tsi))
+    first_chunk = {wire.INDEX_GROUP_TOI: wire.INDEX_GROUP_FIRST_CHUNK}
+    _assert_decodes_to(data, wire.index_tsi(m.tsi), _index_objects(releases), first_chunk)
+    names = [location for _, location, _ in fdt.index_group_objects(m)]
+    assert names == ["v2.img" + blockindex.FILE_SUFFIX]
+    _assert_side_carousel(carousel, fdt.INDEX_GROUP, wire.index_tsi(m.tsi), m, names)
+
+
+def test_the_lane_and_the_index_group_take_their_shares_and_the_carousel_the_rest(
     releases: Path, tmp_path: Path
 ) -> None:
     envelope = _envelope(releases / "v2.img.manifest.json")
@@ -264,12 +299,17 @@ def test_the_lane_takes_its_share_of_the_rate_and_the_carousel_the_rest(
     )
     plan = channels.build_channels(envelope, image, options, _quiet())
     try:
-        main_plan, lane_plan = plan.channels
-        assert (main_plan.rate, main_plan.lane) == (900_000, False)
-        assert (lane_plan.rate, lane_plan.lane) == (100_000, True)
-        assert lane_plan.group == "ff3e::" + lane_plan.group.split("::")[1]  # SSM, scope global
+        main_plan, lane_plan, index_plan = plan.channels
+        assert (main_plan.rate, main_plan.side) == (860_000, None)
+        assert (lane_plan.rate, lane_plan.side) == (100_000, fdt.LANE)
+        assert (index_plan.rate, index_plan.side) == (40_000, fdt.INDEX_GROUP)
+        m = envelope.manifest
+        t = m.transport
+        assert lane_plan.group == addressing.ssm_group(t.channel, t.scope, 255)
+        assert index_plan.group == addressing.ssm_group(t.channel, t.scope, 254)
+        assert len({main_plan.group, lane_plan.group, index_plan.group}) == 3
         cores = [plan.core(c, 0.0, 1_700_000_000.0) for c in plan.channels]
-        sent = [0, 0]
+        sent = [0, 0, 0]
         now = 0.0
         while now < 20.0:  # a simulated 20 s, 1 ms steps
             for number, core in enumerate(cores):
@@ -282,20 +322,46 @@ def test_the_lane_takes_its_share_of_the_rate_and_the_carousel_the_rest(
             now += 0.001
     finally:
         plan.close()
-    share = sent[1] / sum(sent)
-    assert 0.095 < share < 0.105, share
+    lane_share, index_share = sent[1] / sum(sent), sent[2] / sum(sent)
+    assert 0.095 < lane_share < 0.105, lane_share
+    assert 0.038 < index_share < 0.042, index_share
     assert 19.5e6 < sum(sent) < 20.5e6, sum(sent)
 
 
-def test_lane_share_zero_sends_no_lane(releases: Path, tmp_path: Path) -> None:
+def test_shares_of_zero_send_no_lane_and_no_index_group(releases: Path, tmp_path: Path) -> None:
+    envelope = _envelope(releases / "v2.img.manifest.json")
+    for lane_share, index_share, sides in [
+        (0, 0, []),
+        (0, 0.04, [fdt.INDEX_GROUP]),
+        (0.1, 0, [fdt.LANE]),
+    ]:
+        options = channels.ServeOptions(
+            interface="lo",
+            rates=[1_000_000],
+            cache_dir=tmp_path / "c",
+            lane_share=lane_share,
+            index_share=index_share,
+            lane_dir=releases,
+        )
+        plan = channels.build_channels(envelope, releases / "v2.img", options, _quiet())
+        plan.close()
+        assert [c.side for c in plan.channels] == [None, *sides]
+        assert [s.session for s in plan.sides] == sides
+        assert sum(c.rate for c in plan.channels) == 1_000_000
+
+
+def test_shares_that_leave_the_carousel_nothing_are_refused(releases: Path, tmp_path: Path) -> None:
     envelope = _envelope(releases / "v2.img.manifest.json")
     options = channels.ServeOptions(
-        interface="lo", rates=[1_000_000], cache_dir=tmp_path / "c", lane_share=0, lane_dir=releases
+        interface="lo",
+        rates=[1_000_000],
+        cache_dir=tmp_path / "c",
+        lane_share=0.6,
+        index_share=0.4,
+        lane_dir=releases,
     )
-    plan = channels.build_channels(envelope, releases / "v2.img", options, _quiet())
-    plan.close()
-    assert [(c.rate, c.lane) for c in plan.channels] == [(1_000_000, False)]
-    assert plan.lane is None
+    with pytest.raises(UsageError, match="leave the carousel nothing"):
+        channels.build_channels(envelope, releases / "v2.img", options, _quiet())
 
 
 def _quiet() -> Reporter:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from otacast.schemas import units
 from otacast.signer import keys
-from otacast.signer.channels import DEFAULT_LANE_SHARE, ServeOptions
+from otacast.signer.channels import DEFAULT_INDEX_SHARE, DEFAULT_LANE_SHARE, ServeOptions
 from otacast.signer.metrics import MetricsEndpoint
 from otacast.signer.serve import Stop, serve
 
@@ -102,6 +102,15 @@ def add_serve(sub: Subcommands) -> None:
         f"(default {round(DEFAULT_LANE_SHARE * 100)}%%); its files are taken from beside the "
         "manifest",
     )
+    p.add_argument(
+        "--index-share",
+        type=types.fraction,
+        default=DEFAULT_INDEX_SHARE,
+        metavar="FRACTION",
+        help="when the manifest has a block index (raw images), send the index alone at this "
+        "share of the (first) rate on its own groups, for devices that need it whole (the "
+        f"carousel keeping the rest); 0 sends none (default {round(DEFAULT_INDEX_SHARE * 100)}%%)",
+    )
     p.add_argument("--no-gso", action="store_true", help="one send per datagram (no UDP GSO)")
     p.add_argument("--loopback", action="store_true", help="also deliver to receivers on this host")
     p.add_argument("--json", action="store_true", help="JSON status lines")
@@ -149,6 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         json=args.json,
         stream_key=keys.load_secret(args.stream_key) if args.stream_key else None,
         lane_share=args.lane_share,
+        index_share=args.index_share,
         lane_dir=args.manifest.parent,
     )
     # Listening before the release is encoded: a port in use fails now, not minutes later.
