@@ -120,7 +120,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from otacast.schemas import blockindex, wire
@@ -297,6 +297,7 @@ class _Chunk:
         "bits_below",
         "cursor",
         "decoder",
+        "feed_symbol",
         "k",
         "other_cursor",
         "other_seen",
@@ -306,6 +307,10 @@ class _Chunk:
 
     def __init__(self, decoder: ChunkDecoder, k: int) -> None:
         self.decoder = decoder
+        # The decoder's `decoder.SymbolFeed`, if it has one (the store's): fed the symbol alone.
+        self.feed_symbol: Callable[[int, bytes | memoryview], bytes | None] | None = getattr(
+            decoder, "feed_symbol", None
+        )
         self.k = k
         self.used = 0  # new symbols fed to the decoder
         self.cursor = self.other_cursor = _NO_CURSOR  # the loss estimate's (*Reporting*)
@@ -863,8 +868,12 @@ class ReceiverCore:
         state.used += 1
         if not self._polluted:
             self._last_progress = now
+        feed_symbol = state.feed_symbol
         try:
-            result = state.decoder.feed(data[wire.CODEC_PACKET_OFFSET :])
+            if feed_symbol is not None:
+                result = feed_symbol(esi, data[wire.DATA_HEADER_SIZE :])
+            else:
+                result = state.decoder.feed(data[wire.CODEC_PACKET_OFFSET :])
         except DecoderFault:
             self.stats.rejected["decoder-fault"] += 1
             del self._chunks[chunk]

@@ -30,6 +30,15 @@ class ChunkDecoder(Protocol):
     def discard(self) -> None: ...
 
 
+class SymbolFeed(Protocol):
+    """A `ChunkDecoder` may also offer ``feed_symbol``, which the core then calls instead of
+    `feed` with the ESI it has read and the symbol alone (``datagram[DATA_HEADER_SIZE:]``,
+    exactly the signed symbol size): the same packet, without rebuilding what the core
+    already has on every datagram."""
+
+    def feed_symbol(self, esi: int, symbol: bytes | memoryview) -> bytes | None: ...
+
+
 # (chunk index, chunk length, symbol size) -> a fresh decoder
 DecoderFactory = Callable[[int, int, int], ChunkDecoder]
 

@@ -59,14 +59,19 @@ class StoreDecoder:
         self._tried_with = -1
 
     def feed(self, packet: bytes | memoryview) -> bytes | None:
-        store, chunk = self.store, self.chunk
+        return self.feed_symbol(int.from_bytes(packet[1:_PAYLOAD_ID], "big"), packet[_PAYLOAD_ID:])
+
+    def feed_symbol(self, esi: int, symbol: bytes | memoryview) -> bytes | None:
+        """`feed` with the packet's ESI and symbol apart (`decoder.SymbolFeed`): the core's
+        per-datagram path, which has read the ESI already and saves two slices and a parse."""
         # A chunk completed and verified in an earlier run is refused here (as "done"): the
         # driver marks it done (and counts it as resumed) when it handles `ManifestVerified`.
-        if not store.add(chunk, int.from_bytes(packet[1:_PAYLOAD_ID], "big"), packet[_PAYLOAD_ID:]):
+        if not self.store.add(self.chunk, esi, symbol):
             return None
         self._held += 1
         if self._held < self.k:
             return None
+        store, chunk = self.store, self.chunk
         held = self._held = store.count(chunk)
         if held < self.k or held == self._tried_with:
             return None

@@ -96,3 +96,48 @@ def test_views_of_a_reused_read_buffer_are_stored_as_they_were(tmp_path: Path) -
         assert all(data == RELEASE.chunk(index) for index, data in done.items())
         assert core.stats.rejected == {}
         assert store.stats.spill_bytes > 0
+
+
+class _Recording:
+    """A decoder that records what the core gives it, and never completes."""
+
+    def __init__(self) -> None:
+        self.packets: list[bytes] = []
+
+    def feed(self, packet: bytes | memoryview) -> bytes | None:
+        self.packets.append(bytes(packet))
+        return None
+
+    def discard(self) -> None:
+        """Nothing is kept."""
+
+
+class _RecordingSymbols(_Recording):
+    def __init__(self) -> None:
+        super().__init__()
+        self.symbols: list[tuple[int, bytes]] = []
+
+    def feed_symbol(self, esi: int, symbol: bytes | memoryview) -> bytes | None:
+        self.symbols.append((esi, bytes(symbol)))
+        return None
+
+
+def test_a_decoder_with_feed_symbol_gets_each_esi_and_symbol_and_others_the_codec_packet() -> None:
+    datagrams = CYCLES[0][:3] + CYCLES[0][-2:]  # source and repair symbols
+    esis = [int.from_bytes(d[wire.DATA_HEADER_SIZE - 3 : wire.DATA_HEADER_SIZE]) for d in datagrams]
+    assert esis[:3] == [0, 1, 2] and min(esis[3:]) >= M.source_symbols(0)
+    for decoder in (_Recording(), _RecordingSymbols()):
+
+        def factory(chunk: int, length: int, size: int, d: _Recording = decoder) -> _Recording:
+            return d
+
+        core = ReceiverCore(
+            RELEASE.trust, now=NOW, manifest=RELEASE.verified(), decoder_factory=factory
+        )
+        receive_reads(core, datagrams)
+        if isinstance(decoder, _RecordingSymbols):
+            assert decoder.packets == []
+            symbols = [d[wire.DATA_HEADER_SIZE :] for d in datagrams]
+            assert decoder.symbols == list(zip(esis, symbols, strict=True))
+        else:
+            assert decoder.packets == [d[wire.CODEC_PACKET_OFFSET :] for d in datagrams]
