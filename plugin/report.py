@@ -239,6 +239,10 @@ def summary_text(s: FetchSummary) -> str:
         text += "; refused: " + ", ".join(f"{k} {v}" for k, v in sorted(refused.items()))
     if s.auth:
         text += f"; packet authentication: {s.auth['pages_signed']} pages verified"
+    if s.http_refetched:
+        text += (
+            f"; {s.http_refetched} partly held chunk(s) failed their hash and were fetched whole"
+        )
     if s.lane_from is not None:
         text += (
             f"; used the delta lane from release {s.lane_from}: {s.bytes_lane} bytes in "
@@ -277,6 +281,9 @@ class FetchSummary:
     datagrams_lane: int = 0
     lane_index: str | None = None
     datagrams_index: int = 0  # DATA datagrams read on the index group (`otacast.plugin.lane`)
+    # Partly held chunks that HTTP repair fetched whole after their held symbols and fetched
+    # ranges together failed the chunk's hash (`otacast.plugin.fetcher.RangedChunk`).
+    http_refetched: int = 0
 
     @classmethod
     def from_snapshot(
@@ -457,6 +464,7 @@ class Reporter:
                     "datagrams_lane": s.datagrams_lane,
                     "lane_index": s.lane_index,
                     "datagrams_index": s.datagrams_index,
+                    "http_refetched": s.http_refetched,
                 },
                 sort_keys=True,
             )
