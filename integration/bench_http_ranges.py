@@ -26,29 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from integration.test_reuse import _ext4, _index, build_trees, known_per_chunk
 from otacast.plugin.fetcher import RANGE_GAP, plan_ranges
-from otacast.plugin.reuse import (
-    BlockTable,
-    Layout,
-    Placement,
-    Source,
-    _Opened,
-    known_symbols,
-    scan_source,
-)
-from otacast.schemas import blockindex, fec
+from otacast.plugin.reuse import Layout
+from otacast.schemas import fec
 from otacast.schemas.fec import DEFAULT_SYMBOL_SIZE
 from otacast.schemas.limits import DEFAULT_CHUNK_BYTES, MAX_RANGES_PER_CHUNK
 
 GAPS = (0, 4 * 1024, RANGE_GAP, 64 * 1024, 256 * 1024)
-
-
-def index_of(image: Path) -> blockindex.BlockIndex:
-    builder = blockindex.IndexBuilder()
-    with image.open("rb") as handle:
-        while data := handle.read(4 << 20):
-            builder.update(data)
-    return builder.finish()
 
 
 def known_runs(old: Path, new: Path) -> tuple[Layout, list[list[tuple[int, int]]]]:
@@ -56,17 +41,10 @@ def known_runs(old: Path, new: Path) -> tuple[Layout, list[list[tuple[int, int]]
     length = new.stat().st_size
     chunk = fec.choose_chunk_size(length, DEFAULT_CHUNK_BYTES, DEFAULT_SYMBOL_SIZE)
     layout = Layout(length, chunk, DEFAULT_SYMBOL_SIZE)
-    table = BlockTable(index_of(new))
-    placement = Placement(table.index.blocks)
-    opened = _Opened(Source(old, "bench"))
-    try:
-        scan_source(opened, 0, table, placement)
-    finally:
-        opened.close()
     runs: list[list[tuple[int, int]]] = []
-    for index in range(layout.chunks):
+    for esis in known_per_chunk(layout, _index(new), old):
         chunk_runs: list[tuple[int, int]] = []
-        for esi in known_symbols(layout, index, placement.known):
+        for esi in esis:
             if chunk_runs and chunk_runs[-1][1] == esi:
                 chunk_runs[-1] = (chunk_runs[-1][0], esi + 1)
             else:
@@ -115,8 +93,6 @@ def measure(old: Path, new: Path) -> None:
 
 
 def test_pair(work: Path) -> tuple[Path, Path]:
-    from integration.test_reuse import _ext4, build_trees  # (a pytest module: this pair only)
-
     build_trees(work / "t1", work / "t2")
     _ext4(work / "t1", work / "v1.img")
     _ext4(work / "t2", work / "v2.img")
