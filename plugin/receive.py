@@ -398,11 +398,12 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         bytes_resumed=run.bytes_resumed,
         bytes_local=run.bytes_local,
         local_in_multicast=run.local_in_multicast,
+        multicast_in_http=run.multicast_in_http,
         joins=[f"({j.source or '*'}, {j.group})" for j in run.joins],
         reads=run.reads,
     )
-    if run.ranges_refused:
-        summary = replace(summary, http_refetched=run.ranges_refused)
+    if run.http_refetched:
+        summary = replace(summary, http_refetched=run.http_refetched)
     if run.lane_from is not None:
         summary = replace(
             summary,
@@ -449,7 +450,12 @@ class _Run:
         self.repair: RepairWorker | None = None
         self.bytes_http = 0  # fetched (a partly held chunk's ranges, not the whole chunk)
         # Partly held chunks that failed their hash once their fetched ranges were in place.
-        self.ranges_refused = 0
+        self.http_refetched = 0
+        # Of chunks completed from fetched ranges (`_take_ranged`), the held bytes that came
+        # from multicast in this run (the summary's multicast bytes: the core did not count
+        # them), and per chunk the source bytes the store held when opened (resumed ones).
+        self.multicast_in_http = 0
+        self._held_at_open: dict[int, int] = {}
         self.bytes_resumed = 0
         # Local reuse: the worker while it runs, the image bytes taken from local sources, and
         # of those the ones in chunks the core completed (it counts them as multicast bytes).
@@ -953,7 +959,21 @@ class _Run:
             self.stored = StoredSymbols(self.options.state_dir, verified)
             self.staging = self.stored.staging
             self.symbols_resumed = self.stored.held()
+            if self.symbols_resumed:
+                self._held_at_open = self._source_bytes_held(verified)
         return self.stored
+
+    def _source_bytes_held(self, verified: VerifiedManifest) -> dict[int, int]:
+        """Per chunk in progress, the bytes of the source symbols the store holds."""
+        assert self.stored is not None
+        m, store = verified.manifest, self.stored.store
+        size, held = m.fec.symbol_size, {}
+        for index in range(m.chunk_count):
+            if store.count(index):
+                length = m.chunk_span(index)[1]
+                runs = store.source_runs(index)
+                held[index] = sum(min(end * size, length) - first * size for first, end in runs)
+        return held
 
     def _open_staging(self, verified: VerifiedManifest) -> None:
         m = verified.manifest
@@ -1227,14 +1247,22 @@ class _Run:
         for start, piece in item.pieces:
             data[start : start + len(piece)] = piece
         if hashlib.sha256(data).digest() == m.chunks.sha256[index]:
-            self.bytes_local += stored.local_bytes.pop(index, 0)
+            # The held bytes used, counted where they came from: local blocks, an earlier run
+            # (resumed), else multicast in this run (symbol-exact up to re-fetched gaps).
+            held = len(data) - item.fetched
+            local = min(stored.local_bytes.pop(index, 0), held)
+            resumed = min(self._held_at_open.pop(index, 0), held - local)
+            self.bytes_local += local
+            self.bytes_resumed += resumed
+            self.multicast_in_http += held - local - resumed
             stored.keep(index, bytes(data))
             self.core.mark_done(index, time.monotonic())
             repair.verdict(index, True)
         else:
             stored.discard(index)
             self.core.restart_chunk(index)
-            self.ranges_refused += 1
+            self._held_at_open.pop(index, None)
+            self.http_refetched += 1
             self.emit.note(
                 f"HTTP repair: chunk {index} from its held symbols and {len(item.pieces)} "
                 "fetched range(s) failed its hash: its held symbols are forgotten and it is "

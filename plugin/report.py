@@ -298,15 +298,18 @@ class FetchSummary:
         reads: int = 0,
         bytes_local: int = 0,
         local_in_multicast: int = 0,
+        multicast_in_http: int = 0,
     ) -> FetchSummary:
         """The summary of a finished download (`snap` has a verified manifest).  Of
         `bytes_local`, `local_in_multicast` were in chunks the core completed, which it counts
-        as multicast bytes: they are counted once, as local."""
+        as multicast bytes: they are counted once, as local.  `multicast_in_http` are bytes
+        received by multicast in chunks HTTP repair completed from ranges, which the core did
+        not count."""
         assert snap.manifest is not None
         return cls(
             manifest=snap.manifest,
             elapsed=elapsed,
-            bytes_multicast=snap.bytes_multicast - local_in_multicast,
+            bytes_multicast=snap.bytes_multicast - local_in_multicast + multicast_in_http,
             bytes_http=bytes_http,
             bytes_local=bytes_local,
             bytes_resumed=bytes_resumed,
