@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # directory timestamps below track.
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-packages test lint unit integration demo bench bench-quick bench-compare bench-compare-quick bench-delta bench-delta-quick bench-delta-e2e \
+.PHONY: setup system-packages test lint unit integration demo bench bench-quick bench-compare bench-compare-quick bench-delta bench-delta-quick bench-delta-e2e bench-http-ranges \
         fuzz-quick sweep sweep-quick clean
 
 # The system packages first (.ci/packages: installed as root with apt-get, or the one apt command
@@ -79,6 +79,13 @@ bench-delta-quick: setup
 # (root): the cached 1200 MiB images signed once, served at 50 MB/s with the lane at 10%.
 bench-delta-e2e: setup
 	$(BIN)/python integration/bench_delta.py --e2e small,medium,large
+
+# HTTP repair of partly held chunks (issue 15, Build 4): bytes and requests a device holding v1
+# fetches from mirrors only, per gap threshold, for test_reuse's 96 MiB pair and (if cached by
+# bench-delta) the 1200 MiB small and medium updates; no root, no network, about a minute.
+DELTA_CACHE = /var/tmp/otacast-bench-delta/full
+bench-http-ranges: setup
+	$(BIN)/python integration/bench_http_ranges.py --test-pair $(foreach u,small medium,$(if $(wildcard $(DELTA_CACHE)/$(u).img),$(DELTA_CACHE)/v1.img $(DELTA_CACHE)/$(u).img))
 
 # Issue 12's simulator sweep: datagrams heard / ideal K/(1-p) and the receiver's high-water
 # mark over loss, join time, senders and image sizes up to 4 GiB, for the carousel serve sends

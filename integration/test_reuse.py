@@ -102,20 +102,26 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     return Pair(root / "v1.img", root / "other.img", release, index)
 
 
-def _known_bytes(pair: Pair, source: Path) -> int:
-    """The image bytes the local pass can take from `source`: its known source symbols."""
-    manifest = parse_envelope(pair.release.manifest.read_bytes()).manifest
-    layout = Layout.of(manifest)
-    table = BlockTable(_index(pair.release.image))
+def known_per_chunk(layout: Layout, index: BlockIndex, source: Path) -> list[list[int]]:
+    """Per chunk of `layout`, the source ESIs the local pass can take from `source` for the
+    image of `index` (the device's own functions; also integration/bench_http_ranges.py's)."""
+    table = BlockTable(index)
     placement = Placement(table.index.blocks)
     opened = _Opened(Source(source, "test"))
     try:
         scan_source(opened, 0, table, placement)
     finally:
         opened.close()
+    return [known_symbols(layout, chunk, placement.known) for chunk in range(layout.chunks)]
+
+
+def _known_bytes(pair: Pair, source: Path) -> int:
+    """The image bytes the local pass can take from `source`: its known source symbols."""
+    manifest = parse_envelope(pair.release.manifest.read_bytes()).manifest
+    layout = Layout.of(manifest)
     total = 0
-    for chunk in range(layout.chunks):
-        for esi in known_symbols(layout, chunk, placement.known):
+    for chunk, esis in enumerate(known_per_chunk(layout, _index(pair.release.image), source)):
+        for esi in esis:
             start, end = layout.symbol_span(chunk, esi)
             total += end - start
     return total

@@ -56,7 +56,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -68,6 +68,8 @@ import urllib3.connectionpool
 import urllib3.exceptions
 import urllib3.poolmanager
 
+from otacast.schemas.fec import ceil_div
+from otacast.schemas.limits import MAX_RANGES_PER_CHUNK
 from otacast.schemas.policy import VerifiedManifest
 
 from .errors import FetchError
@@ -86,6 +88,19 @@ MIN_RATE: Final = 32 * 1024
 # check and the size of each buffer append; at 64 KiB the per-read overhead is negligible even
 # at gigabit rates (a few thousand reads per second).
 READ_SIZE: Final = 64 * 1024
+
+# Held bytes between two missing stretches of a partly held chunk that are fetched again rather
+# than split into two requests.  A request costs ~0.5 KB of headers and one round trip (the
+# requests of a chunk go one after another on one connection); counted in bytes alone the
+# split would pay from one symbol's gap on, but a round trip is worth the bandwidth-delay
+# product: ~16 KB on a 4 Mbit/s link at 30 ms, ~25 KB at 10 Mbit/s and 20 ms.  16 KiB (13
+# symbols of 1208 bytes) therefore fetches a gap again only where the request it saves would
+# have cost about as much time; each costs under 16 KiB.
+RANGE_GAP: Final = 16 * 1024
+
+# How long the repair worker waits for the receive loop's answer on a chunk fetched as ranges
+# before it looks at `stop` again.
+POLL_SECONDS: Final = 0.1
 
 # Cap on the wait between rounds: with many attempts the doubling would otherwise reach hours.
 MAX_BACKOFF: Final = 60.0
@@ -189,11 +204,30 @@ class HttpFetcher:
         """The chunk's bytes, verified against the signed `sha256`, or `FetchError`."""
         if offset < 0 or length < 1 or len(sha256) != hashlib.sha256().digest_size:
             raise ValueError(f"chunk {index}: invalid span or hash")
+
+        def verified(data: bytes) -> bytes:
+            if hashlib.sha256(data).digest() != sha256:
+                raise _MirrorFailure("hash-mismatch")
+            return data
+
+        return self._fetch_span(f"chunk {index}", offset, length, verified)
+
+    def fetch_range(self, what: str, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes of the image from `offset`, or `FetchError`; `what` names
+        them in the error.  **Not verified**: the bytes of a part of a chunk cannot be, so the
+        caller must hash the whole chunk they go into before it believes any of them."""
+        if offset < 0 or length < 1:
+            raise ValueError(f"{what}: invalid span")
+        return self._fetch_span(what, offset, length, lambda data: data)
+
+    def _fetch_span(
+        self, what: str, offset: int, length: int, check: Callable[[bytes], bytes]
+    ) -> bytes:
+        """One ``Range: bytes=offset-last`` request per mirror until one answers with exactly
+        that range and its bytes pass `check` (which raises `_MirrorFailure` otherwise)."""
         last = offset + length - 1
         if not self.urls:
-            raise FetchError(
-                f"chunk {index} (bytes {offset}-{last}): the manifest lists no mirrors"
-            )
+            raise FetchError(f"{what} (bytes {offset}-{last}): the manifest lists no mirrors")
 
         def attempt(url: str) -> bytes:
             with self._open(url, {"Range": f"bytes={offset}-{last}"}, length) as (
@@ -204,11 +238,9 @@ class HttpFetcher:
                 data = self._read_body(response, url, length, deadline)
             if len(data) < length:
                 raise _MirrorFailure("short-body", f"{len(data)} of {length} bytes")
-            if hashlib.sha256(data).digest() != sha256:
-                raise _MirrorFailure("hash-mismatch")
-            return data
+            return check(data)
 
-        return self._over_mirrors(self.urls, attempt, f"chunk {index} (bytes {offset}-{last})")
+        return self._over_mirrors(self.urls, attempt, f"{what} (bytes {offset}-{last})")
 
     def fetch_manifest(self, url: str, max_bytes: int) -> bytes:
         """At most `max_bytes` of a manifest (still unverified), or `FetchError`."""
@@ -473,41 +505,170 @@ class _DeadlineAdapter(requests.adapters.HTTPAdapter):
         return manager
 
 
+@dataclass(frozen=True)
+class RangedChunk:
+    """The byte ranges of chunk `index` that its held source symbols do not cover, fetched but
+    **not verified**: `pieces` are ``(start, bytes)``, `start` from the chunk's first byte.  The
+    receive loop puts them over the chunk's held bytes, hashes the whole chunk, and answers
+    with `RepairWorker.verdict`."""
+
+    index: int
+    pieces: tuple[tuple[int, bytes], ...]
+
+    @property
+    def fetched(self) -> int:
+        """Bytes fetched for it over HTTP."""
+        return sum(len(piece) for _, piece in self.pieces)
+
+
 class RepairWorker(threading.Thread):
-    """Fetches the chunks still missing over HTTP, in order, and queues the verified ones.
+    """Fetches the chunks still missing over HTTP, in order, and queues them.
 
     The receive loop owns everything else, so the worker shares only thread-safe things with
-    it: `results` gets ``(index, data)`` for each verified chunk and ``None`` once the worker is
-    done; the loop adds to `done_elsewhere` the chunks multicast completed meanwhile (they are
-    skipped; a set's ``add`` and ``in`` are atomic); `failures` gets one message per chunk no
-    mirror delivered (read once the thread has ended); `stop` ends the walk after the chunk in
-    flight.
+    it: `results` gets ``(index, data)`` for each chunk fetched whole and verified, a
+    `RangedChunk` for each chunk with a plan (below), and ``None`` once the worker is done; the
+    loop adds to `done_elsewhere` the chunks multicast completed meanwhile (they are skipped; a
+    set's ``add`` and ``in`` are atomic); `failures` gets one message per chunk no mirror
+    delivered (read once the thread has ended); `stop` ends the walk after the chunk in flight.
+
+    `plans` maps a chunk whose source symbols are partly held to the byte ranges to fetch
+    (`plan_ranges`): only those are fetched, one plain single-range request each.  The loop
+    answers each `RangedChunk` with `verdict`: kept (or done elsewhere), or failed its hash,
+    whereupon the worker fetches that chunk whole (the loop has forgotten its held symbols: a
+    lying local block, or a mirror lying in a range, is never kept).  The worker ends (``None``)
+    only once every `RangedChunk` has its answer.
     """
 
-    def __init__(self, manifest: VerifiedManifest, missing: list[int], timeout: float) -> None:
+    def __init__(
+        self,
+        manifest: VerifiedManifest,
+        missing: list[int],
+        timeout: float,
+        plans: Mapping[int, Sequence[tuple[int, int]]] | None = None,
+    ) -> None:
         super().__init__(name="otacast-http", daemon=True)
         self.m = manifest.manifest
         self.missing = missing
-        self.results: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        self.plans = dict(plans or {})
+        self.results: queue.Queue[tuple[int, bytes] | RangedChunk | None] = queue.Queue()
         self.done_elsewhere: set[int] = set()
         self.failures: list[str] = []
         self.fetcher = HttpFetcher(self.m.http, timeout=timeout)
         self.stop = threading.Event()
+        self._verdicts: queue.Queue[tuple[int, bool]] = queue.Queue()
+        self.refetched: list[int] = []  # chunks whose ranges made a chunk failing its hash
+
+    def verdict(self, index: int, kept: bool) -> None:
+        """The loop's answer to the `RangedChunk` of `index`: `kept` (or done elsewhere), or
+        not (it failed its hash: fetch it whole)."""
+        self._verdicts.put((index, kept))
 
     def run(self) -> None:
+        waiting: set[int] = set()  # chunks handed over as ranges, not yet answered
         for index in self.missing:
+            self._answers(waiting, wait=False)
             if self.stop.is_set():
                 break
             if index in self.done_elsewhere:  # multicast got there first
                 continue
-            offset, length = self.m.chunk_span(index)
+            plan = self.plans.get(index)
+            if plan and self._ranged(index, plan):
+                waiting.add(index)
+            elif not plan:
+                self._whole(index)
+        while waiting and not self.stop.is_set():
+            self._answers(waiting, wait=True)
+        self.results.put(None)
+
+    def _answers(self, waiting: set[int], *, wait: bool) -> None:
+        """Take the loop's answers (at least one, or a turn of `stop`'s check, if `wait`), and
+        fetch whole each chunk whose ranges did not make it."""
+        while True:
             try:
-                data = self.fetcher.fetch_chunk(index, offset, length, self.m.chunks.sha256[index])
+                if wait:
+                    index, kept = self._verdicts.get(timeout=POLL_SECONDS)
+                else:
+                    index, kept = self._verdicts.get_nowait()
+            except queue.Empty:
+                return
+            waiting.discard(index)
+            if not kept:
+                self.refetched.append(index)
+                self.fetcher.stats.failures["held-mismatch"] += 1
+                if index not in self.done_elsewhere and not self.stop.is_set():
+                    self._whole(index)
+            wait = False
+
+    def _whole(self, index: int) -> None:
+        offset, length = self.m.chunk_span(index)
+        try:
+            data = self.fetcher.fetch_chunk(index, offset, length, self.m.chunks.sha256[index])
+        except FetchError as exc:
+            self.failures.append(str(exc))
+            return
+        self.results.put((index, data))
+
+    def _ranged(self, index: int, plan: Sequence[tuple[int, int]]) -> bool:
+        """Fetch `plan`'s ranges of chunk `index` and hand them over; False if one failed on
+        every mirror (counted as the chunk's failure)."""
+        offset = self.m.chunk_span(index)[0]
+        pieces = []
+        for start, end in plan:  # (within the chunk: `plan_ranges`)
+            try:
+                data = self.fetcher.fetch_range(f"chunk {index}", offset + start, end - start)
             except FetchError as exc:
                 self.failures.append(str(exc))
-                continue
-            self.results.put((index, data))
-        self.results.put(None)
+                return False
+            pieces.append((start, data))
+        self.results.put(RangedChunk(index, tuple(pieces)))
+        return True
+
+
+# --- Range planning (pure) ----------------------------------------------------------------------
+
+
+def plan_ranges(
+    length: int,
+    symbol_size: int,
+    held: Iterable[tuple[int, int]],
+    *,
+    gap: int = RANGE_GAP,
+    most: int = MAX_RANGES_PER_CHUNK,
+) -> tuple[tuple[int, int], ...]:
+    """The byte ranges ``[start, end)`` of a chunk of `length` bytes to fetch when the source
+    symbols in the runs `held` (``[first, end)`` ESIs; symbols of `symbol_size` bytes, the
+    last cut at the chunk's end) are already in place: the bytes of the others, in order.
+
+    Missing stretches separated by fewer than `gap` held bytes become one range (the held bytes
+    between are fetched again: cheaper than a request), and if more than `most` ranges remain,
+    the shortest gaps are closed until `most` do.  Runs outside the chunk's symbols, empty or
+    overlapping, are clipped and merged (the caller's bookkeeping, not trusted to be tidy).
+    Nothing held: the whole chunk, one range; everything held: none."""
+    if length < 1 or symbol_size < 1 or most < 1:
+        raise ValueError("length, symbol_size and most must be positive")
+    k = ceil_div(length, symbol_size)
+    missing: list[list[int]] = []  # [start, end) bytes
+    at = 0  # the first ESI not yet known to be held or missing
+    for first, end in sorted((max(0, f), min(k, e)) for f, e in held):
+        if end <= first or end <= at:
+            continue
+        if first > at:
+            missing.append([at * symbol_size, first * symbol_size])
+        at = end
+    if at < k:
+        missing.append([at * symbol_size, length])
+    if not missing:
+        return ()
+    gaps = sorted(range(1, len(missing)), key=lambda i: missing[i][0] - missing[i - 1][1])
+    close = {i for i in gaps if missing[i][0] - missing[i - 1][1] < gap}
+    close.update(gaps[: max(0, len(missing) - most)])  # (the shortest first)
+    ranges = [missing[0]]
+    for i in range(1, len(missing)):
+        if i in close:
+            ranges[-1][1] = missing[i][1]
+        else:
+            ranges.append(missing[i])
+    return tuple((start, end) for start, end in ranges)
 
 
 # --- Response checks (pure) ---------------------------------------------------------------------

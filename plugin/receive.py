@@ -112,7 +112,7 @@ from .store_decoder import UNBOUNDED_DECODERS, StoredSymbols
 from .transport import Join, MulticastReceiver
 
 if TYPE_CHECKING:  # imported when HTTP is first needed: `requests` costs ~0.15 s of start-up
-    from .fetcher import RepairWorker
+    from .fetcher import RangedChunk, RepairWorker
 
 # Datagrams taken from the socket per turn of the loop before timers and HTTP results are
 # looked at again: keeps both responsive under a flood without a syscall per check.
@@ -398,9 +398,12 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         bytes_resumed=run.bytes_resumed,
         bytes_local=run.bytes_local,
         local_in_multicast=run.local_in_multicast,
+        multicast_in_http=run.multicast_in_http,
         joins=[f"({j.source or '*'}, {j.group})" for j in run.joins],
         reads=run.reads,
     )
+    if run.http_refetched:
+        summary = replace(summary, http_refetched=run.http_refetched)
     if run.lane_from is not None:
         summary = replace(
             summary,
@@ -445,7 +448,14 @@ class _Run:
         self.symbols_resumed = 0
         self.writer: _Writer | None = None
         self.repair: RepairWorker | None = None
-        self.bytes_http = 0
+        self.bytes_http = 0  # fetched (a partly held chunk's ranges, not the whole chunk)
+        # Partly held chunks that failed their hash once their fetched ranges were in place.
+        self.http_refetched = 0
+        # Of chunks completed from fetched ranges (`_take_ranged`), the held bytes that came
+        # from multicast in this run (the summary's multicast bytes: the core did not count
+        # them), and per chunk the source bytes the store held when opened (resumed ones).
+        self.multicast_in_http = 0
+        self._held_at_open: dict[int, int] = {}
         self.bytes_resumed = 0
         # Local reuse: the worker while it runs, the image bytes taken from local sources, and
         # of those the ones in chunks the core completed (it counts them as multicast bytes).
@@ -949,7 +959,21 @@ class _Run:
             self.stored = StoredSymbols(self.options.state_dir, verified)
             self.staging = self.stored.staging
             self.symbols_resumed = self.stored.held()
+            if self.symbols_resumed:
+                self._held_at_open = self._source_bytes_held(verified)
         return self.stored
+
+    def _source_bytes_held(self, verified: VerifiedManifest) -> dict[int, int]:
+        """Per chunk in progress, the bytes of the source symbols the store holds."""
+        assert self.stored is not None
+        m, store = verified.manifest, self.stored.store
+        size, held = m.fec.symbol_size, {}
+        for index in range(m.chunk_count):
+            if store.count(index):
+                length = m.chunk_span(index)[1]
+                runs = store.source_runs(index)
+                held[index] = sum(min(end * size, length) - first * size for first, end in runs)
+        return held
 
     def _open_staging(self, verified: VerifiedManifest) -> None:
         m = verified.manifest
@@ -1133,11 +1157,38 @@ class _Run:
             self.reuse.no_more_index.set()
             return
         missing = [i for i in range(verified.manifest.chunk_count) if i not in self.core.done]
-        self.emit.note(f"multicast {reason}: fetching {len(missing)} missing chunk(s) over HTTP")
         from .fetcher import RepairWorker  # (see the import at the top)
 
-        self.repair = RepairWorker(verified, missing, self.options.http_timeout)
+        plans = self._range_plans(verified, missing)
+        partly = f", {len(plans)} partly held: only their missing ranges" if plans else ""
+        self.emit.note(
+            f"multicast {reason}: fetching {len(missing)} missing chunk(s) over HTTP{partly}"
+        )
+        self.repair = RepairWorker(verified, missing, self.options.http_timeout, plans)
         self.repair.start()
+
+    def _range_plans(
+        self, verified: VerifiedManifest, missing: list[int]
+    ) -> dict[int, tuple[tuple[int, int], ...]]:
+        """The byte ranges HTTP repair fetches of each missing chunk whose source symbols are
+        partly in the symbol store (local reuse, multicast): those of the symbols it lacks
+        (`otacast.plugin.fetcher.plan_ranges`).  Raw images only; a chunk with nothing held,
+        or whose plan would be the whole chunk anyway, is fetched whole (verified per mirror)."""
+        m = verified.manifest
+        if self.stored is None or m.image.format != "raw":
+            return {}
+        from .fetcher import plan_ranges
+
+        store, plans = self.stored.store, {}
+        for index in missing:
+            runs = store.source_runs(index)
+            if not runs:
+                continue
+            length = m.chunk_span(index)[1]
+            plan = plan_ranges(length, m.fec.symbol_size, runs)
+            if plan and plan != ((0, length),):
+                plans[index] = plan
+        return plans
 
     def _no_fallback(self, reason: str) -> None:
         """Multicast brings nothing and there is no HTTP to fall back on: listen on, or, with
@@ -1168,6 +1219,9 @@ class _Run:
             if item is None:
                 self.repair.join()
                 continue
+            if not isinstance(item, tuple):
+                self._take_ranged(item)
+                continue
             index, data = item
             if index in self.core.done or (self.stored is None and self.writer is None):
                 continue
@@ -1175,6 +1229,47 @@ class _Run:
             self.bytes_http += len(data)
             self.core.mark_done(index, time.monotonic())
             self._handle_events()
+
+    def _take_ranged(self, item: RangedChunk) -> None:
+        """Put the fetched ranges of a partly held chunk over its held bytes and keep it if the
+        whole matches its signed hash.  Otherwise a held symbol or a fetched range lied: the
+        chunk's symbols are forgotten and the worker fetches it whole (its answer either way:
+        the worker waits for it)."""
+        repair, index = self.repair, item.index
+        assert repair is not None
+        self.bytes_http += item.fetched  # fetched, whatever comes of them
+        stored, verified = self.stored, self.core.verified
+        if index in self.core.done or stored is None or verified is None:
+            repair.verdict(index, True)
+            return
+        m = verified.manifest
+        data = bytearray(stored.store.read_chunk(index))
+        for start, piece in item.pieces:
+            data[start : start + len(piece)] = piece
+        if hashlib.sha256(data).digest() == m.chunks.sha256[index]:
+            # The held bytes used, counted where they came from: local blocks, an earlier run
+            # (resumed), else multicast in this run (symbol-exact up to re-fetched gaps).
+            held = len(data) - item.fetched
+            local = min(stored.local_bytes.pop(index, 0), held)
+            resumed = min(self._held_at_open.pop(index, 0), held - local)
+            self.bytes_local += local
+            self.bytes_resumed += resumed
+            self.multicast_in_http += held - local - resumed
+            stored.keep(index, bytes(data))
+            self.core.mark_done(index, time.monotonic())
+            repair.verdict(index, True)
+        else:
+            stored.discard(index)
+            self.core.restart_chunk(index)
+            self._held_at_open.pop(index, None)
+            self.http_refetched += 1
+            self.emit.note(
+                f"HTTP repair: chunk {index} from its held symbols and {len(item.pieces)} "
+                "fetched range(s) failed its hash: its held symbols are forgotten and it is "
+                "fetched whole"
+            )
+            repair.verdict(index, False)
+        self._handle_events()
 
     def _check_gave_up(self) -> None:
         """Give up when HTTP has finished with failures and multicast brings nothing either."""

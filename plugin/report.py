@@ -239,6 +239,10 @@ def summary_text(s: FetchSummary) -> str:
         text += "; refused: " + ", ".join(f"{k} {v}" for k, v in sorted(refused.items()))
     if s.auth:
         text += f"; packet authentication: {s.auth['pages_signed']} pages verified"
+    if s.http_refetched:
+        text += (
+            f"; {s.http_refetched} partly held chunk(s) failed their hash and were fetched whole"
+        )
     if s.lane_from is not None:
         text += (
             f"; used the delta lane from release {s.lane_from}: {s.bytes_lane} bytes in "
@@ -277,6 +281,9 @@ class FetchSummary:
     datagrams_lane: int = 0
     lane_index: str | None = None
     datagrams_index: int = 0  # DATA datagrams read on the index group (`otacast.plugin.lane`)
+    # Partly held chunks that HTTP repair fetched whole after their held symbols and fetched
+    # ranges together failed the chunk's hash (`otacast.plugin.fetcher.RangedChunk`).
+    http_refetched: int = 0
 
     @classmethod
     def from_snapshot(
@@ -291,15 +298,18 @@ class FetchSummary:
         reads: int = 0,
         bytes_local: int = 0,
         local_in_multicast: int = 0,
+        multicast_in_http: int = 0,
     ) -> FetchSummary:
         """The summary of a finished download (`snap` has a verified manifest).  Of
         `bytes_local`, `local_in_multicast` were in chunks the core completed, which it counts
-        as multicast bytes: they are counted once, as local."""
+        as multicast bytes: they are counted once, as local.  `multicast_in_http` are bytes
+        received by multicast in chunks HTTP repair completed from ranges, which the core did
+        not count."""
         assert snap.manifest is not None
         return cls(
             manifest=snap.manifest,
             elapsed=elapsed,
-            bytes_multicast=snap.bytes_multicast - local_in_multicast,
+            bytes_multicast=snap.bytes_multicast - local_in_multicast + multicast_in_http,
             bytes_http=bytes_http,
             bytes_local=bytes_local,
             bytes_resumed=bytes_resumed,
@@ -457,6 +467,7 @@ class Reporter:
                     "datagrams_lane": s.datagrams_lane,
                     "lane_index": s.lane_index,
                     "datagrams_index": s.datagrams_index,
+                    "http_refetched": s.http_refetched,
                 },
                 sort_keys=True,
             )

@@ -509,6 +509,12 @@ class SymbolStore:
         state = self._chunks.get(chunk)
         return state is not None and state.sources == state.k
 
+    def source_runs(self, chunk: int) -> list[tuple[int, int]]:
+        """The source ESIs `chunk` holds in place, as ``[first, end)`` runs of consecutive
+        ESIs, ascending (none once it is done): what HTTP repair need not fetch."""
+        state = self._chunks.get(chunk)
+        return [] if state is None else state.source_runs()
+
     def esis(self, chunk: int) -> list[int]:
         """The ESIs `chunk` holds, ascending."""
         state = self._chunks.get(chunk)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import io
+import json
 import random
 import re
 import socket
@@ -21,14 +23,26 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import cast
 
 import pytest
 import requests
 
+from otacast.plugin import receive
 from otacast.plugin.errors import FetchError
-from otacast.plugin.fetcher import MAX_BACKOFF, HttpFetcher, RepairWorker
+from otacast.plugin.fetcher import (
+    MAX_BACKOFF,
+    HttpFetcher,
+    RangedChunk,
+    RepairWorker,
+    plan_ranges,
+)
+from otacast.plugin.receive import FetchOptions
+from otacast.plugin.report import FetchSummary
+from otacast.plugin.reuse import Source
 from otacast.plugin.verify import verify_manifest
+from otacast.schemas.blockindex import IndexBuilder
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 from otacast.signer.keys import SigningKey
 from otacast.signer.sign import sign
@@ -73,6 +87,7 @@ class Mirror(ThreadingHTTPServer):
         self.image = image
         self.stopping = threading.Event()
         self.hits: Counter[str] = Counter()
+        self.ranges: list[str | None] = []  # every request's Range header, in order
         self.written: Counter[str] = Counter()  # body bytes the server managed to send
         self._finished: defaultdict[str, threading.Event] = defaultdict(threading.Event)
         self._lock = threading.Lock()
@@ -102,6 +117,7 @@ class MirrorHandler(QuietHandler):
     def do_GET(self) -> None:
         behaviour = self.path.strip("/").split("/")[0]
         self.mirror.record_hit(behaviour)
+        self.mirror.ranges.append(self.headers.get("Range"))
         BEHAVIOURS[behaviour](self)
 
     # --- Building blocks ----------------------------------------------------------------------
@@ -736,3 +752,250 @@ def test_the_repair_worker_reports_a_chunk_no_mirror_delivered_and_goes_on(
     worker.start()
     assert _drain_results(worker) == []
     assert len(worker.failures) == 1 and "status-500" in worker.failures[0]
+
+
+# --- Partly held chunks: only the missing ranges -------------------------------------------------
+
+T = 1208  # the symbol size of MANIFEST
+
+
+def _next(worker: RepairWorker) -> object:
+    return worker.results.get(timeout=30)
+
+
+def test_the_repair_worker_fetches_only_the_planned_ranges_and_waits_for_the_loops_answer(
+    mirror: Mirror,
+) -> None:
+    verified = _verified_with_mirrors((mirror.url("good"),))
+    plan = ((0, T), (5 * T, 9 * T))
+    worker = RepairWorker(verified, [0, 1], timeout=5.0, plans={1: plan})
+    worker.start()
+    assert _next(worker) == (0, image_bytes(0))  # nothing held: whole, verified
+    ranged = _next(worker)
+    assert isinstance(ranged, RangedChunk) and ranged.index == 1
+    assert ranged.pieces == tuple((a, image_bytes(1)[a:b]) for a, b in plan)
+    assert ranged.fetched == 5 * T
+    worker.join(0.3)
+    assert worker.is_alive()  # ends only once every ranged chunk is answered
+    worker.verdict(1, True)
+    assert _drain_results(worker) == []
+    # One plain single range per request, none of them the whole chunk 1.
+    assert mirror.ranges == [
+        f"bytes=0-{CHUNK - 1}",
+        f"bytes={CHUNK}-{CHUNK + T - 1}",
+        f"bytes={CHUNK + 5 * T}-{CHUNK + 9 * T - 1}",
+    ]
+    assert worker.failures == [] and worker.refetched == []
+
+
+def test_a_ranged_chunk_that_failed_its_hash_in_the_loop_is_fetched_whole_and_counted(
+    mirror: Mirror,
+) -> None:
+    verified = _verified_with_mirrors((mirror.url("good"),))
+    worker = RepairWorker(verified, [2], timeout=5.0, plans={2: ((T, 3 * T),)})
+    worker.start()
+    assert isinstance(_next(worker), RangedChunk)
+    worker.verdict(2, False)
+    assert _drain_results(worker) == [(2, image_bytes(2))]
+    assert worker.refetched == [2]
+    assert worker.fetcher.stats.failures == Counter({"held-mismatch": 1})
+
+
+def test_a_stopped_repair_worker_does_not_wait_for_answers(mirror: Mirror) -> None:
+    verified = _verified_with_mirrors((mirror.url("good"),))
+    worker = RepairWorker(verified, [2], timeout=5.0, plans={2: ((0, T),)})
+    worker.start()
+    assert isinstance(_next(worker), RangedChunk)
+    worker.stop.set()
+    assert _drain_results(worker) == []
+
+
+def test_a_range_no_mirror_delivers_is_the_chunks_failure(mirror: Mirror) -> None:
+    verified = _verified_with_mirrors((mirror.url("status-500"),))
+    worker = RepairWorker(verified, [1], timeout=5.0, plans={1: ((0, T),)})
+    worker.fetcher._attempts = 1
+    worker.start()
+    assert _drain_results(worker) == []
+    assert len(worker.failures) == 1 and "chunk 1 (bytes" in worker.failures[0]
+
+
+# plan_ranges: held source symbols -> the byte ranges to fetch.
+
+LENGTH = 20 * T - 500  # 20 symbols, the last 708 bytes
+
+
+def test_nothing_held_is_the_whole_chunk_and_everything_held_is_nothing() -> None:
+    assert plan_ranges(LENGTH, T, []) == ((0, LENGTH),)
+    assert plan_ranges(LENGTH, T, [(0, 20)]) == ()
+    assert plan_ranges(LENGTH, T, [(0, 7), (7, 20)]) == ()
+
+
+def test_the_ranges_are_exactly_the_missing_symbols_bytes_the_last_one_cut_at_the_end() -> None:
+    assert plan_ranges(LENGTH, T, [(0, 19)]) == ((19 * T, LENGTH),)
+    assert plan_ranges(LENGTH, T, [(1, 20)]) == ((0, T),)
+    assert plan_ranges(LENGTH, T, [(0, 4), (5, 20)], gap=0) == ((4 * T, 5 * T),)
+
+
+def test_a_held_gap_shorter_than_the_threshold_is_fetched_and_one_as_long_splits() -> None:
+    held = [(2, 5)]  # missing 0-1 and 5-19: a gap of 3 symbols between
+    assert plan_ranges(LENGTH, T, held, gap=3 * T + 1) == ((0, LENGTH),)
+    assert plan_ranges(LENGTH, T, held, gap=3 * T) == ((0, 2 * T), (5 * T, LENGTH))
+
+
+def test_past_the_cap_the_shortest_gaps_are_fetched_first() -> None:
+    # Missing 0, 3, 5, 10, 12: held gaps of 2, 1, 4 and 1 symbols between them.
+    held = [(1, 3), (4, 5), (6, 10), (11, 12), (13, 20)]
+    assert len(plan_ranges(LENGTH, T, held, gap=0)) == 5
+    assert plan_ranges(LENGTH, T, held, gap=0, most=3) == (
+        (0, T),
+        (3 * T, 6 * T),
+        (10 * T, 13 * T),
+    )
+    assert plan_ranges(LENGTH, T, held, gap=0, most=1) == ((0, 13 * T),)
+
+
+def test_untidy_runs_are_clipped_and_merged_not_trusted() -> None:
+    held = [(15, 99), (-3, 2), (4, 4), (1, 3), (9, 6), (2, 3)]
+    assert plan_ranges(LENGTH, T, held, gap=0) == ((3 * T, 15 * T),)
+
+
+def test_random_plans_cover_every_missing_byte_and_fetch_held_ones_only_in_short_gaps() -> None:
+    rng = random.Random(21)
+    for _ in range(300):
+        k = rng.randrange(1, 200)
+        length = k * T - rng.randrange(T)
+        held_esis = {e for e in range(k) if rng.random() < rng.random()}
+        missing_runs = sum(
+            1 for e in range(k) if e not in held_esis and (e == 0 or e - 1 in held_esis)
+        )
+        most = rng.randrange(1, 12)
+        ranges = plan_ranges(length, T, [(e, e + 1) for e in held_esis], gap=4 * T, most=most)
+        assert len(ranges) <= most
+        fetched = bytearray(length)
+        for i, (start, end) in enumerate(ranges):
+            assert 0 <= start < end <= length
+            assert i + 1 == len(ranges) or end < ranges[i + 1][0]  # ordered, apart
+            # Each range starts and ends with a missing symbol: held ones only between.
+            assert start // T not in held_esis and (end - 1) // T not in held_esis
+            fetched[start:end] = b"\1" * (end - start)
+            if missing_runs <= most:  # no gap closed for the cap: only the short ones
+                held_in = [e for e in range(start // T, (end - 1) // T + 1) if e in held_esis]
+                runs = [e for e in held_in if e - 1 not in held_in]
+                for first in runs:
+                    last = first
+                    while last + 1 in held_in:
+                        last += 1
+                    assert (last + 1 - first) * T < 4 * T
+        for esi in range(k):
+            span = fetched[esi * T : min((esi + 1) * T, length)]
+            if esi not in held_esis:
+                assert all(span), (k, esi)  # every missing byte is fetched
+            else:
+                assert all(span) or not any(span)  # whole symbols only
+        assert (ranges == ()) == (len(held_esis) == k)
+
+
+# The receive driver with only mirrors: a device holding v1 gets v2.
+
+BLOCK = 4096
+CHANGED = (3, 20, 40)  # blocks of v1 that v2 changes, one in each chunk, far apart
+
+
+def _v1_v2() -> tuple[bytes, bytes]:
+    rng = random.Random(15)
+    v1 = bytearray(rng.randbytes(48 * BLOCK))
+    v2 = bytearray(v1)
+    for block in CHANGED:
+        v2[block * BLOCK : (block + 1) * BLOCK] = rng.randbytes(BLOCK)
+    return bytes(v1[:-1000]), bytes(v2[:-1000])  # (a short last chunk and last block)
+
+
+def _mirrors_only(
+    tmp_path: Path, v1: bytes, v2: bytes, behaviours: tuple[str, ...], index_of: bytes
+) -> tuple[FetchSummary, list[str], Mirror]:
+    """`fetch --fallback only` of v2 (signed, with CHUNK-byte chunks) from a mirror of each
+    behaviour, the device holding v1 and given the block index of `index_of` as a file; the
+    summary, the notes, and the mirror."""
+    server = Mirror(v2)
+    key = SigningKey(b"\x0c" * 32)
+    trust = TrustSet.from_public_keys([key.public])
+    (tmp_path / "v1.img").write_bytes(v1)
+    builder = IndexBuilder()
+    builder.update(index_of)
+    (tmp_path / "v2.blockindex").write_bytes(builder.finish().build())
+    out = io.StringIO()
+    with serving(server):
+        manifest = dataclasses.replace(
+            manifest_for(v2, chunk_size=CHUNK), http=tuple(map(server.url, behaviours))
+        )
+        verified = verify_manifest(
+            sign(manifest, [key]).compact_bytes,
+            trust,
+            now=1_800_000_000,
+            device_type=None,
+            installed_sequence=None,
+            channel=None,
+        )
+        options = FetchOptions(
+            trust=trust,
+            out=tmp_path / "out.img",
+            state_dir=tmp_path / "state",
+            manifest=verified,
+            fallback="only",
+            json=True,
+            http_timeout=5.0,
+            reuse_sources=(Source(tmp_path / "v1.img", "test"),),
+            block_index=tmp_path / "v2.blockindex",
+        )
+        try:
+            summary = receive.fetch(options, out)
+        finally:
+            server.stopping.set()
+    assert (tmp_path / "out.img").read_bytes() == v2
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    notes = [str(e["message"]) for e in lines if e["event"] == "note"]
+    return summary, notes, server
+
+
+def test_a_device_holding_v1_fetches_only_the_missing_symbols_of_its_partly_held_chunks(
+    tmp_path: Path,
+) -> None:
+    v1, v2 = _v1_v2()
+    summary, notes, server = _mirrors_only(tmp_path, v1, v2, ("good",), v2)
+    assert any("3 partly held: only their missing ranges" in n for n in notes), notes
+    # A changed 4 KiB block touches at most 5 symbols; the whole chunks (fetched before) are
+    # 3 x 55 symbols.
+    assert 0 < summary.bytes_http <= len(CHANGED) * 5 * T, summary
+    # Every byte counted once, where it came from (re-fetched held gaps as HTTP).
+    assert summary.bytes_http + summary.bytes_local == len(v2)
+    assert summary.bytes_multicast == summary.bytes_resumed == 0
+    assert summary.http_refetched == 0
+    image_ranges = [r for r in server.ranges if r is not None]  # (the manifest is not fetched)
+    assert len(image_ranges) == len(CHANGED)
+    assert all(re.fullmatch(r"bytes=\d+-\d+", r) for r in image_ranges), image_ranges
+
+
+def test_a_mirror_lying_in_a_missing_range_costs_a_whole_fetch_never_a_bad_image(
+    tmp_path: Path,
+) -> None:
+    v1, v2 = _v1_v2()
+    # "wrong" flips a byte in every body: the chunk built from its ranges fails its hash, its
+    # held symbols are forgotten, and it is fetched whole, from "good" after "wrong" fails.
+    summary, notes, _ = _mirrors_only(tmp_path, v1, v2, ("wrong", "good"), v2)
+    assert summary.http_refetched == 3
+    assert sum("failed its hash: its held symbols are forgotten" in n for n in notes) == 3
+    assert summary.bytes_local == 0  # (forgotten: nothing local went into the image)
+    assert summary.bytes_http > len(v2)  # the ranges, then the whole chunks
+
+
+def test_a_lying_local_block_costs_a_whole_fetch_of_its_chunk_never_a_bad_image(
+    tmp_path: Path,
+) -> None:
+    v1, v2 = _v1_v2()
+    # An index whose entry for block 30 is v1's block 29 (the manifest signs no index, so a
+    # file is taken as given): the local pass places that block at 30, which is wrong.
+    lying = bytearray(v2)
+    lying[30 * BLOCK : 31 * BLOCK] = v1[29 * BLOCK : 30 * BLOCK]
+    summary, notes, _ = _mirrors_only(tmp_path, v1, v2, ("good",), bytes(lying))
+    assert summary.http_refetched == 1  # chunk 1 (blocks 16-32), whose block 20 is missing
+    assert any("chunk 1 from its held symbols" in n for n in notes), notes
