@@ -73,8 +73,7 @@ def test_the_tracker_sees_joins_answers_to_its_queries_and_leaves(
     assert isinstance(stats, dict)
     assert stats["querier"] and stats["sent_queries"] >= 2
     assert stats["driver"]["send_failed"] == 0
-    # Only this host's own reports from :: (its link-local address still tentative).
-    assert set(stats["rejected"]) <= {"unspecified-source"}
+    assert stats["rejected"] == {}
 
     asm = _changes(lines, ASM_GROUP, None)
     assert [listened for _, listened in asm] == [True, False]
@@ -89,3 +88,29 @@ def test_the_tracker_sees_joins_answers_to_its_queries_and_leaves(
     assert left < ours[1][0] < left + GONE_WITHIN  # type: ignore[operator]
     # The device asked for our source only: another sender's traffic is not wanted.
     assert _changes(lines, SSM_GROUP, "fd51::99") == []
+
+
+def test_two_senders_on_one_link_do_not_count_each_other_as_listeners(lan: LanFactory) -> None:
+    # Each sender watches the lane group; if the tracker joined it (where MLDv1 reports go),
+    # its kernel would report the join and the other sender would send the lane for nobody.
+    net = lan(2)
+    watches = [
+        host.popen(
+            str(BIN / "python"),
+            WATCH,
+            "eth0",
+            "6",
+            SSM_GROUP,
+            f"{SSM_GROUP}/{host.address}",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for host in net.hosts
+    ]
+    try:
+        results = [_lines(watch) for watch in watches]
+    finally:
+        stop(watches)
+    for lines in results:
+        assert len(lines) == 1, lines  # the summary only: never listened
+        assert lines[0]["stats"]["sent_queries"] or lines[0]["stats"]["queries"]  # type: ignore[index]

@@ -4,9 +4,10 @@
 That needs CAP_NET_RAW; without it (or on a platform without raw sockets) it returns None with
 a one-line note, and the caller shares the rate between its channels instead.  The socket:
 
-* joins ``ff02::16`` (where MLDv2 reports go) and every watched group (MLDv1 reports go to the
-  group itself); the host's own reports for those joins come from its own addresses and the
-  table ignores them;
+* joins ``ff02::16``, where MLDv2 reports go.  Not the watched groups themselves, where MLDv1
+  reports go: this host would then report them too, and every other sender on the link (``serve
+  --sender i/n``) would count it as a listener of each of its lanes.  A host speaks MLDv1 only
+  once it heard an MLDv1 querier, and SSM (the lanes' groups) needs MLDv2 anyway;
 * lets only MLD types through (``ICMP6_FILTER``) and asks for each message's hop limit
   (``IPV6_RECVHOPLIMIT``), which the table requires to be 1;
 * sends queries with hop limit 1, the Router Alert hop-by-hop option (a sticky
@@ -94,7 +95,7 @@ class Listeners:
             )
             return None
         try:
-            _configure(sock, interface, ifindex, groups)
+            _configure(sock, interface, ifindex)
         except OSError as exc:
             sock.close()
             note(f"cannot listen for MLD on {interface} ({_reason(exc)}): lanes share the rate")
@@ -158,7 +159,7 @@ class Listeners:
         self.sock.close()
 
 
-def _configure(sock: socket.socket, interface: str, ifindex: int, groups: list[str]) -> None:
+def _configure(sock: socket.socket, interface: str, ifindex: int) -> None:
     sock.setblocking(False)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
     sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, icmp6_filter(TYPES))
@@ -167,9 +168,8 @@ def _configure(sock: socket.socket, interface: str, ifindex: int, groups: list[s
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
     sock.setsockopt(socket.IPPROTO_IPV6, IPV6_HOPOPTS, ROUTER_ALERT_MLD)
-    for group in [ALL_MLDV2_ROUTERS, *groups]:
-        request = ipaddress.IPv6Address(group).packed + struct.pack("=I", ifindex)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, request)
+    request = ipaddress.IPv6Address(ALL_MLDV2_ROUTERS).packed + struct.pack("=I", ifindex)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, request)
 
 
 def _reason(exc: BaseException) -> str:

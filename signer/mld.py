@@ -358,14 +358,7 @@ class ListenerTable:
                 raise MldRejected("source")
             self._query(payload, source, now)
             return
-        if source == _UNSPECIFIED:
-            # RFC 3810 §5.2.13 lets a host without a link-local address yet report from ::.
-            # This host's own kernel does so for the driver's joins during its address's
-            # duplicate address detection, and nothing tells the two apart: such reports are
-            # left out, and the devices report again from their link-local address when
-            # queried (within a query interval).
-            raise MldRejected("unspecified-source")
-        if not link_local:
+        if not link_local and source != _UNSPECIFIED:  # RFC 3810 §5.2.13 allows ::
             raise MldRejected("source")
         records = parse_records(payload)
         self.stats.reports += 1

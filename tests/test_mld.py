@@ -169,10 +169,9 @@ def test_allow_and_block_edit_the_hosts_source_list() -> None:
         (HOST, 64, "hop-limit"),
         (SENDER, 1, None),  # our own address: ignored, not rejected
         ("fd51::7", 1, "source"),
-        ("::", 1, "unspecified-source"),
     ],
 )
-def test_reports_from_off_link_own_or_unspecified_sources_change_nothing(
+def test_reports_from_off_link_or_own_sources_change_nothing(
     source: str, hop_limit: int, reason: str | None
 ) -> None:
     t = table()
@@ -198,6 +197,13 @@ def test_unknown_record_types_and_unicast_addresses_are_skipped_not_fatal() -> N
     t.receive(bytes(report), b(HOST), 1, 1.0)
     assert not t.listened(GROUP, None, 1.0) and t.listened(OTHER_GROUP, None, 1.0)
     assert mld.parse_records(v2_report((2, "fd51::3", ()))) == []
+
+
+def test_a_report_from_the_unspecified_address_counts() -> None:
+    # RFC 3810 §5.2.13: a host without a link-local address yet reports from ::.
+    t = table()
+    t.receive(v2_report((4, GROUP, ())), bytes(16), 1, 1.0)
+    assert t.listened(GROUP, SENDER, 1.0)
 
 
 def test_aux_data_is_skipped() -> None:
