@@ -353,3 +353,19 @@ def test_the_router_alert_option_is_a_whole_hop_by_hop_header() -> None:
     header = listeners.ROUTER_ALERT_MLD
     assert len(header) == 8 * (header[1] + 1)
     assert header[2:6] == bytes([5, 2, 0, 0])  # Router Alert, value 0: MLD (RFC 2711)
+
+
+def test_without_cap_net_raw_the_driver_says_so_in_one_line_and_returns_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refused(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(listeners.socket, "if_nametoindex", lambda name: 1)
+    monkeypatch.setattr(listeners.socket, "socket", refused)
+    notes: list[str] = []
+    assert listeners.Listeners.open("eth9", [GROUP], 0.0, notes.append) is None
+    assert notes == [
+        "cannot listen for MLD on eth9 (operation not permitted; needs CAP_NET_RAW): "
+        "lanes share the rate"
+    ]
