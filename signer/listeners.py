@@ -107,6 +107,9 @@ class Listeners:
     def listened(self, group: str, source: str | None, now: float) -> bool:
         return self.table.listened(group, source, now)
 
+    def informed(self, now: float) -> bool:
+        return self.table.informed(now)
+
     def poll(self, now: float) -> None:
         """Read what arrived and send the queries that are due; never blocks or raises."""
         if self.table.address is None and now >= self._next_address:

@@ -34,6 +34,10 @@ leave the checksum 0: a raw ICMPv6 socket computes it (the pseudo-header needs t
 the kernel picks).  Sending them (from a link-local address, hop limit 1, Router Alert) is the
 driver's (`otacast.signer.listeners`).
 
+*Knowing.*  Hosts that joined before the table started said so then, not again until asked:
+`informed` tells the caller when the table can know them all (a response interval after its
+first query), so that a sender spends the airtime until then rather than starve them.
+
 *Hostile input.*  Anyone on the link can send MLD.  Every message is checked (length, types,
 addresses, hop limit 1, link-local or unspecified source) and a bad one is a counted rejection
 (``stats.rejected[reason]``) that changes nothing; nothing here raises on input.  Faked reports
@@ -269,6 +273,8 @@ class ListenerTable:
         self._other_until = now  # another querier is present until then
         self._next_general = now
         self._startup = MLD_ROBUSTNESS
+        # Until then the table cannot know who listens (see `informed`).
+        self._informed_at = now + self.ours.listening_interval
         if address is not None:
             self.set_address(address)
 
@@ -283,6 +289,13 @@ class ListenerTable:
         if grace is not None and grace.expires > now and grace.admits(wanted):
             return True
         return any(e.admits(wanted) for e in self._entries.get(key, {}).values())
+
+    def informed(self, now: float) -> bool:
+        """Whether the table can know every listener by now: a response interval after its
+        first general query (every listener has answered it), or, never having queried
+        (another querier, or no address), a listening interval after it started.  Before that
+        a caller should assume listeners (and spend the airtime) rather than starve them."""
+        return now >= self._informed_at
 
     @property
     def querier(self) -> bool:
@@ -305,6 +318,8 @@ class ListenerTable:
             return []
         out: list[OutgoingQuery] = []
         if now >= self._next_general:
+            first = now + self.ours.response_interval
+            self._informed_at = min(self._informed_at, first)
             payload = query_payload(self.ours, self.ours.response_interval)
             out.append(OutgoingQuery(ALL_NODES, payload))
             if self._startup > 1:

@@ -235,6 +235,21 @@ def test_the_querier_sends_startup_queries_then_one_per_interval() -> None:
                      MLD_QUERY_INTERVAL / 4 + 4 * MLD_QUERY_INTERVAL]  # fmt: skip
 
 
+def test_the_table_is_informed_a_response_interval_after_its_first_query() -> None:
+    t = ListenerTable([GROUP], 0.0)  # no address yet: cannot query
+    assert not t.informed(5.0)
+    t.set_address(ME)
+    assert t.queries(5.0)
+    assert not t.informed(5.0 + 1.99) and t.informed(5.0 + 2.0)
+
+
+def test_a_table_that_never_queries_is_informed_after_a_listening_interval() -> None:
+    t = ListenerTable([GROUP], 0.0, address=ME)
+    t.receive(query(), b("fe80::1"), 1, 0.0)  # a lower querier: ours never queries
+    assert t.queries(1.0) == []
+    assert not t.informed(LISTENING - 0.01) and t.informed(LISTENING)
+
+
 def test_without_a_link_local_address_the_table_listens_but_does_not_query() -> None:
     t = ListenerTable([GROUP], 0.0)
     assert t.queries(0.0) == [] and t.wake() == float("inf")
