@@ -49,6 +49,7 @@ Nothing here reads a clock or touches a socket: times are the caller's ``now``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from collections import Counter
@@ -173,8 +174,14 @@ def address_bytes(address: str | bytes | ipaddress.IPv6Address) -> bytes:
             raise ValueError(f"an IPv6 address is 16 bytes, not {len(address)}")
         return address
     if isinstance(address, str):
-        address = ipaddress.IPv6Address(address.split("%", 1)[0])
+        return _parsed(address)
     return address.packed
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(text: str) -> bytes:
+    """Text addresses parsed once: a sender asks about its few groups and sources every turn."""
+    return ipaddress.IPv6Address(text.split("%", 1)[0]).packed
 
 
 def decode_max_response(code: int) -> float:
