@@ -35,8 +35,9 @@ the kernel picks).  Sending them (from a link-local address, hop limit 1, Router
 driver's (`otacast.signer.listeners`).
 
 *Knowing.*  Hosts that joined before the table started said so then, not again until asked:
-`informed` tells the caller when the table can know them all (a response interval after its
-first query), so that a sender spends the airtime until then rather than starve them.
+`informed` tells the caller when the table can know them all (the response time of the first
+general query on the link, its own or another querier's), so that a sender spends the airtime
+until then rather than starve them.
 
 *Hostile input.*  Anyone on the link can send MLD.  Every message is checked (length, types,
 addresses, hop limit 1, link-local or unspecified source) and a bad one is a counted rejection
@@ -281,7 +282,7 @@ class ListenerTable:
         self._next_general = now
         self._startup = MLD_ROBUSTNESS
         # Until then the table cannot know who listens (see `informed`).
-        self._informed_at = now + self.ours.listening_interval
+        self._informed_at = float("inf")
         if address is not None:
             self.set_address(address)
 
@@ -298,10 +299,10 @@ class ListenerTable:
         return any(e.admits(wanted) for e in self._entries.get(key, {}).values())
 
     def informed(self, now: float) -> bool:
-        """Whether the table can know every listener by now: a response interval after its
-        first general query (every listener has answered it), or, never having queried
-        (another querier, or no address), a listening interval after it started.  Before that
-        a caller should assume listeners (and spend the airtime) rather than starve them."""
+        """Whether the table can know every listener by now: the response time of the first
+        general query on the link (its own or another querier's) has passed, so every listener
+        has answered it.  Before that a caller should assume listeners (and spend the airtime)
+        rather than starve them; a link where nobody ever queries never informs."""
         return now >= self._informed_at
 
     @property
@@ -394,20 +395,22 @@ class ListenerTable:
         if len(payload) < V1_LENGTH or V1_LENGTH < len(payload) < V2_QUERY_LENGTH:
             raise MldRejected("short")
         self.stats.queries += 1
+        response = min(
+            decode_max_response(int.from_bytes(payload[4:6], "big")), MLD_MAX_QUERY_INTERVAL
+        )
+        if payload[8:24] == _UNSPECIFIED:  # a general query: every listener answers it
+            self._informed_at = min(self._informed_at, now + response)
         if self.address is not None and source > self.address:
             return  # we win the election (RFC 3810 §7.6.2): the other querier stops
         if len(payload) == V1_LENGTH:
-            heard = Timers(
-                MLD_ROBUSTNESS, 125.0, decode_max_response(int.from_bytes(payload[4:6], "big"))
-            )
+            heard = Timers(MLD_ROBUSTNESS, 125.0, response)
         else:
-            _, _, _, code, _, _, flags, qqic, _ = _QUERY_HEAD.unpack_from(payload)
-            qrv = flags & 0x07
+            flags, qqic = payload[24], payload[25]
             interval = decode_qqic(qqic)
             heard = Timers(
-                qrv or MLD_ROBUSTNESS,
+                flags & 0x07 or MLD_ROBUSTNESS,
                 min(interval, MLD_MAX_QUERY_INTERVAL) if interval else 125.0,
-                min(decode_max_response(code), MLD_MAX_QUERY_INTERVAL),
+                response,
             )
         self.timers = heard
         self._other_until = now + heard.other_querier_interval

@@ -5,6 +5,7 @@ driver's pure parts (`signer.listeners`)."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 
 import pytest
@@ -243,11 +244,16 @@ def test_the_table_is_informed_a_response_interval_after_its_first_query() -> No
     assert not t.informed(5.0 + 1.99) and t.informed(5.0 + 2.0)
 
 
-def test_a_table_that_never_queries_is_informed_after_a_listening_interval() -> None:
+def test_another_queriers_general_query_informs_after_its_response_time() -> None:
     t = ListenerTable([GROUP], 0.0, address=ME)
-    t.receive(query(), b("fe80::1"), 1, 0.0)  # a lower querier: ours never queries
-    assert t.queries(1.0) == []
-    assert not t.informed(LISTENING - 0.01) and t.informed(LISTENING)
+    t.receive(query(code=10000), b("fe80::1"), 1, 3.0)  # a lower querier: ours never queries
+    assert t.queries(4.0) == []
+    assert not t.informed(3.0 + 9.99) and t.informed(3.0 + 10.0)
+
+
+def test_a_link_where_nobody_queries_never_informs() -> None:
+    t = ListenerTable([GROUP], 0.0)
+    assert t.queries(1000.0) == [] and not t.informed(1000.0)
 
 
 def test_without_a_link_local_address_the_table_listens_but_does_not_query() -> None:
@@ -376,8 +382,8 @@ def test_without_cap_net_raw_the_driver_says_so_in_one_line_and_returns_none(
     def refused(*args: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(listeners.socket, "if_nametoindex", lambda name: 1)
-    monkeypatch.setattr(listeners.socket, "socket", refused)
+    monkeypatch.setattr(socket, "if_nametoindex", lambda name: 1)
+    monkeypatch.setattr(socket, "socket", refused)
     notes: list[str] = []
     assert listeners.Listeners.open("eth9", [GROUP], 0.0, notes.append) is None
     assert notes == [
