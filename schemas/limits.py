@@ -314,3 +314,46 @@ DELTA_XZ_OVERHEAD_BYTES = 4096
 # and ~32 KB of headers per 8 MiB chunk (0.4%); a chunk that would need more has its shortest
 # gaps of held bytes fetched too (the fewest extra bytes for the requests saved).
 MAX_RANGES_PER_CHUNK = 64
+
+# --- MLD listener tracking (the sender's airtime on lane-like groups) -------------------------
+
+# The sender's own querier (`signer.mld`) uses RFC 3810's robustness variable (2) with a much
+# shorter Query Interval than the RFC's 125 s: a device that vanishes without a Done (power cut,
+# cable pulled) keeps its group listened for the Multicast Address Listening Interval,
+# robustness x interval + response interval = 2 x 10 + 2 = 22 s here instead of 260 s, and that
+# is the longest the lane spends airtime on nobody.  The price is one report per listening host
+# every 10 s (a few hundred bytes: 100 reports a second for 1000 devices, nothing beside a
+# multi-MB/s carousel).  The response interval (2 s) bounds how soon after serve starts the
+# devices that joined earlier are heard, and spreads their answers over 2 s.
+MLD_ROBUSTNESS = 2
+MLD_QUERY_INTERVAL = 10.0
+MLD_QUERY_RESPONSE_INTERVAL = 2.0
+
+# After the last listener of a group leaves (MLDv1 Done, MLDv2 TO_IN{} or BLOCK of the last
+# source) the querier asks that group's listeners this many times, this far apart (RFC 3810's
+# Last Listener Query Count and Interval defaults): hosts in MLDv1 mode suppress their reports
+# when another host reported, so one host's Done does not mean the group is empty.  The group
+# stays listened for count x interval (2 s) unless someone answers.
+MLD_LAST_LISTENER_QUERIES = 2
+MLD_LAST_LISTENER_INTERVAL = 1.0
+
+# The longest Query Interval the tracker adopts from another (winning) querier.  QQIC encodes up
+# to 31744 s; a hostile host claiming that would keep every fake listener alive for 17 h.
+# Routers use 125 s by default; 1800 s leaves room for slow queriers and bounds the damage.
+MLD_MAX_QUERY_INTERVAL = 1800.0
+
+# (host, group) listener entries kept over all watched groups.  Only groups the sender watches
+# (its lane groups) are kept, so this is about one per device on the link listening on a lane;
+# 16384 entries (a few MB) is more than one link's fleet.  A new entry past it is a counted
+# rejection: the group is already listened, so the lane keeps its airtime.
+MLD_MAX_LISTENERS = 16384
+
+# Source addresses kept per (host, group) entry.  An SSM device joins the few senders of its
+# channel (the SRV records' targets); a record that would make an entry exceed this is
+# a counted rejection and leaves the entry as it was.
+MLD_MAX_SOURCES = 256
+
+# The largest MLD message read: a report fits the link MTU (the kernel splits larger ones),
+# and a jumbo frame carries 9000 bytes of IPv6 packet; a longer one is truncated, counted, and
+# dropped.
+MLD_MAX_MESSAGE = 9000

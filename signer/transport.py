@@ -33,9 +33,15 @@ def gso_batch(datagram_size: int) -> int:
     return max(1, min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // datagram_size))
 
 
-def interface_addresses(interface: str) -> list[str]:
-    """IPv6 addresses configured on `interface` (from /proc/net/if_inet6)."""
-    found: list[str] = []
+# /proc/net/if_inet6 flags of an address not usable as a source yet (IFA_F_TENTATIVE, still in
+# duplicate address detection) or never (IFA_F_DADFAILED).
+IFA_F_TENTATIVE = 0x40
+IFA_F_DADFAILED = 0x08
+
+
+def _interface_entries(interface: str) -> list[tuple[ipaddress.IPv6Address, int]]:
+    """(address, flags) of the IPv6 addresses on `interface`, from /proc/net/if_inet6."""
+    found: list[tuple[ipaddress.IPv6Address, int]] = []
     try:
         lines = Path("/proc/net/if_inet6").read_text().splitlines()
     except OSError:
@@ -43,8 +49,21 @@ def interface_addresses(interface: str) -> list[str]:
     for line in lines:
         fields = line.split()
         if len(fields) == 6 and fields[5] == interface:
-            found.append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+            found.append((ipaddress.IPv6Address(bytes.fromhex(fields[0])), int(fields[4], 16)))
     return found
+
+
+def interface_addresses(interface: str) -> list[str]:
+    """IPv6 addresses configured on `interface` (from /proc/net/if_inet6)."""
+    return [str(address) for address, _ in _interface_entries(interface)]
+
+
+def usable_link_local(interface: str) -> str | None:
+    """A link-local address of `interface` past duplicate address detection, or None."""
+    for address, flags in _interface_entries(interface):
+        if address.is_link_local and not flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+            return str(address)
+    return None
 
 
 @dataclass
