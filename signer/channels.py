@@ -84,6 +84,9 @@ class ServeOptions:
     json: bool = False
     stream_key: SigningKey | None = None  # signs AUTH pages (packet authentication)
     lane_share: float = DEFAULT_LANE_SHARE  # of the first channel's rate; 0: no delta lane
+    # "mld": a side channel sends only while a device on the link listens (where this host can
+    # read MLD); "share": always at its share.
+    lane_airtime: str = "mld"
     lane_dir: Path | None = None  # where the lane's files are (default: beside the image)
     index_share: float = DEFAULT_INDEX_SHARE  # of the first channel's rate; 0: no index group
 

@@ -99,6 +99,7 @@ class Reporter:
                 f"[{fields['group']}]:{fields['port']} from {fields['source']} on "
                 f"{fields['interface']} at {_rate_text(fields['rate'])}"
                 + (f" until {fields['expires_at']}" if "expires_at" in fields else "")
+                + (", while a device listens (MLD)" if fields.get("airtime") == "mld" else "")
                 + "\n"
             )
 

@@ -30,6 +30,7 @@ from . import announce, lifetime
 from .auth_pages import AuthPages
 from .channels import ChannelPlan, ServeOptions, ServePlan, build_channels
 from .errors import ServedManifestExpired
+from .listeners import Listeners
 from .metrics import SenderCollector, SenderSnapshot
 from .report import ChannelStats, Reporter, ServeProgress, ServeSummary
 from .schedule import Finished, SendAuth, SenderCore, SendManifest, SendSymbols, Wait
@@ -42,6 +43,9 @@ RATE_SHORTFALL = 0.95
 MIN_RATE_CHECK = 2.0
 # Longest sleep: keeps status output and signal handling responsive.
 MAX_SLEEP = 0.05
+# How often the loop reads the MLD listener socket: reports wait at most this long, and the
+# loop's many turns a second (one per GSO batch) do not each cost a system call.
+LISTENER_POLL = 0.01
 # The loop's reason for stopping when the served manifest expired (`lifetime`).
 EXPIRED = "expired"
 
@@ -90,8 +94,10 @@ def serve(
     plan = build_channels(envelope, image, options, report)
     channels: list[Channel] = []
     announcement: announce.Announcement | None = None
+    listeners: Listeners | None = None
     try:
         start = clock()
+        listeners = _listeners(plan, start, report)
         for channel_plan in plan.channels:
             channel = _open(plan, channel_plan, start)
             channels.append(channel)
@@ -106,6 +112,7 @@ def serve(
                 sender=f"{options.sender_index}/{options.sender_count}",
                 expires=plan.manifest.expires,
                 expires_at=format_time(plan.manifest.expires),
+                **({"airtime": "share" if listeners is None else "mld"} if channel.lane else {}),
             )
         announcement = announce.start(
             plan.manifest,
@@ -124,11 +131,13 @@ def serve(
         stop = stop or Stop()
         stop.install()
         watch = ExpiryWatch(plan.manifest.expires, wall, report)
-        reason = _loop(channels, report, clock, stop, watch, announcement)
+        reason = _loop(channels, report, clock, stop, watch, announcement, listeners)
     finally:
         plan.close()
         if announcement is not None:
             announcement.close()
+        if listeners is not None:
+            listeners.close()
         for channel in channels:
             channel.sender.close()
     elapsed = clock() - start
@@ -237,8 +246,10 @@ def _loop(
     stop: Stop,
     watch: ExpiryWatch,
     announcement: announce.Announcement | None = None,
+    listeners: Listeners | None = None,
 ) -> str:
     live = list(channels)
+    next_poll = 0.0
     start = clock()
     warned = False
     next_check = start + MIN_RATE_CHECK
@@ -247,8 +258,13 @@ def _loop(
             return stop.reason
         now = clock()
         wake = now + MAX_SLEEP
+        if listeners is not None and now >= next_poll:
+            listeners.poll(now)
+            next_poll = now + LISTENER_POLL
         for channel in list(live):
             if channel.lane and not channel.rate and not _lane_turn(channel, channels):
+                continue
+            if channel.lane and listeners is not None and not _listened(listeners, channel, now):
                 continue
             action = channel.core.next_action(now)
             if isinstance(action, SendAuth):
@@ -276,12 +292,29 @@ def _loop(
             report.progress(_progress(channels, now - start))
         if not warned and now >= next_check:
             next_check = now + 1.0
-            warned = _warn_shortfall(channels, now - start, report)
+            warned = _warn_shortfall(channels, now - start, report, listeners is not None)
         if watch.due(now) and watch.expired():
             return EXPIRED
         if wake > now:
             time.sleep(wake - now)
     return "done"
+
+
+def _listeners(plan: ServePlan, now: float, report: Reporter) -> Listeners | None:
+    """The MLD listener tracker of the side channels' groups, with ``--lane-airtime mld`` and
+    where this host can listen (else None, after a one-line warning: they share the rate)."""
+    groups = [c.group for c in plan.channels if c.lane]
+    if not groups or plan.options.lane_airtime != "mld":
+        return None
+    return Listeners.open(plan.options.interface, groups, now, report.warning)
+
+
+def _listened(listeners: Listeners, channel: Channel, now: float) -> bool:
+    """Whether a side channel is worth its airtime: a device on the link listens to its group
+    from this sender, or the tracker cannot know yet (its first query not answered)."""
+    if not listeners.informed(now):
+        return True
+    return listeners.listened(channel.group, channel.sender.source, now)
 
 
 def _lane_turn(lane: Channel, channels: list[Channel]) -> bool:
@@ -319,8 +352,14 @@ class ExpiryWatch:
         return False
 
 
-def _warn_shortfall(channels: list[Channel], elapsed: float, report: Reporter) -> bool:
+def _warn_shortfall(
+    channels: list[Channel], elapsed: float, report: Reporter, gated: bool = False
+) -> bool:
+    """Warn once when a channel sends less than asked; `gated`: the side channels send only
+    while listened (MLD), so their shortfall is by design, not the CPU's or the link's."""
     for channel in channels:
+        if gated and channel.lane:
+            continue
         stats = channel.core.stats
         reached = (stats.data_bytes + stats.manifest_bytes) / elapsed
         if channel.rate and reached < RATE_SHORTFALL * channel.rate:

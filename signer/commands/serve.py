@@ -111,6 +111,14 @@ def add_serve(sub: Subcommands) -> None:
         "share of the (first) rate on its own groups, for devices that need it whole (the "
         f"carousel keeping the rest); 0 sends none (default {round(DEFAULT_INDEX_SHARE * 100)}%%)",
     )
+    p.add_argument(
+        "--lane-airtime",
+        choices=("mld", "share"),
+        default="mld",
+        help="mld (default): send the delta lane and the index group only while a device on "
+        "this link listens there (MLD; needs CAP_NET_RAW, else as share); share: always, at "
+        "their shares of the rate",
+    )
     p.add_argument("--no-gso", action="store_true", help="one send per datagram (no UDP GSO)")
     p.add_argument("--loopback", action="store_true", help="also deliver to receivers on this host")
     p.add_argument("--json", action="store_true", help="JSON status lines")
@@ -158,6 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         json=args.json,
         stream_key=keys.load_secret(args.stream_key) if args.stream_key else None,
         lane_share=args.lane_share,
+        lane_airtime=args.lane_airtime,
         index_share=args.index_share,
         lane_dir=args.manifest.parent,
     )
