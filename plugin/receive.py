@@ -50,6 +50,7 @@ import queue
 import select
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -223,6 +224,17 @@ class FetchOptions:
                 else ()
             ),
         )
+
+
+def side_rejections(lane: Counter[str] | None, index: Counter[str] | None) -> Counter[str]:
+    """The delta lane's and the index group's rejections for the summary, each reason named
+    after its group (``lane:bad-toi``, ``index:other-session``) beside the carousel's."""
+    merged: Counter[str] = Counter()
+    for name, counts in (("lane", lane), ("index", index)):
+        for reason, count in (counts or {}).items():
+            if count:
+                merged[f"{name}:{reason}"] += count
+    return merged
 
 
 def lane_joins(
@@ -414,6 +426,12 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         )
     if run.index_core is not None:
         summary = replace(summary, datagrams_index=run.index_core.datagrams)
+    side = side_rejections(
+        None if run.lane_core is None else run.lane_core.rejected,
+        None if run.index_core is None else run.index_core.rejected,
+    )
+    if side:
+        summary = replace(summary, rejected=dict(Counter(summary.rejected) + side))
     emit.summary(summary)
     return summary
 
@@ -844,7 +862,6 @@ class _Run:
         self._retire(socket)
         if self.lane_core is not None:
             self.bytes_lane = self.lane_core.bytes
-            self.lane_core.rejected.update()  # (kept for the summary)
 
     def _switch_to_main(self, reason: str) -> bool:
         """Join the carousel's groups (once), leaving the lane; whether it was joined now."""

@@ -12,6 +12,7 @@ import pytest
 
 from otacast.plugin.installed import INDEX, read_installed_index, stage_index, write_installed
 from otacast.plugin.lane import IndexGroupCore, LaneChoice, LaneCore, lane_choice
+from otacast.plugin.receive import side_rejections
 from otacast.plugin.reuse import Layout, Placement, known_symbols
 from otacast.schemas import fdt, wire
 from otacast.schemas.blockindex import BlockIndex
@@ -175,6 +176,22 @@ def test_hostile_index_group_datagrams_are_counted_rejections(
     assert group.index is not None
     assert group.index.build() == _index_objects(releases)[wire.INDEX_GROUP_TOI]
     assert group.datagrams == len(data) + 3 and group.ignored > 0
+
+
+def test_side_group_rejections_reach_the_summary_named_after_their_group(
+    releases: Path, tmp_path: Path
+) -> None:
+    m, data, choice = on_v1(releases, tmp_path)
+    lane = LaneCore(m, choice)
+    lane.receive(bytes(data[0]) + b"x")  # a symbol of the wrong length
+    group = IndexGroupCore(m)
+    group.receive(data[0])  # the lane's TSI on the index group: another session
+    group.receive(data[0])
+    assert side_rejections(lane.rejected, group.rejected) == {
+        "lane:symbol-length": 1,
+        "index:other-session": 2,
+    }
+    assert side_rejections(None, None) == {}
 
 
 def test_symbols_are_known_from_lane_and_local_blocks_together() -> None:
