@@ -58,11 +58,15 @@ class Channel:
     sender: MulticastSender
     reader: SymbolReader
     auth: AuthPages | None = None
-    # A side channel (the delta lane, the index group: `channels`): it runs while the others do,
-    # unpaced at `share`; `side` is its session's name.
-    lane: bool = False
     share: float = 1.0
+    # A side channel (the delta lane, the index group: `channels`) has its session's name: it
+    # runs while the others do, unpaced at `share`.
     side: str = ""
+
+    @property
+    def lane(self) -> bool:
+        """A side channel, not a carousel of the image."""
+        return bool(self.side)
 
 
 class Stop:
@@ -181,9 +185,7 @@ def _open(plan: ServePlan, channel: ChannelPlan, now: float) -> Channel:
     share = side.share if side is not None else 1.0
     reader = plan.reader_of(channel)
     name = side.session.name if side is not None else ""
-    return Channel(
-        channel.rate, channel.group, core, sender, reader, auth, channel.lane, share, name
-    )
+    return Channel(channel.rate, channel.group, core, sender, reader, auth, share, name)
 
 
 def _on(channels: list[Channel], session: fdt.SideSession) -> list[Channel]:
