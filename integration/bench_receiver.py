@@ -2,7 +2,7 @@
 
     python integration/bench_receiver.py [--size 64M] [--big-image 1G] [--rate 120M] [--quick]
         [--gro on|off|both] [--symbols store,memory] [--losses 0,5,20] [--no-auth]
-        [--compare EXE] [--rounds 1]
+        [--compare EXE] [--rounds 1] [--pin]
 
 On a two-host namespaced LAN a sender loops a release at a fixed paced rate and ``otacast
 fetch`` receives it, with 0%, 5% and 20% of datagrams dropped at random by nftables in the
@@ -18,6 +18,10 @@ receiver's CPU seconds per MB (its own rusage), and two efficiency figures:
 * wire: datagrams that reached the receiver's link (received + dropped) / the ideal K/(1-p).
   This includes symbols sent for chunks the receiver had already finished (the rest of a
   round's visits) and datagrams its full socket buffer dropped, as well as the code.
+
+``--pin`` puts the receiver (and any process it starts: they inherit its CPUs) on CPU 1 alone
+and the sender on CPU 0: the goodput of a device with one core.  The kernel's receive path on
+the veths runs where the datagram was sent (CPU 0) and is not in the receiver's CPU figures.
 
 Then it receives a large image once at 0% loss and reports the receiver's peak resident memory.
 
@@ -71,6 +75,7 @@ def receive(
     rx_args: tuple[str, ...] = (),
     tx_args: tuple[str, ...] = (),
     device: str | None = None,
+    pin: bool = False,
 ) -> dict[str, float | str]:
     sender, receiver = lan.hosts
     clear_loss(receiver)
@@ -80,8 +85,13 @@ def receive(
     rx = start_fetch(
         receiver, release, work / "state", out, "--source", sender.address, *rx_args, device=device
     )
+    if pin:
+        # Before it starts any worker: a child process inherits its parent's CPUs.
+        os.sched_setaffinity(rx.pid, {1})
     time.sleep(0.5)  # joined
     tx = serve(sender, release, "--rate", rate, "--no-gso", "--duration", "600s", *tx_args)
+    if pin:
+        os.sched_setaffinity(tx.pid, {0})
     try:
         # `ip netns exec` execs the command, so this pid is the receiver itself.
         _, status, usage = os.wait4(rx.pid, 0)
@@ -155,7 +165,15 @@ def main() -> None:
     parser.add_argument("--no-auth", action="store_true", help="skip the packet-auth runs")
     parser.add_argument("--compare", help="another otacast executable, run after each row")
     parser.add_argument("--rounds", type=int, default=1, help="times each row is run")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the receiver (and any process it starts) on CPU 1 only, the sender on CPU 0: "
+        "goodput of a receiver with one core",
+    )
     args = parser.parse_args()
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin needs two CPUs")
     keeping = args.symbols.split(",")
     receivers: list[tuple[str, str | None]] = [("this", None)]
     if args.compare:
@@ -174,7 +192,14 @@ def main() -> None:
                         "symbols": how,
                         "receiver": name,
                         **receive(
-                            lan, release, work, args.rate, loss, ("--symbols", how), device=exe
+                            lan,
+                            release,
+                            work,
+                            args.rate,
+                            loss,
+                            ("--symbols", how),
+                            device=exe,
+                            pin=args.pin,
                         ),
                     }
                     for _ in range(args.rounds)
@@ -185,6 +210,7 @@ def main() -> None:
                 print(
                     f"image {units.format_bytes(size)}, sender paced at {args.rate}, "
                     f"1228-byte datagrams, GRO {'on' if gro else 'off'}"
+                    + (", receiver pinned to CPU 1, sender to CPU 0" if args.pin else "")
                 )
                 print(
                     f"{'loss':>5} {'symbols':>8} {'receiver':>9} {'goodput MB/s':>13} "
@@ -209,7 +235,7 @@ def main() -> None:
                     big = Release.make(work / "big", units.parse_size(args.big_image), chunk="")
                     stop([serve(lan.hosts[0], big, "--rate", "max", ready=True)])
                     for name, exe in receivers:
-                        row = receive(lan, big, work, args.rate, 0, device=exe)
+                        row = receive(lan, big, work, args.rate, 0, device=exe, pin=args.pin)
                         print(
                             f"{units.format_bytes(units.parse_size(args.big_image))} image at 0% "
                             f"loss, {name} receiver: peak RSS {row['peak_rss_MB']} MB, goodput "
