@@ -79,6 +79,22 @@ def enable_gro(netns: str, interface: str, port_netns: str, port: str) -> None:
     subprocess.run([*run, port_netns, *tso_off], check=True, capture_output=True, text=True)
 
 
+def segment_in_software(host: Host) -> None:
+    """Have the kernel cut `host`'s UDP GSO sends into datagrams as it hands them to its veth
+    (``tx-udp-segmentation off``), as for a NIC without UDP segmentation offload: a sender
+    keeps its GSO batches (one system call per ~50 datagrams) while every datagram crosses the
+    switch on its own, so a loss rule there drops single datagrams, not whole batches."""
+    ethtool = ("ethtool", "-K", host.interface, "tx-udp-segmentation", "off")
+    done = subprocess.run(
+        ["ip", "netns", "exec", host.netns, *ethtool],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"ethtool tx-udp-segmentation off: {done.stderr.strip()}")
+
+
 @dataclass
 class Host:
     netns: str
