@@ -101,7 +101,7 @@ sweep-quick: setup
 FUZZ_RUNS ?= 20000
 fuzz-quick: setup
 	mkdir -p fuzz/crashes
-	for target in datagram auth manifest config delta; do \
+	for target in datagram auth manifest config delta index assembly; do \
 	    log=$$(mktemp); \
 	    $(BIN)/python fuzz/fuzz_device.py $$target -runs=$(FUZZ_RUNS) -seed=1 \
 	        -artifact_prefix=fuzz/crashes/ >$$log 2>&1 \

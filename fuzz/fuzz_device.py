@@ -18,6 +18,12 @@ error, never anything else":
   raises only `MalformedIndex`), a lane object (`parse_lane` raises only `MalformedDelta`; the
   `LaneDecoder` never raises and gives out only blocks whose hash is the index's entry), an
   index patch (`patched_index` raises only `MalformedDelta` and returns only the signed index).
+- ``index``: an `IndexGroupCore` (the index group's core) given DATA datagrams of the index
+  group's TSI, honest and mutated, never raises and holds no index other than the signed one
+  (a run that completes it starts a fresh core).
+- ``assembly``: a `FileAssembly` (the lane object put together on disk) given the codec packets
+  of one run (the input cut into packets of the signed symbol size, SBN and ESI read from each
+  as the lane core reads them) never raises and gives out no object but the signed one.
 
 The first bytes of every run are mutated from real seeds (honest datagrams and the signed
 manifest), so the fuzzer starts inside the formats instead of at random noise.  `make fuzz-quick`
@@ -27,6 +33,7 @@ runs each target for a bounded number of iterations; CI runs it, so the harness 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import random
 import sys
@@ -42,14 +49,17 @@ with atheris.instrument_imports():
     from otacast.plugin.delta import LaneDecoder, patched_index
     from otacast.plugin.errors import ConfigError
     from otacast.plugin.events import ChunkComplete
+    from otacast.plugin.lane import IndexGroupCore
+    from otacast.plugin.object_file import FileAssembly, VerifiedObject
     from otacast.plugin.verify import verify_manifest
-    from otacast.schemas import blockindex, fec, wire
+    from otacast.schemas import blockindex, fdt, fec, wire
     from otacast.schemas.deltaobject import parse_lane
     from otacast.schemas.errors import MalformedDelta, MalformedIndex, ManifestRejected, PacketError
     from otacast.schemas.manifest import (
         Chunking,
         FecInfo,
         ImageInfo,
+        IndexInfo,
         Manifest,
         StreamKey,
         Transport,
@@ -231,12 +241,95 @@ def delta(data: bytes) -> None:
             assert got == NEW_INDEX, "a patch gave an index other than the signed one"
 
 
+def _block_packets(data: bytes, part: fec.Part, repair: int) -> list[list[bytes]]:
+    """The codec packets of each RaptorQ source block of object `data` cut as `part` says: its
+    K source symbols then `repair` more, the payload id's SBN set to the block's number."""
+    spans = (part.block_span(block, SYMBOL) for block in range(part.blocks))
+    return [
+        [bytes([block]) + packet[1:] for packet in raptorq_encode(data[o : o + n], SYMBOL, repair)]
+        for block, (o, n) in enumerate(spans)
+    ]
+
+
+def _index_release() -> tuple[Manifest, blockindex.BlockIndex, list[bytes]]:
+    """A release (the fuzz manifest with a longer image) whose block index is three source
+    blocks, that index, and the index group's DATA datagrams: each block's source symbols and
+    two repair symbols."""
+    image = random.Random(5).randbytes(96 * 1024) * 400  # noqa: S311 - test data, not a secret
+    index = _index(image)
+    built = index.build()
+    release = dataclasses.replace(
+        MANIFEST,
+        image=dataclasses.replace(MANIFEST.image, length=len(image)),
+        index=IndexInfo(len(built), hashlib.sha256(built).digest()),
+    )
+    part = release.index_part()
+    assert part is not None and part.blocks == 3, "the index must span several source blocks"
+    tsi = fdt.INDEX_GROUP.tsi(release)
+    datagrams = []
+    for block, packets in enumerate(_block_packets(built, part, 2)):
+        for packet in packets:
+            esi = int.from_bytes(packet[1:4], "big")
+            chunk = wire.INDEX_GROUP_FIRST_CHUNK + block
+            datagrams.append(wire.build_datagram(wire.DataPacket(tsi, chunk, esi, packet[4:])))
+    return release, index, datagrams
+
+
+INDEX_RELEASE, SIGNED_INDEX, INDEX_DATAGRAMS = _index_release()
+INDEX_CORE = [IndexGroupCore(INDEX_RELEASE)]
+
+
+def index(data: bytes) -> None:
+    core = INDEX_CORE[0]
+    if core.receive(data):
+        assert core.index == SIGNED_INDEX, "the index group completed an index not signed"
+        INDEX_CORE[0] = IndexGroupCore(INDEX_RELEASE)  # collect it again: keep the paths hot
+
+
+# The lane object of the `assembly` target: three source blocks of a few symbols each.
+OBJECT_SYMBOL = SYMBOL  # (what `_block_packets` cuts symbols of)
+OBJECT = random.Random(7).randbytes(10 * OBJECT_SYMBOL + 5)  # noqa: S311 - test data
+OBJECT_PART = fec.part(len(OBJECT), 4 * OBJECT_SYMBOL, OBJECT_SYMBOL, 0)
+OBJECT_SHA256 = hashlib.sha256(OBJECT).digest()
+_ASSEMBLY_DIR = Path(tempfile.mkdtemp(prefix="otacast-fuzz-assembly-"))
+_CODEC_PACKET = 4 + OBJECT_SYMBOL
+
+
+def _assembly_seeds() -> list[bytes]:
+    """Whole runs: every source symbol; the first source symbol of each block lost (a decode
+    from a repair symbol); the same with one symbol forged (a mismatch, then collected)."""
+    assert OBJECT_PART.blocks == 3, "the object must span several source blocks"
+    whole = [b"".join(p[:-2]) for p in _block_packets(OBJECT, OBJECT_PART, 2)]
+    lossy = [b"".join(p[1:]) for p in _block_packets(OBJECT, OBJECT_PART, 1)]
+    forged = bytearray(b"".join(lossy))
+    forged[-1] ^= 1
+    return [b"".join(whole), b"".join(lossy), bytes(forged) + b"".join(whole)]
+
+
+def assembly(data: bytes) -> None:
+    target = _ASSEMBLY_DIR / "lane.object"
+    made = FileAssembly(OBJECT_PART, OBJECT_SHA256, OBJECT_SYMBOL, target)
+    try:
+        for at in range(0, len(data) - _CODEC_PACKET + 1, _CODEC_PACKET):
+            packet = data[at : at + _CODEC_PACKET]
+            result = made.feed(packet[0], int.from_bytes(packet[1:4], "big"), packet)
+            if isinstance(result, VerifiedObject):
+                assert result.length == len(OBJECT), "an object of another length"
+                assert result.path.read_bytes() == OBJECT, "an object other than the signed one"
+                return
+            assert result is None or isinstance(result, str), f"fed back {result!r}"
+    finally:
+        made.remove()
+
+
 TARGETS: dict[str, tuple[Callable[[bytes], None], Callable[[], list[bytes]]]] = {
     "datagram": (datagram, lambda: [*MANIFEST_DATAGRAMS, *_data_seeds(), OLD_WIRE_DATA]),
     "auth": (auth, _auth_seeds),
     "manifest": (manifest, lambda: [ENVELOPE]),
     "config": (config, lambda: [b'trust = ["k.pub"]\nchannel = "a.example"\nport = 4242\n']),
     "delta": (delta, lambda: DELTA_SEEDS),
+    "index": (index, lambda: INDEX_DATAGRAMS),
+    "assembly": (assembly, _assembly_seeds),
 }
 
 
