@@ -49,6 +49,7 @@ held before the manifest at most ``MAX_LANE_EARLY_BYTES`` (`EarlyLane`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -326,9 +327,12 @@ class LaneCore(_SideCore):
         self._patch = None
         info = self.manifest.index
         assert info is not None
+        old = self.choice.old_index
+        # Not needed any more: not held through the rest of the run (its 16 bytes per block).
+        self.choice = dataclasses.replace(self.choice, old_index=None)
         try:
             self.index = patched_index(
-                self.choice.old_index, result, length=self.manifest.image.length, sha256=info.sha256
+                old, result, length=self.manifest.image.length, sha256=info.sha256
             )
         except (MalformedDelta, MalformedIndex, ValueError):
             self.rejected["patch-mismatch"] += 1  # `needs_index` now: the driver joins its group

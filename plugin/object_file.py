@@ -20,7 +20,11 @@ with memory that does not grow with the object: a lane object reaches ``MAX_LANE
 
 Memory: the seen-ESI bits (a quarter of a bit per byte of object), one step of packets and,
 while a block is decoded, the codec with that block's symbols and its output (each at most one
-chunk, 8 MiB).  Disk: the object's length in the file plus about as much in the spool.
+chunk, 8 MiB: ~37 MB in all).  What the codec frees, glibc's allocator keeps for the process
+(its large buffers raise the allocator's mmap threshold, so they and what follows come from
+the heap): after each decode the free memory is handed back (`return_free_memory`), else a
+lane device kept the decode's ~37 MB through the local pass that follows (issue 12's bound).
+Disk: the object's length in the file plus about as much in the spool.
 
 The files are not made durable: a restart collects the object again (nothing in them is used
 without the hash).  An error writing or reading them is a rejection (``NAME-file``), counted
@@ -30,12 +34,13 @@ like hostile input: the object then does not complete and the receiver's stall r
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 from otacast.schemas.fec import Part, source_symbols
 from otacast.schemas.limits import LANE_SPOOL_EXTRA_SYMBOLS
@@ -50,6 +55,26 @@ SPOOL_READ_SYMBOLS: Final = 256
 # Bytes per read when the finished object is hashed.
 HASH_READ_BYTES: Final = 1024 * 1024
 _PAYLOAD_ID = 4
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None with another C library)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return cast("Callable[[int], int]", trim)
+
+
+_TRIM = _malloc_trim()
+
+
+def return_free_memory() -> None:
+    """Hand the memory the allocator holds free back to the system (glibc; else nothing)."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 @dataclass(frozen=True)
@@ -227,12 +252,16 @@ class FileAssembly:
                     os.pwrite(self._fd, piece, offset + start)
             return True
         self.decodes += 1
-        data = decode_chunk(length, size, self._packets(block, state.count))
-        if data is None:
-            return False
-        if os.pwrite(self._fd, data, offset) != length:
-            raise OSError("short write to the object file")
-        return True
+        try:
+            data = decode_chunk(length, size, self._packets(block, state.count))
+            if data is None:
+                return False
+            if os.pwrite(self._fd, data, offset) != length:
+                raise OSError("short write to the object file")
+            return True
+        finally:
+            data = None
+            return_free_memory()  # the codec's (module doc, Memory)
 
     def _digest(self) -> bytes:
         digest = hashlib.sha256()

@@ -1066,7 +1066,7 @@ class _Run:
         verified = self.core.verified
         assert verified is not None
         now = time.monotonic()
-        for item in drain(reuse.results, 4):
+        for item in drain(reuse, 4):
             if isinstance(item, ReuseNote):
                 self.emit.note(item.text)
             elif isinstance(item, ReuseDone):

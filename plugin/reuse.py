@@ -73,6 +73,7 @@ from otacast.schemas.manifest import Manifest
 
 from .delta import LaneDecoder, StoredObject, lane_header_of
 from .errors import FetchError
+from .object_file import return_free_memory
 
 BLOCK = INDEX_BLOCK_SIZE
 # Bytes per read while scanning a source: large sequential reads keep a disk or flash at its
@@ -80,9 +81,13 @@ BLOCK = INDEX_BLOCK_SIZE
 # holds at once.
 SCAN_READ_BYTES = 4 * 1024 * 1024
 # Local chunks waiting for the receive loop (each at most a chunk, 8 MiB): the worker waits when
-# the loop is busy rather than holding the whole image in memory.  One: the worker builds the
-# next meanwhile, and each waiting chunk is 8 MiB of the device's peak.
+# the loop is busy rather than holding the whole image in memory.
 RESULT_QUEUE = 1
+# Chunks handed over and not yet dealt with by the loop (`drain`), the one the worker is building
+# included: each is 8 MiB of the device's peak (there were four: one built, one waiting to be
+# queued, one queued, one kept by the loop).  Two: the worker reads and hashes one while the loop
+# keeps the other, and the loop, which looks at the queue once a turn, finds the next ready.
+CHUNKS_IN_FLIGHT = 2
 # A read of placed blocks for one chunk joins neighbouring blocks of a source into one pread of
 # at most this many bytes.
 READ_RUN_BYTES = 1024 * 1024
@@ -427,10 +432,11 @@ def index_for(
 @dataclass(frozen=True)
 class LocalChunk:
     """What the local sources give of one chunk: its data, verified against its signed hash
-    (every source symbol was known), or else its known source symbols ``(esi, T bytes)``."""
+    (every source symbol was known; a view of the buffer it was read into, not a copy), or
+    else its known source symbols ``(esi, T bytes)``."""
 
     chunk: int
-    data: bytes | None = None
+    data: bytes | memoryview | None = None
     symbols: tuple[tuple[int, bytes], ...] = ()
 
 
@@ -484,6 +490,7 @@ class ReuseWorker(threading.Thread):
         self.no_more_index = threading.Event()
         self.lane_file = lane_file
         self._lane: queue.Queue[bytes | StoredObject | None] = queue.Queue(1)
+        self._in_flight = threading.Semaphore(CHUNKS_IN_FLIGHT)
 
     def offer_lane(self, data: bytes | StoredObject | None) -> None:
         """The verified delta lane object, in memory or stored (None: none will come), for a
@@ -495,6 +502,19 @@ class ReuseWorker(threading.Thread):
         """An index verified elsewhere (the carousel's), for a worker started without one."""
         with contextlib.suppress(queue.Full):
             self._offered.put_nowait(index)
+
+    def chunk_dealt_with(self) -> None:
+        """The loop is done with a `LocalChunk` taken from `results` and holds it no more: room
+        for the next (`drain` says so for each chunk it gives)."""
+        self._in_flight.release()
+
+    def _room(self) -> bool:
+        """Wait until fewer than ``CHUNKS_IN_FLIGHT`` chunks are out (or `stop`); whether
+        there is room for one more, now counted."""
+        while not self.stop.is_set():
+            if self._in_flight.acquire(timeout=0.2):
+                return True
+        return False
 
     def _put(self, item: ReuseItem) -> bool:
         while not self.stop.is_set():
@@ -570,6 +590,9 @@ class ReuseWorker(threading.Thread):
             if self.lane_file is not None:
                 lane_blocks = self._place_lane(index, placement, opened)
                 found = placement.placed - lane_blocks
+            # The table's build, the scan's reads and the lane's decode are over: what they
+            # freed goes back to the system before the hand-over's chunks (issue 12's bound).
+            return_free_memory()
             if opened:
                 self._put(
                     ReuseNote(
@@ -658,7 +681,7 @@ class ReuseWorker(threading.Thread):
         self, opened: Sequence[_Opened], index: BlockIndex, placement: Placement
     ) -> list[int]:
         """Queue each chunk's local data or symbols; the fully local chunks that failed."""
-        layout, hashes = self.layout, self.manifest.chunks.sha256
+        layout = self.layout
         mismatched: list[int] = []
         if not placement.placed:
             return mismatched
@@ -670,44 +693,62 @@ class ReuseWorker(threading.Thread):
             esis = known_symbols(layout, chunk, placement.known)
             if not esis:
                 continue
-            offset, length = layout.chunk_span(chunk)
-            needed = symbol_blocks(offset, offset + length)
-            placed = placement_in(placement, needed)
-            # The chunk's bytes as far as known (unknown blocks zero), symbols cut from them;
-            # the buffer let go once cut (only the chunk's bytes wait for the queue).
-            buffer = bytearray(len(needed) * BLOCK)
-            blocks = read_placed(opened, index, placement, needed, buffer)
-            if len(blocks) < placed:
-                # Blocks changed since the scan were forgotten: their symbols are not known.
-                esis = known_symbols(layout, chunk, placement.known)
-            if not esis:
-                del buffer
-                continue
-            start = offset - needed.start * BLOCK
-            if len(esis) == fec.source_symbols(length, layout.symbol_size):
-                whole = bytes(memoryview(buffer)[start : start + length])
-                del buffer
-                if hashlib.sha256(whole).digest() == hashes[chunk]:
-                    if not self._put(LocalChunk(chunk, data=whole)):
-                        break
-                    continue
-                mismatched.append(chunk)  # no local symbol of it is used: fetched whole
-                continue
-            size = layout.symbol_size
-            view = memoryview(buffer)
-            symbols = tuple(
-                (
-                    e,
-                    bytes(view[start + e * size : start + min((e + 1) * size, length)]).ljust(
-                        size, b"\0"
-                    ),
-                )
-                for e in esis
-            )
-            del view, buffer
-            if not self._put(LocalChunk(chunk, symbols=symbols)):
+            if not self._room():
                 break
+            item = self._local_chunk(opened, index, placement, chunk, esis)
+            if isinstance(item, LocalChunk):
+                handed = self._put(item)
+                del item  # (the loop's now: not kept alive here while the next is built)
+                if not handed:
+                    break
+                continue
+            self._in_flight.release()  # nothing of it is handed over
+            if item is not None:
+                mismatched.append(chunk)  # no local symbol of it is used: fetched whole
         return mismatched
+
+    def _local_chunk(
+        self,
+        opened: Sequence[_Opened],
+        index: BlockIndex,
+        placement: Placement,
+        chunk: int,
+        esis: list[int],
+    ) -> LocalChunk | str | None:
+        """What the local sources give of `chunk`, whose source symbols `esis` are placed: a
+        `LocalChunk`, ``"mismatch"`` (every symbol was known, yet the chunk failed its hash)
+        or None (its placed blocks changed since the scan: nothing known)."""
+        layout = self.layout
+        offset, length = layout.chunk_span(chunk)
+        needed = symbol_blocks(offset, offset + length)
+        placed = placement_in(placement, needed)
+        # The chunk's bytes as far as known (unknown blocks zero): a whole chunk handed over
+        # as a view of them (no copy), symbols cut from them (the buffer let go once cut).
+        buffer = bytearray(len(needed) * BLOCK)
+        blocks = read_placed(opened, index, placement, needed, buffer)
+        if len(blocks) < placed:
+            # Blocks changed since the scan were forgotten: their symbols are not known.
+            esis = known_symbols(layout, chunk, placement.known)
+        if not esis:
+            return None
+        start = offset - needed.start * BLOCK
+        if len(esis) == fec.source_symbols(length, layout.symbol_size):
+            whole = memoryview(buffer)[start : start + length]
+            if hashlib.sha256(whole).digest() != self.manifest.chunks.sha256[chunk]:
+                return "mismatch"
+            return LocalChunk(chunk, data=whole)
+        size = layout.symbol_size
+        view = memoryview(buffer)
+        symbols = tuple(
+            (
+                e,
+                bytes(view[start + e * size : start + min((e + 1) * size, length)]).ljust(
+                    size, b"\0"
+                ),
+            )
+            for e in esis
+        )
+        return LocalChunk(chunk, symbols=symbols)
 
 
 def lane_pieces(lane: bytes | StoredObject, start: int) -> Iterator[bytes | memoryview]:
@@ -726,14 +767,23 @@ def placement_in(placement: Placement, blocks: range) -> int:
     return sum(1 for b in blocks if placement.known(b))
 
 
-def drain(results: queue.Queue[ReuseItem], most: int) -> Iterator[ReuseItem]:
+def drain(worker: ReuseWorker, most: int) -> Iterator[ReuseItem]:
     """Up to `most` items the worker has queued, without waiting, one at a time (each is
-    taken from the queue only once the one before was dealt with: a chunk each)."""
+    taken from the queue only once the one before was dealt with: a chunk each); the worker is
+    told of each chunk (`ReuseWorker.chunk_dealt_with`) once the caller asks for the next or
+    stops, so the caller lets go of an item before that."""
     for _ in range(most):
         try:
-            yield results.get_nowait()
+            item = worker.results.get_nowait()
         except queue.Empty:
             return
+        chunk = isinstance(item, LocalChunk)
+        try:
+            yield item
+        finally:
+            del item
+            if chunk:
+                worker.chunk_dealt_with()
 
 
 # --- Which sources -----------------------------------------------------------------------------

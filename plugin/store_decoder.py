@@ -158,7 +158,7 @@ class StoredSymbols:
         chunks = range(self.verified.manifest.chunk_count)
         return sum(self.store.count(index) for index in chunks)
 
-    def keep(self, index: int, data: bytes) -> None:
+    def keep(self, index: int, data: bytes | memoryview) -> None:
         """Keep chunk `index`, whose `data` matches its signed hash (once), and start making it
         durable (in the background: a restart then resumes it as a whole chunk)."""
         if not self.store.is_done(index):

@@ -741,7 +741,7 @@ class SymbolStore:
 
     # --- Ending a chunk ---------------------------------------------------------------------
 
-    def complete(self, chunk: int, data: bytes) -> None:
+    def complete(self, chunk: int, data: bytes | memoryview) -> None:
         """Keep `chunk`, whose `data` matches its signed hash: write in place only the source
         symbols that differ from it (those it lacked), record it done, free its slots."""
         offset, length = self._manifest.chunk_span(chunk)
@@ -750,26 +750,35 @@ class SymbolStore:
         if chunk in self._done:
             return
         read_back, self._read_back = self._read_back, None
+        held: bytes | None = None  # the chunk's bytes in place, when `read_chunk` just read them
         if read_back is not None and read_back[0] == chunk and self._run_chunk != chunk:
-            held = read_back[1]  # what `read_chunk` read of it, unchanged since
-        else:
-            held = self.read_chunk(chunk)
+            held = read_back[1]  # unchanged since
+        elif chunk == self._run_chunk:
+            self._write_run()  # its gathered source symbols belong in what is compared
         state = self._chunks.get(chunk)
         size = self._symbol_size
         runs: list[tuple[int, int]] = []  # [start, end) byte ranges of the chunk to write
         overwrites_stored = False
-        if held is not data and held != data:
+        if held is not data:
             # Compared a block of symbols at a time (no copies: `startswith` at an offset),
-            # symbol by symbol only in a block that differs.
+            # symbol by symbol only in a block that differs.  Not read back whole: a block's
+            # bytes in place are read when it is compared (a chunk's second copy was 8 MiB of
+            # a lane device's peak, issue 12).
             view = memoryview(data)
             source = self._manifest.source_symbols(chunk)
             for block in range(0, source, _COMPARE_SYMBOLS):
                 stop = min(block + _COMPARE_SYMBOLS, source)
-                if held.startswith(view[block * size : min(stop * size, length)], block * size):
+                first, last = block * size, min(stop * size, length)
+                if held is not None:
+                    place, base = held, 0
+                else:
+                    place = self._read(self._part, offset + first, last - first, self.staging.part)
+                    base = first
+                if place.startswith(view[first:last], first - base):
                     continue
                 for esi in range(block, stop):
                     start, end = esi * size, min((esi + 1) * size, length)
-                    if held.startswith(view[start:end], start):
+                    if place.startswith(view[start:end], start - base):
                         continue
                     if state is not None and state.has_source(esi):
                         overwrites_stored = True  # a forged symbol the decode did not need

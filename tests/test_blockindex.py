@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 
 import pytest
 from hypothesis import given
@@ -92,3 +93,22 @@ def test_entries_and_spans_address_blocks_in_image_order() -> None:
     assert index.digest(1) == index.digests[16:32]
     with pytest.raises(IndexError):
         index.digest(3)
+
+
+def test_building_an_index_holds_its_entries_and_little_more() -> None:
+    """A device builds its installed index from the image it installed (1.2 GB: 307,200
+    entries): the builder holds the entries back to back, not an object per entry."""
+    blocks = 16384
+    piece = bytes(range(256)) * (4 * 1024 * 1024 // 256)  # fed in 4 MiB reads, as installed.py
+    builder = blockindex.IndexBuilder()
+    tracemalloc.start()
+    try:
+        for _ in range(blocks * INDEX_BLOCK_SIZE // len(piece)):
+            builder.update(piece)
+        index = builder.finish()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert index.blocks == blocks
+    print(f"{peak / blocks:.1f} bytes traced per entry at the peak")
+    assert peak < 40 * blocks  # the entries (16 bytes each) and their copy into the index

@@ -82,6 +82,7 @@ def test_the_lane_core_builds_the_new_index_from_the_patch_and_verifies_the_lane
     assert not core.needs_index  # the patch makes it
     _run(core, data)
     assert core.done and core.index_from_patch and not core.rejected and not core.needs_index
+    assert core.choice.old_index is None  # let go once the patch is applied
     assert core.index is not None
     assert core.index.build() == _index_objects(releases)[wire.INDEX_GROUP_TOI]
     assert core.lane_object == _lane_objects(releases, m)[wire.LANE_OBJECT_TOI]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import random
 from pathlib import Path
 
@@ -128,6 +129,8 @@ def _run_worker(manifest_release, sources, index_file=None):  # type: ignore[no-
     while True:
         item = worker.results.get(timeout=30)
         items.append(item)
+        if isinstance(item, LocalChunk):
+            worker.chunk_dealt_with()  # (kept for the test: more than the worker would allow)
         if isinstance(item, ReuseDone):
             break
     worker.join()
@@ -164,6 +167,43 @@ def test_the_worker_hands_over_verified_whole_chunks_and_known_symbols_of_the_re
     assert (
         done.blocks_found == 120 - len(range(0, 60, 7)) - 1
     )  # (the cut last block) and done.changed == 0
+
+
+def test_the_worker_hands_over_no_more_chunks_than_the_loop_has_room_for(tmp_path: Path) -> None:
+    """At most ``CHUNKS_IN_FLIGHT`` chunks are out that the loop has not dealt with (each is a
+    chunk of the device's peak memory); each one it deals with lets the next come."""
+    v1, v2 = _v1_v2(random.Random(4), 120)
+    release = make_release(v2, KEY, chunk_size=55 * T)  # eight chunks, most of them local
+    (tmp_path / "v1.img").write_bytes(v1)
+    (tmp_path / "v2.idx").write_bytes(index_of(v2).build())
+    worker = ReuseWorker(
+        release.manifest,
+        [Source(tmp_path / "v1.img", "test")],
+        lambda: reuse.index_for(release.manifest, index_file=tmp_path / "v2.idx"),
+    )
+    worker.start()
+    try:
+        held: list[LocalChunk] = []
+
+        def take(timeout: float) -> LocalChunk | None:
+            while True:
+                try:
+                    item = worker.results.get(timeout=timeout)
+                except queue.Empty:
+                    return None
+                if isinstance(item, LocalChunk):
+                    return item
+
+        while len(held) < reuse.CHUNKS_IN_FLIGHT:
+            item = take(30)
+            assert item is not None
+            held.append(item)
+        assert take(0.5) is None  # none more while the loop holds them
+        worker.chunk_dealt_with()
+        assert take(30) is not None  # room for one: it comes
+    finally:
+        worker.stop.set()
+        worker.join()
 
 
 def test_a_local_block_changed_after_the_scan_is_not_used(tmp_path: Path) -> None:

@@ -853,3 +853,22 @@ def test_disk_errors_raise_a_state_error_and_leave_no_partial_record(
     with opened(tmp_path) as store:
         assert store.esis(0) == [0, 1, 2, 60]
         assert_only_genuine(store)
+
+
+def test_a_chunk_kept_whole_is_compared_in_place_a_few_symbols_at_a_time(tmp_path: Path) -> None:
+    """`complete` of a chunk handed over whole (local reuse, HTTP) reads back what is in place
+    in steps, not the chunk again: its peak is the step, not a second copy of the chunk."""
+    image = random.Random(18).randbytes(6944 * 1208)  # one chunk at the signer's default size
+    release = make_release(image, KEY, chunk_size=len(image))
+    with opened(tmp_path, release) as store:
+        data = memoryview(bytearray(release.chunk(0)))  # a buffer's view, as reuse hands it
+        tracemalloc.start()
+        try:
+            store.complete(0, data)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert store.read_chunk(0) == release.chunk(0)
+        assert store.stats.decoded_bytes == len(image)  # every symbol written, none was there
+    print(f"complete of an {len(image)}-byte chunk: peak {peak} bytes traced")
+    assert peak < len(image) // 8
