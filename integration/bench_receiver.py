@@ -12,7 +12,8 @@ For each loss rate, and each way of keeping symbols named by ``--symbols`` (the 
 ``--symbols``, run one after the other for each loss rate so that both see the same machine
 load), it reports goodput (image bytes / time from the first datagram to the
 verified image, so process start-up is not counted), the
-receiver's CPU seconds per MB (its own rusage), and two efficiency figures:
+receiver's CPU seconds per MB (its rusage, which includes its decode worker process's, a child
+it waits for), datagrams received / K, and two efficiency figures:
 
 * FEC: symbols the decoders used / K (the fountain code's own overhead);
 * wire: datagrams that reached the receiver's link (received + dropped) / the ideal K/(1-p).
@@ -23,8 +24,11 @@ receiver's CPU seconds per MB (its own rusage), and two efficiency figures:
 and the sender on CPU 0: the goodput of a device with one core.  The kernel's receive path on
 the veths runs where the datagram was sent (CPU 0) and is not in the receiver's CPU figures.
 
-Then it receives a large image once at 0% loss and reports the receiver's peak resident memory.
+Then it receives a large image once at 0% loss and reports the receiver's peak resident memory
+(peak RSS: the receiver's plus its decode worker's, each its own VmHWM).
 
+``--decode inline,worker`` runs every row with this checkout's receiver once per way of decoding
+(``otacast fetch --decode``; its rows are named after it, ``this`` for inline).
 ``--compare EXE`` runs every loss row twice in a row, with this checkout's ``otacast`` and with
 the executable ``EXE`` (another version's, e.g. a script that runs ``otacast.plugin.cli`` of an
 extracted ``git archive main`` through ``PYTHONPATH``), so that both see the same machine load;
@@ -118,7 +122,11 @@ def receive(
         "sys_s": round(usage.ru_stime, 2),
         "fec_used/K": round(summary["symbols_used"] / k, 4),
         "wire/ideal": round((summary["datagrams"] + lost) / (k / (1 - loss / 100)), 3),
-        "peak_rss_MB": summary["peak_rss_mb"],
+        # Both processes: the receiver's and its decode worker's (`otacast.plugin.decode_worker`;
+        # its CPU is in the receiver's rusage, which counts the children it waited for).
+        "peak_rss_MB": round(summary["peak_rss_mb"] + (summary.get("worker_peak_rss_mb") or 0), 1),
+        "worker_rss_MB": summary.get("worker_peak_rss_mb"),
+        "received/K": round(summary["datagrams"] / k, 4),
         "dgrams/read": round(summary["datagrams"] / max(1, summary["reads"]), 1),
         "cpu_us_per_dgram": round(
             (usage.ru_utime + usage.ru_stime) / max(1, summary["datagrams"]) * 1e6, 2
@@ -163,6 +171,11 @@ def main() -> None:
     )
     parser.add_argument("--losses", default="0,5,20", help="percent, comma-separated")
     parser.add_argument("--no-auth", action="store_true", help="skip the packet-auth runs")
+    parser.add_argument(
+        "--decode",
+        default="inline",
+        help="this checkout's --decode (inline, worker), comma-separated: a row for each",
+    )
     parser.add_argument("--compare", help="another otacast executable, run after each row")
     parser.add_argument("--rounds", type=int, default=1, help="times each row is run")
     parser.add_argument(
@@ -175,9 +188,13 @@ def main() -> None:
     if args.pin and len(os.sched_getaffinity(0)) < 2:
         parser.error("--pin needs two CPUs")
     keeping = args.symbols.split(",")
-    receivers: list[tuple[str, str | None]] = [("this", None)]
+    # (name, executable, its extra arguments): this checkout once per --decode, then EXE.
+    receivers: list[tuple[str, str | None, tuple[str, ...]]] = [
+        ("this" if place == "inline" else place, None, ("--decode", place))
+        for place in args.decode.split(",")
+    ]
     if args.compare:
-        receivers.append(("compare", args.compare))
+        receivers.append(("compare", args.compare, ()))
     work = Path(tempfile.mkdtemp(prefix="otacast-rxbench-"))
     modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.gro]
     try:
@@ -197,7 +214,7 @@ def main() -> None:
                             work,
                             args.rate,
                             loss,
-                            ("--symbols", how),
+                            ("--symbols", how, *extra),
                             device=exe,
                             pin=args.pin,
                         ),
@@ -205,7 +222,7 @@ def main() -> None:
                     for _ in range(args.rounds)
                     for loss in (int(x) for x in args.losses.split(","))
                     for how in keeping
-                    for name, exe in receivers
+                    for name, exe, extra in receivers
                 ]
                 print(
                     f"image {units.format_bytes(size)}, sender paced at {args.rate}, "
@@ -215,15 +232,15 @@ def main() -> None:
                 print(
                     f"{'loss':>5} {'symbols':>8} {'receiver':>9} {'goodput MB/s':>13} "
                     f"{'CPU s/MB':>9} {'user s':>7} {'sys s':>6} {'FEC used/K':>11} "
-                    f"{'wire/ideal':>11} {'peak RSS MB':>12} {'dgrams/read':>12} "
-                    f"{'CPU us/dgram':>13}"
+                    f"{'wire/ideal':>11} {'received/K':>11} {'peak RSS MB':>12} "
+                    f"{'dgrams/read':>12} {'CPU us/dgram':>13}"
                 )
                 for r in rows:
                     print(
                         f"{r['loss']:>4}% {r['symbols']:>8} {r['receiver']:>9} "
                         f"{r['goodput_MB/s']:>13} {r['cpu_s_per_MB']:>9} {r['user_s']:>7} "
                         f"{r['sys_s']:>6} {r['fec_used/K']:>11} {r['wire/ideal']:>11} "
-                        f"{r['peak_rss_MB']:>12} {r['dgrams/read']:>12} "
+                        f"{r['received/K']:>11} {r['peak_rss_MB']:>12} {r['dgrams/read']:>12} "
                         f"{r['cpu_us_per_dgram']:>13}"
                     )
                 result["rows_gro" if gro else "rows"] = rows
@@ -234,14 +251,15 @@ def main() -> None:
                 if not args.quick and units.parse_size(args.big_image):
                     big = Release.make(work / "big", units.parse_size(args.big_image), chunk="")
                     stop([serve(lan.hosts[0], big, "--rate", "max", ready=True)])
-                    for name, exe in receivers:
-                        row = receive(lan, big, work, args.rate, 0, device=exe, pin=args.pin)
+                    for name, exe, extra in receivers:
+                        row = receive(lan, big, work, args.rate, 0, extra, device=exe, pin=args.pin)
                         print(
                             f"{units.format_bytes(units.parse_size(args.big_image))} image at 0% "
-                            f"loss, {name} receiver: peak RSS {row['peak_rss_MB']} MB, goodput "
+                            f"loss, {name} receiver: peak RSS {row['peak_rss_MB']} MB (decode "
+                            f"worker {row['worker_rss_MB']}), goodput "
                             f"{row['goodput_MB/s']} MB/s, CPU {row['cpu_s_per_MB']} s/MB"
                         )
-                        result["big" if exe is None else "big_compare"] = row
+                        result[f"big_{name}"] = row
         print(json.dumps(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -43,6 +43,10 @@ FALLBACKS = ("auto", "only", "never")
 # keeps symbols) or "memory" (decoders for a bounded number of chunks at once: for images that fit
 # the decoder budget only; see otacast.plugin.receive).
 SYMBOL_KEEPING = ("memory", "store")
+# Where the symbol store's chunks are decoded: "inline" (the default: on the receive loop) or
+# "worker" (a worker process, otacast.plugin.decode_worker: the loop reads on while a chunk
+# decodes, for ~50 MB more peak memory; see docs/PERFORMANCE.md, "Decode worker").
+DECODE_PLACES = ("inline", "worker")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class DeviceConfig:
     retry_max: float | None = None
     packet_auth: str | None = None
     symbols: str | None = None
+    decode: str | None = None
     metrics_file: Path | None = None
     keep_staged: bool | None = None
     reuse: bool | None = None  # [reuse] enabled
@@ -131,6 +136,7 @@ _RULES: dict[str, tuple[Any, str]] = {
         "one of " + ", ".join(PACKET_AUTH_POLICIES),
     ),
     "symbols": (lambda v: v in SYMBOL_KEEPING, "one of " + ", ".join(SYMBOL_KEEPING)),
+    "decode": (lambda v: v in DECODE_PLACES, "one of " + ", ".join(DECODE_PLACES)),
     "metrics_file": (_text, "a path"),
     "keep_staged": (lambda v: isinstance(v, bool), "true or false"),
     "reuse": (
@@ -235,6 +241,7 @@ class Settings:
     retry_max: float = DEFAULT_RETRY_MAX
     packet_auth: str = "auto"
     symbols: str = "store"
+    decode: str = "inline"
     metrics_file: Path | None = None  # watch's node_exporter textfile (otacast.plugin.metrics)
     # Keep the received image (`out_path`) after a successful install; by default it is removed,
     # so the state directory never needs room for a second image (`otacast.plugin.deliver`).

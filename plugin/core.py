@@ -54,6 +54,12 @@ at least a budget's worth of chunks and the download converges.  (Evicting inste
 to livelock at 20% loss: each window pushed out the previous one's half-filled decoders, pass
 after pass.)  A decoded chunk is hashed; a mismatch (e.g. a
 forged symbol polluted the decode) drops that chunk's symbols and it is collected afresh.
+A decoder may answer that the chunk's decode is submitted (`decoder.SUBMITTED`: the driver's
+decode worker runs it): the chunk's further symbols are then refused at once (counted as
+``decode-pending``, never fed, never marked seen) until the driver hands over the outcome with
+`chunk_decoded`: bytes are hashed and kept exactly as an inline decode's, None (not enough
+independent symbols) lets the chunk collect again, and an outcome for a chunk completed or
+restarted meanwhile (HTTP repair, local reuse) is ignored.
 
 *Packet authentication.*  When the verified manifest lists stream keys (and the policy is not
 ``off``), a DATA datagram that passes the checks above is decoded only once an AUTH page has
@@ -142,7 +148,14 @@ from otacast.schemas.policy import TrustSet, VerifiedManifest, accept, authentic
 
 from .auth import PACKET_AUTH_POLICIES, PacketAuthenticator, SignatureCheck
 from .budget import ManifestBudget
-from .decoder import ChunkDecoder, DecoderFactory, DecoderFault, raptorq_decoder
+from .decoder import (
+    SUBMITTED,
+    ChunkDecoder,
+    DecoderFactory,
+    DecoderFault,
+    FeedResult,
+    raptorq_decoder,
+)
 from .events import (
     ChunkComplete,
     Event,
@@ -301,6 +314,7 @@ class _Chunk:
         "k",
         "other_cursor",
         "other_seen",
+        "pending",
         "seen",
         "used",
     )
@@ -308,10 +322,11 @@ class _Chunk:
     def __init__(self, decoder: ChunkDecoder, k: int) -> None:
         self.decoder = decoder
         # The decoder's `decoder.SymbolFeed`, if it has one (the store's): fed the symbol alone.
-        self.feed_symbol: Callable[[int, bytes | memoryview], bytes | None] | None = getattr(
+        self.feed_symbol: Callable[[int, bytes | memoryview], FeedResult] | None = getattr(
             decoder, "feed_symbol", None
         )
         self.k = k
+        self.pending = False  # its decode was submitted (*Decoding*)
         self.used = 0  # new symbols fed to the decoder
         self.cursor = self.other_cursor = _NO_CURSOR  # the loss estimate's (*Reporting*)
         self.bits_below = SEEN_BITS_PER_K * k
@@ -404,6 +419,16 @@ class ReceiverCore:
     def has_events(self) -> bool:
         """Whether `next_event` has something."""
         return bool(self._events)
+
+    @property
+    def only_decodes_left(self) -> bool:
+        """Whether every chunk not yet complete has its decode submitted (*Decoding*): until one
+        of them fails to decode, no datagram of the session can be of use, and a driver need
+        not read them."""
+        chunks = self._chunks
+        if self.verified is None or self._complete or len(self.done) + len(chunks) < self._count:
+            return False
+        return all(state.pending for state in chunks.values())
 
     @property
     def last_progress(self) -> float:
@@ -847,6 +872,9 @@ class ReceiverCore:
                 self.stats.rejected["decoder-budget"] += 1
                 return
             state = self._open_chunk(chunk)
+        elif state.pending:
+            self.stats.rejected["decode-pending"] += 1  # it holds enough: not fed, not seen
+            return
         # The loss estimate (*Reporting*): most ESIs are the next of their run
         if esi == state.cursor + 1:
             self.stats.symbols_followed += 1
@@ -879,8 +907,29 @@ class ReceiverCore:
             del self._chunks[chunk]
             state.decoder.discard()
             return
-        if result is not None:
+        if result is SUBMITTED:
+            state.pending = True
+        elif result is not None:
             self._finish_chunk(chunk, result, now)
+
+    def chunk_decoded(
+        self, chunk: int, data: bytes | None, now: float, *, fault: bool = False
+    ) -> None:
+        """The outcome of a decode that a decoder answered `decoder.SUBMITTED` for (*Decoding*):
+        the chunk's bytes (hashed and kept exactly as an inline decode's), None (not enough
+        independent symbols: it collects again, and its next new symbol tries again), or a
+        codec `fault` (its symbols are discarded, as an inline `DecoderFault`'s).  Ignored for a
+        chunk with no decode submitted (completed or restarted meanwhile)."""
+        state = self._chunks.get(chunk)
+        if state is None or not state.pending:
+            return
+        state.pending = False
+        if fault:
+            self.stats.rejected["decoder-fault"] += 1
+            del self._chunks[chunk]
+            state.decoder.discard()
+        elif data is not None:
+            self._finish_chunk(chunk, data, now)
 
     def _on_beyond_image(self, data: bytes | memoryview, chunk: int, esi: int) -> None:
         """A DATA datagram of the session for no chunk of the image: the block index's, or none

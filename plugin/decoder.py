@@ -9,12 +9,20 @@ wrong-length symbol, and a packet's SBN (its chunk's block number within a FLUTE
 replaced by 0 here because the codec panics on an out-of-range one.  A panic surfaces
 in Python as ``pyo3_runtime.PanicException``, a `BaseException`; it is turned into
 `DecoderFault` here so that no codec failure can take the receiver down.
+
+A decoder may also answer `SUBMITTED` instead of bytes: the chunk holds enough symbols and its
+decode runs elsewhere (the store's decoders with the driver's decode worker process,
+`otacast.plugin.decode_worker`).  The core then refuses the chunk's further symbols (counted as
+``decode-pending``) until the driver hands it the outcome (`ReceiverCore.chunk_decoded`).  The
+in-memory decoder never does: it answers bytes or None as before, so the core and its tests
+stay synchronous.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Final, Protocol
 
 import raptorq
 
@@ -23,9 +31,21 @@ class DecoderFault(Exception):
     """The codec failed on input that passed validation; the chunk's symbols are discarded."""
 
 
+class Decode(enum.Enum):
+    """What a decoder answers when the chunk's bytes come later (module doc)."""
+
+    SUBMITTED = "submitted"
+
+
+SUBMITTED: Final = Decode.SUBMITTED
+
+# What `feed` answers: the chunk's bytes, None (not yet), or `SUBMITTED`.
+FeedResult = bytes | Decode | None
+
+
 class ChunkDecoder(Protocol):
     # `packet` may be a view of a buffer reused after the call: copy what is kept.
-    def feed(self, packet: bytes | memoryview) -> bytes | None: ...
+    def feed(self, packet: bytes | memoryview) -> FeedResult: ...
 
     def discard(self) -> None: ...
 
@@ -36,7 +56,7 @@ class SymbolFeed(Protocol):
     exactly the signed symbol size): the same packet, without rebuilding what the core
     already has on every datagram."""
 
-    def feed_symbol(self, esi: int, symbol: bytes | memoryview) -> bytes | None: ...
+    def feed_symbol(self, esi: int, symbol: bytes | memoryview) -> FeedResult: ...
 
 
 # (chunk index, chunk length, symbol size) -> a fresh decoder

@@ -126,7 +126,7 @@ class ObjectAssembly:
         except DecoderFault:
             del self._blocks[block]
             return "decoder-fault"
-        if result is None:
+        if not isinstance(result, bytes):  # None; no index decode is ever submitted elsewhere
             return None
         del self._blocks[block]
         self._decoded[block] = result

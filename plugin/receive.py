@@ -59,12 +59,13 @@ from typing import TYPE_CHECKING, TextIO
 from otacast.schemas import addressing, wire
 from otacast.schemas.blockindex import BlockIndex
 from otacast.schemas.fec import Part
-from otacast.schemas.limits import MAX_DECODER_BYTES
+from otacast.schemas.limits import MAX_DECODER_BYTES, MAX_DECODES_IN_FLIGHT
 from otacast.schemas.manifest import Manifest
 from otacast.schemas.policy import TrustSet, VerifiedManifest
 
 from .config import Settings
 from .core import ReceiverCore
+from .decode_worker import DecodeWorker
 from .decoder import ChunkDecoder, raptorq_decoder
 from .discovery import JoinPlan, plan_joins
 from .errors import (
@@ -183,6 +184,8 @@ class FetchOptions:
     block_index: Path | None = None
     # The delta lane (`otacast.plugin.lane`): taken when the release and this device allow.
     lane: bool = True
+    # Decode the symbol store's chunks in a worker process (`otacast.plugin.decode_worker`).
+    decode_worker: bool = False
 
     @classmethod
     def from_settings(
@@ -217,6 +220,7 @@ class FetchOptions:
             status=status,
             packet_auth=settings.packet_auth,
             symbols=settings.symbols,
+            decode_worker=settings.decode == "worker",
             manifest_grace=manifest_grace,
             reuse_sources=(
                 configured_sources(settings.reuse_sources, settings.installer)
@@ -426,6 +430,10 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         )
     if run.index_core is not None:
         summary = replace(summary, datagrams_index=run.index_core.datagrams)
+    if run.decodes_in_worker or run.worker_rss is not None:
+        summary = replace(
+            summary, decodes_in_worker=run.decodes_in_worker, worker_peak_rss_mb=run.worker_rss
+        )
     side = side_rejections(
         None if run.lane_core is None else run.lane_core.rejected,
         None if run.index_core is None else run.index_core.rejected,
@@ -507,6 +515,11 @@ class _Run:
         self.index_probe_until: float | None = None
         self.index_core: IndexGroupCore | None = None
         self.index_left = False  # left it: never joined again in this run
+        # The decode worker (`otacast.plugin.decode_worker`), while the store uses it: its
+        # answers' pipe is waited on with the sockets; what it did, for the summary.
+        self.worker: DecodeWorker | None = None
+        self.decodes_in_worker = 0
+        self.worker_rss: float | None = None
 
     @property
     def reads(self) -> int:
@@ -532,11 +545,21 @@ class _Run:
             timer = self.core.get_timer()
             wait = POLL_INTERVAL if timer is None else max(0.0, min(POLL_INTERVAL, timer - now))
             if self.receivers:
-                readable, _, _ = select.select(self.receivers, [], [], wait)
+                waited: list[MulticastReceiver | DecodeWorker] = [*self.receivers]
+                if self.worker is not None:
+                    if self.core.only_decodes_left:
+                        # Nothing that arrives can help until a decode ends: the kernel drops
+                        # it, for less than reading and refusing it would cost the worker's CPU.
+                        waited.clear()
+                    waited.append(self.worker)  # (its answers are taken below)
+                readable, _, _ = select.select(waited, [], [], wait)
                 for receiver in readable:
-                    self._drain(receiver)
+                    if isinstance(receiver, MulticastReceiver):
+                        self._drain(receiver)
             else:
                 time.sleep(wait)
+            if self._take_decoded():
+                break  # the image is complete
             now = time.monotonic()
             if self.lane_probe_until is not None and now >= self.lane_probe_until:
                 self.lane_probe_until = None
@@ -610,6 +633,27 @@ class _Run:
         if dropped:
             self.core.count_rejected("oversized", dropped)
             self._truncated += dropped
+
+    def _take_decoded(self) -> bool:
+        """Hand the core each decode the worker finished (one chunk's bytes at a time), then
+        send it the next ones; say once if it failed (its decodes are then done here).
+        Whether the run finished (the last chunk was among them)."""
+        stored, worker = self.stored, self.worker
+        if stored is None or worker is None:
+            return False
+        for chunk, data, fault in stored.decoded():
+            self.core.chunk_decoded(chunk, data, time.monotonic(), fault=fault)
+            del data
+            self._handle_events()
+            if self.finished:
+                return True
+        self.decodes_in_worker = worker.decodes
+        if stored.failed is not None:
+            self.worker = None
+            self.emit.note(f"decode worker stopped ({stored.failed}): decoding on the receive loop")
+        else:
+            stored.pump()
+        return False
 
     def _drain_side(
         self, receiver: MulticastReceiver, take: Callable[[bytes | memoryview], bool]
@@ -975,10 +1019,32 @@ class _Run:
         if self.stored is None:
             self.stored = StoredSymbols(self.options.state_dir, verified)
             self.staging = self.stored.staging
+            self._start_worker(verified)
             self.symbols_resumed = self.stored.held()
             if self.symbols_resumed:
                 self._held_at_open = self._source_bytes_held(verified)
         return self.stored
+
+    def _start_worker(self, verified: VerifiedManifest) -> None:
+        """Start the decode worker for the store (``decode = "worker"``, module doc), unless no
+        chunk is left to decode."""
+        stored = self.stored
+        m = verified.manifest
+        if (
+            not self.options.decode_worker
+            or stored is None
+            or len(stored.store.done) == m.chunk_count
+        ):
+            return
+        try:
+            worker = DecodeWorker(
+                stored.staging.part, stored.store.spill_path, m.chunks.size, MAX_DECODES_IN_FLIGHT
+            )
+        except OSError as exc:
+            self.emit.note(f"decode worker not started ({exc.strerror or exc}): decoding here")
+            return
+        stored.use_worker(worker)
+        self.worker = worker
 
     def _source_bytes_held(self, verified: VerifiedManifest) -> dict[int, int]:
         """Per chunk in progress, the bytes of the source symbols the store holds."""
@@ -1303,6 +1369,7 @@ class _Run:
     def _finish(self) -> None:
         assert self.staging is not None
         if self.stored is not None:
+            self._worker_done()
             self.stored.close()
         if self.writer is not None:
             self.writer.flush()
@@ -1312,7 +1379,15 @@ class _Run:
         self.staging = None
         self.finished = True
 
+    def _worker_done(self) -> None:
+        """Note what the decode worker did (before the store closes it)."""
+        if self.worker is not None:
+            self.decodes_in_worker = self.worker.decodes
+            self.worker_rss = self.worker.peak_rss_mb()
+            self.worker = None
+
     def close(self) -> None:
+        self._worker_done()
         if self.repair is not None:
             self.repair.stop.set()
         if self.reuse is not None:

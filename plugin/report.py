@@ -284,6 +284,9 @@ class FetchSummary:
     # Partly held chunks that HTTP repair fetched whole after their held symbols and fetched
     # ranges together failed the chunk's hash (`otacast.plugin.fetcher.RangedChunk`).
     http_refetched: int = 0
+    # The decode worker (`otacast.plugin.decode_worker`): decodes it answered, its peak RSS.
+    decodes_in_worker: int = 0
+    worker_peak_rss_mb: float | None = None
 
     @classmethod
     def from_snapshot(
@@ -468,6 +471,8 @@ class Reporter:
                     "lane_index": s.lane_index,
                     "datagrams_index": s.datagrams_index,
                     "http_refetched": s.http_refetched,
+                    "decodes_in_worker": s.decodes_in_worker,
+                    "worker_peak_rss_mb": s.worker_peak_rss_mb,
                 },
                 sort_keys=True,
             )
@@ -486,11 +491,12 @@ class Reporter:
         self._line(summary_text(s))
 
 
-def peak_rss_mb() -> float | None:
+def peak_rss_mb(pid: int | None = None) -> float | None:
     """Peak resident memory of this process image (VmHWM; resets at exec, unlike ru_maxrss,
-    which inherits the forking parent's peak), in MB; None where /proc is unavailable."""
+    which inherits the forking parent's peak), or of process `pid`, in MB; None where /proc is
+    unavailable."""
     try:
-        with Path("/proc/self/status").open(encoding="ascii") as status:
+        with Path(f"/proc/{pid or 'self'}/status").open(encoding="ascii") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return round(int(line.split()[1]) / 1024, 1)

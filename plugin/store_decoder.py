@@ -15,18 +15,30 @@ Because nothing is held in memory, the core needs no decoder budget: every chunk
 once, whatever the image size, and memory stays the store's (bits per source symbol and 8
 bytes per repair symbol held).  The core hashes what `feed` returns; on a mismatch it calls
 `discard`, and the store forgets the chunk's symbols (a forged symbol spoiled the decode).
+
+*The decode worker.*  Given one (`StoredSymbols.use_worker`: the receive driver starts it on a
+device with a second core), a chunk that needs a decode is not decoded here: `feed` answers
+`decoder.SUBMITTED` and the chunk is handed to the worker process (`otacast.plugin.
+decode_worker`) under a new submission number.  The driver calls `pump` every turn of its loop
+(the worker is sent the `DecodePlan`s of waiting chunks) and `decoded`, which yields each
+outcome for `ReceiverCore.chunk_decoded`.  An outcome counts only while its submission is the
+chunk's current one: `keep` (a chunk completed over HTTP or from local blocks while its decode
+was in flight) and `discard` end it, so a stale result is dropped unread.  If the worker fails,
+`decoded` decodes what it held here instead and every later decode is done here (`failed`
+says why, for the driver's one warning).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from otacast.schemas.policy import VerifiedManifest
 
-from .decoder import ChunkDecoder, decode_chunk
+from .decode_worker import DecodeWorker
+from .decoder import SUBMITTED, ChunkDecoder, DecoderFault, FeedResult, decode_chunk
 from .staging import Staging
-from .symbol_store import SymbolStore
+from .symbol_store import DecodePlan, SymbolStore
 
 # The codec packet is a 4-byte payload id (SBN, 24-bit ESI) followed by the symbol.
 _PAYLOAD_ID = 4
@@ -45,9 +57,12 @@ class StoreDecoder:
         length: int,
         symbol_size: int,
         on_discard: Callable[[int], None] | None = None,
+        submit: Callable[[int], bool] | None = None,
     ) -> None:
         self.store = store
         self._on_discard = on_discard
+        # Hands the chunk's decode to the decode worker; False when there is none.
+        self._submit = submit
         self.chunk = chunk
         self.length = length
         self.symbol_size = symbol_size
@@ -58,10 +73,10 @@ class StoreDecoder:
         # Symbols held at the last attempt that did not decode: try again only with more.
         self._tried_with = -1
 
-    def feed(self, packet: bytes | memoryview) -> bytes | None:
+    def feed(self, packet: bytes | memoryview) -> FeedResult:
         return self.feed_symbol(int.from_bytes(packet[1:_PAYLOAD_ID], "big"), packet[_PAYLOAD_ID:])
 
-    def feed_symbol(self, esi: int, symbol: bytes | memoryview) -> bytes | None:
+    def feed_symbol(self, esi: int, symbol: bytes | memoryview) -> FeedResult:
         """`feed` with the packet's ESI and symbol apart (`decoder.SymbolFeed`): the core's
         per-datagram path, which has read the ESI already and saves two slices and a parse."""
         # A chunk completed and verified in an earlier run is refused here (as "done"): the
@@ -77,9 +92,16 @@ class StoreDecoder:
             return None
         if store.has_all_source(chunk):
             return store.read_chunk(chunk)
-        data = decode_chunk(self.length, self.symbol_size, store.iter_symbols(chunk))
+        if self._submit is not None and self._submit(chunk):
+            self._tried_with = held  # if it does not decode, the next new symbol tries again
+            return SUBMITTED
+        return self.decode_here()
+
+    def decode_here(self) -> bytes | None:
+        """Decode the chunk from the stored symbols, on this thread."""
+        data = decode_chunk(self.length, self.symbol_size, self.store.iter_symbols(self.chunk))
         if data is None:
-            self._tried_with = held
+            self._tried_with = self._held
         return data
 
     def resync(self) -> None:
@@ -119,10 +141,76 @@ class StoredSymbols:
         # Bytes of local source symbols stored per chunk in progress (`otacast.plugin.reuse`):
         # credited to the image's local bytes when the chunk completes, void if it is discarded.
         self.local_bytes: dict[int, int] = {}
+        # The decode worker, if any (module doc), and each submitted chunk's current submission.
+        self._worker: DecodeWorker | None = None
+        self._submitted: dict[int, int] = {}
+        self._tokens = 0
+        self.failed: str | None = None  # why the worker was given up (said once)
+
+    def use_worker(self, worker: DecodeWorker) -> None:
+        """Decode in `worker` from now on (module doc); it is closed with the store."""
+        self._worker = worker
+
+    def _submit(self, chunk: int) -> bool:
+        worker = self._worker
+        if worker is None:
+            return False
+        self._tokens = (self._tokens + 1) & 0xFFFFFFFF
+        self._submitted[chunk] = self._tokens
+        worker.submit(chunk, self._tokens)
+        return True
+
+    def _plan(self, chunk: int, token: int) -> DecodePlan | None:
+        if self._submitted.get(chunk) != token:
+            return None  # completed or discarded since: nothing to decode
+        return self.store.decode_plan(chunk)
+
+    def pump(self) -> None:
+        """Send the worker the decodes it has room for (every turn of the loop)."""
+        if self._worker is not None:
+            self._worker.pump(self._plan)
+
+    def decoded(self) -> Iterator[tuple[int, bytes | None, bool]]:
+        """Each decode that ended since the last call and still counts: (chunk, its bytes or
+        None, whether the codec failed), for `ReceiverCore.chunk_decoded`.  Take each before
+        the next is read (a chunk's bytes at a time)."""
+        worker = self._worker
+        if worker is None:
+            return
+        for chunk, token, data, fault in worker.results():
+            if self._submitted.get(chunk) == token:
+                del self._submitted[chunk]
+                yield chunk, data, fault
+        if worker.failed is None:
+            return
+        # Given up: what it held is decoded here, as everything after.
+        self._worker = None
+        self.failed = worker.failed
+        abandoned = worker.abandoned()
+        worker.close()
+        for chunk, token in abandoned:
+            decoder = self._decoders.get(chunk)
+            if self._submitted.get(chunk) != token or decoder is None:
+                continue
+            del self._submitted[chunk]
+            try:
+                yield chunk, decoder.decode_here(), False
+            except DecoderFault:
+                yield chunk, None, True
+
+    @property
+    def decoding(self) -> bool:
+        """Whether decodes are waiting for the worker or in it."""
+        return bool(self._submitted)
+
+    def worker_peak_rss_mb(self) -> float | None:
+        return None if self._worker is None else self._worker.peak_rss_mb()
 
     def decoder(self, chunk: int, length: int, symbol_size: int) -> ChunkDecoder:
         """A `DecoderFactory` for the core."""
-        decoder = StoreDecoder(self.store, chunk, length, symbol_size, self._forget_local)
+        decoder = StoreDecoder(
+            self.store, chunk, length, symbol_size, self._forget_local, self._submit
+        )
         self._decoders[chunk] = decoder
         return decoder
 
@@ -143,10 +231,13 @@ class StoredSymbols:
         return added
 
     def _forget_local(self, chunk: int) -> None:
+        """The chunk's symbols are forgotten: its local bytes and any decode of them are void."""
         self.local_bytes.pop(chunk, None)
+        self._submitted.pop(chunk, None)
 
     def discard(self, chunk: int) -> None:
         """Forget every symbol of `chunk`, local ones too (it failed its hash)."""
+        self._submitted.pop(chunk, None)
         self.store.discard(chunk)
         self._forget_local(chunk)
         decoder = self._decoders.get(chunk)
@@ -161,6 +252,7 @@ class StoredSymbols:
     def keep(self, index: int, data: bytes | memoryview) -> None:
         """Keep chunk `index`, whose `data` matches its signed hash (once), and start making it
         durable (in the background: a restart then resumes it as a whole chunk)."""
+        self._submitted.pop(index, None)
         if not self.store.is_done(index):
             self.store.complete(index, data)
             self.store.start_flush()
@@ -179,4 +271,7 @@ class StoredSymbols:
         """Flush and close the store (once); staging stays open for the caller."""
         if not self._closed:
             self._closed = True
+            if self._worker is not None:
+                self._worker.close()
+                self._worker = None
             self.store.close()

@@ -195,6 +195,27 @@ _PAYLOAD_ID = struct.Struct(">I")  # SBN 0 (the high byte) and the ESI: the code
 _COMPARE_SYMBOLS = 64
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """Where one chunk's stored symbols are, for a decode that reads them itself (the receive
+    driver's decode worker process, `otacast.plugin.decode_worker`): its source symbols in
+    place in ``image.part`` (``[first, end)`` runs of ESIs), its repair symbols in the spill
+    (ESI and slot, paired).  `SymbolStore.decode_plan` writes the gathered runs first, so every
+    byte named here is in the files (the page cache: a reader of the same files sees it without
+    a sync).  The bytes stay as named while the chunk's symbols are held: its source symbols
+    are rewritten only by `SymbolStore.complete`, its slots reused only after its FORGET; a
+    decode that overlaps either is of a chunk completed or discarded meanwhile, and its result
+    must be ignored (the caller's, by the submission it answers)."""
+
+    offset: int  # of the chunk in the image
+    length: int
+    k: int
+    symbol_size: int
+    source_runs: tuple[tuple[int, int], ...]
+    repair_esi: array[int]
+    repair_slot: array[int]
+
+
 class SymbolStoreError(StateError):
     """The symbol store's files cannot be written or read."""
 
@@ -576,6 +597,26 @@ class SymbolStore:
                 offset = (slot - first) * size
                 yield join((pack(esi), block[offset : offset + size]))
             at = end
+
+    def decode_plan(self, chunk: int) -> DecodePlan | None:
+        """Where `chunk`'s symbols are (`DecodePlan`), its gathered symbols written first (not
+        synced); None if it holds none.  Nothing is read: the decode worker reads them."""
+        state = self._chunks.get(chunk)
+        if state is None:
+            return None
+        if chunk == self._run_chunk:
+            self._write_run()
+        if state.repair_esi:
+            self._write_spill_run()
+        return DecodePlan(
+            offset=state.offset,
+            length=state.length,
+            k=state.k,
+            symbol_size=self._symbol_size,
+            source_runs=tuple(state.source_runs()),
+            repair_esi=array("I", state.repair_esi),
+            repair_slot=array("I", state.repair_slot),
+        )
 
     @property
     def stats(self) -> StoreStats:

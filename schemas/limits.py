@@ -110,6 +110,13 @@ MIN_SYMBOL_SIZE = 256
 # raptorq 2.0), so 16 MiB of chunks (~32 MB of decoders) keeps the whole receiver under 100 MB.
 MAX_DECODER_BYTES = 16 * 1024 * 1024
 
+# Chunk decodes handed to the receiver's decode worker process at once (`otacast.plugin.
+# decode_worker`): two keep it busy (one decodes while the next one's description waits in the
+# pipe) and bound what finished decodes hold: at most two chunks' bytes in shared memory, each
+# read back and freed by the receive loop.  Chunks that reach K while both are taken wait in a
+# list of chunk numbers (their symbols are refused meanwhile, as for a decode in flight).
+MAX_DECODES_IN_FLIGHT = 2
+
 # Manifests being reassembled at once.  A reassembly is keyed by source address, session,
 # envelope id and claimed length, so a forged fragment can only spoil reassemblies of its own
 # source and claim; each source may have MAX_PENDING_MANIFESTS_PER_SOURCE (an honest sender has

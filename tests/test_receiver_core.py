@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from otacast.plugin.core import ReceiverCore
+from otacast.plugin.decoder import SUBMITTED, FeedResult
 from otacast.plugin.events import (
     ChunkComplete,
     Event,
@@ -605,3 +606,84 @@ def test_a_chunk_whose_block_number_is_not_0_is_repaired_by_the_in_memory_decode
     assert [e.index for e in events if isinstance(e, ChunkComplete)] == [2]
     assert rebuilt(events) == IMAGE[2 * CHUNK : 3 * CHUNK]
     assert "decoder-fault" not in core.stats.rejected
+
+
+# --- Decodes submitted elsewhere (the driver's decode worker) ----------------------------------
+
+
+class _Submits:
+    """Answers `SUBMITTED` once it holds K symbols, as the store's decoder with a worker does;
+    records what it was fed."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.fed: list[int] = []
+        self.discarded = 0
+
+    def feed(self, packet: bytes | memoryview) -> FeedResult:
+        self.fed.append(int.from_bytes(packet[1:4], "big"))
+        return SUBMITTED if len(self.fed) >= self.k else None
+
+    def discard(self) -> None:
+        self.discarded += 1
+        self.fed.clear()
+
+
+def _submitting_core() -> tuple[ReceiverCore, dict[int, _Submits]]:
+    decoders: dict[int, _Submits] = {}
+
+    def factory(chunk: int, length: int, size: int) -> _Submits:
+        decoders[chunk] = _Submits(MANIFEST.source_symbols(chunk))
+        return decoders[chunk]
+
+    core = ReceiverCore(TRUST, now=NOW, manifest=verified_envelope(), decoder_factory=factory)
+    return core, decoders
+
+
+def test_a_submitted_chunk_refuses_its_symbols_unseen_until_its_decode_ends() -> None:
+    core, decoders = _submitting_core()
+    k = MANIFEST.source_symbols(0)
+    receive_all(core, DATA[0][: k + 5])
+    assert len(decoders[0].fed) == k  # the 5 after the K-th were not fed
+    assert core.stats.rejected["decode-pending"] == 5
+    # Not enough independent symbols: it collects again, and the symbols refused meanwhile
+    # are taken when they come again (they were never marked seen).
+    core.chunk_decoded(0, None, NOW)
+    assert not core.has_events and core.stats.duplicates == 0
+    receive_all(core, DATA[0][k : k + 1])  # (refused above, now taken)
+    assert decoders[0].fed[-1] == k and core.stats.duplicates == 0
+    # Its bytes are hashed as an inline decode's, then kept.
+    core.chunk_decoded(0, IMAGE[:CHUNK], NOW)
+    assert [e.index for e in drain(core) if isinstance(e, ChunkComplete)] == [0]
+    assert 0 in core.done
+
+
+def test_a_submitted_decode_that_is_wrong_discards_the_chunk_s_symbols() -> None:
+    core, decoders = _submitting_core()
+    k = MANIFEST.source_symbols(0)
+    receive_all(core, DATA[0][:k])
+    core.chunk_decoded(0, b"\0" * len(IMAGE[:CHUNK]), NOW)
+    assert core.stats.rejected["chunk-hash-mismatch"] == 1 and decoders[0].discarded == 1
+    assert 0 not in core.done and not drain(core)
+
+
+def test_a_submitted_decode_that_ends_after_its_chunk_completed_otherwise_is_ignored() -> None:
+    core, decoders = _submitting_core()
+    k = MANIFEST.source_symbols(0)
+    receive_all(core, DATA[0][:k])
+    core.mark_done(0, NOW)  # fetched over HTTP meanwhile
+    drain(core)
+    core.chunk_decoded(0, b"\0" * len(IMAGE[:CHUNK]), NOW)  # stale: not hashed, not counted
+    assert "chunk-hash-mismatch" not in core.stats.rejected and not drain(core)
+    assert decoders[0].discarded == 0
+
+
+def test_only_decodes_left_once_every_unfinished_chunk_is_submitted() -> None:
+    core, _ = _submitting_core()
+    assert not core.only_decodes_left
+    for chunk in range(MANIFEST.chunk_count):
+        assert not core.only_decodes_left
+        receive_all(core, DATA[chunk][: MANIFEST.source_symbols(chunk)])
+    assert core.only_decodes_left
+    core.chunk_decoded(0, None, NOW)  # back to collecting
+    assert not core.only_decodes_left

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from otacast.plugin.core import ReceiverCore
-from otacast.plugin.events import ChunkComplete
+from otacast.plugin.decode_worker import DecodeWorker
+from otacast.plugin.events import ChunkComplete, Event
 from otacast.plugin.store_decoder import UNBOUNDED_DECODERS, StoredSymbols
 from otacast.plugin.symbol_store import SymbolStore
 from otacast.schemas import wire
@@ -141,3 +145,99 @@ def test_a_decoder_with_feed_symbol_gets_each_esi_and_symbol_and_others_the_code
             assert decoder.symbols == list(zip(esis, symbols, strict=True))
         else:
             assert decoder.packets == [d[wire.CODEC_PACKET_OFFSET :] for d in datagrams]
+
+
+@contextmanager
+def worker_core(state: Path) -> Iterator[tuple[ReceiverCore, StoredSymbols, DecodeWorker]]:
+    """The core over the store with a decode worker process, as `fetch` sets them up."""
+    stored = StoredSymbols(state, RELEASE.verified())
+    worker = DecodeWorker(stored.staging.part, stored.store.spill_path, M.chunks.size, 2)
+    stored.use_worker(worker)
+    core = ReceiverCore(
+        RELEASE.trust, now=NOW, decoder_factory=stored.decoder, decoder_budget=UNBOUNDED_DECODERS
+    )
+    try:
+        yield core, stored, worker
+    finally:
+        stored.close()
+        stored.staging.close()
+
+
+def take_decodes(core: ReceiverCore, stored: StoredSymbols) -> list[Event]:
+    """What the receive driver does every turn, until no decode is waiting or in flight."""
+    deadline = time.monotonic() + 60
+    events: list[Event] = []
+    while True:
+        stored.pump()
+        for chunk, data, fault in stored.decoded():
+            core.chunk_decoded(chunk, data, NOW, fault=fault)
+        while (event := core.next_event()) is not None:
+            events.append(event)
+            if isinstance(event, ChunkComplete):
+                stored.keep(event.index, event.data)
+        if not stored.decoding:
+            return events
+        assert time.monotonic() < deadline, "the decode worker never answered"
+        time.sleep(0.005)
+
+
+def lossy(chunk: int, extra: int = 60) -> list[bytes]:
+    """The chunk's datagrams without a third of its source symbols, with repair symbols."""
+    k = M.source_symbols(chunk)
+    return [d for e, d in enumerate(CYCLES[chunk][: k + extra]) if not (e < k and e % 3 == 0)]
+
+
+def test_with_a_worker_a_repair_is_decoded_in_it_and_the_chunk_refuses_symbols_meanwhile(
+    tmp_path: Path,
+) -> None:
+    with worker_core(tmp_path) as (core, stored, worker):
+        receive_all(core, manifest_datagrams(RELEASE.envelope))
+        events = receive_all(core, [*lossy(1), *CYCLES[0][: M.source_symbols(0)]])
+        # Chunk 0 had all its source symbols: read back and hashed at once.  Chunk 1 went to
+        # the worker: nothing of it is complete until the driver hands the outcome over.
+        assert [e.index for e in events if isinstance(e, ChunkComplete)] == [0]
+        k = M.source_symbols(1)
+        assert core.stats.rejected["decode-pending"] == len(lossy(1)) - k
+        assert stored.store.count(1) == k  # the symbols after the K-th were not stored
+        events = take_decodes(core, stored)
+        (complete,) = [e for e in events if isinstance(e, ChunkComplete)]
+        assert complete.index == 1 and complete.data == RELEASE.chunk(1)
+        assert worker.decodes == 1
+        assert stored.store.is_done(1)
+
+
+def test_when_the_worker_dies_its_decodes_are_done_here_and_it_is_said_once(
+    tmp_path: Path,
+) -> None:
+    with worker_core(tmp_path) as (core, stored, worker):
+        receive_all(core, manifest_datagrams(RELEASE.envelope))
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        events = receive_all(core, lossy(1))  # submitted (the death is not noticed yet)
+        assert not [e for e in events if isinstance(e, ChunkComplete)]
+        events = take_decodes(core, stored)
+        (complete,) = [e for e in events if isinstance(e, ChunkComplete)]
+        assert complete.index == 1 and complete.data == RELEASE.chunk(1)
+        assert stored.failed is not None and "ended" in stored.failed
+        # Every later decode is done on this thread, at once.
+        events = receive_all(core, lossy(2))
+        assert [e.index for e in events if isinstance(e, ChunkComplete)] == [2]
+
+
+def test_a_decode_in_flight_for_a_chunk_completed_meanwhile_is_dropped_unread(
+    tmp_path: Path,
+) -> None:
+    with worker_core(tmp_path) as (core, stored, worker):
+        receive_all(core, manifest_datagrams(RELEASE.envelope))
+        receive_all(core, lossy(1))
+        stored.pump()  # the worker has it
+        # HTTP repair brings the chunk whole while it decodes: kept, done.
+        stored.keep(1, RELEASE.chunk(1))
+        core.mark_done(1, NOW)
+        assert not stored.decoding
+        deadline = time.monotonic() + 60
+        while worker.decodes == 0:  # the worker answers; the answer is not used
+            assert time.monotonic() < deadline
+            assert list(stored.decoded()) == []
+            time.sleep(0.005)
+        assert core.stats.chunks_multicast == 0 and stored.store.is_done(1)

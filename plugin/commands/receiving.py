@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from otacast.plugin.auth import PACKET_AUTH_POLICIES
-from otacast.plugin.config import FALLBACKS, SYMBOL_KEEPING, Settings
+from otacast.plugin.config import DECODE_PLACES, FALLBACKS, SYMBOL_KEEPING, Settings
 from otacast.plugin.deliver import choose_installer
 from otacast.plugin.errors import UpToDate, UsageError
 from otacast.plugin.installed import read_installed
@@ -125,6 +125,13 @@ def add_receive_options(
         "disk in the state directory, none refused, a restart keeps them) or memory (decoders "
         "for at most 16 MiB of chunks at once, symbols of other chunks refused: for images "
         "that small only)",
+    )
+    p.add_argument(
+        "--decode",
+        choices=DECODE_PLACES,
+        help="where the symbol store's chunks are decoded: inline (default: on the receive "
+        "loop) or worker (a worker process: the loop reads on while a chunk decodes, for ~50 MB "
+        "more memory)",
     )
     p.add_argument(
         "--reuse-source",
