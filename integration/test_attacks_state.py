@@ -237,8 +237,10 @@ def test_kill_9_of_the_receiver_at_20_random_points_every_run_resumes_to_an_iden
         def trial(host: Host, index: int) -> None:
             state, out = tmp_path / f"k{index}" / "state", tmp_path / f"k{index}" / "out.img"
             out.parent.mkdir()
+            # Every other trial decodes in the worker process: killed amid its decodes too.
+            decode = ("--decode", "worker" if index % 2 else "inline")
             first = subprocess.Popen(
-                fetch_command(host, channel.release, state, out, *source),
+                fetch_command(host, channel.release, state, out, *source, *decode),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -250,7 +252,7 @@ def test_kill_9_of_the_receiver_at_20_random_points_every_run_resumes_to_an_iden
                 first.wait()
                 killed = True
             logged = logged_chunks(state, channel.manifest)
-            code, events, err = fetch(host, channel.release, state, out, *source)
+            code, events, err = fetch(host, channel.release, state, out, *source, *decode)
             trials[index] = {
                 "killed": killed,
                 "logged": logged,

@@ -266,13 +266,14 @@ def test_with_the_symbol_store_a_30_percent_loss_download_refuses_no_symbol(
     assert {p.name for p in (tmp_path / "state").iterdir()} <= {"status.json"}
 
 
+@pytest.mark.parametrize("decode", ["inline", "worker"])
 def test_kill_9_with_the_symbol_store_resumes_with_the_stored_symbols(
-    lan: LanFactory, release: Release, tmp_path: Path
+    lan: LanFactory, release: Release, tmp_path: Path, decode: str
 ) -> None:
     net = lan(2)
     sender, receiver = net.hosts
     state, out = tmp_path / "state", tmp_path / "out.img"
-    store = ("--source", sender.address, "--symbols", "store")
+    store = ("--source", sender.address, "--symbols", "store", "--decode", decode)
     random_loss(receiver, 20)  # chunks stay in progress across the pass: symbols to keep
     tx = serve(sender, release, "--rate", "4M", "--no-gso", "--duration", "120s")
     try:
