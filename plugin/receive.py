@@ -21,12 +21,17 @@ event, whichever comes first).  The store's writes are cheap enough for the rece
 of source symbols, and of repair symbols in consecutive spill slots, gathered into one write
 each, syncs in a background thread: figures in docs/PERFORMANCE.md).  The loop hands the core
 each read as views of its buffer (`ReceiverCore.receive_datagrams`), which copies what it
-keeps.  With ``memory`` the core's in-memory decoders hold symbols for at most
-``MAX_DECODER_BYTES`` of chunks at once (16 MiB), and `_Writer` persists verified chunks off
-the loop.  It is kept for images that fit that budget (it writes nothing but whole chunks); for
-larger ones it is the wrong choice: the sender keeps every chunk in progress at once, so the
-symbols of every chunk without a decoder are refused (``decoder-budget``) and the download
-takes many passes.
+keeps.  With ``decode = "worker"`` (``--decode worker``; not the default: it costs a second
+process's memory) the store's decodes run in a worker process (`otacast.plugin.decode_worker`)
+that the driver starts with the store: the core refuses a chunk's symbols while its decode is
+submitted, the loop waits on the worker's answers with the sockets and hands each outcome to the
+core (`ReceiverCore.chunk_decoded`), and while every unfinished chunk is decoding it does not
+read the sockets at all (nothing that arrives can help).  With ``memory`` the core's in-memory
+decoders hold symbols for at most ``MAX_DECODER_BYTES`` of chunks at once (16 MiB), and
+`_Writer` persists verified chunks off the loop.  It is kept for images that fit that budget
+(it writes nothing but whole chunks); for larger ones it is the wrong choice: the sender keeps
+every chunk in progress at once, so the symbols of every chunk without a decoder are refused
+(``decoder-budget``) and the download takes many passes.
 
 `otacast.plugin.fetcher.RepairWorker` fetches the missing chunks over HTTP in a thread and
 passes verified ones back through a queue.  Only the loop talks to the core, the store and

@@ -123,9 +123,11 @@ Open `Staging`, then ``SymbolStore(staging)``: it resumes (`done`, `is_done`: th
 admitted, ``add(chunk, esi, datagram[DATA_HEADER_SIZE:])``.  Once ``count(chunk) >= K``:
 with `has_all_source`, hash `read_chunk` (no decode; given that very ``bytes`` object,
 `complete` reads nothing again); otherwise feed `symbols` (codec packets) to a decoder, and if
-it yields data, hash it.  A match goes to `complete`, a mismatch to `discard`; no data yet
-means wait for more symbols.  Call `flush` when something must be durable now, and `close` at
-the end, then `Staging.finish`.  The store is used from one thread (besides its own syncer).
+it yields data, hash it (or hand a decoder in another process the chunk's `decode_plan`: it
+reads the symbols from the files itself).  A match goes to `complete`, a mismatch to
+`discard`; no data yet means wait for more symbols.  Call `flush` when something must be
+durable now, and `close` at the end, then `Staging.finish`.  The store is used from one thread
+(besides its own syncer).
 """
 
 from __future__ import annotations
