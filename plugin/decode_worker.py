@@ -278,10 +278,13 @@ class DecodeWorker:
                 return
             del self._out[:sent]
 
-    def results(self) -> Iterator[tuple[int, int, bytes | None, bool]]:
-        """Each decode answered since the last call: (chunk, token, its bytes or None, whether
-        the codec failed).  Each chunk's bytes are read (and their memory freed) only when the
-        iteration reaches it, so the caller holds one chunk at a time."""
+    def results(
+        self, current: Callable[[int, int], bool]
+    ) -> Iterator[tuple[int, int, bytes | None, bool]]:
+        """Each decode answered since the last call whose submission is still `current`:
+        (chunk, token, its bytes or None, whether the codec failed).  Each chunk's bytes are
+        read (and their memory freed) only when the iteration reaches it, so the caller holds
+        one chunk at a time; those of a submission no longer current are freed unread."""
         if self.failed is not None:
             return
         try:
@@ -303,6 +306,12 @@ class DecodeWorker:
                 self._flight[token] = (chunk, slot)  # handed back with the others
                 self._fail("it cannot read the stored symbols")
                 return
+            self.decodes += 1
+            if not current(chunk, token):
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._results[slot], 0)
+                self._free.append(slot)
+                continue
             data = None
             if status == _DECODED:
                 data = self._take(slot, length)
@@ -310,7 +319,6 @@ class DecodeWorker:
                     self._flight[token] = (chunk, slot)
                     return
             self._free.append(slot)
-            self.decodes += 1
             yield chunk, token, data, status == _FAULT
 
     def _take(self, slot: int, length: int) -> bytes | None:

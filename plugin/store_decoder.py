@@ -16,8 +16,8 @@ once, whatever the image size, and memory stays the store's (bits per source sym
 bytes per repair symbol held).  The core hashes what `feed` returns; on a mismatch it calls
 `discard`, and the store forgets the chunk's symbols (a forged symbol spoiled the decode).
 
-*The decode worker.*  Given one (`StoredSymbols.use_worker`: the receive driver starts it on a
-device with a second core), a chunk that needs a decode is not decoded here: `feed` answers
+*The decode worker.*  Given one (`StoredSymbols.use_worker`: the receive driver starts it with
+``decode = "worker"``), a chunk that needs a decode is not decoded here: `feed` answers
 `decoder.SUBMITTED` and the chunk is handed to the worker process (`otacast.plugin.
 decode_worker`) under a new submission number.  The driver calls `pump` every turn of its loop
 (the worker is sent the `DecodePlan`s of waiting chunks) and `decoded`, which yields each
@@ -161,9 +161,12 @@ class StoredSymbols:
         return True
 
     def _plan(self, chunk: int, token: int) -> DecodePlan | None:
-        if self._submitted.get(chunk) != token:
+        if not self._current(chunk, token):
             return None  # completed or discarded since: nothing to decode
         return self.store.decode_plan(chunk)
+
+    def _current(self, chunk: int, token: int) -> bool:
+        return self._submitted.get(chunk) == token
 
     def pump(self) -> None:
         """Send the worker the decodes it has room for (every turn of the loop)."""
@@ -177,10 +180,9 @@ class StoredSymbols:
         worker = self._worker
         if worker is None:
             return
-        for chunk, token, data, fault in worker.results():
-            if self._submitted.get(chunk) == token:
-                del self._submitted[chunk]
-                yield chunk, data, fault
+        for chunk, _, data, fault in worker.results(self._current):
+            del self._submitted[chunk]
+            yield chunk, data, fault
         if worker.failed is None:
             return
         # Given up: what it held is decoded here, as everything after.
@@ -190,7 +192,7 @@ class StoredSymbols:
         worker.close()
         for chunk, token in abandoned:
             decoder = self._decoders.get(chunk)
-            if self._submitted.get(chunk) != token or decoder is None:
+            if not self._current(chunk, token) or decoder is None:
                 continue
             del self._submitted[chunk]
             try:
