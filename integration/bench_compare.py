@@ -2,7 +2,7 @@
 
     python integration/bench_compare.py [--quick] [--results DIR] [--repeat N] [--tools LIST]
                                         [--sections LIST] [--images SIZES] [--losses LIST]
-                                        [--symbols memory|store]
+                                        [--symbols memory|store] [--decode inline|worker]
 
 Needs root (it builds network namespaces; nothing is sent on the host's interfaces) and the
 Debian packages nftables, nginx, uftp and udpcast.  It measures, in one run:
@@ -206,6 +206,7 @@ def _one_size(
             procs,
             source_symbols(release),
             symbols=plan.symbols,
+            decode=plan.decode,
             early=lan.hosts[2] if len(lan.hosts) > 2 else None,
         )
         bench.work.mkdir(parents=True)
@@ -371,7 +372,13 @@ def _fleet_otacast(f: Fleet, count: int) -> dict[str, object]:
     receivers = [
         f.procs.start(
             fetch_argv(
-                host, f.release, out.parent / "state", out, f.tx.address, symbols=f.plan.symbols
+                host,
+                f.release,
+                out.parent / "state",
+                out,
+                f.tx.address,
+                symbols=f.plan.symbols,
+                decode=f.plan.decode,
             )
         )
         for host, out in zip(f.members(count), outs, strict=True)
@@ -492,6 +499,7 @@ def _senders_run(
             out,
             *(h.address for h in members),
             symbols=plan.symbols,
+            decode=plan.decode,
         )
     )
     wait_joined(receiver, ssm_group(release))
@@ -549,7 +557,15 @@ def memory(plan: Plan, work: Path, procs: Processes) -> dict[str, object]:
     with Lan.create(2, gro=plan.gro) as lan:
         tx, rx = lan.hosts
         receiver = procs.start(
-            fetch_argv(rx, release, out.parent / "state", out, tx.address, symbols=plan.symbols)
+            fetch_argv(
+                rx,
+                release,
+                out.parent / "state",
+                out,
+                tx.address,
+                symbols=plan.symbols,
+                decode=plan.decode,
+            )
         )
         wait_joined(receiver, ssm_group(release))
         start = time.monotonic()
@@ -618,6 +634,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, Path]:
         help="otacast fetch's --symbols, for every otacast receiver (default: fetch's default)",
     )
     parser.add_argument(
+        "--decode",
+        choices=("inline", "worker"),
+        help="otacast fetch's --decode, for every otacast receiver (default: fetch's default)",
+    )
+    parser.add_argument(
         "--no-gro",
         action="store_true",
         help="plain veths: no UDP GRO on the links (default: GRO on, as physical NICs have it)",
@@ -657,6 +678,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, Path]:
             plan = replace(plan, rate=args.rate)
         if args.symbols:
             plan = replace(plan, symbols=args.symbols)
+        if args.decode:
+            plan = replace(plan, decode=args.decode)
     except ValueError as exc:
         parser.error(str(exc))
     return plan, args.results

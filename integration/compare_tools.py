@@ -336,6 +336,7 @@ class Plan:
     sections: tuple[str, ...]  # of loss, late, fleet, senders, memory
     late_loss: int = 5  # loss of the late-join runs
     symbols: str = ""  # otacast fetch's --symbols (empty: its default)
+    decode: str = ""  # otacast fetch's --decode (empty: its default)
 
     @property
     def image(self) -> int:
@@ -541,6 +542,7 @@ class Bench:
     # begins as it would for a fleet (otacast's sender does not care).
     early: Host | None = None
     symbols: str = ""  # otacast fetch's --symbols (empty: its default)
+    decode: str = ""  # otacast fetch's --decode (empty: its default)
 
     def fresh(self, name: str) -> Path:
         path = self.work / name
@@ -565,13 +567,22 @@ def warm_cache(procs: Processes, host: Host, release: Release, cache: Path, *arg
 
 
 def fetch_argv(
-    host: Host, release: Release, state: Path, out: Path, *sources: str, symbols: str = ""
+    host: Host,
+    release: Release,
+    state: Path,
+    out: Path,
+    *sources: str,
+    symbols: str = "",
+    decode: str = "",
 ) -> list[str]:
-    """`otacast fetch` joining `sources` (SSM), multicast only; `symbols` is its --symbols
-    (empty: fetch's default)."""
+    """`otacast fetch` joining `sources` (SSM), multicast only; `symbols` and `decode` are its
+    --symbols and --decode (empty: fetch's defaults)."""
     joins = [arg for source in sources for arg in ("--source", source)]
     keeping = ["--symbols", symbols] if symbols else []
-    return fetch_command(host, release, state, out, "--fallback", "never", *keeping, *joins)
+    decoding = ["--decode", decode] if decode else []
+    return fetch_command(
+        host, release, state, out, "--fallback", "never", *keeping, *decoding, *joins
+    )
 
 
 def _outcome(
@@ -641,7 +652,15 @@ def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Out
     if join_delay is None:
         meter = Meter(bench.rx, loss)
         receiver = bench.procs.start(
-            fetch_argv(bench.rx, bench.release, state, out, bench.tx.address, symbols=bench.symbols)
+            fetch_argv(
+                bench.rx,
+                bench.release,
+                state,
+                out,
+                bench.tx.address,
+                symbols=bench.symbols,
+                decode=bench.decode,
+            )
         )
         wait_joined(receiver, ssm_group(bench.release))
         start = time.monotonic()
@@ -652,7 +671,15 @@ def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Out
         meter = Meter(bench.rx, loss)
         start = time.monotonic()
         receiver = bench.procs.start(
-            fetch_argv(bench.rx, bench.release, state, out, bench.tx.address, symbols=bench.symbols)
+            fetch_argv(
+                bench.rx,
+                bench.release,
+                state,
+                out,
+                bench.tx.address,
+                symbols=bench.symbols,
+                decode=bench.decode,
+            )
         )
         # The meter counts from here: what reached the receiver's link once it had joined (the
         # switch port carries the group's datagrams before that too; the time still counts
