@@ -21,7 +21,7 @@ stay synchronous.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final, Protocol
 
 import raptorq
@@ -57,6 +57,15 @@ class SymbolFeed(Protocol):
     already has on every datagram."""
 
     def feed_symbol(self, esi: int, symbol: bytes | memoryview) -> FeedResult: ...
+
+
+class RunFeed(Protocol):
+    """A `ChunkDecoder` may also offer ``feed_run``: ``feed_symbol`` of ``symbols[i]`` as ESI
+    ``first + i`` in order (a GRO read's run of consecutive ESIs of its chunk), for as many as
+    it can take without the chunk becoming decodable; it returns how many it took, and the
+    core feeds the rest one by one.  One call instead of one per datagram."""
+
+    def feed_run(self, first: int, symbols: Sequence[bytes | memoryview]) -> int: ...
 
 
 # (chunk index, chunk length, symbol size) -> a fresh decoder

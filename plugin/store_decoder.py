@@ -30,7 +30,7 @@ says why, for the driver's one warning).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from otacast.schemas.policy import VerifiedManifest
@@ -103,6 +103,17 @@ class StoreDecoder:
         if data is None:
             self._tried_with = self._held
         return data
+
+    def feed_run(self, first: int, symbols: Sequence[bytes | memoryview]) -> int:
+        """`feed_symbol` of ``symbols[i]`` as ESI ``first + i``, in order, for as many of them
+        as can be stored without the chunk reaching K (so none of them can produce it); how
+        many it took (`decoder.RunFeed`).  The caller feeds the rest one by one."""
+        most = self.k - 1 - self._held
+        if most <= 0:
+            return 0
+        taken, stored = self.store.add_run(self.chunk, first, symbols, most)
+        self._held += stored
+        return taken
 
     def resync(self) -> None:
         """Symbols were added to the chunk other than through `feed` (the local pass,

@@ -141,7 +141,7 @@ import zlib
 from array import array
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 
@@ -721,6 +721,151 @@ class SymbolStore:
         if self._unflushed >= FLUSH_SYMBOLS:
             self._hand_off()
         return True
+
+    def add_run(
+        self,
+        chunk: int,
+        first: int,
+        symbols: Sequence[bytes | bytearray | memoryview],
+        most: int,
+    ) -> tuple[int, int]:
+        """`add` of ``symbols[i]`` as ESI ``first + i`` of `chunk`, in order, until `most` of
+        them are stored: (how many were taken, how many of those were stored).
+
+        For the run a GRO read holds (consecutive ESIs of one chunk: `StoreDecoder.feed_run`).
+        The result is exactly what `add` one by one gives (the same checks, refusals counted
+        per symbol, journal records, flushes started at the same symbol), with the common
+        cases in one loop instead of a call each: source symbols (continuing the gathered
+        run), and repair symbols after the chunk's last one.  Anything else goes to `add`."""
+        count = len(symbols)
+        taken = stored = 0
+        while taken < count and stored < most:
+            esi = first + taken
+            state = self._chunks.get(chunk)
+            # (so that the flush `add` starts every FLUSH_SYMBOLS symbols falls on the same one)
+            batch = min(count - taken, most - stored, FLUSH_SYMBOLS - self._unflushed)
+            if state is None or esi > MAX_ESI - batch:
+                new = 0  # the chunk's first symbol, or ESIs out of range: `add` decides
+            elif esi < state.k:
+                new = self._add_sources(state, chunk, esi, symbols, taken, batch)
+            else:
+                new = self._add_repairs(state, chunk, esi, symbols, taken, batch)
+            if new:
+                taken += new
+                stored += new
+                if self._unflushed >= FLUSH_SYMBOLS:
+                    self._hand_off()
+            else:
+                stored += self.add(chunk, esi, symbols[taken])
+                taken += 1
+        return taken, stored
+
+    def _add_sources(
+        self,
+        state: _Chunk,
+        chunk: int,
+        esi: int,
+        symbols: Sequence[bytes | bytearray | memoryview],
+        at: int,
+        most: int,
+    ) -> int:
+        """`add_run`'s loop over source symbols ``symbols[at:]`` (ESIs from `esi`), at most
+        `most`; how many it stored.  It stops at the first one `add` must judge (a duplicate,
+        a wrong length, the chunk's short last symbol, a repair ESI)."""
+        size = self._symbol_size
+        most = min(most, state.length // size - esi)  # whole symbols of the chunk only
+        if most <= 0:
+            return 0
+        bits, run, room = state.bits, self._run, self._run_room
+        continues = chunk == self._run_chunk and esi == self._run_end
+        fill = self._run_fill
+        stored = counted = 0
+        for symbol in symbols[at : at + most]:
+            byte, bit = esi >> 3, 1 << (esi & 7)
+            if bits[byte] & bit or len(symbol) != size:
+                break
+            if not continues or fill + size > room:
+                if continues:  # the buffer is full of this run: sync what it holds first
+                    # (as `add`: counted before written; a failed write forgets them)
+                    new, counted = stored - counted, stored
+                    state.sources += new
+                    self._stored += new
+                    self._unflushed += new
+                    self._run_fill, self._run_end = fill, esi
+                self._write_run()
+                self._run_chunk, self._run_first, fill = chunk, esi, 0
+                continues = True
+            run[fill : fill + size] = symbol
+            fill += size
+            bits[byte] |= bit
+            esi += 1
+            stored += 1
+        if stored:  # (the gathered run is then this one)
+            new = stored - counted
+            state.sources += new
+            self._stored += new
+            self._unflushed += new
+            self._run_fill, self._run_end = fill, esi
+        return stored
+
+    def _add_repairs(
+        self,
+        state: _Chunk,
+        chunk: int,
+        esi: int,
+        symbols: Sequence[bytes | bytearray | memoryview],
+        at: int,
+        most: int,
+    ) -> int:
+        """`add_run`'s loop over repair symbols ``symbols[at:]`` (ESIs from `esi`), at most
+        `most`, while each comes after the chunk's last one (no search: no duplicate); how
+        many it stored.  It stops at the first one `add` must judge (a refusal, a wrong
+        length)."""
+        size = self._symbol_size
+        repair_esi, repair_slot = state.repair_esi, state.repair_slot
+        if (repair_esi and repair_esi[-1] >= esi) or state.sources == state.k:
+            return 0  # a search for duplicates, or "not-needed": `add`'s
+        # ("chunk-full" beyond this: `add`'s)
+        most = min(most, state.k + MAX_EXTRA_SYMBOLS - state.sources - len(repair_esi))
+        free, spill_run, room = self._free, self._spill_run, self._run_room
+        records = self._spill_records
+        stored = 0
+        for symbol in symbols[at : at + max(most, 0)]:
+            if len(symbol) != size:
+                break
+            if free:
+                slot = free.pop()
+            elif self._slots < self._max_slots:
+                slot = self._slots
+                self._slots += 1
+            else:
+                break  # "spill-full": `add`'s
+            fill = self._spill_fill
+            if slot != self._spill_first + fill // size or fill + size > room:
+                if self._in_use * size > self._high_water:
+                    self._high_water = self._in_use * size  # (as `add` leaves it if this fails)
+                try:
+                    self._write_spill_run()
+                except SymbolStoreError:
+                    free.append(slot)
+                    raise
+                records = self._spill_records
+                self._spill_first, fill = slot, 0
+            spill_run[fill : fill + size] = symbol
+            self._spill_fill = fill + size
+            body = _BODY_PACK(chunk, _REPAIR_KIND | esi, slot)
+            records += body
+            records += _CRC32(body, _CRC_SEED).to_bytes(4, "big")
+            repair_esi.append(esi)
+            repair_slot.append(slot)
+            self._in_use += 1  # (counted as it goes: a failed spill write gives it back)
+            self._stored += 1
+            self._unflushed += 1
+            esi += 1
+            stored += 1
+        if self._in_use * size > self._high_water:
+            self._high_water = self._in_use * size
+        return stored
 
     def _refuse(self, reason: str) -> bool:
         self._refused[reason] += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -9,6 +10,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from otacast.plugin.core import ReceiverCore
 from otacast.plugin.decode_worker import DecodeWorker
@@ -18,7 +23,16 @@ from otacast.plugin.symbol_store import SymbolStore
 from otacast.schemas import wire
 from otacast.signer.keys import SigningKey
 
-from .helpers import NOW, cycles, make_release, manifest_datagrams, receive_all, receive_reads
+from .helpers import (
+    NOW,
+    SENDER,
+    cycles,
+    drain,
+    make_release,
+    manifest_datagrams,
+    receive_all,
+    receive_reads,
+)
 
 KEY = SigningKey(b"\x31" * 32)
 RELEASE = make_release(random.Random(31).randbytes(3 * 55 * 1208 - 999), KEY, chunk_size=55 * 1208)
@@ -241,3 +255,97 @@ def test_a_decode_in_flight_for_a_chunk_completed_meanwhile_is_dropped_unread(
             assert list(stored.decoded()) == []
             time.sleep(0.005)
         assert core.stats.chunks_multicast == 0 and stored.store.is_done(1)
+
+
+def _forged(datagram: bytes) -> bytes:
+    """`datagram` with a byte of its symbol changed: a forgery its chunk's hash catches."""
+    return datagram[:-1] + bytes([datagram[-1] ^ 1])
+
+
+def _elsewhere(datagram: bytes, rng: random.Random) -> bytes:
+    """`datagram` made into one the core refuses or counts apart: another session, a wrong
+    length, a chunk beyond the image, an ESI beyond the default repair pool."""
+    tsi_at = 8  # (the DATA header: 8 bytes of LCT words, then TSI, TOI, payload id)
+    way = rng.randrange(5)
+    if way == 0:
+        return datagram[:tsi_at] + bytes(4) + datagram[tsi_at + 4 :]
+    if way == 1:
+        return datagram[: rng.choice([wire.DATA_HEADER_SIZE + 1, len(datagram) - 1])]
+    if way == 2:
+        return datagram + b"!"
+    if way == 3:
+        return datagram[: tsi_at + 4] + (9).to_bytes(4, "big") + datagram[tsi_at + 8 :]
+    esi = 2 * M.source_symbols(0) + rng.randrange(200)
+    return datagram[: wire.DATA_HEADER_SIZE - 3] + esi.to_bytes(3, "big") + datagram[20:]
+
+
+def _core_state(core: ReceiverCore, store: SymbolStore, state: Path) -> tuple[object, ...]:
+    """Everything the core counts and keeps per chunk, and what the store holds (its files
+    once flushed): equal for two receivers given the same datagrams in any reads."""
+    store.flush()
+    chunks = {
+        index: (c.used, c.cursor, c.other_cursor, bytes(c.seen), sorted(c.other_seen))
+        for index, c in core._chunks.items()
+    }
+    snapshot = dataclasses.replace(core.snapshot(), manifest=None)
+    files = tuple(
+        (state / M.session_id.hex() / name).read_bytes()
+        for name in ("image.part", "symbols.spill", "symbols.journal", "chunks.log")
+    )
+    counts = {k: dict(v) if k == "refused" else v for k, v in vars(store.stats).items()}
+    return core.stats, snapshot, chunks, counts, files, store.done
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(0, 2**32 - 1), visit=st.integers(3, 70), loss=st.sampled_from([0, 0.1]))
+def test_a_read_fed_as_runs_counts_and_stores_exactly_what_its_datagrams_one_by_one_do(
+    tmp_path_factory: pytest.TempPathFactory, seed: int, visit: int, loss: float
+) -> None:
+    """`receive_datagrams` (a GRO read's runs of consecutive ESIs of one chunk handed to the
+    store in one call) against `receive_datagram` one at a time: the same counters, loss
+    estimate, ESIs seen, events, and store (journal, spill, image bytes), through gaps,
+    duplicates, chunk changes, source/repair boundaries, refusals, forged symbols (a chunk
+    failing its hash and collected again) and chunks completing in the middle of a read."""
+    rng = random.Random(seed)
+    # The carousel's order from a random round: `visit` consecutive symbols of each chunk per
+    # round, with loss, disturbed by duplicates, forgeries and datagrams the core refuses.
+    stream = list(manifest_datagrams(RELEASE.envelope))
+    visits = [-(-len(c) // visit) for c in CYCLES]
+    start = rng.randrange(max(visits))
+    for round_ in range(start, start + 3 * max(visits)):
+        forging = round_ < start + max(visits)  # (then two clean passes: every chunk completes)
+        for chunk, cycle in enumerate(CYCLES):
+            at = round_ % visits[chunk] * visit
+            for datagram in cycle[at : at + visit]:
+                if rng.random() < loss:
+                    continue
+                roll = rng.random()
+                if roll < 0.02 and len(stream) > 10:
+                    stream.append(rng.choice(stream[-10:]))  # a duplicate, or a reordering
+                elif roll < 0.03 and forging:
+                    datagram = _forged(datagram)
+                elif roll < 0.05 and forging:
+                    stream.append(_elsewhere(datagram, rng))
+                stream.append(datagram)
+    one, runs = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("runs")
+    with stored_core(one) as (by_one, one_store), stored_core(runs) as (by_runs, runs_store):
+        events: tuple[list[Event], list[Event]] = ([], [])
+        at = 0
+        while at < len(stream):
+            read = stream[at : at + rng.randrange(1, 65)]  # a read's worth (GRO: up to 64)
+            at += len(read)
+            for datagram in read:
+                by_one.receive_datagram(datagram, SENDER, NOW, wall=NOW)
+            got = (drain(by_one), receive_reads(by_runs, read, read=len(read)))
+            for store, seen, new in zip((one_store, runs_store), events, got, strict=True):
+                seen += new
+                for event in new:  # (`complete`: `keep` also starts a flush when idle)
+                    if isinstance(event, ChunkComplete):
+                        store.complete(event.index, event.data)
+            if rng.random() < 0.05:
+                assert _core_state(by_one, one_store, one) == _core_state(by_runs, runs_store, runs)
+        assert _core_state(by_one, one_store, one) == _core_state(by_runs, runs_store, runs)
+        assert events[0] == events[1]
+        assert by_one.complete

@@ -872,3 +872,83 @@ def test_a_chunk_kept_whole_is_compared_in_place_a_few_symbols_at_a_time(tmp_pat
         assert store.stats.decoded_bytes == len(image)  # every symbol written, none was there
     print(f"complete of an {len(image)}-byte chunk: peak {peak} bytes traced")
     assert peak < len(image) // 8
+
+
+# --- Runs (`add_run`: a GRO read's consecutive ESIs of one chunk in one call) ------------------
+
+
+def _store_state(store: SymbolStore, directory: Path) -> tuple[object, ...]:
+    """What a store holds and has counted, and its files once flushed: equal for two stores
+    given the same symbols, however they were handed over."""
+    store.flush()
+    stats = store.stats
+    counts = tuple(
+        dict(value) if name == "refused" else value for name, value in vars(stats).items()
+    )
+    held = tuple(tuple(store.esis(c)) for c in range(MANIFEST.chunk_count))
+    files = tuple(
+        (directory / MANIFEST.session_id.hex() / name).read_bytes()
+        for name in ("image.part", SPILL_NAME, JOURNAL_NAME, "chunks.log")
+    )
+    return counts, held, files, store.done
+
+
+@_examples(25)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    run_symbols=st.integers(2, 12),
+    flush_symbols=st.integers(3, 60),
+    spill_slots=st.integers(5, 400),
+)
+def test_a_run_stores_exactly_what_its_symbols_one_by_one_store(
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    run_symbols: int,
+    flush_symbols: int,
+    spill_slots: int,
+) -> None:
+    """`add_run` against `add` one symbol at a time, on runs with gaps, duplicates, chunk
+    changes, source/repair boundaries, wrong lengths, forged padding, chunks done or out of
+    range, a full spill, a full gathering buffer and flushes falling inside a run: the same
+    answers, counters, journal, spill and image bytes."""
+    rng = random.Random(seed)
+    one, run = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("run")
+    last, short = MANIFEST.chunk_count - 1, K[-1] - 1  # the image's short last symbol
+    forged_padding = SYMBOLS[last][short][:-1] + b"\x01"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(symbol_store, "RUN_BYTES", run_symbols * T)
+        patch.setattr(symbol_store, "FLUSH_SYMBOLS", flush_symbols)
+        with opened(one) as by_one, opened(run) as by_run:
+            by_one._max_slots = by_run._max_slots = spill_slots
+            for _ in range(120):
+                chunk = rng.choice([*range(MANIFEST.chunk_count), MANIFEST.chunk_count])
+                k = K[chunk] if chunk < MANIFEST.chunk_count else 55
+                first = rng.choice([0, rng.randrange(k + REPAIR), k - rng.randrange(1, 8)])
+                count = min(rng.randrange(1, 40), k + REPAIR - first)
+                symbols: list[bytes] = []
+                for esi in range(first, first + count):
+                    if chunk == MANIFEST.chunk_count:
+                        symbols.append(bytes(T))
+                    elif rng.random() < 0.03:
+                        genuine = SYMBOLS[chunk][esi]  # at a wrong length
+                        symbols.append(rng.choice([genuine[:1], genuine[:-1], genuine + b"!"]))
+                    elif chunk == last and esi == short and rng.random() < 0.5:
+                        symbols.append(forged_padding)
+                    else:
+                        symbols.append(SYMBOLS[chunk][esi])
+                most = rng.randrange(1, count + 3)
+                taken, stored = by_run.add_run(chunk, first, symbols, most)
+                answers = [by_one.add(chunk, first + i, symbols[i]) for i in range(taken)]
+                assert stored == sum(answers) <= most
+                assert taken == count or (stored == most and answers[-1])
+                for c in range(MANIFEST.chunk_count):  # complete what could be, in both
+                    if not by_one.is_done(c) and (
+                        by_one.has_all_source(c) or by_one.count(c) >= K[c] + 3
+                    ):
+                        for store in (by_one, by_run):
+                            store.complete(c, RELEASE.chunk(c))
+                if rng.random() < 0.1:
+                    assert _store_state(by_one, one) == _store_state(by_run, run)
+            assert _store_state(by_one, one) == _store_state(by_run, run)
+    with opened(one) as by_one, opened(run) as by_run:  # and reopened
+        assert assert_only_genuine(by_one) == assert_only_genuine(by_run)
