@@ -527,40 +527,43 @@ class ReceiverCore:
                 self._receive(bytes(data), source, now, wall)
             return
         peek, on_data, chunks = wire.peek_data, self._on_data, self._chunks
+        unpack = wire.unpack_data_header
         tsi, size = self._tsi, self._datagram_size
         ours = False
         # The run being gathered: `run` datagrams of chunk `run_chunk` (its `state`), ESIs
         # `first` to `after` - 1, each new to the chunk (its bit in `seen` is set as it joins).
+        # The next one continues it if its header is the first's with the payload id `pid`
+        # (so it would pass `peek_data` as the same chunk and ESI `after`: not peeked again).
         run: list[memoryview] = []
         state: _Chunk | None = None
-        run_chunk = first = after = below = 0
+        run_chunk = first = after = below = prefix = toi = pid = 0
         seen = bytearray()
         for data in datagrams:
-            fields = peek(data)
-            if fields is None or fields[0] != tsi:
-                if run:
-                    assert state is not None
-                    self._feed_run(state, run_chunk, first, run, now)
-                    run = []
-                self._receive(bytes(data), source, now, wall)
-                continue
-            ours = True
-            _, chunk, esi = fields
             if run:
-                if (
-                    esi == after
-                    and chunk == run_chunk
-                    and esi < below
-                    and not seen[esi >> 3] & 1 << (esi & 7)
-                    and len(data) == size
-                ):
-                    seen[esi >> 3] |= 1 << (esi & 7)
-                    run.append(data)
-                    after += 1
-                    continue
+                if len(data) == size:
+                    words = unpack(data)
+                    if (
+                        words[3] == pid
+                        and words[2] == toi
+                        and words[1] == tsi
+                        and words[0] == prefix
+                        and after < below
+                        and not seen[after >> 3] & 1 << (after & 7)
+                    ):
+                        seen[after >> 3] |= 1 << (after & 7)
+                        run.append(data)
+                        after += 1
+                        pid += 1
+                        continue
                 assert state is not None
                 self._feed_run(state, run_chunk, first, run, now)
                 run = []
+            fields = peek(data)
+            if fields is None or fields[0] != tsi:
+                self._receive(bytes(data), source, now, wall)
+                continue
+            ours = True
+            chunk, esi = fields[1], fields[2]
             # A run starts at a new ESI of a chunk in progress whose decoder takes runs (a
             # chunk done, or beyond the image, has no state; a first symbol opens it below;
             # a chunk whose decode is pending refuses its symbols there).
@@ -577,6 +580,8 @@ class ReceiverCore:
                 seen[esi >> 3] |= 1 << (esi & 7)
                 run = [data]
                 run_chunk, first, after = chunk, esi, esi + 1
+                prefix, _, toi, pid = unpack(data)
+                pid += 1
                 continue
             on_data(data, fields, now)
         if run:

@@ -320,6 +320,10 @@ def _word0(hdr_len: int, codepoint: int) -> int:
 _DATA_PREFIX: Final = _word0(4, CODEPOINT_RAPTORQ) << 32  # CCI 0
 _DATA_PEEK = struct.Struct(">QIII")
 assert _DATA_PEEK.size == DATA_HEADER_SIZE
+# The raw header words a DATA datagram starts with (that prefix, TSI, TOI, payload id), for a
+# caller that compares datagrams with one `peek_data` accepted (the core's runs of consecutive
+# ESIs: the next one of a run has the same words but a payload id one higher).
+unpack_data_header: Final = _DATA_PEEK.unpack_from
 
 
 def peek_data(
