@@ -46,8 +46,10 @@ core reads no header itself: `wire.peek_data` gives a DATA datagram's fields wit
 packet (the per-datagram path), `wire.parse_datagram` parses everything else.
 
 *Decoding.*  One decoder per chunk in progress, created on the chunk's first symbol and fed each
-ESI once.  The receive driver's default decoders keep their symbols in the durable store and
-are given an unbounded budget; in-memory decoders are bounded by ``MAX_DECODER_BYTES``.  When
+ESI once (a read's run of new consecutive ESIs of one chunk in one call, if the decoder takes
+runs: `receive_datagrams`).  The receive driver's default decoders keep their symbols in the
+durable store and are given an unbounded budget; in-memory decoders are bounded by
+``MAX_DECODER_BYTES``.  When
 that budget is full, symbols of chunks without a decoder are refused (``decoder-budget``) rather
 than evicting a partial decoder: a held decoder only ever gains symbols, so every pass completes
 at least a budget's worth of chunks and the download converges.  (Evicting instead was measured

@@ -21,7 +21,8 @@ lock) instead of repeating any of that.  Its own files:
   page), so `add` gathers consecutive source symbols of one chunk in a buffer (`RUN_BYTES`)
   and writes the run with one ``pwrite`` when it breaks (another chunk, a gap, a full buffer),
   before any read of that chunk (`read_chunk`, `symbols`, `complete`), and on every flush; a
-  ``pwrite`` per symbol cost more than the rest of `add` together.
+  ``pwrite`` per symbol cost more than the rest of `add` together.  `add_run` takes such a
+  run (what one GRO read holds) in one call, storing exactly what `add` one by one would.
 * **Repair symbols** (ESI >= K) go to ``symbols.spill``, an array of ``T``-byte slots.  A slot
   freed by a completed or discarded chunk is reused, so the file is as long as the most slots
   ever in use at once (the high-water mark), and is cut back to the slots in use on reopen.
@@ -216,6 +217,10 @@ class DecodePlan:
     source_runs: tuple[tuple[int, int], ...]
     repair_esi: array[int]
     repair_slot: array[int]
+
+
+# A run of symbols (`SymbolStore.add_run`).
+_Symbols = Sequence[bytes | bytearray | memoryview]
 
 
 class SymbolStoreError(StateError):
@@ -731,7 +736,7 @@ class SymbolStore:
         self,
         chunk: int,
         first: int,
-        symbols: Sequence[bytes | bytearray | memoryview],
+        symbols: _Symbols,
         most: int,
     ) -> tuple[int, int]:
         """`add` of ``symbols[i]`` as ESI ``first + i`` of `chunk`, in order, until `most` of
@@ -752,9 +757,9 @@ class SymbolStore:
             if state is None or esi > MAX_ESI - batch:
                 new = 0  # the chunk's first symbol, or ESIs out of range: `add` decides
             elif esi < state.k:
-                new = self._add_sources(state, chunk, esi, symbols, taken, batch)
+                new = self._add_sources(state, chunk, esi, symbols[taken : taken + batch])
             else:
-                new = self._add_repairs(state, chunk, esi, symbols, taken, batch)
+                new = self._add_repairs(state, chunk, esi, symbols[taken : taken + batch])
             if new:
                 taken += new
                 stored += new
@@ -765,27 +770,19 @@ class SymbolStore:
                 taken += 1
         return taken, stored
 
-    def _add_sources(
-        self,
-        state: _Chunk,
-        chunk: int,
-        esi: int,
-        symbols: Sequence[bytes | bytearray | memoryview],
-        at: int,
-        most: int,
-    ) -> int:
-        """`add_run`'s loop over source symbols ``symbols[at:]`` (ESIs from `esi`), at most
-        `most`; how many it stored.  It stops at the first one `add` must judge (a duplicate,
-        a wrong length, the chunk's short last symbol, a repair ESI)."""
+    def _add_sources(self, state: _Chunk, chunk: int, esi: int, symbols: _Symbols) -> int:
+        """`add_run`'s loop over source `symbols` (ESIs from `esi` on); how many it stored.
+        It stops at the first one `add` must judge (a duplicate, a wrong length, the chunk's
+        short last symbol, a repair ESI)."""
         size = self._symbol_size
-        most = min(most, state.length // size - esi)  # whole symbols of the chunk only
+        most = state.length // size - esi  # whole symbols of the chunk only
         if most <= 0:
             return 0
         bits, run, room = state.bits, self._run_view, self._run_room
         continues = chunk == self._run_chunk and esi == self._run_end
         fill = self._run_fill
         stored = counted = 0
-        for symbol in symbols[at : at + most]:
+        for symbol in symbols[:most]:
             byte, bit = esi >> 3, 1 << (esi & 7)
             if bits[byte] & bit or len(symbol) != size:
                 break
@@ -813,29 +810,20 @@ class SymbolStore:
             self._run_fill, self._run_end = fill, esi
         return stored
 
-    def _add_repairs(
-        self,
-        state: _Chunk,
-        chunk: int,
-        esi: int,
-        symbols: Sequence[bytes | bytearray | memoryview],
-        at: int,
-        most: int,
-    ) -> int:
-        """`add_run`'s loop over repair symbols ``symbols[at:]`` (ESIs from `esi`), at most
-        `most`, while each comes after the chunk's last one (no search: no duplicate); how
-        many it stored.  It stops at the first one `add` must judge (a refusal, a wrong
-        length)."""
+    def _add_repairs(self, state: _Chunk, chunk: int, esi: int, symbols: _Symbols) -> int:
+        """`add_run`'s loop over repair `symbols` (ESIs from `esi` on) while each comes after
+        the chunk's last one (no search: no duplicate); how many it stored.  It stops at the
+        first one `add` must judge (a refusal, a wrong length)."""
         size = self._symbol_size
         repair_esi, repair_slot = state.repair_esi, state.repair_slot
         if (repair_esi and repair_esi[-1] >= esi) or state.sources == state.k:
             return 0  # a search for duplicates, or "not-needed": `add`'s
         # ("chunk-full" beyond this: `add`'s)
-        most = min(most, state.k + MAX_EXTRA_SYMBOLS - state.sources - len(repair_esi))
+        most = state.k + MAX_EXTRA_SYMBOLS - state.sources - len(repair_esi)
         free, spill_run, room = self._free, self._spill_view, self._run_room
         records = self._spill_records
         stored = 0
-        for symbol in symbols[at : at + max(most, 0)]:
+        for symbol in symbols[: max(most, 0)]:
             if len(symbol) != size:
                 break
             if free:
