@@ -649,9 +649,8 @@ def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Out
             )
         )
 
-    if join_delay is None:
-        meter = Meter(bench.rx, loss)
-        receiver = bench.procs.start(
+    def fetch() -> Proc:
+        return bench.procs.start(
             fetch_argv(
                 bench.rx,
                 bench.release,
@@ -662,6 +661,10 @@ def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Out
                 decode=bench.decode,
             )
         )
+
+    if join_delay is None:
+        meter = Meter(bench.rx, loss)
+        receiver = fetch()
         wait_joined(receiver, ssm_group(bench.release))
         start = time.monotonic()
         sender = serve()
@@ -670,17 +673,7 @@ def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Out
         _sleep_until(time.monotonic() + join_delay)
         meter = Meter(bench.rx, loss)
         start = time.monotonic()
-        receiver = bench.procs.start(
-            fetch_argv(
-                bench.rx,
-                bench.release,
-                state,
-                out,
-                bench.tx.address,
-                symbols=bench.symbols,
-                decode=bench.decode,
-            )
-        )
+        receiver = fetch()
         # The meter counts from here: what reached the receiver's link once it had joined (the
         # switch port carries the group's datagrams before that too; the time still counts
         # from the receiver's start).
