@@ -32,7 +32,7 @@ from pathlib import Path
 
 from otacast.schemas.manifest import parse_envelope
 
-from .netns import BIN, Host, ip, segment_in_software
+from .netns import BIN, Host, ip
 from .release import Release, fetch_command, serve_command
 
 POLL = 0.002  # seconds between checks for a finished process or a file: the timing resolution
@@ -626,15 +626,13 @@ def _outcome(
 
 
 def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Outcome:
-    """Serve's default flags (the repair pool, no per-pass knob left).  With `join_delay` the
+    """Serve's default flags (the repair pool, no per-pass knob left; the caller has the
+    sender's link segment its GSO batches, `netns.segment_in_software`).  With `join_delay` the
     sender loops first and the receiver starts that many seconds later: a device joining a
     carousel already running, timed from its own start."""
     quiesce((bench.tx, bench.rx))
     out = bench.fresh("otacast-out") / "image"
     state = bench.fresh("otacast-state")
-    # serve's default GSO batches, cut into datagrams by the sender's kernel, so that the loss
-    # rule drops single datagrams (as --no-gso did, at ~6 us of sender CPU per datagram).
-    segment_in_software(bench.tx)
 
     def serve() -> Proc:
         return bench.procs.start(
