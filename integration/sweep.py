@@ -26,9 +26,11 @@ AUTH page's worth of consecutive symbols, sender i of n being i/n of every cycle
 round being the wall clock's), built with the numbers ``serve`` gives it
 (`channels.sender_core`: a visit of ``wire.auth_capacity(datagram size)`` symbols, 112 at
 1228-byte datagrams; GSO batches of `transport.gso_batch`; the token bucket at the rate; the
-wall clock at its start ``EPOCH + start``, so a later sender takes up the phase the real rule
-gives it).  It is driven on a virtual clock exactly as the `Link` drives it, and only the
-(chunk, first, count) of each `SendSymbols` is used.  By default no manifest is sent (the core
+wall clock at its start ``EPOCH + start``, its phase counted from the origin ``serve`` gives it
+on a first start: the epoch for one of several senders, so a later one takes up the phase the
+real rule gives it, and its own start for a lone sender).  It is driven on a virtual clock
+exactly as the `Link` drives it, and only the (chunk, first, count) of each `SendSymbols` is
+used.  By default no manifest is sent (the core
 is given no fragments), so times are data-only; the tests give it the `Link`'s fragments.
 ``--sender i/n`` is the core's own sender index and count.
 
@@ -348,7 +350,9 @@ def carousel_core(
         rate=rate,
         manifest=manifest,
         now=sender.start,
-        wall=epoch + sender.start,
+        # `channels.sender_core` takes the wall clock less the origin: 0 at a lone sender's
+        # first start, the wall clock itself for one of several.
+        wall=epoch + sender.start if sender.count > 1 else 0.0,
         sender_index=sender.index,
         sender_count=sender.count,
         passes=passes,

@@ -128,6 +128,9 @@ class ServePlan:
     port: int
     channels: tuple[ChannelPlan, ...]
     sides: tuple[SidePlan, ...] = ()
+    # The wall-clock time of round 0 of the carousel's phase (`otacast.signer.schedule`): this
+    # release's first start here for a lone sender, the epoch for one of several (`--sender`).
+    origin: float = 0.0
 
     def side_of(self, channel: ChannelPlan) -> SidePlan | None:
         return next((s for s in self.sides if s.session is channel.side), None)
@@ -147,6 +150,7 @@ class ServePlan:
             fragments=self.fragments if side is None else side.fragments,
             now=now,
             wall=wall,
+            origin=self.origin,
             sender_index=self.options.sender_index,
             sender_count=self.options.sender_count,
             passes=self.options.loops if side is None else None,
@@ -168,6 +172,7 @@ def sender_core(
     fragments: Sequence[bytes],
     now: float,
     wall: float | None = None,
+    origin: float = 0.0,
     sender_index: int = 0,
     sender_count: int = 1,
     passes: int | None = None,
@@ -189,7 +194,7 @@ def sender_core(
         rate=rate,
         manifest=fragments,
         now=now,
-        wall=wall,
+        wall=None if wall is None else wall - origin,
         sender_index=sender_index,
         sender_count=sender_count,
         passes=passes,
@@ -317,6 +322,8 @@ def build_channels(
                     share,
                 )
             )
+        # Last, after the encoding and the AUTH pages' digests: round 0 is when sending starts.
+        origin = _origin(manifest, options, report)
     except BaseException:
         reader.close()
         for side in sides:
@@ -342,7 +349,18 @@ def build_channels(
         port=options.port or manifest.transport.port,
         channels=tuple(plans),
         sides=tuple(sides),
+        origin=origin,
     )
+
+
+def _origin(manifest: Manifest, options: ServeOptions, report: Reporter) -> float:
+    """Round 0 of the phase: senders of one release on several hosts (``--sender i/n``) count
+    from the epoch, so that they agree without talking; a lone sender from its first start, so
+    that devices already listening then hear every chunk's source symbols first and, at 0% loss,
+    need no decode at all (`otacast.signer.schedule`, "Absolute phase")."""
+    if options.sender_count > 1:
+        return 0.0
+    return symbol_cache.phase_origin(options.cache_dir, manifest, time.time(), report.warning)
 
 
 def _auth_pages(

@@ -63,6 +63,7 @@ from otacast.schemas.blockindex import BlockIndex
 from otacast.schemas.limits import PART_CHUNKS
 from otacast.schemas.manifest import Manifest
 
+from . import fileio
 from .encoder import ChunkEncoder, raptorq_encode
 from .errors import ReadError, WriteError
 
@@ -182,6 +183,40 @@ def cache_path(directory: Path, manifest: Manifest, fraction: float, suffix: str
     return directory / (
         f"{manifest.session_id.hex()}-t{manifest.fec.symbol_size}-r{percent}{suffix}.symbols"
     )
+
+
+# An origin file holds one decimal number of seconds: a few dozen bytes; anything longer is not one.
+MAX_ORIGIN_BYTES = 64
+
+
+def origin_path(directory: Path, manifest: Manifest) -> Path:
+    return directory / f"{manifest.session_id.hex()}.origin"
+
+
+def phase_origin(
+    directory: Path, manifest: Manifest, wall: float, warn: Callable[[str], None] | None = None
+) -> float:
+    """The wall-clock time this release's carousel first started from `directory`: round 0 of a
+    single sender's phase (`otacast.signer.schedule`, "Absolute phase").
+
+    Written beside the cache the first time (`wall`) and read back on every later start, so a
+    restarted sender goes on where its clock says it would be; a file that does not hold a
+    finite number of seconds is replaced (with a warning), as if this were the first start.
+    """
+    path = origin_path(directory, manifest)
+    if path.exists():
+        raw = fileio.read_bounded(path, MAX_ORIGIN_BYTES, "phase origin")
+        try:
+            origin = float(raw.decode("ascii")) if len(raw) <= MAX_ORIGIN_BYTES else math.nan
+        except (UnicodeDecodeError, ValueError):
+            origin = math.nan
+        if math.isfinite(origin):
+            return origin
+        if warn is not None:
+            warn(f"phase origin {path} does not hold a time: starting the carousel's phase now")
+    directory.mkdir(parents=True, exist_ok=True)
+    fileio.atomic_write(path, f"{wall:.6f}\n".encode("ascii"))
+    return wall
 
 
 def _reusable(target: Path, layout: CycleLayout, warn: Callable[[str], None] | None) -> bool:

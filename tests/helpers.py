@@ -44,7 +44,9 @@ What is simulated:
   monotonic clock); receivers see ``epoch + t`` (their ``now`` is also the wall time that
   manifest expiry is checked against).  Pacing is therefore exactly the cores' token bucket.
 * *Senders.*  Each has its own sender index and count (as ``serve --sender i/n``), start time,
-  rate and source address, and the wall clock at its start is ``epoch + start`` (its phase);
+  rate and source address, and the wall clock at its start is ``epoch + start``; its phase
+  counts from its origin, by default as ``serve`` sets it on a first start (the epoch for one
+  of several senders, its own start for a lone one; a restart names the first start's);
   its MANIFEST, DATA and (with a stream key) AUTH datagrams are the real ones, in the order the
   core's `SendAuth` actions choose.
 * *Receivers.*  Each hears every sender (one group), from its join time on; per receiver,
@@ -459,6 +461,9 @@ class SenderSpec:
     passes: int | None = None
     duration: float | None = None
     stream_key: SigningKey | None = None  # sends AUTH pages when the manifest lists this key
+    # Round 0 of its phase, virtual seconds; None: as `serve` sets it on a first start (the
+    # epoch with count > 1, else `start`).  A restarted lone sender names its first start.
+    origin: float | None = None
 
 
 @dataclass(frozen=True)
@@ -496,6 +501,7 @@ class ReceiverReport:
     sender_passes: tuple[float, ...] = ()  # each sender's passes sent when the image completed
     decoder_high_water: int = 0
     spill_high_water: int = 0  # bytes of repair symbols the store held at once (with a store)
+    decoded_bytes: int = 0  # bytes the store's decodes wrote in place (source symbols it lacked)
     fallback: list[tuple[float, str]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
@@ -571,12 +577,20 @@ def sender_core(
         fragments=fragments,
         now=spec.start,
         wall=epoch + spec.start,
+        origin=_origin(spec, epoch),
         sender_index=spec.index,
         sender_count=spec.count,
         passes=spec.passes,
         duration=spec.duration,
         packet_auth=spec.stream_key is not None,
     )
+
+
+def _origin(spec: SenderSpec, epoch: float) -> float:
+    """The wall-clock time of round 0 of `spec`'s phase (`otacast.signer.channels`)."""
+    if spec.origin is not None:
+        return epoch + spec.origin
+    return 0.0 if spec.count > 1 else epoch + spec.start
 
 
 class _DecoderCount:
@@ -756,6 +770,7 @@ class _Receiver:
         self.report.decoder_high_water = self.decoders.high_water
         if self.stored is not None:
             self.report.spill_high_water = self.stored.store.stats.spill_high_water
+            self.report.decoded_bytes = self.stored.store.stats.decoded_bytes
             self.stored.close()
             self.stored.staging.close()
             self.stored = None

@@ -239,6 +239,20 @@ def test_a_stalled_receiver_is_completed_by_instant_fallback_at_its_stall_timeou
 # --- With the durable symbol store, as `otacast fetch` receives --------------------------------
 
 
+def test_devices_waiting_for_a_lone_sender_need_no_decode_at_no_loss() -> None:
+    # A lone sender's phase counts from its first start: every chunk's source symbols come
+    # first, so a device there from the start stores no repair symbol and decodes nothing.
+    (waiting,) = completed(run([SenderSpec(rate=RATE, start=0.2)], [ReceiverSpec()]))
+    assert waiting.spill_high_water == 0 and waiting.decoded_bytes == 0
+    assert waiting.received_per_k < 1.03
+    # One of two senders counts from the epoch: at an arbitrary point of every cycle, so the
+    # same device stores repair symbols and decodes.
+    (one_of_two,) = completed(
+        run([SenderSpec(index=0, count=2, rate=RATE, start=0.2)], [ReceiverSpec()])
+    )
+    assert one_of_two.decoded_bytes > 0
+
+
 def test_in_memory_decoders_under_a_budget_cannot_follow_this_order() -> None:
     # Why `otacast fetch` keeps symbols in the durable store: every chunk is in progress at
     # once, so a budget of two chunks' decoders refuses most symbols and the receiver needs
@@ -257,10 +271,10 @@ def test_a_receiver_stopped_midway_resumes_with_its_stored_symbols(tmp_path: Pat
     first = run([SenderSpec(rate=RATE, duration=0.3)], [replace(spec, state_dir=tmp_path / "a")])
     (cut,) = first.receivers
     assert cut.complete_at is None and cut.received > 0
-    # ... then started again while the sender (restarted too) runs on: the phase is the wall
-    # clock's, so it sends what follows, and the stored symbols count: the resumed receiver
-    # needs about that many datagrams fewer than one starting from nothing.
-    again = SenderSpec(rate=RATE, start=0.3)
+    # ... then started again while the sender (restarted too) runs on: the phase counts from
+    # the sender's first start, so it sends what follows, and the stored symbols count: the
+    # resumed receiver needs about that many datagrams fewer than one starting from nothing.
+    again = SenderSpec(rate=RATE, start=0.3, origin=0.0)
     later = replace(spec, join=0.3)
     (resumed,) = completed(run([again], [replace(later, state_dir=tmp_path / "a")]))
     (fresh,) = completed(run([again], [replace(later, state_dir=tmp_path / "b")]))

@@ -68,7 +68,7 @@ def test_the_store_receiver_counts_what_the_link_counts(loss: float) -> None:
     image = shape_image()
     fragments = link([], []).fragments
     ratios = []
-    for seed in range(3):
+    for seed in range(3 if loss == 0 else 8):
         spec = ReceiverSpec(loss=RandomLoss(loss), seed=seed)
         (real,) = link([SenderSpec(rate=RATE)], [spec]).run().receivers
         (model,) = run_carousel(
@@ -92,12 +92,14 @@ def test_the_store_receiver_counts_what_the_link_counts(loss: float) -> None:
         # Different loss draws.  A receiver is done when its slowest chunk is, and every chunk
         # gains a whole visit (43 symbols here) per round, so one run can move by a round (258
         # datagrams, 3.4% of the ideal) with the draw, and a real decode that fails at K
-        # symbols (the model assumes none does) waits a round for more.  Measured: model
-        # 1.022-1.028, Link 1.021-1.061 (the 1.061: one chunk's decode needed a round more).
+        # symbols (the model assumes none does) waits a round for more: two rounds apart at
+        # most.  Measured over seeds 0-9: model 1.012-1.045 (mean 1.024), Link 1.004-1.073
+        # (mean 1.027; the 1.073: one chunk's decode needed a round more); three seeds were too
+        # few for the means to agree within 2% with every draw.
         model_mean = sum(r[0] for r in ratios) / len(ratios)
         real_mean = sum(r[1] for r in ratios) / len(ratios)
         assert model_mean == pytest.approx(real_mean, rel=0.02)
-        assert all(m == pytest.approx(r, rel=0.045) for m, r in ratios)
+        assert all(m == pytest.approx(r, rel=0.075) for m, r in ratios)
 
 
 def test_two_senders_on_the_model_and_the_link_agree_when_the_second_starts_later() -> None:

@@ -1,4 +1,5 @@
-"""The sender's symbol cache is verified before it is reused (issue 13, item 8).
+"""The sender's symbol cache is verified before it is reused (issue 13, item 8), and the phase
+origin kept beside it.
 
 Whatever the cache holds is sent and signed into AUTH pages as genuine, so a cache file whose
 bytes changed since it was written must be encoded again, not served: these tests corrupt a
@@ -13,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from otacast.schemas import wire
-from otacast.signer import auth_pages, symbol_cache
+from otacast.signer import auth_pages, channels, symbol_cache
 from otacast.signer.encoder import raptorq_encode
+from otacast.signer.schedule import SendSymbols, Wait
 
 from .helpers import manifest_for
 
@@ -118,3 +120,50 @@ def test_a_damaged_trailer_or_a_truncated_or_foreign_file_is_encoded_again(
         build(tmp_path, warnings, calls)
         assert len(warnings) == 1 and reason in warnings[0], (reason, warnings)
         assert path.read_bytes() == genuine
+
+
+def test_a_lone_senders_phase_counts_from_the_first_time_it_served_the_release(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "cache"
+    assert symbol_cache.phase_origin(cache, MANIFEST, 1_800_000_000.25) == 1_800_000_000.25
+    # A restart hours later goes on from the first start, not from its own.
+    assert symbol_cache.phase_origin(cache, MANIFEST, 1_800_009_000.0) == 1_800_000_000.25
+
+
+def test_an_origin_file_that_holds_no_time_is_replaced_as_on_a_first_start(
+    tmp_path: Path,
+) -> None:
+    path = symbol_cache.origin_path(tmp_path, MANIFEST)
+    for content in (b"soon\n", b"nan\n", b"inf", b"\xff\xfe", b"1" * 65, b""):
+        path.write_bytes(content)
+        warnings: list[str] = []
+        origin = symbol_cache.phase_origin(tmp_path, MANIFEST, 1_800_000_000.0, warnings.append)
+        assert origin == 1_800_000_000.0, content
+        assert len(warnings) == 1 and "does not hold a time" in warnings[0]
+        assert symbol_cache.phase_origin(tmp_path, MANIFEST, 1_900_000_000.0) == origin
+
+
+def test_a_lone_sender_at_its_origin_sends_every_chunks_source_symbols_first() -> None:
+    # `channels.sender_core` hands the core the wall clock less the origin (`ServePlan.origin`):
+    # at a lone sender's first start every chunk's cycle begins at its first source symbol; at
+    # the epoch (one of several senders) it begins wherever the wall clock says.
+    wall = 1_800_000_123.4
+    manifest = manifest_for(IMAGE, chunk_size=CHUNK, symbol_size=256)  # 8 visits per cycle
+    layout = symbol_cache.CycleLayout.for_manifest(manifest, 0.5)
+    firsts = {}
+    for origin in (wall, 0.0):
+        core = channels.sender_core(
+            manifest, layout, rate=1e6, fragments=(b"m",), now=0.0, wall=wall, origin=origin
+        )
+        starts: dict[int, int] = {}
+        now = 0.0
+        while len(starts) < layout.chunks:
+            action = core.next_action(now)
+            if isinstance(action, Wait):
+                now = action.until
+            elif isinstance(action, SendSymbols):
+                starts.setdefault(action.chunk, action.first)
+        firsts[origin] = starts
+    assert set(firsts[wall].values()) == {0}
+    assert set(firsts[0.0].values()) != {0}
