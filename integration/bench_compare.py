@@ -11,8 +11,10 @@ Debian packages nftables, nginx, uftp and udpcast.  It measures, in one run:
    --quick) and 0%, 5% and 20% random loss (nftables in the receiver's namespace drops arriving
    UDP/TCP packets): time from starting the transfer to the receiver holding the whole image,
    goodput, each tool's own data-phase time, and the UDP/TCP packets the receiver sent (its back
-   channel) -- for otacast (serve's default flags: nothing is left to size for the loss), uftp
-   (-R -1, IPv6), udpcast (default, and async + FEC) and HTTP (nginx + requests);
+   channel) -- for otacast (serve's default flags: nothing is left to size for the loss; the
+   receiver waits for a sender on its first start, `release.first_start`, as uftp's and
+   udpcast's wait for theirs), uftp (-R -1, IPv6), udpcast (default, and async + FEC) and HTTP
+   (nginx + requests);
 2. late join, at each size and 5% loss: the sender starts first and the receiver a seeded
    random 1-3 s later, timed from the receiver's start.  otacast's receiver joins the running
    carousel.  For uftp and udpcast another receiver is listening when the sender starts, so that

@@ -7,7 +7,8 @@
 On a two-host namespaced LAN a sender loops a release at a fixed paced rate and ``otacast
 fetch`` receives it, with 0%, 5% and 20% of datagrams dropped at random by nftables in the
 receiver's namespace (the sender runs without GSO so each datagram is dropped on its own).  The
-receiver joins first and the sender starts after, so every run sees the stream from its start.
+receiver joins first and the sender starts after, on a first start (`release.first_start`: every
+chunk's source symbols first), so every run sees the stream from its start.
 For each loss rate, and each way of keeping symbols named by ``--symbols`` (the receiver's
 ``--symbols``, run one after the other for each loss rate so that both see the same machine
 load), it reports goodput (image bytes / time from the first datagram to the
@@ -61,6 +62,7 @@ from integration.release import (
     Release,
     clear_loss,
     dropped,
+    first_start,
     keygen,
     random_loss,
     serve,
@@ -93,6 +95,7 @@ def receive(
         # Before it starts any worker: a child process inherits its parent's CPUs.
         os.sched_setaffinity(rx.pid, {1})
     time.sleep(0.5)  # joined
+    first_start(release.directory / f"cache-{sender.netns}")  # the device waits for the sender
     tx = serve(sender, release, "--rate", rate, "--no-gso", "--duration", "600s", *tx_args)
     if pin:
         os.sched_setaffinity(tx.pid, {0})

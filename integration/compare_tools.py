@@ -33,7 +33,7 @@ from pathlib import Path
 from otacast.schemas.manifest import parse_envelope
 
 from .netns import BIN, Host, ip
-from .release import Release, fetch_command, serve_command
+from .release import Release, fetch_command, first_start, serve_command
 
 POLL = 0.002  # seconds between checks for a finished process or a file: the timing resolution
 STOP_TIMEOUT = 10.0
@@ -664,6 +664,9 @@ def run_otacast(bench: Bench, loss: int, join_delay: float | None = None) -> Out
         meter = Meter(bench.rx, loss)
         receiver = fetch()
         wait_joined(receiver, ssm_group(bench.release))
+        # The device waits for a new release's sender, as uftp's and udpcast's receivers wait
+        # for theirs: a first start, not a restart at the phase of the cache's first serve.
+        first_start(bench.work / "cache")
         start = time.monotonic()
         sender = serve()
     else:

@@ -166,6 +166,15 @@ def serve_command(
     )
 
 
+def first_start(cache: Path) -> None:
+    """Forget the phase origin of every release cached in `cache`, so that the next ``serve``
+    from it is a lone sender's first start (round 0 at its start: every chunk's source symbols
+    first), as for devices waiting for a new release, rather than a restart that goes on where
+    the first start's clock says (`otacast.signer.channels`)."""
+    for origin in cache.glob("*.origin"):
+        origin.unlink()
+
+
 def serve(
     host: Host,
     release: Release,
