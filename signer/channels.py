@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -284,7 +285,17 @@ def build_channels(
             raise UsageError(f"{name} is a fraction from 0 up to (not including) 1")
     if options.lane_share + options.index_share >= 1:
         raise UsageError("--lane-share and --index-share together leave the carousel nothing")
-    index = check_image(manifest, image)
+    # The cache file is verified (a SHA-256 over it all) while the image is checked (one over
+    # the image, another per chunk, on their own thread): each alone is about half of what
+    # start-up costs a large image.
+    with ThreadPoolExecutor(max_workers=1) as verifier:
+        cached = verifier.submit(
+            symbol_cache.check, manifest, options.cache_dir, options.repair, report.warning
+        )
+        index = check_image(
+            manifest, image, index_cache=symbol_cache.index_path(options.cache_dir, manifest)
+        )
+        reusable = cached.result()
     with_lane = manifest.delta is not None and options.lane_share > 0 and index is not None
     lane_files = lane.check_files(manifest, options.lane_dir or image.parent) if with_lane else []
     report.event("encoding", chunks=manifest.chunk_count, cache_dir=str(options.cache_dir))
@@ -296,6 +307,7 @@ def build_channels(
         progress=report.encoding,
         warn=report.warning,
         index=index,
+        reusable=reusable,
     )
     layout = symbol_cache.CycleLayout.for_manifest(manifest, options.repair)
     fragments = manifest_fragments(envelope, layout.datagram_size)

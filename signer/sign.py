@@ -14,15 +14,17 @@ returned, so the publisher can never emit a manifest that devices would refuse a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from otacast.schemas import fec
+from otacast.schemas import blockindex, fec
 from otacast.schemas.blockindex import BlockIndex, IndexBuilder
-from otacast.schemas.errors import ImageMismatch
+from otacast.schemas.errors import ImageMismatch, MalformedIndex
 from otacast.schemas.limits import DEFAULT_CHUNK_BYTES, MAX_IMAGE_BYTES
 from otacast.schemas.manifest import (
     Chunking,
@@ -38,7 +40,8 @@ from otacast.schemas.manifest import (
     signing_message,
 )
 
-from .errors import ReadError, UsageError
+from .errors import ReadError, UsageError, WriteError
+from .fileio import atomic_write, read_bounded
 from .keys import SigningKey
 
 
@@ -151,9 +154,20 @@ def reparse(envelope: Envelope) -> Envelope:
     return parse_envelope(envelope.compact_bytes)
 
 
-def check_image(manifest: Manifest, path: Path) -> BlockIndex | None:
+def check_image(
+    manifest: Manifest, path: Path, *, index_cache: Path | None = None
+) -> BlockIndex | None:
     """Raise `ImageMismatch` naming the first difference between `path` and the manifest;
-    return the image's block index, checked against the manifest's, when it lists one."""
+    return the image's block index, checked against the manifest's, when it lists one.
+
+    With `index_cache` (a file in the sender's cache directory) the index is read from there
+    when the file holds the one the manifest signs, and otherwise built from the image and
+    written there for the next start: building it hashes every 4 KiB block (~0.8 s for 500 MB,
+    more than the two hashes of the image), and the signed SHA-256 vouches for a read one as
+    well as for a built one.  Each chunk's hash runs on a second thread beside the whole
+    image's (``hashlib`` releases the GIL over large buffers), so the check reads at the speed
+    of one SHA-256, not two."""
+    cached = _cached_index(manifest, index_cache)
     try:
         size = path.stat().st_size
         if size != manifest.image.length:
@@ -161,24 +175,47 @@ def check_image(manifest: Manifest, path: Path) -> BlockIndex | None:
                 f"image {path} is {size} bytes, the manifest says {manifest.image.length}"
             )
         whole = hashlib.sha256()
-        builder = IndexBuilder() if manifest.index is not None else None
-        with path.open("rb") as handle:
+        wanted = manifest.index is not None and cached is None
+        builder = IndexBuilder() if wanted else None
+        with path.open("rb") as handle, ThreadPoolExecutor(max_workers=1) as hasher:
             for index, expected in enumerate(manifest.chunks.sha256):
                 block = handle.read(manifest.chunk_span(index)[1])
+                digest = hasher.submit(_sha256, block)
                 whole.update(block)
-                if hashlib.sha256(block).digest() != expected:
-                    raise ImageMismatch(f"image {path}: chunk {index} does not match its hash")
                 if builder is not None:
                     builder.update(block)
+                if digest.result() != expected:
+                    raise ImageMismatch(f"image {path}: chunk {index} does not match its hash")
     except OSError as exc:
         raise ReadError(f"cannot read image {path}: {exc.strerror or exc}") from None
     if whole.digest() != manifest.image.sha256:
         raise ImageMismatch(f"image {path} does not match the manifest's sha256")
-    if builder is None or manifest.index is None:
-        return None
+    if cached is not None or builder is None or manifest.index is None:
+        return cached
     built = builder.finish()
     if index_info(built) != manifest.index:
         # The image matches every signed chunk hash, so the manifest's index was not made by
         # this version's `sign` from it.
         raise ImageMismatch(f"image {path}: its block index does not match the manifest's")
+    if index_cache is not None:
+        # Only a speed-up for the next start: a cache directory that cannot take it costs a
+        # rebuild then, nothing now.
+        with contextlib.suppress(WriteError):
+            atomic_write(index_cache, built.build())
     return built
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _cached_index(manifest: Manifest, path: Path | None) -> BlockIndex | None:
+    """The block index kept at `path`, if it is the one the manifest signs; else None."""
+    info = manifest.index
+    if path is None or info is None or not path.is_file():
+        return None
+    try:
+        data = read_bounded(path, info.length, "block index")
+        return blockindex.parse(data, length=manifest.image.length, sha256=info.sha256)
+    except (ReadError, MalformedIndex):
+        return None  # built again from the image (and written over it)

@@ -189,6 +189,11 @@ def cache_path(directory: Path, manifest: Manifest, fraction: float, suffix: str
 MAX_ORIGIN_BYTES = 64
 
 
+def index_path(directory: Path, manifest: Manifest) -> Path:
+    """Where ``serve`` keeps the release's block index between starts (`sign.check_image`)."""
+    return directory / f"{manifest.session_id.hex()}.blockindex"
+
+
 def origin_path(directory: Path, manifest: Manifest) -> Path:
     return directory / f"{manifest.session_id.hex()}.origin"
 
@@ -241,17 +246,30 @@ def build(
     progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
     index: BlockIndex | None = None,
+    reusable: bool | None = None,
 ) -> Path:
     """Encode every chunk of `image` (and the block `index`, which the caller checked against
     the manifest, when it lists one) into the cache file, or reuse a complete one that verifies
-    (one that does not is re-encoded, and `warn` told why)."""
+    (one that does not is re-encoded, and `warn` told why).  `reusable` is `check`'s answer
+    when the caller had it verified already (beside its own work), None to verify it here."""
     if (index is None) != (manifest.index is None):
         raise ValueError("the block index is needed exactly when the manifest lists one")
     layout = CycleLayout.for_manifest(manifest, fraction)
     target = cache_path(directory, manifest, fraction)
-    if not _reusable(target, layout, warn):
+    if reusable is None:
+        reusable = _reusable(target, layout, warn)
+    if not reusable:
         _write(target, directory, _image_cycles(manifest, image, layout, encode, progress, index))
     return target
+
+
+def check(
+    manifest: Manifest, directory: Path, fraction: float, warn: Callable[[str], None] | None = None
+) -> bool:
+    """Whether `build` may reuse the cache file it would write (`warn` is told why not, for a
+    file that is there but does not verify)."""
+    layout = CycleLayout.for_manifest(manifest, fraction)
+    return _reusable(cache_path(directory, manifest, fraction), layout, warn)
 
 
 def build_side(

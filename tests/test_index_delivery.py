@@ -16,9 +16,10 @@ from otacast.plugin.events import ImageComplete, IndexReady
 from otacast.plugin.index_object import IndexAssembly
 from otacast.schemas import blockindex, fdt, wire
 from otacast.schemas.blockindex import IndexBuilder
-from otacast.schemas.errors import MalformedManifest
+from otacast.schemas.errors import ImageMismatch, MalformedManifest
 from otacast.schemas.manifest import Manifest, Transport, parse_envelope
 from otacast.signer import channels, publish, symbol_cache
+from otacast.signer import sign as signing
 from otacast.signer.encoder import raptorq_encode
 from otacast.signer.keys import SigningKey
 from otacast.signer.schedule import SendSymbols
@@ -88,6 +89,41 @@ def test_sign_lists_the_index_of_the_image_it_read(tmp_path: Path) -> None:
     assert manifest.index.sha256 == hashlib.sha256(expected).digest()
     envelope = sign(manifest, [KEY])
     assert parse_envelope(envelope.compact_bytes).manifest.index == manifest.index
+
+
+class _NoBuilding:
+    def __init__(self) -> None:
+        raise AssertionError("the index was built, not read from the cache")
+
+
+def test_serve_keeps_the_index_in_its_cache_and_reads_it_back_only_as_signed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = random.Random(3).randbytes(2 * 1024 * 1024 + 77)
+    path = tmp_path / "rootfs.img"
+    path.write_bytes(data)
+    manifest = _sign(path, "raw")
+    expected = index_of(data).build()
+    kept = tmp_path / "cache.blockindex"
+    # First start: built from the image and kept.
+    built = signing.check_image(manifest, path, index_cache=kept)
+    assert built is not None and built.build() == expected
+    assert kept.read_bytes() == expected
+    # Later starts read it back (nothing is built) while the image is still checked.
+    with monkeypatch.context() as patched:
+        patched.setattr(signing, "IndexBuilder", _NoBuilding)
+        read = signing.check_image(manifest, path, index_cache=kept)
+        assert read is not None and read.build() == expected
+        changed = tmp_path / "changed.img"
+        changed.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        with pytest.raises(ImageMismatch):
+            signing.check_image(manifest, changed, index_cache=kept)
+    # A kept index that is not the signed one (a flipped byte, a truncation) is built again.
+    for damaged in (expected[:-1] + bytes([expected[-1] ^ 1]), expected[:100], b""):
+        kept.write_bytes(damaged)
+        again = signing.check_image(manifest, path, index_cache=kept)
+        assert again is not None and again.build() == expected
+        assert kept.read_bytes() == expected
 
 
 def test_sign_makes_no_index_for_containers_or_when_told_not_to(tmp_path: Path) -> None:
