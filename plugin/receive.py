@@ -139,6 +139,11 @@ LANE_PROBE_SECONDS = 3.0
 # before it leaves (the group sends its FDT and manifest at least every 0.25 s; a sender serving
 # with --index-share 0 sends nothing there): a lane device then takes the carousel's in-band index.
 INDEX_PROBE_SECONDS = LANE_PROBE_SECONDS
+# How long `fetch --index` goes on listening for the block index once the image is complete.
+# The carousel sends the index in step with the chunks (a receiver there from the start has it
+# within about a round of the image, often in the same one), so this covers any rate at which
+# the image arrived at all; then the run finishes without it (index_bytes 0), with a note.
+INDEX_AFTER_IMAGE_SECONDS = 10.0
 # Where the local pass keeps the delta lane's decoded blocks (state directory; removed at end).
 LANE_FILE = "lane.blocks"
 # Where the delta lane's object is put together (`object_file.FileAssembly`, with its ".spool"
@@ -495,6 +500,8 @@ class _Run:
         self.local_in_multicast = 0
         self._fallback_waiting: str | None = None  # HTTP repair waits for the local pass
         self.finished = False
+        # With `--index`: the image is complete and the index still awaited until then.
+        self.index_wait_until: float | None = None
         self._truncated = 0  # datagrams the transport dropped as too long, already counted
         self._next_status = 0.0
         self._next_flush = 0.0
@@ -572,6 +579,13 @@ class _Run:
                     self._switch_to_main("no manifest on the delta lane's group")
             if self.index_probe_until is not None and now >= self.index_probe_until:
                 self._index_group_silent()
+            if self.index_wait_until is not None and now >= self.index_wait_until:
+                self.emit.note(
+                    f"the block index did not arrive within {INDEX_AFTER_IMAGE_SECONDS:g} s of "
+                    "the image: finishing without it"
+                )
+                self._finish()
+                break
             self.core.handle_timer(now)
             self._take_http_results()
             self._take_local()
@@ -958,8 +972,24 @@ class _Run:
                 self._fall_back(event.reason)
             elif isinstance(event, IndexReady):
                 self._index_arrived(event.index)
+                if self.index_wait_until is not None:
+                    self._finish()  # the image was complete already
             elif isinstance(event, ImageComplete):
-                self._finish()
+                if self._index_still_wanted():
+                    self.index_wait_until = time.monotonic() + INDEX_AFTER_IMAGE_SECONDS
+                else:
+                    self._finish()
+
+    def _index_still_wanted(self) -> bool:
+        """Whether `fetch --index` asked for a block index the manifest lists and that has not
+        arrived yet (it is not needed for the image: only asked for)."""
+        verified = self.core.verified
+        return (
+            self.options.want_index
+            and verified is not None
+            and verified.manifest.index is not None
+            and self.core.stats.index_bytes == 0
+        )
 
     def _follow(self, source: str) -> None:
         """Join `source` on the SSM group it announced the release for (module doc)."""

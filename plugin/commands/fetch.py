@@ -18,7 +18,8 @@ def add_fetch(sub: Subcommands) -> None:
         "--index",
         action="store_true",
         help="also receive the release's block index over multicast when it lists one (delta "
-        "delivery; checked against the manifest, reported as index_bytes, not kept yet)",
+        "delivery; checked against the manifest, reported as index_bytes, not kept yet; the "
+        "run waits for it up to 10 s after the image)",
     )
     p.set_defaults(run=cmd_fetch)
 
