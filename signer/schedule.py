@@ -39,9 +39,9 @@ however far apart they were started (hours, or a restart), as long as their cloc
 within a round and each keeps its rate.  A lone sender counts from the moment it first served
 the release from its cache directory (`otacast.signer.channels`): started for devices that wait
 for it, it sends every chunk's source symbols first, so at 0% loss they need no RaptorQ decode
-at all (about 6 ms of CPU per MB, more than the rest of the receive path), and restarted, it
-goes on where its clock says it would be, so devices that stored symbols lose none to
-repeats.  A sender that cannot keep its rate (a slow disk, a busy CPU) falls behind the phase
+at all (about 6 ms of CPU per MB in the codec alone, near what all the rest of the receive
+path costs), and restarted, it goes on where its clock says it would be, so devices that
+stored symbols lose none to repeats.  A sender that cannot keep its rate (a slow disk, a busy CPU) falls behind the phase
 and stays behind: skipping ahead to it would leave visits unsent and bring the cycle's wrap, and
 so repeated symbols, sooner for every receiver.  An unpaced sender (rate 0) has no phase and
 starts at round 0.  Lone senders on several hosts are at unrelated points of every cycle (each
