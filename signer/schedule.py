@@ -30,23 +30,23 @@ sends visit ``(floor(i * m_c / n) + R) mod m_c`` of chunk ``c``.  So:
 * senders ``i`` of ``n`` are always ``C_c / n`` apart on every cycle, so a receiver hearing
   several gets disjoint symbols from each and finishes about n times faster.
 
-*Absolute phase.*  ``R`` counts rounds of wall-clock time since an origin: with a rate, a round
+*Absolute phase.* ``R`` counts rounds of wall-clock time since an origin: with a rate, a round
 lasts ``round_seconds`` (the round's bytes over the share of the rate data gets), and a sender
 that starts at wall time ``w`` begins in round ``floor((w - origin) / round_seconds)``, at the
 chunk that fraction of the round has reached (the core takes ``w - origin`` as its ``wall``).
 Senders of one release (``--sender i/n``) count from the epoch, so they stay ``C_c / n`` apart
 however far apart they were started (hours, or a restart), as long as their clocks agree to well
-within a round and each keeps its rate.  A lone sender counts from the moment it first served
-the release from its cache directory (`otacast.signer.channels`): started for devices that wait
-for it, it sends every chunk's source symbols first, so at 0% loss they need no RaptorQ decode
-at all (about 6 ms of CPU per MB in the codec alone, near what all the rest of the receive
-path costs), and restarted, it goes on where its clock says it would be, so devices that
-stored symbols lose none to repeats.  A sender that cannot keep its rate (a slow disk, a busy CPU) falls behind the phase
-and stays behind: skipping ahead to it would leave visits unsent and bring the cycle's wrap, and
-so repeated symbols, sooner for every receiver.  An unpaced sender (rate 0) has no phase and
-starts at round 0.  Lone senders on several hosts are at unrelated points of every cycle (each
-counts from its own first start), so a receiver hearing them gets mostly, not always, different
-symbols: ``--sender i/n`` is what makes them disjoint.
+within a round and each keeps its rate. A lone sender counts from the moment it first served the
+release from its cache directory (`otacast.signer.channels`): started for devices that wait for
+it, it sends every chunk's source symbols first, so at 0% loss they need no RaptorQ decode at
+all (about 6 ms of CPU per MB in the codec alone, near what all the rest of the receive path
+costs), and restarted, it goes on where its clock says it would be, so devices that stored
+symbols lose none to repeats. A sender that cannot keep its rate (a slow disk, a busy CPU) falls
+behind the phase and stays behind: skipping ahead to it would leave visits unsent and bring the
+cycle's wrap, and so repeated symbols, sooner for every receiver. An unpaced sender (rate 0) has
+no phase and starts at round 0. Lone senders on several hosts are at unrelated points of every
+cycle (each counts from its own first start), so a receiver hearing them gets mostly, not
+always, different symbols: ``--sender i/n`` is what makes them disjoint.
 
 *The block index* (delta delivery, when the manifest lists one).  Its RaptorQ source blocks
 are cycles like the chunks', after them in each round, but a visit of one is smaller: about
