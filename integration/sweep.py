@@ -30,8 +30,8 @@ wall clock at its start ``EPOCH + start``, its phase counted from the origin ``s
 on a first start: the epoch for one of several senders, so a later one takes up the phase the
 real rule gives it, and its own start for a lone sender).  It is driven on a virtual clock
 exactly as the `Link` drives it, and only the (chunk, first, count) of each `SendSymbols` is
-used.  By default no manifest is sent (the core
-is given no fragments), so times are data-only; the tests give it the `Link`'s fragments.
+used.  By default no manifest is sent (the core is given no fragments), so times are
+data-only; the tests give it the `Link`'s fragments.
 ``--sender i/n`` is the core's own sender index and count.
 
 *The symbol-major reference (not what ``serve`` sends).*  The same order with a visit of one
@@ -102,6 +102,7 @@ from functools import cached_property
 from otacast.schemas import fec, wire
 from otacast.schemas.limits import DEFAULT_CHUNK_BYTES, MAX_DECODER_BYTES
 from otacast.signer import symbol_cache
+from otacast.signer.channels import phase_origin
 from otacast.signer.schedule import Finished, SenderCore, SendSymbols, Wait
 from otacast.signer.transport import gso_batch
 
@@ -350,9 +351,8 @@ def carousel_core(
         rate=rate,
         manifest=manifest,
         now=sender.start,
-        # `channels.sender_core` takes the wall clock less the origin: 0 at a lone sender's
-        # first start, the wall clock itself for one of several.
-        wall=epoch + sender.start if sender.count > 1 else 0.0,
+        # As `channels.sender_core`: the wall clock less the origin of a first start.
+        wall=epoch + sender.start - phase_origin(sender.count, lambda: epoch + sender.start),
         sender_index=sender.index,
         sender_count=sender.count,
         passes=passes,

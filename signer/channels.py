@@ -32,7 +32,7 @@ long as the main channels do, however many passes of it that takes.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,13 +366,21 @@ def build_channels(
 
 
 def _origin(manifest: Manifest, options: ServeOptions, report: Reporter) -> float:
-    """Round 0 of the phase: senders of one release on several hosts (``--sender i/n``) count
-    from the epoch, so that they agree without talking; a lone sender from its first start, so
-    that devices already listening then hear every chunk's source symbols first and, at 0% loss,
-    need no decode at all (`otacast.signer.schedule`, "Absolute phase")."""
-    if options.sender_count > 1:
-        return 0.0
-    return symbol_cache.phase_origin(options.cache_dir, manifest, time.time(), report.warning)
+    """Round 0 of this sender's phase (`phase_origin`), its first start read from (or written
+    to) the cache directory only when it is a lone sender."""
+    return phase_origin(
+        options.sender_count,
+        lambda: symbol_cache.phase_origin(options.cache_dir, manifest, time.time(), report.warning),
+    )
+
+
+def phase_origin(sender_count: int, first_start: Callable[[], float]) -> float:
+    """The wall-clock time of round 0 of the phase: senders of one release on several hosts
+    (``--sender i/n``) count from the epoch, so that they agree without talking; a lone sender
+    from its `first_start`, so that devices already listening then hear every chunk's source
+    symbols first and, at 0% loss, need no decode at all (`otacast.signer.schedule`, "Absolute
+    phase").  The one rule ``serve``, the `Link` and the sweep share."""
+    return 0.0 if sender_count > 1 else first_start()
 
 
 def _auth_pages(

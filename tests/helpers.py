@@ -590,7 +590,7 @@ def _origin(spec: SenderSpec, epoch: float) -> float:
     """The wall-clock time of round 0 of `spec`'s phase (`otacast.signer.channels`)."""
     if spec.origin is not None:
         return epoch + spec.origin
-    return 0.0 if spec.count > 1 else epoch + spec.start
+    return channels.phase_origin(spec.count, lambda: epoch + spec.start)
 
 
 class _DecoderCount:
