@@ -140,10 +140,20 @@ def bench_core(
 ) -> str:
     verified = release.verified()
     stream = [datagrams[chunk][p] for chunk, p in order]
-    # As the receive loop hands them over: views, a read's worth (a GSO/GRO batch) at a time.
-    reads = [[memoryview(d) for d in stream[i : i + READ]] for i in range(0, len(stream), READ)]
+    # As the receive loop hands them over: views of one buffer, a read's worth (a GSO/GRO
+    # batch) at a time, and with ``store-words`` the read's words as the transport gives a GRO
+    # read's (`MulticastReceiver.coalesced`: whole runs checked at once).
+    reads: list[tuple[list[memoryview], dict[str, object]]] = []
+    for at in range(0, len(stream), READ):
+        group = stream[at : at + READ]
+        whole = memoryview(bytearray(b"".join(group)))
+        segment = len(group[0])
+        views = [whole[i * segment : (i + 1) * segment] for i in range(len(group))]
+        same = all(len(d) == segment for d in group) and not segment & 3
+        words = symbols == "store-words" and same
+        reads.append((views, {"coalesced": (whole.cast("I"), segment)} if words else {}))
     batched = hasattr(ReceiverCore, "receive_datagrams")  # (not in older versions)
-    stored = StoredSymbols(directory, verified) if symbols == "store" else None
+    stored = StoredSymbols(directory, verified) if symbols.startswith("store") else None
     core = ReceiverCore(
         release.trust,
         now=NOW,
@@ -157,9 +167,9 @@ def bench_core(
         began = time.perf_counter()
         cpu = time.process_time()
         used = 0
-        for read in reads:
+        for read, coalesced in reads:
             if batched:
-                core.receive_datagrams(read, "fd00::1", NOW, wall=NOW)
+                core.receive_datagrams(read, "fd00::1", NOW, wall=NOW, **coalesced)  # type: ignore[arg-type]
             else:
                 for datagram in read:
                     core.receive_datagram(bytes(datagram), "fd00::1", NOW, wall=NOW)
@@ -182,7 +192,7 @@ def bench_core(
     disk = (_bytes_written() - written) / verified.manifest.image.length
     state = "complete" if core.complete else "INCOMPLETE"
     return (
-        f"core {symbols:>6}: {state} after {used} datagrams, {cpu / mb * 1e3:.2f} ms CPU/MB, "
+        f"core {symbols:>11}: {state} after {used} datagrams, {cpu / mb * 1e3:.2f} ms CPU/MB, "
         f"{elapsed / used * 1e6:.2f} us wall/datagram, written {disk:.3f} x image"
     )
 
@@ -231,7 +241,7 @@ def main() -> None:
         order = carousel(lengths, percent / 100, seed=percent, join=join)
         print(f"loss {percent}%, joined at round {join} of {visits}: {len(order)} datagrams arrive")
         for _ in range(args.repeat):
-            for what in ("add", "store", "memory"):
+            for what in ("add", "store", "store-words", "memory"):
                 work = Path(tempfile.mkdtemp(prefix="otacast-storebench-", dir=args.dir))
                 try:
                     if what == "add":

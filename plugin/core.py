@@ -148,6 +148,7 @@ from otacast.schemas.limits import (
 )
 from otacast.schemas.policy import TrustSet, VerifiedManifest, accept, authenticate
 
+from . import runs
 from .auth import PACKET_AUTH_POLICIES, PacketAuthenticator, SignatureCheck
 from .budget import ManifestBudget
 from .decoder import (
@@ -507,7 +508,13 @@ class ReceiverCore:
         self._receive_other(data, source, now, wall)
 
     def receive_datagrams(
-        self, datagrams: Sequence[memoryview], source: str, now: float, *, wall: float
+        self,
+        datagrams: Sequence[memoryview],
+        source: str,
+        now: float,
+        *,
+        wall: float,
+        coalesced: tuple[memoryview, int] | None = None,
     ) -> None:
         """`receive_datagram` for each of `datagrams`, one read's worth from `source`.
 
@@ -517,7 +524,12 @@ class ReceiverCore:
         copy; and a run of consecutive ESIs of one chunk (what a GRO read holds: the sender's
         GSO batch) reaches a decoder offering ``feed_run`` (`decoder.RunFeed`, the store's) in
         one call, after the same checks per datagram, each counted as `receive_datagram`
-        counts it (`_feed_run`)."""
+        counts it (`_feed_run`).
+
+        `coalesced` is ``(words, segment)`` when the datagrams are one read's, back to back in
+        one buffer every `segment` bytes, and `words` that buffer's whole datagrams as native
+        32-bit words (`otacast.plugin.transport.MulticastReceiver.coalesced`): a run's checks
+        are then made for all its datagrams at once (`otacast.plugin.runs`)."""
         if not datagrams:
             return
         self.stats.datagrams += len(datagrams)
@@ -531,6 +543,12 @@ class ReceiverCore:
         peek, on_data, chunks = wire.peek_data, self._on_data, self._chunks
         unpack = wire.unpack_data_header
         tsi, size = self._tsi, self._datagram_size
+        # Whole runs at once: datagrams [0, covered) lie in `words`, `stride` words apart.
+        words: memoryview | None = None
+        covered = stride = 0
+        if coalesced is not None and coalesced[1] == size and not size & 3:
+            words, stride = coalesced[0], size >> 2
+            covered = min(len(words) // stride, len(datagrams))
         ours = False
         # The run being gathered: `run` datagrams of chunk `run_chunk` (its `state`), ESIs
         # `first` to `after` - 1, each new to the chunk (its bit in `seen` is set as it joins).
@@ -540,15 +558,18 @@ class ReceiverCore:
         state: _Chunk | None = None
         run_chunk = first = after = below = prefix = toi = pid = 0
         seen = bytearray()
-        for data in datagrams:
+        index, count = 0, len(datagrams)
+        while index < count:
+            data = datagrams[index]
+            index += 1
             if run:
                 if len(data) == size:
-                    words = unpack(data)
+                    header = unpack(data)
                     if (
-                        words[3] == pid
-                        and words[2] == toi
-                        and words[1] == tsi
-                        and words[0] == prefix
+                        header[3] == pid
+                        and header[2] == toi
+                        and header[1] == tsi
+                        and header[0] == prefix
                         and after < below
                         and not seen[after >> 3] & 1 << (after & 7)
                     ):
@@ -579,10 +600,25 @@ class ReceiverCore:
                 and len(data) == size
             ):
                 seen, below = state.seen, state.bits_below
+                prefix, _, toi, pid = unpack(data)
+                # The rest of the read at once, if it continues the run to its end (or to
+                # the chunk's bits): the common case, a whole GSO batch in one read.
+                whole = min(covered - index, below - esi - 1)
+                if (
+                    whole > 0
+                    and words is not None
+                    and runs.all_clear(seen, esi, whole + 1)
+                    and runs.same_run(words, stride, index - 1, whole + 1, pid)
+                ):
+                    runs.set_all(seen, esi, whole + 1)
+                    self._feed_run(
+                        state, chunk, esi, list(datagrams[index - 1 : index + whole]), now
+                    )
+                    index += whole
+                    continue
                 seen[esi >> 3] |= 1 << (esi & 7)
                 run = [data]
                 run_chunk, first, after = chunk, esi, esi + 1
-                prefix, _, toi, pid = unpack(data)
                 pid += 1
                 continue
             on_data(data, fields, now)

@@ -643,7 +643,7 @@ class _Run:
             datagrams, source = got
             left -= len(datagrams) or 1  # a read of only truncated datagrams counts too
             # The views point into the transport's buffer: the core copies what it keeps.
-            receive(datagrams, source, now, wall=wall)
+            receive(datagrams, source, now, wall=wall, coalesced=receiver.coalesced)
             if core.has_events:
                 break
         # A datagram longer than the buffer never reaches the core: the transport drops it and

@@ -268,6 +268,7 @@ class StoredSymbols:
         self._submitted.pop(index, None)
         if not self.store.is_done(index):
             self.store.complete(index, data)
+            self.staging.final(index)
             self.store.start_flush()
 
     def start_flush(self) -> None:

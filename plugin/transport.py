@@ -291,6 +291,7 @@ class MulticastReceiver:
         self.truncated = 0
         # Reads made: datagrams received / reads is what GRO achieved.
         self.reads = 0
+        self.coalesced: tuple[memoryview, int] | None = None  # the last read's (`recv_batch`)
         self.gro = gro
         self._buffer = bytearray(READ_BUFFER)
         self._view = memoryview(self._buffer)
@@ -391,7 +392,11 @@ class MulticastReceiver:
         Otherwise the list holds one datagram.  The views point into `buffer` (by default the
         receiver's own `READ_BUFFER` bytes): valid until the next read, so copy what is kept.
         Datagrams cut short by a too small `buffer` or longer than `max_datagram` are never
-        returned; they are counted in `truncated` and the list may then be empty.  A link-local
+        returned; they are counted in `truncated` and the list may then be empty.  After a
+        read of several whole datagrams of a length divisible by 4, `coalesced` holds
+        ``(words, segment)``: the read's whole datagrams as native 32-bit words, `segment`
+        bytes each (for `ReceiverCore.receive_datagrams`; valid as long as the views), else
+        None.  A link-local
         source carries its zone (``fe80::1%eth0``), as the kernel reports it.
         """
         # Every step counts here: this runs once per datagram where nothing is coalesced.
@@ -404,6 +409,7 @@ class MulticastReceiver:
             if not self.gro:
                 length, sender = self._sock.recvfrom_into(buffer, 0, MSG_TRUNC)
                 self.reads += 1
+                self.coalesced = None
                 if length <= limit:
                     return [view[:length]], str(sender[0])
                 self.truncated += 1
@@ -419,10 +425,15 @@ class MulticastReceiver:
             ) from None
         self.reads += 1
         if not ancillary and not flags and length <= limit:
+            self.coalesced = None
             return [view[:length]], str(sender[0])  # one whole datagram: no call, no more checks
         segment = segment_size(ancillary)
         datagrams, lost = split_read(view, length, flags, segment, self.max_datagram)
         self.truncated += lost
+        self.coalesced = None
+        if segment is not None and not segment & 3 and len(datagrams) > 1:
+            whole = len(datagrams) - (len(datagrams[-1]) != segment)
+            self.coalesced = (view[: whole * segment].cast("I"), segment)
         return datagrams, str(sender[0])
 
     def close(self) -> None:

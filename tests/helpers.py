@@ -348,11 +348,14 @@ def receive_reads(
     now: float = NOW,
     source: str = SENDER,
     read: int = 50,
+    coalesced: bool = True,
 ) -> list[Event]:
     """`datagrams` as the receive loop hands them over (`ReceiverCore.receive_datagrams`):
     views of one buffer, `read` of them at a time, and the buffer overwritten with junk after
     each call, as the next read overwrites it; whatever the core kept without copying it is
-    then spoiled.  Returns the events they caused."""
+    then spoiled.  With `coalesced`, the leading datagrams of each read that have the first
+    one's length are also given as words, as the transport gives a GRO read's
+    (`MulticastReceiver.coalesced`).  Returns the events they caused."""
     events: list[Event] = []
     for first in range(0, len(datagrams), read):
         group = datagrams[first : first + read]
@@ -362,7 +365,18 @@ def receive_reads(
             for datagram in group:
                 views.append(whole[at : at + len(datagram)])
                 at += len(datagram)
-            core.receive_datagrams(views, source, now, wall=now)
+            segment = len(group[0])
+            same = next((i for i, d in enumerate(group) if len(d) != segment), len(group))
+            words = whole[: same * segment].cast("I") if coalesced and not segment & 3 else None
+            core.receive_datagrams(
+                views,
+                source,
+                now,
+                wall=now,
+                coalesced=None if words is None else (words, segment),
+            )
+            if words is not None:
+                words.release()
             for view in views:
                 view.release()
         buffer[:] = b"\xa5" * len(buffer)

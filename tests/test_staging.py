@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,46 @@ def test_the_image_is_handed_on_only_whole_and_verified(tmp_path: Path) -> None:
     staging.discard()
     assert not staging.directory.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.bin", "state"]
+
+
+def _hashed_ahead(staging: Staging, length: int) -> bool:
+    """Whether the image's hash taken ahead reaches `length` bytes (waited for, up to 10 s)."""
+    deadline = time.monotonic() + 10
+    while staging._hasher.position < length and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return staging._hasher.position == length
+
+
+def test_the_image_is_hashed_ahead_in_order_as_its_chunks_become_final(tmp_path: Path) -> None:
+    staging = Staging(tmp_path / "state", verified())
+    for index in (4, 2, 3, 1):  # out of order: nothing to hash until chunk 0 is in place
+        staging.write_chunk(index, IMAGE[index * CHUNK : (index + 1) * CHUNK])
+    assert staging._hasher._thread is None and staging._hasher.position == 0
+    staging.write_chunk(0, chunk(0))
+    assert _hashed_ahead(staging, len(IMAGE))
+    out = tmp_path / "image.bin"
+    staging.finish(out)
+    assert out.read_bytes() == IMAGE
+    staging.discard()
+
+
+def test_a_chunk_hashed_ahead_with_wrong_bytes_still_fails_the_image(tmp_path: Path) -> None:
+    staging = Staging(tmp_path / "state", verified())
+    staging.write_chunk(0, chunk(0))
+    bad = bytearray(chunk(1))
+    bad[100] ^= 1
+    fd = os.open(staging.part, os.O_WRONLY)
+    os.pwrite(fd, bad, CHUNK)  # (a bug's bytes, never verified)
+    os.close(fd)
+    staging.final(1)
+    assert _hashed_ahead(staging, 2 * CHUNK)
+    for index in (2, 3, 4):
+        staging.write_chunk(index, IMAGE[index * CHUNK : (index + 1) * CHUNK])
+    out = tmp_path / "image.bin"
+    with pytest.raises(StateError, match="does not match"):
+        staging.finish(out)
+    assert not out.exists()
+    staging.close()
 
 
 def test_two_processes_cannot_share_a_session(tmp_path: Path) -> None:

@@ -299,15 +299,25 @@ def _core_state(core: ReceiverCore, store: SymbolStore, state: Path) -> tuple[ob
 @settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(seed=st.integers(0, 2**32 - 1), visit=st.integers(3, 70), loss=st.sampled_from([0, 0.1]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    visit=st.integers(3, 70),
+    loss=st.sampled_from([0, 0.1]),
+    coalesced=st.booleans(),
+)
 def test_a_read_fed_as_runs_counts_and_stores_exactly_what_its_datagrams_one_by_one_do(
-    tmp_path_factory: pytest.TempPathFactory, seed: int, visit: int, loss: float
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    visit: int,
+    loss: float,
+    coalesced: bool,
 ) -> None:
     """`receive_datagrams` (a GRO read's runs of consecutive ESIs of one chunk handed to the
-    store in one call) against `receive_datagram` one at a time: the same counters, loss
-    estimate, ESIs seen, events, and store (journal, spill, image bytes), through gaps,
-    duplicates, chunk changes, source/repair boundaries, refusals, forged symbols (a chunk
-    failing its hash and collected again) and chunks completing in the middle of a read."""
+    store in one call; with `coalesced`, a whole run's headers checked at once) against
+    `receive_datagram` one at a time: the same counters, loss estimate, ESIs seen, events, and
+    store (journal, spill, image bytes), through gaps, duplicates, chunk changes,
+    source/repair boundaries, refusals, forged symbols (a chunk failing its hash and collected
+    again) and chunks completing in the middle of a read."""
     rng = random.Random(seed)
     # The carousel's order from a random round: `visit` consecutive symbols of each chunk per
     # round, with loss, disturbed by duplicates, forgeries and datagrams the core refuses.
@@ -338,7 +348,10 @@ def test_a_read_fed_as_runs_counts_and_stores_exactly_what_its_datagrams_one_by_
             at += len(read)
             for datagram in read:
                 by_one.receive_datagram(datagram, SENDER, NOW, wall=NOW)
-            got = (drain(by_one), receive_reads(by_runs, read, read=len(read)))
+            got = (
+                drain(by_one),
+                receive_reads(by_runs, read, read=len(read), coalesced=coalesced),
+            )
             for store, seen, new in zip((one_store, runs_store), events, got, strict=True):
                 seen += new
                 for event in new:  # (`complete`: `keep` also starts a flush when idle)

@@ -1,0 +1,84 @@
+"""Whole runs at once (`otacast.plugin.runs`) agree with the checks made one by one."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from otacast.plugin import runs
+
+HEADER = struct.Struct(">QIII")  # the DATA header: prefix, TSI, TOI, payload id
+
+
+def _bit(bits: bytearray, index: int) -> bool:
+    return bool(bits[index >> 3] & 1 << (index & 7))
+
+
+@given(
+    bits=st.binary(min_size=1, max_size=40).map(bytearray),
+    first=st.integers(0, 319),
+    count=st.integers(1, 64),
+)
+def test_a_range_of_bits_is_clear_exactly_when_each_of_its_bits_is(
+    bits: bytearray, first: int, count: int
+) -> None:
+    count = min(count, len(bits) * 8 - first)
+    if count < 1:
+        return
+    assert runs.all_clear(bits, first, count) == (
+        not any(_bit(bits, i) for i in range(first, first + count))
+    )
+    before = bytearray(bits)
+    runs.set_all(bits, first, count)
+    assert len(bits) == len(before)
+    for index in range(len(bits) * 8):
+        inside = first <= index < first + count
+        assert _bit(bits, index) == (inside or _bit(before, index))
+
+
+def _read(headers: list[tuple[int, int, int, int]], segment: int) -> bytearray:
+    buffer = bytearray(segment * len(headers))
+    for at, header in enumerate(headers):
+        HEADER.pack_into(buffer, at * segment, *header)
+        buffer[at * segment + HEADER.size : (at + 1) * segment] = b"\x5a" * (segment - 20)
+    return buffer
+
+
+def _one_by_one(headers: list[tuple[int, int, int, int]], first: int, count: int) -> bool:
+    prefix, tsi, toi, pid = headers[first]
+    return all(headers[first + i] == (prefix, tsi, toi, pid + i) for i in range(count))
+
+
+_HEADERS = st.tuples(
+    st.sampled_from([0x10A0040300000000, 0x10A0040300000001]),
+    st.sampled_from([7, 8]),
+    st.sampled_from([1, 2]),
+    st.integers(0, 2**24),
+)
+
+
+@given(
+    start=_HEADERS,
+    count=st.integers(1, 64),
+    changes=st.lists(st.tuples(st.integers(0, 63), _HEADERS), max_size=2),
+    first=st.integers(0, 10),
+    segment=st.sampled_from([24, 1228, 8220]),
+)
+def test_a_run_of_headers_matches_exactly_when_each_datagram_continues_the_first(
+    start: tuple[int, int, int, int],
+    count: int,
+    changes: list[tuple[int, tuple[int, int, int, int]]],
+    first: int,
+    segment: int,
+) -> None:
+    prefix, tsi, toi, pid = start
+    headers = [(prefix, tsi, toi, pid + i) for i in range(count + first)]
+    for at, header in changes:  # (often none: a whole run, as a GSO batch gives)
+        if at < len(headers):
+            headers[at] = header
+    with memoryview(_read(headers, segment)) as view, view.cast("I") as words:
+        assert runs.same_run(words, segment // 4, first, count, headers[first][3]) == (
+            _one_by_one(headers, first, count)
+        )
