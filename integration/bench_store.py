@@ -22,9 +22,11 @@ a device):
   views of ``READ`` datagrams at a time, as the loop hands over a GRO read) with the
   store's decoders (`StoredSymbols`, as ``otacast fetch`` uses them) until the image is
   complete, then `close`; CPU time (``time.process_time``, every thread of the process) per MB
-  and wall time per datagram.  The same datagrams through in-memory decoders (``memory``,
-  with a budget big enough for every chunk at once, which the real receiver does not have) are
-  the reference.
+  and wall time per datagram.  ``store-words`` also hands over each read's words, as the
+  transport does for a GRO read (`MulticastReceiver.coalesced`: a run's headers checked at
+  once); ``store`` does not, as a read without GRO has none.  The same datagrams through
+  in-memory decoders (``memory``, with a budget big enough for every chunk at once, which the
+  real receiver does not have) are the reference.
 
 Times vary with the machine's load (other processes share its cores): compare figures from one
 run.

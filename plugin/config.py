@@ -45,7 +45,8 @@ FALLBACKS = ("auto", "only", "never")
 SYMBOL_KEEPING = ("memory", "store")
 # Where the symbol store's chunks are decoded: "inline" (the default: on the receive loop) or
 # "worker" (a worker process, otacast.plugin.decode_worker: the loop reads on while a chunk
-# decodes, for ~50 MB more peak memory; see docs/PERFORMANCE.md, "Decode worker").
+# decodes, and decodes the next one itself meanwhile, for ~50 MB more peak memory; see
+# docs/PERFORMANCE.md, "Decode worker").
 DECODE_PLACES = ("inline", "worker")
 
 

@@ -11,8 +11,10 @@ keeps reading.
 
 What the loop does per decode
 -----------------------------
-A chunk whose store decoder reaches K symbols without all its sources is *submitted*
-(`otacast.plugin.store_decoder`): its number goes on a list, and the core refuses its further
+A chunk whose store decoder reaches K symbols without all its sources while the worker is idle
+(`idle`: every decode sent is answered) is *submitted* (`otacast.plugin.store_decoder`; while
+the worker is busy, the chunk is decoded on the loop instead, so that both decode at once):
+its number goes on a list, and the core refuses its further
 symbols at once (``decode-pending``; the lesson of an earlier attempt, backed out, which kept
 storing them while the decode waited: 1.77-1.95 x K received at 5-20% loss).  At most
 `MAX_DECODES_IN_FLIGHT` decodes are in the worker at once; each turn of the loop (`pump`)
@@ -236,6 +238,23 @@ class DecodeWorker:
     @property
     def busy(self) -> bool:
         return bool(self._waiting or self._flight)
+
+    def idle(self) -> bool:
+        """Whether every decode sent has been answered and none waits (the answers that came
+        are read now and kept for `results`; none is waited for).  False once it is gone."""
+        if self.failed is not None or self._waiting:
+            return False
+        try:
+            while True:
+                got = os.read(self._answers, 4096)
+                if not got:
+                    return False  # end of file: `results` says the worker is gone
+                self._in += got
+        except BlockingIOError:
+            pass
+        except OSError:
+            return False
+        return len(self._in) // _ANSWER.size >= len(self._flight)
 
     def submit(self, chunk: int, token: int) -> None:
         """Decode `chunk` when a slot is free (`pump` sends it); `token` names this submission."""

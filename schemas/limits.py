@@ -111,10 +111,10 @@ MIN_SYMBOL_SIZE = 256
 MAX_DECODER_BYTES = 16 * 1024 * 1024
 
 # Chunk decodes handed to the receiver's decode worker process at once (`otacast.plugin.
-# decode_worker`): two keep it busy (one decodes while the next one's description waits in the
-# pipe) and bound what finished decodes hold: at most two chunks' bytes in shared memory, each
-# read back and freed by the receive loop.  Chunks that reach K while both are taken wait in a
-# list of chunk numbers (their symbols are refused meanwhile, as for a decode in flight).
+# decode_worker`): it is sent one only when it has answered every other (while it decodes, the
+# loop decodes the next chunk itself), but the bytes of the one it finished may still wait in
+# their shared memory for the loop to read them: two slots.  This bounds what finished decodes
+# hold: at most two chunks' bytes, each read back and freed by the receive loop.
 MAX_DECODES_IN_FLIGHT = 2
 
 # Manifests being reassembled at once.  A reassembly is keyed by source address, session,
