@@ -582,15 +582,32 @@ class SymbolStore:
             return
         size = self._symbol_size
         pack = _PAYLOAD_ID.pack
-        join = b"".join
         if state.sources:
-            data = memoryview(self.read_chunk(chunk))
-            bits, last = state.bits, state.k - 1
-            for esi in range(last):
-                if bits[esi >> 3] >> (esi & 7) & 1:
-                    yield join((pack(esi), data[esi * size : (esi + 1) * size]))
+            if chunk == self._run_chunk:
+                self._write_run()  # its gathered source symbols belong in what is read
+            # Read a block at a time, not the whole chunk: while the codec holds its own copy
+            # of every packet, a second copy of the chunk would be ~8 MiB more peak memory.
+            bits, last, offset = state.bits, state.k - 1, state.offset
+            per = max(1, READ_BLOCK // size)
+            for first in range(0, last, per):
+                end = min(first + per, last)
+                if runs.all_clear(bits, first, end - first):
+                    continue
+                block = memoryview(
+                    self._read(
+                        self._part, offset + first * size, (end - first) * size, self.staging.part
+                    )
+                )
+                at = 0  # (bytes + view is one copy, and the cheapest way to make the packet)
+                for esi in range(first, end):
+                    if bits[esi >> 3] >> (esi & 7) & 1:
+                        yield pack(esi) + block[at : at + size]
+                    at += size
             if state.has_source(last):  # the chunk's last symbol may be short: pad it
-                yield pack(last) + bytes(data[last * size :]).ljust(size, b"\0")
+                tail = self._read(
+                    self._part, offset + last * size, state.length - last * size, self.staging.part
+                )
+                yield pack(last) + tail.ljust(size, b"\0")
         if not state.repair_esi:
             return
         self._write_spill_run()  # gathered repair symbols belong in what is read
@@ -608,7 +625,7 @@ class SymbolStore:
             )
             for slot, esi in held[at:end]:
                 offset = (slot - first) * size
-                yield join((pack(esi), block[offset : offset + size]))
+                yield pack(esi) + block[offset : offset + size]
             at = end
 
     def decode_plan(self, chunk: int) -> DecodePlan | None:
