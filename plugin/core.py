@@ -601,21 +601,19 @@ class ReceiverCore:
             ):
                 seen, below = state.seen, state.bits_below
                 prefix, _, toi, pid = unpack(data)
-                # The rest of the read at once, if it continues the run to its end (or to
-                # the chunk's bits): the common case, a whole GSO batch in one read.
-                whole = min(covered - index, below - esi - 1)
-                if (
-                    whole > 0
-                    and words is not None
-                    and runs.all_clear(seen, esi, whole + 1)
-                    and runs.same_run(words, stride, index - 1, whole + 1, pid)
-                ):
-                    runs.set_all(seen, esi, whole + 1)
-                    self._feed_run(
-                        state, chunk, esi, list(datagrams[index - 1 : index + whole]), now
-                    )
-                    index += whole
-                    continue
+                # As much of the rest of the read at once as continues the run (to the
+                # chunk's bits): a whole GSO batch in one read, or the part of it between
+                # two datagrams lost on the way.
+                most = min(covered - index, below - esi - 1) + 1
+                if most > 1 and words is not None:
+                    length = runs.run_length(words, stride, index - 1, most, pid)
+                    if length > 1 and runs.all_clear(seen, esi, length):
+                        runs.set_all(seen, esi, length)
+                        self._feed_run(
+                            state, chunk, esi, list(datagrams[index - 1 : index - 1 + length]), now
+                        )
+                        index += length - 1
+                        continue
                 seen[esi >> 3] |= 1 << (esi & 7)
                 run = [data]
                 run_chunk, first, after = chunk, esi, esi + 1
