@@ -811,15 +811,9 @@ class SymbolStore:
             # below, a buffer's worth of symbols at a time.
             while stored < count:
                 if not continues or fill + size > room:
-                    if continues:  # (as below)
-                        new, counted = stored - counted, stored
-                        state.sources += new
-                        self._stored += new
-                        self._unflushed += new
-                        self._run_fill, self._run_end = fill, esi
-                    self._write_run()
-                    self._run_chunk, self._run_first, fill = chunk, esi, 0
-                    continues = True
+                    self._restart_run(state, chunk, esi, fill, stored - counted, continues)
+                    counted = stored if continues else counted
+                    fill, continues = 0, True
                 take = min(count - stored, (room - fill) // size)
                 run[fill : fill + take * size] = b"".join(whole[stored : stored + take])
                 runs.set_all(bits, esi, take)
@@ -832,16 +826,9 @@ class SymbolStore:
             if bits[byte] & bit or len(symbol) != size:
                 break
             if not continues or fill + size > room:
-                if continues:  # the buffer is full of this run: sync what it holds first
-                    # (as `add`: counted before written; a failed write forgets them)
-                    new, counted = stored - counted, stored
-                    state.sources += new
-                    self._stored += new
-                    self._unflushed += new
-                    self._run_fill, self._run_end = fill, esi
-                self._write_run()
-                self._run_chunk, self._run_first, fill = chunk, esi, 0
-                continues = True
+                self._restart_run(state, chunk, esi, fill, stored - counted, continues)
+                counted = stored if continues else counted
+                fill, continues = 0, True
             run[fill : fill + size] = symbol
             fill += size
             bits[byte] |= bit
@@ -854,6 +841,21 @@ class SymbolStore:
             self._unflushed += new
             self._run_fill, self._run_end = fill, esi
         return stored
+
+    def _restart_run(
+        self, state: _Chunk, chunk: int, esi: int, fill: int, new: int, continues: bool
+    ) -> None:
+        """Write the gathered run and gather `chunk`'s source symbols from `esi` on instead.
+        If the run being added to `continues` it (its buffer is full), its `new` symbols not
+        yet counted, `fill` bytes in all, are counted first (as `add`: counted before written;
+        a failed write forgets them)."""
+        if continues:
+            state.sources += new
+            self._stored += new
+            self._unflushed += new
+            self._run_fill, self._run_end = fill, esi
+        self._write_run()
+        self._run_chunk, self._run_first = chunk, esi
 
     def _add_repairs(self, state: _Chunk, chunk: int, esi: int, symbols: _Symbols) -> int:
         """`add_run`'s loop over repair `symbols` (ESIs from `esi` on) while each comes after
