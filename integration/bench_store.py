@@ -145,7 +145,7 @@ def bench_core(
     # As the receive loop hands them over: views of one buffer, a read's worth (a GSO/GRO
     # batch) at a time, and with ``store-words`` the read's words as the transport gives a GRO
     # read's (`MulticastReceiver.coalesced`: whole runs checked at once).
-    reads: list[tuple[list[memoryview], dict[str, object]]] = []
+    reads: list[tuple[list[memoryview], dict[str, tuple[memoryview, int]]]] = []
     for at in range(0, len(stream), READ):
         group = stream[at : at + READ]
         whole = memoryview(bytearray(b"".join(group)))
@@ -171,7 +171,7 @@ def bench_core(
         used = 0
         for read, coalesced in reads:
             if batched:
-                core.receive_datagrams(read, "fd00::1", NOW, wall=NOW, **coalesced)  # type: ignore[arg-type]
+                core.receive_datagrams(read, "fd00::1", NOW, wall=NOW, **coalesced)
             else:
                 for datagram in read:
                     core.receive_datagram(bytes(datagram), "fd00::1", NOW, wall=NOW)

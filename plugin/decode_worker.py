@@ -14,8 +14,8 @@ What the loop does per decode
 A chunk whose store decoder reaches K symbols without all its sources while the worker is idle
 (`idle`: every decode sent is answered) is *submitted* (`otacast.plugin.store_decoder`; while
 the worker is busy, the chunk is decoded on the loop instead, so that both decode at once):
-its number goes on a list, and the core refuses its further
-symbols at once (``decode-pending``; the lesson of an earlier attempt, backed out, which kept
+its number goes on a list, and the core refuses its further symbols at once
+(``decode-pending``; the lesson of an earlier attempt, backed out, which kept
 storing them while the decode waited: 1.77-1.95 x K received at 5-20% loss).  At most
 `MAX_DECODES_IN_FLIGHT` decodes are in the worker at once; each turn of the loop (`pump`)
 sends the next ones a `DecodePlan` (where the chunk's symbols are: a few runs of source ESIs,
@@ -234,10 +234,6 @@ class DecodeWorker:
     def fileno(self) -> int:
         """The answers' pipe, for the loop's ``select``."""
         return self._answers
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._waiting or self._flight)
 
     def idle(self) -> bool:
         """Whether every decode sent has been answered and none waits (the answers that came

@@ -22,8 +22,8 @@ here: `feed` answers `decoder.SUBMITTED` and the chunk is handed to the worker p
 (`otacast.plugin.decode_worker`) under a new submission number.  One that needs a decode while
 the worker has one is decoded here at once, as without a worker: with the symbol-major order
 nearly every chunk becomes decodable in the last rounds, and the two processes then decode side
-by side on two cores instead of one after the other.  The driver calls `pump` every turn of its loop
-(the worker is sent the `DecodePlan`s of waiting chunks) and `decoded`, which yields each
+by side on two cores instead of one after the other.  The driver calls `pump` every turn of its
+loop (the worker is sent the `DecodePlan`s of waiting chunks) and `decoded`, which yields each
 outcome for `ReceiverCore.chunk_decoded`.  An outcome counts only while its submission is the
 chunk's current one: `keep` (a chunk completed over HTTP or from local blocks while its decode
 was in flight) and `discard` end it, so a stale result is dropped unread.  If the worker fails,

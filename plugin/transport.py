@@ -396,8 +396,8 @@ class MulticastReceiver:
         read of several whole datagrams of a length divisible by 4, `coalesced` holds
         ``(words, segment)``: the read's whole datagrams as native 32-bit words, `segment`
         bytes each (for `ReceiverCore.receive_datagrams`; valid as long as the views), else
-        None.  A link-local
-        source carries its zone (``fe80::1%eth0``), as the kernel reports it.
+        None.  A link-local source carries its zone (``fe80::1%eth0``), as the kernel reports
+        it.
         """
         # Every step counts here: this runs once per datagram where nothing is coalesced.
         if buffer is None:
