@@ -157,6 +157,7 @@ from .decoder import (
     DecoderFactory,
     DecoderFault,
     FeedResult,
+    InPlace,
     raptorq_decoder,
 )
 from .events import (
@@ -1102,10 +1103,14 @@ class ReceiverCore:
         state = self._chunks[chunk] = _Chunk(decoder, manifest.source_symbols(chunk))
         return state
 
-    def _finish_chunk(self, chunk: int, data: bytes, now: float) -> None:
+    def _finish_chunk(self, chunk: int, result: bytes | InPlace, now: float) -> None:
         state = self._chunks.pop(chunk)
         assert self.verified is not None
-        if hashlib.sha256(data).digest() != self.verified.manifest.chunks.sha256[chunk]:
+        if isinstance(result, InPlace):  # hashed where it is (`decoder.InPlace`)
+            digest, length, data = result.digest, result.length, None
+        else:
+            digest, length, data = hashlib.sha256(result).digest(), len(result), result
+        if digest != self.verified.manifest.chunks.sha256[chunk]:
             self.stats.rejected["chunk-hash-mismatch"] += 1
             state.decoder.discard()  # its symbols built a wrong chunk: none of them is kept
             self._polluted = True
@@ -1113,7 +1118,7 @@ class ReceiverCore:
         self._polluted = False
         self._add_done(chunk)
         self.stats.chunks_multicast += 1
-        self.stats.bytes_multicast += len(data)
+        self.stats.bytes_multicast += length
         self._events.append(ChunkComplete(chunk, data))
         self._progress(now)
 

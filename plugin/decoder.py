@@ -10,6 +10,10 @@ replaced by 0 here because the codec panics on an out-of-range one.  A panic sur
 in Python as ``pyo3_runtime.PanicException``, a `BaseException`; it is turned into
 `DecoderFault` here so that no codec failure can take the receiver down.
 
+A decoder whose chunk is already in place (the symbol store's, with every source symbol
+there) answers `InPlace`, the digest of those bytes, instead of the bytes themselves: the core
+compares the digest and emits the chunk with no data.
+
 A decoder may also answer `SUBMITTED` instead of bytes: the chunk holds enough symbols and its
 decode runs elsewhere (the store's decoders with the driver's decode worker process,
 `otacast.plugin.decode_worker`).  The core then refuses the chunk's further symbols (counted as
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 import raptorq
@@ -39,8 +44,20 @@ class Decode(enum.Enum):
 
 SUBMITTED: Final = Decode.SUBMITTED
 
-# What `feed` answers: the chunk's bytes, None (not yet), or `SUBMITTED`.
-FeedResult = bytes | Decode | None
+
+@dataclass(frozen=True)
+class InPlace:
+    """What a decoder answers for a chunk whose bytes are already where they belong (the
+    symbol store's, once every source symbol of the chunk is in the staged image): their
+    SHA-256, taken as they were written, for the core to compare with the signed one."""
+
+    digest: bytes
+    length: int
+
+
+# What `feed` answers: the chunk's bytes (or their digest, in place), None (not yet), or
+# `SUBMITTED`.
+FeedResult = bytes | InPlace | Decode | None
 
 
 class ChunkDecoder(Protocol):

@@ -28,10 +28,12 @@ class ManifestRefused:
 
 @dataclass(frozen=True)
 class ChunkComplete:
-    """A chunk decoded from multicast whose SHA-256 matches the signed hash."""
+    """A chunk decoded from multicast whose SHA-256 matches the signed hash.  No `data`: its
+    bytes are in place in the staged image already, where they were hashed (a chunk whose
+    source symbols all arrived, `otacast.plugin.decoder.InPlace`)."""
 
     index: int
-    data: bytes
+    data: bytes | None
 
 
 @dataclass(frozen=True)

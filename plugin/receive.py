@@ -1223,12 +1223,13 @@ class _Run:
             self.core.restart_chunk(index)
             self.emit.note(f"local reuse: chunk {index} failed its hash: fetched in full")
 
-    def _keep(self, index: int, data: bytes) -> None:
-        """Keep chunk `index`, verified against its signed hash, in the state directory."""
+    def _keep(self, index: int, data: bytes | None) -> None:
+        """Keep chunk `index`, verified against its signed hash, in the state directory (no
+        `data`: verified where it is, in the symbol store's staged image)."""
         if self.stored is not None:
             self.stored.keep(index, data)
         else:
-            assert self.writer is not None
+            assert self.writer is not None and data is not None  # (in-memory decoders' bytes)
             self.writer.put(index, data)
 
     def _fall_back(self, reason: str) -> None:

@@ -6,8 +6,10 @@ the core decoders of this kind: instead of holding symbols in memory, `feed` put
 into the `SymbolStore` (source symbols in place in ``image.part``, repair symbols in the spill,
 all of it surviving ``kill -9``), and once the chunk holds K symbols it produces the chunk:
 
-* with all K source symbols in place, the chunk is simply read back (a systematic code needs
-  no decode for its own data);
+* with all K source symbols in place, the chunk is only hashed (a systematic code needs no
+  decode for its own data), and mostly not even read back: the store hashes a chunk's source
+  symbols as it writes them in order (`SymbolStore.in_place_digest`), so `feed` answers
+  `decoder.InPlace`, their digest, and the core emits the chunk with no data;
 * otherwise the stored codec packets are fed to a fresh `raptorq` decoder; with K symbols it
   succeeds with high probability, and if it does not, the next symbol tries again.
 
@@ -39,7 +41,7 @@ from pathlib import Path
 from otacast.schemas.policy import VerifiedManifest
 
 from .decode_worker import DecodeWorker
-from .decoder import SUBMITTED, ChunkDecoder, DecoderFault, FeedResult, decode_chunk
+from .decoder import SUBMITTED, ChunkDecoder, DecoderFault, FeedResult, InPlace, decode_chunk
 from .staging import Staging
 from .symbol_store import DecodePlan, SymbolStore
 
@@ -94,7 +96,7 @@ class StoreDecoder:
         if held < self.k or held == self._tried_with:
             return None
         if store.has_all_source(chunk):
-            return store.read_chunk(chunk)
+            return InPlace(store.in_place_digest(chunk), self.length)
         if self._submit is not None and self._submit(chunk):
             self._tried_with = held  # if it does not decode, the next new symbol tries again
             return SUBMITTED
@@ -265,9 +267,10 @@ class StoredSymbols:
         chunks = range(self.verified.manifest.chunk_count)
         return sum(self.store.count(index) for index in chunks)
 
-    def keep(self, index: int, data: bytes | memoryview) -> None:
-        """Keep chunk `index`, whose `data` matches its signed hash (once), and start making it
-        durable (in the background: a restart then resumes it as a whole chunk)."""
+    def keep(self, index: int, data: bytes | memoryview | None) -> None:
+        """Keep chunk `index`, whose `data` matches its signed hash (once; no data: it is in
+        place, `decoder.InPlace`), and start making it durable (in the background: a restart
+        then resumes it as a whole chunk)."""
         self._submitted.pop(index, None)
         if not self.store.is_done(index):
             self.store.complete(index, data)

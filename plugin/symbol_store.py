@@ -23,6 +23,16 @@ lock) instead of repeating any of that.  Its own files:
   before any read of that chunk (`read_chunk`, `symbols`, `complete`), and on every flush; a
   ``pwrite`` per symbol cost more than the rest of `add` together.  `add_run` takes such a
   run (what one GRO read holds) in one call, storing exactly what `add` one by one would.
+  *Hashed as written:* when a written run continues the chunk's source symbols from its
+  start without a gap, it is hashed as it is written (one SHA-256 state per chunk), so a chunk
+  whose source symbols all came in order (every chunk at 0% loss from a sender's first start)
+  needs no read back to be verified: `in_place_digest` reads only what lies past the first
+  gap.  A chunk completing without it read all of its 8 MiB back and hashed it in the round
+  that completes every chunk (the order is symbol-major), and the receive loop, busy with
+  those reads and hashes, lost datagrams to its full socket buffer, so a few chunks then
+  needed repair symbols and a decode even at 0% loss.  The bytes hashed are the very buffer
+  written; they are trusted to stay as written, as a decoded chunk's are (hashed, then
+  written), and the whole image is hashed once more before hand-off anyway.
 * **Repair symbols** (ESI >= K) go to ``symbols.spill``, an array of ``T``-byte slots.  A slot
   freed by a completed or discarded chunk is reused, so the file is as long as the most slots
   ever in use at once (the high-water mark), and is cut back to the slots in use on reopen.
@@ -103,7 +113,8 @@ Bounds
   symbols, far less at low loss), whatever ESIs a sender uses (they range over 24 bits, and the
   repair pool is not signed, so a bitmap over a chunk's cycle could not be sized safely).
   Besides: the two run buffers (`RUN_BYTES` each, allocated once) and the records of at most two
-  flushes (16 bytes per symbol, < 2 x `FLUSH_SYMBOLS`).
+  flushes (16 bytes per symbol, < 2 x `FLUSH_SYMBOLS`), and a SHA-256 state (~0.2 KB) per
+  chunk holding symbols.
 
 What the caller must have verified
 ----------------------------------
@@ -122,9 +133,9 @@ Using it
 Open `Staging`, then ``SymbolStore(staging)``: it resumes (`done`, `is_done`: the chunks
 `Staging.resume` verified) with every symbol stored before.  Per DATA datagram the core
 admitted, ``add(chunk, esi, datagram[DATA_HEADER_SIZE:])``.  Once ``count(chunk) >= K``:
-with `has_all_source`, hash `read_chunk` (no decode; given that very ``bytes`` object,
-`complete` reads nothing again); otherwise feed `symbols` (codec packets) to a decoder, and if
-it yields data, hash it (or hand a decoder in another process the chunk's `decode_plan`: it
+with `has_all_source`, compare `in_place_digest` (no decode, and little or nothing read back) and
+on a match `complete` it with no data; otherwise feed `symbols` (codec packets) to a decoder,
+and if it yields data, hash it (or hand a decoder in another process the chunk's `decode_plan`: it
 reads the symbols from the files itself).  A match goes to `complete`, a mismatch to
 `discard`; no data yet means wait for more symbols.  Call `flush` when something must be
 durable now, and `close` at the end, then `Staging.finish`.  The store is used from one thread
@@ -134,6 +145,7 @@ durable now, and `close` at the end, then `Staging.finish`.  The store is used f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import queue
 import struct
@@ -251,6 +263,8 @@ class StoreStats:
     stored: int  # symbols admitted by `add`
     refused: Mapping[str, int] = field(default_factory=dict)  # reason -> symbols not stored
     compactions: int = 0
+    # bytes `in_place_digest` read back (what was not hashed as written, in order)
+    read_back_bytes: int = 0
 
     @property
     def bytes_written(self) -> int:
@@ -267,7 +281,17 @@ class _Chunk:
     """What one chunk holds: a bitmap of its source ESIs, and its repair ESIs (sorted) with
     the spill slot of each."""
 
-    __slots__ = ("bits", "k", "length", "offset", "repair_esi", "repair_slot", "sources")
+    __slots__ = (
+        "bits",
+        "digest",
+        "hashed",
+        "k",
+        "length",
+        "offset",
+        "repair_esi",
+        "repair_slot",
+        "sources",
+    )
 
     def __init__(self, k: int, offset: int, length: int) -> None:
         self.k = k
@@ -277,6 +301,9 @@ class _Chunk:
         self.sources = 0
         self.repair_esi = array("I")
         self.repair_slot = array("I")
+        # The SHA-256 of source symbols 0 .. hashed-1 as they were written (`in_place_digest`).
+        self.digest = hashlib.sha256()
+        self.hashed = 0
 
     def has_source(self, esi: int) -> bool:
         return bool(self.bits[esi >> 3] >> (esi & 7) & 1)
@@ -567,6 +594,27 @@ class SymbolStore:
         self._read_back = (chunk, data)
         return data
 
+    def in_place_digest(self, chunk: int) -> bytes:
+        """The SHA-256 of `chunk` as its source symbols were written to ``image.part``, once it
+        `has_all_source` (*Hashed as written*): only what was not written in order from the
+        chunk's start is read back.  Then `complete` with no data keeps it as it is."""
+        state = self._chunks[chunk]
+        if not state.sources == state.k:
+            raise ValueError("the chunk's source symbols are not all in place")
+        if chunk == self._run_chunk:
+            self._write_run()  # its gathered source symbols belong in what is hashed
+        digest, position = state.digest, state.hashed * self._symbol_size
+        if position < state.length:
+            digest = digest.copy()  # (the chunk's own stays that of what was written in order)
+            while position < state.length:
+                size = min(READ_BLOCK, state.length - position)
+                digest.update(
+                    self._read(self._part, state.offset + position, size, self.staging.part)
+                )
+                position += size
+                self._counts["read_back"] += size
+        return digest.digest()
+
     def symbols(self, chunk: int) -> list[bytes]:
         """The codec packets (payload id + symbol) `chunk` holds, for the decoder, in the
         order of their ESIs (as `esis`)."""
@@ -661,6 +709,7 @@ class SymbolStore:
             stored=self._stored,
             refused=MappingProxyType(dict(self._refused)),
             compactions=self._counts["compactions"],
+            read_back_bytes=self._counts["read_back"],
         )
 
     # --- Adding symbols ---------------------------------------------------------------------
@@ -932,6 +981,9 @@ class SymbolStore:
                     state.offset + first * self._symbol_size,
                     self.staging.part,
                 )
+                if state.hashed == first:  # the chunk's bytes in order so far (*Hashed*)
+                    state.digest.update(run[:fill])
+                    state.hashed = end
         except SymbolStoreError:
             for esi in range(first, end):
                 state.clear_source(esi)
@@ -969,9 +1021,15 @@ class SymbolStore:
 
     # --- Ending a chunk ---------------------------------------------------------------------
 
-    def complete(self, chunk: int, data: bytes | memoryview) -> None:
+    def complete(self, chunk: int, data: bytes | memoryview | None) -> None:
         """Keep `chunk`, whose `data` matches its signed hash: write in place only the source
-        symbols that differ from it (those it lacked), record it done, free its slots."""
+        symbols that differ from it (those it lacked), record it done, free its slots.  With
+        no `data`, the chunk is kept as it is in place (all its source symbols are: its
+        `in_place_digest` matched)."""
+        if data is None:
+            if chunk not in self._done:
+                self._keep_in_place(chunk)
+            return
         offset, length = self._manifest.chunk_span(chunk)
         if len(data) != length:
             raise ValueError("chunk length does not match the manifest")
@@ -1030,6 +1088,15 @@ class SymbolStore:
         self._done.add(chunk)
         if not overwrites_stored:
             self._forget(chunk)
+
+    def _keep_in_place(self, chunk: int) -> None:
+        if not self.has_all_source(chunk):
+            raise ValueError("the chunk's source symbols are not all in place")
+        if chunk == self._run_chunk:
+            self._write_run()
+        self._completed.append(chunk)  # (recorded as `complete` records it)
+        self._done.add(chunk)
+        self._forget(chunk)
 
     def discard(self, chunk: int) -> None:
         """Forget every symbol of `chunk` (its decode failed its hash); synced at once, so

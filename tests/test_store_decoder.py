@@ -70,8 +70,12 @@ def test_every_chunk_is_in_progress_at_once_and_only_repairable_chunks_are_decod
         events = receive_all(core, order)
         done = {e.index: e.data for e in events if isinstance(e, ChunkComplete)}
         assert sorted(done) == list(range(M.chunk_count))
+        # The decoded chunk comes with its bytes; the others were hashed as their source
+        # symbols were written, in order, and are verified where they are: nothing read back.
+        assert [index for index, data in done.items() if data is not None] == [1]
         for index, data in done.items():
-            assert data == RELEASE.chunk(index)
+            assert (data or store.read_chunk(index)) == RELEASE.chunk(index)
+        assert store.stats.read_back_bytes == 0
         assert "decoder-budget" not in core.stats.rejected
         assert store.stats.spill_high_water > 0  # chunk 1's repair symbols were kept on disk
 
@@ -90,7 +94,37 @@ def test_a_forged_symbol_costs_its_chunk_one_decode_and_the_honest_symbols_then_
         assert store.count(0) == 0  # every symbol of the spoiled decode was forgotten
         events = receive_all(core, CYCLES[0])
         (complete,) = [e for e in events if isinstance(e, ChunkComplete)]
-        assert complete.index == 0 and complete.data == RELEASE.chunk(0)
+        assert complete.index == 0 and complete.data is None  # (in place, in order this time)
+        assert store.read_chunk(0) == RELEASE.chunk(0)
+
+
+def test_a_chunk_whose_source_symbols_came_out_of_order_is_hashed_from_its_first_gap_on(
+    tmp_path: Path,
+) -> None:
+    with stored_core(tmp_path) as (core, store):
+        receive_all(core, manifest_datagrams(RELEASE.envelope))
+        k, size = M.source_symbols(0), M.fec.symbol_size
+        # ESI 7 comes last: 0-6 are hashed as written, 8 on are written past a gap, and 7,
+        # when it comes, continues the hashed ones: only 8 on are read back.
+        late = CYCLES[0][7]
+        events = receive_all(core, [*CYCLES[0][:7], *CYCLES[0][8:k], late])
+        (complete,) = [e for e in events if isinstance(e, ChunkComplete)]
+        assert complete.index == 0 and complete.data is None
+        assert store.stats.read_back_bytes == M.chunk_span(0)[1] - 8 * size
+        assert store.read_chunk(0) == RELEASE.chunk(0)
+
+
+def test_a_forged_source_symbol_in_order_fails_the_chunk_hash_in_place(tmp_path: Path) -> None:
+    with stored_core(tmp_path) as (core, store):
+        receive_all(core, manifest_datagrams(RELEASE.envelope))
+        honest = CYCLES[0][: M.source_symbols(0)]
+        forged = bytearray(honest[5])
+        forged[-1] ^= 0x01
+        events = receive_all(core, [*honest[:5], bytes(forged), *honest[6:]])
+        assert not [e for e in events if isinstance(e, ChunkComplete)]
+        assert core.stats.rejected["chunk-hash-mismatch"] == 1
+        assert store.stats.read_back_bytes == 0  # what was hashed is what was written
+        assert store.count(0) == 0 and not store.is_done(0)
 
 
 def test_views_of_a_reused_read_buffer_are_stored_as_they_were(tmp_path: Path) -> None:
