@@ -611,7 +611,7 @@ class _Run:
         snap = self.core.snapshot()
         assert snap.manifest is not None
         m = snap.manifest.manifest
-        status.update(
+        status.post(
             activity="downloading",
             release=f"{m.name} {m.version}",
             sequence=m.sequence,

@@ -3,8 +3,11 @@
 ``fetch``, ``install`` and ``watch`` rewrite it when their activity changes and about once a
 second while a download runs (atomically, by rename, so a reader never sees half a file; not
 fsynced: it describes the present, and after a crash the writer's pid tells a reader it is
-stale).  The last error is kept across runs until a run succeeds, so an operator looking at a
-quiet device sees why its last attempt failed.
+stale).  The download's rewrites (`StatusFile.post`) are made on a thread: creating and
+renaming a file can wait behind another thread's ``fdatasync`` (142 ms once on ext4, measured
+on the receive loop, which must not pause while the stream goes on).  The last error is kept
+across runs until a run succeeds, so an operator looking at a quiet device sees why its last
+attempt failed.
 
 `StatusReport` is what ``otacast status`` shows: the installed record (read by the caller, from
 ``installed.json``) beside this file.  What a writer said it was doing counts only while that
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
@@ -105,9 +109,36 @@ class StatusFile:
             last_error=previous.last_error if previous else None,
             last_error_at=previous.last_error_at if previous else None,
         )
+        self._lock = threading.Lock()
+        self._posted = threading.Event()
+        self._writer: threading.Thread | None = None
 
     def update(self, **changes: Any) -> None:
-        self.status = replace(self.status, updated=time.time(), **changes)
+        with self._lock:
+            self.status = replace(self.status, updated=time.time(), **changes)
+            self._write()
+
+    def post(self, **changes: Any) -> None:
+        """`update`, with the file rewritten on a thread: returns at once (module doc).  The
+        file always ends up with the latest status: each write, on either side, writes the
+        status current at that moment, under one lock."""
+        with self._lock:
+            self.status = replace(self.status, updated=time.time(), **changes)
+        self._posted.set()
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_posted, name="otacast-status", daemon=True
+            )
+            self._writer.start()
+
+    def _write_posted(self) -> None:
+        while True:
+            self._posted.wait()
+            self._posted.clear()
+            with self._lock:
+                self._write()
+
+    def _write(self) -> None:
         tmp: Path | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,24 @@ def test_last_error_survives_later_runs_until_one_succeeds(tmp_path: Path) -> No
     second.succeeded()
     status = read_status(tmp_path)
     assert status is not None and status.last_error is None and status.activity == "idle"
+
+
+def test_a_posted_status_is_written_in_the_background_and_a_later_update_wins(
+    tmp_path: Path,
+) -> None:
+    status_file = StatusFile(tmp_path)
+    status_file.post(activity="downloading", bytes_done=5, bytes_total=10)
+    deadline = time.monotonic() + 10
+    while (status := read_status(tmp_path)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert status is not None and status.activity == "downloading"
+    for done in range(6, 10):
+        status_file.post(activity="downloading", bytes_done=done, bytes_total=10)
+    status_file.succeeded()  # written before it returns, and never overwritten by a post
+    for _ in range(3):
+        status = read_status(tmp_path)
+        assert status is not None and status.activity == "idle" and status.bytes_done == 0
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
