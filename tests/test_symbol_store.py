@@ -534,6 +534,41 @@ def test_start_flush_never_waits_for_a_slow_disk_and_a_flush_asked_meanwhile_fol
         assert store.done == {0, 1}  # ... and made chunk 1 durable without another call
 
 
+def test_add_waits_for_a_slow_disk_only_once_max_unflushed_symbols_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = threading.Event()  # the disk finishes the batch in flight when this is set
+    real_sync = SymbolStore._sync
+    synced: list[int] = []  # journal bytes of each batch, as the disk finishes it
+
+    def slow_sync(self: SymbolStore, batch: symbol_store._Batch) -> None:
+        assert disk.wait(10)
+        synced.append(len(batch.records))
+        real_sync(self, batch)
+
+    monkeypatch.setattr(symbol_store, "FLUSH_SYMBOLS", 8)
+    monkeypatch.setattr(symbol_store, "FLUSH_RETRY_SYMBOLS", 2)
+    monkeypatch.setattr(symbol_store, "MAX_UNFLUSHED_SYMBOLS", 40)
+    monkeypatch.setattr(SymbolStore, "_sync", slow_sync)
+    # One record per symbol: each one a repair symbol of chunk 0 (source runs share records).
+    repair = [SYMBOLS[0][K[0] + i] for i in range(REPAIR)]
+    with opened(tmp_path) as store:
+        for i in range(8):
+            store.add(0, K[0] + i, repair[i])  # the 8th hands a batch to the stalled disk
+        assert store._syncer.busy()
+        for i in range(8, 47):  # 39 more are gathered without waiting: the loop goes on
+            store.add(0, K[0] + i, repair[i])
+        assert not disk.is_set() and store._unflushed == 39
+        # The 40th waits for the disk (it is let go from another thread meanwhile).
+        threading.Timer(0.2, disk.set).start()
+        store.add(0, K[0] + 47, repair[47])
+        assert disk.is_set() and store._unflushed == 0
+        store.flush()
+    assert synced == [8 * RECORD_BYTES, 40 * RECORD_BYTES]
+    with opened(tmp_path) as store:
+        assert sorted(store.esis(0)) == [K[0] + i for i in range(48)]
+
+
 def test_a_receiver_killed_mid_stream_resumes_with_its_stored_symbols(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     state = tmp_path / "state"
@@ -929,6 +964,8 @@ def test_a_run_stores_exactly_what_its_symbols_one_by_one_store(
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(symbol_store, "RUN_BYTES", run_symbols * T)
         patch.setattr(symbol_store, "FLUSH_SYMBOLS", flush_symbols)
+        # (a flush never put off while the syncer is busy: both stores flush at one symbol)
+        patch.setattr(symbol_store, "MAX_UNFLUSHED_SYMBOLS", flush_symbols)
         with opened(one) as by_one, opened(run) as by_run:
             by_one._max_slots = by_run._max_slots = spill_slots
             for _ in range(120):
