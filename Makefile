@@ -101,12 +101,14 @@ sweep-quick: setup
 FUZZ_RUNS ?= 20000
 fuzz-quick: setup
 	mkdir -p fuzz/crashes
+	# (each target's scratch files, seeds included, in a directory removed after it: libFuzzer
+	# exits without running Python's cleanup)
 	for target in datagram auth manifest config delta index assembly; do \
-	    log=$$(mktemp); \
-	    $(BIN)/python fuzz/fuzz_device.py $$target -runs=$(FUZZ_RUNS) -seed=1 \
+	    log=$$(mktemp); scratch=$$(mktemp -d); \
+	    TMPDIR=$$scratch $(BIN)/python fuzz/fuzz_device.py $$target -runs=$(FUZZ_RUNS) -seed=1 \
 	        -artifact_prefix=fuzz/crashes/ >$$log 2>&1 \
-	        || { grep -v '^INFO: Instrumenting' $$log | tail -40; rm -f $$log; exit 1; }; \
-	    echo "fuzz $$target: $$(grep -E '^Done [0-9]+ runs' $$log)"; rm -f $$log; \
+	        || { grep -v '^INFO: Instrumenting' $$log | tail -40; rm -rf $$log $$scratch; exit 1; }; \
+	    echo "fuzz $$target: $$(grep -E '^Done [0-9]+ runs' $$log)"; rm -rf $$log $$scratch; \
 	done
 
 clean:
