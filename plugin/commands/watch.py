@@ -9,7 +9,6 @@ from pathlib import Path
 
 from otacast.plugin.deliver import require_device_type
 from otacast.plugin.errors import UsageError
-from otacast.plugin.watch import Watcher
 
 from .args import Subcommands, settings_of, trust_in_force
 from .receiving import CHANNEL_REQUIRED, add_receive_options, check_out_path, installer_of
@@ -38,6 +37,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
     if not settings.channel:
         raise UsageError(CHANNEL_REQUIRED.format(command="watch"))
     trust = trust_in_force(settings)
+    # Imported here: the daemon and its metrics exporter (`prometheus_client`) cost ~50 ms of
+    # start-up that every other command (a download's first datagram among them) need not pay.
+    from otacast.plugin.watch import Watcher
+
     watcher = Watcher(settings, trust, installer, sys.stdout, as_json=args.json)
     # SIGTERM (systemd stop) ends the daemon like Ctrl-C: partial downloads stay resumable.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
