@@ -7,7 +7,7 @@ same checks are done for a whole run with a handful of C-level operations:
 
 * `all_clear` / `set_all` test and set a range of bits in a ``bytearray`` bitmap (bit
   ``i`` is ``bits[i >> 3] & 1 << (i & 7)``, as the core and the symbol store keep them)
-  through one integer;
+  through one integer, `bits_of` reads one, and `spans` walks its runs of equal bits;
 * `run_length` compares the DATA headers of datagrams ``first .. first + count - 1`` of a
   read, seen as native 32-bit words, with the first one's: word for word equal, but for the
   payload id, which must go up by one each time; it says how many from the first on do (a
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections.abc import Iterator
 
 # The DATA header (`otacast.schemas.wire`) as 32-bit words: prefix (2), TSI, TOI, payload id.
 _HEADER_WORDS = 5
@@ -42,6 +43,27 @@ def set_all(bits: bytearray, first: int, count: int) -> None:
     mask = ((1 << count) - 1) << (first & 7)
     word = int.from_bytes(bits[low:high], "little") | mask
     bits[low:high] = word.to_bytes(high - low, "little")
+
+
+def bits_of(bits: bytearray, first: int, count: int) -> int:
+    """Bits ``first .. first + count - 1`` as an integer, bit ``i`` for bit ``first + i`` (all
+    within `bits`)."""
+    low, high = first >> 3, ((first + count - 1) >> 3) + 1
+    return int.from_bytes(bits[low:high], "little") >> (first & 7) & ((1 << count) - 1)
+
+
+def spans(word: int, count: int) -> Iterator[tuple[int, int, bool]]:
+    """The runs of equal bits in the low `count` bits of `word`, in order, as ``(start, end,
+    bit)`` with ``end`` exclusive: one step per run, not per bit."""
+    full = (1 << count) - 1
+    position = 0
+    while position < count:
+        bit = word >> position & 1
+        # Ones where a bit differs from this one, from here on: the lowest ends the run.
+        differs = ((~word if bit else word) & full) >> position
+        length = (differs & -differs).bit_length() - 1 if differs else count - position
+        yield position, position + length, bool(bit)
+        position += length
 
 
 def run_length(words: memoryview, stride: int, first: int, count: int, payload_id: int) -> int:

@@ -1057,7 +1057,7 @@ class SymbolStore:
             self._write_run()  # its gathered source symbols belong in what is compared
         state = self._chunks.get(chunk)
         size = self._symbol_size
-        runs: list[tuple[int, int]] = []  # [start, end) byte ranges of the chunk to write
+        writes: list[tuple[int, int]] = []  # [start, end) byte ranges of the chunk to write
         overwrites_stored = False
         if held is not data:
             # Compared a block of symbols at a time (no copies: `startswith` at an offset),
@@ -1076,22 +1076,30 @@ class SymbolStore:
                     base = first
                 if place.startswith(view[first:last], first - base):
                     continue
-                for esi in range(block, stop):
-                    start, end = esi * size, min((esi + 1) * size, length)
-                    if place.startswith(view[start:end], start - base):
+                # A run of held symbols is compared whole (it nearly always matches: only a
+                # forged symbol differs); symbol by symbol only where the chunk lacked them
+                # and in a held run that differs (a decode's block has a few of each).
+                word = 0 if state is None else runs.bits_of(state.bits, block, stop - block)
+                for low, high, held_run in runs.spans(word, stop - block):
+                    start, end = (block + low) * size, min((block + high) * size, length)
+                    if held_run and place.startswith(view[start:end], start - base):
                         continue
-                    if state is not None and state.has_source(esi):
-                        overwrites_stored = True  # a forged symbol the decode did not need
-                    if runs and runs[-1][1] == start:
-                        runs[-1] = (runs[-1][0], end)
-                    else:
-                        runs.append((start, end))
+                    for esi in range(block + low, block + high):
+                        start, end = esi * size, min((esi + 1) * size, length)
+                        if place.startswith(view[start:end], start - base):
+                            continue
+                        if held_run:
+                            overwrites_stored = True  # a forged symbol the decode did not need
+                        if writes and writes[-1][1] == start:
+                            writes[-1] = (writes[-1][0], end)
+                        else:
+                            writes.append((start, end))
         if overwrites_stored:
             # Its record must be void on disk before the bytes it names change.
             self._forget(chunk)
             self.flush()
         view = memoryview(data)
-        for start, end in runs:
+        for start, end in writes:
             self._write(self._part, view[start:end], offset + start, self.staging.part)
             self._dirty_part = True
             self._counts["decoded"] += end - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 from hypothesis import assume, given
@@ -14,6 +15,30 @@ HEADER = struct.Struct(">QIII")  # the DATA header: prefix, TSI, TOI, payload id
 
 def _bit(bits: bytearray, index: int) -> bool:
     return bool(bits[index >> 3] & 1 << (index & 7))
+
+
+@given(
+    bits=st.binary(min_size=1, max_size=40).map(bytearray),
+    first=st.integers(0, 319),
+    count=st.integers(1, 64),
+)
+def test_the_runs_of_a_range_of_bits_are_its_bits_one_by_one(
+    bits: bytearray, first: int, count: int
+) -> None:
+    count = min(count, len(bits) * 8 - first)
+    assume(count >= 1)
+    word = runs.bits_of(bits, first, count)
+    assert [bool(word >> i & 1) for i in range(count)] == [
+        _bit(bits, i) for i in range(first, first + count)
+    ]
+    spans = list(runs.spans(word, count))
+    # Consecutive, covering the range, each one bit repeated, no two alike side by side.
+    assert spans[0][0] == 0 and spans[-1][1] == count
+    for (_, end, bit), (start, _, other) in itertools.pairwise(spans):
+        assert end == start and bit != other
+    for start, end, bit in spans:
+        assert start < end
+        assert all(_bit(bits, first + i) == bit for i in range(start, end))
 
 
 @given(
