@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import struct
 
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from otacast.plugin import runs
@@ -17,16 +17,20 @@ def _bit(bits: bytearray, index: int) -> bool:
     return bool(bits[index >> 3] & 1 << (index & 7))
 
 
-@given(
-    bits=st.binary(min_size=1, max_size=40).map(bytearray),
-    first=st.integers(0, 319),
-    count=st.integers(1, 64),
-)
+@st.composite
+def bit_ranges(draw: st.DrawFn) -> tuple[bytearray, int, int]:
+    """A bitmap and a range of 1-64 of its bits: (bits, first, count)."""
+    bits = bytearray(draw(st.binary(min_size=1, max_size=40)))
+    first = draw(st.integers(0, len(bits) * 8 - 1))
+    count = draw(st.integers(1, min(64, len(bits) * 8 - first)))
+    return bits, first, count
+
+
+@given(bit_ranges())
 def test_the_runs_of_a_range_of_bits_are_its_bits_one_by_one(
-    bits: bytearray, first: int, count: int
+    bit_range: tuple[bytearray, int, int],
 ) -> None:
-    count = min(count, len(bits) * 8 - first)
-    assume(count >= 1)
+    bits, first, count = bit_range
     word = runs.bits_of(bits, first, count)
     assert [bool(word >> i & 1) for i in range(count)] == [
         _bit(bits, i) for i in range(first, first + count)
@@ -41,16 +45,11 @@ def test_the_runs_of_a_range_of_bits_are_its_bits_one_by_one(
         assert all(_bit(bits, first + i) == bit for i in range(start, end))
 
 
-@given(
-    bits=st.binary(min_size=1, max_size=40).map(bytearray),
-    first=st.integers(0, 319),
-    count=st.integers(1, 64),
-)
+@given(bit_ranges())
 def test_a_range_of_bits_is_clear_exactly_when_each_of_its_bits_is(
-    bits: bytearray, first: int, count: int
+    bit_range: tuple[bytearray, int, int],
 ) -> None:
-    count = min(count, len(bits) * 8 - first)
-    assume(count >= 1)
+    bits, first, count = bit_range
     assert runs.all_clear(bits, first, count) == (
         not any(_bit(bits, i) for i in range(first, first + count))
     )
