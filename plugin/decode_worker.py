@@ -11,14 +11,14 @@ keeps reading.
 
 What the loop does per decode
 -----------------------------
-A chunk whose store decoder reaches K symbols without all its sources while the worker is idle
-(`idle`: every decode sent is answered) is *submitted* (`otacast.plugin.store_decoder`; while
-the worker is busy, the chunk is decoded on the loop instead, so that both decode at once):
-its number goes on a list, and the core refuses its further symbols at once
-(``decode-pending``; the lesson of an earlier attempt, backed out, which kept
-storing them while the decode waited: 1.77-1.95 x K received at 5-20% loss).  At most
-`MAX_DECODES_IN_FLIGHT` decodes are in the worker at once; each turn of the loop (`pump`)
-sends the next ones a `DecodePlan` (where the chunk's symbols are: a few runs of source ESIs,
+A chunk whose store decoder reaches K symbols without all its sources while the worker has
+room (`has_room`: one of its `MAX_DECODES_IN_FLIGHT` result slots is free, so it decodes the
+chunk next, at the latest once the one it may be decoding is done) is *submitted*
+(`otacast.plugin.store_decoder`; while both slots are taken, the chunk is decoded on the loop
+instead, so that both decode at once), and its plan is sent at once: the core refuses its
+further symbols from then on (``decode-pending``; the lesson of an earlier attempt, backed out,
+which kept storing them while the decode waited: 1.77-1.95 x K received at 5-20% loss).  The
+worker is sent a `DecodePlan` (where the chunk's symbols are: a few runs of source ESIs,
 the repair ESIs and their spill slots; a few hundred bytes to ~55 KB), which the store makes
 after writing its gathered runs.  The worker opens ``image.part`` and the spill read-only,
 reads the chunk's symbols itself, decodes, and writes the chunk's bytes into a shared-memory
@@ -235,22 +235,11 @@ class DecodeWorker:
         """The answers' pipe, for the loop's ``select``."""
         return self._answers
 
-    def idle(self) -> bool:
-        """Whether every decode sent has been answered and none waits (the answers that came
-        are read now and kept for `results`; none is waited for).  False once it is gone."""
-        if self.failed is not None or self._waiting:
-            return False
-        try:
-            while True:
-                got = os.read(self._answers, 4096)
-                if not got:
-                    return False  # end of file: `results` says the worker is gone
-                self._in += got
-        except BlockingIOError:
-            pass
-        except OSError:
-            return False
-        return len(self._in) // _ANSWER.size >= len(self._flight)
+    def has_room(self) -> bool:
+        """Whether a decode submitted now is sent at once (a result slot is free and none
+        waits); the worker takes it as soon as it is done with the one it may be decoding.
+        False once it is gone."""
+        return self.failed is None and not self._waiting and bool(self._free)
 
     def submit(self, chunk: int, token: int) -> None:
         """Decode `chunk` when a slot is free (`pump` sends it); `token` names this submission."""

@@ -19,12 +19,15 @@ bytes per repair symbol held).  The core hashes what `feed` returns; on a mismat
 `discard`, and the store forgets the chunk's symbols (a forged symbol spoiled the decode).
 
 *The decode worker.*  Given one (`StoredSymbols.use_worker`: the receive driver starts it with
-``decode = "worker"``), a chunk that needs a decode while the worker is idle is not decoded
-here: `feed` answers `decoder.SUBMITTED` and the chunk is handed to the worker process
-(`otacast.plugin.decode_worker`) under a new submission number.  One that needs a decode while
-the worker has one is decoded here at once, as without a worker: with the symbol-major order
-nearly every chunk becomes decodable in the last rounds, and the two processes then decode side
-by side on two cores instead of one after the other.  The driver calls `pump` every turn of its
+``decode = "worker"``), a chunk that needs a decode while the worker has room for it (a result
+slot free: one decode in it and one queued at most) is not decoded here: `feed` answers
+`decoder.SUBMITTED` and the chunk is sent to the worker process
+(`otacast.plugin.decode_worker`) at once, under a new submission number.  One that needs a
+decode while the worker has two is decoded here at once, as without a worker: with the
+symbol-major order nearly every chunk becomes decodable in the last rounds, and the two
+processes then decode side by side on two cores instead of one after the other.  (With room
+for one only, the worker sat idle while the loop decoded: it took 17 of a 500 MB image's 64
+chunks, docs/PERFORMANCE.md.)  The driver calls `pump` every turn of its
 loop (the worker is sent the `DecodePlan`s of waiting chunks) and `decoded`, which yields each
 outcome for `ReceiverCore.chunk_decoded`.  An outcome counts only while its submission is the
 chunk's current one: `keep` (a chunk completed over HTTP or from local blocks while its decode
@@ -169,11 +172,14 @@ class StoredSymbols:
 
     def _submit(self, chunk: int) -> bool:
         worker = self._worker
-        if worker is None or not worker.idle():
-            return False  # decoded here, while the worker decodes another (module doc)
+        if worker is None or not worker.has_room():
+            return False  # decoded here, while the worker has two (module doc)
         self._tokens = (self._tokens + 1) & 0xFFFFFFFF
         self._submitted[chunk] = self._tokens
         worker.submit(chunk, self._tokens)
+        # Sent now, not at the loop's next turn: the loop may decode another chunk itself
+        # before then, and the worker would wait for it.
+        worker.pump(self._plan)
         return True
 
     def _plan(self, chunk: int, token: int) -> DecodePlan | None:

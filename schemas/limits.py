@@ -111,9 +111,9 @@ MIN_SYMBOL_SIZE = 256
 MAX_DECODER_BYTES = 16 * 1024 * 1024
 
 # Chunk decodes handed to the receiver's decode worker process at once (`otacast.plugin.
-# decode_worker`): it is sent one only when it has answered every other (while it decodes, the
-# loop decodes the next chunk itself), but the bytes of the one it finished may still wait in
-# their shared memory for the loop to read them: two slots.  This bounds what finished decodes
+# decode_worker`): one it decodes and one queued behind it, so that it goes on while the loop
+# is busy decoding a third itself (with room for one only, it sat idle then); the bytes of each
+# wait in their own shared memory for the loop to read them.  This bounds what finished decodes
 # hold: at most two chunks' bytes, each read back and freed by the receive loop.
 MAX_DECODES_IN_FLIGHT = 2
 

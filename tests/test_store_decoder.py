@@ -259,7 +259,7 @@ def test_when_the_worker_dies_its_decodes_are_done_here_and_it_is_said_once(
 ) -> None:
     with worker_core(tmp_path) as (core, stored, worker):
         receive_all(core, manifest_datagrams(RELEASE.envelope))
-        events = receive_all(core, lossy(1))  # submitted (not yet sent: `pump` sends it)
+        events = receive_all(core, lossy(1))  # submitted (and sent)
         assert not [e for e in events if isinstance(e, ChunkComplete)]
         assert worker.pid is not None
         os.kill(worker.pid, signal.SIGKILL)
@@ -272,18 +272,19 @@ def test_when_the_worker_dies_its_decodes_are_done_here_and_it_is_said_once(
         assert [e.index for e in events if isinstance(e, ChunkComplete)] == [2]
 
 
-def test_while_the_worker_has_a_decode_the_next_chunk_is_decoded_here_at_once(
+def test_while_the_worker_has_two_decodes_the_next_chunk_is_decoded_here_at_once(
     tmp_path: Path,
 ) -> None:
     with worker_core(tmp_path) as (core, stored, worker):
         receive_all(core, manifest_datagrams(RELEASE.envelope))
-        events = receive_all(core, [*lossy(1), *lossy(2)])
-        # Chunk 1 waits for the worker; chunk 2, decodable meanwhile, did not wait.
+        events = receive_all(core, [*lossy(0), *lossy(1), *lossy(2)])
+        # Chunks 0 and 1 went to the worker (one decoding, one queued, both sent at once);
+        # chunk 2, decodable meanwhile, did not wait.
         assert [e.index for e in events if isinstance(e, ChunkComplete)] == [2]
         events = take_decodes(core, stored)
-        (complete,) = [e for e in events if isinstance(e, ChunkComplete)]
-        assert complete.index == 1 and complete.data == RELEASE.chunk(1)
-        assert worker.decodes == 1 and stored.failed is None
+        done = {e.index: e.data for e in events if isinstance(e, ChunkComplete)}
+        assert done == {0: RELEASE.chunk(0), 1: RELEASE.chunk(1)}
+        assert worker.decodes == 2 and stored.failed is None
 
 
 def test_a_decode_in_flight_for_a_chunk_completed_meanwhile_is_dropped_unread(
