@@ -130,8 +130,8 @@ def add_receive_options(
         "--decode",
         choices=DECODE_PLACES,
         help="where the symbol store's chunks are decoded: inline (default: on the receive "
-        "loop) or worker (a worker process: the loop reads on while a chunk decodes and "
-        "decodes the next one itself, for ~50 MB more memory)",
+        "loop) or worker (a worker process takes up to two chunks at a time: the loop "
+        "reads on meanwhile and decodes any more itself, for ~55 MB more memory)",
     )
     p.add_argument(
         "--reuse-source",
