@@ -307,7 +307,16 @@ def test_genuine_pages_replayed_at_the_honest_packet_rate_cost_the_download_noth
         assert clean["bytes_http"] == 0 and attacked["bytes_http"] == 0
         rejected = attacked["rejected"]
         assert isinstance(rejected, dict)
-        assert rejected.get("auth-stale", 0) > 0  # the replays were heard, and refused
+        # The replays were heard: refused as stale, or, when a whole loop of them was held
+        # before the manifest and accepted in order ahead of the sender's first fresh page
+        # (genuine pages of this release, so harmless), recognised as repeats from then on,
+        # which the summary does not count; then they show as more refused before the manifest
+        # than in the clean run (the attacker sends for a second before the sender starts).
+        # (The stale count alone failed once in six runs.)
+        clean_rejected = clean["rejected"]
+        assert isinstance(clean_rejected, dict)
+        early = rejected.get("no-manifest-yet", 0) - clean_rejected.get("no-manifest-yet", 0)
+        assert rejected.get("auth-stale", 0) > 0 or early > 0
         assert rejected.get("chunk-hash-mismatch", 0) == 0
         assert rejected.get("unauthenticated", 0) == 0  # no honest datagram lost its page
         used = int(attacked["symbols_used"]) / int(clean["symbols_used"])  # type: ignore[call-overload]
