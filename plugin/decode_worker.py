@@ -55,7 +55,6 @@ import struct
 import subprocess
 import sys
 from array import array
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -219,7 +218,6 @@ class DecodeWorker:
             fcntl.fcntl(self._requests, _F_SETPIPE_SZ, _PIPE_BYTES)
         os.set_blocking(self._requests, False)
         os.set_blocking(self._answers, False)
-        self._waiting: deque[tuple[int, int]] = deque()  # (chunk, token) not yet sent
         self._flight: dict[int, tuple[int, int]] = {}  # token -> (chunk, slot)
         self._out = bytearray()  # request bytes the pipe did not take yet
         self._in = bytearray()  # answer bytes not yet a whole answer
@@ -236,39 +234,34 @@ class DecodeWorker:
         return self._answers
 
     def has_room(self) -> bool:
-        """Whether a decode submitted now is sent at once (a result slot is free and none
-        waits); the worker takes it as soon as it is done with the one it may be decoding.
-        False once it is gone."""
-        return self.failed is None and not self._waiting and bool(self._free)
+        """Whether a result slot is free: a decode `submit`-ted now is sent at once, and the
+        worker takes it as soon as it is done with the one it may be decoding.  False once it
+        is gone."""
+        return self.failed is None and bool(self._free)
 
-    def submit(self, chunk: int, token: int) -> None:
-        """Decode `chunk` when a slot is free (`pump` sends it); `token` names this submission."""
-        self._waiting.append((chunk, token))
+    def submit(self, chunk: int, token: int, plan: DecodePlan) -> None:
+        """Send the worker `chunk`'s decode (`has_room` must hold); `token` names this
+        submission.  What the pipe does not take now, `pump` sends later."""
+        slot = self._free.pop()
+        runs = array("I", [n for run in plan.source_runs for n in run])
+        self._out += _REQUEST.pack(
+            token,
+            slot,
+            plan.offset,
+            plan.length,
+            plan.k,
+            plan.symbol_size,
+            len(plan.source_runs),
+            len(plan.repair_esi),
+        )
+        self._out += runs.tobytes()
+        self._out += plan.repair_esi.tobytes()
+        self._out += plan.repair_slot.tobytes()
+        self._flight[token] = (chunk, slot)
+        self._send()
 
-    def pump(self, plan_for: Callable[[int, int], DecodePlan | None]) -> None:
-        """Send waiting decodes while fewer than the limit are in flight (`plan_for` gives the
-        chunk's plan, or None if that submission is void), and what the pipe did not take."""
-        while self.failed is None and self._waiting and self._free:
-            chunk, token = self._waiting.popleft()
-            plan = plan_for(chunk, token)
-            if plan is None:
-                continue
-            slot = self._free.pop()
-            runs = array("I", [n for run in plan.source_runs for n in run])
-            self._out += _REQUEST.pack(
-                token,
-                slot,
-                plan.offset,
-                plan.length,
-                plan.k,
-                plan.symbol_size,
-                len(plan.source_runs),
-                len(plan.repair_esi),
-            )
-            self._out += runs.tobytes()
-            self._out += plan.repair_esi.tobytes()
-            self._out += plan.repair_slot.tobytes()
-            self._flight[token] = (chunk, slot)
+    def pump(self) -> None:
+        """Send what the pipe did not take yet (every turn of the loop)."""
         self._send()
 
     def _send(self) -> None:
@@ -343,9 +336,7 @@ class DecodeWorker:
         if self.failed is None:
             return []
         chunks = [(chunk, token) for token, (chunk, _) in self._flight.items()]
-        chunks += list(self._waiting)
         self._flight.clear()
-        self._waiting.clear()
         return chunks
 
     def _fail(self, why: str | None = None) -> None:

@@ -28,7 +28,7 @@ symbol-major order nearly every chunk becomes decodable in the last rounds, and 
 processes then decode side by side on two cores instead of one after the other.  (With room
 for one only, the worker sat idle while the loop decoded: it took 17 of a 500 MB image's 64
 chunks, docs/PERFORMANCE.md.)  The driver calls `pump` every turn of its
-loop (the worker is sent the `DecodePlan`s of waiting chunks) and `decoded`, which yields each
+loop (the worker is sent what its pipe did not take yet) and `decoded`, which yields each
 outcome for `ReceiverCore.chunk_decoded`.  An outcome counts only while its submission is the
 chunk's current one: `keep` (a chunk completed over HTTP or from local blocks while its decode
 was in flight) and `discard` end it, so a stale result is dropped unread.  If the worker fails,
@@ -46,7 +46,7 @@ from otacast.schemas.policy import VerifiedManifest
 from .decode_worker import DecodeWorker
 from .decoder import SUBMITTED, ChunkDecoder, DecoderFault, FeedResult, InPlace, decode_chunk
 from .staging import Staging
-from .symbol_store import DecodePlan, SymbolStore
+from .symbol_store import SymbolStore
 
 # The codec packet is a 4-byte payload id (SBN, 24-bit ESI) followed by the symbol.
 _PAYLOAD_ID = 4
@@ -174,26 +174,23 @@ class StoredSymbols:
         worker = self._worker
         if worker is None or not worker.has_room():
             return False  # decoded here, while the worker has two (module doc)
+        plan = self.store.decode_plan(chunk)
+        if plan is None:
+            return False  # (it holds K symbols: never)
         self._tokens = (self._tokens + 1) & 0xFFFFFFFF
         self._submitted[chunk] = self._tokens
-        worker.submit(chunk, self._tokens)
         # Sent now, not at the loop's next turn: the loop may decode another chunk itself
         # before then, and the worker would wait for it.
-        worker.pump(self._plan)
+        worker.submit(chunk, self._tokens, plan)
         return True
-
-    def _plan(self, chunk: int, token: int) -> DecodePlan | None:
-        if not self._current(chunk, token):
-            return None  # completed or discarded since: nothing to decode
-        return self.store.decode_plan(chunk)
 
     def _current(self, chunk: int, token: int) -> bool:
         return self._submitted.get(chunk) == token
 
     def pump(self) -> None:
-        """Send the worker the decodes it has room for (every turn of the loop)."""
+        """Send the worker what its pipe did not take yet (every turn of the loop)."""
         if self._worker is not None:
-            self._worker.pump(self._plan)
+            self._worker.pump()
 
     def decoded(self) -> Iterator[tuple[int, bytes | None, bool]]:
         """Each decode that ended since the last call and still counts: (chunk, its bytes or

@@ -117,8 +117,8 @@ Bounds
   symbols, far less at low loss), whatever ESIs a sender uses (they range over 24 bits, and the
   repair pool is not signed, so a bitmap over a chunk's cycle could not be sized safely).
   Besides: the two run buffers (`RUN_BYTES` each, allocated once), the records not yet durable
-  (16 bytes per symbol, < 2 x `MAX_UNFLUSHED_SYMBOLS`: 2 MB), and a SHA-256 state (~0.2 KB)
-  per chunk holding symbols.
+  (16 bytes per symbol, < 2 x `MAX_UNFLUSHED_SYMBOLS`: 2 MB), and a SHA-256 state (~0.25 KB,
+  measured) per chunk holding symbols.
 
 What the caller must have verified
 ----------------------------------
@@ -612,11 +612,11 @@ class SymbolStore:
         """The SHA-256 of `chunk` as its source symbols were written to ``image.part``, once it
         `has_all_source` (*Hashed as written*): only what was not written in order from the
         chunk's start is read back.  Then `complete` with no data keeps it as it is."""
-        state = self._chunks[chunk]
-        if not state.sources == state.k:
+        if not self.has_all_source(chunk):
             raise ValueError("the chunk's source symbols are not all in place")
         if chunk == self._run_chunk:
             self._write_run()  # its gathered source symbols belong in what is hashed
+        state = self._chunks[chunk]
         digest, position = state.digest, state.hashed * self._symbol_size
         if position < state.length:
             digest = digest.copy()  # (the chunk's own stays that of what was written in order)
@@ -1103,22 +1103,24 @@ class SymbolStore:
             self._write(self._part, view[start:end], offset + start, self.staging.part)
             self._dirty_part = True
             self._counts["decoded"] += end - start
-        # Recorded in chunks.log by the next flush, after these bytes are synced and before
-        # the FORGET below is appended: on reopen the chunk is done (and its symbols then
-        # forgotten), or it is not and its symbols are still all there.
-        self._completed.append(chunk)
-        self._done.add(chunk)
-        if not overwrites_stored:
-            self._forget(chunk)
+        self._record_done(chunk, forget=not overwrites_stored)
 
     def _keep_in_place(self, chunk: int) -> None:
         if not self.has_all_source(chunk):
             raise ValueError("the chunk's source symbols are not all in place")
         if chunk == self._run_chunk:
             self._write_run()
-        self._completed.append(chunk)  # (recorded as `complete` records it)
+        self._record_done(chunk, forget=True)
+
+    def _record_done(self, chunk: int, *, forget: bool) -> None:
+        # Recorded in chunks.log by the next flush, after the chunk's bytes are synced and
+        # before the FORGET below is appended: on reopen the chunk is done (and its symbols
+        # then forgotten), or it is not and its symbols are still all there.  (Not forgotten
+        # here when `complete` forgot them already, before overwriting a stored symbol.)
+        self._completed.append(chunk)
         self._done.add(chunk)
-        self._forget(chunk)
+        if forget:
+            self._forget(chunk)
 
     def discard(self, chunk: int) -> None:
         """Forget every symbol of `chunk` (its decode failed its hash); synced at once, so

@@ -293,7 +293,7 @@ def test_a_decode_in_flight_for_a_chunk_completed_meanwhile_is_dropped_unread(
     with worker_core(tmp_path) as (core, stored, worker):
         receive_all(core, manifest_datagrams(RELEASE.envelope))
         receive_all(core, lossy(1))
-        stored.pump()  # the worker has it
+        stored.pump()  # (the worker was sent it at once)
         # HTTP repair brings the chunk whole while it decodes: kept, done.
         stored.keep(1, RELEASE.chunk(1))
         core.mark_done(1, NOW)
