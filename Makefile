@@ -21,6 +21,8 @@ $(STAMP): setup.cfg pyproject.toml schemas signer plugin
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=64" wheel
 	$(BIN)/python -m pip install -q -e '.[test,bench]' --config-settings editable_mode=strict
+	# Bytecode as an installed package has it (the shell may set PYTHONDONTWRITEBYTECODE).
+	$(BIN)/python -c 'import compileall, otacast; [compileall.compile_dir(d, quiet=1) for d in otacast.__path__]'
 	touch $(STAMP)
 
 lint: setup

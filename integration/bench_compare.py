@@ -85,7 +85,7 @@ from integration.compare_tools import (
     warm_cache,
 )
 from integration.netns import BIN, Host, Lan, segment_in_software
-from integration.release import Release, serve_command
+from integration.release import Release, compile_bytecode, serve_command
 from integration.services import nginx
 from otacast.schemas import units
 from otacast.schemas.manifest import parse_envelope
@@ -754,6 +754,7 @@ def _interrupted(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     plan, results = parse_args(argv)
+    compile_bytecode()
     # Ctrl-C and SIGTERM alike stop and reap everything started, and delete the namespaces
     # (a background job may have SIGINT ignored: make sure it is not).
     signal.signal(signal.SIGINT, _interrupted)

@@ -61,6 +61,7 @@ from integration.netns import Lan, stop
 from integration.release import (
     Release,
     clear_loss,
+    compile_bytecode,
     dropped,
     first_start,
     keygen,
@@ -188,6 +189,7 @@ def main() -> None:
         "goodput of a receiver with one core",
     )
     args = parser.parse_args()
+    compile_bytecode()
     if args.pin and len(os.sched_getaffinity(0)) < 2:
         parser.error("--pin needs two CPUs")
     keeping = args.symbols.split(",")

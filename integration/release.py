@@ -33,6 +33,20 @@ KEY = "release"  # the release key's file stem in a release's directory
 WRITE_BLOCK = 16 << 20  # random images are written in blocks: a 1 GiB one is never in memory
 
 
+def compile_bytecode() -> None:
+    """Compile the installed package's bytecode, as a wheel or distribution package installs
+    it: a benchmark then times the start-up a user's device has.  (With
+    ``PYTHONDONTWRITEBYTECODE`` set, as in some shells and CI images, every start of
+    ``otacast`` would otherwise compile its ~90 modules again: 0.1 s of CPU measured per start,
+    0.2 ms per MB at 500 MB.)"""
+    import compileall
+
+    import otacast
+
+    for directory in otacast.__path__:
+        compileall.compile_dir(directory, quiet=1)
+
+
 def keygen(stem: Path) -> tuple[Path, Path]:
     """`otacast-signer keygen`: a new key pair, as (secret ``stem.key``, public ``stem.pub``)."""
     subprocess.run([SIGNER, "keygen", str(stem)], check=True, capture_output=True)

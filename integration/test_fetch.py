@@ -104,9 +104,10 @@ def test_a_20_mb_image_arrives_identical_through_random_loss(
     summary = summary_of(events)
     assert summary["bytes_http"] == 0
     # Only counted discards of honest data: early data beyond what is held before the (lossy)
-    # manifest arrives, and (with in-memory decoders only) symbols of chunks waiting for
+    # manifest arrives, symbols of a chunk that holds K already while its decode waits its turn
+    # (``decode-pending``), and (with in-memory decoders only) symbols of chunks waiting for
     # decoder room.  Nothing malformed.
-    assert set(summary["rejected"]) <= {"no-manifest-yet", "decoder-budget"}  # type: ignore[call-overload]
+    assert set(summary["rejected"]) <= {"no-manifest-yet", "decode-pending", "decoder-budget"}  # type: ignore[call-overload]
     assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
     # A first run resumes nothing: the datagrams held until the manifest are this run's own.
     notes = [str(e["message"]) for e in events if e.get("event") == "note"]
@@ -205,7 +206,7 @@ def test_ssm_join_ignores_an_unlisted_source_sending_garbage_to_the_group(
     # The flood carries random session ids: had any of it arrived it would be counted as
     # another session's or as malformed.  Only honest early data may have been discarded.
     rejected = summary_of(events)["rejected"]
-    assert set(rejected) <= {"no-manifest-yet"}, rejected  # type: ignore[arg-type]
+    assert set(rejected) <= {"no-manifest-yet", "decode-pending"}, rejected  # type: ignore[arg-type]
     assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
 
 
@@ -260,8 +261,9 @@ def test_with_the_symbol_store_a_30_percent_loss_download_refuses_no_symbol(
     code, events, err = _fetch_through_loss(lan, release, tmp_path, 30, "--symbols", "store")
     assert code == 0, err
     summary = summary_of(events)
-    # Every symbol was kept on disk: nothing refused for want of a decoder.
-    assert set(summary["rejected"]) <= {"no-manifest-yet"}  # type: ignore[call-overload]
+    # Every symbol was kept on disk: nothing refused for want of a decoder (only, while a
+    # chunk that holds K symbols waits for its decode, its surplus: ``decode-pending``).
+    assert set(summary["rejected"]) <= {"no-manifest-yet", "decode-pending"}  # type: ignore[call-overload]
     assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
     assert {p.name for p in (tmp_path / "state").iterdir()} <= {"status.json"}
 

@@ -15,7 +15,8 @@ A chunk whose store decoder reaches K symbols without all its sources while the 
 room (`has_room`: one of its `MAX_DECODES_IN_FLIGHT` result slots is free, so it decodes the
 chunk next, at the latest once the one it may be decoding is done) is *submitted*
 (`otacast.plugin.store_decoder`; while both slots are taken, the chunk is decoded on the loop
-instead, so that both decode at once), and its plan is sent at once: the core refuses its
+instead, so that both decode at once, or it waits in the loop's queue, lowest chunk first, for
+the loop's turn or a free slot), and its plan is sent at once: the core refuses its
 further symbols from then on (``decode-pending``; the lesson of an earlier attempt, backed out,
 which kept storing them while the decode waited: 1.77-1.95 x K received at 5-20% loss).  The
 worker is sent a `DecodePlan` (where the chunk's symbols are: a few runs of source ESIs,

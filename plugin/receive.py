@@ -20,18 +20,22 @@ the verified manifest first needs them (its first admitted symbol, or the `Manif
 event, whichever comes first).  The store's writes are cheap enough for the receive loop (runs
 of source symbols, and of repair symbols in consecutive spill slots, gathered into one write
 each, syncs in a background thread: figures in docs/PERFORMANCE.md).  The loop hands the core
-each read as views of its buffer (`ReceiverCore.receive_datagrams`), which copies what it
-keeps.  With ``decode = "worker"`` (``--decode worker``; not the default: it costs a second
-process's memory) the store's decodes run in a worker process (`otacast.plugin.decode_worker`)
-that the driver starts with the store: the core refuses a chunk's symbols while its decode is
-submitted, the loop waits on the worker's answers with the sockets and hands each outcome to the
-core (`ReceiverCore.chunk_decoded`), and while every unfinished chunk is decoding it does not
-read the sockets at all (nothing that arrives can help).  With ``memory`` the core's in-memory
-decoders hold symbols for at most ``MAX_DECODER_BYTES`` of chunks at once (16 MiB), and
-`_Writer` persists verified chunks off the loop.  It is kept for images that fit that budget
-(it writes nothing but whole chunks); for larger ones it is the wrong choice: the sender keeps
-every chunk in progress at once, so the symbols of every chunk without a decoder are refused
-(``decoder-budget``) and the download takes many passes.
+each read as views of its buffer (`ReceiverCore.receive_datagrams`), which copies what it keeps.
+A chunk that needs a RaptorQ decode is queued, not decoded while its datagram is handled: each
+turn of the loop decodes the lowest queued chunk (`StoredSymbols.queue_decodes`), so that the
+image's hash, taken from its start on a thread as chunks become final, follows the decodes
+instead of waiting for the last one.  With ``decode = "worker"`` (``--decode worker``; not the
+default: it costs a second process's memory) the store's decodes run in a worker process
+(`otacast.plugin.decode_worker`) that the driver starts with the store: the core refuses a
+chunk's symbols while its decode is submitted, the loop waits on the worker's answers with the
+sockets and hands each outcome to the core (`ReceiverCore.chunk_decoded`), and while every
+unfinished chunk is decoding it does not read the sockets at all (nothing that arrives can
+help).  With ``memory`` the core's in-memory decoders hold symbols for at most
+``MAX_DECODER_BYTES`` of chunks at once (16 MiB), and `_Writer` persists verified chunks off the
+loop.  It is kept for images that fit that budget (it writes nothing but whole chunks); for
+larger ones it is the wrong choice: the sender keeps every chunk in progress at once, so the
+symbols of every chunk without a decoder are refused (``decoder-budget``) and the download takes
+many passes.
 
 `otacast.plugin.fetcher.RepairWorker` fetches the missing chunks over HTTP in a thread and
 passes verified ones back through a queue.  Only the loop talks to the core, the store and
@@ -556,18 +560,21 @@ class _Run:
             now = time.monotonic()
             timer = self.core.get_timer()
             wait = POLL_INTERVAL if timer is None else max(0.0, min(POLL_INTERVAL, timer - now))
+            if self.stored is not None and self.stored.queued:
+                wait = 0.0  # a decode is due on this loop (`_take_decoded`)
             if self.receivers:
                 waited: list[MulticastReceiver | DecodeWorker] = [*self.receivers]
+                if self.core.only_decodes_left:
+                    # Nothing that arrives can help until a decode ends: the kernel drops it,
+                    # for less than reading and refusing it would cost the decodes' CPU.
+                    waited.clear()
                 if self.worker is not None:
-                    if self.core.only_decodes_left:
-                        # Nothing that arrives can help until a decode ends: the kernel drops
-                        # it, for less than reading and refusing it would cost the worker's CPU.
-                        waited.clear()
                     waited.append(self.worker)  # (its answers are taken below)
-                readable, _, _ = select.select(waited, [], [], wait)
-                for receiver in readable:
-                    if isinstance(receiver, MulticastReceiver):
-                        self._drain(receiver)
+                if waited:
+                    readable, _, _ = select.select(waited, [], [], wait)
+                    for receiver in readable:
+                        if isinstance(receiver, MulticastReceiver):
+                            self._drain(receiver)
             else:
                 time.sleep(wait)
             if self._take_decoded():
@@ -654,11 +661,12 @@ class _Run:
             self._truncated += dropped
 
     def _take_decoded(self) -> bool:
-        """Hand the core each decode the worker finished (one chunk's bytes at a time), then
-        send it the next ones; say once if it failed (its decodes are then done here).
-        Whether the run finished (the last chunk was among them)."""
+        """Hand the core each decode the worker finished (one chunk's bytes at a time) and
+        the lowest queued chunk's decode on this loop (`StoredSymbols.decoded`: one per turn,
+        so that the sockets are read between two); say once if the worker failed (its decodes
+        are then done here).  Whether the run finished (the last chunk was among them)."""
         stored, worker = self.stored, self.worker
-        if stored is None or worker is None:
+        if stored is None:
             return False
         for chunk, data, fault in stored.decoded():
             self.core.chunk_decoded(chunk, data, time.monotonic(), fault=fault)
@@ -666,6 +674,8 @@ class _Run:
             self._handle_events()
             if self.finished:
                 return True
+        if worker is None:
+            return False
         self.decodes_in_worker = worker.decodes
         if stored.failed is not None:
             self.worker = None
@@ -1053,6 +1063,7 @@ class _Run:
         """The session's staging and symbol store, opened on first use (either way)."""
         if self.stored is None:
             self.stored = StoredSymbols(self.options.state_dir, verified)
+            self.stored.queue_decodes()
             self.staging = self.stored.staging
             self._start_worker(verified)
             self.symbols_resumed = self.stored.held()

@@ -23,7 +23,8 @@ bytes per repair symbol held).  The core hashes what `feed` returns; on a mismat
 slot free: one decode in it and one queued at most) is not decoded here: `feed` answers
 `decoder.SUBMITTED` and the chunk is sent to the worker process
 (`otacast.plugin.decode_worker`) at once, under a new submission number.  One that needs a
-decode while the worker has two is decoded here at once, as without a worker: with the
+decode while the worker has two is decoded here (at once, or on the loop's next turn with the
+queue below), as without a worker: with the
 symbol-major order nearly every chunk becomes decodable in the last rounds, and the two
 processes then decode side by side on two cores instead of one after the other.  (With room
 for one only, the worker sat idle while the loop decoded: it took 17 of a 500 MB image's 64
@@ -34,10 +35,21 @@ chunk's current one: `keep` (a chunk completed over HTTP or from local blocks wh
 was in flight) and `discard` end it, so a stale result is dropped unread.  If the worker fails,
 `decoded` decodes what it held here instead and every later decode is done here (`failed`
 says why, for the driver's one warning).
+
+*Lowest chunk first.*  With `queue_decodes` (the receive driver's choice) a chunk that needs a
+decode on this thread is not decoded inside `feed` either: it is queued (`feed` answers
+`decoder.SUBMITTED`, so the core refuses its symbols meanwhile), and each call of `decoded`
+decodes the lowest queued chunk, after giving the worker, if any, the lowest ones it has room
+for.  With the symbol-major order the chunks become decodable within a round of each other, in
+the order the round visits them (from wherever the sender's round starts), and their decodes
+then take seconds at 500 MB: in chunk order the image's hash (`otacast.plugin.staging`, which
+hashes the image from its start as chunks become final) follows the decodes on another core
+instead of starting after the last one, and the loop reads its socket between two decodes.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -165,24 +177,60 @@ class StoredSymbols:
         self._submitted: dict[int, int] = {}
         self._tokens = 0
         self.failed: str | None = None  # why the worker was given up (said once)
+        # Decodes queued for this thread, lowest chunk first (module doc, *Lowest chunk
+        # first*): (chunk, submission) pairs; one whose submission is no longer current (the
+        # chunk was completed or discarded meanwhile) is skipped when it comes up.
+        self._queue: list[tuple[int, int]] | None = None
 
     def use_worker(self, worker: DecodeWorker) -> None:
         """Decode in `worker` from now on (module doc); it is closed with the store."""
         self._worker = worker
 
+    def queue_decodes(self) -> None:
+        """Queue the decodes due on this thread for `decoded`, lowest chunk first, instead of
+        decoding in `feed` (module doc)."""
+        if self._queue is None:
+            self._queue = []
+
     def _submit(self, chunk: int) -> bool:
         worker = self._worker
-        if worker is None or not worker.has_room():
-            return False  # decoded here, while the worker has two (module doc)
+        if worker is not None and worker.has_room() and self._send(worker, chunk):
+            return True
+        if self._queue is None:
+            return False  # decoded here and now, in `feed`
+        token = self._new_token(chunk)
+        heapq.heappush(self._queue, (chunk, token))
+        return True
+
+    def _new_token(self, chunk: int) -> int:
+        self._tokens = (self._tokens + 1) & 0xFFFFFFFF
+        self._submitted[chunk] = self._tokens
+        return self._tokens
+
+    def _send(self, worker: DecodeWorker, chunk: int) -> bool:
+        """Submit `chunk` to `worker` (which has room); False if it cannot be planned."""
         plan = self.store.decode_plan(chunk)
         if plan is None:
             return False  # (it holds K symbols: never)
-        self._tokens = (self._tokens + 1) & 0xFFFFFFFF
-        self._submitted[chunk] = self._tokens
         # Sent now, not at the loop's next turn: the loop may decode another chunk itself
         # before then, and the worker would wait for it.
-        worker.submit(chunk, self._tokens, plan)
+        worker.submit(chunk, self._new_token(chunk), plan)
         return True
+
+    def _next_queued(self) -> int | None:
+        """The lowest queued chunk whose submission is current, taken off the queue."""
+        queue = self._queue
+        while queue:
+            chunk, token = heapq.heappop(queue)
+            if self._current(chunk, token):
+                return chunk
+        return None
+
+    @property
+    def queued(self) -> bool:
+        """Whether decodes wait in the queue for `decoded` (a driver should not wait for its
+        sockets then)."""
+        return bool(self._queue)
 
     def _current(self, chunk: int, token: int) -> bool:
         return self._submitted.get(chunk) == token
@@ -197,13 +245,27 @@ class StoredSymbols:
         None, whether the codec failed), for `ReceiverCore.chunk_decoded`.  Take each before
         the next is read (a chunk's bytes at a time)."""
         worker = self._worker
-        if worker is None:
+        if worker is not None:
+            for chunk, _, data, fault in worker.results(self._current):
+                del self._submitted[chunk]
+                yield chunk, data, fault
+            if worker.failed is None:
+                while worker.has_room() and (sent := self._next_queued()) is not None:
+                    if not self._send(worker, sent):
+                        self._submitted.pop(sent, None)
+                        yield sent, None, False  # (never: it was queued with K symbols)
+            else:
+                yield from self._give_up(worker)
+        here = self._next_queued()
+        if here is None:
             return
-        for chunk, _, data, fault in worker.results(self._current):
-            del self._submitted[chunk]
-            yield chunk, data, fault
-        if worker.failed is None:
-            return
+        del self._submitted[here]
+        try:
+            yield here, self._decoders[here].decode_here(), False
+        except DecoderFault:
+            yield here, None, True
+
+    def _give_up(self, worker: DecodeWorker) -> Iterator[tuple[int, bytes | None, bool]]:
         # Given up: what it held is decoded here, as everything after.
         self._worker = None
         self.failed = worker.failed
@@ -212,6 +274,9 @@ class StoredSymbols:
         for chunk, token in abandoned:
             decoder = self._decoders.get(chunk)
             if not self._current(chunk, token) or decoder is None:
+                continue
+            if self._queue is not None:
+                heapq.heappush(self._queue, (chunk, self._new_token(chunk)))
                 continue
             del self._submitted[chunk]
             try:

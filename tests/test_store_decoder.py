@@ -53,6 +53,22 @@ def stored_core(state: Path) -> Iterator[tuple[ReceiverCore, SymbolStore]]:
         stored.staging.close()
 
 
+@contextmanager
+def queued_core(state: Path) -> Iterator[tuple[ReceiverCore, StoredSymbols]]:
+    """The core over the store with its decodes queued for the driver, as `fetch` sets them
+    up without a worker."""
+    stored = StoredSymbols(state, RELEASE.verified())
+    stored.queue_decodes()
+    core = ReceiverCore(
+        RELEASE.trust, now=NOW, decoder_factory=stored.decoder, decoder_budget=UNBOUNDED_DECODERS
+    )
+    try:
+        yield core, stored
+    finally:
+        stored.close()
+        stored.staging.close()
+
+
 def test_every_chunk_is_in_progress_at_once_and_only_repairable_chunks_are_decoded(
     tmp_path: Path,
 ) -> None:
@@ -304,6 +320,55 @@ def test_a_decode_in_flight_for_a_chunk_completed_meanwhile_is_dropped_unread(
             assert list(stored.decoded()) == []
             time.sleep(0.005)
         assert core.stats.chunks_multicast == 0 and stored.store.is_done(1)
+
+
+def test_queued_decodes_are_done_one_per_turn_lowest_chunk_first(tmp_path: Path) -> None:
+    with queued_core(tmp_path) as (core, stored_symbols):
+        receive_all(core, manifest_datagrams(RELEASE.envelope))
+        # Chunk 2 becomes decodable first, then 0, then 1: none is decoded inside `feed`, and
+        # each refuses its further symbols while it waits.
+        events = receive_all(core, [*lossy(2, 70), *lossy(0, 70), *lossy(1, 70)])
+        assert not [e for e in events if isinstance(e, ChunkComplete)]
+        assert core.stats.rejected["decode-pending"] == sum(
+            len(lossy(c, 70)) - M.source_symbols(c) for c in range(3)
+        )
+        assert stored_symbols.queued and stored_symbols.decoding
+        turns = []
+        for _ in range(3):
+            (outcome,) = list(stored_symbols.decoded())  # one decode per turn
+            chunk, data, fault = outcome
+            turns.append(chunk)
+            assert data == RELEASE.chunk(chunk) and not fault
+            core.chunk_decoded(chunk, data, NOW)
+        assert turns == [0, 1, 2]
+        assert not stored_symbols.queued and not stored_symbols.decoding
+        assert list(stored_symbols.decoded()) == []
+        done = [e.index for e in drain(core) if isinstance(e, ChunkComplete)]
+        assert sorted(done) == [0, 1, 2]
+
+
+def test_a_queued_decode_of_a_chunk_completed_meanwhile_is_skipped(tmp_path: Path) -> None:
+    with queued_core(tmp_path) as (core, stored_symbols):
+        receive_all(core, manifest_datagrams(RELEASE.envelope))
+        receive_all(core, [*lossy(0), *lossy(1)])
+        # HTTP repair brings chunk 0 whole while its decode waits: kept, done, not decoded.
+        stored_symbols.keep(0, RELEASE.chunk(0))
+        core.mark_done(0, NOW)
+        assert [chunk for chunk, _, _ in stored_symbols.decoded()] == [1]
+        assert list(stored_symbols.decoded()) == [] and not stored_symbols.queued
+
+
+def test_with_a_worker_and_the_queue_every_decode_is_done_once_somewhere(tmp_path: Path) -> None:
+    with worker_core(tmp_path) as (core, stored, worker):
+        stored.queue_decodes()
+        receive_all(core, manifest_datagrams(RELEASE.envelope))
+        events = receive_all(core, [*lossy(0), *lossy(1), *lossy(2)])
+        # Chunks 0 and 1 went to the worker, chunk 2 waits for the loop or a free slot.
+        assert not [e for e in events if isinstance(e, ChunkComplete)]
+        events = take_decodes(core, stored)
+        done = {e.index: e.data for e in events if isinstance(e, ChunkComplete)}
+        assert done == {c: RELEASE.chunk(c) for c in range(3)}
+        assert worker.decodes in (2, 3) and stored.failed is None
 
 
 def _forged(datagram: bytes) -> bytes:
