@@ -242,8 +242,10 @@ class StoredSymbols:
 
     def decoded(self) -> Iterator[tuple[int, bytes | None, bool]]:
         """Each decode that ended since the last call and still counts: (chunk, its bytes or
-        None, whether the codec failed), for `ReceiverCore.chunk_decoded`.  Take each before
-        the next is read (a chunk's bytes at a time)."""
+        None, whether the codec failed), for `ReceiverCore.chunk_decoded`; the worker's first,
+        then (the worker given the lowest queued chunks it has room for) the lowest queued
+        chunk's, decoded here during the iteration: one per call.  Take each before the next is
+        read (a chunk's bytes at a time)."""
         worker = self._worker
         if worker is not None:
             for chunk, _, data, fault in worker.results(self._current):
