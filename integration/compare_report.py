@@ -27,6 +27,7 @@ FLEET_CPU_RATIO = 1.05
 FLEET_BYTES_RATIO = 1.1
 RECEIVER_RSS_MB = 100.0
 SENDER_RSS_MB = 300.0
+TWO_SENDERS_RATIO = 0.55
 
 
 def mib(size: int) -> str:
@@ -616,6 +617,26 @@ def targets(plan: Plan, result: dict[str, object], rows: Sequence[Row]) -> list[
                 _verdict(bytes_ratio, FLEET_BYTES_RATIO),
             ]
         )
+    several = _rows(result, "senders_median")
+    one = next((r for r in several if r["senders"] == 1), None)
+    two = next((r for r in several if r["senders"] == 2), None)
+    if one and two:
+        name = (
+            f"two senders, the second started later: receiving time ≤ {TWO_SENDERS_RATIO} x "
+            "one sender's"
+        )
+        if one["receiving_s"] and two["receiving_s"]:
+            ratio = _num(two["receiving_s"]) / _num(one["receiving_s"])
+            out.append(
+                [
+                    name,
+                    f"{_num(two['receiving_s']):.2f} s against {_num(one['receiving_s']):.2f} s "
+                    f"({ratio:.3f})",
+                    _verdict(ratio, TWO_SENDERS_RATIO),
+                ]
+            )
+        else:
+            out.append([name, "not delivered by both", "not measured"])
     memory = result.get("memory")
     if isinstance(memory, dict):
         rx, tx = memory.get("receiver_peak_rss_mb"), memory.get("sender_peak_rss_mb")
@@ -721,7 +742,8 @@ def finish(plan: Plan, result: dict[str, object], results: Path) -> int:
     if _rows(result, "senders_median"):
         sections += [
             f"## Several otacast senders into one receiver, {size_label(plan.image)} image, "
-            "default repair pool",
+            "default repair pool, each sender started 1-3 s after the one before and the "
+            "receiver 0.5-1.5 s after the last",
             senders_table(_rows(result, "senders_median")),
         ]
     memory = result.get("memory")
