@@ -585,6 +585,9 @@ def memory(plan: Plan, work: Path, procs: Processes) -> dict[str, object]:
                 tx.address,
                 symbols=plan.symbols,
                 decode=plan.decode,
+                # The sender encodes the whole image before its first datagram (a cold cache):
+                # longer than fetch's default wait for a manifest.
+                join_timeout=timeout,
             )
         )
         wait_joined(receiver, ssm_group(release))

@@ -574,14 +574,17 @@ def fetch_argv(
     *sources: str,
     symbols: str = "",
     decode: str = "",
+    join_timeout: float | None = None,
 ) -> list[str]:
-    """`otacast fetch` joining `sources` (SSM), multicast only; `symbols` and `decode` are its
-    --symbols and --decode (empty: fetch's defaults)."""
+    """`otacast fetch` joining `sources` (SSM), multicast only; `symbols`, `decode` and
+    `join_timeout` are its --symbols, --decode and --join-timeout (empty, None: fetch's
+    defaults)."""
     joins = [arg for source in sources for arg in ("--source", source)]
     keeping = ["--symbols", symbols] if symbols else []
     decoding = ["--decode", decode] if decode else []
+    waiting = ["--join-timeout", f"{join_timeout:g}"] if join_timeout is not None else []
     return fetch_command(
-        host, release, state, out, "--fallback", "never", *keeping, *decoding, *joins
+        host, release, state, out, "--fallback", "never", *keeping, *decoding, *waiting, *joins
     )
 
 
