@@ -73,6 +73,9 @@ WAITING_REASONS: Final[Mapping[str, str]] = {
     "no-manifest-yet": "heard before the manifest, not kept (sent again; usual when joining "
     "mid-stream)",
     "decoder-budget": "left for a later pass (--symbols memory: no decoder room)",
+    # A chunk that holds K symbols and waits for its decode needs no more (unless the decode
+    # fails, when it takes symbols again): with decodes queued, every lossy download has these.
+    "decode-pending": "not needed (their chunk held enough and was waiting for its decode)",
 }
 
 

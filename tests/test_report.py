@@ -273,6 +273,14 @@ def test_a_healthy_run_reads_as_one_datagrams_held_before_the_manifest_are_not_r
     assert "120 heard before the manifest" in mixed and mixed.endswith("; refused: oversized 2")
 
 
+def test_symbols_of_a_chunk_waiting_for_its_decode_do_not_read_as_refusals() -> None:
+    core = core_with_two_chunks_done()
+    text = summary_text(summary_of(core, **{"decode-pending": 5647}))
+    for alarming in ("reject", "refused", "error", "fail", "drop"):
+        assert alarming not in text.lower(), text
+    assert "5647 not needed (their chunk held enough" in text
+
+
 def test_the_summary_with_packet_authentication_counts_pages_verified() -> None:
     # (the old text read a counter that version-2 pages no longer have: a KeyError at the end)
     summary = dataclasses.replace(
