@@ -347,6 +347,45 @@ def test_queued_decodes_are_done_one_per_turn_lowest_chunk_first(tmp_path: Path)
         assert sorted(done) == [0, 1, 2]
 
 
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    order=st.permutations(range(3)),
+    turns=st.lists(st.booleans(), min_size=3, max_size=3),
+)
+def test_each_turn_decodes_the_lowest_chunk_queued_at_that_moment(
+    tmp_path_factory: pytest.TempPathFactory, order: list[int], turns: list[bool]
+) -> None:
+    # Chunks become decodable in `order`; after each, the driver may take a turn (`turns`),
+    # and at the end it takes turns until nothing is queued.
+    with queued_core(tmp_path_factory.mktemp("queue")) as (core, stored):
+        receive_all(core, manifest_datagrams(RELEASE.envelope))
+        queued: set[int] = set()
+        decoded: list[int] = []
+        events: list[Event] = []
+
+        def turn() -> None:
+            outcomes = list(stored.decoded())
+            assert len(outcomes) == (1 if queued else 0)
+            for chunk, data, fault in outcomes:
+                assert chunk == min(queued) and data == RELEASE.chunk(chunk) and not fault
+                queued.discard(chunk)
+                decoded.append(chunk)
+                core.chunk_decoded(chunk, data, NOW)
+
+        for chunk, take_turn in zip(order, turns, strict=True):
+            events += receive_all(core, lossy(chunk))
+            queued.add(chunk)
+            if take_turn:
+                turn()
+        while queued:
+            turn()
+        assert sorted(decoded) == [0, 1, 2] and not stored.queued
+        events += drain(core)
+        assert sorted(e.index for e in events if isinstance(e, ChunkComplete)) == [0, 1, 2]
+
+
 def test_a_queued_decode_of_a_chunk_completed_meanwhile_is_skipped(tmp_path: Path) -> None:
     with queued_core(tmp_path) as (core, stored_symbols):
         receive_all(core, manifest_datagrams(RELEASE.envelope))
