@@ -575,6 +575,8 @@ class _Run:
                     for receiver in readable:
                         if isinstance(receiver, MulticastReceiver):
                             self._drain(receiver)
+                else:
+                    time.sleep(wait)  # (0 while decodes are queued: never a busy loop)
             else:
                 time.sleep(wait)
             if self._take_decoded():
