@@ -198,9 +198,11 @@ class StoredSymbols:
             return True
         if self._queue is None:
             return False  # decoded here and now, in `feed`
-        token = self._new_token(chunk)
-        heapq.heappush(self._queue, (chunk, token))
+        self._enqueue(self._queue, chunk)
         return True
+
+    def _enqueue(self, queue: list[tuple[int, int]], chunk: int) -> None:
+        heapq.heappush(queue, (chunk, self._new_token(chunk)))
 
     def _new_token(self, chunk: int) -> int:
         self._tokens = (self._tokens + 1) & 0xFFFFFFFF
@@ -278,7 +280,7 @@ class StoredSymbols:
             if not self._current(chunk, token) or decoder is None:
                 continue
             if self._queue is not None:
-                heapq.heappush(self._queue, (chunk, self._new_token(chunk)))
+                self._enqueue(self._queue, chunk)
                 continue
             del self._submitted[chunk]
             try:
