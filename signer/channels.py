@@ -285,9 +285,8 @@ def build_channels(
             raise UsageError(f"{name} is a fraction from 0 up to (not including) 1")
     if options.lane_share + options.index_share >= 1:
         raise UsageError("--lane-share and --index-share together leave the carousel nothing")
-    # The cache file is verified (a SHA-256 over it all) while the image is checked (one over
-    # the image, another per chunk, on their own thread): each alone is about half of what
-    # start-up costs a large image.
+    # The cache file is verified (an XXH3 over it all) while the image is checked (a SHA-256
+    # over the image, another per chunk, on their own thread).
     with ThreadPoolExecutor(max_workers=1) as verifier:
         cached = verifier.submit(
             symbol_cache.check, manifest, options.cache_dir, options.repair, report.warning

@@ -31,13 +31,21 @@ Verified before reuse
 ---------------------
 Whatever the cache holds is sent, and signed into AUTH pages, as this sender's genuine data, so
 a cache file is verified before it is reused.  After the datagrams the file ends with a trailer
-of one SHA-256 per chunk, each over that chunk's whole cycle of framed datagrams, computed from
-the bytes as they were written.  Reuse re-hashes every cycle (one sequential read of the file;
-SHA-256 runs at about a GB/s, far faster than encoding) and compares it with the trailer; a
-file of the wrong size, a cycle whose hash differs (a flipped byte, a truncated or foreign file
-under the name) or a damaged trailer is re-encoded from the image, with a warning, rather than
-served.  This is the cheapest sound check: re-deriving costs a full encode, and the chunk hashes
-of the manifest cover only the source symbols, not the repair pool.
+of one XXH3-128 digest per chunk, each over that chunk's whole cycle of framed datagrams,
+computed from the bytes as they were written.  Reuse re-hashes every cycle (one sequential read
+of the file) and compares it with the trailer; a file of the wrong size, a cycle whose digest
+differs (a flipped byte, a truncated or foreign file under the name) or a damaged trailer is
+re-encoded from the image, with a warning, rather than served.  Re-deriving costs a full
+encode, and the chunk hashes of the manifest cover only the source symbols, not the repair
+pool, so a checksum kept beside the data is the only cheap check.
+
+Why XXH3-128 and not SHA-256: the trailer guards against accidents (a disk, a crash, a copy
+gone wrong), not against an attacker (below), and at the sizes users have it is on every warm
+start's path: a 500 MB image's 765 MB cache took 0.55 s to verify with SHA-256 at 1.4 GB/s,
+more than the image's own check beside it, and XXH3 reads it at ~10 GB/s (page cache included,
+measured here).  128 bits leave a damaged cycle undetected with odds of 2^-128.  (A cache
+written with the SHA-256 trailer of earlier versions is 16 bytes per chunk longer: its size
+does not match, so it is encoded again once, with the warning.)
 
 What it does not cover: an attacker who can write the cache directory can rewrite the trailer
 as well (no unkeyed check could stop that, and a keyed one would need a secret the sender does
@@ -50,13 +58,14 @@ image.  The cache is verified once, when `build` opens it; it is not re-checked 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import xxhash
 
 from otacast.schemas import fdt, fec, wire
 from otacast.schemas.blockindex import BlockIndex
@@ -72,8 +81,8 @@ from .errors import ReadError, WriteError
 MIN_REPAIR_FRACTION = 0.5
 MAX_REPAIR_FRACTION = 4.0
 
-# The trailer's digest of each chunk's cycle.
-DIGEST_BYTES = hashlib.sha256().digest_size
+# The trailer's digest of each chunk's cycle (XXH3-128: module doc).
+DIGEST_BYTES = 16
 
 # Verification reads a cycle in pieces of this size: a cycle of an 8 MiB chunk with a 400% pool is
 # 40 MiB, which need not be resident at once; at 1 MiB a read's overhead is negligible.
@@ -362,7 +371,7 @@ def _write(target: Path, directory: Path, cycles: Iterable[bytes]) -> None:
         with os.fdopen(fd, "wb") as out:
             digests = []
             for cycle in cycles:
-                digests.append(hashlib.sha256(cycle).digest())
+                digests.append(xxhash.xxh3_128_digest(cycle))
                 out.write(cycle)
             out.write(b"".join(digests))
             out.flush()
@@ -409,7 +418,7 @@ def verify(path: Path, layout: CycleLayout) -> str | None:
         trailer = os.pread(fd, count * DIGEST_BYTES, layout.total_bytes)
         for chunk in range(count):
             offset, length = layout.span(chunk, 0, layout.cycles[chunk])
-            digest = hashlib.sha256()
+            digest = xxhash.xxh3_128()
             end = offset + length
             while offset < end:
                 piece = os.pread(fd, min(VERIFY_READ, end - offset), offset)
