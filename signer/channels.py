@@ -43,13 +43,13 @@ from otacast.schemas.fdt import SideSession, fdt_datagrams
 from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM, MIN_MANIFEST_FRAGMENT
 from otacast.schemas.manifest import Envelope, Manifest
 
-from . import lane, lifetime, symbol_cache
+from . import image_record, lane, lifetime, symbol_cache
 from .auth_pages import AuthPages, release_digests
 from .errors import ReadError, UsageError
 from .keys import SigningKey
 from .report import Reporter
 from .schedule import SenderCore
-from .sign import check_image
+from .sign import cached_index, check_image
 from .transport import gso_batch
 
 # The delta lane's share of the first channel's rate unless told otherwise: at 10 MB/s it sends
@@ -286,14 +286,22 @@ def build_channels(
     if options.lane_share + options.index_share >= 1:
         raise UsageError("--lane-share and --index-share together leave the carousel nothing")
     # The cache file is verified (an XXH3 over it all) while the image is checked (a SHA-256
-    # over the image, another per chunk, on their own thread).
+    # over the image, another per chunk, on their own thread), unless the image is the file
+    # checked at an earlier start and the cache verifies: then nothing needs it
+    # (`image_record`).
+    record = image_record.path_for(options.cache_dir, manifest)
+    index_path = symbol_cache.index_path(options.cache_dir, manifest)
     with ThreadPoolExecutor(max_workers=1) as verifier:
         cached = verifier.submit(
             symbol_cache.check, manifest, options.cache_dir, options.repair, report.warning
         )
-        index = check_image(
-            manifest, image, index_cache=symbol_cache.index_path(options.cache_dir, manifest)
-        )
+        index = None
+        known = image_record.matches(record, manifest, image)
+        if known:
+            index = cached_index(manifest, index_path)
+            known = (manifest.index is None or index is not None) and cached.result()
+        if not known:
+            index = check_image(manifest, image, index_cache=index_path, record=record)
         reusable = cached.result()
     with_lane = manifest.delta is not None and options.lane_share > 0 and index is not None
     lane_files = lane.check_files(manifest, options.lane_dir or image.parent) if with_lane else []

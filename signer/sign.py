@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from otacast.schemas.manifest import (
     signing_message,
 )
 
+from . import image_record
 from .errors import ReadError, UsageError, WriteError
 from .fileio import atomic_write, read_bounded
 from .keys import SigningKey
@@ -155,7 +157,11 @@ def reparse(envelope: Envelope) -> Envelope:
 
 
 def check_image(
-    manifest: Manifest, path: Path, *, index_cache: Path | None = None
+    manifest: Manifest,
+    path: Path,
+    *,
+    index_cache: Path | None = None,
+    record: Path | None = None,
 ) -> BlockIndex | None:
     """Raise `ImageMismatch` naming the first difference between `path` and the manifest;
     return the image's block index, checked against the manifest's, when it lists one.
@@ -166,8 +172,13 @@ def check_image(
     more than the two hashes of the image), and the signed SHA-256 vouches for a read one as
     well as for a built one.  Each chunk's hash runs on a second thread beside the whole
     image's (``hashlib`` releases the GIL over large buffers), so the check reads at the speed
-    of one SHA-256, not two."""
-    cached = _cached_index(manifest, index_cache)
+    of one SHA-256, not two.
+
+    With `record`, an image that passes is recorded there, so that the next start with a
+    warm cache need not check it again (`otacast.signer.image_record`)."""
+    started = time.time_ns()
+    before = image_record.FileStamp.of(path) if record is not None else None
+    cached = cached_index(manifest, index_cache)
     try:
         size = path.stat().st_size
         if size != manifest.image.length:
@@ -190,6 +201,19 @@ def check_image(
         raise ReadError(f"cannot read image {path}: {exc.strerror or exc}") from None
     if whole.digest() != manifest.image.sha256:
         raise ImageMismatch(f"image {path} does not match the manifest's sha256")
+    built = _checked_index(manifest, path, cached, builder, index_cache)
+    if record is not None:
+        image_record.remember(record, manifest, path, before, started)
+    return built
+
+
+def _checked_index(
+    manifest: Manifest,
+    path: Path,
+    cached: BlockIndex | None,
+    builder: IndexBuilder | None,
+    index_cache: Path | None,
+) -> BlockIndex | None:
     if cached is not None or builder is None or manifest.index is None:
         return cached
     built = builder.finish()
@@ -209,7 +233,7 @@ def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _cached_index(manifest: Manifest, path: Path | None) -> BlockIndex | None:
+def cached_index(manifest: Manifest, path: Path | None) -> BlockIndex | None:
     """The block index kept at `path`, if it is the one the manifest signs; else None."""
     info = manifest.index
     if path is None or info is None or not path.is_file():
