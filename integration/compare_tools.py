@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from otacast.schemas.manifest import parse_envelope
+from otacast.signer import image_record
 
 from .netns import BIN, Host, ip
 from .release import Release, fetch_command, first_start, serve_command
@@ -555,7 +556,21 @@ class Bench:
 
 
 def warm_cache(procs: Processes, host: Host, release: Release, cache: Path, *args: str) -> None:
-    """Encode the release's symbols once into `cache`, so that timed runs only send."""
+    """Encode the release's symbols once into `cache`, so that timed runs only send, and leave
+    the record of the checked image there too (`otacast.signer.image_record`), so that every
+    timed run starts as a restart with both unchanged does: a check begun within
+    ``RACY_SECONDS`` of the image's writing records nothing, so one more start follows then."""
+    _serve_until_serving(procs, host, release, cache, *args)
+    manifest = parse_envelope(release.manifest.read_bytes()).manifest
+    if not image_record.path_for(cache, manifest).exists():
+        settled = release.image.stat().st_ctime + image_record.RACY_SECONDS + 0.1
+        time.sleep(max(0.0, settled - time.time()))
+        _serve_until_serving(procs, host, release, cache, *args)
+
+
+def _serve_until_serving(
+    procs: Processes, host: Host, release: Release, cache: Path, *args: str
+) -> None:
     sender = procs.start(serve_command(host, release, cache, "--rate", "1M", *args))
     deadline = time.monotonic() + 600
     while sender.seen('"event": "serving"') is None:

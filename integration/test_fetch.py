@@ -268,6 +268,22 @@ def test_with_the_symbol_store_a_30_percent_loss_download_refuses_no_symbol(
     assert {p.name for p in (tmp_path / "state").iterdir()} <= {"status.json"}
 
 
+def test_a_receiver_left_with_only_decodes_to_run_leaves_the_groups_and_still_finishes(
+    lan: LanFactory, release: Release, tmp_path: Path
+) -> None:
+    """While the decode worker decodes the last chunks, nothing the carousel sends can help:
+    the receiver drops its memberships (`MulticastReceiver.leave`, tested against the kernel
+    in test_receive_socket.py) and, its decodes done, has the image all the same."""
+    code, events, err = _fetch_through_loss(
+        lan, release, tmp_path, 30, "--symbols", "store", "--decode", "worker"
+    )
+    assert code == 0, err
+    summary = summary_of(events)
+    assert summary["decodes_in_worker"] > 0  # type: ignore[operator]
+    assert summary["left_for_decodes"] >= 1  # type: ignore[operator]
+    assert (tmp_path / "out.img").read_bytes() == release.image.read_bytes()
+
+
 @pytest.mark.parametrize("decode", ["inline", "worker"])
 def test_kill_9_with_the_symbol_store_resumes_with_the_stored_symbols(
     lan: LanFactory, release: Release, tmp_path: Path, decode: str

@@ -462,3 +462,80 @@ def test_discovery_without_a_resolver_uses_the_system_configuration(
     finally:
         shutil.rmtree(etc)
     assert sorted(h[0] for h in found["hosts"]) == ["tx1.example.test", "tx2.example.test"]
+
+
+# Joins, then on each line of stdin: "leave" or "rejoin" (answered with the socket's state),
+# recording every datagram as RECEIVER does until "stop".
+LEAVER = """
+import json, select, sys, time
+from otacast.plugin.transport import Join, MulticastReceiver
+LIMIT, GRACE = 20.0, 0.3
+interface, port, joins = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+with MulticastReceiver(interface, port, [Join(g, s) for g, s in joins]) as rx:
+    print(json.dumps({"left": rx.left}), flush=True)
+    for _ in range(2):
+        getattr(rx, sys.stdin.readline().strip())()
+        print(json.dumps({"left": rx.left}), flush=True)
+    got = []
+    end = time.monotonic() + LIMIT
+    while (left := end - time.monotonic()) > 0:
+        select.select([rx], [], [], left)
+        while (item := rx.recv_batch()) is not None:
+            for datagram in item[0]:
+                payload = bytes(datagram).decode()
+                if payload == "stop":
+                    end = min(end, time.monotonic() + GRACE)
+                else:
+                    got.append(payload)
+    print(json.dumps({"got": got}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("ssm", [True, False], ids=["ssm", "asm"])
+def test_a_left_socket_receives_nothing_until_it_rejoins_and_keeps_what_was_queued(
+    lan: LanFactory, ssm: bool
+) -> None:
+    net = lan(3)
+    sender, device = net.hosts[0], net.hosts[1]
+    group = ssm_group(CHANNEL) if ssm else asm_group(CHANNEL)
+    joins = [(group, sender.address if ssm else None)]
+    process = device.popen(
+        PYTHON,
+        "-c",
+        LEAVER,
+        "eth0",
+        str(PORT),
+        json.dumps(joins),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdin is not None and process.stdout is not None
+
+    def command(word: str) -> bool:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(word + "\n")
+        process.stdin.flush()
+        return bool(json.loads(process.stdout.readline())["left"])
+
+    def memberships() -> str:
+        table = "/proc/net/mcfilter6" if ssm else "/proc/net/igmp6"
+        return str(device.run("cat", table).stdout)
+
+    try:
+        assert json.loads(process.stdout.readline()) == {"left": False}
+        joined = memberships()
+        send(sender, group, "queued")
+        assert command("leave") is True
+        gone = memberships()
+        send(sender, group, "while-left-0", "while-left-1")
+        assert command("rejoin") is False
+        back = memberships()
+        send(sender, group, "after", "stop")
+        out, err = process.communicate(timeout=30)
+    finally:
+        stop([process])
+    assert process.returncode == 0, err
+    assert json.loads(out)["got"] == ["queued", "after"]
+    wanted = _hex(sender.address) if ssm else _hex(group)
+    assert wanted in joined and wanted not in gone and wanted in back

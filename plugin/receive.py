@@ -444,6 +444,8 @@ def fetch(options: FetchOptions, out: TextIO) -> FetchSummary:
         )
     if run.index_core is not None:
         summary = replace(summary, datagrams_index=run.index_core.datagrams)
+    if run.left_for_decodes:
+        summary = replace(summary, left_for_decodes=run.left_for_decodes)
     if run.decodes_in_worker or run.worker_rss is not None:
         summary = replace(
             summary, decodes_in_worker=run.decodes_in_worker, worker_peak_rss_mb=run.worker_rss
@@ -534,6 +536,11 @@ class _Run:
         # The decode worker (`otacast.plugin.decode_worker`), while the store uses it: its
         # answers' pipe is waited on with the sockets; what it did, for the summary.
         self.worker: DecodeWorker | None = None
+        # Whether the carousel's groups are left while only decodes are left (`_leave_groups`),
+        # and how often they were.
+        self.groups_left = False
+        self.left_for_decodes = 0
+        self._rejoin_failed = False
         self.decodes_in_worker = 0
         self.worker_rss: float | None = None
 
@@ -565,9 +572,12 @@ class _Run:
             if self.receivers:
                 waited: list[MulticastReceiver | DecodeWorker] = [*self.receivers]
                 if self.core.only_decodes_left:
-                    # Nothing that arrives can help until a decode ends: the kernel drops it,
-                    # for less than reading and refusing it would cost the decodes' CPU.
+                    # Nothing that arrives can help until a decode ends: not read, and not
+                    # even received (`_leave_groups`), for the decodes' CPU.
                     waited.clear()
+                    self._leave_groups()
+                elif self.groups_left:
+                    self._rejoin_groups()  # a decode failed: its chunk needs symbols again
                 if self.worker is not None:
                     waited.append(self.worker)  # (its answers are taken below)
                 if waited:
@@ -611,6 +621,40 @@ class _Run:
                 else:
                     self.stored.flush_if_wanted()  # a kept chunk is durable one sync later
             self._check_gave_up()
+
+    def _carousel_sockets(self) -> list[MulticastReceiver]:
+        return [
+            r for r in self.receivers if r is not self.lane_socket and r is not self.index_socket
+        ]
+
+    def _leave_groups(self) -> None:
+        """Leave the carousel's groups while every chunk left waits for its decode.  The
+        sockets stay, with their joins: only the memberships go, so the device's NIC, kernel
+        (and an MLD snooping switch) stop handling a carousel that a decode tail of seconds
+        (minutes for gigabytes on a slow CPU) could not use; on one core that handling would
+        take its share of the CPU the decodes need."""
+        left = False
+        for receiver in self._carousel_sockets():
+            if receiver.left:
+                continue
+            try:
+                receiver.leave()
+            except NetworkError:
+                continue  # still joined: its datagrams wait in its queue, unread, as before
+            left = True
+        if left:
+            self.groups_left = True
+            self.left_for_decodes += 1
+
+    def _rejoin_groups(self) -> None:
+        for receiver in self._carousel_sockets():
+            try:
+                receiver.rejoin()
+            except NetworkError as exc:
+                if not self._rejoin_failed:
+                    self._rejoin_failed = True
+                    self.emit.note(f"{exc}: trying again")
+        self.groups_left = any(r.left for r in self._carousel_sockets())
 
     def _report_status(self, now: float) -> None:
         status = self.options.status

@@ -287,6 +287,8 @@ class FetchSummary:
     # Partly held chunks that HTTP repair fetched whole after their held symbols and fetched
     # ranges together failed the chunk's hash (`otacast.plugin.fetcher.RangedChunk`).
     http_refetched: int = 0
+    # Times the carousel's groups were left while every chunk left waited for its decode.
+    left_for_decodes: int = 0
     # The decode worker (`otacast.plugin.decode_worker`): decodes it answered, its peak RSS.
     decodes_in_worker: int = 0
     worker_peak_rss_mb: float | None = None
@@ -474,6 +476,7 @@ class Reporter:
                     "lane_index": s.lane_index,
                     "datagrams_index": s.datagrams_index,
                     "http_refetched": s.http_refetched,
+                    "left_for_decodes": s.left_for_decodes,
                     "decodes_in_worker": s.decodes_in_worker,
                     "worker_peak_rss_mb": s.worker_peak_rss_mb,
                 },

@@ -74,6 +74,7 @@ from .errors import NetworkError
 # asm-generic/socket.h).
 IPV6_MULTICAST_ALL = 29
 MCAST_JOIN_SOURCE_GROUP = 46
+MCAST_LEAVE_SOURCE_GROUP = 47
 SO_RCVBUFFORCE = 33
 SOL_UDP = 17
 UDP_GRO = 104  # linux/udp.h, since Linux 5.0
@@ -293,6 +294,7 @@ class MulticastReceiver:
         self.reads = 0
         self.coalesced: tuple[memoryview, int] | None = None  # the last read's (`recv_batch`)
         self.gro = gro
+        self.left = False  # `leave`: memberships dropped until `rejoin`
         self._buffer = bytearray(READ_BUFFER)
         self._view = memoryview(self._buffer)
         self._limit = min(max_datagram, READ_BUFFER)  # the longest datagram handed on
@@ -346,17 +348,47 @@ class MulticastReceiver:
         link = ipaddress.IPv6Address(group).packed[1] & 0x0F == 2
         return (group, self.port, 0, self.ifindex if link else 0)
 
-    def _join(self, sock: socket.socket, join: Join) -> None:
+    def _join(self, sock: socket.socket, join: Join, *, leave: bool = False) -> None:
         if join.source is None:
             request = socket.inet_pton(socket.AF_INET6, join.group)
             sock.setsockopt(
                 socket.IPPROTO_IPV6,
-                socket.IPV6_JOIN_GROUP,
+                socket.IPV6_LEAVE_GROUP if leave else socket.IPV6_JOIN_GROUP,
                 request + struct.pack("@I", self.ifindex),
             )
         else:
             source_request = source_group_request(self.ifindex, join.group, join.source)
-            sock.setsockopt(socket.IPPROTO_IPV6, MCAST_JOIN_SOURCE_GROUP, bytes(source_request))
+            option = MCAST_LEAVE_SOURCE_GROUP if leave else MCAST_JOIN_SOURCE_GROUP
+            sock.setsockopt(socket.IPPROTO_IPV6, option, bytes(source_request))
+
+    def leave(self) -> None:
+        """Drop every membership, keeping the socket and its joins: the kernel (and an MLD
+        snooping switch or router, once it sees the report) stops delivering the groups until
+        `rejoin`.  For a pause in which nothing that arrives could be used: the device's NIC
+        and kernel then spend nothing on a carousel it would drop.  What is queued stays."""
+        if self.left:
+            return
+        for join in self._joins:
+            try:
+                self._join(self._sock, join, leave=True)
+            except OSError as exc:
+                raise NetworkError(
+                    f"leaving {_describe(join)} on {self.interface} failed: {_reason(exc)}"
+                ) from None
+        self.left = True
+
+    def rejoin(self) -> None:
+        """Take back every membership `leave` dropped."""
+        if not self.left:
+            return
+        for join in self._joins:
+            try:
+                self._join(self._sock, join)
+            except OSError as exc:
+                raise NetworkError(
+                    f"joining {_describe(join)} on {self.interface} again failed: {_reason(exc)}"
+                ) from None
+        self.left = False
 
     def add_join(self, join: Join) -> None:
         """Hold one more membership (`Join`), of the group the socket is bound to: a socket
@@ -367,6 +399,9 @@ class MulticastReceiver:
             raise NetworkError(
                 f"cannot add {_describe(added)}: this socket receives {self._joins[0].group} only"
             )
+        if self.left:
+            self._joins = joins  # joined with the others by `rejoin`
+            return
         try:
             self._join(self._sock, added)
         except OSError as exc:
