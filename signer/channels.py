@@ -44,7 +44,7 @@ from otacast.schemas.limits import DEFAULT_MAX_DATAGRAM, MIN_MANIFEST_FRAGMENT
 from otacast.schemas.manifest import Envelope, Manifest
 
 from . import image_record, lane, lifetime, symbol_cache
-from .auth_pages import AuthPages, release_digests
+from .auth_pages import AuthPages, kept_release_digests
 from .errors import ReadError, UsageError
 from .keys import SigningKey
 from .report import Reporter
@@ -413,7 +413,7 @@ def _auth_pages(
             "(sign the release with --stream-key naming its public key)"
         )
     try:
-        digests = release_digests(reader)
+        digests = kept_release_digests(reader)
     except OSError as exc:
         raise ReadError(f"cannot read the symbol cache: {exc.strerror or exc}") from None
     capacity = wire.auth_capacity(reader.layout.datagram_size)

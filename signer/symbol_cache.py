@@ -435,10 +435,60 @@ def verify(path: Path, layout: CycleLayout) -> str | None:
         os.close(fd)
 
 
+# Derived files
+# -------------
+# Data computed from a cache file's bytes (the AUTH pages' digests of every datagram,
+# `otacast.signer.auth_pages`) is kept beside it, so that a restart reads it instead of reading
+# and hashing the whole file again.  Such a file holds the data, then a copy of the cache
+# file's trailer (its digest of every cycle: what the data was derived from), then an XXH3-128
+# of both.  It is used only whole, with its own digest matching and the trailer copy equal to
+# the cache file's trailer as it is now (the cache file itself verified, or just written, by
+# `build`); anything else is derived again.  The same trust as the cache (module doc).
+
+
+def derived_path(cache: Path, name: str) -> Path:
+    return cache.with_name(f"{cache.name}.{name}")
+
+
+def read_derived(cache: Path, layout: CycleLayout, name: str, length: int) -> bytes | None:
+    """The `length` bytes `write_derived` kept beside the cache file under `name`, if they
+    were derived from the file as it is now; else None (derive them again)."""
+    trailer_bytes = len(layout.cycles) * DIGEST_BYTES
+    try:
+        with derived_path(cache, name).open("rb") as handle:
+            held = handle.read(length + trailer_bytes + DIGEST_BYTES + 1)
+        fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            trailer = os.pread(fd, trailer_bytes, layout.total_bytes)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    body, digest = held[:-DIGEST_BYTES], held[-DIGEST_BYTES:]
+    if len(held) != length + trailer_bytes + DIGEST_BYTES or len(trailer) != trailer_bytes:
+        return None
+    if xxhash.xxh3_128_digest(body) != digest or body[length:] != trailer:
+        return None
+    return body[:length]
+
+
+def write_derived(cache: Path, layout: CycleLayout, name: str, data: bytes) -> None:
+    """Keep `data`, derived from the cache file's current bytes, beside it under `name`."""
+    trailer_bytes = len(layout.cycles) * DIGEST_BYTES
+    fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        trailer = os.pread(fd, trailer_bytes, layout.total_bytes)
+    finally:
+        os.close(fd)
+    body = data + trailer
+    fileio.atomic_write(derived_path(cache, name), body + xxhash.xxh3_128_digest(body))
+
+
 class SymbolReader:
     """Reads runs of datagrams from a finished cache file into one reused buffer."""
 
     def __init__(self, path: Path, layout: CycleLayout, max_batch: int) -> None:
+        self.path = path
         self.layout = layout
         self._fd = os.open(path, os.O_RDONLY)
         self._buffer = bytearray(max_batch * layout.datagram_size)

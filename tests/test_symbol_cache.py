@@ -13,6 +13,8 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+import xxhash
+
 from otacast.schemas import wire
 from otacast.signer import auth_pages, channels, symbol_cache
 from otacast.signer.encoder import raptorq_encode
@@ -112,7 +114,12 @@ def test_a_damaged_trailer_or_a_truncated_or_foreign_file_is_encoded_again(
     for spoiled, reason in [
         (bytes(damaged_trailer), f"chunk {MANIFEST.chunk_count - 1}'s symbols"),
         (genuine[:-1], f"{len(genuine) - 1} bytes, expected {len(genuine)}"),
-        (genuine[: LAYOUT.total_bytes], f"{LAYOUT.total_bytes} bytes"),  # the old format
+        (genuine[: LAYOUT.total_bytes], f"{LAYOUT.total_bytes} bytes"),  # the oldest format
+        # The SHA-256 trailer of earlier versions: 32 bytes per chunk, not 16.
+        (
+            genuine[: LAYOUT.total_bytes] + bytes(32 * len(LAYOUT.cycles)),
+            f"expected {len(genuine)}",
+        ),
         (same_size_foreign, "chunk 0's symbols"),
     ]:
         path.write_bytes(spoiled)
@@ -167,3 +174,53 @@ def test_a_lone_sender_at_its_origin_sends_every_chunks_source_symbols_first() -
         firsts[origin] = starts
     assert set(firsts[wall].values()) == {0}
     assert set(firsts[0.0].values()) != {0}
+
+
+def kept_digests(path: Path) -> list[bytes]:
+    reader = symbol_cache.SymbolReader(path, LAYOUT, 16)
+    try:
+        return auth_pages.kept_release_digests(reader)
+    finally:
+        reader.close()
+
+
+def test_the_digests_kept_beside_the_cache_are_those_computed_and_read_back_next_time(
+    tmp_path: Path,
+) -> None:
+    path = build(tmp_path, [], [])
+    digests = signed_digests(path)
+    assert kept_digests(path) == digests
+    kept = symbol_cache.derived_path(path, auth_pages.DIGESTS_FILE)
+    assert kept.exists()
+    # Read back, not computed: digests kept (well formed, bound to this cache's trailer) that
+    # differ from the cache's own are what the next start uses.
+    forged = [bytes(len(d)) for d in digests]
+    symbol_cache.write_derived(path, LAYOUT, auth_pages.DIGESTS_FILE, b"".join(forged))
+    assert kept_digests(path) == forged
+
+
+def test_kept_digests_of_another_cache_or_damaged_ones_are_computed_again(
+    tmp_path: Path,
+) -> None:
+    path = build(tmp_path, [], [])
+    digests = signed_digests(path)
+    kept = symbol_cache.derived_path(path, auth_pages.DIGESTS_FILE)
+    forged = b"".join(bytes(len(d)) for d in digests)
+    symbol_cache.write_derived(path, LAYOUT, auth_pages.DIGESTS_FILE, forged)
+    genuine_kept = kept.read_bytes()
+    # A flipped byte in the kept file, a truncated one, one of another cache's bytes (the
+    # cache's trailer as written differs: here one of its digests changed, as a cache encoded
+    # again from another image would): each is derived again from the cache itself.
+    flipped = bytearray(genuine_kept)
+    flipped[3] ^= 0x10
+    # (well formed, its own digest right: only the copy of the cache's trailer differs)
+    other_body = bytearray(genuine_kept[: -symbol_cache.DIGEST_BYTES])
+    other_body[len(forged)] ^= 0x01
+    other_trailer = bytes(other_body) + xxhash.xxh3_128_digest(bytes(other_body))
+    for spoiled in (bytes(flipped), genuine_kept[:-1], other_trailer, b""):
+        kept.write_bytes(spoiled)
+        assert kept_digests(path) == digests
+        # ... and kept again, bound to the cache as it is.
+        assert symbol_cache.read_derived(path, LAYOUT, auth_pages.DIGESTS_FILE, len(forged)) == (
+            b"".join(digests)
+        )
