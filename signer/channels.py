@@ -289,6 +289,9 @@ def build_channels(
     # over the image, another per chunk, on their own thread), unless the image is the file
     # checked at an earlier start and the cache verifies: then nothing needs it
     # (`image_record`).
+    # Made first: the check keeps the block index and the image's record there, and on a
+    # first start (no directory yet) they would be lost, and built again at the next.
+    symbol_cache.make_directory(options.cache_dir)
     record = image_record.path_for(options.cache_dir, manifest)
     index_path = symbol_cache.index_path(options.cache_dir, manifest)
     with ThreadPoolExecutor(max_workers=1) as verifier:

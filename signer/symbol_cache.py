@@ -354,12 +354,16 @@ def _image_cycles(
         yield from index_cycles(manifest, index.build(), layout, encode)
 
 
-def _write(target: Path, directory: Path, cycles: Iterable[bytes]) -> None:
-    """Write `cycles` and the trailer of their digests as the cache file `target`, atomically."""
+def make_directory(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise WriteError(f"cannot create cache directory {directory}: {exc.strerror}") from None
+
+
+def _write(target: Path, directory: Path, cycles: Iterable[bytes]) -> None:
+    """Write `cycles` and the trailer of their digests as the cache file `target`, atomically."""
+    make_directory(directory)
     try:
         # mkstemp: a fresh name, created exclusively (O_EXCL) with mode 0600, so nothing planted
         # at a predictable name (a symlink to a file the sender may write) is ever opened.

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from otacast.schemas.errors import ImageMismatch
+from otacast.schemas.manifest import parse_envelope
 from otacast.signer import channels, image_record, symbol_cache
+from otacast.signer.cli import main
 from otacast.signer.image_record import FileStamp
 from otacast.signer.keys import SigningKey
 from otacast.signer.report import Reporter
@@ -139,3 +141,27 @@ def test_a_warm_start_without_a_matching_record_checks_the_image(tmp_path: Path)
     image.write_bytes(bytes(len(release.image)))  # its stamp no longer matches the record
     with pytest.raises(ImageMismatch):
         channels.build_channels(release.envelope, image, _options(cache), quiet)
+
+
+def test_a_first_start_keeps_the_block_index_for_the_next_even_without_a_cache_directory(
+    tmp_path: Path,
+) -> None:
+    """The check writes the block index (and the image's record) into the cache directory:
+    made before the check, so the first start's are not lost and built again at the next."""
+    image = tmp_path / "raw.img"
+    image.write_bytes(random.Random(3).randbytes(40 * 4096 + 5))
+    assert main(["keygen", str(tmp_path / "rel")]) == 0
+    manifest_path = tmp_path / "raw.img.manifest.json"
+    signed = main(
+        [
+            "sign", str(image), "--key", str(tmp_path / "rel.key"), "--sequence", "1",
+            "--channel", "updates.example.test", "--device-type", "dev",
+            "--out", str(manifest_path),
+        ]
+    )  # fmt: skip
+    assert signed == 0
+    envelope = parse_envelope(manifest_path.read_bytes())
+    assert envelope.manifest.index is not None  # a raw image's manifest lists one
+    cache = tmp_path / "not" / "yet"
+    channels.build_channels(envelope, image, _options(cache), Reporter(io.StringIO(), True)).close()
+    assert symbol_cache.index_path(cache, envelope.manifest).exists()
