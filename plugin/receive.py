@@ -623,6 +623,8 @@ class _Run:
             self._check_gave_up()
 
     def _carousel_sockets(self) -> list[MulticastReceiver]:
+        # Not the lane's or the index group's: what they carry is not the chunks being
+        # decoded (the index arrives on its own, and may still be awaited after the image).
         return [
             r for r in self.receivers if r is not self.lane_socket and r is not self.index_socket
         ]
@@ -637,11 +639,11 @@ class _Run:
         for receiver in self._carousel_sockets():
             if receiver.left:
                 continue
-            try:
+            # A join that cannot be dropped stays held: its datagrams wait in its queue,
+            # unread, as before; the dropped ones are taken back by `_rejoin_groups`.
+            with contextlib.suppress(NetworkError):
                 receiver.leave()
-            except NetworkError:
-                continue  # still joined: its datagrams wait in its queue, unread, as before
-            left = True
+            left = left or receiver.left
         if left:
             self.groups_left = True
             self.left_for_decodes += 1

@@ -58,6 +58,7 @@ address: GRO coalesces only one flow.
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import socket
 import struct
@@ -294,7 +295,7 @@ class MulticastReceiver:
         self.reads = 0
         self.coalesced: tuple[memoryview, int] | None = None  # the last read's (`recv_batch`)
         self.gro = gro
-        self.left = False  # `leave`: memberships dropped until `rejoin`
+        self._dropped: list[Join] = []  # memberships `leave` dropped, until `rejoin`
         self._buffer = bytearray(READ_BUFFER)
         self._view = memoryview(self._buffer)
         self._limit = min(max_datagram, READ_BUFFER)  # the longest datagram handed on
@@ -365,30 +366,50 @@ class MulticastReceiver:
         """Drop every membership, keeping the socket and its joins: the kernel (and an MLD
         snooping switch or router, once it sees the report) stops delivering the groups until
         `rejoin`.  For a pause in which nothing that arrives could be used: the device's NIC
-        and kernel then spend nothing on a carousel it would drop.  What is queued stays."""
-        if self.left:
-            return
+        and kernel then spend nothing on a carousel it would drop.  What is queued stays.
+
+        Each join is dropped on its own: one that fails stays held (`NetworkError` names it,
+        after the others were tried), and `rejoin` takes back exactly those dropped."""
+        failed: OSError | None = None
+        failed_join: Join | None = None
         for join in self._joins:
+            if join in self._dropped:
+                continue
             try:
                 self._join(self._sock, join, leave=True)
             except OSError as exc:
-                raise NetworkError(
-                    f"leaving {_describe(join)} on {self.interface} failed: {_reason(exc)}"
-                ) from None
-        self.left = True
+                if exc.errno != errno.EADDRNOTAVAIL:  # (not a member: as good as dropped)
+                    failed, failed_join = exc, join
+                    continue
+            self._dropped.append(join)
+        if failed is not None and failed_join is not None:
+            raise NetworkError(
+                f"leaving {_describe(failed_join)} on {self.interface} failed: {_reason(failed)}"
+            )
 
     def rejoin(self) -> None:
-        """Take back every membership `leave` dropped."""
-        if not self.left:
-            return
-        for join in self._joins:
+        """Take back every membership `leave` dropped; one that fails stays dropped (for the
+        next call to take back) and `NetworkError` names it, after the others were tried."""
+        failed: OSError | None = None
+        failed_join: Join | None = None
+        for join in list(self._dropped):
             try:
                 self._join(self._sock, join)
             except OSError as exc:
-                raise NetworkError(
-                    f"joining {_describe(join)} on {self.interface} again failed: {_reason(exc)}"
-                ) from None
-        self.left = False
+                if exc.errno != errno.EADDRINUSE:  # (a member already: as good as joined)
+                    failed, failed_join = exc, join
+                    continue
+            self._dropped.remove(join)
+        if failed is not None and failed_join is not None:
+            raise NetworkError(
+                f"joining {_describe(failed_join)} on {self.interface} again failed: "
+                f"{_reason(failed)}"
+            )
+
+    @property
+    def left(self) -> bool:
+        """Whether memberships are dropped (`leave`) that `rejoin` has not taken back."""
+        return bool(self._dropped)
 
     def add_join(self, join: Join) -> None:
         """Hold one more membership (`Join`), of the group the socket is bound to: a socket
@@ -400,7 +421,8 @@ class MulticastReceiver:
                 f"cannot add {_describe(added)}: this socket receives {self._joins[0].group} only"
             )
         if self.left:
-            self._joins = joins  # joined with the others by `rejoin`
+            self._joins = joins
+            self._dropped.append(added)  # joined with the others by `rejoin`
             return
         try:
             self._join(self._sock, added)
@@ -412,7 +434,8 @@ class MulticastReceiver:
 
     @property
     def joins(self) -> tuple[Join, ...]:
-        """The memberships held, in normal form (compressed addresses)."""
+        """The memberships asked for, in normal form (compressed addresses): held in the
+        kernel unless `left`."""
         return self._joins
 
     def fileno(self) -> int:

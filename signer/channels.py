@@ -6,7 +6,10 @@ Theory of operation
 against the manifest (not expired, one group for one rate, a repair pool within bounds) and the
 image against the manifest, encodes the image into the symbol cache (or reuses it), frames the
 MANIFEST fragments, signs every chunk's AUTH pages with the stream key (packet
-authentication), and plans one channel per rate: its group and the shared port.
+authentication), and plans one channel per rate: its group and the shared port.  A restart
+whose cache verifies skips the image's check when the image is the file checked before
+(`image_record`) and reads the AUTH pages' digests kept beside the cache
+(`auth_pages.kept_release_digests`): it sends without reading the image at all.
 
 The result, a `ServePlan`, holds no socket and reads no clock: the driver (`serve`) opens one
 socket per channel, makes each channel's `SenderCore` with `ServePlan.core` at the time it

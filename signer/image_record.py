@@ -13,9 +13,13 @@ matches names the bytes that were checked.  (The quick check ``make``, ``rsync``
 rely on.)
 
 Racy records: a file's times come from a clock that advances in ticks, so a write in the same
-tick as the one before it leaves ctime as it was.  A check that began within `RACY_SECONDS` of
+tick as the one before it leaves ctime as it was.  A check that began within `RACY_NS` (2 s) of
 the image's last change therefore records nothing (the next start checks it again, and records
 it then); 2 s covers the coarsest timestamps Linux file systems keep (FAT's two seconds).
+
+These claims hold for local file systems, whose times come from this host's clock; on a network
+file system the server's clock sets them and the 2 s margin holds only as well as the two
+clocks agree (harmless: what a warm start sends is the verified cache either way).
 
 Only ever a skip of the warm start's check: when the cache must be encoded, the image is read
 and checked in full first, whatever the record says.  The record is as trustworthy as the
@@ -40,8 +44,8 @@ from .fileio import atomic_write, read_bounded
 # 20 digits): under 200 bytes; anything longer is not one.
 MAX_RECORD_BYTES = 256
 
-# Module doc, "Racy records".
-RACY_SECONDS = 2.0
+# Module doc, "Racy records" (nanoseconds, as file times are).
+RACY_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class FileStamp:
     def settled(self, now_ns: int) -> bool:
         """Whether the file last changed long enough before `now_ns` for its stamp to change
         with any write after it (module doc, "Racy records")."""
-        return now_ns - self.ctime_ns >= RACY_SECONDS * 1e9
+        return now_ns - self.ctime_ns >= RACY_NS
 
 
 def path_for(directory: Path, manifest: Manifest) -> Path:
@@ -81,13 +85,19 @@ def _line(manifest: Manifest, stamp: FileStamp) -> bytes:
 def matches(record: Path, manifest: Manifest, image: Path) -> bool:
     """Whether `record` says `image`, as it is now, passed the check against `manifest`."""
     stamp = FileStamp.of(image)
-    if stamp is None or not record.is_file():
+    if stamp is None:
         return False
     try:
         held = read_bounded(record, MAX_RECORD_BYTES, "image record")
-    except ReadError:
+    except ReadError:  # (none there, or unreadable: check the image)
         return False
     return held == _line(manifest, stamp)
+
+
+def forget(record: Path) -> None:
+    """No record: the image failed its check (the next start checks it again)."""
+    with contextlib.suppress(OSError):
+        record.unlink(missing_ok=True)
 
 
 def remember(

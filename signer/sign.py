@@ -180,6 +180,23 @@ def check_image(
     before = image_record.FileStamp.of(path) if record is not None else None
     cached = cached_index(manifest, index_cache)
     try:
+        built = _check_image(manifest, path, cached, index_cache)
+    except (ImageMismatch, ReadError):
+        if record is not None:
+            image_record.forget(record)
+        raise
+    if record is not None:
+        image_record.remember(record, manifest, path, before, started)
+    return built
+
+
+def _check_image(
+    manifest: Manifest,
+    path: Path,
+    cached: BlockIndex | None,
+    index_cache: Path | None,
+) -> BlockIndex | None:
+    try:
         size = path.stat().st_size
         if size != manifest.image.length:
             raise ImageMismatch(
@@ -201,10 +218,7 @@ def check_image(
         raise ReadError(f"cannot read image {path}: {exc.strerror or exc}") from None
     if whole.digest() != manifest.image.sha256:
         raise ImageMismatch(f"image {path} does not match the manifest's sha256")
-    built = _checked_index(manifest, path, cached, builder, index_cache)
-    if record is not None:
-        image_record.remember(record, manifest, path, before, started)
-    return built
+    return _checked_index(manifest, path, cached, builder, index_cache)
 
 
 def _checked_index(

@@ -43,9 +43,10 @@ Why XXH3-128 and not SHA-256: the trailer guards against accidents (a disk, a cr
 gone wrong), not against an attacker (below), and at the sizes users have it is on every warm
 start's path: a 500 MB image's 765 MB cache took 0.55 s to verify with SHA-256 at 1.4 GB/s,
 more than the image's own check beside it, and XXH3 reads it at ~10 GB/s (page cache included,
-measured here).  128 bits leave a damaged cycle undetected with odds of 2^-128.  (A cache
-written with the SHA-256 trailer of earlier versions is 16 bytes per chunk longer: its size
-does not match, so it is encoded again once, with the warning.)
+measured here).  Against random damage 128 bits leave a damaged cycle undetected with odds
+of 2^-128; XXH3 is not a cryptographic hash, so nothing bounds a chosen change, which is the
+attacker below.  (A cache written with the SHA-256 trailer of earlier versions is 16 bytes per
+chunk longer: its size does not match, so it is encoded again once, with the warning.)
 
 What it does not cover: an attacker who can write the cache directory can rewrite the trailer
 as well (no unkeyed check could stop that, and a keyed one would need a secret the sender does
@@ -446,46 +447,37 @@ def verify(path: Path, layout: CycleLayout) -> str | None:
 # and hashing the whole file again.  Such a file holds the data, then a copy of the cache
 # file's trailer (its digest of every cycle: what the data was derived from), then an XXH3-128
 # of both.  It is used only whole, with its own digest matching and the trailer copy equal to
-# the cache file's trailer as it is now (the cache file itself verified, or just written, by
-# `build`); anything else is derived again.  The same trust as the cache (module doc).
+# the trailer of the cache file being sent (read through the reader's descriptor: the file
+# verified, or just written, by `build`); anything else is derived again.  How the data was
+# derived is the caller's to check (`auth_pages.kept_release_digests` recomputes a sample).
+# The same trust as the cache (module doc).
 
 
 def derived_path(cache: Path, name: str) -> Path:
     return cache.with_name(f"{cache.name}.{name}")
 
 
-def read_derived(cache: Path, layout: CycleLayout, name: str, length: int) -> bytes | None:
-    """The `length` bytes `write_derived` kept beside the cache file under `name`, if they
-    were derived from the file as it is now; else None (derive them again)."""
-    trailer_bytes = len(layout.cycles) * DIGEST_BYTES
+def read_derived(reader: SymbolReader, name: str, length: int) -> bytes | None:
+    """The `length` bytes `write_derived` kept beside the reader's cache file under `name`, if
+    they were derived from the file it reads; else None (derive them again)."""
     try:
-        with derived_path(cache, name).open("rb") as handle:
-            held = handle.read(length + trailer_bytes + DIGEST_BYTES + 1)
-        fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            trailer = os.pread(fd, trailer_bytes, layout.total_bytes)
-        finally:
-            os.close(fd)
-    except OSError:
+        trailer = reader.trailer()
+        with derived_path(reader.path, name).open("rb") as handle:
+            held = handle.read(length + len(trailer) + DIGEST_BYTES + 1)
+    except (OSError, ReadError):
         return None
     body, digest = held[:-DIGEST_BYTES], held[-DIGEST_BYTES:]
-    if len(held) != length + trailer_bytes + DIGEST_BYTES or len(trailer) != trailer_bytes:
+    if len(held) != length + len(trailer) + DIGEST_BYTES:
         return None
     if xxhash.xxh3_128_digest(body) != digest or body[length:] != trailer:
         return None
     return body[:length]
 
 
-def write_derived(cache: Path, layout: CycleLayout, name: str, data: bytes) -> None:
-    """Keep `data`, derived from the cache file's current bytes, beside it under `name`."""
-    trailer_bytes = len(layout.cycles) * DIGEST_BYTES
-    fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        trailer = os.pread(fd, trailer_bytes, layout.total_bytes)
-    finally:
-        os.close(fd)
-    body = data + trailer
-    fileio.atomic_write(derived_path(cache, name), body + xxhash.xxh3_128_digest(body))
+def write_derived(reader: SymbolReader, name: str, data: bytes) -> None:
+    """Keep `data`, derived from the bytes `reader` reads, beside its cache file under `name`."""
+    body = data + reader.trailer()
+    fileio.atomic_write(derived_path(reader.path, name), body + xxhash.xxh3_128_digest(body))
 
 
 class SymbolReader:
@@ -512,6 +504,14 @@ class SymbolReader:
         data = os.pread(self._fd, length, offset)
         if len(data) != length:
             raise ReadError(f"symbol cache is truncated at chunk {chunk}")
+        return data
+
+    def trailer(self) -> bytes:
+        """The file's trailer: the digest of every cycle (module doc)."""
+        length = len(self.layout.cycles) * DIGEST_BYTES
+        data = os.pread(self._fd, length, self.layout.total_bytes)
+        if len(data) != length:
+            raise ReadError("symbol cache is truncated in its trailer")
         return data
 
     def close(self) -> None:

@@ -184,43 +184,65 @@ def kept_digests(path: Path) -> list[bytes]:
         reader.close()
 
 
+def keep(path: Path, digests: list[bytes]) -> None:
+    """`digests` kept beside the cache at `path` as if derived from it."""
+    reader = symbol_cache.SymbolReader(path, LAYOUT, 16)
+    try:
+        symbol_cache.write_derived(reader, auth_pages.DIGESTS_FILE, b"".join(digests))
+    finally:
+        reader.close()
+
+
+def with_last_zeroed(digests: list[bytes]) -> list[bytes]:
+    """Each chunk's digests with its last one zeroed (not the first: the one checked)."""
+    size = wire.DIGEST_BYTES
+    return [d[:-size] + bytes(size) for d in digests]
+
+
 def test_the_digests_kept_beside_the_cache_are_those_computed_and_read_back_next_time(
     tmp_path: Path,
 ) -> None:
     path = build(tmp_path, [], [])
     digests = signed_digests(path)
     assert kept_digests(path) == digests
-    kept = symbol_cache.derived_path(path, auth_pages.DIGESTS_FILE)
-    assert kept.exists()
-    # Read back, not computed: digests kept (well formed, bound to this cache's trailer) that
-    # differ from the cache's own are what the next start uses.
-    forged = [bytes(len(d)) for d in digests]
-    symbol_cache.write_derived(path, LAYOUT, auth_pages.DIGESTS_FILE, b"".join(forged))
+    assert symbol_cache.derived_path(path, auth_pages.DIGESTS_FILE).exists()
+    # Read back, not computed: kept digests bound to this cache's trailer, whose checked
+    # sample (each chunk's first) is right, are what the next start uses.
+    forged = with_last_zeroed(digests)
+    keep(path, forged)
     assert kept_digests(path) == forged
 
 
-def test_kept_digests_of_another_cache_or_damaged_ones_are_computed_again(
+def test_kept_digests_of_another_cache_or_derivation_or_damaged_are_computed_again(
     tmp_path: Path,
 ) -> None:
     path = build(tmp_path, [], [])
     digests = signed_digests(path)
     kept = symbol_cache.derived_path(path, auth_pages.DIGESTS_FILE)
-    forged = b"".join(bytes(len(d)) for d in digests)
-    symbol_cache.write_derived(path, LAYOUT, auth_pages.DIGESTS_FILE, forged)
+    forged = with_last_zeroed(digests)
+    length = sum(len(d) for d in digests)
+    keep(path, forged)
     genuine_kept = kept.read_bytes()
     # A flipped byte in the kept file, a truncated one, one of another cache's bytes (the
     # cache's trailer as written differs: here one of its digests changed, as a cache encoded
-    # again from another image would): each is derived again from the cache itself.
+    # again from another image would; the file otherwise well formed), none at all, and
+    # digests computed another way (a chunk's first one differs: what a version that hashed
+    # datagrams otherwise would have kept): each is derived again from the cache itself.
     flipped = bytearray(genuine_kept)
     flipped[3] ^= 0x10
-    # (well formed, its own digest right: only the copy of the cache's trailer differs)
     other_body = bytearray(genuine_kept[: -symbol_cache.DIGEST_BYTES])
-    other_body[len(forged)] ^= 0x01
+    other_body[length] ^= 0x01
     other_trailer = bytes(other_body) + xxhash.xxh3_128_digest(bytes(other_body))
-    for spoiled in (bytes(flipped), genuine_kept[:-1], other_trailer, b""):
-        kept.write_bytes(spoiled)
+    for spoiled in (bytes(flipped), genuine_kept[:-1], other_trailer, b"", None):
+        if spoiled is None:
+            keep(path, [bytes(len(d)) for d in digests])
+        else:
+            kept.write_bytes(spoiled)
         assert kept_digests(path) == digests
         # ... and kept again, bound to the cache as it is.
-        assert symbol_cache.read_derived(path, LAYOUT, auth_pages.DIGESTS_FILE, len(forged)) == (
-            b"".join(digests)
-        )
+        reader = symbol_cache.SymbolReader(path, LAYOUT, 16)
+        try:
+            again = symbol_cache.read_derived(reader, auth_pages.DIGESTS_FILE, length)
+        finally:
+            reader.close()
+        assert again == b"".join(digests)
