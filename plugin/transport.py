@@ -370,40 +370,37 @@ class MulticastReceiver:
 
         Each join is dropped on its own: one that fails stays held (`NetworkError` names it,
         after the others were tried), and `rejoin` takes back exactly those dropped."""
-        failed: OSError | None = None
-        failed_join: Join | None = None
-        for join in self._joins:
-            if join in self._dropped:
-                continue
-            try:
-                self._join(self._sock, join, leave=True)
-            except OSError as exc:
-                if exc.errno != errno.EADDRNOTAVAIL:  # (not a member: as good as dropped)
-                    failed, failed_join = exc, join
-                    continue
-            self._dropped.append(join)
-        if failed is not None and failed_join is not None:
-            raise NetworkError(
-                f"leaving {_describe(failed_join)} on {self.interface} failed: {_reason(failed)}"
-            )
+        held = [join for join in self._joins if join not in self._dropped]
+        self._change(held, leave=True)
 
     def rejoin(self) -> None:
         """Take back every membership `leave` dropped; one that fails stays dropped (for the
         next call to take back) and `NetworkError` names it, after the others were tried."""
-        failed: OSError | None = None
-        failed_join: Join | None = None
-        for join in list(self._dropped):
+        self._change(list(self._dropped), leave=False)
+
+    def _change(self, joins: list[Join], *, leave: bool) -> None:
+        """Leave (or join again) each of `joins` on its own, keeping `_dropped` to what the
+        kernel holds; the first failure is raised once all were tried.  The kernel's "not a
+        member" to a leave and "a member already" to a join mean it is as asked."""
+        done_already = errno.EADDRNOTAVAIL if leave else errno.EADDRINUSE
+        failed: tuple[Join, OSError] | None = None
+        for join in joins:
             try:
-                self._join(self._sock, join)
+                self._join(self._sock, join, leave=leave)
             except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:  # (a member already: as good as joined)
-                    failed, failed_join = exc, join
+                if exc.errno != done_already:
+                    failed = failed or (join, exc)
                     continue
-            self._dropped.remove(join)
-        if failed is not None and failed_join is not None:
+            if leave:
+                self._dropped.append(join)
+            else:
+                self._dropped.remove(join)
+        if failed is not None:
+            what = "leaving" if leave else "joining"
+            again = "" if leave else " again"
             raise NetworkError(
-                f"joining {_describe(failed_join)} on {self.interface} again failed: "
-                f"{_reason(failed)}"
+                f"{what} {_describe(failed[0])} on {self.interface}{again} failed: "
+                f"{_reason(failed[1])}"
             )
 
     @property

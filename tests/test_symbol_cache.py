@@ -12,6 +12,7 @@ import hashlib
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import xxhash
 
@@ -22,6 +23,7 @@ from otacast.signer.schedule import SendSymbols, Wait
 
 from .helpers import manifest_for
 
+T = TypeVar("T")
 CHUNK = 16 * 1024
 IMAGE = random.Random(13).randbytes(4 * CHUNK - 500)
 MANIFEST = manifest_for(IMAGE, chunk_size=CHUNK, symbol_size=1024)
@@ -47,13 +49,18 @@ def counting_encoder(calls: list[int]) -> Callable[[bytes, int, int], list[bytes
     return encode
 
 
-def signed_digests(path: Path) -> list[bytes]:
-    """The digests the sender would sign into AUTH pages, read from the cache at `path`."""
+def reading(path: Path, use: Callable[[symbol_cache.SymbolReader], T]) -> T:
+    """`use` of a reader of the cache file at `path`, closed after."""
     reader = symbol_cache.SymbolReader(path, LAYOUT, 16)
     try:
-        return auth_pages.release_digests(reader)
+        return use(reader)
     finally:
         reader.close()
+
+
+def signed_digests(path: Path) -> list[bytes]:
+    """The digests the sender would sign into AUTH pages, read from the cache at `path`."""
+    return reading(path, auth_pages.release_digests)
 
 
 def build(tmp_path: Path, warnings: list[str], calls: list[int]) -> Path:
@@ -177,20 +184,13 @@ def test_a_lone_sender_at_its_origin_sends_every_chunks_source_symbols_first() -
 
 
 def kept_digests(path: Path) -> list[bytes]:
-    reader = symbol_cache.SymbolReader(path, LAYOUT, 16)
-    try:
-        return auth_pages.kept_release_digests(reader)
-    finally:
-        reader.close()
+    return reading(path, auth_pages.kept_release_digests)
 
 
 def keep(path: Path, digests: list[bytes]) -> None:
     """`digests` kept beside the cache at `path` as if derived from it."""
-    reader = symbol_cache.SymbolReader(path, LAYOUT, 16)
-    try:
-        symbol_cache.write_derived(reader, auth_pages.DIGESTS_FILE, b"".join(digests))
-    finally:
-        reader.close()
+    data = b"".join(digests)
+    reading(path, lambda reader: symbol_cache.write_derived(reader, auth_pages.DIGESTS_FILE, data))
 
 
 def with_last_zeroed(digests: list[bytes]) -> list[bytes]:
@@ -240,9 +240,7 @@ def test_kept_digests_of_another_cache_or_derivation_or_damaged_are_computed_aga
             kept.write_bytes(spoiled)
         assert kept_digests(path) == digests
         # ... and kept again, bound to the cache as it is.
-        reader = symbol_cache.SymbolReader(path, LAYOUT, 16)
-        try:
-            again = symbol_cache.read_derived(reader, auth_pages.DIGESTS_FILE, length)
-        finally:
-            reader.close()
+        again = reading(
+            path, lambda reader: symbol_cache.read_derived(reader, auth_pages.DIGESTS_FILE, length)
+        )
         assert again == b"".join(digests)
