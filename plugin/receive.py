@@ -536,9 +536,8 @@ class _Run:
         # The decode worker (`otacast.plugin.decode_worker`), while the store uses it: its
         # answers' pipe is waited on with the sockets; what it did, for the summary.
         self.worker: DecodeWorker | None = None
-        # Whether the carousel's groups are left while only decodes are left (`_leave_groups`),
-        # and how often they were.
-        self.groups_left = False
+        # How often the carousel's groups were left while only decodes were left
+        # (`_leave_groups`).
         self.left_for_decodes = 0
         self._rejoin_failed = False
         self.decodes_in_worker = 0
@@ -576,7 +575,7 @@ class _Run:
                     # even received (`_leave_groups`), for the decodes' CPU.
                     waited.clear()
                     self._leave_groups()
-                elif self.groups_left:
+                elif any(r.left for r in self.receivers):
                     self._rejoin_groups()  # a decode failed: its chunk needs symbols again
                 if self.worker is not None:
                     waited.append(self.worker)  # (its answers are taken below)
@@ -645,7 +644,6 @@ class _Run:
                 receiver.leave()
             left = left or receiver.left
         if left:
-            self.groups_left = True
             self.left_for_decodes += 1
 
     def _rejoin_groups(self) -> None:
@@ -656,7 +654,6 @@ class _Run:
                 if not self._rejoin_failed:
                     self._rejoin_failed = True
                     self.emit.note(f"{exc}: trying again")
-        self.groups_left = any(r.left for r in self._carousel_sockets())
 
     def _report_status(self, now: float) -> None:
         status = self.options.status

@@ -95,7 +95,8 @@ def matches(record: Path, manifest: Manifest, image: Path) -> bool:
 
 
 def forget(record: Path) -> None:
-    """No record: the image failed its check (the next start checks it again)."""
+    """No record (the image failed its check, or it cannot vouch for it): the next start
+    checks the image again."""
     with contextlib.suppress(OSError):
         record.unlink(missing_ok=True)
 
@@ -106,10 +107,9 @@ def remember(
     """Record that `image` passed the check against `manifest` begun at `started_ns`, if its
     stamp `before` the check is still its stamp and had settled when the check began;
     otherwise make sure no record claims it."""
-    after = FileStamp.of(image)
+    if before is None or before != FileStamp.of(image) or not before.settled(started_ns):
+        forget(record)
+        return
     with contextlib.suppress(OSError, WriteError):
         # Only a speed-up for the next start: a directory that cannot take it costs a check then.
-        if before is not None and before == after and before.settled(started_ns):
-            atomic_write(record, _line(manifest, before))
-        else:
-            record.unlink(missing_ok=True)
+        atomic_write(record, _line(manifest, before))

@@ -408,6 +408,11 @@ def index_cycles(
         yield b"".join(prefix + packet[1:] for packet in packets)
 
 
+def _trailer(fd: int, layout: CycleLayout) -> bytes:
+    """The trailer of the cache file open as `fd` (shorter if the file is)."""
+    return os.pread(fd, len(layout.cycles) * DIGEST_BYTES, layout.total_bytes)
+
+
 def verify(path: Path, layout: CycleLayout) -> str | None:
     """Why the cache file at `path` must not be used, or None when every cycle matches its
     digest in the trailer."""
@@ -419,9 +424,8 @@ def verify(path: Path, layout: CycleLayout) -> str | None:
         size = os.fstat(fd).st_size
         if size != layout.file_bytes:
             return f"{size} bytes, expected {layout.file_bytes}"
-        count = len(layout.cycles)
-        trailer = os.pread(fd, count * DIGEST_BYTES, layout.total_bytes)
-        for chunk in range(count):
+        trailer = _trailer(fd, layout)
+        for chunk in range(len(layout.cycles)):
             offset, length = layout.span(chunk, 0, layout.cycles[chunk])
             digest = xxhash.xxh3_128()
             end = offset + length
@@ -508,9 +512,8 @@ class SymbolReader:
 
     def trailer(self) -> bytes:
         """The file's trailer: the digest of every cycle (module doc)."""
-        length = len(self.layout.cycles) * DIGEST_BYTES
-        data = os.pread(self._fd, length, self.layout.total_bytes)
-        if len(data) != length:
+        data = _trailer(self._fd, self.layout)
+        if len(data) != len(self.layout.cycles) * DIGEST_BYTES:
             raise ReadError("symbol cache is truncated in its trailer")
         return data
 
