@@ -220,12 +220,38 @@ def test_manifest_is_sent_first_and_repeated_several_times_a_second() -> None:
 
 
 def test_manifest_interval_fits_the_early_data_and_caps_the_manifests_share() -> None:
-    assert manifest_interval(1_000_000, 10_000_000) == pytest.approx(2.0)  # 5% of the rate
-    assert manifest_interval(2_000, 1_000_000) == 0.25  # at least four times a second
-    assert manifest_interval(20_000, 10_000_000) == pytest.approx(0.125)
-    assert manifest_interval(20_000, 100_000_000) == pytest.approx(0.0125)
-    assert manifest_interval(2_000, 1_000_000_000) == 0.01  # at most 100 times a second
-    assert manifest_interval(20_000, 0) == 0.25
+    small = 10_000_000  # a 10 MB image: the balanced interval is shorter than these
+    assert manifest_interval(1_000_000, 10_000_000, small) == pytest.approx(2.0)  # 5% of the rate
+    assert manifest_interval(2_000, 1_000_000, small) == 0.25  # at least four times a second
+    assert manifest_interval(20_000, 10_000_000, small) == pytest.approx(0.125)
+    assert manifest_interval(20_000, 100_000_000, small) == pytest.approx(0.0125)
+    assert manifest_interval(2_000, 1_000_000_000, small) == 0.01  # at most 100 times a second
+    assert manifest_interval(20_000, 0, small) == 0.25
+
+
+def test_a_large_images_manifest_takes_a_fifth_of_a_percent_of_the_airtime() -> None:
+    # A 4 GB image: ~477 chunk hashes in a ~35 kB manifest, 3.3 M source datagrams.
+    manifest, data, rate = 35_000, 4_066_000_000, 110_000_000
+    interval = manifest_interval(manifest, rate, data)
+    share = manifest / (rate * interval)
+    assert 0.0019 < share < 0.0022  # the early-data rule alone gave 2.8%
+    assert interval == pytest.approx(0.153, abs=0.001)
+
+    def cost(every: float) -> float:
+        """Seconds a receiver spends on manifests over the download, plus a joiner's wait."""
+        return manifest / (rate * every) * data / rate + every / 2
+
+    assert cost(interval) < min(cost(interval * 0.8), cost(interval * 1.25))
+    # On a slow channel a joining device still hears it every 2 s, well within its join timeout.
+    assert manifest_interval(manifest, 1_000_000, data) == 2.0
+
+
+def test_a_large_carousel_repeats_its_manifest_at_the_balanced_interval() -> None:
+    big_manifest = tuple(b"m" * 1200 for _ in range(30))
+    rate = 110_000_000.0
+    c = core([10_416] * 477, [6944] * 477, visit=112, batch=53, rate=rate, manifest=big_manifest)
+    assert c.manifest_interval == pytest.approx(manifest_interval(36_000, rate, 477 * 6944 * D))
+    assert c.manifest_interval > 0.1
 
 
 def test_duration_and_passes_end_the_run() -> None:
