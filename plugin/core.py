@@ -201,6 +201,9 @@ class ReceiverStats:
     index_ignored: int = 0  # block index datagrams not wanted, or after the index was out
     index_bytes: int = 0  # the verified block index's length, once `IndexReady` was emitted
     chunks_multicast: int = 0
+    # Of those, chunks whose bytes a decoder rebuilt; the others' source symbols all arrived and
+    # were only hashed where they lie (`decoder.InPlace`).
+    chunks_decoded: int = 0
     bytes_multicast: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     # The loss estimate (*Reporting*): arrivals that followed a cursor, and the ESIs they skipped.
@@ -241,6 +244,7 @@ class ReceiverSnapshot:
     held: int = 0  # datagrams held until a manifest is verified (*Nothing before trust*)
     index_bytes: int = 0  # the verified block index's length once received (*The block index*)
     index_ignored: int = 0
+    chunks_decoded: int = 0  # chunks a decoder rebuilt (the others were only hashed in place)
 
     @property
     def rejected_total(self) -> int:
@@ -477,6 +481,7 @@ class ReceiverCore:
             sources=len(self._sources),
             symbols_followed=stats.symbols_followed,
             symbols_missed=stats.symbols_missed,
+            chunks_decoded=stats.chunks_decoded,
             held=len(self._early),
             index_bytes=stats.index_bytes,
             index_ignored=stats.index_ignored,
@@ -1118,6 +1123,7 @@ class ReceiverCore:
         self._polluted = False
         self._add_done(chunk)
         self.stats.chunks_multicast += 1
+        self.stats.chunks_decoded += data is not None
         self.stats.bytes_multicast += length
         self._events.append(ChunkComplete(chunk, data))
         self._progress(now)

@@ -292,6 +292,9 @@ class FetchSummary:
     # The decode worker (`otacast.plugin.decode_worker`): decodes it answered, its peak RSS.
     decodes_in_worker: int = 0
     worker_peak_rss_mb: float | None = None
+    # Chunks received by multicast whose bytes a decoder rebuilt (with `--symbols store`, the
+    # others' source symbols all arrived and were only hashed): the repair work loss cost.
+    chunks_decoded: int = 0
 
     @classmethod
     def from_snapshot(
@@ -333,6 +336,7 @@ class FetchSummary:
             symbols_followed=snap.symbols_followed,
             symbols_missed=snap.symbols_missed,
             index_bytes=snap.index_bytes,
+            chunks_decoded=snap.chunks_decoded,
         )
 
 
@@ -478,6 +482,7 @@ class Reporter:
                     "http_refetched": s.http_refetched,
                     "left_for_decodes": s.left_for_decodes,
                     "decodes_in_worker": s.decodes_in_worker,
+                    "chunks_decoded": s.chunks_decoded,
                     "worker_peak_rss_mb": s.worker_peak_rss_mb,
                 },
                 sort_keys=True,

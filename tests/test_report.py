@@ -113,6 +113,7 @@ def test_the_summary_carries_the_snapshot_and_what_only_the_driver_knows() -> No
     assert finished["event"] == "finished" and finished["bytes_resumed"] == 9
     assert finished["joins"] == ["(*, ff3e::1)"] and finished["receiving"] == 4.0
     assert finished["reads"] == 1  # socket reads: datagrams / reads is what GRO achieved
+    assert finished["chunks_decoded"] == 0  # marked done: neither decoded nor received
     assert finished["peak_rss_mb"] > 0  # read from /proc (VmHWM) as the summary is written
     assert (peak_rss_mb() or 0.0) >= finished["peak_rss_mb"]
     text = io.StringIO()

@@ -89,6 +89,7 @@ def test_every_chunk_is_in_progress_at_once_and_only_repairable_chunks_are_decod
         # The decoded chunk comes with its bytes; the others were hashed as their source
         # symbols were written, in order, and are verified where they are: nothing read back.
         assert [index for index, data in done.items() if data is not None] == [1]
+        assert core.snapshot().chunks_decoded == 1  # what the summary reports
         for index, data in done.items():
             assert (data or store.read_chunk(index)) == RELEASE.chunk(index)
         assert store.stats.read_back_bytes == 0
