@@ -37,7 +37,7 @@ from .attacks import (
     rejected,
 )
 from .netns import Lan, LanFactory, stop
-from .release import fetch, publish, serve, summary_of
+from .release import fetch, publish, random_loss, serve, summary_of
 
 RATE = 2_000_000  # the honest sender's rate, bytes/s
 
@@ -213,3 +213,55 @@ def test_forged_data_and_manifest_at_10x_without_packet_auth_write_nothing_and_c
     print(figures)
     if not under_attack:
         raise AssertionError(f"completed only once the attack stopped:{figures}")
+
+
+# --- A spoiled decode while the groups are left --------------------------------------------------
+
+
+def test_a_decode_spoiled_while_the_groups_were_left_joins_them_again_and_completes(
+    lan: LanFactory, tmp_path: Path
+) -> None:
+    """A one-chunk image through 10% loss: once the chunk holds K symbols and is with the decode
+    worker, nothing else is left to collect, so the receiver leaves the carousel's group for
+    the decode (the receive loop's `_leave_groups`; an inline decode runs in the same turn of
+    the loop as the datagram that completed its chunk, before the loop would leave).  One
+    forged repair symbol, sent before the sender started, spoils that decode; the chunk must
+    then collect again, so the receiver has to join the group again or stall.  It leaves a
+    second time only if it joined in between, and it finishes from the carousel alone (no
+    HTTP fallback)."""
+    sender, attacker, receiver = lan(3).hosts
+    channel = Channel.make(tmp_path / "release", 2 * MB)
+    m = channel.manifest
+    assert m.chunk_count == 1
+    # An early repair ESI: ahead of the honest one, which then arrives as a duplicate.
+    forged = wire.build_datagram(
+        wire.DataPacket(m.tsi, 0, m.source_symbols(0) + 1, b"\x66" * m.fec.symbol_size)
+    )
+    random_loss(receiver, 10)
+    rx = asm_fetch(
+        receiver,
+        channel,
+        tmp_path / "state",
+        tmp_path / "out.img",
+        "--fallback",
+        "never",
+        "--decode",
+        "worker",
+    )
+    tx = None
+    try:
+        time.sleep(0.5)  # joined: what comes now is held until the manifest is verified
+        forger = inject(attacker, channel, 0.5, 40, datagrams=[forged], directory=tmp_path)
+        forger.wait(timeout=10)
+        assert injected(forger) >= 10  # all of them before the sender starts
+        tx = serve(sender, channel.release, "--rate", str(RATE), "--asm", "--duration", "60s")
+        code, events, err = finish(rx, [], timeout=60)
+    finally:
+        stop([p for p in (rx, tx) if p is not None])
+    assert code == 0, err
+    summary = summary_of(events)
+    spoiled = rejected(events)
+    assert spoiled.get("chunk-hash-mismatch", 0) >= 1, spoiled  # the forged symbol was used
+    assert summary["left_for_decodes"] >= 2, summary  # left, joined again, left again
+    assert summary["bytes_http"] == 0
+    assert (tmp_path / "out.img").read_bytes() == channel.release.image.read_bytes()
