@@ -2,7 +2,7 @@
 
     python integration/bench_receiver.py [--size 64M] [--big-image 1G] [--rate 120M] [--quick]
         [--gro on|off|both] [--symbols store,memory] [--losses 0,5,20] [--no-auth]
-        [--compare EXE] [--rounds 1] [--pin]
+        [--compare EXE] [--rounds 1] [--pin] [--cpu-limits 100,20,10]
 
 On a two-host namespaced LAN a sender loops a release at a fixed paced rate and ``otacast
 fetch`` receives it, with 0%, 5% and 20% of datagrams dropped at random by nftables in the
@@ -22,7 +22,12 @@ it waits for), datagrams received / K, and two efficiency figures:
   round's visits) and datagrams its full socket buffer dropped, as well as the code.
 
 ``--pin`` puts the receiver (and any process it starts: they inherit its CPUs) on CPU 1 alone
-and the sender on CPU 0: the goodput of a device with one core.  The kernel's receive path on
+and the sender on CPU 0: the goodput of a device with one core.  ``--cpu-limits`` runs every
+row once per share of that core given (percent; 100: the whole core), the receiver and its
+decode worker held to it by the kernel's CPU bandwidth control (`integration.cpulimit`; it
+implies ``--pin``): a device too slow for the stream, which must still converge, its socket
+buffer's drops being just more loss.  Beyond the repair pool's share of loss (a third) such a
+receiver also hears symbols again once the sender's cycles wrap.  The kernel's receive path on
 the veths runs where the datagram was sent (CPU 0) and is not in the receiver's CPU figures.
 
 Then it receives a large image once at 0% loss and reports the receiver's peak resident memory
@@ -47,6 +52,7 @@ grow with the datagrams a receiver that fell behind took in for chunks already c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -57,6 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from integration.cpulimit import CpuLimit, cpu_limit
 from integration.netns import Lan, stop
 from integration.release import (
     Release,
@@ -83,6 +90,7 @@ def receive(
     tx_args: tuple[str, ...] = (),
     device: str | None = None,
     pin: bool = False,
+    limit: tuple[CpuLimit, int] | None = None,
 ) -> dict[str, float | str]:
     sender, receiver = lan.hosts
     clear_loss(receiver)
@@ -95,6 +103,10 @@ def receive(
     if pin:
         # Before it starts any worker: a child process inherits its parent's CPUs.
         os.sched_setaffinity(rx.pid, {1})
+    if limit is not None:
+        group, percent = limit
+        group.set(percent)
+        group.add(rx.pid)  # (its worker, started later, joins its group)
     time.sleep(0.5)  # joined
     first_start(release.directory / f"cache-{sender.netns}")  # the device waits for the sender
     tx = serve(sender, release, "--rate", rate, "--no-gso", "--duration", "600s", *tx_args)
@@ -120,6 +132,8 @@ def receive(
     lost = dropped(receiver) if loss else 0
     return {
         "loss": loss,
+        "cpu_limit_%": 100 if limit is None else limit[1],
+        "chunks_decoded": summary.get("chunks_decoded", ""),
         "goodput_MB/s": round(mb / summary["receiving"], 1),
         "cpu_s_per_MB": round((usage.ru_utime + usage.ru_stime) / mb, 4),
         "user_s": round(usage.ru_utime, 2),
@@ -188,8 +202,18 @@ def main() -> None:
         help="the receiver (and any process it starts) on CPU 1 only, the sender on CPU 0: "
         "goodput of a receiver with one core",
     )
+    parser.add_argument(
+        "--cpu-limits",
+        default="100",
+        help="percent of one core for the receiver, comma-separated: the rows once per share "
+        "(below 100 implies --pin)",
+    )
     args = parser.parse_args()
     compile_bytecode()
+    limits = [int(x) for x in args.cpu_limits.split(",")]
+    if not all(1 <= x <= 100 for x in limits):
+        parser.error("--cpu-limits are percentages of one core, 1-100")
+    args.pin = args.pin or min(limits) < 100
     if args.pin and len(os.sched_getaffinity(0)) < 2:
         parser.error("--pin needs two CPUs")
     keeping = args.symbols.split(",")
@@ -202,7 +226,13 @@ def main() -> None:
         receivers.append(("compare", args.compare, ()))
     work = Path(tempfile.mkdtemp(prefix="otacast-rxbench-"))
     modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.gro]
+    stack = contextlib.ExitStack()
     try:
+        group = (
+            stack.enter_context(cpu_limit(f"otacast-bench-{os.getpid()}"))
+            if min(limits) < 100
+            else None
+        )
         size = units.parse_size("16M" if args.quick else args.size)
         release = Release.make(work / "release", size, chunk="")
         result: dict[str, object] = {}
@@ -222,9 +252,11 @@ def main() -> None:
                             ("--symbols", how, *extra),
                             device=exe,
                             pin=args.pin,
+                            limit=None if group is None else (group, share),
                         ),
                     }
                     for _ in range(args.rounds)
+                    for share in limits
                     for loss in (int(x) for x in args.losses.split(","))
                     for how in keeping
                     for name, exe, extra in receivers
@@ -235,18 +267,19 @@ def main() -> None:
                     + (", receiver pinned to CPU 1, sender to CPU 0" if args.pin else "")
                 )
                 print(
-                    f"{'loss':>5} {'symbols':>8} {'receiver':>9} {'goodput MB/s':>13} "
+                    f"{'CPU %':>5} {'loss':>5} {'symbols':>8} {'receiver':>9} {'goodput MB/s':>13} "
                     f"{'CPU s/MB':>9} {'user s':>7} {'sys s':>6} {'FEC used/K':>11} "
                     f"{'wire/ideal':>11} {'received/K':>11} {'peak RSS MB':>12} "
-                    f"{'dgrams/read':>12} {'CPU us/dgram':>13}"
+                    f"{'dgrams/read':>12} {'CPU us/dgram':>13} {'decoded':>8}"
                 )
                 for r in rows:
                     print(
-                        f"{r['loss']:>4}% {r['symbols']:>8} {r['receiver']:>9} "
-                        f"{r['goodput_MB/s']:>13} {r['cpu_s_per_MB']:>9} {r['user_s']:>7} "
+                        f"{r['cpu_limit_%']:>5} {r['loss']:>4}% {r['symbols']:>8} "
+                        f"{r['receiver']:>9} {r['goodput_MB/s']:>13} {r['cpu_s_per_MB']:>9} "
+                        f"{r['user_s']:>7} "
                         f"{r['sys_s']:>6} {r['fec_used/K']:>11} {r['wire/ideal']:>11} "
                         f"{r['received/K']:>11} {r['peak_rss_MB']:>12} {r['dgrams/read']:>12} "
-                        f"{r['cpu_us_per_dgram']:>13}"
+                        f"{r['cpu_us_per_dgram']:>13} {r['chunks_decoded']:>8}"
                     )
                 result["rows_gro" if gro else "rows"] = rows
                 if gro != modes[-1]:
@@ -267,6 +300,7 @@ def main() -> None:
                         result[f"big_{name}"] = row
         print(json.dumps(result))
     finally:
+        stack.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
