@@ -117,7 +117,7 @@ print(json.dumps(got), flush=True)
 # One discovery: prints {"hosts": [...]} or {"error": ..., "code": ...}, and the time it took.
 DISCOVER = """
 import json, sys, time
-from otacast.plugin.discovery import discover
+from otacast.plugin.srv import discover
 from otacast.plugin.errors import DeviceError
 channel, resolver, lifetime = sys.argv[1], sys.argv[2] or None, float(sys.argv[3])
 start = time.monotonic()

@@ -20,8 +20,9 @@ import dns.rrset
 import pytest
 
 from otacast.plugin import transport
-from otacast.plugin.discovery import JoinPlan, SourceHost, discover, parse_resolver, plan_joins
+from otacast.plugin.discovery import JoinPlan, plan_joins
 from otacast.plugin.errors import DiscoveryError, NetworkError, UsageError
+from otacast.plugin.srv import SourceHost, discover, parse_resolver
 from otacast.plugin.transport import Join, MulticastReceiver, group_source_req
 from otacast.schemas import addressing
 from otacast.schemas.manifest import Transport
