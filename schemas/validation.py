@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 from functools import cache
 from importlib import resources
-from typing import Any
-
-from jsonschema import Draft202012Validator
+from typing import TYPE_CHECKING, Any
 
 from .errors import MalformedManifest
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
 
 
 @cache
 def _validator() -> Draft202012Validator:
+    # Imported here: jsonschema (with attrs and referencing) is ~55 ms of start-up, paid by the
+    # first manifest checked rather than by every command (`otacast status`, the Mender update
+    # module's many calls).
+    from jsonschema import Draft202012Validator
+
     text = resources.files(__package__).joinpath("manifest.schema.json").read_text("utf-8")
     schema = json.loads(text)
     Draft202012Validator.check_schema(schema)
