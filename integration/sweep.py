@@ -15,9 +15,9 @@ costs seconds, not hours.
 
 What is modelled
 ----------------
-*The image.*  The product's defaults: 1 MiB chunks (``DEFAULT_CHUNK_BYTES``, or
+*The image.*  The product's defaults: 8 MiB chunks (``DEFAULT_CHUNK_BYTES``, or
 ``--chunk-size``), 1208-byte symbols (``fec.DEFAULT_SYMBOL_SIZE``, 1228-byte datagrams), so
-K = 869 per full chunk (`fec.source_symbols`); a repair pool of 50% (``serve --repair``), so each
+K = 6944 per full chunk (`fec.source_symbols`); a repair pool of 50% (``serve --repair``), so each
 chunk's cycle is K + ceil(K/2) symbols as `symbol_cache.CycleLayout` lays it out.
 
 *The carousel (what ``serve`` sends).*  The real `otacast.signer.schedule.SenderCore` (its
