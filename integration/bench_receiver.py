@@ -63,7 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from integration.cpulimit import CpuLimit, cpu_limit
+from integration.cpulimit import MIN_PERCENT, CpuLimit, cpu_limit
 from integration.netns import Lan, stop
 from integration.release import (
     Release,
@@ -211,8 +211,8 @@ def main() -> None:
     args = parser.parse_args()
     compile_bytecode()
     limits = [int(x) for x in args.cpu_limits.split(",")]
-    if not all(1 <= x <= 100 for x in limits):
-        parser.error("--cpu-limits are percentages of one core, 1-100")
+    if not all(MIN_PERCENT <= x <= 100 for x in limits):
+        parser.error(f"--cpu-limits are percentages of one core, {MIN_PERCENT}-100")
     args.pin = args.pin or min(limits) < 100
     if args.pin and len(os.sched_getaffinity(0)) < 2:
         parser.error("--pin needs two CPUs")

@@ -568,16 +568,19 @@ def targets(plan: Plan, result: dict[str, object], rows: Sequence[Row]) -> list[
     for r in rows:
         if r.tool == "otacast" and r.extra:
             late = f", joined {r.join_delay:g} s late" if r.late else ""
-            # Up to the image, as the table's first otacast column: what the receiver took in
-            # after it had the image (its final hash and hand-off; while it decodes, it has
-            # left the groups) is not something it received to build it, but this switch,
-            # which does not snoop MLD, keeps delivering to its port and the loss rule there
-            # keeps counting (that figure, until it exited, stays in the table).
-            value = r.extra.get(IDEAL, r.extra[TO_EXIT])
+            # What the receiver took in (and its socket dropped), over the share the loss let
+            # through, as the table's first otacast column: not what reached its port while
+            # it was not listening (its decodes, after it left the groups, and its final hash
+            # and hand-off), which this switch, not snooping MLD, keeps delivering and the loss
+            # rule there keeps counting.  That figure, until the receiver exited, stays in the
+            # table.  (uftp's and udpcast's are counted at the port: they never leave early.)
+            taken = IDEAL in r.extra
+            value = r.extra[IDEAL] if taken else r.extra[TO_EXIT]
             out.append(
                 [
                     f"otacast received/ideal ≤ {RECEIVED_PER_IDEAL} at {r.loss}% loss, "
-                    f"{size_label(r.size)}{late} (until it had the image)",
+                    f"{size_label(r.size)}{late}"
+                    + (" (datagrams it took in)" if taken else " (until it exited)"),
                     f"{value:.3f}",
                     _verdict(value, RECEIVED_PER_IDEAL),
                 ]

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
-# The bandwidth period: 100 ms is the kernel's default, short enough that a limited receiver
-# is throttled many times a second rather than stalled for long stretches.
-PERIOD_US = 100_000
+# The bandwidth period.  The kernel's default, 100 ms, lets a receiver at 10% run 10 ms and then
+# stops it for 90 ms, ~10 MB of a 110 MB/s stream at once: not what a slower CPU does.  At 10 ms
+# it is stopped for at most 9 ms at a time.  The kernel's smallest quota is 1 ms, so the limit is
+# at least 10% of a core.
+PERIOD_US = 10_000
+MIN_PERCENT = 10
 
 
 class CpuLimit:
@@ -29,7 +33,9 @@ class CpuLimit:
         self.v2 = v2
 
     def set(self, percent: int) -> None:
-        """At most `percent` of one core (100 or more: no limit)."""
+        """At most `percent` of one core (`MIN_PERCENT` at least; 100 or more: no limit)."""
+        if percent < MIN_PERCENT:
+            raise ValueError(f"a CPU limit is at least {MIN_PERCENT}% of a core")
         quota = percent * PERIOD_US // 100
         if self.v2:
             value = f"{quota} {PERIOD_US}" if percent < 100 else f"max {PERIOD_US}"
@@ -65,7 +71,10 @@ def cpu_limit(name: str) -> Iterator[CpuLimit]:
     if v2:
         control = ROOT / "cgroup.subtree_control"
         if "cpu" not in control.read_text().split():
-            control.write_text("+cpu")
+            try:
+                control.write_text("+cpu")
+            except OSError as exc:  # e.g. EBUSY where the root group holds processes
+                raise RuntimeError(f"cannot limit CPU: enabling its controller: {exc}") from None
         directory = ROOT / name
     else:
         directory = ROOT / "cpu" / name
@@ -73,5 +82,7 @@ def cpu_limit(name: str) -> Iterator[CpuLimit]:
     try:
         yield CpuLimit(directory, v2)
     finally:
-        with contextlib.suppress(OSError):
+        try:
             directory.rmdir()
+        except OSError as exc:
+            print(f"warning: cgroup {directory} left behind: {exc}", file=sys.stderr)

@@ -201,8 +201,9 @@ class ReceiverStats:
     index_ignored: int = 0  # block index datagrams not wanted, or after the index was out
     index_bytes: int = 0  # the verified block index's length, once `IndexReady` was emitted
     chunks_multicast: int = 0
-    # Of those, chunks whose bytes a decoder rebuilt; the others' source symbols all arrived and
-    # were only hashed where they lie (`decoder.InPlace`).
+    # Of those, chunks whose bytes a decoder rebuilt; with the symbol store the others' source
+    # symbols all arrived and were only hashed where they lie (`decoder.InPlace`), while the
+    # in-memory decoders rebuild every chunk.
     chunks_decoded: int = 0
     bytes_multicast: int = 0
     rejected: Counter[str] = field(default_factory=Counter)

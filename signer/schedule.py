@@ -74,14 +74,16 @@ that, at the interval that costs receivers least in all.  Every receiver spends 
 seconds at rate ``r``, about ``s * D / r`` seconds when the chunks' source symbols take ``D``
 bytes of airtime; a receiver joining mid-stream waits ``I / 2`` on average for a copy (less
 what it holds early, a bound on the cost).  Their sum is least at ``I = sqrt(2 * M * D) / r``,
-where ``s = sqrt(M / (2 * D))``: about 0.2% at any image size with the default chunks, since M
-and D both grow with the chunk count.  A 4 GB image's 38 kB manifest at 110 MB/s goes out every
-0.16 s instead of every 11 ms: its datagrams were 2.98% of the DATA datagrams sent and are
-0.22% (measured), ~1 s of a 4 GB download at that rate, to spare a joining device at most
-~0.16 s once.  The balanced
-interval is capped at ``MAX_BALANCED_INTERVAL`` (2 s), well inside a device's join timeout.
-The interval is part of a round's length and so of the phase: senders of one release
-(``--sender i/n``) must run versions that agree on it.
+where ``s = sqrt(M / (2 * D))``: 0.2-0.3% from 500 MB up with the default chunks, since M and D
+both grow with the chunk count (the manifest's fixed part weighs more in a small one).  A 4 GB
+image's 38 kB manifest at 110 MB/s goes out every 0.16 s instead of every 11 ms: its datagrams
+were 2.98% of the DATA datagrams sent, about 1 s of a 4 GB download at that rate, and are 0.22%
+(measured), to spare a joining device at most ~0.16 s once.  The interval stays within
+``MAX_MANIFEST_INTERVAL`` (a quarter of a second) all the same: below ~17 MB/s a 4 GB image's
+manifest is sent four times a second rather than at the balanced interval, for what relies on
+several copies a second (`watch`'s grace for a second sender; a manifest of ~30 fragments through
+heavy loss within a device's join timeout).  The interval is part of a round's length and so of
+the phase: senders of one release (``--sender i/n``) must run versions that agree on it.
 
 *AUTH pages* (packet authentication, optional).  Every chunk's cycle is cut into AUTH pages of
 ``auth_capacity`` digests each (`otacast.signer.auth_pages` builds and signs them); a visit is
@@ -128,21 +130,19 @@ from otacast.schemas.limits import (
 BURST_SECONDS = 0.005
 
 # Manifest fragments are queued at least this often (a joining receiver has the manifest within
-# a quarter of a second) ...
+# a quarter of a second; `watch`'s grace for a second sender and a device's join timeout, with
+# a manifest of many fragments through heavy loss, count on several copies a second) ...
 MAX_MANIFEST_INTERVAL = 0.25
 # ... and, at high rates, often enough that the data sent between two copies fits in half of what
 # a receiver holds before it has a manifest (MAX_EARLY_BYTES; the other half leaves room for a
-# second sender), so a receiver joining mid-stream loses nothing: every 12 ms at 100 MB/s ...
+# second sender), so a receiver joining mid-stream loses nothing: every 12 ms at 100 MB/s, or
+# at the balanced interval for a large manifest (`manifest_interval`), if that is longer ...
 EARLY_SHARE = 0.5
 # ... but no more than 100 times a second ...
 MIN_MANIFEST_INTERVAL = 0.01
-# ... and never using more than this share of the paced rate.
+# ... and never using more than this share of the paced rate (this alone may make a very large
+# manifest at a low rate come less often than MAX_MANIFEST_INTERVAL).
 MAX_MANIFEST_SHARE = 0.05
-# Beyond those bounds, a large manifest is sent at the balanced interval (`manifest_interval`),
-# about a fifth of a percent of the airtime at any image size, but at least this often: a device
-# that hears no manifest for its join timeout (10 s by default) falls back to HTTP, and one that
-# joins a slow channel should see the release within a couple of seconds.
-MAX_BALANCED_INTERVAL = 2.0
 
 # Copies of an AUTH page sent together (see the module doc).
 AUTH_COPIES = 2
@@ -207,9 +207,9 @@ def manifest_interval(manifest_bytes: int, rate: float, data_bytes: int) -> floa
     if rate <= 0:
         return MAX_MANIFEST_INTERVAL
     early = EARLY_SHARE * MAX_EARLY_BYTES / rate
-    wanted = min(MAX_MANIFEST_INTERVAL, max(MIN_MANIFEST_INTERVAL, early))
-    balanced = min(MAX_BALANCED_INTERVAL, math.sqrt(2 * manifest_bytes * data_bytes) / rate)
-    return max(wanted, balanced, manifest_bytes / (MAX_MANIFEST_SHARE * rate))
+    balanced = math.sqrt(2 * manifest_bytes * data_bytes) / rate
+    wanted = min(MAX_MANIFEST_INTERVAL, max(MIN_MANIFEST_INTERVAL, early, balanced))
+    return max(wanted, manifest_bytes / (MAX_MANIFEST_SHARE * rate))
 
 
 class AuthTiming:

@@ -242,8 +242,10 @@ def test_a_large_images_manifest_takes_a_fifth_of_a_percent_of_the_airtime() -> 
         return manifest / (rate * every) * data / rate + every / 2
 
     assert cost(interval) < min(cost(interval * 0.8), cost(interval * 1.25))
-    # On a slow channel a joining device still hears it every 2 s, well within its join timeout.
-    assert manifest_interval(manifest, 1_000_000, data) == 2.0
+    # On a slower channel it is still sent four times a second, as any manifest is ...
+    assert manifest_interval(manifest, 10_000_000, data) == 0.25
+    # ... unless that would take more than 5% of the rate.
+    assert manifest_interval(manifest, 500_000, data) == pytest.approx(1.4)
 
 
 def test_a_large_carousel_repeats_its_manifest_at_the_balanced_interval() -> None:
