@@ -47,6 +47,10 @@ one datagram per read, and ``--gro both`` runs the loss rows both ways in one ru
 ``dgrams/read`` column is the receiver's datagrams per socket read (its ``reads`` counter), and
 ``CPU us/dgram`` its CPU time over the datagrams it took in: unlike CPU per MB, it does not
 grow with the datagrams a receiver that fell behind took in for chunks already complete.
+``decoded`` is the summary's ``chunks_decoded``.  ``port drops`` counts what the switch's port
+towards the receiver dropped during the row (with GRO on: the veth could not queue into the
+receiver's ring while its poll waited for a busy core): loss that no rule made, which makes a
+"0%" row lossy when the sender and the receiver share cores (``--pin`` avoids it).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +69,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from integration.cpulimit import MIN_PERCENT, CpuLimit, cpu_limit
-from integration.netns import Lan, stop
+from integration.netns import Host, Lan, stop
 from integration.release import (
     Release,
     clear_loss,
@@ -109,12 +114,14 @@ def receive(
         group.add(rx.pid)  # (its worker, started later, joins its group)
     time.sleep(0.5)  # joined
     first_start(release.directory / f"cache-{sender.netns}")  # the device waits for the sender
+    port_before = port_drops(receiver)
     tx = serve(sender, release, "--rate", rate, "--no-gso", "--duration", "600s", *tx_args)
     if pin:
         os.sched_setaffinity(tx.pid, {0})
     try:
         # `ip netns exec` execs the command, so this pid is the receiver itself.
         _, status, usage = os.wait4(rx.pid, 0)
+        port_after = port_drops(receiver)
         rx.returncode = os.waitstatus_to_exitcode(status)
         stdout = rx.stdout.read() if rx.stdout else ""
         stderr = rx.stderr.read() if rx.stderr else ""
@@ -134,6 +141,7 @@ def receive(
         "loss": loss,
         "cpu_limit_%": 100 if limit is None else limit[1],
         "chunks_decoded": summary.get("chunks_decoded", ""),
+        "port_drops": "" if port_before is None or port_after is None else port_after - port_before,
         "goodput_MB/s": round(mb / summary["receiving"], 1),
         "cpu_s_per_MB": round((usage.ru_utime + usage.ru_stime) / mb, 4),
         "user_s": round(usage.ru_utime, 2),
@@ -150,6 +158,25 @@ def receive(
             (usage.ru_utime + usage.ru_stime) / max(1, summary["datagrams"]) * 1e6, 2
         ),
     }
+
+
+def port_drops(host: Host) -> int | None:
+    """Datagrams the switch's port towards `host` dropped so far (its TX ``dropped``: with GRO on
+    the link, a veth that cannot queue into its peer's ring, 256 entries, while the peer's NAPI
+    poll waits for a busy core), or None where the port is not known (links without GRO)."""
+    if host.gro_port is None:
+        return None
+    switch, port = host.gro_port
+    shown = subprocess.run(
+        ["ip", "-n", switch, "-s", "-j", "link", "show", port],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return int(json.loads(shown.stdout)[0]["stats64"]["tx"]["dropped"])
+    except (ValueError, LookupError, TypeError):
+        return None
 
 
 def packet_auth(lan: Lan, work: Path, size: int, rate: str) -> dict[str, float]:
@@ -270,7 +297,7 @@ def main() -> None:
                     f"{'CPU %':>5} {'loss':>5} {'symbols':>8} {'receiver':>9} {'goodput MB/s':>13} "
                     f"{'CPU s/MB':>9} {'user s':>7} {'sys s':>6} {'FEC used/K':>11} "
                     f"{'wire/ideal':>11} {'received/K':>11} {'peak RSS MB':>12} "
-                    f"{'dgrams/read':>12} {'CPU us/dgram':>13} {'decoded':>8}"
+                    f"{'dgrams/read':>12} {'CPU us/dgram':>13} {'decoded':>8} {'port drops':>11}"
                 )
                 for r in rows:
                     print(
@@ -279,7 +306,8 @@ def main() -> None:
                         f"{r['user_s']:>7} "
                         f"{r['sys_s']:>6} {r['fec_used/K']:>11} {r['wire/ideal']:>11} "
                         f"{r['received/K']:>11} {r['peak_rss_MB']:>12} {r['dgrams/read']:>12} "
-                        f"{r['cpu_us_per_dgram']:>13} {r['chunks_decoded']:>8}"
+                        f"{r['cpu_us_per_dgram']:>13} {r['chunks_decoded']:>8} "
+                        f"{r['port_drops']:>11}"
                     )
                 result["rows_gro" if gro else "rows"] = rows
                 if gro != modes[-1]:
