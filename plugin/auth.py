@@ -53,7 +53,7 @@ Every refusal is counted in the core's ``rejected`` counter; nothing here raises
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 
 from otacast.schemas import wire
@@ -181,6 +181,31 @@ class PacketAuthenticator:
             self._held_bytes -= len(dropped)
             self.rejected["unauthenticated"] += 1
         return False
+
+    def vouched_run(self, chunk: int, first: int, run: Sequence[memoryview | bytes]) -> int:
+        """How many of `run` (well-formed DATA datagrams of this session for `chunk`, ESIs
+        `first`, `first` + 1, ...), from the first on, accepted pages list: the run's digests
+        are compared with a page's slice at once.  Nothing is counted or held: the caller
+        counts what it admits, and passes the rest, from the first not vouched for, to `admit`
+        one by one (which holds or refuses it as it would have anyway)."""
+        capacity, width = self.capacity, wire.DIGEST_BYTES
+        vouched, count = 0, len(run)
+        while vouched < count:
+            page, slot = divmod(first + vouched, capacity)
+            listed = self._kept.get((chunk, page))
+            if listed is None:
+                break
+            take = min(count - vouched, capacity - slot, len(listed) // width - slot)
+            if take <= 0:
+                break
+            digests = wire.packet_digests(run[vouched : vouched + take])
+            if digests != listed[slot * width : (slot + take) * width]:
+                # (the first that differs, and any after it, are `admit`'s to decide)
+                while digests[:width] == listed[slot * width : (slot + 1) * width]:
+                    digests, slot, vouched = digests[width:], slot + 1, vouched + 1
+                break
+            vouched += take
+        return vouched
 
     # --- AUTH --------------------------------------------------------------------------------
 

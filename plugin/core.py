@@ -526,12 +526,13 @@ class ReceiverCore:
         """`receive_datagram` for each of `datagrams`, one read's worth from `source`.
 
         They may be views of a buffer the caller reuses afterwards: the core keeps nothing of
-        them beyond this call without copying it.  The receive loop's path.  Without packet
-        authentication a DATA datagram of the session reaches its decoder as a view, with no
-        copy; and a run of consecutive ESIs of one chunk (what a GRO read holds: the sender's
-        GSO batch) reaches a decoder offering ``feed_run`` (`decoder.RunFeed`, the store's) in
-        one call, after the same checks per datagram, each counted as `receive_datagram`
-        counts it (`_feed_run`).
+        them beyond this call without copying it.  The receive loop's path.  A DATA datagram
+        of the session reaches its decoder as a view, with no copy (only one that packet
+        authentication holds for its page is copied); and a run of consecutive ESIs of one
+        chunk (what a GRO read holds: the sender's GSO batch) reaches a decoder offering
+        ``feed_run`` (`decoder.RunFeed`, the store's) in one call, after the same checks per
+        datagram (with packet authentication, its digests compared with its page's at once),
+        each counted as `receive_datagram` counts it (`_feed_run`).
 
         `coalesced` is ``(words, segment)`` when the datagrams are one read's, back to back in
         one buffer every `segment` bytes, and `words` that buffer's whole datagrams as native
@@ -542,8 +543,8 @@ class ReceiverCore:
         self.stats.datagrams += len(datagrams)
         if self.first_datagram_at is None:
             self.first_datagram_at = now
-        if not self._session or self.authenticator is not None:
-            # (an authenticator may hold a datagram until its page arrives: it gets a copy)
+        if not self._session:
+            # (held until a manifest is adopted: each gets a copy)
             for data in datagrams:
                 self._receive(bytes(data), source, now, wall)
             return
@@ -643,10 +644,16 @@ class ReceiverCore:
         on) goes through `_on_data` one by one."""
         assert state.feed_run is not None
         self._heard = True
-        start = wire.DATA_HEADER_SIZE
-        taken = state.feed_run(first, [data[start:] for data in run])
+        start, stats = wire.DATA_HEADER_SIZE, self.stats
+        fed = run
+        if self.authenticator is not None:
+            # The run's digests against its page at once; from the first datagram no accepted
+            # page vouches for, `_on_data` asks the authenticator one by one (held, refused).
+            fed = run[: self.authenticator.vouched_run(chunk, first, run)]
+        taken = state.feed_run(first, [data[start:] for data in fed]) if fed else 0
+        if self.authenticator is not None:
+            self.authenticator.stats.datagrams_admitted += taken
         if taken:
-            stats = self.stats
             # The loss estimate (*Reporting*): the first may follow a cursor, the rest follow it.
             if first == state.cursor + 1:
                 stats.symbols_followed += taken

@@ -78,7 +78,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -475,6 +475,13 @@ Packet = DataPacket | IndexPacket | ManifestPacket | AuthPacket
 def packet_digest(datagram: bytes | bytearray | memoryview) -> bytes:
     """The digest an AUTH page lists for a DATA datagram (the whole datagram, header included)."""
     return hashlib.sha256(datagram).digest()[:DIGEST_BYTES]
+
+
+def packet_digests(datagrams: Sequence[bytes | bytearray | memoryview]) -> bytes:
+    """`packet_digest` of each of `datagrams`, end to end: an AUTH page's slice for a run of
+    consecutive ESIs (one comparison checks the run)."""
+    sha256, width = hashlib.sha256, DIGEST_BYTES
+    return b"".join([sha256(datagram).digest()[:width] for datagram in datagrams])
 
 
 def auth_signed_bytes(datagram: bytes) -> bytes:

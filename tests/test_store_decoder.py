@@ -26,6 +26,8 @@ from otacast.signer.keys import SigningKey
 from .helpers import (
     NOW,
     SENDER,
+    Release,
+    auth_pages,
     cycles,
     drain,
     make_release,
@@ -38,13 +40,19 @@ KEY = SigningKey(b"\x31" * 32)
 RELEASE = make_release(random.Random(31).randbytes(3 * 55 * 1208 - 999), KEY, chunk_size=55 * 1208)
 M = RELEASE.manifest
 CYCLES = cycles(M, RELEASE.image, 60)
+# The same image with a stream key: its DATA datagrams need AUTH pages (packet authentication).
+STREAM_KEY = SigningKey(b"\x32" * 32)
+AUTHED = make_release(RELEASE.image, KEY, chunk_size=55 * 1208, stream_keys=[STREAM_KEY])
+AUTHED_CYCLES = cycles(AUTHED.manifest, AUTHED.image, 60)
 
 
 @contextmanager
-def stored_core(state: Path) -> Iterator[tuple[ReceiverCore, SymbolStore]]:
-    stored = StoredSymbols(state, RELEASE.verified())
+def stored_core(
+    state: Path, release: Release = RELEASE
+) -> Iterator[tuple[ReceiverCore, SymbolStore]]:
+    stored = StoredSymbols(state, release.verified())
     core = ReceiverCore(
-        RELEASE.trust, now=NOW, decoder_factory=stored.decoder, decoder_budget=UNBOUNDED_DECODERS
+        release.trust, now=NOW, decoder_factory=stored.decoder, decoder_budget=UNBOUNDED_DECODERS
     )
     try:
         yield core, stored.store
@@ -443,8 +451,9 @@ def _core_state(core: ReceiverCore, store: SymbolStore, state: Path) -> tuple[ob
         for index, c in core._chunks.items()
     }
     snapshot = dataclasses.replace(core.snapshot(), manifest=None)
+    assert core.verified is not None
     files = tuple(
-        (state / M.session_id.hex() / name).read_bytes()
+        (state / core.verified.manifest.session_id.hex() / name).read_bytes()
         for name in ("image.part", "symbols.spill", "symbols.journal", "chunks.log")
     )
     counts = {k: dict(v) if k == "refused" else v for k, v in vars(store.stats).items()}
@@ -459,6 +468,7 @@ def _core_state(core: ReceiverCore, store: SymbolStore, state: Path) -> tuple[ob
     visit=st.integers(3, 70),
     loss=st.sampled_from([0, 0.1]),
     coalesced=st.booleans(),
+    authed=st.booleans(),
 )
 def test_a_read_fed_as_runs_counts_and_stores_exactly_what_its_datagrams_one_by_one_do(
     tmp_path_factory: pytest.TempPathFactory,
@@ -466,23 +476,41 @@ def test_a_read_fed_as_runs_counts_and_stores_exactly_what_its_datagrams_one_by_
     visit: int,
     loss: float,
     coalesced: bool,
+    authed: bool,
 ) -> None:
     """`receive_datagrams` (a GRO read's runs of consecutive ESIs of one chunk handed to the
     store in one call; with `coalesced`, a whole run's headers checked at once) against
     `receive_datagram` one at a time: the same counters, loss estimate, ESIs seen, events, and
     store (journal, spill, image bytes), through gaps, duplicates, chunk changes,
     source/repair boundaries, refusals, forged symbols (a chunk failing its hash and collected
-    again) and chunks completing in the middle of a read."""
+    again) and chunks completing in the middle of a read.  With packet authentication
+    (`authed`), each visit's AUTH pages come ahead of its data, or after it (the data held
+    until they come), or not at all, and forged symbols are refused by their digests."""
     rng = random.Random(seed)
+    release, chunk_cycles = (AUTHED, AUTHED_CYCLES) if authed else (RELEASE, CYCLES)
+    pages = auth_pages(release.manifest, chunk_cycles, STREAM_KEY)
+    capacity = pages.capacity
     # The carousel's order from a random round: `visit` consecutive symbols of each chunk per
     # round, with loss, disturbed by duplicates, forgeries and datagrams the core refuses.
-    stream = list(manifest_datagrams(RELEASE.envelope))
-    visits = [-(-len(c) // visit) for c in CYCLES]
+    stream = list(manifest_datagrams(release.envelope))
+    visits = [-(-len(c) // visit) for c in chunk_cycles]
     start = rng.randrange(max(visits))
     for round_ in range(start, start + 3 * max(visits)):
         forging = round_ < start + max(visits)  # (then two clean passes: every chunk completes)
-        for chunk, cycle in enumerate(CYCLES):
+        for chunk, cycle in enumerate(chunk_cycles):
             at = round_ % visits[chunk] * visit
+            after: list[bytes] = []
+            if authed:  # (signed as sent: each page's time is later than the last one's)
+                signed = [
+                    pages.page(chunk, page, NOW + 1e-6 * len(stream))
+                    for page in range(at // capacity, (at + visit - 1) // capacity + 1)
+                    if page < pages.page_count(chunk)
+                ]
+                roll = rng.random() if forging else 0.0
+                if roll < 0.8:
+                    stream += signed
+                elif roll < 0.9:
+                    after = signed
             for datagram in cycle[at : at + visit]:
                 if rng.random() < loss:
                     continue
@@ -494,8 +522,12 @@ def test_a_read_fed_as_runs_counts_and_stores_exactly_what_its_datagrams_one_by_
                 elif roll < 0.05 and forging:
                     stream.append(_elsewhere(datagram, rng))
                 stream.append(datagram)
+            stream += after
     one, runs = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("runs")
-    with stored_core(one) as (by_one, one_store), stored_core(runs) as (by_runs, runs_store):
+    with (
+        stored_core(one, release) as (by_one, one_store),
+        stored_core(runs, release) as (by_runs, runs_store),
+    ):
         events: tuple[list[Event], list[Event]] = ([], [])
         at = 0
         while at < len(stream):
@@ -517,3 +549,4 @@ def test_a_read_fed_as_runs_counts_and_stores_exactly_what_its_datagrams_one_by_
         assert _core_state(by_one, one_store, one) == _core_state(by_runs, runs_store, runs)
         assert events[0] == events[1]
         assert by_one.complete
+        assert (by_one.authenticator is not None) == authed
