@@ -14,9 +14,11 @@ buffer with its words):
 * without: the same manifest and DATA datagrams, packet authentication off.
 
 It reports the receiver's CPU seconds per MB of image for both (the smallest of the repetitions,
-``time.process_time``) and their ratio, the bytes AUTH adds to a pass, and what signing the
-pages as they are sent costs the sender.  Both runs happen in one process on one input, so the
-ratio holds on a noisy machine even where the absolute figures do not.
+``time.process_time``, its final flush and sync included; the reads' buffers are made before
+the clock starts and there are no sockets, so the absolute figures are below a real loop's
+while the two are compared on equal terms) and their ratio, the bytes AUTH adds to a pass,
+and what signing the pages as they are sent costs the sender.  Both runs happen in one process
+on one input, so the ratio holds on a noisy machine even where the absolute figures do not.
 """
 
 from __future__ import annotations
@@ -210,13 +212,13 @@ def main() -> None:
     data_bytes = sent["data_bytes"]
     auth_bytes = sent["auth_bytes"]
     assert isinstance(data_bytes, int) and isinstance(auth_bytes, int)
-    result = {
+    result: dict[str, float] = {
         "image_mb": round(mb, 1),
         "receiver_cpu_s_per_mb_with_auth": round(min(with_auth) / mb, 5),
         "receiver_cpu_s_per_mb_without": round(min(without) / mb, 5),
         "receiver_cpu_ratio": round(min(with_auth) / min(without), 3),
-        "auth_pages": sent["pages"],
-        "auth_packets_per_pass": sent["auth_packets"],
+        "auth_pages": int(sent["pages"]),  # type: ignore[call-overload]
+        "auth_packets_per_pass": int(sent["auth_packets"]),  # type: ignore[call-overload]
         "auth_bytes_share_of_data": round(auth_bytes / data_bytes, 4),
         "sender_signing_s": round(float(sent["signing_s"]), 3),  # type: ignore[arg-type]
         "sender_digests_s": round(float(sent["hashing_s"]), 3),  # type: ignore[arg-type]
@@ -228,7 +230,8 @@ def main() -> None:
     print(
         f"  receiver CPU per MB: {result['receiver_cpu_s_per_mb_with_auth'] * 1e3:.2f} ms with, "
         f"{result['receiver_cpu_s_per_mb_without'] * 1e3:.2f} ms without "
-        f"(ratio {result['receiver_cpu_ratio']:.3f}; target <= 1.15)"
+        f"(ratio {result['receiver_cpu_ratio']:.3f}; the receiver core and store only: the "
+        "1.15 target is the whole receiver's, bench_receiver.py)"
     )
     print(
         f"  wire: {sent['auth_packets']} AUTH datagrams, "

@@ -156,10 +156,10 @@ class PacketAuthenticator:
 
     # --- DATA --------------------------------------------------------------------------------
 
-    def admit(self, data: bytes, chunk: int, esi: int) -> bool:
+    def admit(self, data: bytes | memoryview, chunk: int, esi: int) -> bool:
         """Whether `data` (a well-formed DATA datagram of this session for `chunk` and `esi`)
-        may be decoded now.  If its page has not been accepted, it is held until the page is,
-        when `on_auth` returns it."""
+        may be decoded now.  If its page has not been accepted, a copy is held until the page
+        is, when `on_auth` returns it."""
         digest = wire.packet_digest(data)
         page, slot = divmod(esi, self.capacity)
         listed = self._kept.get((chunk, page))
@@ -174,7 +174,7 @@ class PacketAuthenticator:
         if digest in self._held:
             self.rejected["unauthenticated-repeat"] += 1
             return False
-        self._held[digest] = data
+        self._held[digest] = bytes(data)  # (`data` may be a view of a buffer read again)
         self._held_bytes += len(data)
         while self._held_bytes > MAX_AUTH_HELD_BYTES:
             _, dropped = self._held.popitem(last=False)

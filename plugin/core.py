@@ -1011,7 +1011,7 @@ class ReceiverCore:
         if (
             self.authenticator is not None
             and not vouched
-            and not self.authenticator.admit(bytes(data), chunk, esi)  # (a view: copied)
+            and not self.authenticator.admit(data, chunk, esi)  # (it copies what it holds)
         ):
             return  # held until its page arrives, or dropped (counted by the authenticator)
         state = self._chunks.get(chunk)

@@ -492,3 +492,38 @@ def test_trust_is_lost_with_the_first_forged_page_and_never_displaces_an_active_
     forged = _resigned(_signed(1, 0, t=2.0), STRANGER_KEY, page=7)
     _offer(auth, forged, attacker, NOW + 3)
     assert attacker not in auth._trusted and rejected["auth-forged"] == 1
+
+
+@given(
+    chunk=st.integers(0, len(CYCLES) - 1),
+    start=st.floats(0, 1, exclude_max=True),
+    length=st.integers(1, 2 * CAPACITY),
+    forged=st.sets(st.integers(0, 2 * CAPACITY - 1), max_size=3),
+    accepted=st.sets(st.integers(0, 2), min_size=1),
+)
+def test_a_run_is_vouched_for_up_to_the_first_datagram_admit_would_not_take(
+    chunk: int, start: float, length: int, forged: set[int], accepted: set[int]
+) -> None:
+    """`vouched_run` (a run's digests compared with its pages at once) against `admit` one
+    datagram at a time: the same leading datagrams pass, across page boundaries, a short last
+    page, pages not accepted and forged symbols, and it holds or counts nothing itself."""
+    core = ReceiverCore(TRUST, now=NOW)
+    pages = [(_signed(chunk, page, 1e-3 * page), SENDER) for page in sorted(accepted)]
+    receive_from(core, [(d, SENDER) for d in manifest_datagrams(ENVELOPE)] + pages)
+    authenticator = core.authenticator
+    assert authenticator is not None
+    cycle = CYCLES[chunk]
+    first = int(start * len(cycle))
+    run = [
+        _forged(chunk, esi, esi) if esi - first in forged else cycle[esi]
+        for esi in range(first, min(first + length, len(cycle)))
+    ]
+    before = (dataclasses.asdict(authenticator.stats), dict(core.stats.rejected))
+    vouched = authenticator.vouched_run(chunk, first, [memoryview(d) for d in run])
+    assert (dataclasses.asdict(authenticator.stats), dict(core.stats.rejected)) == before
+    admitted = 0
+    for esi, datagram in enumerate(run, first):
+        if not authenticator.admit(datagram, chunk, esi):
+            break
+        admitted += 1
+    assert vouched == admitted
