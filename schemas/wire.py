@@ -541,6 +541,15 @@ def _lct_problem(n: int, flags: int, cci: int) -> str | None:
     return None
 
 
+def _part_chunk(toi: int, sbn: int) -> int:
+    """The image chunk of an image part's block (both parsers): the last TOI's blocks beyond
+    32 bits name no chunk of any release."""
+    chunk = (toi - 1) * PART_CHUNKS + sbn
+    if chunk > 0xFFFFFFFF:
+        raise PacketError("bad-sbn")
+    return chunk
+
+
 def _check_data(hdr_len: int, n: int, toi: int) -> None:
     """A DATA datagram's header length, symbol and TOI (both parsers)."""
     if hdr_len != 4:
@@ -569,7 +578,7 @@ def parse_datagram(data: bytes | bytearray | memoryview) -> Packet | FdtPacket:
             raise PacketError("bad-sbn")
         if toi == INDEX_TOI:
             return IndexPacket(tsi, pid >> 24, pid & MAX_ESI, bytes(data[DATA_HEADER_SIZE:]))
-        chunk = (toi - 1) * PART_CHUNKS + (pid >> 24)
+        chunk = _part_chunk(toi, pid >> 24)
         return DataPacket(tsi, chunk, pid & MAX_ESI, bytes(data[DATA_HEADER_SIZE:]))
     if codepoint != CODEPOINT_NO_CODE:
         raise PacketError("unknown-kind")
@@ -648,7 +657,7 @@ def parse_datagram_spec(data: bytes) -> Packet | FdtPacket:
             raise PacketError("bad-sbn")
         if toi == INDEX_TOI:
             return IndexPacket(tsi, parsed.payload_id.sbn, parsed.payload_id.esi, parsed.symbol)
-        chunk = (toi - 1) * PART_CHUNKS + parsed.payload_id.sbn
+        chunk = _part_chunk(toi, parsed.payload_id.sbn)
         return DataPacket(tsi, chunk, parsed.payload_id.esi, parsed.symbol)
     if codepoint != CODEPOINT_NO_CODE:
         raise PacketError("unknown-kind")

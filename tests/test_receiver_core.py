@@ -326,6 +326,36 @@ def test_arbitrary_datagrams_never_raise_out_of_the_core(data: bytes) -> None:
     core.receive_datagram(DATA[0][0][:16] + data, "fd51::66", NOW, wall=NOW)
 
 
+_U32_EDGES = [0, 1, wire.MAX_PART_TOI - 1, wire.MAX_PART_TOI, wire.MAX_PART_TOI + 1]
+
+
+@FUZZ
+@given(
+    st.one_of(st.sampled_from(_U32_EDGES), st.integers(0, 0xFFFFFFFF)),
+    st.integers(0, 255),
+    st.integers(0, 0xFFFFFF),
+    st.booleans(),
+)
+def test_a_data_header_with_any_toi_and_payload_id_is_taken_or_counted_never_raised(
+    toi: int, sbn: int, esi: int, adopted: bool
+) -> None:
+    """Every TOI and payload id in an otherwise honest DATA header, through both of the
+    core's entries, before and after a manifest is adopted: a chunk of the last image part
+    beyond 32 bits once raised out of both parsers."""
+    honest = DATA[0][0]
+    datagram = honest[:12] + toi.to_bytes(4, "big") + bytes([sbn]) + esi.to_bytes(3, "big")
+    datagram += honest[20:]
+    for batched in (False, True):
+        core = ReceiverCore(TRUST, now=NOW)
+        if adopted:
+            receive_all(core, manifest_datagrams())
+        if batched:
+            core.receive_datagrams([memoryview(datagram)], "fd51::66", NOW, wall=NOW)
+        else:
+            core.receive_datagram(datagram, "fd51::66", NOW, wall=NOW)
+        drain(core)
+
+
 @FUZZ
 @given(st.integers(0, 1227), st.integers(0, 255), st.integers(0, 30))
 def test_corrupted_honest_datagrams_never_raise_or_corrupt(

@@ -296,6 +296,20 @@ def test_a_toi_between_the_last_image_part_and_the_index_is_refused() -> None:
                 parse(other)
 
 
+def test_a_block_of_the_last_image_part_beyond_32_bit_chunks_is_refused_not_raised() -> None:
+    # The last part's TOI holds chunk 0xFFFFFFFF at its SBN 0 only; its later SBNs would name
+    # chunks no 32-bit index has (once a ValueError that escaped the receiver core).
+    last = wire.build_datagram(wire.DataPacket(TSI, 0xFFFFFFFF, 5, b"sym"))
+    assert last[12:16] == wire.MAX_PART_TOI.to_bytes(4, "big")
+    for parse in (wire.parse_datagram, wire.parse_datagram_spec):
+        assert parse(last) == wire.DataPacket(TSI, 0xFFFFFFFF, 5, b"sym")
+    for sbn in (1, 2, 254):
+        beyond = last[:16] + bytes([sbn]) + last[17:]
+        for parse in (wire.parse_datagram, wire.parse_datagram_spec):
+            with pytest.raises(PacketError, match="bad-sbn"):
+                parse(beyond)
+
+
 def test_peek_data_reads_toi_and_sbn_as_the_chunk_and_refuses_toi_0() -> None:
     head = b"\x10\xa0\x04\x06" + bytes(4) + TSI.to_bytes(4, "big")
     raw = head + b"\x00\x00\x00\x03" + b"\x05" + b"\x00\x01\x00" + b"sym"
