@@ -25,8 +25,8 @@ sender's source address can still delay the manifest; see docs/SECURITY.md.
 allows (`otacast.plugin.budget`: each source its own allowance, sources that have sent no
 genuinely signed manifest also one shared allowance); otherwise it is dropped, counted as
 ``manifest-budget`` and not remembered, so the sender's next copy may pass.  Its signatures are
-checked before anything else about it is validated, so a forgery costs a JSON parse and at most
-one Ed25519 verification per trusted key.
+checked before anything else about it is validated (but the TSI its signed bytes give), so a
+forgery costs a JSON parse and at most one Ed25519 verification per trusted key.
 
 *Choosing a release.*  By default the first manifest that passes is adopted at once.  With a
 ``manifest_grace`` (``watch`` uses one second: `otacast.plugin.watch`), the first one only
@@ -100,6 +100,18 @@ rollback, another channel or device type: its `sequence` is known) outranks one 
 signatures failed (anyone can send those), and among signed ones the highest sequence wins,
 the newest release the channel carries.
 
+*Refusals remembered.*  A refused manifest is not verified again: later copies are dropped by
+one lookup (``refused-manifest``), the newest ``MAX_REFUSED_MANIFESTS`` refusals kept.  Only a
+manifest whose signatures held, and whose signed bytes give the TSI it came under, is known by
+its (TSI, manifest TOI): then the fragments of its copies are dropped before they are even
+reassembled.  Anything else is known by the SHA-256 of all its bytes, once reassembled: the
+manifest TOI is only 31 bits of that hash, and a forgery ground to the genuine release's TOI
+must not get the genuine release refused.  An envelope sent under another TSI than its signed
+bytes give (``manifest-session``) is refused before any signature is checked and does not earn
+its source the budget of a signed sender; it is known by its hash and that TSI, so the genuine
+copy under its own TSI is not refused with it, and each replay under a new TSI costs a parse,
+never a verification.
+
 *Sources heard* (zero-config on a LAN).  A driver listening to the channel's ASM group, where
 senders announce the release they serve, asks the core (``report_sources``) to tell it which
 source addresses to join by SSM: a `SourceHeard` event for each source that sent a MANIFEST
@@ -146,7 +158,8 @@ from otacast.schemas.limits import (
     MIN_SYMBOL_SIZE,
     PART_CHUNKS,
 )
-from otacast.schemas.policy import TrustSet, VerifiedManifest, accept, authenticate
+from otacast.schemas.manifest import outline_envelope
+from otacast.schemas.policy import TrustSet, VerifiedManifest, accept, check_signatures
 
 from . import runs
 from .auth import PACKET_AUTH_POLICIES, PacketAuthenticator, SignatureCheck
@@ -175,6 +188,10 @@ from .verify import check_signature
 
 # source, TSI, manifest TOI (31 bits of the envelope id), claimed length, fragment size
 _PendingKey = tuple[str, int, int, int, int]
+# A refusal remembered (*Refusals remembered*): (TSI, TOI) of a manifest whose signatures held
+# and whose signed bytes give that TSI; the envelope's SHA-256 if its signatures failed; the
+# SHA-256 and the TSI it came under if its signed bytes give another.
+_RefusedKey = tuple[int, int] | bytes | tuple[bytes, int]
 
 
 def _relevance(refusal: ManifestRejected) -> tuple[bool, int]:
@@ -400,7 +417,7 @@ class ReceiverCore:
         self._polluted = False
         self._pending: OrderedDict[_PendingKey, _Reassembly] = OrderedDict()
         self._pending_bytes = 0
-        self._refused: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._refused: OrderedDict[_RefusedKey, None] = OrderedDict()
         # The refusal a driver reports if nothing is adopted (see *Refusals*).
         self.refusal: ManifestRejected | None = None
         self._budget = ManifestBudget(now)
@@ -818,18 +835,31 @@ class ReceiverCore:
         if envelope is None:
             self.stats.rejected["manifest-conflict"] += 1
             return
-        if wire.manifest_toi(hashlib.sha256(envelope).digest()) != packet.toi:
+        digest = hashlib.sha256(envelope).digest()
+        if wire.manifest_toi(digest) != packet.toi:
             self.stats.rejected["manifest-digest"] += 1
+            return
+        # (*Refusals remembered*: what was not verified is known by all of its bytes.)
+        if digest in self._refused or (digest, packet.tsi) in self._refused:
+            self.stats.rejected["refused-manifest"] += 1
             return
         if not self._budget.take(source, now):
             self.stats.rejected["manifest-budget"] += 1  # not remembered: a later copy may pass
             return
-        # `policy.verify_envelope` in its two halves, to know whether the signatures held.
+        # `policy.verify_envelope` in its steps, to know whether the signatures held.
         try:
-            authenticated = authenticate(envelope, self.trust, self.signature_check)
+            outline = outline_envelope(envelope)
+            if outline.tsi != packet.tsi:
+                # Sent under another session's TSI than its signed bytes give: a genuine
+                # envelope replayed to make the device verify it again, or a forgery.
+                self._budget.forged(source)
+                self._remember_refused((digest, packet.tsi))
+                self.stats.rejected["manifest-session"] += 1
+                return
+            authenticated = check_signatures(outline, self.trust, self.signature_check)
         except ManifestRejected as exc:
             self._budget.forged(source)
-            self._refuse(key, exc)
+            self._refuse(digest, exc)
             return
         self._budget.signed(source)
         try:
@@ -842,10 +872,6 @@ class ReceiverCore:
             )
         except ManifestRejected as exc:
             self._refuse(key, exc)
-            return
-        if verified.manifest.tsi != packet.tsi:
-            self._remember_refused(key)
-            self.stats.rejected["manifest-session"] += 1
             return
         if self.packet_auth == "require" and not verified.manifest.stream_keys:
             self._remember_refused(key)
@@ -929,14 +955,14 @@ class ReceiverCore:
         self._pending_bytes -= self._pending.pop(key).covered
         self.stats.rejected["manifest-evicted"] += 1
 
-    def _refuse(self, key: tuple[int, int], exc: ManifestRejected) -> None:
+    def _refuse(self, key: _RefusedKey, exc: ManifestRejected) -> None:
         self._remember_refused(key)
         self.stats.rejected["manifest-refused"] += 1
         if self.refusal is None or _relevance(exc) >= _relevance(self.refusal):
             self.refusal = exc
         self._events.append(ManifestRefused(type(exc).__name__, str(exc), exc))
 
-    def _remember_refused(self, key: tuple[int, int]) -> None:
+    def _remember_refused(self, key: _RefusedKey) -> None:
         self._refused[key] = None
         if len(self._refused) > MAX_REFUSED_MANIFESTS:
             self._refused.popitem(last=False)

@@ -354,12 +354,12 @@ class Manifest:
     @cached_property
     def session_id(self) -> bytes:
         """First 8 bytes of SHA-256 over the canonical signed bytes: tags every packet."""
-        return hashlib.sha256(self.signed_bytes).digest()[:SESSION_ID_BYTES]
+        return session_id_of(self.signed_bytes)
 
     @cached_property
     def tsi(self) -> int:
         """The LCT Transport Session Identifier of every packet: the session id's first 4 bytes."""
-        return int.from_bytes(self.session_id[:4], "big")
+        return tsi_of(self.session_id)
 
     @property
     def chunk_count(self) -> int:
@@ -478,6 +478,22 @@ class Outline:
     def message(self) -> bytes:
         """The bytes each signature is over."""
         return SIGNING_CONTEXT + self.signed_bytes
+
+    @property
+    def tsi(self) -> int:
+        """The TSI its signed bytes give (`Manifest.tsi`): what a genuine copy is sent under,
+        known before any signature is checked."""
+        return tsi_of(session_id_of(self.signed_bytes))
+
+
+def session_id_of(signed_bytes: bytes) -> bytes:
+    """The session id of the manifest whose canonical signed bytes these are."""
+    return hashlib.sha256(signed_bytes).digest()[:SESSION_ID_BYTES]
+
+
+def tsi_of(session_id: bytes) -> int:
+    """The TSI of a session: its id's first 4 bytes."""
+    return int.from_bytes(session_id[:4], "big")
 
 
 def outline_envelope(data: bytes) -> Outline:

@@ -14,6 +14,7 @@ the manifest out.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 import tracemalloc
 from collections import Counter
@@ -458,3 +459,66 @@ def test_a_flood_of_fragments_from_many_hosts_stays_within_the_reassembly_byte_c
         assert sum(a.covered for a in pending.values()) <= MAX_PENDING_MANIFEST_BYTES
     receive_all(core, manifest_datagrams())  # the honest sender still gets through
     assert core.verified is not None
+
+
+def _envelope_of(datagrams: Sequence[bytes]) -> tuple[wire.ManifestPacket, bytes]:
+    """The first fragment and the whole envelope the fragments carry."""
+    packets = [wire.parse_datagram(d) for d in datagrams]
+    assert all(isinstance(p, wire.ManifestPacket) for p in packets)
+    first = packets[0]
+    assert isinstance(first, wire.ManifestPacket)
+    envelope = b"".join(p.fragment for p in sorted(packets, key=lambda p: p.offset))  # type: ignore[union-attr]
+    return first, envelope
+
+
+def test_a_forgery_ground_to_the_genuine_manifest_toi_does_not_get_the_release_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The manifest TOI is 31 bits of the envelope's SHA-256, ~2^31 hashes to match.  The grind
+    # is stood in for by a `manifest_toi` that gives the forgery the genuine TOI.
+    genuine, _ = _envelope_of(manifest_datagrams())
+    forged = b'{"signed": {}, "signatures": []}' + b" " * 300
+    forged_digest = hashlib.sha256(forged).digest()
+    real_toi = wire.manifest_toi
+    monkeypatch.setattr(
+        wire,
+        "manifest_toi",
+        lambda digest: genuine.toi if digest == forged_digest else real_toi(digest),
+    )
+    core = ReceiverCore(TRUST, now=NOW)
+    copy = wire.ManifestPacket(genuine.tsi, genuine.toi, len(forged), len(forged), 0, forged)
+    for _ in range(3):  # sent ahead of each carousel turn
+        core.receive_datagram(wire.build_datagram(copy), "fd51::66", NOW, wall=NOW)
+    assert core.stats.rejected["manifest-refused"] == 1  # verified once, known by its hash
+    assert core.stats.rejected["refused-manifest"] == 2
+    receive_all(core, manifest_datagrams())
+    assert core.verified is not None
+
+
+def test_a_genuine_manifest_replayed_under_other_tsis_is_refused_without_a_signature_check() -> (
+    None
+):
+    checks: list[bytes] = []
+
+    def counted(public: bytes, message: bytes, signature: bytes) -> bool:
+        checks.append(message)
+        return check_signature(public, message, signature)
+
+    genuine, envelope = _envelope_of(manifest_datagrams())
+    core = ReceiverCore(TRUST, now=NOW, signature_check=counted, installed_sequence=5)
+    replays = 0
+    for tsi in range(1, 200):  # a new TSI each time: never a repeat of an earlier key
+        replay = wire.ManifestPacket(tsi, genuine.toi, len(envelope), len(envelope), 0, envelope)
+        core.receive_datagram(wire.build_datagram(replay), "fd51::66", NOW, wall=NOW)
+        replays += 1
+    # At most the shared allowance of sources that never sent a signed manifest got a parse;
+    # none got a signature check, and the source earned no allowance of its own.
+    refused = core.stats.rejected["manifest-session"]
+    assert 0 < refused <= MANIFEST_VERIFY_BURST_UNSIGNED
+    assert refused + core.stats.rejected["manifest-budget"] == replays
+    assert checks == []
+    # Under its own TSI the same envelope is verified (and refused here as no newer than the
+    # installed sequence 5: the device's rule, not a replay's doing).
+    receive_all(core, manifest_datagrams())
+    assert len(checks) == 1
+    assert core.stats.rejected["manifest-refused"] == 1
