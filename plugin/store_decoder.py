@@ -101,11 +101,15 @@ class StoreDecoder:
         per-datagram path, which has read the ESI already and saves two slices and a parse."""
         # A chunk completed and verified in an earlier run is refused here (as "done"): the
         # driver marks it done (and counts it as resumed) when it handles `ManifestVerified`.
-        if not self.store.add(self.chunk, esi, symbol):
+        if self.store.add(self.chunk, esi, symbol):
+            self._held += 1
+            if self._held < self.k:
+                return None
+        elif self._held < self.k or self._held == self._tried_with:
             return None
-        self._held += 1
-        if self._held < self.k:
-            return None
+        # (Refused, but held enough: symbols stored by a run that ended before the chunk was
+        # tried, such as all its sources, whose last one's flush came before a kill -9, with
+        # every later symbol a duplicate or not needed.  It is tried once per count, now.)
         store, chunk = self.store, self.chunk
         held = self._held = store.count(chunk)
         if held < self.k or held == self._tried_with:

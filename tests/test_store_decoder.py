@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -550,3 +551,39 @@ def test_a_read_fed_as_runs_counts_and_stores_exactly_what_its_datagrams_one_by_
         assert events[0] == events[1]
         assert by_one.complete
         assert (by_one.authenticator is not None) == authed
+
+
+@pytest.mark.parametrize("repairs", [0, 5])
+def test_a_chunk_stored_whole_before_a_kill_completes_from_the_symbols_sent_after_the_restart(
+    tmp_path: Path, repairs: int
+) -> None:
+    """Chunk 0's symbols, K of them (all its sources, or all but `repairs` plus as many repair
+    symbols), stored and made durable, and the process killed before the chunk was tried (a
+    copy of the state directory then is what the next run finds).  The next run hears the same
+    symbols again: every one is refused by the store (a duplicate) or not needed, and the chunk
+    must still complete from what it holds."""
+    live, after = tmp_path / "live", tmp_path / "after"
+    k = M.source_symbols(0)
+    kept = CYCLES[0][: k - repairs] + CYCLES[0][k : k + repairs]
+    with stored_core(live) as (_, store):
+        for datagram in kept:
+            fields = wire.peek_data(datagram)
+            assert fields is not None
+            assert store.add(0, fields[2], datagram[wire.DATA_HEADER_SIZE :])
+        store.flush()
+        shutil.copytree(live, after)  # (kill -9 here: nothing tried the chunk)
+    with stored_core(after) as (core, store):
+        assert store.count(0) == k and not store.is_done(0)
+        receive_all(core, manifest_datagrams(RELEASE.envelope))
+        events = receive_all(core, kept)
+        done = [e for e in events if isinstance(e, ChunkComplete)]
+        assert [e.index for e in done] == [0]  # (after the core checked its hash)
+        _, length = M.chunk_span(0)
+        if done[0].data is None:  # all its sources were in place: only hashed
+            store.flush()
+            part = after / M.session_id.hex() / "image.part"
+            assert part.read_bytes()[:length] == RELEASE.image[:length]
+        else:
+            assert done[0].data == RELEASE.image[:length]
+        assert (done[0].data is None) == (repairs == 0)
+        assert store.stats.refused["duplicate"] >= 1
