@@ -540,6 +540,7 @@ class _Run:
         # (`_leave_groups`).
         self.left_for_decodes = 0
         self._rejoin_failed = False
+        self._spill_noted = False  # the note that the state directory filled up, once
         self.decodes_in_worker = 0
         self.worker_rss: float | None = None
 
@@ -619,6 +620,12 @@ class _Run:
                     self.stored.start_flush()
                 else:
                     self.stored.flush_if_wanted()  # a kept chunk is durable one sync later
+                if self.stored.store.spill_capped and not self._spill_noted:
+                    self._spill_noted = True
+                    self.emit.note(
+                        f"the file system of {self.options.state_dir} is full: repair symbols "
+                        "beyond what its spill holds are dropped (the download goes on, slower)"
+                    )
             self._check_gave_up()
 
     def _carousel_sockets(self) -> list[MulticastReceiver]:

@@ -149,6 +149,7 @@ durable now, and `close` at the end, then `Staging.finish`.  The store is used f
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import queue
@@ -416,6 +417,8 @@ class SymbolStore:
         self._max_slots = SPILL_FACTOR * sum(
             manifest.source_symbols(i) for i in range(self._chunk_count)
         )
+        # True once a full file system capped the spill at its length (`_cap_spill`).
+        self.spill_capped = False
         self._chunks: dict[int, _Chunk] = {}
         self._done: set[int] = staging.resume()
         self._pending = bytearray()  # records not yet in the journal
@@ -794,6 +797,8 @@ class SymbolStore:
                 except SymbolStoreError:
                     self._free.append(slot)
                     raise
+                if slot >= self._max_slots:  # the spill was just capped (`_cap_spill`)
+                    return self._refuse("spill-full")
                 self._spill_first, fill = slot, 0
             self._spill_view[fill : fill + size] = symbol
             self._spill_fill = fill + size
@@ -952,6 +957,9 @@ class SymbolStore:
                 except SymbolStoreError:
                     free.append(slot)
                     raise
+                if slot >= self._max_slots:  # the spill was just capped (`_cap_spill`)
+                    break  # "spill-full": `add`'s
+                free = self._free  # (`_cap_spill` may have replaced it)
                 records = self._spill_records
                 self._spill_first, fill = slot, 0
             spill_run[fill : fill + size] = symbol
@@ -1009,18 +1017,18 @@ class SymbolStore:
     def _write_spill_run(self) -> None:
         """Write the gathered repair symbols (consecutive slots) with one ``pwrite`` and queue
         their records.  If the write fails, none of them is stored (their chunks forget them,
-        their slots are free again) and the error is raised."""
+        their slots are free again) and the error is raised; but a full file system
+        (``ENOSPC``, ``EDQUOT``) only caps the spill at the slots it has (`_cap_spill`)."""
         fill = self._spill_fill
         if not fill:
             return
         records, self._spill_records = self._spill_records, bytearray()
         self._spill_fill = 0
+        assert self._spill is not None
         try:
             with memoryview(self._spill_run) as run:
-                self._write(
-                    self._spill, run[:fill], self._spill_first * self._symbol_size, self.spill_path
-                )
-        except SymbolStoreError:
+                pwrite_all(self._spill, run[:fill], self._spill_first * self._symbol_size)
+        except OSError as exc:
             for at in range(0, len(records), RECORD_BYTES):
                 chunk, _, slot, _ = _RECORD.unpack_from(records, at)
                 state = self._chunks[chunk]  # (a chunk is forgotten only after this is written)
@@ -1028,10 +1036,29 @@ class SymbolStore:
                 del state.repair_esi[where], state.repair_slot[where]
                 self._in_use -= 1
                 self._free.append(slot)
-            raise
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise _store_error("write symbols to", self.spill_path, exc) from None
+            self._cap_spill()
+            return
         self._dirty_spill = True
         self._counts["spill"] += fill
         self._pending += records
+
+    def _cap_spill(self) -> None:
+        """The file system is full: no slot beyond the spill's length is allocated again.
+        Source symbols still go in place (the image's space is reserved), repair symbols into
+        the slots freed as chunks complete, and the rest are refused (``spill-full``): a full
+        disk (or a flood of forged repair symbols filling it) slows the download, it does not
+        end it."""
+        assert self._spill is not None
+        try:
+            slots = os.fstat(self._spill).st_size // self._symbol_size
+        except OSError as exc:
+            raise _store_error("read the length of", self.spill_path, exc) from None
+        self._max_slots = min(self._max_slots, slots)
+        self._slots = min(self._slots, slots)  # (a slot beyond it holds nothing in use)
+        self._free = array("I", (s for s in self._free if s < slots))
+        self.spill_capped = True
 
     # --- Ending a chunk ---------------------------------------------------------------------
 

@@ -867,6 +867,9 @@ def test_disk_errors_raise_a_state_error_and_leave_no_partial_record(
     def full_disk(*_: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def failing_disk(*_: object) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
     def short_then_full(fd: int, data: bytes) -> int:
         monkeypatch.setattr(os, "write", full_disk)
         return real_write(fd, bytes(data)[:5])  # a part of a record, then the disk is full
@@ -879,10 +882,13 @@ def test_disk_errors_raise_a_state_error_and_leave_no_partial_record(
         with pytest.raises(StateError, match="No space"):
             store.add(1, 0, SYMBOLS[1][0])  # breaks the run, whose write fails
         assert store.esis(0) == [0] and store.esis(1) == []  # neither is stored
+        monkeypatch.setattr(os, "pwrite", failing_disk)  # (a full one caps the spill instead)
         assert store.add(0, 60, SYMBOLS[0][60])  # a repair symbol: gathered too ...
-        with pytest.raises(SymbolStoreError):
+        with pytest.raises(SymbolStoreError, match="Input/output"):
             store.flush()  # ... and its write fails: not stored, nothing recorded
         assert store.esis(0) == [0] and store.stats.spill_in_use == 0
+        assert not store.spill_capped
+        monkeypatch.setattr(os, "pwrite", full_disk)
         assert store.add(0, 2, SYMBOLS[0][2])
         with pytest.raises(SymbolStoreError):
             store.flush()  # the run cannot be written: not stored, nothing recorded
@@ -1000,3 +1006,54 @@ def test_a_run_stores_exactly_what_its_symbols_one_by_one_store(
             assert _store_state(by_one, one) == _store_state(by_run, run)
     with opened(one) as by_one, opened(run) as by_run:  # and reopened
         assert assert_only_genuine(by_one) == assert_only_genuine(by_run)
+
+
+def test_a_full_file_system_caps_the_spill_and_the_download_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spill may grow to the image's size (the image's own space is reserved, the spill's
+    is not): when the file system is full, repair symbols beyond what the spill holds are
+    refused (``spill-full``), the ones whose write failed are not stored, and source symbols
+    and the slots chunks free keep the download going."""
+    real_pwrite = os.pwrite
+    spill_end = 3 * T  # the file system fills once the spill holds three symbols
+
+    def filling(fd: int, data: bytes, position: int) -> int:
+        if fd == spill_fd and position + len(data) > spill_end:
+            if position >= spill_end:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            data = bytes(data)[: spill_end - position]  # a short write, then full
+        return real_pwrite(fd, data, position)
+
+    with opened(tmp_path) as store:
+        spill_fd = store._spill
+        monkeypatch.setattr(os, "pwrite", filling)
+        for esi in range(K[0], K[0] + 5):  # five repair symbols of chunk 0: one run
+            assert store.add(0, esi, SYMBOLS[0][esi])
+        store.flush()  # its write stops at three symbols: none of the run is kept
+        assert store.spill_capped and store.esis(0) == []
+        assert store.stats.spill_in_use == 0
+        # Three slots are on disk: three repair symbols fit again, a fourth is refused.
+        for esi in range(K[1], K[1] + 3):
+            assert store.add(1, esi, SYMBOLS[1][esi])
+        assert not store.add(1, K[1] + 3, SYMBOLS[1][K[1] + 3])
+        assert store.stats.refused["spill-full"] == 1
+        # Source symbols still go in place; chunk 1 completes from them and its repairs ...
+        for esi in range(K[1] - 3):
+            assert store.add(1, esi, SYMBOLS[1][esi])
+        store.flush()
+        assert store.esis(1) == [*range(K[1] - 3), *range(K[1], K[1] + 3)]
+        data = decode(store, 1)
+        assert data == RELEASE.chunk(1)
+        store.complete(1, data)
+        store.flush()
+        store.flush()  # (its slots are free once the FORGET is durable)
+        # ... and frees its three slots for chunk 0's repair symbols.
+        for esi in range(K[0], K[0] + 3):
+            assert store.add(0, esi, SYMBOLS[0][esi])
+        store.flush()
+        assert store.esis(0) == list(range(K[0], K[0] + 3))
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    with opened(tmp_path) as store:
+        assert_only_genuine(store)
+        assert store.is_done(1) and store.esis(0) == list(range(K[0], K[0] + 3))
