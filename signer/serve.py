@@ -83,6 +83,10 @@ class Stop:
         signal.signal(signal.SIGTERM, self)
 
 
+def _exit_unwinding(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # the exit status a shell gives a process the signal ended
+
+
 def serve(
     envelope: Envelope,
     image: Path,
@@ -95,6 +99,9 @@ def serve(
     wall: Callable[[], float] = time.time,
 ) -> ServeSummary:
     report = Reporter(out, options.json)
+    # Until `Stop` takes over, SIGTERM (a service manager's stop) unwinds like Ctrl-C, so the
+    # cache file being encoded is removed rather than left behind for good.
+    signal.signal(signal.SIGTERM, _exit_unwinding)
     plan = build_channels(envelope, image, options, report)
     channels: list[Channel] = []
     announcement: announce.Announcement | None = None
@@ -131,7 +138,7 @@ def serve(
         if metrics is not None:
             metrics.feed(lambda: _snapshot(plan, channels, clock() - start))
         # Signals become a clean stop only now: during hashing and encoding, Ctrl-C or SIGTERM
-        # must end the process at once (the unfinished cache file is removed).
+        # must end the process at once (the unfinished cache file is removed on the way out).
         stop = stop or Stop()
         stop.install()
         watch = ExpiryWatch(plan.manifest.expires, wall, report)

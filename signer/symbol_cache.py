@@ -59,9 +59,13 @@ image.  The cache is verified once, when `build` opens it; it is not re-checked 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
+import hashlib
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +74,7 @@ import xxhash
 
 from otacast.schemas import fdt, fec, wire
 from otacast.schemas.blockindex import BlockIndex
+from otacast.schemas.errors import ImageMismatch
 from otacast.schemas.limits import PART_CHUNKS
 from otacast.schemas.manifest import Manifest
 
@@ -335,14 +340,30 @@ def _image_cycles(
     progress: Callable[[int, int], None] | None,
     index: BlockIndex | None,
 ) -> Iterator[bytes]:
-    """The framed cycle of every chunk of `image`, then of every block of its `index`."""
-    with image.open("rb") as source:
+    """The framed cycle of every chunk of `image`, then of every block of its `index`.
+
+    Each chunk read is hashed against the manifest before it is encoded: the image was checked
+    before, but an image replaced while a large cache is encoded (minutes at 4 GB) must not
+    leave a cache of other bytes that a later start would reuse, its trailer matching."""
+    try:
+        source = image.open("rb")
+    except OSError as exc:
+        raise ReadError(f"cannot read image {image}: {exc.strerror or exc}") from None
+    with source:
         for number in range(manifest.chunk_count):
             offset, length = manifest.chunk_span(number)
-            source.seek(offset)
-            chunk = source.read(length)
+            try:
+                source.seek(offset)
+                chunk = source.read(length)
+            except OSError as exc:
+                raise ReadError(f"cannot read image {image}: {exc.strerror or exc}") from None
             if len(chunk) != length:
                 raise ReadError(f"image {image} ended early at chunk {number}")
+            if hashlib.sha256(chunk).digest() != manifest.chunks.sha256[number]:
+                raise ImageMismatch(
+                    f"image {image} changed while its symbols were encoded: chunk {number} "
+                    "does not match the manifest"
+                )
             k = manifest.source_symbols(number)
             packets = encode(chunk, manifest.fec.symbol_size, layout.cycles[number] - k)
             # The LCT header and the chunk's SBN in its FLUTE object; the encoder numbers
@@ -363,12 +384,18 @@ def make_directory(directory: Path) -> None:
 
 
 def _write(target: Path, directory: Path, cycles: Iterable[bytes]) -> None:
-    """Write `cycles` and the trailer of their digests as the cache file `target`, atomically."""
+    """Write `cycles` and the trailer of their digests as the cache file `target`, atomically.
+
+    The temporary file is locked (``flock``) while it is written.  One whose writer was
+    killed (SIGKILL, a power cut: up to 1.5x the image each time) is removed by the next
+    write of the same cache: it is unlocked and older than `ABANDONED_AFTER_SECONDS`."""
     make_directory(directory)
+    _remove_abandoned(directory, target.name)
     try:
         # mkstemp: a fresh name, created exclusively (O_EXCL) with mode 0600, so nothing planted
         # at a predictable name (a symlink to a file the sender may write) is ever opened.
         fd, name = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=directory)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as exc:
         raise WriteError(f"cannot write symbol cache in {directory}: {exc.strerror}") from None
     tmp = Path(name)
@@ -390,6 +417,30 @@ def _write(target: Path, directory: Path, cycles: Iterable[bytes]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+# An unlocked temporary cache file older than this is abandoned: its writer locks it right
+# after creating it (the age only covers that instant) and holds the lock until it is renamed.
+ABANDONED_AFTER_SECONDS = 60.0
+
+
+def _remove_abandoned(directory: Path, name: str) -> None:
+    """Remove the temporary files of earlier writes of the cache file `name` that nothing
+    writes any more (`_write`); a file that cannot be examined or removed is left."""
+    for path in directory.glob(glob.escape(name) + ".*.tmp"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime < ABANDONED_AFTER_SECONDS:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: a live writer holds it
+            path.unlink()
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
 
 
 def _prefix(packet: wire.DataPacket | wire.IndexPacket) -> bytes:
@@ -490,14 +541,22 @@ class SymbolReader:
     def __init__(self, path: Path, layout: CycleLayout, max_batch: int) -> None:
         self.path = path
         self.layout = layout
-        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ReadError(f"cannot read symbol cache {path}: {exc.strerror or exc}") from None
         self._buffer = bytearray(max_batch * layout.datagram_size)
         self._view = memoryview(self._buffer)
 
     def read(self, chunk: int, first: int, count: int) -> memoryview:
         offset, length = self.layout.span(chunk, first, count)
         view = self._view[:length]
-        got = os.preadv(self._fd, [view], offset)
+        try:
+            got = os.preadv(self._fd, [view], offset)
+        except OSError as exc:
+            raise ReadError(
+                f"cannot read symbol cache {self.path}: {exc.strerror or exc}"
+            ) from None
         if got != length:
             raise ReadError(f"symbol cache is truncated at chunk {chunk}")
         return view
@@ -505,14 +564,24 @@ class SymbolReader:
     def read_cycle(self, chunk: int) -> bytes:
         """A chunk's whole cycle of datagrams, in a buffer of its own (for AUTH pages)."""
         offset, length = self.layout.span(chunk, 0, self.layout.cycles[chunk])
-        data = os.pread(self._fd, length, offset)
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise ReadError(
+                f"cannot read symbol cache {self.path}: {exc.strerror or exc}"
+            ) from None
         if len(data) != length:
             raise ReadError(f"symbol cache is truncated at chunk {chunk}")
         return data
 
     def trailer(self) -> bytes:
         """The file's trailer: the digest of every cycle (module doc)."""
-        data = _trailer(self._fd, self.layout)
+        try:
+            data = _trailer(self._fd, self.layout)
+        except OSError as exc:
+            raise ReadError(
+                f"cannot read symbol cache {self.path}: {exc.strerror or exc}"
+            ) from None
         if len(data) != len(self.layout.cycles) * DIGEST_BYTES:
             raise ReadError("symbol cache is truncated in its trailer")
         return data

@@ -8,16 +8,25 @@ finished cache in the ways a disk or a stray writer can and check what `build` h
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import io
+import os
 import random
+import signal
+import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 import xxhash
 
 from otacast.schemas import wire
+from otacast.schemas.errors import ImageMismatch
 from otacast.signer import auth_pages, channels, symbol_cache
+from otacast.signer import serve as serve_module
 from otacast.signer.encoder import raptorq_encode
 from otacast.signer.schedule import SendSymbols, Wait
 
@@ -244,3 +253,80 @@ def test_kept_digests_of_another_cache_or_derivation_or_damaged_are_computed_aga
             path, lambda reader: symbol_cache.read_derived(reader, auth_pages.DIGESTS_FILE, length)
         )
         assert again == b"".join(digests)
+
+
+def test_an_image_changed_while_its_cache_is_encoded_leaves_no_cache(tmp_path: Path) -> None:
+    image = image_file(tmp_path)
+
+    def replacing(chunk: bytes, symbol_size: int, repair: int) -> list[bytes]:
+        # The build pipeline writes another image over it once the first chunk is encoded.
+        image.write_bytes(IMAGE[:CHUNK] + bytes(len(IMAGE) - CHUNK))
+        return raptorq_encode(chunk, symbol_size, repair)
+
+    with pytest.raises(ImageMismatch, match="chunk 1 does not match"):
+        symbol_cache.build(MANIFEST, image, tmp_path / "cache", 0.5, encode=replacing)
+    assert list((tmp_path / "cache").iterdir()) == []  # neither the cache nor its temporary
+
+
+def test_a_killed_writers_temporary_cache_file_is_removed_by_the_next_write(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    name = symbol_cache.cache_path(cache, MANIFEST, 0.5).name
+    old = time.time() - 2 * symbol_cache.ABANDONED_AFTER_SECONDS
+    abandoned, writing, young, other = (
+        cache / f"{name}.dead.tmp",
+        cache / f"{name}.live.tmp",
+        cache / f"{name}.new.tmp",
+        cache / "another-release.symbols.dead.tmp",
+    )
+    for path in (abandoned, writing, young, other):
+        path.write_bytes(b"half a cache")
+    for path in (abandoned, writing, other):
+        os.utime(path, (old, old))
+    with writing.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a writer still at work (another `serve` start)
+        build(tmp_path, [], [])
+    assert not abandoned.exists()
+    assert writing.exists() and young.exists() and other.exists()
+
+
+def test_sigterm_while_the_cache_is_encoded_removes_its_temporary_file(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+
+    def stopped(chunk: bytes, symbol_size: int, repair: int) -> list[bytes]:
+        os.kill(os.getpid(), signal.SIGTERM)  # a service manager's stop, mid-encode
+        return raptorq_encode(chunk, symbol_size, repair)
+
+    previous = signal.signal(signal.SIGTERM, serve_module._exit_unwinding)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            symbol_cache.build(MANIFEST, image_file(tmp_path), cache, 0.5, encode=stopped)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert list(cache.iterdir()) == []
+
+
+def test_serve_unwinds_on_sigterm_from_its_start_until_its_loop_takes_signals_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[object] = []
+
+    class Stopped(Exception):
+        pass
+
+    def hashing(*_: object) -> None:
+        seen.append(signal.getsignal(signal.SIGTERM))  # (hashing and encoding happen here)
+        raise Stopped
+
+    monkeypatch.setattr(serve_module, "build_channels", hashing)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Stopped):
+            options = types.SimpleNamespace(json=False)
+            serve_module.serve(None, tmp_path, options, io.StringIO())  # type: ignore[arg-type]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [serve_module._exit_unwinding]
