@@ -99,6 +99,11 @@ class Reporter:
                 f"[{fields['group']}]:{fields['port']} from {fields['source']} on "
                 f"{fields['interface']} at {_rate_text(fields['rate'])}"
                 + (f" until {fields['expires_at']}" if "expires_at" in fields else "")
+                + (
+                    f", rounds of {fields['round_seconds']:.6f} s"
+                    if isinstance(fields.get("round_seconds"), float)
+                    else ""
+                )
                 + (", while a device listens (MLD)" if fields.get("airtime") == "mld" else "")
                 + "\n"
             )

@@ -378,7 +378,11 @@ class SenderCore:
             return Finished("passes")
         if now >= self._next_manifest and not self._pending_manifest:
             self._pending_manifest.extend(self.manifest)
-            self._next_manifest = now + self.manifest_interval
+            # From when it was due, not from now: intervals that each ran a batch late would
+            # give the manifest less airtime than `round_seconds` counts on, and the data would
+            # run ahead of the wall clock's phase, away from other senders' (after a pause it
+            # starts afresh rather than catching up).
+            self._next_manifest = max(self._next_manifest + self.manifest_interval, now)
         if self.rate:
             self._tokens = min(self._capacity, self._tokens + (now - self._last) * self.rate)
             self._last = now

@@ -121,6 +121,8 @@ def serve(
                 rate=channel.rate,
                 session=plan.manifest.session_id.hex(),
                 sender=f"{options.sender_index}/{options.sender_count}",
+                # (senders of one release must agree on it: README, "Several senders")
+                round_seconds=channel.core.round_seconds,
                 expires=plan.manifest.expires,
                 expires_at=format_time(plan.manifest.expires),
                 **({"airtime": "share" if listeners is None else "mld"} if channel.lane else {}),

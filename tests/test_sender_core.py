@@ -256,6 +256,24 @@ def test_a_large_carousel_repeats_its_manifest_at_the_balanced_interval() -> Non
     assert c.manifest_interval > 0.1
 
 
+def test_the_manifest_is_repeated_at_its_interval_on_average_not_a_batch_later_each_time() -> None:
+    # Each copy was due while a data batch went out: counted from when it went (0.5% late at
+    # 2 MB/s here), the manifest got less airtime than the round length counts on, and the
+    # data ran ahead of the wall clock's phase, away from other senders'.
+    manifest = tuple(b"m" * 1200 for _ in range(30))
+    c = core([200] * 8, [112] * 8, visit=112, rate=2_000_000.0, manifest=manifest, duration=60.0)
+    starts, left = [], 0
+    for now, action in run(c, limit=10**6):  # type: ignore[misc]
+        if isinstance(action, SendManifest):
+            if not left:
+                starts.append(now)
+                left = len(manifest)
+            left -= len(action.datagrams)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert sum(gaps) / len(gaps) == pytest.approx(c.manifest_interval, rel=1e-4)
+    assert max(gaps) < c.manifest_interval + 0.005  # (one burst of the rate late at most)
+
+
 def test_duration_and_passes_end_the_run() -> None:
     assert isinstance(run(core([50], passes=2))[-1][1], Finished)
     c = core([10**6], rate=1_000_000.0, duration=0.3)

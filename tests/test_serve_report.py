@@ -51,3 +51,20 @@ def test_plain_lines_for_a_log() -> None:
         "full speed (unpaced) until 2026-12-31T00:00:00Z",
         "stopped (SIGTERM) after 2.0 s: 1 pass(es), 10 packets, 4000000 bytes, 2.0 MB/s",
     ]
+
+
+def test_the_serving_line_gives_the_round_length_senders_of_one_release_must_share() -> None:
+    out = io.StringIO()
+    report = Reporter(out, as_json=False)
+    report.event(
+        "serving",
+        session="ab",
+        sender="1/2",
+        group="ff3e::1",
+        port=4242,
+        source="fd00::2",
+        interface="eth0",
+        rate=110_000_000,
+        round_seconds=0.0734,
+    )
+    assert out.getvalue().rstrip().endswith(", rounds of 0.073400 s")
