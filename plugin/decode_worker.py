@@ -198,9 +198,11 @@ class DecodeWorker:
 
     def __init__(self, part: Path, spill: Path, slot_bytes: int, in_flight: int) -> None:
         self._slot_bytes = slot_bytes
-        self._results = [os.memfd_create("otacast-decode", 0) for _ in range(in_flight)]
+        self._results: list[int] = []
         self._free = list(range(in_flight))
         try:
+            for _ in range(in_flight):  # (one by one: those made are closed if one fails)
+                self._results.append(os.memfd_create("otacast-decode", 0))
             self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
                 [sys.executable, "-m", "otacast.plugin.decode_worker", str(part), str(spill)]
                 + [str(fd) for fd in self._results],

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from otacast.schemas.policy import VerifiedManifest
 
-from .durable import copy_into, create_beside
+from .durable import copy_into, create_beside, write_durably
 from .errors import StateError
 
 _INDEX = struct.Struct(">I")
@@ -138,6 +138,13 @@ class _Hasher:
             self._thread.join()
 
 
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
 class Staging:
     def __init__(self, state_dir: Path, verified: VerifiedManifest) -> None:
         self.manifest = verified.manifest
@@ -154,8 +161,19 @@ class Staging:
         except OSError:
             os.close(self._lock)
             raise StateError(f"another otacast process is using {self.directory}") from None
+        # The manifest a later run resumes from (`otacast.plugin.resume`): replaced atomically
+        # and durably, and only when it differs, so no power cut leaves it torn.
+        manifest_path, manifest = (
+            self.directory / "manifest.json",
+            verified.envelope.to_file_bytes(),
+        )
         try:
-            (self.directory / "manifest.json").write_bytes(verified.envelope.to_file_bytes())
+            if _read_or_none(manifest_path) != manifest:
+                write_durably(manifest_path, manifest, "the manifest", mode=0o600)
+        except StateError:
+            self.close()
+            raise
+        try:
             self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o600)
             self._reserve()
             self._log = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)

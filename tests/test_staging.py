@@ -165,3 +165,20 @@ def test_without_room_only_downloads_no_process_holds_are_given_up(tmp_path: Pat
     assert not current._remove_abandoned()  # nothing left to give up
     busy.close()
     current.close()
+
+
+def test_the_kept_manifest_is_written_only_when_it_differs_and_never_left_torn(
+    tmp_path: Path,
+) -> None:
+    release = verified()
+    Staging(tmp_path, release).close()
+    kept = next(tmp_path.glob("*/manifest.json"))
+    assert kept.read_bytes() == release.envelope.to_file_bytes()
+    written = kept.stat().st_ino
+    Staging(tmp_path, release).close()  # every open: a resume, a sender-less resume
+    assert kept.stat().st_ino == written  # not written again
+    kept.write_bytes(kept.read_bytes()[:100])  # torn by a power cut under an earlier version
+    Staging(tmp_path, release).close()
+    assert kept.read_bytes() == release.envelope.to_file_bytes()
+    assert kept.stat().st_ino != written  # replaced by a rename, not rewritten in place
+    assert [p.name for p in kept.parent.iterdir() if p.name.endswith(".tmp")] == []
