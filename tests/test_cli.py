@@ -8,6 +8,7 @@ Independent commands run concurrently to keep the file fast.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -1140,3 +1141,33 @@ def test_sign_lists_stream_keys_in_order_and_serve_refuses_a_key_the_manifest_do
         work.alice_key,
     )
     assert_refused(refused, signer_errors.UsageError, "is not one the manifest lists", stdout=None)
+
+
+def test_serve_warns_that_rate_has_no_effect_when_rate_channels_set_the_rates(
+    work: World,
+) -> None:
+    served = run(
+        work.root,
+        SIGNER,
+        "serve",
+        work.manifest,
+        work.image,
+        "--interface",
+        "otacast-none0",  # (encodes, then fails on the interface: no datagram is sent)
+        "--cache-dir",
+        "cache",
+        "--rate",
+        "2M",
+        "--channel-rate",
+        "1M",
+    )
+    assert served.err_lines[0] == (
+        "otacast-signer: warning: --rate has no effect: --channel-rate set the rates"
+    )
+    rest = "\n".join(served.err_lines[1:])
+    assert_refused(
+        dataclasses.replace(served, err=rest),
+        signer_errors.NetworkError,
+        "otacast-none0",
+        stdout=None,
+    )

@@ -26,8 +26,8 @@ def add_serve(sub: Subcommands) -> None:
     p.add_argument(
         "--rate",
         type=types.rate_or_max,
-        default=units.parse_rate("10M"),
-        help="send rate, e.g. 10M (bytes/s), 400Mbit, or max (default 10M)",
+        help="send rate, e.g. 10M (bytes/s), 400Mbit, or max (default 10M; a release signed "
+        "with rate channels is served at those)",
     )
     p.add_argument(
         "--channel-rate",
@@ -132,6 +132,9 @@ def add_serve(sub: Subcommands) -> None:
     p.set_defaults(run=cmd_serve)
 
 
+DEFAULT_RATE = units.parse_rate("10M")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     for obsolete in ("overhead", "window"):
         if getattr(args, obsolete) is not None:
@@ -141,7 +144,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     envelope = read_manifest(args.manifest)
-    rates = args.channel_rate or list(envelope.manifest.transport.rates) or [args.rate]
+    rates = args.channel_rate or list(envelope.manifest.transport.rates)
+    if rates and args.rate is not None:
+        given = "--channel-rate" if args.channel_rate else "the manifest's rate channels"
+        print(
+            f"otacast-signer: warning: --rate has no effect: {given} set the rates", file=sys.stderr
+        )
+    rates = rates or [DEFAULT_RATE if args.rate is None else args.rate]
     cache = (
         args.cache_dir
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "otacast"
