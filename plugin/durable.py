@@ -18,8 +18,11 @@ creation everything is done through the descriptor (``fchmod``, ``fsync``), and 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import StateError
@@ -29,13 +32,50 @@ from .errors import StateError
 COPY_BLOCK = 1 << 20
 
 
+# A temporary file beside a destination that is unlocked and older than this was left by a
+# process killed while it wrote (a power cut while a GB image is copied to `--out`): the next
+# write of the same destination removes it.  Writers lock theirs (``flock``) right after
+# creating it and hold the lock until the rename; the age only covers that first instant.
+ABANDONED_AFTER_SECONDS = 60.0
+
+
 def create_beside(path: Path) -> tuple[int, Path]:
-    """A new, empty file in `path`'s directory to become `path`: its descriptor and name.
+    """A new, empty file in `path`'s directory to become `path`: its descriptor and name,
+    locked for as long as the descriptor is open.  Temporary files of `path` that killed
+    writers left are removed first (`remove_abandoned`).
 
     Raises OSError; the caller removes the file if it does not rename it over `path`.
     """
+    remove_abandoned(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            Path(name).unlink()
+        raise
     return fd, Path(name)
+
+
+def remove_abandoned(path: Path) -> None:
+    """Remove the unlocked temporary files of `path` older than `ABANDONED_AFTER_SECONDS`.
+
+    Nothing here follows a link or blocks on a FIFO that another user planted under such a
+    name (``O_NOFOLLOW | O_NONBLOCK``); unlinking a name removes only that name."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime >= ABANDONED_AFTER_SECONDS:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: a writer holds it
+                tmp.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:

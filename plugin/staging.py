@@ -39,6 +39,7 @@ from pathlib import Path
 
 from otacast.schemas.policy import VerifiedManifest
 
+from . import durable
 from .durable import copy_into, create_beside, write_durably
 from .errors import StateError
 
@@ -328,6 +329,11 @@ class Staging:
                 os.fchmod(self._fd, 0o644)
                 # link(2) neither follows nor replaces what is at its new name (EEXIST), and
                 # 64 random bits make the name one nobody can plant anything at in advance.
+                # The image is locked first, as `durable.create_beside` locks its files: the
+                # link is the same file, which no other write of `out` takes for abandoned.
+                durable.remove_abandoned(out)
+                with contextlib.suppress(OSError):  # (nothing else locks it: never held up)
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 tmp = out.with_name(f".{out.name}.{secrets.token_hex(8)}.tmp")
                 os.link(self.part, tmp)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from otacast.plugin import durable
 from otacast.plugin.errors import StateError
 from otacast.plugin.staging import Staging
 from otacast.schemas.policy import VerifiedManifest
@@ -182,3 +184,33 @@ def test_the_kept_manifest_is_written_only_when_it_differs_and_never_left_torn(
     assert kept.read_bytes() == release.envelope.to_file_bytes()
     assert kept.stat().st_ino != written  # replaced by a rename, not rewritten in place
     assert [p.name for p in kept.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_temporary_files_a_killed_handoff_left_beside_the_output_are_removed_by_the_next(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "image.bin"
+    old = time.time() - 2 * durable.ABANDONED_AFTER_SECONDS
+    dead, live, young, link, other = (
+        tmp_path / ".image.bin.dead.tmp",  # a copy cut off by a power cut
+        tmp_path / ".image.bin.live.tmp",  # another process's, still being written
+        tmp_path / ".image.bin.new.tmp",
+        tmp_path / ".image.bin.link.tmp",  # planted by another user: never followed
+        tmp_path / ".other.bin.dead.tmp",
+    )
+    for path in (dead, live, young, other):
+        path.write_bytes(b"part of an image")
+    link.symlink_to(tmp_path / "elsewhere")
+    for path in (dead, live, other):
+        os.utime(path, (old, old))
+    staging = Staging(tmp_path / "state", verified())
+    for index in range(5):
+        staging.write_chunk(index, chunk(index))
+    with live.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        staging.finish(out)
+    staging.close()
+    assert out.read_bytes() == IMAGE
+    assert not dead.exists()
+    assert live.exists() and young.exists() and link.is_symlink() and other.exists()
+    assert not (tmp_path / "elsewhere").exists()
