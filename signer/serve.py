@@ -35,7 +35,7 @@ from .metrics import SenderCollector, SenderSnapshot
 from .report import ChannelStats, Reporter, ServeProgress, ServeSummary
 from .schedule import Finished, SendAuth, SenderCore, SendManifest, SendSymbols, Wait
 from .symbol_cache import SymbolReader
-from .transport import MulticastSender
+from .transport import MulticastSender, check_interface
 
 # A rate the sender reaches less than this share of, over at least MIN_RATE_CHECK seconds, is
 # reported to the operator: the link or the CPU cannot keep up with what was asked.
@@ -102,6 +102,7 @@ def serve(
     # Until `Stop` takes over, SIGTERM (a service manager's stop) unwinds like Ctrl-C, so the
     # cache file being encoded is removed rather than left behind for good.
     signal.signal(signal.SIGTERM, _exit_unwinding)
+    check_interface(options.interface, options.source)  # (before hashing and encoding)
     plan = build_channels(envelope, image, options, report)
     channels: list[Channel] = []
     announcement: announce.Announcement | None = None

@@ -58,6 +58,26 @@ def interface_addresses(interface: str) -> list[str]:
     return [str(address) for address, _ in _interface_entries(interface)]
 
 
+def check_interface(interface: str, source: str | None = None) -> int:
+    """The index of `interface`; `NetworkError` if it does not exist, or if `source` (the
+    address to send from) is not one of its addresses.  `serve` asks before the minutes that
+    hashing and encoding a large image can take."""
+    try:
+        index = socket.if_nametoindex(interface)
+    except OSError:
+        raise NetworkError(f"interface {interface!r} does not exist") from None
+    if source is not None:
+        present = interface_addresses(interface)
+        try:
+            normal = str(ipaddress.IPv6Address(source))
+        except ValueError:
+            raise NetworkError(f"source {source!r} is not an IPv6 address") from None
+        if normal not in present:
+            have = ", ".join(present) or "no IPv6 address"
+            raise NetworkError(f"address {source} is not on interface {interface} ({have})")
+    return index
+
+
 def usable_link_local(interface: str) -> str | None:
     """A link-local address of `interface` past duplicate address detection, or None."""
     for address, flags in _interface_entries(interface):
@@ -88,24 +108,12 @@ class MulticastSender:
         gso: bool = True,
         loopback: bool = False,
     ) -> None:
-        try:
-            self.ifindex = socket.if_nametoindex(interface)
-        except OSError:
-            raise NetworkError(f"interface {interface!r} does not exist") from None
+        self.ifindex = check_interface(interface, source)
         try:
             if not ipaddress.IPv6Address(group).is_multicast:
                 raise NetworkError(f"{group} is not an IPv6 multicast group")
         except ValueError:
             raise NetworkError(f"{group!r} is not an IPv6 address") from None
-        if source is not None:
-            present = interface_addresses(interface)
-            try:
-                normal = str(ipaddress.IPv6Address(source))
-            except ValueError:
-                raise NetworkError(f"source {source!r} is not an IPv6 address") from None
-            if normal not in present:
-                have = ", ".join(present) or "no IPv6 address"
-                raise NetworkError(f"address {source} is not on interface {interface} ({have})")
         self.interface = interface
         self.group = group
         self.port = port

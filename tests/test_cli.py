@@ -1143,7 +1143,7 @@ def test_sign_lists_stream_keys_in_order_and_serve_refuses_a_key_the_manifest_do
     assert_refused(refused, signer_errors.UsageError, "is not one the manifest lists", stdout=None)
 
 
-def test_serve_warns_that_rate_has_no_effect_when_rate_channels_set_the_rates(
+def test_serve_warns_that_rate_has_no_effect_and_refuses_a_missing_interface_before_encoding(
     work: World,
 ) -> None:
     served = run(
@@ -1153,7 +1153,7 @@ def test_serve_warns_that_rate_has_no_effect_when_rate_channels_set_the_rates(
         work.manifest,
         work.image,
         "--interface",
-        "otacast-none0",  # (encodes, then fails on the interface: no datagram is sent)
+        "otacast-none0",  # (no such interface: refused before any hashing or encoding)
         "--cache-dir",
         "cache",
         "--rate",
@@ -1171,3 +1171,5 @@ def test_serve_warns_that_rate_has_no_effect_when_rate_channels_set_the_rates(
         "otacast-none0",
         stdout=None,
     )
+    cache = work.root / "cache"
+    assert not cache.exists() or list(cache.iterdir()) == []

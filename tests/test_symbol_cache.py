@@ -325,7 +325,7 @@ def test_serve_unwinds_on_sigterm_from_its_start_until_its_loop_takes_signals_ov
     previous = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(Stopped):
-            options = types.SimpleNamespace(json=False)
+            options = types.SimpleNamespace(json=False, interface="lo", source=None)
             serve_module.serve(None, tmp_path, options, io.StringIO())  # type: ignore[arg-type]
     finally:
         signal.signal(signal.SIGTERM, previous)
