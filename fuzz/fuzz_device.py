@@ -123,7 +123,11 @@ def _cycle(manifest: Manifest, index: int) -> list[bytes]:
 
 
 def _data_seeds() -> list[bytes]:
-    return [d for index in range(MANIFEST.chunk_count) for d in _cycle(MANIFEST, index)[:3]]
+    seeds = [d for index in range(MANIFEST.chunk_count) for d in _cycle(MANIFEST, index)[:3]]
+    # The last image part's TOI, whose blocks past SBN 0 name chunks beyond 32 bits (a
+    # datagram like it once raised out of both parsers): mutations start at that edge too.
+    last = wire.build_datagram(wire.DataPacket(MANIFEST.tsi, 0xFFFFFFFF, 0, bytes(SYMBOL)))
+    return [*seeds, last, last[:16] + b"\x01" + last[17:]]
 
 
 def _auth_seeds() -> list[bytes]:
