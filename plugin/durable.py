@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import glob
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -48,24 +49,25 @@ def create_beside(path: Path) -> tuple[int, Path]:
     """
     remove_abandoned(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    with contextlib.suppress(OSError):  # (no locks, as on some NFS mounts: never swept young)
         fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            Path(name).unlink()
-        raise
     return fd, Path(name)
 
 
 def remove_abandoned(path: Path) -> None:
-    """Remove the unlocked temporary files of `path` older than `ABANDONED_AFTER_SECONDS`.
+    """Remove the unlocked temporary files of `path` older than `ABANDONED_AFTER_SECONDS`:
+    those `create_beside` names (``tempfile.mkstemp``'s 8 characters) and those of the hard-link
+    hand-off (`otacast.plugin.staging`: 16 hex digits), no other file.
 
     Nothing here follows a link or blocks on a FIFO that another user planted under such a
-    name (``O_NOFOLLOW | O_NONBLOCK``); unlinking a name removes only that name."""
+    name (``O_NOFOLLOW | O_NONBLOCK``; opened for writing, as an NFS lock needs, never
+    written); unlinking a name removes only that name."""
+    ours = re.compile(rf"\.{re.escape(path.name)}\.(?:[a-z0-9_]{{8}}|[0-9a-f]{{16}})\.tmp")
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if not ours.fullmatch(tmp.name):
+            continue
         try:
-            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue
         try:

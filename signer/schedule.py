@@ -382,7 +382,8 @@ class SenderCore:
             # give the manifest less airtime than `round_seconds` counts on, and the data would
             # run ahead of the wall clock's phase, away from other senders' (after a pause it
             # starts afresh rather than catching up).
-            self._next_manifest = max(self._next_manifest + self.manifest_interval, now)
+            due = self._next_manifest + self.manifest_interval
+            self._next_manifest = due if due > now else now + self.manifest_interval
         if self.rate:
             self._tokens = min(self._capacity, self._tokens + (now - self._last) * self.rate)
             self._last = now

@@ -14,6 +14,7 @@ decision; what the operator sees is the reporter's (`report`), fed with snapshot
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -101,7 +102,8 @@ def serve(
     report = Reporter(out, options.json)
     # Until `Stop` takes over, SIGTERM (a service manager's stop) unwinds like Ctrl-C, so the
     # cache file being encoded is removed rather than left behind for good.
-    signal.signal(signal.SIGTERM, _exit_unwinding)
+    if threading.current_thread() is threading.main_thread():  # (only it may set handlers)
+        signal.signal(signal.SIGTERM, _exit_unwinding)
     check_interface(options.interface, options.source)  # (before hashing and encoding)
     plan = build_channels(envelope, image, options, report)
     channels: list[Channel] = []

@@ -64,6 +64,7 @@ import glob
 import hashlib
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -395,10 +396,11 @@ def _write(target: Path, directory: Path, cycles: Iterable[bytes]) -> None:
         # mkstemp: a fresh name, created exclusively (O_EXCL) with mode 0600, so nothing planted
         # at a predictable name (a symlink to a file the sender may write) is ever opened.
         fd, name = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=directory)
-        fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as exc:
         raise WriteError(f"cannot write symbol cache in {directory}: {exc.strerror}") from None
     tmp = Path(name)
+    with contextlib.suppress(OSError):  # (no locks, as on some NFS mounts: never swept young)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         with os.fdopen(fd, "wb") as out:
             digests = []
@@ -427,9 +429,12 @@ ABANDONED_AFTER_SECONDS = 60.0
 def _remove_abandoned(directory: Path, name: str) -> None:
     """Remove the temporary files of earlier writes of the cache file `name` that nothing
     writes any more (`_write`); a file that cannot be examined or removed is left."""
+    ours = re.compile(rf"{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp")  # (`tempfile.mkstemp`'s)
     for path in directory.glob(glob.escape(name) + ".*.tmp"):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if not ours.fullmatch(path.name):
+            continue
+        try:  # (for writing, as an NFS lock needs; never written)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue
         try:

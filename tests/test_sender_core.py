@@ -274,6 +274,14 @@ def test_the_manifest_is_repeated_at_its_interval_on_average_not_a_batch_later_e
     assert max(gaps) < c.manifest_interval + 0.005  # (one burst of the rate late at most)
 
 
+def test_after_a_pause_the_manifest_is_sent_once_not_twice_in_a_row() -> None:
+    c = core([10_000] * 4, batch=53, rate=10_000_000.0)
+    assert isinstance(c.next_action(0.0), SendManifest)
+    c.next_action(0.0)  # data
+    later = [c.next_action(50.0) for _ in range(3)]  # the sender was stopped for 50 s
+    assert [type(a) for a in later] == [SendManifest, SendSymbols, SendSymbols]
+
+
 def test_duration_and_passes_end_the_run() -> None:
     assert isinstance(run(core([50], passes=2))[-1][1], Finished)
     c = core([10**6], rate=1_000_000.0, duration=0.3)

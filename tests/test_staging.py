@@ -177,8 +177,9 @@ def test_the_kept_manifest_is_written_only_when_it_differs_and_never_left_torn(
     kept = next(tmp_path.glob("*/manifest.json"))
     assert kept.read_bytes() == release.envelope.to_file_bytes()
     written = kept.stat().st_ino
+    os.utime(kept, ns=(10**18, 10**18))
     Staging(tmp_path, release).close()  # every open: a resume, a sender-less resume
-    assert kept.stat().st_ino == written  # not written again
+    assert kept.stat().st_mtime_ns == 10**18  # not written again
     kept.write_bytes(kept.read_bytes()[:100])  # torn by a power cut under an earlier version
     Staging(tmp_path, release).close()
     assert kept.read_bytes() == release.envelope.to_file_bytes()
@@ -191,26 +192,29 @@ def test_temporary_files_a_killed_handoff_left_beside_the_output_are_removed_by_
 ) -> None:
     out = tmp_path / "image.bin"
     old = time.time() - 2 * durable.ABANDONED_AFTER_SECONDS
-    dead, live, young, link, other = (
-        tmp_path / ".image.bin.dead.tmp",  # a copy cut off by a power cut
-        tmp_path / ".image.bin.live.tmp",  # another process's, still being written
-        tmp_path / ".image.bin.new.tmp",
-        tmp_path / ".image.bin.link.tmp",  # planted by another user: never followed
-        tmp_path / ".other.bin.dead.tmp",
+    dead, linked, live, young, link, other, unlike = (
+        tmp_path / ".image.bin.d3ad_0x9.tmp",  # a copy cut off by a power cut
+        tmp_path / ".image.bin.0123456789abcdef.tmp",  # a hard link left before its rename
+        tmp_path / ".image.bin.l1vewr1t.tmp",  # another process's, still being written
+        tmp_path / ".image.bin.n3wf1l3s.tmp",
+        tmp_path / ".image.bin.p1ant3d0.tmp",  # planted by another user: never followed
+        tmp_path / ".other.bin.d3ad_0x9.tmp",
+        tmp_path / ".image.bin.previous.d3ad_0x9.tmp",  # another destination's
     )
-    for path in (dead, live, young, other):
+    for path in (dead, linked, live, young, other, unlike):
         path.write_bytes(b"part of an image")
     link.symlink_to(tmp_path / "elsewhere")
-    for path in (dead, live, other):
+    for path in (dead, linked, live, other, unlike):
         os.utime(path, (old, old))
     staging = Staging(tmp_path / "state", verified())
     for index in range(5):
         staging.write_chunk(index, chunk(index))
-    with live.open("rb") as held:
+    with live.open("rb+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         staging.finish(out)
     staging.close()
     assert out.read_bytes() == IMAGE
-    assert not dead.exists()
+    assert not dead.exists() and not linked.exists()
     assert live.exists() and young.exists() and link.is_symlink() and other.exists()
+    assert unlike.exists()
     assert not (tmp_path / "elsewhere").exists()

@@ -275,21 +275,22 @@ def test_a_killed_writers_temporary_cache_file_is_removed_by_the_next_write(
     cache.mkdir()
     name = symbol_cache.cache_path(cache, MANIFEST, 0.5).name
     old = time.time() - 2 * symbol_cache.ABANDONED_AFTER_SECONDS
-    abandoned, writing, young, other = (
-        cache / f"{name}.dead.tmp",
-        cache / f"{name}.live.tmp",
-        cache / f"{name}.new.tmp",
-        cache / "another-release.symbols.dead.tmp",
+    abandoned, writing, young, other, unlike = (
+        cache / f"{name}.d3ad_0x9.tmp",
+        cache / f"{name}.l1vewr1t.tmp",
+        cache / f"{name}.n3wf1l3s.tmp",
+        cache / "another-release.symbols.d3ad_0x9.tmp",
+        cache / f"{name}.digests.d3ad_0x9.tmp",  # another file's, beside the cache
     )
-    for path in (abandoned, writing, young, other):
+    for path in (abandoned, writing, young, other, unlike):
         path.write_bytes(b"half a cache")
-    for path in (abandoned, writing, other):
+    for path in (abandoned, writing, other, unlike):
         os.utime(path, (old, old))
-    with writing.open("rb") as held:
+    with writing.open("rb+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a writer still at work (another `serve` start)
         build(tmp_path, [], [])
     assert not abandoned.exists()
-    assert writing.exists() and young.exists() and other.exists()
+    assert writing.exists() and young.exists() and other.exists() and unlike.exists()
 
 
 def test_sigterm_while_the_cache_is_encoded_removes_its_temporary_file(tmp_path: Path) -> None:
