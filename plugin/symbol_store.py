@@ -181,6 +181,14 @@ MAX_EXTRA_SYMBOLS = 8
 # 1 is the least at which a full spill always leaves a decodable chunk).
 SPILL_FACTOR = 1
 
+# Room kept for the journal and the chunk log once the file system is full: a file of this
+# size beside them, allocated (never written), given back when a full file system caps the
+# spill (`_cap_spill`), so that the records of what still arrives fit.  16 MiB holds a million
+# records: the repair symbols in flight of a 4 GB image at 20% loss are ~0.7 M (one record
+# each), and the journal is compacted well before it holds that many dead ones.
+RESERVE_BYTES = 16 * 1024 * 1024
+RESERVE_NAME = "journal.reserve"
+
 # Symbols stored before `add` flushes by itself: 4096 symbols (~5 MB at 1208 bytes) is what a
 # crash usually costs at most, for three fdatasyncs per 4096 symbols.
 FLUSH_SYMBOLS = 4096
@@ -465,6 +473,7 @@ class SymbolStore:
             self._spill = os.open(self.spill_path, os.O_RDWR | os.O_CREAT, 0o600)
             self._journal = os.open(self.journal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             self._replay()
+            self._hold_reserve()
         except OSError as exc:
             self.close()
             raise _store_error("open the symbol store in", staging.directory, exc) from None
@@ -1044,10 +1053,28 @@ class SymbolStore:
         self._counts["spill"] += fill
         self._pending += records
 
+    def _hold_reserve(self) -> None:
+        """Allocate the journal's reserve (`RESERVE_BYTES`) unless it is there; with no room
+        for it, go on without (a full file system then ends the run as it would have)."""
+        path = self.staging.directory / RESERVE_NAME
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return
+        try:
+            if os.fstat(fd).st_size < RESERVE_BYTES:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        finally:
+            os.close(fd)
+
     def _cap_spill(self) -> None:
         """The file system is full: no slot beyond the spill's length is allocated again.
         Source symbols still go in place (the image's space is reserved), repair symbols into
-        the slots freed as chunks complete, and the rest are refused (``spill-full``): a full
+        the slots freed as chunks complete, and the rest are refused (``spill-full``); the
+        journal's reserve (`RESERVE_BYTES`) is given back for the records of all that.  A full
         disk (or a flood of forged repair symbols filling it) slows the download, it does not
         end it."""
         assert self._spill is not None
@@ -1059,6 +1086,8 @@ class SymbolStore:
         self._slots = min(self._slots, slots)  # (a slot beyond it holds nothing in use)
         self._free = array("I", (s for s in self._free if s < slots))
         self.spill_capped = True
+        with contextlib.suppress(OSError):  # the journal's reserve: its records must still fit
+            (self.staging.directory / RESERVE_NAME).unlink()
 
     # --- Ending a chunk ---------------------------------------------------------------------
 

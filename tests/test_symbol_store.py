@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import itertools
 import os
@@ -1057,3 +1058,85 @@ def test_a_full_file_system_caps_the_spill_and_the_download_goes_on(
     with opened(tmp_path) as store:
         assert_only_genuine(store)
         assert store.is_done(1) and store.esis(0) == list(range(K[0], K[0] + 3))
+
+
+class _FileSystem:
+    """A file system of `limit` bytes holding the files of `directory` (their lengths): any
+    write or allocation there that would grow them past it fails with ENOSPC."""
+
+    def __init__(self, directory: Path, limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.directory = str(directory)
+        self.limit = limit
+        real_write, real_pwrite, real_fallocate = os.write, os.pwrite, os.posix_fallocate
+
+        def write(fd: int, data: bytes) -> int:
+            at = os.lseek(fd, 0, os.SEEK_END if self._appends(fd) else os.SEEK_CUR)
+            return real_write(fd, memoryview(data)[: self._fits(fd, at, data)])
+
+        def pwrite(fd: int, data: bytes, position: int) -> int:
+            return real_pwrite(fd, memoryview(data)[: self._fits(fd, position, data)], position)
+
+        def fallocate(fd: int, offset: int, length: int) -> None:
+            self._grow(fd, offset + length)
+            real_fallocate(fd, offset, length)
+
+        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "posix_fallocate", fallocate)
+
+    def used(self) -> int:
+        return sum(p.stat().st_size for p in Path(self.directory).rglob("*") if p.is_file())
+
+    def _ours(self, fd: int) -> bool:
+        return str(Path(f"/proc/self/fd/{fd}").readlink()).startswith(self.directory)
+
+    def _appends(self, fd: int) -> bool:
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
+
+    def _fits(self, fd: int, position: int, data: bytes) -> int:
+        """How much of `data` at `position` fits: a short write, or ENOSPC if none does."""
+        length = len(memoryview(data))
+        if not self._ours(fd):
+            return length
+        room = self.limit - self.used() + os.fstat(fd).st_size - position
+        if room <= 0 < length:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return min(length, room)
+
+    def _grow(self, fd: int, end: int) -> None:
+        if self._ours(fd):
+            growth = end - os.fstat(fd).st_size
+            if growth > 0 and self.used() + growth > self.limit:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_file_system_that_fills_up_leaves_the_journal_room_to_finish_the_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image's space is reserved at the start, the spill's is not: on a file system that
+    fills, the spill is capped, the journal's reserve is given back, and the records of every
+    symbol after that still fit, until the image is complete."""
+    with opened(tmp_path) as store:
+        store.flush()
+    disk = _FileSystem(tmp_path, 0, monkeypatch)
+    disk.limit = disk.used() + 10 * T  # room for ten repair symbols, then nothing
+    with opened(tmp_path) as store:
+        for chunk in range(MANIFEST.chunk_count):  # a flood of repair symbols (or just loss)
+            for esi in range(K[chunk], K[chunk] + 20):
+                store.add(chunk, esi, SYMBOLS[chunk][esi])
+            store.flush()
+        assert store.spill_capped
+        for chunk in range(MANIFEST.chunk_count):  # then every chunk's source symbols
+            for esi in range(K[chunk]):
+                store.add(chunk, esi, SYMBOLS[chunk][esi])
+            store.flush()
+            if store.count(chunk) >= K[chunk] and store.has_all_source(chunk):
+                store.complete(chunk, None)
+            else:
+                data = decode(store, chunk)
+                assert data == RELEASE.chunk(chunk)
+                store.complete(chunk, data)
+            store.flush()
+        assert all(store.is_done(c) for c in range(MANIFEST.chunk_count))
+    with opened(tmp_path) as store:
+        assert all(store.is_done(c) for c in range(MANIFEST.chunk_count))
