@@ -112,9 +112,9 @@ def write_durably(path: Path, data: bytes, what: str, *, mode: int = 0o644) -> N
             os.fchmod(fd, mode)
             write_all(fd, data)
             os.fsync(fd)
+            tmp.replace(path)  # (still locked: no sweep takes it for abandoned meanwhile)
         finally:
             os.close(fd)
-        tmp.replace(path)
         sync_directory(path.parent)
     except OSError as exc:
         if tmp is not None:

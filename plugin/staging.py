@@ -336,15 +336,16 @@ class Staging:
                     fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 tmp = out.with_name(f".{out.name}.{secrets.token_hex(8)}.tmp")
                 os.link(self.part, tmp)
+                tmp.replace(out)
             else:
                 fd, tmp = create_beside(out)
                 try:
                     os.fchmod(fd, 0o644)
                     copy_into(fd, self.part)
                     os.fsync(fd)
+                    tmp.replace(out)  # (still locked: no sweep takes it for abandoned)
                 finally:
                     os.close(fd)
-            tmp.replace(out)
         except OSError as exc:
             raise _state_error("write", out, exc) from None
         finally:

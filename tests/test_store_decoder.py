@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import random
 import shutil
@@ -587,3 +588,23 @@ def test_a_chunk_stored_whole_before_a_kill_completes_from_the_symbols_sent_afte
             assert done[0].data == RELEASE.image[:length]
         assert (done[0].data is None) == (repairs == 0)
         assert store.stats.refused["duplicate"] >= 1
+
+
+def test_a_decode_worker_that_cannot_be_given_its_memory_closes_what_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[int] = []
+    real = os.memfd_create
+
+    def second_fails(name: str, flags: int = 0) -> int:
+        if made:
+            raise OSError(errno.EMFILE, "Too many open files")
+        made.append(real(name, flags))
+        return made[-1]
+
+    monkeypatch.setattr(os, "memfd_create", second_fails)
+    with pytest.raises(OSError, match="Too many"):
+        DecodeWorker(tmp_path / "image.part", tmp_path / "symbols.spill", 1 << 20, 2)
+    with pytest.raises(OSError) as closed:
+        os.fstat(made[0])
+    assert closed.value.errno == errno.EBADF

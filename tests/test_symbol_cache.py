@@ -8,6 +8,7 @@ finished cache in the ways a disk or a stray writer can and check what `build` h
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
@@ -28,6 +29,7 @@ from otacast.schemas.errors import ImageMismatch
 from otacast.signer import auth_pages, channels, symbol_cache
 from otacast.signer import serve as serve_module
 from otacast.signer.encoder import raptorq_encode
+from otacast.signer.errors import ReadError
 from otacast.signer.schedule import SendSymbols, Wait
 
 from .helpers import manifest_for
@@ -331,3 +333,37 @@ def test_serve_unwinds_on_sigterm_from_its_start_until_its_loop_takes_signals_ov
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert seen == [serve_module._exit_unwinding]
+
+
+def test_read_errors_of_the_cache_or_the_image_are_read_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = build(tmp_path, [], [])
+    with pytest.raises(ReadError, match="cannot read symbol cache"):
+        symbol_cache.SymbolReader(tmp_path / "missing", LAYOUT, 16)
+    reader = symbol_cache.SymbolReader(path, LAYOUT, 16)
+    try:
+
+        def failing(*_: object) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "preadv", failing)
+        monkeypatch.setattr(os, "pread", failing)
+        for read in (lambda: reader.read(0, 0, 4), lambda: reader.read_cycle(0), reader.trailer):
+            with pytest.raises(ReadError, match="Input/output error"):
+                read()
+    finally:
+        monkeypatch.undo()
+        reader.close()
+    # An image that cannot be read while the cache is encoded: not "cannot write the cache".
+    image = image_file(tmp_path)
+    real_open = Path.open
+
+    def unreadable(self: Path, *args: object, **kwargs: object) -> object:
+        if self == image:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", unreadable)
+    with pytest.raises(ReadError, match="cannot read image"):
+        symbol_cache.build(MANIFEST, image, tmp_path / "other-cache", 0.5)
