@@ -661,15 +661,15 @@ class ReceiverCore:
         on) goes through `_on_data` one by one."""
         assert state.feed_run is not None
         self._heard = True
-        start, stats = wire.DATA_HEADER_SIZE, self.stats
+        start, stats, authenticator = wire.DATA_HEADER_SIZE, self.stats, self.authenticator
         fed = run
-        if self.authenticator is not None:
+        if authenticator is not None:
             # The run's digests against its page at once; from the first datagram no accepted
             # page vouches for, `_on_data` asks the authenticator one by one (held, refused).
-            fed = run[: self.authenticator.vouched_run(chunk, first, run)]
+            fed = run[: authenticator.vouched_run(chunk, first, run)]
         taken = state.feed_run(first, [data[start:] for data in fed]) if fed else 0
-        if self.authenticator is not None:
-            self.authenticator.stats.datagrams_admitted += taken
+        if authenticator is not None:
+            authenticator.stats.datagrams_admitted += taken
         if taken:
             # The loss estimate (*Reporting*): the first may follow a cursor, the rest follow it.
             if first == state.cursor + 1:

@@ -39,8 +39,7 @@ from pathlib import Path
 
 from otacast.schemas.policy import VerifiedManifest
 
-from . import durable
-from .durable import copy_into, create_beside, write_durably
+from .durable import copy_into, create_beside, remove_abandoned, write_durably
 from .errors import StateError
 
 _INDEX = struct.Struct(">I")
@@ -164,10 +163,8 @@ class Staging:
             raise StateError(f"another otacast process is using {self.directory}") from None
         # The manifest a later run resumes from (`otacast.plugin.resume`): replaced atomically
         # and durably, and only when it differs, so no power cut leaves it torn.
-        manifest_path, manifest = (
-            self.directory / "manifest.json",
-            verified.envelope.to_file_bytes(),
-        )
+        manifest_path = self.directory / "manifest.json"
+        manifest = verified.envelope.to_file_bytes()
         try:
             if _read_or_none(manifest_path) != manifest:
                 write_durably(manifest_path, manifest, "the manifest", mode=0o600)
@@ -331,7 +328,7 @@ class Staging:
                 # 64 random bits make the name one nobody can plant anything at in advance.
                 # The image is locked first, as `durable.create_beside` locks its files: the
                 # link is the same file, which no other write of `out` takes for abandoned.
-                durable.remove_abandoned(out)
+                remove_abandoned(out)
                 with contextlib.suppress(OSError):  # (nothing else locks it: never held up)
                     fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 tmp = out.with_name(f".{out.name}.{secrets.token_hex(8)}.tmp")

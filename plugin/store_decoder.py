@@ -103,13 +103,12 @@ class StoreDecoder:
         # driver marks it done (and counts it as resumed) when it handles `ManifestVerified`.
         if self.store.add(self.chunk, esi, symbol):
             self._held += 1
-            if self._held < self.k:
-                return None
-        elif self._held < self.k or self._held == self._tried_with:
+        # (A symbol the store refuses goes on too if the chunk holds enough: symbols stored by a
+        # run that ended before the chunk was tried, such as all its sources, whose last one's
+        # flush came before a kill -9, with every later symbol a duplicate or not needed.  It is
+        # tried once per count, below.)
+        if self._held < self.k:
             return None
-        # (Refused, but held enough: symbols stored by a run that ended before the chunk was
-        # tried, such as all its sources, whose last one's flush came before a kill -9, with
-        # every later symbol a duplicate or not needed.  It is tried once per count, now.)
         store, chunk = self.store, self.chunk
         held = self._held = store.count(chunk)
         if held < self.k or held == self._tried_with:

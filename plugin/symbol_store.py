@@ -968,7 +968,6 @@ class SymbolStore:
                     raise
                 if slot >= self._max_slots:  # the spill was just capped (`_cap_spill`)
                     break  # "spill-full": `add`'s
-                free = self._free  # (`_cap_spill` may have replaced it)
                 records = self._spill_records
                 self._spill_first, fill = slot, 0
             spill_run[fill : fill + size] = symbol
@@ -1084,7 +1083,7 @@ class SymbolStore:
             raise _store_error("read the length of", self.spill_path, exc) from None
         self._max_slots = min(self._max_slots, slots)
         self._slots = min(self._slots, slots)  # (a slot beyond it holds nothing in use)
-        self._free = array("I", (s for s in self._free if s < slots))
+        self._free[:] = array("I", (s for s in self._free if s < slots))  # (in place: aliased)
         self.spill_capped = True
         with contextlib.suppress(OSError):  # the journal's reserve: its records must still fit
             (self.staging.directory / RESERVE_NAME).unlink()

@@ -349,7 +349,7 @@ def _image_cycles(
     try:
         source = image.open("rb")
     except OSError as exc:
-        raise ReadError(f"cannot read image {image}: {exc.strerror or exc}") from None
+        raise _unreadable(f"image {image}", exc) from None
     with source:
         for number in range(manifest.chunk_count):
             offset, length = manifest.chunk_span(number)
@@ -357,7 +357,7 @@ def _image_cycles(
                 source.seek(offset)
                 chunk = source.read(length)
             except OSError as exc:
-                raise ReadError(f"cannot read image {image}: {exc.strerror or exc}") from None
+                raise _unreadable(f"image {image}", exc) from None
             if len(chunk) != length:
                 raise ReadError(f"image {image} ended early at chunk {number}")
             if hashlib.sha256(chunk).digest() != manifest.chunks.sha256[number]:
@@ -375,6 +375,10 @@ def _image_cycles(
                 progress(number + 1, manifest.chunk_count)
     if index is not None:
         yield from index_cycles(manifest, index.build(), layout, encode)
+
+
+def _unreadable(what: str, exc: OSError) -> ReadError:
+    return ReadError(f"cannot read {what}: {exc.strerror or exc}")
 
 
 def make_directory(directory: Path) -> None:
@@ -549,7 +553,7 @@ class SymbolReader:
         try:
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            raise ReadError(f"cannot read symbol cache {path}: {exc.strerror or exc}") from None
+            raise _unreadable(f"symbol cache {path}", exc) from None
         self._buffer = bytearray(max_batch * layout.datagram_size)
         self._view = memoryview(self._buffer)
 
@@ -559,9 +563,7 @@ class SymbolReader:
         try:
             got = os.preadv(self._fd, [view], offset)
         except OSError as exc:
-            raise ReadError(
-                f"cannot read symbol cache {self.path}: {exc.strerror or exc}"
-            ) from None
+            raise _unreadable(f"symbol cache {self.path}", exc) from None
         if got != length:
             raise ReadError(f"symbol cache is truncated at chunk {chunk}")
         return view
@@ -572,9 +574,7 @@ class SymbolReader:
         try:
             data = os.pread(self._fd, length, offset)
         except OSError as exc:
-            raise ReadError(
-                f"cannot read symbol cache {self.path}: {exc.strerror or exc}"
-            ) from None
+            raise _unreadable(f"symbol cache {self.path}", exc) from None
         if len(data) != length:
             raise ReadError(f"symbol cache is truncated at chunk {chunk}")
         return data
@@ -584,9 +584,7 @@ class SymbolReader:
         try:
             data = _trailer(self._fd, self.layout)
         except OSError as exc:
-            raise ReadError(
-                f"cannot read symbol cache {self.path}: {exc.strerror or exc}"
-            ) from None
+            raise _unreadable(f"symbol cache {self.path}", exc) from None
         if len(data) != len(self.layout.cycles) * DIGEST_BYTES:
             raise ReadError("symbol cache is truncated in its trailer")
         return data

@@ -27,22 +27,24 @@ def test_json_lines_name_their_event_and_sort_their_keys() -> None:
     assert all(RFC3339_MILLIS_UTC.fullmatch(e["time"]) for e in events)  # as the device's
 
 
+# What every `serving` line names (the session, the sender, where it sends from and to).
+SERVING = {
+    "session": "ab",
+    "sender": "0/1",
+    "group": "ff3e::1",
+    "port": 4242,
+    "source": "fd00::1",
+    "interface": "eth0",
+}
+
+
 def test_plain_lines_for_a_log() -> None:
     out = io.StringIO()
     report = Reporter(out, as_json=False)
     assert report.interval == 10.0  # a line every 10 s when not on a terminal
     report.event("encoding", chunks=3)  # setup events are for machines only
     report.event(
-        "serving",
-        session="ab",
-        sender="0/1",
-        group="ff3e::1",
-        port=4242,
-        source="fd00::1",
-        interface="eth0",
-        rate=0,
-        expires=1798675200,
-        expires_at="2026-12-31T00:00:00Z",
+        "serving", **SERVING, rate=0, expires=1798675200, expires_at="2026-12-31T00:00:00Z"
     )
     report.progress(ServeProgress(elapsed=0.0, packets=0, bytes=0, passes=0))  # no rate yet
     report.summary(ServeSummary(2.0, 10, 4_000_000, 1, "SIGTERM", []))
@@ -56,15 +58,5 @@ def test_plain_lines_for_a_log() -> None:
 def test_the_serving_line_gives_the_round_length_senders_of_one_release_must_share() -> None:
     out = io.StringIO()
     report = Reporter(out, as_json=False)
-    report.event(
-        "serving",
-        session="ab",
-        sender="1/2",
-        group="ff3e::1",
-        port=4242,
-        source="fd00::2",
-        interface="eth0",
-        rate=110_000_000,
-        round_seconds=0.0734,
-    )
+    report.event("serving", **SERVING, rate=110_000_000, round_seconds=0.0734)
     assert out.getvalue().rstrip().endswith(", rounds of 0.073400 s")
